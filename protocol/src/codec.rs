@@ -113,14 +113,6 @@ impl Encoder<Frame> for FrameCodec {
     type Error = FrameError;
 
     fn encode(&mut self, frame: Frame, dst: &mut BytesMut) -> Result<(), FrameError> {
-        self.encode(&frame, dst)
-    }
-}
-
-impl Encoder<&Frame> for FrameCodec {
-    type Error = FrameError;
-
-    fn encode(&mut self, frame: &Frame, dst: &mut BytesMut) -> Result<(), FrameError> {
         let len = frame.encoded_len();
         if len > self.max_len {
             return Err(FrameError::TooLarge {
@@ -164,7 +156,7 @@ mod tests {
 
     fn encoded(frame: &Frame) -> BytesMut {
         let mut buf = BytesMut::new();
-        FrameCodec::default().encode(frame, &mut buf).unwrap();
+        FrameCodec::default().encode(frame.clone(), &mut buf).unwrap();
         buf
     }
 
@@ -261,7 +253,7 @@ mod tests {
     fn encoder_refuses_frames_over_the_limit() {
         let mut buf = BytesMut::new();
         let err = FrameCodec::new(10)
-            .encode(&send_frame(1, &[0; 64]), &mut buf)
+            .encode(send_frame(1, &[0; 64]), &mut buf)
             .unwrap_err();
         assert!(matches!(err, FrameError::TooLarge { .. }));
         assert!(buf.is_empty());
@@ -325,7 +317,7 @@ mod tests {
             let mut bytes = BytesMut::new();
             let mut codec = FrameCodec::default();
             for f in &frames {
-                codec.encode(f, &mut bytes).unwrap();
+                codec.encode(f.clone(), &mut bytes).unwrap();
             }
             // Feed the stream in two arbitrary pieces: frames must come out whole and in order.
             let cut = cut.index(bytes.len() + 1);

@@ -1,0 +1,139 @@
+//! Topics, group descriptions and dead letters.
+
+use std::sync::Arc;
+
+use tokio::sync::oneshot;
+use txmq_protocol::pb;
+
+use super::{Pending, later, ready};
+use crate::delivery::QueueMsg;
+use crate::error::{Error, Result};
+use crate::server::Shared;
+use crate::storage::writer::{Command, Outcome};
+use crate::topics::Topic;
+
+fn topic_info(t: &Topic) -> pb::TopicInfo {
+    pb::TopicInfo {
+        name: t.name.clone(),
+        next_offset: t.end(),
+        created_ms: t.created_ms,
+    }
+}
+
+/// Creates a topic (or finds it, unless `fail_if_exists`).
+pub fn create_topic(id: u64, req: pb::CreateTopicRequest, shared: &Arc<Shared>) -> Pending {
+    if let Err(e) = super::name("topic", &req.topic) {
+        return ready(id, Err(e));
+    }
+    let writer = shared.writer.clone();
+    later(id, async move {
+        match writer
+            .submit(Command::CreateTopic {
+                name: req.topic,
+                fail_if_exists: req.fail_if_exists,
+            })
+            .await?
+        {
+            Outcome::Topic(t) => Ok(pb::response::Result::Topic(topic_info(&t))),
+            other => Err(Error::Internal(format!("create topic gave {other:?}"))),
+        }
+    })
+}
+
+/// Every topic.
+pub fn list_topics(id: u64, shared: &Arc<Shared>) -> Pending {
+    let topics = shared.topics.all().iter().map(|t| topic_info(t)).collect();
+    ready(id, Ok(pb::response::Result::Topics(pb::ListTopicsOk { topics })))
+}
+
+/// A group's state on each topic it consumes.
+pub fn describe_group(id: u64, req: pb::DescribeGroupRequest, shared: &Arc<Shared>) -> Pending {
+    if let Err(e) = super::name("group", &req.group) {
+        return ready(id, Err(e));
+    }
+    let shared = shared.clone();
+    later(id, async move {
+        let mut topics = Vec::new();
+        for topic in shared.groups.topics_of(&req.group).await? {
+            let (reply, rx) = oneshot::channel();
+            shared
+                .groups
+                .send(&req.group, topic, QueueMsg::Describe { reply })
+                .await?;
+            topics.push(rx.await.map_err(|_| Error::ShuttingDown)?);
+        }
+        if topics.is_empty() {
+            return Err(Error::Invalid(format!(
+                "group {:?} has never subscribed to anything",
+                req.group
+            )));
+        }
+        Ok(pb::response::Result::Group(pb::DescribeGroupOk {
+            group: req.group,
+            topics,
+        }))
+    })
+}
+
+/// A group's dead letters, with their messages.
+pub fn list_dead_letters(
+    id: u64,
+    req: pb::ListDeadLettersRequest,
+    shared: &Arc<Shared>,
+) -> Pending {
+    if let Err(e) = super::name("group", &req.group) {
+        return ready(id, Err(e));
+    }
+    let shared = shared.clone();
+    later(id, async move {
+        let limit = if req.limit == 0 { 1000 } else { req.limit as usize };
+        let topics = shared.groups.topics_of(&req.group).await?;
+        let storage = shared.storage.clone();
+        let group = req.group.clone();
+        let dead_letters = tokio::task::spawn_blocking(move || -> Result<Vec<pb::DeadLetter>> {
+            let mut out = Vec::new();
+            for t in topics {
+                for (offset, rec) in storage.dead_letters(&group, t.id)? {
+                    if out.len() >= limit {
+                        return Ok(out);
+                    }
+                    out.push(pb::DeadLetter {
+                        group: group.clone(),
+                        message: storage.read_message(t.id, offset)?,
+                        reason: rec.reason,
+                        attempts: rec.attempts,
+                        dead_ms: rec.dead_ms,
+                    });
+                }
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))??;
+        Ok(pb::response::Result::DeadLetters(pb::ListDeadLettersOk {
+            dead_letters,
+        }))
+    })
+}
+
+/// Puts a group's dead letters (or one of them) back for delivery.
+pub fn redrive(id: u64, req: pb::RedriveRequest, shared: &Arc<Shared>) -> Pending {
+    if let Err(e) = super::name("group", &req.group) {
+        return ready(id, Err(e));
+    }
+    let shared = shared.clone();
+    later(id, async move {
+        let mut redriven = 0;
+        let message_id = (!req.message_id.is_empty()).then_some(req.message_id);
+        for topic in shared.groups.topics_of(&req.group).await? {
+            let (reply, rx) = oneshot::channel();
+            let msg = QueueMsg::Redrive {
+                message_id: message_id.clone(),
+                reply,
+            };
+            shared.groups.send(&req.group, topic, msg).await?;
+            redriven += rx.await.map_err(|_| Error::ShuttingDown)??;
+        }
+        Ok(pb::response::Result::Redrive(pb::RedriveOk { redriven }))
+    })
+}

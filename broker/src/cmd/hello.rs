@@ -1,0 +1,52 @@
+//! The handshake: protocol version, role, producer group, shared secret.
+
+use std::sync::Arc;
+
+use txmq_protocol::pb::{self, Role};
+
+use crate::connection::Session;
+use crate::error::{Error, Result};
+use crate::server::Shared;
+
+/// Accepts or refuses a `Hello`. A producer with a group is registered for check-backs.
+///
+/// # Errors
+/// Version, secret or group name refused.
+pub fn hello(
+    hello: pb::Hello,
+    session: &mut Session,
+    shared: &Arc<Shared>,
+) -> Result<pb::response::Result> {
+    if hello.protocol_version != txmq_protocol::PROTOCOL_VERSION {
+        return Err(Error::UnsupportedVersion(hello.protocol_version));
+    }
+    if let Some(secret) = &shared.config.auth_token
+        && !constant_time_eq(secret.as_bytes(), hello.auth_token.as_bytes())
+    {
+        return Err(Error::NotAuthenticated);
+    }
+    if session.hello.is_some() {
+        return Err(Error::Invalid("Hello was already sent on this connection".into()));
+    }
+    let role = Role::try_from(hello.role).unwrap_or(Role::Unspecified);
+    if !hello.producer_group.is_empty() {
+        super::name("producer group", &hello.producer_group)?;
+        if role == Role::Producer {
+            shared
+                .producers
+                .register(&hello.producer_group, session.id, session.outbound.clone());
+        }
+    }
+    tracing::debug!(connection = session.id, client = %hello.client_id, ?role, "hello");
+    session.hello = Some(hello);
+    Ok(pb::response::Result::Hello(pb::HelloOk {
+        protocol_version: txmq_protocol::PROTOCOL_VERSION,
+        broker_version: env!("CARGO_PKG_VERSION").to_string(),
+        connection_id: session.id,
+        max_frame_len: shared.config.max_frame_len as u32,
+    }))
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

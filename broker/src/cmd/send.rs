@@ -1,0 +1,100 @@
+//! Plain and transactional sends.
+
+use std::sync::Arc;
+
+use txmq_protocol::pb;
+
+use super::{Pending, later, ready};
+use crate::connection::Session;
+use crate::error::{Error, Result};
+use crate::server::Shared;
+use crate::storage::writer::{Command, Outcome};
+
+/// Most messages in one send request.
+pub const MAX_BATCH: usize = 10_000;
+
+/// Stores the messages (visible, or as half messages of a transaction) and answers once
+/// they are durable.
+pub fn send(id: u64, req: pb::SendRequest, session: &Session, shared: &Arc<Shared>) -> Pending {
+    let cmd = match command(req, session, shared) {
+        Ok(cmd) => cmd,
+        Err(e) => return ready(id, Err(e)),
+    };
+    let writer = shared.writer.clone();
+    later(id, async move {
+        match writer.submit(cmd).await? {
+            Outcome::Stored(receipts) => Ok(pb::response::Result::Send(pb::SendOk {
+                receipts,
+                txn_id: String::new(),
+            })),
+            Outcome::Prepared { txn, receipts } => Ok(pb::response::Result::Send(pb::SendOk {
+                receipts,
+                txn_id: txn.to_string(),
+            })),
+            other => Err(Error::Internal(format!("send gave {other:?}"))),
+        }
+    })
+}
+
+fn command(req: pb::SendRequest, session: &Session, shared: &Shared) -> Result<Command> {
+    if req.messages.is_empty() {
+        return Err(Error::Invalid("send carries no messages".into()));
+    }
+    if req.messages.len() > MAX_BATCH {
+        return Err(Error::Invalid(format!(
+            "send carries {} messages; the limit is {MAX_BATCH}",
+            req.messages.len()
+        )));
+    }
+    let max = shared.config.max_message_bytes;
+    for m in &req.messages {
+        super::name("topic", &m.topic)?;
+        if m.body.len() > max {
+            return Err(Error::TooLarge(format!(
+                "message body is {} bytes; the limit is {max}",
+                m.body.len()
+            )));
+        }
+        let props: usize = m.properties.iter().map(|(k, v)| k.len() + v.len()).sum();
+        let props = props + m.key.len() + m.tag.len();
+        if props > 64 * 1024 {
+            return Err(Error::TooLarge(format!(
+                "key, tag and properties take {props} bytes; the limit is 65536"
+            )));
+        }
+    }
+    if !req.transactional {
+        if !req.txn_id.is_empty() {
+            return Err(Error::Invalid("txn_id is set but transactional is not".into()));
+        }
+        return Ok(Command::Append {
+            messages: req.messages,
+        });
+    }
+    let group = if req.producer_group.is_empty() {
+        session
+            .hello
+            .as_ref()
+            .map(|h| h.producer_group.clone())
+            .unwrap_or_default()
+    } else {
+        req.producer_group
+    };
+    if group.is_empty() {
+        return Err(Error::Invalid(
+            "a transactional send needs a producer group (in Hello or the request)".into(),
+        ));
+    }
+    super::name("producer group", &group)?;
+    let txn = if req.txn_id.is_empty() {
+        None
+    } else {
+        Some(super::txn_id(&req.txn_id)?)
+    };
+    Ok(Command::Prepare {
+        txn,
+        group,
+        messages: req.messages,
+        check_delay_ms: req.check_delay_ms,
+    })
+}

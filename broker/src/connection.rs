@@ -1,0 +1,221 @@
+//! One client connection.
+//!
+//! A reader loop decodes frames and dispatches each to [`crate::cmd`]; the answers are
+//! futures collected in a `FuturesUnordered`, so one connection pipelines many requests
+//! (and they share group commits). A separate writer task drains the bounded outbound
+//! channel into the socket; deliveries and check requests use the same channel.
+//!
+//! A frame that cannot be decoded closes this connection only, after a `MALFORMED_FRAME`
+//! response saying why; the reason is logged. When more than
+//! `max-in-flight-per-connection` requests wait, the loop stops reading the socket:
+//! backpressure rather than unbounded buffering.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures::stream::FuturesUnordered;
+use futures::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::sync::CancellationToken;
+use txmq_protocol::pb::{self, frame::Body};
+use txmq_protocol::{ErrorCode, Frame, FrameCodec};
+
+use crate::cmd::{self, Pending};
+use crate::delivery::QueueMsg;
+use crate::error::Error;
+use crate::server::Shared;
+use crate::topics::Topic;
+
+/// Frames that may wait for the socket. Larger than the largest consumer window plus
+/// the in-flight limit, so deliveries never find it full.
+const OUTBOUND: usize = 16 * 1024;
+
+/// What the connection knows about its client.
+#[derive(Debug)]
+pub struct Session {
+    /// Broker-wide connection id.
+    pub id: u64,
+    /// Set once Hello succeeded.
+    pub hello: Option<pb::Hello>,
+    /// Where frames to this client go.
+    pub outbound: mpsc::Sender<Frame>,
+    /// Active subscriptions: id to (group, topic).
+    pub subscriptions: HashMap<u64, (String, Arc<Topic>)>,
+}
+
+/// Serves one connection until the client leaves, the stream breaks, or shutdown.
+pub async fn serve(socket: TcpStream, peer: SocketAddr, shared: Arc<Shared>, cancel: CancellationToken) {
+    let id = shared.connection_ids.fetch_add(1, Ordering::Relaxed);
+    let (rd, wr) = socket.into_split();
+    let codec = FrameCodec::new(shared.config.max_frame_len);
+    let mut frames = FramedRead::new(rd, codec.clone());
+    let (outbound, out_rx) = mpsc::channel(OUTBOUND);
+    let writer = tokio::spawn(write_frames(FramedWrite::new(wr, codec), out_rx));
+    let mut session = Session {
+        id,
+        hello: None,
+        outbound: outbound.clone(),
+        subscriptions: HashMap::new(),
+    };
+    tracing::debug!(connection = id, %peer, "connected");
+    let mut pending: FuturesUnordered<Pending> = FuturesUnordered::new();
+    let limit = shared.config.max_in_flight_per_connection;
+    loop {
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break,
+            Some(frame) = pending.next(), if !pending.is_empty() => {
+                if outbound.send(frame).await.is_err() {
+                    break;
+                }
+            }
+            next = frames.next(), if pending.len() < limit => match next {
+                None => break,
+                Some(Ok(frame)) => {
+                    if let Some(p) = dispatch(frame, &mut session, &shared).await {
+                        pending.push(p);
+                    }
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(connection = id, %peer, "closing connection: {e}");
+                    let _ = outbound
+                        .send(error_frame(0, ErrorCode::MalformedFrame, &e.to_string()))
+                        .await;
+                    break;
+                }
+            },
+        }
+    }
+    // Answer what was already accepted: those writes may be durable by now.
+    while let Ok(Some(frame)) =
+        tokio::time::timeout(Duration::from_secs(5), pending.next()).await
+    {
+        if outbound.send(frame).await.is_err() {
+            break;
+        }
+    }
+    close(&mut session, &shared).await;
+    drop(outbound);
+    let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+    tracing::debug!(connection = id, %peer, "disconnected");
+}
+
+async fn close(session: &mut Session, shared: &Shared) {
+    shared.producers.unregister(session.id);
+    for (subscription_id, (group, topic)) in session.subscriptions.drain() {
+        let _ = shared
+            .groups
+            .send(&group, topic, QueueMsg::Unsubscribe { subscription_id })
+            .await;
+    }
+}
+
+async fn write_frames(
+    mut sink: FramedWrite<tokio::net::tcp::OwnedWriteHalf, FrameCodec>,
+    mut rx: mpsc::Receiver<Frame>,
+) {
+    while let Some(frame) = rx.recv().await {
+        if sink.feed(frame).await.is_err() {
+            return;
+        }
+        // Batch whatever else is ready into the same flush.
+        while let Ok(frame) = rx.try_recv() {
+            if sink.feed(frame).await.is_err() {
+                return;
+            }
+        }
+        if sink.flush().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Refuses a connection over the limit with a clear reason.
+pub async fn refuse_full(socket: TcpStream, peer: SocketAddr) {
+    tracing::warn!(%peer, "connection refused: too many connections");
+    let mut sink = FramedWrite::new(socket, FrameCodec::default());
+    let _ = sink
+        .send(error_frame(
+            0,
+            ErrorCode::TooManyConnections,
+            "the broker has reached its connection limit",
+        ))
+        .await;
+}
+
+/// An error response frame.
+pub fn error_frame(id: u64, code: ErrorCode, message: &str) -> Frame {
+    Frame {
+        id,
+        body: Some(Body::Response(pb::Response {
+            code: code as i32,
+            message: message.to_string(),
+            result: None,
+        })),
+    }
+}
+
+/// A response frame for a result.
+pub fn response(id: u64, result: Result<pb::response::Result, Error>) -> Frame {
+    match result {
+        Ok(r) => Frame {
+            id,
+            body: Some(Body::Response(pb::Response {
+                code: ErrorCode::Ok as i32,
+                message: String::new(),
+                result: Some(r),
+            })),
+        },
+        Err(e) => error_frame(id, e.code(), &e.to_string()),
+    }
+}
+
+/// Routes one frame. Returns the pending answer, if the frame expects one.
+async fn dispatch(frame: Frame, session: &mut Session, shared: &Arc<Shared>) -> Option<Pending> {
+    let id = frame.id;
+    let Some(body) = frame.body else {
+        return Some(cmd::ready(id, Err(Error::Invalid("frame has no body".into()))));
+    };
+    if let Body::CheckReply(reply) = body {
+        cmd::txn::check_reply(id, reply, session, shared).await;
+        return None;
+    }
+    if id == 0 {
+        return Some(cmd::ready(
+            0,
+            Err(Error::Invalid("requests need a non-zero id".into())),
+        ));
+    }
+    if let Body::Hello(hello) = body {
+        return Some(cmd::ready(id, cmd::hello::hello(hello, session, shared)));
+    }
+    if session.hello.is_none() {
+        return Some(cmd::ready(id, Err(Error::HandshakeRequired)));
+    }
+    Some(match body {
+        Body::Send(req) => cmd::send::send(id, req, session, shared),
+        Body::EndTxn(req) => cmd::txn::end(id, req, shared),
+        Body::ListTxns(req) => cmd::txn::list(id, req, shared),
+        Body::RearmTxn(req) => cmd::txn::rearm(id, req, shared),
+        Body::Subscribe(req) => cmd::consume::subscribe(id, req, session, shared).await,
+        Body::Unsubscribe(req) => cmd::consume::unsubscribe(id, req, session, shared).await,
+        Body::Ack(req) => cmd::consume::ack(id, req, shared).await,
+        Body::Nack(req) => cmd::consume::nack(id, req, shared).await,
+        Body::Extend(req) => cmd::consume::extend(id, req, shared).await,
+        Body::CreateTopic(req) => cmd::admin::create_topic(id, req, shared),
+        Body::ListTopics(_) => cmd::admin::list_topics(id, shared),
+        Body::DescribeGroup(req) => cmd::admin::describe_group(id, req, shared),
+        Body::ListDeadLetters(req) => cmd::admin::list_dead_letters(id, req, shared),
+        Body::Redrive(req) => cmd::admin::redrive(id, req, shared),
+        Body::Hello(_) | Body::CheckReply(_) => unreachable!("handled above"),
+        Body::Response(_) | Body::Delivery(_) | Body::Check(_) => cmd::ready(
+            id,
+            Err(Error::Invalid("that frame is sent by the broker, not to it".into())),
+        ),
+    })
+}

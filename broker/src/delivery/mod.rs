@@ -1,0 +1,253 @@
+//! Consumer groups: who gets which message, leases, acks, redelivery and dead letters.
+//!
+//! Each (group, topic) pair has one [`queue::Queue`] task that owns all of that pair's
+//! state: the ack floor and acks above it, the leases in flight with a time-ordered index
+//! of their deadlines, the messages waiting for redelivery, and the subscribed consumers
+//! with their windows. Connections talk to it through a bounded channel; nothing else
+//! touches that state, so there are no locks on the delivery path.
+//!
+//! The durable part of the state is written through the writer: the cursor (ack floor,
+//! filter), acks above the floor, retry records (attempt count and due time) and dead
+//! letters. Leases live in memory only: after a crash every unacknowledged message is
+//! simply delivered again, which is what at-least-once promises.
+
+pub mod queue;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use txmq_protocol::{Frame, pb};
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::storage::Storage;
+use crate::storage::writer::{Command, Outcome, WriterHandle};
+use crate::topics::{Topic, Topics};
+
+/// Most unacknowledged deliveries one consumer may hold, whatever it asks for.
+pub const MAX_WINDOW: u32 = 4096;
+
+/// A consumer as the queue sees it.
+#[derive(Debug, Clone)]
+pub struct ConsumerSpec {
+    /// Unique per subscription.
+    pub subscription_id: u64,
+    /// Where its deliveries go.
+    pub outbound: mpsc::Sender<Frame>,
+    /// Unacknowledged deliveries it may hold.
+    pub window: u32,
+    /// How long each delivery is leased.
+    pub lease: Duration,
+}
+
+/// What a subscription asks for beyond the consumer itself.
+#[derive(Debug, Clone, Default)]
+pub struct SubscribeOptions {
+    /// Tag filter (`A||B`; empty or `*` for all).
+    pub tag_filter: String,
+    /// Start a new group at the end of the topic instead of the beginning.
+    pub from_latest: bool,
+    /// Group override of max attempts (0: broker default).
+    pub max_attempts: u32,
+}
+
+/// A lease named by a delivery handle.
+#[derive(Debug, Clone, Copy)]
+pub struct LeaseRef {
+    /// Offset of the message.
+    pub offset: u64,
+    /// Which lease of it.
+    pub lease_id: u64,
+}
+
+/// Requests to a queue.
+#[derive(Debug)]
+pub enum QueueMsg {
+    /// Add a consumer.
+    Subscribe {
+        /// The consumer.
+        consumer: ConsumerSpec,
+        /// Group settings.
+        options: SubscribeOptions,
+        /// Done once the cursor is durable.
+        reply: oneshot::Sender<Result<()>>,
+    },
+    /// Remove a consumer and release its leases.
+    Unsubscribe {
+        /// Which one.
+        subscription_id: u64,
+    },
+    /// Acknowledge deliveries.
+    Ack {
+        /// Which ones.
+        leases: Vec<LeaseRef>,
+        /// Answered once durable.
+        reply: oneshot::Sender<Result<Outcome>>,
+    },
+    /// Negative acknowledgement.
+    Nack {
+        /// Which one.
+        lease: LeaseRef,
+        /// Redelivery delay; `None` uses the backoff schedule.
+        delay: Option<Duration>,
+        /// Answered once durable.
+        reply: oneshot::Sender<Result<Outcome>>,
+    },
+    /// Lengthen a lease.
+    Extend {
+        /// Which one.
+        lease: LeaseRef,
+        /// New lease, from now.
+        lease_for: Duration,
+        /// The new deadline.
+        reply: oneshot::Sender<Result<u64>>,
+    },
+    /// Report state.
+    Describe {
+        /// The report.
+        reply: oneshot::Sender<pb::GroupTopicInfo>,
+    },
+    /// Put dead letters back.
+    Redrive {
+        /// One message id, or all when `None`.
+        message_id: Option<String>,
+        /// How many went back.
+        reply: oneshot::Sender<Result<u32>>,
+    },
+}
+
+/// The registry of running queues.
+#[derive(Debug)]
+pub struct Groups {
+    storage: Arc<Storage>,
+    writer: WriterHandle,
+    topics: Arc<Topics>,
+    config: Arc<Config>,
+    queues: Mutex<HashMap<(String, u32), mpsc::Sender<QueueMsg>>>,
+    tracker: TaskTracker,
+    cancel: CancellationToken,
+}
+
+impl Groups {
+    /// An empty registry; queues start on first use.
+    pub fn new(
+        storage: Arc<Storage>,
+        writer: WriterHandle,
+        topics: Arc<Topics>,
+        config: Arc<Config>,
+        tracker: TaskTracker,
+        cancel: CancellationToken,
+    ) -> Self {
+        Self {
+            storage,
+            writer,
+            topics,
+            config,
+            queues: Mutex::new(HashMap::new()),
+            tracker,
+            cancel,
+        }
+    }
+
+    /// The topic of that name, created when auto-creation allows.
+    ///
+    /// # Errors
+    /// [`Error::TopicNotFound`], or a storage failure creating it.
+    pub async fn topic(&self, name: &str) -> Result<Arc<Topic>> {
+        if let Some(t) = self.topics.get(name) {
+            return Ok(t);
+        }
+        if !self.config.auto_create_topics {
+            return Err(Error::TopicNotFound(name.to_string()));
+        }
+        match self
+            .writer
+            .submit(Command::CreateTopic {
+                name: name.to_string(),
+                fail_if_exists: false,
+            })
+            .await?
+        {
+            Outcome::Topic(t) => Ok(t),
+            other => Err(Error::Internal(format!("create topic gave {other:?}"))),
+        }
+    }
+
+    /// Topic by name, without creating it.
+    ///
+    /// # Errors
+    /// [`Error::TopicNotFound`].
+    pub fn existing_topic(&self, name: &str) -> Result<Arc<Topic>> {
+        self.topics
+            .get(name)
+            .ok_or_else(|| Error::TopicNotFound(name.to_string()))
+    }
+
+    /// The queue of (group, topic), started if it is not running.
+    ///
+    /// # Errors
+    /// A storage failure loading its state.
+    pub async fn queue(&self, group: &str, topic: Arc<Topic>) -> Result<mpsc::Sender<QueueMsg>> {
+        let key = (group.to_string(), topic.id);
+        if let Some(q) = self.queues.lock().expect("queues lock").get(&key)
+            && !q.is_closed()
+        {
+            return Ok(q.clone());
+        }
+        let storage = self.storage.clone();
+        let g = group.to_string();
+        let t = topic.clone();
+        let state = tokio::task::spawn_blocking(move || queue::Loaded::load(&storage, &g, &t))
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))??;
+        let mut queues = self.queues.lock().expect("queues lock");
+        if let Some(q) = queues.get(&key)
+            && !q.is_closed()
+        {
+            // Another caller started it while this one loaded.
+            return Ok(q.clone());
+        }
+        let (tx, rx) = mpsc::channel(1024);
+        let q = queue::Queue::new(
+            group.to_string(),
+            topic,
+            state,
+            self.storage.clone(),
+            self.writer.clone(),
+            self.config.clone(),
+        );
+        let cancel = self.cancel.clone();
+        self.tracker.spawn(q.run(rx, cancel));
+        queues.insert(key, tx.clone());
+        Ok(tx)
+    }
+
+    /// Sends a message to a queue.
+    ///
+    /// # Errors
+    /// [`Error::ShuttingDown`] when the queue has stopped.
+    pub async fn send(&self, group: &str, topic: Arc<Topic>, msg: QueueMsg) -> Result<()> {
+        let q = self.queue(group, topic).await?;
+        q.send(msg).await.map_err(|_| Error::ShuttingDown)
+    }
+
+    /// Topics a group has a cursor on.
+    ///
+    /// # Errors
+    /// Storage failure.
+    pub async fn topics_of(&self, group: &str) -> Result<Vec<Arc<Topic>>> {
+        let storage = self.storage.clone();
+        let cursors = tokio::task::spawn_blocking(move || storage.cursors())
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))??;
+        Ok(cursors
+            .into_iter()
+            .filter(|(g, _, _)| g == group)
+            .filter_map(|(_, id, _)| self.topics.by_id(id))
+            .collect())
+    }
+}

@@ -1,0 +1,692 @@
+//! One consumer group on one topic: the task that owns its delivery state.
+//!
+//! Order of delivery on each wake-up: retries that are due (lease expired, nacked,
+//! redriven), then new messages from the cursor. A message is leased to one consumer at a
+//! time; the lease deadlines sit in a `BTreeSet` ordered by time, so expiring them costs
+//! what is due, not what is in flight (I5).
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use prost::Message;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use txmq_protocol::{Frame, now_ms, pb};
+
+use super::{ConsumerSpec, LeaseRef, MAX_WINDOW, QueueMsg, SubscribeOptions};
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::storage::records::{CursorRecord, DeadLetterRecord, RetryRecord};
+use crate::storage::writer::{Command, Op, Outcome, WriterHandle};
+use crate::storage::{Cf, Storage, keys};
+use crate::topics::Topic;
+
+/// Most messages read from the log per wake-up.
+const READ_BATCH: usize = 512;
+
+/// Durable state read at start.
+#[derive(Debug)]
+pub struct Loaded {
+    cursor: Option<CursorRecord>,
+    acked: Vec<u64>,
+    retries: Vec<(u64, RetryRecord)>,
+    dead_letters: u64,
+}
+
+impl Loaded {
+    /// Reads a group's state on a topic.
+    ///
+    /// # Errors
+    /// Storage failure.
+    pub fn load(storage: &Storage, group: &str, topic: &Topic) -> Result<Self> {
+        Ok(Self {
+            cursor: storage.cursor(group, topic.id)?,
+            acked: storage.acked(group, topic.id)?,
+            retries: storage.retries(group, topic.id)?,
+            dead_letters: storage.dead_letters(group, topic.id)?.len() as u64,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Lease {
+    lease_id: u64,
+    subscription_id: u64,
+    deadline_ms: u64,
+    attempt: u32,
+}
+
+#[derive(Debug)]
+struct Consumer {
+    spec: ConsumerSpec,
+    in_flight: u32,
+}
+
+/// The task state.
+#[derive(Debug)]
+pub struct Queue {
+    group: String,
+    topic: Arc<Topic>,
+    storage: Arc<Storage>,
+    writer: WriterHandle,
+    config: Arc<Config>,
+    /// `None` until the first subscription makes the group durable.
+    cursor: Option<CursorRecord>,
+    tags: Option<HashSet<String>>,
+    /// Next offset never handed out since start.
+    next: u64,
+    acked: BTreeSet<u64>,
+    leases: HashMap<u64, Lease>,
+    deadlines: BTreeSet<(u64, u64)>,
+    retry: HashMap<u64, RetryRecord>,
+    retry_due: BTreeSet<(u64, u64)>,
+    consumers: Vec<Consumer>,
+    round_robin: usize,
+    next_lease_id: u64,
+    dead_letters: u64,
+}
+
+impl Queue {
+    /// A queue over loaded state.
+    pub fn new(
+        group: String,
+        topic: Arc<Topic>,
+        loaded: Loaded,
+        storage: Arc<Storage>,
+        writer: WriterHandle,
+        config: Arc<Config>,
+    ) -> Self {
+        let floor = loaded.cursor.as_ref().map_or(0, |c| c.ack_floor);
+        let mut q = Self {
+            group,
+            topic,
+            storage,
+            writer,
+            config,
+            tags: loaded.cursor.as_ref().and_then(|c| parse_tags(&c.tag_filter)),
+            cursor: loaded.cursor,
+            next: floor,
+            acked: loaded.acked.into_iter().filter(|o| *o >= floor).collect(),
+            leases: HashMap::new(),
+            deadlines: BTreeSet::new(),
+            retry: HashMap::new(),
+            retry_due: BTreeSet::new(),
+            consumers: Vec::new(),
+            round_robin: 0,
+            next_lease_id: 1,
+            dead_letters: loaded.dead_letters,
+        };
+        for (offset, rec) in loaded.retries {
+            q.retry_due.insert((rec.due_ms, offset));
+            q.retry.insert(offset, rec);
+        }
+        q
+    }
+
+    fn floor(&self) -> u64 {
+        self.cursor.as_ref().map_or(0, |c| c.ack_floor)
+    }
+
+    fn max_attempts(&self) -> u32 {
+        match self.cursor.as_ref().map_or(0, |c| c.max_attempts) {
+            0 => self.config.max_attempts,
+            n => n,
+        }
+    }
+
+    /// Runs until cancelled or every sender is gone.
+    pub async fn run(mut self, mut rx: mpsc::Receiver<QueueMsg>, cancel: CancellationToken) {
+        let mut end = self.topic.watch_end();
+        loop {
+            self.expire(now_ms()).await;
+            if let Err(e) = self.pump().await {
+                tracing::warn!(group = %self.group, topic = %self.topic.name, "delivery paused: {e}");
+            }
+            end.borrow_and_update();
+            let wake = [self.deadlines.first(), self.retry_due.first()]
+                .into_iter()
+                .flatten()
+                .map(|(at, _)| *at)
+                .min();
+            let sleep = async {
+                match wake {
+                    Some(at) => {
+                        let wait = at.saturating_sub(now_ms());
+                        tokio::time::sleep(Duration::from_millis(wait.max(1))).await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                msg = rx.recv() => match msg {
+                    Some(msg) => self.handle(msg).await,
+                    None => break,
+                },
+                changed = end.changed() => if changed.is_err() { break },
+                () = sleep => {}
+            }
+        }
+    }
+
+    async fn handle(&mut self, msg: QueueMsg) {
+        match msg {
+            QueueMsg::Subscribe {
+                consumer,
+                options,
+                reply,
+            } => {
+                let _ = reply.send(self.subscribe(consumer, options).await);
+            }
+            QueueMsg::Unsubscribe { subscription_id } => self.unsubscribe(subscription_id).await,
+            QueueMsg::Ack { leases, reply } => self.ack(leases, reply).await,
+            QueueMsg::Nack {
+                lease,
+                delay,
+                reply,
+            } => match self.take_lease(lease) {
+                Ok(l) => {
+                    let ops = self.fail(lease.offset, l, delay, "nacked");
+                    self.writer.submit_to(Command::Raw(ops), reply).await;
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
+            QueueMsg::Extend {
+                lease,
+                lease_for,
+                reply,
+            } => {
+                let _ = reply.send(self.extend(lease, lease_for));
+            }
+            QueueMsg::Describe { reply } => {
+                let _ = reply.send(self.describe());
+            }
+            QueueMsg::Redrive { message_id, reply } => {
+                let _ = reply.send(self.redrive(message_id).await);
+            }
+        }
+    }
+
+    async fn subscribe(&mut self, spec: ConsumerSpec, options: SubscribeOptions) -> Result<()> {
+        let mut cursor = self.cursor.clone().unwrap_or_else(|| CursorRecord {
+            ack_floor: if options.from_latest {
+                self.topic.end()
+            } else {
+                0
+            },
+            ..Default::default()
+        });
+        cursor.tag_filter = options.tag_filter;
+        if options.max_attempts > 0 {
+            cursor.max_attempts = options.max_attempts;
+        }
+        if self.cursor.as_ref() != Some(&cursor) {
+            self.writer
+                .submit(Command::Raw(vec![Op::Put(
+                    Cf::Cursor,
+                    keys::cursor(&self.group, self.topic.id),
+                    cursor.encode_to_vec(),
+                )]))
+                .await?;
+            if self.cursor.is_none() {
+                self.next = cursor.ack_floor;
+            }
+            self.tags = parse_tags(&cursor.tag_filter);
+            self.cursor = Some(cursor);
+        }
+        let window = spec.window.clamp(1, MAX_WINDOW);
+        self.consumers.push(Consumer {
+            spec: ConsumerSpec { window, ..spec },
+            in_flight: 0,
+        });
+        Ok(())
+    }
+
+    /// A consumer that leaves gives its leases back at once: waiting for them to expire
+    /// would only delay messages nobody is working on. The release does not count as a
+    /// failed attempt (like Kafka, unlike a nack): a consumer that stops with deliveries
+    /// it never looked at must not push them towards the dead-letter queue.
+    async fn unsubscribe(&mut self, subscription_id: u64) {
+        self.consumers
+            .retain(|c| c.spec.subscription_id != subscription_id);
+        let released: Vec<(u64, Lease)> = self
+            .leases
+            .iter()
+            .filter(|(_, l)| l.subscription_id == subscription_id)
+            .map(|(o, l)| (*o, *l))
+            .collect();
+        let mut ops = Vec::new();
+        let now = now_ms();
+        for (offset, lease) in released {
+            self.leases.remove(&offset);
+            self.deadlines.remove(&(lease.deadline_ms, offset));
+            let rec = RetryRecord {
+                attempts: lease.attempt - 1,
+                due_ms: now,
+            };
+            if rec.attempts > 0 {
+                ops.push(Op::Put(
+                    Cf::Retry,
+                    keys::group_offset(&self.group, self.topic.id, offset),
+                    rec.encode_to_vec(),
+                ));
+            }
+            self.retry_due.insert((rec.due_ms, offset));
+            self.retry.insert(offset, rec);
+        }
+        self.write_quietly(ops).await;
+    }
+
+    async fn write_quietly(&self, ops: Vec<Op>) {
+        if ops.is_empty() {
+            return;
+        }
+        let (tx, rx) = oneshot::channel();
+        self.writer.submit_to(Command::Raw(ops), tx).await;
+        let group = self.group.clone();
+        tokio::spawn(async move {
+            if let Ok(Err(e)) = rx.await {
+                tracing::warn!(%group, "could not record a redelivery: {e}");
+            }
+        });
+    }
+
+    fn take_lease(&mut self, r: LeaseRef) -> Result<Lease> {
+        match self.leases.get(&r.offset) {
+            Some(l) if l.lease_id == r.lease_id => {
+                let l = *l;
+                self.leases.remove(&r.offset);
+                self.deadlines.remove(&(l.deadline_ms, r.offset));
+                if let Some(c) = self
+                    .consumers
+                    .iter_mut()
+                    .find(|c| c.spec.subscription_id == l.subscription_id)
+                {
+                    c.in_flight = c.in_flight.saturating_sub(1);
+                }
+                Ok(l)
+            }
+            _ => Err(Error::LeaseNotFound(format!(
+                "{}/{} offset {} lease {}",
+                self.group, self.topic.name, r.offset, r.lease_id
+            ))),
+        }
+    }
+
+    fn is_acked(&self, offset: u64) -> bool {
+        offset < self.floor() || self.acked.contains(&offset)
+    }
+
+    async fn ack(&mut self, leases: Vec<LeaseRef>, reply: oneshot::Sender<Result<Outcome>>) {
+        let mut ops = Vec::new();
+        let mut refused = None;
+        for r in leases {
+            match self.take_lease(r) {
+                Ok(_) => ops.extend(self.mark_acked(r.offset)),
+                // An ack repeated after it was recorded is a success, not an error.
+                Err(_) if self.is_acked(r.offset) && !self.retry.contains_key(&r.offset) => {}
+                Err(e) => refused = Some(e),
+            }
+        }
+        ops.extend(self.advance_floor());
+        if let Some(e) = refused {
+            self.write_quietly(ops).await;
+            let _ = reply.send(Err(e));
+        } else {
+            self.writer.submit_to(Command::Raw(ops), reply).await;
+        }
+    }
+
+    /// Records `offset` as done for this group; returns the writes that make it durable
+    /// (the floor itself moves in [`Queue::advance_floor`]).
+    fn mark_acked(&mut self, offset: u64) -> Vec<Op> {
+        let mut ops = Vec::new();
+        if let Some(rec) = self.retry.remove(&offset) {
+            self.retry_due.remove(&(rec.due_ms, offset));
+            ops.push(Op::Delete(
+                Cf::Retry,
+                keys::group_offset(&self.group, self.topic.id, offset),
+            ));
+        }
+        if offset >= self.floor() && self.acked.insert(offset) {
+            ops.push(Op::Put(
+                Cf::Acked,
+                keys::group_offset(&self.group, self.topic.id, offset),
+                Vec::new(),
+            ));
+        }
+        ops
+    }
+
+    /// Moves the floor over every contiguous acked offset and drops their ack records.
+    fn advance_floor(&mut self) -> Vec<Op> {
+        let Some(cursor) = self.cursor.as_mut() else {
+            return Vec::new();
+        };
+        let mut ops = Vec::new();
+        let start = cursor.ack_floor;
+        while self.acked.remove(&cursor.ack_floor) {
+            ops.push(Op::Delete(
+                Cf::Acked,
+                keys::group_offset(&self.group, self.topic.id, cursor.ack_floor),
+            ));
+            cursor.ack_floor += 1;
+        }
+        if cursor.ack_floor != start {
+            ops.push(Op::Put(
+                Cf::Cursor,
+                keys::cursor(&self.group, self.topic.id),
+                cursor.encode_to_vec(),
+            ));
+        }
+        ops
+    }
+
+    /// A delivery failed (nack, expiry, disconnect): schedule it again, or dead-letter it
+    /// once it has been delivered `max_attempts` times.
+    fn fail(&mut self, offset: u64, lease: Lease, delay: Option<Duration>, why: &str) -> Vec<Op> {
+        let key = keys::group_offset(&self.group, self.topic.id, offset);
+        if lease.attempt >= self.max_attempts() {
+            self.dead_letters += 1;
+            let record = DeadLetterRecord {
+                topic: self.topic.name.clone(),
+                offset,
+                reason: format!("{why} on attempt {}", lease.attempt),
+                attempts: lease.attempt,
+                dead_ms: now_ms(),
+            };
+            let mut ops = vec![Op::Put(
+                Cf::Dlq,
+                keys::dead_letter(&self.group, self.topic.id, offset),
+                record.encode_to_vec(),
+            )];
+            ops.extend(self.mark_acked(offset));
+            ops.extend(self.advance_floor());
+            return ops;
+        }
+        let delay = delay.unwrap_or_else(|| self.config.nack_wait(lease.attempt));
+        let rec = RetryRecord {
+            attempts: lease.attempt,
+            due_ms: now_ms() + delay.as_millis() as u64,
+        };
+        if let Some(old) = self.retry.insert(offset, rec.clone()) {
+            self.retry_due.remove(&(old.due_ms, offset));
+        }
+        self.retry_due.insert((rec.due_ms, offset));
+        vec![Op::Put(Cf::Retry, key, rec.encode_to_vec())]
+    }
+
+    async fn expire(&mut self, now: u64) {
+        let mut ops = Vec::new();
+        while let Some(&(at, offset)) = self.deadlines.first() {
+            if at > now {
+                break;
+            }
+            let Some(lease) = self.leases.get(&offset).copied() else {
+                self.deadlines.pop_first();
+                continue;
+            };
+            let taken = self.take_lease(LeaseRef {
+                offset,
+                lease_id: lease.lease_id,
+            });
+            if let Ok(lease) = taken {
+                ops.extend(self.fail(offset, lease, Some(Duration::ZERO), "lease expired"));
+            }
+        }
+        self.write_quietly(ops).await;
+    }
+
+    fn extend(&mut self, r: LeaseRef, lease_for: Duration) -> Result<u64> {
+        let lease = self.take_lease(r)?;
+        let deadline_ms = now_ms() + lease_for.as_millis() as u64;
+        self.restore_lease(r.offset, Lease {
+            deadline_ms,
+            ..lease
+        });
+        Ok(deadline_ms)
+    }
+
+    fn restore_lease(&mut self, offset: u64, lease: Lease) {
+        if let Some(c) = self
+            .consumers
+            .iter_mut()
+            .find(|c| c.spec.subscription_id == lease.subscription_id)
+        {
+            c.in_flight += 1;
+        }
+        self.deadlines.insert((lease.deadline_ms, offset));
+        self.leases.insert(offset, lease);
+    }
+
+    fn has_credit(&self) -> bool {
+        self.consumers.iter().any(|c| c.in_flight < c.spec.window)
+    }
+
+    fn credit(&self) -> usize {
+        self.consumers
+            .iter()
+            .map(|c| c.spec.window.saturating_sub(c.in_flight) as usize)
+            .sum()
+    }
+
+    /// Delivers while some consumer has room and something is deliverable.
+    async fn pump(&mut self) -> Result<()> {
+        if self.cursor.is_none() {
+            return Ok(());
+        }
+        while self.has_credit() {
+            let now = now_ms();
+            if let Some(&(due, offset)) = self.retry_due.first()
+                && due <= now
+            {
+                self.retry_due.pop_first();
+                let attempts = self.retry.get(&offset).map_or(0, |r| r.attempts);
+                let storage = self.storage.clone();
+                let topic = self.topic.id;
+                let msg = tokio::task::spawn_blocking(move || storage.read_message(topic, offset))
+                    .await
+                    .map_err(|e| Error::Internal(e.to_string()))??;
+                match msg {
+                    Some(m) => self.deliver(m, attempts + 1),
+                    None => {
+                        self.retry.remove(&offset);
+                    }
+                }
+                continue;
+            }
+            let end = self.topic.end();
+            if self.next >= end {
+                return Ok(());
+            }
+            let (storage, topic, from) = (self.storage.clone(), self.topic.id, self.next);
+            let max = self.credit().min(READ_BATCH);
+            let batch =
+                tokio::task::spawn_blocking(move || storage.read_log(topic, from, end, max))
+                    .await
+                    .map_err(|e| Error::Internal(e.to_string()))??;
+            if batch.is_empty() {
+                self.next = end;
+                return Ok(());
+            }
+            let mut filtered = false;
+            for m in batch {
+                self.next = m.offset + 1;
+                let o = m.offset;
+                if self.is_acked(o) || self.retry.contains_key(&o) || self.leases.contains_key(&o)
+                {
+                    continue;
+                }
+                if !self.matches(&m.tag) {
+                    // Not for this group: done for it, like RocketMQ's tag filtering.
+                    self.acked.insert(o);
+                    filtered = true;
+                    continue;
+                }
+                self.deliver(m, 1);
+            }
+            if filtered {
+                let ops = self.advance_floor();
+                self.write_quietly(ops).await;
+            }
+        }
+        Ok(())
+    }
+
+    fn matches(&self, tag: &str) -> bool {
+        self.tags.as_ref().is_none_or(|set| set.contains(tag))
+    }
+
+    /// Leases a message to the next consumer with room, round-robin.
+    fn deliver(&mut self, message: pb::StoredMessage, attempt: u32) {
+        let offset = message.offset;
+        let n = self.consumers.len();
+        for step in 0..n {
+            let i = (self.round_robin + step) % n;
+            let c = &mut self.consumers[i];
+            if c.in_flight >= c.spec.window {
+                continue;
+            }
+            let lease_id = self.next_lease_id;
+            let deadline_ms = now_ms() + c.spec.lease.as_millis() as u64;
+            let frame = Frame {
+                id: 0,
+                body: Some(pb::frame::Body::Delivery(pb::Delivery {
+                    subscription_id: c.spec.subscription_id,
+                    handle: Some(pb::DeliveryHandle {
+                        group: self.group.clone(),
+                        topic: self.topic.name.clone(),
+                        offset,
+                        lease_id,
+                    }),
+                    message: Some(message.clone()),
+                    attempt,
+                    lease_deadline_ms: deadline_ms,
+                })),
+            };
+            // The outbound channel is larger than any window, so it is never full here;
+            // a closed one means the consumer is gone and its Unsubscribe is on the way.
+            if c.spec.outbound.try_send(frame).is_err() {
+                continue;
+            }
+            self.round_robin = (i + 1) % n;
+            self.next_lease_id += 1;
+            let lease = Lease {
+                lease_id,
+                subscription_id: c.spec.subscription_id,
+                deadline_ms,
+                attempt,
+            };
+            self.restore_lease(offset, lease);
+            return;
+        }
+        // Nobody could take it: deliver it again as soon as someone can, uncounted.
+        let rec = RetryRecord {
+            attempts: attempt - 1,
+            due_ms: now_ms(),
+        };
+        self.retry_due.insert((rec.due_ms, offset));
+        self.retry.insert(offset, rec);
+    }
+
+    fn describe(&self) -> pb::GroupTopicInfo {
+        let end = self.topic.end();
+        let floor = self.floor();
+        let acked_above = self.acked.iter().filter(|o| **o < end).count() as u64;
+        pb::GroupTopicInfo {
+            topic: self.topic.name.clone(),
+            next_offset: end,
+            ack_floor: floor,
+            in_flight: self.leases.len() as u64,
+            lag: end.saturating_sub(floor).saturating_sub(acked_above) + self.redriven_below_floor(),
+            dead_letters: self.dead_letters,
+            waiting_retry: self.retry.len() as u64,
+            consumers: self.consumers.len() as u32,
+            tag_filter: self
+                .cursor
+                .as_ref()
+                .map(|c| c.tag_filter.clone())
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Redriven messages sit below the floor yet are not done.
+    fn redriven_below_floor(&self) -> u64 {
+        let floor = self.floor();
+        let acked = |o: &u64| *o < floor || self.acked.contains(o);
+        self.retry.keys().filter(|o| acked(o)).count() as u64
+            + self.leases.keys().filter(|o| acked(o)).count() as u64
+    }
+
+    async fn redrive(&mut self, message_id: Option<String>) -> Result<u32> {
+        let storage = self.storage.clone();
+        let (group, topic) = (self.group.clone(), self.topic.id);
+        let letters = tokio::task::spawn_blocking(move || storage.dead_letters(&group, topic))
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))??;
+        let mut ops = Vec::new();
+        let mut moved = Vec::new();
+        for (offset, _) in letters {
+            if let Some(id) = &message_id {
+                let storage = self.storage.clone();
+                let m = tokio::task::spawn_blocking(move || storage.read_message(topic, offset))
+                    .await
+                    .map_err(|e| Error::Internal(e.to_string()))??;
+                if m.is_none_or(|m| &m.message_id != id) {
+                    continue;
+                }
+            }
+            let rec = RetryRecord {
+                attempts: 0,
+                due_ms: now_ms(),
+            };
+            let key = keys::group_offset(&self.group, topic, offset);
+            ops.push(Op::Delete(Cf::Dlq, key.clone()));
+            ops.push(Op::Put(Cf::Retry, key, rec.encode_to_vec()));
+            moved.push((offset, rec));
+        }
+        if ops.is_empty() {
+            return Ok(0);
+        }
+        self.writer.submit(Command::Raw(ops)).await?;
+        let n = moved.len() as u32;
+        for (offset, rec) in moved {
+            self.retry_due.insert((rec.due_ms, offset));
+            self.retry.insert(offset, rec);
+        }
+        self.dead_letters = self.dead_letters.saturating_sub(u64::from(n));
+        Ok(n)
+    }
+}
+
+/// `A||B` into a set; `None` (everything) for empty or `*`.
+fn parse_tags(filter: &str) -> Option<HashSet<String>> {
+    let filter = filter.trim();
+    if filter.is_empty() || filter == "*" {
+        return None;
+    }
+    Some(
+        filter
+            .split("||")
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty())
+            .collect(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_tags;
+
+    #[test]
+    fn tag_filters_parse() {
+        assert_eq!(parse_tags(""), None);
+        assert_eq!(parse_tags(" * "), None);
+        let set = parse_tags("A || B||C").unwrap();
+        assert!(set.contains("A") && set.contains("B") && set.contains("C"));
+        assert_eq!(set.len(), 3);
+    }
+}

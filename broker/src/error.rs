@@ -1,0 +1,83 @@
+//! The broker's error type, and how each error reads on the wire.
+
+use txmq_protocol::ErrorCode;
+
+/// Everything that can go wrong serving a request.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A request that is well-formed protobuf but not valid.
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    /// A bad topic or group name.
+    #[error("{0}")]
+    InvalidName(String),
+    /// Unknown topic with auto-creation off.
+    #[error("topic {0:?} does not exist")]
+    TopicNotFound(String),
+    /// Topic exists already.
+    #[error("topic {0:?} already exists")]
+    TopicExists(String),
+    /// Body or properties over the limit.
+    #[error("{0}")]
+    TooLarge(String),
+    /// No such transaction.
+    #[error("transaction {0} not found")]
+    TxnNotFound(String),
+    /// Rollback after commit.
+    #[error("transaction {0} is already committed")]
+    TxnCommitted(String),
+    /// Commit after rollback.
+    #[error("transaction {0} is already rolled back")]
+    TxnRolledBack(String),
+    /// Re-arm of a transaction in a state that cannot be re-armed.
+    #[error("transaction {0} cannot be re-armed: it is {1}")]
+    TxnNotRearmable(String, &'static str),
+    /// Ack/nack/extend of a handle the broker holds no lease for.
+    #[error("no lease for {0}: it expired and was redelivered, or was never delivered")]
+    LeaseNotFound(String),
+    /// RocksDB failed.
+    #[error("storage: {0}")]
+    Storage(#[from] rocksdb::Error),
+    /// The broker is stopping.
+    #[error("the broker is shutting down")]
+    ShuttingDown,
+    /// A request before the handshake.
+    #[error("send Hello first")]
+    HandshakeRequired,
+    /// Wrong or missing shared secret.
+    #[error("authentication failed")]
+    NotAuthenticated,
+    /// Protocol version mismatch.
+    #[error("unsupported protocol version {0}")]
+    UnsupportedVersion(u32),
+    /// A broken internal invariant: a bug, reported rather than crashing the broker.
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// The stable wire code for this error.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Error::Invalid(_) => ErrorCode::InvalidRequest,
+            Error::InvalidName(_) => ErrorCode::InvalidName,
+            Error::TopicNotFound(_) => ErrorCode::TopicNotFound,
+            Error::TopicExists(_) => ErrorCode::TopicExists,
+            Error::TooLarge(_) => ErrorCode::MessageTooLarge,
+            Error::TxnNotFound(_) => ErrorCode::TxnNotFound,
+            Error::TxnCommitted(_) => ErrorCode::TxnAlreadyCommitted,
+            Error::TxnRolledBack(_) => ErrorCode::TxnAlreadyRolledBack,
+            Error::TxnNotRearmable(..) => ErrorCode::TxnNotRearmable,
+            Error::LeaseNotFound(_) => ErrorCode::LeaseNotFound,
+            Error::Storage(_) => ErrorCode::StorageError,
+            Error::ShuttingDown => ErrorCode::ShuttingDown,
+            Error::HandshakeRequired => ErrorCode::HandshakeRequired,
+            Error::NotAuthenticated => ErrorCode::NotAuthenticated,
+            Error::UnsupportedVersion(_) => ErrorCode::UnsupportedVersion,
+            Error::Internal(_) => ErrorCode::Internal,
+        }
+    }
+}
+
+/// Result with the broker's error.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

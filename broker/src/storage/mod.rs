@@ -1,0 +1,384 @@
+//! Storage on RocksDB: the column families, opening them, and every read.
+//!
+//! All writes go through the single [`writer::Writer`] thread (group commit); everything
+//! here only reads, and is called from blocking contexts (`spawn_blocking` or the writer).
+//!
+//! | column family | key | value |
+//! |---|---|---|
+//! | `meta` | `boot`, `topic/<name>` | boot counter, [`records::TopicRecord`] |
+//! | `log` | topic id, offset | `pb::StoredMessage` |
+//! | `half` | txn id, seq | `pb::StoredMessage` (offset 0) |
+//! | `txn` | txn id | [`records::TxnRecord`] |
+//! | `due` | kind, due ms, txn id | empty: the time-ordered index of checks and purges |
+//! | `cursor` | group, topic id | [`records::CursorRecord`] |
+//! | `acked` | group, topic id, offset | empty: acks above the floor |
+//! | `retry` | group, topic id, offset | [`records::RetryRecord`] |
+//! | `dlq` | group, topic id, offset | [`records::DeadLetterRecord`] |
+
+pub mod keys;
+pub mod records;
+pub mod writer;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use prost::Message;
+use rocksdb::{ColumnFamily, DB, Direction, IteratorMode, Options, ReadOptions};
+use txmq_protocol::pb;
+
+use crate::error::{Error, Result};
+use crate::ids::Id;
+use records::{CursorRecord, DeadLetterRecord, RetryRecord, TopicRecord, TxnRecord};
+
+/// Column family names, in creation order.
+pub const CFS: [&str; 9] = [
+    "meta", "log", "half", "txn", "due", "cursor", "acked", "retry", "dlq",
+];
+
+/// A column family of [`CFS`].
+#[derive(Debug, Clone, Copy)]
+pub enum Cf {
+    /// Boot counter and topic records.
+    Meta,
+    /// Topic logs.
+    Log,
+    /// Half messages.
+    Half,
+    /// Transaction records.
+    Txn,
+    /// Due index.
+    Due,
+    /// Consumer group cursors.
+    Cursor,
+    /// Acks above the floor.
+    Acked,
+    /// Messages waiting for redelivery.
+    Retry,
+    /// Dead letters.
+    Dlq,
+}
+
+impl Cf {
+    fn name(self) -> &'static str {
+        CFS[self as usize]
+    }
+}
+
+/// Work counters, read by tests that prove cost follows the work (I5).
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Due-index entries visited by scheduler scans.
+    pub due_visited: AtomicU64,
+    /// Write batches committed.
+    pub batches: AtomicU64,
+    /// Write batches committed with fsync.
+    pub fsyncs: AtomicU64,
+    /// Jobs (requests) carried by those batches.
+    pub jobs: AtomicU64,
+}
+
+/// The opened database.
+pub struct Storage {
+    db: DB,
+    /// Work counters.
+    pub counters: Counters,
+}
+
+impl std::fmt::Debug for Storage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Storage")
+            .field("path", &self.db.path())
+            .finish()
+    }
+}
+
+/// A topic as stored, with the offset its log ends at.
+#[derive(Debug, Clone)]
+pub struct StoredTopic {
+    /// Topic name.
+    pub name: String,
+    /// Its record.
+    pub record: TopicRecord,
+    /// One past the last offset in its log.
+    pub end: u64,
+}
+
+impl Storage {
+    /// Opens (creating if needed) the database under `dir`.
+    ///
+    /// # Errors
+    /// RocksDB's error, e.g. when another broker holds the directory's lock.
+    pub fn open(dir: &Path) -> Result<Arc<Self>> {
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        opts.set_max_background_jobs(2);
+        opts.set_write_buffer_size(64 << 20);
+        opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        opts.set_keep_log_file_num(4);
+        let db = DB::open_cf(&opts, dir, CFS)?;
+        Ok(Arc::new(Self {
+            db,
+            counters: Counters::default(),
+        }))
+    }
+
+    pub(crate) fn db(&self) -> &DB {
+        &self.db
+    }
+
+    pub(crate) fn cf(&self, cf: Cf) -> &ColumnFamily {
+        self.db
+            .cf_handle(cf.name())
+            .expect("every column family is created at open")
+    }
+
+    /// Increments and returns the durable boot counter: ids made in this boot are unique.
+    ///
+    /// # Errors
+    /// Storage failure.
+    pub fn next_boot(&self) -> Result<u64> {
+        let cf = self.cf(Cf::Meta);
+        let prev = self
+            .db
+            .get_cf(cf, keys::BOOT)?
+            .and_then(|v| v.try_into().ok().map(u64::from_be_bytes))
+            .unwrap_or(0);
+        let boot = prev + 1;
+        let mut wo = rocksdb::WriteOptions::default();
+        wo.set_sync(true);
+        self.db
+            .put_cf_opt(cf, keys::BOOT, boot.to_be_bytes(), &wo)?;
+        Ok(boot)
+    }
+
+    /// Every topic with the end of its log.
+    ///
+    /// # Errors
+    /// Storage failure or a corrupt record.
+    pub fn topics(&self) -> Result<Vec<StoredTopic>> {
+        let mut out = Vec::new();
+        for item in self.db.prefix_iterator_cf(self.cf(Cf::Meta), b"topic/") {
+            let (k, v) = item?;
+            if !k.starts_with(b"topic/") {
+                break;
+            }
+            let name = String::from_utf8_lossy(&k[6..]).into_owned();
+            let record = decode::<TopicRecord>(&v)?;
+            let end = self.log_end(record.id)?;
+            out.push(StoredTopic { name, record, end });
+        }
+        Ok(out)
+    }
+
+    fn log_end(&self, topic_id: u32) -> Result<u64> {
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_lower_bound(keys::log(topic_id, 0).to_vec());
+        ro.set_iterate_upper_bound(keys::log(topic_id, u64::MAX).to_vec());
+        let mut it = self.db.raw_iterator_cf_opt(self.cf(Cf::Log), ro);
+        it.seek_to_last();
+        it.status()?;
+        Ok(match it.key() {
+            Some(k) => keys::log_offset(k).map_or(0, |o| o + 1),
+            None => 0,
+        })
+    }
+
+    /// Up to `max` messages of a topic from `from` on, in offset order, below `end`.
+    ///
+    /// # Errors
+    /// Storage failure or a corrupt record.
+    pub fn read_log(
+        &self,
+        topic_id: u32,
+        from: u64,
+        end: u64,
+        max: usize,
+    ) -> Result<Vec<pb::StoredMessage>> {
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_upper_bound(keys::log(topic_id, end).to_vec());
+        let start = keys::log(topic_id, from);
+        let it = self.db.iterator_cf_opt(
+            self.cf(Cf::Log),
+            ro,
+            IteratorMode::From(&start, Direction::Forward),
+        );
+        let mut out = Vec::new();
+        for item in it.take(max) {
+            let (_, v) = item?;
+            out.push(decode::<pb::StoredMessage>(&v)?);
+        }
+        Ok(out)
+    }
+
+    /// One message of a topic log.
+    ///
+    /// # Errors
+    /// Storage failure or a corrupt record.
+    pub fn read_message(&self, topic_id: u32, offset: u64) -> Result<Option<pb::StoredMessage>> {
+        self.db
+            .get_pinned_cf(self.cf(Cf::Log), keys::log(topic_id, offset))?
+            .map(|v| decode(&v))
+            .transpose()
+    }
+
+    /// A transaction record.
+    ///
+    /// # Errors
+    /// Storage failure or a corrupt record.
+    pub fn txn(&self, id: Id) -> Result<Option<TxnRecord>> {
+        self.db
+            .get_pinned_cf(self.cf(Cf::Txn), id.to_bytes())?
+            .map(|v| decode(&v))
+            .transpose()
+    }
+
+    /// The half messages of a transaction, in the order they were sent.
+    ///
+    /// # Errors
+    /// Storage failure or a corrupt record.
+    pub fn halves(&self, id: Id) -> Result<Vec<pb::StoredMessage>> {
+        let prefix = id.to_bytes();
+        let mut out = Vec::new();
+        for item in self.db.prefix_iterator_cf(self.cf(Cf::Half), prefix) {
+            let (k, v) = item?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            out.push(decode(&v)?);
+        }
+        Ok(out)
+    }
+
+    /// Transactions matching `filter`, oldest first, at most `limit`.
+    ///
+    /// This walks the transaction records: an operator's listing, not a hot path.
+    ///
+    /// # Errors
+    /// Storage failure or a corrupt record.
+    pub fn list_txns(
+        &self,
+        filter: impl Fn(&TxnRecord) -> bool,
+        limit: usize,
+    ) -> Result<Vec<(Id, TxnRecord)>> {
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(Cf::Txn), IteratorMode::Start) {
+            let (k, v) = item?;
+            let Some(id) = Id::from_bytes(&k) else {
+                continue;
+            };
+            let rec: TxnRecord = decode(&v)?;
+            if filter(&rec) {
+                out.push((id, rec));
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Due-index entries of `kind` due at or before `now_ms`, earliest first, at most
+    /// `limit`. Seeks straight to the kind's earliest entry and stops at the first one not
+    /// yet due, so the cost is the number of due entries, never the backlog (I5).
+    ///
+    /// # Errors
+    /// Storage failure.
+    pub fn due(&self, kind: keys::DueKind, now_ms: u64, limit: usize) -> Result<Vec<(u64, Id)>> {
+        let zero = Id { boot: 0, seq: 0 };
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_upper_bound(keys::due(kind, now_ms.saturating_add(1), zero).to_vec());
+        let start = keys::due(kind, 0, zero);
+        let it = self.db.iterator_cf_opt(
+            self.cf(Cf::Due),
+            ro,
+            IteratorMode::From(&start, Direction::Forward),
+        );
+        let mut out = Vec::new();
+        for item in it.take(limit) {
+            let (k, _) = item?;
+            self.counters.due_visited.fetch_add(1, Ordering::Relaxed);
+            if let Some((_, at, id)) = keys::parse_due(&k) {
+                out.push((at, id));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every consumer-group cursor.
+    ///
+    /// # Errors
+    /// Storage failure or a corrupt record.
+    pub fn cursors(&self) -> Result<Vec<(String, u32, CursorRecord)>> {
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(Cf::Cursor), IteratorMode::Start) {
+            let (k, v) = item?;
+            if let Some((group, topic)) = keys::parse_cursor(&k) {
+                out.push((group, topic, decode(&v)?));
+            }
+        }
+        Ok(out)
+    }
+
+    /// One cursor.
+    ///
+    /// # Errors
+    /// Storage failure or a corrupt record.
+    pub fn cursor(&self, group: &str, topic_id: u32) -> Result<Option<CursorRecord>> {
+        self.db
+            .get_pinned_cf(self.cf(Cf::Cursor), keys::cursor(group, topic_id))?
+            .map(|v| decode(&v))
+            .transpose()
+    }
+
+    /// Offsets acknowledged above a group's floor.
+    ///
+    /// # Errors
+    /// Storage failure.
+    pub fn acked(&self, group: &str, topic_id: u32) -> Result<Vec<u64>> {
+        self.group_entries(Cf::Acked, group, topic_id, |off, _| Ok(off))
+    }
+
+    /// Messages of a group waiting for redelivery.
+    ///
+    /// # Errors
+    /// Storage failure or a corrupt record.
+    pub fn retries(&self, group: &str, topic_id: u32) -> Result<Vec<(u64, RetryRecord)>> {
+        self.group_entries(Cf::Retry, group, topic_id, |off, v| Ok((off, decode(v)?)))
+    }
+
+    /// Dead letters of a group on one topic.
+    ///
+    /// # Errors
+    /// Storage failure or a corrupt record.
+    pub fn dead_letters(&self, group: &str, topic_id: u32) -> Result<Vec<(u64, DeadLetterRecord)>> {
+        self.group_entries(Cf::Dlq, group, topic_id, |off, v| Ok((off, decode(v)?)))
+    }
+
+    fn group_entries<T>(
+        &self,
+        cf: Cf,
+        group: &str,
+        topic_id: u32,
+        mut map: impl FnMut(u64, &[u8]) -> Result<T>,
+    ) -> Result<Vec<T>> {
+        let prefix = keys::cursor(group, topic_id);
+        let mut out = Vec::new();
+        for item in self.db.prefix_iterator_cf(self.cf(cf), &prefix) {
+            let (k, v) = item?;
+            if !k.starts_with(&prefix) || k.len() != prefix.len() + 8 {
+                break;
+            }
+            if let Some(off) = keys::group_offset_offset(&k) {
+                out.push(map(off, &v)?);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Decodes a stored record, reporting corruption as an internal error.
+pub(crate) fn decode<T: Message + Default>(bytes: &[u8]) -> Result<T> {
+    T::decode(bytes).map_err(|e| Error::Internal(format!("corrupt record: {e}")))
+}

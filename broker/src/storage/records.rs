@@ -1,0 +1,97 @@
+//! Values the broker stores besides messages, as small protobuf records: cheap to encode,
+//! and new fields can be added without a migration.
+
+/// `meta` `topic/<name>`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct TopicRecord {
+    /// Short id used in log keys.
+    #[prost(uint32, tag = "1")]
+    pub id: u32,
+    /// Broker clock at creation.
+    #[prost(uint64, tag = "2")]
+    pub created_ms: u64,
+}
+
+/// `txn`: one transaction, whatever its state. The half messages live in `half` and are
+/// never rewritten: a check updates only this small record and its due-index entry.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct TxnRecord {
+    /// Producer group that owns it.
+    #[prost(string, tag = "1")]
+    pub group: String,
+    /// `pb::TxnState` as i32.
+    #[prost(int32, tag = "2")]
+    pub state: i32,
+    /// Broker clock at the first half message.
+    #[prost(uint64, tag = "3")]
+    pub created_ms: u64,
+    /// Counted check-backs (a producer received the request).
+    #[prost(uint32, tag = "4")]
+    pub check_count: u32,
+    /// When the next check is due (0 when none is scheduled).
+    #[prost(uint64, tag = "5")]
+    pub next_check_ms: u64,
+    /// `pb::TxnOutcome` of the last check, as i32.
+    #[prost(int32, tag = "6")]
+    pub last_result: i32,
+    /// What happened at the last check, for operators.
+    #[prost(string, tag = "7")]
+    pub last_note: String,
+    /// Distinct topics of its messages.
+    #[prost(string, repeated, tag = "8")]
+    pub topics: Vec<String>,
+    /// Half messages held.
+    #[prost(uint32, tag = "9")]
+    pub message_count: u32,
+    /// Broker clock at resolution (0 while prepared or discarded).
+    #[prost(uint64, tag = "10")]
+    pub resolved_ms: u64,
+    /// When the purge of a resolved record is due.
+    #[prost(uint64, tag = "11")]
+    pub purge_ms: u64,
+}
+
+/// `cursor`: a consumer group's progress on one topic.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct CursorRecord {
+    /// Every offset below it is acknowledged.
+    #[prost(uint64, tag = "1")]
+    pub ack_floor: u64,
+    /// Tag filter of the last subscription.
+    #[prost(string, tag = "2")]
+    pub tag_filter: String,
+    /// Group override of max attempts (0: broker default).
+    #[prost(uint32, tag = "3")]
+    pub max_attempts: u32,
+}
+
+/// `retry`: a message that failed delivery and waits to be delivered again.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RetryRecord {
+    /// Deliveries so far.
+    #[prost(uint32, tag = "1")]
+    pub attempts: u32,
+    /// Not to be delivered before this time.
+    #[prost(uint64, tag = "2")]
+    pub due_ms: u64,
+}
+
+/// `dlq`: a message a group gave up on.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct DeadLetterRecord {
+    /// Topic name (the message itself stays in the topic log).
+    #[prost(string, tag = "1")]
+    pub topic: String,
+    /// Offset in the topic log.
+    #[prost(uint64, tag = "2")]
+    pub offset: u64,
+    /// Why it was given up.
+    #[prost(string, tag = "3")]
+    pub reason: String,
+    /// Deliveries made.
+    #[prost(uint32, tag = "4")]
+    pub attempts: u32,
+    /// Broker clock when it was dead-lettered.
+    #[prost(uint64, tag = "5")]
+    pub dead_ms: u64,
+}

@@ -1,0 +1,748 @@
+//! The one writer: a dedicated thread that owns the RocksDB write path.
+//!
+//! Requests arrive as [`Command`]s on a bounded channel. The writer takes every command
+//! waiting (up to a batch limit), stages all of them into one `WriteBatch`, writes it with
+//! a single fsync (flush `sync`), and only then answers each request: group commit. Because
+//! one thread assigns offsets and checks transaction states, two requests can never race:
+//! a commit and a rollback of the same transaction in one batch see each other through the
+//! batch's overlay, and the loser is refused.
+//!
+//! ```text
+//!  connections ──Command──▶ [ channel ] ──▶ writer thread: stage → write+fsync → reply
+//!                                                         └─▶ topic end watches move
+//! ```
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use prost::Message;
+use rocksdb::{WriteBatch, WriteOptions};
+use tokio::sync::{mpsc, oneshot};
+use txmq_protocol::pb::{self, TxnOutcome, TxnState};
+
+use super::keys::{self, DueKind};
+use super::records::{TopicRecord, TxnRecord};
+use super::{Cf, Storage};
+use crate::config::{Config, FlushMode};
+use crate::error::{Error, Result};
+use crate::ids::{Id, IdGen};
+use crate::topics::{Topic, Topics};
+
+/// Most commands folded into one write batch.
+const MAX_BATCH: usize = 4096;
+
+/// A write to make.
+#[derive(Debug)]
+pub enum Command {
+    /// Append visible messages to their topics.
+    Append {
+        /// The messages, already validated for size.
+        messages: Vec<pb::Message>,
+    },
+    /// Store half messages of a new or open transaction.
+    Prepare {
+        /// Open transaction to add to; `None` starts one.
+        txn: Option<Id>,
+        /// Producer group that owns it.
+        group: String,
+        /// The messages.
+        messages: Vec<pb::Message>,
+        /// First check delay override.
+        check_delay_ms: u64,
+    },
+    /// Commit or roll back.
+    End {
+        /// Which transaction.
+        txn: Id,
+        /// Commit or rollback (unknown only records the answer).
+        outcome: TxnOutcome,
+        /// What to record as the reason (operator, producer, check).
+        note: String,
+    },
+    /// Record a check attempt and move the check's due time.
+    RecordCheck {
+        /// Which transaction.
+        txn: Id,
+        /// A producer received the request: the attempt counts.
+        counted: bool,
+        /// The answer so far.
+        result: TxnOutcome,
+        /// For operators.
+        note: String,
+        /// When to check next (`None`: leave the schedule as it is).
+        next_check_ms: Option<u64>,
+    },
+    /// Give up on a transaction after `check-max` attempts; it stays listed.
+    Discard {
+        /// Which transaction.
+        txn: Id,
+    },
+    /// Make a discarded (or prepared) transaction due for a check now, with a fresh count.
+    Rearm {
+        /// Which transaction.
+        txn: Id,
+    },
+    /// Forget a resolved transaction whose retention ended.
+    Purge {
+        /// Which transaction.
+        txn: Id,
+        /// The due entry that triggered it.
+        due_ms: u64,
+    },
+    /// Create a topic.
+    CreateTopic {
+        /// Its name, validated.
+        name: String,
+        /// Refuse when it exists.
+        fail_if_exists: bool,
+    },
+    /// Plain puts and deletes prepared by an owner of other state (consumer groups).
+    Raw(Vec<Op>),
+}
+
+/// One raw write.
+#[derive(Debug)]
+pub enum Op {
+    /// Put a value.
+    Put(Cf, Vec<u8>, Vec<u8>),
+    /// Delete a key.
+    Delete(Cf, Vec<u8>),
+}
+
+/// What a command produced.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Messages are visible at these places.
+    Stored(Vec<pb::MessageReceipt>),
+    /// Half messages stored.
+    Prepared {
+        /// The transaction they belong to.
+        txn: Id,
+        /// Their ids (offset 0).
+        receipts: Vec<pb::MessageReceipt>,
+    },
+    /// A transaction's state after `End`.
+    Ended {
+        /// Its state now.
+        state: TxnState,
+        /// It was in that state already.
+        repeated: bool,
+        /// Where committed messages landed (empty unless this request committed).
+        receipts: Vec<pb::MessageReceipt>,
+    },
+    /// A transaction record after `Rearm`.
+    Txn(Box<TxnRecord>),
+    /// A topic.
+    Topic(Arc<Topic>),
+    /// Written; nothing to tell.
+    Done,
+}
+
+struct Job {
+    cmd: Command,
+    reply: oneshot::Sender<Result<Outcome>>,
+}
+
+/// The sending side of the writer.
+#[derive(Debug, Clone)]
+pub struct WriterHandle {
+    tx: mpsc::Sender<Job>,
+}
+
+impl WriterHandle {
+    /// Submits a command and waits until it is durable (or refused).
+    ///
+    /// # Errors
+    /// The command's own refusal, a storage failure, or [`Error::ShuttingDown`].
+    pub async fn submit(&self, cmd: Command) -> Result<Outcome> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Job { cmd, reply })
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
+        rx.await.map_err(|_| Error::ShuttingDown)?
+    }
+
+    /// Submits a command; the answer arrives on `reply`.
+    pub async fn submit_to(&self, cmd: Command, reply: oneshot::Sender<Result<Outcome>>) {
+        if let Err(mpsc::error::SendError(job)) = self.tx.send(Job { cmd, reply }).await {
+            let _ = job.reply.send(Err(Error::ShuttingDown));
+        }
+    }
+}
+
+/// The writer thread's state.
+pub struct Writer {
+    storage: Arc<Storage>,
+    topics: Arc<Topics>,
+    ids: Arc<IdGen>,
+    config: Arc<Config>,
+    /// Next offset per topic id, including writes not yet published.
+    next_offset: HashMap<u32, u64>,
+    next_topic_id: u32,
+    write_opts: WriteOptions,
+}
+
+impl Writer {
+    /// Starts the writer thread. It runs until every [`WriterHandle`] is dropped, then
+    /// flushes the write-ahead log and exits; join the returned handle to wait for that.
+    pub fn spawn(
+        storage: Arc<Storage>,
+        topics: Arc<Topics>,
+        ids: Arc<IdGen>,
+        config: Arc<Config>,
+    ) -> (WriterHandle, std::thread::JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(MAX_BATCH * 2);
+        let next_offset = topics.all().iter().map(|t| (t.id, t.end())).collect();
+        let mut write_opts = WriteOptions::default();
+        write_opts.set_sync(config.flush == FlushMode::Sync);
+        let writer = Writer {
+            next_topic_id: topics.max_id() + 1,
+            storage,
+            topics,
+            ids,
+            config,
+            next_offset,
+            write_opts,
+        };
+        let thread = std::thread::Builder::new()
+            .name("txmq-writer".into())
+            .spawn(move || writer.run(rx))
+            .expect("spawn writer thread");
+        (WriterHandle { tx }, thread)
+    }
+
+    fn run(mut self, mut rx: mpsc::Receiver<Job>) {
+        let mut jobs = Vec::with_capacity(MAX_BATCH);
+        while let Some(first) = rx.blocking_recv() {
+            jobs.push(first);
+            while jobs.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(job) => jobs.push(job),
+                    Err(_) => break,
+                }
+            }
+            self.commit(&mut jobs);
+        }
+        if let Err(e) = self.storage.db().flush_wal(true) {
+            tracing::error!("final WAL flush failed: {e}");
+        }
+        tracing::debug!("writer stopped");
+    }
+
+    /// Stages every job, writes once, then replies. A storage failure fails every job that
+    /// wrote something and leaves in-memory state as it was before the batch.
+    fn commit(&mut self, jobs: &mut Vec<Job>) {
+        let mut stage = Stage::default();
+        let mut results = Vec::with_capacity(jobs.len());
+        for job in jobs.iter_mut() {
+            let cmd = std::mem::replace(&mut job.cmd, Command::Raw(Vec::new()));
+            let before = stage.batch.len();
+            let result = self.apply(cmd, &mut stage);
+            debug_assert!(result.is_ok() || stage.batch.len() == before);
+            results.push(result);
+        }
+        let write = if stage.batch.is_empty() {
+            Ok(())
+        } else {
+            let storage = &self.storage;
+            let w = storage
+                .db()
+                .write_opt(std::mem::take(&mut stage.batch), &self.write_opts);
+            if w.is_ok() {
+                let c = &storage.counters;
+                c.batches.fetch_add(1, Ordering::Relaxed);
+                c.jobs.fetch_add(jobs.len() as u64, Ordering::Relaxed);
+                if self.config.flush == FlushMode::Sync {
+                    c.fsyncs.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            w
+        };
+        match write {
+            Ok(()) => {
+                for topic in stage.new_topics {
+                    self.topics.insert(topic);
+                }
+                for (id, next) in stage.next_offset {
+                    self.next_offset.insert(id, next);
+                    if let Some(t) = self.topics.by_id(id) {
+                        t.set_end(next);
+                    }
+                }
+                for (job, result) in jobs.drain(..).zip(results) {
+                    let _ = job.reply.send(result);
+                }
+            }
+            Err(e) => {
+                tracing::error!("write batch failed, {} requests refused: {e}", jobs.len());
+                self.next_topic_id = stage.first_topic_id.unwrap_or(self.next_topic_id);
+                for (job, result) in jobs.drain(..).zip(results) {
+                    let reply = match result {
+                        Ok(_) => Err(Error::Storage(e.clone())),
+                        Err(refusal) => Err(refusal),
+                    };
+                    let _ = job.reply.send(reply);
+                }
+            }
+        }
+    }
+
+    fn apply(&mut self, cmd: Command, stage: &mut Stage) -> Result<Outcome> {
+        match cmd {
+            Command::Append { messages } => self.append(messages, stage),
+            Command::Prepare {
+                txn,
+                group,
+                messages,
+                check_delay_ms,
+            } => self.prepare(txn, group, messages, check_delay_ms, stage),
+            Command::End { txn, outcome, note } => self.end(txn, outcome, note, stage),
+            Command::RecordCheck {
+                txn,
+                counted,
+                result,
+                note,
+                next_check_ms,
+            } => self.record_check(txn, counted, result, note, next_check_ms, stage),
+            Command::Discard { txn } => self.discard(txn, stage),
+            Command::Rearm { txn } => self.rearm(txn, stage),
+            Command::Purge { txn, due_ms } => self.purge(txn, due_ms, stage),
+            Command::CreateTopic {
+                name,
+                fail_if_exists,
+            } => {
+                if let Some(t) = self.topic(&name, stage) {
+                    return if fail_if_exists {
+                        Err(Error::TopicExists(name))
+                    } else {
+                        Ok(Outcome::Topic(t))
+                    };
+                }
+                Ok(Outcome::Topic(self.create_topic(name, stage)))
+            }
+            Command::Raw(ops) => {
+                for op in ops {
+                    match op {
+                        Op::Put(cf, k, v) => stage.batch.put_cf(self.storage.cf(cf), k, v),
+                        Op::Delete(cf, k) => stage.batch.delete_cf(self.storage.cf(cf), k),
+                    }
+                }
+                Ok(Outcome::Done)
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- topics
+
+    fn topic(&self, name: &str, stage: &Stage) -> Option<Arc<Topic>> {
+        self.topics
+            .get(name)
+            .or_else(|| stage.new_topics.iter().find(|t| t.name == name).cloned())
+    }
+
+    fn create_topic(&mut self, name: String, stage: &mut Stage) -> Arc<Topic> {
+        stage.first_topic_id.get_or_insert(self.next_topic_id);
+        let record = TopicRecord {
+            id: self.next_topic_id,
+            created_ms: txmq_protocol::now_ms(),
+        };
+        self.next_topic_id += 1;
+        stage.batch.put_cf(
+            self.storage.cf(Cf::Meta),
+            keys::topic(&name),
+            record.encode_to_vec(),
+        );
+        let topic = Arc::new(Topic::new(name, record.id, record.created_ms, 0));
+        stage.new_topics.push(topic.clone());
+        topic
+    }
+
+    /// Resolves every message's topic first, so a refusal stages nothing.
+    fn topics_for(
+        &mut self,
+        messages: &[pb::Message],
+        stage: &mut Stage,
+    ) -> Result<Vec<Arc<Topic>>> {
+        let mut missing = Vec::new();
+        for m in messages {
+            if self.topic(&m.topic, stage).is_none() && !missing.contains(&m.topic) {
+                if !self.config.auto_create_topics {
+                    return Err(Error::TopicNotFound(m.topic.clone()));
+                }
+                missing.push(m.topic.clone());
+            }
+        }
+        for name in missing {
+            self.create_topic(name, stage);
+        }
+        Ok(messages
+            .iter()
+            .map(|m| self.topic(&m.topic, stage).expect("resolved above"))
+            .collect())
+    }
+
+    fn next_offset(&self, topic: u32, stage: &mut Stage) -> u64 {
+        let slot = stage
+            .next_offset
+            .entry(topic)
+            .or_insert_with(|| self.next_offset.get(&topic).copied().unwrap_or(0));
+        let offset = *slot;
+        *slot += 1;
+        offset
+    }
+
+    fn append_one(
+        &self,
+        topic: &Topic,
+        mut msg: pb::StoredMessage,
+        stage: &mut Stage,
+    ) -> pb::MessageReceipt {
+        msg.offset = self.next_offset(topic.id, stage);
+        stage.batch.put_cf(
+            self.storage.cf(Cf::Log),
+            keys::log(topic.id, msg.offset),
+            msg.encode_to_vec(),
+        );
+        pb::MessageReceipt {
+            message_id: msg.message_id,
+            topic: msg.topic,
+            offset: msg.offset,
+        }
+    }
+
+    fn stored(&self, m: pb::Message, now: u64) -> pb::StoredMessage {
+        pb::StoredMessage {
+            topic: m.topic,
+            offset: 0,
+            message_id: self.ids.next().to_string(),
+            key: m.key,
+            tag: m.tag,
+            properties: m.properties,
+            body: m.body,
+            born_ms: m.born_ms,
+            store_ms: now,
+            txn_id: String::new(),
+        }
+    }
+
+    fn append(&mut self, messages: Vec<pb::Message>, stage: &mut Stage) -> Result<Outcome> {
+        let topics = self.topics_for(&messages, stage)?;
+        let now = txmq_protocol::now_ms();
+        let receipts = messages
+            .into_iter()
+            .zip(topics)
+            .map(|(m, t)| {
+                let stored = self.stored(m, now);
+                self.append_one(&t, stored, stage)
+            })
+            .collect();
+        Ok(Outcome::Stored(receipts))
+    }
+
+    // ---------------------------------------------------------- transactions
+
+    fn txn_record(&self, txn: Id, stage: &Stage) -> Result<Option<TxnRecord>> {
+        match stage.txns.get(&txn) {
+            Some(r) => Ok(Some(r.clone())),
+            None => self.storage.txn(txn),
+        }
+    }
+
+    fn put_txn(&self, txn: Id, rec: TxnRecord, stage: &mut Stage) {
+        stage
+            .batch
+            .put_cf(self.storage.cf(Cf::Txn), txn.to_bytes(), rec.encode_to_vec());
+        stage.txns.insert(txn, rec);
+    }
+
+    fn move_check(&self, txn: Id, from_ms: u64, to_ms: u64, stage: &mut Stage) {
+        let due = self.storage.cf(Cf::Due);
+        if from_ms != 0 {
+            stage
+                .batch
+                .delete_cf(due, keys::due(DueKind::Check, from_ms, txn));
+        }
+        if to_ms != 0 {
+            stage
+                .batch
+                .put_cf(due, keys::due(DueKind::Check, to_ms, txn), []);
+        }
+    }
+
+    fn prepare(
+        &mut self,
+        txn: Option<Id>,
+        group: String,
+        messages: Vec<pb::Message>,
+        check_delay_ms: u64,
+        stage: &mut Stage,
+    ) -> Result<Outcome> {
+        let now = txmq_protocol::now_ms();
+        let (txn, mut rec) = match txn {
+            Some(id) => {
+                let rec = self
+                    .txn_record(id, stage)?
+                    .ok_or_else(|| Error::TxnNotFound(id.to_string()))?;
+                match TxnState::try_from(rec.state) {
+                    Ok(TxnState::Prepared) => {}
+                    Ok(TxnState::Committed) => return Err(Error::TxnCommitted(id.to_string())),
+                    Ok(TxnState::RolledBack) => {
+                        return Err(Error::TxnRolledBack(id.to_string()));
+                    }
+                    _ => {
+                        return Err(Error::Invalid(format!(
+                            "transaction {id} is discarded and takes no more messages"
+                        )));
+                    }
+                }
+                if rec.group != group {
+                    return Err(Error::Invalid(format!(
+                        "transaction {id} belongs to producer group {:?}",
+                        rec.group
+                    )));
+                }
+                (id, rec)
+            }
+            None => {
+                let delay = if check_delay_ms > 0 {
+                    check_delay_ms
+                } else {
+                    self.config.check_timeout.as_millis() as u64
+                };
+                let rec = TxnRecord {
+                    group,
+                    state: TxnState::Prepared as i32,
+                    created_ms: now,
+                    next_check_ms: now + delay,
+                    ..Default::default()
+                };
+                let id = self.ids.next();
+                self.move_check(id, 0, rec.next_check_ms, stage);
+                (id, rec)
+            }
+        };
+        // Topics are created at prepare time so a commit can never fail on a missing topic.
+        self.topics_for(&messages, stage)?;
+        let half = self.storage.cf(Cf::Half);
+        let mut receipts = Vec::with_capacity(messages.len());
+        for m in messages {
+            let mut stored = self.stored(m, now);
+            stored.txn_id = txn.to_string();
+            if !rec.topics.contains(&stored.topic) {
+                rec.topics.push(stored.topic.clone());
+            }
+            receipts.push(pb::MessageReceipt {
+                message_id: stored.message_id.clone(),
+                topic: stored.topic.clone(),
+                offset: 0,
+            });
+            stage
+                .batch
+                .put_cf(half, keys::half(txn, rec.message_count), stored.encode_to_vec());
+            stage.halves.entry(txn).or_default().push(stored);
+            rec.message_count += 1;
+        }
+        self.put_txn(txn, rec, stage);
+        Ok(Outcome::Prepared { txn, receipts })
+    }
+
+    fn end(
+        &mut self,
+        txn: Id,
+        outcome: TxnOutcome,
+        note: String,
+        stage: &mut Stage,
+    ) -> Result<Outcome> {
+        let mut rec = self
+            .txn_record(txn, stage)?
+            .ok_or_else(|| Error::TxnNotFound(txn.to_string()))?;
+        let state = TxnState::try_from(rec.state).unwrap_or(TxnState::Prepared);
+        let wanted = match outcome {
+            TxnOutcome::Commit => TxnState::Committed,
+            TxnOutcome::Rollback => TxnState::RolledBack,
+            _ => {
+                if state == TxnState::Prepared || state == TxnState::Discarded {
+                    rec.last_result = TxnOutcome::Unknown as i32;
+                    rec.last_note = note;
+                    self.put_txn(txn, rec, stage);
+                }
+                return Ok(Outcome::Ended {
+                    state,
+                    repeated: false,
+                    receipts: Vec::new(),
+                });
+            }
+        };
+        match (state, wanted) {
+            (TxnState::Committed, TxnState::Committed)
+            | (TxnState::RolledBack, TxnState::RolledBack) => {
+                return Ok(Outcome::Ended {
+                    state,
+                    repeated: true,
+                    receipts: Vec::new(),
+                });
+            }
+            (TxnState::Committed, _) => return Err(Error::TxnCommitted(txn.to_string())),
+            (TxnState::RolledBack, _) => return Err(Error::TxnRolledBack(txn.to_string())),
+            _ => {}
+        }
+        let halves = match stage.halves.remove(&txn) {
+            // Staged in this very batch: the database does not have them yet.
+            Some(mut staged) => {
+                let mut all = self.storage.halves(txn)?;
+                all.retain(|m| !staged.iter().any(|s| s.message_id == m.message_id));
+                all.append(&mut staged);
+                all
+            }
+            None => self.storage.halves(txn)?,
+        };
+        let mut receipts = Vec::new();
+        if wanted == TxnState::Committed {
+            let topics = halves
+                .iter()
+                .map(|m| {
+                    self.topic(&m.topic, stage)
+                        .ok_or_else(|| Error::Internal(format!("topic {} vanished", m.topic)))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let now = txmq_protocol::now_ms();
+            for (mut m, topic) in halves.into_iter().zip(topics) {
+                m.store_ms = now;
+                receipts.push(self.append_one(&topic, m, stage));
+            }
+        }
+        let prefix = txn.to_bytes();
+        let end = keys::prefix_end(&prefix).expect("txn ids are not all 0xff");
+        stage
+            .batch
+            .delete_range_cf(self.storage.cf(Cf::Half), &prefix[..], &end[..]);
+        let now = txmq_protocol::now_ms();
+        self.move_check(txn, rec.next_check_ms, 0, stage);
+        rec.state = wanted as i32;
+        rec.next_check_ms = 0;
+        rec.resolved_ms = now;
+        rec.purge_ms = now + self.config.txn_retention.as_millis() as u64;
+        rec.last_note = note;
+        stage.batch.put_cf(
+            self.storage.cf(Cf::Due),
+            keys::due(DueKind::Purge, rec.purge_ms, txn),
+            [],
+        );
+        self.put_txn(txn, rec, stage);
+        Ok(Outcome::Ended {
+            state: wanted,
+            repeated: false,
+            receipts,
+        })
+    }
+
+    fn record_check(
+        &mut self,
+        txn: Id,
+        counted: bool,
+        result: TxnOutcome,
+        note: String,
+        next_check_ms: Option<u64>,
+        stage: &mut Stage,
+    ) -> Result<Outcome> {
+        let Some(mut rec) = self.txn_record(txn, stage)? else {
+            return Ok(Outcome::Done);
+        };
+        if rec.state != TxnState::Prepared as i32 {
+            return Ok(Outcome::Done);
+        }
+        if counted {
+            rec.check_count += 1;
+        }
+        if result != TxnOutcome::Unspecified {
+            rec.last_result = result as i32;
+        }
+        rec.last_note = note;
+        if let Some(next) = next_check_ms {
+            self.move_check(txn, rec.next_check_ms, next, stage);
+            rec.next_check_ms = next;
+        }
+        self.put_txn(txn, rec, stage);
+        Ok(Outcome::Done)
+    }
+
+    fn discard(&mut self, txn: Id, stage: &mut Stage) -> Result<Outcome> {
+        let Some(mut rec) = self.txn_record(txn, stage)? else {
+            return Ok(Outcome::Done);
+        };
+        if rec.state != TxnState::Prepared as i32 {
+            return Ok(Outcome::Done);
+        }
+        self.move_check(txn, rec.next_check_ms, 0, stage);
+        rec.state = TxnState::Discarded as i32;
+        rec.next_check_ms = 0;
+        rec.last_note = format!(
+            "discarded after {} checks without an answer; txn rearm|commit|rollback",
+            rec.check_count
+        );
+        self.put_txn(txn, rec, stage);
+        Ok(Outcome::Done)
+    }
+
+    fn rearm(&mut self, txn: Id, stage: &mut Stage) -> Result<Outcome> {
+        let mut rec = self
+            .txn_record(txn, stage)?
+            .ok_or_else(|| Error::TxnNotFound(txn.to_string()))?;
+        match TxnState::try_from(rec.state) {
+            Ok(TxnState::Prepared | TxnState::Discarded) => {}
+            Ok(TxnState::Committed) => {
+                return Err(Error::TxnNotRearmable(txn.to_string(), "committed"));
+            }
+            _ => return Err(Error::TxnNotRearmable(txn.to_string(), "rolled back")),
+        }
+        let now = txmq_protocol::now_ms();
+        self.move_check(txn, rec.next_check_ms, now, stage);
+        rec.state = TxnState::Prepared as i32;
+        rec.check_count = 0;
+        rec.next_check_ms = now;
+        rec.last_note = "re-armed by an operator".into();
+        self.put_txn(txn, rec.clone(), stage);
+        Ok(Outcome::Txn(Box::new(rec)))
+    }
+
+    fn purge(&mut self, txn: Id, due_ms: u64, stage: &mut Stage) -> Result<Outcome> {
+        let due = self.storage.cf(Cf::Due);
+        stage
+            .batch
+            .delete_cf(due, keys::due(DueKind::Purge, due_ms, txn));
+        if let Some(rec) = self.txn_record(txn, stage)?
+            && rec.purge_ms == due_ms
+            && rec.resolved_ms != 0
+        {
+            stage
+                .batch
+                .delete_cf(self.storage.cf(Cf::Txn), txn.to_bytes());
+            stage.txns.remove(&txn);
+        }
+        Ok(Outcome::Done)
+    }
+}
+
+/// One batch in the making, with an overlay of what it already changed.
+#[derive(Default)]
+struct Stage {
+    batch: WriteBatch,
+    txns: HashMap<Id, TxnRecord>,
+    halves: HashMap<Id, Vec<pb::StoredMessage>>,
+    new_topics: Vec<Arc<Topic>>,
+    first_topic_id: Option<u32>,
+    next_offset: HashMap<u32, u64>,
+}
+
+/// Converts `End` outcomes for callers that only care about the receipts.
+pub fn txn_state_name(state: TxnState) -> &'static str {
+    match state {
+        TxnState::Prepared => "prepared",
+        TxnState::Committed => "committed",
+        TxnState::RolledBack => "rolled back",
+        TxnState::Discarded => "discarded",
+        TxnState::Unspecified => "unknown",
+    }
+}

@@ -1,0 +1,119 @@
+//! The registry of topics: name to id, and a watch on each topic's end offset that the
+//! writer moves after every durable append, so delivery wakes up without polling.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use tokio::sync::watch;
+
+/// One topic.
+#[derive(Debug)]
+pub struct Topic {
+    /// Its name.
+    pub name: String,
+    /// Short id used in storage keys.
+    pub id: u32,
+    /// Broker clock at creation.
+    pub created_ms: u64,
+    end: watch::Sender<u64>,
+}
+
+impl Topic {
+    /// A topic whose log ends at `end`.
+    pub fn new(name: String, id: u32, created_ms: u64, end: u64) -> Self {
+        Self {
+            name,
+            id,
+            created_ms,
+            end: watch::Sender::new(end),
+        }
+    }
+
+    /// One past the last durable offset.
+    pub fn end(&self) -> u64 {
+        *self.end.borrow()
+    }
+
+    /// A receiver that changes whenever the end moves.
+    pub fn watch_end(&self) -> watch::Receiver<u64> {
+        self.end.subscribe()
+    }
+
+    /// Publishes a new durable end (called by the writer after the fsync).
+    pub(crate) fn set_end(&self, end: u64) {
+        self.end.send_if_modified(|cur| {
+            let moved = end > *cur;
+            if moved {
+                *cur = end;
+            }
+            moved
+        });
+    }
+}
+
+/// All topics, by name and by id.
+#[derive(Debug, Default)]
+pub struct Topics {
+    inner: RwLock<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    by_name: HashMap<String, Arc<Topic>>,
+    by_id: HashMap<u32, Arc<Topic>>,
+}
+
+impl Topics {
+    /// Adds a topic.
+    pub fn insert(&self, topic: Arc<Topic>) {
+        let mut inner = self.inner.write().expect("topics lock");
+        inner.by_id.insert(topic.id, topic.clone());
+        inner.by_name.insert(topic.name.clone(), topic);
+    }
+
+    /// A topic by name.
+    pub fn get(&self, name: &str) -> Option<Arc<Topic>> {
+        self.inner
+            .read()
+            .expect("topics lock")
+            .by_name
+            .get(name)
+            .cloned()
+    }
+
+    /// A topic by id.
+    pub fn by_id(&self, id: u32) -> Option<Arc<Topic>> {
+        self.inner
+            .read()
+            .expect("topics lock")
+            .by_id
+            .get(&id)
+            .cloned()
+    }
+
+    /// Every topic, sorted by name.
+    pub fn all(&self) -> Vec<Arc<Topic>> {
+        let mut all: Vec<_> = self
+            .inner
+            .read()
+            .expect("topics lock")
+            .by_name
+            .values()
+            .cloned()
+            .collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        all
+    }
+
+    /// The largest id in use (0 when there is none).
+    pub fn max_id(&self) -> u32 {
+        self.inner
+            .read()
+            .expect("topics lock")
+            .by_id
+            .keys()
+            .copied()
+            .max()
+            .unwrap_or(0)
+    }
+}

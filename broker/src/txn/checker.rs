@@ -1,0 +1,250 @@
+//! The check-back scheduler: the one owner of due checks (I4, I5).
+//!
+//! Every `check-interval` it reads the due index up to the broker's clock — a range scan
+//! that stops at the first entry not yet due — and for each due transaction:
+//!
+//! - `check-max` counted attempts already made: discard it (kept, listed, re-armable);
+//! - else send a `CheckRequest` to a live producer connection of its group, round-robin,
+//!   skipping dead and busy ones. Sent: the attempt counts and the next check moves out by
+//!   the backoff. Nobody to send to: the attempt does not count, the check moves out.
+//!
+//! A reply resolves the transaction through the writer exactly as an EndTxn would;
+//! `unknown` or no reply within `check-reply-timeout` leaves the backoff in place.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use txmq_protocol::pb::{self, TxnOutcome, TxnState};
+use txmq_protocol::{Frame, now_ms};
+
+use super::producers::{Picked, Producers};
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::ids::Id;
+use crate::storage::Storage;
+use crate::storage::keys::DueKind;
+use crate::storage::records::TxnRecord;
+use crate::storage::writer::{Command, WriterHandle};
+
+/// Most due entries handled per pass; the rest wait for the next tick.
+const PASS_LIMIT: usize = 4096;
+
+/// A producer's answer, routed from its connection.
+#[derive(Debug)]
+pub struct CheckAnswer {
+    /// The check's frame id.
+    pub check_id: u64,
+    /// The answer.
+    pub reply: pb::CheckReply,
+}
+
+struct Pending {
+    txn: Id,
+    deadline_ms: u64,
+    counter: Arc<AtomicUsize>,
+}
+
+/// The scheduler task's state.
+pub struct Checker {
+    storage: Arc<Storage>,
+    writer: WriterHandle,
+    producers: Arc<Producers>,
+    config: Arc<Config>,
+    pending: HashMap<u64, Pending>,
+    in_check: HashSet<Id>,
+    next_check_id: u64,
+}
+
+impl Checker {
+    /// A scheduler over the given parts.
+    pub fn new(
+        storage: Arc<Storage>,
+        writer: WriterHandle,
+        producers: Arc<Producers>,
+        config: Arc<Config>,
+    ) -> Self {
+        Self {
+            storage,
+            writer,
+            producers,
+            config,
+            pending: HashMap::new(),
+            in_check: HashSet::new(),
+            next_check_id: 1,
+        }
+    }
+
+    /// Ticks until cancelled.
+    pub async fn run(mut self, mut answers: mpsc::Receiver<CheckAnswer>, cancel: CancellationToken) {
+        let mut tick = tokio::time::interval(self.config.check_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = tick.tick() => {
+                    if let Err(e) = self.pass().await {
+                        tracing::warn!("check pass failed: {e}");
+                    }
+                }
+                Some(answer) = answers.recv() => {
+                    if let Err(e) = self.on_answer(answer).await {
+                        tracing::warn!("check answer not recorded: {e}");
+                    }
+                }
+            }
+        }
+    }
+
+    async fn pass(&mut self) -> Result<()> {
+        let now = now_ms();
+        self.time_out(now).await?;
+        let storage = self.storage.clone();
+        let (checks, purges) = tokio::task::spawn_blocking(move || {
+            let checks = storage.due(DueKind::Check, now, PASS_LIMIT)?;
+            let mut due = Vec::with_capacity(checks.len());
+            for (_, id) in checks {
+                if let Some(rec) = storage.txn(id)? {
+                    due.push((id, rec));
+                }
+            }
+            Ok::<_, Error>((due, storage.due(DueKind::Purge, now, PASS_LIMIT)?))
+        })
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))??;
+        for (id, rec) in checks {
+            if !self.in_check.contains(&id) && rec.state == TxnState::Prepared as i32 {
+                self.check(id, rec, now).await?;
+            }
+        }
+        for (due_ms, txn) in purges {
+            self.writer.submit(Command::Purge { txn, due_ms }).await?;
+        }
+        Ok(())
+    }
+
+    async fn check(&mut self, txn: Id, rec: TxnRecord, now: u64) -> Result<()> {
+        if rec.check_count >= self.config.check_max {
+            tracing::info!(%txn, group = %rec.group, "discarding after {} checks", rec.check_count);
+            self.writer.submit(Command::Discard { txn }).await?;
+            return Ok(());
+        }
+        let storage = self.storage.clone();
+        let messages = tokio::task::spawn_blocking(move || storage.halves(txn))
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))??;
+        let check_id = self.next_check_id;
+        self.next_check_id += 1;
+        let frame = Frame {
+            id: check_id,
+            body: Some(pb::frame::Body::Check(pb::CheckRequest {
+                txn_id: txn.to_string(),
+                producer_group: rec.group.clone(),
+                messages,
+                attempt: rec.check_count + 1,
+            })),
+        };
+        let next_check_ms = Some(now + self.config.check_wait(rec.check_count).as_millis() as u64);
+        let (counted, note) = match self.producers.send_check(&rec.group, frame) {
+            Picked::Sent {
+                connection_id,
+                pending,
+            } => {
+                let deadline_ms = now + self.config.check_reply_timeout.as_millis() as u64;
+                self.pending.insert(
+                    check_id,
+                    Pending {
+                        txn,
+                        deadline_ms,
+                        counter: pending,
+                    },
+                );
+                self.in_check.insert(txn);
+                (true, format!("check sent to connection {connection_id}"))
+            }
+            Picked::NoneConnected => (
+                false,
+                format!("no producer of group {:?} connected", rec.group),
+            ),
+            Picked::AllBusy => (
+                false,
+                format!("every producer of group {:?} was busy", rec.group),
+            ),
+        };
+        self.writer
+            .submit(Command::RecordCheck {
+                txn,
+                counted,
+                result: TxnOutcome::Unspecified,
+                note,
+                next_check_ms,
+            })
+            .await?;
+        Ok(())
+    }
+
+    async fn time_out(&mut self, now: u64) -> Result<()> {
+        let late: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.deadline_ms <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in late {
+            let Some(p) = self.finish(id) else { continue };
+            self.writer
+                .submit(Command::RecordCheck {
+                    txn: p,
+                    counted: false,
+                    result: TxnOutcome::Unspecified,
+                    note: format!(
+                        "no answer within {:?}",
+                        self.config.check_reply_timeout
+                    ),
+                    next_check_ms: None,
+                })
+                .await?;
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, check_id: u64) -> Option<Id> {
+        let p = self.pending.remove(&check_id)?;
+        p.counter.fetch_sub(1, Ordering::Relaxed);
+        self.in_check.remove(&p.txn);
+        Some(p.txn)
+    }
+
+    async fn on_answer(&mut self, answer: CheckAnswer) -> Result<()> {
+        let Some(txn) = self.finish(answer.check_id) else {
+            tracing::debug!(check_id = answer.check_id, "late or unknown check answer");
+            return Ok(());
+        };
+        if Id::parse(&answer.reply.txn_id) != Some(txn) {
+            tracing::warn!(%txn, got = %answer.reply.txn_id, "check answer names another transaction");
+            return Ok(());
+        }
+        let outcome = TxnOutcome::try_from(answer.reply.outcome).unwrap_or(TxnOutcome::Unknown);
+        let cmd = match outcome {
+            TxnOutcome::Commit | TxnOutcome::Rollback => Command::End {
+                txn,
+                outcome,
+                note: "resolved by check-back".into(),
+            },
+            _ => Command::RecordCheck {
+                txn,
+                counted: false,
+                result: TxnOutcome::Unknown,
+                note: "producer answered unknown".into(),
+                next_check_ms: None,
+            },
+        };
+        match self.writer.submit(cmd).await {
+            // Resolved meanwhile by the producer or an operator: the answer is moot.
+            Err(Error::TxnCommitted(_) | Error::TxnRolledBack(_) | Error::TxnNotFound(_)) => Ok(()),
+            other => other.map(|_| ()),
+        }
+    }
+}

@@ -1,0 +1,146 @@
+//! Live producer connections per producer group, for check-backs.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::mpsc;
+use txmq_protocol::Frame;
+
+/// Most unanswered checks one connection may hold before it counts as busy.
+pub const MAX_PENDING_CHECKS: usize = 64;
+
+#[derive(Debug, Clone)]
+struct Conn {
+    id: u64,
+    outbound: mpsc::Sender<Frame>,
+    pending: Arc<AtomicUsize>,
+}
+
+/// Where a check went.
+#[derive(Debug)]
+pub enum Picked {
+    /// Queued on this connection; `pending` is its counter of unanswered checks.
+    Sent {
+        /// The connection.
+        connection_id: u64,
+        /// Decrement when the check is answered or times out.
+        pending: Arc<AtomicUsize>,
+    },
+    /// No producer of the group is connected.
+    NoneConnected,
+    /// Every connection of the group is busy or closing.
+    AllBusy,
+}
+
+/// The registry.
+#[derive(Debug, Default)]
+pub struct Producers {
+    groups: Mutex<HashMap<String, (Vec<Conn>, usize)>>,
+}
+
+impl Producers {
+    /// A connection registered as a producer of `group`.
+    pub fn register(&self, group: &str, connection_id: u64, outbound: mpsc::Sender<Frame>) {
+        let mut groups = self.groups.lock().expect("producers lock");
+        groups.entry(group.to_string()).or_default().0.push(Conn {
+            id: connection_id,
+            outbound,
+            pending: Arc::default(),
+        });
+    }
+
+    /// A connection closed.
+    pub fn unregister(&self, connection_id: u64) {
+        let mut groups = self.groups.lock().expect("producers lock");
+        for (conns, _) in groups.values_mut() {
+            conns.retain(|c| c.id != connection_id);
+        }
+        groups.retain(|_, (conns, _)| !conns.is_empty());
+    }
+
+    /// Connected producers of a group.
+    pub fn count(&self, group: &str) -> usize {
+        let groups = self.groups.lock().expect("producers lock");
+        groups.get(group).map_or(0, |(c, _)| c.len())
+    }
+
+    /// Sends `frame` to the next live, not busy connection of `group`, round-robin.
+    pub fn send_check(&self, group: &str, frame: Frame) -> Picked {
+        let mut groups = self.groups.lock().expect("producers lock");
+        let Some((conns, next)) = groups.get_mut(group) else {
+            return Picked::NoneConnected;
+        };
+        let n = conns.len();
+        let mut frame = Some(frame);
+        for step in 0..n {
+            let i = (*next + step) % n;
+            let c = &conns[i];
+            if c.outbound.is_closed() || c.pending.load(Ordering::Relaxed) >= MAX_PENDING_CHECKS {
+                continue;
+            }
+            match c.outbound.try_send(frame.take().expect("frame unsent")) {
+                Ok(()) => {
+                    *next = (i + 1) % n;
+                    c.pending.fetch_add(1, Ordering::Relaxed);
+                    return Picked::Sent {
+                        connection_id: c.id,
+                        pending: c.pending.clone(),
+                    };
+                }
+                Err(mpsc::error::TrySendError::Full(f) | mpsc::error::TrySendError::Closed(f)) => {
+                    frame = Some(f);
+                }
+            }
+        }
+        Picked::AllBusy
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame() -> Frame {
+        Frame { id: 1, body: None }
+    }
+
+    #[test]
+    fn round_robin_skips_dead_and_busy_connections() {
+        let p = Producers::default();
+        let (a, mut ra) = mpsc::channel(8);
+        let (b, rb) = mpsc::channel(8);
+        let (c, mut rc) = mpsc::channel(1);
+        p.register("g", 1, a);
+        p.register("g", 2, b);
+        p.register("g", 3, c);
+        drop(rb); // connection 2 died
+        let ids: Vec<u64> = (0..4)
+            .map(|_| match p.send_check("g", frame()) {
+                Picked::Sent { connection_id, .. } => connection_id,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        // 3's channel holds one frame: after that it is full and skipped.
+        assert_eq!(ids, vec![1, 3, 1, 1]);
+        assert!(ra.try_recv().is_ok());
+        assert!(rc.try_recv().is_ok());
+        assert!(matches!(p.send_check("x", frame()), Picked::NoneConnected));
+        p.unregister(1);
+        p.unregister(3);
+        assert!(matches!(p.send_check("g", frame()), Picked::AllBusy));
+        p.unregister(2);
+        assert_eq!(p.count("g"), 0);
+    }
+
+    #[test]
+    fn a_connection_with_too_many_unanswered_checks_is_busy() {
+        let p = Producers::default();
+        let (a, _ra) = mpsc::channel(1000);
+        p.register("g", 1, a);
+        for _ in 0..MAX_PENDING_CHECKS {
+            assert!(matches!(p.send_check("g", frame()), Picked::Sent { .. }));
+        }
+        assert!(matches!(p.send_check("g", frame()), Picked::AllBusy));
+    }
+}
