@@ -55,7 +55,12 @@ pub async fn serve(socket: TcpStream, peer: SocketAddr, shared: Arc<Shared>, can
     let codec = FrameCodec::new(shared.config.max_frame_len);
     let mut frames = FramedRead::new(rd, codec.clone());
     let (outbound, out_rx) = mpsc::channel(OUTBOUND);
-    let writer = tokio::spawn(write_frames(FramedWrite::new(wr, codec), out_rx));
+    let closing = CancellationToken::new();
+    let writer = tokio::spawn(write_frames(
+        FramedWrite::new(wr, codec),
+        out_rx,
+        closing.clone(),
+    ));
     let mut session = Session {
         id,
         hello: None,
@@ -100,7 +105,7 @@ pub async fn serve(socket: TcpStream, peer: SocketAddr, shared: Arc<Shared>, can
         }
     }
     close(&mut session, &shared).await;
-    drop(outbound);
+    closing.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
     tracing::debug!(connection = id, %peer, "disconnected");
 }
@@ -115,11 +120,22 @@ async fn close(session: &mut Session, shared: &Shared) {
     }
 }
 
+/// Writes frames until the connection closes; then writes what is already queued (the
+/// last answers, a reason for closing) and stops.
 async fn write_frames(
     mut sink: FramedWrite<tokio::net::tcp::OwnedWriteHalf, FrameCodec>,
     mut rx: mpsc::Receiver<Frame>,
+    closing: CancellationToken,
 ) {
-    while let Some(frame) = rx.recv().await {
+    loop {
+        let frame = tokio::select! {
+            f = rx.recv() => f,
+            () = closing.cancelled() => rx.try_recv().ok(),
+        };
+        let Some(frame) = frame else {
+            let _ = sink.flush().await;
+            return;
+        };
         if sink.feed(frame).await.is_err() {
             return;
         }

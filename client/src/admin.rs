@@ -1,0 +1,159 @@
+//! Operator views and control: topics, transactions, groups, dead letters.
+
+use txmq_protocol::pb::{self, frame::Body};
+
+use crate::connection::{self, Connection};
+use crate::error::{Error, Result};
+
+/// An operator's connection.
+#[derive(Debug, Clone)]
+pub struct Admin {
+    conn: Connection,
+}
+
+macro_rules! expect {
+    ($value:expr, $variant:ident) => {
+        match $value {
+            pb::response::Result::$variant(x) => Ok(x),
+            other => Err(Error::Unexpected(format!("{other:?}"))),
+        }
+    };
+}
+
+impl Admin {
+    /// Connects.
+    ///
+    /// # Errors
+    /// Unreachable broker or refused handshake.
+    pub async fn connect(addr: &str, auth_token: &str) -> Result<Self> {
+        let (conn, _) =
+            Connection::open(addr, connection::hello(pb::Role::Admin, "", auth_token)).await?;
+        Ok(Self { conn })
+    }
+
+    /// Creates a topic.
+    ///
+    /// # Errors
+    /// Bad name, or `TOPIC_EXISTS` with `fail_if_exists`.
+    pub async fn create_topic(&self, topic: &str, fail_if_exists: bool) -> Result<pb::TopicInfo> {
+        let r = self
+            .conn
+            .call(Body::CreateTopic(pb::CreateTopicRequest {
+                topic: topic.to_string(),
+                fail_if_exists,
+            }))
+            .await?;
+        expect!(r, Topic)
+    }
+
+    /// Every topic.
+    ///
+    /// # Errors
+    /// Connection lost.
+    pub async fn topics(&self) -> Result<Vec<pb::TopicInfo>> {
+        let r = self
+            .conn
+            .call(Body::ListTopics(pb::ListTopicsRequest {}))
+            .await?;
+        Ok(expect!(r, Topics)?.topics)
+    }
+
+    /// Transactions in a state (`Unspecified`: all) and group (empty: all).
+    ///
+    /// # Errors
+    /// Connection lost.
+    pub async fn transactions(
+        &self,
+        state: pb::TxnState,
+        group: &str,
+    ) -> Result<pb::ListTxnsOk> {
+        let r = self
+            .conn
+            .call(Body::ListTxns(pb::ListTxnsRequest {
+                state: state as i32,
+                producer_group: group.to_string(),
+                limit: 0,
+            }))
+            .await?;
+        expect!(r, Txns)
+    }
+
+    /// Commits or rolls back a transaction as an operator.
+    ///
+    /// # Errors
+    /// Not found, or a conflicting resolution.
+    pub async fn resolve(&self, txn_id: &str, commit: bool) -> Result<pb::EndTxnOk> {
+        let outcome = if commit {
+            pb::TxnOutcome::Commit
+        } else {
+            pb::TxnOutcome::Rollback
+        };
+        let r = self
+            .conn
+            .call(Body::EndTxn(pb::EndTxnRequest {
+                txn_id: txn_id.to_string(),
+                outcome: outcome as i32,
+                operator: true,
+            }))
+            .await?;
+        expect!(r, EndTxn)
+    }
+
+    /// Re-arms a discarded transaction: checked again from a count of zero.
+    ///
+    /// # Errors
+    /// Not found, or already resolved.
+    pub async fn rearm(&self, txn_id: &str) -> Result<pb::TxnInfo> {
+        let r = self
+            .conn
+            .call(Body::RearmTxn(pb::RearmTxnRequest {
+                txn_id: txn_id.to_string(),
+            }))
+            .await?;
+        expect!(r, Txn)
+    }
+
+    /// A group's state per topic.
+    ///
+    /// # Errors
+    /// Unknown group.
+    pub async fn describe_group(&self, group: &str) -> Result<pb::DescribeGroupOk> {
+        let r = self
+            .conn
+            .call(Body::DescribeGroup(pb::DescribeGroupRequest {
+                group: group.to_string(),
+            }))
+            .await?;
+        expect!(r, Group)
+    }
+
+    /// A group's dead letters.
+    ///
+    /// # Errors
+    /// Connection lost.
+    pub async fn dead_letters(&self, group: &str) -> Result<Vec<pb::DeadLetter>> {
+        let r = self
+            .conn
+            .call(Body::ListDeadLetters(pb::ListDeadLettersRequest {
+                group: group.to_string(),
+                limit: 0,
+            }))
+            .await?;
+        Ok(expect!(r, DeadLetters)?.dead_letters)
+    }
+
+    /// Puts dead letters back for delivery: one by message id, or all.
+    ///
+    /// # Errors
+    /// Connection lost.
+    pub async fn redrive(&self, group: &str, message_id: Option<&str>) -> Result<u32> {
+        let r = self
+            .conn
+            .call(Body::Redrive(pb::RedriveRequest {
+                group: group.to_string(),
+                message_id: message_id.unwrap_or_default().to_string(),
+            }))
+            .await?;
+        Ok(expect!(r, Redrive)?.redriven)
+    }
+}

@@ -1,0 +1,608 @@
+//! `txmq`: produce, consume and operate a txmq broker from a shell.
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use serde_json::json;
+use txmq_client::pb::{self, TxnState};
+use txmq_client::{
+    Admin, Consumer, ConsumerOptions, Delivery, Message, Outcome, Producer, ProducerOptions,
+    StartFrom,
+};
+
+#[derive(Debug, Parser)]
+#[command(name = "txmq", version, about = "Command-line client for the txmq broker")]
+struct Cli {
+    /// Broker address.
+    #[arg(long, global = true, default_value = "127.0.0.1:9876", env = "TXMQ_BROKER")]
+    broker: String,
+    /// Shared secret, when the broker requires one.
+    #[arg(long, global = true, default_value = "", env = "TXMQ_AUTH_TOKEN", hide_env_values = true)]
+    auth_token: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Send messages.
+    Produce(ProduceArgs),
+    /// Receive messages as a member of a consumer group.
+    Consume(ConsumeArgs),
+    /// Topics.
+    #[command(subcommand)]
+    Topic(TopicCmd),
+    /// Transactions (operator views and control).
+    #[command(subcommand)]
+    Txn(TxnCmd),
+    /// Consumer groups.
+    #[command(subcommand)]
+    Group(GroupCmd),
+    /// Dead-letter queues.
+    #[command(subcommand)]
+    Dlq(DlqCmd),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Resolve {
+    Commit,
+    Rollback,
+    Unknown,
+}
+
+impl From<Resolve> for Outcome {
+    fn from(r: Resolve) -> Self {
+        match r {
+            Resolve::Commit => Outcome::Commit,
+            Resolve::Rollback => Outcome::Rollback,
+            Resolve::Unknown => Outcome::Unknown,
+        }
+    }
+}
+
+#[derive(Debug, clap::Args)]
+struct ProduceArgs {
+    /// Topic.
+    #[arg(long)]
+    topic: String,
+    /// Message body.
+    #[arg(long, conflicts_with = "size")]
+    body: Option<String>,
+    /// Generate bodies of this many bytes instead.
+    #[arg(long)]
+    size: Option<usize>,
+    /// How many messages.
+    #[arg(long, default_value_t = 1)]
+    count: u64,
+    /// Message key.
+    #[arg(long, default_value = "")]
+    key: String,
+    /// Message tag.
+    #[arg(long, default_value = "")]
+    tag: String,
+    /// Sends in flight at once.
+    #[arg(long, default_value_t = 256)]
+    window: usize,
+    /// One JSON line per acknowledged message: id, topic, offset.
+    #[arg(long)]
+    json: bool,
+    /// Send as a transaction (half message, then resolve).
+    #[arg(long)]
+    transactional: bool,
+    /// Producer group (transactions).
+    #[arg(long, required_if_eq("transactional", "true"))]
+    group: Option<String>,
+    /// How to resolve the transaction.
+    #[arg(long, value_enum, default_value = "commit")]
+    resolve: Resolve,
+    /// Answer to the broker's check-backs.
+    #[arg(long, value_enum, default_value = "unknown")]
+    check_answer: Resolve,
+    /// Keep answering check-backs for this many seconds after resolving.
+    #[arg(long, default_value_t = 0.0)]
+    linger: f64,
+}
+
+#[derive(Debug, clap::Args)]
+struct ConsumeArgs {
+    /// Topic.
+    #[arg(long)]
+    topic: String,
+    /// Consumer group.
+    #[arg(long)]
+    group: String,
+    /// Stop after this many messages.
+    #[arg(long)]
+    count: Option<u64>,
+    /// Stop after this many seconds without a message.
+    #[arg(long)]
+    timeout: Option<f64>,
+    /// Do not acknowledge (messages come back when their lease expires).
+    #[arg(long, conflicts_with = "nack")]
+    no_ack: bool,
+    /// Negatively acknowledge with this redelivery delay in seconds.
+    #[arg(long)]
+    nack: Option<f64>,
+    /// Lease of each delivery, in seconds.
+    #[arg(long)]
+    lease: Option<f64>,
+    /// Tag filter, e.g. `A||B`.
+    #[arg(long, default_value = "")]
+    tag: String,
+    /// Where a new group starts.
+    #[arg(long, value_enum, default_value = "earliest")]
+    from: FromArg,
+    /// Unacknowledged deliveries held at once.
+    #[arg(long, default_value_t = 256)]
+    window: u32,
+    /// Group override of max attempts.
+    #[arg(long, default_value_t = 0)]
+    max_attempts: u32,
+    /// One JSON object per message.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum FromArg {
+    Earliest,
+    Latest,
+}
+
+#[derive(Debug, Subcommand)]
+enum TopicCmd {
+    /// Create a topic.
+    Create {
+        /// Name.
+        topic: String,
+    },
+    /// List topics.
+    List {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum StateArg {
+    Prepared,
+    Discarded,
+    Committed,
+    RolledBack,
+}
+
+#[derive(Debug, Subcommand)]
+enum TxnCmd {
+    /// List transactions.
+    List {
+        /// Only this state.
+        #[arg(long, value_enum)]
+        state: Option<StateArg>,
+        /// Only this producer group.
+        #[arg(long, default_value = "")]
+        group: String,
+        /// JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Commit a prepared or discarded transaction.
+    Commit {
+        /// Transaction id.
+        id: String,
+    },
+    /// Roll back a prepared or discarded transaction.
+    Rollback {
+        /// Transaction id.
+        id: String,
+    },
+    /// Re-arm a discarded transaction: check it again from a count of zero.
+    Rearm {
+        /// Transaction id.
+        id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum GroupCmd {
+    /// Per topic: next offset, ack floor, in flight, lag, dead letters.
+    Describe {
+        /// Group.
+        group: String,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DlqCmd {
+    /// List a group's dead letters.
+    List {
+        /// Group.
+        #[arg(long)]
+        group: String,
+        /// JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put dead letters back for delivery.
+    Redrive {
+        /// Group.
+        #[arg(long)]
+        group: String,
+        /// Only this message id.
+        #[arg(long)]
+        id: Option<String>,
+    },
+}
+
+#[tokio::main]
+async fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    if let Err(e) = run(cli).await {
+        eprintln!("txmq: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let addr = cli.broker.as_str();
+    let token = cli.auth_token.as_str();
+    match cli.command {
+        Command::Produce(a) if a.transactional => produce_txn(addr, token, a).await,
+        Command::Produce(a) => produce(addr, token, a).await,
+        Command::Consume(a) => consume(addr, token, a).await,
+        Command::Topic(TopicCmd::Create { topic }) => {
+            let t = Admin::connect(addr, token).await?.create_topic(&topic, true).await?;
+            println!("created topic {}", t.name);
+            Ok(())
+        }
+        Command::Topic(TopicCmd::List { json }) => {
+            let topics = Admin::connect(addr, token).await?.topics().await?;
+            for t in topics {
+                if json {
+                    println!("{}", json!({"topic": t.name, "next_offset": t.next_offset, "created_ms": t.created_ms}));
+                } else {
+                    println!("{:<40} {:>12} messages", t.name, t.next_offset);
+                }
+            }
+            Ok(())
+        }
+        Command::Txn(cmd) => txn(addr, token, cmd).await,
+        Command::Group(GroupCmd::Describe { group, json }) => {
+            let g = Admin::connect(addr, token).await?.describe_group(&group).await?;
+            if !json {
+                println!(
+                    "{:<24} {:>10} {:>10} {:>9} {:>10} {:>6} {:>6} {:>9}",
+                    "TOPIC", "NEXT", "ACK-FLOOR", "IN-FLIGHT", "LAG", "RETRY", "DLQ", "CONSUMERS"
+                );
+            }
+            for t in g.topics {
+                if json {
+                    println!(
+                        "{}",
+                        json!({"group": g.group, "topic": t.topic, "next_offset": t.next_offset,
+                            "ack_floor": t.ack_floor, "in_flight": t.in_flight, "lag": t.lag,
+                            "waiting_retry": t.waiting_retry, "dead_letters": t.dead_letters,
+                            "consumers": t.consumers, "tag_filter": t.tag_filter})
+                    );
+                } else {
+                    println!(
+                        "{:<24} {:>10} {:>10} {:>9} {:>10} {:>6} {:>6} {:>9}",
+                        t.topic, t.next_offset, t.ack_floor, t.in_flight, t.lag,
+                        t.waiting_retry, t.dead_letters, t.consumers
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Dlq(DlqCmd::List { group, json }) => {
+            let letters = Admin::connect(addr, token).await?.dead_letters(&group).await?;
+            for d in letters {
+                let m = d.message.unwrap_or_default();
+                if json {
+                    println!(
+                        "{}",
+                        json!({"group": d.group, "topic": m.topic, "offset": m.offset, "id": m.message_id,
+                            "key": m.key, "tag": m.tag, "attempts": d.attempts, "reason": d.reason,
+                            "dead_ms": d.dead_ms, "body": String::from_utf8_lossy(&m.body)})
+                    );
+                } else {
+                    println!(
+                        "{} {}@{} attempts={} reason={:?}",
+                        m.message_id, m.topic, m.offset, d.attempts, d.reason
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Dlq(DlqCmd::Redrive { group, id }) => {
+            let n = Admin::connect(addr, token)
+                .await?
+                .redrive(&group, id.as_deref())
+                .await?;
+            println!("redrove {n} message(s)");
+            Ok(())
+        }
+    }
+}
+
+fn body_of(a: &ProduceArgs, i: u64) -> Vec<u8> {
+    match (&a.body, a.size) {
+        (Some(b), _) => b.clone().into_bytes(),
+        (None, Some(size)) => {
+            let mut b = format!("{i:010} ").into_bytes();
+            b.resize(size, b'x');
+            b.truncate(size);
+            b
+        }
+        (None, None) => format!("message {i}").into_bytes(),
+    }
+}
+
+fn message_of(a: &ProduceArgs, i: u64) -> Message {
+    Message::new(a.topic.clone(), body_of(a, i))
+        .key(a.key.clone())
+        .tag(a.tag.clone())
+}
+
+async fn produce(addr: &str, token: &str, a: ProduceArgs) -> anyhow::Result<()> {
+    let producer = Producer::connect(
+        addr,
+        ProducerOptions {
+            auth_token: token.to_string(),
+            ..Default::default()
+        },
+    )
+    .await?;
+    let started = Instant::now();
+    let mut in_flight = FuturesUnordered::new();
+    let mut sent = 0;
+    let mut acked = 0u64;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    while acked < a.count {
+        while sent < a.count && in_flight.len() < a.window.max(1) {
+            let p = producer.clone();
+            let m = message_of(&a, sent);
+            in_flight.push(async move { p.send(m).await });
+            sent += 1;
+        }
+        let Some(result) = in_flight.next().await else {
+            break;
+        };
+        let r = result.context("send failed")?;
+        acked += 1;
+        if a.json {
+            writeln!(out, "{}", json!({"id": r.message_id, "topic": r.topic, "offset": r.offset}))?;
+            // Each line is a promise that the message is stored: never hold it back.
+            out.flush()?;
+        }
+    }
+    out.flush()?;
+    if !a.json {
+        let secs = started.elapsed().as_secs_f64();
+        println!(
+            "sent {acked} message(s) to {} in {secs:.2}s ({:.0} msg/s)",
+            a.topic,
+            acked as f64 / secs.max(1e-9)
+        );
+    }
+    Ok(())
+}
+
+async fn produce_txn(addr: &str, token: &str, a: ProduceArgs) -> anyhow::Result<()> {
+    let group = a.group.clone().context("--transactional needs --group")?;
+    let answer: Outcome = a.check_answer.into();
+    let json_out = a.json;
+    let checker = move |req: txmq_client::CheckRequest| async move {
+        let line = if json_out {
+            json!({"check": req.txn_id, "attempt": req.attempt, "answer": format!("{answer:?}").to_lowercase()}).to_string()
+        } else {
+            format!("check-back for {} (attempt {}): answering {answer:?}", req.txn_id, req.attempt)
+        };
+        println!("{line}");
+        answer
+    };
+    let mut options = ProducerOptions::transactional(group, checker);
+    options.auth_token = token.to_string();
+    let producer = Producer::connect(addr, options).await?;
+    for i in 0..a.count {
+        let mut txn = producer.begin()?;
+        txn.send(message_of(&a, i)).await?;
+        let id = txn.id().unwrap_or_default().to_string();
+        let outcome: Outcome = a.resolve.into();
+        match outcome {
+            Outcome::Commit => txn.commit().await?,
+            Outcome::Rollback => txn.rollback().await?,
+            Outcome::Unknown => {
+                producer.end_transaction(&id, Outcome::Unknown, false).await?;
+            }
+        }
+        let state = format!("{outcome:?}").to_lowercase();
+        if a.json {
+            let r = txn.receipts().first().cloned();
+            println!(
+                "{}",
+                json!({"txn": id, "resolve": state, "id": r.as_ref().map(|r| r.message_id.clone()),
+                    "topic": a.topic, "offset": r.filter(|_| outcome == Outcome::Commit).map(|r| r.offset)})
+            );
+        } else {
+            println!("transaction {id}: {state}");
+        }
+    }
+    if a.linger > 0.0 {
+        tokio::time::sleep(Duration::from_secs_f64(a.linger)).await;
+    }
+    Ok(())
+}
+
+async fn consume(addr: &str, token: &str, a: ConsumeArgs) -> anyhow::Result<()> {
+    // Never lease more than will be processed: extra deliveries would sit idle until exit.
+    let window = match a.count {
+        Some(n) => a.window.min(n.max(1).min(u64::from(u32::MAX)) as u32),
+        None => a.window,
+    };
+    let options = ConsumerOptions {
+        group: a.group.clone(),
+        topic: a.topic.clone(),
+        tag_filter: a.tag.clone(),
+        start_from: match a.from {
+            FromArg::Earliest => StartFrom::Earliest,
+            FromArg::Latest => StartFrom::Latest,
+        },
+        lease: a.lease.map(Duration::from_secs_f64),
+        window,
+        max_attempts: a.max_attempts,
+        auth_token: token.to_string(),
+    };
+    let mut consumer = Consumer::subscribe(addr, options).await?;
+    let idle = a.timeout.map(Duration::from_secs_f64);
+    let mut received = 0u64;
+    let mut settling = FuturesUnordered::new();
+    let stdout = std::io::stdout();
+    while a.count.is_none_or(|n| received < n) {
+        let next = match idle {
+            Some(t) => match tokio::time::timeout(t, consumer.next()).await {
+                Ok(x) => x,
+                Err(_) => break,
+            },
+            None => consumer.next().await,
+        };
+        let Some(d) = next else { break };
+        let d = d?;
+        received += 1;
+        print_delivery(&mut stdout.lock(), &d, a.json)?;
+        let nack = a.nack.map(Duration::from_secs_f64);
+        if !a.no_ack {
+            settling.push(async move {
+                match nack {
+                    Some(delay) => d.nack(Some(delay)).await,
+                    None => d.ack().await,
+                }
+            });
+        }
+        while let Some(r) = futures::FutureExt::now_or_never(settling.next()).flatten() {
+            r.context("acknowledgement failed")?;
+        }
+    }
+    while let Some(r) = settling.next().await {
+        r.context("acknowledgement failed")?;
+    }
+    Ok(())
+}
+
+fn print_delivery(out: &mut impl Write, d: &Delivery, json: bool) -> anyhow::Result<()> {
+    let m = &d.message;
+    if json {
+        writeln!(
+            out,
+            "{}",
+            json!({"topic": m.topic, "offset": m.offset, "id": m.message_id, "key": m.key,
+                "tag": m.tag, "attempt": d.attempt, "properties": m.properties,
+                "txn_id": m.txn_id, "store_ms": m.store_ms,
+                "body": String::from_utf8_lossy(&m.body)})
+        )?;
+    } else {
+        writeln!(
+            out,
+            "{}@{} id={} attempt={} {}",
+            m.topic,
+            m.offset,
+            m.message_id,
+            d.attempt,
+            String::from_utf8_lossy(&m.body)
+        )?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+async fn txn(addr: &str, token: &str, cmd: TxnCmd) -> anyhow::Result<()> {
+    let admin = Admin::connect(addr, token).await?;
+    match cmd {
+        TxnCmd::List { state, group, json } => {
+            let state = match state {
+                None => TxnState::Unspecified,
+                Some(StateArg::Prepared) => TxnState::Prepared,
+                Some(StateArg::Discarded) => TxnState::Discarded,
+                Some(StateArg::Committed) => TxnState::Committed,
+                Some(StateArg::RolledBack) => TxnState::RolledBack,
+            };
+            let list = admin.transactions(state, &group).await?;
+            for t in list.txns {
+                print_txn(&t, list.now_ms, json);
+            }
+        }
+        TxnCmd::Commit { id } => {
+            let r = admin.resolve(&id, true).await?;
+            println!("{id}: committed{}", if r.repeated { " (already)" } else { "" });
+        }
+        TxnCmd::Rollback { id } => {
+            let r = admin.resolve(&id, false).await?;
+            println!("{id}: rolled back{}", if r.repeated { " (already)" } else { "" });
+        }
+        TxnCmd::Rearm { id } => {
+            admin.rearm(&id).await?;
+            println!("{id}: re-armed, checked again from now");
+        }
+    }
+    Ok(())
+}
+
+fn state_name(state: i32) -> &'static str {
+    match TxnState::try_from(state) {
+        Ok(TxnState::Prepared) => "prepared",
+        Ok(TxnState::Committed) => "committed",
+        Ok(TxnState::RolledBack) => "rolled_back",
+        Ok(TxnState::Discarded) => "discarded",
+        _ => "unknown",
+    }
+}
+
+fn outcome_name(o: i32) -> &'static str {
+    match pb::TxnOutcome::try_from(o) {
+        Ok(pb::TxnOutcome::Commit) => "commit",
+        Ok(pb::TxnOutcome::Rollback) => "rollback",
+        Ok(pb::TxnOutcome::Unknown) => "unknown",
+        _ => "",
+    }
+}
+
+fn print_txn(t: &pb::TxnInfo, now_ms: u64, json: bool) {
+    let age_s = now_ms.saturating_sub(t.created_ms) as f64 / 1000.0;
+    if json {
+        println!(
+            "{}",
+            json!({"id": t.txn_id, "group": t.producer_group, "state": state_name(t.state),
+                "topics": t.topics, "messages": t.message_count, "age_s": age_s,
+                "check_count": t.check_count, "last_check_result": outcome_name(t.last_check_result),
+                "last_check_note": t.last_check_note, "next_check_ms": t.next_check_ms})
+        );
+    } else {
+        println!(
+            "{} {:<10} group={} topics={} age={:.1}s checks={} last={} {}",
+            t.txn_id,
+            state_name(t.state),
+            t.producer_group,
+            t.topics.join(","),
+            age_s,
+            t.check_count,
+            outcome_name(t.last_check_result),
+            t.last_check_note
+        );
+    }
+}
+

@@ -1,0 +1,222 @@
+//! One multiplexed connection to a broker.
+//!
+//! Requests carry a correlation id and wait on a oneshot in the pending map; a reader task
+//! completes them as responses arrive, in any order, and routes the broker's own frames
+//! (deliveries, check-backs) to channels. When the connection ends, every waiting request
+//! fails with [`Error::Disconnected`] and the push channels close.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::codec::{FramedRead, FramedWrite};
+use txmq_protocol::pb::{self, frame::Body};
+use txmq_protocol::{ErrorCode, Frame, FrameCodec};
+
+use crate::error::{Error, Result};
+
+type Waiter = oneshot::Sender<Result<pb::Response>>;
+
+/// Frames the broker sends on its own.
+#[derive(Debug)]
+pub struct Pushes {
+    /// Deliveries to this connection's subscriptions.
+    pub deliveries: mpsc::UnboundedReceiver<pb::Delivery>,
+    /// Check-back requests: the frame id to answer with, and the request.
+    pub checks: mpsc::UnboundedReceiver<(u64, pb::CheckRequest)>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    out: mpsc::Sender<Frame>,
+    pending: Mutex<Option<HashMap<u64, Waiter>>>,
+    next_id: AtomicU64,
+    closed: Mutex<Option<String>>,
+}
+
+/// A connection; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Connection {
+    inner: Arc<Inner>,
+}
+
+impl Connection {
+    /// Connects and performs the handshake.
+    ///
+    /// # Errors
+    /// The broker is unreachable or refused the handshake.
+    pub async fn open(addr: &str, hello: pb::Hello) -> Result<(Self, Pushes)> {
+        let socket = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr))
+            .await
+            .map_err(|_| Error::Connect {
+                addr: addr.to_string(),
+                source: std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out"),
+            })?
+            .map_err(|source| Error::Connect {
+                addr: addr.to_string(),
+                source,
+            })?;
+        let _ = socket.set_nodelay(true);
+        let (rd, wr) = socket.into_split();
+        let codec = FrameCodec::default();
+        let (out, out_rx) = mpsc::channel(4096);
+        let (dtx, deliveries) = mpsc::unbounded_channel();
+        let (ctx, checks) = mpsc::unbounded_channel();
+        let inner = Arc::new(Inner {
+            out,
+            pending: Mutex::new(Some(HashMap::new())),
+            next_id: AtomicU64::new(1),
+            closed: Mutex::new(None),
+        });
+        tokio::spawn(write_loop(FramedWrite::new(wr, codec.clone()), out_rx));
+        tokio::spawn(read_loop(FramedRead::new(rd, codec), inner.clone(), dtx, ctx));
+        let conn = Self { inner };
+        match conn.call(Body::Hello(hello)).await? {
+            pb::response::Result::Hello(_) => Ok((conn, Pushes { deliveries, checks })),
+            other => Err(Error::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Sends a request and waits for its answer.
+    ///
+    /// # Errors
+    /// The broker's refusal, or [`Error::Disconnected`].
+    pub async fn call(&self, body: Body) -> Result<pb::response::Result> {
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut pending = self.inner.pending.lock().expect("pending lock");
+            match pending.as_mut() {
+                Some(map) => map.insert(id, tx),
+                None => return Err(self.disconnected()),
+            };
+        }
+        if self
+            .inner
+            .out
+            .send(Frame {
+                id,
+                body: Some(body),
+            })
+            .await
+            .is_err()
+        {
+            return Err(self.disconnected());
+        }
+        let response = rx.await.map_err(|_| self.disconnected())??;
+        match ErrorCode::try_from(response.code) {
+            Ok(ErrorCode::Ok) => response
+                .result
+                .ok_or_else(|| Error::Unexpected("empty response".into())),
+            code => Err(Error::Broker {
+                code: code.unwrap_or(ErrorCode::Internal),
+                message: response.message,
+            }),
+        }
+    }
+
+    /// Sends a frame that expects no answer (a check reply).
+    ///
+    /// # Errors
+    /// [`Error::Disconnected`].
+    pub async fn send_frame(&self, frame: Frame) -> Result<()> {
+        self.inner
+            .out
+            .send(frame)
+            .await
+            .map_err(|_| self.disconnected())
+    }
+
+    /// True once the connection has ended.
+    pub fn is_closed(&self) -> bool {
+        self.inner.closed.lock().expect("closed lock").is_some()
+    }
+
+    fn disconnected(&self) -> Error {
+        let reason = self.inner.closed.lock().expect("closed lock").clone();
+        Error::Disconnected(reason.unwrap_or_else(|| "connection closed".into()))
+    }
+}
+
+async fn write_loop(
+    mut sink: FramedWrite<tokio::net::tcp::OwnedWriteHalf, FrameCodec>,
+    mut rx: mpsc::Receiver<Frame>,
+) {
+    while let Some(frame) = rx.recv().await {
+        if sink.feed(frame).await.is_err() {
+            return;
+        }
+        while let Ok(frame) = rx.try_recv() {
+            if sink.feed(frame).await.is_err() {
+                return;
+            }
+        }
+        if sink.flush().await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn read_loop(
+    mut frames: FramedRead<tokio::net::tcp::OwnedReadHalf, FrameCodec>,
+    inner: Arc<Inner>,
+    deliveries: mpsc::UnboundedSender<pb::Delivery>,
+    checks: mpsc::UnboundedSender<(u64, pb::CheckRequest)>,
+) {
+    let reason = loop {
+        match frames.next().await {
+            None => break "the broker closed the connection".to_string(),
+            Some(Err(e)) => break format!("bad frame from the broker: {e}"),
+            Some(Ok(frame)) => match frame.body {
+                Some(Body::Response(r)) if frame.id == 0 => {
+                    // The broker explains why it is about to close this connection.
+                    break format!("{:?}: {}", ErrorCode::try_from(r.code), r.message);
+                }
+                Some(Body::Response(r)) => {
+                    let waiter = inner
+                        .pending
+                        .lock()
+                        .expect("pending lock")
+                        .as_mut()
+                        .and_then(|m| m.remove(&frame.id));
+                    if let Some(w) = waiter {
+                        let _ = w.send(Ok(r));
+                    }
+                }
+                Some(Body::Delivery(d)) => {
+                    let _ = deliveries.send(d);
+                }
+                Some(Body::Check(c)) => {
+                    let _ = checks.send((frame.id, c));
+                }
+                _ => tracing::debug!(id = frame.id, "ignoring unexpected frame"),
+            },
+        }
+    };
+    *inner.closed.lock().expect("closed lock") = Some(reason.clone());
+    let waiters = inner.pending.lock().expect("pending lock").take();
+    for (_, w) in waiters.into_iter().flatten() {
+        let _ = w.send(Err(Error::Disconnected(reason.clone())));
+    }
+}
+
+/// A `Hello` for this crate's protocol version.
+pub fn hello(role: pb::Role, producer_group: &str, auth_token: &str) -> pb::Hello {
+    pb::Hello {
+        protocol_version: txmq_protocol::PROTOCOL_VERSION,
+        client_id: format!("txmq-client-{}", std::process::id()),
+        role: role as i32,
+        producer_group: producer_group.to_string(),
+        auth_token: auth_token.to_string(),
+    }
+}
+
+/// Waits `attempt`'s backoff step: 50 ms doubling to 5 s.
+pub async fn backoff(attempt: u32) {
+    let ms = 50u64.saturating_mul(1 << attempt.min(7)).min(5_000);
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+}

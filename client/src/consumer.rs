@@ -1,0 +1,252 @@
+//! Receiving: a consumer in a group, as a `Stream` of leased deliveries.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::Stream;
+use tokio::sync::mpsc;
+use txmq_protocol::pb::{self, frame::Body};
+
+use crate::connection::{self, Connection, Pushes};
+use crate::error::{Error, Result};
+
+/// Where a new group starts reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StartFrom {
+    /// The first message still in the topic.
+    #[default]
+    Earliest,
+    /// Only messages sent after the group was created.
+    Latest,
+}
+
+/// What a consumer subscribes to, and how.
+#[derive(Debug, Clone, Default)]
+pub struct ConsumerOptions {
+    /// Consumer group: each message reaches one consumer of the group.
+    pub group: String,
+    /// Topic.
+    pub topic: String,
+    /// `A||B` tag filter, applied on the broker; empty for all.
+    pub tag_filter: String,
+    /// Where a new group starts.
+    pub start_from: StartFrom,
+    /// Lease of each delivery (`None`: broker default, 30 s).
+    pub lease: Option<Duration>,
+    /// Unacknowledged deliveries held at most (0: broker default).
+    pub window: u32,
+    /// Group override of max attempts before the dead-letter queue (0: broker default).
+    pub max_attempts: u32,
+    /// Shared secret, when the broker requires one.
+    pub auth_token: String,
+}
+
+impl ConsumerOptions {
+    /// Options for `group` on `topic`, defaults otherwise.
+    pub fn new(group: impl Into<String>, topic: impl Into<String>) -> Self {
+        Self {
+            group: group.into(),
+            topic: topic.into(),
+            ..Self::default()
+        }
+    }
+}
+
+/// One leased message. Ack it when done; otherwise it comes back when the lease expires.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// The message.
+    pub message: pb::StoredMessage,
+    /// 1 for the first delivery, then one more for each redelivery.
+    pub attempt: u32,
+    /// Broker clock when the lease ends.
+    pub lease_deadline_ms: u64,
+    handle: pb::DeliveryHandle,
+    conn: Connection,
+}
+
+impl Delivery {
+    /// Broker-assigned message id.
+    pub fn id(&self) -> &str {
+        &self.message.message_id
+    }
+    /// Topic.
+    pub fn topic(&self) -> &str {
+        &self.message.topic
+    }
+    /// Offset in the topic.
+    pub fn offset(&self) -> u64 {
+        self.message.offset
+    }
+    /// Key.
+    pub fn key(&self) -> &str {
+        &self.message.key
+    }
+    /// Tag.
+    pub fn tag(&self) -> &str {
+        &self.message.tag
+    }
+    /// Payload.
+    pub fn body(&self) -> &Bytes {
+        &self.message.body
+    }
+    /// The handle that names this lease.
+    pub fn handle(&self) -> &pb::DeliveryHandle {
+        &self.handle
+    }
+
+    /// Acknowledges: the group never receives this message again.
+    ///
+    /// # Errors
+    /// `LEASE_NOT_FOUND` when the lease expired and the message went to another consumer.
+    pub async fn ack(&self) -> Result<()> {
+        self.conn
+            .call(Body::Ack(pb::AckRequest {
+                handles: vec![self.handle.clone()],
+            }))
+            .await
+            .map(drop)
+    }
+
+    /// Refuses: redelivered after `delay`, or after the broker's backoff schedule (1 s,
+    /// 5 s, 10 s, 30 s, …) when `None`; dead-lettered once out of attempts.
+    ///
+    /// # Errors
+    /// As [`Delivery::ack`].
+    pub async fn nack(&self, delay: Option<Duration>) -> Result<()> {
+        self.conn
+            .call(Body::Nack(pb::NackRequest {
+                handle: Some(self.handle.clone()),
+                delay_ms: delay.map_or(0, |d| d.as_millis() as u64),
+                use_backoff: delay.is_none(),
+            }))
+            .await
+            .map(drop)
+    }
+
+    /// Extends the lease to `lease` from now; returns the new deadline (broker clock, ms).
+    ///
+    /// # Errors
+    /// As [`Delivery::ack`].
+    pub async fn extend(&self, lease: Duration) -> Result<u64> {
+        match self
+            .conn
+            .call(Body::Extend(pb::ExtendRequest {
+                handle: Some(self.handle.clone()),
+                lease_ms: lease.as_millis() as u64,
+            }))
+            .await?
+        {
+            pb::response::Result::Extend(ok) => Ok(ok.lease_deadline_ms),
+            other => Err(Error::Unexpected(format!("{other:?}"))),
+        }
+    }
+}
+
+/// A subscribed consumer. Poll it as a `Stream`; dropping it unsubscribes, and the broker
+/// releases its unacknowledged deliveries to the group's other consumers at once.
+#[derive(Debug)]
+pub struct Consumer {
+    rx: mpsc::Receiver<Result<Delivery>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Consumer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Consumer {
+    /// Subscribes to `options.topic` in `options.group` at the broker at `addr`. When the
+    /// connection is lost, it reconnects with backoff and subscribes again.
+    ///
+    /// # Errors
+    /// The first connection or subscription failed.
+    pub async fn subscribe(addr: &str, options: ConsumerOptions) -> Result<Self> {
+        txmq_protocol::names::validate("group", &options.group).map_err(Error::Invalid)?;
+        txmq_protocol::names::validate("topic", &options.topic).map_err(Error::Invalid)?;
+        let first = open(addr, &options).await?;
+        let (tx, rx) = mpsc::channel(1024);
+        let addr = addr.to_string();
+        let task = tokio::spawn(pump(addr, options, first, tx));
+        Ok(Self { rx, task })
+    }
+}
+
+impl Stream for Consumer {
+    type Item = Result<Delivery>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+async fn open(addr: &str, o: &ConsumerOptions) -> Result<(Connection, Pushes)> {
+    let hello = connection::hello(pb::Role::Consumer, "", &o.auth_token);
+    let (conn, pushes) = Connection::open(addr, hello).await?;
+    conn.call(Body::Subscribe(pb::SubscribeRequest {
+        group: o.group.clone(),
+        topic: o.topic.clone(),
+        tag_filter: o.tag_filter.clone(),
+        start_from: match o.start_from {
+            StartFrom::Earliest => pb::StartFrom::Earliest,
+            StartFrom::Latest => pb::StartFrom::Latest,
+        } as i32,
+        lease_ms: o.lease.map_or(0, |d| d.as_millis() as u64),
+        window: o.window,
+        max_attempts: o.max_attempts,
+    }))
+    .await?;
+    Ok((conn, pushes))
+}
+
+async fn pump(
+    addr: String,
+    options: ConsumerOptions,
+    first: (Connection, Pushes),
+    tx: mpsc::Sender<Result<Delivery>>,
+) {
+    let mut current = Some(first);
+    let mut attempt = 0;
+    loop {
+        let (conn, mut pushes) = match current.take() {
+            Some(c) => c,
+            None => match open(&addr, &options).await {
+                Ok(c) => {
+                    attempt = 0;
+                    c
+                }
+                Err(e) => {
+                    if matches!(e, Error::Broker { .. }) && tx.send(Err(e)).await.is_err() {
+                        return;
+                    }
+                    connection::backoff(attempt).await;
+                    attempt += 1;
+                    continue;
+                }
+            },
+        };
+        while let Some(d) = pushes.deliveries.recv().await {
+            let (Some(message), Some(handle)) = (d.message, d.handle) else {
+                continue;
+            };
+            let delivery = Delivery {
+                message,
+                attempt: d.attempt,
+                lease_deadline_ms: d.lease_deadline_ms,
+                handle,
+                conn: conn.clone(),
+            };
+            if tx.send(Ok(delivery)).await.is_err() {
+                return;
+            }
+        }
+        if tx.is_closed() {
+            return;
+        }
+        tracing::debug!("consumer connection lost; reconnecting");
+    }
+}

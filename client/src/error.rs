@@ -1,0 +1,51 @@
+//! The client's error type.
+
+use txmq_protocol::ErrorCode;
+
+/// What can go wrong talking to a broker.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The broker refused the request.
+    #[error("broker refused ({code:?}): {message}")]
+    Broker {
+        /// Stable error code.
+        code: ErrorCode,
+        /// The broker's explanation.
+        message: String,
+    },
+    /// Could not reach the broker.
+    #[error("cannot connect to {addr}")]
+    Connect {
+        /// Where we tried.
+        addr: String,
+        /// Why it failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The connection dropped before the answer came; the request may or may not have
+    /// taken effect.
+    #[error("connection lost: {0}")]
+    Disconnected(String),
+    /// The stream of frames broke.
+    #[error("protocol: {0}")]
+    Frame(#[from] txmq_protocol::FrameError),
+    /// The broker answered something this client did not expect.
+    #[error("unexpected answer from the broker: {0}")]
+    Unexpected(String),
+    /// A bad argument, caught before anything was sent.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Error {
+    /// The broker's error code, when the broker refused.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            Error::Broker { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+/// Result with the client's error.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

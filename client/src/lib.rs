@@ -1,0 +1,43 @@
+//! The txmq client.
+//!
+//! # Layout
+//! - [`connection`]: one multiplexed connection: requests by correlation id, plus the
+//!   broker's pushes (deliveries, check-backs).
+//! - [`producer`]: [`Producer`] for plain sends and transactions, with a
+//!   [`TransactionChecker`] that answers the broker's check-backs.
+//! - [`consumer`]: [`Consumer`], a `Stream` of [`Delivery`] with ack, nack and extend.
+//! - [`admin`]: [`Admin`] views and operator control.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), txmq_client::Error> {
+//! use futures::StreamExt;
+//! use txmq_client::{Consumer, ConsumerOptions, Message, Producer, ProducerOptions};
+//!
+//! let producer = Producer::connect("127.0.0.1:9876", ProducerOptions::default()).await?;
+//! let receipt = producer.send(Message::new("orders", "order 42")).await?;
+//! println!("stored at offset {}", receipt.offset);
+//!
+//! let mut consumer =
+//!     Consumer::subscribe("127.0.0.1:9876", ConsumerOptions::new("points", "orders")).await?;
+//! if let Some(delivery) = consumer.next().await {
+//!     let delivery = delivery?;
+//!     println!("{:?}", delivery.body());
+//!     delivery.ack().await?;
+//! }
+//! # Ok(()) }
+//! ```
+
+pub mod admin;
+pub mod connection;
+pub mod consumer;
+pub mod error;
+pub mod producer;
+
+pub use admin::Admin;
+pub use consumer::{Consumer, ConsumerOptions, Delivery, StartFrom};
+pub use error::{Error, Result};
+pub use producer::{
+    CheckRequest, Message, Outcome, Producer, ProducerOptions, Receipt, Transaction,
+    TransactionChecker,
+};
+pub use txmq_protocol::{ErrorCode, pb};

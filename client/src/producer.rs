@@ -1,0 +1,456 @@
+//! Sending: plain messages, and transactions whose messages become visible together.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::Mutex;
+use txmq_protocol::pb::{self, TxnOutcome, frame::Body};
+
+use crate::connection::{self, Connection};
+use crate::error::{Error, Result};
+
+/// A message to send.
+#[derive(Debug, Clone, Default)]
+pub struct Message {
+    /// Topic.
+    pub topic: String,
+    /// Payload.
+    pub body: Bytes,
+    /// Business key (for lookups and logs).
+    pub key: String,
+    /// Tag, for consumers' broker-side filters.
+    pub tag: String,
+    /// User properties.
+    pub properties: HashMap<String, String>,
+}
+
+impl Message {
+    /// A message with a topic and a body.
+    pub fn new(topic: impl Into<String>, body: impl Into<Bytes>) -> Self {
+        Self {
+            topic: topic.into(),
+            body: body.into(),
+            ..Self::default()
+        }
+    }
+
+    /// Sets the key.
+    pub fn key(mut self, key: impl Into<String>) -> Self {
+        self.key = key.into();
+        self
+    }
+
+    /// Sets the tag.
+    pub fn tag(mut self, tag: impl Into<String>) -> Self {
+        self.tag = tag.into();
+        self
+    }
+
+    /// Adds a property.
+    pub fn property(mut self, k: impl Into<String>, v: impl Into<String>) -> Self {
+        self.properties.insert(k.into(), v.into());
+        self
+    }
+
+    fn into_pb(self) -> pb::Message {
+        pb::Message {
+            topic: self.topic,
+            body: self.body,
+            key: self.key,
+            tag: self.tag,
+            properties: self.properties,
+            born_ms: txmq_protocol::now_ms(),
+        }
+    }
+}
+
+/// Where a message was stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Receipt {
+    /// Broker-assigned id.
+    pub message_id: String,
+    /// Topic.
+    pub topic: String,
+    /// Offset in the topic (0 for a half message, which has none yet).
+    pub offset: u64,
+}
+
+impl From<pb::MessageReceipt> for Receipt {
+    fn from(r: pb::MessageReceipt) -> Self {
+        Self {
+            message_id: r.message_id,
+            topic: r.topic,
+            offset: r.offset,
+        }
+    }
+}
+
+/// What became of a local transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Make the messages visible.
+    Commit,
+    /// Discard the messages.
+    Rollback,
+    /// Not known yet: the broker will check back later.
+    Unknown,
+}
+
+impl Outcome {
+    fn to_pb(self) -> TxnOutcome {
+        match self {
+            Outcome::Commit => TxnOutcome::Commit,
+            Outcome::Rollback => TxnOutcome::Rollback,
+            Outcome::Unknown => TxnOutcome::Unknown,
+        }
+    }
+}
+
+/// The broker asking what became of a transaction.
+#[derive(Debug, Clone)]
+pub struct CheckRequest {
+    /// The transaction.
+    pub txn_id: String,
+    /// Its producer group.
+    pub producer_group: String,
+    /// Its half messages.
+    pub messages: Vec<pb::StoredMessage>,
+    /// Which check this is (1 for the first).
+    pub attempt: u32,
+}
+
+/// Answers the broker's check-backs, typically by looking the transaction up in the
+/// local database. An error or a panic answers [`Outcome::Unknown`].
+pub trait TransactionChecker: Send + Sync + 'static {
+    /// What became of `request.txn_id`?
+    fn check(&self, request: CheckRequest) -> Pin<Box<dyn Future<Output = Outcome> + Send>>;
+}
+
+impl<F, Fut> TransactionChecker for F
+where
+    F: Fn(CheckRequest) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Outcome> + Send + 'static,
+{
+    fn check(&self, request: CheckRequest) -> Pin<Box<dyn Future<Output = Outcome> + Send>> {
+        Box::pin(self(request))
+    }
+}
+
+/// How a producer connects.
+#[derive(Clone, Default)]
+pub struct ProducerOptions {
+    /// Producer group: the broker sends check-backs for the group's transactions to its
+    /// connected members. Required for transactions.
+    pub group: String,
+    /// Answers check-backs.
+    pub checker: Option<Arc<dyn TransactionChecker>>,
+    /// Shared secret, when the broker requires one.
+    pub auth_token: String,
+}
+
+impl std::fmt::Debug for ProducerOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProducerOptions")
+            .field("group", &self.group)
+            .field("checker", &self.checker.is_some())
+            .finish()
+    }
+}
+
+impl ProducerOptions {
+    /// Options for a producer of `group` with a checker.
+    pub fn transactional(group: impl Into<String>, checker: impl TransactionChecker) -> Self {
+        Self {
+            group: group.into(),
+            checker: Some(Arc::new(checker)),
+            auth_token: String::new(),
+        }
+    }
+}
+
+/// Sends messages; reconnects with backoff when the connection is lost.
+#[derive(Debug, Clone)]
+pub struct Producer {
+    addr: String,
+    options: ProducerOptions,
+    conn: Arc<Mutex<Option<Connection>>>,
+}
+
+impl Producer {
+    /// Connects to the broker at `addr`.
+    ///
+    /// # Errors
+    /// The broker is unreachable or refuses the handshake.
+    pub async fn connect(addr: &str, options: ProducerOptions) -> Result<Self> {
+        if !options.group.is_empty() {
+            txmq_protocol::names::validate("producer group", &options.group)
+                .map_err(Error::Invalid)?;
+        }
+        let p = Self {
+            addr: addr.to_string(),
+            options,
+            conn: Arc::new(Mutex::new(None)),
+        };
+        p.connection().await?;
+        Ok(p)
+    }
+
+    /// The live connection, reconnecting (with backoff, a few tries) when it was lost.
+    async fn connection(&self) -> Result<Connection> {
+        let mut slot = self.conn.lock().await;
+        if let Some(c) = slot.as_ref()
+            && !c.is_closed()
+        {
+            return Ok(c.clone());
+        }
+        let mut attempt = 0;
+        loop {
+            match self.open().await {
+                Ok(c) => {
+                    *slot = Some(c.clone());
+                    return Ok(c);
+                }
+                Err(e @ Error::Broker { .. }) => return Err(e),
+                Err(e) if attempt >= 4 => return Err(e),
+                Err(e) => {
+                    tracing::debug!("reconnect to {} failed: {e}", self.addr);
+                    connection::backoff(attempt).await;
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    async fn open(&self) -> Result<Connection> {
+        let hello = connection::hello(
+            pb::Role::Producer,
+            &self.options.group,
+            &self.options.auth_token,
+        );
+        let (conn, mut pushes) = Connection::open(&self.addr, hello).await?;
+        if let Some(checker) = self.options.checker.clone() {
+            let conn = conn.clone();
+            tokio::spawn(async move {
+                while let Some((id, req)) = pushes.checks.recv().await {
+                    let conn = conn.clone();
+                    let checker = checker.clone();
+                    tokio::spawn(answer_check(conn, checker, id, req));
+                }
+            });
+        }
+        Ok(conn)
+    }
+
+    /// Sends one message; returns once the broker has stored it durably.
+    ///
+    /// # Errors
+    /// The broker refused it, or the connection was lost (it may or may not be stored).
+    pub async fn send(&self, message: Message) -> Result<Receipt> {
+        let mut r = self.send_batch(vec![message]).await?;
+        r.pop().ok_or_else(|| Error::Unexpected("no receipt".into()))
+    }
+
+    /// Sends several messages in one request: stored together, in order.
+    ///
+    /// # Errors
+    /// As [`Producer::send`].
+    pub async fn send_batch(&self, messages: Vec<Message>) -> Result<Vec<Receipt>> {
+        let req = pb::SendRequest {
+            messages: messages.into_iter().map(Message::into_pb).collect(),
+            ..Default::default()
+        };
+        Ok(self.send_request(req).await?.0)
+    }
+
+    async fn send_request(&self, req: pb::SendRequest) -> Result<(Vec<Receipt>, String)> {
+        let conn = self.connection().await?;
+        match conn.call(Body::Send(req)).await? {
+            pb::response::Result::Send(ok) => Ok((
+                ok.receipts.into_iter().map(Receipt::from).collect(),
+                ok.txn_id,
+            )),
+            other => Err(Error::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Starts a transaction. Nothing is sent until its first message.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] when the producer has no group.
+    pub fn begin(&self) -> Result<Transaction> {
+        if self.options.group.is_empty() {
+            return Err(Error::Invalid(
+                "transactions need a producer group (ProducerOptions::group)".into(),
+            ));
+        }
+        Ok(Transaction {
+            producer: self.clone(),
+            txn_id: None,
+            receipts: Vec::new(),
+            check_delay_ms: 0,
+        })
+    }
+
+    /// The whole flow: sends `messages` as half messages, runs `local` (the local
+    /// database transaction), then commits or rolls back on its answer. `Unknown` leaves
+    /// the transaction to the broker's check-back.
+    ///
+    /// # Errors
+    /// A refused send or resolution; the local transaction is not run when the half
+    /// messages could not be stored.
+    pub async fn send_in_transaction<F, Fut>(
+        &self,
+        messages: Vec<Message>,
+        local: F,
+    ) -> Result<(Outcome, Transaction)>
+    where
+        F: FnOnce(String) -> Fut,
+        Fut: Future<Output = Outcome>,
+    {
+        let mut txn = self.begin()?;
+        txn.send_batch(messages).await?;
+        let id = txn.id().expect("sent").to_string();
+        let outcome = local(id).await;
+        match outcome {
+            Outcome::Commit => txn.commit().await?,
+            Outcome::Rollback => txn.rollback().await?,
+            Outcome::Unknown => txn.end(Outcome::Unknown).await?,
+        };
+        Ok((outcome, txn))
+    }
+
+    /// Resolves a transaction by id (operators, or a producer that restarted).
+    ///
+    /// # Errors
+    /// The broker's refusal (not found, conflicting resolution).
+    pub async fn end_transaction(
+        &self,
+        txn_id: &str,
+        outcome: Outcome,
+        operator: bool,
+    ) -> Result<pb::EndTxnOk> {
+        let conn = self.connection().await?;
+        match conn
+            .call(Body::EndTxn(pb::EndTxnRequest {
+                txn_id: txn_id.to_string(),
+                outcome: outcome.to_pb() as i32,
+                operator,
+            }))
+            .await?
+        {
+            pb::response::Result::EndTxn(ok) => Ok(ok),
+            other => Err(Error::Unexpected(format!("{other:?}"))),
+        }
+    }
+}
+
+async fn answer_check(
+    conn: Connection,
+    checker: Arc<dyn TransactionChecker>,
+    id: u64,
+    req: pb::CheckRequest,
+) {
+    let request = CheckRequest {
+        txn_id: req.txn_id.clone(),
+        producer_group: req.producer_group,
+        messages: req.messages,
+        attempt: req.attempt,
+    };
+    // Run the user's checker in its own task: a panic there answers Unknown.
+    let outcome = tokio::spawn(checker.check(request))
+        .await
+        .unwrap_or(Outcome::Unknown);
+    let frame = txmq_protocol::Frame {
+        id,
+        body: Some(Body::CheckReply(pb::CheckReply {
+            txn_id: req.txn_id,
+            outcome: outcome.to_pb() as i32,
+        })),
+    };
+    let _ = conn.send_frame(frame).await;
+}
+
+/// An open transaction: messages sent on it stay invisible until [`Transaction::commit`].
+#[derive(Debug)]
+pub struct Transaction {
+    producer: Producer,
+    txn_id: Option<String>,
+    receipts: Vec<Receipt>,
+    check_delay_ms: u64,
+}
+
+impl Transaction {
+    /// The broker's id, once the first message is sent.
+    pub fn id(&self) -> Option<&str> {
+        self.txn_id.as_deref()
+    }
+
+    /// Receipts of the half messages sent so far (or, after commit, where they landed).
+    pub fn receipts(&self) -> &[Receipt] {
+        &self.receipts
+    }
+
+    /// Overrides the first check-back delay (before the first send).
+    pub fn check_after(&mut self, delay: std::time::Duration) {
+        self.check_delay_ms = delay.as_millis() as u64;
+    }
+
+    /// Adds a message (stored durably as a half message).
+    ///
+    /// # Errors
+    /// The broker refused it.
+    pub async fn send(&mut self, message: Message) -> Result<Receipt> {
+        let mut r = self.send_batch(vec![message]).await?;
+        r.pop().ok_or_else(|| Error::Unexpected("no receipt".into()))
+    }
+
+    /// Adds several messages.
+    ///
+    /// # Errors
+    /// The broker refused them.
+    pub async fn send_batch(&mut self, messages: Vec<Message>) -> Result<Vec<Receipt>> {
+        let req = pb::SendRequest {
+            messages: messages.into_iter().map(Message::into_pb).collect(),
+            transactional: true,
+            txn_id: self.txn_id.clone().unwrap_or_default(),
+            producer_group: self.producer.options.group.clone(),
+            check_delay_ms: self.check_delay_ms,
+        };
+        let (receipts, id) = self.producer.send_request(req).await?;
+        self.txn_id = Some(id);
+        self.receipts.extend(receipts.iter().cloned());
+        Ok(receipts)
+    }
+
+    /// Commits: every message becomes visible at once. Returns after the broker has
+    /// durably resolved the transaction. Repeating it is harmless.
+    ///
+    /// # Errors
+    /// The transaction was rolled back (`TXN_ALREADY_ROLLED_BACK`), or not found.
+    pub async fn commit(&mut self) -> Result<()> {
+        self.end(Outcome::Commit).await
+    }
+
+    /// Rolls back: the messages are discarded and never delivered.
+    ///
+    /// # Errors
+    /// The transaction was committed (`TXN_ALREADY_COMMITTED`), or not found.
+    pub async fn rollback(&mut self) -> Result<()> {
+        self.end(Outcome::Rollback).await
+    }
+
+    async fn end(&mut self, outcome: Outcome) -> Result<()> {
+        let Some(id) = self.txn_id.clone() else {
+            // Nothing was ever sent: there is nothing to resolve.
+            return Ok(());
+        };
+        let ok = self.producer.end_transaction(&id, outcome, false).await?;
+        if !ok.receipts.is_empty() {
+            self.receipts = ok.receipts.into_iter().map(Receipt::from).collect();
+        }
+        Ok(())
+    }
+}
