@@ -81,11 +81,13 @@ impl Default for Config {
             lease: s(30),
             window: 256,
             max_attempts: 16,
-            nack_backoff: [1, 5, 10, 30, 60, 120, 180, 240, 300, 360, 420, 480, 540, 600]
-                .into_iter()
-                .map(s)
-                .chain([m(20), m(30), m(60), m(120)])
-                .collect(),
+            nack_backoff: [
+                1, 5, 10, 30, 60, 120, 180, 240, 300, 360, 420, 480, 540, 600,
+            ]
+            .into_iter()
+            .map(s)
+            .chain([m(20), m(30), m(60), m(120)])
+            .collect(),
             auth_token: None,
         }
     }

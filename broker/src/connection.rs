@@ -49,7 +49,12 @@ pub struct Session {
 }
 
 /// Serves one connection until the client leaves, the stream breaks, or shutdown.
-pub async fn serve(socket: TcpStream, peer: SocketAddr, shared: Arc<Shared>, cancel: CancellationToken) {
+pub async fn serve(
+    socket: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    cancel: CancellationToken,
+) {
     let id = shared.connection_ids.fetch_add(1, Ordering::Relaxed);
     let (rd, wr) = socket.into_split();
     let codec = FrameCodec::new(shared.config.max_frame_len);
@@ -97,9 +102,7 @@ pub async fn serve(socket: TcpStream, peer: SocketAddr, shared: Arc<Shared>, can
         }
     }
     // Answer what was already accepted: those writes may be durable by now.
-    while let Ok(Some(frame)) =
-        tokio::time::timeout(Duration::from_secs(5), pending.next()).await
-    {
+    while let Ok(Some(frame)) = tokio::time::timeout(Duration::from_secs(5), pending.next()).await {
         if outbound.send(frame).await.is_err() {
             break;
         }
@@ -195,7 +198,10 @@ pub fn response(id: u64, result: Result<pb::response::Result, Error>) -> Frame {
 async fn dispatch(frame: Frame, session: &mut Session, shared: &Arc<Shared>) -> Option<Pending> {
     let id = frame.id;
     let Some(body) = frame.body else {
-        return Some(cmd::ready(id, Err(Error::Invalid("frame has no body".into()))));
+        return Some(cmd::ready(
+            id,
+            Err(Error::Invalid("frame has no body".into())),
+        ));
     };
     if let Body::CheckReply(reply) = body {
         cmd::txn::check_reply(id, reply, session, shared).await;
@@ -231,7 +237,9 @@ async fn dispatch(frame: Frame, session: &mut Session, shared: &Arc<Shared>) -> 
         Body::Hello(_) | Body::CheckReply(_) => unreachable!("handled above"),
         Body::Response(_) | Body::Delivery(_) | Body::Check(_) => cmd::ready(
             id,
-            Err(Error::Invalid("that frame is sent by the broker, not to it".into())),
+            Err(Error::Invalid(
+                "that frame is sent by the broker, not to it".into(),
+            )),
         ),
     })
 }

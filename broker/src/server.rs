@@ -71,7 +71,12 @@ pub async fn run(
     .map_err(|e| Error::Internal(e.to_string()))??;
     let topics = Arc::new(Topics::default());
     for t in stored {
-        topics.insert(Arc::new(Topic::new(t.name, t.record.id, t.record.created_ms, t.end)));
+        topics.insert(Arc::new(Topic::new(
+            t.name,
+            t.record.id,
+            t.record.created_ms,
+            t.end,
+        )));
     }
     tracing::info!(boot, topics = topics.all().len(), "storage open");
 

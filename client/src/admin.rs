@@ -62,11 +62,7 @@ impl Admin {
     ///
     /// # Errors
     /// Connection lost.
-    pub async fn transactions(
-        &self,
-        state: pb::TxnState,
-        group: &str,
-    ) -> Result<pb::ListTxnsOk> {
+    pub async fn transactions(&self, state: pb::TxnState, group: &str) -> Result<pb::ListTxnsOk> {
         let r = self
             .conn
             .call(Body::ListTxns(pb::ListTxnsRequest {

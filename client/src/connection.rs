@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
@@ -73,7 +73,12 @@ impl Connection {
             closed: Mutex::new(None),
         });
         tokio::spawn(write_loop(FramedWrite::new(wr, codec.clone()), out_rx));
-        tokio::spawn(read_loop(FramedRead::new(rd, codec), inner.clone(), dtx, ctx));
+        tokio::spawn(read_loop(
+            FramedRead::new(rd, codec),
+            Arc::downgrade(&inner),
+            dtx,
+            ctx,
+        ));
         let conn = Self { inner };
         match conn.call(Body::Hello(hello)).await? {
             pb::response::Result::Hello(_) => Ok((conn, Pushes { deliveries, checks })),
@@ -131,6 +136,13 @@ impl Connection {
             .map_err(|_| self.disconnected())
     }
 
+    /// A handle that does not keep the connection open.
+    pub fn downgrade(&self) -> WeakConnection {
+        WeakConnection {
+            inner: Arc::downgrade(&self.inner),
+        }
+    }
+
     /// True once the connection has ended.
     pub fn is_closed(&self) -> bool {
         self.inner.closed.lock().expect("closed lock").is_some()
@@ -139,6 +151,19 @@ impl Connection {
     fn disconnected(&self) -> Error {
         let reason = self.inner.closed.lock().expect("closed lock").clone();
         Error::Disconnected(reason.unwrap_or_else(|| "connection closed".into()))
+    }
+}
+
+/// A [`Connection`] that does not keep it open (for tasks serving the broker's pushes).
+#[derive(Debug, Clone)]
+pub struct WeakConnection {
+    inner: Weak<Inner>,
+}
+
+impl WeakConnection {
+    /// The connection, while someone else still holds it.
+    pub fn upgrade(&self) -> Option<Connection> {
+        self.inner.upgrade().map(|inner| Connection { inner })
     }
 }
 
@@ -161,9 +186,11 @@ async fn write_loop(
     }
 }
 
+/// Holds the connection only weakly: when the last [`Connection`] is dropped, the writer
+/// closes the socket, the broker closes its side, and this loop ends.
 async fn read_loop(
     mut frames: FramedRead<tokio::net::tcp::OwnedReadHalf, FrameCodec>,
-    inner: Arc<Inner>,
+    inner: Weak<Inner>,
     deliveries: mpsc::UnboundedSender<pb::Delivery>,
     checks: mpsc::UnboundedSender<(u64, pb::CheckRequest)>,
 ) {
@@ -177,6 +204,9 @@ async fn read_loop(
                     break format!("{:?}: {}", ErrorCode::try_from(r.code), r.message);
                 }
                 Some(Body::Response(r)) => {
+                    let Some(inner) = inner.upgrade() else {
+                        return;
+                    };
                     let waiter = inner
                         .pending
                         .lock()
@@ -196,6 +226,9 @@ async fn read_loop(
                 _ => tracing::debug!(id = frame.id, "ignoring unexpected frame"),
             },
         }
+    };
+    let Some(inner) = inner.upgrade() else {
+        return;
     };
     *inner.closed.lock().expect("closed lock") = Some(reason.clone());
     let waiters = inner.pending.lock().expect("pending lock").take();

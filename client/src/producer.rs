@@ -232,12 +232,12 @@ impl Producer {
         );
         let (conn, mut pushes) = Connection::open(&self.addr, hello).await?;
         if let Some(checker) = self.options.checker.clone() {
-            let conn = conn.clone();
+            // Weak: a dropped producer must close its connection, not keep answering.
+            let weak = conn.downgrade();
             tokio::spawn(async move {
                 while let Some((id, req)) = pushes.checks.recv().await {
-                    let conn = conn.clone();
-                    let checker = checker.clone();
-                    tokio::spawn(answer_check(conn, checker, id, req));
+                    let Some(conn) = weak.upgrade() else { return };
+                    tokio::spawn(answer_check(conn, checker.clone(), id, req));
                 }
             });
         }
@@ -250,7 +250,8 @@ impl Producer {
     /// The broker refused it, or the connection was lost (it may or may not be stored).
     pub async fn send(&self, message: Message) -> Result<Receipt> {
         let mut r = self.send_batch(vec![message]).await?;
-        r.pop().ok_or_else(|| Error::Unexpected("no receipt".into()))
+        r.pop()
+            .ok_or_else(|| Error::Unexpected("no receipt".into()))
     }
 
     /// Sends several messages in one request: stored together, in order.
@@ -404,7 +405,8 @@ impl Transaction {
     /// The broker refused it.
     pub async fn send(&mut self, message: Message) -> Result<Receipt> {
         let mut r = self.send_batch(vec![message]).await?;
-        r.pop().ok_or_else(|| Error::Unexpected("no receipt".into()))
+        r.pop()
+            .ok_or_else(|| Error::Unexpected("no receipt".into()))
     }
 
     /// Adds several messages.

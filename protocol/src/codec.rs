@@ -156,7 +156,9 @@ mod tests {
 
     fn encoded(frame: &Frame) -> BytesMut {
         let mut buf = BytesMut::new();
-        FrameCodec::default().encode(frame.clone(), &mut buf).unwrap();
+        FrameCodec::default()
+            .encode(frame.clone(), &mut buf)
+            .unwrap();
         buf
     }
 
@@ -277,14 +279,19 @@ mod tests {
                 born_ms,
             });
         let body = prop_oneof![
-            (proptest::collection::vec(message, 0..4), any::<bool>(), "[0-9a-f]{0,32}").prop_map(
-                |(messages, transactional, txn_id)| Body::Send(pb::SendRequest {
-                    messages,
-                    transactional,
-                    txn_id,
-                    ..Default::default()
-                })
-            ),
+            (
+                proptest::collection::vec(message, 0..4),
+                any::<bool>(),
+                "[0-9a-f]{0,32}"
+            )
+                .prop_map(|(messages, transactional, txn_id)| Body::Send(
+                    pb::SendRequest {
+                        messages,
+                        transactional,
+                        txn_id,
+                        ..Default::default()
+                    }
+                )),
             ("[0-9a-f]{0,32}", 0..4_i32).prop_map(|(txn_id, outcome)| Body::EndTxn(
                 pb::EndTxnRequest {
                     txn_id,

@@ -68,6 +68,9 @@ mod tests {
             assert_eq!(code as i32, number, "{code:?} moved");
             assert_eq!(ErrorCode::try_from(number), Ok(code));
         }
-        assert!(ErrorCode::try_from(20).is_err(), "a new code was added: pin it here");
+        assert!(
+            ErrorCode::try_from(20).is_err(),
+            "a new code was added: pin it here"
+        );
     }
 }

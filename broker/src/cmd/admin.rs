@@ -43,7 +43,10 @@ pub fn create_topic(id: u64, req: pb::CreateTopicRequest, shared: &Arc<Shared>) 
 /// Every topic.
 pub fn list_topics(id: u64, shared: &Arc<Shared>) -> Pending {
     let topics = shared.topics.all().iter().map(|t| topic_info(t)).collect();
-    ready(id, Ok(pb::response::Result::Topics(pb::ListTopicsOk { topics })))
+    ready(
+        id,
+        Ok(pb::response::Result::Topics(pb::ListTopicsOk { topics })),
+    )
 }
 
 /// A group's state on each topic it consumes.
@@ -86,7 +89,11 @@ pub fn list_dead_letters(
     }
     let shared = shared.clone();
     later(id, async move {
-        let limit = if req.limit == 0 { 1000 } else { req.limit as usize };
+        let limit = if req.limit == 0 {
+            1000
+        } else {
+            req.limit as usize
+        };
         let topics = shared.groups.topics_of(&req.group).await?;
         let storage = shared.storage.clone();
         let group = req.group.clone();

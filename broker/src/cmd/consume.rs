@@ -186,7 +186,10 @@ pub async fn extend(id: u64, req: pb::ExtendRequest, shared: &Arc<Shared>) -> Pe
         Err(e) => return ready(id, Err(e)),
     };
     if req.lease_ms == 0 {
-        return ready(id, Err(Error::Invalid("lease_ms must be more than 0".into())));
+        return ready(
+            id,
+            Err(Error::Invalid("lease_ms must be more than 0".into())),
+        );
     }
     let topic = match shared.groups.existing_topic(&topic) {
         Ok(t) => t,

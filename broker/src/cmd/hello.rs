@@ -26,7 +26,9 @@ pub fn hello(
         return Err(Error::NotAuthenticated);
     }
     if session.hello.is_some() {
-        return Err(Error::Invalid("Hello was already sent on this connection".into()));
+        return Err(Error::Invalid(
+            "Hello was already sent on this connection".into(),
+        ));
     }
     let role = Role::try_from(hello.role).unwrap_or(Role::Unspecified);
     if !hello.producer_group.is_empty() {

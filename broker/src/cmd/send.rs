@@ -65,7 +65,9 @@ fn command(req: pb::SendRequest, session: &Session, shared: &Shared) -> Result<C
     }
     if !req.transactional {
         if !req.txn_id.is_empty() {
-            return Err(Error::Invalid("txn_id is set but transactional is not".into()));
+            return Err(Error::Invalid(
+                "txn_id is set but transactional is not".into(),
+            ));
         }
         return Ok(Command::Append {
             messages: req.messages,

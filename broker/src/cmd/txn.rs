@@ -65,7 +65,11 @@ pub fn end(id: u64, req: pb::EndTxnRequest, shared: &Arc<Shared>) -> Pending {
 pub fn list(id: u64, req: pb::ListTxnsRequest, shared: &Arc<Shared>) -> Pending {
     let storage = shared.storage.clone();
     later(id, async move {
-        let limit = if req.limit == 0 { 1000 } else { req.limit as usize };
+        let limit = if req.limit == 0 {
+            1000
+        } else {
+            req.limit as usize
+        };
         let state = req.state;
         let group = req.producer_group;
         let txns = tokio::task::spawn_blocking(move || {
@@ -128,4 +132,3 @@ pub fn info(id: Id, r: TxnRecord) -> pb::TxnInfo {
         resolved_ms: r.resolved_ms,
     }
 }
-

@@ -104,7 +104,10 @@ impl Queue {
             storage,
             writer,
             config,
-            tags: loaded.cursor.as_ref().and_then(|c| parse_tags(&c.tag_filter)),
+            tags: loaded
+                .cursor
+                .as_ref()
+                .and_then(|c| parse_tags(&c.tag_filter)),
             cursor: loaded.cursor,
             next: floor,
             acked: loaded.acked.into_iter().filter(|o| *o >= floor).collect(),
@@ -246,9 +249,9 @@ impl Queue {
     }
 
     /// A consumer that leaves gives its leases back at once: waiting for them to expire
-    /// would only delay messages nobody is working on. The release does not count as a
-    /// failed attempt (like Kafka, unlike a nack): a consumer that stops with deliveries
-    /// it never looked at must not push them towards the dead-letter queue.
+    /// would only delay messages nobody is working on. The delivery did happen, so it
+    /// counts as an attempt (as a requeue on channel close does in RabbitMQ's quorum
+    /// queues): a message that crashes every consumer still ends in the dead-letter queue.
     async fn unsubscribe(&mut self, subscription_id: u64) {
         self.consumers
             .retain(|c| c.spec.subscription_id != subscription_id);
@@ -259,23 +262,10 @@ impl Queue {
             .map(|(o, l)| (*o, *l))
             .collect();
         let mut ops = Vec::new();
-        let now = now_ms();
         for (offset, lease) in released {
             self.leases.remove(&offset);
             self.deadlines.remove(&(lease.deadline_ms, offset));
-            let rec = RetryRecord {
-                attempts: lease.attempt - 1,
-                due_ms: now,
-            };
-            if rec.attempts > 0 {
-                ops.push(Op::Put(
-                    Cf::Retry,
-                    keys::group_offset(&self.group, self.topic.id, offset),
-                    rec.encode_to_vec(),
-                ));
-            }
-            self.retry_due.insert((rec.due_ms, offset));
-            self.retry.insert(offset, rec);
+            ops.extend(self.fail(offset, lease, Some(Duration::ZERO), "consumer disconnected"));
         }
         self.write_quietly(ops).await;
     }
@@ -443,10 +433,13 @@ impl Queue {
     fn extend(&mut self, r: LeaseRef, lease_for: Duration) -> Result<u64> {
         let lease = self.take_lease(r)?;
         let deadline_ms = now_ms() + lease_for.as_millis() as u64;
-        self.restore_lease(r.offset, Lease {
-            deadline_ms,
-            ..lease
-        });
+        self.restore_lease(
+            r.offset,
+            Lease {
+                deadline_ms,
+                ..lease
+            },
+        );
         Ok(deadline_ms)
     }
 
@@ -516,8 +509,7 @@ impl Queue {
             for m in batch {
                 self.next = m.offset + 1;
                 let o = m.offset;
-                if self.is_acked(o) || self.retry.contains_key(&o) || self.leases.contains_key(&o)
-                {
+                if self.is_acked(o) || self.retry.contains_key(&o) || self.leases.contains_key(&o) {
                     continue;
                 }
                 if !self.matches(&m.tag) {
@@ -601,7 +593,8 @@ impl Queue {
             next_offset: end,
             ack_floor: floor,
             in_flight: self.leases.len() as u64,
-            lag: end.saturating_sub(floor).saturating_sub(acked_above) + self.redriven_below_floor(),
+            lag: end.saturating_sub(floor).saturating_sub(acked_above)
+                + self.redriven_below_floor(),
             dead_letters: self.dead_letters,
             waiting_retry: self.retry.len() as u64,
             consumers: self.consumers.len() as u32,

@@ -312,7 +312,10 @@ impl Storage {
     /// Storage failure or a corrupt record.
     pub fn cursors(&self) -> Result<Vec<(String, u32, CursorRecord)>> {
         let mut out = Vec::new();
-        for item in self.db.iterator_cf(self.cf(Cf::Cursor), IteratorMode::Start) {
+        for item in self
+            .db
+            .iterator_cf(self.cf(Cf::Cursor), IteratorMode::Start)
+        {
             let (k, v) = item?;
             if let Some((group, topic)) = keys::parse_cursor(&k) {
                 out.push((group, topic, decode(&v)?));

@@ -451,9 +451,11 @@ impl Writer {
     }
 
     fn put_txn(&self, txn: Id, rec: TxnRecord, stage: &mut Stage) {
-        stage
-            .batch
-            .put_cf(self.storage.cf(Cf::Txn), txn.to_bytes(), rec.encode_to_vec());
+        stage.batch.put_cf(
+            self.storage.cf(Cf::Txn),
+            txn.to_bytes(),
+            rec.encode_to_vec(),
+        );
         stage.txns.insert(txn, rec);
     }
 
@@ -538,9 +540,11 @@ impl Writer {
                 topic: stored.topic.clone(),
                 offset: 0,
             });
-            stage
-                .batch
-                .put_cf(half, keys::half(txn, rec.message_count), stored.encode_to_vec());
+            stage.batch.put_cf(
+                half,
+                keys::half(txn, rec.message_count),
+                stored.encode_to_vec(),
+            );
             stage.halves.entry(txn).or_default().push(stored);
             rec.message_count += 1;
         }

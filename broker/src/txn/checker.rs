@@ -78,7 +78,11 @@ impl Checker {
     }
 
     /// Ticks until cancelled.
-    pub async fn run(mut self, mut answers: mpsc::Receiver<CheckAnswer>, cancel: CancellationToken) {
+    pub async fn run(
+        mut self,
+        mut answers: mpsc::Receiver<CheckAnswer>,
+        cancel: CancellationToken,
+    ) {
         let mut tick = tokio::time::interval(self.config.check_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -199,10 +203,7 @@ impl Checker {
                     txn: p,
                     counted: false,
                     result: TxnOutcome::Unspecified,
-                    note: format!(
-                        "no answer within {:?}",
-                        self.config.check_reply_timeout
-                    ),
+                    note: format!("no answer within {:?}", self.config.check_reply_timeout),
                     next_check_ms: None,
                 })
                 .await?;

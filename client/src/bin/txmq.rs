@@ -15,13 +15,28 @@ use txmq_client::{
 };
 
 #[derive(Debug, Parser)]
-#[command(name = "txmq", version, about = "Command-line client for the txmq broker")]
+#[command(
+    name = "txmq",
+    version,
+    about = "Command-line client for the txmq broker"
+)]
 struct Cli {
     /// Broker address.
-    #[arg(long, global = true, default_value = "127.0.0.1:9876", env = "TXMQ_BROKER")]
+    #[arg(
+        long,
+        global = true,
+        default_value = "127.0.0.1:9876",
+        env = "TXMQ_BROKER"
+    )]
     broker: String,
     /// Shared secret, when the broker requires one.
-    #[arg(long, global = true, default_value = "", env = "TXMQ_AUTH_TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        global = true,
+        default_value = "",
+        env = "TXMQ_AUTH_TOKEN",
+        hide_env_values = true
+    )]
     auth_token: String,
     #[command(subcommand)]
     command: Command,
@@ -265,7 +280,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Produce(a) => produce(addr, token, a).await,
         Command::Consume(a) => consume(addr, token, a).await,
         Command::Topic(TopicCmd::Create { topic }) => {
-            let t = Admin::connect(addr, token).await?.create_topic(&topic, true).await?;
+            let t = Admin::connect(addr, token)
+                .await?
+                .create_topic(&topic, true)
+                .await?;
             println!("created topic {}", t.name);
             Ok(())
         }
@@ -273,7 +291,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let topics = Admin::connect(addr, token).await?.topics().await?;
             for t in topics {
                 if json {
-                    println!("{}", json!({"topic": t.name, "next_offset": t.next_offset, "created_ms": t.created_ms}));
+                    println!(
+                        "{}",
+                        json!({"topic": t.name, "next_offset": t.next_offset, "created_ms": t.created_ms})
+                    );
                 } else {
                     println!("{:<40} {:>12} messages", t.name, t.next_offset);
                 }
@@ -282,7 +303,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Txn(cmd) => txn(addr, token, cmd).await,
         Command::Group(GroupCmd::Describe { group, json }) => {
-            let g = Admin::connect(addr, token).await?.describe_group(&group).await?;
+            let g = Admin::connect(addr, token)
+                .await?
+                .describe_group(&group)
+                .await?;
             if !json {
                 println!(
                     "{:<24} {:>10} {:>10} {:>9} {:>10} {:>6} {:>6} {:>9}",
@@ -301,15 +325,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 } else {
                     println!(
                         "{:<24} {:>10} {:>10} {:>9} {:>10} {:>6} {:>6} {:>9}",
-                        t.topic, t.next_offset, t.ack_floor, t.in_flight, t.lag,
-                        t.waiting_retry, t.dead_letters, t.consumers
+                        t.topic,
+                        t.next_offset,
+                        t.ack_floor,
+                        t.in_flight,
+                        t.lag,
+                        t.waiting_retry,
+                        t.dead_letters,
+                        t.consumers
                     );
                 }
             }
             Ok(())
         }
         Command::Dlq(DlqCmd::List { group, json }) => {
-            let letters = Admin::connect(addr, token).await?.dead_letters(&group).await?;
+            let letters = Admin::connect(addr, token)
+                .await?
+                .dead_letters(&group)
+                .await?;
             for d in letters {
                 let m = d.message.unwrap_or_default();
                 if json {
@@ -386,7 +419,11 @@ async fn produce(addr: &str, token: &str, a: ProduceArgs) -> anyhow::Result<()> 
         let r = result.context("send failed")?;
         acked += 1;
         if a.json {
-            writeln!(out, "{}", json!({"id": r.message_id, "topic": r.topic, "offset": r.offset}))?;
+            writeln!(
+                out,
+                "{}",
+                json!({"id": r.message_id, "topic": r.topic, "offset": r.offset})
+            )?;
             // Each line is a promise that the message is stored: never hold it back.
             out.flush()?;
         }
@@ -411,7 +448,10 @@ async fn produce_txn(addr: &str, token: &str, a: ProduceArgs) -> anyhow::Result<
         let line = if json_out {
             json!({"check": req.txn_id, "attempt": req.attempt, "answer": format!("{answer:?}").to_lowercase()}).to_string()
         } else {
-            format!("check-back for {} (attempt {}): answering {answer:?}", req.txn_id, req.attempt)
+            format!(
+                "check-back for {} (attempt {}): answering {answer:?}",
+                req.txn_id, req.attempt
+            )
         };
         println!("{line}");
         answer
@@ -428,7 +468,9 @@ async fn produce_txn(addr: &str, token: &str, a: ProduceArgs) -> anyhow::Result<
             Outcome::Commit => txn.commit().await?,
             Outcome::Rollback => txn.rollback().await?,
             Outcome::Unknown => {
-                producer.end_transaction(&id, Outcome::Unknown, false).await?;
+                producer
+                    .end_transaction(&id, Outcome::Unknown, false)
+                    .await?;
             }
         }
         let state = format!("{outcome:?}").to_lowercase();
@@ -548,11 +590,17 @@ async fn txn(addr: &str, token: &str, cmd: TxnCmd) -> anyhow::Result<()> {
         }
         TxnCmd::Commit { id } => {
             let r = admin.resolve(&id, true).await?;
-            println!("{id}: committed{}", if r.repeated { " (already)" } else { "" });
+            println!(
+                "{id}: committed{}",
+                if r.repeated { " (already)" } else { "" }
+            );
         }
         TxnCmd::Rollback { id } => {
             let r = admin.resolve(&id, false).await?;
-            println!("{id}: rolled back{}", if r.repeated { " (already)" } else { "" });
+            println!(
+                "{id}: rolled back{}",
+                if r.repeated { " (already)" } else { "" }
+            );
         }
         TxnCmd::Rearm { id } => {
             admin.rearm(&id).await?;
@@ -605,4 +653,3 @@ fn print_txn(t: &pb::TxnInfo, now_ms: u64, json: bool) {
         );
     }
 }
-

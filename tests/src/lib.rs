@@ -1,0 +1,258 @@
+//! Harness for black-box tests: starts the real `txmq-broker` binary on an ephemeral
+//! port with a temporary data directory, restarts it, kills it with SIGKILL, and runs the
+//! `txmq` CLI against it. Every process it starts is stopped when the harness is dropped,
+//! and the broker's log is printed when a test fails.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// Path of a binary built by this workspace (`txmq-broker`, `txmq`, `txmq-bench`).
+///
+/// Cargo puts binaries next to the `deps` folder that holds this test executable;
+/// `TXMQ_BIN_DIR` overrides that.
+pub fn bin(name: &str) -> PathBuf {
+    if let Ok(dir) = std::env::var("TXMQ_BIN_DIR") {
+        return Path::new(&dir).join(name);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().expect("deps dir");
+    let dir = if dir.ends_with("deps") {
+        dir.parent().expect("profile dir")
+    } else {
+        dir
+    };
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} not built; run the tests with `cargo nextest run --workspace`",
+        path.display()
+    );
+    path
+}
+
+/// A running broker under test.
+pub struct TestBroker {
+    child: Option<Child>,
+    addr: String,
+    dir: PathBuf,
+    _temp: Option<tempfile::TempDir>,
+    args: Vec<String>,
+    log: PathBuf,
+}
+
+impl TestBroker {
+    /// Starts a broker on a fresh data directory with extra flags.
+    pub fn start(args: &[&str]) -> Self {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let dir = temp.path().join("data");
+        let log = temp.path().join("broker.log");
+        let mut b = Self {
+            child: None,
+            addr: String::new(),
+            dir,
+            _temp: Some(temp),
+            args: args.iter().map(|s| s.to_string()).collect(),
+            log,
+        };
+        b.spawn();
+        b
+    }
+
+    /// `HOST:PORT` it listens on.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// Its data directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
+        let mut child = Command::new(bin("txmq-broker"))
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--data-dir")
+            .arg(&self.dir)
+            .args(&self.args)
+            .env("RUST_LOG", "info,txmq_broker=debug")
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("spawn txmq-broker");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(addr) = line.strip_prefix("txmq-broker listening on ") {
+                    let _ = tx.send(addr.trim().to_string());
+                }
+            }
+        });
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(addr) => self.addr = addr,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("broker did not start:\n{}", self.log_text());
+            }
+        }
+        self.child = Some(child);
+    }
+
+    /// Stops it with SIGTERM and waits for a clean exit.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            signal(&child, libc::SIGTERM);
+            let status = wait_timeout(&mut child, Duration::from_secs(30));
+            assert!(
+                status.is_some_and(|s| s.success()),
+                "broker did not exit cleanly on SIGTERM ({status:?}):\n{}",
+                self.log_text()
+            );
+        }
+    }
+
+    /// Kills it with SIGKILL: no shutdown, no flush.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same data directory (a new port).
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "still running");
+        self.spawn();
+    }
+
+    /// Clean stop, then start again.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.start_again();
+    }
+
+    /// Runs the `txmq` CLI against this broker.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(bin("txmq"))
+            .arg("--broker")
+            .arg(&self.addr)
+            .args(args)
+            .output()
+            .expect("run txmq")
+    }
+
+    /// Runs the CLI, asserts success, returns stdout.
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "txmq {args:?} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log_text()
+        );
+        String::from_utf8(out.stdout).expect("utf-8 stdout")
+    }
+
+    /// Starts the CLI without waiting (for processes a test kills).
+    pub fn cli_spawn(&self, args: &[&str]) -> Child {
+        Command::new(bin("txmq"))
+            .arg("--broker")
+            .arg(&self.addr)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn txmq")
+    }
+
+    /// The broker's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for TestBroker {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            let log = self.log_text();
+            let tail: Vec<&str> = log.lines().rev().take(80).collect();
+            eprintln!("---- broker log (last lines) ----");
+            for line in tail.into_iter().rev() {
+                eprintln!("{line}");
+            }
+        }
+    }
+}
+
+/// Sends a signal to a child process.
+pub fn signal(child: &Child, sig: i32) {
+    // The pid is our own child's, which we have not yet waited for.
+    let pid = child.id() as i32;
+    #[allow(unsafe_code)]
+    // SAFETY: kill(2) with a pid we own has no memory-safety effects.
+    unsafe {
+        libc::kill(pid, sig);
+    }
+}
+
+/// Waits for a child for at most `limit`.
+pub fn wait_timeout(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Parses JSON lines.
+pub fn json_lines(text: &str) -> Vec<serde_json::Value> {
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l:?}: {e}")))
+        .collect()
+}
+
+/// Polls `f` until it returns `Some`, for at most `limit` (a bound, not a timing claim).
+pub async fn eventually<T, F, Fut>(limit: Duration, mut f: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(v) = f().await {
+            return Some(v);
+        }
+        if tokio::time::Instant::now() > deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1,0 +1,288 @@
+//! Consumer groups against the real broker: leases, redelivery, nack, dead letters,
+//! sharing within a group, fan-out across groups, tag filters (I6).
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use futures::StreamExt;
+use txmq_client::{Admin, Consumer, ConsumerOptions, Delivery, Message, Producer, ProducerOptions};
+use txmq_tests::{TestBroker, json_lines};
+
+async fn send(b: &TestBroker, topic: &str, bodies: &[&str]) {
+    let p = Producer::connect(b.addr(), ProducerOptions::default())
+        .await
+        .unwrap();
+    for body in bodies {
+        p.send(Message::new(topic, body.to_string())).await.unwrap();
+    }
+}
+
+async fn next(c: &mut Consumer, wait: Duration) -> Option<Delivery> {
+    match tokio::time::timeout(wait, c.next()).await {
+        Ok(Some(d)) => Some(d.expect("delivery")),
+        _ => None,
+    }
+}
+
+fn opts(group: &str, topic: &str, lease_ms: u64) -> ConsumerOptions {
+    ConsumerOptions {
+        lease: Some(Duration::from_millis(lease_ms)),
+        ..ConsumerOptions::new(group, topic)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_lease_redelivers_with_next_attempt() {
+    let b = TestBroker::start(&[]);
+    send(&b, "t", &["m"]).await;
+    let mut c = Consumer::subscribe(b.addr(), opts("g", "t", 700))
+        .await
+        .unwrap();
+    let first = next(&mut c, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(first.attempt, 1);
+    let again = next(&mut c, Duration::from_secs(10))
+        .await
+        .expect("not redelivered");
+    assert_eq!(again.id(), first.id());
+    assert_eq!(again.attempt, 2);
+    // The stale handle no longer names a lease; the fresh one does.
+    let err = first.ack().await.unwrap_err();
+    assert_eq!(
+        err.code(),
+        Some(txmq_client::ErrorCode::LeaseNotFound),
+        "{err}"
+    );
+    again.ack().await.unwrap();
+    again.ack().await.expect("a repeated ack is a success");
+    assert!(next(&mut c, Duration::from_millis(1500)).await.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extend_keeps_the_lease() {
+    let b = TestBroker::start(&[]);
+    send(&b, "t", &["m"]).await;
+    let mut c = Consumer::subscribe(b.addr(), opts("g", "t", 600))
+        .await
+        .unwrap();
+    let d = next(&mut c, Duration::from_secs(10)).await.unwrap();
+    d.extend(Duration::from_secs(30)).await.unwrap();
+    assert!(
+        next(&mut c, Duration::from_millis(1500)).await.is_none(),
+        "redelivered despite extend"
+    );
+    d.ack().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nack_redelivers_after_delay_then_dead_letters_and_redrives() {
+    let b = TestBroker::start(&["--max-attempts", "3"]);
+    send(&b, "t", &["poison"]).await;
+    let mut c = Consumer::subscribe(b.addr(), opts("g", "t", 30_000))
+        .await
+        .unwrap();
+    for attempt in 1..=3 {
+        let d = next(&mut c, Duration::from_secs(10))
+            .await
+            .expect("redelivery");
+        assert_eq!(d.attempt, attempt);
+        d.nack(Some(Duration::from_millis(200))).await.unwrap();
+    }
+    assert!(
+        next(&mut c, Duration::from_secs(1)).await.is_none(),
+        "delivered past max attempts"
+    );
+    let out = b.cli_ok(&["dlq", "list", "--group", "g", "--json"]);
+    let dead = json_lines(&out);
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0]["body"], "poison");
+    assert_eq!(dead[0]["attempts"], 3);
+    let g = Admin::connect(b.addr(), "")
+        .await
+        .unwrap()
+        .describe_group("g")
+        .await
+        .unwrap();
+    assert_eq!(g.topics[0].dead_letters, 1);
+
+    let out = b.cli_ok(&["dlq", "redrive", "--group", "g"]);
+    assert!(out.contains("redrove 1"), "{out}");
+    let d = next(&mut c, Duration::from_secs(10))
+        .await
+        .expect("redriven message");
+    assert_eq!(d.body().as_ref(), b"poison");
+    assert_eq!(d.attempt, 1, "a redriven message starts counting again");
+    d.ack().await.unwrap();
+    assert!(json_lines(&b.cli_ok(&["dlq", "list", "--group", "g", "--json"])).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumers_of_one_group_share_and_groups_each_get_all() {
+    let b = TestBroker::start(&[]);
+    let bodies: Vec<String> = (0..40).map(|i| format!("m{i}")).collect();
+    let refs: Vec<&str> = bodies.iter().map(String::as_str).collect();
+    send(&b, "t", &refs).await;
+    let small = |g: &str| ConsumerOptions {
+        window: 4,
+        ..ConsumerOptions::new(g, "t")
+    };
+    let mut c1 = Consumer::subscribe(b.addr(), small("shared"))
+        .await
+        .unwrap();
+    let mut c2 = Consumer::subscribe(b.addr(), small("shared"))
+        .await
+        .unwrap();
+    let mut other = Consumer::subscribe(b.addr(), small("other")).await.unwrap();
+    let (mut seen1, mut seen2, mut seen_other) = (Vec::new(), Vec::new(), Vec::new());
+    while seen1.len() + seen2.len() < 40 || seen_other.len() < 40 {
+        tokio::select! {
+            Some(d) = c1.next() => { let d = d.unwrap(); d.ack().await.unwrap(); seen1.push(d.offset()); }
+            Some(d) = c2.next() => { let d = d.unwrap(); d.ack().await.unwrap(); seen2.push(d.offset()); }
+            Some(d) = other.next() => { let d = d.unwrap(); d.ack().await.unwrap(); seen_other.push(d.offset()); }
+            () = tokio::time::sleep(Duration::from_secs(10)) => panic!("stalled: {} {} {}", seen1.len(), seen2.len(), seen_other.len()),
+        }
+    }
+    assert!(
+        !seen1.is_empty() && !seen2.is_empty(),
+        "one consumer got nothing"
+    );
+    let shared: HashSet<u64> = seen1.iter().chain(&seen2).copied().collect();
+    assert_eq!(shared.len(), 40, "each message once within the group");
+    assert_eq!(seen_other, (0..40).collect::<Vec<_>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disconnect_releases_leases_at_once() {
+    let b = TestBroker::start(&[]);
+    send(&b, "t", &["a", "b"]).await;
+    let mut c1 = Consumer::subscribe(b.addr(), opts("g", "t", 60_000))
+        .await
+        .unwrap();
+    let d = next(&mut c1, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(d.attempt, 1);
+    drop(d);
+    drop(c1);
+    // Lease of 60 s, yet the other consumer gets both at once.
+    let mut c2 = Consumer::subscribe(b.addr(), opts("g", "t", 60_000))
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let d = next(&mut c2, Duration::from_secs(5))
+            .await
+            .expect("released lease not redelivered");
+        got.push((String::from_utf8_lossy(d.body()).into_owned(), d.attempt));
+        d.ack().await.unwrap();
+    }
+    got.sort();
+    // Both were leased to the first consumer (window 256): each delivery counted.
+    assert_eq!(got, vec![("a".to_string(), 2), ("b".to_string(), 2)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tag_filter_is_applied_on_the_broker() {
+    let b = TestBroker::start(&[]);
+    let p = Producer::connect(b.addr(), ProducerOptions::default())
+        .await
+        .unwrap();
+    for (body, tag) in [("1", "A"), ("2", "B"), ("3", "C"), ("4", "A")] {
+        p.send(Message::new("t", body).tag(tag)).await.unwrap();
+    }
+    let mut c = Consumer::subscribe(
+        b.addr(),
+        ConsumerOptions {
+            tag_filter: "A||C".into(),
+            ..ConsumerOptions::new("g", "t")
+        },
+    )
+    .await
+    .unwrap();
+    let mut got = Vec::new();
+    while let Some(d) = next(&mut c, Duration::from_secs(2)).await {
+        got.push(String::from_utf8_lossy(d.body()).into_owned());
+        d.ack().await.unwrap();
+    }
+    assert_eq!(got, vec!["1", "3", "4"]);
+    let g = Admin::connect(b.addr(), "")
+        .await
+        .unwrap()
+        .describe_group("g")
+        .await
+        .unwrap();
+    assert_eq!(g.topics[0].lag, 0, "filtered messages count as done: {g:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leased_but_unacked_at_crash_is_delivered_again() {
+    let mut b = TestBroker::start(&[]);
+    send(&b, "t", &["x", "y"]).await;
+    {
+        let mut c = Consumer::subscribe(b.addr(), opts("g", "t", 60_000))
+            .await
+            .unwrap();
+        let d = next(&mut c, Duration::from_secs(10)).await.unwrap();
+        d.ack().await.unwrap();
+        let _unacked = next(&mut c, Duration::from_secs(10)).await.unwrap();
+        b.kill9();
+    }
+    b.start_again();
+    let mut c = Consumer::subscribe(b.addr(), opts("g", "t", 60_000))
+        .await
+        .unwrap();
+    let d = next(&mut c, Duration::from_secs(10))
+        .await
+        .expect("unacked message lost");
+    assert_eq!(d.body().as_ref(), b"y");
+    d.ack().await.unwrap();
+    assert!(next(&mut c, Duration::from_secs(1)).await.is_none());
+}
+
+#[test]
+fn cli_no_ack_lease_and_nack() {
+    let b = TestBroker::start(&[]);
+    b.cli_ok(&["produce", "--topic", "t", "--body", "hi"]);
+    let out = b.cli_ok(&[
+        "consume", "--topic", "t", "--group", "g", "--count", "1", "--no-ack", "--lease", "1",
+        "--json",
+    ]);
+    assert_eq!(json_lines(&out)[0]["attempt"], 1);
+    let out = b.cli_ok(&[
+        "consume",
+        "--topic",
+        "t",
+        "--group",
+        "g",
+        "--count",
+        "1",
+        "--timeout",
+        "10",
+        "--nack",
+        "1",
+        "--json",
+    ]);
+    assert_eq!(
+        json_lines(&out)[0]["attempt"],
+        2,
+        "expired lease comes back with attempt 2"
+    );
+    let out = b.cli_ok(&[
+        "consume",
+        "--topic",
+        "t",
+        "--group",
+        "g",
+        "--count",
+        "1",
+        "--timeout",
+        "10",
+        "--json",
+    ]);
+    assert_eq!(
+        json_lines(&out)[0]["attempt"],
+        3,
+        "nacked message comes back"
+    );
+    let out = b.cli_ok(&["group", "describe", "g", "--json"]);
+    let g = &json_lines(&out)[0];
+    assert_eq!(g["lag"], 0);
+    assert_eq!(g["ack_floor"], 1);
+}
