@@ -21,7 +21,7 @@
 //! - [`cmd`]: one module per request family, validating at the boundary.
 //! - [`storage`]: column families, reads, and the [`storage::writer`].
 //! - [`delivery`]: consumer groups.
-//! - [`txn`]: check-backs.
+//! - [`txn`]: check-backs and the producers that answer them.
 
 pub mod cmd;
 pub mod config;

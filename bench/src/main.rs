@@ -1,0 +1,139 @@
+//! `txmq-bench`: durable throughput and latency of a txmq broker.
+//!
+//! Starts its own broker (the `txmq-broker` built next to this binary) on a temporary
+//! data directory unless `--broker` names one, runs one scenario, and prints a table or
+//! (with `--json`) one JSON line.
+
+mod broker;
+mod scenarios;
+
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+/// Which workload.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum Scenario {
+    /// Plain durable sends.
+    Send,
+    /// Half message + commit per transaction, through the transactional API.
+    Txn,
+    /// Producers and consumers (with ack) at once.
+    E2e,
+}
+
+/// Flush mode passed to a broker the bench starts.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Flush {
+    /// fsync before every reply (group commit).
+    Sync,
+    /// Reply once in the page cache.
+    Async,
+}
+
+/// Command line.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "txmq-bench", version, about)]
+pub struct Args {
+    /// Scenario.
+    #[arg(value_enum)]
+    pub scenario: Scenario,
+    /// Messages (for `txn`: transactions) to send.
+    #[arg(long, default_value_t = 100_000)]
+    pub messages: u64,
+    /// Payload bytes.
+    #[arg(long, default_value_t = 1024)]
+    pub size: usize,
+    /// Producer connections.
+    #[arg(long, default_value_t = 1)]
+    pub producers: usize,
+    /// Consumer connections (e2e).
+    #[arg(long, default_value_t = 1)]
+    pub consumers: usize,
+    /// Requests in flight per producer; consumer window.
+    #[arg(long, default_value_t = 512)]
+    pub window: usize,
+    /// Flush mode of the broker the bench starts.
+    #[arg(long, value_enum, default_value = "sync")]
+    pub flush: Flush,
+    /// Use this broker instead of starting one (CPU and RSS are then not reported).
+    #[arg(long)]
+    pub broker: Option<String>,
+    /// One JSON line instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What a scenario measured.
+#[derive(Debug)]
+pub struct Report {
+    /// Units done (messages, or committed transactions).
+    pub done: u64,
+    /// Wall time.
+    pub elapsed: Duration,
+    /// Latency in microseconds.
+    pub latency: hdrhistogram::Histogram<u64>,
+    /// What the latency measures.
+    pub latency_of: &'static str,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    anyhow::ensure!(args.messages > 0, "--messages must be at least 1");
+    anyhow::ensure!(
+        args.producers > 0 && args.consumers > 0,
+        "need at least one producer and consumer"
+    );
+    let broker = match &args.broker {
+        Some(addr) => broker::Broker::external(addr),
+        None => broker::Broker::start(args.flush)?,
+    };
+    let cpu_before = broker.cpu_seconds();
+    let report = scenarios::run(&args, broker.addr()).await?;
+    let cpu = broker.cpu_seconds().zip(cpu_before).map(|(a, b)| a - b);
+    let rss = broker.peak_rss_mb();
+    print(&args, &report, cpu, rss);
+    Ok(())
+}
+
+fn print(args: &Args, r: &Report, cpu: Option<f64>, rss: Option<f64>) {
+    let secs = r.elapsed.as_secs_f64();
+    let rate = r.done as f64 / secs;
+    let mb = rate * args.size as f64 / 1e6;
+    let q = |p: f64| r.latency.value_at_quantile(p);
+    let scenario = format!("{:?}", args.scenario).to_lowercase();
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "scenario": scenario, "messages": r.done, "size": args.size,
+                "producers": args.producers, "consumers": args.consumers, "window": args.window,
+                "flush": format!("{:?}", args.flush).to_lowercase(),
+                "secs": secs, "msgs_per_sec": rate, "mb_per_sec": mb,
+                "p50_us": q(0.5), "p99_us": q(0.99), "p999_us": q(0.999), "max_us": r.latency.max(),
+                "latency_of": r.latency_of,
+                "broker_cpu_s": cpu, "broker_peak_rss_mb": rss,
+            })
+        );
+    } else {
+        println!(
+            "scenario      {scenario} ({} producer(s), {} consumer(s), window {}, flush {:?})",
+            args.producers, args.consumers, args.window, args.flush
+        );
+        println!("done          {} in {secs:.2} s", r.done);
+        println!("throughput    {rate:.0} msg/s, {mb:.1} MB/s");
+        println!(
+            "latency       p50 {} µs, p99 {} µs, p999 {} µs, max {} µs ({})",
+            q(0.5),
+            q(0.99),
+            q(0.999),
+            r.latency.max(),
+            r.latency_of
+        );
+        match (cpu, rss) {
+            (Some(c), Some(m)) => println!("broker        {c:.2} CPU s, peak RSS {m:.0} MiB"),
+            _ => println!("broker        external (CPU and RSS not measured)"),
+        }
+    }
+}
