@@ -164,7 +164,17 @@ impl Queue {
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 msg = rx.recv() => match msg {
-                    Some(msg) => self.handle(msg).await,
+                    Some(msg) => {
+                        self.handle(msg).await;
+                        // Take every request already waiting (typically acks) before the
+                        // next pump, so one log read refills many credits at once.
+                        for _ in 0..READ_BATCH {
+                            match rx.try_recv() {
+                                Ok(msg) => self.handle(msg).await,
+                                Err(_) => break,
+                            }
+                        }
+                    }
                     None => break,
                 },
                 changed = end.changed() => if changed.is_err() { break },
@@ -322,6 +332,7 @@ impl Queue {
             }
         }
         ops.extend(self.advance_floor());
+        let ops = cancel_out(ops);
         if let Some(e) = refused {
             self.write_quietly(ops).await;
             let _ = reply.send(Err(e));
@@ -655,6 +666,35 @@ impl Queue {
     }
 }
 
+/// Drops an ack record's put together with its delete in the same batch: the common case
+/// of an in-order ack moves the floor over the offset it just acked, and neither write
+/// needs to reach RocksDB.
+fn cancel_out(ops: Vec<Op>) -> Vec<Op> {
+    let put_keys: HashSet<Vec<u8>> = ops
+        .iter()
+        .filter_map(|op| match op {
+            Op::Put(Cf::Acked, k, _) => Some(k.clone()),
+            _ => None,
+        })
+        .collect();
+    if put_keys.is_empty() {
+        return ops;
+    }
+    let deleted: HashSet<Vec<u8>> = ops
+        .iter()
+        .filter_map(|op| match op {
+            Op::Delete(Cf::Acked, k) if put_keys.contains(k) => Some(k.clone()),
+            _ => None,
+        })
+        .collect();
+    ops.into_iter()
+        .filter(|op| match op {
+            Op::Put(Cf::Acked, k, _) | Op::Delete(Cf::Acked, k) => !deleted.contains(k),
+            _ => true,
+        })
+        .collect()
+}
+
 /// `A||B` into a set; `None` (everything) for empty or `*`.
 fn parse_tags(filter: &str) -> Option<HashSet<String>> {
     let filter = filter.trim();
@@ -672,7 +712,37 @@ fn parse_tags(filter: &str) -> Option<HashSet<String>> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_tags;
+    use super::*;
+
+    #[test]
+    fn an_ack_put_and_its_delete_cancel_out() {
+        let k = |o| keys::group_offset("g", 1, o);
+        let ops = vec![
+            Op::Put(Cf::Acked, k(5), vec![]),
+            Op::Put(Cf::Acked, k(9), vec![]),
+            Op::Delete(Cf::Acked, k(4)),
+            Op::Delete(Cf::Acked, k(5)),
+            Op::Put(Cf::Cursor, keys::cursor("g", 1), vec![1]),
+        ];
+        let out = cancel_out(ops);
+        let described: Vec<String> = out
+            .iter()
+            .map(|op| match op {
+                Op::Put(cf, k, _) => format!("put {cf:?} {:?}", keys::group_offset_offset(k)),
+                Op::Delete(cf, k) => format!("del {cf:?} {:?}", keys::group_offset_offset(k)),
+            })
+            .collect();
+        assert_eq!(described.len(), 3, "{described:?}");
+        assert!(
+            described[0].starts_with("put Acked Some(9)"),
+            "{described:?}"
+        );
+        assert!(
+            described[1].starts_with("del Acked Some(4)"),
+            "{described:?}"
+        );
+        assert!(described[2].starts_with("put Cursor"), "{described:?}");
+    }
 
     #[test]
     fn tag_filters_parse() {
