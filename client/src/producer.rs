@@ -176,7 +176,11 @@ impl ProducerOptions {
 pub struct Producer {
     addr: String,
     options: ProducerOptions,
-    conn: Arc<Mutex<Option<Connection>>>,
+    /// The current connection: a plain mutex held only to clone it, so concurrent sends
+    /// do not queue behind each other.
+    conn: Arc<std::sync::Mutex<Option<Connection>>>,
+    /// Held while reconnecting, so only one caller dials.
+    dialing: Arc<Mutex<()>>,
 }
 
 impl Producer {
@@ -192,7 +196,8 @@ impl Producer {
         let p = Self {
             addr: addr.to_string(),
             options,
-            conn: Arc::new(Mutex::new(None)),
+            conn: Arc::default(),
+            dialing: Arc::default(),
         };
         p.connection().await?;
         Ok(p)
@@ -200,17 +205,18 @@ impl Producer {
 
     /// The live connection, reconnecting (with backoff, a few tries) when it was lost.
     async fn connection(&self) -> Result<Connection> {
-        let mut slot = self.conn.lock().await;
-        if let Some(c) = slot.as_ref()
-            && !c.is_closed()
-        {
-            return Ok(c.clone());
+        if let Some(c) = self.live() {
+            return Ok(c);
+        }
+        let _dialing = self.dialing.lock().await;
+        if let Some(c) = self.live() {
+            return Ok(c);
         }
         let mut attempt = 0;
         loop {
             match self.open().await {
                 Ok(c) => {
-                    *slot = Some(c.clone());
+                    *self.conn.lock().expect("connection lock") = Some(c.clone());
                     return Ok(c);
                 }
                 Err(e @ Error::Broker { .. }) => return Err(e),
@@ -222,6 +228,11 @@ impl Producer {
                 }
             }
         }
+    }
+
+    fn live(&self) -> Option<Connection> {
+        let slot = self.conn.lock().expect("connection lock");
+        slot.as_ref().filter(|c| !c.is_closed()).cloned()
     }
 
     async fn open(&self) -> Result<Connection> {

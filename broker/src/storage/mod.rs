@@ -251,6 +251,35 @@ impl Storage {
         Ok(out)
     }
 
+    /// The `count` half messages of a transaction by their sequence numbers (a multi-get,
+    /// no iterator); `staged` supplies those written in the batch being built.
+    ///
+    /// # Errors
+    /// Storage failure, a corrupt record, or a missing half message.
+    pub fn halves_by_seq(
+        &self,
+        id: Id,
+        count: u32,
+        mut staged: Vec<(u32, pb::StoredMessage)>,
+    ) -> Result<Vec<pb::StoredMessage>> {
+        let cf = self.cf(Cf::Half);
+        let keys: Vec<_> = (0..count).map(|seq| (cf, keys::half(id, seq))).collect();
+        let mut out = Vec::with_capacity(count as usize);
+        for (seq, value) in (0..count).zip(self.db.multi_get_cf(keys)) {
+            match value? {
+                Some(v) => out.push(decode(&v)?),
+                None => {
+                    let at = staged
+                        .iter()
+                        .position(|(s, _)| *s == seq)
+                        .ok_or_else(|| Error::Internal(format!("half message {seq} of {id} missing")))?;
+                    out.push(staged.swap_remove(at).1);
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Transactions matching `filter`, oldest first, at most `limit`.
     ///
     /// This walks the transaction records: an operator's listing, not a hot path.

@@ -545,7 +545,11 @@ impl Writer {
                 keys::half(txn, rec.message_count),
                 stored.encode_to_vec(),
             );
-            stage.halves.entry(txn).or_default().push(stored);
+            stage
+                .halves
+                .entry(txn)
+                .or_default()
+                .push((rec.message_count, stored));
             rec.message_count += 1;
         }
         self.put_txn(txn, rec, stage);
@@ -592,16 +596,9 @@ impl Writer {
             (TxnState::RolledBack, _) => return Err(Error::TxnRolledBack(txn.to_string())),
             _ => {}
         }
-        let halves = match stage.halves.remove(&txn) {
-            // Staged in this very batch: the database does not have them yet.
-            Some(mut staged) => {
-                let mut all = self.storage.halves(txn)?;
-                all.retain(|m| !staged.iter().any(|s| s.message_id == m.message_id));
-                all.append(&mut staged);
-                all
-            }
-            None => self.storage.halves(txn)?,
-        };
+        // Staged in this very batch, the database does not have them yet.
+        let staged = stage.halves.remove(&txn).unwrap_or_default();
+        let halves = self.storage.halves_by_seq(txn, rec.message_count, staged)?;
         let mut receipts = Vec::new();
         if wanted == TxnState::Committed {
             let topics = halves
@@ -617,11 +614,12 @@ impl Writer {
                 receipts.push(self.append_one(&topic, m, stage));
             }
         }
-        let prefix = txn.to_bytes();
-        let end = keys::prefix_end(&prefix).expect("txn ids are not all 0xff");
-        stage
-            .batch
-            .delete_range_cf(self.storage.cf(Cf::Half), &prefix[..], &end[..]);
+        // Point deletes, not a range delete: every read of the memtable pays for each
+        // range tombstone in it, which made commits cost more the more there had been.
+        let half = self.storage.cf(Cf::Half);
+        for seq in 0..rec.message_count {
+            stage.batch.delete_cf(half, keys::half(txn, seq));
+        }
         let now = txmq_protocol::now_ms();
         self.move_check(txn, rec.next_check_ms, 0, stage);
         rec.state = wanted as i32;
@@ -734,7 +732,7 @@ impl Writer {
 struct Stage {
     batch: WriteBatch,
     txns: HashMap<Id, TxnRecord>,
-    halves: HashMap<Id, Vec<pb::StoredMessage>>,
+    halves: HashMap<Id, Vec<(u32, pb::StoredMessage)>>,
     new_topics: Vec<Arc<Topic>>,
     first_topic_id: Option<u32>,
     next_offset: HashMap<u32, u64>,
