@@ -269,10 +269,9 @@ impl Storage {
             match value? {
                 Some(v) => out.push(decode(&v)?),
                 None => {
-                    let at = staged
-                        .iter()
-                        .position(|(s, _)| *s == seq)
-                        .ok_or_else(|| Error::Internal(format!("half message {seq} of {id} missing")))?;
+                    let at = staged.iter().position(|(s, _)| *s == seq).ok_or_else(|| {
+                        Error::Internal(format!("half message {seq} of {id} missing"))
+                    })?;
                     out.push(staged.swap_remove(at).1);
                 }
             }
