@@ -85,6 +85,8 @@ pub struct Queue {
     round_robin: usize,
     next_lease_id: u64,
     dead_letters: u64,
+    /// Lease deadlines handled by expiry passes: the work counter behind I5's proof.
+    expiry_visits: u64,
 }
 
 impl Queue {
@@ -119,6 +121,7 @@ impl Queue {
             round_robin: 0,
             next_lease_id: 1,
             dead_letters: loaded.dead_letters,
+            expiry_visits: 0,
         };
         for (offset, rec) in loaded.retries {
             q.retry_due.insert((rec.due_ms, offset));
@@ -426,6 +429,7 @@ impl Queue {
             if at > now {
                 break;
             }
+            self.expiry_visits += 1;
             let Some(lease) = self.leases.get(&offset).copied() else {
                 self.deadlines.pop_first();
                 continue;
@@ -713,6 +717,58 @@ fn parse_tags(filter: &str) -> Option<HashSet<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// I5: a million leases in flight, ten of them expired: an expiry pass handles ten,
+    /// and the expired ones wait for redelivery with their attempt counted.
+    #[tokio::test]
+    async fn lease_expiry_costs_what_is_due() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path()).unwrap();
+        let topics = Arc::new(crate::topics::Topics::default());
+        let config = Arc::new(Config::default());
+        let ids = Arc::new(crate::ids::IdGen::new(1));
+        let (writer, thread) =
+            crate::storage::writer::Writer::spawn(storage.clone(), topics, ids, config.clone());
+        let topic = Arc::new(Topic::new("t".into(), 1, 0, 2_000_000));
+        let loaded = Loaded {
+            cursor: Some(CursorRecord::default()),
+            acked: vec![],
+            retries: vec![],
+            dead_letters: 0,
+        };
+        let mut q = Queue::new("g".into(), topic, loaded, storage, writer, config);
+        let now = now_ms();
+        for offset in 0..1_000_000u64 {
+            let deadline_ms = if offset % 100_000 == 0 {
+                now - 1
+            } else {
+                now + 3_600_000
+            };
+            q.restore_lease(
+                offset,
+                Lease {
+                    lease_id: offset + 1,
+                    subscription_id: 1,
+                    deadline_ms,
+                    attempt: 1,
+                },
+            );
+        }
+        q.expire(now).await;
+        assert_eq!(q.expiry_visits, 10, "visited more than what was due");
+        assert_eq!(q.leases.len(), 999_990);
+        assert_eq!(q.retry.len(), 10);
+        assert!(q.retry.values().all(|r| r.attempts == 1));
+        q.expire(now).await;
+        assert_eq!(
+            q.expiry_visits, 10,
+            "a pass with nothing due visited entries"
+        );
+        drop(q);
+        tokio::task::spawn_blocking(move || thread.join().unwrap())
+            .await
+            .unwrap();
+    }
 
     #[test]
     fn an_ack_put_and_its_delete_cancel_out() {
