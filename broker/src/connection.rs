@@ -139,16 +139,10 @@ async fn write_frames(
             let _ = sink.flush().await;
             return;
         };
-        if sink.feed(frame).await.is_err() {
-            return;
-        }
-        // Batch whatever else is ready into the same flush.
-        while let Ok(frame) = rx.try_recv() {
-            if sink.feed(frame).await.is_err() {
-                return;
-            }
-        }
-        if sink.flush().await.is_err() {
+        if txmq_protocol::codec::write_ready(&mut sink, frame, &mut rx)
+            .await
+            .is_err()
+        {
             return;
         }
     }

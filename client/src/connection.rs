@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use futures::{SinkExt, StreamExt};
+use futures::StreamExt;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::{FramedRead, FramedWrite};
@@ -172,15 +172,10 @@ async fn write_loop(
     mut rx: mpsc::Receiver<Frame>,
 ) {
     while let Some(frame) = rx.recv().await {
-        if sink.feed(frame).await.is_err() {
-            return;
-        }
-        while let Ok(frame) = rx.try_recv() {
-            if sink.feed(frame).await.is_err() {
-                return;
-            }
-        }
-        if sink.flush().await.is_err() {
+        if txmq_protocol::codec::write_ready(&mut sink, frame, &mut rx)
+            .await
+            .is_err()
+        {
             return;
         }
     }

@@ -134,6 +134,27 @@ impl Encoder<Frame> for FrameCodec {
     }
 }
 
+/// Writes `first` and every frame already waiting on `rx` into `sink`, then flushes once:
+/// the batching both the broker's and the client's connection writers use.
+///
+/// # Errors
+/// The sink failed; the connection is done.
+pub async fn write_ready<S>(
+    sink: &mut S,
+    first: Frame,
+    rx: &mut tokio::sync::mpsc::Receiver<Frame>,
+) -> Result<(), FrameError>
+where
+    S: futures::Sink<Frame, Error = FrameError> + Unpin,
+{
+    use futures::SinkExt;
+    sink.feed(first).await?;
+    while let Ok(frame) = rx.try_recv() {
+        sink.feed(frame).await?;
+    }
+    sink.flush().await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
