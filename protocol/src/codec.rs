@@ -15,6 +15,12 @@ use crate::pb::Frame;
 /// Bytes before the body: length and checksum.
 pub const HEADER_LEN: usize = 8;
 
+/// Most the decoder reserves ahead of bytes that have arrived. A header alone must not
+/// make the broker allocate the length it announces (even within the limit): thousands
+/// of connections each announcing 16 MiB would otherwise cost gigabytes before one body
+/// byte arrived. The buffer grows as the body does.
+pub const READ_AHEAD: usize = 64 * 1024;
+
 /// Why a stream of frames cannot be read any further.
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
@@ -86,8 +92,7 @@ impl Decoder for FrameCodec {
         }
         let total = HEADER_LEN + len;
         if src.len() < total {
-            // Safe to reserve now: `len` is within the limit.
-            src.reserve(total - src.len());
+            src.reserve((total - src.len()).min(READ_AHEAD));
             return Ok(None);
         }
         let expected = u32::from_be_bytes(src[4..8].try_into().expect("4 bytes"));

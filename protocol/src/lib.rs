@@ -9,6 +9,8 @@
 //! - [`names`]: the one rule for valid topic and group names.
 
 pub mod codec;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod names;
 
 /// Generated protobuf types of `proto/txmq.proto` (package `txmq.v1`).
