@@ -117,6 +117,12 @@ impl Config {
         if self.window == 0 {
             return Err("window must be at least 1".into());
         }
+        if self.max_connections == 0 {
+            return Err("max-connections must be at least 1".into());
+        }
+        if self.max_in_flight_per_connection == 0 {
+            return Err("max-in-flight must be at least 1".into());
+        }
         if self.max_message_bytes + 64 * 1024 > self.max_frame_len {
             return Err(format!(
                 "max-message-bytes ({}) must leave 64 KiB of room under max-frame-len ({})",

@@ -46,6 +46,8 @@ pub struct Session {
     pub outbound: mpsc::Sender<Frame>,
     /// Active subscriptions: id to (group, topic).
     pub subscriptions: HashMap<u64, (String, Arc<Topic>)>,
+    /// Set when the client failed authentication: answer, then close.
+    pub refused: bool,
 }
 
 /// Serves one connection until the client leaves, the stream breaks, or shutdown.
@@ -71,6 +73,7 @@ pub async fn serve(
         hello: None,
         outbound: outbound.clone(),
         subscriptions: HashMap::new(),
+        refused: false,
     };
     tracing::debug!(connection = id, %peer, "connected");
     let mut pending: FuturesUnordered<Pending> = FuturesUnordered::new();
@@ -89,6 +92,10 @@ pub async fn serve(
                 Some(Ok(frame)) => {
                     if let Some(p) = dispatch(frame, &mut session, &shared).await {
                         pending.push(p);
+                    }
+                    if session.refused {
+                        tracing::warn!(connection = id, %peer, "closing connection: authentication failed");
+                        break;
                     }
                 }
                 Some(Err(e)) => {
@@ -208,7 +215,9 @@ async fn dispatch(frame: Frame, session: &mut Session, shared: &Arc<Shared>) -> 
         ));
     }
     if let Body::Hello(hello) = body {
-        return Some(cmd::ready(id, cmd::hello::hello(hello, session, shared)));
+        let result = cmd::hello::hello(hello, session, shared);
+        session.refused = matches!(result, Err(Error::NotAuthenticated(_)));
+        return Some(cmd::ready(id, result));
     }
     if session.hello.is_none() {
         return Some(cmd::ready(id, Err(Error::HandshakeRequired)));

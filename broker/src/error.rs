@@ -45,8 +45,8 @@ pub enum Error {
     #[error("send Hello first")]
     HandshakeRequired,
     /// Wrong or missing shared secret.
-    #[error("authentication failed")]
-    NotAuthenticated,
+    #[error("authentication failed: {0}")]
+    NotAuthenticated(&'static str),
     /// Protocol version mismatch.
     #[error("unsupported protocol version {0}")]
     UnsupportedVersion(u32),
@@ -72,7 +72,7 @@ impl Error {
             Error::Storage(_) => ErrorCode::StorageError,
             Error::ShuttingDown => ErrorCode::ShuttingDown,
             Error::HandshakeRequired => ErrorCode::HandshakeRequired,
-            Error::NotAuthenticated => ErrorCode::NotAuthenticated,
+            Error::NotAuthenticated(_) => ErrorCode::NotAuthenticated,
             Error::UnsupportedVersion(_) => ErrorCode::UnsupportedVersion,
             Error::Internal(_) => ErrorCode::Internal,
         }

@@ -58,9 +58,13 @@ struct Args {
     /// Largest message body in bytes.
     #[arg(long, default_value_t = 4 * 1024 * 1024)]
     max_message_bytes: usize,
-    /// Most concurrent connections.
+    /// Most concurrent connections; further ones are refused with TOO_MANY_CONNECTIONS.
     #[arg(long, default_value_t = 10_000)]
     max_connections: usize,
+    /// Most requests one connection may have waiting; beyond it the broker stops reading
+    /// that connection until answers go out (backpressure).
+    #[arg(long, default_value_t = 4096)]
+    max_in_flight: usize,
     /// File holding a shared secret that every client must present.
     #[arg(long)]
     auth_token_file: Option<PathBuf>,
@@ -98,6 +102,7 @@ impl Args {
             nack_backoff: self.nack_backoff.unwrap_or(defaults.nack_backoff),
             max_message_bytes: self.max_message_bytes,
             max_connections: self.max_connections,
+            max_in_flight_per_connection: self.max_in_flight,
             auth_token,
             ..defaults
         };
@@ -121,6 +126,7 @@ async fn serve() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let config = Args::parse().into_config()?;
     let listener = tokio::net::TcpListener::bind(config.listen)

@@ -35,7 +35,26 @@ struct Inner {
     out: mpsc::Sender<Frame>,
     pending: Mutex<Option<HashMap<u64, Waiter>>>,
     next_id: AtomicU64,
-    closed: Mutex<Option<String>>,
+    closed: Mutex<Option<Closed>>,
+}
+
+/// Why a connection ended: the broker's stated refusal, or a lost stream.
+#[derive(Debug, Clone)]
+struct Closed {
+    code: Option<ErrorCode>,
+    reason: String,
+}
+
+impl Closed {
+    fn error(&self) -> Error {
+        match self.code {
+            Some(code) => Error::Broker {
+                code,
+                message: self.reason.clone(),
+            },
+            None => Error::Disconnected(self.reason.clone()),
+        }
+    }
 }
 
 /// A connection; cheap to clone.
@@ -149,8 +168,10 @@ impl Connection {
     }
 
     fn disconnected(&self) -> Error {
-        let reason = self.inner.closed.lock().expect("closed lock").clone();
-        Error::Disconnected(reason.unwrap_or_else(|| "connection closed".into()))
+        match &*self.inner.closed.lock().expect("closed lock") {
+            Some(closed) => closed.error(),
+            None => Error::Disconnected("connection closed".into()),
+        }
     }
 }
 
@@ -189,14 +210,19 @@ async fn read_loop(
     deliveries: mpsc::UnboundedSender<pb::Delivery>,
     checks: mpsc::UnboundedSender<(u64, pb::CheckRequest)>,
 ) {
-    let reason = loop {
+    let lost = |reason: String| Closed { code: None, reason };
+    let closed = loop {
         match frames.next().await {
-            None => break "the broker closed the connection".to_string(),
-            Some(Err(e)) => break format!("bad frame from the broker: {e}"),
+            None => break lost("the broker closed the connection".to_string()),
+            Some(Err(e)) => break lost(format!("bad frame from the broker: {e}")),
             Some(Ok(frame)) => match frame.body {
                 Some(Body::Response(r)) if frame.id == 0 => {
-                    // The broker explains why it is about to close this connection.
-                    break format!("{:?}: {}", ErrorCode::try_from(r.code), r.message);
+                    // The broker explains why it is about to close this connection; every
+                    // waiting call gets that refusal with its code.
+                    break Closed {
+                        code: Some(ErrorCode::try_from(r.code).unwrap_or(ErrorCode::Internal)),
+                        reason: r.message,
+                    };
                 }
                 Some(Body::Response(r)) => {
                     let Some(inner) = inner.upgrade() else {
@@ -225,10 +251,10 @@ async fn read_loop(
     let Some(inner) = inner.upgrade() else {
         return;
     };
-    *inner.closed.lock().expect("closed lock") = Some(reason.clone());
+    *inner.closed.lock().expect("closed lock") = Some(closed.clone());
     let waiters = inner.pending.lock().expect("pending lock").take();
     for (_, w) in waiters.into_iter().flatten() {
-        let _ = w.send(Err(Error::Disconnected(reason.clone())));
+        let _ = w.send(Err(closed.error()));
     }
 }
 

@@ -46,8 +46,14 @@ pub struct TestBroker {
 impl TestBroker {
     /// Starts a broker on a fresh data directory with extra flags.
     pub fn start(args: &[&str]) -> Self {
+        Self::start_in(None, args)
+    }
+
+    /// Starts a broker whose data directory is `data_dir` (for example on a small
+    /// filesystem), or a fresh temporary one.
+    pub fn start_in(data_dir: Option<PathBuf>, args: &[&str]) -> Self {
         let temp = tempfile::tempdir().expect("temp dir");
-        let dir = temp.path().join("data");
+        let dir = data_dir.unwrap_or_else(|| temp.path().join("data"));
         let log = temp.path().join("broker.log");
         let mut b = Self {
             child: None,
@@ -116,15 +122,36 @@ impl TestBroker {
 
     /// Stops it with SIGTERM and waits for a clean exit.
     pub fn stop(&mut self) {
+        self.stop_with(libc::SIGTERM);
+    }
+
+    /// Stops it with `sig` (SIGTERM or SIGINT) and asserts it exits 0 within 30 s.
+    pub fn stop_with(&mut self, sig: i32) {
         if let Some(mut child) = self.child.take() {
-            signal(&child, libc::SIGTERM);
+            signal(&child, sig);
             let status = wait_timeout(&mut child, Duration::from_secs(30));
             assert!(
                 status.is_some_and(|s| s.success()),
-                "broker did not exit cleanly on SIGTERM ({status:?}):\n{}",
+                "broker did not exit cleanly on signal {sig} ({status:?}):\n{}",
                 self.log_text()
             );
         }
+    }
+
+    /// Whether the broker process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// A line of `/proc/PID/status` such as `VmRSS` or `VmHWM`, in kB.
+    pub fn memory_kb(&self, field: &str) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
     }
 
     /// Kills it with SIGKILL: no shutdown, no flush.

@@ -20,10 +20,15 @@ pub fn hello(
     if hello.protocol_version != txmq_protocol::PROTOCOL_VERSION {
         return Err(Error::UnsupportedVersion(hello.protocol_version));
     }
-    if let Some(secret) = &shared.config.auth_token
-        && !constant_time_eq(secret.as_bytes(), hello.auth_token.as_bytes())
-    {
-        return Err(Error::NotAuthenticated);
+    if let Some(secret) = &shared.config.auth_token {
+        if hello.auth_token.is_empty() {
+            return Err(Error::NotAuthenticated(
+                "this broker requires a token (txmq --auth-token, TXMQ_AUTH_TOKEN)",
+            ));
+        }
+        if !constant_time_eq(secret.as_bytes(), hello.auth_token.as_bytes()) {
+            return Err(Error::NotAuthenticated("the token does not match"));
+        }
     }
     if session.hello.is_some() {
         return Err(Error::Invalid(

@@ -1,0 +1,391 @@
+//! Limits with clear errors, authentication, graceful shutdown, a full disk, and a
+//! thousand connections (issue 6). Each limit is shown by the error a user would see.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio_util::codec::Framed;
+use txmq_client::{
+    Admin, Consumer, ConsumerOptions, Delivery, ErrorCode, Message, Producer, ProducerOptions,
+};
+use txmq_protocol::{Body, Frame, FrameCodec, pb};
+use txmq_tests::{TestBroker, eventually};
+
+async fn producer(b: &TestBroker) -> Producer {
+    Producer::connect(b.addr(), ProducerOptions::default())
+        .await
+        .expect("connect producer")
+}
+
+async fn next(c: &mut Consumer, wait: Duration) -> Option<Delivery> {
+    match tokio::time::timeout(wait, c.next()).await {
+        Ok(Some(Ok(d))) => Some(d),
+        _ => None,
+    }
+}
+
+/// Receives and acks until `wait` passes with nothing new; returns the bodies.
+async fn drain(b: &TestBroker, group: &str, topic: &str, wait: Duration) -> Vec<Vec<u8>> {
+    let mut c = Consumer::subscribe(b.addr(), ConsumerOptions::new(group, topic))
+        .await
+        .expect("subscribe");
+    let mut got = Vec::new();
+    while let Some(d) = next(&mut c, wait).await {
+        d.ack().await.expect("ack");
+        got.push(d.body().to_vec());
+    }
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_token_is_required_when_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "s3cret-token\n").unwrap();
+    let b = TestBroker::start(&["--auth-token-file", token_file.to_str().unwrap()]);
+
+    let none = Producer::connect(b.addr(), ProducerOptions::default())
+        .await
+        .unwrap_err();
+    assert_eq!(none.code(), Some(ErrorCode::NotAuthenticated), "{none}");
+    assert!(none.to_string().contains("requires a token"), "{none}");
+    let options = |token: &str| ProducerOptions {
+        auth_token: token.into(),
+        ..Default::default()
+    };
+    let wrong = Producer::connect(b.addr(), options("guess"))
+        .await
+        .unwrap_err();
+    assert_eq!(wrong.code(), Some(ErrorCode::NotAuthenticated), "{wrong}");
+    assert!(wrong.to_string().contains("does not match"), "{wrong}");
+    let admin = Admin::connect(b.addr(), "guess").await.unwrap_err();
+    assert_eq!(admin.code(), Some(ErrorCode::NotAuthenticated));
+
+    // A refused connection is closed by the broker after the answer.
+    let s = TcpStream::connect(b.addr()).await.unwrap();
+    let mut framed = Framed::new(s, FrameCodec::default());
+    let hello = pb::Hello {
+        protocol_version: txmq_protocol::PROTOCOL_VERSION,
+        auth_token: "guess".into(),
+        ..Default::default()
+    };
+    framed
+        .send(Frame {
+            id: 1,
+            body: Some(Body::Hello(hello)),
+        })
+        .await
+        .unwrap();
+    let Some(Body::Response(r)) = framed.next().await.unwrap().unwrap().body else {
+        panic!("no response")
+    };
+    assert_eq!(r.code, ErrorCode::NotAuthenticated as i32);
+    let after = tokio::time::timeout(Duration::from_secs(10), framed.next()).await;
+    assert!(
+        matches!(after, Ok(None) | Ok(Some(Err(_)))),
+        "the connection stayed open: {after:?}"
+    );
+
+    let p = Producer::connect(b.addr(), options("s3cret-token"))
+        .await
+        .expect("the right token is accepted");
+    p.send(Message::new("t", "hello")).await.unwrap();
+
+    // The CLI: one clear line without the token; flag and environment variable work.
+    let out = b.cli(&["topic", "list"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("authentication failed"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    let listed = b.cli_ok(&["--auth-token", "s3cret-token", "topic", "list"]);
+    assert!(listed.contains('t'), "{listed}");
+    let out = std::process::Command::new(txmq_tests::bin("txmq"))
+        .args(["--broker", b.addr(), "topic", "list"])
+        .env("TXMQ_AUTH_TOKEN", "s3cret-token")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_and_property_limits_are_clear_errors() {
+    let b = TestBroker::start(&[]);
+    let p = producer(&b).await;
+    let limit = 4 * 1024 * 1024;
+    let at_limit: Vec<u8> = (0..limit).map(|i| (i % 251) as u8).collect();
+    p.send(Message::new("big", at_limit.clone()))
+        .await
+        .expect("a body of exactly 4 MiB is accepted");
+    let err = p
+        .send(Message::new("big", vec![7u8; limit + 1]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::MessageTooLarge), "{err}");
+    assert!(err.to_string().contains("4194304"), "{err}");
+
+    let mut m = Message::new("big", "small body");
+    for i in 0..70 {
+        m = m.property(format!("p{i}"), "x".repeat(1000));
+    }
+    let err = p.send(m).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::MessageTooLarge), "{err}");
+    assert!(err.to_string().contains("properties"), "{err}");
+
+    // The same connection still works, and the 4 MiB message arrives intact.
+    p.send(Message::new("big", "after")).await.unwrap();
+    let got = drain(&b, "g", "big", Duration::from_secs(3)).await;
+    assert_eq!(got, vec![at_limit, b"after".to_vec()]);
+
+    // A lower limit set by flag is enforced the same way.
+    let small = TestBroker::start(&["--max-message-bytes", "1024"]);
+    let p = producer(&small).await;
+    p.send(Message::new("t", vec![0u8; 1024])).await.unwrap();
+    let err = p
+        .send(Message::new("t", vec![0u8; 1025]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::MessageTooLarge), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topic_and_group_names_are_validated() {
+    let b = TestBroker::start(&[]);
+    let p = producer(&b).await;
+    for bad in ["", "has space", "slash/ed", "ünïcode", &"x".repeat(129)] {
+        let err = p.send(Message::new(bad, "x")).await.unwrap_err();
+        assert_eq!(err.code(), Some(ErrorCode::InvalidName), "{bad:?}: {err}");
+    }
+    p.send(Message::new("x".repeat(128), "longest"))
+        .await
+        .expect("128 bytes is allowed");
+    p.send(Message::new("orders.v1_eu-west", "x"))
+        .await
+        .unwrap();
+    let err = Consumer::subscribe(b.addr(), ConsumerOptions::new("bad group", "t"))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("group name"), "{err}");
+    let admin = Admin::connect(b.addr(), "").await.unwrap();
+    let err = admin.describe_group("a*b").await.unwrap_err();
+    assert!(err.to_string().contains("'*'"), "{err}");
+    let out = b.cli(&["produce", "--topic", "no way", "--body", "x"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("topic name"), "{stderr}");
+    // Nothing was stored under a refused name.
+    let topics: Vec<String> = admin
+        .topics()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.name)
+        .collect();
+    assert_eq!(topics.len(), 2, "{topics:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_limit_are_refused_cleanly() {
+    let b = TestBroker::start(&["--max-connections", "3"]);
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(producer(&b).await);
+    }
+    let err = Producer::connect(b.addr(), ProducerOptions::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::TooManyConnections), "{err}");
+    assert!(err.to_string().contains("connection limit"), "{err}");
+    let out = b.cli(&["topic", "list"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("connection limit"), "{stderr}");
+    // The held connections still work; closing one makes room again.
+    for p in &held {
+        p.send(Message::new("t", "x")).await.unwrap();
+    }
+    drop(held.pop());
+    let again = eventually(Duration::from_secs(10), || async {
+        Producer::connect(b.addr(), ProducerOptions::default())
+            .await
+            .ok()
+    })
+    .await;
+    assert!(again.is_some(), "a freed slot was not reused");
+}
+
+/// A client that pipelines far more requests than the per-connection limit, without
+/// reading answers, is slowed down (the broker stops reading it), not refused or dropped:
+/// every request is answered, in a usable state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_flight_limit_is_backpressure_without_loss() {
+    let b = TestBroker::start(&["--max-in-flight", "4"]);
+    let s = TcpStream::connect(b.addr()).await.unwrap();
+    let mut framed = Framed::new(s, FrameCodec::default());
+    let hello = pb::Hello {
+        protocol_version: txmq_protocol::PROTOCOL_VERSION,
+        ..Default::default()
+    };
+    framed
+        .send(Frame {
+            id: 1,
+            body: Some(Body::Hello(hello)),
+        })
+        .await
+        .unwrap();
+    let n = 600u64;
+    let (mut sink, mut stream) = framed.split();
+    let writer = tokio::spawn(async move {
+        for i in 0..n {
+            let req = pb::SendRequest {
+                messages: vec![pb::Message {
+                    topic: "t".into(),
+                    body: format!("m{i}").into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            };
+            sink.feed(Frame {
+                id: 2 + i,
+                body: Some(Body::Send(req)),
+            })
+            .await
+            .unwrap();
+        }
+        sink.flush().await.unwrap();
+        sink
+    });
+    let mut ok = HashSet::new();
+    while (ok.len() as u64) < n + 1 {
+        let frame = tokio::time::timeout(Duration::from_secs(30), stream.next())
+            .await
+            .expect("answers keep coming")
+            .expect("connection open")
+            .expect("valid frame");
+        let Some(Body::Response(r)) = frame.body else {
+            continue;
+        };
+        assert_eq!(r.code, ErrorCode::Ok as i32, "{}", r.message);
+        assert!(ok.insert(frame.id), "answered twice: {}", frame.id);
+    }
+    let _sink = writer.await.unwrap();
+    let got = drain(&b, "g", "t", Duration::from_secs(3)).await;
+    let expect: Vec<Vec<u8>> = (0..n).map(|i| format!("m{i}").into_bytes()).collect();
+    assert_eq!(got, expect);
+}
+
+/// Graceful shutdown on SIGTERM and on SIGINT while producers are sending: exit 0, every
+/// acknowledged send is there after the restart, and the restart is clean.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_and_sigint_stop_cleanly_mid_traffic() {
+    let mut b = TestBroker::start(&[]);
+    let mut acked = HashSet::new();
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        let p = producer(&b).await;
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut senders = Vec::new();
+        for w in 0..4 {
+            let p = p.clone();
+            let stop = stop.clone();
+            senders.push(tokio::spawn(async move {
+                let mut mine = Vec::new();
+                for i in 0..1_000_000u32 {
+                    if stop.load(Ordering::Relaxed) && i % 50 == 0 {
+                        break;
+                    }
+                    let body = format!("{sig}-{w}-{i}");
+                    match p.send(Message::new("t", body.clone())).await {
+                        Ok(_) => mine.push(body),
+                        Err(_) => break,
+                    }
+                }
+                mine
+            }));
+        }
+        let target = acked.len() as u64 + 500;
+        let first = eventually(Duration::from_secs(20), || async {
+            let admin = Admin::connect(b.addr(), "").await.ok()?;
+            let t = admin.topics().await.ok()?;
+            t.iter().any(|t| t.next_offset >= target).then_some(())
+        })
+        .await;
+        assert!(first.is_some(), "traffic did not start");
+        b.stop_with(sig);
+        stop.store(true, Ordering::Relaxed);
+        for s in senders {
+            acked.extend(s.await.unwrap());
+        }
+        let log = b.log_text();
+        assert!(log.contains("shutting down"), "{log}");
+        assert!(
+            log.trim_end().ends_with("stopped"),
+            "not a clean stop:\n{log}"
+        );
+        b.start_again();
+    }
+    let stored: HashSet<String> = drain(&b, "audit", "t", Duration::from_secs(3))
+        .await
+        .into_iter()
+        .map(|v| String::from_utf8(v).unwrap())
+        .collect();
+    let lost: Vec<_> = acked.difference(&stored).collect();
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged sends lost: {:?}",
+        lost.len(),
+        lost.first()
+    );
+    assert!(acked.len() >= 1000, "only {} acked", acked.len());
+}
+
+/// A thousand client connections at once, all sending while a consumer group reads;
+/// the broker's memory is printed for the note.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_connections_with_traffic() {
+    let b = TestBroker::start(&[]);
+    let rss_before = b.memory_kb("VmRSS").unwrap_or(0);
+    let mut producers = Vec::new();
+    for _ in 0..1000 {
+        producers.push(producer(&b).await);
+    }
+    let rss_idle = b.memory_kb("VmRSS").unwrap_or(0);
+    let consume = {
+        let addr = b.addr().to_string();
+        tokio::spawn(async move {
+            let mut c = Consumer::subscribe(&addr, ConsumerOptions::new("g", "load"))
+                .await
+                .unwrap();
+            let mut seen = HashSet::new();
+            while seen.len() < 5000 {
+                let Some(d) = next(&mut c, Duration::from_secs(30)).await else {
+                    break;
+                };
+                d.ack().await.unwrap();
+                seen.insert(d.body().to_vec());
+            }
+            seen.len()
+        })
+    };
+    let sends = producers.iter().enumerate().map(|(i, p)| async move {
+        for j in 0..5 {
+            p.send(Message::new("load", format!("{i}-{j}")))
+                .await
+                .expect("send on one of 1000 connections");
+        }
+    });
+    futures::future::join_all(sends).await;
+    assert_eq!(consume.await.unwrap(), 5000);
+    let rss_busy = b.memory_kb("VmRSS").unwrap_or(0);
+    let hwm = b.memory_kb("VmHWM").unwrap_or(0);
+    eprintln!(
+        "1000 connections: broker VmRSS {rss_before} kB at start, {rss_idle} kB with 1000 idle \
+         connections, {rss_busy} kB after 5000 sends and acks; VmHWM {hwm} kB"
+    );
+    // Every connection is still usable.
+    for p in producers.iter().step_by(97) {
+        p.send(Message::new("load", "still here")).await.unwrap();
+    }
+}
