@@ -389,3 +389,119 @@ async fn a_thousand_connections_with_traffic() {
         p.send(Message::new("load", "still here")).await.unwrap();
     }
 }
+
+/// A small tmpfs mounted for one test and unmounted when dropped.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(size: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "this test mounts a small tmpfs and needs root (CI runs as root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self { dir }
+    }
+
+    fn resize(&self, size: &str) {
+        let out = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(self.dir.path())
+            .output()
+            .expect("run mount");
+        assert!(out.status.success(), "{out:?}");
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+fn big_body(i: u32) -> Vec<u8> {
+    let mut body = format!("{i:08}").into_bytes();
+    body.resize(256 * 1024, (i % 251) as u8);
+    body
+}
+
+/// Disk full: sends get STORAGE_ERROR replies, the broker stays up and keeps serving
+/// reads, and once space returns it accepts writes again; after a kill -9 every
+/// acknowledged message is there, once, intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_gives_errors_then_recovers() {
+    let disk = SmallDisk::mount("96m");
+    let mut b = TestBroker::start_in(Some(disk.dir.path().join("data")), &[]);
+    let p = producer(&b).await;
+    let mut acked = Vec::new();
+    let mut refusal = None;
+    for i in 0..2000u32 {
+        match p.send(Message::new("t", big_body(i))).await {
+            Ok(_) => acked.push(i),
+            Err(e) => {
+                refusal = Some(e);
+                break;
+            }
+        }
+    }
+    let err = refusal.expect("a 96 MiB disk fills before 500 MiB were written");
+    assert_eq!(err.code(), Some(ErrorCode::StorageError), "{err}");
+    assert!(err.to_string().contains("No space left"), "{err}");
+    assert!(b.is_running(), "the broker died on a full disk");
+    // Still full: refused again, and reads still work.
+    let err = p
+        .send(Message::new("t", big_body(99_999)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::StorageError), "{err}");
+    let admin = Admin::connect(b.addr(), "").await.unwrap();
+    let next_offset = admin.topics().await.unwrap()[0].next_offset;
+    assert_eq!(
+        next_offset,
+        acked.len() as u64,
+        "a refused write moved the log"
+    );
+
+    disk.resize("512m");
+    let first = acked.len() as u32 + 100_000;
+    let resumed = eventually(Duration::from_secs(30), || async {
+        p.send(Message::new("t", big_body(first))).await.ok()
+    })
+    .await;
+    assert!(
+        resumed.is_some(),
+        "writes did not resume once space returned"
+    );
+    acked.push(first);
+    for i in first + 1..first + 10 {
+        p.send(Message::new("t", big_body(i))).await.unwrap();
+        acked.push(i);
+    }
+
+    b.kill9();
+    b.start_again();
+    let stored = drain(&b, "audit", "t", Duration::from_secs(3)).await;
+    for body in &stored {
+        let i: u32 = std::str::from_utf8(&body[..8]).unwrap().parse().unwrap();
+        assert_eq!(body, &big_body(i), "message {i} is corrupt");
+    }
+    let ids: Vec<u32> = stored
+        .iter()
+        .map(|b| std::str::from_utf8(&b[..8]).unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(
+        ids, acked,
+        "acknowledged messages lost, duplicated or reordered"
+    );
+}
