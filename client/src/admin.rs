@@ -58,17 +58,23 @@ impl Admin {
         Ok(expect!(r, Topics)?.topics)
     }
 
-    /// Transactions in a state (`Unspecified`: all) and group (empty: all).
+    /// Transactions in a state (`Unspecified`: all) and group (empty: all), at most
+    /// `limit` of them (0: the broker's default, 1,000).
     ///
     /// # Errors
     /// Connection lost.
-    pub async fn transactions(&self, state: pb::TxnState, group: &str) -> Result<pb::ListTxnsOk> {
+    pub async fn transactions(
+        &self,
+        state: pb::TxnState,
+        group: &str,
+        limit: u32,
+    ) -> Result<pb::ListTxnsOk> {
         let r = self
             .conn
             .call(Body::ListTxns(pb::ListTxnsRequest {
                 state: state as i32,
                 producer_group: group.to_string(),
-                limit: 0,
+                limit,
             }))
             .await?;
         expect!(r, Txns)

@@ -41,6 +41,7 @@ pub struct TestBroker {
     _temp: Option<tempfile::TempDir>,
     args: Vec<String>,
     log: PathBuf,
+    listen: String,
 }
 
 impl TestBroker {
@@ -62,8 +63,17 @@ impl TestBroker {
             _temp: Some(temp),
             args: args.iter().map(|s| s.to_string()).collect(),
             log,
+            listen: "127.0.0.1:0".into(),
         };
         b.spawn();
+        b
+    }
+
+    /// Starts a broker that keeps one port across restarts, so clients that reconnect
+    /// find it again (port 0 would give a new port each start).
+    pub fn start_on_fixed_port(args: &[&str]) -> Self {
+        let mut b = Self::start(args);
+        b.listen = b.addr.clone();
         b
     }
 
@@ -90,7 +100,7 @@ impl TestBroker {
             .expect("log file");
         let mut child = Command::new(bin("txmq-broker"))
             .arg("--listen")
-            .arg("127.0.0.1:0")
+            .arg(&self.listen)
             .arg("--data-dir")
             .arg(&self.dir)
             .args(&self.args)

@@ -56,7 +56,10 @@ async fn drain(b: &TestBroker, group: &str, topic: &str, wait: Duration) -> Vec<
 
 async fn txn_state(b: &TestBroker, id: &str) -> Option<txmq_client::pb::TxnInfo> {
     let admin = Admin::connect(b.addr(), "").await.ok()?;
-    let list = admin.transactions(TxnState::Unspecified, "").await.ok()?;
+    let list = admin
+        .transactions(TxnState::Unspecified, "", 0)
+        .await
+        .ok()?;
     list.txns.into_iter().find(|t| t.txn_id == id)
 }
 

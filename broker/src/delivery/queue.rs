@@ -119,7 +119,10 @@ impl Queue {
             retry_due: BTreeSet::new(),
             consumers: Vec::new(),
             round_robin: 0,
-            next_lease_id: 1,
+            // Lease ids must not repeat across restarts, or a handle kept from before one
+            // could ack the new lease of the same offset. Starting at the clock times 2^16
+            // keeps them apart unless a queue issued over 65,536 leases per millisecond.
+            next_lease_id: (now_ms() << 16) | 1,
             dead_letters: loaded.dead_letters,
             expiry_visits: 0,
         };

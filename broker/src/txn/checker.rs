@@ -89,14 +89,16 @@ impl Checker {
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 _ = tick.tick() => {
+                    // Answers that arrived in time count, however long the last pass took.
+                    let early = drain(&mut answers, Vec::new());
+                    self.on_answers(early).await;
                     if let Err(e) = self.pass().await {
                         tracing::warn!("check pass failed: {e}");
                     }
                 }
                 Some(answer) = answers.recv() => {
-                    if let Err(e) = self.on_answer(answer).await {
-                        tracing::warn!("check answer not recorded: {e}");
-                    }
+                    let batch = drain(&mut answers, vec![answer]);
+                    self.on_answers(batch).await;
                 }
             }
         }
@@ -118,22 +120,42 @@ impl Checker {
         })
         .await
         .map_err(|e| Error::Internal(e.to_string()))??;
+        let mut writes = Vec::new();
         for (id, rec) in checks {
             if !self.in_check.contains(&id) && rec.state == TxnState::Prepared as i32 {
-                self.check(id, rec, now).await?;
+                writes.push(self.check(id, rec, now).await?);
             }
         }
-        for (due_ms, txn) in purges {
-            self.writer.submit(Command::Purge { txn, due_ms }).await?;
-        }
+        writes.extend(
+            purges
+                .into_iter()
+                .map(|(due_ms, txn)| Command::Purge { txn, due_ms }),
+        );
+        self.write_all(writes).await;
         Ok(())
     }
 
-    async fn check(&mut self, txn: Id, rec: TxnRecord, now: u64) -> Result<()> {
+    /// Submits every write at once, so they share one group commit instead of paying an
+    /// fsync each in turn (a pass or a burst of answers can hold hundreds).
+    async fn write_all(&self, writes: Vec<Command>) {
+        let results =
+            futures::future::join_all(writes.into_iter().map(|cmd| self.writer.submit(cmd))).await;
+        for result in results {
+            match result {
+                // Resolved meanwhile by the producer or an operator: the write is moot.
+                Ok(_)
+                | Err(Error::TxnCommitted(_) | Error::TxnRolledBack(_) | Error::TxnNotFound(_)) => {
+                }
+                Err(e) => tracing::warn!("check bookkeeping not recorded: {e}"),
+            }
+        }
+    }
+
+    /// Sends one check (or discards), returning the write that records it.
+    async fn check(&mut self, txn: Id, rec: TxnRecord, now: u64) -> Result<Command> {
         if rec.check_count >= self.config.check_max {
             tracing::info!(%txn, group = %rec.group, "discarding after {} checks", rec.check_count);
-            self.writer.submit(Command::Discard { txn }).await?;
-            return Ok(());
+            return Ok(Command::Discard { txn });
         }
         let storage = self.storage.clone();
         let messages = tokio::task::spawn_blocking(move || storage.halves(txn))
@@ -177,16 +199,13 @@ impl Checker {
                 format!("every producer of group {:?} was busy", rec.group),
             ),
         };
-        self.writer
-            .submit(Command::RecordCheck {
-                txn,
-                counted,
-                result: TxnOutcome::Unspecified,
-                note,
-                next_check_ms,
-            })
-            .await?;
-        Ok(())
+        Ok(Command::RecordCheck {
+            txn,
+            counted,
+            result: TxnOutcome::Unspecified,
+            note,
+            next_check_ms,
+        })
     }
 
     async fn time_out(&mut self, now: u64) -> Result<()> {
@@ -196,18 +215,19 @@ impl Checker {
             .filter(|(_, p)| p.deadline_ms <= now)
             .map(|(id, _)| *id)
             .collect();
-        for id in late {
-            let Some(p) = self.finish(id) else { continue };
-            self.writer
-                .submit(Command::RecordCheck {
-                    txn: p,
-                    counted: false,
-                    result: TxnOutcome::Unspecified,
-                    note: format!("no answer within {:?}", self.config.check_reply_timeout),
-                    next_check_ms: None,
-                })
-                .await?;
-        }
+        let note = format!("no answer within {:?}", self.config.check_reply_timeout);
+        let writes = late
+            .into_iter()
+            .filter_map(|id| self.finish(id))
+            .map(|txn| Command::RecordCheck {
+                txn,
+                counted: false,
+                result: TxnOutcome::Unspecified,
+                note: note.clone(),
+                next_check_ms: None,
+            })
+            .collect();
+        self.write_all(writes).await;
         Ok(())
     }
 
@@ -218,17 +238,26 @@ impl Checker {
         Some(p.txn)
     }
 
-    async fn on_answer(&mut self, answer: CheckAnswer) -> Result<()> {
+    async fn on_answers(&mut self, answers: Vec<CheckAnswer>) {
+        let writes = answers
+            .into_iter()
+            .filter_map(|a| self.on_answer(a))
+            .collect();
+        self.write_all(writes).await;
+    }
+
+    /// The write an answer calls for, if it is still awaited.
+    fn on_answer(&mut self, answer: CheckAnswer) -> Option<Command> {
         let Some(txn) = self.finish(answer.check_id) else {
             tracing::debug!(check_id = answer.check_id, "late or unknown check answer");
-            return Ok(());
+            return None;
         };
         if Id::parse(&answer.reply.txn_id) != Some(txn) {
             tracing::warn!(%txn, got = %answer.reply.txn_id, "check answer names another transaction");
-            return Ok(());
+            return None;
         }
         let outcome = TxnOutcome::try_from(answer.reply.outcome).unwrap_or(TxnOutcome::Unknown);
-        let cmd = match outcome {
+        Some(match outcome {
             TxnOutcome::Commit | TxnOutcome::Rollback => Command::End {
                 txn,
                 outcome,
@@ -241,11 +270,14 @@ impl Checker {
                 note: "producer answered unknown".into(),
                 next_check_ms: None,
             },
-        };
-        match self.writer.submit(cmd).await {
-            // Resolved meanwhile by the producer or an operator: the answer is moot.
-            Err(Error::TxnCommitted(_) | Error::TxnRolledBack(_) | Error::TxnNotFound(_)) => Ok(()),
-            other => other.map(|_| ()),
-        }
+        })
     }
+}
+
+/// Everything already waiting on `rx`, after `batch`.
+fn drain(rx: &mut mpsc::Receiver<CheckAnswer>, mut batch: Vec<CheckAnswer>) -> Vec<CheckAnswer> {
+    while let Ok(a) = rx.try_recv() {
+        batch.push(a);
+    }
+    batch
 }

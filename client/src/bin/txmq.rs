@@ -201,6 +201,9 @@ enum TxnCmd {
         /// Only this producer group.
         #[arg(long, default_value = "")]
         group: String,
+        /// At most this many (oldest first).
+        #[arg(long, default_value_t = 1000)]
+        limit: u32,
         /// JSON lines.
         #[arg(long)]
         json: bool,
@@ -575,7 +578,12 @@ fn print_delivery(out: &mut impl Write, d: &Delivery, json: bool) -> anyhow::Res
 async fn txn(addr: &str, token: &str, cmd: TxnCmd) -> anyhow::Result<()> {
     let admin = Admin::connect(addr, token).await?;
     match cmd {
-        TxnCmd::List { state, group, json } => {
+        TxnCmd::List {
+            state,
+            group,
+            limit,
+            json,
+        } => {
             let state = match state {
                 None => TxnState::Unspecified,
                 Some(StateArg::Prepared) => TxnState::Prepared,
@@ -583,7 +591,7 @@ async fn txn(addr: &str, token: &str, cmd: TxnCmd) -> anyhow::Result<()> {
                 Some(StateArg::Committed) => TxnState::Committed,
                 Some(StateArg::RolledBack) => TxnState::RolledBack,
             };
-            let list = admin.transactions(state, &group).await?;
+            let list = admin.transactions(state, &group, limit).await?;
             for t in list.txns {
                 print_txn(&t, list.now_ms, json);
             }

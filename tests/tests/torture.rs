@@ -1,0 +1,470 @@
+//! The torture test (issue 6): I1, I3 and I6 together under `kill -9`.
+//!
+//! Plain producers, transactional producers (committing, rolling back, answering
+//! `unknown`, and dying mid-transaction) and two consumer groups (acking, nacking and
+//! ignoring deliveries at random) run while the broker is killed with SIGKILL at random
+//! moments and restarted on the same data directory. The test then lets everything
+//! settle and checks, from what the clients were told:
+//!
+//! - every acknowledged send and every transaction decided `commit` whose half messages
+//!   were acknowledged reached every group and was acked there;
+//! - nothing rolled back, left unknown (so discarded or still half) was ever delivered;
+//! - nothing was delivered to a group again after its ack there was confirmed.
+//!
+//! `TXMQ_TORTURE_KILLS` sets the number of kills (default 20, the CI mode); a longer run
+//! is `TXMQ_TORTURE_KILLS=200 cargo nextest run -p txmq-tests --test torture`.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use rand::Rng;
+use txmq_client::{
+    CheckRequest, Consumer, ConsumerOptions, Message, Outcome, Producer, ProducerOptions,
+};
+use txmq_tests::TestBroker;
+
+const TOPIC: &str = "torture";
+const GROUPS: [&str; 2] = ["ga", "gb"];
+
+/// What the local "database" of the transactional producers decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Decision {
+    Commit,
+    Rollback,
+    Unknown,
+}
+
+/// What the producers were told.
+#[derive(Default)]
+struct Ledger {
+    /// Plain sends the broker acknowledged.
+    plain_acked: HashSet<String>,
+    /// Every transactional message body and its transaction's decision, recorded before
+    /// the half message is sent (the local transaction's outcome).
+    decisions: HashMap<String, Decision>,
+    /// Transactional bodies whose half message the broker acknowledged.
+    half_acked: HashSet<String>,
+    /// Transaction id of each body, once the broker has given one.
+    txn_of: HashMap<String, String>,
+}
+
+/// What one consumer group saw.
+#[derive(Default)]
+struct GroupLog {
+    deliveries: u64,
+    redeliveries: u64,
+    /// Bodies whose ack the broker confirmed.
+    acked: HashSet<String>,
+    /// Bodies whose last ack lost its connection before the answer: it may have taken
+    /// effect (then the message is never delivered again) or not (then it comes back).
+    ack_unsure: HashSet<String>,
+    /// Bodies seen at all.
+    seen: HashSet<String>,
+    /// Broken promises, described.
+    violations: Vec<String>,
+    /// What happened to each body here, for the failure message.
+    history: HashMap<String, Vec<String>>,
+}
+
+#[derive(Default)]
+struct Counts {
+    deaths: AtomicU64,
+    commits: AtomicU64,
+    rollbacks: AtomicU64,
+    unknowns: AtomicU64,
+    nacks: AtomicU64,
+    ignored: AtomicU64,
+}
+
+struct World {
+    addr: String,
+    ledger: Mutex<Ledger>,
+    groups: [Mutex<GroupLog>; 2],
+    counts: Counts,
+    stop_producers: AtomicBool,
+    settle: AtomicBool,
+    stop_consumers: AtomicBool,
+}
+
+async fn connect(world: &World, options: ProducerOptions) -> Option<Producer> {
+    while !world.stop_producers.load(Ordering::Relaxed) {
+        if let Ok(p) = Producer::connect(&world.addr, options.clone()).await {
+            return Some(p);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
+}
+
+async fn plain_producer(world: Arc<World>, w: usize) {
+    let Some(p) = connect(&world, ProducerOptions::default()).await else {
+        return;
+    };
+    let mut seq = 0u64;
+    while !world.stop_producers.load(Ordering::Relaxed) {
+        let body = format!("p{w}-{seq}");
+        seq += 1;
+        match p.send(Message::new(TOPIC, body.clone())).await {
+            Ok(_) => {
+                world.ledger.lock().unwrap().plain_acked.insert(body);
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+/// Answers check-backs from the ledger, as a service would from its database.
+fn checker(world: Arc<World>) -> ProducerOptions {
+    ProducerOptions::transactional("tx", move |req: CheckRequest| {
+        let world = world.clone();
+        async move {
+            let body = req
+                .messages
+                .first()
+                .map(|m| String::from_utf8_lossy(&m.body).into_owned())
+                .unwrap_or_default();
+            match world.ledger.lock().unwrap().decisions.get(&body) {
+                Some(Decision::Commit) => Outcome::Commit,
+                Some(Decision::Rollback) => Outcome::Rollback,
+                Some(Decision::Unknown) | None => Outcome::Unknown,
+            }
+        }
+    })
+}
+
+async fn txn_producer(world: Arc<World>, w: usize) {
+    let mut producer: Option<Producer> = None;
+    let mut seq = 0u64;
+    while !world.stop_producers.load(Ordering::Relaxed) {
+        let p = match producer.take() {
+            Some(p) => p,
+            None => match connect(&world, checker(world.clone())).await {
+                Some(p) => p,
+                None => return,
+            },
+        };
+        let (n, decision, die) = {
+            let mut rng = rand::rng();
+            let roll: f64 = rng.random();
+            let decision = if roll < 0.55 {
+                Decision::Commit
+            } else if roll < 0.85 {
+                Decision::Rollback
+            } else {
+                Decision::Unknown
+            };
+            (rng.random_range(1..=3), decision, rng.random_bool(0.15))
+        };
+        let bodies: Vec<String> = (0..n).map(|k| format!("t{w}-{seq}-{k}")).collect();
+        seq += 1;
+        {
+            let mut ledger = world.ledger.lock().unwrap();
+            for b in &bodies {
+                ledger.decisions.insert(b.clone(), decision);
+            }
+        }
+        let mut tx = p.begin().expect("producer has a group");
+        let messages = bodies
+            .iter()
+            .map(|b| Message::new(TOPIC, b.clone()))
+            .collect();
+        if tx.send_batch(messages).await.is_err() {
+            // The half may or may not be stored; the check-back settles it either way.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            producer = Some(p);
+            continue;
+        }
+        {
+            let mut ledger = world.ledger.lock().unwrap();
+            let id = tx.id().unwrap_or_default().to_string();
+            for b in &bodies {
+                ledger.txn_of.insert(b.clone(), id.clone());
+            }
+            ledger.half_acked.extend(bodies);
+        }
+        if die {
+            // Killed between the half message and the end: only a check-back resolves it.
+            world.counts.deaths.fetch_add(1, Ordering::Relaxed);
+            drop(tx);
+            drop(p);
+            continue;
+        }
+        let ended = match decision {
+            Decision::Commit => {
+                world.counts.commits.fetch_add(1, Ordering::Relaxed);
+                tx.commit().await
+            }
+            Decision::Rollback => {
+                world.counts.rollbacks.fetch_add(1, Ordering::Relaxed);
+                tx.rollback().await
+            }
+            Decision::Unknown => {
+                world.counts.unknowns.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+        };
+        if ended.is_err() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        producer = Some(p);
+    }
+}
+
+async fn consumer(world: Arc<World>, g: usize) {
+    let options = ConsumerOptions {
+        lease: Some(Duration::from_secs(1)),
+        window: 64,
+        ..ConsumerOptions::new(GROUPS[g], TOPIC)
+    };
+    while !world.stop_consumers.load(Ordering::Relaxed) {
+        let Ok(mut c) = Consumer::subscribe(&world.addr, options.clone()).await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        while !world.stop_consumers.load(Ordering::Relaxed) {
+            let d = match tokio::time::timeout(Duration::from_millis(300), c.next()).await {
+                Err(_) => continue,
+                Ok(Some(Ok(d))) => d,
+                Ok(Some(Err(_))) | Ok(None) => break,
+            };
+            let body = String::from_utf8_lossy(d.body()).into_owned();
+            {
+                let mut log = world.groups[g].lock().unwrap();
+                log.deliveries += 1;
+                if d.attempt > 1 {
+                    log.redeliveries += 1;
+                }
+                if log.acked.contains(&body) {
+                    log.violations.push(format!(
+                        "{body} delivered again (attempt {}) after its ack was confirmed",
+                        d.attempt
+                    ));
+                }
+                if body.starts_with('t') {
+                    let decision = world.ledger.lock().unwrap().decisions.get(&body).copied();
+                    if decision != Some(Decision::Commit) {
+                        log.violations.push(format!(
+                            "{body} delivered but its transaction: {decision:?}"
+                        ));
+                    }
+                }
+                log.seen.insert(body.clone());
+                log.ack_unsure.remove(&body);
+                log.history.entry(body.clone()).or_default().push(format!(
+                    "delivered attempt {} offset {}",
+                    d.attempt,
+                    d.offset()
+                ));
+            }
+            let roll: f64 = rand::rng().random();
+            let what = if world.settle.load(Ordering::Relaxed) || roll < 0.7 {
+                match d.ack().await {
+                    Ok(()) => {
+                        world.groups[g].lock().unwrap().acked.insert(body.clone());
+                        "acked".to_string()
+                    }
+                    Err(e) => {
+                        if matches!(e, txmq_client::Error::Disconnected(_)) {
+                            world.groups[g]
+                                .lock()
+                                .unwrap()
+                                .ack_unsure
+                                .insert(body.clone());
+                        }
+                        format!("ack failed: {e}")
+                    }
+                }
+            } else if roll < 0.85 {
+                world.counts.nacks.fetch_add(1, Ordering::Relaxed);
+                format!("nack: {:?}", d.nack(Some(Duration::from_millis(100))).await)
+            } else {
+                world.counts.ignored.fetch_add(1, Ordering::Relaxed);
+                "ignored".to_string()
+            };
+            let mut log = world.groups[g].lock().unwrap();
+            log.history.entry(body).or_default().push(what);
+        }
+    }
+}
+
+/// Bodies every group must have acked by the end.
+fn required(ledger: &Ledger) -> HashSet<String> {
+    let committed = ledger
+        .half_acked
+        .iter()
+        .filter(|b| ledger.decisions.get(*b) == Some(&Decision::Commit));
+    ledger
+        .plain_acked
+        .iter()
+        .chain(committed)
+        .cloned()
+        .collect()
+}
+
+/// Required bodies this group has not acked, counting an ack whose answer was lost as
+/// done only if the message never came back.
+fn lost<'a>(required: &'a HashSet<String>, g: &GroupLog) -> Vec<&'a String> {
+    required
+        .iter()
+        .filter(|b| !g.acked.contains(*b) && !g.ack_unsure.contains(*b))
+        .collect()
+}
+
+fn missing(world: &World) -> usize {
+    let required = required(&world.ledger.lock().unwrap());
+    world
+        .groups
+        .iter()
+        .map(|g| lost(&required, &g.lock().unwrap()).len())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_torture() {
+    let kills: usize = std::env::var("TXMQ_TORTURE_KILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let mut b = TestBroker::start_on_fixed_port(&[
+        "--check-timeout",
+        "1s",
+        "--check-interval",
+        "100ms",
+        "--check-backoff",
+        "300ms",
+        "--check-max",
+        "10",
+        "--check-reply-timeout",
+        "1s",
+        "--max-attempts",
+        "1000",
+    ]);
+    let world = Arc::new(World {
+        addr: b.addr().to_string(),
+        ledger: Mutex::default(),
+        groups: Default::default(),
+        counts: Counts::default(),
+        stop_producers: AtomicBool::new(false),
+        settle: AtomicBool::new(false),
+        stop_consumers: AtomicBool::new(false),
+    });
+    let mut producers = Vec::new();
+    for w in 0..2 {
+        producers.push(tokio::spawn(plain_producer(world.clone(), w)));
+        producers.push(tokio::spawn(txn_producer(world.clone(), w)));
+    }
+    let mut consumers = Vec::new();
+    for g in 0..GROUPS.len() {
+        for _ in 0..2 {
+            consumers.push(tokio::spawn(consumer(world.clone(), g)));
+        }
+    }
+
+    for _ in 0..kills {
+        let (up, down) = {
+            let mut rng = rand::rng();
+            (rng.random_range(200..900), rng.random_range(0..200))
+        };
+        tokio::time::sleep(Duration::from_millis(up)).await;
+        b.kill9();
+        tokio::time::sleep(Duration::from_millis(down)).await;
+        b.start_again();
+    }
+
+    // Settle: no more kills or new work; consumers ack everything; check-backs resolve
+    // what the dead producers left. Bounded.
+    world.stop_producers.store(true, Ordering::Relaxed);
+    for p in producers {
+        tokio::time::timeout(Duration::from_secs(30), p)
+            .await
+            .expect("a producer hung")
+            .unwrap();
+    }
+    world.settle.store(true, Ordering::Relaxed);
+    // The transactional producers are gone; one stays connected to answer check-backs.
+    let answering = Producer::connect(b.addr(), checker(world.clone()))
+        .await
+        .expect("checker connects");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while missing(&world) > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Give late redeliveries (violations) and late commits a chance to show.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    world.stop_consumers.store(true, Ordering::Relaxed);
+    for c in consumers {
+        tokio::time::timeout(Duration::from_secs(30), c)
+            .await
+            .expect("a consumer hung")
+            .unwrap();
+    }
+    drop(answering);
+    assert!(b.is_running(), "the broker died on its own");
+
+    let ledger = world.ledger.lock().unwrap();
+    let required = required(&ledger);
+    let c = &world.counts;
+    let mut problems = Vec::new();
+    let mut summary = format!(
+        "torture: kills={kills} plain_acked={} txn_messages={} half_acked={} committed={} \
+         rolled_back={} unknown={} producer_deaths={} nacks={} ignored={} required={}",
+        ledger.plain_acked.len(),
+        ledger.decisions.len(),
+        ledger.half_acked.len(),
+        c.commits.load(Ordering::Relaxed),
+        c.rollbacks.load(Ordering::Relaxed),
+        c.unknowns.load(Ordering::Relaxed),
+        c.deaths.load(Ordering::Relaxed),
+        c.nacks.load(Ordering::Relaxed),
+        c.ignored.load(Ordering::Relaxed),
+        required.len(),
+    );
+    for (name, g) in GROUPS.iter().zip(&world.groups) {
+        let g = g.lock().unwrap();
+        let lost = lost(&required, &g);
+        summary += &format!(
+            " {name}:deliveries={},redeliveries={},acked={},ack_unanswered={},lost={},violations={}",
+            g.deliveries,
+            g.redeliveries,
+            g.acked.len(),
+            g.ack_unsure.len(),
+            lost.len(),
+            g.violations.len()
+        );
+        if let Some(body) = lost.first() {
+            let state = (
+                ledger.plain_acked.contains(*body),
+                ledger.decisions.get(*body),
+            );
+            problems.push(format!(
+                "{name}: {} required messages never acked, e.g. {body} {state:?}: {:?}",
+                lost.len(),
+                g.history.get(*body)
+            ));
+            problems.push(b.cli_ok(&["group", "describe", name]));
+            let txns = b.cli_ok(&["txn", "list", "--limit", "1000000"]);
+            let id = ledger.txn_of.get(*body).cloned().unwrap_or_default();
+            problems.push(format!(
+                "its transaction {id}: {:?}",
+                txns.lines().find(|l| !id.is_empty() && l.starts_with(&id))
+            ));
+            let mut states: HashMap<&str, usize> = HashMap::new();
+            for l in txns.lines() {
+                if let Some(state) = l.split_whitespace().nth(1) {
+                    *states.entry(state).or_default() += 1;
+                }
+            }
+            problems.push(format!("transactions by state: {states:?}"));
+        }
+        problems.extend(g.violations.iter().take(5).map(|v| format!("{name}: {v}")));
+    }
+    println!("{summary}");
+    assert!(
+        required.len() > 100,
+        "too little traffic to mean anything: {summary}"
+    );
+    assert!(problems.is_empty(), "{summary}\n{}", problems.join("\n"));
+}
