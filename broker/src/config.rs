@@ -1,11 +1,19 @@
 //! Typed broker configuration: every setting with a default that works, validated once.
+//!
+//! Settings come in layers, each overriding the one before: built-in defaults, the TOML
+//! file given by `--config` (keys are the flag names with `_`, see `txmq.sample.toml`),
+//! `TXMQ_*` environment variables, then command-line flags. [`Config::layered`] merges
+//! a file's table with the flags' table and deserializes the result once, so every
+//! layer is checked by the same rules and an unknown key is an error, not a no-op.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
+
 /// How a success reply relates to the disk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum FlushMode {
     /// Every reply to send, commit, rollback or ack waits for an fsync of the write-ahead
@@ -17,7 +25,8 @@ pub enum FlushMode {
 }
 
 /// Everything the broker can be told.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Address to listen on (port 0 picks a free port).
     pub listen: SocketAddr,
@@ -36,27 +45,41 @@ pub struct Config {
     /// Most concurrent connections.
     pub max_connections: usize,
     /// Age of a prepared transaction at its first check-back.
+    #[serde(with = "duration")]
     pub check_timeout: Duration,
     /// How often the check scheduler looks for due checks.
+    #[serde(with = "duration")]
     pub check_interval: Duration,
     /// Counted check attempts before a transaction is discarded.
     pub check_max: u32,
     /// Waits between checks; the last one repeats.
+    #[serde(with = "duration_list")]
     pub check_backoff: Vec<Duration>,
     /// How long the broker waits for a producer's answer to one check.
+    #[serde(with = "duration")]
     pub check_reply_timeout: Duration,
     /// How long resolved transactions are remembered, so late duplicates are recognised.
+    #[serde(with = "duration")]
     pub txn_retention: Duration,
     /// Default lease (invisible duration) of a delivered message.
+    #[serde(with = "duration")]
     pub lease: Duration,
     /// Default window of unacknowledged deliveries per consumer.
     pub window: u32,
     /// Deliveries of one message before it goes to the dead-letter queue.
     pub max_attempts: u32,
     /// Redelivery delays after a nack without delay; the last one repeats.
+    #[serde(with = "duration_list")]
     pub nack_backoff: Vec<Duration>,
-    /// Shared secret every client must present in its handshake (`None`: open).
+    /// File holding the shared secret every client must present (`None`: open).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auth_token_file: Option<PathBuf>,
+    /// The secret itself, read from `auth_token_file` at start; never printed.
+    #[serde(skip)]
     pub auth_token: Option<String>,
+    /// Where to serve Prometheus metrics and `/health` over HTTP (`None`: not served).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Default for Config {
@@ -88,12 +111,57 @@ impl Default for Config {
             .map(s)
             .chain([m(20), m(30), m(60), m(120)])
             .collect(),
+            auth_token_file: None,
             auth_token: None,
+            metrics_listen: None,
         }
     }
 }
 
 impl Config {
+    /// Builds the configuration from a TOML file's table (if any) overlaid by the
+    /// flags' table (flags and environment variables), over the defaults; then reads
+    /// the auth token file and validates.
+    ///
+    /// # Errors
+    /// A sentence naming the bad key or value, or the unreadable file.
+    pub fn layered(file: Option<&Path>, flags: toml::Table) -> Result<Self, String> {
+        let mut table = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
+                text.parse::<toml::Table>()
+                    .map_err(|e| format!("config file {}: {e}", path.display()))?
+            }
+            None => toml::Table::new(),
+        };
+        table.extend(flags);
+        let mut config = Config::deserialize(toml::Value::Table(table)).map_err(|e| {
+            let origin = file.map_or("settings".to_string(), |p| p.display().to_string());
+            format!("{origin}: {}", e.message())
+        })?;
+        config.auth_token = match &config.auth_token_file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("cannot read auth-token-file {}: {e}", path.display()))?;
+                let token = text.trim().to_string();
+                if token.is_empty() {
+                    return Err(format!("auth-token-file {} is empty", path.display()));
+                }
+                Some(token)
+            }
+            None => None,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The effective configuration as TOML, as `--print-config` shows it (the auth
+    /// token is never shown, only its file).
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("every setting serializes")
+    }
+
     /// Checks the settings that can be wrong together.
     ///
     /// # Errors
@@ -171,6 +239,52 @@ pub fn parse_duration_list(text: &str) -> Result<Vec<Duration>, String> {
     Ok(list)
 }
 
+/// Serde for a duration as text (`"6s"`, `"1h 30m"`).
+mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        super::parse_duration(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Serde for a list of durations: an array of texts or one comma-separated text.
+mod duration_list {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(list: &[Duration], s: S) -> Result<S::Ok, S::Error> {
+        let text: Vec<String> = list
+            .iter()
+            .map(|d| humantime::format_duration(*d).to_string())
+            .collect();
+        s.serialize_str(&text.join(","))
+    }
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Form {
+        Text(String),
+        List(Vec<String>),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
+        let text = match Form::deserialize(d)? {
+            Form::Text(t) => t,
+            Form::List(l) => l.join(","),
+        };
+        super::parse_duration_list(&text).map_err(serde::de::Error::custom)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -203,6 +317,47 @@ mod tests {
         assert_eq!(c.nack_wait(18), Duration::from_secs(7200));
         assert_eq!(c.nack_wait(99), Duration::from_secs(7200));
         assert_eq!(c.nack_backoff.len(), 18);
+    }
+
+    #[test]
+    fn layers_override_in_order_and_unknown_keys_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("txmq.toml");
+        std::fs::write(
+            &file,
+            "lease = \"10s\"\nwindow = 64\ncheck_backoff = [\"1s\", \"2s\"]\nflush = \"async\"\n",
+        )
+        .unwrap();
+        let mut flags = toml::Table::new();
+        flags.insert("window".into(), toml::Value::Integer(8));
+        let c = Config::layered(Some(&file), flags).unwrap();
+        assert_eq!(c.lease, Duration::from_secs(10), "file over default");
+        assert_eq!(c.window, 8, "flag over file");
+        assert_eq!(c.flush, FlushMode::Async);
+        assert_eq!(
+            c.check_backoff,
+            vec![Duration::from_secs(1), Duration::from_secs(2)]
+        );
+        assert_eq!(c.max_attempts, 16, "default kept");
+        // What --print-config shows reads back to the same settings.
+        let printed = dir.path().join("printed.toml");
+        std::fs::write(&printed, c.to_toml()).unwrap();
+        let again = Config::layered(Some(&printed), toml::Table::new()).unwrap();
+        assert_eq!(again.to_toml(), c.to_toml());
+
+        std::fs::write(&file, "leese = \"10s\"\n").unwrap();
+        let err = Config::layered(Some(&file), toml::Table::new()).unwrap_err();
+        assert!(err.contains("unknown field `leese`"), "{err}");
+        std::fs::write(&file, "lease = \"soon\"\n").unwrap();
+        let err = Config::layered(Some(&file), toml::Table::new()).unwrap_err();
+        assert!(err.contains("bad duration \"soon\""), "{err}");
+    }
+
+    #[test]
+    fn the_sample_file_is_the_defaults() {
+        let sample = Path::new(env!("CARGO_MANIFEST_DIR")).join("../txmq.sample.toml");
+        let c = Config::layered(Some(&sample), toml::Table::new()).unwrap();
+        assert_eq!(c.to_toml(), Config::default().to_toml());
     }
 
     #[test]

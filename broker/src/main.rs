@@ -1,113 +1,111 @@
-//! `txmq-broker`: parse flags, bind, print the bound address, serve until SIGINT/SIGTERM.
+//! `txmq-broker`: gather the settings (defaults, `--config` file, `TXMQ_*` environment,
+//! flags), bind, print the bound address, serve until SIGINT/SIGTERM.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use serde::Serialize;
 use txmq_broker::config::{self, Config, FlushMode};
 
 /// The txmq transactional message broker.
-#[derive(Debug, Parser)]
+///
+/// Every setting can also be given in the `--config` TOML file (key = flag name with `_`)
+/// or as a `TXMQ_<NAME>` environment variable; flags override the environment, which
+/// overrides the file. Unset settings take the defaults `--print-config` shows.
+#[derive(Debug, Parser, Serialize)]
 #[command(name = "txmq-broker", version, about)]
-struct Args {
-    /// Address to listen on; port 0 picks a free port (printed once bound).
-    #[arg(long, default_value = "127.0.0.1:9876", env = "TXMQ_LISTEN")]
-    listen: SocketAddr,
-    /// Directory for the broker's data.
-    #[arg(long, default_value = "./txmq-data", env = "TXMQ_DATA_DIR")]
-    data_dir: PathBuf,
-    /// `sync`: replies wait for fsync (group commit). `async`: replies once in the OS page
-    /// cache; survives a broker crash, not a machine crash.
-    #[arg(long, value_enum, default_value = "sync", env = "TXMQ_FLUSH")]
-    flush: FlushMode,
-    /// Create topics on first use.
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-    auto_create_topics: bool,
-    /// Age of a prepared transaction at its first check-back.
-    #[arg(long, default_value = "6s", value_parser = config::parse_duration)]
-    check_timeout: Duration,
-    /// How often the check scheduler runs.
-    #[arg(long, default_value = "1s", value_parser = config::parse_duration)]
-    check_interval: Duration,
-    /// Counted check-backs before a transaction is discarded.
-    #[arg(long, default_value_t = 15)]
-    check_max: u32,
-    /// Waits between check-backs, comma-separated; the last repeats.
-    #[arg(long, default_value = "10s,30s,1m,2m,5m,10m", value_parser = config::parse_duration_list)]
-    check_backoff: DurationList,
-    /// How long to wait for a producer's answer to one check.
-    #[arg(long, default_value = "3s", value_parser = config::parse_duration)]
-    check_reply_timeout: Duration,
-    /// How long resolved transactions are remembered.
-    #[arg(long, default_value = "24h", value_parser = config::parse_duration)]
-    txn_retention: Duration,
-    /// Default lease (invisible duration) of a delivery.
-    #[arg(long, default_value = "30s", value_parser = config::parse_duration)]
-    lease: Duration,
-    /// Default window of unacknowledged deliveries per consumer.
-    #[arg(long, default_value_t = 256)]
-    window: u32,
-    /// Deliveries of a message before it goes to the dead-letter queue.
-    #[arg(long, default_value_t = 16)]
-    max_attempts: u32,
-    /// Redelivery delays after a nack without delay, comma-separated; the last repeats.
-    #[arg(long, value_parser = config::parse_duration_list)]
-    nack_backoff: Option<DurationList>,
-    /// Largest message body in bytes.
-    #[arg(long, default_value_t = 4 * 1024 * 1024)]
-    max_message_bytes: usize,
-    /// Most concurrent connections; further ones are refused with TOO_MANY_CONNECTIONS.
-    #[arg(long, default_value_t = 10_000)]
-    max_connections: usize,
-    /// Most requests one connection may have waiting; beyond it the broker stops reading
-    /// that connection until answers go out (backpressure).
-    #[arg(long, default_value_t = 4096)]
-    max_in_flight: usize,
-    /// File holding a shared secret that every client must present.
+struct Flags {
+    /// TOML file with settings (see txmq.sample.toml).
+    #[arg(long, env = "TXMQ_CONFIG")]
+    #[serde(skip)]
+    config: Option<PathBuf>,
+    /// Print the effective configuration as TOML and exit.
     #[arg(long)]
+    #[serde(skip)]
+    print_config: bool,
+    /// Address to listen on; port 0 picks a free port (printed once bound) [default: 127.0.0.1:9876].
+    #[arg(long, env = "TXMQ_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Directory for the broker's data [default: ./txmq-data].
+    #[arg(long, env = "TXMQ_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// `sync`: replies wait for fsync (group commit). `async`: replies once in the OS page
+    /// cache; survives a broker crash, not a machine crash [default: sync].
+    #[arg(long, value_enum, env = "TXMQ_FLUSH")]
+    flush: Option<FlushMode>,
+    /// Create topics on first use [default: true].
+    #[arg(long, env = "TXMQ_AUTO_CREATE_TOPICS")]
+    auto_create_topics: Option<bool>,
+    /// Age of a prepared transaction at its first check-back [default: 6s].
+    #[arg(long, env = "TXMQ_CHECK_TIMEOUT", value_parser = duration_text)]
+    check_timeout: Option<String>,
+    /// How often the check scheduler runs [default: 1s].
+    #[arg(long, env = "TXMQ_CHECK_INTERVAL", value_parser = duration_text)]
+    check_interval: Option<String>,
+    /// Counted check-backs before a transaction is discarded [default: 15].
+    #[arg(long, env = "TXMQ_CHECK_MAX")]
+    check_max: Option<u32>,
+    /// Waits between check-backs, comma-separated; the last repeats [default: 10s,30s,1m,2m,5m,10m].
+    #[arg(long, env = "TXMQ_CHECK_BACKOFF", value_parser = duration_list_text)]
+    check_backoff: Option<String>,
+    /// How long to wait for a producer's answer to one check [default: 3s].
+    #[arg(long, env = "TXMQ_CHECK_REPLY_TIMEOUT", value_parser = duration_text)]
+    check_reply_timeout: Option<String>,
+    /// How long resolved transactions are remembered [default: 24h].
+    #[arg(long, env = "TXMQ_TXN_RETENTION", value_parser = duration_text)]
+    txn_retention: Option<String>,
+    /// Default lease (invisible duration) of a delivery [default: 30s].
+    #[arg(long, env = "TXMQ_LEASE", value_parser = duration_text)]
+    lease: Option<String>,
+    /// Default window of unacknowledged deliveries per consumer [default: 256].
+    #[arg(long, env = "TXMQ_WINDOW")]
+    window: Option<u32>,
+    /// Deliveries of a message before it goes to the dead-letter queue [default: 16].
+    #[arg(long, env = "TXMQ_MAX_ATTEMPTS")]
+    max_attempts: Option<u32>,
+    /// Redelivery delays after a nack without delay, comma-separated; the last repeats
+    /// [default: 1s,5s,10s,30s,1m,2m,…,10m,20m,30m,1h,2h].
+    #[arg(long, env = "TXMQ_NACK_BACKOFF", value_parser = duration_list_text)]
+    nack_backoff: Option<String>,
+    /// Largest message body in bytes [default: 4194304].
+    #[arg(long, env = "TXMQ_MAX_MESSAGE_BYTES")]
+    max_message_bytes: Option<usize>,
+    /// Largest frame on the wire in bytes [default: 16777216].
+    #[arg(long, env = "TXMQ_MAX_FRAME_LEN")]
+    max_frame_len: Option<usize>,
+    /// Most concurrent connections; further ones are refused with TOO_MANY_CONNECTIONS
+    /// [default: 10000].
+    #[arg(long, env = "TXMQ_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
+    /// Most requests one connection may have waiting; beyond it the broker stops reading
+    /// that connection until answers go out (backpressure) [default: 4096].
+    #[arg(long, env = "TXMQ_MAX_IN_FLIGHT")]
+    #[serde(rename = "max_in_flight_per_connection")]
+    max_in_flight: Option<usize>,
+    /// File holding a shared secret that every client must present.
+    #[arg(long, env = "TXMQ_AUTH_TOKEN_FILE")]
     auth_token_file: Option<PathBuf>,
+    /// Serve Prometheus metrics (`/metrics`) and `/health` over HTTP on this address.
+    #[arg(long, env = "TXMQ_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
 }
 
-type DurationList = Vec<Duration>;
+fn duration_text(text: &str) -> Result<String, String> {
+    config::parse_duration(text).map(|_| text.to_string())
+}
 
-impl Args {
-    fn into_config(self) -> anyhow::Result<Config> {
-        let defaults = Config::default();
-        let auth_token = match &self.auth_token_file {
-            Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .with_context(|| format!("reading --auth-token-file {}", path.display()))?;
-                let token = text.trim().to_string();
-                anyhow::ensure!(!token.is_empty(), "{} is empty", path.display());
-                Some(token)
-            }
-            None => None,
-        };
-        let config = Config {
-            listen: self.listen,
-            data_dir: self.data_dir,
-            flush: self.flush,
-            auto_create_topics: self.auto_create_topics,
-            check_timeout: self.check_timeout,
-            check_interval: self.check_interval,
-            check_max: self.check_max,
-            check_backoff: self.check_backoff,
-            check_reply_timeout: self.check_reply_timeout,
-            txn_retention: self.txn_retention,
-            lease: self.lease,
-            window: self.window,
-            max_attempts: self.max_attempts,
-            nack_backoff: self.nack_backoff.unwrap_or(defaults.nack_backoff),
-            max_message_bytes: self.max_message_bytes,
-            max_connections: self.max_connections,
-            max_in_flight_per_connection: self.max_in_flight,
-            auth_token,
-            ..defaults
-        };
-        config.validate().map_err(anyhow::Error::msg)?;
-        Ok(config)
+fn duration_list_text(text: &str) -> Result<String, String> {
+    config::parse_duration_list(text).map(|_| text.to_string())
+}
+
+impl Flags {
+    fn into_config(self) -> anyhow::Result<(Config, bool)> {
+        // Unset flags serialize to nothing, so the file's values show through.
+        let table = toml::Table::try_from(&self).context("flags")?;
+        let config = Config::layered(self.config.as_deref(), table).map_err(anyhow::Error::msg)?;
+        Ok((config, self.print_config))
     }
 }
 
@@ -120,6 +118,11 @@ async fn main() {
 }
 
 async fn serve() -> anyhow::Result<()> {
+    let (config, print) = Flags::parse().into_config()?;
+    if print {
+        print!("{}", config.to_toml());
+        return Ok(());
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -128,7 +131,6 @@ async fn serve() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let config = Args::parse().into_config()?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -136,8 +138,8 @@ async fn serve() -> anyhow::Result<()> {
     let data_dir = config.data_dir.clone();
     let flush = config.flush;
     let serve = txmq_broker::run(listener, config, shutdown_signal());
-    // Printed once storage is open? No: printed once the socket is bound, which is when
-    // clients can connect; requests wait for storage inside `run`.
+    // Printed once the socket is bound, which is when clients can connect; requests
+    // wait for storage inside `run`.
     println!("txmq-broker listening on {addr}");
     tracing::info!(%addr, data_dir = %data_dir.display(), ?flush, "txmq-broker started");
     serve.await.map_err(|e| match e {

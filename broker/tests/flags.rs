@@ -75,3 +75,52 @@ fn a_second_broker_on_the_same_directory_refuses_to_start() {
     let _ = first.wait();
     assert!(err.contains("in use by another broker"), "{err}");
 }
+
+/// `--config` file, `TXMQ_*` environment and flags, each overriding the one before, as
+/// `--print-config` shows them; a bad key in the file is one clear line.
+#[test]
+fn config_file_environment_and_flags_layer_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("txmq.toml");
+    std::fs::write(
+        &file,
+        "window = 64\nlease = \"10s\"\ncheck_max = 3\nmetrics_listen = \"127.0.0.1:9999\"\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_txmq-broker"))
+        .args([
+            "--config",
+            file.to_str().unwrap(),
+            "--print-config",
+            "--lease",
+            "5s",
+        ])
+        .env("TXMQ_WINDOW", "32")
+        .env("TXMQ_MAX_ATTEMPTS", "7")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let printed = String::from_utf8(out.stdout).unwrap();
+    for line in [
+        "window = 32",      // environment over file
+        "lease = \"5s\"",   // flag over file
+        "check_max = 3",    // file over default
+        "max_attempts = 7", // environment over default
+        "metrics_listen = \"127.0.0.1:9999\"",
+        "max_connections = 10000", // default
+    ] {
+        assert!(
+            printed.lines().any(|l| l == line),
+            "{line:?} missing in:\n{printed}"
+        );
+    }
+
+    std::fs::write(&file, "windw = 64\n").unwrap();
+    let out = broker(&["--config", file.to_str().unwrap(), "--print-config"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unknown field `windw`"), "{err}");
+    let out = broker(&["--config", "/nonexistent/txmq.toml"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot read config file"), "{err}");
+}
