@@ -237,6 +237,8 @@ async fn dispatch(frame: Frame, session: &mut Session, shared: &Arc<Shared>) -> 
         Body::DescribeGroup(req) => cmd::admin::describe_group(id, req, shared),
         Body::ListDeadLetters(req) => cmd::admin::list_dead_letters(id, req, shared),
         Body::Redrive(req) => cmd::admin::redrive(id, req, shared),
+        Body::ListGroups(_) => cmd::admin::list_groups(id, shared),
+        Body::Stats(_) => cmd::admin::stats(id, shared),
         Body::Hello(_) | Body::CheckReply(_) => unreachable!("handled above"),
         Body::Response(_) | Body::Delivery(_) | Body::Check(_) => cmd::ready(
             id,

@@ -22,6 +22,7 @@
 //! - [`storage`]: column families, reads, and the [`storage::writer`].
 //! - [`delivery`]: consumer groups.
 //! - [`txn`]: check-backs and the producers that answer them.
+//! - [`metrics`]: Prometheus counters and the `/metrics` + `/health` endpoint.
 
 pub mod cmd;
 pub mod config;
@@ -29,6 +30,7 @@ pub mod connection;
 pub mod delivery;
 pub mod error;
 pub mod ids;
+pub mod metrics;
 pub mod server;
 pub mod storage;
 pub mod topics;

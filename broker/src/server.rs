@@ -19,6 +19,7 @@ use crate::connection;
 use crate::delivery::Groups;
 use crate::error::{Error, Result};
 use crate::ids::IdGen;
+use crate::metrics::{self, Metrics};
 use crate::storage::Storage;
 use crate::storage::writer::{Writer, WriterHandle};
 use crate::topics::{Topic, Topics};
@@ -46,6 +47,8 @@ pub struct Shared {
     pub connection_ids: AtomicU64,
     /// Subscription id source.
     pub subscription_ids: AtomicU64,
+    /// Counters for `/metrics`.
+    pub metrics: Arc<Metrics>,
 }
 
 /// Runs a broker on an already-bound listener until `shutdown` completes.
@@ -58,14 +61,22 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
     let config = Arc::new(config);
+    let metrics_listener =
+        match config.metrics_listen {
+            Some(addr) => Some(metrics::bind(addr).await.map_err(|e| {
+                Error::Internal(format!("cannot listen for metrics on {addr}: {e}"))
+            })?),
+            None => None,
+        };
     let dir = config.data_dir.clone();
-    let (storage, boot, stored) = tokio::task::spawn_blocking(move || {
+    let (storage, boot, stored, halves) = tokio::task::spawn_blocking(move || {
         std::fs::create_dir_all(&dir)
             .map_err(|e| Error::Internal(format!("cannot create {}: {e}", dir.display())))?;
         let storage = Storage::open(&dir)?;
         let boot = storage.next_boot()?;
         let topics = storage.topics()?;
-        Ok::<_, Error>((storage, boot, topics))
+        let halves = storage.count_halves()?;
+        Ok::<_, Error>((storage, boot, topics, halves))
     })
     .await
     .map_err(|e| Error::Internal(e.to_string()))??;
@@ -78,13 +89,16 @@ pub async fn run(
             t.end,
         )));
     }
-    tracing::info!(boot, topics = topics.all().len(), "storage open");
+    tracing::info!(boot, topics = topics.all().len(), halves, "storage open");
+    let metrics = Arc::new(Metrics::new());
+    metrics.half_messages_pending.set(halves as i64);
 
     let (writer, writer_thread) = Writer::spawn(
         storage.clone(),
         topics.clone(),
         Arc::new(IdGen::new(boot)),
         config.clone(),
+        metrics.clone(),
     );
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -95,14 +109,26 @@ pub async fn run(
         writer.clone(),
         producers.clone(),
         config.clone(),
+        metrics.clone(),
     );
     tracker.spawn(checker.run(answers_rx, cancel.clone()));
+    if let Some(listener) = metrics_listener {
+        tracing::info!(addr = %listener.local_addr().map_err(|e| Error::Internal(e.to_string()))?, "metrics endpoint");
+        tracker.spawn(metrics::serve(
+            listener,
+            metrics.clone(),
+            storage.clone(),
+            topics.clone(),
+            cancel.clone(),
+        ));
+    }
     let shared = Arc::new(Shared {
         groups: Groups::new(
             storage.clone(),
             writer.clone(),
             topics.clone(),
             config.clone(),
+            metrics.clone(),
             tracker.clone(),
             cancel.clone(),
         ),
@@ -114,6 +140,7 @@ pub async fn run(
         answers,
         connection_ids: AtomicU64::new(1),
         subscription_ids: AtomicU64::new(1),
+        metrics,
     });
 
     tokio::select! {
@@ -172,8 +199,15 @@ async fn accept(
         let cancel = cancel.clone();
         tracker.spawn(async move {
             match permit {
-                Some(_permit) => connection::serve(socket, peer, shared, cancel).await,
-                None => connection::refuse_full(socket, peer).await,
+                Some(_permit) => {
+                    shared.metrics.connections.inc();
+                    connection::serve(socket, peer, shared.clone(), cancel).await;
+                    shared.metrics.connections.dec();
+                }
+                None => {
+                    shared.metrics.connections_refused.inc();
+                    connection::refuse_full(socket, peer).await;
+                }
             }
         });
     }

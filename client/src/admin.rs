@@ -158,4 +158,25 @@ impl Admin {
             .await?;
         Ok(expect!(r, Redrive)?.redriven)
     }
+
+    /// Every consumer group on every topic it subscribed to, with its lag.
+    ///
+    /// # Errors
+    /// Connection lost.
+    pub async fn groups(&self) -> Result<Vec<pb::GroupSummary>> {
+        let r = self
+            .conn
+            .call(Body::ListGroups(pb::ListGroupsRequest {}))
+            .await?;
+        Ok(expect!(r, Groups)?.groups)
+    }
+
+    /// Broker-wide figures (counters since the broker started).
+    ///
+    /// # Errors
+    /// Connection lost.
+    pub async fn stats(&self) -> Result<pb::StatsOk> {
+        let r = self.conn.call(Body::Stats(pb::StatsRequest {})).await?;
+        expect!(r, Stats)
+    }
 }

@@ -49,6 +49,68 @@ pub fn list_topics(id: u64, shared: &Arc<Shared>) -> Pending {
     )
 }
 
+/// Every group on every topic it subscribed to, from the stored cursors (cheap: no group
+/// is loaded to answer).
+pub fn list_groups(id: u64, shared: &Arc<Shared>) -> Pending {
+    let shared = shared.clone();
+    later(id, async move {
+        let groups = group_summaries(&shared).await?;
+        Ok(pb::response::Result::Groups(pb::ListGroupsOk { groups }))
+    })
+}
+
+async fn group_summaries(shared: &Arc<Shared>) -> crate::error::Result<Vec<pb::GroupSummary>> {
+    let storage = shared.storage.clone();
+    let cursors = tokio::task::spawn_blocking(move || storage.cursors())
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))??;
+    Ok(cursors
+        .into_iter()
+        .filter_map(|(group, topic_id, cursor)| {
+            let topic = shared.topics.by_id(topic_id)?;
+            let next_offset = topic.end();
+            Some(pb::GroupSummary {
+                group,
+                topic: topic.name.clone(),
+                next_offset,
+                ack_floor: cursor.ack_floor,
+                lag: next_offset.saturating_sub(cursor.ack_floor),
+            })
+        })
+        .collect())
+}
+
+/// Broker-wide figures.
+pub fn stats(id: u64, shared: &Arc<Shared>) -> Pending {
+    let shared = shared.clone();
+    later(id, async move {
+        let groups: std::collections::HashSet<String> = group_summaries(&shared)
+            .await?
+            .into_iter()
+            .map(|g| g.group)
+            .collect();
+        let topics = shared.topics.all();
+        let m = &shared.metrics;
+        let resolved = |outcome: &str| m.transactions_resolved.with_label_values(&[outcome]).get();
+        Ok(pb::response::Result::Stats(pb::StatsOk {
+            broker_version: env!("CARGO_PKG_VERSION").to_string(),
+            uptime_ms: m.uptime().as_millis() as u64,
+            connections: m.connections.get().max(0) as u64,
+            topics: topics.len() as u64,
+            messages: topics.iter().map(|t| t.end()).sum(),
+            groups: groups.len() as u64,
+            half_messages_pending: m.half_messages_pending.get().max(0) as u64,
+            messages_sent: m.messages_sent.get(),
+            commits: resolved("commit"),
+            rollbacks: resolved("rollback"),
+            discarded: m.transactions_discarded.get(),
+            deliveries: m.deliveries.get(),
+            acks: m.acks.get(),
+            dead_letters: m.dead_letters.get(),
+        }))
+    })
+}
+
 /// A group's state on each topic it consumes.
 pub fn describe_group(id: u64, req: pb::DescribeGroupRequest, shared: &Arc<Shared>) -> Pending {
     if let Err(e) = super::name("group", &req.group) {

@@ -24,6 +24,7 @@ use txmq_protocol::{Frame, pb};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::metrics::Metrics;
 use crate::storage::Storage;
 use crate::storage::writer::{Command, Outcome, WriterHandle};
 use crate::topics::{Topic, Topics};
@@ -127,6 +128,7 @@ pub struct Groups {
     writer: WriterHandle,
     topics: Arc<Topics>,
     config: Arc<Config>,
+    metrics: Arc<Metrics>,
     queues: Mutex<HashMap<(String, u32), mpsc::Sender<QueueMsg>>>,
     tracker: TaskTracker,
     cancel: CancellationToken,
@@ -139,6 +141,7 @@ impl Groups {
         writer: WriterHandle,
         topics: Arc<Topics>,
         config: Arc<Config>,
+        metrics: Arc<Metrics>,
         tracker: TaskTracker,
         cancel: CancellationToken,
     ) -> Self {
@@ -147,6 +150,7 @@ impl Groups {
             writer,
             topics,
             config,
+            metrics,
             queues: Mutex::new(HashMap::new()),
             tracker,
             cancel,
@@ -219,6 +223,7 @@ impl Groups {
             self.storage.clone(),
             self.writer.clone(),
             self.config.clone(),
+            self.metrics.clone(),
         );
         let cancel = self.cancel.clone();
         self.tracker.spawn(q.run(rx, cancel));

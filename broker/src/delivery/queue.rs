@@ -17,6 +17,7 @@ use txmq_protocol::{Frame, now_ms, pb};
 use super::{ConsumerSpec, LeaseRef, MAX_WINDOW, QueueMsg, SubscribeOptions};
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::metrics::Metrics;
 use crate::storage::records::{CursorRecord, DeadLetterRecord, RetryRecord};
 use crate::storage::writer::{Command, Op, Outcome, WriterHandle};
 use crate::storage::{Cf, Storage, keys};
@@ -71,6 +72,7 @@ pub struct Queue {
     storage: Arc<Storage>,
     writer: WriterHandle,
     config: Arc<Config>,
+    metrics: Arc<Metrics>,
     /// `None` until the first subscription makes the group durable.
     cursor: Option<CursorRecord>,
     tags: Option<HashSet<String>>,
@@ -98,6 +100,7 @@ impl Queue {
         storage: Arc<Storage>,
         writer: WriterHandle,
         config: Arc<Config>,
+        metrics: Arc<Metrics>,
     ) -> Self {
         let floor = loaded.cursor.as_ref().map_or(0, |c| c.ack_floor);
         let mut q = Self {
@@ -106,6 +109,7 @@ impl Queue {
             storage,
             writer,
             config,
+            metrics,
             tags: loaded
                 .cursor
                 .as_ref()
@@ -206,6 +210,7 @@ impl Queue {
                 reply,
             } => match self.take_lease(lease) {
                 Ok(l) => {
+                    self.metrics.nacks.inc();
                     let ops = self.fail(lease.offset, l, delay, "nacked");
                     self.writer.submit_to(Command::Raw(ops), reply).await;
                 }
@@ -331,7 +336,10 @@ impl Queue {
         let mut refused = None;
         for r in leases {
             match self.take_lease(r) {
-                Ok(_) => ops.extend(self.mark_acked(r.offset)),
+                Ok(_) => {
+                    self.metrics.acks.inc();
+                    ops.extend(self.mark_acked(r.offset));
+                }
                 // An ack repeated after it was recorded is a success, not an error.
                 Err(_) if self.is_acked(r.offset) && !self.retry.contains_key(&r.offset) => {}
                 Err(e) => refused = Some(e),
@@ -398,6 +406,7 @@ impl Queue {
         let key = keys::group_offset(&self.group, self.topic.id, offset);
         if lease.attempt >= self.max_attempts() {
             self.dead_letters += 1;
+            self.metrics.dead_letters.inc();
             let record = DeadLetterRecord {
                 topic: self.topic.name.clone(),
                 offset,
@@ -584,6 +593,10 @@ impl Queue {
             }
             self.round_robin = (i + 1) % n;
             self.next_lease_id += 1;
+            self.metrics.deliveries.inc();
+            if attempt > 1 {
+                self.metrics.redeliveries.inc();
+            }
             let lease = Lease {
                 lease_id,
                 subscription_id: c.spec.subscription_id,
@@ -730,8 +743,13 @@ mod tests {
         let topics = Arc::new(crate::topics::Topics::default());
         let config = Arc::new(Config::default());
         let ids = Arc::new(crate::ids::IdGen::new(1));
-        let (writer, thread) =
-            crate::storage::writer::Writer::spawn(storage.clone(), topics, ids, config.clone());
+        let (writer, thread) = crate::storage::writer::Writer::spawn(
+            storage.clone(),
+            topics,
+            ids,
+            config.clone(),
+            Arc::new(Metrics::new()),
+        );
         let topic = Arc::new(Topic::new("t".into(), 1, 0, 2_000_000));
         let loaded = Loaded {
             cursor: Some(CursorRecord::default()),
@@ -739,7 +757,8 @@ mod tests {
             retries: vec![],
             dead_letters: 0,
         };
-        let mut q = Queue::new("g".into(), topic, loaded, storage, writer, config);
+        let metrics = Arc::new(Metrics::new());
+        let mut q = Queue::new("g".into(), topic, loaded, storage, writer, config, metrics);
         let now = now_ms();
         for offset in 0..1_000_000u64 {
             let deadline_ms = if offset % 100_000 == 0 {

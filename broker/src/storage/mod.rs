@@ -334,6 +334,23 @@ impl Storage {
         Ok(out)
     }
 
+    /// How many half messages are stored (prepared and discarded transactions). Read
+    /// once at start for the metrics; a key-only scan of the `half` column family.
+    ///
+    /// # Errors
+    /// Storage failure.
+    pub fn count_halves(&self) -> Result<u64> {
+        let mut n = 0;
+        let mut it = self.db.raw_iterator_cf(self.cf(Cf::Half));
+        it.seek_to_first();
+        while it.valid() {
+            n += 1;
+            it.next();
+        }
+        it.status()?;
+        Ok(n)
+    }
+
     /// Every consumer-group cursor.
     ///
     /// # Errors

@@ -27,6 +27,7 @@ use super::{Cf, Storage};
 use crate::config::{Config, FlushMode};
 use crate::error::{Error, Result};
 use crate::ids::{Id, IdGen};
+use crate::metrics::Metrics;
 use crate::topics::{Topic, Topics};
 
 /// Most commands folded into one write batch.
@@ -182,6 +183,7 @@ pub struct Writer {
     next_offset: HashMap<u32, u64>,
     next_topic_id: u32,
     write_opts: WriteOptions,
+    metrics: Arc<Metrics>,
 }
 
 impl Writer {
@@ -192,6 +194,7 @@ impl Writer {
         topics: Arc<Topics>,
         ids: Arc<IdGen>,
         config: Arc<Config>,
+        metrics: Arc<Metrics>,
     ) -> (WriterHandle, std::thread::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(MAX_BATCH * 2);
         let next_offset = topics.all().iter().map(|t| (t.id, t.end())).collect();
@@ -205,6 +208,7 @@ impl Writer {
             config,
             next_offset,
             write_opts,
+            metrics,
         };
         let thread = std::thread::Builder::new()
             .name("txmq-writer".into())
@@ -247,10 +251,15 @@ impl Writer {
             Ok(())
         } else {
             let storage = &self.storage;
+            let started = std::time::Instant::now();
             let w = storage
                 .db()
                 .write_opt(std::mem::take(&mut stage.batch), &self.write_opts);
             if w.is_ok() {
+                self.metrics
+                    .write_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                self.metrics.batch_requests.observe(jobs.len() as f64);
                 let c = &storage.counters;
                 c.batches.fetch_add(1, Ordering::Relaxed);
                 c.jobs.fetch_add(jobs.len() as u64, Ordering::Relaxed);
@@ -271,6 +280,7 @@ impl Writer {
                         t.set_end(next);
                     }
                 }
+                stage.tally.publish(&self.metrics);
                 for (job, result) in jobs.drain(..).zip(results) {
                     let _ = job.reply.send(result);
                 }
@@ -430,7 +440,7 @@ impl Writer {
     fn append(&mut self, messages: Vec<pb::Message>, stage: &mut Stage) -> Result<Outcome> {
         let topics = self.topics_for(&messages, stage)?;
         let now = txmq_protocol::now_ms();
-        let receipts = messages
+        let receipts: Vec<_> = messages
             .into_iter()
             .zip(topics)
             .map(|(m, t)| {
@@ -438,6 +448,7 @@ impl Writer {
                 self.append_one(&t, stored, stage)
             })
             .collect();
+        stage.tally.sent += receipts.len() as u64;
         Ok(Outcome::Stored(receipts))
     }
 
@@ -553,6 +564,7 @@ impl Writer {
             rec.message_count += 1;
         }
         self.put_txn(txn, rec, stage);
+        stage.tally.halves_sent += receipts.len() as u64;
         Ok(Outcome::Prepared { txn, receipts })
     }
 
@@ -632,6 +644,12 @@ impl Writer {
             keys::due(DueKind::Purge, rec.purge_ms, txn),
             [],
         );
+        stage.tally.halves_removed += u64::from(rec.message_count);
+        if wanted == TxnState::Committed {
+            stage.tally.committed += 1;
+        } else {
+            stage.tally.rolled_back += 1;
+        }
         self.put_txn(txn, rec, stage);
         Ok(Outcome::Ended {
             state: wanted,
@@ -684,6 +702,7 @@ impl Writer {
             "discarded after {} checks without an answer; txn rearm|commit|rollback",
             rec.check_count
         );
+        stage.tally.discarded += 1;
         self.put_txn(txn, rec, stage);
         Ok(Outcome::Done)
     }
@@ -736,6 +755,34 @@ struct Stage {
     new_topics: Vec<Arc<Topic>>,
     first_topic_id: Option<u32>,
     next_offset: HashMap<u32, u64>,
+    tally: Tally,
+}
+
+/// What a batch did, published to the metrics only once it is durable.
+#[derive(Default)]
+struct Tally {
+    sent: u64,
+    halves_sent: u64,
+    halves_removed: u64,
+    committed: u64,
+    rolled_back: u64,
+    discarded: u64,
+}
+
+impl Tally {
+    fn publish(&self, m: &Metrics) {
+        m.messages_sent.inc_by(self.sent);
+        m.half_messages_sent.inc_by(self.halves_sent);
+        m.half_messages_pending
+            .add(self.halves_sent as i64 - self.halves_removed as i64);
+        m.transactions_resolved
+            .with_label_values(&["commit"])
+            .inc_by(self.committed);
+        m.transactions_resolved
+            .with_label_values(&["rollback"])
+            .inc_by(self.rolled_back);
+        m.transactions_discarded.inc_by(self.discarded);
+    }
 }
 
 /// Converts `End` outcomes for callers that only care about the receipts.

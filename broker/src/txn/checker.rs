@@ -24,6 +24,7 @@ use super::producers::{Picked, Producers};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::ids::Id;
+use crate::metrics::Metrics;
 use crate::storage::Storage;
 use crate::storage::keys::DueKind;
 use crate::storage::records::TxnRecord;
@@ -53,6 +54,7 @@ pub struct Checker {
     writer: WriterHandle,
     producers: Arc<Producers>,
     config: Arc<Config>,
+    metrics: Arc<Metrics>,
     pending: HashMap<u64, Pending>,
     in_check: HashSet<Id>,
     next_check_id: u64,
@@ -65,12 +67,14 @@ impl Checker {
         writer: WriterHandle,
         producers: Arc<Producers>,
         config: Arc<Config>,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             storage,
             writer,
             producers,
             config,
+            metrics,
             pending: HashMap::new(),
             in_check: HashSet::new(),
             next_check_id: 1,
@@ -191,11 +195,11 @@ impl Checker {
                 (true, format!("check sent to connection {connection_id}"))
             }
             Picked::NoneConnected => (
-                false,
+                self.count("no_producer"),
                 format!("no producer of group {:?} connected", rec.group),
             ),
             Picked::AllBusy => (
-                false,
+                self.count("busy"),
                 format!("every producer of group {:?} was busy", rec.group),
             ),
         };
@@ -216,6 +220,10 @@ impl Checker {
             .map(|(id, _)| *id)
             .collect();
         let note = format!("no answer within {:?}", self.config.check_reply_timeout);
+        self.metrics
+            .checks
+            .with_label_values(&["timeout"])
+            .inc_by(late.len() as u64);
         let writes = late
             .into_iter()
             .filter_map(|id| self.finish(id))
@@ -229,6 +237,12 @@ impl Checker {
             .collect();
         self.write_all(writes).await;
         Ok(())
+    }
+
+    /// Counts a check that could not be sent; it does not count as an attempt.
+    fn count(&self, result: &str) -> bool {
+        self.metrics.checks.with_label_values(&[result]).inc();
+        false
     }
 
     fn finish(&mut self, check_id: u64) -> Option<Id> {
@@ -257,6 +271,12 @@ impl Checker {
             return None;
         }
         let outcome = TxnOutcome::try_from(answer.reply.outcome).unwrap_or(TxnOutcome::Unknown);
+        let result = match outcome {
+            TxnOutcome::Commit => "commit",
+            TxnOutcome::Rollback => "rollback",
+            _ => "unknown",
+        };
+        self.metrics.checks.with_label_values(&[result]).inc();
         Some(match outcome {
             TxnOutcome::Commit | TxnOutcome::Rollback => Command::End {
                 txn,

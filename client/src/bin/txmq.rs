@@ -60,6 +60,12 @@ enum Command {
     /// Dead-letter queues.
     #[command(subcommand)]
     Dlq(DlqCmd),
+    /// Broker-wide figures: topics, messages, groups, pending half messages, counters.
+    Stats {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -227,6 +233,12 @@ enum TxnCmd {
 
 #[derive(Debug, Subcommand)]
 enum GroupCmd {
+    /// Every group on every topic it subscribed to, with its lag.
+    List {
+        /// JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
     /// Per topic: next offset, ack floor, in flight, lag, dead letters.
     Describe {
         /// Group.
@@ -292,14 +304,78 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Topic(TopicCmd::List { json }) => {
             let topics = Admin::connect(addr, token).await?.topics().await?;
+            if !json {
+                println!("{:<40} {:>12} {:>24}", "TOPIC", "MESSAGES", "CREATED");
+            }
             for t in topics {
                 if json {
                     println!(
                         "{}",
-                        json!({"topic": t.name, "next_offset": t.next_offset, "created_ms": t.created_ms})
+                        json!({"name": t.name, "messages": t.next_offset,
+                            "next_offset": t.next_offset, "created_ms": t.created_ms})
                     );
                 } else {
-                    println!("{:<40} {:>12} messages", t.name, t.next_offset);
+                    let created = std::time::UNIX_EPOCH + Duration::from_millis(t.created_ms);
+                    let created = humantime::format_rfc3339_seconds(created);
+                    println!("{:<40} {:>12} {:>24}", t.name, t.next_offset, created);
+                }
+            }
+            Ok(())
+        }
+        Command::Group(GroupCmd::List { json }) => {
+            let groups = Admin::connect(addr, token).await?.groups().await?;
+            if !json {
+                println!(
+                    "{:<24} {:<24} {:>10} {:>10} {:>10}",
+                    "GROUP", "TOPIC", "NEXT", "ACK-FLOOR", "LAG"
+                );
+            }
+            for g in groups {
+                if json {
+                    println!(
+                        "{}",
+                        json!({"group": g.group, "topic": g.topic, "next_offset": g.next_offset,
+                            "ack_floor": g.ack_floor, "lag": g.lag})
+                    );
+                } else {
+                    println!(
+                        "{:<24} {:<24} {:>10} {:>10} {:>10}",
+                        g.group, g.topic, g.next_offset, g.ack_floor, g.lag
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Stats { json } => {
+            let s = Admin::connect(addr, token).await?.stats().await?;
+            let rows = [
+                ("topics", s.topics),
+                ("messages", s.messages),
+                ("groups", s.groups),
+                ("connections", s.connections),
+                ("half_messages_pending", s.half_messages_pending),
+                ("messages_sent", s.messages_sent),
+                ("commits", s.commits),
+                ("rollbacks", s.rollbacks),
+                ("discarded", s.discarded),
+                ("deliveries", s.deliveries),
+                ("acks", s.acks),
+                ("dead_letters", s.dead_letters),
+            ];
+            if json {
+                let mut obj = serde_json::Map::new();
+                obj.insert("broker_version".into(), json!(s.broker_version));
+                obj.insert("uptime_ms".into(), json!(s.uptime_ms));
+                for (k, v) in rows {
+                    obj.insert(k.into(), json!(v));
+                }
+                println!("{}", serde_json::Value::Object(obj));
+            } else {
+                let uptime = humantime::format_duration(Duration::from_secs(s.uptime_ms / 1000));
+                println!("broker {} up {uptime}", s.broker_version);
+                println!("(counters since the broker started: messages_sent and below)");
+                for (k, v) in rows {
+                    println!("{k:<24} {v:>12}");
                 }
             }
             Ok(())

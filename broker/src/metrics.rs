@@ -1,0 +1,241 @@
+//! Prometheus metrics, and the HTTP endpoint (`--metrics-listen`) that serves them with
+//! `/health`.
+//!
+//! Counters are bumped where the work is done — the writer after a batch is durable, the
+//! group queues as they deliver and ack, the checker as checks end — so a counter never
+//! counts what did not happen. Lag per group is computed when scraped, from the stored
+//! ack floors and the topics' ends, so idle groups cost nothing between scrapes.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::storage::Storage;
+use crate::topics::Topics;
+
+/// Every metric the broker exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    started: Instant,
+    /// Plain messages stored (visible at once).
+    pub messages_sent: IntCounter,
+    /// Half messages stored.
+    pub half_messages_sent: IntCounter,
+    /// Half messages stored and not yet committed or rolled back (prepared or discarded).
+    pub half_messages_pending: IntGauge,
+    /// Transactions resolved, by outcome (`commit`, `rollback`).
+    pub transactions_resolved: IntCounterVec,
+    /// Transactions discarded after `check-max` checks.
+    pub transactions_discarded: IntCounter,
+    /// Check-backs by result: `commit`, `rollback`, `unknown`, `timeout`, `no_producer`,
+    /// `busy`.
+    pub checks: IntCounterVec,
+    /// Deliveries to consumers (first and later attempts).
+    pub deliveries: IntCounter,
+    /// Deliveries after the first attempt.
+    pub redeliveries: IntCounter,
+    /// Acknowledged deliveries.
+    pub acks: IntCounter,
+    /// Negative acknowledgements.
+    pub nacks: IntCounter,
+    /// Messages moved to a dead-letter queue.
+    pub dead_letters: IntCounter,
+    /// Seconds to write one group-committed batch, fsync included with `flush = sync`.
+    pub write_seconds: Histogram,
+    /// Requests folded into one group-committed batch.
+    pub batch_requests: Histogram,
+    /// Open client connections.
+    pub connections: IntGauge,
+    /// Connections refused at the limit.
+    pub connections_refused: IntCounter,
+    group_lag: IntGaugeVec,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A fresh set, registered.
+    pub fn new() -> Self {
+        let registry = Registry::new_custom(Some("txmq".into()), None).expect("valid prefix");
+        let counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let counter_vec = |name: &str, help: &str, label: &str| {
+            let c = IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
+        };
+        let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
+            let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+                .expect("valid metric");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("unique metric");
+            h
+        };
+        let group_lag = IntGaugeVec::new(
+            Opts::new(
+                "group_lag",
+                "Messages from a group's ack floor to the end of the topic",
+            ),
+            &["group", "topic"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(group_lag.clone()))
+            .expect("unique metric");
+        Self {
+            started: Instant::now(),
+            messages_sent: counter("messages_sent_total", "Plain messages stored"),
+            half_messages_sent: counter("half_messages_sent_total", "Half messages stored"),
+            half_messages_pending: gauge(
+                "half_messages_pending",
+                "Half messages of prepared or discarded transactions",
+            ),
+            transactions_resolved: counter_vec(
+                "transactions_resolved_total",
+                "Transactions committed or rolled back",
+                "outcome",
+            ),
+            transactions_discarded: counter(
+                "transactions_discarded_total",
+                "Transactions discarded after check-max checks",
+            ),
+            checks: counter_vec("checks_total", "Check-backs by result", "result"),
+            deliveries: counter("deliveries_total", "Deliveries to consumers"),
+            redeliveries: counter("redeliveries_total", "Deliveries after the first attempt"),
+            acks: counter("acks_total", "Acknowledged deliveries"),
+            nacks: counter("nacks_total", "Negative acknowledgements"),
+            dead_letters: counter(
+                "dead_letters_total",
+                "Messages moved to a dead-letter queue",
+            ),
+            write_seconds: histogram(
+                "storage_write_seconds",
+                "Time to write one group-committed batch, fsync included in sync mode",
+                prometheus::exponential_buckets(0.000_05, 2.0, 16).expect("valid buckets"),
+            ),
+            batch_requests: histogram(
+                "group_commit_requests",
+                "Requests folded into one group-committed batch",
+                prometheus::exponential_buckets(1.0, 2.0, 13).expect("valid buckets"),
+            ),
+            connections: gauge("connections", "Open client connections"),
+            connections_refused: counter(
+                "connections_refused_total",
+                "Connections refused at max-connections",
+            ),
+            group_lag,
+            registry,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric, with lag computed now.
+    pub fn render(&self, storage: &Storage, topics: &Topics) -> String {
+        self.group_lag.reset();
+        match storage.cursors() {
+            Ok(cursors) => {
+                for (group, topic_id, cursor) in cursors {
+                    if let Some(topic) = topics.by_id(topic_id) {
+                        let lag = topic.end().saturating_sub(cursor.ack_floor);
+                        self.group_lag
+                            .with_label_values(&[group.as_str(), topic.name.as_str()])
+                            .set(lag as i64);
+                    }
+                }
+            }
+            Err(e) => tracing::warn!("group lag not computed: {e}"),
+        }
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding cannot fail");
+        String::from_utf8(out).expect("text format is UTF-8")
+    }
+
+    /// Time since the broker started.
+    pub fn uptime(&self) -> std::time::Duration {
+        self.started.elapsed()
+    }
+
+    fn health(&self) -> String {
+        format!(
+            "{{\"status\":\"ok\",\"uptime_s\":{},\"version\":\"{}\"}}\n",
+            self.started.elapsed().as_secs(),
+            env!("CARGO_PKG_VERSION")
+        )
+    }
+}
+
+/// Serves `GET /metrics` and `GET /health` until `cancel`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+    storage: Arc<Storage>,
+    topics: Arc<Topics>,
+    cancel: CancellationToken,
+) {
+    use axum::routing::get;
+    let scrape = {
+        let metrics = metrics.clone();
+        move || async move {
+            let text = tokio::task::spawn_blocking(move || metrics.render(&storage, &topics))
+                .await
+                .unwrap_or_default();
+            (
+                [(
+                    axum::http::header::CONTENT_TYPE,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                )],
+                text,
+            )
+        }
+    };
+    let health = move || async move {
+        (
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            metrics.health(),
+        )
+    };
+    let app = axum::Router::new()
+        .route("/metrics", get(scrape))
+        .route("/health", get(health));
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(cancel.cancelled_owned())
+        .await
+    {
+        tracing::warn!("metrics endpoint stopped: {e}");
+    }
+}
+
+/// Binds the metrics address (before storage opens, so a taken port fails fast).
+///
+/// # Errors
+/// The address cannot be bound.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await
+}

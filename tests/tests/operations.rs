@@ -1,0 +1,215 @@
+//! What an operator sees (issue 7): Prometheus metrics and `/health` over HTTP, and the
+//! CLI's admin views.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use txmq_client::{Consumer, ConsumerOptions, Message, Outcome, Producer, ProducerOptions};
+use txmq_tests::{TestBroker, eventually, json_lines};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `GET path` over HTTP/1.1: (status code, body).
+async fn http_get(addr: &str, path: &str) -> Result<(u16, String), String> {
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw))
+        .await
+        .map_err(|_| "timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("no header end in {text:?}"))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("no status in {head:?}"))?;
+    Ok((status, body.to_string()))
+}
+
+/// The value of one sample line (`name{labels} value`) in a Prometheus text page.
+fn sample(page: &str, series: &str) -> Option<f64> {
+    page.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+async fn scrape(addr: &str) -> String {
+    let (status, body) = http_get(addr, "/metrics").await.expect("metrics answer");
+    assert_eq!(status, 200);
+    body
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_health_show_the_counters_moving() {
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let mut b = TestBroker::start(&[
+        "--metrics-listen",
+        &metrics,
+        "--check-timeout",
+        "300ms",
+        "--check-interval",
+        "100ms",
+    ]);
+    let (status, body) = http_get(&metrics, "/health").await.expect("health answers");
+    assert_eq!(status, 200);
+    assert!(body.contains("\"status\":\"ok\""), "{body}");
+    let before = scrape(&metrics).await;
+    assert_eq!(sample(&before, "txmq_messages_sent_total"), Some(0.0));
+
+    let p = Producer::connect(b.addr(), ProducerOptions::default())
+        .await
+        .unwrap();
+    for i in 0..10 {
+        p.send(Message::new("t", format!("m{i}"))).await.unwrap();
+    }
+    let txp = Producer::connect(
+        b.addr(),
+        ProducerOptions::transactional("svc", |_req| async { Outcome::Commit }),
+    )
+    .await
+    .unwrap();
+    let mut tx = txp.begin().unwrap();
+    tx.send(Message::new("t", "committed")).await.unwrap();
+    tx.commit().await.unwrap();
+    let mut tx = txp.begin().unwrap();
+    tx.send_batch(vec![Message::new("t", "r1"), Message::new("t", "r2")])
+        .await
+        .unwrap();
+    tx.rollback().await.unwrap();
+    // Left open: the check-back (answered commit) resolves it.
+    let mut tx = txp.begin().unwrap();
+    tx.send(Message::new("t", "checked")).await.unwrap();
+
+    let mut c = Consumer::subscribe(b.addr(), ConsumerOptions::new("g", "t"))
+        .await
+        .unwrap();
+    let mut nacked = false;
+    let mut acked = 0;
+    while acked < 12 {
+        let d = tokio::time::timeout(Duration::from_secs(20), c.next())
+            .await
+            .expect("deliveries")
+            .unwrap()
+            .unwrap();
+        if !nacked {
+            nacked = true;
+            d.nack(Some(Duration::from_millis(50))).await.unwrap();
+            continue;
+        }
+        d.ack().await.unwrap();
+        acked += 1;
+    }
+
+    let page = eventually(Duration::from_secs(10), || async {
+        let page = scrape(&metrics).await;
+        (sample(&page, "txmq_acks_total") == Some(12.0)).then_some(page)
+    })
+    .await
+    .expect("acks counted");
+    for (series, want) in [
+        ("txmq_messages_sent_total", 10.0),
+        ("txmq_half_messages_sent_total", 4.0),
+        ("txmq_half_messages_pending", 0.0),
+        ("txmq_transactions_resolved_total{outcome=\"commit\"}", 2.0),
+        (
+            "txmq_transactions_resolved_total{outcome=\"rollback\"}",
+            1.0,
+        ),
+        ("txmq_checks_total{result=\"commit\"}", 1.0),
+        ("txmq_deliveries_total", 13.0),
+        ("txmq_redeliveries_total", 1.0),
+        ("txmq_nacks_total", 1.0),
+        ("txmq_dead_letters_total", 0.0),
+        ("txmq_group_lag{group=\"g\",topic=\"t\"}", 0.0),
+        ("txmq_connections", 3.0),
+    ] {
+        assert_eq!(sample(&page, series), Some(want), "{series} in\n{page}");
+    }
+    assert!(sample(&page, "txmq_storage_write_seconds_count").unwrap() > 0.0);
+    assert!(sample(&page, "txmq_group_commit_requests_sum").unwrap() >= 20.0);
+
+    // Half messages pending survive a restart: counted from storage at start.
+    let mut tx = txp.begin().unwrap();
+    tx.check_after(Duration::from_secs(3600));
+    tx.send_batch(vec![Message::new("t", "a"), Message::new("t", "b")])
+        .await
+        .unwrap();
+    drop((p, txp, c));
+    b.restart();
+    let page = eventually(Duration::from_secs(10), || async {
+        let (_, page) = http_get(&metrics, "/metrics").await.ok()?;
+        Some(page).filter(|p| p.contains("txmq_half_messages_pending"))
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        sample(&page, "txmq_half_messages_pending"),
+        Some(2.0),
+        "{page}"
+    );
+    assert_eq!(sample(&page, "txmq_messages_sent_total"), Some(0.0));
+    assert_eq!(
+        sample(&page, "txmq_group_lag{group=\"g\",topic=\"t\"}"),
+        Some(0.0)
+    );
+    let (status, _) = http_get(&metrics, "/nope").await.unwrap();
+    assert_eq!(status, 404);
+}
+
+#[test]
+fn cli_admin_views_as_tables_and_json() {
+    let b = TestBroker::start(&[]);
+    b.cli_ok(&[
+        "produce", "--topic", "orders", "--count", "5", "--size", "10",
+    ]);
+    b.cli_ok(&[
+        "produce", "--topic", "audit", "--count", "2", "--size", "10",
+    ]);
+    b.cli_ok(&[
+        "consume", "--topic", "orders", "--group", "points", "--count", "3",
+    ]);
+
+    let topics = b.cli_ok(&["topic", "list"]);
+    assert!(topics.lines().next().unwrap().contains("TOPIC"), "{topics}");
+    let topics = json_lines(&b.cli_ok(&["topic", "list", "--json"]));
+    let orders = topics.iter().find(|t| t["name"] == "orders").unwrap();
+    assert_eq!(orders["messages"], 5);
+
+    let groups = b.cli_ok(&["group", "list"]);
+    assert!(groups.contains("points"), "{groups}");
+    let groups = json_lines(&b.cli_ok(&["group", "list", "--json"]));
+    let points = groups.iter().find(|g| g["group"] == "points").unwrap();
+    assert_eq!(points["topic"], "orders");
+    assert!(points["lag"].as_u64().unwrap() >= 2, "{points}");
+
+    let stats = b.cli_ok(&["stats"]);
+    assert!(stats.contains("topics"), "{stats}");
+    let stats = json_lines(&b.cli_ok(&["stats", "--json"]));
+    assert_eq!(stats[0]["topics"], 2);
+    assert_eq!(stats[0]["messages"], 7);
+    assert_eq!(stats[0]["groups"], 1);
+    assert!(stats[0]["connections"].as_u64().unwrap() >= 1);
+
+    let described = json_lines(&b.cli_ok(&["group", "describe", "points", "--json"]));
+    assert_eq!(described[0]["topic"], "orders");
+}
