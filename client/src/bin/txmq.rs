@@ -180,6 +180,9 @@ enum TopicCmd {
     Create {
         /// Name.
         topic: String,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
     },
     /// List topics.
     List {
@@ -218,16 +221,25 @@ enum TxnCmd {
     Commit {
         /// Transaction id.
         id: String,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
     },
     /// Roll back a prepared or discarded transaction.
     Rollback {
         /// Transaction id.
         id: String,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
     },
     /// Re-arm a discarded transaction: check it again from a count of zero.
     Rearm {
         /// Transaction id.
         id: String,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -268,6 +280,9 @@ enum DlqCmd {
         /// Only this message id.
         #[arg(long)]
         id: Option<String>,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -294,12 +309,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Produce(a) if a.transactional => produce_txn(addr, token, a).await,
         Command::Produce(a) => produce(addr, token, a).await,
         Command::Consume(a) => consume(addr, token, a).await,
-        Command::Topic(TopicCmd::Create { topic }) => {
+        Command::Topic(TopicCmd::Create { topic, json }) => {
             let t = Admin::connect(addr, token)
                 .await?
                 .create_topic(&topic, true)
                 .await?;
-            println!("created topic {}", t.name);
+            if json {
+                println!("{}", json!({"created": t.name, "created_ms": t.created_ms}));
+            } else {
+                println!("created topic {}", t.name);
+            }
             Ok(())
         }
         Command::Topic(TopicCmd::List { json }) => {
@@ -440,12 +459,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Dlq(DlqCmd::Redrive { group, id }) => {
+        Command::Dlq(DlqCmd::Redrive { group, id, json }) => {
             let n = Admin::connect(addr, token)
                 .await?
                 .redrive(&group, id.as_deref())
                 .await?;
-            println!("redrove {n} message(s)");
+            if json {
+                println!("{}", json!({"group": group, "redriven": n}));
+            } else {
+                println!("redrove {n} message(s)");
+            }
             Ok(())
         }
     }
@@ -480,6 +503,17 @@ async fn produce(addr: &str, token: &str, a: ProduceArgs) -> anyhow::Result<()> 
     )
     .await?;
     let started = Instant::now();
+    // On a terminal only (indicatif draws nothing otherwise), and never over JSON lines.
+    let progress = if a.json || a.count < 1000 {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(a.count).with_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {pos}/{len} sent, {per_sec}, eta {eta}",
+            )
+            .expect("valid template"),
+        )
+    };
     let mut in_flight = FuturesUnordered::new();
     let mut sent = 0;
     let mut acked = 0u64;
@@ -497,6 +531,7 @@ async fn produce(addr: &str, token: &str, a: ProduceArgs) -> anyhow::Result<()> 
         };
         let r = result.context("send failed")?;
         acked += 1;
+        progress.inc(1);
         if a.json {
             writeln!(
                 out,
@@ -508,6 +543,7 @@ async fn produce(addr: &str, token: &str, a: ProduceArgs) -> anyhow::Result<()> 
         }
     }
     out.flush()?;
+    progress.finish_and_clear();
     if !a.json {
         let secs = started.elapsed().as_secs_f64();
         println!(
@@ -653,6 +689,10 @@ fn print_delivery(out: &mut impl Write, d: &Delivery, json: bool) -> anyhow::Res
 
 async fn txn(addr: &str, token: &str, cmd: TxnCmd) -> anyhow::Result<()> {
     let admin = Admin::connect(addr, token).await?;
+    let cmd_kind = match &cmd {
+        TxnCmd::Commit { .. } => "commit",
+        _ => "other",
+    };
     match cmd {
         TxnCmd::List {
             state,
@@ -672,23 +712,33 @@ async fn txn(addr: &str, token: &str, cmd: TxnCmd) -> anyhow::Result<()> {
                 print_txn(&t, list.now_ms, json);
             }
         }
-        TxnCmd::Commit { id } => {
-            let r = admin.resolve(&id, true).await?;
-            println!(
-                "{id}: committed{}",
-                if r.repeated { " (already)" } else { "" }
-            );
+        TxnCmd::Commit { id, json } | TxnCmd::Rollback { id, json } => {
+            let commit = matches!(cmd_kind, "commit");
+            let r = admin.resolve(&id, commit).await?;
+            let state = if commit { "committed" } else { "rolled_back" };
+            if json {
+                println!(
+                    "{}",
+                    json!({"txn": id, "state": state, "repeated": r.repeated})
+                );
+            } else {
+                println!(
+                    "{id}: {}{}",
+                    state.replace('_', " "),
+                    if r.repeated { " (already)" } else { "" }
+                );
+            }
         }
-        TxnCmd::Rollback { id } => {
-            let r = admin.resolve(&id, false).await?;
-            println!(
-                "{id}: rolled back{}",
-                if r.repeated { " (already)" } else { "" }
-            );
-        }
-        TxnCmd::Rearm { id } => {
+        TxnCmd::Rearm { id, json } => {
             admin.rearm(&id).await?;
-            println!("{id}: re-armed, checked again from now");
+            if json {
+                println!(
+                    "{}",
+                    json!({"txn": id, "state": "prepared", "rearmed": true})
+                );
+            } else {
+                println!("{id}: re-armed, checked again from now");
+            }
         }
     }
     Ok(())
