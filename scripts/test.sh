@@ -3,4 +3,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec cargo nextest run --workspace --no-fail-fast "$@"
+status=0
+cargo nextest run --workspace --no-fail-fast "$@" || status=$?
+# The public docs build without warnings (missing docs, broken links).
+echo "test.sh: cargo doc (warnings are errors)" >&2
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --workspace --quiet || status=1
+exit "$status"

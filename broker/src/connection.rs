@@ -99,6 +99,11 @@ pub async fn serve(
                     }
                 }
                 Some(Err(e)) => {
+                    if matches!(e, txmq_protocol::FrameError::Io(_)) {
+                        // A peer that vanished: routine, not worth a warning.
+                        tracing::debug!(connection = id, %peer, "connection lost: {e}");
+                        break;
+                    }
                     tracing::warn!(connection = id, %peer, "closing connection: {e}");
                     let _ = outbound
                         .send(error_frame(0, ErrorCode::MalformedFrame, &e.to_string()))

@@ -8,6 +8,9 @@
 //! - [`consumer`]: [`Consumer`], a `Stream` of [`Delivery`] with ack, nack and extend.
 //! - [`admin`]: [`Admin`] views and operator control.
 //!
+//! `examples/quickstart.rs` is the runnable version of what follows
+//! (`cargo run -p txmq-client --example quickstart` with a broker running).
+//!
 //! ```no_run
 //! # async fn demo() -> Result<(), txmq_client::Error> {
 //! use futures::StreamExt;
@@ -24,8 +27,22 @@
 //!     println!("{:?}", delivery.body());
 //!     delivery.ack().await?;
 //! }
+//!
+//! // A transaction: the message is stored but invisible until commit. The checker
+//! // answers the broker's check-back if this process dies before it commits.
+//! use txmq_client::{CheckRequest, Outcome};
+//! let checker = |_req: CheckRequest| async { Outcome::Commit };
+//! let orders =
+//!     Producer::connect("127.0.0.1:9876", ProducerOptions::transactional("orders", checker))
+//!         .await?;
+//! let mut txn = orders.begin()?;
+//! txn.send(Message::new("orders", "order 43")).await?;
+//! // ... commit the local database transaction here ...
+//! txn.commit().await?;
 //! # Ok(()) }
 //! ```
+
+#![warn(missing_docs)]
 
 pub mod admin;
 pub mod connection;

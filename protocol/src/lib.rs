@@ -8,6 +8,8 @@
 //! - [`codec`]: `len | crc32 | body` framing on `tokio_util::codec`.
 //! - [`names`]: the one rule for valid topic and group names.
 
+#![warn(missing_docs)]
+
 pub mod codec;
 #[doc(hidden)]
 pub mod fuzzing;

@@ -213,3 +213,18 @@ fn cli_admin_views_as_tables_and_json() {
     let described = json_lines(&b.cli_ok(&["group", "describe", "points", "--json"]));
     assert_eq!(described[0]["topic"], "orders");
 }
+
+/// The client's runnable example (its crate docs point to it) works against a broker.
+#[test]
+fn the_client_quickstart_example_runs() {
+    let b = TestBroker::start(&[]);
+    let exe = txmq_tests::bin("examples/quickstart");
+    let out = std::process::Command::new(exe)
+        .arg(b.addr())
+        .output()
+        .expect("run the quickstart example");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout.contains("received \"hello\""), "{stdout}");
+    assert!(stdout.contains("received \"order 42\""), "{stdout}");
+}
