@@ -20,6 +20,9 @@ pub enum Scenario {
     Txn,
     /// Producers and consumers (with ack) at once.
     E2e,
+    /// Send and consume on an empty broker, then fill it with `--backlog` stored messages
+    /// and `--prepared` open transactions, and send and consume again.
+    Backlog,
 }
 
 /// Flush mode passed to a broker the bench starts.
@@ -62,6 +65,12 @@ pub struct Args {
     /// One JSON line instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// `backlog`: messages stored before the second measurement.
+    #[arg(long, default_value_t = 10_000_000)]
+    pub backlog: u64,
+    /// `backlog`: prepared (never resolved) transactions stored before it.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub prepared: u64,
 }
 
 /// What a scenario measured.
@@ -75,6 +84,8 @@ pub struct Report {
     pub latency: hdrhistogram::Histogram<u64>,
     /// What the latency measures.
     pub latency_of: &'static str,
+    /// Scenario-specific figures, printed after the common ones.
+    pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
 #[tokio::main]
@@ -104,9 +115,7 @@ fn print(args: &Args, r: &Report, cpu: Option<f64>, rss: Option<f64>) {
     let q = |p: f64| r.latency.value_at_quantile(p);
     let scenario = format!("{:?}", args.scenario).to_lowercase();
     if args.json {
-        println!(
-            "{}",
-            serde_json::json!({
+        let mut line = serde_json::json!({
                 "scenario": scenario, "messages": r.done, "size": args.size,
                 "producers": args.producers, "consumers": args.consumers, "window": args.window,
                 "flush": format!("{:?}", args.flush).to_lowercase(),
@@ -114,8 +123,11 @@ fn print(args: &Args, r: &Report, cpu: Option<f64>, rss: Option<f64>) {
                 "p50_us": q(0.5), "p99_us": q(0.99), "p999_us": q(0.999), "max_us": r.latency.max(),
                 "latency_of": r.latency_of,
                 "broker_cpu_s": cpu, "broker_peak_rss_mb": rss,
-            })
-        );
+        });
+        line.as_object_mut()
+            .expect("an object")
+            .extend(r.extra.clone());
+        println!("{line}");
     } else {
         println!(
             "scenario      {scenario} ({} producer(s), {} consumer(s), window {}, flush {:?})",
@@ -134,6 +146,9 @@ fn print(args: &Args, r: &Report, cpu: Option<f64>, rss: Option<f64>) {
         match (cpu, rss) {
             (Some(c), Some(m)) => println!("broker        {c:.2} CPU s, peak RSS {m:.0} MiB"),
             _ => println!("broker        external (CPU and RSS not measured)"),
+        }
+        for (k, v) in &r.extra {
+            println!("{k:<13} {v}");
         }
     }
 }

@@ -44,6 +44,7 @@ pub async fn run(args: &Args, addr: &str) -> anyhow::Result<Report> {
         Scenario::Send => send(args, addr, "bench-send", false).await,
         Scenario::Txn => txn(args, addr).await,
         Scenario::E2e => e2e(args, addr).await,
+        Scenario::Backlog => backlog(args, addr).await,
     }
 }
 
@@ -87,6 +88,7 @@ async fn send(args: &Args, addr: &str, topic: &str, stamp: bool) -> anyhow::Resu
         elapsed: started.elapsed(),
         latency,
         latency_of: "send until durable reply",
+        extra: Default::default(),
     })
 }
 
@@ -137,6 +139,7 @@ async fn txn(args: &Args, addr: &str) -> anyhow::Result<Report> {
         elapsed: started.elapsed(),
         latency,
         latency_of: "half message + commit, until the commit is durable",
+        extra: Default::default(),
     })
 }
 
@@ -188,5 +191,124 @@ async fn e2e(args: &Args, addr: &str) -> anyhow::Result<Report> {
         elapsed: started.elapsed(),
         latency,
         latency_of: "send until delivered to a consumer",
+        extra: Default::default(),
+    })
+}
+
+/// Consumes `n` messages of `topic` as a new group, acking each; returns msgs/s.
+async fn consume(args: &Args, addr: &str, topic: &str, n: u64) -> anyhow::Result<f64> {
+    let options = ConsumerOptions {
+        window: args.window as u32,
+        ..ConsumerOptions::new(format!("{topic}-readers"), topic)
+    };
+    let mut c = Consumer::subscribe(addr, options).await?;
+    let started = Instant::now();
+    let mut acks = FuturesUnordered::new();
+    let mut received = 0;
+    while received < n {
+        tokio::select! {
+            Some(r) = acks.next(), if !acks.is_empty() => { let _: () = r?; }
+            d = tokio::time::timeout(Duration::from_secs(30), c.next()) => {
+                let Ok(Some(d)) = d else { anyhow::bail!("consumer stalled at {received}") };
+                let d = d?;
+                received += 1;
+                acks.push(async move { d.ack().await.map_err(anyhow::Error::from) });
+            }
+        }
+    }
+    while let Some(r) = acks.next().await {
+        r?;
+    }
+    Ok(n as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Stores `n` messages fast (batches of 256, 16 batches in flight).
+async fn fill(addr: &str, topic: &str, n: u64, size: usize) -> anyhow::Result<()> {
+    let p = Producer::connect(addr, ProducerOptions::default()).await?;
+    let body = payload(size, false);
+    let mut in_flight = FuturesUnordered::new();
+    let mut queued = 0;
+    while queued < n || !in_flight.is_empty() {
+        while queued < n && in_flight.len() < 16 {
+            let batch = (n - queued).min(256);
+            let messages = (0..batch)
+                .map(|_| Message::new(topic, body.clone()))
+                .collect();
+            let p = p.clone();
+            in_flight.push(async move { p.send_batch(messages).await });
+            queued += batch;
+        }
+        if let Some(r) = in_flight.next().await {
+            r?;
+        }
+    }
+    Ok(())
+}
+
+/// Leaves `n` transactions prepared (one half message each), never checked during the run.
+async fn prepare(addr: &str, n: u64, size: usize, window: usize) -> anyhow::Result<()> {
+    let options = ProducerOptions::transactional("bench-backlog", |_| async { Outcome::Unknown });
+    let p = Producer::connect(addr, options).await?;
+    let body = payload(size, false);
+    let mut in_flight = FuturesUnordered::new();
+    let mut started = 0;
+    while started < n || !in_flight.is_empty() {
+        while started < n && in_flight.len() < window {
+            let mut txn = p.begin()?;
+            txn.check_after(Duration::from_secs(24 * 3600));
+            let m = Message::new("bench-backlog-halves", body.clone());
+            in_flight.push(async move { txn.send(m).await });
+            started += 1;
+        }
+        if let Some(r) = in_flight.next().await {
+            r?;
+        }
+    }
+    Ok(())
+}
+
+/// Send and consume on the empty broker; fill; send and consume again. The headline
+/// figures are the second send's; the ratios compare before and after.
+async fn backlog(args: &Args, addr: &str) -> anyhow::Result<Report> {
+    let before = send(args, addr, "bench-backlog-before", false).await?;
+    let consume_before = consume(args, addr, "bench-backlog-before", args.messages).await?;
+    let filling = Instant::now();
+    fill(addr, "bench-backlog-fill", args.backlog, args.size).await?;
+    prepare(addr, args.prepared, args.size, args.window.max(1)).await?;
+    let fill_secs = filling.elapsed().as_secs_f64();
+    let after = send(args, addr, "bench-backlog-after", false).await?;
+    let consume_after = consume(args, addr, "bench-backlog-after", args.messages).await?;
+    let rate = |r: &Report| r.done as f64 / r.elapsed.as_secs_f64();
+    let (send_before, send_after) = (rate(&before), rate(&after));
+    let mut extra = serde_json::Map::new();
+    for (k, v) in [
+        ("backlog", serde_json::json!(args.backlog)),
+        ("prepared", serde_json::json!(args.prepared)),
+        ("fill_secs", serde_json::json!(fill_secs)),
+        ("empty_send_msgs_per_sec", serde_json::json!(send_before)),
+        (
+            "empty_send_p99_us",
+            serde_json::json!(before.latency.value_at_quantile(0.99)),
+        ),
+        (
+            "empty_consume_msgs_per_sec",
+            serde_json::json!(consume_before),
+        ),
+        (
+            "backlog_consume_msgs_per_sec",
+            serde_json::json!(consume_after),
+        ),
+        ("send_ratio", serde_json::json!(send_after / send_before)),
+        (
+            "consume_ratio",
+            serde_json::json!(consume_after / consume_before),
+        ),
+    ] {
+        extra.insert(k.into(), v);
+    }
+    Ok(Report {
+        extra,
+        latency_of: "send until durable reply, with the backlog stored",
+        ..after
     })
 }

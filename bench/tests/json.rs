@@ -1,0 +1,54 @@
+//! `txmq-bench --json` prints the fields the performance notes rely on, for every
+//! scenario (tiny runs: this checks the tool, not the speed).
+
+use std::process::Command;
+
+fn bench(args: &[&str]) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_txmq-bench"))
+        .args(args)
+        .arg("--json")
+        .output()
+        .expect("run txmq-bench");
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
+#[test]
+fn every_scenario_reports_its_figures() {
+    for scenario in ["send", "txn", "e2e"] {
+        let r = bench(&[scenario, "--messages", "300", "--size", "100"]);
+        assert_eq!(r["scenario"], scenario);
+        assert_eq!(r["messages"], 300);
+        for field in [
+            "size",
+            "msgs_per_sec",
+            "mb_per_sec",
+            "p50_us",
+            "p99_us",
+            "p999_us",
+            "broker_cpu_s",
+            "broker_peak_rss_mb",
+        ] {
+            assert!(r[field].is_number(), "{scenario}: {field} missing in {r}");
+        }
+    }
+    let r = bench(&[
+        "backlog",
+        "--messages",
+        "300",
+        "--backlog",
+        "3000",
+        "--prepared",
+        "300",
+    ]);
+    for field in [
+        "send_ratio",
+        "consume_ratio",
+        "empty_send_msgs_per_sec",
+        "fill_secs",
+    ] {
+        assert!(r[field].is_number(), "backlog: {field} missing in {r}");
+    }
+    assert_eq!(r["backlog"], 3000);
+}
