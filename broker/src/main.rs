@@ -135,9 +135,13 @@ async fn serve() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
+    let metrics = match config.metrics_listen {
+        Some(at) => Some(txmq_broker::metrics::bind(at).await?),
+        None => None,
+    };
     let data_dir = config.data_dir.clone();
     let flush = config.flush;
-    let serve = txmq_broker::run(listener, config, shutdown_signal());
+    let serve = txmq_broker::server::serve(listener, metrics, config, shutdown_signal());
     // Printed once the socket is bound, which is when clients can connect; requests
     // wait for storage inside `run`.
     println!("txmq-broker listening on {addr}");

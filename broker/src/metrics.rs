@@ -236,6 +236,8 @@ pub async fn serve(
 ///
 /// # Errors
 /// The address cannot be bound.
-pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr).await
+pub async fn bind(addr: SocketAddr) -> crate::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| crate::Error::Internal(format!("cannot listen for metrics on {addr}: {e}")))
 }

@@ -51,23 +51,36 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
 }
 
-/// Runs a broker on an already-bound listener until `shutdown` completes.
+/// Runs a broker on an already-bound listener until `shutdown` completes, binding the
+/// metrics address of the configuration (if any) first.
 ///
 /// # Errors
-/// Opening storage fails (for example another broker holds the data directory).
+/// The metrics address cannot be bound, or opening storage fails (for example another
+/// broker holds the data directory).
 pub async fn run(
     listener: TcpListener,
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
+    let metrics = match config.metrics_listen {
+        Some(addr) => Some(metrics::bind(addr).await?),
+        None => None,
+    };
+    serve(listener, metrics, config, shutdown).await
+}
+
+/// [`run`] with the metrics listener already bound (so a caller can report both
+/// addresses before serving).
+///
+/// # Errors
+/// Opening storage fails.
+pub async fn serve(
+    listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
     let config = Arc::new(config);
-    let metrics_listener =
-        match config.metrics_listen {
-            Some(addr) => Some(metrics::bind(addr).await.map_err(|e| {
-                Error::Internal(format!("cannot listen for metrics on {addr}: {e}"))
-            })?),
-            None => None,
-        };
     let dir = config.data_dir.clone();
     let (storage, boot, stored, halves) = tokio::task::spawn_blocking(move || {
         std::fs::create_dir_all(&dir)

@@ -9,6 +9,7 @@ use futures::Stream;
 use tokio::sync::mpsc;
 use txmq_protocol::pb::{self, frame::Body};
 
+use crate::batch::{self, Batcher};
 use crate::connection::{self, Connection, Pushes};
 use crate::error::{Error, Result};
 
@@ -65,6 +66,7 @@ pub struct Delivery {
     pub lease_deadline_ms: u64,
     handle: pb::DeliveryHandle,
     conn: Connection,
+    acks: Batcher<pb::DeliveryHandle, ()>,
 }
 
 impl Delivery {
@@ -101,13 +103,11 @@ impl Delivery {
     ///
     /// # Errors
     /// `LEASE_NOT_FOUND` when the lease expired and the message went to another consumer.
+    ///
+    /// Concurrent acks on one connection go to the broker together as one request (see
+    /// [`crate::batch`]); each still gets its own answer.
     pub async fn ack(&self) -> Result<()> {
-        self.conn
-            .call(Body::Ack(pb::AckRequest {
-                handles: vec![self.handle.clone()],
-            }))
-            .await
-            .map(drop)
+        self.acks.submit(self.handle.clone()).await
     }
 
     /// Refuses: redelivered after `delay`, or after the broker's backoff schedule (1 s,
@@ -229,6 +229,10 @@ async fn pump(
                 }
             },
         };
+        let acks = {
+            let conn = conn.clone();
+            Batcher::spawn(move |handles| ack_coalesced(conn.clone(), handles))
+        };
         while let Some(d) = pushes.deliveries.recv().await {
             let (Some(message), Some(handle)) = (d.message, d.handle) else {
                 continue;
@@ -239,6 +243,7 @@ async fn pump(
                 lease_deadline_ms: d.lease_deadline_ms,
                 handle,
                 conn: conn.clone(),
+                acks: acks.clone(),
             };
             if tx.send(Ok(delivery)).await.is_err() {
                 return;
@@ -248,5 +253,25 @@ async fn pump(
             return;
         }
         tracing::debug!("consumer connection lost; reconnecting");
+    }
+}
+
+/// Acks a batch of handles in one request. When the broker refuses it (one lease had
+/// expired, say), it has still recorded the others; asking again one by one gives each
+/// handle its own answer (a repeated ack of a recorded one is a success).
+async fn ack_coalesced(conn: Connection, handles: Vec<pb::DeliveryHandle>) -> Vec<Result<()>> {
+    let n = handles.len();
+    let ack = |handles| conn.call(Body::Ack(pb::AckRequest { handles }));
+    match ack(handles.clone()).await {
+        Ok(_) => (0..n).map(|_| Ok(())).collect(),
+        Err(Error::Broker { .. }) if n > 1 => {
+            futures::future::join_all(
+                handles
+                    .into_iter()
+                    .map(|h| async { ack(vec![h]).await.map(drop) }),
+            )
+            .await
+        }
+        Err(e) => (0..n).map(|_| Err(batch::copy_error(&e))).collect(),
     }
 }

@@ -7,6 +7,7 @@
 //!   [`TransactionChecker`] that answers the broker's check-backs.
 //! - [`consumer`]: [`Consumer`], a `Stream` of [`Delivery`] with ack, nack and extend.
 //! - [`admin`]: [`Admin`] views and operator control.
+//! - [`batch`]: concurrent sends (and acks) coalesced into one request.
 //!
 //! `examples/quickstart.rs` is the runnable version of what follows
 //! (`cargo run -p txmq-client --example quickstart` with a broker running).
@@ -45,6 +46,7 @@
 #![warn(missing_docs)]
 
 pub mod admin;
+pub mod batch;
 pub mod connection;
 pub mod consumer;
 pub mod error;

@@ -7,8 +7,10 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use tokio::sync::Mutex;
+use txmq_protocol::ErrorCode;
 use txmq_protocol::pb::{self, TxnOutcome, frame::Body};
 
+use crate::batch::{self, Batcher};
 use crate::connection::{self, Connection};
 use crate::error::{Error, Result};
 
@@ -181,6 +183,10 @@ pub struct Producer {
     conn: Arc<std::sync::Mutex<Option<Connection>>>,
     /// Held while reconnecting, so only one caller dials.
     dialing: Arc<Mutex<()>>,
+    /// Coalesces concurrent [`Producer::send`] calls into one request (see
+    /// [`crate::batch`]). `None` in the batcher's own handle, which must not keep itself
+    /// alive.
+    sends: Option<Batcher<pb::Message, Receipt>>,
 }
 
 impl Producer {
@@ -193,13 +199,18 @@ impl Producer {
             txmq_protocol::names::validate("producer group", &options.group)
                 .map_err(Error::Invalid)?;
         }
-        let p = Self {
+        let mut p = Self {
             addr: addr.to_string(),
             options,
             conn: Arc::default(),
             dialing: Arc::default(),
+            sends: None,
         };
         p.connection().await?;
+        let link = p.clone();
+        p.sends = Some(Batcher::spawn(move |messages| {
+            send_coalesced(link.clone(), messages)
+        }));
         Ok(p)
     }
 
@@ -259,9 +270,25 @@ impl Producer {
     ///
     /// # Errors
     /// The broker refused it, or the connection was lost (it may or may not be stored).
+    ///
+    /// Concurrent calls on one producer (clones included) are sent together as one
+    /// request when they find each other waiting; each still gets its own receipt or error.
     pub async fn send(&self, message: Message) -> Result<Receipt> {
-        let mut r = self.send_batch(vec![message]).await?;
-        r.pop()
+        match &self.sends {
+            Some(batcher) => batcher.submit(message.into_pb()).await,
+            None => self.send_one(message.into_pb()).await,
+        }
+    }
+
+    async fn send_one(&self, message: pb::Message) -> Result<Receipt> {
+        let req = pb::SendRequest {
+            messages: vec![message],
+            ..Default::default()
+        };
+        self.send_request(req)
+            .await?
+            .0
+            .pop()
             .ok_or_else(|| Error::Unexpected("no receipt".into()))
     }
 
@@ -357,6 +384,39 @@ impl Producer {
             other => Err(Error::Unexpected(format!("{other:?}"))),
         }
     }
+}
+
+/// Sends a batch of plain messages from concurrent [`Producer::send`] calls as one
+/// request. A batch refused as a whole before anything was stored (a bad name, a message
+/// too large) is sent again message by message, so only the bad one fails.
+async fn send_coalesced(link: Producer, messages: Vec<pb::Message>) -> Vec<Result<Receipt>> {
+    let n = messages.len();
+    let req = pb::SendRequest {
+        messages: messages.clone(),
+        ..Default::default()
+    };
+    match link.send_request(req).await {
+        Ok((receipts, _)) if receipts.len() == n => receipts.into_iter().map(Ok).collect(),
+        Ok((receipts, _)) => {
+            let e = Error::Unexpected(format!("{} receipts for {n} messages", receipts.len()));
+            (0..n).map(|_| Err(batch::copy_error(&e))).collect()
+        }
+        Err(Error::Broker { code, .. }) if n > 1 && refused_before_storing(code) => {
+            futures::future::join_all(messages.into_iter().map(|m| link.send_one(m))).await
+        }
+        Err(e) => (0..n).map(|_| Err(batch::copy_error(&e))).collect(),
+    }
+}
+
+/// Refusals the broker gives after checking a request and before storing any of it.
+fn refused_before_storing(code: ErrorCode) -> bool {
+    matches!(
+        code,
+        ErrorCode::InvalidName
+            | ErrorCode::MessageTooLarge
+            | ErrorCode::TopicNotFound
+            | ErrorCode::InvalidRequest
+    )
 }
 
 async fn answer_check(
