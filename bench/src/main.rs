@@ -56,6 +56,10 @@ pub struct Args {
     /// Requests in flight per producer; consumer window.
     #[arg(long, default_value_t = 512)]
     pub window: usize,
+    /// `send`: offered load in messages per second over all producers (0: as fast as the
+    /// window allows). Latency at a fixed rate is what `--rate` is for.
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
     /// Flush mode of the broker the bench starts.
     #[arg(long, value_enum, default_value = "sync")]
     pub flush: Flush,

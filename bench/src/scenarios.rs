@@ -58,12 +58,18 @@ async fn send(args: &Args, addr: &str, topic: &str, stamp: bool) -> anyhow::Resu
     for (i, p) in producers.into_iter().enumerate() {
         let n = share(args.messages, args.producers, i);
         let (size, window, topic) = (args.size, args.window.max(1), topic.to_string());
+        // Paced sends: message k of this producer is due at k / rate after the start.
+        let interval = (args.rate > 0)
+            .then(|| Duration::from_secs_f64(args.producers as f64 / args.rate as f64));
         tasks.push(tokio::spawn(async move {
             let mut hist = histogram();
             let mut in_flight = FuturesUnordered::new();
-            let mut sent = 0;
+            let mut sent: u64 = 0;
+            let due = |k: u64| interval.map(|i| started + i.mul_f64(k as f64));
             while sent < n || !in_flight.is_empty() {
-                while sent < n && in_flight.len() < window {
+                let can_send = sent < n && in_flight.len() < window;
+                let wait = due(sent).filter(|at| *at > Instant::now());
+                if can_send && wait.is_none() {
                     let p = p.clone();
                     let m = Message::new(topic.clone(), payload(size, stamp));
                     in_flight.push(async move {
@@ -71,9 +77,19 @@ async fn send(args: &Args, addr: &str, topic: &str, stamp: bool) -> anyhow::Resu
                         p.send(m).await.map(|_| t.elapsed())
                     });
                     sent += 1;
+                    continue;
                 }
-                if let Some(r) = in_flight.next().await {
-                    hist.saturating_record(r?.as_micros() as u64);
+                let sleep = async {
+                    match wait {
+                        Some(at) if can_send => tokio::time::sleep_until(at.into()).await,
+                        _ => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    Some(r) = in_flight.next(), if !in_flight.is_empty() => {
+                        hist.saturating_record(r?.as_micros() as u64);
+                    }
+                    () = sleep => {}
                 }
             }
             anyhow::Ok(hist)

@@ -33,6 +33,10 @@ fn every_scenario_reports_its_figures() {
             assert!(r[field].is_number(), "{scenario}: {field} missing in {r}");
         }
     }
+    // Paced: 300 messages at 3,000/s take about 0.1 s, and the rate shows.
+    let r = bench(&["send", "--messages", "300", "--rate", "3000"]);
+    let rate = r["msgs_per_sec"].as_f64().unwrap();
+    assert!(rate < 6000.0, "--rate 3000 was not applied: {rate}");
     let r = bench(&[
         "backlog",
         "--messages",
