@@ -482,13 +482,18 @@ impl Queue {
         self.leases.insert(offset, lease);
     }
 
+    /// Some live consumer has room. A consumer whose connection closed (its Unsubscribe
+    /// still on the way) has none: counting it made `pump` retry forever.
     fn has_credit(&self) -> bool {
-        self.consumers.iter().any(|c| c.in_flight < c.spec.window)
+        self.consumers
+            .iter()
+            .any(|c| c.in_flight < c.spec.window && !c.spec.outbound.is_closed())
     }
 
     fn credit(&self) -> usize {
         self.consumers
             .iter()
+            .filter(|c| !c.spec.outbound.is_closed())
             .map(|c| c.spec.window.saturating_sub(c.in_flight) as usize)
             .sum()
     }
@@ -511,7 +516,13 @@ impl Queue {
                     .await
                     .map_err(|e| Error::Internal(e.to_string()))??;
                 match msg {
-                    Some(m) => self.deliver(m, attempts + 1),
+                    Some(m) => {
+                        if !self.deliver(m, attempts + 1) {
+                            // Back in the retry schedule; let the run loop take requests
+                            // (an Unsubscribe, say) before trying again.
+                            return Ok(());
+                        }
+                    }
                     None => {
                         self.retry.remove(&offset);
                     }
@@ -533,6 +544,7 @@ impl Queue {
                 return Ok(());
             }
             let mut filtered = false;
+            let mut stalled = false;
             for m in batch {
                 self.next = m.offset + 1;
                 let o = m.offset;
@@ -545,11 +557,16 @@ impl Queue {
                     filtered = true;
                     continue;
                 }
-                self.deliver(m, 1);
+                if !self.deliver(m, 1) {
+                    stalled = true;
+                }
             }
             if filtered {
                 let ops = self.advance_floor();
                 self.write_quietly(ops).await;
+            }
+            if stalled {
+                return Ok(());
             }
         }
         Ok(())
@@ -559,8 +576,9 @@ impl Queue {
         self.tags.as_ref().is_none_or(|set| set.contains(tag))
     }
 
-    /// Leases a message to the next consumer with room, round-robin.
-    fn deliver(&mut self, message: pb::StoredMessage, attempt: u32) {
+    /// Leases a message to the next consumer with room, round-robin. Returns `false` when
+    /// nobody could take it (it then waits in the retry schedule, due at once).
+    fn deliver(&mut self, message: pb::StoredMessage, attempt: u32) -> bool {
         let offset = message.offset;
         let n = self.consumers.len();
         for step in 0..n {
@@ -604,7 +622,7 @@ impl Queue {
                 attempt,
             };
             self.restore_lease(offset, lease);
-            return;
+            return true;
         }
         // Nobody could take it: deliver it again as soon as someone can, uncounted.
         let rec = RetryRecord {
@@ -613,6 +631,7 @@ impl Queue {
         };
         self.retry_due.insert((rec.due_ms, offset));
         self.retry.insert(offset, rec);
+        false
     }
 
     fn describe(&self) -> pb::GroupTopicInfo {
@@ -785,6 +804,88 @@ mod tests {
         assert_eq!(
             q.expiry_visits, 10,
             "a pass with nothing due visited entries"
+        );
+        drop(q);
+        tokio::task::spawn_blocking(move || thread.join().unwrap())
+            .await
+            .unwrap();
+    }
+
+    /// A consumer whose connection closed, still registered because its Unsubscribe has
+    /// not been handled yet, must not make `pump` spin: it once retried the same message
+    /// forever (100 % CPU, the Unsubscribe never read). Nothing is lost meanwhile.
+    #[tokio::test]
+    async fn a_closed_consumer_does_not_make_pump_spin_or_lose_messages() {
+        use crate::storage::writer::{Command, Outcome};
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path()).unwrap();
+        let topics = Arc::new(crate::topics::Topics::default());
+        let config = Arc::new(Config::default());
+        let ids = Arc::new(crate::ids::IdGen::new(1));
+        let (writer, thread) = crate::storage::writer::Writer::spawn(
+            storage.clone(),
+            topics,
+            ids,
+            config.clone(),
+            Arc::new(Metrics::new()),
+        );
+        let Outcome::Topic(topic) = writer
+            .submit(Command::CreateTopic {
+                name: "t".into(),
+                fail_if_exists: true,
+            })
+            .await
+            .unwrap()
+        else {
+            panic!("no topic")
+        };
+        let messages = (0..3)
+            .map(|i| pb::Message {
+                topic: "t".into(),
+                body: format!("m{i}").into(),
+                ..Default::default()
+            })
+            .collect();
+        writer.submit(Command::Append { messages }).await.unwrap();
+        let loaded = Loaded {
+            cursor: Some(CursorRecord::default()),
+            acked: vec![],
+            retries: vec![],
+            dead_letters: 0,
+        };
+        let metrics = Arc::new(Metrics::new());
+        let mut q = Queue::new("g".into(), topic, loaded, storage, writer, config, metrics);
+        let consumer = |id, outbound| Consumer {
+            spec: ConsumerSpec {
+                subscription_id: id,
+                outbound,
+                window: 10,
+                lease: Duration::from_secs(30),
+            },
+            in_flight: 0,
+        };
+        let (gone, rx) = mpsc::channel(16);
+        drop(rx);
+        q.consumers.push(consumer(1, gone));
+        tokio::time::timeout(Duration::from_secs(10), q.pump())
+            .await
+            .expect("pump spun with only a closed consumer")
+            .unwrap();
+        assert!(q.leases.is_empty());
+        let (live, mut rx) = mpsc::channel(16);
+        q.consumers.push(consumer(2, live));
+        q.pump().await.unwrap();
+        let mut offsets = Vec::new();
+        while let Ok(frame) = rx.try_recv() {
+            if let Some(pb::frame::Body::Delivery(d)) = frame.body {
+                offsets.push(d.message.unwrap().offset);
+            }
+        }
+        offsets.sort_unstable();
+        assert_eq!(
+            offsets,
+            vec![0, 1, 2],
+            "a message was lost on the closed consumer"
         );
         drop(q);
         tokio::task::spawn_blocking(move || thread.join().unwrap())
