@@ -1,0 +1,75 @@
+//! Leases: who holds which message until when. Deadlines sit in a `BTreeSet` ordered
+//! by time, so an expiry pass visits only what is due (I5).
+
+use super::*;
+
+impl Queue {
+    pub(super) fn take_lease(&mut self, r: LeaseRef) -> Result<Lease> {
+        match self.leases.get(&r.offset) {
+            Some(l) if l.lease_id == r.lease_id => {
+                let l = *l;
+                self.leases.remove(&r.offset);
+                self.deadlines.remove(&(l.deadline_ms, r.offset));
+                if let Some(c) = self
+                    .consumers
+                    .iter_mut()
+                    .find(|c| c.spec.subscription_id == l.subscription_id)
+                {
+                    c.in_flight = c.in_flight.saturating_sub(1);
+                }
+                Ok(l)
+            }
+            _ => Err(Error::LeaseNotFound(format!(
+                "{}/{} offset {} lease {}",
+                self.group, self.topic.name, r.offset, r.lease_id
+            ))),
+        }
+    }
+
+    pub(super) async fn expire(&mut self, now: u64) {
+        let mut ops = Vec::new();
+        while let Some(&(at, offset)) = self.deadlines.first() {
+            if at > now {
+                break;
+            }
+            self.expiry_visits += 1;
+            let Some(lease) = self.leases.get(&offset).copied() else {
+                self.deadlines.pop_first();
+                continue;
+            };
+            let taken = self.take_lease(LeaseRef {
+                offset,
+                lease_id: lease.lease_id,
+            });
+            if let Ok(lease) = taken {
+                ops.extend(self.fail(offset, lease, Some(Duration::ZERO), "lease expired"));
+            }
+        }
+        self.write_quietly(ops).await;
+    }
+
+    pub(super) fn extend(&mut self, r: LeaseRef, lease_for: Duration) -> Result<u64> {
+        let lease = self.take_lease(r)?;
+        let deadline_ms = now_ms() + lease_for.as_millis() as u64;
+        self.restore_lease(
+            r.offset,
+            Lease {
+                deadline_ms,
+                ..lease
+            },
+        );
+        Ok(deadline_ms)
+    }
+
+    pub(super) fn restore_lease(&mut self, offset: u64, lease: Lease) {
+        if let Some(c) = self
+            .consumers
+            .iter_mut()
+            .find(|c| c.spec.subscription_id == lease.subscription_id)
+        {
+            c.in_flight += 1;
+        }
+        self.deadlines.insert((lease.deadline_ms, offset));
+        self.leases.insert(offset, lease);
+    }
+}

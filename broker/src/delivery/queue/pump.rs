@@ -1,0 +1,173 @@
+//! Delivery: due retries first, then new messages from the cursor, round-robin over
+//! the consumers with room.
+
+use super::*;
+
+impl Queue {
+    /// Some live consumer has room. A consumer whose connection closed (its Unsubscribe
+    /// still on the way) has none: counting it made `pump` retry forever.
+    pub(super) fn has_credit(&self) -> bool {
+        self.consumers
+            .iter()
+            .any(|c| c.in_flight < c.spec.window && !c.spec.outbound.is_closed())
+    }
+
+    pub(super) fn credit(&self) -> usize {
+        self.consumers
+            .iter()
+            .filter(|c| !c.spec.outbound.is_closed())
+            .map(|c| c.spec.window.saturating_sub(c.in_flight) as usize)
+            .sum()
+    }
+
+    /// Delivers while some consumer has room and something is deliverable.
+    pub(super) async fn pump(&mut self) -> Result<()> {
+        if self.cursor.is_none() {
+            return Ok(());
+        }
+        while self.has_credit() {
+            let now = now_ms();
+            if let Some(&(due, offset)) = self.retry_due.first()
+                && due <= now
+            {
+                self.retry_due.pop_first();
+                let attempts = self.retry.get(&offset).map_or(0, |r| r.attempts);
+                let storage = self.storage.clone();
+                let topic = self.topic.id;
+                let msg = tokio::task::spawn_blocking(move || storage.read_message(topic, offset))
+                    .await
+                    .map_err(|e| Error::Internal(e.to_string()))??;
+                match msg {
+                    Some(m) => {
+                        if !self.deliver(m, attempts + 1) {
+                            // Back in the retry schedule; let the run loop take requests
+                            // (an Unsubscribe, say) before trying again.
+                            return Ok(());
+                        }
+                    }
+                    None => {
+                        self.retry.remove(&offset);
+                    }
+                }
+                continue;
+            }
+            let end = self.topic.end();
+            if self.next >= end {
+                return Ok(());
+            }
+            let (storage, topic, from) = (self.storage.clone(), self.topic.id, self.next);
+            let max = self.credit().min(READ_BATCH);
+            let batch =
+                tokio::task::spawn_blocking(move || storage.read_log(topic, from, end, max))
+                    .await
+                    .map_err(|e| Error::Internal(e.to_string()))??;
+            if batch.is_empty() {
+                self.next = end;
+                return Ok(());
+            }
+            let mut filtered = false;
+            let mut stalled = false;
+            for m in batch {
+                self.next = m.offset + 1;
+                let o = m.offset;
+                if self.is_acked(o) || self.retry.contains_key(&o) || self.leases.contains_key(&o) {
+                    continue;
+                }
+                if !self.matches(&m.tag) {
+                    // Not for this group: done for it, like RocketMQ's tag filtering.
+                    self.acked.insert(o);
+                    filtered = true;
+                    continue;
+                }
+                if !self.deliver(m, 1) {
+                    stalled = true;
+                }
+            }
+            if filtered {
+                let ops = self.advance_floor();
+                self.write_quietly(ops).await;
+            }
+            if stalled {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn matches(&self, tag: &str) -> bool {
+        self.tags.as_ref().is_none_or(|set| set.contains(tag))
+    }
+
+    /// Leases a message to the next consumer with room, round-robin. Returns `false` when
+    /// nobody could take it (it then waits in the retry schedule, due at once).
+    pub(super) fn deliver(&mut self, message: pb::StoredMessage, attempt: u32) -> bool {
+        let offset = message.offset;
+        let n = self.consumers.len();
+        for step in 0..n {
+            let i = (self.round_robin + step) % n;
+            let c = &mut self.consumers[i];
+            if c.in_flight >= c.spec.window {
+                continue;
+            }
+            let lease_id = self.next_lease_id;
+            let deadline_ms = now_ms() + c.spec.lease.as_millis() as u64;
+            let frame = Frame {
+                id: 0,
+                body: Some(pb::frame::Body::Delivery(pb::Delivery {
+                    subscription_id: c.spec.subscription_id,
+                    handle: Some(pb::DeliveryHandle {
+                        group: self.group.clone(),
+                        topic: self.topic.name.clone(),
+                        offset,
+                        lease_id,
+                    }),
+                    message: Some(message.clone()),
+                    attempt,
+                    lease_deadline_ms: deadline_ms,
+                })),
+            };
+            // The outbound channel is larger than any window, so it is never full here;
+            // a closed one means the consumer is gone and its Unsubscribe is on the way.
+            if c.spec.outbound.try_send(frame).is_err() {
+                continue;
+            }
+            self.round_robin = (i + 1) % n;
+            self.next_lease_id += 1;
+            self.metrics.deliveries.inc();
+            if attempt > 1 {
+                self.metrics.redeliveries.inc();
+            }
+            let lease = Lease {
+                lease_id,
+                subscription_id: c.spec.subscription_id,
+                deadline_ms,
+                attempt,
+            };
+            self.restore_lease(offset, lease);
+            return true;
+        }
+        // Nobody could take it: deliver it again as soon as someone can, uncounted.
+        let rec = RetryRecord {
+            attempts: attempt - 1,
+            due_ms: now_ms(),
+        };
+        self.retry_due.insert((rec.due_ms, offset));
+        self.retry.insert(offset, rec);
+        false
+    }
+}
+
+/// `A||B` into a set; `None` (everything) for empty or `*`.
+pub(super) fn parse_tags(filter: &str) -> Option<HashSet<String>> {
+    let filter = filter.trim();
+    if filter.is_empty() || filter == "*" {
+        return None;
+    }
+    Some(
+        filter
+            .split("||")
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty())
+            .collect(),
+    )
+}

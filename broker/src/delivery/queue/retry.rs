@@ -1,0 +1,94 @@
+//! Failed deliveries: the retry schedule, the dead-letter queue, and redrive.
+
+use super::*;
+
+impl Queue {
+    /// A delivery failed (nack, expiry, disconnect): schedule it again, or dead-letter it
+    /// once it has been delivered `max_attempts` times.
+    pub(super) fn fail(
+        &mut self,
+        offset: u64,
+        lease: Lease,
+        delay: Option<Duration>,
+        why: &str,
+    ) -> Vec<Op> {
+        let key = keys::group_offset(&self.group, self.topic.id, offset);
+        if lease.attempt >= self.max_attempts() {
+            self.dead_letters += 1;
+            self.metrics.dead_letters.inc();
+            let record = DeadLetterRecord {
+                topic: self.topic.name.clone(),
+                offset,
+                reason: format!("{why} on attempt {}", lease.attempt),
+                attempts: lease.attempt,
+                dead_ms: now_ms(),
+            };
+            let mut ops = vec![Op::Put(
+                Cf::Dlq,
+                keys::dead_letter(&self.group, self.topic.id, offset),
+                record.encode_to_vec(),
+            )];
+            ops.extend(self.mark_acked(offset));
+            ops.extend(self.advance_floor());
+            return ops;
+        }
+        let delay = delay.unwrap_or_else(|| self.config.nack_wait(lease.attempt));
+        let rec = RetryRecord {
+            attempts: lease.attempt,
+            due_ms: now_ms() + delay.as_millis() as u64,
+        };
+        if let Some(old) = self.retry.insert(offset, rec.clone()) {
+            self.retry_due.remove(&(old.due_ms, offset));
+        }
+        self.retry_due.insert((rec.due_ms, offset));
+        vec![Op::Put(Cf::Retry, key, rec.encode_to_vec())]
+    }
+
+    /// Redriven messages sit below the floor yet are not done.
+    pub(super) fn redriven_below_floor(&self) -> u64 {
+        let floor = self.floor();
+        let acked = |o: &u64| *o < floor || self.acked.contains(o);
+        self.retry.keys().filter(|o| acked(o)).count() as u64
+            + self.leases.keys().filter(|o| acked(o)).count() as u64
+    }
+
+    pub(super) async fn redrive(&mut self, message_id: Option<String>) -> Result<u32> {
+        let storage = self.storage.clone();
+        let (group, topic) = (self.group.clone(), self.topic.id);
+        let letters = tokio::task::spawn_blocking(move || storage.dead_letters(&group, topic))
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))??;
+        let mut ops = Vec::new();
+        let mut moved = Vec::new();
+        for (offset, _) in letters {
+            if let Some(id) = &message_id {
+                let storage = self.storage.clone();
+                let m = tokio::task::spawn_blocking(move || storage.read_message(topic, offset))
+                    .await
+                    .map_err(|e| Error::Internal(e.to_string()))??;
+                if m.is_none_or(|m| &m.message_id != id) {
+                    continue;
+                }
+            }
+            let rec = RetryRecord {
+                attempts: 0,
+                due_ms: now_ms(),
+            };
+            let key = keys::group_offset(&self.group, topic, offset);
+            ops.push(Op::Delete(Cf::Dlq, key.clone()));
+            ops.push(Op::Put(Cf::Retry, key, rec.encode_to_vec()));
+            moved.push((offset, rec));
+        }
+        if ops.is_empty() {
+            return Ok(0);
+        }
+        self.writer.submit(Command::Raw(ops)).await?;
+        let n = moved.len() as u32;
+        for (offset, rec) in moved {
+            self.retry_due.insert((rec.due_ms, offset));
+            self.retry.insert(offset, rec);
+        }
+        self.dead_letters = self.dead_letters.saturating_sub(u64::from(n));
+        Ok(n)
+    }
+}
