@@ -130,7 +130,14 @@ async fn close(session: &mut Session, shared: &Shared) {
     for (subscription_id, (group, topic)) in session.subscriptions.drain() {
         let _ = shared
             .groups
-            .send(&group, topic, QueueMsg::Unsubscribe { subscription_id })
+            .send(
+                &group,
+                topic,
+                QueueMsg::Unsubscribe {
+                    subscription_id,
+                    graceful: false,
+                },
+            )
             .await;
     }
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::Stream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use txmq_protocol::pb::{self, frame::Body};
 
 use crate::batch::{self, Batcher};
@@ -151,6 +151,7 @@ impl Delivery {
 pub struct Consumer {
     rx: mpsc::Receiver<Result<Delivery>>,
     task: tokio::task::JoinHandle<()>,
+    close: mpsc::Sender<oneshot::Sender<Result<()>>>,
 }
 
 impl Drop for Consumer {
@@ -170,9 +171,26 @@ impl Consumer {
         txmq_protocol::names::validate("topic", &options.topic).map_err(Error::Invalid)?;
         let first = open(addr, &options).await?;
         let (tx, rx) = mpsc::channel(1024);
+        let (close, close_rx) = mpsc::channel(1);
         let addr = addr.to_string();
-        let task = tokio::spawn(pump(addr, options, first, tx));
-        Ok(Self { rx, task })
+        let task = tokio::spawn(pump(addr, options, first, tx, close_rx));
+        Ok(Self { rx, task, close })
+    }
+
+    /// Leaves the group cleanly: the broker stops delivering to this consumer and gives
+    /// what it pushed but was never acked (or nacked) to the group's other consumers at
+    /// once, without counting an attempt. Ack what you processed first. Dropping a
+    /// consumer instead releases its deliveries as a crash would, counting an attempt.
+    ///
+    /// # Errors
+    /// The broker could not be told (the connection was lost: then it releases the
+    /// deliveries as for a crash).
+    pub async fn close(self) -> Result<()> {
+        let (reply, done) = oneshot::channel();
+        if self.close.send(reply).await.is_err() {
+            return Ok(());
+        }
+        done.await.unwrap_or(Ok(()))
     }
 }
 
@@ -184,36 +202,51 @@ impl Stream for Consumer {
     }
 }
 
-async fn open(addr: &str, o: &ConsumerOptions) -> Result<(Connection, Pushes)> {
+/// A live subscription: its connection, the broker's pushes, its id.
+type Subscribed = (Connection, Pushes, u64);
+
+async fn open(addr: &str, o: &ConsumerOptions) -> Result<Subscribed> {
     let hello = connection::hello(pb::Role::Consumer, "", &o.auth_token);
     let (conn, pushes) = Connection::open(addr, hello).await?;
-    conn.call(Body::Subscribe(pb::SubscribeRequest {
-        group: o.group.clone(),
-        topic: o.topic.clone(),
-        tag_filter: o.tag_filter.clone(),
-        start_from: match o.start_from {
-            StartFrom::Earliest => pb::StartFrom::Earliest,
-            StartFrom::Latest => pb::StartFrom::Latest,
-        } as i32,
-        lease_ms: o.lease.map_or(0, |d| d.as_millis() as u64),
-        window: o.window,
-        max_attempts: o.max_attempts,
-    }))
-    .await?;
-    Ok((conn, pushes))
+    let ok = conn
+        .call(Body::Subscribe(pb::SubscribeRequest {
+            group: o.group.clone(),
+            topic: o.topic.clone(),
+            tag_filter: o.tag_filter.clone(),
+            start_from: match o.start_from {
+                StartFrom::Earliest => pb::StartFrom::Earliest,
+                StartFrom::Latest => pb::StartFrom::Latest,
+            } as i32,
+            lease_ms: o.lease.map_or(0, |d| d.as_millis() as u64),
+            window: o.window,
+            max_attempts: o.max_attempts,
+        }))
+        .await?;
+    let pb::response::Result::Subscribe(ok) = ok else {
+        return Err(Error::Unexpected(format!("{ok:?}")));
+    };
+    Ok((conn, pushes, ok.subscription_id))
 }
 
 async fn pump(
     addr: String,
     options: ConsumerOptions,
-    first: (Connection, Pushes),
+    first: Subscribed,
     tx: mpsc::Sender<Result<Delivery>>,
+    mut close: mpsc::Receiver<oneshot::Sender<Result<()>>>,
 ) {
     let mut current = Some(first);
     let mut attempt = 0;
     loop {
-        let (conn, mut pushes) = match current.take() {
+        let (conn, mut pushes, subscription_id) = match current.take() {
             Some(c) => c,
+            // Closed while disconnected: there is no subscription to end.
+            None if !close.is_empty() => {
+                if let Ok(reply) = close.try_recv() {
+                    let _ = reply.send(Ok(()));
+                }
+                return;
+            }
             None => match open(&addr, &options).await {
                 Ok(c) => {
                     attempt = 0;
@@ -233,7 +266,17 @@ async fn pump(
             let conn = conn.clone();
             Batcher::spawn(move |handles| ack_coalesced(conn.clone(), handles))
         };
-        while let Some(d) = pushes.deliveries.recv().await {
+        loop {
+            let d = tokio::select! {
+                d = pushes.deliveries.recv() => match d {
+                    Some(d) => d,
+                    None => break,
+                },
+                Some(reply) = close.recv() => {
+                    let _ = reply.send(unsubscribe(&conn, subscription_id).await);
+                    return;
+                }
+            };
             let (Some(message), Some(handle)) = (d.message, d.handle) else {
                 continue;
             };
@@ -245,8 +288,13 @@ async fn pump(
                 conn: conn.clone(),
                 acks: acks.clone(),
             };
-            if tx.send(Ok(delivery)).await.is_err() {
-                return;
+            // A caller that stopped reading may be closing: listen for that too.
+            tokio::select! {
+                sent = tx.send(Ok(delivery)) => if sent.is_err() { return },
+                Some(reply) = close.recv() => {
+                    let _ = reply.send(unsubscribe(&conn, subscription_id).await);
+                    return;
+                }
             }
         }
         if tx.is_closed() {
@@ -254,6 +302,14 @@ async fn pump(
         }
         tracing::debug!("consumer connection lost; reconnecting");
     }
+}
+
+async fn unsubscribe(conn: &Connection, subscription_id: u64) -> Result<()> {
+    conn.call(Body::Unsubscribe(pb::UnsubscribeRequest {
+        subscription_id,
+    }))
+    .await
+    .map(drop)
 }
 
 /// Acks a batch of handles in one request. When the broker refuses it (one lease had

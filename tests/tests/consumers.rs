@@ -286,3 +286,73 @@ fn cli_no_ack_lease_and_nack() {
     assert_eq!(g["lag"], 0);
     assert_eq!(g["ack_floor"], 1);
 }
+
+/// `txmq consume --count N` leaves cleanly: deliveries the broker pushed beyond the N it
+/// wanted go back without counting an attempt, and a library consumer's `close` does the
+/// same, while dropping one counts it (a crash).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_close_gives_deliveries_back_uncounted() {
+    let b = TestBroker::start(&[]);
+    let bodies: Vec<String> = (0..50).map(|i| format!("m{i}")).collect();
+    let refs: Vec<&str> = bodies.iter().map(String::as_str).collect();
+    send(&b, "t", &refs).await;
+    for _ in 0..3 {
+        b.cli_ok(&["consume", "--topic", "t", "--group", "g", "--count", "5"]);
+    }
+    let mut c = Consumer::subscribe(b.addr(), opts("g", "t", 30_000))
+        .await
+        .unwrap();
+    let d = next(&mut c, Duration::from_secs(10))
+        .await
+        .expect("a delivery");
+    assert_eq!(
+        d.attempt,
+        1,
+        "{} came back with an attempt counted",
+        d.offset()
+    );
+
+    // Library: close gives back uncounted ...
+    let mut held = Vec::new();
+    while held.len() < 5 {
+        held.push(
+            next(&mut c, Duration::from_secs(10))
+                .await
+                .expect("delivery"),
+        );
+    }
+    c.close().await.unwrap();
+    let mut c = Consumer::subscribe(b.addr(), opts("g", "t", 30_000))
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    while seen.len() < 5 {
+        seen.push(
+            next(&mut c, Duration::from_secs(10))
+                .await
+                .expect("redelivery"),
+        );
+    }
+    assert!(
+        seen.iter().all(|d| d.attempt == 1),
+        "close counted an attempt"
+    );
+    // ... and dropping counts one (the deliveries too: they hold the connection).
+    let dropped: Vec<u64> = seen.iter().map(|d| d.offset()).collect();
+    drop((seen, c, held, d));
+    let mut c = Consumer::subscribe(b.addr(), opts("g", "t", 30_000))
+        .await
+        .unwrap();
+    let mut again = Vec::new();
+    while again.len() < 35 {
+        let Some(d) = next(&mut c, Duration::from_secs(10)).await else {
+            break;
+        };
+        if dropped.contains(&d.offset()) {
+            assert_eq!(d.attempt, 2, "a drop did not count the attempt");
+        }
+        again.push(d.offset());
+        d.ack().await.unwrap();
+    }
+    assert!(dropped.iter().all(|o| again.contains(o)));
+}

@@ -92,6 +92,7 @@ pub async fn unsubscribe(
     };
     let msg = QueueMsg::Unsubscribe {
         subscription_id: req.subscription_id,
+        graceful: true,
     };
     let result = shared.groups.send(&group, topic, msg).await;
     ready(

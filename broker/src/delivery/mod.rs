@@ -81,6 +81,10 @@ pub enum QueueMsg {
     Unsubscribe {
         /// Which one.
         subscription_id: u64,
+        /// The consumer asked to leave: what it held but never processed goes back
+        /// without counting an attempt. A lost connection counts one (so a message that
+        /// crashes every consumer still reaches the dead-letter queue).
+        graceful: bool,
     },
     /// Acknowledge deliveries.
     Ack {

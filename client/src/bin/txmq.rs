@@ -658,6 +658,12 @@ async fn consume(addr: &str, token: &str, a: ConsumeArgs) -> anyhow::Result<()> 
     while let Some(r) = settling.next().await {
         r.context("acknowledgement failed")?;
     }
+    // Leave cleanly: what the broker pushed after the last message we wanted goes back
+    // to the group without counting an attempt. (--no-ack keeps the crash-like release,
+    // so the unacked messages come back with their attempt counted.)
+    if !a.no_ack {
+        consumer.close().await.context("leaving the group")?;
+    }
     Ok(())
 }
 

@@ -212,7 +212,10 @@ impl Queue {
             } => {
                 let _ = reply.send(self.subscribe(consumer, options).await);
             }
-            QueueMsg::Unsubscribe { subscription_id } => self.unsubscribe(subscription_id).await,
+            QueueMsg::Unsubscribe {
+                subscription_id,
+                graceful,
+            } => self.unsubscribe(subscription_id, graceful).await,
             QueueMsg::Ack { leases, reply } => self.ack(leases, reply).await,
             QueueMsg::Nack {
                 lease,
@@ -283,7 +286,7 @@ impl Queue {
     /// would only delay messages nobody is working on. The delivery did happen, so it
     /// counts as an attempt (as a requeue on channel close does in RabbitMQ's quorum
     /// queues): a message that crashes every consumer still ends in the dead-letter queue.
-    async fn unsubscribe(&mut self, subscription_id: u64) {
+    async fn unsubscribe(&mut self, subscription_id: u64, graceful: bool) {
         self.consumers
             .retain(|c| c.spec.subscription_id != subscription_id);
         let released: Vec<(u64, Lease)> = self
@@ -296,7 +299,11 @@ impl Queue {
         for (offset, lease) in released {
             self.leases.remove(&offset);
             self.deadlines.remove(&(lease.deadline_ms, offset));
-            ops.extend(self.fail(offset, lease, Some(Duration::ZERO), "consumer disconnected"));
+            if graceful {
+                ops.extend(self.give_back(offset, lease));
+            } else {
+                ops.extend(self.fail(offset, lease, Some(Duration::ZERO), "consumer disconnected"));
+            }
         }
         self.write_quietly(ops).await;
     }

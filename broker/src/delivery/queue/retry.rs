@@ -3,6 +3,21 @@
 use super::*;
 
 impl Queue {
+    /// A delivery returned unprocessed by a consumer that unsubscribed: due again at once,
+    /// and this attempt does not count.
+    pub(super) fn give_back(&mut self, offset: u64, lease: Lease) -> Vec<Op> {
+        let rec = RetryRecord {
+            attempts: lease.attempt.saturating_sub(1),
+            due_ms: now_ms(),
+        };
+        if let Some(old) = self.retry.insert(offset, rec.clone()) {
+            self.retry_due.remove(&(old.due_ms, offset));
+        }
+        self.retry_due.insert((rec.due_ms, offset));
+        let key = keys::group_offset(&self.group, self.topic.id, offset);
+        vec![Op::Put(Cf::Retry, key, rec.encode_to_vec())]
+    }
+
     /// A delivery failed (nack, expiry, disconnect): schedule it again, or dead-letter it
     /// once it has been delivered `max_attempts` times.
     pub(super) fn fail(
