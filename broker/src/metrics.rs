@@ -47,8 +47,10 @@ pub struct Metrics {
     pub nacks: IntCounter,
     /// Messages moved to a dead-letter queue.
     pub dead_letters: IntCounter,
-    /// Seconds to write one group-committed batch, fsync included with `flush = sync`.
+    /// Seconds to write one group-committed batch into RocksDB (WAL and memtable).
     pub write_seconds: Histogram,
+    /// Seconds of one fsync of the WAL, covering every batch written since the last.
+    pub fsync_seconds: Histogram,
     /// Requests folded into one group-committed batch.
     pub batch_requests: Histogram,
     /// Open client connections.
@@ -136,7 +138,12 @@ impl Metrics {
             ),
             write_seconds: histogram(
                 "storage_write_seconds",
-                "Time to write one group-committed batch, fsync included in sync mode",
+                "Time to write one group-committed batch into the WAL and memtable",
+                prometheus::exponential_buckets(0.000_05, 2.0, 16).expect("valid buckets"),
+            ),
+            fsync_seconds: histogram(
+                "storage_fsync_seconds",
+                "Time of one WAL fsync, covering every batch written since the last",
                 prometheus::exponential_buckets(0.000_05, 2.0, 16).expect("valid buckets"),
             ),
             batch_requests: histogram(

@@ -1,15 +1,19 @@
 //! The one writer: a dedicated thread that owns the RocksDB write path.
 //!
 //! Requests arrive as [`Command`]s on a bounded channel. The writer takes every command
-//! waiting (up to a batch limit), stages all of them into one `WriteBatch`, writes it with
-//! a single fsync (flush `sync`), and only then answers each request: group commit. Because
-//! one thread assigns offsets and checks transaction states, two requests can never race:
-//! a commit and a rollback of the same transaction in one batch see each other through the
-//! batch's overlay, and the loser is refused.
+//! waiting (up to a batch limit), stages all of them into one `WriteBatch` and writes it
+//! to the WAL and memtable without a sync. A second thread, the syncer, then fsyncs the WAL
+//! once for every batch written meanwhile (flush `sync`) and only then answers each request
+//! and makes the new messages visible to consumers: group commit, pipelined, so the writer
+//! stages the next batch while the disk syncs the last. Because one thread assigns offsets
+//! and checks transaction states, two requests can never race: a commit and a rollback of
+//! the same transaction in one batch see each other through the batch's overlay, and the
+//! loser is refused. Answers leave in batch order, so no answer (even "already committed")
+//! can overtake the fsync of the write it depends on.
 //!
 //! ```text
-//!  connections ──Command──▶ [ channel ] ──▶ writer thread: stage → write+fsync → reply
-//!                                                         └─▶ topic end watches move
+//!  connections ──Command──▶ [ channel ] ──▶ writer: stage → write ──▶ syncer: fsync → reply
+//!                                                                          └─▶ topic ends move
 //! ```
 
 use std::collections::HashMap;
@@ -184,6 +188,19 @@ pub struct Writer {
     next_topic_id: u32,
     write_opts: WriteOptions,
     metrics: Arc<Metrics>,
+    /// Batches written but not yet synced, in order, to the syncer thread.
+    syncer: std::sync::mpsc::Sender<Written>,
+}
+
+/// A batch on its way to the syncer: written to RocksDB (not yet fsynced) or refused.
+struct Written {
+    jobs: Vec<Job>,
+    results: Vec<Result<Outcome>>,
+    /// It wrote something, so its replies wait for an fsync.
+    wrote: bool,
+    /// Topic ends to publish (make visible to consumers) once durable.
+    ends: Vec<(u32, u64)>,
+    tally: Tally,
 }
 
 impl Writer {
@@ -198,8 +215,18 @@ impl Writer {
     ) -> (WriterHandle, std::thread::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(MAX_BATCH * 2);
         let next_offset = topics.all().iter().map(|t| (t.id, t.end())).collect();
-        let mut write_opts = WriteOptions::default();
-        write_opts.set_sync(config.flush == FlushMode::Sync);
+        // Writes go to the WAL without a sync; the syncer thread fsyncs once for every
+        // batch written meanwhile, while this thread already applies the next batch.
+        let write_opts = WriteOptions::default();
+        let (syncer, synced) = std::sync::mpsc::channel();
+        let syncer_thread = {
+            let (storage, topics, metrics) = (storage.clone(), topics.clone(), metrics.clone());
+            let fsync = config.flush == FlushMode::Sync;
+            std::thread::Builder::new()
+                .name("txmq-syncer".into())
+                .spawn(move || sync_loop(&synced, &storage, &topics, &metrics, fsync))
+                .expect("spawn syncer thread")
+        };
         let writer = Writer {
             next_topic_id: topics.max_id() + 1,
             storage,
@@ -209,10 +236,20 @@ impl Writer {
             next_offset,
             write_opts,
             metrics,
+            syncer,
         };
         let thread = std::thread::Builder::new()
             .name("txmq-writer".into())
-            .spawn(move || writer.run(rx))
+            .spawn(move || {
+                let storage = writer.storage.clone();
+                writer.run(rx);
+                // The writer is gone, so its sender is: the syncer answers what is left.
+                let _ = syncer_thread.join();
+                if let Err(e) = storage.db().flush_wal(true) {
+                    tracing::error!("final WAL flush failed: {e}");
+                }
+                tracing::debug!("writer stopped");
+            })
             .expect("spawn writer thread");
         (WriterHandle { tx }, thread)
     }
@@ -229,14 +266,11 @@ impl Writer {
             }
             self.commit(&mut jobs);
         }
-        if let Err(e) = self.storage.db().flush_wal(true) {
-            tracing::error!("final WAL flush failed: {e}");
-        }
-        tracing::debug!("writer stopped");
     }
 
-    /// Stages every job, writes once, then replies. A storage failure fails every job that
-    /// wrote something and leaves in-memory state as it was before the batch.
+    /// Stages every job and writes once (no sync), then hands the batch to the syncer,
+    /// which replies once it is durable. A write failure fails every job that wrote
+    /// something and leaves in-memory state as it was before the batch.
     fn commit(&mut self, jobs: &mut Vec<Job>) {
         let mut stage = Stage::default();
         let mut results = Vec::with_capacity(jobs.len());
@@ -247,12 +281,11 @@ impl Writer {
             debug_assert!(result.is_ok() || stage.batch.len() == before);
             results.push(result);
         }
-        let write = if stage.batch.is_empty() {
-            Ok(())
-        } else {
-            let storage = &self.storage;
+        let wrote = !stage.batch.is_empty();
+        let write = if wrote {
             let started = std::time::Instant::now();
-            let w = storage
+            let w = self
+                .storage
                 .db()
                 .write_opt(std::mem::take(&mut stage.batch), &self.write_opts);
             if w.is_ok() {
@@ -260,41 +293,55 @@ impl Writer {
                     .write_seconds
                     .observe(started.elapsed().as_secs_f64());
                 self.metrics.batch_requests.observe(jobs.len() as f64);
-                let c = &storage.counters;
+                let c = &self.storage.counters;
                 c.batches.fetch_add(1, Ordering::Relaxed);
                 c.jobs.fetch_add(jobs.len() as u64, Ordering::Relaxed);
-                if self.config.flush == FlushMode::Sync {
-                    c.fsyncs.fetch_add(1, Ordering::Relaxed);
-                }
             }
             w
+        } else {
+            Ok(())
         };
-        match write {
+        let written = match write {
             Ok(()) => {
                 for topic in stage.new_topics {
                     self.topics.insert(topic);
                 }
-                for (id, next) in stage.next_offset {
+                let ends: Vec<(u32, u64)> = stage.next_offset.into_iter().collect();
+                for &(id, next) in &ends {
                     self.next_offset.insert(id, next);
-                    if let Some(t) = self.topics.by_id(id) {
-                        t.set_end(next);
-                    }
                 }
-                stage.tally.publish(&self.metrics);
-                for (job, result) in jobs.drain(..).zip(results) {
-                    let _ = job.reply.send(result);
+                Written {
+                    jobs: std::mem::take(jobs),
+                    results,
+                    wrote,
+                    ends,
+                    tally: stage.tally,
                 }
             }
             Err(e) => {
                 tracing::error!("write batch failed, {} requests refused: {e}", jobs.len());
                 self.next_topic_id = stage.first_topic_id.unwrap_or(self.next_topic_id);
-                for (job, result) in jobs.drain(..).zip(results) {
-                    let reply = match result {
+                let results = results
+                    .into_iter()
+                    .map(|r| match r {
                         Ok(_) => Err(Error::Storage(e.clone())),
                         Err(refusal) => Err(refusal),
-                    };
-                    let _ = job.reply.send(reply);
+                    })
+                    .collect();
+                Written {
+                    jobs: std::mem::take(jobs),
+                    results,
+                    wrote: false,
+                    ends: Vec::new(),
+                    tally: Tally::default(),
                 }
+            }
+        };
+        // Every batch goes through the syncer, even one that wrote nothing: its answers
+        // may depend on an earlier batch (a repeated commit), which must be durable first.
+        if let Err(std::sync::mpsc::SendError(w)) = self.syncer.send(written) {
+            for job in w.jobs {
+                let _ = job.reply.send(Err(Error::ShuttingDown));
             }
         }
     }
@@ -746,6 +793,60 @@ impl Writer {
     }
 }
 
+/// The syncer thread: one fsync of the WAL for every batch written since the last one,
+/// then, in order, makes their messages visible, counts them, and replies. (With
+/// `flush = async` it skips the fsync and keeps the order.)
+fn sync_loop(
+    rx: &std::sync::mpsc::Receiver<Written>,
+    storage: &Storage,
+    topics: &Topics,
+    metrics: &Metrics,
+    fsync: bool,
+) {
+    while let Ok(first) = rx.recv() {
+        let mut batches = vec![first];
+        batches.extend(rx.try_iter());
+        let synced = if fsync && batches.iter().any(|w| w.wrote) {
+            let started = std::time::Instant::now();
+            let r = storage.db().flush_wal(true);
+            metrics
+                .fsync_seconds
+                .observe(started.elapsed().as_secs_f64());
+            storage.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
+            r
+        } else {
+            Ok(())
+        };
+        if let Err(e) = &synced {
+            tracing::error!("WAL sync failed, {} batches refused: {e}", batches.len());
+        }
+        for w in batches {
+            match &synced {
+                Ok(()) => {
+                    for (id, next) in w.ends {
+                        if let Some(t) = topics.by_id(id) {
+                            t.set_end(next);
+                        }
+                    }
+                    w.tally.publish(metrics);
+                    for (job, result) in w.jobs.into_iter().zip(w.results) {
+                        let _ = job.reply.send(result);
+                    }
+                }
+                Err(e) => {
+                    for (job, result) in w.jobs.into_iter().zip(w.results) {
+                        let reply = match result {
+                            Ok(_) if w.wrote => Err(Error::Storage(e.clone())),
+                            other => other,
+                        };
+                        let _ = job.reply.send(reply);
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// One batch in the making, with an overlay of what it already changed.
 #[derive(Default)]
 struct Stage {
@@ -793,5 +894,67 @@ pub fn txn_state_name(state: TxnState) -> &'static str {
         TxnState::RolledBack => "rolled back",
         TxnState::Discarded => "discarded",
         TxnState::Unspecified => "unknown",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn writer(flush: FlushMode) -> (tempfile::TempDir, Arc<Storage>, WriterHandle) {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path()).unwrap();
+        let config = Arc::new(Config {
+            flush,
+            ..Config::default()
+        });
+        let (handle, _thread) = Writer::spawn(
+            storage.clone(),
+            Arc::new(Topics::default()),
+            Arc::new(IdGen::new(1)),
+            config,
+            Arc::new(Metrics::new()),
+        );
+        (dir, storage, handle)
+    }
+
+    fn append(i: usize) -> Command {
+        Command::Append {
+            messages: vec![pb::Message {
+                topic: "t".into(),
+                body: format!("m{i}").into(),
+                ..Default::default()
+            }],
+        }
+    }
+
+    /// I3's mechanism: with `flush = sync` no reply to a write comes before an fsync that
+    /// covers it — one after another, every send needs its own — and concurrent sends
+    /// share fsyncs (group commit). With `flush = async` there are none.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sync_replies_wait_for_an_fsync_and_share_it() {
+        let (_dir, storage, w) = writer(FlushMode::Sync).await;
+        let fsyncs = || storage.counters.fsyncs.load(Ordering::Relaxed);
+        for i in 0..20 {
+            let before = fsyncs();
+            w.submit(append(i)).await.unwrap();
+            assert!(fsyncs() > before, "send {i} was answered before any fsync");
+        }
+        let before = fsyncs();
+        let sends = (0..2000).map(|i| w.submit(append(i)));
+        for r in futures::future::join_all(sends).await {
+            r.unwrap();
+        }
+        let shared = fsyncs() - before;
+        assert!(
+            (1..1000).contains(&shared),
+            "2000 concurrent sends took {shared} fsyncs"
+        );
+
+        let (_dir, storage, w) = writer(FlushMode::Async).await;
+        for i in 0..20 {
+            w.submit(append(i)).await.unwrap();
+        }
+        assert_eq!(storage.counters.fsyncs.load(Ordering::Relaxed), 0);
     }
 }
