@@ -190,6 +190,69 @@ pub struct Writer {
     metrics: Arc<Metrics>,
     /// Batches written but not yet synced, in order, to the syncer thread.
     syncer: std::sync::mpsc::Sender<Written>,
+    /// Open transactions as last written, so resolving one reads nothing.
+    recent: Recent,
+}
+
+/// Records and half messages of open transactions, as this writer last wrote them: a
+/// commit or rollback then needs no read from RocksDB. Only written batches update it, so
+/// it always agrees with the database; it is bounded, and a miss reads the database.
+#[derive(Default)]
+struct Recent {
+    records: HashMap<Id, TxnRecord>,
+    halves: HashMap<Id, Vec<(u32, pb::StoredMessage)>>,
+    half_bytes: usize,
+}
+
+/// Most open transactions [`Recent`] remembers.
+const RECENT_TXNS: usize = 65_536;
+/// Most half-message bytes [`Recent`] holds.
+const RECENT_BYTES: usize = 64 << 20;
+
+impl Recent {
+    /// Takes in what a written batch left: records in their new state, halves not yet
+    /// resolved.
+    fn update(
+        &mut self,
+        txns: HashMap<Id, TxnRecord>,
+        halves: HashMap<Id, Vec<(u32, pb::StoredMessage)>>,
+    ) {
+        for (id, rec) in txns {
+            if rec.state == TxnState::Prepared as i32 {
+                if self.records.len() < RECENT_TXNS || self.records.contains_key(&id) {
+                    self.records.insert(id, rec);
+                }
+            } else {
+                self.records.remove(&id);
+                self.forget_halves(id);
+            }
+        }
+        for (id, mut staged) in halves {
+            if !self.records.contains_key(&id) {
+                continue;
+            }
+            let bytes: usize = staged.iter().map(|(_, m)| m.encoded_len()).sum();
+            if self.half_bytes + bytes > RECENT_BYTES {
+                // Incomplete from here on: a later resolution reads the database.
+                self.forget_halves(id);
+                self.records.remove(&id);
+                continue;
+            }
+            self.half_bytes += bytes;
+            self.halves.entry(id).or_default().append(&mut staged);
+        }
+    }
+
+    fn take_halves(&mut self, id: Id) -> Vec<(u32, pb::StoredMessage)> {
+        let halves = self.halves.remove(&id).unwrap_or_default();
+        let bytes: usize = halves.iter().map(|(_, m)| m.encoded_len()).sum();
+        self.half_bytes = self.half_bytes.saturating_sub(bytes);
+        halves
+    }
+
+    fn forget_halves(&mut self, id: Id) {
+        self.take_halves(id);
+    }
 }
 
 /// A batch on its way to the syncer: written to RocksDB (not yet fsynced) or refused.
@@ -237,6 +300,7 @@ impl Writer {
             write_opts,
             metrics,
             syncer,
+            recent: Recent::default(),
         };
         let thread = std::thread::Builder::new()
             .name("txmq-writer".into())
@@ -306,6 +370,7 @@ impl Writer {
                 for topic in stage.new_topics {
                     self.topics.insert(topic);
                 }
+                self.recent.update(stage.txns, stage.halves);
                 let ends: Vec<(u32, u64)> = stage.next_offset.into_iter().collect();
                 for &(id, next) in &ends {
                     self.next_offset.insert(id, next);
@@ -502,7 +567,11 @@ impl Writer {
     // ---------------------------------------------------------- transactions
 
     fn txn_record(&self, txn: Id, stage: &Stage) -> Result<Option<TxnRecord>> {
-        match stage.txns.get(&txn) {
+        match stage
+            .txns
+            .get(&txn)
+            .or_else(|| self.recent.records.get(&txn))
+        {
             Some(r) => Ok(Some(r.clone())),
             None => self.storage.txn(txn),
         }
@@ -655,9 +724,16 @@ impl Writer {
             (TxnState::RolledBack, _) => return Err(Error::TxnRolledBack(txn.to_string())),
             _ => {}
         }
-        // Staged in this very batch, the database does not have them yet.
-        let staged = stage.halves.remove(&txn).unwrap_or_default();
-        let halves = self.storage.halves_by_seq(txn, rec.message_count, staged)?;
+        // Staged in this very batch (the database does not have them yet), or remembered
+        // from an earlier one; whatever is missing is read.
+        let mut known = self.recent.take_halves(txn);
+        known.extend(stage.halves.remove(&txn).unwrap_or_default());
+        let halves = if known.len() == rec.message_count as usize {
+            known.sort_unstable_by_key(|(seq, _)| *seq);
+            known.into_iter().map(|(_, m)| m).collect()
+        } else {
+            self.storage.halves_by_seq(txn, rec.message_count, known)?
+        };
         let mut receipts = Vec::new();
         if wanted == TxnState::Committed {
             let topics = halves
