@@ -21,6 +21,25 @@ async fn producer(b: &TestBroker) -> Producer {
         .expect("connect producer")
 }
 
+/// A raw framed connection that has sent its Hello (id 1) with `token`.
+async fn raw_hello(addr: &str, token: &str) -> Framed<TcpStream, FrameCodec> {
+    let s = TcpStream::connect(addr).await.unwrap();
+    let mut framed = Framed::new(s, FrameCodec::default());
+    let hello = pb::Hello {
+        protocol_version: txmq_protocol::PROTOCOL_VERSION,
+        auth_token: token.into(),
+        ..Default::default()
+    };
+    framed
+        .send(Frame {
+            id: 1,
+            body: Some(Body::Hello(hello)),
+        })
+        .await
+        .unwrap();
+    framed
+}
+
 async fn next(c: &mut Consumer, wait: Duration) -> Option<Delivery> {
     match tokio::time::timeout(wait, c.next()).await {
         Ok(Some(Ok(d))) => Some(d),
@@ -66,20 +85,7 @@ async fn auth_token_is_required_when_set() {
     assert_eq!(admin.code(), Some(ErrorCode::NotAuthenticated));
 
     // A refused connection is closed by the broker after the answer.
-    let s = TcpStream::connect(b.addr()).await.unwrap();
-    let mut framed = Framed::new(s, FrameCodec::default());
-    let hello = pb::Hello {
-        protocol_version: txmq_protocol::PROTOCOL_VERSION,
-        auth_token: "guess".into(),
-        ..Default::default()
-    };
-    framed
-        .send(Frame {
-            id: 1,
-            body: Some(Body::Hello(hello)),
-        })
-        .await
-        .unwrap();
+    let mut framed = raw_hello(b.addr(), "guess").await;
     let Some(Body::Response(r)) = framed.next().await.unwrap().unwrap().body else {
         panic!("no response")
     };
@@ -223,19 +229,7 @@ async fn connections_over_the_limit_are_refused_cleanly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_flight_limit_is_backpressure_without_loss() {
     let b = TestBroker::start(&["--max-in-flight", "4"]);
-    let s = TcpStream::connect(b.addr()).await.unwrap();
-    let mut framed = Framed::new(s, FrameCodec::default());
-    let hello = pb::Hello {
-        protocol_version: txmq_protocol::PROTOCOL_VERSION,
-        ..Default::default()
-    };
-    framed
-        .send(Frame {
-            id: 1,
-            body: Some(Body::Hello(hello)),
-        })
-        .await
-        .unwrap();
+    let framed = raw_hello(b.addr(), "").await;
     let n = 600u64;
     let (mut sink, mut stream) = framed.split();
     let writer = tokio::spawn(async move {

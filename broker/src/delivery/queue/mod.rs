@@ -350,22 +350,34 @@ mod tests {
     use super::acks::cancel_out;
     use super::*;
 
+    type Fixture = (
+        tempfile::TempDir,
+        Arc<Storage>,
+        WriterHandle,
+        std::thread::JoinHandle<()>,
+        Arc<Config>,
+    );
+
+    /// A database in a temporary directory and its writer.
+    fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path()).unwrap();
+        let config = Arc::new(Config::default());
+        let (writer, thread) = crate::storage::writer::Writer::spawn(
+            storage.clone(),
+            Arc::new(crate::topics::Topics::default()),
+            Arc::new(crate::ids::IdGen::new(1)),
+            config.clone(),
+            Arc::new(Metrics::new()),
+        );
+        (dir, storage, writer, thread, config)
+    }
+
     /// I5: a million leases in flight, ten of them expired: an expiry pass handles ten,
     /// and the expired ones wait for redelivery with their attempt counted.
     #[tokio::test]
     async fn lease_expiry_costs_what_is_due() {
-        let dir = tempfile::tempdir().unwrap();
-        let storage = Storage::open(dir.path()).unwrap();
-        let topics = Arc::new(crate::topics::Topics::default());
-        let config = Arc::new(Config::default());
-        let ids = Arc::new(crate::ids::IdGen::new(1));
-        let (writer, thread) = crate::storage::writer::Writer::spawn(
-            storage.clone(),
-            topics,
-            ids,
-            config.clone(),
-            Arc::new(Metrics::new()),
-        );
+        let (_dir, storage, writer, thread, config) = fixture();
         let topic = Arc::new(Topic::new("t".into(), 1, 0, 2_000_000));
         let loaded = Loaded {
             cursor: Some(CursorRecord::default()),
@@ -414,18 +426,7 @@ mod tests {
     #[tokio::test]
     async fn a_closed_consumer_does_not_make_pump_spin_or_lose_messages() {
         use crate::storage::writer::{Command, Outcome};
-        let dir = tempfile::tempdir().unwrap();
-        let storage = Storage::open(dir.path()).unwrap();
-        let topics = Arc::new(crate::topics::Topics::default());
-        let config = Arc::new(Config::default());
-        let ids = Arc::new(crate::ids::IdGen::new(1));
-        let (writer, thread) = crate::storage::writer::Writer::spawn(
-            storage.clone(),
-            topics,
-            ids,
-            config.clone(),
-            Arc::new(Metrics::new()),
-        );
+        let (_dir, storage, writer, thread, config) = fixture();
         let Outcome::Topic(topic) = writer
             .submit(Command::CreateTopic {
                 name: "t".into(),
