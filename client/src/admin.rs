@@ -59,7 +59,7 @@ impl Admin {
     }
 
     /// Transactions in a state (`Unspecified`: all) and group (empty: all), at most
-    /// `limit` of them (0: the broker's default, 1,000).
+    /// `limit` of them (0: the broker's default, 1,000), oldest id first.
     ///
     /// # Errors
     /// Connection lost.
@@ -69,12 +69,28 @@ impl Admin {
         group: &str,
         limit: u32,
     ) -> Result<pb::ListTxnsOk> {
+        self.transactions_after(state, group, limit, "").await
+    }
+
+    /// The page of [`Admin::transactions`] after transaction `after` (the last id of the
+    /// previous page; empty for the first page).
+    ///
+    /// # Errors
+    /// Connection lost, or `after` is not a transaction id.
+    pub async fn transactions_after(
+        &self,
+        state: pb::TxnState,
+        group: &str,
+        limit: u32,
+        after: &str,
+    ) -> Result<pb::ListTxnsOk> {
         let r = self
             .conn
             .call(Body::ListTxns(pb::ListTxnsRequest {
                 state: state as i32,
                 producer_group: group.to_string(),
                 limit,
+                after_txn_id: after.to_string(),
             }))
             .await?;
         expect!(r, Txns)

@@ -228,3 +228,43 @@ fn the_client_quickstart_example_runs() {
     assert!(stdout.contains("received \"hello\""), "{stdout}");
     assert!(stdout.contains("received \"order 42\""), "{stdout}");
 }
+
+/// `txn list` pages: `--limit` cuts, `--after` the last id of a page gives the next one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn txn_list_pages_with_limit_and_after() {
+    let b = TestBroker::start(&[]);
+    let p = Producer::connect(
+        b.addr(),
+        ProducerOptions::transactional("svc", |_req| async { Outcome::Unknown }),
+    )
+    .await
+    .unwrap();
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let mut tx = p.begin().unwrap();
+        tx.check_after(Duration::from_secs(3600));
+        tx.send(Message::new("t", format!("m{i}"))).await.unwrap();
+        ids.push(tx.id().unwrap().to_string());
+    }
+    let ids_of = |out: String| -> Vec<String> {
+        json_lines(&out)
+            .iter()
+            .map(|t| t["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let b2 = &b;
+    let page = |args: Vec<&str>| {
+        let mut all = vec!["txn", "list", "--json"];
+        all.extend(args);
+        ids_of(b2.cli_ok(&all))
+    };
+    let first = page(vec!["--limit", "2"]);
+    assert_eq!(first, ids[..2]);
+    let second = page(vec!["--limit", "2", "--after", &first[1]]);
+    assert_eq!(second, ids[2..4]);
+    let last = page(vec!["--after", &second[1]]);
+    assert_eq!(last, ids[4..]);
+    let out = b.cli(&["txn", "list", "--after", "nope"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a transaction id"));
+}

@@ -64,6 +64,14 @@ pub fn end(id: u64, req: pb::EndTxnRequest, shared: &Arc<Shared>) -> Pending {
 /// Lists transactions for operators.
 pub fn list(id: u64, req: pb::ListTxnsRequest, shared: &Arc<Shared>) -> Pending {
     let storage = shared.storage.clone();
+    let after = if req.after_txn_id.is_empty() {
+        None
+    } else {
+        match super::txn_id(&req.after_txn_id) {
+            Ok(id) => Some(id),
+            Err(e) => return ready(id, Err(e)),
+        }
+    };
     later(id, async move {
         let limit = if req.limit == 0 {
             1000
@@ -74,6 +82,7 @@ pub fn list(id: u64, req: pb::ListTxnsRequest, shared: &Arc<Shared>) -> Pending 
         let group = req.producer_group;
         let txns = tokio::task::spawn_blocking(move || {
             storage.list_txns(
+                after,
                 |r| {
                     (state == TxnState::Unspecified as i32 || r.state == state)
                         && (group.is_empty() || r.group == group)

@@ -287,15 +287,24 @@ impl Storage {
     /// Storage failure or a corrupt record.
     pub fn list_txns(
         &self,
+        after: Option<Id>,
         filter: impl Fn(&TxnRecord) -> bool,
         limit: usize,
     ) -> Result<Vec<(Id, TxnRecord)>> {
         let mut out = Vec::new();
-        for item in self.db.iterator_cf(self.cf(Cf::Txn), IteratorMode::Start) {
+        let start = after.map(|id| id.to_bytes());
+        let mode = match &start {
+            Some(key) => IteratorMode::From(key, rocksdb::Direction::Forward),
+            None => IteratorMode::Start,
+        };
+        for item in self.db.iterator_cf(self.cf(Cf::Txn), mode) {
             let (k, v) = item?;
             let Some(id) = Id::from_bytes(&k) else {
                 continue;
             };
+            if Some(id) == after {
+                continue;
+            }
             let rec: TxnRecord = decode(&v)?;
             if filter(&rec) {
                 out.push((id, rec));

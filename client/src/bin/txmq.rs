@@ -213,6 +213,9 @@ enum TxnCmd {
         /// At most this many (oldest first).
         #[arg(long, default_value_t = 1000)]
         limit: u32,
+        /// Start after this transaction id (the last one of the previous page).
+        #[arg(long, default_value = "")]
+        after: String,
         /// JSON lines.
         #[arg(long)]
         json: bool,
@@ -704,6 +707,7 @@ async fn txn(addr: &str, token: &str, cmd: TxnCmd) -> anyhow::Result<()> {
             state,
             group,
             limit,
+            after,
             json,
         } => {
             let state = match state {
@@ -713,7 +717,9 @@ async fn txn(addr: &str, token: &str, cmd: TxnCmd) -> anyhow::Result<()> {
                 Some(StateArg::Committed) => TxnState::Committed,
                 Some(StateArg::RolledBack) => TxnState::RolledBack,
             };
-            let list = admin.transactions(state, &group, limit).await?;
+            let list = admin
+                .transactions_after(state, &group, limit, &after)
+                .await?;
             for t in list.txns {
                 print_txn(&t, list.now_ms, json);
             }
