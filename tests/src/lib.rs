@@ -293,3 +293,34 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A plain producer connected to `b`.
+pub async fn producer(b: &TestBroker) -> txmq_client::Producer {
+    txmq_client::Producer::connect(b.addr(), txmq_client::ProducerOptions::default())
+        .await
+        .expect("connect producer")
+}
+
+/// The next delivery within `wait`, or `None`; a delivery error fails the test.
+pub async fn next(c: &mut txmq_client::Consumer, wait: Duration) -> Option<txmq_client::Delivery> {
+    use futures::StreamExt;
+    match tokio::time::timeout(wait, c.next()).await {
+        Ok(Some(d)) => Some(d.expect("delivery")),
+        _ => None,
+    }
+}
+
+/// Everything a new subscription of `group` receives from `topic` until `wait` passes with
+/// nothing new, acked; the bodies in delivery order.
+pub async fn drain(b: &TestBroker, group: &str, topic: &str, wait: Duration) -> Vec<Vec<u8>> {
+    let options = txmq_client::ConsumerOptions::new(group, topic);
+    let mut c = txmq_client::Consumer::subscribe(b.addr(), options)
+        .await
+        .expect("subscribe");
+    let mut bodies = Vec::new();
+    while let Some(d) = next(&mut c, wait).await {
+        d.ack().await.expect("ack");
+        bodies.push(d.body().to_vec());
+    }
+    bodies
+}

@@ -8,16 +8,8 @@ use bytes::{BufMut, BytesMut};
 use futures::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use txmq_client::{
-    Admin, Consumer, ConsumerOptions, ErrorCode, Message, Producer, ProducerOptions,
-};
-use txmq_tests::{TestBroker, json_lines};
-
-async fn producer(b: &TestBroker) -> Producer {
-    Producer::connect(b.addr(), ProducerOptions::default())
-        .await
-        .expect("connect producer")
-}
+use txmq_client::{Admin, Consumer, ConsumerOptions, ErrorCode, Message};
+use txmq_tests::{TestBroker, json_lines, producer};
 
 /// Receives exactly `n` deliveries, acking each; panics if they do not come.
 async fn consume_n(b: &TestBroker, group: &str, topic: &str, n: usize) -> Vec<(u64, String)> {

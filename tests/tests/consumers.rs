@@ -5,8 +5,8 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use futures::StreamExt;
-use txmq_client::{Admin, Consumer, ConsumerOptions, Delivery, Message, Producer, ProducerOptions};
-use txmq_tests::{TestBroker, json_lines};
+use txmq_client::{Admin, Consumer, ConsumerOptions, Message, Producer, ProducerOptions};
+use txmq_tests::{TestBroker, json_lines, next};
 
 async fn send(b: &TestBroker, topic: &str, bodies: &[&str]) {
     let p = Producer::connect(b.addr(), ProducerOptions::default())
@@ -14,13 +14,6 @@ async fn send(b: &TestBroker, topic: &str, bodies: &[&str]) {
         .unwrap();
     for body in bodies {
         p.send(Message::new(topic, body.to_string())).await.unwrap();
-    }
-}
-
-async fn next(c: &mut Consumer, wait: Duration) -> Option<Delivery> {
-    match tokio::time::timeout(wait, c.next()).await {
-        Ok(Some(d)) => Some(d.expect("delivery")),
-        _ => None,
     }
 }
 

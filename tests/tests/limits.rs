@@ -10,16 +10,10 @@ use futures::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio_util::codec::Framed;
 use txmq_client::{
-    Admin, Consumer, ConsumerOptions, Delivery, ErrorCode, Message, Producer, ProducerOptions,
+    Admin, Consumer, ConsumerOptions, ErrorCode, Message, Producer, ProducerOptions,
 };
 use txmq_protocol::{Body, Frame, FrameCodec, pb};
-use txmq_tests::{TestBroker, eventually};
-
-async fn producer(b: &TestBroker) -> Producer {
-    Producer::connect(b.addr(), ProducerOptions::default())
-        .await
-        .expect("connect producer")
-}
+use txmq_tests::{TestBroker, drain, eventually, next, producer};
 
 /// A raw framed connection that has sent its Hello (id 1) with `token`.
 async fn raw_hello(addr: &str, token: &str) -> Framed<TcpStream, FrameCodec> {
@@ -38,26 +32,6 @@ async fn raw_hello(addr: &str, token: &str) -> Framed<TcpStream, FrameCodec> {
         .await
         .unwrap();
     framed
-}
-
-async fn next(c: &mut Consumer, wait: Duration) -> Option<Delivery> {
-    match tokio::time::timeout(wait, c.next()).await {
-        Ok(Some(Ok(d))) => Some(d),
-        _ => None,
-    }
-}
-
-/// Receives and acks until `wait` passes with nothing new; returns the bodies.
-async fn drain(b: &TestBroker, group: &str, topic: &str, wait: Duration) -> Vec<Vec<u8>> {
-    let mut c = Consumer::subscribe(b.addr(), ConsumerOptions::new(group, topic))
-        .await
-        .expect("subscribe");
-    let mut got = Vec::new();
-    while let Some(d) = next(&mut c, wait).await {
-        d.ack().await.expect("ack");
-        got.push(d.body().to_vec());
-    }
-    got
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

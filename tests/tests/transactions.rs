@@ -40,18 +40,13 @@ async fn txn_producer(b: &TestBroker, group: &str, answer: Outcome) -> (Producer
     (p, checks)
 }
 
-/// Everything a fresh group can read from `topic` within `wait`, acked.
+/// Everything a fresh group can read from `topic` within `wait`, acked, as text.
 async fn drain(b: &TestBroker, group: &str, topic: &str, wait: Duration) -> Vec<String> {
-    let mut c = Consumer::subscribe(b.addr(), ConsumerOptions::new(group, topic))
+    txmq_tests::drain(b, group, topic, wait)
         .await
-        .expect("subscribe");
-    let mut bodies = Vec::new();
-    while let Ok(Some(d)) = tokio::time::timeout(wait, c.next()).await {
-        let d = d.expect("delivery");
-        bodies.push(String::from_utf8_lossy(d.body()).into_owned());
-        d.ack().await.expect("ack");
-    }
-    bodies
+        .into_iter()
+        .map(|body| String::from_utf8_lossy(&body).into_owned())
+        .collect()
 }
 
 async fn txn_state(b: &TestBroker, id: &str) -> Option<txmq_client::pb::TxnInfo> {
