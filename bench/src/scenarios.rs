@@ -95,10 +95,7 @@ async fn send(args: &Args, addr: &str, topic: &str, stamp: bool) -> anyhow::Resu
             anyhow::Ok(hist)
         }));
     }
-    let mut latency = histogram();
-    for t in tasks {
-        latency.add(t.await??)?;
-    }
+    let latency = merged(tasks).await?;
     Ok(Report {
         done: args.messages,
         elapsed: started.elapsed(),
@@ -146,10 +143,7 @@ async fn txn(args: &Args, addr: &str) -> anyhow::Result<Report> {
             anyhow::Ok(hist)
         }));
     }
-    let mut latency = histogram();
-    for t in tasks {
-        latency.add(t.await??)?;
-    }
+    let latency = merged(tasks).await?;
     Ok(Report {
         done: args.messages,
         elapsed: started.elapsed(),
@@ -198,10 +192,7 @@ async fn e2e(args: &Args, addr: &str) -> anyhow::Result<Report> {
         }));
     }
     send(args, addr, topic, true).await?;
-    let mut latency = histogram();
-    for t in tasks {
-        latency.add(t.await??)?;
-    }
+    let latency = merged(tasks).await?;
     Ok(Report {
         done: total,
         elapsed: started.elapsed(),
@@ -240,19 +231,48 @@ async fn consume(args: &Args, addr: &str, topic: &str, n: u64) -> anyhow::Result
 
 /// Stores `n` messages fast (batches of 256, 16 batches in flight).
 async fn fill(addr: &str, topic: &str, n: u64, size: usize) -> anyhow::Result<()> {
+    const BATCH: u64 = 256;
     let p = Producer::connect(addr, ProducerOptions::default()).await?;
     let body = payload(size, false);
+    windowed(n.div_ceil(BATCH), 16, |k| {
+        let messages = (0..(n - k * BATCH).min(BATCH))
+            .map(|_| Message::new(topic, body.clone()))
+            .collect();
+        let p = p.clone();
+        async move { p.send_batch(messages).await.map(drop) }
+    })
+    .await
+}
+
+/// Leaves `n` transactions prepared (one half message each), never checked during the run.
+async fn prepare(addr: &str, n: u64, size: usize, window: usize) -> anyhow::Result<()> {
+    let options = ProducerOptions::transactional("bench-backlog", |_| async { Outcome::Unknown });
+    let p = Producer::connect(addr, options).await?;
+    let body = payload(size, false);
+    windowed(n, window, |_| {
+        let txn = p.begin();
+        let m = Message::new("bench-backlog-halves", body.clone());
+        async move {
+            let mut txn = txn?;
+            txn.check_after(Duration::from_secs(24 * 3600));
+            txn.send(m).await.map(drop)
+        }
+    })
+    .await
+}
+
+/// Runs `n` operations, `op(k)` starting the k-th, with at most `window` in flight.
+async fn windowed<F, Fut>(n: u64, window: usize, mut op: F) -> anyhow::Result<()>
+where
+    F: FnMut(u64) -> Fut,
+    Fut: std::future::Future<Output = txmq_client::Result<()>>,
+{
     let mut in_flight = FuturesUnordered::new();
-    let mut queued = 0;
-    while queued < n || !in_flight.is_empty() {
-        while queued < n && in_flight.len() < 16 {
-            let batch = (n - queued).min(256);
-            let messages = (0..batch)
-                .map(|_| Message::new(topic, body.clone()))
-                .collect();
-            let p = p.clone();
-            in_flight.push(async move { p.send_batch(messages).await });
-            queued += batch;
+    let mut started = 0;
+    while started < n || !in_flight.is_empty() {
+        while started < n && in_flight.len() < window {
+            in_flight.push(op(started));
+            started += 1;
         }
         if let Some(r) = in_flight.next().await {
             r?;
@@ -261,26 +281,15 @@ async fn fill(addr: &str, topic: &str, n: u64, size: usize) -> anyhow::Result<()
     Ok(())
 }
 
-/// Leaves `n` transactions prepared (one half message each), never checked during the run.
-async fn prepare(addr: &str, n: u64, size: usize, window: usize) -> anyhow::Result<()> {
-    let options = ProducerOptions::transactional("bench-backlog", |_| async { Outcome::Unknown });
-    let p = Producer::connect(addr, options).await?;
-    let body = payload(size, false);
-    let mut in_flight = FuturesUnordered::new();
-    let mut started = 0;
-    while started < n || !in_flight.is_empty() {
-        while started < n && in_flight.len() < window {
-            let mut txn = p.begin()?;
-            txn.check_after(Duration::from_secs(24 * 3600));
-            let m = Message::new("bench-backlog-halves", body.clone());
-            in_flight.push(async move { txn.send(m).await });
-            started += 1;
-        }
-        if let Some(r) = in_flight.next().await {
-            r?;
-        }
+/// The latencies of every producer or consumer task, in one histogram.
+async fn merged(
+    tasks: Vec<tokio::task::JoinHandle<anyhow::Result<Histogram<u64>>>>,
+) -> anyhow::Result<Histogram<u64>> {
+    let mut latency = histogram();
+    for t in tasks {
+        latency.add(t.await??)?;
     }
-    Ok(())
+    Ok(latency)
 }
 
 /// Send and consume on the empty broker; fill; send and consume again. The headline
