@@ -373,12 +373,13 @@ mod tests {
         (dir, storage, writer, thread, config)
     }
 
-    /// I5: a million leases in flight, ten of them expired: an expiry pass handles ten,
-    /// and the expired ones wait for redelivery with their attempt counted.
-    #[tokio::test]
-    async fn lease_expiry_costs_what_is_due() {
-        let (_dir, storage, writer, thread, config) = fixture();
-        let topic = Arc::new(Topic::new("t".into(), 1, 0, 2_000_000));
+    /// Group `g` on `topic`, subscribed before, nothing acked yet.
+    fn new_group(
+        topic: Arc<Topic>,
+        storage: Arc<Storage>,
+        writer: WriterHandle,
+        config: Arc<Config>,
+    ) -> Queue {
         let loaded = Loaded {
             cursor: Some(CursorRecord::default()),
             acked: vec![],
@@ -386,7 +387,16 @@ mod tests {
             dead_letters: 0,
         };
         let metrics = Arc::new(Metrics::new());
-        let mut q = Queue::new("g".into(), topic, loaded, storage, writer, config, metrics);
+        Queue::new("g".into(), topic, loaded, storage, writer, config, metrics)
+    }
+
+    /// I5: a million leases in flight, ten of them expired: an expiry pass handles ten,
+    /// and the expired ones wait for redelivery with their attempt counted.
+    #[tokio::test]
+    async fn lease_expiry_costs_what_is_due() {
+        let (_dir, storage, writer, thread, config) = fixture();
+        let topic = Arc::new(Topic::new("t".into(), 1, 0, 2_000_000));
+        let mut q = new_group(topic, storage, writer, config);
         let now = now_ms();
         for offset in 0..1_000_000u64 {
             let deadline_ms = if offset % 100_000 == 0 {
@@ -445,14 +455,7 @@ mod tests {
             })
             .collect();
         writer.submit(Command::Append { messages }).await.unwrap();
-        let loaded = Loaded {
-            cursor: Some(CursorRecord::default()),
-            acked: vec![],
-            retries: vec![],
-            dead_letters: 0,
-        };
-        let metrics = Arc::new(Metrics::new());
-        let mut q = Queue::new("g".into(), topic, loaded, storage, writer, config, metrics);
+        let mut q = new_group(topic, storage, writer, config);
         let consumer = |id, outbound| Consumer {
             spec: ConsumerSpec {
                 subscription_id: id,
