@@ -11,6 +11,11 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
+// The bench shares the two cores with the broker: the same allocator as the broker keeps
+// its own cost per request down.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Which workload.
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
 pub enum Scenario {
