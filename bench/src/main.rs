@@ -6,6 +6,7 @@
 
 mod broker;
 mod scenarios;
+mod stalls;
 
 use std::time::Duration;
 
@@ -110,14 +111,16 @@ async fn main() -> anyhow::Result<()> {
         None => broker::Broker::start(args.flush)?,
     };
     let cpu_before = broker.cpu_seconds();
+    let probe = stalls::StallProbe::start();
     let report = scenarios::run(&args, broker.addr()).await?;
+    let stalls = probe.finish();
     let cpu = broker.cpu_seconds().zip(cpu_before).map(|(a, b)| a - b);
     let rss = broker.peak_rss_mb();
-    print(&args, &report, cpu, rss);
+    print(&args, &report, stalls, cpu, rss);
     Ok(())
 }
 
-fn print(args: &Args, r: &Report, cpu: Option<f64>, rss: Option<f64>) {
+fn print(args: &Args, r: &Report, stalls: stalls::Stalls, cpu: Option<f64>, rss: Option<f64>) {
     let secs = r.elapsed.as_secs_f64();
     let rate = r.done as f64 / secs;
     let mb = rate * args.size as f64 / 1e6;
@@ -132,6 +135,8 @@ fn print(args: &Args, r: &Report, cpu: Option<f64>, rss: Option<f64>) {
                 "p50_us": q(0.5), "p99_us": q(0.99), "p999_us": q(0.999), "max_us": r.latency.max(),
                 "latency_of": r.latency_of,
                 "broker_cpu_s": cpu, "broker_peak_rss_mb": rss,
+                "stalls_over_2ms": stalls.count, "stalled_ms": stalls.total.as_secs_f64() * 1e3,
+                "longest_stall_ms": stalls.longest.as_secs_f64() * 1e3,
         });
         line.as_object_mut()
             .expect("an object")
@@ -151,6 +156,13 @@ fn print(args: &Args, r: &Report, cpu: Option<f64>, rss: Option<f64>) {
             q(0.999),
             r.latency.max(),
             r.latency_of
+        );
+        println!(
+            "stalls        {} wake-ups of an idle thread more than {} ms late, {:.0} ms in all, longest {:.1} ms",
+            stalls.count,
+            stalls::STALL.as_millis(),
+            stalls.total.as_secs_f64() * 1e3,
+            stalls.longest.as_secs_f64() * 1e3
         );
         match (cpu, rss) {
             (Some(c), Some(m)) => println!("broker        {c:.2} CPU s, peak RSS {m:.0} MiB"),
