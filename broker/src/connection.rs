@@ -237,6 +237,7 @@ async fn dispatch(frame: Frame, session: &mut Session, shared: &Arc<Shared>) -> 
     Some(match body {
         Body::Send(req) => cmd::send::send(id, req, session, shared),
         Body::EndTxn(req) => cmd::txn::end(id, req, shared),
+        Body::TxnBatch(req) => cmd::txn::batch(id, req, session, shared),
         Body::ListTxns(req) => cmd::txn::list(id, req, shared),
         Body::RearmTxn(req) => cmd::txn::rearm(id, req, shared),
         Body::Subscribe(req) => cmd::consume::subscribe(id, req, session, shared).await,

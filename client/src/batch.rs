@@ -4,7 +4,8 @@
 //!
 //! A caller never waits for a batch to fill. A few batches may be in flight at once; the
 //! next batch is taken only when one of those slots is free, and takes everything that
-//! queued meanwhile. A lone caller therefore goes out at once, and under load batches grow
+//! queued meanwhile, up to [`MAX_BATCH`] items and [`MAX_BATCH_BYTES`] (so a batch of large
+//! messages still fits in one frame). A lone caller therefore goes out at once, and under load batches grow
 //! with the round-trip time — the same idea as the broker's group commit, one hop earlier.
 
 use std::future::Future;
@@ -17,8 +18,9 @@ use crate::error::{Error, Result};
 /// Most items in one request.
 pub const MAX_BATCH: usize = 512;
 
-/// Batches in flight at once.
-const PARALLEL: usize = 4;
+/// Most bytes (as the caller weighs its items) in one request; an item heavier than this
+/// goes alone. Well under the smallest frame limit a broker accepts for one message's worth.
+pub const MAX_BATCH_BYTES: usize = 4 << 20;
 
 type Item<T, R> = (T, oneshot::Sender<Result<R>>);
 
@@ -42,24 +44,43 @@ impl<T, R> std::fmt::Debug for Batcher<T, R> {
 }
 
 impl<T: Send + 'static, R: Send + 'static> Batcher<T, R> {
-    /// Starts the task that calls `flush` with each batch; `flush` returns one result per
-    /// item, in order. The task ends when the last clone of the batcher is dropped.
-    pub fn spawn<F, Fut>(flush: F) -> Self
+    /// Starts the task that calls `flush` with each batch, with up to `parallel` calls in
+    /// flight; `flush` returns one result per item, in order. `weigh` tells an item's size
+    /// on the wire. The task ends when the last clone of the batcher is dropped.
+    pub fn spawn<W, F, Fut>(parallel: usize, weigh: W, flush: F) -> Self
     where
+        W: Fn(&T) -> usize + Send + 'static,
         F: Fn(Vec<T>) -> Fut + Send + 'static,
         Fut: Future<Output = Vec<Result<R>>> + Send + 'static,
     {
-        let (tx, mut rx) = mpsc::channel::<Item<T, R>>(MAX_BATCH * PARALLEL);
+        let (tx, mut rx) = mpsc::channel::<Item<T, R>>(MAX_BATCH * parallel);
         tokio::spawn(async move {
-            let slots = Arc::new(Semaphore::new(PARALLEL));
-            while let Some(first) = rx.recv().await {
+            let slots = Arc::new(Semaphore::new(parallel));
+            // An item taken that did not fit in the last batch: it opens the next one.
+            let mut carried: Option<Item<T, R>> = None;
+            loop {
+                let first = match carried.take() {
+                    Some(item) => item,
+                    None => match rx.recv().await {
+                        Some(item) => item,
+                        None => return,
+                    },
+                };
                 let Ok(slot) = slots.clone().acquire_owned().await else {
                     return;
                 };
+                let mut bytes = weigh(&first.0);
                 let mut items = vec![first];
                 while items.len() < MAX_BATCH {
                     match rx.try_recv() {
-                        Ok(item) => items.push(item),
+                        Ok(item) => {
+                            bytes += weigh(&item.0);
+                            if bytes > MAX_BATCH_BYTES {
+                                carried = Some(item);
+                                break;
+                            }
+                            items.push(item);
+                        }
                         Err(_) => break,
                     }
                 }
@@ -121,22 +142,26 @@ mod tests {
     async fn concurrent_calls_share_batches_and_each_gets_its_result() {
         let calls = Arc::new(AtomicUsize::new(0));
         let seen = calls.clone();
-        let b: Batcher<u32, u32> = Batcher::spawn(move |items: Vec<u32>| {
-            seen.fetch_add(1, Ordering::SeqCst);
-            async move {
-                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-                items
-                    .into_iter()
-                    .map(|i| {
-                        if i == 7 {
-                            Err(Error::Invalid("seven".into()))
-                        } else {
-                            Ok(i * 2)
-                        }
-                    })
-                    .collect()
-            }
-        });
+        let b: Batcher<u32, u32> = Batcher::spawn(
+            4,
+            |_| 4,
+            move |items: Vec<u32>| {
+                seen.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                    items
+                        .into_iter()
+                        .map(|i| {
+                            if i == 7 {
+                                Err(Error::Invalid("seven".into()))
+                            } else {
+                                Ok(i * 2)
+                            }
+                        })
+                        .collect()
+                }
+            },
+        );
         let results = futures::future::join_all((0..1000u32).map(|i| {
             let b = b.clone();
             async move { b.submit(i).await }
@@ -152,5 +177,42 @@ mod tests {
         assert!(calls < 100, "1000 concurrent calls made {calls} requests");
         // A lone call goes out on its own, without waiting for company.
         assert_eq!(b.submit(1).await.unwrap(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_batch_stays_within_its_byte_budget() {
+        let sizes = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = sizes.clone();
+        let b: Batcher<usize, ()> = Batcher::spawn(
+            4,
+            |bytes: &usize| *bytes,
+            move |items: Vec<usize>| {
+                seen.lock().unwrap().push(items.iter().sum::<usize>());
+                async move {
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                    items.into_iter().map(|_| Ok(())).collect()
+                }
+            },
+        );
+        // 40 items of 1 MiB and one heavier than the whole budget, all at once.
+        let items = std::iter::repeat_n(1 << 20, 40).chain([MAX_BATCH_BYTES * 2]);
+        let results = futures::future::join_all(items.map(|bytes| {
+            let b = b.clone();
+            async move { b.submit(bytes).await }
+        }))
+        .await;
+        assert!(results.iter().all(Result::is_ok));
+        let sizes = sizes.lock().unwrap();
+        assert_eq!(
+            sizes.iter().sum::<usize>(),
+            (40 << 20) + MAX_BATCH_BYTES * 2
+        );
+        for &size in sizes.iter() {
+            assert!(
+                size <= MAX_BATCH_BYTES || size == MAX_BATCH_BYTES * 2,
+                "a batch of {size} bytes"
+            );
+        }
+        assert!(sizes.len() < 20, "{} batches for 41 items", sizes.len());
     }
 }

@@ -13,6 +13,9 @@ use crate::batch::{self, Batcher};
 use crate::connection::{self, Connection, Pushes};
 use crate::error::{Error, Result};
 
+/// Ack requests of one consumer connection in flight at once.
+const ACK_BATCHES: usize = 4;
+
 /// Where a new group starts reading.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum StartFrom {
@@ -264,7 +267,9 @@ async fn pump(
         };
         let acks = {
             let conn = conn.clone();
-            Batcher::spawn(move |handles| ack_coalesced(conn.clone(), handles))
+            Batcher::spawn(ACK_BATCHES, prost::Message::encoded_len, move |handles| {
+                ack_coalesced(conn.clone(), handles)
+            })
         };
         loop {
             let d = tokio::select! {

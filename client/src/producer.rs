@@ -173,6 +173,15 @@ impl ProducerOptions {
     }
 }
 
+/// Send requests of one producer in flight at once.
+const SEND_BATCHES: usize = 4;
+
+/// Transactional requests of one producer in flight at once. More than for plain sends:
+/// every transaction makes two round trips, and the broker stores and syncs each request
+/// in a pipeline, so requests in flight are what keeps it full (the txn bench: 31,600
+/// txn/s with 4, 43,500 with 16, no more with 32 or 64).
+const TXN_BATCHES: usize = 16;
+
 /// Sends messages; reconnects with backoff when the connection is lost.
 #[derive(Debug, Clone)]
 pub struct Producer {
@@ -187,6 +196,9 @@ pub struct Producer {
     /// [`crate::batch`]). `None` in the batcher's own handle, which must not keep itself
     /// alive.
     sends: Option<Batcher<pb::Message, Receipt>>,
+    /// Coalesces the prepares and ends of concurrent transactions into one request, the
+    /// same way; `None` likewise in the batcher's own handle, and without a group.
+    txn_calls: Option<Batcher<pb::TxnCall, pb::TxnCallResult>>,
 }
 
 impl Producer {
@@ -205,12 +217,23 @@ impl Producer {
             conn: Arc::default(),
             dialing: Arc::default(),
             sends: None,
+            txn_calls: None,
         };
         p.connection().await?;
         let link = p.clone();
-        p.sends = Some(Batcher::spawn(move |messages| {
-            send_coalesced(link.clone(), messages)
-        }));
+        p.sends = Some({
+            let link = link.clone();
+            Batcher::spawn(SEND_BATCHES, prost::Message::encoded_len, move |messages| {
+                send_coalesced(link.clone(), messages)
+            })
+        });
+        if !p.options.group.is_empty() {
+            p.txn_calls = Some(Batcher::spawn(
+                TXN_BATCHES,
+                prost::Message::encoded_len,
+                move |calls| txn_calls_coalesced(link.clone(), calls),
+            ));
+        }
         Ok(p)
     }
 
@@ -371,18 +394,75 @@ impl Producer {
         outcome: Outcome,
         operator: bool,
     ) -> Result<pb::EndTxnOk> {
+        let req = pb::EndTxnRequest {
+            txn_id: txn_id.to_string(),
+            outcome: outcome.to_pb() as i32,
+            operator,
+        };
+        if let Some(batcher) = &self.txn_calls {
+            let call = pb::TxnCall {
+                call: Some(pb::txn_call::Call::End(req)),
+            };
+            return match batcher.submit(call).await?.result {
+                Some(pb::txn_call_result::Result::Ended(ok)) => Ok(ok),
+                other => Err(Error::Unexpected(format!("{other:?}"))),
+            };
+        }
         let conn = self.connection().await?;
-        match conn
-            .call(Body::EndTxn(pb::EndTxnRequest {
-                txn_id: txn_id.to_string(),
-                outcome: outcome.to_pb() as i32,
-                operator,
-            }))
-            .await?
-        {
+        match conn.call(Body::EndTxn(req)).await? {
             pb::response::Result::EndTxn(ok) => Ok(ok),
             other => Err(Error::Unexpected(format!("{other:?}"))),
         }
+    }
+
+    /// Stores half messages (a transactional send), coalesced with other transactions'
+    /// calls when they find each other waiting.
+    async fn prepare(&self, req: pb::SendRequest) -> Result<(Vec<Receipt>, String)> {
+        let Some(batcher) = &self.txn_calls else {
+            return self.send_request(req).await;
+        };
+        let call = pb::TxnCall {
+            call: Some(pb::txn_call::Call::Prepare(req)),
+        };
+        match batcher.submit(call).await?.result {
+            Some(pb::txn_call_result::Result::Prepared(ok)) => Ok((
+                ok.receipts.into_iter().map(Receipt::from).collect(),
+                ok.txn_id,
+            )),
+            other => Err(Error::Unexpected(format!("{other:?}"))),
+        }
+    }
+}
+
+/// Sends the prepares and ends of concurrent transactions as one request; each caller gets
+/// its own call's answer or refusal.
+async fn txn_calls_coalesced(
+    link: Producer,
+    calls: Vec<pb::TxnCall>,
+) -> Vec<Result<pb::TxnCallResult>> {
+    let n = calls.len();
+    let answer = async {
+        let conn = link.connection().await?;
+        conn.call(Body::TxnBatch(pb::TxnBatchRequest { calls }))
+            .await
+    };
+    match answer.await {
+        Ok(pb::response::Result::TxnBatch(ok)) if ok.results.len() == n => ok
+            .results
+            .into_iter()
+            .map(|r| match ErrorCode::try_from(r.code) {
+                Ok(ErrorCode::Ok) => Ok(r),
+                code => Err(Error::Broker {
+                    code: code.unwrap_or(ErrorCode::Internal),
+                    message: r.message,
+                }),
+            })
+            .collect(),
+        Ok(other) => {
+            let e = Error::Unexpected(format!("a txn batch of {n} calls got {other:?}"));
+            (0..n).map(|_| Err(batch::copy_error(&e))).collect()
+        }
+        Err(e) => (0..n).map(|_| Err(batch::copy_error(&e))).collect(),
     }
 }
 
@@ -492,7 +572,7 @@ impl Transaction {
             producer_group: self.producer.options.group.clone(),
             check_delay_ms: self.check_delay_ms,
         };
-        let (receipts, id) = self.producer.send_request(req).await?;
+        let (receipts, id) = self.producer.prepare(req).await?;
         self.txn_id = Some(id);
         self.receipts.extend(receipts.iter().cloned());
         Ok(receipts)

@@ -397,3 +397,135 @@ fn cli_transactional_flow() {
     assert_eq!(got.len(), 1, "{out}");
     assert_eq!(got[0]["body"], "later");
 }
+
+/// A batch of transactional calls (what a producer coalesces from concurrent transactions)
+/// answers each call on its own: refusals stay with their call, the good calls are stored,
+/// and resolutions within one batch see each other (I2 holds inside a batch too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_txn_batch_answers_each_call_on_its_own() {
+    use txmq_client::connection::{self, Connection};
+    use txmq_client::pb::{self, TxnOutcome, frame::Body, txn_call::Call, txn_call_result};
+
+    let b = TestBroker::start(&[]);
+    let hello = connection::hello(pb::Role::Producer, "batchers", "");
+    let (conn, _pushes) = Connection::open(b.addr(), hello).await.unwrap();
+    let prepare = |topic: &str, body: &str, transactional: bool| pb::TxnCall {
+        call: Some(Call::Prepare(pb::SendRequest {
+            messages: vec![pb::Message {
+                topic: topic.into(),
+                body: body.as_bytes().to_vec().into(),
+                ..Default::default()
+            }],
+            transactional,
+            ..Default::default()
+        })),
+    };
+    let end = |txn_id: &str, outcome: TxnOutcome| pb::TxnCall {
+        call: Some(Call::End(pb::EndTxnRequest {
+            txn_id: txn_id.into(),
+            outcome: outcome as i32,
+            operator: false,
+        })),
+    };
+    let batch = async |calls: Vec<pb::TxnCall>| match conn
+        .call(Body::TxnBatch(pb::TxnBatchRequest { calls }))
+        .await
+        .unwrap()
+    {
+        pb::response::Result::TxnBatch(ok) => ok.results,
+        other => panic!("{other:?}"),
+    };
+    let codes = |results: &[pb::TxnCallResult]| -> Vec<ErrorCode> {
+        results
+            .iter()
+            .map(|r| ErrorCode::try_from(r.code).unwrap())
+            .collect()
+    };
+
+    let first = batch(vec![
+        prepare("orders", "a", true),
+        prepare("orders", "plain", false),
+        prepare("bad name!", "b", true),
+        end("00000000000000000000000000000001", TxnOutcome::Commit),
+        prepare("orders", "c", true),
+        pb::TxnCall { call: None },
+    ])
+    .await;
+    assert_eq!(
+        codes(&first),
+        [
+            ErrorCode::Ok,
+            ErrorCode::InvalidRequest,
+            ErrorCode::InvalidName,
+            ErrorCode::TxnNotFound,
+            ErrorCode::Ok,
+            ErrorCode::InvalidRequest,
+        ]
+    );
+    assert!(
+        first[3]
+            .message
+            .contains("00000000000000000000000000000001")
+    );
+    let txn_of = |r: &pb::TxnCallResult| match &r.result {
+        Some(txn_call_result::Result::Prepared(ok)) => ok.txn_id.clone(),
+        other => panic!("{other:?}"),
+    };
+    let (a, c) = (txn_of(&first[0]), txn_of(&first[4]));
+    assert_ne!(a, c, "two prepares without an id start two transactions");
+    assert_eq!(
+        txn_state(&b, &a).await.unwrap().state,
+        TxnState::Prepared as i32
+    );
+    assert!(
+        drain(&b, "early", "orders", Duration::from_millis(300))
+            .await
+            .is_empty()
+    );
+
+    let second = batch(vec![
+        end(&a, TxnOutcome::Commit),
+        end(&c, TxnOutcome::Rollback),
+        end(&a, TxnOutcome::Rollback),
+        end(&a, TxnOutcome::Commit),
+    ])
+    .await;
+    assert_eq!(
+        codes(&second),
+        [
+            ErrorCode::Ok,
+            ErrorCode::Ok,
+            ErrorCode::TxnAlreadyCommitted,
+            ErrorCode::Ok,
+        ]
+    );
+    let ended = |r: &pb::TxnCallResult| match &r.result {
+        Some(txn_call_result::Result::Ended(ok)) => ok.clone(),
+        other => panic!("{other:?}"),
+    };
+    let (committed, repeated) = (ended(&second[0]), ended(&second[3]));
+    assert_eq!(committed.state, TxnState::Committed as i32);
+    assert_eq!(committed.receipts.len(), 1);
+    assert!(!committed.repeated);
+    assert!(repeated.repeated);
+    assert_eq!(ended(&second[1]).state, TxnState::RolledBack as i32);
+    assert_eq!(
+        drain(&b, "late", "orders", Duration::from_secs(2)).await,
+        ["a"]
+    );
+
+    let empty = conn
+        .call(Body::TxnBatch(pb::TxnBatchRequest { calls: Vec::new() }))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            empty,
+            txmq_client::Error::Broker {
+                code: ErrorCode::InvalidRequest,
+                ..
+            }
+        ),
+        "{empty}"
+    );
+}

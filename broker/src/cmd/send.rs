@@ -22,21 +22,28 @@ pub fn send(id: u64, req: pb::SendRequest, session: &Session, shared: &Arc<Share
     };
     let writer = shared.writer.clone();
     later(id, async move {
-        match writer.submit(cmd).await? {
-            Outcome::Stored(receipts) => Ok(pb::response::Result::Send(pb::SendOk {
-                receipts,
-                txn_id: String::new(),
-            })),
-            Outcome::Prepared { txn, receipts } => Ok(pb::response::Result::Send(pb::SendOk {
-                receipts,
-                txn_id: txn.to_string(),
-            })),
-            other => Err(Error::Internal(format!("send gave {other:?}"))),
-        }
+        let ok = send_ok(writer.submit(cmd).await)?;
+        Ok(pb::response::Result::Send(ok))
     })
 }
 
-fn command(req: pb::SendRequest, session: &Session, shared: &Shared) -> Result<Command> {
+/// The answer to a send, from what the writer made of it.
+pub(super) fn send_ok(outcome: Result<Outcome>) -> Result<pb::SendOk> {
+    match outcome? {
+        Outcome::Stored(receipts) => Ok(pb::SendOk {
+            receipts,
+            txn_id: String::new(),
+        }),
+        Outcome::Prepared { txn, receipts } => Ok(pb::SendOk {
+            receipts,
+            txn_id: txn.to_string(),
+        }),
+        other => Err(Error::Internal(format!("send gave {other:?}"))),
+    }
+}
+
+/// Checks a send request and turns it into the writer's command.
+pub(super) fn command(req: pb::SendRequest, session: &Session, shared: &Shared) -> Result<Command> {
     if req.messages.is_empty() {
         return Err(Error::Invalid("send carries no messages".into()));
     }

@@ -6,29 +6,152 @@ use txmq_protocol::pb::{self, TxnOutcome, TxnState};
 
 use super::{Pending, later, ready};
 use crate::connection::Session;
-use crate::error::Error;
+use crate::error::{Error, Result};
 use crate::ids::Id;
 use crate::server::Shared;
 use crate::storage::records::TxnRecord;
 use crate::storage::writer::{Command, Outcome};
 use crate::txn::checker::CheckAnswer;
+use txmq_protocol::ErrorCode;
 
 /// Commit or roll back (or record `unknown`). Repeats are no-op successes; a conflicting
 /// resolution is refused with its own code (I2).
 pub fn end(id: u64, req: pb::EndTxnRequest, shared: &Arc<Shared>) -> Pending {
-    let txn = match super::txn_id(&req.txn_id) {
-        Ok(t) => t,
+    let (txn, cmd) = match end_command(&req) {
+        Ok(checked) => checked,
         Err(e) => return ready(id, Err(e)),
     };
+    let writer = shared.writer.clone();
+    later(id, async move {
+        let ok = end_ok(txn, writer.submit(cmd).await)?;
+        Ok(pb::response::Result::EndTxn(ok))
+    })
+}
+
+/// Most calls in one [`pb::TxnBatchRequest`].
+pub const MAX_CALLS: usize = 10_000;
+
+/// Prepares and ends of many transactions in one request (what a client coalesces from
+/// concurrent transactions): every call is checked and answered on its own, and all of
+/// them are stored in one write.
+pub fn batch(
+    id: u64,
+    req: pb::TxnBatchRequest,
+    session: &Session,
+    shared: &Arc<Shared>,
+) -> Pending {
+    if req.calls.is_empty() {
+        return ready(id, Err(Error::Invalid("txn batch carries no calls".into())));
+    }
+    if req.calls.len() > MAX_CALLS {
+        return ready(
+            id,
+            Err(Error::Invalid(format!(
+                "txn batch carries {} calls; the limit is {MAX_CALLS}",
+                req.calls.len()
+            ))),
+        );
+    }
+    let mut commands = Vec::with_capacity(req.calls.len());
+    let checked: Vec<Result<Call>> = req
+        .calls
+        .into_iter()
+        .map(|c| {
+            let (call, cmd) = check_call(c, session, shared)?;
+            commands.push(cmd);
+            Ok(call)
+        })
+        .collect();
+    let writer = shared.writer.clone();
+    later(id, async move {
+        let mut outcomes = if commands.is_empty() {
+            Vec::new()
+        } else {
+            match writer.submit(Command::Many(commands)).await? {
+                Outcome::Many(outcomes) => outcomes,
+                other => return Err(Error::Internal(format!("txn batch gave {other:?}"))),
+            }
+        }
+        .into_iter();
+        let results = checked
+            .into_iter()
+            .map(|call| {
+                let answer = call.and_then(|call| {
+                    let outcome = outcomes
+                        .next()
+                        .ok_or_else(|| Error::Internal("txn batch lost an outcome".into()))?;
+                    Ok(match call {
+                        Call::Prepare => Answer::Prepared(super::send::send_ok(outcome)?),
+                        Call::End(txn) => Answer::Ended(end_ok(txn, outcome)?),
+                    })
+                });
+                call_result(answer)
+            })
+            .collect();
+        Ok(pb::response::Result::TxnBatch(pb::TxnBatchOk { results }))
+    })
+}
+
+/// A checked call of a batch, remembering what its outcome means.
+enum Call {
+    Prepare,
+    End(Id),
+}
+
+fn check_call(call: pb::TxnCall, session: &Session, shared: &Shared) -> Result<(Call, Command)> {
+    match call.call {
+        Some(pb::txn_call::Call::Prepare(req)) => {
+            if !req.transactional {
+                return Err(Error::Invalid(
+                    "a send in a txn batch must be transactional".into(),
+                ));
+            }
+            Ok((Call::Prepare, super::send::command(req, session, shared)?))
+        }
+        Some(pb::txn_call::Call::End(req)) => {
+            let (txn, cmd) = end_command(&req)?;
+            Ok((Call::End(txn), cmd))
+        }
+        None => Err(Error::Invalid(
+            "a txn batch call is neither prepare nor end".into(),
+        )),
+    }
+}
+
+enum Answer {
+    Prepared(pb::SendOk),
+    Ended(pb::EndTxnOk),
+}
+
+fn call_result(answer: Result<Answer>) -> pb::TxnCallResult {
+    match answer {
+        Ok(Answer::Prepared(ok)) => pb::TxnCallResult {
+            code: ErrorCode::Ok as i32,
+            message: String::new(),
+            result: Some(pb::txn_call_result::Result::Prepared(ok)),
+        },
+        Ok(Answer::Ended(ok)) => pb::TxnCallResult {
+            code: ErrorCode::Ok as i32,
+            message: String::new(),
+            result: Some(pb::txn_call_result::Result::Ended(ok)),
+        },
+        Err(e) => pb::TxnCallResult {
+            code: e.code() as i32,
+            message: e.to_string(),
+            result: None,
+        },
+    }
+}
+
+/// Checks an end request and turns it into the writer's command.
+fn end_command(req: &pb::EndTxnRequest) -> Result<(Id, Command)> {
+    let txn = super::txn_id(&req.txn_id)?;
     let outcome = match TxnOutcome::try_from(req.outcome) {
         Ok(o @ (TxnOutcome::Commit | TxnOutcome::Rollback | TxnOutcome::Unknown)) => o,
         _ => {
-            return ready(
-                id,
-                Err(Error::Invalid(
-                    "outcome must be COMMIT, ROLLBACK or UNKNOWN".into(),
-                )),
-            );
+            return Err(Error::Invalid(
+                "outcome must be COMMIT, ROLLBACK or UNKNOWN".into(),
+            ));
         }
     };
     let note = if req.operator {
@@ -36,29 +159,31 @@ pub fn end(id: u64, req: pb::EndTxnRequest, shared: &Arc<Shared>) -> Pending {
     } else {
         "resolved by the producer"
     };
-    let writer = shared.writer.clone();
-    later(id, async move {
-        match writer
-            .submit(Command::End {
-                txn,
-                outcome,
-                note: note.into(),
-            })
-            .await?
-        {
-            Outcome::Ended {
-                state,
-                repeated,
-                receipts,
-            } => Ok(pb::response::Result::EndTxn(pb::EndTxnOk {
-                txn_id: txn.to_string(),
-                state: state as i32,
-                repeated,
-                receipts,
-            })),
-            other => Err(Error::Internal(format!("end gave {other:?}"))),
-        }
-    })
+    Ok((
+        txn,
+        Command::End {
+            txn,
+            outcome,
+            note: note.into(),
+        },
+    ))
+}
+
+/// The answer to an end, from what the writer made of it.
+fn end_ok(txn: Id, outcome: Result<Outcome>) -> Result<pb::EndTxnOk> {
+    match outcome? {
+        Outcome::Ended {
+            state,
+            repeated,
+            receipts,
+        } => Ok(pb::EndTxnOk {
+            txn_id: txn.to_string(),
+            state: state as i32,
+            repeated,
+            receipts,
+        }),
+        other => Err(Error::Internal(format!("end gave {other:?}"))),
+    }
 }
 
 /// Lists transactions for operators.

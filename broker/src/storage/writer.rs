@@ -16,12 +16,12 @@
 //!                                                                          └─▶ topic ends move
 //! ```
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use prost::Message;
 use rocksdb::{WriteBatch, WriteOptions};
+use rustc_hash::FxHashMap;
 use tokio::sync::{mpsc, oneshot};
 use txmq_protocol::pb::{self, TxnOutcome, TxnState};
 
@@ -104,6 +104,9 @@ pub enum Command {
     },
     /// Plain puts and deletes prepared by an owner of other state (consumer groups).
     Raw(Vec<Op>),
+    /// Several commands from one request, applied in order in the same batch; each has
+    /// its own outcome ([`Outcome::Many`]), and a refused one leaves the others be.
+    Many(Vec<Command>),
 }
 
 /// One raw write.
@@ -142,6 +145,8 @@ pub enum Outcome {
     Topic(Arc<Topic>),
     /// Written; nothing to tell.
     Done,
+    /// The outcomes of [`Command::Many`], in its order.
+    Many(Vec<Result<Outcome>>),
 }
 
 struct Job {
@@ -184,7 +189,7 @@ pub struct Writer {
     ids: Arc<IdGen>,
     config: Arc<Config>,
     /// Next offset per topic id, including writes not yet published.
-    next_offset: HashMap<u32, u64>,
+    next_offset: FxHashMap<u32, u64>,
     next_topic_id: u32,
     write_opts: WriteOptions,
     metrics: Arc<Metrics>,
@@ -199,8 +204,8 @@ pub struct Writer {
 /// it always agrees with the database; it is bounded, and a miss reads the database.
 #[derive(Default)]
 struct Recent {
-    records: HashMap<Id, TxnRecord>,
-    halves: HashMap<Id, Vec<(u32, pb::StoredMessage)>>,
+    records: FxHashMap<Id, TxnRecord>,
+    halves: FxHashMap<Id, Vec<(u32, pb::StoredMessage)>>,
     half_bytes: usize,
 }
 
@@ -214,8 +219,8 @@ impl Recent {
     /// resolved.
     fn update(
         &mut self,
-        txns: HashMap<Id, TxnRecord>,
-        halves: HashMap<Id, Vec<(u32, pb::StoredMessage)>>,
+        txns: FxHashMap<Id, TxnRecord>,
+        halves: FxHashMap<Id, Vec<(u32, pb::StoredMessage)>>,
     ) {
         for (id, rec) in txns {
             if rec.state == TxnState::Prepared as i32 {
@@ -386,13 +391,7 @@ impl Writer {
             Err(e) => {
                 tracing::error!("write batch failed, {} requests refused: {e}", jobs.len());
                 self.next_topic_id = stage.first_topic_id.unwrap_or(self.next_topic_id);
-                let results = results
-                    .into_iter()
-                    .map(|r| match r {
-                        Ok(_) => Err(Error::Storage(e.clone())),
-                        Err(refusal) => Err(refusal),
-                    })
-                    .collect();
+                let results = results.into_iter().map(|r| lost_in_write(r, &e)).collect();
                 Written {
                     jobs: std::mem::take(jobs),
                     results,
@@ -413,6 +412,9 @@ impl Writer {
 
     fn apply(&mut self, cmd: Command, stage: &mut Stage) -> Result<Outcome> {
         match cmd {
+            Command::Many(cmds) => Ok(Outcome::Many(
+                cmds.into_iter().map(|c| self.apply(c, stage)).collect(),
+            )),
             Command::Append { messages } => self.append(messages, stage),
             Command::Prepare {
                 txn,
@@ -869,6 +871,18 @@ impl Writer {
     }
 }
 
+/// What a staged result becomes when its batch could not be written or synced: whatever
+/// would have been stored fails with the storage error; a refusal stays the refusal it was.
+fn lost_in_write(result: Result<Outcome>, e: &rocksdb::Error) -> Result<Outcome> {
+    match result {
+        Ok(Outcome::Many(results)) => Ok(Outcome::Many(
+            results.into_iter().map(|r| lost_in_write(r, e)).collect(),
+        )),
+        Ok(_) => Err(Error::Storage(e.clone())),
+        Err(refusal) => Err(refusal),
+    }
+}
+
 /// The syncer thread: one fsync of the WAL for every batch written since the last one,
 /// then, in order, makes their messages visible, counts them, and replies. (With
 /// `flush = async` it skips the fsync and keeps the order.)
@@ -911,9 +925,10 @@ fn sync_loop(
                 }
                 Err(e) => {
                     for (job, result) in w.jobs.into_iter().zip(w.results) {
-                        let reply = match result {
-                            Ok(_) if w.wrote => Err(Error::Storage(e.clone())),
-                            other => other,
+                        let reply = if w.wrote {
+                            lost_in_write(result, e)
+                        } else {
+                            result
                         };
                         let _ = job.reply.send(reply);
                     }
@@ -927,11 +942,11 @@ fn sync_loop(
 #[derive(Default)]
 struct Stage {
     batch: WriteBatch,
-    txns: HashMap<Id, TxnRecord>,
-    halves: HashMap<Id, Vec<(u32, pb::StoredMessage)>>,
+    txns: FxHashMap<Id, TxnRecord>,
+    halves: FxHashMap<Id, Vec<(u32, pb::StoredMessage)>>,
     new_topics: Vec<Arc<Topic>>,
     first_topic_id: Option<u32>,
-    next_offset: HashMap<u32, u64>,
+    next_offset: FxHashMap<u32, u64>,
     tally: Tally,
 }
 
