@@ -79,25 +79,19 @@ pub struct Counters {
 }
 
 /// Memory all memtables together may hold.
-const MEMTABLES_BYTES: usize = 256 << 20;
+const MEMTABLES_BYTES: usize = 128 << 20;
 /// Write-ahead log size at which RocksDB flushes the column families that pin its oldest file.
 const WAL_BYTES: u64 = 512 << 20;
 
-/// Memory the block cache, shared by every column family, may hold.
-const BLOCK_CACHE_BYTES: usize = 64 << 20;
+/// Memory the block cache, shared by every column family, may hold (RocksDB's default is
+/// this much for each family).
+const BLOCK_CACHE_BYTES: usize = 32 << 20;
 
 /// Options of every column family. They must be given per family: RocksDB opens a named
 /// family with its own options, not the database's.
-///
-/// One block cache serves all families (RocksDB's default is a cache per family), and a
-/// bloom filter per table file spares the point reads of transaction and half records the
-/// files that cannot hold their key.
 fn cf_options(cache: &rocksdb::Cache) -> Options {
     let mut table = rocksdb::BlockBasedOptions::default();
     table.set_block_cache(cache);
-    table.set_bloom_filter(10.0, false);
-    table.set_cache_index_and_filter_blocks(true);
-    table.set_pin_l0_filter_and_index_blocks_in_cache(true);
     let mut cf = Options::default();
     cf.set_block_based_table_factory(&table);
     cf.set_write_buffer_size(64 << 20);
@@ -496,7 +490,7 @@ mod tests {
 
     /// Every column family runs with our options, not RocksDB's defaults: each reports the
     /// shared block cache, and the options file RocksDB writes at open lists each family's
-    /// bloom filter and compression.
+    /// compression and memtable size.
     #[test]
     fn every_column_family_gets_its_options() {
         let dir = tempfile::tempdir().unwrap();
@@ -536,8 +530,7 @@ mod tests {
         for name in CFS {
             let cf = section(format!("[CFOptions \"{name}\"]"));
             assert!(cf.contains("compression=kLZ4Compression"), "{name}");
-            let table = section(format!("[TableOptions/BlockBasedTable \"{name}\"]"));
-            assert!(table.contains("filter_policy=bloomfilter"), "{name}");
+            assert!(cf.contains("write_buffer_size=67108864"), "{name}");
         }
         assert!(text.contains(&format!("db_write_buffer_size={MEMTABLES_BYTES}")));
         assert!(text.contains(&format!("max_total_wal_size={WAL_BYTES}")));

@@ -209,10 +209,13 @@ struct Recent {
     half_bytes: usize,
 }
 
-/// Most open transactions [`Recent`] remembers.
-const RECENT_TXNS: usize = 65_536;
+/// Most open transactions [`Recent`] remembers: far more than are open at once when
+/// producers resolve within seconds; one held open longer is read back at its commit. At
+/// 64 MiB the backlog bench's million never-resolved transactions pinned the whole cache
+/// and took the broker past 512 MiB.
+const RECENT_TXNS: usize = 16_384;
 /// Most half-message bytes [`Recent`] holds.
-const RECENT_BYTES: usize = 64 << 20;
+const RECENT_BYTES: usize = 16 << 20;
 
 impl Recent {
     /// Takes in what a written batch left: records in their new state, halves not yet
