@@ -4,9 +4,10 @@
 //!
 //! A caller never waits for a batch to fill. A few batches may be in flight at once; the
 //! next batch is taken only when one of those slots is free, and takes everything that
-//! queued meanwhile, up to [`MAX_BATCH`] items and [`MAX_BATCH_BYTES`] (so a batch of large
-//! messages still fits in one frame). A lone caller therefore goes out at once, and under load batches grow
-//! with the round-trip time — the same idea as the broker's group commit, one hop earlier.
+//! queued meanwhile, up to [`MAX_BATCH`] items and [`MAX_BATCH_BYTES`] (so a batch of
+//! large messages still fits in one frame). A lone caller therefore goes out at once, and
+//! under load batches grow with the round-trip time — the same idea as the broker's group
+//! commit, one hop earlier.
 
 use std::future::Future;
 use std::sync::Arc;

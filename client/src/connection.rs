@@ -132,15 +132,10 @@ impl Connection {
             return Err(self.disconnected());
         }
         let response = rx.await.map_err(|_| self.disconnected())??;
-        match ErrorCode::try_from(response.code) {
-            Ok(ErrorCode::Ok) => response
-                .result
-                .ok_or_else(|| Error::Unexpected("empty response".into())),
-            code => Err(Error::Broker {
-                code: code.unwrap_or(ErrorCode::Internal),
-                message: response.message,
-            }),
-        }
+        refusal(response.code, response.message)?;
+        response
+            .result
+            .ok_or_else(|| Error::Unexpected("empty response".into()))
     }
 
     /// Sends a frame that expects no answer (a check reply).
@@ -172,6 +167,21 @@ impl Connection {
             Some(closed) => closed.error(),
             None => Error::Disconnected("connection closed".into()),
         }
+    }
+}
+
+/// The broker's refusal carried by a response's (or a batched call's) code and message;
+/// `Ok` for [`ErrorCode::Ok`].
+///
+/// # Errors
+/// [`Error::Broker`] with the code (an unknown code reads as `INTERNAL`).
+pub fn refusal(code: i32, message: String) -> Result<()> {
+    match ErrorCode::try_from(code) {
+        Ok(ErrorCode::Ok) => Ok(()),
+        code => Err(Error::Broker {
+            code: code.unwrap_or(ErrorCode::Internal),
+            message,
+        }),
     }
 }
 

@@ -450,12 +450,9 @@ async fn txn_calls_coalesced(
         Ok(pb::response::Result::TxnBatch(ok)) if ok.results.len() == n => ok
             .results
             .into_iter()
-            .map(|r| match ErrorCode::try_from(r.code) {
-                Ok(ErrorCode::Ok) => Ok(r),
-                code => Err(Error::Broker {
-                    code: code.unwrap_or(ErrorCode::Internal),
-                    message: r.message,
-                }),
+            .map(|mut r| {
+                connection::refusal(r.code, std::mem::take(&mut r.message))?;
+                Ok(r)
             })
             .collect(),
         Ok(other) => {

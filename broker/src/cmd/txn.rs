@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use txmq_protocol::ErrorCode;
 use txmq_protocol::pb::{self, TxnOutcome, TxnState};
 
 use super::{Pending, later, ready};
@@ -12,7 +13,6 @@ use crate::server::Shared;
 use crate::storage::records::TxnRecord;
 use crate::storage::writer::{Command, Outcome};
 use crate::txn::checker::CheckAnswer;
-use txmq_protocol::ErrorCode;
 
 /// Commit or roll back (or record `unknown`). Repeats are no-op successes; a conflicting
 /// resolution is refused with its own code (I2).
@@ -118,22 +118,14 @@ fn check_call(call: pb::TxnCall, session: &Session, shared: &Shared) -> Result<(
     }
 }
 
-enum Answer {
-    Prepared(pb::SendOk),
-    Ended(pb::EndTxnOk),
-}
+type Answer = pb::txn_call_result::Result;
 
 fn call_result(answer: Result<Answer>) -> pb::TxnCallResult {
     match answer {
-        Ok(Answer::Prepared(ok)) => pb::TxnCallResult {
+        Ok(answer) => pb::TxnCallResult {
             code: ErrorCode::Ok as i32,
             message: String::new(),
-            result: Some(pb::txn_call_result::Result::Prepared(ok)),
-        },
-        Ok(Answer::Ended(ok)) => pb::TxnCallResult {
-            code: ErrorCode::Ok as i32,
-            message: String::new(),
-            result: Some(pb::txn_call_result::Result::Ended(ok)),
+            result: Some(answer),
         },
         Err(e) => pb::TxnCallResult {
             code: e.code() as i32,
