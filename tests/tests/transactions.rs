@@ -514,6 +514,21 @@ async fn a_txn_batch_answers_each_call_on_its_own() {
         ["a"]
     );
 
+    // I7: more calls than a batch may carry is refused as a whole, nothing stored.
+    let too_many = (0..10_001).map(|_| end(&a, TxnOutcome::Rollback)).collect();
+    let refused = conn
+        .call(Body::TxnBatch(pb::TxnBatchRequest { calls: too_many }))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&refused, txmq_client::Error::Broker { code: ErrorCode::InvalidRequest, message } if message.contains("10001 calls")),
+        "{refused}"
+    );
+    assert_eq!(
+        txn_state(&b, &a).await.unwrap().state,
+        TxnState::Committed as i32
+    );
+
     let empty = conn
         .call(Body::TxnBatch(pb::TxnBatchRequest { calls: Vec::new() }))
         .await
