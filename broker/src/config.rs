@@ -40,6 +40,9 @@ pub struct Config {
     pub max_frame_len: usize,
     /// Largest message body.
     pub max_message_bytes: usize,
+    /// Most bytes of half messages one transaction may hold (its check-back and commit
+    /// carry all of them).
+    pub max_txn_bytes: usize,
     /// Most requests one connection may have in flight before the broker stops reading it.
     pub max_in_flight_per_connection: usize,
     /// Most concurrent connections.
@@ -93,6 +96,7 @@ impl Default for Config {
             auto_create_topics: true,
             max_frame_len: txmq_protocol::DEFAULT_MAX_FRAME_LEN,
             max_message_bytes: 4 * 1024 * 1024,
+            max_txn_bytes: 32 * 1024 * 1024,
             max_in_flight_per_connection: 4096,
             max_connections: 10_000,
             check_timeout: s(6),
@@ -195,6 +199,12 @@ impl Config {
             return Err(format!(
                 "max-message-bytes ({}) must leave 64 KiB of room under max-frame-len ({})",
                 self.max_message_bytes, self.max_frame_len
+            ));
+        }
+        if self.max_txn_bytes < self.max_message_bytes {
+            return Err(format!(
+                "max-txn-bytes ({}) must be at least max-message-bytes ({})",
+                self.max_txn_bytes, self.max_message_bytes
             ));
         }
         Ok(())

@@ -216,10 +216,6 @@ async fn dispatch(frame: Frame, session: &mut Session, shared: &Arc<Shared>) -> 
             Err(Error::Invalid("frame has no body".into())),
         ));
     };
-    if let Body::CheckReply(reply) = body {
-        cmd::txn::check_reply(id, reply, session, shared).await;
-        return None;
-    }
     if id == 0 {
         return Some(cmd::ready(
             0,
@@ -234,9 +230,15 @@ async fn dispatch(frame: Frame, session: &mut Session, shared: &Arc<Shared>) -> 
     if session.hello.is_none() {
         return Some(cmd::ready(id, Err(Error::HandshakeRequired)));
     }
+    if let Body::CheckReply(reply) = body {
+        // An answer expects no response; the checker accepts it only from the
+        // connection it asked and for the transaction it asked about.
+        cmd::txn::check_reply(id, reply, session, shared).await;
+        return None;
+    }
     Some(match body {
         Body::Send(req) => cmd::send::send(id, req, session, shared),
-        Body::EndTxn(req) => cmd::txn::end(id, req, shared),
+        Body::EndTxn(req) => cmd::txn::end(id, req, session, shared),
         Body::TxnBatch(req) => cmd::txn::batch(id, req, session, shared),
         Body::ListTxns(req) => cmd::txn::list(id, req, shared),
         Body::RearmTxn(req) => cmd::txn::rearm(id, req, shared),
@@ -246,11 +248,11 @@ async fn dispatch(frame: Frame, session: &mut Session, shared: &Arc<Shared>) -> 
         Body::Nack(req) => cmd::consume::nack(id, req, shared).await,
         Body::Extend(req) => cmd::consume::extend(id, req, shared).await,
         Body::CreateTopic(req) => cmd::admin::create_topic(id, req, shared),
-        Body::ListTopics(_) => cmd::admin::list_topics(id, shared),
+        Body::ListTopics(req) => cmd::admin::list_topics(id, req, shared),
         Body::DescribeGroup(req) => cmd::admin::describe_group(id, req, shared),
         Body::ListDeadLetters(req) => cmd::admin::list_dead_letters(id, req, shared),
         Body::Redrive(req) => cmd::admin::redrive(id, req, shared),
-        Body::ListGroups(_) => cmd::admin::list_groups(id, shared),
+        Body::ListGroups(req) => cmd::admin::list_groups(id, req, shared),
         Body::Stats(_) => cmd::admin::stats(id, shared),
         Body::Hello(_) | Body::CheckReply(_) => unreachable!("handled above"),
         Body::Response(_) | Body::Delivery(_) | Body::Check(_) => cmd::ready(

@@ -3,7 +3,7 @@
 use txmq_protocol::ErrorCode;
 
 /// Everything that can go wrong serving a request.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     /// A request that is well-formed protobuf but not valid.
     #[error("invalid request: {0}")]
@@ -50,6 +50,15 @@ pub enum Error {
     /// Protocol version mismatch.
     #[error("unsupported protocol version {0}")]
     UnsupportedVersion(u32),
+    /// A transaction ended or extended by a connection of another producer group.
+    #[error("{0}")]
+    WrongProducerGroup(String),
+    /// Ack/nack/extend for a consumer group that never subscribed to the topic.
+    #[error("consumer group {0:?} has no subscription to topic {1:?}")]
+    GroupNotFound(String, String),
+    /// A subscription whose filter differs from its group's.
+    #[error("{0}")]
+    FilterConflict(String),
     /// A broken internal invariant: a bug, reported rather than crashing the broker.
     #[error("internal: {0}")]
     Internal(String),
@@ -74,6 +83,9 @@ impl Error {
             Error::HandshakeRequired => ErrorCode::HandshakeRequired,
             Error::NotAuthenticated(_) => ErrorCode::NotAuthenticated,
             Error::UnsupportedVersion(_) => ErrorCode::UnsupportedVersion,
+            Error::WrongProducerGroup(_) => ErrorCode::WrongProducerGroup,
+            Error::GroupNotFound(..) => ErrorCode::GroupNotFound,
+            Error::FilterConflict(_) => ErrorCode::FilterConflict,
             Error::Internal(_) => ErrorCode::Internal,
         }
     }

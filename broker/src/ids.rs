@@ -1,10 +1,14 @@
 //! Broker-assigned identifiers for messages and transactions.
 //!
 //! An id is 128 bits: the broker's boot number (incremented durably at every start) and a
-//! counter within that boot. Unique without coordination or clocks, ordered by creation,
-//! and 16 fixed bytes as a storage key.
+//! counter within that boot. Unique without coordination or clocks, and 16 fixed bytes as
+//! a storage key. Message ids are ordered by creation. Transaction ids are not guessable:
+//! their counter goes through a keyed permutation ([`Scramble`]) drawn at each start, so
+//! they stay unique by construction (no lookup, no collision) while knowing one id tells
+//! nothing about the next.
 
 use std::fmt;
+use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A message or transaction id.
@@ -69,6 +73,8 @@ impl fmt::Display for Id {
 pub struct IdGen {
     boot: u64,
     next: AtomicU64,
+    next_secret: AtomicU64,
+    scramble: Scramble,
 }
 
 impl IdGen {
@@ -77,15 +83,68 @@ impl IdGen {
         Self {
             boot,
             next: AtomicU64::new(1),
+            next_secret: AtomicU64::new(1),
+            scramble: Scramble::new(),
         }
     }
 
-    /// The next id.
+    /// The next id, in creation order (messages).
     pub fn next(&self) -> Id {
         Id {
             boot: self.boot,
             seq: self.next.fetch_add(1, Ordering::Relaxed),
         }
+    }
+
+    /// The next id that cannot be guessed from earlier ones (transactions): a client that
+    /// saw its own transaction ids learns nothing about anyone else's.
+    pub fn next_secret(&self) -> Id {
+        Id {
+            boot: self.boot,
+            seq: self
+                .scramble
+                .apply(self.next_secret.fetch_add(1, Ordering::Relaxed)),
+        }
+    }
+}
+
+/// A keyed permutation of `u64`: a four-round Feistel network over 32-bit halves whose
+/// round function is SipHash under random keys drawn at start (Luby–Rackoff: a pseudo-
+/// random permutation). A permutation, so distinct inputs give distinct outputs.
+#[derive(Debug)]
+pub struct Scramble {
+    keys: std::collections::hash_map::RandomState,
+}
+
+impl Default for Scramble {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Scramble {
+    const ROUNDS: u64 = 4;
+
+    /// A permutation under fresh random keys.
+    pub fn new() -> Self {
+        Self {
+            keys: std::collections::hash_map::RandomState::new(),
+        }
+    }
+
+    fn round(&self, round: u64, half: u32) -> u32 {
+        let mut h = self.keys.build_hasher();
+        h.write_u64((round << 32) | u64::from(half));
+        h.finish() as u32
+    }
+
+    /// The image of `x`.
+    pub fn apply(&self, x: u64) -> u64 {
+        let (mut left, mut right) = ((x >> 32) as u32, x as u32);
+        for round in 0..Self::ROUNDS {
+            (left, right) = (right, left ^ self.round(round, right));
+        }
+        (u64::from(left) << 32) | u64::from(right)
     }
 }
 
@@ -104,6 +163,24 @@ mod tests {
             prop_assert_eq!(Id::from_bytes(&a.to_bytes()), Some(a));
             prop_assert_eq!(a.cmp(&b), a.to_bytes().cmp(&b.to_bytes()));
         }
+    }
+
+    /// Transaction ids: distinct, not in creation order, and a different sequence at each
+    /// start.
+    #[test]
+    fn secret_ids_are_unique_and_unordered() {
+        let g = IdGen::new(7);
+        let ids: Vec<Id> = (0..100_000).map(|_| g.next_secret()).collect();
+        let distinct: std::collections::HashSet<_> = ids.iter().collect();
+        assert_eq!(distinct.len(), ids.len());
+        assert!(ids.iter().all(|id| id.boot == 7));
+        let ascending = ids.windows(2).filter(|w| w[0] < w[1]).count();
+        assert!(
+            (40_000..60_000).contains(&ascending),
+            "{ascending} of 99,999 neighbours ascend: the order shows through"
+        );
+        let other = IdGen::new(7);
+        assert_ne!(g.scramble.apply(1), other.scramble.apply(1));
     }
 
     #[test]

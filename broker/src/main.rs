@@ -77,6 +77,9 @@ struct Flags {
     /// Largest message body in bytes [default: 4194304].
     #[arg(long, env = "TXMQ_MAX_MESSAGE_BYTES")]
     max_message_bytes: Option<usize>,
+    /// Most bytes of half messages in one transaction [default: 33554432].
+    #[arg(long, env = "TXMQ_MAX_TXN_BYTES")]
+    max_txn_bytes: Option<usize>,
     /// Largest frame on the wire in bytes [default: 16777216].
     #[arg(long, env = "TXMQ_MAX_FRAME_LEN")]
     max_frame_len: Option<usize>,
@@ -116,13 +119,23 @@ impl Flags {
 
 #[tokio::main]
 async fn main() {
-    if let Err(e) = serve().await {
+    // Before anything else: from here on SIGTERM and SIGINT are caught and remembered, so
+    // a signal that arrives while storage opens (before the server first polls its
+    // shutdown future) still ends in a clean stop and exit 0, not death by the signal.
+    let shutdown = match Signals::install() {
+        Ok(signals) => signals,
+        Err(e) => {
+            eprintln!("txmq-broker: cannot install signal handlers: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = serve(shutdown).await {
         eprintln!("txmq-broker: {e:#}");
         std::process::exit(1);
     }
 }
 
-async fn serve() -> anyhow::Result<()> {
+async fn serve(signals: Signals) -> anyhow::Result<()> {
     let (config, print) = Flags::parse().into_config()?;
     if print {
         print!("{}", config.to_toml());
@@ -146,7 +159,7 @@ async fn serve() -> anyhow::Result<()> {
     };
     let data_dir = config.data_dir.clone();
     let flush = config.flush;
-    let serve = txmq_broker::server::serve(listener, metrics, config, shutdown_signal());
+    let serve = txmq_broker::server::serve(listener, metrics, config, signals.wait());
     // Printed once the socket is bound, which is when clients can connect; requests
     // wait for storage inside `run`.
     println!("txmq-broker listening on {addr}");
@@ -160,17 +173,29 @@ async fn serve() -> anyhow::Result<()> {
     })
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("install SIGTERM handler");
+/// SIGTERM and SIGINT, caught from the moment [`Signals::install`] returns.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Replaces the default (fatal) handling of both signals at once; unlike
+    /// `tokio::signal::ctrl_c`, which registers only when first polled.
+    fn install() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// Completes at the first of either signal, including one that came before this was
+    /// first polled.
+    async fn wait(mut self) {
         tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
         }
     }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }

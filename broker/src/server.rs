@@ -170,11 +170,9 @@ pub async fn serve(
         tracing::warn!("some tasks did not stop within 10 s");
     }
     drop(shared);
-    tokio::task::spawn_blocking(move || {
-        let _ = writer_thread.join();
-    })
-    .await
-    .map_err(|e| Error::Internal(e.to_string()))?;
+    tokio::task::spawn_blocking(move || writer_thread.join())
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))?;
     let left = Arc::strong_count(&storage);
     if left > 1 {
         tracing::warn!("{} storage handles still held at close", left - 1);

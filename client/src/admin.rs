@@ -5,6 +5,9 @@ use txmq_protocol::pb::{self, frame::Body};
 use crate::connection::{self, Connection};
 use crate::error::{Error, Result};
 
+/// Entries asked for per page of a listing (the broker's most).
+const PAGE: u32 = 1000;
+
 /// An operator's connection.
 #[derive(Debug, Clone)]
 pub struct Admin {
@@ -46,16 +49,28 @@ impl Admin {
         expect!(r, Topic)
     }
 
-    /// Every topic.
+    /// Every topic, by name (fetched a page at a time).
     ///
     /// # Errors
     /// Connection lost.
     pub async fn topics(&self) -> Result<Vec<pb::TopicInfo>> {
-        let r = self
-            .conn
-            .call(Body::ListTopics(pb::ListTopicsRequest {}))
-            .await?;
-        Ok(expect!(r, Topics)?.topics)
+        let mut all: Vec<pb::TopicInfo> = Vec::new();
+        loop {
+            let after = all.last().map(|t| t.name.clone()).unwrap_or_default();
+            let r = self
+                .conn
+                .call(Body::ListTopics(pb::ListTopicsRequest {
+                    after,
+                    limit: PAGE,
+                }))
+                .await?;
+            let page = expect!(r, Topics)?.topics;
+            let done = page.len() < PAGE as usize;
+            all.extend(page);
+            if done {
+                return Ok(all);
+            }
+        }
     }
 
     /// Transactions in a state (`Unspecified`: all) and group (empty: all), at most
@@ -145,19 +160,37 @@ impl Admin {
         expect!(r, Group)
     }
 
-    /// A group's dead letters.
+    /// A group's dead letters, at most `limit` of them (0: all), fetched a page at a time.
     ///
     /// # Errors
     /// Connection lost.
-    pub async fn dead_letters(&self, group: &str) -> Result<Vec<pb::DeadLetter>> {
-        let r = self
-            .conn
-            .call(Body::ListDeadLetters(pb::ListDeadLettersRequest {
-                group: group.to_string(),
-                limit: 0,
-            }))
-            .await?;
-        Ok(expect!(r, DeadLetters)?.dead_letters)
+    pub async fn dead_letters(&self, group: &str, limit: usize) -> Result<Vec<pb::DeadLetter>> {
+        let mut all: Vec<pb::DeadLetter> = Vec::new();
+        loop {
+            let (after_topic, after_offset) = all
+                .last()
+                .map(|d| (d.topic.clone(), d.offset))
+                .unwrap_or_default();
+            let r = self
+                .conn
+                .call(Body::ListDeadLetters(pb::ListDeadLettersRequest {
+                    group: group.to_string(),
+                    limit: PAGE,
+                    after_topic,
+                    after_offset,
+                }))
+                .await?;
+            let page = expect!(r, DeadLetters)?.dead_letters;
+            let done = page.len() < PAGE as usize;
+            all.extend(page);
+            if limit > 0 && all.len() >= limit {
+                all.truncate(limit);
+                return Ok(all);
+            }
+            if done {
+                return Ok(all);
+            }
+        }
     }
 
     /// Puts dead letters back for delivery: one by message id, or all.
@@ -180,11 +213,27 @@ impl Admin {
     /// # Errors
     /// Connection lost.
     pub async fn groups(&self) -> Result<Vec<pb::GroupSummary>> {
-        let r = self
-            .conn
-            .call(Body::ListGroups(pb::ListGroupsRequest {}))
-            .await?;
-        Ok(expect!(r, Groups)?.groups)
+        let mut all: Vec<pb::GroupSummary> = Vec::new();
+        loop {
+            let (after_group, after_topic) = all
+                .last()
+                .map(|g| (g.group.clone(), g.topic.clone()))
+                .unwrap_or_default();
+            let r = self
+                .conn
+                .call(Body::ListGroups(pb::ListGroupsRequest {
+                    after_group,
+                    after_topic,
+                    limit: PAGE,
+                }))
+                .await?;
+            let page = expect!(r, Groups)?.groups;
+            let done = page.len() < PAGE as usize;
+            all.extend(page);
+            if done {
+                return Ok(all);
+            }
+        }
     }
 
     /// Broker-wide figures (counters since the broker started).

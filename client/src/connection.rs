@@ -6,7 +6,7 @@
 //! fails with [`Error::Disconnected`] and the push channels close.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -30,9 +30,14 @@ pub struct Pushes {
     pub checks: mpsc::UnboundedReceiver<(u64, pb::CheckRequest)>,
 }
 
+/// The largest frame limit a client adopts from a broker's handshake.
+const MAX_NEGOTIATED_FRAME: usize = 1 << 30;
+
 #[derive(Debug)]
 struct Inner {
     out: mpsc::Sender<Frame>,
+    /// The frame limit in force: the default until the broker's Hello answer names its own.
+    frame_limit: Arc<AtomicUsize>,
     pending: Mutex<Option<HashMap<u64, Waiter>>>,
     next_id: AtomicU64,
     closed: Mutex<Option<Closed>>,
@@ -85,16 +90,23 @@ impl Connection {
         let (out, out_rx) = mpsc::channel(4096);
         let (dtx, deliveries) = mpsc::unbounded_channel();
         let (ctx, checks) = mpsc::unbounded_channel();
+        let frame_limit = Arc::new(AtomicUsize::new(codec.max_len()));
         let inner = Arc::new(Inner {
             out,
+            frame_limit: frame_limit.clone(),
             pending: Mutex::new(Some(HashMap::new())),
             next_id: AtomicU64::new(1),
             closed: Mutex::new(None),
         });
-        tokio::spawn(write_loop(FramedWrite::new(wr, codec.clone()), out_rx));
+        tokio::spawn(write_loop(
+            FramedWrite::new(wr, codec.clone()),
+            out_rx,
+            frame_limit.clone(),
+        ));
         tokio::spawn(read_loop(
             FramedRead::new(rd, codec),
             Arc::downgrade(&inner),
+            frame_limit,
             dtx,
             ctx,
         ));
@@ -157,6 +169,12 @@ impl Connection {
         }
     }
 
+    /// The largest frame this connection sends or accepts: the broker's, once the
+    /// handshake named it.
+    pub fn max_frame_len(&self) -> usize {
+        self.inner.frame_limit.load(Ordering::Relaxed)
+    }
+
     /// True once the connection has ended.
     pub fn is_closed(&self) -> bool {
         self.inner.closed.lock().expect("closed lock").is_some()
@@ -201,8 +219,11 @@ impl WeakConnection {
 async fn write_loop(
     mut sink: FramedWrite<tokio::net::tcp::OwnedWriteHalf, FrameCodec>,
     mut rx: mpsc::Receiver<Frame>,
+    frame_limit: Arc<AtomicUsize>,
 ) {
     while let Some(frame) = rx.recv().await {
+        sink.encoder_mut()
+            .set_max_len(frame_limit.load(Ordering::Relaxed));
         if txmq_protocol::codec::write_ready(&mut sink, frame, &mut rx)
             .await
             .is_err()
@@ -217,6 +238,7 @@ async fn write_loop(
 async fn read_loop(
     mut frames: FramedRead<tokio::net::tcp::OwnedReadHalf, FrameCodec>,
     inner: Weak<Inner>,
+    frame_limit: Arc<AtomicUsize>,
     deliveries: mpsc::UnboundedSender<pb::Delivery>,
     checks: mpsc::UnboundedSender<(u64, pb::CheckRequest)>,
 ) {
@@ -235,6 +257,13 @@ async fn read_loop(
                     };
                 }
                 Some(Body::Response(r)) => {
+                    if let Some(pb::response::Result::Hello(ok)) = &r.result {
+                        // From the next frame on, both directions use the broker's limit:
+                        // a message it stores must also be deliverable to this client.
+                        let limit = (ok.max_frame_len as usize).clamp(1024, MAX_NEGOTIATED_FRAME);
+                        frames.decoder_mut().set_max_len(limit);
+                        frame_limit.store(limit, Ordering::Relaxed);
+                    }
                     let Some(inner) = inner.upgrade() else {
                         return;
                     };
@@ -276,6 +305,7 @@ pub fn hello(role: pb::Role, producer_group: &str, auth_token: &str) -> pb::Hell
         role: role as i32,
         producer_group: producer_group.to_string(),
         auth_token: auth_token.to_string(),
+        answers_checks: false,
     }
 }
 

@@ -43,6 +43,10 @@ pub struct ConsumerOptions {
     pub window: u32,
     /// Group override of max attempts before the dead-letter queue (0: broker default).
     pub max_attempts: u32,
+    /// Make `tag_filter` the group's filter on this topic even when the group already
+    /// has another one. Without it, a differing filter is refused (`FILTER_CONFLICT`)
+    /// instead of silently making the whole group skip what this consumer does not want.
+    pub replace_filter: bool,
     /// Shared secret, when the broker requires one.
     pub auth_token: String,
 }
@@ -223,6 +227,7 @@ async fn open(addr: &str, o: &ConsumerOptions) -> Result<Subscribed> {
             lease_ms: o.lease.map_or(0, |d| d.as_millis() as u64),
             window: o.window,
             max_attempts: o.max_attempts,
+            replace_filter: o.replace_filter,
         }))
         .await?;
     let pb::response::Result::Subscribe(ok) = ok else {

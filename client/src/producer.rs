@@ -122,6 +122,9 @@ pub struct CheckRequest {
     pub messages: Vec<pb::StoredMessage>,
     /// Which check this is (1 for the first).
     pub attempt: u32,
+    /// The transaction's bodies were too large for one frame, so `messages` carry ids,
+    /// keys, tags and properties but empty bodies.
+    pub bodies_omitted: bool,
 }
 
 /// Answers the broker's check-backs, typically by looking the transaction up in the
@@ -220,6 +223,17 @@ impl Producer {
             txn_calls: None,
         };
         p.connection().await?;
+        if p.options.checker.is_some() {
+            // A producer that answers check-backs must be reachable even when it sends
+            // nothing: after the broker restarts or the network breaks, this task dials
+            // again on its own (with backoff) so the group's checks find it.
+            tokio::spawn(keep_connected(
+                Arc::downgrade(&p.conn),
+                Arc::downgrade(&p.dialing),
+                p.addr.clone(),
+                p.options.clone(),
+            ));
+        }
         let link = p.clone();
         p.sends = Some({
             let link = link.clone();
@@ -270,23 +284,7 @@ impl Producer {
     }
 
     async fn open(&self) -> Result<Connection> {
-        let hello = connection::hello(
-            pb::Role::Producer,
-            &self.options.group,
-            &self.options.auth_token,
-        );
-        let (conn, mut pushes) = Connection::open(&self.addr, hello).await?;
-        if let Some(checker) = self.options.checker.clone() {
-            // Weak: a dropped producer must close its connection, not keep answering.
-            let weak = conn.downgrade();
-            tokio::spawn(async move {
-                while let Some((id, req)) = pushes.checks.recv().await {
-                    let Some(conn) = weak.upgrade() else { return };
-                    tokio::spawn(answer_check(conn, checker.clone(), id, req));
-                }
-            });
-        }
-        Ok(conn)
+        open(&self.addr, &self.options).await
     }
 
     /// Sends one message; returns once the broker has stored it durably.
@@ -384,10 +382,13 @@ impl Producer {
         Ok((outcome, txn))
     }
 
-    /// Resolves a transaction by id (operators, or a producer that restarted).
+    /// Resolves a transaction of this producer's group by id (a producer that restarted).
+    /// `operator` is refused on a producer's connection: operators resolve through
+    /// [`crate::Admin`], which the transaction's history records.
     ///
     /// # Errors
-    /// The broker's refusal (not found, conflicting resolution).
+    /// The broker's refusal (not found, another group's transaction, conflicting
+    /// resolution).
     pub async fn end_transaction(
         &self,
         txn_id: &str,
@@ -496,8 +497,75 @@ fn refused_before_storing(code: ErrorCode) -> bool {
     )
 }
 
+/// Dials and says hello; a producer with a checker then answers the broker's checks on
+/// this connection.
+async fn open(addr: &str, options: &ProducerOptions) -> Result<Connection> {
+    let mut hello = connection::hello(pb::Role::Producer, &options.group, &options.auth_token);
+    hello.answers_checks = options.checker.is_some();
+    let (conn, mut pushes) = Connection::open(addr, hello).await?;
+    if let Some(checker) = options.checker.clone() {
+        // Weak: a dropped producer must close its connection, not keep answering.
+        let weak = conn.downgrade();
+        tokio::spawn(async move {
+            while let Some((id, req)) = pushes.checks.recv().await {
+                if weak.upgrade().is_none() {
+                    return;
+                }
+                tokio::spawn(answer_check(weak.clone(), checker.clone(), id, req));
+            }
+        });
+    }
+    Ok(conn)
+}
+
+/// Keeps a checker's connection open while the producer lives: every half second, a lost
+/// connection is dialled again, backing off up to 5 s between failures.
+async fn keep_connected(
+    slot: std::sync::Weak<std::sync::Mutex<Option<Connection>>>,
+    dialing: std::sync::Weak<Mutex<()>>,
+    addr: String,
+    options: ProducerOptions,
+) {
+    let mut attempt = 0;
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let live = |slot: &std::sync::Mutex<Option<Connection>>| {
+            slot.lock()
+                .expect("connection lock")
+                .as_ref()
+                .is_some_and(|c| !c.is_closed())
+        };
+        let (Some(slot), Some(dialing)) = (slot.upgrade(), dialing.upgrade()) else {
+            return;
+        };
+        if live(&slot) {
+            attempt = 0;
+            continue;
+        }
+        let _dialing = dialing.lock().await;
+        if live(&slot) {
+            continue;
+        }
+        match open(&addr, &options).await {
+            Ok(conn) => {
+                *slot.lock().expect("connection lock") = Some(conn);
+                tracing::info!(group = %options.group, "reconnected to {addr} to answer check-backs");
+                attempt = 0;
+            }
+            Err(e) => {
+                tracing::warn!(group = %options.group, "cannot reach {addr} to answer check-backs: {e}");
+                drop(_dialing);
+                connection::backoff(attempt).await;
+                attempt += 1;
+            }
+        }
+    }
+}
+
+/// Runs the checker and answers on the connection, if it still lives: the check does not
+/// keep a dropped producer's connection open while the checker runs.
 async fn answer_check(
-    conn: Connection,
+    conn: connection::WeakConnection,
     checker: Arc<dyn TransactionChecker>,
     id: u64,
     req: pb::CheckRequest,
@@ -507,6 +575,7 @@ async fn answer_check(
         producer_group: req.producer_group,
         messages: req.messages,
         attempt: req.attempt,
+        bodies_omitted: req.bodies_omitted,
     };
     // Run the user's checker in its own task: a panic there answers Unknown.
     let outcome = tokio::spawn(checker.check(request))
@@ -519,7 +588,9 @@ async fn answer_check(
             outcome: outcome.to_pb() as i32,
         })),
     };
-    let _ = conn.send_frame(frame).await;
+    if let Some(conn) = conn.upgrade() {
+        let _ = conn.send_frame(frame).await;
+    }
 }
 
 /// An open transaction: messages sent on it stay invisible until [`Transaction::commit`].

@@ -67,6 +67,11 @@ impl FrameCodec {
     pub fn max_len(&self) -> usize {
         self.max_len
     }
+
+    /// Changes the limit (a client adopts the one the broker announced in its handshake).
+    pub fn set_max_len(&mut self, max_len: usize) {
+        self.max_len = max_len;
+    }
 }
 
 impl Default for FrameCodec {

@@ -67,13 +67,16 @@ mod tests {
             (ErrorCode::MalformedFrame, 17),
             (ErrorCode::TxnNotRearmable, 18),
             (ErrorCode::TopicExists, 19),
+            (ErrorCode::WrongProducerGroup, 20),
+            (ErrorCode::GroupNotFound, 21),
+            (ErrorCode::FilterConflict, 22),
         ];
         for (code, number) in pinned {
             assert_eq!(code as i32, number, "{code:?} moved");
             assert_eq!(ErrorCode::try_from(number), Ok(code));
         }
         assert!(
-            ErrorCode::try_from(20).is_err(),
+            ErrorCode::try_from(23).is_err(),
             "a new code was added: pin it here"
         );
     }

@@ -324,3 +324,56 @@ pub async fn drain(b: &TestBroker, group: &str, topic: &str, wait: Duration) -> 
     }
     bodies
 }
+
+/// A raw framed connection that has sent its Hello (id 1) with `token`; its answer is
+/// still to be read.
+pub async fn raw_hello(
+    addr: &str,
+    token: &str,
+) -> tokio_util::codec::Framed<tokio::net::TcpStream, txmq_protocol::FrameCodec> {
+    use futures::SinkExt;
+    let s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut framed = tokio_util::codec::Framed::new(s, txmq_protocol::FrameCodec::default());
+    let hello = txmq_protocol::pb::Hello {
+        protocol_version: txmq_protocol::PROTOCOL_VERSION,
+        auth_token: token.into(),
+        ..Default::default()
+    };
+    framed
+        .send(txmq_protocol::Frame {
+            id: 1,
+            body: Some(txmq_protocol::Body::Hello(hello)),
+        })
+        .await
+        .expect("send hello");
+    framed
+}
+
+/// Sends one request on a raw connection and returns its response, skipping other frames
+/// (the Hello's answer, deliveries).
+pub async fn raw_call(
+    framed: &mut tokio_util::codec::Framed<tokio::net::TcpStream, txmq_protocol::FrameCodec>,
+    id: u64,
+    body: txmq_protocol::Body,
+) -> txmq_protocol::pb::Response {
+    use futures::{SinkExt, StreamExt};
+    framed
+        .send(txmq_protocol::Frame {
+            id,
+            body: Some(body),
+        })
+        .await
+        .expect("send request");
+    loop {
+        let frame = tokio::time::timeout(Duration::from_secs(60), framed.next())
+            .await
+            .expect("no answer within 60 s")
+            .expect("connection closed")
+            .expect("bad frame");
+        if frame.id == id
+            && let Some(txmq_protocol::Body::Response(r)) = frame.body
+        {
+            return r;
+        }
+    }
+}

@@ -248,7 +248,7 @@ async fn requests_before_hello_are_refused() {
     framed
         .send(Frame {
             id: 5,
-            body: Some(Body::ListTopics(pb::ListTopicsRequest {})),
+            body: Some(Body::ListTopics(pb::ListTopicsRequest::default())),
         })
         .await
         .unwrap();

@@ -246,6 +246,8 @@ async fn txn_list_pages_with_limit_and_after() {
         tx.send(Message::new("t", format!("m{i}"))).await.unwrap();
         ids.push(tx.id().unwrap().to_string());
     }
+    // Pages follow id order; transaction ids are not in creation order (not guessable).
+    ids.sort();
     let ids_of = |out: String| -> Vec<String> {
         json_lines(&out)
             .iter()

@@ -40,28 +40,44 @@ pub fn create_topic(id: u64, req: pb::CreateTopicRequest, shared: &Arc<Shared>) 
     })
 }
 
-/// Every topic.
-pub fn list_topics(id: u64, shared: &Arc<Shared>) -> Pending {
-    let topics = shared.topics.all().iter().map(|t| topic_info(t)).collect();
+/// One page of topics, by name.
+pub fn list_topics(id: u64, req: pb::ListTopicsRequest, shared: &Arc<Shared>) -> Pending {
+    let mut all = shared.topics.all();
+    all.retain(|t| t.name > req.after);
+    all.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+    all.truncate(super::page(req.limit));
+    let topics = all.iter().map(|t| topic_info(t)).collect();
     ready(
         id,
         Ok(pb::response::Result::Topics(pb::ListTopicsOk { topics })),
     )
 }
 
-/// Every group on every topic it subscribed to, from the stored cursors (cheap: no group
-/// is loaded to answer).
-pub fn list_groups(id: u64, shared: &Arc<Shared>) -> Pending {
+/// One page of (group, topic) rows, from the stored cursors (cheap: no group is loaded to
+/// answer).
+pub fn list_groups(id: u64, req: pb::ListGroupsRequest, shared: &Arc<Shared>) -> Pending {
+    let after = if req.after_group.is_empty() {
+        None
+    } else {
+        match shared.groups.existing_topic(&req.after_topic) {
+            Ok(t) => Some((req.after_group, t.id)),
+            Err(e) => return ready(id, Err(e)),
+        }
+    };
     let shared = shared.clone();
     later(id, async move {
-        let groups = group_summaries(&shared).await?;
+        let groups = group_summaries(&shared, after, super::page(req.limit)).await?;
         Ok(pb::response::Result::Groups(pb::ListGroupsOk { groups }))
     })
 }
 
-async fn group_summaries(shared: &Arc<Shared>) -> crate::error::Result<Vec<pb::GroupSummary>> {
+async fn group_summaries(
+    shared: &Arc<Shared>,
+    after: Option<(String, u32)>,
+    limit: usize,
+) -> crate::error::Result<Vec<pb::GroupSummary>> {
     let storage = shared.storage.clone();
-    let cursors = tokio::task::spawn_blocking(move || storage.cursors())
+    let cursors = tokio::task::spawn_blocking(move || storage.cursors_after(after, limit))
         .await
         .map_err(|e| Error::Internal(e.to_string()))??;
     Ok(cursors
@@ -84,11 +100,10 @@ async fn group_summaries(shared: &Arc<Shared>) -> crate::error::Result<Vec<pb::G
 pub fn stats(id: u64, shared: &Arc<Shared>) -> Pending {
     let shared = shared.clone();
     later(id, async move {
-        let groups: std::collections::HashSet<String> = group_summaries(&shared)
-            .await?
-            .into_iter()
-            .map(|g| g.group)
-            .collect();
+        let storage = shared.storage.clone();
+        let groups = tokio::task::spawn_blocking(move || storage.count_groups())
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))??;
         let topics = shared.topics.all();
         let m = &shared.metrics;
         let resolved = |outcome: &str| m.transactions_resolved.with_label_values(&[outcome]).get();
@@ -98,7 +113,7 @@ pub fn stats(id: u64, shared: &Arc<Shared>) -> Pending {
             connections: m.connections.get().max(0) as u64,
             topics: topics.len() as u64,
             messages: topics.iter().map(|t| t.end()).sum(),
-            groups: groups.len() as u64,
+            groups,
             half_messages_pending: m.half_messages_pending.get().max(0) as u64,
             messages_sent: m.messages_sent.get(),
             commits: resolved("commit"),
@@ -151,28 +166,40 @@ pub fn list_dead_letters(
     }
     let shared = shared.clone();
     later(id, async move {
-        let limit = if req.limit == 0 {
-            1000
+        let limit = super::page(req.limit);
+        let mut topics = shared.groups.topics_of(&req.group).await?;
+        topics.sort_unstable_by_key(|t| t.id);
+        let after = if req.after_topic.is_empty() {
+            None
         } else {
-            req.limit as usize
+            let t = shared.groups.existing_topic(&req.after_topic)?;
+            Some((t.id, req.after_offset))
         };
-        let topics = shared.groups.topics_of(&req.group).await?;
         let storage = shared.storage.clone();
         let group = req.group.clone();
         let dead_letters = tokio::task::spawn_blocking(move || -> Result<Vec<pb::DeadLetter>> {
             let mut out = Vec::new();
             for t in topics {
-                for (offset, rec) in storage.dead_letters(&group, t.id)? {
-                    if out.len() >= limit {
-                        return Ok(out);
-                    }
+                let from = match after {
+                    Some((id, _)) if t.id < id => continue,
+                    Some((id, offset)) if t.id == id => offset.checked_add(1),
+                    _ => Some(0),
+                };
+                let Some(from) = from else { continue };
+                let page = storage.dead_letters_from(&group, t.id, from, limit - out.len())?;
+                for (offset, rec) in page {
                     out.push(pb::DeadLetter {
                         group: group.clone(),
                         message: storage.read_message(t.id, offset)?,
                         reason: rec.reason,
                         attempts: rec.attempts,
                         dead_ms: rec.dead_ms,
+                        topic: t.name.clone(),
+                        offset,
                     });
+                }
+                if out.len() >= limit {
+                    break;
                 }
             }
             Ok(out)

@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use txmq_protocol::pb;
 
-use super::{Pending, later, ready};
+use super::{Pending, later, ready, validate};
 use crate::connection::Session;
 use crate::delivery::{ConsumerSpec, LeaseRef, QueueMsg, SubscribeOptions};
 use crate::error::{Error, Result};
@@ -29,6 +29,13 @@ pub async fn subscribe(
     if let Err(e) = super::name("group", &req.group).and(super::name("topic", &req.topic)) {
         return ready(id, Err(e));
     }
+    let lease = match req.lease_ms {
+        0 => shared.config.lease,
+        ms => match validate::lease_ms("lease_ms", ms) {
+            Ok(d) => d,
+            Err(e) => return ready(id, Err(e)),
+        },
+    };
     let topic = match shared.groups.topic(&req.topic).await {
         Ok(t) => t,
         Err(e) => return ready(id, Err(e)),
@@ -42,16 +49,13 @@ pub async fn subscribe(
         } else {
             req.window
         },
-        lease: if req.lease_ms == 0 {
-            shared.config.lease
-        } else {
-            Duration::from_millis(req.lease_ms)
-        },
+        lease,
     };
     let options = SubscribeOptions {
         tag_filter: req.tag_filter,
         from_latest: req.start_from == pb::StartFrom::Latest as i32,
         max_attempts: req.max_attempts,
+        replace_filter: req.replace_filter,
     };
     let (reply, rx) = oneshot::channel();
     let msg = QueueMsg::Subscribe {
@@ -109,6 +113,19 @@ pub async fn ack(id: u64, req: pb::AckRequest, shared: &Arc<Shared>) -> Pending 
     let count = req.handles.len() as u32;
     let mut by_queue: HashMap<(String, String), Vec<LeaseRef>> = HashMap::new();
     for h in req.handles {
+        if !by_queue.contains_key(&(h.group.clone(), h.topic.clone())) {
+            if let Err(e) = super::name("group", &h.group).and(super::name("topic", &h.topic)) {
+                return ready(id, Err(e));
+            }
+            if by_queue.len() >= MAX_QUEUES_PER_ACK {
+                return ready(
+                    id,
+                    Err(Error::Invalid(format!(
+                        "an ack names more than {MAX_QUEUES_PER_ACK} (group, topic) pairs"
+                    ))),
+                );
+            }
+        }
         by_queue
             .entry((h.group, h.topic))
             .or_default()
@@ -126,7 +143,7 @@ pub async fn ack(id: u64, req: pb::AckRequest, shared: &Arc<Shared>) -> Pending 
         let (reply, rx) = oneshot::channel();
         if let Err(e) = shared
             .groups
-            .send(&group, topic, QueueMsg::Ack { leases, reply })
+            .send_existing(&group, topic, QueueMsg::Ack { leases, reply })
             .await
         {
             return ready(id, Err(e));
@@ -141,8 +158,14 @@ pub async fn ack(id: u64, req: pb::AckRequest, shared: &Arc<Shared>) -> Pending 
     })
 }
 
+/// Most distinct (group, topic) queues one ack may name: a consumer acks its own
+/// subscriptions' deliveries, never hundreds of groups'.
+pub const MAX_QUEUES_PER_ACK: usize = 64;
+
 fn lease_of(handle: Option<pb::DeliveryHandle>) -> Result<(String, String, LeaseRef)> {
     let h = handle.ok_or_else(|| Error::Invalid("missing delivery handle".into()))?;
+    super::name("group", &h.group)?;
+    super::name("topic", &h.topic)?;
     Ok((
         h.group,
         h.topic,
@@ -164,14 +187,26 @@ pub async fn nack(id: u64, req: pb::NackRequest, shared: &Arc<Shared>) -> Pendin
         Ok(t) => t,
         Err(e) => return ready(id, Err(e)),
     };
-    let delay = (!req.use_backoff).then(|| Duration::from_millis(req.delay_ms));
+    let delay = if req.use_backoff {
+        None
+    } else {
+        match validate::duration_ms(
+            "delay_ms",
+            req.delay_ms,
+            Duration::ZERO,
+            validate::MAX_NACK_DELAY,
+        ) {
+            Ok(d) => Some(d),
+            Err(e) => return ready(id, Err(e)),
+        }
+    };
     let (reply, rx) = oneshot::channel();
     let msg = QueueMsg::Nack {
         lease,
         delay,
         reply,
     };
-    if let Err(e) = shared.groups.send(&group, topic, msg).await {
+    if let Err(e) = shared.groups.send_existing(&group, topic, msg).await {
         return ready(id, Err(e));
     }
     later(id, async move {
@@ -186,12 +221,10 @@ pub async fn extend(id: u64, req: pb::ExtendRequest, shared: &Arc<Shared>) -> Pe
         Ok(x) => x,
         Err(e) => return ready(id, Err(e)),
     };
-    if req.lease_ms == 0 {
-        return ready(
-            id,
-            Err(Error::Invalid("lease_ms must be more than 0".into())),
-        );
-    }
+    let lease_for = match validate::lease_ms("lease_ms", req.lease_ms) {
+        Ok(d) => d,
+        Err(e) => return ready(id, Err(e)),
+    };
     let topic = match shared.groups.existing_topic(&topic) {
         Ok(t) => t,
         Err(e) => return ready(id, Err(e)),
@@ -199,10 +232,10 @@ pub async fn extend(id: u64, req: pb::ExtendRequest, shared: &Arc<Shared>) -> Pe
     let (reply, rx) = oneshot::channel();
     let msg = QueueMsg::Extend {
         lease,
-        lease_for: Duration::from_millis(req.lease_ms),
+        lease_for,
         reply,
     };
-    if let Err(e) = shared.groups.send(&group, topic, msg).await {
+    if let Err(e) = shared.groups.send_existing(&group, topic, msg).await {
         return ready(id, Err(e));
     }
     later(id, async move {

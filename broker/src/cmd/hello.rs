@@ -38,7 +38,9 @@ pub fn hello(
     let role = Role::try_from(hello.role).unwrap_or(Role::Unspecified);
     if !hello.producer_group.is_empty() {
         super::name("producer group", &hello.producer_group)?;
-        if role == Role::Producer {
+        // Only a producer that answers checks is asked: one without a checker would let
+        // every check sent to it time out, and each would count.
+        if role == Role::Producer && hello.answers_checks {
             shared
                 .producers
                 .register(&hello.producer_group, session.id, session.outbound.clone());

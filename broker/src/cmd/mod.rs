@@ -7,6 +7,7 @@ pub mod consume;
 pub mod hello;
 pub mod send;
 pub mod txn;
+pub mod validate;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -31,6 +32,17 @@ pub fn later(
     work: impl Future<Output = Result<pb::response::Result>> + Send + 'static,
 ) -> Pending {
     Box::pin(async move { response(id, work.await) })
+}
+
+/// Most entries in one page of any listing.
+pub const MAX_PAGE: usize = 1000;
+
+/// A listing's page size: `limit`, or [`MAX_PAGE`] when 0 or more.
+pub fn page(limit: u32) -> usize {
+    match limit as usize {
+        0 => MAX_PAGE,
+        n => n.min(MAX_PAGE),
+    }
 }
 
 /// Checks a topic or group name.

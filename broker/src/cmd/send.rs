@@ -80,19 +80,23 @@ pub(super) fn command(req: pb::SendRequest, session: &Session, shared: &Shared) 
             messages: req.messages,
         });
     }
-    let group = if req.producer_group.is_empty() {
-        session
-            .hello
-            .as_ref()
-            .map(|h| h.producer_group.clone())
-            .unwrap_or_default()
-    } else {
-        req.producer_group
-    };
+    // The connection's own group (from Hello): only connections of that group may end
+    // the transaction, so preparing for another group would leave it unendable.
+    let group = session
+        .hello
+        .as_ref()
+        .map(|h| h.producer_group.clone())
+        .unwrap_or_default();
     if group.is_empty() {
         return Err(Error::Invalid(
-            "a transactional send needs a producer group (in Hello or the request)".into(),
+            "a transactional send needs a producer group in Hello".into(),
         ));
+    }
+    if !req.producer_group.is_empty() && req.producer_group != group {
+        return Err(Error::WrongProducerGroup(format!(
+            "this connection is of producer group {group:?}, not {:?}",
+            req.producer_group
+        )));
     }
     super::name("producer group", &group)?;
     let txn = if req.txn_id.is_empty() {
@@ -100,6 +104,12 @@ pub(super) fn command(req: pb::SendRequest, session: &Session, shared: &Shared) 
     } else {
         Some(super::txn_id(&req.txn_id)?)
     };
+    super::validate::duration_ms(
+        "check_delay_ms",
+        req.check_delay_ms,
+        std::time::Duration::ZERO,
+        super::validate::MAX_CHECK_DELAY,
+    )?;
     Ok(Command::Prepare {
         txn,
         group,

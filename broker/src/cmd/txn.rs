@@ -13,11 +13,12 @@ use crate::server::Shared;
 use crate::storage::records::TxnRecord;
 use crate::storage::writer::{Command, Outcome};
 use crate::txn::checker::CheckAnswer;
+use crate::txn::state::Resolver;
 
 /// Commit or roll back (or record `unknown`). Repeats are no-op successes; a conflicting
 /// resolution is refused with its own code (I2).
-pub fn end(id: u64, req: pb::EndTxnRequest, shared: &Arc<Shared>) -> Pending {
-    let (txn, cmd) = match end_command(&req) {
+pub fn end(id: u64, req: pb::EndTxnRequest, session: &Session, shared: &Arc<Shared>) -> Pending {
+    let (txn, cmd) = match end_command(&req, session) {
         Ok(checked) => checked,
         Err(e) => return ready(id, Err(e)),
     };
@@ -109,7 +110,7 @@ fn check_call(call: pb::TxnCall, session: &Session, shared: &Shared) -> Result<(
             Ok((Call::Prepare, super::send::command(req, session, shared)?))
         }
         Some(pb::txn_call::Call::End(req)) => {
-            let (txn, cmd) = end_command(&req)?;
+            let (txn, cmd) = end_command(&req, session)?;
             Ok((Call::End(txn), cmd))
         }
         None => Err(Error::Invalid(
@@ -135,8 +136,10 @@ fn call_result(answer: Result<Answer>) -> pb::TxnCallResult {
     }
 }
 
-/// Checks an end request and turns it into the writer's command.
-fn end_command(req: &pb::EndTxnRequest) -> Result<(Id, Command)> {
+/// Checks an end request and turns it into the writer's command. A producer may end only
+/// its own group's transactions (the writer compares); `operator` needs an admin
+/// connection.
+fn end_command(req: &pb::EndTxnRequest, session: &Session) -> Result<(Id, Command)> {
     let txn = super::txn_id(&req.txn_id)?;
     let outcome = match TxnOutcome::try_from(req.outcome) {
         Ok(o @ (TxnOutcome::Commit | TxnOutcome::Rollback | TxnOutcome::Unknown)) => o,
@@ -146,19 +149,18 @@ fn end_command(req: &pb::EndTxnRequest) -> Result<(Id, Command)> {
             ));
         }
     };
-    let note = if req.operator {
-        "resolved by an operator"
+    let hello = session.hello.as_ref().ok_or(Error::HandshakeRequired)?;
+    let by = if req.operator {
+        if hello.role != pb::Role::Admin as i32 {
+            return Err(Error::Invalid(
+                "operator resolution needs an admin connection (txmq txn commit|rollback)".into(),
+            ));
+        }
+        Resolver::Operator
     } else {
-        "resolved by the producer"
+        Resolver::Producer(hello.producer_group.clone())
     };
-    Ok((
-        txn,
-        Command::End {
-            txn,
-            outcome,
-            note: note.into(),
-        },
-    ))
+    Ok((txn, Command::End { txn, outcome, by }))
 }
 
 /// The answer to an end, from what the writer made of it.
@@ -190,11 +192,7 @@ pub fn list(id: u64, req: pb::ListTxnsRequest, shared: &Arc<Shared>) -> Pending 
         }
     };
     later(id, async move {
-        let limit = if req.limit == 0 {
-            1000
-        } else {
-            req.limit as usize
-        };
+        let limit = super::page(req.limit);
         let state = req.state;
         let group = req.producer_group;
         let txns = tokio::task::spawn_blocking(move || {
@@ -239,7 +237,12 @@ pub async fn check_reply(
     shared: &Arc<Shared>,
 ) {
     tracing::debug!(connection = session.id, check_id, txn = %reply.txn_id, outcome = reply.outcome, "check answer");
-    let _ = shared.answers.send(CheckAnswer { check_id, reply }).await;
+    let answer = CheckAnswer {
+        connection_id: session.id,
+        check_id,
+        reply,
+    };
+    let _ = shared.answers.send(answer).await;
 }
 
 /// A transaction record as operators see it.

@@ -54,6 +54,8 @@ pub struct SubscribeOptions {
     pub from_latest: bool,
     /// Group override of max attempts (0: broker default).
     pub max_attempts: u32,
+    /// Make `tag_filter` the group's filter even though it differs from the stored one.
+    pub replace_filter: bool,
 }
 
 /// A lease named by a delivery handle.
@@ -244,19 +246,45 @@ impl Groups {
         q.send(msg).await.map_err(|_| Error::ShuttingDown)
     }
 
+    /// Sends a message to the queue of a group that exists on `topic`: running, or with a
+    /// cursor stored (it subscribed before). A group exists only once a consumer
+    /// subscribed, so acks naming invented groups start nothing and store nothing.
+    ///
+    /// # Errors
+    /// [`Error::GroupNotFound`], or [`Error::ShuttingDown`] when the queue has stopped.
+    pub async fn send_existing(&self, group: &str, topic: Arc<Topic>, msg: QueueMsg) -> Result<()> {
+        let running = {
+            let queues = self.queues.lock().expect("queues lock");
+            queues
+                .get(&(group.to_string(), topic.id))
+                .is_some_and(|q| !q.is_closed())
+        };
+        if !running {
+            let storage = self.storage.clone();
+            let (g, id) = (group.to_string(), topic.id);
+            let cursor = tokio::task::spawn_blocking(move || storage.cursor(&g, id))
+                .await
+                .map_err(|e| Error::Internal(e.to_string()))??;
+            if cursor.is_none() {
+                return Err(Error::GroupNotFound(group.to_string(), topic.name.clone()));
+            }
+        }
+        self.send(group, topic, msg).await
+    }
+
     /// Topics a group has a cursor on.
     ///
     /// # Errors
     /// Storage failure.
     pub async fn topics_of(&self, group: &str) -> Result<Vec<Arc<Topic>>> {
         let storage = self.storage.clone();
-        let cursors = tokio::task::spawn_blocking(move || storage.cursors())
+        let g = group.to_string();
+        let ids = tokio::task::spawn_blocking(move || storage.topics_of_group(&g))
             .await
             .map_err(|e| Error::Internal(e.to_string()))??;
-        Ok(cursors
+        Ok(ids
             .into_iter()
-            .filter(|(g, _, _)| g == group)
-            .filter_map(|(_, id, _)| self.topics.by_id(id))
+            .filter_map(|id| self.topics.by_id(id))
             .collect())
     }
 }

@@ -49,6 +49,9 @@ pub struct TxnRecord {
     /// When the purge of a resolved record is due.
     #[prost(uint64, tag = "11")]
     pub purge_ms: u64,
+    /// Encoded size of its half messages, capped by `max-txn-bytes`.
+    #[prost(uint64, tag = "12")]
+    pub bytes: u64,
 }
 
 /// `cursor`: a consumer group's progress on one topic.

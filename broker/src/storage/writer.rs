@@ -33,6 +33,7 @@ use crate::error::{Error, Result};
 use crate::ids::{Id, IdGen};
 use crate::metrics::Metrics;
 use crate::topics::{Topic, Topics};
+use crate::txn::state::{self, Resolution, Resolver};
 
 /// Most commands folded into one write batch.
 const MAX_BATCH: usize = 4096;
@@ -62,8 +63,8 @@ pub enum Command {
         txn: Id,
         /// Commit or rollback (unknown only records the answer).
         outcome: TxnOutcome,
-        /// What to record as the reason (operator, producer, check).
-        note: String,
+        /// Who asks: checked against the transaction's group, and recorded.
+        by: Resolver,
     },
     /// Record a check attempt and move the check's due time.
     RecordCheck {
@@ -87,6 +88,14 @@ pub enum Command {
     Rearm {
         /// Which transaction.
         txn: Id,
+    },
+    /// Delete a check's due entry that no prepared transaction waits on (its record is
+    /// gone, resolved, or due at another time); a live entry is left alone.
+    DropDueCheck {
+        /// The transaction the entry names.
+        txn: Id,
+        /// The entry's due time.
+        due_ms: u64,
     },
     /// Forget a resolved transaction whose retention ended.
     Purge {
@@ -179,6 +188,37 @@ impl WriterHandle {
         if let Err(mpsc::error::SendError(job)) = self.tx.send(Job { cmd, reply }).await {
             let _ = job.reply.send(Err(Error::ShuttingDown));
         }
+    }
+}
+
+/// The writer and syncer threads, joined on [`WriterThread::join`] or on drop.
+///
+/// A writer thread left running while its owner returns keeps using RocksDB while the
+/// process tears it down (a test binary's exit aborted with `pthread lock: Invalid
+/// argument` and once `double free or corruption`): whoever spawns the writer must drop
+/// every [`WriterHandle`] and then join it before the database and the process go.
+#[derive(Debug)]
+pub struct WriterThread(Option<std::thread::JoinHandle<()>>);
+
+impl WriterThread {
+    /// Waits until the writer has answered everything, flushed the WAL and let go of
+    /// storage. Every [`WriterHandle`] must be dropped first, or this waits forever.
+    pub fn join(mut self) {
+        self.join_now();
+    }
+
+    fn join_now(&mut self) {
+        if let Some(thread) = self.0.take()
+            && thread.join().is_err()
+        {
+            tracing::error!("the writer thread panicked");
+        }
+    }
+}
+
+impl Drop for WriterThread {
+    fn drop(&mut self) {
+        self.join_now();
     }
 }
 
@@ -276,14 +316,14 @@ struct Written {
 
 impl Writer {
     /// Starts the writer thread. It runs until every [`WriterHandle`] is dropped, then
-    /// flushes the write-ahead log and exits; join the returned handle to wait for that.
+    /// flushes the write-ahead log and exits; [`WriterThread::join`] waits for that.
     pub fn spawn(
         storage: Arc<Storage>,
         topics: Arc<Topics>,
         ids: Arc<IdGen>,
         config: Arc<Config>,
         metrics: Arc<Metrics>,
-    ) -> (WriterHandle, std::thread::JoinHandle<()>) {
+    ) -> (WriterHandle, WriterThread) {
         let (tx, rx) = mpsc::channel(MAX_BATCH * 2);
         let next_offset = topics.all().iter().map(|t| (t.id, t.end())).collect();
         // Writes go to the WAL without a sync; the syncer thread fsyncs once for every
@@ -323,7 +363,7 @@ impl Writer {
                 tracing::debug!("writer stopped");
             })
             .expect("spawn writer thread");
-        (WriterHandle { tx }, thread)
+        (WriterHandle { tx }, WriterThread(Some(thread)))
     }
 
     fn run(mut self, mut rx: mpsc::Receiver<Job>) {
@@ -425,7 +465,7 @@ impl Writer {
                 messages,
                 check_delay_ms,
             } => self.prepare(txn, group, messages, check_delay_ms, stage),
-            Command::End { txn, outcome, note } => self.end(txn, outcome, note, stage),
+            Command::End { txn, outcome, by } => self.end(txn, outcome, by, stage),
             Command::RecordCheck {
                 txn,
                 counted,
@@ -436,6 +476,12 @@ impl Writer {
             Command::Discard { txn } => self.discard(txn, stage),
             Command::Rearm { txn } => self.rearm(txn, stage),
             Command::Purge { txn, due_ms } => self.purge(txn, due_ms, stage),
+            Command::DropDueCheck { txn, due_ms } => {
+                if !state::awaits_check(self.txn_record(txn, stage)?.as_ref(), due_ms) {
+                    self.move_check(txn, due_ms, 0, stage);
+                }
+                Ok(Outcome::Done)
+            }
             Command::CreateTopic {
                 name,
                 fail_if_exists,
@@ -614,30 +660,15 @@ impl Writer {
         stage: &mut Stage,
     ) -> Result<Outcome> {
         let now = txmq_protocol::now_ms();
-        let (txn, mut rec) = match txn {
+        // Everything that can refuse the request comes first: a refusal stages nothing (a
+        // due entry staged before a refused topic once stayed behind without a record).
+        let (txn, mut rec, new) = match txn {
             Some(id) => {
                 let rec = self
                     .txn_record(id, stage)?
                     .ok_or_else(|| Error::TxnNotFound(id.to_string()))?;
-                match TxnState::try_from(rec.state) {
-                    Ok(TxnState::Prepared) => {}
-                    Ok(TxnState::Committed) => return Err(Error::TxnCommitted(id.to_string())),
-                    Ok(TxnState::RolledBack) => {
-                        return Err(Error::TxnRolledBack(id.to_string()));
-                    }
-                    _ => {
-                        return Err(Error::Invalid(format!(
-                            "transaction {id} is discarded and takes no more messages"
-                        )));
-                    }
-                }
-                if rec.group != group {
-                    return Err(Error::Invalid(format!(
-                        "transaction {id} belongs to producer group {:?}",
-                        rec.group
-                    )));
-                }
-                (id, rec)
+                crate::txn::state::can_add(id, &rec, &group)?;
+                (id, rec, false)
             }
             None => {
                 let delay = if check_delay_ms > 0 {
@@ -649,16 +680,20 @@ impl Writer {
                     group,
                     state: TxnState::Prepared as i32,
                     created_ms: now,
-                    next_check_ms: now + delay,
+                    next_check_ms: now.saturating_add(delay),
                     ..Default::default()
                 };
-                let id = self.ids.next();
-                self.move_check(id, 0, rec.next_check_ms, stage);
-                (id, rec)
+                (self.ids.next_secret(), rec, true)
             }
         };
+        let bytes: u64 = messages.iter().map(|m| m.encoded_len() as u64).sum();
+        crate::txn::state::fits(txn, &rec, bytes, self.config.max_txn_bytes)?;
         // Topics are created at prepare time so a commit can never fail on a missing topic.
         self.topics_for(&messages, stage)?;
+        if new {
+            self.move_check(txn, 0, rec.next_check_ms, stage);
+        }
+        rec.bytes += bytes;
         let half = self.storage.cf(Cf::Half);
         let mut receipts = Vec::with_capacity(messages.len());
         for m in messages {
@@ -693,20 +728,27 @@ impl Writer {
         &mut self,
         txn: Id,
         outcome: TxnOutcome,
-        note: String,
+        by: Resolver,
         stage: &mut Stage,
     ) -> Result<Outcome> {
         let mut rec = self
             .txn_record(txn, stage)?
             .ok_or_else(|| Error::TxnNotFound(txn.to_string()))?;
+        state::may_end(txn, &rec, &by)?;
         let state = TxnState::try_from(rec.state).unwrap_or(TxnState::Prepared);
-        let wanted = match outcome {
-            TxnOutcome::Commit => TxnState::Committed,
-            TxnOutcome::Rollback => TxnState::RolledBack,
-            _ => {
+        let wanted = match state::resolve(txn, state, outcome)? {
+            Resolution::Apply(wanted) => wanted,
+            Resolution::Repeat(state) => {
+                return Ok(Outcome::Ended {
+                    state,
+                    repeated: true,
+                    receipts: Vec::new(),
+                });
+            }
+            Resolution::RecordUnknown => {
                 if state == TxnState::Prepared || state == TxnState::Discarded {
                     rec.last_result = TxnOutcome::Unknown as i32;
-                    rec.last_note = note;
+                    rec.last_note = format!("{} answered unknown", by.note());
                     self.put_txn(txn, rec, stage);
                 }
                 return Ok(Outcome::Ended {
@@ -716,19 +758,7 @@ impl Writer {
                 });
             }
         };
-        match (state, wanted) {
-            (TxnState::Committed, TxnState::Committed)
-            | (TxnState::RolledBack, TxnState::RolledBack) => {
-                return Ok(Outcome::Ended {
-                    state,
-                    repeated: true,
-                    receipts: Vec::new(),
-                });
-            }
-            (TxnState::Committed, _) => return Err(Error::TxnCommitted(txn.to_string())),
-            (TxnState::RolledBack, _) => return Err(Error::TxnRolledBack(txn.to_string())),
-            _ => {}
-        }
+        let note = by.note().to_string();
         // Staged in this very batch (the database does not have them yet), or remembered
         // from an earlier one; whatever is missing is read.
         let mut known = self.recent.take_halves(txn);
@@ -995,21 +1025,38 @@ pub fn txn_state_name(state: TxnState) -> &'static str {
 mod tests {
     use super::*;
 
-    async fn writer(flush: FlushMode) -> (tempfile::TempDir, Arc<Storage>, WriterHandle) {
+    /// A writer on a fresh database. Tests end with [`stop`], so no thread outlives the
+    /// database or the test.
+    fn writer(flush: FlushMode) -> (tempfile::TempDir, Arc<Storage>, WriterHandle, WriterThread) {
         let dir = tempfile::tempdir().unwrap();
         let storage = Storage::open(dir.path()).unwrap();
         let config = Arc::new(Config {
             flush,
             ..Config::default()
         });
-        let (handle, _thread) = Writer::spawn(
+        let (handle, thread) = Writer::spawn(
             storage.clone(),
             Arc::new(Topics::default()),
             Arc::new(IdGen::new(1)),
             config,
             Arc::new(Metrics::new()),
         );
-        (dir, storage, handle)
+        (dir, storage, handle, thread)
+    }
+
+    /// Drops the handle, joins the threads, then closes the database: the order the
+    /// broker's own shutdown follows.
+    async fn stop(handle: WriterHandle, thread: WriterThread, storage: Arc<Storage>) {
+        drop(handle);
+        tokio::task::spawn_blocking(move || thread.join())
+            .await
+            .unwrap();
+        assert_eq!(
+            Arc::strong_count(&storage),
+            1,
+            "a thread still holds storage"
+        );
+        drop(storage);
     }
 
     fn append(i: usize) -> Command {
@@ -1027,7 +1074,7 @@ mod tests {
     /// share fsyncs (group commit). With `flush = async` there are none.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn sync_replies_wait_for_an_fsync_and_share_it() {
-        let (_dir, storage, w) = writer(FlushMode::Sync).await;
+        let (_dir, storage, w, thread) = writer(FlushMode::Sync);
         let fsyncs = || storage.counters.fsyncs.load(Ordering::Relaxed);
         for i in 0..20 {
             let before = fsyncs();
@@ -1045,10 +1092,43 @@ mod tests {
             "2000 concurrent sends took {shared} fsyncs"
         );
 
-        let (_dir, storage, w) = writer(FlushMode::Async).await;
+        stop(w, thread, storage).await;
+
+        let (_dir, storage, w, thread) = writer(FlushMode::Async);
         for i in 0..20 {
             w.submit(append(i)).await.unwrap();
         }
         assert_eq!(storage.counters.fsyncs.load(Ordering::Relaxed), 0);
+        stop(w, thread, storage).await;
+    }
+
+    /// Dropping the last handle with thousands of writes queued: every one is answered
+    /// (nothing hangs), the threads end before the database closes, and what was answered
+    /// OK is there when the database opens again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_writer_dropped_with_work_in_flight_answers_it_and_stops_first() {
+        let (dir, storage, w, thread) = writer(FlushMode::Sync);
+        let mut answers = Vec::new();
+        for i in 0..3000 {
+            let w = w.clone();
+            answers.push(tokio::spawn(async move { w.submit(append(i)).await }));
+        }
+        tokio::task::yield_now().await;
+        stop(w, thread, storage).await;
+        let mut stored = 0;
+        for a in answers {
+            if a.await.unwrap().is_ok() {
+                stored += 1;
+            }
+        }
+        assert_eq!(stored, 3000, "queued writes were dropped unanswered");
+        let storage = Storage::open(dir.path()).unwrap();
+        let topic = storage
+            .topics()
+            .unwrap()
+            .into_iter()
+            .find(|t| t.name == "t")
+            .unwrap();
+        assert_eq!(topic.end, 3000);
     }
 }

@@ -17,13 +17,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use txmq_protocol::pb::{self, TxnOutcome, TxnState};
+use txmq_protocol::pb::{self, TxnOutcome};
 use txmq_protocol::{Frame, now_ms};
 
 use super::producers::{Picked, Producers};
+use super::state::{self, Resolver};
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::ids::Id;
+use crate::ids::{Id, Scramble};
 use crate::metrics::Metrics;
 use crate::storage::Storage;
 use crate::storage::keys::DueKind;
@@ -36,6 +37,8 @@ const PASS_LIMIT: usize = 4096;
 /// A producer's answer, routed from its connection.
 #[derive(Debug)]
 pub struct CheckAnswer {
+    /// The connection it came from: only the one the check was sent to may answer it.
+    pub connection_id: u64,
     /// The check's frame id.
     pub check_id: u64,
     /// The answer.
@@ -44,6 +47,7 @@ pub struct CheckAnswer {
 
 struct Pending {
     txn: Id,
+    connection_id: u64,
     deadline_ms: u64,
     counter: Arc<AtomicUsize>,
 }
@@ -58,6 +62,9 @@ pub struct Checker {
     pending: HashMap<u64, Pending>,
     in_check: HashSet<Id>,
     next_check_id: u64,
+    /// Check ids go out scrambled: an answer must name its check, and no client can
+    /// guess the ids of checks sent to others.
+    check_ids: Scramble,
 }
 
 impl Checker {
@@ -78,6 +85,18 @@ impl Checker {
             pending: HashMap::new(),
             in_check: HashSet::new(),
             next_check_id: 1,
+            check_ids: Scramble::new(),
+        }
+    }
+
+    /// A check id not 0 (frame ids of requests are never 0) and not pending.
+    fn new_check_id(&mut self) -> u64 {
+        loop {
+            let id = self.check_ids.apply(self.next_check_id);
+            self.next_check_id += 1;
+            if id != 0 && !self.pending.contains_key(&id) {
+                return id;
+            }
         }
     }
 
@@ -115,19 +134,28 @@ impl Checker {
         let (checks, purges) = tokio::task::spawn_blocking(move || {
             let checks = storage.due(DueKind::Check, now, PASS_LIMIT)?;
             let mut due = Vec::with_capacity(checks.len());
-            for (_, id) in checks {
-                if let Some(rec) = storage.txn(id)? {
-                    due.push((id, rec));
-                }
+            for (due_ms, id) in checks {
+                due.push((due_ms, id, storage.txn(id)?));
             }
             Ok::<_, Error>((due, storage.due(DueKind::Purge, now, PASS_LIMIT)?))
         })
         .await
         .map_err(|e| Error::Internal(e.to_string()))??;
         let mut writes = Vec::new();
-        for (id, rec) in checks {
-            if !self.in_check.contains(&id) && rec.state == TxnState::Prepared as i32 {
-                writes.push(self.check(id, rec, now).await?);
+        for (due_ms, id, rec) in checks {
+            // Every entry read is handled, moved or deleted, so entries a pass cannot use
+            // never pile up in front of the ones it can (a pass reads a bounded number).
+            match rec {
+                Some(rec) if state::awaits_check(Some(&rec), due_ms) => {
+                    if !self.in_check.contains(&id)
+                        && let Some(write) = self.check(id, rec, now).await?
+                    {
+                        writes.push(write);
+                    }
+                }
+                // Without a record, or for a record that moved on: the writer deletes it
+                // after checking against its own (newer) view.
+                _ => writes.push(Command::DropDueCheck { txn: id, due_ms }),
             }
         }
         writes.extend(
@@ -155,18 +183,28 @@ impl Checker {
         }
     }
 
-    /// Sends one check (or discards), returning the write that records it.
-    async fn check(&mut self, txn: Id, rec: TxnRecord, now: u64) -> Result<Command> {
+    /// Sends one check (or discards), returning the write that records it; `None` when
+    /// there is nothing to ask (resolved since its record was read).
+    async fn check(&mut self, txn: Id, rec: TxnRecord, now: u64) -> Result<Option<Command>> {
         if rec.check_count >= self.config.check_max {
             tracing::info!(%txn, group = %rec.group, "discarding after {} checks", rec.check_count);
-            return Ok(Command::Discard { txn });
+            return Ok(Some(Command::Discard { txn }));
         }
         let storage = self.storage.clone();
-        let messages = tokio::task::spawn_blocking(move || storage.halves(txn))
+        let mut messages = tokio::task::spawn_blocking(move || storage.halves(txn))
             .await
             .map_err(|e| Error::Internal(e.to_string()))??;
-        let check_id = self.next_check_id;
-        self.next_check_id += 1;
+        if messages.is_empty() {
+            // Resolved between reading its record and its halves: nothing to ask.
+            return Ok(None);
+        }
+        let bodies_omitted = !fits_in_frame(&messages, self.config.max_frame_len);
+        if bodies_omitted {
+            for m in &mut messages {
+                m.body = Default::default();
+            }
+        }
+        let check_id = self.new_check_id();
         let frame = Frame {
             id: check_id,
             body: Some(pb::frame::Body::Check(pb::CheckRequest {
@@ -174,9 +212,11 @@ impl Checker {
                 producer_group: rec.group.clone(),
                 messages,
                 attempt: rec.check_count + 1,
+                bodies_omitted,
             })),
         };
-        let next_check_ms = Some(now + self.config.check_wait(rec.check_count).as_millis() as u64);
+        let next_check_ms =
+            Some(now.saturating_add(self.config.check_wait(rec.check_count).as_millis() as u64));
         let (counted, note) = match self.producers.send_check(&rec.group, frame) {
             Picked::Sent {
                 connection_id,
@@ -187,6 +227,7 @@ impl Checker {
                     check_id,
                     Pending {
                         txn,
+                        connection_id,
                         deadline_ms,
                         counter: pending,
                     },
@@ -203,13 +244,13 @@ impl Checker {
                 format!("every producer of group {:?} was busy", rec.group),
             ),
         };
-        Ok(Command::RecordCheck {
+        Ok(Some(Command::RecordCheck {
             txn,
             counted,
             result: TxnOutcome::Unspecified,
             note,
             next_check_ms,
-        })
+        }))
     }
 
     async fn time_out(&mut self, now: u64) -> Result<()> {
@@ -261,16 +302,29 @@ impl Checker {
         self.write_all(writes).await;
     }
 
-    /// The write an answer calls for, if it is still awaited.
+    /// The write an answer calls for, if it is still awaited. An answer from another
+    /// connection than the one asked, or naming another transaction, is refused and
+    /// leaves the pending check as it was: nobody can cancel a check they were not sent.
     fn on_answer(&mut self, answer: CheckAnswer) -> Option<Command> {
-        let Some(txn) = self.finish(answer.check_id) else {
+        let Some(p) = self.pending.get(&answer.check_id) else {
             tracing::debug!(check_id = answer.check_id, "late or unknown check answer");
+            self.metrics.checks.with_label_values(&["refused"]).inc();
             return None;
         };
-        if Id::parse(&answer.reply.txn_id) != Some(txn) {
-            tracing::warn!(%txn, got = %answer.reply.txn_id, "check answer names another transaction");
+        if p.connection_id != answer.connection_id || Id::parse(&answer.reply.txn_id) != Some(p.txn)
+        {
+            tracing::warn!(
+                check_id = answer.check_id,
+                connection = answer.connection_id,
+                asked = p.connection_id,
+                txn = %p.txn,
+                named = %answer.reply.txn_id,
+                "check answer refused: not from the connection asked or not for its transaction"
+            );
+            self.metrics.checks.with_label_values(&["refused"]).inc();
             return None;
         }
+        let txn = self.finish(answer.check_id)?;
         let outcome = TxnOutcome::try_from(answer.reply.outcome).unwrap_or(TxnOutcome::Unknown);
         let result = match outcome {
             TxnOutcome::Commit => "commit",
@@ -282,7 +336,7 @@ impl Checker {
             TxnOutcome::Commit | TxnOutcome::Rollback => Command::End {
                 txn,
                 outcome,
-                note: "resolved by check-back".into(),
+                by: Resolver::CheckBack,
             },
             _ => Command::RecordCheck {
                 txn,
@@ -293,6 +347,14 @@ impl Checker {
             },
         })
     }
+}
+
+/// Whether a check request carrying these messages whole stays well inside the frame
+/// limit (half of it, leaving room for the envelope).
+fn fits_in_frame(messages: &[pb::StoredMessage], max_frame_len: usize) -> bool {
+    use prost::Message;
+    let total: usize = messages.iter().map(|m| m.encoded_len() + 8).sum();
+    total <= max_frame_len / 2
 }
 
 /// Everything already waiting on `rx`, after `batch`.

@@ -151,9 +151,13 @@ struct ConsumeArgs {
     /// Lease of each delivery, in seconds.
     #[arg(long)]
     lease: Option<f64>,
-    /// Tag filter, e.g. `A||B`.
+    /// Tag filter, e.g. `A||B`. It must match the group's filter on this topic.
     #[arg(long, default_value = "")]
     tag: String,
+    /// Make --tag the group's filter on this topic, replacing the one it has (an
+    /// explicit change: every member of the group then receives by the new filter).
+    #[arg(long)]
+    replace_filter: bool,
     /// Where a new group starts.
     #[arg(long, value_enum, default_value = "earliest")]
     from: FromArg,
@@ -271,6 +275,9 @@ enum DlqCmd {
         /// Group.
         #[arg(long)]
         group: String,
+        /// Show at most this many (0: all; fetched a page at a time).
+        #[arg(long, default_value_t = 0)]
+        limit: usize,
         /// JSON lines.
         #[arg(long)]
         json: bool,
@@ -439,10 +446,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Dlq(DlqCmd::List { group, json }) => {
+        Command::Dlq(DlqCmd::List { group, limit, json }) => {
             let letters = Admin::connect(addr, token)
                 .await?
-                .dead_letters(&group)
+                .dead_letters(&group, limit)
                 .await?;
             for d in letters {
                 let m = d.message.unwrap_or_default();
@@ -626,6 +633,7 @@ async fn consume(addr: &str, token: &str, a: ConsumeArgs) -> anyhow::Result<()> 
         lease: a.lease.map(Duration::from_secs_f64),
         window,
         max_attempts: a.max_attempts,
+        replace_filter: a.replace_filter,
         auth_token: token.to_string(),
     };
     let mut consumer = Consumer::subscribe(addr, options).await?;

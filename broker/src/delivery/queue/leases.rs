@@ -50,7 +50,7 @@ impl Queue {
 
     pub(super) fn extend(&mut self, r: LeaseRef, lease_for: Duration) -> Result<u64> {
         let lease = self.take_lease(r)?;
-        let deadline_ms = now_ms() + lease_for.as_millis() as u64;
+        let deadline_ms = now_ms().saturating_add(lease_for.as_millis() as u64);
         self.restore_lease(
             r.offset,
             Lease {

@@ -99,7 +99,12 @@ pub struct Queue {
     dead_letters: u64,
     /// Lease deadlines handled by expiry passes: the work counter behind I5's proof.
     expiry_visits: u64,
+    /// Acks received since the last [`Queue::flush_acks`], written together.
+    pending_acks: Vec<AckRequest>,
 }
+
+/// One ack request waiting for its write: the leases and where its answer goes.
+type AckRequest = (Vec<LeaseRef>, oneshot::Sender<Result<Outcome>>);
 
 impl Queue {
     /// A queue over loaded state.
@@ -139,6 +144,7 @@ impl Queue {
             next_lease_id: (now_ms() << 16) | 1,
             dead_letters: loaded.dead_letters,
             expiry_visits: 0,
+            pending_acks: Vec::new(),
         };
         for (offset, rec) in loaded.retries {
             q.retry_due.insert((rec.due_ms, offset));
@@ -194,6 +200,7 @@ impl Queue {
                                 Err(_) => break,
                             }
                         }
+                        self.flush_acks().await;
                     }
                     None => break,
                 },
@@ -216,7 +223,7 @@ impl Queue {
                 subscription_id,
                 graceful,
             } => self.unsubscribe(subscription_id, graceful).await,
-            QueueMsg::Ack { leases, reply } => self.ack(leases, reply).await,
+            QueueMsg::Ack { leases, reply } => self.pending_acks.push((leases, reply)),
             QueueMsg::Nack {
                 lease,
                 delay,
@@ -256,7 +263,31 @@ impl Queue {
             },
             ..Default::default()
         });
-        cursor.tag_filter = options.tag_filter;
+        // One filter per group and topic: a consumer whose filter differs would make the
+        // group skip (mark done) every message it does not want, for every member and for
+        // good. So a differing filter is refused unless the change is asked for.
+        if self.cursor.is_some()
+            && parse_tags(&cursor.tag_filter) != parse_tags(&options.tag_filter)
+            && !options.replace_filter
+        {
+            return Err(Error::FilterConflict(format!(
+                "group {:?} receives tags {:?} of topic {:?}; this consumer asks for {:?}. \
+                 Subscribe with the group's filter, use another group, or change the \
+                 group's filter explicitly (txmq consume --replace-filter)",
+                self.group,
+                display_filter(&cursor.tag_filter),
+                self.topic.name,
+                display_filter(&options.tag_filter)
+            )));
+        }
+        if self.cursor.is_none() || options.replace_filter {
+            if options.replace_filter
+                && parse_tags(&cursor.tag_filter) != parse_tags(&options.tag_filter)
+            {
+                tracing::info!(group = %self.group, topic = %self.topic.name, from = %cursor.tag_filter, to = %options.tag_filter, "tag filter replaced");
+            }
+            cursor.tag_filter = options.tag_filter;
+        }
         if options.max_attempts > 0 {
             cursor.max_attempts = options.max_attempts;
         }
@@ -345,6 +376,15 @@ impl Queue {
     }
 }
 
+/// A filter as users write it: empty means everything.
+fn display_filter(filter: &str) -> &str {
+    if filter.trim().is_empty() {
+        "*"
+    } else {
+        filter
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::acks::cancel_out;
@@ -354,7 +394,7 @@ mod tests {
         tempfile::TempDir,
         Arc<Storage>,
         WriterHandle,
-        std::thread::JoinHandle<()>,
+        crate::storage::writer::WriterThread,
         Arc<Config>,
     );
 
@@ -425,7 +465,7 @@ mod tests {
             "a pass with nothing due visited entries"
         );
         drop(q);
-        tokio::task::spawn_blocking(move || thread.join().unwrap())
+        tokio::task::spawn_blocking(move || thread.join())
             .await
             .unwrap();
     }
@@ -489,7 +529,7 @@ mod tests {
             "a message was lost on the closed consumer"
         );
         drop(q);
-        tokio::task::spawn_blocking(move || thread.join().unwrap())
+        tokio::task::spawn_blocking(move || thread.join())
             .await
             .unwrap();
     }

@@ -110,7 +110,7 @@ impl Queue {
                 continue;
             }
             let lease_id = self.next_lease_id;
-            let deadline_ms = now_ms() + c.spec.lease.as_millis() as u64;
+            let deadline_ms = now_ms().saturating_add(c.spec.lease.as_millis() as u64);
             let frame = Frame {
                 id: 0,
                 body: Some(pb::frame::Body::Delivery(pb::Delivery {

@@ -50,7 +50,7 @@ impl Queue {
         let delay = delay.unwrap_or_else(|| self.config.nack_wait(lease.attempt));
         let rec = RetryRecord {
             attempts: lease.attempt,
-            due_ms: now_ms() + delay.as_millis() as u64,
+            due_ms: now_ms().saturating_add(delay.as_millis() as u64),
         };
         if let Some(old) = self.retry.insert(offset, rec.clone()) {
             self.retry_due.remove(&(old.due_ms, offset));
