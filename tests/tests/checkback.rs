@@ -276,15 +276,21 @@ async fn checkers_come_back_on_their_own_and_others_are_never_asked() {
         }
     });
     let checker = Producer::connect(b.addr(), options).await.unwrap();
-    let id = leave_open(&silent, "orders", "order-7").await;
-    b.restart();
-    // Neither producer sends anything from here on.
-    let info = wait_for_state(&b, &id, TxnState::Committed).await;
+    // Both connected: the one without a checker registered first, so a round-robin that
+    // counted it would ask it first, wait out the reply timeout, and count that attempt.
+    let first = leave_open(&silent, "orders", "order-6").await;
+    let info = wait_for_state(&b, &first, TxnState::Committed).await;
     assert_eq!(
         info.check_count, 1,
         "a check went to a producer that cannot answer: {info:?}"
     );
-    assert!(asked.load(Ordering::SeqCst) >= 1);
+
+    let id = leave_open(&silent, "orders", "order-7").await;
+    b.restart();
+    // Neither producer sends anything from here on.
+    let info = wait_for_state(&b, &id, TxnState::Committed).await;
+    assert_eq!(info.check_count, 1, "{info:?}");
+    assert!(asked.load(Ordering::SeqCst) >= 2);
     drop((silent, checker));
 }
 

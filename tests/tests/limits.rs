@@ -474,3 +474,56 @@ async fn clients_use_the_frame_limit_the_broker_announces() {
     assert_eq!(got.len(), 1);
     assert!(got[0] == body, "the body changed on the way");
 }
+
+/// Issue 13, item 12: an ack whose write fails (disk full) changes nothing. Before, the
+/// queue marked the message acked in memory first, so the client's retry was answered OK
+/// ("repeated") although nothing was stored. Now the retry fails too, the lease is still
+/// the consumer's, and once space returns the same ack succeeds and holds across a kill -9.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_that_cannot_be_written_changes_nothing() {
+    let disk = SmallDisk::mount("96m");
+    let mut b = TestBroker::start_in(Some(disk.dir.path().join("data")), &[]);
+    let p = producer(&b).await;
+    p.send(Message::new("acks", "first")).await.unwrap();
+    let options = ConsumerOptions {
+        lease: Some(Duration::from_secs(600)),
+        ..ConsumerOptions::new("g", "acks")
+    };
+    let mut c = Consumer::subscribe(b.addr(), options).await.unwrap();
+    let d = next(&mut c, Duration::from_secs(10))
+        .await
+        .expect("delivery");
+    // Fill the disk (and the write-ahead log's preallocated room) with big messages.
+    let mut full = false;
+    for i in 0..2000u32 {
+        if p.send(Message::new("filler", big_body(i))).await.is_err() {
+            full = true;
+            break;
+        }
+    }
+    assert!(full, "the disk never filled");
+    let e = d.ack().await.expect_err("an ack was stored on a full disk");
+    assert_eq!(e.code(), Some(ErrorCode::StorageError), "{e}");
+    let e = d
+        .ack()
+        .await
+        .expect_err("a retried ack was answered as done");
+    assert_eq!(e.code(), Some(ErrorCode::StorageError), "{e}");
+
+    disk.resize("512m");
+    let acked = eventually(Duration::from_secs(30), || async { d.ack().await.ok() }).await;
+    assert!(
+        acked.is_some(),
+        "the ack never went through once space returned"
+    );
+    drop(c);
+    b.kill9();
+    b.start_again();
+    let mut c = Consumer::subscribe(b.addr(), ConsumerOptions::new("g", "acks"))
+        .await
+        .unwrap();
+    assert!(
+        next(&mut c, Duration::from_secs(2)).await.is_none(),
+        "an acknowledged message came back"
+    );
+}
