@@ -47,6 +47,12 @@ pub struct Config {
     pub max_in_flight_per_connection: usize,
     /// Most concurrent connections.
     pub max_connections: usize,
+    /// How long a new connection may take to say Hello before it is closed.
+    #[serde(with = "duration")]
+    pub handshake_timeout: Duration,
+    /// How long a connection may stay silent (no request, no ping) before it is closed.
+    #[serde(with = "duration")]
+    pub idle_timeout: Duration,
     /// Age of a prepared transaction at its first check-back.
     #[serde(with = "duration")]
     pub check_timeout: Duration,
@@ -99,6 +105,8 @@ impl Default for Config {
             max_txn_bytes: 32 * 1024 * 1024,
             max_in_flight_per_connection: 4096,
             max_connections: 10_000,
+            handshake_timeout: s(10),
+            idle_timeout: s(60),
             check_timeout: s(6),
             check_interval: s(1),
             check_max: 15,
@@ -188,6 +196,9 @@ impl Config {
         }
         if self.window == 0 {
             return Err("window must be at least 1".into());
+        }
+        if self.handshake_timeout.is_zero() || self.idle_timeout.is_zero() {
+            return Err("handshake-timeout and idle-timeout must be more than zero".into());
         }
         if self.max_connections == 0 {
             return Err("max-connections must be at least 1".into());

@@ -78,10 +78,35 @@ pub async fn serve(
     tracing::debug!(connection = id, %peer, "connected");
     let mut pending: FuturesUnordered<Pending> = FuturesUnordered::new();
     let limit = shared.config.max_in_flight_per_connection;
+    // A client must say Hello within the handshake timeout, and then send something (a
+    // ping at least) within every idle timeout: silent sockets cannot hold connection
+    // slots, and a producer that vanished without a FIN leaves the check-back rotation.
+    let mut quiet_since = tokio::time::Instant::now();
     loop {
+        let allowed = if session.hello.is_none() {
+            shared.config.handshake_timeout
+        } else {
+            shared.config.idle_timeout
+        };
+        let silence = tokio::time::sleep_until(quiet_since + allowed);
         tokio::select! {
             biased;
             _ = cancel.cancelled() => break,
+            () = silence, if pending.is_empty() => {
+                let why = if session.hello.is_none() {
+                    format!("no Hello within {allowed:?}")
+                } else {
+                    format!("nothing received for {allowed:?} (clients ping while idle)")
+                };
+                tracing::info!(connection = id, %peer, "closing connection: {why}");
+                let code = if session.hello.is_none() {
+                    ErrorCode::HandshakeRequired
+                } else {
+                    ErrorCode::InvalidRequest
+                };
+                let _ = outbound.send(error_frame(0, code, &why)).await;
+                break;
+            }
             Some(frame) = pending.next(), if !pending.is_empty() => {
                 if outbound.send(frame).await.is_err() {
                     break;
@@ -90,6 +115,7 @@ pub async fn serve(
             next = frames.next(), if pending.len() < limit => match next {
                 None => break,
                 Some(Ok(frame)) => {
+                    quiet_since = tokio::time::Instant::now();
                     if let Some(p) = dispatch(frame, &mut session, &shared).await {
                         pending.push(p);
                     }
@@ -180,6 +206,17 @@ pub async fn refuse_full(socket: TcpStream, peer: SocketAddr) {
         .await;
 }
 
+/// Refuses a connection while storage is being reopened after a failure, saying why.
+pub async fn refuse_recovering(socket: TcpStream, peer: SocketAddr, why: &str) {
+    tracing::debug!(%peer, "connection refused: storage is being reopened");
+    let mut sink = FramedWrite::new(socket, FrameCodec::default());
+    let message =
+        format!("the broker is reopening its storage after a failure ({why}); retry shortly");
+    let _ = sink
+        .send(error_frame(0, ErrorCode::StorageError, &message))
+        .await;
+}
+
 /// An error response frame.
 pub fn error_frame(id: u64, code: ErrorCode, message: &str) -> Frame {
     Frame {
@@ -240,6 +277,7 @@ async fn dispatch(frame: Frame, session: &mut Session, shared: &Arc<Shared>) -> 
         Body::Send(req) => cmd::send::send(id, req, session, shared),
         Body::EndTxn(req) => cmd::txn::end(id, req, session, shared),
         Body::TxnBatch(req) => cmd::txn::batch(id, req, session, shared),
+        Body::Ping(_) => cmd::ready(id, Ok(pb::response::Result::Pong(pb::PongOk {}))),
         Body::ListTxns(req) => cmd::txn::list(id, req, shared),
         Body::RearmTxn(req) => cmd::txn::rearm(id, req, shared),
         Body::Subscribe(req) => cmd::consume::subscribe(id, req, session, shared).await,

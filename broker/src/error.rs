@@ -38,6 +38,9 @@ pub enum Error {
     /// RocksDB failed.
     #[error("storage: {0}")]
     Storage(#[from] rocksdb::Error),
+    /// A sync of the write-ahead log failed; no write is taken until storage is reopened.
+    #[error("storage failed: {0}; writes are refused until the broker has reopened its storage")]
+    StorageFailed(String),
     /// The broker is stopping.
     #[error("the broker is shutting down")]
     ShuttingDown,
@@ -78,7 +81,7 @@ impl Error {
             Error::TxnRolledBack(_) => ErrorCode::TxnAlreadyRolledBack,
             Error::TxnNotRearmable(..) => ErrorCode::TxnNotRearmable,
             Error::LeaseNotFound(_) => ErrorCode::LeaseNotFound,
-            Error::Storage(_) => ErrorCode::StorageError,
+            Error::Storage(_) | Error::StorageFailed(_) => ErrorCode::StorageError,
             Error::ShuttingDown => ErrorCode::ShuttingDown,
             Error::HandshakeRequired => ErrorCode::HandshakeRequired,
             Error::NotAuthenticated(_) => ErrorCode::NotAuthenticated,

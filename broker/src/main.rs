@@ -87,6 +87,13 @@ struct Flags {
     /// [default: 10000].
     #[arg(long, env = "TXMQ_MAX_CONNECTIONS")]
     max_connections: Option<usize>,
+    /// Time a new connection has to say Hello before it is closed [default: 10s].
+    #[arg(long, env = "TXMQ_HANDSHAKE_TIMEOUT", value_parser = duration_text)]
+    handshake_timeout: Option<String>,
+    /// Time a connection may stay silent (clients ping every 10 s while idle) before it
+    /// is closed [default: 60s].
+    #[arg(long, env = "TXMQ_IDLE_TIMEOUT", value_parser = duration_text)]
+    idle_timeout: Option<String>,
     /// Most requests one connection may have waiting; beyond it the broker stops reading
     /// that connection until answers go out (backpressure) [default: 4096].
     #[arg(long, env = "TXMQ_MAX_IN_FLIGHT")]

@@ -189,12 +189,62 @@ impl Metrics {
         self.started.elapsed()
     }
 
-    fn health(&self) -> String {
-        format!(
-            "{{\"status\":\"ok\",\"uptime_s\":{},\"version\":\"{}\"}}\n",
-            self.started.elapsed().as_secs(),
-            env!("CARGO_PKG_VERSION")
-        )
+    fn health(&self, live: &Live) -> (axum::http::StatusCode, String) {
+        let (code, status, detail) = match live.get() {
+            Some((storage, _)) => match storage.failure() {
+                None => (axum::http::StatusCode::OK, "ok", String::new()),
+                Some(why) => (
+                    axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                    "storage_failed",
+                    why,
+                ),
+            },
+            None if live.started() => (
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                "recovering",
+                "storage is being reopened after a failure".to_string(),
+            ),
+            None => (
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                "starting",
+                "storage is being opened".to_string(),
+            ),
+        };
+        let body = serde_json::json!({
+            "status": status,
+            "detail": detail,
+            "uptime_s": self.started.elapsed().as_secs(),
+            "version": env!("CARGO_PKG_VERSION"),
+        });
+        (code, format!("{body}\n"))
+    }
+}
+
+/// The storage and topics the broker serves now: `None` while storage is being reopened
+/// after a failure.
+#[derive(Debug, Default)]
+pub struct Live {
+    now: std::sync::RwLock<Option<(Arc<Storage>, Arc<Topics>)>>,
+    started: std::sync::atomic::AtomicBool,
+}
+
+impl Live {
+    /// Serving these from now on (`None`: none).
+    pub fn set(&self, live: Option<(Arc<Storage>, Arc<Topics>)>) {
+        if live.is_some() {
+            self.started
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        *self.now.write().expect("live lock") = live;
+    }
+
+    fn get(&self) -> Option<(Arc<Storage>, Arc<Topics>)> {
+        self.now.read().expect("live lock").clone()
+    }
+
+    /// Storage was open once (so `None` now means it is being reopened).
+    fn started(&self) -> bool {
+        self.started.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -202,17 +252,21 @@ impl Metrics {
 pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
-    storage: Arc<Storage>,
-    topics: Arc<Topics>,
+    live: Arc<Live>,
     cancel: CancellationToken,
 ) {
     use axum::routing::get;
     let scrape = {
-        let metrics = metrics.clone();
+        let (metrics, live) = (metrics.clone(), live.clone());
         move || async move {
-            let text = tokio::task::spawn_blocking(move || metrics.render(&storage, &topics))
-                .await
-                .unwrap_or_default();
+            let text = match live.get() {
+                Some((storage, topics)) => {
+                    tokio::task::spawn_blocking(move || metrics.render(&storage, &topics))
+                        .await
+                        .unwrap_or_default()
+                }
+                None => String::new(),
+            };
             (
                 [(
                     axum::http::header::CONTENT_TYPE,
@@ -223,9 +277,11 @@ pub async fn serve(
         }
     };
     let health = move || async move {
+        let (code, body) = metrics.health(&live);
         (
+            code,
             [(axum::http::header::CONTENT_TYPE, "application/json")],
-            metrics.health(),
+            body,
         )
     };
     let app = axum::Router::new()

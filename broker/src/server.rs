@@ -72,8 +72,13 @@ pub async fn run(
 /// [`run`] with the metrics listener already bound (so a caller can report both
 /// addresses before serving).
 ///
+/// If a sync of the write-ahead log fails, storage is failed for good (every write is
+/// refused, `/health` says why): the broker then stops every task and connection, closes
+/// the database and opens it again, recovering to what is on disk, and serves on the same
+/// listener. Clients reconnect. Reopening is retried with backoff while it fails.
+///
 /// # Errors
-/// Opening storage fails.
+/// Opening storage fails at start.
 pub async fn serve(
     listener: TcpListener,
     metrics_listener: Option<TcpListener>,
@@ -81,18 +86,135 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
     let config = Arc::new(config);
+    let metrics = Arc::new(Metrics::new());
+    let live = Arc::new(metrics::Live::default());
+    let endpoint_stop = CancellationToken::new();
+    let endpoint = match metrics_listener {
+        Some(listener) => {
+            tracing::info!(addr = %listener.local_addr().map_err(|e| Error::Internal(e.to_string()))?, "metrics endpoint");
+            Some(tokio::spawn(metrics::serve(
+                listener,
+                metrics.clone(),
+                live.clone(),
+                endpoint_stop.clone(),
+            )))
+        }
+        None => None,
+    };
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut storage = open(&config).await;
+    let result = loop {
+        let opened = match storage {
+            Ok(opened) => opened,
+            Err(e) => break Err(e),
+        };
+        match run_once(&listener, opened, &config, &metrics, &live, &mut shutdown).await {
+            Ok(Stop::Shutdown) => break Ok(()),
+            Ok(Stop::StorageFailed(why)) => {
+                tracing::warn!("reopening storage to recover to what is on disk");
+                storage = match reopen(&listener, &config, &mut shutdown, &why).await {
+                    Some(opened) => Ok(opened),
+                    None => break Ok(()),
+                };
+            }
+            Err(e) => break Err(e),
+        }
+    };
+    endpoint_stop.cancel();
+    if let Some(endpoint) = endpoint {
+        let _ = endpoint.await;
+    }
+    if result.is_ok() {
+        tracing::info!("stopped");
+    }
+    result
+}
+
+/// Why [`run_once`] returned.
+enum Stop {
+    /// The shutdown future completed.
+    Shutdown,
+    /// Storage failed, for this reason: reopen it.
+    StorageFailed(String),
+}
+
+/// Opens storage again after a failure, retrying with backoff; meanwhile every new
+/// connection is told why and closed. `None` when shutdown came first.
+async fn reopen(
+    listener: &TcpListener,
+    config: &Config,
+    shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+    why: &str,
+) -> Option<Arc<Storage>> {
+    let mut wait = Duration::from_millis(200);
+    loop {
+        let attempt = async {
+            match open(config).await {
+                Ok(storage) => Some(storage),
+                Err(e) => {
+                    tracing::error!("reopening storage failed: {e}; retrying in {wait:?}");
+                    tokio::time::sleep(wait).await;
+                    None
+                }
+            }
+        };
+        tokio::select! {
+            opened = attempt => if let Some(storage) = opened {
+                tracing::info!("storage reopened");
+                return Some(storage);
+            },
+            () = shutdown.as_mut() => return None,
+            () = refuse_all(listener, why) => {}
+        }
+        wait = (wait * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// Answers every connection with the reason writes are refused, until dropped.
+async fn refuse_all(listener: &TcpListener, why: &str) {
+    loop {
+        if let Ok((socket, peer)) = listener.accept().await {
+            let why = why.to_string();
+            tokio::spawn(async move { connection::refuse_recovering(socket, peer, &why).await });
+        } else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Opens storage off the async threads.
+async fn open(config: &Config) -> Result<Arc<Storage>> {
     let dir = config.data_dir.clone();
-    let (storage, boot, stored, halves) = tokio::task::spawn_blocking(move || {
+    tokio::task::spawn_blocking(move || {
         std::fs::create_dir_all(&dir)
             .map_err(|e| Error::Internal(format!("cannot create {}: {e}", dir.display())))?;
-        let storage = Storage::open(&dir)?;
-        let boot = storage.next_boot()?;
-        let topics = storage.topics()?;
-        let halves = storage.count_halves()?;
-        Ok::<_, Error>((storage, boot, topics, halves))
+        Storage::open(&dir)
     })
     .await
-    .map_err(|e| Error::Internal(e.to_string()))??;
+    .map_err(|e| Error::Internal(e.to_string()))?
+}
+
+/// Serves one opened storage until shutdown or until it fails; then stops every task,
+/// joins the writer and closes the database.
+async fn run_once(
+    listener: &TcpListener,
+    storage: Arc<Storage>,
+    config: &Arc<Config>,
+    metrics: &Arc<Metrics>,
+    live: &metrics::Live,
+    shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+) -> Result<Stop> {
+    let (boot, stored, halves) = {
+        let storage = storage.clone();
+        tokio::task::spawn_blocking(move || {
+            let boot = storage.next_boot()?;
+            let topics = storage.topics()?;
+            let halves = storage.count_halves()?;
+            Ok::<_, Error>((boot, topics, halves))
+        })
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))??
+    };
     let topics = Arc::new(Topics::default());
     for t in stored {
         topics.insert(Arc::new(Topic::new(
@@ -103,7 +225,6 @@ pub async fn serve(
         )));
     }
     tracing::info!(boot, topics = topics.all().len(), halves, "storage open");
-    let metrics = Arc::new(Metrics::new());
     metrics.half_messages_pending.set(halves as i64);
 
     let (writer, writer_thread) = Writer::spawn(
@@ -125,16 +246,6 @@ pub async fn serve(
         metrics.clone(),
     );
     tracker.spawn(checker.run(answers_rx, cancel.clone()));
-    if let Some(listener) = metrics_listener {
-        tracing::info!(addr = %listener.local_addr().map_err(|e| Error::Internal(e.to_string()))?, "metrics endpoint");
-        tracker.spawn(metrics::serve(
-            listener,
-            metrics.clone(),
-            storage.clone(),
-            topics.clone(),
-            cancel.clone(),
-        ));
-    }
     let shared = Arc::new(Shared {
         groups: Groups::new(
             storage.clone(),
@@ -148,19 +259,24 @@ pub async fn serve(
         config: config.clone(),
         storage: storage.clone(),
         writer,
-        topics,
+        topics: topics.clone(),
         producers,
         answers,
         connection_ids: AtomicU64::new(1),
         subscription_ids: AtomicU64::new(1),
-        metrics,
+        metrics: metrics.clone(),
     });
+    live.set(Some((storage.clone(), topics)));
 
-    tokio::select! {
-        () = accept(&listener, &shared, &tracker, &cancel) => {}
-        () = shutdown => tracing::info!("shutting down"),
-    }
-    drop(listener);
+    let stop = tokio::select! {
+        () = accept(listener, &shared, &tracker, &cancel) => Stop::Shutdown,
+        () = shutdown.as_mut() => {
+            tracing::info!("shutting down");
+            Stop::Shutdown
+        }
+        () = storage.failed() => Stop::StorageFailed(storage.failure().unwrap_or_default()),
+    };
+    live.set(None);
     cancel.cancel();
     tracker.close();
     if tokio::time::timeout(Duration::from_secs(10), tracker.wait())
@@ -173,13 +289,25 @@ pub async fn serve(
     tokio::task::spawn_blocking(move || writer_thread.join())
         .await
         .map_err(|e| Error::Internal(e.to_string()))?;
+    // Reads still running off the async threads hold the database: wait for them, so
+    // it is closed (and a reopen finds it unlocked).
+    for _ in 0..500 {
+        if Arc::strong_count(&storage) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let left = Arc::strong_count(&storage);
     if left > 1 {
         tracing::warn!("{} storage handles still held at close", left - 1);
+        if matches!(stop, Stop::StorageFailed(_)) {
+            return Err(Error::Internal(
+                "storage failed and could not be closed to reopen it".into(),
+            ));
+        }
     }
     drop(storage);
-    tracing::info!("stopped");
-    Ok(())
+    Ok(stop)
 }
 
 async fn accept(
@@ -205,6 +333,12 @@ async fn accept(
             }
         };
         let _ = socket.set_nodelay(true);
+        // Finds clients whose host vanished without a FIN, even while nothing is sent.
+        let ka = socket2::TcpKeepalive::new()
+            .with_time(Duration::from_secs(30))
+            .with_interval(Duration::from_secs(10))
+            .with_retries(3);
+        let _ = socket2::SockRef::from(&socket).set_tcp_keepalive(&ka);
         let permit = limit.clone().try_acquire_owned().ok();
         let shared = shared.clone();
         let cancel = cancel.clone();

@@ -130,6 +130,7 @@ pub fn copy_error(e: &Error) -> Error {
         Error::Disconnected(m) => Error::Disconnected(m.clone()),
         Error::Invalid(m) => Error::Invalid(m.clone()),
         Error::Unexpected(m) => Error::Unexpected(m.clone()),
+        Error::Timeout(d) => Error::Timeout(*d),
         other => Error::Disconnected(other.to_string()),
     }
 }

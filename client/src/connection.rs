@@ -33,6 +33,13 @@ pub struct Pushes {
 /// The largest frame limit a client adopts from a broker's handshake.
 const MAX_NEGOTIATED_FRAME: usize = 1 << 30;
 
+/// How long a call waits for its answer before the connection is given up.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How often an open connection pings the broker: keeps it under the broker's idle
+/// timeout (60 s by default) and finds a broker that stopped answering.
+pub const PING_EVERY: Duration = Duration::from_secs(10);
+
 #[derive(Debug)]
 struct Inner {
     out: mpsc::Sender<Frame>,
@@ -41,6 +48,9 @@ struct Inner {
     pending: Mutex<Option<HashMap<u64, Waiter>>>,
     next_id: AtomicU64,
     closed: Mutex<Option<Closed>>,
+    /// Cancelled to close the connection from this side (a call or ping timed out).
+    abandon: tokio_util::sync::CancellationToken,
+    call_timeout: Duration,
 }
 
 /// Why a connection ended: the broker's stated refusal, or a lost stream.
@@ -74,6 +84,18 @@ impl Connection {
     /// # Errors
     /// The broker is unreachable or refused the handshake.
     pub async fn open(addr: &str, hello: pb::Hello) -> Result<(Self, Pushes)> {
+        Self::open_with(addr, hello, CALL_TIMEOUT).await
+    }
+
+    /// [`Connection::open`] with calls that give up after `call_timeout`.
+    ///
+    /// # Errors
+    /// The broker is unreachable or refused the handshake.
+    pub async fn open_with(
+        addr: &str,
+        hello: pb::Hello,
+        call_timeout: Duration,
+    ) -> Result<(Self, Pushes)> {
         let socket = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr))
             .await
             .map_err(|_| Error::Connect {
@@ -85,6 +107,7 @@ impl Connection {
                 source,
             })?;
         let _ = socket.set_nodelay(true);
+        keepalive(&socket);
         let (rd, wr) = socket.into_split();
         let codec = FrameCodec::default();
         let (out, out_rx) = mpsc::channel(4096);
@@ -97,6 +120,8 @@ impl Connection {
             pending: Mutex::new(Some(HashMap::new())),
             next_id: AtomicU64::new(1),
             closed: Mutex::new(None),
+            abandon: tokio_util::sync::CancellationToken::new(),
+            call_timeout,
         });
         tokio::spawn(write_loop(
             FramedWrite::new(wr, codec.clone()),
@@ -112,7 +137,10 @@ impl Connection {
         ));
         let conn = Self { inner };
         match conn.call(Body::Hello(hello)).await? {
-            pb::response::Result::Hello(_) => Ok((conn, Pushes { deliveries, checks })),
+            pb::response::Result::Hello(_) => {
+                tokio::spawn(ping_loop(conn.downgrade()));
+                Ok((conn, Pushes { deliveries, checks }))
+            }
             other => Err(Error::Unexpected(format!("{other:?}"))),
         }
     }
@@ -143,7 +171,15 @@ impl Connection {
         {
             return Err(self.disconnected());
         }
-        let response = rx.await.map_err(|_| self.disconnected())??;
+        let response = match tokio::time::timeout(self.inner.call_timeout, rx).await {
+            Ok(answer) => answer.map_err(|_| self.disconnected())??,
+            Err(_) => {
+                // A broker that does not answer within the timeout is treated as gone:
+                // the connection closes, so every caller learns it and reconnects.
+                self.inner.abandon.cancel();
+                return Err(Error::Timeout(self.inner.call_timeout));
+            }
+        };
         refusal(response.code, response.message)?;
         response
             .result
@@ -243,8 +279,15 @@ async fn read_loop(
     checks: mpsc::UnboundedSender<(u64, pb::CheckRequest)>,
 ) {
     let lost = |reason: String| Closed { code: None, reason };
+    let Some(abandon) = inner.upgrade().map(|i| i.abandon.clone()) else {
+        return;
+    };
     let closed = loop {
-        match frames.next().await {
+        let next = tokio::select! {
+            next = frames.next() => next,
+            () = abandon.cancelled() => break lost("the broker did not answer in time".to_string()),
+        };
+        match next {
             None => break lost("the broker closed the connection".to_string()),
             Some(Err(e)) => break lost(format!("bad frame from the broker: {e}")),
             Some(Ok(frame)) => match frame.body {
@@ -294,6 +337,32 @@ async fn read_loop(
     let waiters = inner.pending.lock().expect("pending lock").take();
     for (_, w) in waiters.into_iter().flatten() {
         let _ = w.send(Err(closed.error()));
+    }
+}
+
+/// TCP keepalive on a client socket: a broker host that vanished (power, network) is
+/// noticed by the kernel even when nothing is being sent.
+fn keepalive(socket: &TcpStream) {
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(30))
+        .with_interval(Duration::from_secs(10))
+        .with_retries(3);
+    let _ = socket2::SockRef::from(socket).set_tcp_keepalive(&ka);
+}
+
+/// Pings every [`PING_EVERY`] while the connection lives; a ping without an answer
+/// within the call timeout closes it (see [`Connection::call`]).
+async fn ping_loop(conn: WeakConnection) {
+    loop {
+        tokio::time::sleep(PING_EVERY).await;
+        let Some(conn) = conn.upgrade() else { return };
+        if conn.is_closed() {
+            return;
+        }
+        if let Err(e) = conn.call(Body::Ping(pb::PingRequest {})).await {
+            tracing::debug!("ping failed: {e}");
+            return;
+        }
     }
 }
 

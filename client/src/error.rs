@@ -26,6 +26,11 @@ pub enum Error {
     /// taken effect.
     #[error("connection lost: {0}")]
     Disconnected(String),
+    /// No answer came within the call timeout; the request may or may not have taken
+    /// effect, and the connection is closed (a broker that answers nothing is treated as
+    /// gone).
+    #[error("no answer from the broker within {0:?}")]
+    Timeout(std::time::Duration),
     /// The stream of frames broke.
     #[error("protocol: {0}")]
     Frame(#[from] txmq_protocol::FrameError),

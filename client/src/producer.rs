@@ -154,6 +154,9 @@ pub struct ProducerOptions {
     pub checker: Option<Arc<dyn TransactionChecker>>,
     /// Shared secret, when the broker requires one.
     pub auth_token: String,
+    /// How long a call waits for the broker's answer (`None`: 30 s). A call that times
+    /// out fails with [`Error::Timeout`] and the connection is dialled again.
+    pub call_timeout: Option<std::time::Duration>,
 }
 
 impl std::fmt::Debug for ProducerOptions {
@@ -172,6 +175,7 @@ impl ProducerOptions {
             group: group.into(),
             checker: Some(Arc::new(checker)),
             auth_token: String::new(),
+            call_timeout: None,
         }
     }
 }
@@ -502,7 +506,8 @@ fn refused_before_storing(code: ErrorCode) -> bool {
 async fn open(addr: &str, options: &ProducerOptions) -> Result<Connection> {
     let mut hello = connection::hello(pb::Role::Producer, &options.group, &options.auth_token);
     hello.answers_checks = options.checker.is_some();
-    let (conn, mut pushes) = Connection::open(addr, hello).await?;
+    let timeout = options.call_timeout.unwrap_or(connection::CALL_TIMEOUT);
+    let (conn, mut pushes) = Connection::open_with(addr, hello, timeout).await?;
     if let Some(checker) = options.checker.clone() {
         // Weak: a dropped producer must close its connection, not keep answering.
         let weak = conn.downgrade();

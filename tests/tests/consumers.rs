@@ -349,3 +349,87 @@ async fn a_clean_close_gives_deliveries_back_uncounted() {
     }
     assert!(dropped.iter().all(|o| again.contains(o)));
 }
+
+/// Sends `n` messages `m0..` to `topic`, concurrently.
+async fn send_many(b: &TestBroker, topic: &str, n: usize) {
+    let p = Producer::connect(b.addr(), ProducerOptions::default())
+        .await
+        .unwrap();
+    let sends = (0..n).map(|i| p.send(Message::new(topic, format!("m{i}"))));
+    for r in futures::future::join_all(sends).await {
+        r.unwrap();
+    }
+}
+
+/// Acks every delivery until `n` were acked.
+async fn ack_all(c: &mut Consumer, n: usize) {
+    for _ in 0..n {
+        let d = next(c, Duration::from_secs(10)).await.expect("delivery");
+        d.ack().await.unwrap();
+    }
+}
+
+/// Issue 13, item 13: one message that is never acked (nacked for an hour, or held under
+/// a long lease) no longer pins the group's ack floor. The floor passes it (it waits in
+/// the retry index instead), so the acks above it do not pile up in memory and in storage,
+/// and a restart does not re-read the log from it; it is still delivered again, and
+/// nothing acked comes back. (The floor used to stay at the poison message: 0 here.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_message_never_acked_does_not_pin_the_floor() {
+    let mut b = TestBroker::start_on_fixed_port(&["--max-attempts", "100"]);
+    send(&b, "t", &["poison"]).await;
+    let mut c = Consumer::subscribe(b.addr(), opts("g", "t", 3_600_000))
+        .await
+        .unwrap();
+    let d = next(&mut c, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(d.body().as_ref(), b"poison");
+    d.nack(Some(Duration::from_secs(3600))).await.unwrap();
+    // A delivery holds its connection open: let go of it, so dropping `c` ends it.
+    drop(d);
+    send_many(&b, "t", 3000).await;
+    ack_all(&mut c, 3000).await;
+    let g = describe(&b).await;
+    assert_eq!(g.topics[0].ack_floor, 3001, "{g:?}");
+    assert_eq!(g.topics[0].waiting_retry, 1, "{g:?}");
+    drop(c);
+
+    // A message held under a long lease: passed once the acks behind it pile up.
+    let holder_opts = ConsumerOptions {
+        window: 1,
+        ..opts("g", "t", 3_600_000)
+    };
+    send(&b, "t", &["held"]).await;
+    let mut holder = Consumer::subscribe(b.addr(), holder_opts).await.unwrap();
+    let held = next(&mut holder, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(held.body().as_ref(), b"held");
+    let mut c = Consumer::subscribe(b.addr(), opts("g", "t", 3_600_000))
+        .await
+        .unwrap();
+    send_many(&b, "t", 5000).await;
+    ack_all(&mut c, 5000).await;
+    let g = describe(&b).await;
+    assert_eq!(g.topics[0].ack_floor, 8002, "{g:?}");
+
+    // After a crash: the held message comes back at once, the poison one waits for its
+    // hour, and nothing acked comes back.
+    b.kill9();
+    drop((c, holder));
+    b.start_again();
+    let mut c = Consumer::subscribe(b.addr(), opts("g", "t", 3_600_000))
+        .await
+        .unwrap();
+    let d = next(&mut c, Duration::from_secs(10))
+        .await
+        .expect("the held message");
+    assert_eq!(d.body().as_ref(), b"held");
+    d.ack().await.unwrap();
+    assert!(next(&mut c, Duration::from_secs(2)).await.is_none());
+    let g = describe(&b).await;
+    assert_eq!(g.topics[0].ack_floor, 8002, "{g:?}");
+    assert_eq!(g.topics[0].waiting_retry, 1, "{g:?}");
+}
+
+async fn describe(b: &TestBroker) -> txmq_client::pb::DescribeGroupOk {
+    let admin = Admin::connect(b.addr(), "").await.unwrap();
+    admin.describe_group("g").await.unwrap()
+}

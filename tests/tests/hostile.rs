@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use txmq_client::{Admin, Consumer, ConsumerOptions, ErrorCode, Message};
-use txmq_protocol::{Body, pb};
+use txmq_protocol::{Body, Frame, pb};
 use txmq_tests::{TestBroker, drain, next, producer, raw_call, raw_hello};
 
 fn handle(group: &str, topic: &str) -> pb::DeliveryHandle {
@@ -105,16 +105,35 @@ async fn durations_out_of_range_are_refused_and_name_the_field() {
     assert_eq!(e.code(), Some(ErrorCode::InvalidRequest), "{e}");
     assert!(e.to_string().contains("check_delay_ms"), "{e}");
 
-    // A real delivery, then nack and extend with absurd durations.
-    let r = raw_call(&mut raw, 3, subscribe(60_000)).await;
-    assert_eq!(r.code, ErrorCode::Ok as i32, "{r:?}");
-    let delivery = loop {
+    // A real delivery, then nack and extend with absurd durations. The delivery may come
+    // before or after the subscription's answer: read both.
+    {
+        use futures::SinkExt;
+        raw.send(Frame {
+            id: 3,
+            body: Some(subscribe(60_000)),
+        })
+        .await
+        .unwrap();
+    }
+    let (mut subscribed, mut delivery) = (false, None);
+    while !subscribed || delivery.is_none() {
         use futures::StreamExt;
-        let frame = raw.next().await.unwrap().unwrap();
-        if let Some(Body::Delivery(d)) = frame.body {
-            break d;
+        let frame = tokio::time::timeout(Duration::from_secs(30), raw.next())
+            .await
+            .expect("no delivery")
+            .unwrap()
+            .unwrap();
+        match frame.body {
+            Some(Body::Delivery(d)) => delivery = Some(d),
+            Some(Body::Response(r)) if frame.id == 3 => {
+                assert_eq!(r.code, ErrorCode::Ok as i32, "{r:?}");
+                subscribed = true;
+            }
+            _ => {}
         }
-    };
+    }
+    let delivery = delivery.unwrap();
     let h = delivery.handle.clone();
     let r = raw_call(
         &mut raw,

@@ -4,43 +4,8 @@
 use std::time::Duration;
 
 use futures::StreamExt;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use txmq_client::{Consumer, ConsumerOptions, Message, Outcome, Producer, ProducerOptions};
-use txmq_tests::{TestBroker, eventually, json_lines};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// `GET path` over HTTP/1.1: (status code, body).
-async fn http_get(addr: &str, path: &str) -> Result<(u16, String), String> {
-    let mut s = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(|e| format!("connect {addr}: {e}"))?;
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes())
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut raw = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw))
-        .await
-        .map_err(|_| "timed out".to_string())?
-        .map_err(|e| e.to_string())?;
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| format!("no header end in {text:?}"))?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| format!("no status in {head:?}"))?;
-    Ok((status, body.to_string()))
-}
+use txmq_tests::{TestBroker, eventually, free_port, http_get, json_lines};
 
 /// The value of one sample line (`name{labels} value`) in a Prometheus text page.
 fn sample(page: &str, series: &str) -> Option<f64> {
@@ -70,7 +35,15 @@ async fn metrics_and_health_show_the_counters_moving() {
         "--check-interval",
         "100ms",
     ]);
-    let (status, body) = http_get(&metrics, "/health").await.expect("health answers");
+    // 503 "starting" until storage is open, then 200 "ok".
+    let (status, body) = eventually(Duration::from_secs(30), || async {
+        http_get(&metrics, "/health")
+            .await
+            .ok()
+            .filter(|(status, _)| *status == 200)
+    })
+    .await
+    .expect("health never said ok");
     assert_eq!(status, 200);
     assert!(body.contains("\"status\":\"ok\""), "{body}");
     let before = scrape(&metrics).await;
@@ -246,8 +219,6 @@ async fn txn_list_pages_with_limit_and_after() {
         tx.send(Message::new("t", format!("m{i}"))).await.unwrap();
         ids.push(tx.id().unwrap().to_string());
     }
-    // Pages follow id order; transaction ids are not in creation order (not guessable).
-    ids.sort();
     let ids_of = |out: String| -> Vec<String> {
         json_lines(&out)
             .iter()

@@ -17,7 +17,9 @@ use std::time::Duration;
 
 use rand::Rng;
 use txmq_client::{Consumer, ConsumerOptions, Message, Producer, ProducerOptions};
-use txmq_tests::{TestBroker, bin, drain, next, producer, signal, wait_timeout};
+use txmq_tests::{
+    TestBroker, bin, drain, eventually, free_port, http_get, next, producer, signal, wait_timeout,
+};
 
 /// A mounted `txmq-lazyfs`, unmounted when dropped.
 struct LazyFs {
@@ -86,6 +88,13 @@ impl LazyFs {
                 return line;
             }
         }
+    }
+
+    /// Makes every fsync fail with EIO (dropping the data, as Linux does), or stops that.
+    fn fail_fsync(&self, on: bool) {
+        signal(&self.child, libc::SIGUSR2);
+        let line = self.expect_line("lazyfs fail-fsync");
+        assert!(line.ends_with(if on { "on" } else { "off" }), "{line}");
     }
 
     /// Drops every write not fsynced since it was made; returns how many bytes.
@@ -291,4 +300,63 @@ async fn async_flush_loses_acknowledged_writes_and_the_test_sees_it() {
         sends + commits > 0,
         "with --flush async a power cut lost nothing: the filesystem kept unsynced data"
     );
+}
+
+/// Issue 13, item 15: a failed fsync is sticky. Once a sync of the write-ahead log fails,
+/// no later write is answered OK by that database (not even one that wrote nothing),
+/// nothing answered with an error becomes visible, `/health` says why, and the broker
+/// reopens its storage, recovers to what is on disk and takes writes again once fsync
+/// works; nothing answered OK is lost, across a power cut too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_fsync_is_sticky_and_the_broker_recovers_to_the_disk() {
+    let fs = LazyFs::mount();
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let mut b = TestBroker::start_in(Some(fs.mount.join("data")), &["--metrics-listen", &metrics]);
+    let p = producer(&b).await;
+    let mut stored = Vec::new();
+    for i in 0..50 {
+        let body = format!("ok-{i}");
+        p.send(Message::new("t", body.clone())).await.unwrap();
+        stored.push(body);
+    }
+    fs.fail_fsync(true);
+    for i in 0..5 {
+        let e = p
+            .send(Message::new("t", format!("refused-{i}")))
+            .await
+            .expect_err("a write was answered OK while fsync fails");
+        assert_eq!(e.code(), Some(txmq_client::ErrorCode::StorageError), "{e}");
+    }
+    let (status, body) = http_get(&metrics, "/health").await.unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("storage_failed") || body.contains("recovering"),
+        "{body}"
+    );
+    fs.fail_fsync(false);
+    let resumed = eventually(Duration::from_secs(60), || async {
+        p.send(Message::new("t", "ok-again".to_string())).await.ok()
+    })
+    .await;
+    assert!(resumed.is_some(), "writes never resumed:\n{}", b.log_text());
+    stored.push("ok-again".into());
+    let (status, body) = http_get(&metrics, "/health").await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let text = |v: Vec<Vec<u8>>| -> Vec<String> {
+        v.into_iter()
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .collect()
+    };
+    let got = text(drain(&b, "audit", "t", Duration::from_secs(2)).await);
+    assert_eq!(
+        got, stored,
+        "a refused write became visible, or an OK one is missing"
+    );
+    assert!(b.log_text().contains("storage failed"));
+
+    b.kill9();
+    fs.power_cut();
+    b.start_again();
+    let got = text(drain(&b, "audit2", "t", Duration::from_secs(2)).await);
+    assert_eq!(got, stored, "after a power cut");
 }

@@ -104,6 +104,11 @@ pub struct Storage {
     db: DB,
     /// Work counters.
     pub counters: Counters,
+    /// Set when a sync of the write-ahead log failed: from then on this database takes no
+    /// writes (what it holds in memory may be ahead of the disk); the server reopens
+    /// storage and recovers to what is on disk.
+    failure: std::sync::Mutex<Option<String>>,
+    failed: tokio_util::sync::CancellationToken,
 }
 
 impl std::fmt::Debug for Storage {
@@ -148,7 +153,29 @@ impl Storage {
         Ok(Arc::new(Self {
             db,
             counters: Counters::default(),
+            failure: std::sync::Mutex::new(None),
+            failed: tokio_util::sync::CancellationToken::new(),
         }))
+    }
+
+    /// Marks this database failed (sticky): every later write is refused with `why`.
+    pub fn fail(&self, why: String) {
+        let mut failure = self.failure.lock().expect("failure lock");
+        if failure.is_none() {
+            tracing::error!("storage failed, refusing writes until it is reopened: {why}");
+            *failure = Some(why);
+        }
+        self.failed.cancel();
+    }
+
+    /// Why this database takes no more writes, if it failed.
+    pub fn failure(&self) -> Option<String> {
+        self.failure.lock().expect("failure lock").clone()
+    }
+
+    /// Completes when [`Storage::fail`] was called.
+    pub fn failed(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
+        self.failed.clone().cancelled_owned()
     }
 
     pub(crate) fn db(&self) -> &DB {

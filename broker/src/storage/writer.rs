@@ -384,6 +384,13 @@ impl Writer {
     /// which replies once it is durable. A write failure fails every job that wrote
     /// something and leaves in-memory state as it was before the batch.
     fn commit(&mut self, jobs: &mut Vec<Job>) {
+        if let Some(why) = self.storage.failure() {
+            // Sticky: after a failed sync this database's memory may be ahead of its disk.
+            for job in jobs.drain(..) {
+                let _ = job.reply.send(Err(Error::StorageFailed(why.clone())));
+            }
+            return;
+        }
         let mut stage = Stage::default();
         let mut results = Vec::with_capacity(jobs.len());
         for job in jobs.iter_mut() {
@@ -434,6 +441,7 @@ impl Writer {
             Err(e) => {
                 tracing::error!("write batch failed, {} requests refused: {e}", jobs.len());
                 self.next_topic_id = stage.first_topic_id.unwrap_or(self.next_topic_id);
+                let e = Error::Storage(e);
                 let results = results.into_iter().map(|r| lost_in_write(r, &e)).collect();
                 Written {
                     jobs: std::mem::take(jobs),
@@ -906,12 +914,12 @@ impl Writer {
 
 /// What a staged result becomes when its batch could not be written or synced: whatever
 /// would have been stored fails with the storage error; a refusal stays the refusal it was.
-fn lost_in_write(result: Result<Outcome>, e: &rocksdb::Error) -> Result<Outcome> {
+fn lost_in_write(result: Result<Outcome>, e: &Error) -> Result<Outcome> {
     match result {
         Ok(Outcome::Many(results)) => Ok(Outcome::Many(
             results.into_iter().map(|r| lost_in_write(r, e)).collect(),
         )),
-        Ok(_) => Err(Error::Storage(e.clone())),
+        Ok(_) => Err(e.clone()),
         Err(refusal) => Err(refusal),
     }
 }
@@ -929,19 +937,26 @@ fn sync_loop(
     while let Ok(first) = rx.recv() {
         let mut batches = vec![first];
         batches.extend(rx.try_iter());
-        let synced = if fsync && batches.iter().any(|w| w.wrote) {
+        let synced = if let Some(why) = storage.failure() {
+            // Written after a failed sync: never synced, never published.
+            Err(Error::StorageFailed(why))
+        } else if fsync && batches.iter().any(|w| w.wrote) {
             let started = std::time::Instant::now();
             let r = storage.db().flush_wal(true);
             metrics
                 .fsync_seconds
                 .observe(started.elapsed().as_secs_f64());
             storage.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
-            r
+            r.map_err(|e| {
+                let why = format!("fsync of the write-ahead log failed: {e}");
+                storage.fail(why.clone());
+                Error::StorageFailed(why)
+            })
         } else {
             Ok(())
         };
         if let Err(e) = &synced {
-            tracing::error!("WAL sync failed, {} batches refused: {e}", batches.len());
+            tracing::error!("{} batches refused: {e}", batches.len());
         }
         for w in batches {
             match &synced {
@@ -956,14 +971,11 @@ fn sync_loop(
                         let _ = job.reply.send(result);
                     }
                 }
+                // Every batch of the group fails, also one that wrote nothing: its answer
+                // (a repeated commit or ack) stood on writes that are not durable now.
                 Err(e) => {
                     for (job, result) in w.jobs.into_iter().zip(w.results) {
-                        let reply = if w.wrote {
-                            lost_in_write(result, e)
-                        } else {
-                            result
-                        };
-                        let _ = job.reply.send(reply);
+                        let _ = job.reply.send(lost_in_write(result, e));
                     }
                 }
             }

@@ -7,12 +7,14 @@ impl Queue {
         offset < self.floor() || self.acked.contains(&offset)
     }
 
-    /// Acknowledges the acks collected since the last call, in one write. Memory changes
-    /// only for good: the acks are applied with an undo log, the write is awaited, and if
-    /// it fails everything is put back as it was, so a retried ack is not answered
-    /// "already acked" for an ack that never reached the disk (I6).
-    pub(super) async fn flush_acks(&mut self) {
-        if self.pending_acks.is_empty() {
+    /// Starts writing the acks collected so far, in one write, unless a write of acks is
+    /// already on its way: at most one is, so an ack repeated while the first one's write
+    /// is pending waits for its outcome (and is answered from it) instead of being called
+    /// "already acked" for an ack that may never reach the disk (I6). The acks are applied
+    /// to memory now, with an undo log that [`Queue::finish_acks`] uses if the write
+    /// fails; deliveries go on meanwhile.
+    pub(super) async fn start_acks(&mut self) {
+        if self.ack_flight.is_some() || self.pending_acks.is_empty() {
             return;
         }
         let requests = std::mem::take(&mut self.pending_acks);
@@ -39,18 +41,34 @@ impl Queue {
             }
             answers.push((refused, reply));
         }
-        ops.extend(self.advance_floor());
+        ops.extend(self.advance_floor_noting(&mut undo));
         // Submitted even when empty: a repeated ack's answer must not overtake the write
         // of the ack it repeats.
-        let written = self.writer.submit(Command::Raw(cancel_out(ops))).await;
+        let (tx, rx) = oneshot::channel();
+        self.writer
+            .submit_to(Command::Raw(cancel_out(ops)), tx)
+            .await;
+        self.ack_flight = Some(AckFlight {
+            rx,
+            undo,
+            answers,
+            acked,
+        });
+    }
+
+    /// The outcome of the acks' write: answers them, and puts memory back if it failed.
+    pub(super) fn finish_acks(&mut self, written: Result<Outcome>) {
+        let Some(flight) = self.ack_flight.take() else {
+            return;
+        };
         match &written {
-            Ok(_) => self.metrics.acks.inc_by(acked),
+            Ok(_) => self.metrics.acks.inc_by(flight.acked),
             Err(e) => {
                 tracing::warn!(group = %self.group, topic = %self.topic.name, "acks not recorded, undone: {e}");
-                self.undo(undo);
+                self.undo(flight.undo);
             }
         }
-        for (refused, reply) in answers {
+        for (refused, reply) in flight.answers {
             let answer = match (&written, refused) {
                 (_, Some(refusal)) => Err(refusal),
                 (Ok(_), None) => Ok(Outcome::Done),
@@ -73,9 +91,13 @@ impl Queue {
 
     /// Puts back what a batch of acks changed: leases, retries, acked offsets and floor.
     fn undo(&mut self, undo: Undo) {
-        let floor = self.floor();
-        for o in undo.floor..floor {
+        for o in undo.passed {
             self.acked.insert(o);
+        }
+        for o in undo.new_retries {
+            if let Some(rec) = self.retry.remove(&o) {
+                self.retry_due.remove(&(rec.due_ms, o));
+            }
         }
         for o in &undo.acked {
             self.acked.remove(o);
@@ -113,21 +135,56 @@ impl Queue {
         ops
     }
 
-    /// Moves the floor over every contiguous acked offset and drops their ack records.
+    /// Moves the floor over every contiguous offset that is done (acked) or whose fate is
+    /// recorded elsewhere (waiting in the retry index), dropping their ack records. When
+    /// the acks above the floor pile up behind a message held a long time (a poison
+    /// message, a long lease), leased offsets get a retry record and are passed too: one
+    /// message can then no longer pin the floor and make memory, the `acked` column
+    /// family and the restart's log scan grow without bound.
     pub(super) fn advance_floor(&mut self) -> Vec<Op> {
-        let Some(cursor) = self.cursor.as_mut() else {
+        self.advance_floor_noting(&mut Undo::default())
+    }
+
+    /// [`Queue::advance_floor`], noting in `undo` what it changed besides the floor.
+    fn advance_floor_noting(&mut self, undo: &mut Undo) -> Vec<Op> {
+        let Some(start) = self.cursor.as_ref().map(|c| c.ack_floor) else {
             return Vec::new();
         };
+        let crowded = self.acked.len() > MAX_ACKED_ABOVE_FLOOR;
         let mut ops = Vec::new();
-        let start = cursor.ack_floor;
-        while self.acked.remove(&cursor.ack_floor) {
-            ops.push(Op::Delete(
-                Cf::Acked,
-                keys::group_offset(&self.group, self.topic.id, cursor.ack_floor),
-            ));
-            cursor.ack_floor += 1;
+        let mut floor = start;
+        while floor < self.next {
+            if self.acked.remove(&floor) {
+                undo.passed.push(floor);
+                ops.push(Op::Delete(
+                    Cf::Acked,
+                    keys::group_offset(&self.group, self.topic.id, floor),
+                ));
+            } else if self.retry.contains_key(&floor) {
+                // Redelivered from the retry index whatever the floor.
+            } else if crowded && let Some(lease) = self.leases.get(&floor) {
+                // Due at once if the broker restarts; while the lease lives, its expiry
+                // (or ack, or nack) decides, and pump skips it.
+                let rec = RetryRecord {
+                    attempts: lease.attempt.saturating_sub(1),
+                    due_ms: now_ms(),
+                };
+                ops.push(Op::Put(
+                    Cf::Retry,
+                    keys::group_offset(&self.group, self.topic.id, floor),
+                    rec.encode_to_vec(),
+                ));
+                self.retry_due.insert((rec.due_ms, floor));
+                self.retry.insert(floor, rec);
+                undo.new_retries.push(floor);
+            } else {
+                break;
+            }
+            floor += 1;
         }
-        if cursor.ack_floor != start {
+        if floor != start {
+            let cursor = self.cursor.as_mut().expect("checked above");
+            cursor.ack_floor = floor;
             ops.push(Op::Put(
                 Cf::Cursor,
                 keys::cursor(&self.group, self.topic.id),
@@ -138,11 +195,36 @@ impl Queue {
     }
 }
 
+/// Acks above the floor a queue keeps before the floor passes leased messages (see
+/// [`Queue::advance_floor`]).
+pub(super) const MAX_ACKED_ABOVE_FLOOR: usize = 4096;
+
+/// A write of acks on its way, with what is needed to answer them or undo them.
+pub(super) struct AckFlight {
+    pub(super) rx: oneshot::Receiver<Result<Outcome>>,
+    undo: Undo,
+    answers: Vec<(Option<Error>, oneshot::Sender<Result<Outcome>>)>,
+    acked: u64,
+}
+
+impl std::fmt::Debug for AckFlight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AckFlight")
+            .field("acked", &self.acked)
+            .finish()
+    }
+}
+
 /// What a batch of acks changed, to put back if its write fails.
 #[derive(Default)]
 pub(super) struct Undo {
     floor: u64,
+    /// Offsets this batch made acked.
     acked: Vec<u64>,
+    /// Acked offsets the floor passed (and dropped from the acked set).
+    passed: Vec<u64>,
+    /// Retry records written for leased offsets the floor passed.
+    new_retries: Vec<u64>,
     leases: Vec<(u64, Lease)>,
     retries: Vec<(u64, RetryRecord)>,
 }

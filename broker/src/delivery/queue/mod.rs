@@ -99,8 +99,10 @@ pub struct Queue {
     dead_letters: u64,
     /// Lease deadlines handled by expiry passes: the work counter behind I5's proof.
     expiry_visits: u64,
-    /// Acks received since the last [`Queue::flush_acks`], written together.
+    /// Acks received since the last [`Queue::start_acks`], written together.
     pending_acks: Vec<AckRequest>,
+    /// The write of acks on its way, if any (at most one).
+    ack_flight: Option<acks::AckFlight>,
 }
 
 /// One ack request waiting for its write: the leases and where its answer goes.
@@ -145,6 +147,7 @@ impl Queue {
             dead_letters: loaded.dead_letters,
             expiry_visits: 0,
             pending_acks: Vec::new(),
+            ack_flight: None,
         };
         for (offset, rec) in loaded.retries {
             q.retry_due.insert((rec.due_ms, offset));
@@ -200,10 +203,20 @@ impl Queue {
                                 Err(_) => break,
                             }
                         }
-                        self.flush_acks().await;
+                        self.start_acks().await;
                     }
                     None => break,
                 },
+                written = async {
+                    match self.ack_flight.as_mut() {
+                        Some(flight) => (&mut flight.rx).await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    let written = written.unwrap_or(Err(Error::ShuttingDown));
+                    self.finish_acks(written);
+                    self.start_acks().await;
+                }
                 changed = end.changed() => if changed.is_err() { break },
                 () = sleep => {}
             }

@@ -31,6 +31,10 @@ impl Queue {
                 && due <= now
             {
                 self.retry_due.pop_first();
+                if self.leases.contains_key(&offset) {
+                    // Passed by the floor while leased: its lease decides what comes next.
+                    continue;
+                }
                 let attempts = self.retry.get(&offset).map_or(0, |r| r.attempts);
                 let storage = self.storage.clone();
                 let topic = self.topic.id;
