@@ -13,8 +13,10 @@ use crate::batch::{self, Batcher};
 use crate::connection::{self, Connection, Pushes};
 use crate::error::{Error, Result};
 
-/// Ack requests of one consumer connection in flight at once.
-const ACK_BATCHES: usize = 4;
+/// Ack requests of one consumer connection in flight at once. The broker writes a
+/// queue's acks one batch at a time and answers them once durable, so an answer can take
+/// two group commits; with 4 in flight the e2e bench lost ~5 % and doubled its p50.
+const ACK_BATCHES: usize = 16;
 
 /// Where a new group starts reading.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -433,3 +433,66 @@ async fn describe(b: &TestBroker) -> txmq_client::pb::DescribeGroupOk {
     let admin = Admin::connect(b.addr(), "").await.unwrap();
     admin.describe_group("g").await.unwrap()
 }
+
+/// Issue 13, item 17: a member of the group whose client stopped reading its socket. The
+/// deliveries stuck behind it used to expire and count as attempts, again and again (51
+/// to 163 of 20,000 messages reached the DLQ). Now the broker sees the connection stall,
+/// sends it nothing more, gives its expired leases back without counting an attempt, and
+/// shows the stall in `group describe`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_that_stops_reading_burns_no_attempts() {
+    use futures::SinkExt;
+    let b = TestBroker::start(&["--max-attempts", "2"]);
+    let n = 600;
+    let p = Producer::connect(b.addr(), ProducerOptions::default())
+        .await
+        .unwrap();
+    let sends = (0..n).map(|i| {
+        let mut body = format!("{i:05}").into_bytes();
+        body.resize(64 * 1024, b'x');
+        p.send(Message::new("t", body))
+    });
+    for r in futures::future::join_all(sends).await {
+        r.unwrap();
+    }
+    // Subscribes with a window of 256 and a 3 s lease, then never reads again.
+    let mut idle = txmq_tests::raw_hello(b.addr(), "").await;
+    idle.send(txmq_protocol::Frame {
+        id: 2,
+        body: Some(txmq_protocol::Body::Subscribe(
+            txmq_client::pb::SubscribeRequest {
+                group: "g".into(),
+                topic: "t".into(),
+                lease_ms: 3000,
+                window: 256,
+                ..Default::default()
+            },
+        )),
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut c = Consumer::subscribe(b.addr(), opts("g", "t", 30_000))
+        .await
+        .unwrap();
+    let mut seen = HashSet::new();
+    let mut attempts = Vec::new();
+    while seen.len() < n {
+        let d = next(&mut c, Duration::from_secs(30))
+            .await
+            .unwrap_or_else(|| panic!("only {} of {n} arrived", seen.len()));
+        seen.insert(d.body()[..5].to_vec());
+        attempts.push(d.attempt);
+        d.ack().await.unwrap();
+    }
+    let g = describe(&b).await;
+    let t = &g.topics[0];
+    assert_eq!(t.dead_letters, 0, "{g:?}");
+    assert_eq!(t.stalled_consumers, 1, "{g:?}");
+    assert!(
+        attempts.iter().all(|a| *a == 1),
+        "attempts were counted for deliveries stuck behind the idle consumer: {:?}",
+        attempts.iter().filter(|a| **a > 1).count()
+    );
+    drop(idle);
+}

@@ -50,6 +50,7 @@ pub async fn subscribe(
             req.window
         },
         lease,
+        stall: session.stall.clone(),
     };
     let options = SubscribeOptions {
         tag_filter: req.tag_filter,

@@ -43,6 +43,8 @@ pub struct ConsumerSpec {
     pub window: u32,
     /// How long each delivery is leased.
     pub lease: Duration,
+    /// Whether its connection takes what is written to it.
+    pub stall: Arc<crate::connection::Stall>,
 }
 
 /// What a subscription asks for beyond the consumer itself.

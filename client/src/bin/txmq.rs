@@ -417,8 +417,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await?;
             if !json {
                 println!(
-                    "{:<24} {:>10} {:>10} {:>9} {:>10} {:>6} {:>6} {:>9}",
-                    "TOPIC", "NEXT", "ACK-FLOOR", "IN-FLIGHT", "LAG", "RETRY", "DLQ", "CONSUMERS"
+                    "{:<24} {:>10} {:>10} {:>9} {:>10} {:>6} {:>6} {:>9} {:>7}",
+                    "TOPIC",
+                    "NEXT",
+                    "ACK-FLOOR",
+                    "IN-FLIGHT",
+                    "LAG",
+                    "RETRY",
+                    "DLQ",
+                    "CONSUMERS",
+                    "STALLED"
                 );
             }
             for t in g.topics {
@@ -428,11 +436,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         json!({"group": g.group, "topic": t.topic, "next_offset": t.next_offset,
                             "ack_floor": t.ack_floor, "in_flight": t.in_flight, "lag": t.lag,
                             "waiting_retry": t.waiting_retry, "dead_letters": t.dead_letters,
-                            "consumers": t.consumers, "tag_filter": t.tag_filter})
+                            "consumers": t.consumers, "stalled_consumers": t.stalled_consumers,
+                            "tag_filter": t.tag_filter})
                     );
                 } else {
                     println!(
-                        "{:<24} {:>10} {:>10} {:>9} {:>10} {:>6} {:>6} {:>9}",
+                        "{:<24} {:>10} {:>10} {:>9} {:>10} {:>6} {:>6} {:>9} {:>7}",
                         t.topic,
                         t.next_offset,
                         t.ack_floor,
@@ -440,7 +449,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         t.lag,
                         t.waiting_retry,
                         t.dead_letters,
-                        t.consumers
+                        t.consumers,
+                        t.stalled_consumers
                     );
                 }
             }

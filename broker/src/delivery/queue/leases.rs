@@ -10,19 +10,38 @@ impl Queue {
                 let l = *l;
                 self.leases.remove(&r.offset);
                 self.deadlines.remove(&(l.deadline_ms, r.offset));
-                if let Some(c) = self
-                    .consumers
-                    .iter_mut()
-                    .find(|c| c.spec.subscription_id == l.subscription_id)
-                {
-                    c.in_flight = c.in_flight.saturating_sub(1);
+                if !l.acking {
+                    self.give_credit(l.subscription_id);
                 }
-                Ok(l)
+                Ok(Lease { acking: false, ..l })
             }
             _ => Err(Error::LeaseNotFound(format!(
                 "{}/{} offset {} lease {}",
                 self.group, self.topic.name, r.offset, r.lease_id
             ))),
+        }
+    }
+
+    /// An ack for `r` arrived: its consumer may take another delivery at once, although
+    /// the ack is written (and the lease released) only with the next batch of acks.
+    pub(super) fn mark_acking(&mut self, r: LeaseRef) {
+        let subscription_id = match self.leases.get_mut(&r.offset) {
+            Some(l) if l.lease_id == r.lease_id && !l.acking => {
+                l.acking = true;
+                l.subscription_id
+            }
+            _ => return,
+        };
+        self.give_credit(subscription_id);
+    }
+
+    fn give_credit(&mut self, subscription_id: u64) {
+        if let Some(c) = self
+            .consumers
+            .iter_mut()
+            .find(|c| c.spec.subscription_id == subscription_id)
+        {
+            c.in_flight = c.in_flight.saturating_sub(1);
         }
     }
 
@@ -37,12 +56,29 @@ impl Queue {
                 self.deadlines.pop_first();
                 continue;
             };
+            if lease.acking {
+                // Its ack's write decides; if that fails, the lease comes back with a
+                // deadline of its own.
+                self.deadlines.pop_first();
+                continue;
+            }
             let taken = self.take_lease(LeaseRef {
                 offset,
                 lease_id: lease.lease_id,
             });
             if let Ok(lease) = taken {
-                ops.extend(self.fail(offset, lease, Some(Duration::ZERO), "lease expired"));
+                let stalled = self
+                    .consumers
+                    .iter()
+                    .find(|c| c.spec.subscription_id == lease.subscription_id)
+                    .is_some_and(|c| c.spec.stall.is_stalled());
+                if stalled {
+                    // Stuck behind a connection that stopped reading: most likely never
+                    // seen by the client, so it goes back without counting an attempt.
+                    ops.extend(self.give_back(offset, lease));
+                } else {
+                    ops.extend(self.fail(offset, lease, Some(Duration::ZERO), "lease expired"));
+                }
             }
         }
         self.write_quietly(ops).await;

@@ -66,12 +66,23 @@ struct Lease {
     subscription_id: u64,
     deadline_ms: u64,
     attempt: u32,
+    /// An ack for it arrived and waits for its write: the consumer already got its credit
+    /// back, and neither expiry nor the consumer leaving may release it meanwhile.
+    acking: bool,
 }
 
 #[derive(Debug)]
 struct Consumer {
     spec: ConsumerSpec,
     in_flight: u32,
+}
+
+impl Consumer {
+    /// Connected, and its socket takes what is written to it: deliveries queued behind a
+    /// client that stopped reading would only expire there.
+    fn takes_deliveries(&self) -> bool {
+        !self.spec.outbound.is_closed() && !self.spec.stall.is_stalled()
+    }
 }
 
 /// The task state.
@@ -236,7 +247,12 @@ impl Queue {
                 subscription_id,
                 graceful,
             } => self.unsubscribe(subscription_id, graceful).await,
-            QueueMsg::Ack { leases, reply } => self.pending_acks.push((leases, reply)),
+            QueueMsg::Ack { leases, reply } => {
+                for r in &leases {
+                    self.mark_acking(*r);
+                }
+                self.pending_acks.push((leases, reply));
+            }
             QueueMsg::Nack {
                 lease,
                 delay,
@@ -341,6 +357,10 @@ impl Queue {
             .collect();
         let mut ops = Vec::new();
         for (offset, lease) in released {
+            if lease.acking {
+                // Its ack is on the way: it decides.
+                continue;
+            }
             self.leases.remove(&offset);
             self.deadlines.remove(&(lease.deadline_ms, offset));
             if graceful {
@@ -380,6 +400,11 @@ impl Queue {
             dead_letters: self.dead_letters,
             waiting_retry: self.retry.len() as u64,
             consumers: self.consumers.len() as u32,
+            stalled_consumers: self
+                .consumers
+                .iter()
+                .filter(|c| c.spec.stall.is_stalled())
+                .count() as u32,
             tag_filter: self
                 .cursor
                 .as_ref()
@@ -464,6 +489,7 @@ mod tests {
                     subscription_id: 1,
                     deadline_ms,
                     attempt: 1,
+                    acking: false,
                 },
             );
         }
@@ -515,6 +541,7 @@ mod tests {
                 outbound,
                 window: 10,
                 lease: Duration::from_secs(30),
+                stall: Arc::default(),
             },
             in_flight: 0,
         };

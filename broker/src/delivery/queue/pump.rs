@@ -9,13 +9,13 @@ impl Queue {
     pub(super) fn has_credit(&self) -> bool {
         self.consumers
             .iter()
-            .any(|c| c.in_flight < c.spec.window && !c.spec.outbound.is_closed())
+            .any(|c| c.in_flight < c.spec.window && c.takes_deliveries())
     }
 
     pub(super) fn credit(&self) -> usize {
         self.consumers
             .iter()
-            .filter(|c| !c.spec.outbound.is_closed())
+            .filter(|c| c.takes_deliveries())
             .map(|c| c.spec.window.saturating_sub(c.in_flight) as usize)
             .sum()
     }
@@ -110,7 +110,7 @@ impl Queue {
         for step in 0..n {
             let i = (self.round_robin + step) % n;
             let c = &mut self.consumers[i];
-            if c.in_flight >= c.spec.window {
+            if c.in_flight >= c.spec.window || !c.takes_deliveries() {
                 continue;
             }
             let lease_id = self.next_lease_id;
@@ -146,6 +146,7 @@ impl Queue {
                 subscription_id: c.spec.subscription_id,
                 deadline_ms,
                 attempt,
+                acking: false,
             };
             self.restore_lease(offset, lease);
             return true;
