@@ -45,6 +45,12 @@ pub struct Config {
     pub max_txn_bytes: usize,
     /// Most requests one connection may have in flight before the broker stops reading it.
     pub max_in_flight_per_connection: usize,
+    /// Most bytes of requests one connection may have in flight before the broker stops
+    /// reading it.
+    pub max_in_flight_bytes_per_connection: usize,
+    /// Most bytes of requests in flight over all connections; beyond it the broker stops
+    /// reading connections until answers go out.
+    pub max_in_flight_bytes: usize,
     /// Most concurrent connections.
     pub max_connections: usize,
     /// How long a new connection may take to say Hello before it is closed.
@@ -104,6 +110,8 @@ impl Default for Config {
             max_message_bytes: 4 * 1024 * 1024,
             max_txn_bytes: 32 * 1024 * 1024,
             max_in_flight_per_connection: 4096,
+            max_in_flight_bytes_per_connection: 64 << 20,
+            max_in_flight_bytes: 512 << 20,
             max_connections: 10_000,
             handshake_timeout: s(10),
             idle_timeout: s(60),
@@ -210,6 +218,15 @@ impl Config {
             return Err(format!(
                 "max-message-bytes ({}) must leave 64 KiB of room under max-frame-len ({})",
                 self.max_message_bytes, self.max_frame_len
+            ));
+        }
+        if self.max_in_flight_bytes < self.max_frame_len
+            || self.max_in_flight_bytes_per_connection == 0
+        {
+            return Err(format!(
+                "max-in-flight-bytes ({}) must be at least max-frame-len ({}), and \
+                 max-in-flight-bytes-per-connection more than 0",
+                self.max_in_flight_bytes, self.max_frame_len
             ));
         }
         if self.max_txn_bytes < self.max_message_bytes {

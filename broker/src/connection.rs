@@ -31,6 +31,40 @@ use crate::error::Error;
 use crate::server::Shared;
 use crate::topics::Topic;
 
+/// An answer on its way, with the bytes its request holds of the budgets.
+type Admitted = std::pin::Pin<Box<dyn std::future::Future<Output = (usize, Frame)> + Send>>;
+
+/// A request waiting for the broker-wide byte budget.
+struct Admitting {
+    frame: Frame,
+    bytes: usize,
+    permit: std::pin::Pin<
+        Box<
+            dyn std::future::Future<
+                    Output = Result<tokio::sync::OwnedSemaphorePermit, tokio::sync::AcquireError>,
+                > + Send,
+        >,
+    >,
+}
+
+/// The broker-wide budget counts KiB.
+pub const BUDGET_UNIT: usize = 1024;
+
+/// KiB of budget `bytes` take (at least one).
+fn budget_units(bytes: usize) -> u32 {
+    bytes.div_ceil(BUDGET_UNIT).max(1) as u32
+}
+
+/// The answer to an admitted request, releasing its share of the broker-wide budget when
+/// it is ready.
+fn admitted(answer: Pending, bytes: usize, permit: tokio::sync::OwnedSemaphorePermit) -> Admitted {
+    Box::pin(async move {
+        let frame = answer.await;
+        drop(permit);
+        (bytes, frame)
+    })
+}
+
 /// How often a connection checks its handshake and idle deadlines (so they hold to
 /// within this much).
 const LIVENESS_TICK: Duration = Duration::from_millis(250);
@@ -104,8 +138,14 @@ pub async fn serve(
         stall,
     };
     tracing::debug!(connection = id, %peer, "connected");
-    let mut pending: FuturesUnordered<Pending> = FuturesUnordered::new();
+    let mut pending: FuturesUnordered<Admitted> = FuturesUnordered::new();
     let limit = shared.config.max_in_flight_per_connection;
+    // Requests in flight are also held to bytes: this connection's own budget, and the
+    // broker-wide one (a semaphore of KiB). A frame that finds the broker-wide budget
+    // spent waits in `admitting`, and this connection is not read meanwhile.
+    let byte_limit = shared.config.max_in_flight_bytes_per_connection;
+    let mut in_flight_bytes = 0usize;
+    let mut admitting: Option<Admitting> = None;
     // A client must say Hello within the handshake timeout, and then send something (a
     // ping at least) within every idle timeout: silent sockets cannot hold connection
     // slots, and a producer that vanished without a FIN leaves the check-back rotation.
@@ -141,17 +181,42 @@ pub async fn serve(
                 let _ = outbound.send(error_frame(0, code, &why)).await;
                 break;
             }
-            Some(frame) = pending.next(), if !pending.is_empty() => {
+            Some((bytes, frame)) = pending.next(), if !pending.is_empty() => {
+                in_flight_bytes -= bytes;
                 if outbound.send(frame).await.is_err() {
                     break;
                 }
             }
-            next = frames.next(), if pending.len() < limit => match next {
+            permit = async {
+                match admitting.as_mut() {
+                    Some(a) => a.permit.as_mut().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                let Some(a) = admitting.take() else { continue };
+                let Ok(permit) = permit else { break };
+                in_flight_bytes += a.bytes;
+                if let Some(p) = dispatch(a.frame, &mut session, &shared).await {
+                    pending.push(admitted(p, a.bytes, permit));
+                }
+            }
+            next = frames.next(), if admitting.is_none() && pending.len() < limit && in_flight_bytes < byte_limit => match next {
                 None => break,
                 Some(Ok(frame)) => {
                     quiet_since = tokio::time::Instant::now();
-                    if let Some(p) = dispatch(frame, &mut session, &shared).await {
-                        pending.push(p);
+                    let bytes = prost::Message::encoded_len(&frame);
+                    let units = budget_units(bytes);
+                    match shared.budget.clone().try_acquire_many_owned(units) {
+                        Ok(permit) => {
+                            in_flight_bytes += bytes;
+                            if let Some(p) = dispatch(frame, &mut session, &shared).await {
+                                pending.push(admitted(p, bytes, permit));
+                            }
+                        }
+                        Err(_) => {
+                            let permit = Box::pin(shared.budget.clone().acquire_many_owned(units));
+                            admitting = Some(Admitting { frame, bytes, permit });
+                        }
                     }
                     if session.refused {
                         tracing::warn!(connection = id, %peer, "closing connection: authentication failed");
@@ -174,7 +239,9 @@ pub async fn serve(
         }
     }
     // Answer what was already accepted: those writes may be durable by now.
-    while let Ok(Some(frame)) = tokio::time::timeout(Duration::from_secs(5), pending.next()).await {
+    while let Ok(Some((_, frame))) =
+        tokio::time::timeout(Duration::from_secs(5), pending.next()).await
+    {
         if outbound.send(frame).await.is_err() {
             break;
         }

@@ -99,6 +99,12 @@ struct Flags {
     #[arg(long, env = "TXMQ_MAX_IN_FLIGHT")]
     #[serde(rename = "max_in_flight_per_connection")]
     max_in_flight: Option<usize>,
+    /// Most bytes of requests one connection may have waiting [default: 67108864].
+    #[arg(long, env = "TXMQ_MAX_IN_FLIGHT_BYTES_PER_CONNECTION")]
+    max_in_flight_bytes_per_connection: Option<usize>,
+    /// Most bytes of requests waiting over all connections [default: 536870912].
+    #[arg(long, env = "TXMQ_MAX_IN_FLIGHT_BYTES")]
+    max_in_flight_bytes: Option<usize>,
     /// File holding a shared secret that every client must present.
     #[arg(long, env = "TXMQ_AUTH_TOKEN_FILE")]
     auth_token_file: Option<PathBuf>,

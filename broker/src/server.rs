@@ -49,6 +49,9 @@ pub struct Shared {
     pub subscription_ids: AtomicU64,
     /// Counters for `/metrics`.
     pub metrics: Arc<Metrics>,
+    /// Bytes of requests in flight, broker-wide, in KiB units: a request takes its share
+    /// before it is read further, and gives it back when answered.
+    pub budget: Arc<Semaphore>,
 }
 
 /// Runs a broker on an already-bound listener until `shutdown` completes, binding the
@@ -265,6 +268,9 @@ async fn run_once(
         connection_ids: AtomicU64::new(1),
         subscription_ids: AtomicU64::new(1),
         metrics: metrics.clone(),
+        budget: Arc::new(Semaphore::new(
+            (config.max_in_flight_bytes / connection::BUDGET_UNIT).max(1),
+        )),
     });
     live.set(Some((storage.clone(), topics)));
 

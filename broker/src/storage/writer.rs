@@ -37,6 +37,9 @@ use crate::txn::state::{self, Resolution, Resolver};
 
 /// Most commands folded into one write batch.
 const MAX_BATCH: usize = 4096;
+/// Most bytes (bodies and raw values, roughly) folded into one write batch; a single
+/// larger command still makes a batch of its own.
+const MAX_BATCH_BYTES: usize = 64 << 20;
 
 /// A write to make.
 #[derive(Debug)]
@@ -116,6 +119,31 @@ pub enum Command {
     /// Several commands from one request, applied in order in the same batch; each has
     /// its own outcome ([`Outcome::Many`]), and a refused one leaves the others be.
     Many(Vec<Command>),
+}
+
+impl Command {
+    /// Roughly the bytes this command writes: what bounds a write batch.
+    pub fn bytes(&self) -> usize {
+        let messages = |ms: &[pb::Message]| -> usize {
+            ms.iter()
+                .map(|m| m.body.len() + m.key.len() + m.tag.len() + 64)
+                .sum()
+        };
+        match self {
+            Command::Append { messages: ms } | Command::Prepare { messages: ms, .. } => {
+                messages(ms)
+            }
+            Command::Raw(ops) => ops
+                .iter()
+                .map(|op| match op {
+                    Op::Put(_, k, v) => k.len() + v.len(),
+                    Op::Delete(_, k) => k.len(),
+                })
+                .sum(),
+            Command::Many(cmds) => cmds.iter().map(Command::bytes).sum(),
+            _ => 64,
+        }
+    }
 }
 
 /// One raw write.
@@ -368,11 +396,28 @@ impl Writer {
 
     fn run(mut self, mut rx: mpsc::Receiver<Job>) {
         let mut jobs = Vec::with_capacity(MAX_BATCH);
-        while let Some(first) = rx.blocking_recv() {
+        // A job taken that did not fit in the last batch's bytes: it opens the next one.
+        let mut carried: Option<Job> = None;
+        loop {
+            let first = match carried.take() {
+                Some(job) => job,
+                None => match rx.blocking_recv() {
+                    Some(job) => job,
+                    None => return,
+                },
+            };
+            let mut bytes = first.cmd.bytes();
             jobs.push(first);
-            while jobs.len() < MAX_BATCH {
+            while jobs.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
                 match rx.try_recv() {
-                    Ok(job) => jobs.push(job),
+                    Ok(job) => {
+                        bytes += job.cmd.bytes();
+                        if bytes > MAX_BATCH_BYTES {
+                            carried = Some(job);
+                            break;
+                        }
+                        jobs.push(job);
+                    }
                     Err(_) => break,
                 }
             }
@@ -1111,6 +1156,31 @@ mod tests {
             w.submit(append(i)).await.unwrap();
         }
         assert_eq!(storage.counters.fsyncs.load(Ordering::Relaxed), 0);
+        stop(w, thread, storage).await;
+    }
+
+    /// A write batch holds at most [`MAX_BATCH_BYTES`]: twelve concurrent 15 MiB sends
+    /// make at least three batches (they used to make one of 180 MiB).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_batch_is_capped_in_bytes() {
+        let (_dir, storage, w, thread) = writer(FlushMode::Async);
+        let big = bytes::Bytes::from(vec![7u8; 15 << 20]);
+        // Queue them all before the writer wakes: one request first, so it is busy.
+        let sends = (0..12).map(|_| {
+            w.submit(Command::Append {
+                messages: vec![pb::Message {
+                    topic: "t".into(),
+                    body: big.clone(),
+                    ..Default::default()
+                }],
+            })
+        });
+        let before = storage.counters.batches.load(Ordering::Relaxed);
+        for r in futures::future::join_all(sends).await {
+            r.unwrap();
+        }
+        let batches = storage.counters.batches.load(Ordering::Relaxed) - before;
+        assert!(batches >= 3, "180 MiB went in {batches} batch(es)");
         stop(w, thread, storage).await;
     }
 
