@@ -1,14 +1,16 @@
 //! One client connection.
 //!
-//! A reader loop decodes frames and dispatches each to [`crate::cmd`]; the answers are
+//! A reader loop decodes frames and hands each to [`crate::cmd::dispatch`]; the answers are
 //! futures collected in a `FuturesUnordered`, so one connection pipelines many requests
 //! (and they share group commits). A separate writer task drains the bounded outbound
 //! channel into the socket; deliveries and check requests use the same channel.
 //!
 //! A frame that cannot be decoded closes this connection only, after a `MALFORMED_FRAME`
 //! response saying why; the reason is logged. When more than
-//! `max-in-flight-per-connection` requests wait, the loop stops reading the socket:
-//! backpressure rather than unbounded buffering.
+//! `max-in-flight-per-connection` requests (or their bytes) wait, or the broker-wide byte
+//! budget is spent, the loop stops reading the socket: backpressure rather than unbounded
+//! buffering. Handshake and idle deadlines close silent connections; a writer blocked on
+//! the socket marks the connection stalled for the consumer groups.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -22,14 +24,10 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
-use txmq_protocol::pb::{self, frame::Body};
 use txmq_protocol::{ErrorCode, Frame, FrameCodec};
 
-use crate::cmd::{self, Pending};
-use crate::delivery::QueueMsg;
-use crate::error::Error;
-use crate::server::Shared;
-use crate::topics::Topic;
+use crate::cmd::{Pending, Session, Shared, dispatch, error_frame};
+use crate::delivery::{QueueMsg, Stall};
 
 /// An answer on its way, with the bytes its request holds of the budgets.
 type Admitted = std::pin::Pin<Box<dyn std::future::Future<Output = (usize, Frame)> + Send>>;
@@ -72,42 +70,6 @@ const LIVENESS_TICK: Duration = Duration::from_millis(250);
 /// Frames that may wait for the socket. Larger than the largest consumer window plus
 /// the in-flight limit, so deliveries never find it full.
 const OUTBOUND: usize = 16 * 1024;
-
-/// Whether this connection's socket takes what the broker writes: a client that stopped
-/// reading blocks the writer task, and deliveries queued behind it never arrive.
-#[derive(Debug, Default)]
-pub struct Stall {
-    /// Broker clock when the current write started waiting for the socket (0: none).
-    blocked_since_ms: std::sync::atomic::AtomicU64,
-}
-
-impl Stall {
-    /// A write has waited for the socket longer than [`STALL_AFTER`].
-    pub fn is_stalled(&self) -> bool {
-        let since = self.blocked_since_ms.load(Ordering::Relaxed);
-        since != 0 && txmq_protocol::now_ms().saturating_sub(since) > STALL_AFTER.as_millis() as u64
-    }
-}
-
-/// How long a write may wait for the socket before the connection counts as stalled.
-pub const STALL_AFTER: Duration = Duration::from_secs(1);
-
-/// What the connection knows about its client.
-#[derive(Debug)]
-pub struct Session {
-    /// Broker-wide connection id.
-    pub id: u64,
-    /// Set once Hello succeeded.
-    pub hello: Option<pb::Hello>,
-    /// Where frames to this client go.
-    pub outbound: mpsc::Sender<Frame>,
-    /// Active subscriptions: id to (group, topic).
-    pub subscriptions: HashMap<u64, (String, Arc<Topic>)>,
-    /// Set when the client failed authentication: answer, then close.
-    pub refused: bool,
-    /// Whether the socket takes what is written to it.
-    pub stall: Arc<Stall>,
-}
 
 /// Serves one connection until the client leaves, the stream breaks, or shutdown.
 pub async fn serve(
@@ -286,11 +248,9 @@ async fn write_frames(
             let _ = sink.flush().await;
             return;
         };
-        stall
-            .blocked_since_ms
-            .store(txmq_protocol::now_ms(), Ordering::Relaxed);
+        stall.writing(true);
         let written = txmq_protocol::codec::write_ready(&mut sink, frame, &mut rx).await;
-        stall.blocked_since_ms.store(0, Ordering::Relaxed);
+        stall.writing(false);
         if written.is_err() {
             return;
         }
@@ -319,89 +279,4 @@ pub async fn refuse_recovering(socket: TcpStream, peer: SocketAddr, why: &str) {
     let _ = sink
         .send(error_frame(0, ErrorCode::StorageError, &message))
         .await;
-}
-
-/// An error response frame.
-pub fn error_frame(id: u64, code: ErrorCode, message: &str) -> Frame {
-    Frame {
-        id,
-        body: Some(Body::Response(pb::Response {
-            code: code as i32,
-            message: message.to_string(),
-            result: None,
-        })),
-    }
-}
-
-/// A response frame for a result.
-pub fn response(id: u64, result: Result<pb::response::Result, Error>) -> Frame {
-    match result {
-        Ok(r) => Frame {
-            id,
-            body: Some(Body::Response(pb::Response {
-                code: ErrorCode::Ok as i32,
-                message: String::new(),
-                result: Some(r),
-            })),
-        },
-        Err(e) => error_frame(id, e.code(), &e.to_string()),
-    }
-}
-
-/// Routes one frame. Returns the pending answer, if the frame expects one.
-async fn dispatch(frame: Frame, session: &mut Session, shared: &Arc<Shared>) -> Option<Pending> {
-    let id = frame.id;
-    let Some(body) = frame.body else {
-        return Some(cmd::ready(
-            id,
-            Err(Error::Invalid("frame has no body".into())),
-        ));
-    };
-    if id == 0 {
-        return Some(cmd::ready(
-            0,
-            Err(Error::Invalid("requests need a non-zero id".into())),
-        ));
-    }
-    if let Body::Hello(hello) = body {
-        let result = cmd::hello::hello(hello, session, shared);
-        session.refused = matches!(result, Err(Error::NotAuthenticated(_)));
-        return Some(cmd::ready(id, result));
-    }
-    if session.hello.is_none() {
-        return Some(cmd::ready(id, Err(Error::HandshakeRequired)));
-    }
-    if let Body::CheckReply(reply) = body {
-        // An answer expects no response; the checker accepts it only from the
-        // connection it asked and for the transaction it asked about.
-        cmd::txn::check_reply(id, reply, session, shared).await;
-        return None;
-    }
-    Some(match body {
-        Body::Send(req) => cmd::send::send(id, req, session, shared),
-        Body::EndTxn(req) => cmd::txn::end(id, req, session, shared),
-        Body::TxnBatch(req) => cmd::txn::batch(id, req, session, shared),
-        Body::Ping(_) => cmd::ready(id, Ok(pb::response::Result::Pong(pb::PongOk {}))),
-        Body::ListTxns(req) => cmd::txn::list(id, req, shared),
-        Body::RearmTxn(req) => cmd::txn::rearm(id, req, shared),
-        Body::Subscribe(req) => cmd::consume::subscribe(id, req, session, shared).await,
-        Body::Unsubscribe(req) => cmd::consume::unsubscribe(id, req, session, shared).await,
-        Body::Ack(req) => cmd::consume::ack(id, req, shared).await,
-        Body::Nack(req) => cmd::consume::nack(id, req, shared).await,
-        Body::Extend(req) => cmd::consume::extend(id, req, shared).await,
-        Body::CreateTopic(req) => cmd::admin::create_topic(id, req, shared),
-        Body::ListTopics(req) => cmd::admin::list_topics(id, req, shared),
-        Body::DescribeGroup(req) => cmd::admin::describe_group(id, req, shared),
-        Body::ListDeadLetters(req) => cmd::admin::list_dead_letters(id, req, shared),
-        Body::Redrive(req) => cmd::admin::redrive(id, req, shared),
-        Body::ListGroups(req) => cmd::admin::list_groups(id, req, shared),
-        Body::Stats(_) => cmd::admin::stats(id, shared),
-        Body::Hello(_) | Body::CheckReply(_) => unreachable!("handled above"),
-        Body::Response(_) | Body::Delivery(_) | Body::Check(_) => cmd::ready(
-            id,
-            Err(Error::Invalid(
-                "that frame is sent by the broker, not to it".into(),
-            )),
-        ),
-    })
 }

@@ -17,12 +17,17 @@
 //! - [`config`]: typed settings with working defaults.
 //! - [`server`]: the accept loop and graceful shutdown; [`run`] is the entry point that
 //!   tests and `main` share.
-//! - [`connection`]: one client connection, frames in and out.
-//! - [`cmd`]: one module per request family, validating at the boundary.
-//! - [`storage`]: column families, reads, and the [`storage::writer`].
+//! - [`connection`]: one client connection, frames in and out, byte budgets, deadlines.
+//! - [`cmd`]: the one dispatch every frame passes (the handshake gate), then one module
+//!   per request family, validating at the boundary ([`cmd::validate`] for numbers).
+//! - [`storage`]: column families, reads, and the [`storage::writer`] (its own folder:
+//!   commands, handle, staging of topics and transactions, the syncer).
 //! - [`delivery`]: consumer groups.
-//! - [`txn`]: check-backs and the producers that answer them.
+//! - [`txn`]: the transaction state machine, check-backs and the producers that answer them.
 //! - [`metrics`]: Prometheus counters and the `/metrics` + `/health` endpoint.
+//!
+//! Dependencies run one way: `server → connection → cmd → {storage, delivery, txn}`; a
+//! failed fsync makes `server` reopen storage in the same process.
 
 pub mod cmd;
 pub mod config;

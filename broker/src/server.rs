@@ -14,6 +14,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::cmd::Shared;
 use crate::config::Config;
 use crate::connection;
 use crate::delivery::Groups;
@@ -21,38 +22,10 @@ use crate::error::{Error, Result};
 use crate::ids::IdGen;
 use crate::metrics::{self, Metrics};
 use crate::storage::Storage;
-use crate::storage::writer::{Writer, WriterHandle};
+use crate::storage::writer::Writer;
 use crate::topics::{Topic, Topics};
-use crate::txn::checker::{CheckAnswer, Checker};
+use crate::txn::checker::Checker;
 use crate::txn::producers::Producers;
-
-/// Everything a connection needs, shared.
-#[derive(Debug)]
-pub struct Shared {
-    /// Settings.
-    pub config: Arc<Config>,
-    /// Reads.
-    pub storage: Arc<Storage>,
-    /// Writes.
-    pub writer: WriterHandle,
-    /// Topic registry.
-    pub topics: Arc<Topics>,
-    /// Consumer groups.
-    pub groups: Groups,
-    /// Producer connections by group.
-    pub producers: Arc<Producers>,
-    /// Where producers' check answers go.
-    pub answers: mpsc::Sender<CheckAnswer>,
-    /// Connection id source.
-    pub connection_ids: AtomicU64,
-    /// Subscription id source.
-    pub subscription_ids: AtomicU64,
-    /// Counters for `/metrics`.
-    pub metrics: Arc<Metrics>,
-    /// Bytes of requests in flight, broker-wide, in KiB units: a request takes its share
-    /// before it is read further, and gives it back when answered.
-    pub budget: Arc<Semaphore>,
-}
 
 /// Runs a broker on an already-bound listener until `shutdown` completes, binding the
 /// metrics address of the configuration (if any) first.

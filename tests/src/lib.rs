@@ -3,6 +3,8 @@
 //! `txmq` CLI against it. Every process it starts is stopped when the harness is dropped,
 //! and the broker's log is printed when a test fails.
 
+pub mod dispatch;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

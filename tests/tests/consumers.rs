@@ -54,15 +54,21 @@ async fn expired_lease_redelivers_with_next_attempt() {
 async fn extend_keeps_the_lease() {
     let b = TestBroker::start(&[]);
     send(&b, "t", &["m"]).await;
-    let mut c = Consumer::subscribe(b.addr(), opts("g", "t", 600))
+    // A 3 s lease leaves ample time to extend it on a loaded machine.
+    let mut c = Consumer::subscribe(b.addr(), opts("g", "t", 3000))
         .await
         .unwrap();
     let d = next(&mut c, Duration::from_secs(10)).await.unwrap();
-    d.extend(Duration::from_secs(30)).await.unwrap();
-    assert!(
-        next(&mut c, Duration::from_millis(1500)).await.is_none(),
-        "redelivered despite extend"
-    );
+    let deadline = d.extend(Duration::from_secs(60)).await.unwrap();
+    assert!(deadline >= d.lease_deadline_ms + 50_000, "{deadline}");
+    // Once the original deadline has passed, a marker sent then arrives first: the
+    // expired lease would have been redelivered before any new message.
+    let wait = d.lease_deadline_ms.saturating_sub(txmq_protocol::now_ms()) + 500;
+    tokio::time::sleep(Duration::from_millis(wait)).await;
+    send(&b, "t", &["marker"]).await;
+    let m = next(&mut c, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(m.body().as_ref(), b"marker", "redelivered despite extend");
+    m.ack().await.unwrap();
     d.ack().await.unwrap();
 }
 

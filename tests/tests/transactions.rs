@@ -65,16 +65,23 @@ async fn half_message_is_invisible_until_commit() {
     let mut txn = p.begin().unwrap();
     let half = txn.send(Message::new("orders", "order-1")).await.unwrap();
     assert_eq!(half.offset, 0);
-    // A consumer subscribed before the commit sees nothing.
+    // A consumer subscribed before the commit sees nothing of it: a plain marker sent
+    // after the half message is the first thing it receives (no fixed wait to prove it).
     let mut c = Consumer::subscribe(b.addr(), ConsumerOptions::new("g", "orders"))
         .await
         .unwrap();
-    assert!(
-        tokio::time::timeout(Duration::from_millis(800), c.next())
-            .await
-            .is_err(),
-        "half message delivered"
-    );
+    txmq_tests::producer(&b)
+        .await
+        .send(Message::new("orders", "marker"))
+        .await
+        .unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(10), c.next())
+        .await
+        .expect("marker not delivered")
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.body().as_ref(), b"marker", "half message delivered");
+    first.ack().await.unwrap();
     txn.commit().await.unwrap();
     let d = tokio::time::timeout(Duration::from_secs(10), c.next())
         .await
@@ -171,14 +178,26 @@ async fn multi_message_transaction_is_all_or_nothing() {
     let mut ca = Consumer::subscribe(b.addr(), ConsumerOptions::new("g", "a"))
         .await
         .unwrap();
-    assert!(
-        tokio::time::timeout(Duration::from_millis(500), ca.next())
-            .await
-            .is_err()
+    // A marker sent after the halves arrives first: none of them is visible.
+    txmq_tests::producer(&b)
+        .await
+        .send(Message::new("a", "marker"))
+        .await
+        .unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(10), ca.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        first.body().as_ref(),
+        b"marker",
+        "a half message was delivered"
     );
+    first.ack().await.unwrap();
     txn.commit().await.unwrap();
     let offsets: Vec<u64> = txn.receipts().iter().map(|r| r.offset).collect();
-    assert_eq!(offsets, vec![0, 1, 2, 3, 4, 0, 1]);
+    assert_eq!(offsets, vec![1, 2, 3, 4, 5, 0, 1]);
     let mut got = Vec::new();
     for _ in 0..5 {
         let d = tokio::time::timeout(Duration::from_secs(10), ca.next())
@@ -333,15 +352,20 @@ async fn prepared_transaction_survives_kill_9_and_resolves() {
         .await
         .expect("transaction lost in the crash");
     assert_eq!(info.state, TxnState::Prepared as i32);
-    assert!(
-        drain(&b, "g", "t", Duration::from_millis(500))
-            .await
-            .is_empty()
+    // Still invisible after the crash: a marker sent now is all a group finds.
+    txmq_tests::producer(&b)
+        .await
+        .send(Message::new("t", "marker"))
+        .await
+        .unwrap();
+    assert_eq!(
+        drain(&b, "g0", "t", Duration::from_secs(1)).await,
+        vec!["marker"]
     );
     let out = b.cli_ok(&["txn", "commit", &id]);
     assert!(out.contains("committed"), "{out}");
     assert_eq!(
-        drain(&b, "g", "t", Duration::from_secs(2)).await,
+        drain(&b, "g0", "t", Duration::from_secs(2)).await,
         vec!["survivor"]
     );
 }

@@ -5,10 +5,10 @@ use std::sync::Arc;
 use tokio::sync::oneshot;
 use txmq_protocol::pb;
 
+use super::Shared;
 use super::{Pending, later, ready};
 use crate::delivery::QueueMsg;
 use crate::error::{Error, Result};
-use crate::server::Shared;
 use crate::storage::writer::{Command, Outcome};
 use crate::topics::Topic;
 

@@ -8,11 +8,11 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use txmq_protocol::pb;
 
+use super::Session;
+use super::Shared;
 use super::{Pending, later, ready, validate};
-use crate::connection::Session;
 use crate::delivery::{ConsumerSpec, LeaseRef, QueueMsg, SubscribeOptions};
 use crate::error::{Error, Result};
-use crate::server::Shared;
 
 fn gone<T>(_: T) -> Error {
     Error::ShuttingDown

@@ -4,9 +4,9 @@ use std::sync::Arc;
 
 use txmq_protocol::pb::{self, Role};
 
-use crate::connection::Session;
+use super::Session;
+use super::Shared;
 use crate::error::{Error, Result};
-use crate::server::Shared;
 
 /// Accepts or refuses a `Hello`. A producer with a group is registered for check-backs.
 ///

@@ -6,17 +6,23 @@ pub mod admin;
 pub mod consume;
 pub mod hello;
 pub mod send;
+mod session;
+mod shared;
 pub mod txn;
 pub mod validate;
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 
+use txmq_protocol::pb::frame::Body;
 use txmq_protocol::{Frame, pb};
 
-use crate::connection::response;
 use crate::error::{Error, Result};
 use crate::ids::Id;
+
+pub use session::{Session, error_frame, response};
+pub use shared::Shared;
 
 /// A response on its way.
 pub type Pending = Pin<Box<dyn Future<Output = Frame> + Send>>;
@@ -62,5 +68,66 @@ pub fn txn_id(text: &str) -> Result<Id> {
         Error::Invalid(format!(
             "{text:?} is not a transaction id (32 hexadecimal digits)"
         ))
+    })
+}
+
+/// Routes one frame: the one place every frame passes, so the handshake gate applies to
+/// each of them (check answers included). Returns the pending answer, if the frame
+/// expects one.
+pub async fn dispatch(
+    frame: Frame,
+    session: &mut Session,
+    shared: &Arc<Shared>,
+) -> Option<Pending> {
+    let id = frame.id;
+    let Some(body) = frame.body else {
+        return Some(ready(id, Err(Error::Invalid("frame has no body".into()))));
+    };
+    if id == 0 {
+        return Some(ready(
+            0,
+            Err(Error::Invalid("requests need a non-zero id".into())),
+        ));
+    }
+    if let Body::Hello(hello) = body {
+        let result = hello::hello(hello, session, shared);
+        session.refused = matches!(result, Err(Error::NotAuthenticated(_)));
+        return Some(ready(id, result));
+    }
+    if session.hello.is_none() {
+        return Some(ready(id, Err(Error::HandshakeRequired)));
+    }
+    if let Body::CheckReply(reply) = body {
+        // An answer expects no response; the checker accepts it only from the
+        // connection it asked and for the transaction it asked about.
+        txn::check_reply(id, reply, session, shared).await;
+        return None;
+    }
+    Some(match body {
+        Body::Send(req) => send::send(id, req, session, shared),
+        Body::EndTxn(req) => txn::end(id, req, session, shared),
+        Body::TxnBatch(req) => txn::batch(id, req, session, shared),
+        Body::Ping(_) => ready(id, Ok(pb::response::Result::Pong(pb::PongOk {}))),
+        Body::ListTxns(req) => txn::list(id, req, shared),
+        Body::RearmTxn(req) => txn::rearm(id, req, shared),
+        Body::Subscribe(req) => consume::subscribe(id, req, session, shared).await,
+        Body::Unsubscribe(req) => consume::unsubscribe(id, req, session, shared).await,
+        Body::Ack(req) => consume::ack(id, req, shared).await,
+        Body::Nack(req) => consume::nack(id, req, shared).await,
+        Body::Extend(req) => consume::extend(id, req, shared).await,
+        Body::CreateTopic(req) => admin::create_topic(id, req, shared),
+        Body::ListTopics(req) => admin::list_topics(id, req, shared),
+        Body::DescribeGroup(req) => admin::describe_group(id, req, shared),
+        Body::ListDeadLetters(req) => admin::list_dead_letters(id, req, shared),
+        Body::Redrive(req) => admin::redrive(id, req, shared),
+        Body::ListGroups(req) => admin::list_groups(id, req, shared),
+        Body::Stats(_) => admin::stats(id, shared),
+        Body::Hello(_) | Body::CheckReply(_) => unreachable!("handled above"),
+        Body::Response(_) | Body::Delivery(_) | Body::Check(_) => ready(
+            id,
+            Err(Error::Invalid(
+                "that frame is sent by the broker, not to it".into(),
+            )),
+        ),
     })
 }

@@ -4,10 +4,10 @@ use std::sync::Arc;
 
 use txmq_protocol::pb;
 
+use super::Session;
+use super::Shared;
 use super::{Pending, later, ready};
-use crate::connection::Session;
 use crate::error::{Error, Result};
-use crate::server::Shared;
 use crate::storage::writer::{Command, Outcome};
 
 /// Most messages in one send request.

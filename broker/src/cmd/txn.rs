@@ -5,11 +5,11 @@ use std::sync::Arc;
 use txmq_protocol::ErrorCode;
 use txmq_protocol::pb::{self, TxnOutcome, TxnState};
 
+use super::Session;
+use super::Shared;
 use super::{Pending, later, ready};
-use crate::connection::Session;
 use crate::error::{Error, Result};
 use crate::ids::Id;
-use crate::server::Shared;
 use crate::storage::records::TxnRecord;
 use crate::storage::writer::{Command, Outcome};
 use crate::txn::checker::CheckAnswer;

@@ -32,6 +32,34 @@ use crate::topics::{Topic, Topics};
 /// Most unacknowledged deliveries one consumer may hold, whatever it asks for.
 pub const MAX_WINDOW: u32 = 4096;
 
+/// Whether this connection's socket takes what the broker writes: a client that stopped
+/// reading blocks the writer task, and deliveries queued behind it never arrive.
+#[derive(Debug, Default)]
+pub struct Stall {
+    /// Broker clock when the current write started waiting for the socket (0: none).
+    blocked_since_ms: std::sync::atomic::AtomicU64,
+}
+
+impl Stall {
+    /// A write to the socket starts waiting (`true`) or is done (`false`).
+    pub fn writing(&self, waiting: bool) {
+        let at = if waiting { txmq_protocol::now_ms() } else { 0 };
+        self.blocked_since_ms
+            .store(at, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// A write has waited for the socket longer than [`STALL_AFTER`].
+    pub fn is_stalled(&self) -> bool {
+        let since = self
+            .blocked_since_ms
+            .load(std::sync::atomic::Ordering::Relaxed);
+        since != 0 && txmq_protocol::now_ms().saturating_sub(since) > STALL_AFTER.as_millis() as u64
+    }
+}
+
+/// How long a write may wait for the socket before its connection counts as stalled.
+pub const STALL_AFTER: Duration = Duration::from_secs(1);
+
 /// A consumer as the queue sees it.
 #[derive(Debug, Clone)]
 pub struct ConsumerSpec {
@@ -44,7 +72,7 @@ pub struct ConsumerSpec {
     /// How long each delivery is leased.
     pub lease: Duration,
     /// Whether its connection takes what is written to it.
-    pub stall: Arc<crate::connection::Stall>,
+    pub stall: Arc<Stall>,
 }
 
 /// What a subscription asks for beyond the consumer itself.

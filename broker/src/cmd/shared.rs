@@ -1,0 +1,43 @@
+//! What every request handler may use: the broker's parts, shared by all connections.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use tokio::sync::{Semaphore, mpsc};
+
+use crate::config::Config;
+use crate::delivery::Groups;
+use crate::metrics::Metrics;
+use crate::storage::Storage;
+use crate::storage::writer::WriterHandle;
+use crate::topics::Topics;
+use crate::txn::checker::CheckAnswer;
+use crate::txn::producers::Producers;
+
+/// Everything a connection needs, shared.
+#[derive(Debug)]
+pub struct Shared {
+    /// Settings.
+    pub config: Arc<Config>,
+    /// Reads.
+    pub storage: Arc<Storage>,
+    /// Writes.
+    pub writer: WriterHandle,
+    /// Topic registry.
+    pub topics: Arc<Topics>,
+    /// Consumer groups.
+    pub groups: Groups,
+    /// Producer connections by group.
+    pub producers: Arc<Producers>,
+    /// Where producers' check answers go.
+    pub answers: mpsc::Sender<CheckAnswer>,
+    /// Connection id source.
+    pub connection_ids: AtomicU64,
+    /// Subscription id source.
+    pub subscription_ids: AtomicU64,
+    /// Counters for `/metrics`.
+    pub metrics: Arc<Metrics>,
+    /// Bytes of requests in flight, broker-wide, in KiB units: a request takes its share
+    /// before it is read further, and gives it back when answered.
+    pub budget: Arc<Semaphore>,
+}

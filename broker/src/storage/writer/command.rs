@@ -1,0 +1,168 @@
+//! What the writer is asked to do ([`Command`], [`Op`]) and what it answers ([`Outcome`]).
+
+use std::sync::Arc;
+
+use txmq_protocol::pb::{self, TxnOutcome, TxnState};
+
+use super::super::Cf;
+use crate::error::Result;
+use crate::ids::Id;
+use crate::storage::records::TxnRecord;
+use crate::topics::Topic;
+use crate::txn::state::Resolver;
+
+/// A write to make.
+#[derive(Debug)]
+pub enum Command {
+    /// Append visible messages to their topics.
+    Append {
+        /// The messages, already validated for size.
+        messages: Vec<pb::Message>,
+    },
+    /// Store half messages of a new or open transaction.
+    Prepare {
+        /// Open transaction to add to; `None` starts one.
+        txn: Option<Id>,
+        /// Producer group that owns it.
+        group: String,
+        /// The messages.
+        messages: Vec<pb::Message>,
+        /// First check delay override.
+        check_delay_ms: u64,
+    },
+    /// Commit or roll back.
+    End {
+        /// Which transaction.
+        txn: Id,
+        /// Commit or rollback (unknown only records the answer).
+        outcome: TxnOutcome,
+        /// Who asks: checked against the transaction's group, and recorded.
+        by: Resolver,
+    },
+    /// Record a check attempt and move the check's due time.
+    RecordCheck {
+        /// Which transaction.
+        txn: Id,
+        /// A producer received the request: the attempt counts.
+        counted: bool,
+        /// The answer so far.
+        result: TxnOutcome,
+        /// For operators.
+        note: String,
+        /// When to check next (`None`: leave the schedule as it is).
+        next_check_ms: Option<u64>,
+    },
+    /// Give up on a transaction after `check-max` attempts; it stays listed.
+    Discard {
+        /// Which transaction.
+        txn: Id,
+    },
+    /// Make a discarded (or prepared) transaction due for a check now, with a fresh count.
+    Rearm {
+        /// Which transaction.
+        txn: Id,
+    },
+    /// Delete a check's due entry that no prepared transaction waits on (its record is
+    /// gone, resolved, or due at another time); a live entry is left alone.
+    DropDueCheck {
+        /// The transaction the entry names.
+        txn: Id,
+        /// The entry's due time.
+        due_ms: u64,
+    },
+    /// Forget a resolved transaction whose retention ended.
+    Purge {
+        /// Which transaction.
+        txn: Id,
+        /// The due entry that triggered it.
+        due_ms: u64,
+    },
+    /// Create a topic.
+    CreateTopic {
+        /// Its name, validated.
+        name: String,
+        /// Refuse when it exists.
+        fail_if_exists: bool,
+    },
+    /// Plain puts and deletes prepared by an owner of other state (consumer groups).
+    Raw(Vec<Op>),
+    /// Several commands from one request, applied in order in the same batch; each has
+    /// its own outcome ([`Outcome::Many`]), and a refused one leaves the others be.
+    Many(Vec<Command>),
+}
+
+impl Command {
+    /// Roughly the bytes this command writes: what bounds a write batch.
+    pub fn bytes(&self) -> usize {
+        let messages = |ms: &[pb::Message]| -> usize {
+            ms.iter()
+                .map(|m| m.body.len() + m.key.len() + m.tag.len() + 64)
+                .sum()
+        };
+        match self {
+            Command::Append { messages: ms } | Command::Prepare { messages: ms, .. } => {
+                messages(ms)
+            }
+            Command::Raw(ops) => ops
+                .iter()
+                .map(|op| match op {
+                    Op::Put(_, k, v) => k.len() + v.len(),
+                    Op::Delete(_, k) => k.len(),
+                })
+                .sum(),
+            Command::Many(cmds) => cmds.iter().map(Command::bytes).sum(),
+            _ => 64,
+        }
+    }
+}
+
+/// One raw write.
+#[derive(Debug)]
+pub enum Op {
+    /// Put a value.
+    Put(Cf, Vec<u8>, Vec<u8>),
+    /// Delete a key.
+    Delete(Cf, Vec<u8>),
+}
+
+/// What a command produced.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Messages are visible at these places.
+    Stored(Vec<pb::MessageReceipt>),
+    /// Half messages stored.
+    Prepared {
+        /// The transaction they belong to.
+        txn: Id,
+        /// Their ids (offset 0).
+        receipts: Vec<pb::MessageReceipt>,
+    },
+    /// A transaction's state after `End`.
+    Ended {
+        /// Its state now.
+        state: TxnState,
+        /// It was in that state already.
+        repeated: bool,
+        /// Where committed messages landed (empty unless this request committed).
+        receipts: Vec<pb::MessageReceipt>,
+    },
+    /// A transaction record after `Rearm`.
+    Txn(Box<TxnRecord>),
+    /// A topic.
+    Topic(Arc<Topic>),
+    /// Written; nothing to tell.
+    Done,
+    /// The outcomes of [`Command::Many`], in its order.
+    Many(Vec<Result<Outcome>>),
+}
+
+/// Converts `End` outcomes for callers that only care about the receipts.
+pub fn txn_state_name(state: TxnState) -> &'static str {
+    match state {
+        TxnState::Prepared => "prepared",
+        TxnState::Committed => "committed",
+        TxnState::RolledBack => "rolled back",
+        TxnState::Discarded => "discarded",
+        TxnState::Unspecified => "unknown",
+    }
+}

@@ -1,0 +1,315 @@
+//! The one writer: a dedicated thread that owns the RocksDB write path.
+//!
+//! Requests arrive as [`Command`]s on a bounded channel. The writer takes every command
+//! waiting (up to a batch limit), stages all of them into one `WriteBatch` and writes it
+//! to the WAL and memtable without a sync. A second thread, the syncer, then fsyncs the WAL
+//! once for every batch written meanwhile (flush `sync`) and only then answers each request
+//! and makes the new messages visible to consumers: group commit, pipelined, so the writer
+//! stages the next batch while the disk syncs the last. Because one thread assigns offsets
+//! and checks transaction states, two requests can never race: a commit and a rollback of
+//! the same transaction in one batch see each other through the batch's overlay, and the
+//! loser is refused. Answers leave in batch order, so no answer (even "already committed")
+//! can overtake the fsync of the write it depends on.
+//!
+//! ```text
+//!  connections ──Command──▶ [ channel ] ──▶ writer: stage → write ──▶ syncer: fsync → reply
+//!                                                                          └─▶ topic ends move
+//! ```
+
+mod command;
+mod handle;
+mod recent;
+mod sync;
+#[cfg(test)]
+mod tests;
+mod topics;
+mod txns;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use rocksdb::{WriteBatch, WriteOptions};
+use rustc_hash::FxHashMap;
+use tokio::sync::mpsc;
+use txmq_protocol::pb;
+
+use super::Storage;
+use super::records::TxnRecord;
+use crate::config::{Config, FlushMode};
+use crate::error::{Error, Result};
+use crate::ids::{Id, IdGen};
+use crate::metrics::Metrics;
+use crate::topics::{Topic, Topics};
+use crate::txn::state;
+
+pub use command::{Command, Op, Outcome, txn_state_name};
+use handle::Job;
+pub use handle::{WriterHandle, WriterThread};
+use recent::Recent;
+use sync::{Tally, Written, sync_loop};
+
+/// Most commands folded into one write batch.
+const MAX_BATCH: usize = 4096;
+/// Most bytes (bodies and raw values, roughly) folded into one write batch; a single
+/// larger command still makes a batch of its own.
+const MAX_BATCH_BYTES: usize = 64 << 20;
+
+/// The writer thread's state.
+pub struct Writer {
+    storage: Arc<Storage>,
+    topics: Arc<Topics>,
+    ids: Arc<IdGen>,
+    config: Arc<Config>,
+    /// Next offset per topic id, including writes not yet published.
+    next_offset: FxHashMap<u32, u64>,
+    next_topic_id: u32,
+    write_opts: WriteOptions,
+    metrics: Arc<Metrics>,
+    /// Batches written but not yet synced, in order, to the syncer thread.
+    syncer: std::sync::mpsc::Sender<Written>,
+    /// Open transactions as last written, so resolving one reads nothing.
+    recent: Recent,
+}
+
+impl Writer {
+    /// Starts the writer thread. It runs until every [`WriterHandle`] is dropped, then
+    /// flushes the write-ahead log and exits; [`WriterThread::join`] waits for that.
+    pub fn spawn(
+        storage: Arc<Storage>,
+        topics: Arc<Topics>,
+        ids: Arc<IdGen>,
+        config: Arc<Config>,
+        metrics: Arc<Metrics>,
+    ) -> (WriterHandle, WriterThread) {
+        let (tx, rx) = mpsc::channel(MAX_BATCH * 2);
+        let next_offset = topics.all().iter().map(|t| (t.id, t.end())).collect();
+        // Writes go to the WAL without a sync; the syncer thread fsyncs once for every
+        // batch written meanwhile, while this thread already applies the next batch.
+        let write_opts = WriteOptions::default();
+        let (syncer, synced) = std::sync::mpsc::channel();
+        let syncer_thread = {
+            let (storage, topics, metrics) = (storage.clone(), topics.clone(), metrics.clone());
+            let fsync = config.flush == FlushMode::Sync;
+            std::thread::Builder::new()
+                .name("txmq-syncer".into())
+                .spawn(move || sync_loop(&synced, &storage, &topics, &metrics, fsync))
+                .expect("spawn syncer thread")
+        };
+        let writer = Writer {
+            next_topic_id: topics.max_id() + 1,
+            storage,
+            topics,
+            ids,
+            config,
+            next_offset,
+            write_opts,
+            metrics,
+            syncer,
+            recent: Recent::default(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("txmq-writer".into())
+            .spawn(move || {
+                let storage = writer.storage.clone();
+                writer.run(rx);
+                // The writer is gone, so its sender is: the syncer answers what is left.
+                let _ = syncer_thread.join();
+                if let Err(e) = storage.db().flush_wal(true) {
+                    tracing::error!("final WAL flush failed: {e}");
+                }
+                tracing::debug!("writer stopped");
+            })
+            .expect("spawn writer thread");
+        (WriterHandle { tx }, WriterThread(Some(thread)))
+    }
+
+    fn run(mut self, mut rx: mpsc::Receiver<Job>) {
+        let mut jobs = Vec::with_capacity(MAX_BATCH);
+        // A job taken that did not fit in the last batch's bytes: it opens the next one.
+        let mut carried: Option<Job> = None;
+        loop {
+            let first = match carried.take() {
+                Some(job) => job,
+                None => match rx.blocking_recv() {
+                    Some(job) => job,
+                    None => return,
+                },
+            };
+            let mut bytes = first.cmd.bytes();
+            jobs.push(first);
+            while jobs.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
+                match rx.try_recv() {
+                    Ok(job) => {
+                        bytes += job.cmd.bytes();
+                        if bytes > MAX_BATCH_BYTES {
+                            carried = Some(job);
+                            break;
+                        }
+                        jobs.push(job);
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.commit(&mut jobs);
+        }
+    }
+
+    /// Stages every job and writes once (no sync), then hands the batch to the syncer,
+    /// which replies once it is durable. A write failure fails every job that wrote
+    /// something and leaves in-memory state as it was before the batch.
+    fn commit(&mut self, jobs: &mut Vec<Job>) {
+        if let Some(why) = self.storage.failure() {
+            // Sticky: after a failed sync this database's memory may be ahead of its disk.
+            for job in jobs.drain(..) {
+                let _ = job.reply.send(Err(Error::StorageFailed(why.clone())));
+            }
+            return;
+        }
+        let mut stage = Stage::default();
+        let mut results = Vec::with_capacity(jobs.len());
+        for job in jobs.iter_mut() {
+            let cmd = std::mem::replace(&mut job.cmd, Command::Raw(Vec::new()));
+            let before = stage.batch.len();
+            let result = self.apply(cmd, &mut stage);
+            debug_assert!(result.is_ok() || stage.batch.len() == before);
+            results.push(result);
+        }
+        let wrote = !stage.batch.is_empty();
+        let write = if wrote {
+            let started = std::time::Instant::now();
+            let w = self
+                .storage
+                .db()
+                .write_opt(std::mem::take(&mut stage.batch), &self.write_opts);
+            if w.is_ok() {
+                self.metrics
+                    .write_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                self.metrics.batch_requests.observe(jobs.len() as f64);
+                let c = &self.storage.counters;
+                c.batches.fetch_add(1, Ordering::Relaxed);
+                c.jobs.fetch_add(jobs.len() as u64, Ordering::Relaxed);
+            }
+            w
+        } else {
+            Ok(())
+        };
+        let written = match write {
+            Ok(()) => {
+                for topic in stage.new_topics {
+                    self.topics.insert(topic);
+                }
+                self.recent.update(stage.txns, stage.halves);
+                let ends: Vec<(u32, u64)> = stage.next_offset.into_iter().collect();
+                for &(id, next) in &ends {
+                    self.next_offset.insert(id, next);
+                }
+                Written {
+                    jobs: std::mem::take(jobs),
+                    results,
+                    wrote,
+                    ends,
+                    tally: stage.tally,
+                }
+            }
+            Err(e) => {
+                tracing::error!("write batch failed, {} requests refused: {e}", jobs.len());
+                self.next_topic_id = stage.first_topic_id.unwrap_or(self.next_topic_id);
+                let e = Error::Storage(e);
+                let results = results.into_iter().map(|r| lost_in_write(r, &e)).collect();
+                Written {
+                    jobs: std::mem::take(jobs),
+                    results,
+                    wrote: false,
+                    ends: Vec::new(),
+                    tally: Tally::default(),
+                }
+            }
+        };
+        // Every batch goes through the syncer, even one that wrote nothing: its answers
+        // may depend on an earlier batch (a repeated commit), which must be durable first.
+        if let Err(std::sync::mpsc::SendError(w)) = self.syncer.send(written) {
+            for job in w.jobs {
+                let _ = job.reply.send(Err(Error::ShuttingDown));
+            }
+        }
+    }
+
+    fn apply(&mut self, cmd: Command, stage: &mut Stage) -> Result<Outcome> {
+        match cmd {
+            Command::Many(cmds) => Ok(Outcome::Many(
+                cmds.into_iter().map(|c| self.apply(c, stage)).collect(),
+            )),
+            Command::Append { messages } => self.append(messages, stage),
+            Command::Prepare {
+                txn,
+                group,
+                messages,
+                check_delay_ms,
+            } => self.prepare(txn, group, messages, check_delay_ms, stage),
+            Command::End { txn, outcome, by } => self.end(txn, outcome, by, stage),
+            Command::RecordCheck {
+                txn,
+                counted,
+                result,
+                note,
+                next_check_ms,
+            } => self.record_check(txn, counted, result, note, next_check_ms, stage),
+            Command::Discard { txn } => self.discard(txn, stage),
+            Command::Rearm { txn } => self.rearm(txn, stage),
+            Command::Purge { txn, due_ms } => self.purge(txn, due_ms, stage),
+            Command::DropDueCheck { txn, due_ms } => {
+                if !state::awaits_check(self.txn_record(txn, stage)?.as_ref(), due_ms) {
+                    self.move_check(txn, due_ms, 0, stage);
+                }
+                Ok(Outcome::Done)
+            }
+            Command::CreateTopic {
+                name,
+                fail_if_exists,
+            } => {
+                if let Some(t) = self.topic(&name, stage) {
+                    return if fail_if_exists {
+                        Err(Error::TopicExists(name))
+                    } else {
+                        Ok(Outcome::Topic(t))
+                    };
+                }
+                Ok(Outcome::Topic(self.create_topic(name, stage)))
+            }
+            Command::Raw(ops) => {
+                for op in ops {
+                    match op {
+                        Op::Put(cf, k, v) => stage.batch.put_cf(self.storage.cf(cf), k, v),
+                        Op::Delete(cf, k) => stage.batch.delete_cf(self.storage.cf(cf), k),
+                    }
+                }
+                Ok(Outcome::Done)
+            }
+        }
+    }
+}
+
+/// What a staged result becomes when its batch could not be written or synced: whatever
+/// would have been stored fails with the storage error; a refusal stays the refusal it was.
+fn lost_in_write(result: Result<Outcome>, e: &Error) -> Result<Outcome> {
+    match result {
+        Ok(Outcome::Many(results)) => Ok(Outcome::Many(
+            results.into_iter().map(|r| lost_in_write(r, e)).collect(),
+        )),
+        Ok(_) => Err(e.clone()),
+        Err(refusal) => Err(refusal),
+    }
+}
+
+/// One batch in the making, with an overlay of what it already changed.
+#[derive(Default)]
+struct Stage {
+    batch: WriteBatch,
+    txns: FxHashMap<Id, TxnRecord>,
+    halves: FxHashMap<Id, Vec<(u32, pb::StoredMessage)>>,
+    new_topics: Vec<Arc<Topic>>,
+    first_topic_id: Option<u32>,
+    next_offset: FxHashMap<u32, u64>,
+    tally: Tally,
+}

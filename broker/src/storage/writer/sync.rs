@@ -1,0 +1,109 @@
+//! The syncer thread: fsync, then publish and reply, in batch order.
+
+use std::sync::atomic::Ordering;
+
+use super::handle::Job;
+use super::lost_in_write;
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+use crate::storage::Storage;
+use crate::topics::Topics;
+
+use super::Outcome;
+
+/// A batch on its way to the syncer: written to RocksDB (not yet fsynced) or refused.
+pub(super) struct Written {
+    pub(super) jobs: Vec<Job>,
+    pub(super) results: Vec<Result<Outcome>>,
+    /// It wrote something, so its replies wait for an fsync.
+    pub(super) wrote: bool,
+    /// Topic ends to publish (make visible to consumers) once durable.
+    pub(super) ends: Vec<(u32, u64)>,
+    pub(super) tally: Tally,
+}
+
+/// The syncer thread: one fsync of the WAL for every batch written since the last one,
+/// then, in order, makes their messages visible, counts them, and replies. (With
+/// `flush = async` it skips the fsync and keeps the order.)
+pub(super) fn sync_loop(
+    rx: &std::sync::mpsc::Receiver<Written>,
+    storage: &Storage,
+    topics: &Topics,
+    metrics: &Metrics,
+    fsync: bool,
+) {
+    while let Ok(first) = rx.recv() {
+        let mut batches = vec![first];
+        batches.extend(rx.try_iter());
+        let synced = if let Some(why) = storage.failure() {
+            // Written after a failed sync: never synced, never published.
+            Err(Error::StorageFailed(why))
+        } else if fsync && batches.iter().any(|w| w.wrote) {
+            let started = std::time::Instant::now();
+            let r = storage.db().flush_wal(true);
+            metrics
+                .fsync_seconds
+                .observe(started.elapsed().as_secs_f64());
+            storage.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
+            r.map_err(|e| {
+                let why = format!("fsync of the write-ahead log failed: {e}");
+                storage.fail(why.clone());
+                Error::StorageFailed(why)
+            })
+        } else {
+            Ok(())
+        };
+        if let Err(e) = &synced {
+            tracing::error!("{} batches refused: {e}", batches.len());
+        }
+        for w in batches {
+            match &synced {
+                Ok(()) => {
+                    for (id, next) in w.ends {
+                        if let Some(t) = topics.by_id(id) {
+                            t.set_end(next);
+                        }
+                    }
+                    w.tally.publish(metrics);
+                    for (job, result) in w.jobs.into_iter().zip(w.results) {
+                        let _ = job.reply.send(result);
+                    }
+                }
+                // Every batch of the group fails, also one that wrote nothing: its answer
+                // (a repeated commit or ack) stood on writes that are not durable now.
+                Err(e) => {
+                    for (job, result) in w.jobs.into_iter().zip(w.results) {
+                        let _ = job.reply.send(lost_in_write(result, e));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What a batch did, published to the metrics only once it is durable.
+#[derive(Default)]
+pub(super) struct Tally {
+    pub(super) sent: u64,
+    pub(super) halves_sent: u64,
+    pub(super) halves_removed: u64,
+    pub(super) committed: u64,
+    pub(super) rolled_back: u64,
+    pub(super) discarded: u64,
+}
+
+impl Tally {
+    fn publish(&self, m: &Metrics) {
+        m.messages_sent.inc_by(self.sent);
+        m.half_messages_sent.inc_by(self.halves_sent);
+        m.half_messages_pending
+            .add(self.halves_sent as i64 - self.halves_removed as i64);
+        m.transactions_resolved
+            .with_label_values(&["commit"])
+            .inc_by(self.committed);
+        m.transactions_resolved
+            .with_label_values(&["rollback"])
+            .inc_by(self.rolled_back);
+        m.transactions_discarded.inc_by(self.discarded);
+    }
+}

@@ -1,0 +1,135 @@
+//! The writer's own tests: durability, group commit, teardown, batch limits.
+
+use super::*;
+
+/// A writer on a fresh database. Tests end with [`stop`], so no thread outlives the
+/// database or the test.
+fn writer(flush: FlushMode) -> (tempfile::TempDir, Arc<Storage>, WriterHandle, WriterThread) {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = Storage::open(dir.path()).unwrap();
+    let config = Arc::new(Config {
+        flush,
+        ..Config::default()
+    });
+    let (handle, thread) = Writer::spawn(
+        storage.clone(),
+        Arc::new(Topics::default()),
+        Arc::new(IdGen::new(1)),
+        config,
+        Arc::new(Metrics::new()),
+    );
+    (dir, storage, handle, thread)
+}
+
+/// Drops the handle, joins the threads, then closes the database: the order the
+/// broker's own shutdown follows.
+async fn stop(handle: WriterHandle, thread: WriterThread, storage: Arc<Storage>) {
+    drop(handle);
+    tokio::task::spawn_blocking(move || thread.join())
+        .await
+        .unwrap();
+    assert_eq!(
+        Arc::strong_count(&storage),
+        1,
+        "a thread still holds storage"
+    );
+    drop(storage);
+}
+
+fn append(i: usize) -> Command {
+    Command::Append {
+        messages: vec![pb::Message {
+            topic: "t".into(),
+            body: format!("m{i}").into(),
+            ..Default::default()
+        }],
+    }
+}
+
+/// I3's mechanism: with `flush = sync` no reply to a write comes before an fsync that
+/// covers it — one after another, every send needs its own — and concurrent sends
+/// share fsyncs (group commit). With `flush = async` there are none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_replies_wait_for_an_fsync_and_share_it() {
+    let (_dir, storage, w, thread) = writer(FlushMode::Sync);
+    let fsyncs = || storage.counters.fsyncs.load(Ordering::Relaxed);
+    for i in 0..20 {
+        let before = fsyncs();
+        w.submit(append(i)).await.unwrap();
+        assert!(fsyncs() > before, "send {i} was answered before any fsync");
+    }
+    let before = fsyncs();
+    let sends = (0..2000).map(|i| w.submit(append(i)));
+    for r in futures::future::join_all(sends).await {
+        r.unwrap();
+    }
+    let shared = fsyncs() - before;
+    assert!(
+        (1..1000).contains(&shared),
+        "2000 concurrent sends took {shared} fsyncs"
+    );
+
+    stop(w, thread, storage).await;
+
+    let (_dir, storage, w, thread) = writer(FlushMode::Async);
+    for i in 0..20 {
+        w.submit(append(i)).await.unwrap();
+    }
+    assert_eq!(storage.counters.fsyncs.load(Ordering::Relaxed), 0);
+    stop(w, thread, storage).await;
+}
+
+/// A write batch holds at most [`MAX_BATCH_BYTES`]: twelve concurrent 15 MiB sends
+/// make at least three batches (they used to make one of 180 MiB).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_batch_is_capped_in_bytes() {
+    let (_dir, storage, w, thread) = writer(FlushMode::Async);
+    let big = bytes::Bytes::from(vec![7u8; 15 << 20]);
+    // Queue them all before the writer wakes: one request first, so it is busy.
+    let sends = (0..12).map(|_| {
+        w.submit(Command::Append {
+            messages: vec![pb::Message {
+                topic: "t".into(),
+                body: big.clone(),
+                ..Default::default()
+            }],
+        })
+    });
+    let before = storage.counters.batches.load(Ordering::Relaxed);
+    for r in futures::future::join_all(sends).await {
+        r.unwrap();
+    }
+    let batches = storage.counters.batches.load(Ordering::Relaxed) - before;
+    assert!(batches >= 3, "180 MiB went in {batches} batch(es)");
+    stop(w, thread, storage).await;
+}
+
+/// Dropping the last handle with thousands of writes queued: every one is answered
+/// (nothing hangs), the threads end before the database closes, and what was answered
+/// OK is there when the database opens again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_dropped_with_work_in_flight_answers_it_and_stops_first() {
+    let (dir, storage, w, thread) = writer(FlushMode::Sync);
+    let mut answers = Vec::new();
+    for i in 0..3000 {
+        let w = w.clone();
+        answers.push(tokio::spawn(async move { w.submit(append(i)).await }));
+    }
+    tokio::task::yield_now().await;
+    stop(w, thread, storage).await;
+    let mut stored = 0;
+    for a in answers {
+        if a.await.unwrap().is_ok() {
+            stored += 1;
+        }
+    }
+    assert_eq!(stored, 3000, "queued writes were dropped unanswered");
+    let storage = Storage::open(dir.path()).unwrap();
+    let topic = storage
+        .topics()
+        .unwrap()
+        .into_iter()
+        .find(|t| t.name == "t")
+        .unwrap();
+    assert_eq!(topic.end, 3000);
+}

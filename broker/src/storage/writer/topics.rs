@@ -1,0 +1,125 @@
+//! The writer's part for topics: creating them, offsets, and appending visible messages.
+
+use std::sync::Arc;
+
+use prost::Message;
+use txmq_protocol::pb;
+
+use super::{Outcome, Stage, Writer};
+use crate::error::{Error, Result};
+use crate::storage::Cf;
+use crate::storage::keys;
+use crate::storage::records::TopicRecord;
+use crate::topics::Topic;
+
+impl Writer {
+    pub(super) fn topic(&self, name: &str, stage: &Stage) -> Option<Arc<Topic>> {
+        self.topics
+            .get(name)
+            .or_else(|| stage.new_topics.iter().find(|t| t.name == name).cloned())
+    }
+
+    pub(super) fn create_topic(&mut self, name: String, stage: &mut Stage) -> Arc<Topic> {
+        stage.first_topic_id.get_or_insert(self.next_topic_id);
+        let record = TopicRecord {
+            id: self.next_topic_id,
+            created_ms: txmq_protocol::now_ms(),
+        };
+        self.next_topic_id += 1;
+        stage.batch.put_cf(
+            self.storage.cf(Cf::Meta),
+            keys::topic(&name),
+            record.encode_to_vec(),
+        );
+        let topic = Arc::new(Topic::new(name, record.id, record.created_ms, 0));
+        stage.new_topics.push(topic.clone());
+        topic
+    }
+
+    /// Resolves every message's topic first, so a refusal stages nothing.
+    pub(super) fn topics_for(
+        &mut self,
+        messages: &[pb::Message],
+        stage: &mut Stage,
+    ) -> Result<Vec<Arc<Topic>>> {
+        let mut missing = Vec::new();
+        for m in messages {
+            if self.topic(&m.topic, stage).is_none() && !missing.contains(&m.topic) {
+                if !self.config.auto_create_topics {
+                    return Err(Error::TopicNotFound(m.topic.clone()));
+                }
+                missing.push(m.topic.clone());
+            }
+        }
+        for name in missing {
+            self.create_topic(name, stage);
+        }
+        Ok(messages
+            .iter()
+            .map(|m| self.topic(&m.topic, stage).expect("resolved above"))
+            .collect())
+    }
+
+    pub(super) fn next_offset(&self, topic: u32, stage: &mut Stage) -> u64 {
+        let slot = stage
+            .next_offset
+            .entry(topic)
+            .or_insert_with(|| self.next_offset.get(&topic).copied().unwrap_or(0));
+        let offset = *slot;
+        *slot += 1;
+        offset
+    }
+
+    pub(super) fn append_one(
+        &self,
+        topic: &Topic,
+        mut msg: pb::StoredMessage,
+        stage: &mut Stage,
+    ) -> pb::MessageReceipt {
+        msg.offset = self.next_offset(topic.id, stage);
+        stage.batch.put_cf(
+            self.storage.cf(Cf::Log),
+            keys::log(topic.id, msg.offset),
+            msg.encode_to_vec(),
+        );
+        pb::MessageReceipt {
+            message_id: msg.message_id,
+            topic: msg.topic,
+            offset: msg.offset,
+        }
+    }
+
+    pub(super) fn stored(&self, m: pb::Message, now: u64) -> pb::StoredMessage {
+        pb::StoredMessage {
+            topic: m.topic,
+            offset: 0,
+            message_id: self.ids.next().to_string(),
+            key: m.key,
+            tag: m.tag,
+            properties: m.properties,
+            body: m.body,
+            born_ms: m.born_ms,
+            store_ms: now,
+            txn_id: String::new(),
+        }
+    }
+
+    pub(super) fn append(
+        &mut self,
+        messages: Vec<pb::Message>,
+        stage: &mut Stage,
+    ) -> Result<Outcome> {
+        let topics = self.topics_for(&messages, stage)?;
+        let now = txmq_protocol::now_ms();
+        let receipts: Vec<_> = messages
+            .into_iter()
+            .zip(topics)
+            .map(|(m, t)| {
+                let stored = self.stored(m, now);
+                self.append_one(&t, stored, stage)
+            })
+            .collect();
+        stage.tally.sent += receipts.len() as u64;
+        Ok(Outcome::Stored(receipts))
+    }
+}
