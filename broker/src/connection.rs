@@ -29,6 +29,31 @@ use txmq_protocol::{ErrorCode, Frame, FrameCodec};
 use crate::cmd::{Pending, Session, Shared, dispatch, error_frame};
 use crate::delivery::{QueueMsg, Stall};
 
+/// The frame codec, also telling each frame's length on the wire (what it holds of the
+/// byte budgets) without measuring the decoded request again.
+struct SizedCodec(FrameCodec);
+
+impl tokio_util::codec::Decoder for SizedCodec {
+    type Item = (Frame, usize);
+    type Error = txmq_protocol::FrameError;
+
+    fn decode(&mut self, src: &mut bytes::BytesMut) -> Result<Option<(Frame, usize)>, Self::Error> {
+        let len = src.len();
+        Ok(self.0.decode(src)?.map(|frame| (frame, len - src.len())))
+    }
+
+    fn decode_eof(
+        &mut self,
+        src: &mut bytes::BytesMut,
+    ) -> Result<Option<(Frame, usize)>, Self::Error> {
+        let len = src.len();
+        Ok(self
+            .0
+            .decode_eof(src)?
+            .map(|frame| (frame, len - src.len())))
+    }
+}
+
 /// An answer on its way, with the bytes its request holds of the budgets.
 type Admitted = std::pin::Pin<Box<dyn std::future::Future<Output = (usize, Frame)> + Send>>;
 
@@ -81,7 +106,7 @@ pub async fn serve(
     let id = shared.connection_ids.fetch_add(1, Ordering::Relaxed);
     let (rd, wr) = socket.into_split();
     let codec = FrameCodec::new(shared.config.max_frame_len);
-    let mut frames = FramedRead::new(rd, codec.clone());
+    let mut frames = FramedRead::new(rd, SizedCodec(codec.clone()));
     let (outbound, out_rx) = mpsc::channel(OUTBOUND);
     let closing = CancellationToken::new();
     let stall = Arc::new(Stall::default());
@@ -164,9 +189,8 @@ pub async fn serve(
             }
             next = frames.next(), if admitting.is_none() && pending.len() < limit && in_flight_bytes < byte_limit => match next {
                 None => break,
-                Some(Ok(frame)) => {
+                Some(Ok((frame, bytes))) => {
                     quiet_since = tokio::time::Instant::now();
-                    let bytes = prost::Message::encoded_len(&frame);
                     let units = budget_units(bytes);
                     match shared.budget.clone().try_acquire_many_owned(units) {
                         Ok(permit) => {

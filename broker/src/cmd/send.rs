@@ -110,9 +110,15 @@ pub(super) fn command(req: pb::SendRequest, session: &Session, shared: &Shared) 
         std::time::Duration::ZERO,
         super::validate::MAX_CHECK_DELAY,
     )?;
+    let bytes = req
+        .messages
+        .iter()
+        .map(|m| prost::Message::encoded_len(m) as u64)
+        .sum();
     Ok(Command::Prepare {
         txn,
         group,
+        bytes,
         messages: req.messages,
         check_delay_ms: req.check_delay_ms,
     })

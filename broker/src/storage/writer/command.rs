@@ -27,6 +27,9 @@ pub enum Command {
         group: String,
         /// The messages.
         messages: Vec<pb::Message>,
+        /// Their encoded size (counted against max-txn-bytes), measured by the caller so
+        /// the writer thread does not.
+        bytes: u64,
         /// First check delay override.
         check_delay_ms: u64,
     },

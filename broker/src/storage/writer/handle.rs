@@ -8,6 +8,15 @@ use crate::error::{Error, Result};
 pub(super) struct Job {
     pub(super) cmd: Command,
     pub(super) reply: oneshot::Sender<Result<Outcome>>,
+    /// [`Command::bytes`], measured on the submitter's thread rather than the writer's.
+    pub(super) bytes: usize,
+}
+
+impl Job {
+    fn new(cmd: Command, reply: oneshot::Sender<Result<Outcome>>) -> Self {
+        let bytes = cmd.bytes();
+        Self { cmd, reply, bytes }
+    }
 }
 
 /// The sending side of the writer.
@@ -24,7 +33,7 @@ impl WriterHandle {
     pub async fn submit(&self, cmd: Command) -> Result<Outcome> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Job { cmd, reply })
+            .send(Job::new(cmd, reply))
             .await
             .map_err(|_| Error::ShuttingDown)?;
         rx.await.map_err(|_| Error::ShuttingDown)?
@@ -32,7 +41,7 @@ impl WriterHandle {
 
     /// Submits a command; the answer arrives on `reply`.
     pub async fn submit_to(&self, cmd: Command, reply: oneshot::Sender<Result<Outcome>>) {
-        if let Err(mpsc::error::SendError(job)) = self.tx.send(Job { cmd, reply }).await {
+        if let Err(mpsc::error::SendError(job)) = self.tx.send(Job::new(cmd, reply)).await {
             let _ = job.reply.send(Err(Error::ShuttingDown));
         }
     }

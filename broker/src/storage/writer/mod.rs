@@ -135,12 +135,12 @@ impl Writer {
                     None => return,
                 },
             };
-            let mut bytes = first.cmd.bytes();
+            let mut bytes = first.bytes;
             jobs.push(first);
             while jobs.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
                 match rx.try_recv() {
                     Ok(job) => {
-                        bytes += job.cmd.bytes();
+                        bytes += job.bytes;
                         if bytes > MAX_BATCH_BYTES {
                             carried = Some(job);
                             break;
@@ -245,8 +245,9 @@ impl Writer {
                 txn,
                 group,
                 messages,
+                bytes,
                 check_delay_ms,
-            } => self.prepare(txn, group, messages, check_delay_ms, stage),
+            } => self.prepare(txn, group, messages, bytes, check_delay_ms, stage),
             Command::End { txn, outcome, by } => self.end(txn, outcome, by, stage),
             Command::RecordCheck {
                 txn,

@@ -52,6 +52,7 @@ impl Writer {
         txn: Option<Id>,
         group: String,
         messages: Vec<pb::Message>,
+        bytes: u64,
         check_delay_ms: u64,
         stage: &mut Stage,
     ) -> Result<Outcome> {
@@ -82,7 +83,6 @@ impl Writer {
                 (self.ids.next_secret(), rec, true)
             }
         };
-        let bytes: u64 = messages.iter().map(|m| m.encoded_len() as u64).sum();
         crate::txn::state::fits(txn, &rec, bytes, self.config.max_txn_bytes)?;
         // Topics are created at prepare time so a commit can never fail on a missing topic.
         self.topics_for(&messages, stage)?;

@@ -1,5 +1,7 @@
 //! `txmq`: produce, consume and operate a txmq broker from a shell.
 
+mod view;
+
 use std::io::Write;
 use std::time::{Duration, Instant};
 
@@ -8,11 +10,12 @@ use clap::{Parser, Subcommand, ValueEnum};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use serde_json::json;
-use txmq_client::pb::{self, TxnState};
+use txmq_client::pb::TxnState;
 use txmq_client::{
     Admin, Consumer, ConsumerOptions, Delivery, Message, Outcome, Producer, ProducerOptions,
     StartFrom,
 };
+use view::{View, print_txn};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -333,45 +336,45 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Topic(TopicCmd::List { json }) => {
             let topics = Admin::connect(addr, token).await?.topics().await?;
-            if !json {
-                println!("{:<40} {:>12} {:>24}", "TOPIC", "MESSAGES", "CREATED");
-            }
+            let mut view = View::new(json, &[("TOPIC", -40), ("MESSAGES", 12), ("CREATED", 24)]);
             for t in topics {
-                if json {
-                    println!(
-                        "{}",
-                        json!({"name": t.name, "messages": t.next_offset,
-                            "next_offset": t.next_offset, "created_ms": t.created_ms})
-                    );
-                } else {
-                    let created = std::time::UNIX_EPOCH + Duration::from_millis(t.created_ms);
-                    let created = humantime::format_rfc3339_seconds(created);
-                    println!("{:<40} {:>12} {:>24}", t.name, t.next_offset, created);
-                }
+                let created = std::time::UNIX_EPOCH + Duration::from_millis(t.created_ms);
+                view.row(
+                    &[
+                        t.name.clone(),
+                        t.next_offset.to_string(),
+                        humantime::format_rfc3339_seconds(created).to_string(),
+                    ],
+                    json!({"name": t.name, "messages": t.next_offset,
+                        "next_offset": t.next_offset, "created_ms": t.created_ms}),
+                );
             }
             Ok(())
         }
         Command::Group(GroupCmd::List { json }) => {
             let groups = Admin::connect(addr, token).await?.groups().await?;
-            if !json {
-                println!(
-                    "{:<24} {:<24} {:>10} {:>10} {:>10}",
-                    "GROUP", "TOPIC", "NEXT", "ACK-FLOOR", "LAG"
-                );
-            }
+            let mut view = View::new(
+                json,
+                &[
+                    ("GROUP", -24),
+                    ("TOPIC", -24),
+                    ("NEXT", 10),
+                    ("ACK-FLOOR", 10),
+                    ("LAG", 10),
+                ],
+            );
             for g in groups {
-                if json {
-                    println!(
-                        "{}",
-                        json!({"group": g.group, "topic": g.topic, "next_offset": g.next_offset,
-                            "ack_floor": g.ack_floor, "lag": g.lag})
-                    );
-                } else {
-                    println!(
-                        "{:<24} {:<24} {:>10} {:>10} {:>10}",
-                        g.group, g.topic, g.next_offset, g.ack_floor, g.lag
-                    );
-                }
+                view.row(
+                    &[
+                        g.group.clone(),
+                        g.topic.clone(),
+                        g.next_offset.to_string(),
+                        g.ack_floor.to_string(),
+                        g.lag.to_string(),
+                    ],
+                    json!({"group": g.group, "topic": g.topic, "next_offset": g.next_offset,
+                        "ack_floor": g.ack_floor, "lag": g.lag}),
+                );
             }
             Ok(())
         }
@@ -415,44 +418,39 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await?
                 .describe_group(&group)
                 .await?;
-            if !json {
-                println!(
-                    "{:<24} {:>10} {:>10} {:>9} {:>10} {:>6} {:>6} {:>9} {:>7}",
-                    "TOPIC",
-                    "NEXT",
-                    "ACK-FLOOR",
-                    "IN-FLIGHT",
-                    "LAG",
-                    "RETRY",
-                    "DLQ",
-                    "CONSUMERS",
-                    "STALLED"
-                );
-            }
+            let mut view = View::new(
+                json,
+                &[
+                    ("TOPIC", -24),
+                    ("NEXT", 10),
+                    ("ACK-FLOOR", 10),
+                    ("IN-FLIGHT", 9),
+                    ("LAG", 10),
+                    ("RETRY", 6),
+                    ("DLQ", 6),
+                    ("CONSUMERS", 9),
+                    ("STALLED", 7),
+                ],
+            );
             for t in g.topics {
-                if json {
-                    println!(
-                        "{}",
-                        json!({"group": g.group, "topic": t.topic, "next_offset": t.next_offset,
-                            "ack_floor": t.ack_floor, "in_flight": t.in_flight, "lag": t.lag,
-                            "waiting_retry": t.waiting_retry, "dead_letters": t.dead_letters,
-                            "consumers": t.consumers, "stalled_consumers": t.stalled_consumers,
-                            "tag_filter": t.tag_filter})
-                    );
-                } else {
-                    println!(
-                        "{:<24} {:>10} {:>10} {:>9} {:>10} {:>6} {:>6} {:>9} {:>7}",
-                        t.topic,
-                        t.next_offset,
-                        t.ack_floor,
-                        t.in_flight,
-                        t.lag,
-                        t.waiting_retry,
-                        t.dead_letters,
-                        t.consumers,
-                        t.stalled_consumers
-                    );
-                }
+                view.row(
+                    &[
+                        t.topic.clone(),
+                        t.next_offset.to_string(),
+                        t.ack_floor.to_string(),
+                        t.in_flight.to_string(),
+                        t.lag.to_string(),
+                        t.waiting_retry.to_string(),
+                        t.dead_letters.to_string(),
+                        t.consumers.to_string(),
+                        t.stalled_consumers.to_string(),
+                    ],
+                    json!({"group": g.group, "topic": t.topic, "next_offset": t.next_offset,
+                        "ack_floor": t.ack_floor, "in_flight": t.in_flight, "lag": t.lag,
+                        "waiting_retry": t.waiting_retry, "dead_letters": t.dead_letters,
+                        "consumers": t.consumers, "stalled_consumers": t.stalled_consumers,
+                        "tag_filter": t.tag_filter}),
+                );
             }
             Ok(())
         }
@@ -772,48 +770,4 @@ async fn txn(addr: &str, token: &str, cmd: TxnCmd) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-fn state_name(state: i32) -> &'static str {
-    match TxnState::try_from(state) {
-        Ok(TxnState::Prepared) => "prepared",
-        Ok(TxnState::Committed) => "committed",
-        Ok(TxnState::RolledBack) => "rolled_back",
-        Ok(TxnState::Discarded) => "discarded",
-        _ => "unknown",
-    }
-}
-
-fn outcome_name(o: i32) -> &'static str {
-    match pb::TxnOutcome::try_from(o) {
-        Ok(pb::TxnOutcome::Commit) => "commit",
-        Ok(pb::TxnOutcome::Rollback) => "rollback",
-        Ok(pb::TxnOutcome::Unknown) => "unknown",
-        _ => "",
-    }
-}
-
-fn print_txn(t: &pb::TxnInfo, now_ms: u64, json: bool) {
-    let age_s = now_ms.saturating_sub(t.created_ms) as f64 / 1000.0;
-    if json {
-        println!(
-            "{}",
-            json!({"id": t.txn_id, "group": t.producer_group, "state": state_name(t.state),
-                "topics": t.topics, "messages": t.message_count, "age_s": age_s,
-                "check_count": t.check_count, "last_check_result": outcome_name(t.last_check_result),
-                "last_check_note": t.last_check_note, "next_check_ms": t.next_check_ms})
-        );
-    } else {
-        println!(
-            "{} {:<10} group={} topics={} age={:.1}s checks={} last={} {}",
-            t.txn_id,
-            state_name(t.state),
-            t.producer_group,
-            t.topics.join(","),
-            age_s,
-            t.check_count,
-            outcome_name(t.last_check_result),
-            t.last_check_note
-        );
-    }
 }
