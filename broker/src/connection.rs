@@ -165,12 +165,16 @@ pub async fn serve(
                 } else {
                     ErrorCode::InvalidRequest
                 };
-                let _ = outbound.send(error_frame(0, code, &why)).await;
+                let _ = outbound.try_send(error_frame(0, code, &why));
                 break;
             }
-            Some((bytes, frame)) = pending.next(), if !pending.is_empty() => {
+            // Answers are taken only while the outbound queue has room for them, so this
+            // loop never blocks on a client that stopped reading: it keeps seeing
+            // shutdown and its deadlines, and requests it cannot answer hold their
+            // budget (it reads nothing new meanwhile).
+            Some((bytes, frame)) = pending.next(), if !pending.is_empty() && outbound.capacity() > 0 => {
                 in_flight_bytes -= bytes;
-                if outbound.send(frame).await.is_err() {
+                if outbound.try_send(frame).is_err() {
                     break;
                 }
             }
@@ -182,20 +186,27 @@ pub async fn serve(
             } => {
                 let Some(a) = admitting.take() else { continue };
                 let Ok(permit) = permit else { break };
-                in_flight_bytes += a.bytes;
                 if let Some(p) = dispatch(a.frame, &mut session, &shared).await {
+                    in_flight_bytes += a.bytes;
                     pending.push(admitted(p, a.bytes, permit));
                 }
             }
-            next = frames.next(), if admitting.is_none() && pending.len() < limit && in_flight_bytes < byte_limit => match next {
+            next = frames.next(), if admitting.is_none()
+                && pending.len() < limit
+                && in_flight_bytes < byte_limit
+                && outbound.capacity() > pending.len() => match next {
                 None => break,
                 Some(Ok((frame, bytes))) => {
-                    quiet_since = tokio::time::Instant::now();
+                    // Before Hello the deadline counts from the accept: frames that are
+                    // refused do not keep an unauthenticated socket alive.
+                    if session.hello.is_some() {
+                        quiet_since = tokio::time::Instant::now();
+                    }
                     let units = budget_units(bytes);
                     match shared.budget.clone().try_acquire_many_owned(units) {
                         Ok(permit) => {
-                            in_flight_bytes += bytes;
                             if let Some(p) = dispatch(frame, &mut session, &shared).await {
+                                in_flight_bytes += bytes;
                                 pending.push(admitted(p, bytes, permit));
                             }
                         }
@@ -216,19 +227,21 @@ pub async fn serve(
                         break;
                     }
                     tracing::warn!(connection = id, %peer, "closing connection: {e}");
-                    let _ = outbound
-                        .send(error_frame(0, ErrorCode::MalformedFrame, &e.to_string()))
-                        .await;
+                    let _ = outbound.try_send(error_frame(0, ErrorCode::MalformedFrame, &e.to_string()));
                     break;
                 }
             },
         }
     }
-    // Answer what was already accepted: those writes may be durable by now.
+    // Answer what was already accepted: those writes may be durable by now. Bounded, so
+    // a client that stopped reading cannot hold the shutdown.
     while let Ok(Some((_, frame))) =
         tokio::time::timeout(Duration::from_secs(5), pending.next()).await
     {
-        if outbound.send(frame).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(5), outbound.send(frame))
+            .await
+            .map_or(true, |sent| sent.is_err())
+        {
             break;
         }
     }
@@ -275,8 +288,18 @@ async fn write_frames(
         stall.writing(true);
         let written = txmq_protocol::codec::write_ready(&mut sink, frame, &mut rx).await;
         stall.writing(false);
-        if written.is_err() {
-            return;
+        match written {
+            Ok(()) => {}
+            Err(txmq_protocol::FrameError::Io(e)) => {
+                tracing::debug!("connection write failed: {e}");
+                return;
+            }
+            // A frame the broker built over the limit: say so, rather than have the
+            // connection vanish without a word.
+            Err(e) => {
+                tracing::warn!("closing connection: cannot send a frame: {e}");
+                return;
+            }
         }
     }
 }

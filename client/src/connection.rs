@@ -159,20 +159,20 @@ impl Connection {
                 None => return Err(self.disconnected()),
             };
         }
-        if self
-            .inner
-            .out
-            .send(Frame {
-                id,
-                body: Some(body),
-            })
-            .await
-            .is_err()
-        {
-            return Err(self.disconnected());
-        }
-        let response = match tokio::time::timeout(self.inner.call_timeout, rx).await {
-            Ok(answer) => answer.map_err(|_| self.disconnected())??,
+        // The timeout covers the whole call, the wait for room in the outbound queue
+        // included: a broker that stopped reading is as gone as one that stopped answering.
+        let frame = Frame {
+            id,
+            body: Some(body),
+        };
+        let exchange = async {
+            if self.inner.out.send(frame).await.is_err() {
+                return Err(self.disconnected());
+            }
+            rx.await.map_err(|_| self.disconnected())?
+        };
+        let response = match tokio::time::timeout(self.inner.call_timeout, exchange).await {
+            Ok(answer) => answer?,
             Err(_) => {
                 // A broker that does not answer within the timeout is treated as gone:
                 // the connection closes, so every caller learns it and reconnects.

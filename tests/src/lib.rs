@@ -79,6 +79,13 @@ impl TestBroker {
         b
     }
 
+    /// [`TestBroker::start_on_fixed_port`] on a given data directory.
+    pub fn start_on_fixed_port_in(data_dir: Option<PathBuf>, args: &[&str]) -> Self {
+        let mut b = Self::start_in(data_dir, args);
+        b.listen = b.addr.clone();
+        b
+    }
+
     /// `HOST:PORT` it listens on.
     pub fn addr(&self) -> &str {
         &self.addr

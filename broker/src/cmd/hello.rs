@@ -41,9 +41,12 @@ pub fn hello(
         // Only a producer that answers checks is asked: one without a checker would let
         // every check sent to it time out, and each would count.
         if role == Role::Producer && hello.answers_checks {
-            shared
-                .producers
-                .register(&hello.producer_group, session.id, session.outbound.clone());
+            shared.producers.register(
+                &hello.producer_group,
+                session.id,
+                session.outbound.clone(),
+                session.stall.clone(),
+            );
         }
     }
     tracing::debug!(connection = session.id, client = %hello.client_id, ?role, "hello");

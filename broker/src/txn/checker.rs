@@ -190,6 +190,18 @@ impl Checker {
             tracing::info!(%txn, group = %rec.group, "discarding after {} checks", rec.check_count);
             return Ok(Some(Command::Discard { txn }));
         }
+        let next_check_ms =
+            Some(now.saturating_add(self.config.check_wait(rec.check_count).as_millis() as u64));
+        if self.producers.count(&rec.group) == 0 {
+            // Nobody to ask: do not read the transaction's messages for nothing.
+            return Ok(Some(Command::RecordCheck {
+                txn,
+                counted: self.not_sent("no_producer"),
+                result: TxnOutcome::Unspecified,
+                note: format!("no producer of group {:?} connected", rec.group),
+                next_check_ms,
+            }));
+        }
         let storage = self.storage.clone();
         let mut messages = tokio::task::spawn_blocking(move || storage.halves(txn))
             .await
@@ -215,8 +227,6 @@ impl Checker {
                 bodies_omitted,
             })),
         };
-        let next_check_ms =
-            Some(now.saturating_add(self.config.check_wait(rec.check_count).as_millis() as u64));
         let (counted, note) = match self.producers.send_check(&rec.group, frame) {
             Picked::Sent {
                 connection_id,

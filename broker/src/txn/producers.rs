@@ -7,6 +7,8 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 use txmq_protocol::Frame;
 
+use crate::delivery::Stall;
+
 /// Most unanswered checks one connection may hold before it counts as busy.
 pub const MAX_PENDING_CHECKS: usize = 64;
 
@@ -15,6 +17,9 @@ struct Conn {
     id: u64,
     outbound: mpsc::Sender<Frame>,
     pending: Arc<AtomicUsize>,
+    /// A connection whose client stopped reading is busy: a check queued behind it would
+    /// only time out and count.
+    stall: Arc<Stall>,
 }
 
 /// Where a check went.
@@ -41,12 +46,19 @@ pub struct Producers {
 
 impl Producers {
     /// A connection registered as a producer of `group`.
-    pub fn register(&self, group: &str, connection_id: u64, outbound: mpsc::Sender<Frame>) {
+    pub fn register(
+        &self,
+        group: &str,
+        connection_id: u64,
+        outbound: mpsc::Sender<Frame>,
+        stall: Arc<Stall>,
+    ) {
         let mut groups = self.groups.lock().expect("producers lock");
         groups.entry(group.to_string()).or_default().0.push(Conn {
             id: connection_id,
             outbound,
             pending: Arc::default(),
+            stall,
         });
     }
 
@@ -76,7 +88,10 @@ impl Producers {
         for step in 0..n {
             let i = (*next + step) % n;
             let c = &conns[i];
-            if c.outbound.is_closed() || c.pending.load(Ordering::Relaxed) >= MAX_PENDING_CHECKS {
+            if c.outbound.is_closed()
+                || c.pending.load(Ordering::Relaxed) >= MAX_PENDING_CHECKS
+                || c.stall.is_stalled()
+            {
                 continue;
             }
             match c.outbound.try_send(frame.take().expect("frame unsent")) {
@@ -111,9 +126,9 @@ mod tests {
         let (a, mut ra) = mpsc::channel(8);
         let (b, rb) = mpsc::channel(8);
         let (c, mut rc) = mpsc::channel(1);
-        p.register("g", 1, a);
-        p.register("g", 2, b);
-        p.register("g", 3, c);
+        p.register("g", 1, a, Arc::default());
+        p.register("g", 2, b, Arc::default());
+        p.register("g", 3, c, Arc::default());
         drop(rb); // connection 2 died
         let ids: Vec<u64> = (0..4)
             .map(|_| match p.send_check("g", frame()) {
@@ -137,7 +152,7 @@ mod tests {
     fn a_connection_with_too_many_unanswered_checks_is_busy() {
         let p = Producers::default();
         let (a, _ra) = mpsc::channel(1000);
-        p.register("g", 1, a);
+        p.register("g", 1, a, Arc::default());
         for _ in 0..MAX_PENDING_CHECKS {
             assert!(matches!(p.send_check("g", frame()), Picked::Sent { .. }));
         }

@@ -187,7 +187,20 @@ impl Queue {
                 tracing::warn!(group = %self.group, topic = %self.topic.name, "delivery paused: {e}");
             }
             end.borrow_and_update();
-            let wake = [self.deadlines.first(), self.retry_due.first()]
+            // A due retry wakes the queue only when some consumer could take it; the
+            // queue wakes anyway when credit comes back (an ack, a subscription).
+            let retry_wake = if self.has_credit() {
+                self.retry_due.first()
+            } else {
+                None
+            };
+            // A stalled consumer recovers without telling the queue: look again then.
+            let stalled = self
+                .consumers
+                .iter()
+                .any(|c| c.spec.stall.is_stalled())
+                .then(|| (now_ms() + super::STALL_AFTER.as_millis() as u64, 0));
+            let wake = [self.deadlines.first(), retry_wake, stalled.as_ref()]
                 .into_iter()
                 .flatten()
                 .map(|(at, _)| *at)

@@ -215,6 +215,11 @@ impl Writer {
             Err(e) => {
                 tracing::error!("write batch failed, {} requests refused: {e}", jobs.len());
                 self.next_topic_id = stage.first_topic_id.unwrap_or(self.next_topic_id);
+                // Sticky, like a failed sync: owners of state in memory (consumer groups)
+                // may have moved ahead of this write, and a later write that succeeded
+                // could build on it (a floor passing a retry that was never stored). The
+                // server reopens storage and everything reloads from what is on disk.
+                self.storage.fail(format!("a write failed: {e}"));
                 let e = Error::Storage(e);
                 let results = results.into_iter().map(|r| lost_in_write(r, &e)).collect();
                 Written {
