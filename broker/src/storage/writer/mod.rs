@@ -128,16 +128,18 @@ impl Writer {
         // A job taken that did not fit in the last batch's bytes: it opens the next one.
         let mut carried: Option<Job> = None;
         loop {
-            let first = match carried.take() {
-                Some(job) => job,
-                None => match rx.blocking_recv() {
+            if jobs.is_empty() {
+                let first = match carried.take() {
                     Some(job) => job,
-                    None => return,
-                },
-            };
-            let mut bytes = first.bytes;
-            jobs.push(first);
-            while jobs.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
+                    None => match rx.blocking_recv() {
+                        Some(job) => job,
+                        None => return,
+                    },
+                };
+                jobs.push(first);
+            }
+            let mut bytes: usize = jobs.iter().map(|j| j.bytes).sum();
+            while carried.is_none() && jobs.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
                 match rx.try_recv() {
                     Ok(job) => {
                         bytes += job.bytes;
@@ -150,29 +152,38 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            self.commit(&mut jobs);
+            // What did not fit in the batch once staged (commits copy their halves into
+            // it) opens the next one.
+            jobs = self.commit(&mut jobs);
         }
     }
 
     /// Stages every job and writes once (no sync), then hands the batch to the syncer,
     /// which replies once it is durable. A write failure fails every job that wrote
     /// something and leaves in-memory state as it was before the batch.
-    fn commit(&mut self, jobs: &mut Vec<Job>) {
+    fn commit(&mut self, jobs: &mut Vec<Job>) -> Vec<Job> {
         if let Some(why) = self.storage.failure() {
             // Sticky: after a failed sync this database's memory may be ahead of its disk.
             for job in jobs.drain(..) {
                 let _ = job.reply.send(Err(Error::StorageFailed(why.clone())));
             }
-            return;
+            return Vec::new();
         }
         let mut stage = Stage::default();
         let mut results = Vec::with_capacity(jobs.len());
-        for job in jobs.iter_mut() {
-            let cmd = std::mem::replace(&mut job.cmd, Command::Raw(Vec::new()));
+        let mut rest = Vec::new();
+        for i in 0..jobs.len() {
+            let cmd = std::mem::replace(&mut jobs[i].cmd, Command::Raw(Vec::new()));
             let before = stage.batch.len();
             let result = self.apply(cmd, &mut stage);
             debug_assert!(result.is_ok() || stage.batch.len() == before);
             results.push(result);
+            // The cap holds for what was staged, not only for what was asked: a commit
+            // copies all its half messages into the batch.
+            if stage.batch.size_in_bytes() > MAX_BATCH_BYTES && i + 1 < jobs.len() {
+                rest = jobs.split_off(i + 1);
+                break;
+            }
         }
         let wrote = !stage.batch.is_empty();
         let write = if wrote {
@@ -238,6 +249,7 @@ impl Writer {
                 let _ = job.reply.send(Err(Error::ShuttingDown));
             }
         }
+        rest
     }
 
     fn apply(&mut self, cmd: Command, stage: &mut Stage) -> Result<Outcome> {

@@ -1,6 +1,8 @@
 //! The writer's own tests: durability, group commit, teardown, batch limits.
 
 use super::*;
+use prost::Message;
+use txmq_protocol::pb::TxnOutcome;
 
 /// A writer on a fresh database. Tests end with [`stop`], so no thread outlives the
 /// database or the test.
@@ -101,6 +103,57 @@ async fn a_write_batch_is_capped_in_bytes() {
     }
     let batches = storage.counters.batches.load(Ordering::Relaxed) - before;
     assert!(batches >= 3, "180 MiB went in {batches} batch(es)");
+    stop(w, thread, storage).await;
+}
+
+/// Commits count against the cap with what they stage (all their half messages), not
+/// with their few bytes of request: six concurrent commits of 15 MiB transactions do not
+/// make one 90 MiB batch. (Ends inside one `Command::Many` still share a batch: see the
+/// closing note of issue 13.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_are_capped_by_what_they_stage() {
+    use crate::txn::state::Resolver;
+    let (_dir, storage, w, thread) = writer(FlushMode::Async);
+    let big = bytes::Bytes::from(vec![7u8; 15 << 20]);
+    let mut txns = Vec::new();
+    for _ in 0..6 {
+        let messages = vec![pb::Message {
+            topic: "t".into(),
+            body: big.clone(),
+            ..Default::default()
+        }];
+        let bytes = messages.iter().map(|m| m.encoded_len() as u64).sum();
+        let Outcome::Prepared { txn, .. } = w
+            .submit(Command::Prepare {
+                txn: None,
+                group: "g".into(),
+                messages,
+                bytes,
+                check_delay_ms: 0,
+            })
+            .await
+            .unwrap()
+        else {
+            panic!("not prepared")
+        };
+        txns.push(txn);
+    }
+    let before = storage.counters.batches.load(Ordering::Relaxed);
+    let ends = txns.iter().map(|&txn| {
+        w.submit(Command::End {
+            txn,
+            outcome: TxnOutcome::Commit,
+            by: Resolver::Producer("g".into()),
+        })
+    });
+    for r in futures::future::join_all(ends).await {
+        r.unwrap();
+    }
+    let batches = storage.counters.batches.load(Ordering::Relaxed) - before;
+    assert!(
+        batches >= 2,
+        "90 MiB of commits went in {batches} batch(es)"
+    );
     stop(w, thread, storage).await;
 }
 
