@@ -420,7 +420,12 @@ async fn a_full_disk_gives_errors_then_recovers() {
     // send now may be refused or stored; either way its answer is the truth.
     match p.send(Message::new("t", big_body(99_999))).await {
         Ok(_) => acked.push(99_999),
-        Err(err) => assert_eq!(err.code(), Some(ErrorCode::StorageError), "{err}"),
+        // Refused with the reason, or cut off while the broker closes its connections to
+        // reopen storage.
+        Err(err) => assert!(
+            matches!(err.code(), Some(ErrorCode::StorageError) | None),
+            "{err}"
+        ),
     }
     disk.resize("512m");
     let first = acked.len() as u32 + 100_000;
