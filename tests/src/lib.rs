@@ -425,3 +425,31 @@ pub async fn http_get(addr: &str, path: &str) -> Result<(u16, String), String> {
         .ok_or_else(|| format!("no status in {head:?}"))?;
     Ok((status, body.to_string()))
 }
+
+/// A raw framed connection that has sent a producer's Hello (frame `id`) for `group`,
+/// saying whether it answers check-backs; its answer is still to be read.
+pub async fn raw_producer(
+    addr: &str,
+    group: &str,
+    answers_checks: bool,
+    id: u64,
+) -> tokio_util::codec::Framed<tokio::net::TcpStream, txmq_protocol::FrameCodec> {
+    use futures::SinkExt;
+    let s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut framed = tokio_util::codec::Framed::new(s, txmq_protocol::FrameCodec::default());
+    let hello = txmq_protocol::pb::Hello {
+        protocol_version: txmq_protocol::PROTOCOL_VERSION,
+        role: txmq_protocol::pb::Role::Producer as i32,
+        producer_group: group.into(),
+        answers_checks,
+        ..Default::default()
+    };
+    framed
+        .send(txmq_protocol::Frame {
+            id,
+            body: Some(txmq_protocol::Body::Hello(hello)),
+        })
+        .await
+        .expect("send hello");
+    framed
+}

@@ -15,7 +15,7 @@ use tokio_util::codec::Framed;
 use txmq_client::pb::TxnState;
 use txmq_client::{Admin, ErrorCode, Message, Outcome, Producer, ProducerOptions};
 use txmq_protocol::{Body, Frame, FrameCodec, pb};
-use txmq_tests::{TestBroker, drain, eventually, raw_call};
+use txmq_tests::{TestBroker, drain, eventually, raw_call, raw_producer};
 
 /// Fast check-backs so tests run in seconds.
 const FAST_CHECKS: &[&str] = &[
@@ -123,22 +123,7 @@ async fn sprayed_check_answers_cancel_nothing() {
     let r = round_trip(&mut anonymous, 1_000_000).await;
     assert_eq!(r.code, ErrorCode::HandshakeRequired as i32, "{r:?}");
     // Said Hello, but is not the connection the check went to.
-    let mut other = Framed::new(
-        TcpStream::connect(b.addr()).await.unwrap(),
-        FrameCodec::default(),
-    );
-    other
-        .send(Frame {
-            id: 1_000_001,
-            body: Some(Body::Hello(pb::Hello {
-                protocol_version: txmq_protocol::PROTOCOL_VERSION,
-                role: pb::Role::Producer as i32,
-                producer_group: "orders".into(),
-                ..Default::default()
-            })),
-        })
-        .await
-        .unwrap();
+    let mut other = raw_producer(b.addr(), "orders", false, 1_000_001).await;
     spray(&mut other).await;
     assert_eq!(round_trip(&mut other, 1_000_002).await.code, 0);
 

@@ -10,7 +10,7 @@ use tokio_util::codec::Framed;
 use txmq_client::pb::TxnState;
 use txmq_client::{Admin, Error, ErrorCode, Message, Outcome, Producer, ProducerOptions};
 use txmq_protocol::{Body, Frame, FrameCodec, pb};
-use txmq_tests::{TestBroker, eventually, producer};
+use txmq_tests::{TestBroker, eventually, producer, raw_producer};
 
 /// Waits for the broker to close a raw connection; its last word, if any.
 async fn closed_by_broker(framed: &mut Framed<TcpStream, FrameCodec>) -> Option<pb::Response> {
@@ -69,23 +69,7 @@ async fn a_silent_producer_leaves_the_check_rotation() {
         "--check-max",
         "1",
     ]);
-    let mut ghost = Framed::new(
-        TcpStream::connect(b.addr()).await.unwrap(),
-        FrameCodec::default(),
-    );
-    ghost
-        .send(Frame {
-            id: 1,
-            body: Some(Body::Hello(pb::Hello {
-                protocol_version: txmq_protocol::PROTOCOL_VERSION,
-                role: pb::Role::Producer as i32,
-                producer_group: "orders".into(),
-                answers_checks: true,
-                ..Default::default()
-            })),
-        })
-        .await
-        .unwrap();
+    let mut ghost = raw_producer(b.addr(), "orders", true, 1).await;
     let sender = Producer::connect(
         b.addr(),
         ProducerOptions {
