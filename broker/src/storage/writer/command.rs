@@ -89,8 +89,10 @@ pub enum Command {
     },
     /// Plain puts and deletes prepared by an owner of other state (consumer groups).
     Raw(Vec<Op>),
-    /// Several commands from one request, applied in order in the same batch; each has
-    /// its own outcome ([`Outcome::Many`]), and a refused one leaves the others be.
+    /// Several commands from one request, applied in order; each has its own outcome
+    /// ([`Outcome::Many`]), and a refused one leaves the others be. They share a write
+    /// batch until it is full; the rest go in the next ones, and the request is answered
+    /// once, after the last is durable.
     Many(Vec<Command>),
 }
 

@@ -10,12 +10,20 @@ pub(super) struct Job {
     pub(super) reply: oneshot::Sender<Result<Outcome>>,
     /// [`Command::bytes`], measured on the submitter's thread rather than the writer's.
     pub(super) bytes: usize,
+    /// For the rest of a [`Command::Many`] that did not fit in one batch: the outcomes of
+    /// the commands staged in earlier batches, which go first in its answer.
+    pub(super) prefix: Vec<Result<Outcome>>,
 }
 
 impl Job {
-    fn new(cmd: Command, reply: oneshot::Sender<Result<Outcome>>) -> Self {
+    pub(super) fn new(cmd: Command, reply: oneshot::Sender<Result<Outcome>>) -> Self {
         let bytes = cmd.bytes();
-        Self { cmd, reply, bytes }
+        Self {
+            cmd,
+            reply,
+            bytes,
+            prefix: Vec::new(),
+        }
     }
 }
 

@@ -174,9 +174,29 @@ impl Writer {
         let mut rest = Vec::new();
         for i in 0..jobs.len() {
             let cmd = std::mem::replace(&mut jobs[i].cmd, Command::Raw(Vec::new()));
-            let before = stage.batch.len();
-            let result = self.apply(cmd, &mut stage);
-            debug_assert!(result.is_ok() || stage.batch.len() == before);
+            let result = match cmd {
+                Command::Many(cmds) => {
+                    let mut outcomes = std::mem::take(&mut jobs[i].prefix);
+                    let unstaged = self.apply_many(cmds, &mut outcomes, &mut stage);
+                    if !unstaged.is_empty() {
+                        // The rest opens the next batch, carrying these outcomes and the
+                        // reply: the request is answered once, after its last batch.
+                        let mut later = jobs.split_off(i);
+                        let job = later.remove(0);
+                        let mut cont = Job::new(Command::Many(unstaged), job.reply);
+                        cont.prefix = outcomes;
+                        rest = std::iter::once(cont).chain(later).collect();
+                        break;
+                    }
+                    Ok(Outcome::Many(outcomes))
+                }
+                cmd => {
+                    let before = stage.batch.len();
+                    let result = self.apply(cmd, &mut stage);
+                    debug_assert!(result.is_ok() || stage.batch.len() == before);
+                    result
+                }
+            };
             results.push(result);
             // The cap holds for what was staged, not only for what was asked: a commit
             // copies all its half messages into the batch.
@@ -252,11 +272,41 @@ impl Writer {
         rest
     }
 
+    /// Stages the commands of a [`Command::Many`] in order, pushing each outcome, until the
+    /// batch holds [`MAX_BATCH_BYTES`]; returns the commands left for the next batch.
+    ///
+    /// Ends of a coalesced batch are a few bytes each on the wire but copy whole
+    /// transactions into the batch: 512 commits of 32 MiB transactions would otherwise
+    /// make one write of 16 GiB.
+    fn apply_many(
+        &mut self,
+        cmds: Vec<Command>,
+        outcomes: &mut Vec<Result<Outcome>>,
+        stage: &mut Stage,
+    ) -> Vec<Command> {
+        let mut cmds = cmds.into_iter();
+        while let Some(cmd) = cmds.next() {
+            let before = stage.batch.len();
+            let result = self.apply(cmd, stage);
+            debug_assert!(result.is_ok() || stage.batch.len() == before);
+            outcomes.push(result);
+            if stage.batch.size_in_bytes() > MAX_BATCH_BYTES {
+                return cmds.collect();
+            }
+        }
+        Vec::new()
+    }
+
     fn apply(&mut self, cmd: Command, stage: &mut Stage) -> Result<Outcome> {
         match cmd {
-            Command::Many(cmds) => Ok(Outcome::Many(
-                cmds.into_iter().map(|c| self.apply(c, stage)).collect(),
-            )),
+            Command::Many(cmds) => {
+                let mut outcomes = Vec::with_capacity(cmds.len());
+                // Nested only by mistake: staged whole, whatever its size.
+                for c in cmds {
+                    outcomes.push(self.apply(c, stage));
+                }
+                Ok(Outcome::Many(outcomes))
+            }
             Command::Append { messages } => self.append(messages, stage),
             Command::Prepare {
                 txn,
@@ -310,6 +360,10 @@ impl Writer {
 
 /// What a staged result becomes when its batch could not be written or synced: whatever
 /// would have been stored fails with the storage error; a refusal stays the refusal it was.
+///
+/// A [`Command::Many`] split over batches is answered with its last batch, and its earlier
+/// outcomes go through here too if that one fails: they may be durable already, but an
+/// error for a durable write is only "unknown", while an OK for a lost one would be a lie.
 fn lost_in_write(result: Result<Outcome>, e: &Error) -> Result<Outcome> {
     match result {
         Ok(Outcome::Many(results)) => Ok(Outcome::Many(

@@ -2,11 +2,12 @@
 
 use super::*;
 use prost::Message;
-use txmq_protocol::pb::TxnOutcome;
+use txmq_protocol::pb::{TxnOutcome, TxnState};
 
 /// A writer on a fresh database. Tests end with [`stop`], so no thread outlives the
-/// database or the test.
-fn writer(flush: FlushMode) -> (tempfile::TempDir, Arc<Storage>, WriterHandle, WriterThread) {
+/// database or the test; bound in this order, a failed assertion drops the handle before
+/// the thread joins (the other way round it would wait on itself and hang).
+fn writer(flush: FlushMode) -> (tempfile::TempDir, Arc<Storage>, WriterThread, WriterHandle) {
     let dir = tempfile::tempdir().unwrap();
     let storage = Storage::open(dir.path()).unwrap();
     let config = Arc::new(Config {
@@ -20,7 +21,7 @@ fn writer(flush: FlushMode) -> (tempfile::TempDir, Arc<Storage>, WriterHandle, W
         config,
         Arc::new(Metrics::new()),
     );
-    (dir, storage, handle, thread)
+    (dir, storage, thread, handle)
 }
 
 /// Drops the handle, joins the threads, then closes the database: the order the
@@ -53,7 +54,7 @@ fn append(i: usize) -> Command {
 /// share fsyncs (group commit). With `flush = async` there are none.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sync_replies_wait_for_an_fsync_and_share_it() {
-    let (_dir, storage, w, thread) = writer(FlushMode::Sync);
+    let (_dir, storage, thread, w) = writer(FlushMode::Sync);
     let fsyncs = || storage.counters.fsyncs.load(Ordering::Relaxed);
     for i in 0..20 {
         let before = fsyncs();
@@ -73,7 +74,7 @@ async fn sync_replies_wait_for_an_fsync_and_share_it() {
 
     stop(w, thread, storage).await;
 
-    let (_dir, storage, w, thread) = writer(FlushMode::Async);
+    let (_dir, storage, thread, w) = writer(FlushMode::Async);
     for i in 0..20 {
         w.submit(append(i)).await.unwrap();
     }
@@ -85,7 +86,7 @@ async fn sync_replies_wait_for_an_fsync_and_share_it() {
 /// make at least three batches (they used to make one of 180 MiB).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_batch_is_capped_in_bytes() {
-    let (_dir, storage, w, thread) = writer(FlushMode::Async);
+    let (_dir, storage, thread, w) = writer(FlushMode::Async);
     let big = bytes::Bytes::from(vec![7u8; 15 << 20]);
     // Queue them all before the writer wakes: one request first, so it is busy.
     let sends = (0..12).map(|_| {
@@ -108,15 +109,36 @@ async fn a_write_batch_is_capped_in_bytes() {
 
 /// Commits count against the cap with what they stage (all their half messages), not
 /// with their few bytes of request: six concurrent commits of 15 MiB transactions do not
-/// make one 90 MiB batch. (Ends inside one `Command::Many` still share a batch: see the
-/// closing note of issue 13.)
+/// make one 90 MiB batch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commits_are_capped_by_what_they_stage() {
     use crate::txn::state::Resolver;
-    let (_dir, storage, w, thread) = writer(FlushMode::Async);
+    let (_dir, storage, thread, w) = writer(FlushMode::Async);
+    let txns = prepare_big(&w, 6).await;
+    let before = storage.counters.batches.load(Ordering::Relaxed);
+    let ends = txns.iter().map(|&txn| {
+        w.submit(Command::End {
+            txn,
+            outcome: TxnOutcome::Commit,
+            by: Resolver::Producer("g".into()),
+        })
+    });
+    for r in futures::future::join_all(ends).await {
+        r.unwrap();
+    }
+    let batches = storage.counters.batches.load(Ordering::Relaxed) - before;
+    assert!(
+        batches >= 2,
+        "90 MiB of commits went in {batches} batch(es)"
+    );
+    stop(w, thread, storage).await;
+}
+
+/// Six 15 MiB transactions prepared, for tests of what their commits stage.
+async fn prepare_big(w: &WriterHandle, n: usize) -> Vec<crate::ids::Id> {
     let big = bytes::Bytes::from(vec![7u8; 15 << 20]);
     let mut txns = Vec::new();
-    for _ in 0..6 {
+    for _ in 0..n {
         let messages = vec![pb::Message {
             topic: "t".into(),
             body: big.clone(),
@@ -138,22 +160,58 @@ async fn commits_are_capped_by_what_they_stage() {
         };
         txns.push(txn);
     }
+    txns
+}
+
+/// The cap holds inside one request too: a coalesced batch of six commits of 15 MiB
+/// transactions (one `Command::Many`) is written in several batches, answered once, with
+/// every outcome in its place, and a refused call among them stays refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_many_of_large_commits_is_split_across_batches() {
+    use crate::txn::state::Resolver;
+    let (_dir, storage, thread, w) = writer(FlushMode::Sync);
+    let txns = prepare_big(&w, 6).await;
+    let end = |txn, outcome| Command::End {
+        txn,
+        outcome,
+        by: Resolver::Producer("g".into()),
+    };
+    let mut cmds: Vec<Command> = txns.iter().map(|&t| end(t, TxnOutcome::Commit)).collect();
+    // A conflicting rollback of the first, staged after its commit in an earlier batch.
+    cmds.push(end(txns[0], TxnOutcome::Rollback));
     let before = storage.counters.batches.load(Ordering::Relaxed);
-    let ends = txns.iter().map(|&txn| {
-        w.submit(Command::End {
-            txn,
-            outcome: TxnOutcome::Commit,
-            by: Resolver::Producer("g".into()),
-        })
-    });
-    for r in futures::future::join_all(ends).await {
-        r.unwrap();
-    }
+    let Outcome::Many(outcomes) = w.submit(Command::Many(cmds)).await.unwrap() else {
+        panic!("not many")
+    };
     let batches = storage.counters.batches.load(Ordering::Relaxed) - before;
     assert!(
         batches >= 2,
         "90 MiB of commits went in {batches} batch(es)"
     );
+    assert_eq!(outcomes.len(), 7);
+    let mut offsets = Vec::new();
+    for o in &outcomes[..6] {
+        let Ok(Outcome::Ended {
+            state, receipts, ..
+        }) = o
+        else {
+            panic!("{o:?}")
+        };
+        assert_eq!(*state, TxnState::Committed);
+        offsets.push(receipts[0].offset);
+    }
+    assert_eq!(offsets, (0..6).collect::<Vec<u64>>(), "out of order");
+    assert!(
+        outcomes[6].is_err(),
+        "rollback after commit: {:?}",
+        outcomes[6]
+    );
+    let topic = storage
+        .topics()
+        .unwrap()
+        .into_iter()
+        .find(|t| t.name == "t");
+    assert_eq!(topic.unwrap().end, 6);
     stop(w, thread, storage).await;
 }
 
@@ -162,7 +220,7 @@ async fn commits_are_capped_by_what_they_stage() {
 /// OK is there when the database opens again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_writer_dropped_with_work_in_flight_answers_it_and_stops_first() {
-    let (dir, storage, w, thread) = writer(FlushMode::Sync);
+    let (dir, storage, thread, w) = writer(FlushMode::Sync);
     let mut answers = Vec::new();
     for i in 0..3000 {
         let w = w.clone();
