@@ -180,9 +180,10 @@ impl Admin {
                     after_offset,
                 }))
                 .await?;
-            let page = expect!(r, DeadLetters)?.dead_letters;
-            let done = page.len() < PAGE as usize;
-            all.extend(page);
+            let page = expect!(r, DeadLetters)?;
+            // A page may stop short of the limit (in bytes): only `more` says it is the end.
+            let done = !page.more;
+            all.extend(page.dead_letters);
             if limit > 0 && all.len() >= limit {
                 all.truncate(limit);
                 return Ok(all);

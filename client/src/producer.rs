@@ -125,6 +125,10 @@ pub struct CheckRequest {
     /// The transaction's bodies were too large for one frame, so `messages` carry ids,
     /// keys, tags and properties but empty bodies.
     pub bodies_omitted: bool,
+    /// How many of the transaction's last half messages were left out because even
+    /// without bodies they would not fit in one frame (0 nearly always; `messages` always
+    /// holds the first).
+    pub messages_omitted: u32,
 }
 
 /// Answers the broker's check-backs, typically by looking the transaction up in the
@@ -581,6 +585,7 @@ async fn answer_check(
         messages: req.messages,
         attempt: req.attempt,
         bodies_omitted: req.bodies_omitted,
+        messages_omitted: req.messages_omitted,
     };
     // Run the user's checker in its own task: a panic there answers Unknown.
     let outcome = tokio::spawn(checker.check(request))

@@ -330,3 +330,50 @@ async fn a_large_transaction_is_capped_and_still_checked() {
     let bodies = drain(&b, "g", "big", Duration::from_secs(3)).await;
     assert_eq!(bodies, vec![body(1), body(2)]);
 }
+
+/// Item 5, the rest of it. Without bodies a check request still carries every message's
+/// key, tag and properties (up to 64 KiB each): a transaction of many such messages makes
+/// a check frame over the limit even so. The request keeps the first messages that fit,
+/// says how many it left out, and still reaches the checker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_check_request_fits_in_a_frame_whatever_the_metadata() {
+    let mut args = FAST_CHECKS.to_vec();
+    // 1 MiB frames: 24 messages of 60 KB of properties are 1.4 MB without bodies.
+    args.extend([
+        "--max-frame-len",
+        "1048576",
+        "--max-message-bytes",
+        "524288",
+        "--check-max",
+        "2",
+    ]);
+    let b = TestBroker::start(&args);
+    let seen = Arc::new(std::sync::Mutex::new(None));
+    let saw = seen.clone();
+    let options = ProducerOptions::transactional("meta", move |req: txmq_client::CheckRequest| {
+        let saw = saw.clone();
+        async move {
+            *saw.lock().unwrap() = Some((req.messages.len(), req.messages_omitted));
+            Outcome::Commit
+        }
+    });
+    let p = Producer::connect(b.addr(), options).await.unwrap();
+    let mut txn = p.begin().unwrap();
+    for i in 0..24 {
+        let m = Message::new("meta", format!("body-{i}"))
+            .key(format!("k{i}"))
+            .property("blob", "x".repeat(60_000));
+        txn.send(m).await.unwrap();
+    }
+    let id = txn.id().unwrap().to_string();
+    p.end_transaction(&id, Outcome::Unknown, false)
+        .await
+        .unwrap();
+    let info = wait_for_state(&b, &id, TxnState::Committed).await;
+    assert_eq!(info.check_count, 1, "{info:?}");
+    let (kept, omitted) = seen.lock().unwrap().expect("the checker was never asked");
+    assert!(kept >= 1 && omitted > 0, "kept {kept}, omitted {omitted}");
+    assert_eq!(kept + omitted as usize, 24);
+    let bodies = drain(&b, "g", "meta", Duration::from_secs(3)).await;
+    assert_eq!(bodies.len(), 24);
+}

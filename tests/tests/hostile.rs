@@ -369,3 +369,52 @@ async fn listings_are_paged() {
     };
     assert_eq!(page.txns.len(), 1000);
 }
+
+/// Item 10, in bytes: dead letters carry their bodies, so a page of them stops at half
+/// the frame limit (and says there is more) instead of making a frame the connection
+/// cannot carry; the client walks the shorter pages to the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letter_pages_fit_in_a_frame() {
+    let b = TestBroker::start(&[
+        "--max-attempts",
+        "1",
+        "--max-frame-len",
+        "1048576",
+        "--max-message-bytes",
+        "524288",
+    ]);
+    let p = producer(&b).await;
+    let body = |i: usize| vec![b'a' + i as u8; 400_000];
+    for i in 0..12 {
+        p.send(Message::new("heavy", body(i))).await.unwrap();
+    }
+    b.cli_ok(&[
+        "consume", "--topic", "heavy", "--group", "g", "--nack", "0", "--count", "12",
+    ]);
+    let mut raw = raw_hello(b.addr(), "").await;
+    let r = raw_call(
+        &mut raw,
+        2,
+        Body::ListDeadLetters(pb::ListDeadLettersRequest {
+            group: "g".into(),
+            ..Default::default()
+        }),
+    )
+    .await;
+    let Some(pb::response::Result::DeadLetters(page)) = r.result else {
+        panic!("{r:?}")
+    };
+    assert!(page.more, "a short page must say there is more");
+    assert!(
+        (1..12).contains(&page.dead_letters.len()),
+        "{} in one page",
+        page.dead_letters.len()
+    );
+    let admin = Admin::connect(b.addr(), "").await.unwrap();
+    let all = admin.dead_letters("g", 0).await.unwrap();
+    let bodies: Vec<Vec<u8>> = all
+        .iter()
+        .map(|d| d.message.as_ref().unwrap().body.to_vec())
+        .collect();
+    assert_eq!(bodies, (0..12).map(body).collect::<Vec<_>>());
+}

@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use prost::Message as _;
 use tokio::sync::oneshot;
 use txmq_protocol::pb;
 
@@ -177,8 +178,11 @@ pub fn list_dead_letters(
         };
         let storage = shared.storage.clone();
         let group = req.group.clone();
-        let dead_letters = tokio::task::spawn_blocking(move || -> Result<Vec<pb::DeadLetter>> {
+        // Each carries its body: a page of 1,000 of 4 MiB would be 4 GiB in one frame.
+        let budget = shared.config.max_frame_len / 2;
+        let page = tokio::task::spawn_blocking(move || -> Result<pb::ListDeadLettersOk> {
             let mut out = Vec::new();
+            let mut bytes = 0;
             for t in topics {
                 let from = match after {
                     Some((id, _)) if t.id < id => continue,
@@ -188,7 +192,7 @@ pub fn list_dead_letters(
                 let Some(from) = from else { continue };
                 let page = storage.dead_letters_from(&group, t.id, from, limit - out.len())?;
                 for (offset, rec) in page {
-                    out.push(pb::DeadLetter {
+                    let dead_letter = pb::DeadLetter {
                         group: group.clone(),
                         message: storage.read_message(t.id, offset)?,
                         reason: rec.reason,
@@ -196,19 +200,32 @@ pub fn list_dead_letters(
                         dead_ms: rec.dead_ms,
                         topic: t.name.clone(),
                         offset,
-                    });
+                    };
+                    bytes += dead_letter.encoded_len() + 8;
+                    // One always goes, whatever its size: a message fits in a frame.
+                    if bytes > budget && !out.is_empty() {
+                        return Ok(pb::ListDeadLettersOk {
+                            dead_letters: out,
+                            more: true,
+                        });
+                    }
+                    out.push(dead_letter);
                 }
                 if out.len() >= limit {
-                    break;
+                    return Ok(pb::ListDeadLettersOk {
+                        dead_letters: out,
+                        more: true,
+                    });
                 }
             }
-            Ok(out)
+            Ok(pb::ListDeadLettersOk {
+                dead_letters: out,
+                more: false,
+            })
         })
         .await
         .map_err(|e| Error::Internal(e.to_string()))??;
-        Ok(pb::response::Result::DeadLetters(pb::ListDeadLettersOk {
-            dead_letters,
-        }))
+        Ok(pb::response::Result::DeadLetters(page))
     })
 }
 

@@ -210,12 +210,8 @@ impl Checker {
             // Resolved between reading its record and its halves: nothing to ask.
             return Ok(None);
         }
-        let bodies_omitted = !fits_in_frame(&messages, self.config.max_frame_len);
-        if bodies_omitted {
-            for m in &mut messages {
-                m.body = Default::default();
-            }
-        }
+        let (bodies_omitted, messages_omitted) =
+            fit_in_frame(&mut messages, self.config.max_frame_len);
         let check_id = self.new_check_id();
         let frame = Frame {
             id: check_id,
@@ -225,6 +221,7 @@ impl Checker {
                 messages,
                 attempt: rec.check_count + 1,
                 bodies_omitted,
+                messages_omitted,
             })),
         };
         let (counted, note) = match self.producers.send_check(&rec.group, frame) {
@@ -359,12 +356,32 @@ impl Checker {
     }
 }
 
-/// Whether a check request carrying these messages whole stays well inside the frame
-/// limit (half of it, leaving room for the envelope).
-fn fits_in_frame(messages: &[pb::StoredMessage], max_frame_len: usize) -> bool {
+/// Makes a check request's messages fit well inside the frame limit (half of it, leaving
+/// room for the envelope): first without their bodies, then, if the metadata alone is too
+/// large (64 KiB of properties on each of many messages), without the last messages.
+/// Returns whether bodies were left out and how many messages were.
+fn fit_in_frame(messages: &mut Vec<pb::StoredMessage>, max_frame_len: usize) -> (bool, u32) {
     use prost::Message;
-    let total: usize = messages.iter().map(|m| m.encoded_len() + 8).sum();
-    total <= max_frame_len / 2
+    let budget = max_frame_len / 2;
+    let size = |m: &pb::StoredMessage| m.encoded_len() + 8;
+    if messages.iter().map(size).sum::<usize>() <= budget {
+        return (false, 0);
+    }
+    for m in messages.iter_mut() {
+        m.body = Default::default();
+    }
+    let mut total = 0;
+    let keep = messages
+        .iter()
+        .take_while(|m| {
+            total += size(m);
+            total <= budget
+        })
+        .count()
+        .max(1);
+    let omitted = messages.len() - keep;
+    messages.truncate(keep);
+    (true, omitted as u32)
 }
 
 /// Everything already waiting on `rx`, after `batch`.
