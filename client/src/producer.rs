@@ -210,6 +210,12 @@ pub struct Producer {
     /// Coalesces the prepares and ends of concurrent transactions into one request, the
     /// same way; `None` likewise in the batcher's own handle, and without a group.
     txn_calls: Option<Batcher<pb::TxnCall, pb::TxnCallResult>>,
+    /// Held by the handles the user has (and their transactions), not by the producer's
+    /// own tasks: once the last is dropped, check-backs get no answer, not even from a
+    /// checker call already running, however long the tasks take to wind down.
+    owner: Option<Arc<()>>,
+    /// The same, for the tasks: they answer only while an owner lives.
+    owned: std::sync::Weak<()>,
 }
 
 impl Producer {
@@ -222,6 +228,7 @@ impl Producer {
             txmq_protocol::names::validate("producer group", &options.group)
                 .map_err(Error::Invalid)?;
         }
+        let owner = Arc::new(());
         let mut p = Self {
             addr: addr.to_string(),
             options,
@@ -229,6 +236,8 @@ impl Producer {
             dialing: Arc::default(),
             sends: None,
             txn_calls: None,
+            owned: Arc::downgrade(&owner),
+            owner: None,
         };
         p.connection().await?;
         if p.options.checker.is_some() {
@@ -240,8 +249,10 @@ impl Producer {
                 Arc::downgrade(&p.dialing),
                 p.addr.clone(),
                 p.options.clone(),
+                p.owned.clone(),
             ));
         }
+        // The batchers' own handle: no owner, so it does not keep checks answered.
         let link = p.clone();
         p.sends = Some({
             let link = link.clone();
@@ -256,6 +267,7 @@ impl Producer {
                 move |calls| txn_calls_coalesced(link.clone(), calls),
             ));
         }
+        p.owner = Some(owner);
         Ok(p)
     }
 
@@ -292,7 +304,7 @@ impl Producer {
     }
 
     async fn open(&self) -> Result<Connection> {
-        open(&self.addr, &self.options).await
+        open(&self.addr, &self.options, &self.owned).await
     }
 
     /// Sends one message; returns once the broker has stored it durably.
@@ -507,7 +519,11 @@ fn refused_before_storing(code: ErrorCode) -> bool {
 
 /// Dials and says hello; a producer with a checker then answers the broker's checks on
 /// this connection.
-async fn open(addr: &str, options: &ProducerOptions) -> Result<Connection> {
+async fn open(
+    addr: &str,
+    options: &ProducerOptions,
+    owned: &std::sync::Weak<()>,
+) -> Result<Connection> {
     let mut hello = connection::hello(pb::Role::Producer, &options.group, &options.auth_token);
     hello.answers_checks = options.checker.is_some();
     let timeout = options.call_timeout.unwrap_or(connection::CALL_TIMEOUT);
@@ -515,12 +531,14 @@ async fn open(addr: &str, options: &ProducerOptions) -> Result<Connection> {
     if let Some(checker) = options.checker.clone() {
         // Weak: a dropped producer must close its connection, not keep answering.
         let weak = conn.downgrade();
+        let owned = owned.clone();
         tokio::spawn(async move {
             while let Some((id, req)) = pushes.checks.recv().await {
-                if weak.upgrade().is_none() {
+                if weak.upgrade().is_none() || owned.strong_count() == 0 {
                     return;
                 }
-                tokio::spawn(answer_check(weak.clone(), checker.clone(), id, req));
+                let answer = answer_check(weak.clone(), owned.clone(), checker.clone(), id, req);
+                tokio::spawn(answer);
             }
         });
     }
@@ -534,6 +552,7 @@ async fn keep_connected(
     dialing: std::sync::Weak<Mutex<()>>,
     addr: String,
     options: ProducerOptions,
+    owned: std::sync::Weak<()>,
 ) {
     let mut attempt = 0;
     loop {
@@ -547,6 +566,9 @@ async fn keep_connected(
         let (Some(slot), Some(dialing)) = (slot.upgrade(), dialing.upgrade()) else {
             return;
         };
+        if owned.strong_count() == 0 {
+            return;
+        }
         if live(&slot) {
             attempt = 0;
             continue;
@@ -555,7 +577,7 @@ async fn keep_connected(
         if live(&slot) {
             continue;
         }
-        match open(&addr, &options).await {
+        match open(&addr, &options, &owned).await {
             Ok(conn) => {
                 *slot.lock().expect("connection lock") = Some(conn);
                 tracing::info!(group = %options.group, "reconnected to {addr} to answer check-backs");
@@ -571,10 +593,12 @@ async fn keep_connected(
     }
 }
 
-/// Runs the checker and answers on the connection, if it still lives: the check does not
-/// keep a dropped producer's connection open while the checker runs.
+/// Runs the checker and answers on the connection, if it and the producer still live:
+/// the check keeps neither open while the checker runs, and a producer dropped meanwhile
+/// sends nothing (its owner may have dropped it precisely to stop answering).
 async fn answer_check(
     conn: connection::WeakConnection,
+    owned: std::sync::Weak<()>,
     checker: Arc<dyn TransactionChecker>,
     id: u64,
     req: pb::CheckRequest,
@@ -598,6 +622,10 @@ async fn answer_check(
             outcome: outcome.to_pb() as i32,
         })),
     };
+    if owned.strong_count() == 0 {
+        tracing::debug!("producer dropped: check answer not sent");
+        return;
+    }
     if let Some(conn) = conn.upgrade() {
         let _ = conn.send_frame(frame).await;
     }

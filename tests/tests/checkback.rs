@@ -377,3 +377,50 @@ async fn a_check_request_fits_in_a_frame_whatever_the_metadata() {
     let bodies = drain(&b, "g", "meta", Duration::from_secs(3)).await;
     assert_eq!(bodies.len(), 24);
 }
+
+/// Item 19. A dropped `Producer` answers no more check-backs, also one whose checker was
+/// still running when it was dropped: that answer is thrown away, not sent on a
+/// connection kept open for it. The proof is positive: a producer of the same group that
+/// connects afterwards decides the transaction (rollback), which the late commit would
+/// have pre-empted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_producer_answers_no_more_checks() {
+    let b = TestBroker::start(FAST_CHECKS);
+    let started = Arc::new(tokio::sync::Notify::new());
+    let release = Arc::new(Semaphore::new(0));
+    let returned = Arc::new(AtomicU32::new(0));
+    let options = {
+        let (started, release, returned) = (started.clone(), release.clone(), returned.clone());
+        ProducerOptions::transactional("late", move |_req| {
+            let (started, release, returned) = (started.clone(), release.clone(), returned.clone());
+            async move {
+                started.notify_one();
+                let _ = release.acquire().await;
+                returned.fetch_add(1, Ordering::SeqCst);
+                Outcome::Commit
+            }
+        })
+    };
+    let first = Producer::connect(b.addr(), options).await.unwrap();
+    let id = leave_open(&first, "late", "order-1").await;
+    started.notified().await;
+    drop(first);
+    // The checker now returns "commit" with nobody left to carry it.
+    release.add_permits(1);
+    eventually(Duration::from_secs(10), || async {
+        (returned.load(Ordering::SeqCst) == 1).then_some(())
+    })
+    .await
+    .expect("the checker never returned");
+    // Past the point where its answer would have been sent.
+    tokio::task::yield_now().await;
+    let second = Producer::connect(
+        b.addr(),
+        ProducerOptions::transactional("late", |_req| async { Outcome::Rollback }),
+    )
+    .await
+    .unwrap();
+    let info = wait_for_state(&b, &id, TxnState::RolledBack).await;
+    assert!(info.check_count >= 2, "{info:?}");
+    drop(second);
+}

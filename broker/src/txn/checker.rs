@@ -391,3 +391,130 @@ fn drain(rx: &mut mpsc::Receiver<CheckAnswer>, mut batch: Vec<CheckAnswer>) -> V
     }
     batch
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::IdGen;
+    use crate::storage::writer::{Outcome, Writer};
+    use crate::topics::Topics;
+
+    /// A checker over a fresh database, with one producer connection of group `g`.
+    /// Fields drop in order: the checker's writer handle before the writer thread joins,
+    /// the thread before the directory goes.
+    struct Fixture {
+        checker: Checker,
+        to_producer: mpsc::Receiver<Frame>,
+        _thread: crate::storage::writer::WriterThread,
+        _dir: tempfile::TempDir,
+    }
+
+    fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path()).unwrap();
+        let config = Arc::new(Config::default());
+        let metrics = Arc::new(Metrics::new());
+        let (writer, thread) = Writer::spawn(
+            storage.clone(),
+            Arc::new(Topics::default()),
+            Arc::new(IdGen::new(1)),
+            config.clone(),
+            metrics.clone(),
+        );
+        let producers = Arc::new(Producers::default());
+        let (tx, to_producer) = mpsc::channel(8);
+        producers.register("g", 1, tx, Arc::default());
+        Fixture {
+            checker: Checker::new(storage, writer, producers, config, metrics),
+            to_producer,
+            _thread: thread,
+            _dir: dir,
+        }
+    }
+
+    fn prepared() -> TxnRecord {
+        TxnRecord {
+            group: "g".into(),
+            state: pb::TxnState::Prepared as i32,
+            ..Default::default()
+        }
+    }
+
+    /// Item 19: a transaction resolved between reading its record and its half messages
+    /// (here: a record whose halves are gone) is not asked about with an empty request.
+    #[tokio::test]
+    async fn a_check_with_no_messages_is_skipped() {
+        let mut f = fixture();
+        let gone = IdGen::new(7).next();
+        let write = f.checker.check(gone, prepared(), now_ms()).await.unwrap();
+        assert!(write.is_none(), "{write:?}");
+        assert!(f.to_producer.try_recv().is_err(), "an empty check was sent");
+        assert!(f.checker.pending.is_empty());
+
+        // The same transaction with its halves stored is asked about.
+        let Outcome::Prepared { txn, .. } = f
+            .checker
+            .writer
+            .submit(Command::Prepare {
+                txn: None,
+                group: "g".into(),
+                messages: vec![pb::Message {
+                    topic: "t".into(),
+                    body: "half".into(),
+                    ..Default::default()
+                }],
+                bytes: 16,
+                check_delay_ms: 0,
+            })
+            .await
+            .unwrap()
+        else {
+            panic!("not prepared")
+        };
+        let write = f.checker.check(txn, prepared(), now_ms()).await.unwrap();
+        assert!(matches!(
+            write,
+            Some(Command::RecordCheck { counted: true, .. })
+        ));
+        let frame = f.to_producer.try_recv().expect("no check sent");
+        let Some(pb::frame::Body::Check(req)) = frame.body else {
+            panic!("{frame:?}")
+        };
+        assert_eq!(req.messages.len(), 1);
+    }
+
+    fn message(body: usize, property: usize) -> pb::StoredMessage {
+        pb::StoredMessage {
+            body: vec![1u8; body].into(),
+            properties: [("p".to_string(), "x".repeat(property))].into(),
+            ..Default::default()
+        }
+    }
+
+    /// Item 5: bodies go first, then the last messages, and the first always stays.
+    #[test]
+    fn a_check_request_is_fitted_to_half_a_frame() {
+        let mut small = vec![message(100, 10); 3];
+        assert_eq!(fit_in_frame(&mut small, 1 << 20), (false, 0));
+        assert_eq!(small[0].body.len(), 100);
+
+        let mut bodies = vec![message(400_000, 10); 3];
+        assert_eq!(fit_in_frame(&mut bodies, 1 << 20), (true, 0));
+        assert!(bodies.iter().all(|m| m.body.is_empty()));
+
+        let mut metadata = vec![message(10, 60_000); 24];
+        let (omitted_bodies, omitted) = fit_in_frame(&mut metadata, 1 << 20);
+        assert!(omitted_bodies);
+        assert_eq!(metadata.len() + omitted as usize, 24);
+        assert!((1..24).contains(&metadata.len()));
+        let size: usize = metadata
+            .iter()
+            .map(prost::Message::encoded_len)
+            .sum();
+        assert!(size <= 1 << 19, "{size}");
+
+        let mut one = vec![message(10, 60_000); 2];
+        assert_eq!(fit_in_frame(&mut one, 64 << 10), (true, 1));
+        assert_eq!(one.len(), 1);
+    }
+}
