@@ -4,6 +4,7 @@
 //! and the broker's log is printed when a test fails.
 
 pub mod dispatch;
+pub mod lazyfs;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

@@ -11,6 +11,7 @@ use txmq_client::{
     Admin, Consumer, ConsumerOptions, ErrorCode, Message, Producer, ProducerOptions,
 };
 use txmq_protocol::{Body, Frame, pb};
+use txmq_tests::lazyfs::LazyFs;
 use txmq_tests::{TestBroker, drain, eventually, next, producer, raw_hello};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -560,6 +561,82 @@ async fn an_ack_that_cannot_be_written_changes_nothing() {
         next(&mut c, Duration::from_secs(2)).await.is_none(),
         "an acknowledged message came back"
     );
+}
+
+/// Issue 13, item 7, where it shows for certain: the disk hangs (`txmq-lazyfs` stalls
+/// fsync, and every write behind it), so nothing is stored or answered. A broker that
+/// budgets bytes stops reading a connection once 64 MiB of its requests wait, and the
+/// sender feels it as backpressure; one that counts requests reads on (up to 4,096 of
+/// 15 MiB) into memory. Once the disk answers again, every send that went out is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_disk_stops_the_broker_reading_before_its_memory_grows() {
+    let fs = LazyFs::mount();
+    let b = TestBroker::start_in(
+        Some(fs.path().join("data")),
+        &["--max-message-bytes", "15794176"],
+    );
+    let mut framed = raw_hello(b.addr(), "").await;
+    let body = bytes::Bytes::from(vec![0u8; 15 << 20]);
+    let send = |id: u64| Frame {
+        id,
+        body: Some(Body::Send(pb::SendRequest {
+            messages: vec![pb::Message {
+                topic: "big".into(),
+                body: body.clone(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        })),
+    };
+    // One stored first, so the topic exists and the next fsync is the one that hangs.
+    framed.send(send(2)).await.unwrap();
+    let first = framed.next().await.unwrap().unwrap();
+    assert!(
+        matches!(first.body, Some(Body::Response(ref r)) if r.code == 0),
+        "{first:?}"
+    );
+    let stalled = fs.stall_fsync();
+    // 64 MiB in flight is 4 or 5 of these; the broker's codec buffer and the two kernel
+    // socket buffers (a few MiB each on loopback) hold about one more.
+    const MOST: u64 = 10;
+    let mut sent = 0;
+    let mut held = false;
+    for id in 3..3 + 3 * MOST {
+        let fed = tokio::time::timeout(Duration::from_secs(5), framed.send(send(id))).await;
+        match fed {
+            Ok(Ok(())) => sent += 1,
+            Ok(Err(e)) => panic!("connection broken after {sent} sends: {e}"),
+            Err(_) => {
+                held = true;
+                break;
+            }
+        }
+    }
+    assert!(
+        held && sent <= MOST,
+        "the broker read {sent} sends of 15 MiB while its disk hung (at most {MOST} fit its \
+         budget); held back: {held}"
+    );
+    drop(stalled);
+    // The frame cut off by the backpressure goes out whole now, and every send is stored.
+    tokio::time::timeout(Duration::from_secs(60), framed.flush())
+        .await
+        .expect("the broker never read on")
+        .unwrap();
+    for _ in 0..=sent {
+        let answer = tokio::time::timeout(Duration::from_secs(60), framed.next())
+            .await
+            .expect("an answer never came")
+            .unwrap()
+            .unwrap();
+        let Some(Body::Response(r)) = answer.body else {
+            panic!("{answer:?}")
+        };
+        assert_eq!(r.code, 0, "{r:?}");
+    }
+    eprintln!("{sent} sends of 15 MiB went out while the disk hung, then backpressure");
+    drop(framed);
+    drop(b);
 }
 
 /// Issue 13, item 7: in-flight limits count bytes, not only requests. One connection

@@ -9,112 +9,13 @@
 //! `--flush async` finds losses, which shows the test can see a missing fsync.
 
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rand::Rng;
 use txmq_client::{Consumer, ConsumerOptions, Message, Producer, ProducerOptions};
-use txmq_tests::{
-    TestBroker, bin, drain, eventually, free_port, http_get, next, producer, signal, wait_timeout,
-};
-
-/// A mounted `txmq-lazyfs`, unmounted when dropped.
-struct LazyFs {
-    child: Child,
-    lines: std::sync::mpsc::Receiver<String>,
-    mount: PathBuf,
-    _dirs: tempfile::TempDir,
-}
-
-impl LazyFs {
-    fn mount() -> Self {
-        assert!(
-            Path::new("/dev/fuse").exists(),
-            "this test needs /dev/fuse (CI has it)"
-        );
-        // SAFETY-free check of root: mount(2) of a FUSE filesystem needs it here.
-        let uid = std::fs::metadata("/proc/self").map(|m| {
-            use std::os::unix::fs::MetadataExt;
-            m.uid()
-        });
-        assert_eq!(
-            uid.ok(),
-            Some(0),
-            "this test mounts FUSE and needs root (CI runs as root)"
-        );
-        let dirs = tempfile::tempdir().unwrap();
-        let backing = dirs.path().join("backing");
-        let mount = dirs.path().join("mnt");
-        std::fs::create_dir_all(&backing).unwrap();
-        std::fs::create_dir_all(&mount).unwrap();
-        let mut child = Command::new(bin("txmq-lazyfs"))
-            .arg("--backing")
-            .arg(&backing)
-            .arg("--mount")
-            .arg(&mount)
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start txmq-lazyfs");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let fs = Self {
-            child,
-            lines,
-            mount,
-            _dirs: dirs,
-        };
-        fs.expect_line("lazyfs mounted");
-        fs
-    }
-
-    fn expect_line(&self, prefix: &str) -> String {
-        loop {
-            let line = self
-                .lines
-                .recv_timeout(Duration::from_secs(30))
-                .unwrap_or_else(|_| panic!("txmq-lazyfs did not say {prefix:?}"));
-            if line.starts_with(prefix) {
-                return line;
-            }
-        }
-    }
-
-    /// Makes every fsync fail with EIO (dropping the data, as Linux does), or stops that.
-    fn fail_fsync(&self, on: bool) {
-        signal(&self.child, libc::SIGUSR2);
-        let line = self.expect_line("lazyfs fail-fsync");
-        assert!(line.ends_with(if on { "on" } else { "off" }), "{line}");
-    }
-
-    /// Drops every write not fsynced since it was made; returns how many bytes.
-    fn power_cut(&self) -> u64 {
-        signal(&self.child, libc::SIGUSR1);
-        let line = self.expect_line("lazyfs power cut");
-        line.split_whitespace()
-            .find_map(|w| w.parse().ok())
-            .unwrap_or(0)
-    }
-}
-
-impl Drop for LazyFs {
-    fn drop(&mut self) {
-        signal(&self.child, libc::SIGTERM);
-        if wait_timeout(&mut self.child, Duration::from_secs(10)).is_none() {
-            let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
-        }
-    }
-}
+use txmq_tests::lazyfs::LazyFs;
+use txmq_tests::{TestBroker, drain, eventually, free_port, http_get, next, producer};
 
 /// What clients were told, during one round of load.
 #[derive(Default)]
@@ -220,7 +121,7 @@ fn kill_and_wait(pid: u32) {
 /// was lost: acknowledged sends, committed messages, and acked messages that came back.
 async fn cut_power_under_load(flush: &str, cuts: u32) -> (usize, usize, usize) {
     let fs = LazyFs::mount();
-    let mut b = TestBroker::start_in(Some(fs.mount.join("data")), &["--flush", flush]);
+    let mut b = TestBroker::start_in(Some(fs.path().join("data")), &["--flush", flush]);
     let mut lost = (0, 0, 0);
     for round in 0..cuts {
         let told = Arc::new(Mutex::new(Told::default()));
@@ -311,7 +212,10 @@ async fn async_flush_loses_acknowledged_writes_and_the_test_sees_it() {
 async fn a_failed_fsync_is_sticky_and_the_broker_recovers_to_the_disk() {
     let fs = LazyFs::mount();
     let metrics = format!("127.0.0.1:{}", free_port());
-    let mut b = TestBroker::start_in(Some(fs.mount.join("data")), &["--metrics-listen", &metrics]);
+    let mut b = TestBroker::start_in(
+        Some(fs.path().join("data")),
+        &["--metrics-listen", &metrics],
+    );
     let p = producer(&b).await;
     let mut stored = Vec::new();
     for i in 0..50 {

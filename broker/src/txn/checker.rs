@@ -507,10 +507,7 @@ mod tests {
         assert!(omitted_bodies);
         assert_eq!(metadata.len() + omitted as usize, 24);
         assert!((1..24).contains(&metadata.len()));
-        let size: usize = metadata
-            .iter()
-            .map(prost::Message::encoded_len)
-            .sum();
+        let size: usize = metadata.iter().map(prost::Message::encoded_len).sum();
         assert!(size <= 1 << 19, "{size}");
 
         let mut one = vec![message(10, 60_000); 2];

@@ -4,7 +4,7 @@ use std::ffi::OsStr;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
@@ -32,12 +32,49 @@ const FILE_OPEN: FopenFlags = FopenFlags::FOPEN_DIRECT_IO;
 #[derive(Debug)]
 pub struct LazyFs {
     state: Arc<Mutex<State>>,
+    stall: Arc<Stall>,
+}
+
+/// Stall-fsync mode: an fsync waits until it is switched off. The mount serves one
+/// request at a time, so every later request waits too: a disk that hangs.
+#[derive(Debug, Default)]
+pub struct Stall {
+    on: Mutex<bool>,
+    off: Condvar,
+}
+
+impl Stall {
+    /// Switches the mode; returns whether it is now on.
+    pub fn toggle(&self) -> bool {
+        let on = !*self.lock();
+        self.set(on)
+    }
+
+    /// Switches the mode on or off; returns whether it is now on.
+    pub fn set(&self, on: bool) -> bool {
+        *self.lock() = on;
+        if !on {
+            self.off.notify_all();
+        }
+        on
+    }
+
+    fn wait(&self) {
+        let mut on = self.lock();
+        while *on {
+            on = self.off.wait(on).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, bool> {
+        self.on.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 impl LazyFs {
-    /// Serves `state`, which the signal thread shares.
-    pub fn new(state: Arc<Mutex<State>>) -> Self {
-        Self { state }
+    /// Serves `state`, which the signal thread shares, and stalls its fsyncs on `stall`.
+    pub fn new(state: Arc<Mutex<State>>, stall: Arc<Stall>) -> Self {
+        Self { state, stall }
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -253,6 +290,8 @@ impl Filesystem for LazyFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
+        // Outside the state's lock: the signal thread needs it meanwhile.
+        self.stall.wait();
         reply_empty(reply, self.state().fsync(ino.0, fh.0, datasync));
     }
 

@@ -13,6 +13,8 @@
 //!   back to its last fsynced content; prints `lazyfs power cut: dropped N bytes`.
 //! - `SIGUSR2`: toggles fail-fsync mode, where fsync fails with `EIO` and drops the file's
 //!   unsynced data (as Linux does after a failed writeback); prints `lazyfs fail-fsync on|off`.
+//! - `SIGHUP`: toggles stall-fsync mode, where an fsync waits until the mode is switched
+//!   off, and every request after it with it (a hung disk); prints `lazyfs stall-fsync on|off`.
 //! - `SIGTERM`/`SIGINT`: unmounts, writes what is still pending to DIR (as a clean shutdown
 //!   of a real machine would), prints `lazyfs unmounted MNT: flushed N bytes` and exits 0.
 //!
@@ -42,10 +44,10 @@ use std::thread;
 use anyhow::{Context, bail};
 use clap::Parser;
 use fuser::{Config, MountOption, Session};
-use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1, SIGUSR2};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1, SIGUSR2};
 use signal_hook::iterator::Signals;
 
-use crate::fs::LazyFs;
+use crate::fs::{LazyFs, Stall};
 use crate::state::State;
 
 /// Command line.
@@ -80,7 +82,7 @@ fn main() -> anyhow::Result<()> {
     // ours must not cut them again.
     nix::sys::stat::umask(nix::sys::stat::Mode::empty());
     // Handlers go in before the mount exists, so no signal can kill us with it up.
-    let mut signals = Signals::new([SIGTERM, SIGINT, SIGUSR1, SIGUSR2])?;
+    let mut signals = Signals::new([SIGTERM, SIGINT, SIGUSR1, SIGUSR2, SIGHUP])?;
 
     let state = Arc::new(Mutex::new(State::new(backing.clone())?));
     let mut config = Config::default();
@@ -90,7 +92,9 @@ fn main() -> anyhow::Result<()> {
         MountOption::RW,
     ];
     // Session::new returns after the FUSE handshake, so the mount serves from here on.
-    let mut session = Session::new(LazyFs::new(Arc::clone(&state)), &args.mount, &config)
+    let stall = Arc::new(Stall::default());
+    let fs = LazyFs::new(Arc::clone(&state), Arc::clone(&stall));
+    let mut session = Session::new(fs, &args.mount, &config)
         .with_context(|| format!("mount {}", args.mount.display()))?;
     let mut unmounter = session.unmount_callable();
     let server = thread::Builder::new()
@@ -116,9 +120,18 @@ fn main() -> anyhow::Result<()> {
                     if on { "on" } else { "off" }
                 ));
             }
+            SIGHUP => {
+                let on = stall.toggle();
+                say(&format!(
+                    "lazyfs stall-fsync {}",
+                    if on { "on" } else { "off" }
+                ));
+            }
             _ => break,
         }
     }
+    // A stalled fsync would hold the unmount up forever.
+    stall.set(false);
 
     match unmounter.unmount() {
         Ok(()) => match server.join() {
