@@ -6,6 +6,7 @@
 
 mod broker;
 mod scenarios;
+mod schedule;
 mod stalls;
 
 use std::time::Duration;
@@ -29,6 +30,9 @@ pub enum Scenario {
     /// Send and consume on an empty broker, then fill it with `--backlog` stored messages
     /// and `--prepared` open transactions, and send and consume again.
     Backlog,
+    /// Scheduled sends with `--waiting` messages scheduled a day ahead, then the lateness
+    /// of `--messages` falling due at `--rate` a second.
+    Schedule,
 }
 
 /// Flush mode passed to a broker the bench starts.
@@ -81,6 +85,9 @@ pub struct Args {
     /// `backlog`: prepared (never resolved) transactions stored before it.
     #[arg(long, default_value_t = 1_000_000)]
     pub prepared: u64,
+    /// `schedule`: messages scheduled a day ahead, waiting during the measurement.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub waiting: u64,
 }
 
 /// What a scenario measured.

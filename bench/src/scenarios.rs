@@ -12,18 +12,18 @@ use txmq_client::{Consumer, ConsumerOptions, Message, Outcome, Producer, Produce
 
 use crate::{Args, Report, Scenario};
 
-fn histogram() -> Histogram<u64> {
+pub(crate) fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 600_000_000, 3).expect("histogram bounds")
 }
 
-fn now_us() -> u64 {
+pub(crate) fn now_us() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_micros() as u64)
 }
 
 /// A payload of `size` bytes whose first 8 carry the send time (µs), for e2e latency.
-fn payload(size: usize, stamp: bool) -> Bytes {
+pub(crate) fn payload(size: usize, stamp: bool) -> Bytes {
     let mut b = vec![b'x'; size.max(8)];
     if stamp {
         b[..8].copy_from_slice(&now_us().to_be_bytes());
@@ -45,6 +45,7 @@ pub async fn run(args: &Args, addr: &str) -> anyhow::Result<Report> {
         Scenario::Txn => txn(args, addr).await,
         Scenario::E2e => e2e(args, addr).await,
         Scenario::Backlog => backlog(args, addr).await,
+        Scenario::Schedule => crate::schedule::schedule(args, addr).await,
     }
 }
 
@@ -262,7 +263,7 @@ async fn prepare(addr: &str, n: u64, size: usize, window: usize) -> anyhow::Resu
 }
 
 /// Runs `n` operations, `op(k)` starting the k-th, with at most `window` in flight.
-async fn windowed<F, Fut>(n: u64, window: usize, mut op: F) -> anyhow::Result<()>
+pub(crate) async fn windowed<F, Fut>(n: u64, window: usize, mut op: F) -> anyhow::Result<()>
 where
     F: FnMut(u64) -> Fut,
     Fut: std::future::Future<Output = txmq_client::Result<()>>,

@@ -55,4 +55,21 @@ fn every_scenario_reports_its_figures() {
         assert!(r[field].is_number(), "backlog: {field} missing in {r}");
     }
     assert_eq!(r["backlog"], 3000);
+    let r = bench(&[
+        "schedule",
+        "--messages",
+        "300",
+        "--waiting",
+        "3000",
+        "--rate",
+        "1000",
+    ]);
+    for field in ["scheduled_send_msgs_per_sec", "p50_us", "p99_us"] {
+        assert!(r[field].is_number(), "schedule: {field} missing in {r}");
+    }
+    assert_eq!(r["waiting"], 3000);
+    assert_eq!(
+        r["latency_of"],
+        "arrival at a consumer minus the scheduled time"
+    );
 }

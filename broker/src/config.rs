@@ -76,6 +76,9 @@ pub struct Config {
     /// How long resolved transactions are remembered, so late duplicates are recognised.
     #[serde(with = "duration")]
     pub txn_retention: Duration,
+    /// Furthest ahead of now a message may be scheduled for delivery.
+    #[serde(with = "duration")]
+    pub max_schedule_delay: Duration,
     /// Default lease (invisible duration) of a delivered message.
     #[serde(with = "duration")]
     pub lease: Duration,
@@ -121,6 +124,7 @@ impl Default for Config {
             check_backoff: vec![s(10), s(30), m(1), m(2), m(5), m(10)],
             check_reply_timeout: s(3),
             txn_retention: s(24 * 3600),
+            max_schedule_delay: s(40 * 24 * 3600),
             lease: s(30),
             window: 256,
             max_attempts: 16,

@@ -62,6 +62,15 @@ pub enum Error {
     /// A subscription whose filter differs from its group's.
     #[error("{0}")]
     FilterConflict(String),
+    /// Cancel of a scheduled message that is not waiting.
+    #[error(
+        "no scheduled message {0} is waiting: it was never scheduled, or was cancelled \
+         and forgotten"
+    )]
+    ScheduledNotFound(String),
+    /// Cancel of a scheduled message that was delivered already.
+    #[error("scheduled message {0} was already delivered (topic {1:?}, offset {2})")]
+    AlreadyDelivered(String, String, u64),
     /// A broken internal invariant: a bug, reported rather than crashing the broker.
     #[error("internal: {0}")]
     Internal(String),
@@ -89,6 +98,8 @@ impl Error {
             Error::WrongProducerGroup(_) => ErrorCode::WrongProducerGroup,
             Error::GroupNotFound(..) => ErrorCode::GroupNotFound,
             Error::FilterConflict(_) => ErrorCode::FilterConflict,
+            Error::ScheduledNotFound(_) => ErrorCode::ScheduledNotFound,
+            Error::AlreadyDelivered(..) => ErrorCode::AlreadyDelivered,
             Error::Internal(_) => ErrorCode::Internal,
         }
     }

@@ -24,9 +24,11 @@
 //!   commands, handle, staging of topics and transactions, the syncer).
 //! - [`delivery`]: consumer groups.
 //! - [`txn`]: the transaction state machine, check-backs and the producers that answer them.
+//! - [`timer`]: delivers scheduled messages at their time.
 //! - [`metrics`]: Prometheus counters and the `/metrics` + `/health` endpoint.
 //!
-//! Dependencies run one way: `server → connection → cmd → {storage, delivery, txn}`; a
+//! Dependencies run one way: `server → connection → cmd → {storage, delivery, txn}`
+//! (`server` also starts the [`timer`], which drives only the writer); a
 //! failed fsync makes `server` reopen storage in the same process.
 
 pub mod cmd;
@@ -38,6 +40,7 @@ pub mod ids;
 pub mod metrics;
 pub mod server;
 pub mod storage;
+pub mod timer;
 pub mod topics;
 pub mod txn;
 

@@ -61,6 +61,9 @@ struct Flags {
     /// How long resolved transactions are remembered [default: 24h].
     #[arg(long, env = "TXMQ_TXN_RETENTION", value_parser = duration_text)]
     txn_retention: Option<String>,
+    /// Furthest ahead a message may be scheduled for delivery [default: 40days].
+    #[arg(long, env = "TXMQ_MAX_SCHEDULE_DELAY", value_parser = duration_text)]
+    max_schedule_delay: Option<String>,
     /// Default lease (invisible duration) of a delivery [default: 30s].
     #[arg(long, env = "TXMQ_LEASE", value_parser = duration_text)]
     lease: Option<String>,

@@ -34,6 +34,12 @@ pub struct Metrics {
     pub transactions_resolved: IntCounterVec,
     /// Transactions discarded after `check-max` checks.
     pub transactions_discarded: IntCounter,
+    /// Scheduled messages waiting for their delivery time.
+    pub scheduled_pending: IntGauge,
+    /// Scheduled messages delivered at their time.
+    pub scheduled_delivered: IntCounter,
+    /// Seconds from a scheduled message's delivery time to its delivery into its topic.
+    pub schedule_lateness_seconds: Histogram,
     /// Check-backs by result: `commit`, `rollback`, `unknown`, `timeout`, `no_producer`,
     /// `busy`.
     pub checks: IntCounterVec,
@@ -126,6 +132,19 @@ impl Metrics {
             transactions_discarded: counter(
                 "transactions_discarded_total",
                 "Transactions discarded after check-max checks",
+            ),
+            scheduled_pending: gauge(
+                "scheduled_pending",
+                "Scheduled messages waiting for their delivery time",
+            ),
+            scheduled_delivered: counter(
+                "scheduled_delivered_total",
+                "Scheduled messages delivered into their topic at their time",
+            ),
+            schedule_lateness_seconds: histogram(
+                "schedule_lateness_seconds",
+                "Time from a scheduled message's delivery time to its delivery",
+                prometheus::exponential_buckets(0.001, 2.0, 16).expect("valid buckets"),
             ),
             checks: counter_vec("checks_total", "Check-backs by result", "result"),
             deliveries: counter("deliveries_total", "Deliveries to consumers"),

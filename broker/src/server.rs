@@ -23,6 +23,7 @@ use crate::ids::IdGen;
 use crate::metrics::{self, Metrics};
 use crate::storage::Storage;
 use crate::storage::writer::Writer;
+use crate::timer::Timer;
 use crate::topics::{Topic, Topics};
 use crate::txn::checker::Checker;
 use crate::txn::producers::Producers;
@@ -180,13 +181,14 @@ async fn run_once(
     live: &metrics::Live,
     shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
 ) -> Result<Stop> {
-    let (boot, stored, halves) = {
+    let (boot, stored, halves, scheduled) = {
         let storage = storage.clone();
         tokio::task::spawn_blocking(move || {
             let boot = storage.next_boot()?;
             let topics = storage.topics()?;
             let halves = storage.count_halves()?;
-            Ok::<_, Error>((boot, topics, halves))
+            let scheduled = storage.count_scheduled()?;
+            Ok::<_, Error>((boot, topics, halves, scheduled))
         })
         .await
         .map_err(|e| Error::Internal(e.to_string()))??
@@ -200,8 +202,15 @@ async fn run_once(
             t.end,
         )));
     }
-    tracing::info!(boot, topics = topics.all().len(), halves, "storage open");
+    tracing::info!(
+        boot,
+        topics = topics.all().len(),
+        halves,
+        scheduled,
+        "storage open"
+    );
     metrics.half_messages_pending.set(halves as i64);
+    metrics.scheduled_pending.set(scheduled as i64);
 
     let (writer, writer_thread) = Writer::spawn(
         storage.clone(),
@@ -222,6 +231,7 @@ async fn run_once(
         metrics.clone(),
     );
     tracker.spawn(checker.run(answers_rx, cancel.clone()));
+    tracker.spawn(Timer::new(storage.clone(), writer.clone()).run(cancel.clone()));
     let shared = Arc::new(Shared {
         groups: Groups::new(
             storage.clone(),

@@ -160,6 +160,39 @@ impl Admin {
         expect!(r, Group)
     }
 
+    /// Scheduled messages waiting for their time (of `topic` only, unless empty),
+    /// earliest first, at most `limit` of them (0: all), fetched a page at a time.
+    ///
+    /// # Errors
+    /// Connection lost, bad topic name.
+    pub async fn scheduled(&self, topic: &str, limit: usize) -> Result<Vec<pb::ScheduledInfo>> {
+        let mut all = Vec::new();
+        let (mut after_deliver_ms, mut after_message_id) = (0, String::new());
+        loop {
+            let r = self
+                .conn
+                .call(Body::ListScheduled(pb::ListScheduledRequest {
+                    topic: topic.to_string(),
+                    limit: PAGE,
+                    after_deliver_ms,
+                    after_message_id: after_message_id.clone(),
+                }))
+                .await?;
+            let page = expect!(r, Scheduled)?;
+            all.extend(page.scheduled);
+            if limit > 0 && all.len() >= limit {
+                all.truncate(limit);
+                return Ok(all);
+            }
+            if !page.more {
+                return Ok(all);
+            }
+            // From the last entry the broker looked at, which a topic filter may have
+            // skipped.
+            (after_deliver_ms, after_message_id) = (page.resume_deliver_ms, page.resume_message_id);
+        }
+    }
+
     /// A group's dead letters, at most `limit` of them (0: all), fetched a page at a time.
     ///
     /// # Errors

@@ -103,6 +103,11 @@ impl Delivery {
     pub fn body(&self) -> &Bytes {
         &self.message.body
     }
+    /// For a scheduled message, the time it was scheduled for (ms since the Unix epoch);
+    /// 0 for others.
+    pub fn deliver_ms(&self) -> u64 {
+        self.message.deliver_ms
+    }
     /// The handle that names this lease.
     pub fn handle(&self) -> &pb::DeliveryHandle {
         &self.handle

@@ -27,6 +27,8 @@ pub struct Message {
     pub tag: String,
     /// User properties.
     pub properties: HashMap<String, String>,
+    /// Deliver no earlier than this (ms since the Unix epoch; 0: now).
+    pub deliver_at_ms: u64,
 }
 
 impl Message {
@@ -57,6 +59,23 @@ impl Message {
         self
     }
 
+    /// Schedules the message: no consumer sees it before `at` (a time already past means
+    /// now). In a transaction it is scheduled at commit and discarded by rollback. The
+    /// broker refuses a time further ahead than its `max-schedule-delay` (40 days by
+    /// default). The time is read against the broker's clock.
+    pub fn deliver_at(mut self, at: std::time::SystemTime) -> Self {
+        self.deliver_at_ms = at
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        self
+    }
+
+    /// Schedules the message `after` from now (this machine's clock): see
+    /// [`Message::deliver_at`].
+    pub fn deliver_after(self, after: std::time::Duration) -> Self {
+        self.deliver_at(std::time::SystemTime::now() + after)
+    }
+
     fn into_pb(self) -> pb::Message {
         pb::Message {
             topic: self.topic,
@@ -65,6 +84,7 @@ impl Message {
             tag: self.tag,
             properties: self.properties,
             born_ms: txmq_protocol::now_ms(),
+            deliver_at_ms: self.deliver_at_ms,
         }
     }
 }
@@ -76,8 +96,11 @@ pub struct Receipt {
     pub message_id: String,
     /// Topic.
     pub topic: String,
-    /// Offset in the topic (0 for a half message, which has none yet).
+    /// Offset in the topic (0 for a half message or a scheduled one, which have none
+    /// yet).
     pub offset: u64,
+    /// For a message held back until later: its delivery time (ms since the Unix epoch).
+    pub deliver_ms: u64,
 }
 
 impl From<pb::MessageReceipt> for Receipt {
@@ -86,6 +109,7 @@ impl From<pb::MessageReceipt> for Receipt {
             message_id: r.message_id,
             topic: r.topic,
             offset: r.offset,
+            deliver_ms: r.deliver_ms,
         }
     }
 }
@@ -432,6 +456,23 @@ impl Producer {
         let conn = self.connection().await?;
         match conn.call(Body::EndTxn(req)).await? {
             pb::response::Result::EndTxn(ok) => Ok(ok),
+            other => Err(Error::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Cancels a scheduled message before its time (what RocketMQ 5.3 calls recall);
+    /// returns its topic and the time it was scheduled for. Cancelling it again succeeds.
+    ///
+    /// # Errors
+    /// `ALREADY_DELIVERED` (too late; the message says where it went),
+    /// `SCHEDULED_NOT_FOUND` (never scheduled, or cancelled long ago), a bad id.
+    pub async fn cancel_scheduled(&self, message_id: &str) -> Result<pb::CancelScheduledOk> {
+        let conn = self.connection().await?;
+        let req = pb::CancelScheduledRequest {
+            message_id: message_id.to_string(),
+        };
+        match conn.call(Body::CancelScheduled(req)).await? {
+            pb::response::Result::CancelScheduled(ok) => Ok(ok),
             other => Err(Error::Unexpected(format!("{other:?}"))),
         }
     }

@@ -308,6 +308,7 @@ mod tests {
                 tag,
                 properties: props.into_iter().collect(),
                 born_ms,
+                deliver_at_ms: born_ms / 2,
             });
         let body = prop_oneof![
             (

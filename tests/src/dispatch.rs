@@ -284,6 +284,48 @@ pub fn seeds() -> Vec<Vec<u8>> {
                 }),
             ),
         ]),
+        // Scheduled messages at the edges: the furthest time, one past it, cancels of
+        // bad and unknown ids, listings from nowhere (issue 14).
+        input(&[
+            frame(
+                2,
+                Body::Send(pb::SendRequest {
+                    messages: vec![
+                        pb::Message {
+                            deliver_at_ms: u64::MAX,
+                            ..msg(ALIVE_TOPIC)
+                        },
+                        pb::Message {
+                            deliver_at_ms: 1,
+                            ..msg(ALIVE_TOPIC)
+                        },
+                    ],
+                    ..Default::default()
+                }),
+            ),
+            frame(3, Body::Send(txn_send(ALIVE_TOPIC, 0))),
+            frame(
+                4,
+                Body::CancelScheduled(pb::CancelScheduledRequest {
+                    message_id: "F".repeat(32),
+                }),
+            ),
+            frame(
+                5,
+                Body::CancelScheduled(pb::CancelScheduledRequest {
+                    message_id: "\u{0}".into(),
+                }),
+            ),
+            frame(
+                6,
+                Body::ListScheduled(pb::ListScheduledRequest {
+                    topic: "no such".into(),
+                    limit: u32::MAX,
+                    after_deliver_ms: u64::MAX,
+                    after_message_id: "F".repeat(32),
+                }),
+            ),
+        ]),
         // Frames only the broker sends, a second Hello, an empty body.
         input(&[
             frame(2, Body::Delivery(pb::Delivery::default())),

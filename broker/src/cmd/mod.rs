@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod consume;
 pub mod hello;
+pub mod scheduled;
 pub mod send;
 mod session;
 mod shared;
@@ -122,6 +123,8 @@ pub async fn dispatch(
         Body::Redrive(req) => admin::redrive(id, req, shared),
         Body::ListGroups(req) => admin::list_groups(id, req, shared),
         Body::Stats(_) => admin::stats(id, shared),
+        Body::CancelScheduled(req) => scheduled::cancel(id, req, shared),
+        Body::ListScheduled(req) => scheduled::list(id, req, shared),
         Body::Hello(_) | Body::CheckReply(_) => unreachable!("handled above"),
         Body::Response(_) | Body::Delivery(_) | Body::Check(_) => ready(
             id,

@@ -54,7 +54,17 @@ pub(super) fn command(req: pb::SendRequest, session: &Session, shared: &Shared) 
         )));
     }
     let max = shared.config.max_message_bytes;
+    let latest =
+        txmq_protocol::now_ms().saturating_add(shared.config.max_schedule_delay.as_millis() as u64);
     for m in &req.messages {
+        if m.deliver_at_ms > latest {
+            return Err(Error::Invalid(format!(
+                "deliver_at_ms {} is more than max-schedule-delay ({}) ahead of the broker's \
+                 clock; the latest allowed now is {latest}",
+                m.deliver_at_ms,
+                humantime::format_duration(shared.config.max_schedule_delay)
+            )));
+        }
         super::name("topic", &m.topic)?;
         if m.body.len() > max {
             return Err(Error::TooLarge(format!(

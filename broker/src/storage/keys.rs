@@ -32,9 +32,13 @@ pub enum DueKind {
     Check = b'c',
     /// A resolved transaction's end of retention.
     Purge = b'p',
+    /// A scheduled message's delivery time (the id is the message's).
+    Deliver = b'd',
+    /// The end of retention of a delivered or cancelled scheduled message's record.
+    Forget = b'f',
 }
 
-/// `due`: kind, due time (ms), transaction id.
+/// `due`: kind, due time (ms), transaction id (a message id for scheduled messages).
 pub fn due(kind: DueKind, due_ms: u64, txn: Id) -> [u8; 25] {
     let mut k = [0; 25];
     k[0] = kind as u8;

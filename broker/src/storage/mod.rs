@@ -9,14 +9,17 @@
 //! | `log` | topic id, offset | `pb::StoredMessage` |
 //! | `half` | txn id, seq | `pb::StoredMessage` (offset 0) |
 //! | `txn` | txn id | [`records::TxnRecord`] |
-//! | `due` | kind, due ms, txn id | empty: the time-ordered index of checks and purges |
+//! | `due` | kind, due ms, id | empty: the time-ordered index of checks, purges and scheduled deliveries |
 //! | `cursor` | group, topic id | [`records::CursorRecord`] |
 //! | `acked` | group, topic id, offset | empty: acks above the floor |
 //! | `retry` | group, topic id, offset | [`records::RetryRecord`] |
 //! | `dlq` | group, topic id, offset | [`records::DeadLetterRecord`] |
+//! | `sched` | message id | [`records::SchedRecord`]: a scheduled message and its fate |
 
 pub mod keys;
 pub mod records;
+mod scheduled;
+pub use scheduled::ScheduledPage;
 pub mod writer;
 
 use std::path::Path;
@@ -32,8 +35,8 @@ use crate::ids::Id;
 use records::{CursorRecord, DeadLetterRecord, RetryRecord, TopicRecord, TxnRecord};
 
 /// Column family names, in creation order.
-pub const CFS: [&str; 9] = [
-    "meta", "log", "half", "txn", "due", "cursor", "acked", "retry", "dlq",
+pub const CFS: [&str; 10] = [
+    "meta", "log", "half", "txn", "due", "cursor", "acked", "retry", "dlq", "sched",
 ];
 
 /// A column family of [`CFS`].
@@ -57,6 +60,8 @@ pub enum Cf {
     Retry,
     /// Dead letters.
     Dlq,
+    /// Scheduled messages.
+    Sched,
 }
 
 impl Cf {
@@ -109,6 +114,9 @@ pub struct Storage {
     /// storage and recovers to what is on disk.
     failure: std::sync::Mutex<Option<String>>,
     failed: tokio_util::sync::CancellationToken,
+    /// Rung once a batch that scheduled messages is durable: the timer may need to wake
+    /// earlier than it planned.
+    pub scheduled: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for Storage {
@@ -155,6 +163,7 @@ impl Storage {
             counters: Counters::default(),
             failure: std::sync::Mutex::new(None),
             failed: tokio_util::sync::CancellationToken::new(),
+            scheduled: tokio::sync::Notify::new(),
         }))
     }
 

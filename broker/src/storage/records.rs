@@ -98,3 +98,51 @@ pub struct DeadLetterRecord {
     #[prost(uint64, tag = "5")]
     pub dead_ms: u64,
 }
+
+/// `sched`: a scheduled message by id. While it waits, it holds the whole message; once
+/// delivered or cancelled, only what became of it, until `forget_ms`, so that a late
+/// cancel can say what happened.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SchedRecord {
+    /// The message, while it waits (its `deliver_ms` set).
+    #[prost(message, optional, tag = "1")]
+    pub message: Option<txmq_protocol::pb::StoredMessage>,
+    /// When it is (or was) due.
+    #[prost(uint64, tag = "2")]
+    pub deliver_ms: u64,
+    /// Its topic.
+    #[prost(string, tag = "3")]
+    pub topic: String,
+    /// [`SchedState`] as i32.
+    #[prost(int32, tag = "4")]
+    pub state: i32,
+    /// Where it landed, once delivered.
+    #[prost(uint64, tag = "5")]
+    pub offset: u64,
+    /// When the record of a delivered or cancelled message is removed.
+    #[prost(uint64, tag = "6")]
+    pub forget_ms: u64,
+}
+
+/// What became of a scheduled message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(i32)]
+pub enum SchedState {
+    /// Not yet due.
+    Waiting = 0,
+    /// Appended to its topic at its time.
+    Delivered = 1,
+    /// Cancelled before its time.
+    Cancelled = 2,
+}
+
+impl SchedRecord {
+    /// Its state (an unknown number reads as waiting, which keeps the message).
+    pub fn state(&self) -> SchedState {
+        match self.state {
+            1 => SchedState::Delivered,
+            2 => SchedState::Cancelled,
+            _ => SchedState::Waiting,
+        }
+    }
+}

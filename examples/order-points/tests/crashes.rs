@@ -18,6 +18,7 @@ fn order_service(b: &TestBroker, db: &Path) -> Child {
         .arg(db)
         .args(["--orders", &ORDERS.to_string()])
         .args(["--die-after-local-commit-every", "17", "--linger", "4"])
+        .args(["--payment-timeout", "2s"])
         .spawn()
         .expect("start order-service")
 }
@@ -103,6 +104,29 @@ fn orders_and_points_agree_after_crashes() {
     assert!(
         points_kills >= 5,
         "points-service died only {points_kills} times"
+    );
+    // Each order's "cancel if unpaid" message, scheduled in its transaction: one per
+    // placed order, none for anything else, none before its time.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let timeouts = runtime.block_on(txmq_tests::drain(
+        &b,
+        "payment-watch",
+        "order-timeouts",
+        Duration::from_secs(4),
+    ));
+    let mut timed_out: Vec<i64> = timeouts
+        .iter()
+        .map(|body| {
+            serde_json::from_slice::<txmq_example_order_points::OrderPlaced>(body)
+                .unwrap()
+                .order_id
+        })
+        .collect();
+    timed_out.sort_unstable();
+    timed_out.dedup();
+    assert_eq!(
+        timed_out, placed_ids,
+        "scheduled timeouts and orders differ"
     );
     println!(
         "order-points: {} orders, {} credited, order-service killed {order_kills}x between \

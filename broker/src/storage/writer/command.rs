@@ -80,6 +80,25 @@ pub enum Command {
         /// The due entry that triggered it.
         due_ms: u64,
     },
+    /// Deliver a scheduled message whose time has come (from the timer's due entry).
+    Deliver {
+        /// The message.
+        id: Id,
+        /// The due entry that triggered it.
+        due_ms: u64,
+    },
+    /// Cancel a scheduled message that is not yet due.
+    CancelScheduled {
+        /// The message.
+        id: Id,
+    },
+    /// Remove the record of a delivered or cancelled scheduled message.
+    ForgetScheduled {
+        /// The message.
+        id: Id,
+        /// The due entry that triggered it.
+        due_ms: u64,
+    },
     /// Create a topic.
     CreateTopic {
         /// Its name, validated.
@@ -155,6 +174,13 @@ pub enum Outcome {
     Txn(Box<TxnRecord>),
     /// A topic.
     Topic(Arc<Topic>),
+    /// A scheduled message cancelled (now or before).
+    Cancelled {
+        /// Its topic.
+        topic: String,
+        /// The time it was scheduled for.
+        deliver_ms: u64,
+    },
     /// Written; nothing to tell.
     Done,
     /// The outcomes of [`Command::Many`], in its order.

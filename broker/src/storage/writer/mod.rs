@@ -19,6 +19,7 @@
 mod command;
 mod handle;
 mod recent;
+mod scheduled;
 mod sync;
 #[cfg(test)]
 mod tests;
@@ -34,7 +35,7 @@ use tokio::sync::mpsc;
 use txmq_protocol::pb;
 
 use super::Storage;
-use super::records::TxnRecord;
+use super::records::{SchedRecord, TxnRecord};
 use crate::config::{Config, FlushMode};
 use crate::error::{Error, Result};
 use crate::ids::{Id, IdGen};
@@ -324,6 +325,9 @@ impl Writer {
                 next_check_ms,
             } => self.record_check(txn, counted, result, note, next_check_ms, stage),
             Command::Discard { txn } => self.discard(txn, stage),
+            Command::Deliver { id, due_ms } => self.deliver(id, due_ms, stage),
+            Command::CancelScheduled { id } => self.cancel_scheduled(id, stage),
+            Command::ForgetScheduled { id, due_ms } => self.forget_scheduled(id, due_ms, stage),
             Command::Rearm { txn } => self.rearm(txn, stage),
             Command::Purge { txn, due_ms } => self.purge(txn, due_ms, stage),
             Command::DropDueCheck { txn, due_ms } => {
@@ -380,6 +384,8 @@ struct Stage {
     batch: WriteBatch,
     txns: FxHashMap<Id, TxnRecord>,
     halves: FxHashMap<Id, Vec<(u32, pb::StoredMessage)>>,
+    /// Scheduled-message records staged (`None`: removed).
+    sched: FxHashMap<Id, Option<SchedRecord>>,
     new_topics: Vec<Arc<Topic>>,
     first_topic_id: Option<u32>,
     next_offset: FxHashMap<u32, u64>,

@@ -65,6 +65,10 @@ pub(super) fn sync_loop(
                         }
                     }
                     w.tally.publish(metrics);
+                    if w.tally.scheduled > 0 {
+                        // Perhaps earlier than the timer planned to wake.
+                        storage.scheduled.notify_one();
+                    }
                     for (job, result) in w.jobs.into_iter().zip(w.results) {
                         let _ = job.reply.send(result);
                     }
@@ -90,6 +94,12 @@ pub(super) struct Tally {
     pub(super) committed: u64,
     pub(super) rolled_back: u64,
     pub(super) discarded: u64,
+    /// Messages held back for later, delivered at their time, and cancelled.
+    pub(super) scheduled: u64,
+    pub(super) delivered: u64,
+    pub(super) cancelled: u64,
+    /// How late each delivery was (ms past its time).
+    pub(super) lateness_ms: Vec<u64>,
 }
 
 impl Tally {
@@ -105,5 +115,11 @@ impl Tally {
             .with_label_values(&["rollback"])
             .inc_by(self.rolled_back);
         m.transactions_discarded.inc_by(self.discarded);
+        m.scheduled_pending
+            .add(self.scheduled as i64 - self.delivered as i64 - self.cancelled as i64);
+        m.scheduled_delivered.inc_by(self.delivered);
+        for &ms in &self.lateness_ms {
+            m.schedule_lateness_seconds.observe(ms as f64 / 1000.0);
+        }
     }
 }

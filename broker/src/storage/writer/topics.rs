@@ -86,6 +86,7 @@ impl Writer {
             message_id: msg.message_id,
             topic: msg.topic,
             offset: msg.offset,
+            deliver_ms: 0,
         }
     }
 
@@ -101,6 +102,7 @@ impl Writer {
             born_ms: m.born_ms,
             store_ms: now,
             txn_id: String::new(),
+            deliver_ms: m.deliver_at_ms,
         }
     }
 
@@ -116,7 +118,7 @@ impl Writer {
             .zip(topics)
             .map(|(m, t)| {
                 let stored = self.stored(m, now);
-                self.append_one(&t, stored, stage)
+                self.append_or_schedule(&t, stored, now, stage)
             })
             .collect();
         stage.tally.sent += receipts.len() as u64;

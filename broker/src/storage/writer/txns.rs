@@ -102,6 +102,7 @@ impl Writer {
                 message_id: stored.message_id.clone(),
                 topic: stored.topic.clone(),
                 offset: 0,
+                deliver_ms: 0,
             });
             stage.batch.put_cf(
                 half,
@@ -177,7 +178,8 @@ impl Writer {
             let now = txmq_protocol::now_ms();
             for (mut m, topic) in halves.into_iter().zip(topics) {
                 m.store_ms = now;
-                receipts.push(self.append_one(&topic, m, stage));
+                // A scheduled message of the transaction is held back from here (I8).
+                receipts.push(self.append_or_schedule(&topic, m, now, stage));
             }
         }
         // Point deletes, not a range delete: every read of the memtable pays for each

@@ -1,5 +1,6 @@
 //! `txmq`: produce, consume and operate a txmq broker from a shell.
 
+mod scheduled;
 mod view;
 
 use std::io::Write;
@@ -63,6 +64,9 @@ enum Command {
     /// Dead-letter queues.
     #[command(subcommand)]
     Dlq(DlqCmd),
+    /// Scheduled messages waiting for their time.
+    #[command(subcommand)]
+    Scheduled(scheduled::ScheduledCmd),
     /// Broker-wide figures: topics, messages, groups, pending half messages, counters.
     Stats {
         /// JSON output.
@@ -108,6 +112,12 @@ struct ProduceArgs {
     /// Message tag.
     #[arg(long, default_value = "")]
     tag: String,
+    /// Deliver this long after sending (`30s`, `30m`, `2h`): a scheduled message.
+    #[arg(long, value_parser = scheduled::parse_after, conflicts_with = "deliver_at")]
+    deliver_after: Option<Duration>,
+    /// Deliver at this time (RFC 3339, e.g. `2026-12-01T09:00:00Z`): a scheduled message.
+    #[arg(long, value_parser = scheduled::parse_at)]
+    deliver_at: Option<std::time::SystemTime>,
     /// Sends in flight at once.
     #[arg(long, default_value_t = 256)]
     window: usize,
@@ -454,6 +464,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Scheduled(cmd) => scheduled::run(addr, token, cmd).await,
         Command::Dlq(DlqCmd::List { group, limit, json }) => {
             let letters = Admin::connect(addr, token)
                 .await?
@@ -506,9 +517,14 @@ fn body_of(a: &ProduceArgs, i: u64) -> Vec<u8> {
 }
 
 fn message_of(a: &ProduceArgs, i: u64) -> Message {
-    Message::new(a.topic.clone(), body_of(a, i))
+    let m = Message::new(a.topic.clone(), body_of(a, i))
         .key(a.key.clone())
-        .tag(a.tag.clone())
+        .tag(a.tag.clone());
+    match (a.deliver_at, a.deliver_after) {
+        (Some(at), _) => m.deliver_at(at),
+        (None, Some(after)) => m.deliver_after(after),
+        (None, None) => m,
+    }
 }
 
 async fn produce(addr: &str, token: &str, a: ProduceArgs) -> anyhow::Result<()> {
@@ -554,7 +570,8 @@ async fn produce(addr: &str, token: &str, a: ProduceArgs) -> anyhow::Result<()> 
             writeln!(
                 out,
                 "{}",
-                json!({"id": r.message_id, "topic": r.topic, "offset": r.offset})
+                json!({"id": r.message_id, "topic": r.topic, "offset": r.offset,
+                    "deliver_ms": r.deliver_ms})
             )?;
             // Each line is a promise that the message is stored: never hold it back.
             out.flush()?;

@@ -2,6 +2,10 @@
 //! message. `--die-after-local-commit-every K` aborts the process right after the K-th,
 //! 2K-th… order is committed locally and before its message is committed: the crash this
 //! product exists for. Run it again and its check-back answer settles the orphan.
+//!
+//! In the same transaction each order also schedules a "cancel if unpaid" message on
+//! `--timeout-topic`, due `--payment-timeout` later: committed with the order, dropped
+//! with it, and seen by no one before its time.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -32,6 +36,12 @@ struct Args {
     /// Crash (abort) after every K-th local commit, before the message commit (0: never).
     #[arg(long, default_value_t = 0)]
     die_after_local_commit_every: i64,
+    /// Topic of the scheduled "cancel if unpaid" messages.
+    #[arg(long, default_value = "order-timeouts")]
+    timeout_topic: String,
+    /// When an order's "cancel if unpaid" message falls due (`30m`, `10s`).
+    #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
+    payment_timeout: Duration,
     /// Stay connected this many seconds after the last order, answering check-backs.
     #[arg(long, default_value_t = 0)]
     linger: u64,
@@ -84,6 +94,13 @@ async fn main() -> anyhow::Result<()> {
             Message::new(args.topic.clone(), serde_json::to_vec(&order)?)
                 .key(id.to_string())
                 .tag("placed"),
+        )
+        .await?;
+        txn.send(
+            Message::new(args.timeout_topic.clone(), serde_json::to_vec(&order)?)
+                .key(id.to_string())
+                .tag("cancel-if-unpaid")
+                .deliver_after(args.payment_timeout),
         )
         .await?;
         orders.lock().expect("orders lock").place(&order)?;
