@@ -18,6 +18,13 @@ struct Broker {
 fn broker() -> &'static Broker {
     static BROKER: OnceLock<Broker> = OnceLock::new();
     BROKER.get_or_init(|| {
+        // libFuzzer's main is not Rust's, which would ignore SIGPIPE: without this, an
+        // input after which the broker closed the connection kills the fuzzer with it.
+        #[allow(unsafe_code)]
+        // SAFETY: setting a signal's disposition to SIG_IGN, before any thread exists.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+        }
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
