@@ -62,6 +62,9 @@ pub enum Error {
     /// A subscription whose filter differs from its group's.
     #[error("{0}")]
     FilterConflict(String),
+    /// An ordered subscription to an unordered group, or the other way round.
+    #[error("{0}")]
+    OrderingConflict(String),
     /// Cancel of a scheduled message that is not waiting.
     #[error(
         "no scheduled message {0} is waiting: it was never scheduled, or was cancelled \
@@ -98,6 +101,7 @@ impl Error {
             Error::WrongProducerGroup(_) => ErrorCode::WrongProducerGroup,
             Error::GroupNotFound(..) => ErrorCode::GroupNotFound,
             Error::FilterConflict(_) => ErrorCode::FilterConflict,
+            Error::OrderingConflict(_) => ErrorCode::OrderingConflict,
             Error::ScheduledNotFound(_) => ErrorCode::ScheduledNotFound,
             Error::AlreadyDelivered(..) => ErrorCode::AlreadyDelivered,
             Error::Internal(_) => ErrorCode::Internal,

@@ -49,6 +49,10 @@ pub struct ConsumerOptions {
     /// has another one. Without it, a differing filter is refused (`FILTER_CONFLICT`)
     /// instead of silently making the whole group skip what this consumer does not want.
     pub replace_filter: bool,
+    /// An ordered (FIFO) group: the messages of one message group arrive in the order
+    /// they were stored, the next only after the previous was acked (or dead-lettered).
+    /// Fixed by the group's first subscription (`ORDERING_CONFLICT` otherwise).
+    pub ordered: bool,
     /// Shared secret, when the broker requires one.
     pub auth_token: String,
 }
@@ -61,6 +65,13 @@ impl ConsumerOptions {
             topic: topic.into(),
             ..Self::default()
         }
+    }
+
+    /// Makes the group ordered (FIFO per message group): see [`ConsumerOptions::ordered`].
+    #[must_use]
+    pub fn ordered(mut self, ordered: bool) -> Self {
+        self.ordered = ordered;
+        self
     }
 }
 
@@ -102,6 +113,10 @@ impl Delivery {
     /// Payload.
     pub fn body(&self) -> &Bytes {
         &self.message.body
+    }
+    /// Its message group (empty: none).
+    pub fn message_group(&self) -> &str {
+        &self.message.message_group
     }
     /// For a scheduled message, the time it was scheduled for (ms since the Unix epoch);
     /// 0 for others.
@@ -235,6 +250,7 @@ async fn open(addr: &str, o: &ConsumerOptions) -> Result<Subscribed> {
             window: o.window,
             max_attempts: o.max_attempts,
             replace_filter: o.replace_filter,
+            ordered: o.ordered,
         }))
         .await?;
     let pb::response::Result::Subscribe(ok) = ok else {

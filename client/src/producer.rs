@@ -29,6 +29,8 @@ pub struct Message {
     pub properties: HashMap<String, String>,
     /// Deliver no earlier than this (ms since the Unix epoch; 0: now).
     pub deliver_at_ms: u64,
+    /// Message group (FIFO order for ordered consumer groups; empty: none).
+    pub message_group: String,
 }
 
 impl Message {
@@ -59,6 +61,14 @@ impl Message {
         self
     }
 
+    /// Puts the message in a message group: an ordered consumer group receives the
+    /// messages of one group in the order they were stored, one at a time. In a
+    /// transaction they take their place at commit, in the order they were sent.
+    pub fn group(mut self, group: impl Into<String>) -> Self {
+        self.message_group = group.into();
+        self
+    }
+
     /// Schedules the message: no consumer sees it before `at` (a time already past means
     /// now). In a transaction it is scheduled at commit and discarded by rollback. The
     /// broker refuses a time further ahead than its `max-schedule-delay` (40 days by
@@ -85,6 +95,7 @@ impl Message {
             properties: self.properties,
             born_ms: txmq_protocol::now_ms(),
             deliver_at_ms: self.deliver_at_ms,
+            message_group: self.message_group,
         }
     }
 }

@@ -309,6 +309,7 @@ mod tests {
                 properties: props.into_iter().collect(),
                 born_ms,
                 deliver_at_ms: born_ms / 2,
+                message_group: String::new(),
             });
         let body = prop_oneof![
             (

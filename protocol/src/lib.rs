@@ -72,13 +72,14 @@ mod tests {
             (ErrorCode::FilterConflict, 22),
             (ErrorCode::ScheduledNotFound, 23),
             (ErrorCode::AlreadyDelivered, 24),
+            (ErrorCode::OrderingConflict, 25),
         ];
         for (code, number) in pinned {
             assert_eq!(code as i32, number, "{code:?} moved");
             assert_eq!(ErrorCode::try_from(number), Ok(code));
         }
         assert!(
-            ErrorCode::try_from(25).is_err(),
+            ErrorCode::try_from(26).is_err(),
             "a new code was added: pin it here"
         );
     }

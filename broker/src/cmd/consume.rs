@@ -57,6 +57,7 @@ pub async fn subscribe(
         from_latest: req.start_from == pb::StartFrom::Latest as i32,
         max_attempts: req.max_attempts,
         replace_filter: req.replace_filter,
+        ordered: req.ordered,
     };
     let (reply, rx) = oneshot::channel();
     let msg = QueueMsg::Subscribe {

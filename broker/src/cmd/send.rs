@@ -73,10 +73,10 @@ pub(super) fn command(req: pb::SendRequest, session: &Session, shared: &Shared) 
             )));
         }
         let props: usize = m.properties.iter().map(|(k, v)| k.len() + v.len()).sum();
-        let props = props + m.key.len() + m.tag.len();
+        let props = props + m.key.len() + m.tag.len() + m.message_group.len();
         if props > 64 * 1024 {
             return Err(Error::TooLarge(format!(
-                "key, tag and properties take {props} bytes; the limit is 65536"
+                "key, tag, message group and properties take {props} bytes; the limit is 65536"
             )));
         }
     }

@@ -86,6 +86,8 @@ pub struct SubscribeOptions {
     pub max_attempts: u32,
     /// Make `tag_filter` the group's filter even though it differs from the stored one.
     pub replace_filter: bool,
+    /// An ordered (FIFO) group; fixed by the group's first subscription.
+    pub ordered: bool,
 }
 
 /// A lease named by a delivery handle.

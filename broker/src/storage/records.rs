@@ -66,6 +66,9 @@ pub struct CursorRecord {
     /// Group override of max attempts (0: broker default).
     #[prost(uint32, tag = "3")]
     pub max_attempts: u32,
+    /// An ordered (FIFO) group, fixed by its first subscription.
+    #[prost(bool, tag = "4")]
+    pub ordered: bool,
 }
 
 /// `retry`: a message that failed delivery and waits to be delivered again.

@@ -62,7 +62,16 @@ impl Queue {
             return;
         };
         match &written {
-            Ok(_) => self.metrics.acks.inc_by(flight.acked),
+            Ok(_) => {
+                self.metrics.acks.inc_by(flight.acked);
+                // Durable now: the next message of each acked head's group may go (not
+                // before: a failed write would put the head back out).
+                if let Some(fifo) = self.fifo.as_mut() {
+                    for (offset, _) in &flight.undo.leases {
+                        fifo.done(*offset);
+                    }
+                }
+            }
             Err(e) => {
                 tracing::warn!(group = %self.group, topic = %self.topic.name, "acks not recorded, undone: {e}");
                 self.undo(flight.undo);

@@ -27,9 +27,12 @@ use crate::storage::{Cf, Storage, keys};
 use crate::topics::Topic;
 
 mod acks;
+mod fifo;
 mod leases;
 mod pump;
 mod retry;
+
+use fifo::Fifo;
 
 use pump::parse_tags;
 
@@ -43,6 +46,8 @@ pub struct Loaded {
     acked: Vec<u64>,
     retries: Vec<(u64, RetryRecord)>,
     dead_letters: u64,
+    /// For an ordered group: the message group of each message waiting for redelivery.
+    retry_groups: Vec<(u64, String)>,
 }
 
 impl Loaded {
@@ -51,11 +56,23 @@ impl Loaded {
     /// # Errors
     /// Storage failure.
     pub fn load(storage: &Storage, group: &str, topic: &Topic) -> Result<Self> {
+        let cursor = storage.cursor(group, topic.id)?;
+        let retries = storage.retries(group, topic.id)?;
+        let mut retry_groups = Vec::new();
+        if cursor.as_ref().is_some_and(|c| c.ordered) {
+            // A head waiting for redelivery must lead its group from the first read on.
+            for (offset, _) in &retries {
+                if let Some(m) = storage.read_message(topic.id, *offset)? {
+                    retry_groups.push((*offset, m.message_group));
+                }
+            }
+        }
         Ok(Self {
-            cursor: storage.cursor(group, topic.id)?,
+            cursor,
             acked: storage.acked(group, topic.id)?,
-            retries: storage.retries(group, topic.id)?,
+            retries,
             dead_letters: storage.dead_letters(group, topic.id)?.len() as u64,
+            retry_groups,
         })
     }
 }
@@ -114,6 +131,8 @@ pub struct Queue {
     pending_acks: Vec<AckRequest>,
     /// The write of acks on its way, if any (at most one).
     ack_flight: Option<acks::AckFlight>,
+    /// Message-group ordering, for an ordered group.
+    fifo: Option<Fifo>,
 }
 
 /// One ack request waiting for its write: the leases and where its answer goes.
@@ -131,6 +150,13 @@ impl Queue {
         metrics: Arc<Metrics>,
     ) -> Self {
         let floor = loaded.cursor.as_ref().map_or(0, |c| c.ack_floor);
+        let fifo = loaded.cursor.as_ref().is_some_and(|c| c.ordered).then(|| {
+            let mut fifo = Fifo::default();
+            for (offset, group) in &loaded.retry_groups {
+                fifo.restore(group, *offset);
+            }
+            fifo
+        });
         let mut q = Self {
             group,
             topic,
@@ -159,6 +185,7 @@ impl Queue {
             expiry_visits: 0,
             pending_acks: Vec::new(),
             ack_flight: None,
+            fifo,
         };
         for (offset, rec) in loaded.retries {
             q.retry_due.insert((rec.due_ms, offset));
@@ -330,6 +357,20 @@ impl Queue {
             }
             cursor.tag_filter = options.tag_filter;
         }
+        if self.cursor.is_none() {
+            cursor.ordered = options.ordered;
+        } else if cursor.ordered != options.ordered {
+            let (group_is, asks) = if cursor.ordered {
+                ("ordered", "unordered")
+            } else {
+                ("unordered", "ordered")
+            };
+            return Err(Error::OrderingConflict(format!(
+                "group {:?} is {group_is} on topic {:?}; this consumer subscribes {asks}. \
+                 Subscribe as the group does, or use another group",
+                self.group, self.topic.name
+            )));
+        }
         if options.max_attempts > 0 {
             cursor.max_attempts = options.max_attempts;
         }
@@ -345,6 +386,9 @@ impl Queue {
                 self.next = cursor.ack_floor;
             }
             self.tags = parse_tags(&cursor.tag_filter);
+            if cursor.ordered && self.fifo.is_none() {
+                self.fifo = Some(Fifo::default());
+            }
             self.cursor = Some(cursor);
         }
         let window = spec.window.clamp(1, MAX_WINDOW);
@@ -423,6 +467,9 @@ impl Queue {
                 .as_ref()
                 .map(|c| c.tag_filter.clone())
                 .unwrap_or_default(),
+            ordered: self.fifo.is_some(),
+            blocked_message_groups: self.fifo.as_ref().map_or(0, |f| f.blocked().0),
+            held_messages: self.fifo.as_ref().map_or(0, |f| f.blocked().1),
         }
     }
 }
@@ -476,6 +523,7 @@ mod tests {
             acked: vec![],
             retries: vec![],
             dead_letters: 0,
+            retry_groups: vec![],
         };
         let metrics = Arc::new(Metrics::new());
         Queue::new("g".into(), topic, loaded, storage, writer, config, metrics)

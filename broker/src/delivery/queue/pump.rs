@@ -43,6 +43,14 @@ impl Queue {
                     .map_err(|e| Error::Internal(e.to_string()))??;
                 match msg {
                     Some(m) => {
+                        if let Some(fifo) = self.fifo.as_mut()
+                            && !fifo.is_head(offset)
+                            && !fifo.admit(&m.message_group, offset)
+                        {
+                            // Behind its group's head (a redrive): its turn comes when
+                            // the head is done; its retry record keeps its attempts.
+                            continue;
+                        }
                         if !self.deliver(m, attempts + 1) {
                             // Back in the retry schedule; let the run loop take requests
                             // (an Unsubscribe, say) before trying again.
@@ -54,6 +62,17 @@ impl Queue {
                     }
                 }
                 continue;
+            }
+            if let Some(offset) = self.fifo.as_mut().and_then(Fifo::next_ready) {
+                // The head after one that was just done: before anything new.
+                if !self.deliver_ready(offset).await? {
+                    return Ok(());
+                }
+                continue;
+            }
+            if self.fifo.as_ref().is_some_and(Fifo::full) {
+                // Held offsets are bounded: read on once heads are done.
+                return Ok(());
             }
             let end = self.topic.end();
             if self.next >= end {
@@ -83,6 +102,12 @@ impl Queue {
                     filtered = true;
                     continue;
                 }
+                if let Some(fifo) = self.fifo.as_mut()
+                    && !fifo.admit(&m.message_group, o)
+                {
+                    // Held behind its message group's head, in log order.
+                    continue;
+                }
                 if !self.deliver(m, 1) {
                     stalled = true;
                 }
@@ -96,6 +121,30 @@ impl Queue {
             }
         }
         Ok(())
+    }
+
+    /// Delivers a head released by the end of the one before it; `false` when nobody
+    /// could take it (it then waits in the retry schedule, due at once, still the head).
+    async fn deliver_ready(&mut self, offset: u64) -> Result<bool> {
+        if self.leases.contains_key(&offset) || self.is_acked(offset) {
+            return Ok(true);
+        }
+        if let Some(rec) = self.retry.get_mut(&offset) {
+            // Held out of the retry schedule (after a redrive): due now.
+            self.retry_due.remove(&(rec.due_ms, offset));
+            rec.due_ms = now_ms();
+            self.retry_due.insert((rec.due_ms, offset));
+            return Ok(true);
+        }
+        let storage = self.storage.clone();
+        let topic = self.topic.id;
+        let msg = tokio::task::spawn_blocking(move || storage.read_message(topic, offset))
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))??;
+        match msg {
+            Some(m) => Ok(self.deliver(m, 1)),
+            None => Ok(true),
+        }
     }
 
     pub(super) fn matches(&self, tag: &str) -> bool {

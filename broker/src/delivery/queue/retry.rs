@@ -45,6 +45,10 @@ impl Queue {
             )];
             ops.extend(self.mark_acked(offset));
             ops.extend(self.advance_floor());
+            if let Some(fifo) = self.fifo.as_mut() {
+                // Dead-lettered: the next of its message group may go.
+                fifo.done(offset);
+            }
             return ops;
         }
         let delay = delay.unwrap_or_else(|| self.config.nack_wait(lease.attempt));

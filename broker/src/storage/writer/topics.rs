@@ -103,6 +103,7 @@ impl Writer {
             store_ms: now,
             txn_id: String::new(),
             deliver_ms: m.deliver_at_ms,
+            message_group: m.message_group,
         }
     }
 

@@ -112,6 +112,9 @@ struct ProduceArgs {
     /// Message tag.
     #[arg(long, default_value = "")]
     tag: String,
+    /// Message group: an ordered consumer group receives a group's messages in order.
+    #[arg(long, default_value = "")]
+    message_group: String,
     /// Deliver this long after sending (`30s`, `30m`, `2h`): a scheduled message.
     #[arg(long, value_parser = scheduled::parse_after, conflicts_with = "deliver_at")]
     deliver_after: Option<Duration>,
@@ -171,6 +174,9 @@ struct ConsumeArgs {
     /// explicit change: every member of the group then receives by the new filter).
     #[arg(long)]
     replace_filter: bool,
+    /// An ordered (FIFO) group: each message group's messages one at a time, in order.
+    #[arg(long)]
+    ordered: bool,
     /// Where a new group starts.
     #[arg(long, value_enum, default_value = "earliest")]
     from: FromArg,
@@ -440,6 +446,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     ("DLQ", 6),
                     ("CONSUMERS", 9),
                     ("STALLED", 7),
+                    ("BLOCKED", 7),
                 ],
             );
             for t in g.topics {
@@ -454,12 +461,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         t.dead_letters.to_string(),
                         t.consumers.to_string(),
                         t.stalled_consumers.to_string(),
+                        if t.ordered {
+                            t.blocked_message_groups.to_string()
+                        } else {
+                            "-".to_string()
+                        },
                     ],
                     json!({"group": g.group, "topic": t.topic, "next_offset": t.next_offset,
                         "ack_floor": t.ack_floor, "in_flight": t.in_flight, "lag": t.lag,
                         "waiting_retry": t.waiting_retry, "dead_letters": t.dead_letters,
                         "consumers": t.consumers, "stalled_consumers": t.stalled_consumers,
-                        "tag_filter": t.tag_filter}),
+                        "tag_filter": t.tag_filter, "ordered": t.ordered,
+                        "blocked_message_groups": t.blocked_message_groups,
+                        "held_messages": t.held_messages}),
                 );
             }
             Ok(())
@@ -519,7 +533,8 @@ fn body_of(a: &ProduceArgs, i: u64) -> Vec<u8> {
 fn message_of(a: &ProduceArgs, i: u64) -> Message {
     let m = Message::new(a.topic.clone(), body_of(a, i))
         .key(a.key.clone())
-        .tag(a.tag.clone());
+        .tag(a.tag.clone())
+        .group(a.message_group.clone());
     match (a.deliver_at, a.deliver_after) {
         (Some(at), _) => m.deliver_at(at),
         (None, Some(after)) => m.deliver_after(after),
@@ -659,6 +674,7 @@ async fn consume(addr: &str, token: &str, a: ConsumeArgs) -> anyhow::Result<()> 
         window,
         max_attempts: a.max_attempts,
         replace_filter: a.replace_filter,
+        ordered: a.ordered,
         auth_token: token.to_string(),
     };
     let mut consumer = Consumer::subscribe(addr, options).await?;
@@ -712,6 +728,7 @@ fn print_delivery(out: &mut impl Write, d: &Delivery, json: bool) -> anyhow::Res
             json!({"topic": m.topic, "offset": m.offset, "id": m.message_id, "key": m.key,
                 "tag": m.tag, "attempt": d.attempt, "properties": m.properties,
                 "txn_id": m.txn_id, "store_ms": m.store_ms,
+                "message_group": m.message_group, "deliver_ms": m.deliver_ms,
                 "body": String::from_utf8_lossy(&m.body)})
         )?;
     } else {
