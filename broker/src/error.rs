@@ -67,8 +67,8 @@ pub enum Error {
     OrderingConflict(String),
     /// Cancel of a scheduled message that is not waiting.
     #[error(
-        "no scheduled message {0} is waiting: it was never scheduled, or was cancelled \
-         and forgotten"
+        "no scheduled message {0} is waiting: it was never scheduled, is still in an \
+         uncommitted transaction, or was delivered or cancelled over a day ago"
     )]
     ScheduledNotFound(String),
     /// Cancel of a scheduled message that was delivered already.

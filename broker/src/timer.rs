@@ -42,7 +42,8 @@ impl Timer {
             let wait = match self.pass().await {
                 Ok(Some(wait)) => wait,
                 // A full pass: more may be due right now.
-                Ok(None) => continue,
+                Ok(None) if !cancel.is_cancelled() => continue,
+                Ok(None) => return,
                 Err(e) => {
                     tracing::warn!("timer pass failed: {e}");
                     MAX_SLEEP

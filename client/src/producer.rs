@@ -83,7 +83,11 @@ impl Message {
     /// Schedules the message `after` from now (this machine's clock): see
     /// [`Message::deliver_at`].
     pub fn deliver_after(self, after: std::time::Duration) -> Self {
-        self.deliver_at(std::time::SystemTime::now() + after)
+        // Past any representable time: far beyond the broker's maximum, which refuses it.
+        let at = std::time::SystemTime::now()
+            .checked_add(after)
+            .unwrap_or(std::time::UNIX_EPOCH + std::time::Duration::from_millis(u64::MAX));
+        self.deliver_at(at)
     }
 
     fn into_pb(self) -> pb::Message {

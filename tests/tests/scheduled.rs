@@ -84,6 +84,8 @@ async fn past_is_now_and_beyond_the_maximum_is_refused() {
         .await
         .unwrap();
     assert_eq!(r.deliver_ms, 0, "a past time is not a schedule: {r:?}");
+    let e = p.cancel_scheduled(&r.message_id).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::AlreadyDelivered), "{e}");
     let e = p
         .send_batch(vec![
             Message::new("t", "ok"),

@@ -56,11 +56,14 @@ pub fn list(id: u64, req: pb::ListScheduledRequest, shared: &Arc<Shared>) -> Pen
     };
     let storage = shared.storage.clone();
     let limit = super::page(req.limit);
+    // Keys and tags run to 64 KiB each: a page stops at half a frame.
+    let max_bytes = shared.config.max_frame_len / 2;
     later(id, async move {
-        let page =
-            tokio::task::spawn_blocking(move || storage.scheduled_page(&req.topic, after, limit))
-                .await
-                .map_err(|e| Error::Internal(e.to_string()))??;
+        let page = tokio::task::spawn_blocking(move || {
+            storage.scheduled_page(&req.topic, after, limit, max_bytes)
+        })
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))??;
         let (resume_deliver_ms, resume_message_id) = page
             .resume
             .map(|(ms, id)| (ms, id.to_string()))

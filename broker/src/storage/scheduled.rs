@@ -81,7 +81,8 @@ impl Storage {
     }
 
     /// Up to `limit` scheduled messages still waiting, earliest first, after `after`
-    /// (delivery time and id), of `topic` only when it is not empty.
+    /// (delivery time and id), of `topic` only when it is not empty, and about
+    /// `max_bytes` of them at most (keys and tags run to 64 KiB each).
     ///
     /// # Errors
     /// Storage failure or a corrupt record.
@@ -90,6 +91,7 @@ impl Storage {
         topic: &str,
         after: Option<(u64, Id)>,
         limit: usize,
+        max_bytes: usize,
     ) -> Result<ScheduledPage> {
         let zero = Id { boot: 0, seq: 0 };
         let mut ro = ReadOptions::default();
@@ -106,12 +108,13 @@ impl Storage {
         }
         let mut page = ScheduledPage::default();
         let mut looked = 0;
+        let mut bytes = 0;
         while it.valid() {
             let Some((_, at, id)) = it.key().and_then(keys::parse_due) else {
                 it.next();
                 continue;
             };
-            if page.scheduled.len() >= limit || looked >= LIST_SCAN {
+            if page.scheduled.len() >= limit || looked >= LIST_SCAN || bytes > max_bytes {
                 page.more = true;
                 break;
             }
@@ -122,7 +125,7 @@ impl Storage {
                 && (topic.is_empty() || rec.topic == topic)
                 && let Some(m) = rec.message
             {
-                page.scheduled.push(pb::ScheduledInfo {
+                let info = pb::ScheduledInfo {
                     message_id: m.message_id,
                     topic: m.topic,
                     deliver_ms: rec.deliver_ms,
@@ -130,7 +133,9 @@ impl Storage {
                     tag: m.tag,
                     body_len: m.body.len() as u32,
                     txn_id: m.txn_id,
-                });
+                };
+                bytes += prost::Message::encoded_len(&info) + 8;
+                page.scheduled.push(info);
             }
             it.next();
         }

@@ -63,15 +63,29 @@ impl Writer {
         now: u64,
         stage: &mut Stage,
     ) -> pb::MessageReceipt {
-        if msg.deliver_ms <= now {
-            return self.append_one(topic, msg, stage);
+        let id = Id::parse(&msg.message_id);
+        if msg.deliver_ms <= now || id.is_none() {
+            // Due already (its time passed, or its transaction committed late): it goes
+            // now, and a cancel can still tell it was delivered. (An unparsable id, which
+            // this writer never makes, is better delivered now than lost.)
+            let (deliver_ms, topic_name) = (msg.deliver_ms, msg.topic.clone());
+            let receipt = self.append_one(topic, msg, stage);
+            if deliver_ms > 0
+                && let Some(id) = id
+            {
+                let rec = SchedRecord {
+                    message: None,
+                    deliver_ms,
+                    topic: topic_name,
+                    state: SchedState::Delivered as i32,
+                    offset: receipt.offset,
+                    forget_ms: 0,
+                };
+                self.remember(id, rec, now, stage);
+            }
+            return receipt;
         }
-        let Some(id) = Id::parse(&msg.message_id) else {
-            // Every id this writer makes parses; a half message from a future version
-            // that does not is better delivered now than lost.
-            tracing::error!(id = %msg.message_id, "unparsable message id: delivered now");
-            return self.append_one(topic, msg, stage);
-        };
+        let id = id.expect("checked above");
         let deliver_ms = msg.deliver_ms;
         let receipt = pb::MessageReceipt {
             message_id: msg.message_id.clone(),
@@ -96,7 +110,18 @@ impl Writer {
     /// Delivers a message whose due entry came up; an entry that no longer matches a
     /// waiting message (cancelled, delivered, moved) is removed and nothing else happens.
     pub(super) fn deliver(&mut self, id: Id, due_ms: u64, stage: &mut Stage) -> Result<Outcome> {
-        let rec = self.sched_record(id, stage)?;
+        let now = txmq_protocol::now_ms();
+        let rec = match self.sched_record(id, stage) {
+            Ok(rec) => rec,
+            Err(e) => {
+                // Unreadable: tried again later, so one bad record cannot make every
+                // pass full of it (the timer would spin and deliver nothing after it).
+                tracing::error!(%id, "scheduled message unreadable, retried in a minute: {e}");
+                self.clear_due(DueKind::Deliver, due_ms, id, stage);
+                self.set_due(DueKind::Deliver, now.saturating_add(RETRY_MS), id, stage);
+                return Ok(Outcome::Done);
+            }
+        };
         self.clear_due(DueKind::Deliver, due_ms, id, stage);
         let Some(mut rec) = rec else {
             return Ok(Outcome::Done);
@@ -105,11 +130,12 @@ impl Writer {
             return Ok(Outcome::Done);
         }
         let Some(mut msg) = rec.message.take() else {
-            return Err(Error::Internal(format!(
-                "scheduled message {id} waits without its message"
-            )));
+            tracing::error!(%id, "scheduled message waits without its message: dropped");
+            rec.state = SchedState::Cancelled as i32;
+            stage.tally.cancelled += 1;
+            self.remember(id, rec, now, stage);
+            return Ok(Outcome::Done);
         };
-        let now = txmq_protocol::now_ms();
         let Some(topic) = self.topic(&msg.topic, stage) else {
             tracing::error!(%id, topic = %msg.topic, "scheduled message's topic is missing");
             let later = now.saturating_add(RETRY_MS);

@@ -94,7 +94,13 @@ impl Writer {
         pb::StoredMessage {
             topic: m.topic,
             offset: 0,
-            message_id: self.ids.next().to_string(),
+            // A scheduled message can be cancelled by id: not a guessable one.
+            message_id: if m.deliver_at_ms > now {
+                self.ids.next_secret()
+            } else {
+                self.ids.next()
+            }
+            .to_string(),
             key: m.key,
             tag: m.tag,
             properties: m.properties,

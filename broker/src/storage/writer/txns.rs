@@ -102,7 +102,8 @@ impl Writer {
                 message_id: stored.message_id.clone(),
                 topic: stored.topic.clone(),
                 offset: 0,
-                deliver_ms: 0,
+                // Scheduled from the commit on, if its time has not passed by then.
+                deliver_ms: stored.deliver_ms,
             });
             stage.batch.put_cf(
                 half,
