@@ -30,6 +30,8 @@ pub enum Scenario {
     /// Send and consume on an empty broker, then fill it with `--backlog` stored messages
     /// and `--prepared` open transactions, and send and consume again.
     Backlog,
+    /// `e2e` through an ordered (FIFO) group, the messages spread over `--message-groups`.
+    Fifo,
     /// Scheduled sends with `--waiting` messages scheduled a day ahead, then the lateness
     /// of `--messages` falling due at `--rate` a second.
     Schedule,
@@ -85,6 +87,9 @@ pub struct Args {
     /// `backlog`: prepared (never resolved) transactions stored before it.
     #[arg(long, default_value_t = 1_000_000)]
     pub prepared: u64,
+    /// `fifo`: message groups the messages are spread over.
+    #[arg(long, default_value_t = 1000)]
+    pub message_groups: u64,
     /// `schedule`: messages scheduled a day ahead, waiting during the measurement.
     #[arg(long, default_value_t = 1_000_000)]
     pub waiting: u64,

@@ -41,15 +41,24 @@ fn share(total: u64, parts: usize, i: usize) -> u64 {
 /// Runs the chosen scenario.
 pub async fn run(args: &Args, addr: &str) -> anyhow::Result<Report> {
     match args.scenario {
-        Scenario::Send => send(args, addr, "bench-send", false).await,
+        Scenario::Send => send(args, addr, "bench-send", false, 0).await,
         Scenario::Txn => txn(args, addr).await,
-        Scenario::E2e => e2e(args, addr).await,
+        Scenario::E2e => e2e(args, addr, false).await,
+        Scenario::Fifo => e2e(args, addr, true).await,
         Scenario::Backlog => backlog(args, addr).await,
         Scenario::Schedule => crate::schedule::schedule(args, addr).await,
     }
 }
 
-async fn send(args: &Args, addr: &str, topic: &str, stamp: bool) -> anyhow::Result<Report> {
+/// Sends `--messages` over the producers; with `groups` > 0, message k of a producer is
+/// in message group `k % groups`.
+async fn send(
+    args: &Args,
+    addr: &str,
+    topic: &str,
+    stamp: bool,
+    groups: u64,
+) -> anyhow::Result<Report> {
     let mut producers = Vec::new();
     for _ in 0..args.producers {
         producers.push(Producer::connect(addr, ProducerOptions::default()).await?);
@@ -72,7 +81,10 @@ async fn send(args: &Args, addr: &str, topic: &str, stamp: bool) -> anyhow::Resu
                 let wait = due(sent).filter(|at| *at > Instant::now());
                 if can_send && wait.is_none() {
                     let p = p.clone();
-                    let m = Message::new(topic.clone(), payload(size, stamp));
+                    let mut m = Message::new(topic.clone(), payload(size, stamp));
+                    if groups > 0 {
+                        m = m.group(format!("g{}", sent % groups));
+                    }
                     in_flight.push(async move {
                         let t = Instant::now();
                         p.send(m).await.map(|_| t.elapsed())
@@ -154,14 +166,16 @@ async fn txn(args: &Args, addr: &str) -> anyhow::Result<Report> {
     })
 }
 
-async fn e2e(args: &Args, addr: &str) -> anyhow::Result<Report> {
-    let topic = "bench-e2e";
+/// Producers and consumers at once; `ordered`: an ordered group, the messages spread over
+/// `--message-groups` message groups.
+async fn e2e(args: &Args, addr: &str, ordered: bool) -> anyhow::Result<Report> {
+    let topic = if ordered { "bench-fifo" } else { "bench-e2e" };
     let received = Arc::new(AtomicU64::new(0));
     let mut consumers = Vec::new();
     for _ in 0..args.consumers {
         let options = ConsumerOptions {
             window: args.window as u32,
-            ..ConsumerOptions::new("bench", topic)
+            ..ConsumerOptions::new("bench", topic).ordered(ordered)
         };
         consumers.push(Consumer::subscribe(addr, options).await?);
     }
@@ -192,14 +206,19 @@ async fn e2e(args: &Args, addr: &str) -> anyhow::Result<Report> {
             anyhow::Ok(hist)
         }));
     }
-    send(args, addr, topic, true).await?;
+    let groups = if ordered { args.message_groups } else { 0 };
+    send(args, addr, topic, true, groups).await?;
     let latency = merged(tasks).await?;
+    let mut extra = serde_json::Map::new();
+    if ordered {
+        extra.insert("message_groups".into(), serde_json::json!(groups));
+    }
     Ok(Report {
         done: total,
         elapsed: started.elapsed(),
         latency,
         latency_of: "send until delivered to a consumer",
-        extra: Default::default(),
+        extra,
     })
 }
 
@@ -296,13 +315,13 @@ async fn merged(
 /// Send and consume on the empty broker; fill; send and consume again. The headline
 /// figures are the second send's; the ratios compare before and after.
 async fn backlog(args: &Args, addr: &str) -> anyhow::Result<Report> {
-    let before = send(args, addr, "bench-backlog-before", false).await?;
+    let before = send(args, addr, "bench-backlog-before", false, 0).await?;
     let consume_before = consume(args, addr, "bench-backlog-before", args.messages).await?;
     let filling = Instant::now();
     fill(addr, "bench-backlog-fill", args.backlog, args.size).await?;
     prepare(addr, args.prepared, args.size, args.window.max(1)).await?;
     let fill_secs = filling.elapsed().as_secs_f64();
-    let after = send(args, addr, "bench-backlog-after", false).await?;
+    let after = send(args, addr, "bench-backlog-after", false, 0).await?;
     let consume_after = consume(args, addr, "bench-backlog-after", args.messages).await?;
     let rate = |r: &Report| r.done as f64 / r.elapsed.as_secs_f64();
     let (send_before, send_after) = (rate(&before), rate(&after));

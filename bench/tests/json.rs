@@ -16,7 +16,7 @@ fn bench(args: &[&str]) -> serde_json::Value {
 
 #[test]
 fn every_scenario_reports_its_figures() {
-    for scenario in ["send", "txn", "e2e"] {
+    for scenario in ["send", "txn", "e2e", "fifo"] {
         let r = bench(&[scenario, "--messages", "300", "--size", "100"]);
         assert_eq!(r["scenario"], scenario);
         assert_eq!(r["messages"], 300);

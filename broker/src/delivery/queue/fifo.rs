@@ -92,7 +92,14 @@ impl Fifo {
         }
     }
 
+    /// Up to `n` released heads to deliver, oldest release first.
+    pub fn take_ready(&mut self, n: usize) -> Vec<u64> {
+        let n = n.min(self.ready.len());
+        self.ready.drain(..n).collect()
+    }
+
     /// The next released head to deliver.
+    #[cfg(test)]
     pub fn next_ready(&mut self) -> Option<u64> {
         self.ready.pop_front()
     }

@@ -63,9 +63,16 @@ impl Queue {
                 }
                 continue;
             }
-            if let Some(offset) = self.fifo.as_mut().and_then(Fifo::next_ready) {
-                // The head after one that was just done: before anything new.
-                if !self.deliver_ready(offset).await? {
+            let credit = self.credit().min(READ_BATCH);
+            let ready = self
+                .fifo
+                .as_mut()
+                .map(|f| f.take_ready(credit))
+                .unwrap_or_default();
+            if !ready.is_empty() {
+                // The heads after ones that were just done: before anything new, read
+                // together (acks release many groups' next messages at once).
+                if !self.deliver_ready(ready).await? {
                     return Ok(());
                 }
                 continue;
@@ -123,28 +130,37 @@ impl Queue {
         Ok(())
     }
 
-    /// Delivers a head released by the end of the one before it; `false` when nobody
-    /// could take it (it then waits in the retry schedule, due at once, still the head).
-    async fn deliver_ready(&mut self, offset: u64) -> Result<bool> {
-        if self.leases.contains_key(&offset) || self.is_acked(offset) {
-            return Ok(true);
+    /// Delivers heads released by the end of the ones before them; `false` when some
+    /// could not be taken (they then wait in the retry schedule, due at once, still
+    /// heads).
+    async fn deliver_ready(&mut self, offsets: Vec<u64>) -> Result<bool> {
+        let mut to_read = Vec::with_capacity(offsets.len());
+        for offset in offsets {
+            if self.leases.contains_key(&offset) || self.is_acked(offset) {
+                continue;
+            }
+            if let Some(rec) = self.retry.get_mut(&offset) {
+                // Held out of the retry schedule (after a redrive): due now.
+                self.retry_due.remove(&(rec.due_ms, offset));
+                rec.due_ms = now_ms();
+                self.retry_due.insert((rec.due_ms, offset));
+                continue;
+            }
+            to_read.push(offset);
         }
-        if let Some(rec) = self.retry.get_mut(&offset) {
-            // Held out of the retry schedule (after a redrive): due now.
-            self.retry_due.remove(&(rec.due_ms, offset));
-            rec.due_ms = now_ms();
-            self.retry_due.insert((rec.due_ms, offset));
+        if to_read.is_empty() {
             return Ok(true);
         }
         let storage = self.storage.clone();
         let topic = self.topic.id;
-        let msg = tokio::task::spawn_blocking(move || storage.read_message(topic, offset))
+        let messages = tokio::task::spawn_blocking(move || storage.read_messages(topic, &to_read))
             .await
             .map_err(|e| Error::Internal(e.to_string()))??;
-        match msg {
-            Some(m) => Ok(self.deliver(m, 1)),
-            None => Ok(true),
+        let mut all_taken = true;
+        for m in messages {
+            all_taken &= self.deliver(m, 1);
         }
+        Ok(all_taken)
     }
 
     pub(super) fn matches(&self, tag: &str) -> bool {
