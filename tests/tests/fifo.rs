@@ -253,3 +253,82 @@ async fn transactions_take_their_place_at_commit() {
     let described = b.cli_ok(&["group", "describe", "o", "--json"]);
     assert!(described.contains("\"ordered\":true"), "{described}");
 }
+
+/// Review findings. A dead letter redriven while its group has moved on waits behind the
+/// group's head and then goes (it was dropped, and the group stuck, before); a head held
+/// for long does not pin the ack floor over the messages held behind it, and after a
+/// kill -9 those still wait behind the head.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redrive_and_a_crowded_floor_keep_the_order() {
+    let mut b = TestBroker::start_on_fixed_port(&[]);
+    let p = producer(&b).await;
+    p.send_batch(interleaved("t", &["a"], 3)).await.unwrap();
+    let options = ConsumerOptions {
+        max_attempts: 1,
+        ..ordered("o", "t")
+    };
+    let mut c = Consumer::subscribe(b.addr(), options).await.unwrap();
+    let a0 = recv(&mut c).await;
+    let a0_id = a0.id().to_string();
+    a0.nack(Some(Duration::ZERO)).await.unwrap();
+    let a1 = recv(&mut c).await;
+    assert_eq!(body(&a1), "a1", "a0 was dead-lettered");
+    let admin = txmq_client::Admin::connect(b.addr(), "").await.unwrap();
+    assert_eq!(admin.redrive("o", Some(&a0_id)).await.unwrap(), 1);
+    p.send(Message::new("t", "m")).await.unwrap();
+    assert!(until_marker(&mut c, "m").await.is_empty(), "a0 overtook a1");
+    a1.ack().await.unwrap();
+    let again = recv(&mut c).await;
+    assert_eq!(
+        body(&again),
+        "a0",
+        "the redriven one waits for a1, then goes"
+    );
+    again.ack().await.unwrap();
+    assert_eq!(body(&recv(&mut c).await), "a2");
+    drop(c);
+
+    // x0 held out (its lease extended), x1 behind it, then 5,000 others acked.
+    let mut messages = vec![
+        Message::new("u", "x0").group("x"),
+        Message::new("u", "x1").group("x"),
+    ];
+    messages.extend((0..5000).map(|i| Message::new("u", format!("o{i}")).group(format!("g{i}"))));
+    for chunk in messages.chunks(1000) {
+        p.send_batch(chunk.to_vec()).await.unwrap();
+    }
+    let options = ConsumerOptions {
+        window: 1000,
+        ..ordered("o", "u")
+    };
+    let mut c = Consumer::subscribe(b.addr(), options.clone())
+        .await
+        .unwrap();
+    let x0 = recv(&mut c).await;
+    assert_eq!(body(&x0), "x0");
+    x0.extend(Duration::from_secs(600)).await.unwrap();
+    for _ in 0..5000 {
+        let d = recv(&mut c).await;
+        assert_ne!(body(&d), "x1", "x1 overtook x0");
+        d.ack().await.unwrap();
+    }
+    let floor = txmq_tests::eventually(Duration::from_secs(10), || async {
+        let g = admin.describe_group("o").await.ok()?;
+        let t = g.topics.into_iter().find(|t| t.topic == "u")?;
+        (t.ack_floor > 2).then_some(t.ack_floor)
+    })
+    .await;
+    assert!(floor.is_some(), "the floor stayed behind the held message");
+    drop((c, x0));
+    b.kill9();
+    b.start_again();
+    let p = producer(&b).await;
+    p.send(Message::new("u", "marker")).await.unwrap();
+    let mut c = Consumer::subscribe(b.addr(), options).await.unwrap();
+    let before: Vec<String> = until_marker(&mut c, "marker")
+        .await
+        .iter()
+        .map(body)
+        .collect();
+    assert_eq!(before, vec!["x0"], "after the restart");
+}

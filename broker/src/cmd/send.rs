@@ -13,6 +13,9 @@ use crate::storage::writer::{Command, Outcome};
 /// Most messages in one send request.
 pub const MAX_BATCH: usize = 10_000;
 
+/// Longest message group name, in bytes (an ordered queue keeps one per group out).
+pub const MAX_MESSAGE_GROUP: usize = 256;
+
 /// Stores the messages (visible, or as half messages of a transaction) and answers once
 /// they are durable.
 pub fn send(id: u64, req: pb::SendRequest, session: &Session, shared: &Arc<Shared>) -> Pending {
@@ -57,6 +60,12 @@ pub(super) fn command(req: pb::SendRequest, session: &Session, shared: &Shared) 
     let latest =
         txmq_protocol::now_ms().saturating_add(shared.config.max_schedule_delay.as_millis() as u64);
     for m in &req.messages {
+        if m.message_group.len() > MAX_MESSAGE_GROUP {
+            return Err(Error::Invalid(format!(
+                "message_group is {} bytes; the limit is {MAX_MESSAGE_GROUP}",
+                m.message_group.len()
+            )));
+        }
         if m.deliver_at_ms > latest {
             return Err(Error::Invalid(format!(
                 "deliver_at_ms {} is more than max-schedule-delay ({}) ahead of the broker's \

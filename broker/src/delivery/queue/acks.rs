@@ -14,10 +14,13 @@ impl Queue {
     /// to memory now, with an undo log that [`Queue::finish_acks`] uses if the write
     /// fails; deliveries go on meanwhile.
     pub(super) async fn start_acks(&mut self) {
-        if self.ack_flight.is_some() || self.pending_acks.is_empty() {
+        if self.ack_flight.is_some()
+            || (self.pending_acks.is_empty() && self.dead_unreleased.is_empty())
+        {
             return;
         }
         let requests = std::mem::take(&mut self.pending_acks);
+        let dead = std::mem::take(&mut self.dead_unreleased);
         let mut undo = Undo {
             floor: self.floor(),
             ..Undo::default()
@@ -53,6 +56,7 @@ impl Queue {
             undo,
             answers,
             acked,
+            dead,
         });
     }
 
@@ -68,6 +72,10 @@ impl Queue {
                 // before: a failed write would put the head back out).
                 if let Some(fifo) = self.fifo.as_mut() {
                     for (offset, _) in &flight.undo.leases {
+                        fifo.done(*offset);
+                    }
+                    // Dead letters written before this flight are durable too.
+                    for offset in &flight.dead {
                         fifo.done(*offset);
                     }
                 }
@@ -171,6 +179,20 @@ impl Queue {
                 ));
             } else if self.retry.contains_key(&floor) {
                 // Redelivered from the retry index whatever the floor.
+            } else if crowded && self.fifo.as_ref().is_some_and(|f| f.is_held(floor)) {
+                // Held behind its group's head: passed with a record of it, so that a
+                // restart holds it again (see `Queue::new`); due when its head is done.
+                let rec = RetryRecord {
+                    attempts: 0,
+                    due_ms: now_ms(),
+                };
+                ops.push(Op::Put(
+                    Cf::Retry,
+                    keys::group_offset(&self.group, self.topic.id, floor),
+                    rec.encode_to_vec(),
+                ));
+                self.retry.insert(floor, rec);
+                undo.new_retries.push(floor);
             } else if crowded && let Some(lease) = self.leases.get(&floor) {
                 // Due at once if the broker restarts; while the lease lives, its expiry
                 // (or ack, or nack) decides, and pump skips it.
@@ -214,6 +236,8 @@ pub(super) struct AckFlight {
     undo: Undo,
     answers: Vec<(Option<Error>, oneshot::Sender<Result<Outcome>>)>,
     acked: u64,
+    /// Dead-lettered heads released when this flight is written.
+    dead: Vec<u64>,
 }
 
 impl std::fmt::Debug for AckFlight {

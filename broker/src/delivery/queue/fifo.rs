@@ -12,7 +12,7 @@
 //! Held offsets are at most [`MAX_HELD`]; past that the pump reads no further, which
 //! bounds memory whatever one stuck head does.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 /// Most offsets held behind heads in one queue: past it the log is not read further.
 pub const MAX_HELD: usize = 65_536;
@@ -26,6 +26,8 @@ pub struct Fifo {
     head_group: HashMap<u64, String>,
     /// Message group → offsets read behind its head, in log order.
     held: HashMap<String, VecDeque<u64>>,
+    /// Every held offset (the ack floor may pass one only with a record of it).
+    held_offsets: HashSet<u64>,
     held_count: usize,
     /// Heads released by the end of the one before them, to deliver before new reads.
     ready: VecDeque<u64>,
@@ -42,11 +44,7 @@ impl Fifo {
             if head == offset {
                 return true;
             }
-            self.held
-                .entry(group.to_string())
-                .or_default()
-                .push_back(offset);
-            self.held_count += 1;
+            self.hold(group, offset);
             return false;
         }
         self.heads.insert(group.to_string(), offset);
@@ -54,21 +52,32 @@ impl Fifo {
         true
     }
 
-    /// A head known at start (it waits in the retry index): later ones of its group wait.
-    pub fn restore(&mut self, group: &str, offset: u64) {
-        if group.is_empty() {
+    fn hold(&mut self, group: &str, offset: u64) {
+        if !self.held_offsets.insert(offset) {
             return;
         }
-        match self.heads.get(group) {
-            // Two of one group waiting for redelivery (a redrive): the earlier leads.
-            Some(&head) if head < offset => {}
-            _ => {
-                if let Some(old) = self.heads.insert(group.to_string(), offset) {
-                    self.head_group.remove(&old);
-                }
-                self.head_group.insert(offset, group.to_string());
-            }
+        let queue = self.held.entry(group.to_string()).or_default();
+        // In log order: reads from the log come in order; a redriven one goes where it
+        // belongs.
+        if queue.back().is_none_or(|&last| last < offset) {
+            queue.push_back(offset);
+        } else {
+            let at = queue.partition_point(|&o| o < offset);
+            queue.insert(at, offset);
         }
+        self.held_count += 1;
+    }
+
+    /// Messages known at start from the retry index (waiting for redelivery, or held and
+    /// passed by the floor), in offset order: the first of each group leads it, the
+    /// others are held behind it. Returns whether `offset` is held.
+    pub fn restore(&mut self, group: &str, offset: u64) -> bool {
+        !self.admit(group, offset)
+    }
+
+    /// Whether `offset` waits behind its group's head.
+    pub fn is_held(&self, offset: u64) -> bool {
+        self.held_offsets.contains(&offset)
     }
 
     /// The message at `offset` is done (acked or dead-lettered): if it was a head, the
@@ -83,12 +92,20 @@ impl Fifo {
         };
         if let Some(next) = queue.pop_front() {
             self.held_count -= 1;
+            self.held_offsets.remove(&next);
             self.heads.insert(group.clone(), next);
             self.head_group.insert(next, group.clone());
             self.ready.push_back(next);
         }
         if queue.is_empty() {
             self.held.remove(&group);
+        }
+    }
+
+    /// Puts released heads back at the front, in order (their read failed).
+    pub fn unready(&mut self, offsets: Vec<u64>) {
+        for offset in offsets.into_iter().rev() {
+            self.ready.push_front(offset);
         }
     }
 
@@ -151,11 +168,15 @@ mod tests {
     #[test]
     fn restored_heads_lead_their_group() {
         let mut f = Fifo::default();
-        f.restore("a", 5);
-        f.restore("a", 7);
-        assert!(f.is_head(5) && !f.is_head(7));
+        assert!(!f.restore("a", 5));
+        assert!(f.restore("a", 7), "a later one of the group is held");
+        assert!(f.is_head(5) && !f.is_head(7) && f.is_held(7));
         assert!(!f.admit("a", 6), "behind the head waiting for redelivery");
+        assert!(!f.admit("a", 6), "held once");
+        assert_eq!(f.blocked(), (1, 2));
         f.done(5);
-        assert_eq!(f.next_ready(), Some(6));
+        assert_eq!(f.next_ready(), Some(6), "held in log order");
+        f.done(6);
+        assert_eq!(f.next_ready(), Some(7));
     }
 }

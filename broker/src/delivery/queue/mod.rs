@@ -133,6 +133,9 @@ pub struct Queue {
     ack_flight: Option<acks::AckFlight>,
     /// Message-group ordering, for an ordered group.
     fifo: Option<Fifo>,
+    /// Dead-lettered heads whose write is on its way: their groups move on once an ack
+    /// flight written after it has succeeded (writes are durable in order).
+    dead_unreleased: Vec<u64>,
 }
 
 /// One ack request waiting for its write: the leases and where its answer goes.
@@ -150,13 +153,21 @@ impl Queue {
         metrics: Arc<Metrics>,
     ) -> Self {
         let floor = loaded.cursor.as_ref().map_or(0, |c| c.ack_floor);
-        let fifo = loaded.cursor.as_ref().is_some_and(|c| c.ordered).then(|| {
-            let mut fifo = Fifo::default();
-            for (offset, group) in &loaded.retry_groups {
-                fifo.restore(group, *offset);
+        let mut fifo = loaded
+            .cursor
+            .as_ref()
+            .is_some_and(|c| c.ordered)
+            .then(Fifo::default);
+        let mut held = HashSet::new();
+        if let Some(fifo) = fifo.as_mut() {
+            let mut known = loaded.retry_groups;
+            known.sort_unstable_by_key(|(offset, _)| *offset);
+            for (offset, group) in &known {
+                if fifo.restore(group, *offset) {
+                    held.insert(*offset);
+                }
             }
-            fifo
-        });
+        }
         let mut q = Self {
             group,
             topic,
@@ -186,9 +197,13 @@ impl Queue {
             pending_acks: Vec::new(),
             ack_flight: None,
             fifo,
+            dead_unreleased: Vec::new(),
         };
         for (offset, rec) in loaded.retries {
-            q.retry_due.insert((rec.due_ms, offset));
+            if !held.contains(&offset) {
+                // Held ones are due when their head is done, not at a time.
+                q.retry_due.insert((rec.due_ms, offset));
+            }
             q.retry.insert(offset, rec);
         }
         q
@@ -210,6 +225,9 @@ impl Queue {
         let mut end = self.topic.watch_end();
         loop {
             self.expire(now_ms()).await;
+            // A dead-lettered head's write must be durable before its group moves on:
+            // an ack flight (empty if need be) tells when (see `start_acks`).
+            self.start_acks().await;
             if let Err(e) = self.pump().await {
                 tracing::warn!(group = %self.group, topic = %self.topic.name, "delivery paused: {e}");
             }

@@ -35,12 +35,25 @@ impl Queue {
                     // Passed by the floor while leased: its lease decides what comes next.
                     continue;
                 }
+                if self.fifo.as_ref().is_some_and(|f| f.is_held(offset)) {
+                    // Held behind its group's head: due when that one is done.
+                    continue;
+                }
                 let attempts = self.retry.get(&offset).map_or(0, |r| r.attempts);
                 let storage = self.storage.clone();
                 let topic = self.topic.id;
-                let msg = tokio::task::spawn_blocking(move || storage.read_message(topic, offset))
+                let read = tokio::task::spawn_blocking(move || storage.read_message(topic, offset))
                     .await
-                    .map_err(|e| Error::Internal(e.to_string()))??;
+                    .map_err(|e| Error::Internal(e.to_string()))
+                    .and_then(|r| r);
+                let msg = match read {
+                    Ok(msg) => msg,
+                    Err(e) => {
+                        // Still due: tried again on the next pump.
+                        self.retry_due.insert((due, offset));
+                        return Err(e);
+                    }
+                };
                 match msg {
                     Some(m) => {
                         if let Some(fifo) = self.fifo.as_mut()
@@ -59,6 +72,9 @@ impl Queue {
                     }
                     None => {
                         self.retry.remove(&offset);
+                        if let Some(fifo) = self.fifo.as_mut() {
+                            fifo.done(offset);
+                        }
                     }
                 }
                 continue;
@@ -136,14 +152,19 @@ impl Queue {
     async fn deliver_ready(&mut self, offsets: Vec<u64>) -> Result<bool> {
         let mut to_read = Vec::with_capacity(offsets.len());
         for offset in offsets {
-            if self.leases.contains_key(&offset) || self.is_acked(offset) {
+            if self.leases.contains_key(&offset) {
                 continue;
             }
             if let Some(rec) = self.retry.get_mut(&offset) {
-                // Held out of the retry schedule (after a redrive): due now.
+                // Held with a retry record (a redrive, or passed by the floor): the retry
+                // schedule delivers it, now. Checked before "acked": a redriven dead
+                // letter is below the floor or acked, and still to be delivered.
                 self.retry_due.remove(&(rec.due_ms, offset));
                 rec.due_ms = now_ms();
                 self.retry_due.insert((rec.due_ms, offset));
+                continue;
+            }
+            if self.is_acked(offset) {
                 continue;
             }
             to_read.push(offset);
@@ -153,9 +174,30 @@ impl Queue {
         }
         let storage = self.storage.clone();
         let topic = self.topic.id;
-        let messages = tokio::task::spawn_blocking(move || storage.read_messages(topic, &to_read))
+        let wanted = to_read.clone();
+        let read = tokio::task::spawn_blocking(move || storage.read_messages(topic, &to_read))
             .await
-            .map_err(|e| Error::Internal(e.to_string()))??;
+            .map_err(|e| Error::Internal(e.to_string()))
+            .and_then(|r| r);
+        let messages = match read {
+            Ok(messages) => messages,
+            Err(e) => {
+                // Still the heads: delivered on the next pump.
+                if let Some(fifo) = self.fifo.as_mut() {
+                    fifo.unready(wanted);
+                }
+                return Err(e);
+            }
+        };
+        if messages.len() < wanted.len()
+            && let Some(fifo) = self.fifo.as_mut()
+        {
+            // Gone from the log: done, so its group moves on.
+            let found: HashSet<u64> = messages.iter().map(|m| m.offset).collect();
+            for offset in wanted.into_iter().filter(|o| !found.contains(o)) {
+                fifo.done(offset);
+            }
+        }
         let mut all_taken = true;
         for m in messages {
             all_taken &= self.deliver(m, 1);

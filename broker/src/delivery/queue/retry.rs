@@ -45,9 +45,10 @@ impl Queue {
             )];
             ops.extend(self.mark_acked(offset));
             ops.extend(self.advance_floor());
-            if let Some(fifo) = self.fifo.as_mut() {
-                // Dead-lettered: the next of its message group may go.
-                fifo.done(offset);
+            if self.fifo.is_some() {
+                // Dead-lettered: the next of its message group may go, once this write
+                // is durable (a crash before would bring it back after the next).
+                self.dead_unreleased.push(offset);
             }
             return ops;
         }
