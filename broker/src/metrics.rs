@@ -40,6 +40,9 @@ pub struct Metrics {
     pub scheduled_delivered: IntCounter,
     /// Seconds from a scheduled message's delivery time to its delivery into its topic.
     pub schedule_lateness_seconds: Histogram,
+    /// Message groups of ordered consumer groups whose next messages wait behind one
+    /// that is out (over every ordered queue).
+    pub ordered_blocked_groups: IntGauge,
     /// Check-backs by result: `commit`, `rollback`, `unknown`, `timeout`, `no_producer`,
     /// `busy`.
     pub checks: IntCounterVec,
@@ -145,6 +148,10 @@ impl Metrics {
                 "schedule_lateness_seconds",
                 "Time from a scheduled message's delivery time to its delivery",
                 prometheus::exponential_buckets(0.001, 2.0, 16).expect("valid buckets"),
+            ),
+            ordered_blocked_groups: gauge(
+                "ordered_blocked_message_groups",
+                "Message groups of ordered consumer groups waiting behind a message that is out",
             ),
             checks: counter_vec("checks_total", "Check-backs by result", "result"),
             deliveries: counter("deliveries_total", "Deliveries to consumers"),

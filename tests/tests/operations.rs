@@ -241,3 +241,67 @@ async fn txn_list_pages_with_limit_and_after() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a transaction id"));
 }
+
+/// Issue 14, "everywhere": scheduled messages waiting and delivered, their lateness, and
+/// ordered groups' blocked message groups show in the metrics, and the waiting count
+/// survives a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduled_and_ordered_metrics() {
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let mut b = TestBroker::start_on_fixed_port(&["--metrics-listen", &metrics]);
+    let p = Producer::connect(b.addr(), ProducerOptions::default())
+        .await
+        .unwrap();
+    for i in 0..3 {
+        let later =
+            Message::new("s", format!("later-{i}")).deliver_after(Duration::from_secs(3600));
+        p.send(later).await.unwrap();
+    }
+    let soon = Message::new("s", "soon").deliver_after(Duration::from_millis(200));
+    p.send(soon).await.unwrap();
+    let page = eventually(Duration::from_secs(20), || async {
+        let page = scrape(&metrics).await;
+        (sample(&page, "txmq_scheduled_delivered_total") == Some(1.0)).then_some(page)
+    })
+    .await
+    .expect("the due one was never delivered");
+    assert_eq!(sample(&page, "txmq_scheduled_pending"), Some(3.0), "{page}");
+    assert_eq!(
+        sample(&page, "txmq_schedule_lateness_seconds_count"),
+        Some(1.0)
+    );
+
+    p.send_batch(
+        (0..3)
+            .map(|i| Message::new("f", format!("a{i}")).group("a"))
+            .collect(),
+    )
+    .await
+    .unwrap();
+    let mut c = Consumer::subscribe(b.addr(), ConsumerOptions::new("o", "f").ordered(true))
+        .await
+        .unwrap();
+    let head = txmq_tests::next(&mut c, Duration::from_secs(20))
+        .await
+        .expect("the head");
+    let blocked = eventually(Duration::from_secs(20), || async {
+        let page = scrape(&metrics).await;
+        (sample(&page, "txmq_ordered_blocked_message_groups") == Some(1.0)).then_some(())
+    })
+    .await;
+    assert!(blocked.is_some(), "a blocked message group is not counted");
+    head.ack().await.unwrap();
+    drop((c, head));
+
+    b.restart();
+    // Counted from storage at start (the page is empty until storage is open).
+    let pending = eventually(Duration::from_secs(30), || async {
+        let (status, body) = http_get(&metrics, "/metrics").await.ok()?;
+        if status != 200 {
+            return None;
+        }
+        sample(&body, "txmq_scheduled_pending")
+    })
+    .await;
+    assert_eq!(pending, Some(3.0));
+}

@@ -136,6 +136,8 @@ pub struct Queue {
     /// Dead-lettered heads whose write is on its way: their groups move on once an ack
     /// flight written after it has succeeded (writes are durable in order).
     dead_unreleased: Vec<u64>,
+    /// This queue's share of the blocked-message-groups gauge, as last reported.
+    reported_blocked: i64,
 }
 
 /// One ack request waiting for its write: the leases and where its answer goes.
@@ -198,6 +200,7 @@ impl Queue {
             ack_flight: None,
             fifo,
             dead_unreleased: Vec::new(),
+            reported_blocked: 0,
         };
         for (offset, rec) in loaded.retries {
             if !held.contains(&offset) {
@@ -231,6 +234,7 @@ impl Queue {
             if let Err(e) = self.pump().await {
                 tracing::warn!(group = %self.group, topic = %self.topic.name, "delivery paused: {e}");
             }
+            self.report_blocked();
             end.borrow_and_update();
             // A due retry wakes the queue only when some consumer could take it; the
             // queue wakes anyway when credit comes back (an ack, a subscription).
@@ -290,6 +294,19 @@ impl Queue {
                 () = sleep => {}
             }
         }
+        // This queue's groups are no one's to count any more.
+        self.metrics
+            .ordered_blocked_groups
+            .sub(self.reported_blocked);
+    }
+
+    /// Moves the blocked-message-groups gauge by what changed in this queue.
+    fn report_blocked(&mut self) {
+        let now = self.fifo.as_ref().map_or(0, |f| i64::from(f.blocked().0));
+        self.metrics
+            .ordered_blocked_groups
+            .add(now - self.reported_blocked);
+        self.reported_blocked = now;
     }
 
     async fn handle(&mut self, msg: QueueMsg) {
