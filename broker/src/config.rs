@@ -76,6 +76,14 @@ pub struct Config {
     /// How long resolved transactions are remembered, so late duplicates are recognised.
     #[serde(with = "duration")]
     pub txn_retention: Duration,
+    /// How long messages are kept (per-topic overrides: `topic create|alter --retention`).
+    #[serde(with = "duration")]
+    pub retention: Duration,
+    /// Most bytes a topic's log may take before its oldest messages go (0: no limit).
+    pub retention_bytes: u64,
+    /// How often retention looks for messages to remove.
+    #[serde(with = "duration")]
+    pub retention_interval: Duration,
     /// Furthest ahead of now a message may be scheduled for delivery.
     #[serde(with = "duration")]
     pub max_schedule_delay: Duration,
@@ -125,6 +133,9 @@ impl Default for Config {
             check_reply_timeout: s(3),
             txn_retention: s(24 * 3600),
             max_schedule_delay: s(40 * 24 * 3600),
+            retention: s(72 * 3600),
+            retention_bytes: 0,
+            retention_interval: s(60),
             lease: s(30),
             window: 256,
             max_attempts: 16,
@@ -208,6 +219,9 @@ impl Config {
         }
         if self.window == 0 {
             return Err("window must be at least 1".into());
+        }
+        if self.retention.is_zero() || self.retention_interval.is_zero() {
+            return Err("retention and retention-interval must be more than zero".into());
         }
         if self.handshake_timeout.is_zero() || self.idle_timeout.is_zero() {
             return Err("handshake-timeout and idle-timeout must be more than zero".into());

@@ -25,10 +25,12 @@
 //! - [`delivery`]: consumer groups.
 //! - [`txn`]: the transaction state machine, check-backs and the producers that answer them.
 //! - [`timer`]: delivers scheduled messages at their time.
+//! - [`retention`]: removes old messages in bulk.
 //! - [`metrics`]: Prometheus counters and the `/metrics` + `/health` endpoint.
 //!
 //! Dependencies run one way: `server → connection → cmd → {storage, delivery, txn}`
-//! (`server` also starts the [`timer`], which drives only the writer); a
+//! (`server` also starts the [`timer`] and the [`retention`] sweep, which drive only the
+//! writer); a
 //! failed fsync makes `server` reopen storage in the same process.
 
 pub mod cmd;
@@ -38,6 +40,7 @@ pub mod delivery;
 pub mod error;
 pub mod ids;
 pub mod metrics;
+pub mod retention;
 pub mod server;
 pub mod storage;
 pub mod timer;

@@ -61,6 +61,16 @@ struct Flags {
     /// How long resolved transactions are remembered [default: 24h].
     #[arg(long, env = "TXMQ_TXN_RETENTION", value_parser = duration_text)]
     txn_retention: Option<String>,
+    /// How long messages are kept; topics may override it [default: 72h].
+    #[arg(long, env = "TXMQ_RETENTION", value_parser = duration_text)]
+    retention: Option<String>,
+    /// Most bytes a topic's log may take before its oldest messages go (0: no limit)
+    /// [default: 0].
+    #[arg(long, env = "TXMQ_RETENTION_BYTES")]
+    retention_bytes: Option<u64>,
+    /// How often retention looks for messages to remove [default: 1m].
+    #[arg(long, env = "TXMQ_RETENTION_INTERVAL", value_parser = duration_text)]
+    retention_interval: Option<String>,
     /// Furthest ahead a message may be scheduled for delivery [default: 40days].
     #[arg(long, env = "TXMQ_MAX_SCHEDULE_DELAY", value_parser = duration_text)]
     max_schedule_delay: Option<String>,

@@ -40,6 +40,10 @@ pub struct Metrics {
     pub scheduled_delivered: IntCounter,
     /// Seconds from a scheduled message's delivery time to its delivery into its topic.
     pub schedule_lateness_seconds: Histogram,
+    /// Messages removed by retention, by topic.
+    pub retention_removed: IntCounterVec,
+    /// Messages retention removed before a group acked them, by group.
+    pub retention_skipped: IntCounterVec,
     /// Message groups of ordered consumer groups whose next messages wait behind one
     /// that is out (over every ordered queue).
     pub ordered_blocked_groups: IntGauge,
@@ -148,6 +152,16 @@ impl Metrics {
                 "schedule_lateness_seconds",
                 "Time from a scheduled message's delivery time to its delivery",
                 prometheus::exponential_buckets(0.001, 2.0, 16).expect("valid buckets"),
+            ),
+            retention_removed: counter_vec(
+                "retention_removed_total",
+                "Messages removed by retention",
+                "topic",
+            ),
+            retention_skipped: counter_vec(
+                "retention_skipped_total",
+                "Messages retention removed before a group acked them",
+                "group",
             ),
             ordered_blocked_groups: gauge(
                 "ordered_blocked_message_groups",

@@ -21,6 +21,7 @@ use crate::delivery::Groups;
 use crate::error::{Error, Result};
 use crate::ids::IdGen;
 use crate::metrics::{self, Metrics};
+use crate::retention::Sweeper;
 use crate::storage::Storage;
 use crate::storage::writer::Writer;
 use crate::timer::Timer;
@@ -195,12 +196,7 @@ async fn run_once(
     };
     let topics = Arc::new(Topics::default());
     for t in stored {
-        topics.insert(Arc::new(Topic::new(
-            t.name,
-            t.record.id,
-            t.record.created_ms,
-            t.end,
-        )));
+        topics.insert(Arc::new(Topic::from_record(t.name, &t.record, t.end)));
     }
     tracing::info!(
         boot,
@@ -232,6 +228,14 @@ async fn run_once(
     );
     tracker.spawn(checker.run(answers_rx, cancel.clone()));
     tracker.spawn(Timer::new(storage.clone(), writer.clone()).run(cancel.clone()));
+    let sweeper = Sweeper::new(
+        storage.clone(),
+        writer.clone(),
+        topics.clone(),
+        config.clone(),
+        metrics.clone(),
+    );
+    tracker.spawn(sweeper.run(cancel.clone()));
     let shared = Arc::new(Shared {
         groups: Groups::new(
             storage.clone(),

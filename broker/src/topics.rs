@@ -2,6 +2,7 @@
 //! writer moves after every durable append, so delivery wakes up without polling.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use tokio::sync::watch;
@@ -16,6 +17,11 @@ pub struct Topic {
     /// Broker clock at creation.
     pub created_ms: u64,
     end: watch::Sender<u64>,
+    /// First offset still in the log (retention removed what is below).
+    start: AtomicU64,
+    /// Retention overrides (0: the broker's): age in ms, size in bytes.
+    retention_ms: AtomicU64,
+    retention_bytes: AtomicU64,
 }
 
 impl Topic {
@@ -26,7 +32,57 @@ impl Topic {
             id,
             created_ms,
             end: watch::Sender::new(end),
+            start: AtomicU64::new(0),
+            retention_ms: AtomicU64::new(0),
+            retention_bytes: AtomicU64::new(0),
         }
+    }
+
+    /// The topic as stored: its record and where its log ends.
+    pub fn from_record(
+        name: String,
+        record: &crate::storage::records::TopicRecord,
+        end: u64,
+    ) -> Self {
+        let t = Self::new(name, record.id, record.created_ms, end.max(record.start));
+        t.start.store(record.start, Ordering::Relaxed);
+        t.set_retention(record.retention_ms, record.retention_bytes);
+        t
+    }
+
+    /// Its record, as the writer stores it.
+    pub fn record(&self) -> crate::storage::records::TopicRecord {
+        crate::storage::records::TopicRecord {
+            id: self.id,
+            created_ms: self.created_ms,
+            start: self.start(),
+            retention_ms: self.retention_ms.load(Ordering::Relaxed),
+            retention_bytes: self.retention_bytes.load(Ordering::Relaxed),
+        }
+    }
+
+    /// First offset still in the log.
+    pub fn start(&self) -> u64 {
+        self.start.load(Ordering::Relaxed)
+    }
+
+    /// Moves the start on (retention removed the offsets below `start`).
+    pub(crate) fn set_start(&self, start: u64) {
+        self.start.fetch_max(start, Ordering::Relaxed);
+    }
+
+    /// Its retention overrides: age in ms and size in bytes, 0 for the broker's.
+    pub fn retention(&self) -> (u64, u64) {
+        (
+            self.retention_ms.load(Ordering::Relaxed),
+            self.retention_bytes.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Sets its retention overrides (0: the broker's).
+    pub(crate) fn set_retention(&self, ms: u64, bytes: u64) {
+        self.retention_ms.store(ms, Ordering::Relaxed);
+        self.retention_bytes.store(bytes, Ordering::Relaxed);
     }
 
     /// One past the last durable offset.

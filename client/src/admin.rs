@@ -39,11 +39,47 @@ impl Admin {
     /// # Errors
     /// Bad name, or `TOPIC_EXISTS` with `fail_if_exists`.
     pub async fn create_topic(&self, topic: &str, fail_if_exists: bool) -> Result<pb::TopicInfo> {
+        self.create_topic_with(topic, fail_if_exists, (0, 0)).await
+    }
+
+    /// Creates a topic with its own retention: age in ms and size in bytes (0: the
+    /// broker's).
+    ///
+    /// # Errors
+    /// Bad name, or `TOPIC_EXISTS` with `fail_if_exists`.
+    pub async fn create_topic_with(
+        &self,
+        topic: &str,
+        fail_if_exists: bool,
+        (retention_ms, retention_bytes): (u64, u64),
+    ) -> Result<pb::TopicInfo> {
         let r = self
             .conn
             .call(Body::CreateTopic(pb::CreateTopicRequest {
                 topic: topic.to_string(),
                 fail_if_exists,
+                retention_ms,
+                retention_bytes,
+            }))
+            .await?;
+        expect!(r, Topic)
+    }
+
+    /// Changes a topic's retention: age in ms and size in bytes (0: the broker's).
+    ///
+    /// # Errors
+    /// `TOPIC_NOT_FOUND`.
+    pub async fn alter_topic(
+        &self,
+        topic: &str,
+        (retention_ms, retention_bytes): (u64, u64),
+    ) -> Result<pb::TopicInfo> {
+        let r = self
+            .conn
+            .call(Body::AlterTopic(pb::AlterTopicRequest {
+                topic: topic.to_string(),
+                retention_ms,
+                retention_bytes,
             }))
             .await?;
         expect!(r, Topic)

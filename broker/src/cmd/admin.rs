@@ -14,10 +14,14 @@ use crate::storage::writer::{Command, Outcome};
 use crate::topics::Topic;
 
 fn topic_info(t: &Topic) -> pb::TopicInfo {
+    let (retention_ms, retention_bytes) = t.retention();
     pb::TopicInfo {
         name: t.name.clone(),
         next_offset: t.end(),
         created_ms: t.created_ms,
+        start_offset: t.start(),
+        retention_ms,
+        retention_bytes,
     }
 }
 
@@ -32,11 +36,31 @@ pub fn create_topic(id: u64, req: pb::CreateTopicRequest, shared: &Arc<Shared>) 
             .submit(Command::CreateTopic {
                 name: req.topic,
                 fail_if_exists: req.fail_if_exists,
+                retention: (req.retention_ms, req.retention_bytes),
             })
             .await?
         {
             Outcome::Topic(t) => Ok(pb::response::Result::Topic(topic_info(&t))),
             other => Err(Error::Internal(format!("create topic gave {other:?}"))),
+        }
+    })
+}
+
+/// Changes a topic's retention overrides.
+pub fn alter_topic(id: u64, req: pb::AlterTopicRequest, shared: &Arc<Shared>) -> Pending {
+    let topic = match shared.topics.get(&req.topic) {
+        Some(t) => t,
+        None => return ready(id, Err(Error::TopicNotFound(req.topic))),
+    };
+    let writer = shared.writer.clone();
+    later(id, async move {
+        let retention = (req.retention_ms, req.retention_bytes);
+        match writer
+            .submit(Command::SetRetention { topic, retention })
+            .await?
+        {
+            Outcome::Topic(t) => Ok(pb::response::Result::Topic(topic_info(&t))),
+            other => Err(Error::Internal(format!("alter topic gave {other:?}"))),
         }
     })
 }

@@ -117,6 +117,7 @@ pub async fn dispatch(
         Body::Nack(req) => consume::nack(id, req, shared).await,
         Body::Extend(req) => consume::extend(id, req, shared).await,
         Body::CreateTopic(req) => admin::create_topic(id, req, shared),
+        Body::AlterTopic(req) => admin::alter_topic(id, req, shared),
         Body::ListTopics(req) => admin::list_topics(id, req, shared),
         Body::DescribeGroup(req) => admin::describe_group(id, req, shared),
         Body::ListDeadLetters(req) => admin::list_dead_letters(id, req, shared),

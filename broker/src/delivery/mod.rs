@@ -209,6 +209,7 @@ impl Groups {
         match self
             .writer
             .submit(Command::CreateTopic {
+                retention: (0, 0),
                 name: name.to_string(),
                 fail_if_exists: false,
             })

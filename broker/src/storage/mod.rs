@@ -286,6 +286,75 @@ impl Storage {
             .transpose()
     }
 
+    /// The first offset in `start..end` of a topic whose message was stored at or after
+    /// `at_ms` (`end` when none was): a binary search, since one writer stamps messages
+    /// in offset order. A missing message counts as older.
+    ///
+    /// # Errors
+    /// Storage failure or a corrupt record.
+    pub fn first_stored_at_or_after(
+        &self,
+        topic_id: u32,
+        start: u64,
+        end: u64,
+        at_ms: u64,
+    ) -> Result<u64> {
+        let (mut lo, mut hi) = (start, end);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let stored = self.read_message(topic_id, mid)?.map_or(0, |m| m.store_ms);
+            if stored >= at_ms {
+                hi = mid;
+            } else {
+                lo = mid + 1;
+            }
+        }
+        Ok(lo)
+    }
+
+    /// The first offset in `start..end` of a topic from which its log takes at most
+    /// `bytes` on disk, by RocksDB's estimate of its files (what is only in memory does
+    /// not count yet).
+    pub fn first_within_bytes(&self, topic_id: u32, start: u64, end: u64, bytes: u64) -> u64 {
+        let size = |from: u64| {
+            let (a, b) = (keys::log(topic_id, from), keys::log(topic_id, end));
+            let range = rocksdb::Range::new(&a, &b);
+            self.db
+                .get_approximate_sizes_cf(self.cf(Cf::Log), &[range])
+                .first()
+                .copied()
+                .unwrap_or(0)
+        };
+        let (mut lo, mut hi) = (start, end);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            if size(mid) <= bytes {
+                hi = mid;
+            } else {
+                lo = mid + 1;
+            }
+        }
+        lo
+    }
+
+    /// Writes the logs' memtable out to files, where their sizes are known (what
+    /// [`Storage::first_within_bytes`] measures).
+    ///
+    /// # Errors
+    /// Storage failure.
+    pub fn flush_logs(&self) -> Result<()> {
+        self.db.flush_cf(self.cf(Cf::Log))?;
+        Ok(())
+    }
+
+    /// Compacts a topic's log below `to` (after retention deleted it): the files that
+    /// held it go, and the space with them.
+    pub fn compact_log(&self, topic_id: u32, to: u64) {
+        let (a, b) = (keys::log(topic_id, 0), keys::log(topic_id, to));
+        self.db
+            .compact_range_cf(self.cf(Cf::Log), Some(&a), Some(&b));
+    }
+
     /// The messages at `offsets` of a topic (those that exist), in one call: what an
     /// ordered group reads when acks release the next message of many groups at once.
     ///

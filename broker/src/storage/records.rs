@@ -10,6 +10,15 @@ pub struct TopicRecord {
     /// Broker clock at creation.
     #[prost(uint64, tag = "2")]
     pub created_ms: u64,
+    /// First offset still in the log: retention removed everything below.
+    #[prost(uint64, tag = "3")]
+    pub start: u64,
+    /// Retention by age for this topic, ms (0: the broker's).
+    #[prost(uint64, tag = "4")]
+    pub retention_ms: u64,
+    /// Retention by size for this topic, bytes (0: the broker's).
+    #[prost(uint64, tag = "5")]
+    pub retention_bytes: u64,
 }
 
 /// `txn`: one transaction, whatever its state. The half messages live in `half` and are
@@ -69,6 +78,9 @@ pub struct CursorRecord {
     /// An ordered (FIFO) group, fixed by its first subscription.
     #[prost(bool, tag = "4")]
     pub ordered: bool,
+    /// Messages retention removed before this group acked them.
+    #[prost(uint64, tag = "5")]
+    pub skipped: u64,
 }
 
 /// `retry`: a message that failed delivery and waits to be delivered again.

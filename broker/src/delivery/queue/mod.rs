@@ -227,6 +227,7 @@ impl Queue {
     pub async fn run(mut self, mut rx: mpsc::Receiver<QueueMsg>, cancel: CancellationToken) {
         let mut end = self.topic.watch_end();
         loop {
+            self.follow_retention().await;
             self.expire(now_ms()).await;
             // A dead-lettered head's write must be durable before its group moves on:
             // an ack flight (empty if need be) tells when (see `start_acks`).
@@ -502,6 +503,7 @@ impl Queue {
                 .as_ref()
                 .map(|c| c.tag_filter.clone())
                 .unwrap_or_default(),
+            skipped_by_retention: self.cursor.as_ref().map_or(0, |c| c.skipped),
             ordered: self.fifo.is_some(),
             blocked_message_groups: self.fifo.as_ref().map_or(0, |f| f.blocked().0),
             held_messages: self.fifo.as_ref().map_or(0, |f| f.blocked().1),

@@ -111,4 +111,65 @@ impl Queue {
         self.dead_letters = self.dead_letters.saturating_sub(u64::from(n));
         Ok(n)
     }
+
+    /// Retention removed the topic's messages below its start: a group behind it moves
+    /// on to the oldest message kept, counting what it had neither acked nor had out
+    /// (durably, in its cursor; and in the log and the metrics). It never stalls on a
+    /// gap.
+    pub(super) async fn follow_retention(&mut self) {
+        let start = self.topic.start();
+        let Some(floor) = self.cursor.as_ref().map(|c| c.ack_floor) else {
+            return;
+        };
+        if start <= floor {
+            return;
+        }
+        let mut ops = Vec::new();
+        let acked: Vec<u64> = self.acked.range(floor..start).copied().collect();
+        for o in &acked {
+            self.acked.remove(o);
+            ops.push(Op::Delete(
+                Cf::Acked,
+                keys::group_offset(&self.group, self.topic.id, *o),
+            ));
+        }
+        let gone: Vec<u64> = self.retry.keys().filter(|o| **o < start).copied().collect();
+        for o in gone {
+            if let Some(rec) = self.retry.remove(&o) {
+                self.retry_due.remove(&(rec.due_ms, o));
+            }
+            ops.push(Op::Delete(
+                Cf::Retry,
+                keys::group_offset(&self.group, self.topic.id, o),
+            ));
+        }
+        let out = self
+            .leases
+            .keys()
+            .filter(|o| (floor..start).contains(*o))
+            .count() as u64;
+        let skipped = (start - floor).saturating_sub(acked.len() as u64 + out);
+        let cursor = self.cursor.as_mut().expect("checked above");
+        cursor.ack_floor = start;
+        cursor.skipped += skipped;
+        ops.push(Op::Put(
+            Cf::Cursor,
+            keys::cursor(&self.group, self.topic.id),
+            cursor.encode_to_vec(),
+        ));
+        self.next = self.next.max(start);
+        if skipped > 0 {
+            self.metrics
+                .retention_skipped
+                .with_label_values(&[self.group.as_str()])
+                .inc_by(skipped);
+            tracing::warn!(
+                group = %self.group,
+                topic = %self.topic.name,
+                skipped,
+                "retention removed messages this group had not acked; it moves on to offset {start}"
+            );
+        }
+        self.write_quietly(ops).await;
+    }
 }

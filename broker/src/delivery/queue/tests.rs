@@ -94,6 +94,7 @@ async fn a_closed_consumer_does_not_make_pump_spin_or_lose_messages() {
     let (_dir, storage, writer, thread, config) = fixture();
     let Outcome::Topic(topic) = writer
         .submit(Command::CreateTopic {
+            retention: (0, 0),
             name: "t".into(),
             fail_if_exists: true,
         })

@@ -105,6 +105,22 @@ pub enum Command {
         name: String,
         /// Refuse when it exists.
         fail_if_exists: bool,
+        /// Retention overrides (0: the broker's): age in ms, size in bytes.
+        retention: (u64, u64),
+    },
+    /// Change a topic's retention overrides (0: the broker's).
+    SetRetention {
+        /// The topic.
+        topic: Arc<Topic>,
+        /// Age in ms, size in bytes.
+        retention: (u64, u64),
+    },
+    /// Remove a topic's messages below `to` (retention): one range delete.
+    Retain {
+        /// The topic.
+        topic: Arc<Topic>,
+        /// Its new first offset.
+        to: u64,
     },
     /// Plain puts and deletes prepared by an owner of other state (consumer groups).
     Raw(Vec<Op>),

@@ -231,6 +231,9 @@ impl Writer {
                 for topic in stage.new_topics {
                     self.topics.insert(topic);
                 }
+                for (topic, start) in stage.starts {
+                    topic.set_start(start);
+                }
                 self.recent.update(stage.txns, stage.halves);
                 let ends: Vec<(u32, u64)> = stage.next_offset.into_iter().collect();
                 for &(id, next) in &ends {
@@ -339,6 +342,7 @@ impl Writer {
             Command::CreateTopic {
                 name,
                 fail_if_exists,
+                retention,
             } => {
                 if let Some(t) = self.topic(&name, stage) {
                     return if fail_if_exists {
@@ -347,8 +351,21 @@ impl Writer {
                         Ok(Outcome::Topic(t))
                     };
                 }
-                Ok(Outcome::Topic(self.create_topic(name, stage)))
+                let topic = self.create_topic(name, stage);
+                if retention != (0, 0) {
+                    topic.set_retention(retention.0, retention.1);
+                    self.put_topic(&topic, topic.start(), stage);
+                }
+                Ok(Outcome::Topic(topic))
             }
+            Command::SetRetention { topic, retention } => {
+                // Set now (a retention setting is not a message: nothing waits on it);
+                // stored with the batch.
+                topic.set_retention(retention.0, retention.1);
+                self.put_topic(&topic, topic.start(), stage);
+                Ok(Outcome::Topic(topic))
+            }
+            Command::Retain { topic, to } => self.retain(&topic, to, stage),
             Command::Raw(ops) => {
                 for op in ops {
                     match op {
@@ -387,6 +404,8 @@ struct Stage {
     /// Scheduled-message records staged (`None`: removed).
     sched: FxHashMap<Id, Option<SchedRecord>>,
     new_topics: Vec<Arc<Topic>>,
+    /// Topics whose start retention moves, once written.
+    starts: Vec<(Arc<Topic>, u64)>,
     first_topic_id: Option<u32>,
     next_offset: FxHashMap<u32, u64>,
     tally: Tally,

@@ -24,6 +24,7 @@ impl Writer {
         let record = TopicRecord {
             id: self.next_topic_id,
             created_ms: txmq_protocol::now_ms(),
+            ..Default::default()
         };
         self.next_topic_id += 1;
         stage.batch.put_cf(
@@ -34,6 +35,43 @@ impl Writer {
         let topic = Arc::new(Topic::new(name, record.id, record.created_ms, 0));
         stage.new_topics.push(topic.clone());
         topic
+    }
+
+    /// Stores a topic's record with `start` as its first offset.
+    pub(super) fn put_topic(&self, topic: &Topic, start: u64, stage: &mut Stage) {
+        let record = TopicRecord {
+            start,
+            ..topic.record()
+        };
+        stage.batch.put_cf(
+            self.storage.cf(Cf::Meta),
+            keys::topic(&topic.name),
+            record.encode_to_vec(),
+        );
+    }
+
+    /// Removes a topic's messages below `to` in one range delete, and moves its start
+    /// there. Never past what was written: a message not yet durable is not retention's.
+    pub(super) fn retain(
+        &mut self,
+        topic: &Arc<Topic>,
+        to: u64,
+        stage: &mut Stage,
+    ) -> Result<Outcome> {
+        let from = topic.start();
+        let end = self.next_offset.get(&topic.id).copied().unwrap_or(0);
+        let to = to.min(end);
+        if to <= from {
+            return Ok(Outcome::Done);
+        }
+        stage.batch.delete_range_cf(
+            self.storage.cf(Cf::Log),
+            keys::log(topic.id, from),
+            keys::log(topic.id, to),
+        );
+        self.put_topic(topic, to, stage);
+        stage.starts.push((topic.clone(), to));
+        Ok(Outcome::Done)
     }
 
     /// Resolves every message's topic first, so a refusal stages nothing.

@@ -1,6 +1,7 @@
 //! `txmq`: produce, consume and operate a txmq broker from a shell.
 
 mod scheduled;
+mod topic;
 mod view;
 
 use std::io::Write;
@@ -54,7 +55,7 @@ enum Command {
     Consume(ConsumeArgs),
     /// Topics.
     #[command(subcommand)]
-    Topic(TopicCmd),
+    Topic(topic::TopicCmd),
     /// Transactions (operator views and control).
     #[command(subcommand)]
     Txn(TxnCmd),
@@ -197,24 +198,6 @@ enum FromArg {
     Latest,
 }
 
-#[derive(Debug, Subcommand)]
-enum TopicCmd {
-    /// Create a topic.
-    Create {
-        /// Name.
-        topic: String,
-        /// JSON output.
-        #[arg(long)]
-        json: bool,
-    },
-    /// List topics.
-    List {
-        /// JSON output.
-        #[arg(long)]
-        json: bool,
-    },
-}
-
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum StateArg {
     Prepared,
@@ -338,35 +321,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Produce(a) if a.transactional => produce_txn(addr, token, a).await,
         Command::Produce(a) => produce(addr, token, a).await,
         Command::Consume(a) => consume(addr, token, a).await,
-        Command::Topic(TopicCmd::Create { topic, json }) => {
-            let t = Admin::connect(addr, token)
-                .await?
-                .create_topic(&topic, true)
-                .await?;
-            if json {
-                println!("{}", json!({"created": t.name, "created_ms": t.created_ms}));
-            } else {
-                println!("created topic {}", t.name);
-            }
-            Ok(())
-        }
-        Command::Topic(TopicCmd::List { json }) => {
-            let topics = Admin::connect(addr, token).await?.topics().await?;
-            let mut view = View::new(json, &[("TOPIC", -40), ("MESSAGES", 12), ("CREATED", 24)]);
-            for t in topics {
-                let created = std::time::UNIX_EPOCH + Duration::from_millis(t.created_ms);
-                view.row(
-                    &[
-                        t.name.clone(),
-                        t.next_offset.to_string(),
-                        humantime::format_rfc3339_seconds(created).to_string(),
-                    ],
-                    json!({"name": t.name, "messages": t.next_offset,
-                        "next_offset": t.next_offset, "created_ms": t.created_ms}),
-                );
-            }
-            Ok(())
-        }
+        Command::Topic(cmd) => topic::run(addr, token, cmd).await,
         Command::Group(GroupCmd::List { json }) => {
             let groups = Admin::connect(addr, token).await?.groups().await?;
             let mut view = View::new(
@@ -473,7 +428,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         "consumers": t.consumers, "stalled_consumers": t.stalled_consumers,
                         "tag_filter": t.tag_filter, "ordered": t.ordered,
                         "blocked_message_groups": t.blocked_message_groups,
-                        "held_messages": t.held_messages}),
+                        "held_messages": t.held_messages,
+                        "skipped_by_retention": t.skipped_by_retention}),
                 );
             }
             Ok(())

@@ -1,0 +1,135 @@
+//! Retention: the sweep that removes old messages, so the log does not grow forever (I9).
+//!
+//! Every `retention-interval` it looks at each topic: the first offset to keep is the
+//! first message stored within `retention` (a binary search over the log: offsets are
+//! stored in time order, since one writer stamps them as it appends), or later when the
+//! topic's log is over `retention-bytes` (RocksDB's estimate of its files). Everything
+//! below goes in one range delete through the writer; then that key range is compacted,
+//! so the disk space comes back. Groups behind the new start move on by themselves (see
+//! the queue's `follow_retention`).
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+use txmq_protocol::now_ms;
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+use crate::storage::Storage;
+use crate::storage::writer::{Command, WriterHandle};
+use crate::topics::{Topic, Topics};
+
+/// The sweep task's state.
+pub struct Sweeper {
+    storage: Arc<Storage>,
+    writer: WriterHandle,
+    topics: Arc<Topics>,
+    config: Arc<Config>,
+    metrics: Arc<Metrics>,
+}
+
+impl Sweeper {
+    /// A sweeper over the given parts.
+    pub fn new(
+        storage: Arc<Storage>,
+        writer: WriterHandle,
+        topics: Arc<Topics>,
+        config: Arc<Config>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            storage,
+            writer,
+            topics,
+            config,
+            metrics,
+        }
+    }
+
+    /// Sweeps every `retention-interval` until cancelled.
+    pub async fn run(self, cancel: CancellationToken) {
+        let mut tick = tokio::time::interval(self.config.retention_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let topics = self.topics.all();
+            let by_size =
+                self.config.retention_bytes > 0 || topics.iter().any(|t| t.retention().1 > 0);
+            if by_size {
+                // Sizes are known for what is in files: the newest writes go there first.
+                let storage = self.storage.clone();
+                let flushed = tokio::task::spawn_blocking(move || storage.flush_logs()).await;
+                if let Ok(Err(e)) = flushed {
+                    tracing::warn!("retention could not flush the logs to measure them: {e}");
+                }
+            }
+            for topic in topics {
+                if cancel.is_cancelled() {
+                    return;
+                }
+                if let Err(e) = self.sweep(&topic).await {
+                    tracing::warn!(topic = %topic.name, "retention sweep failed: {e}");
+                }
+            }
+        }
+    }
+
+    /// Removes what `topic` no longer keeps.
+    async fn sweep(&self, topic: &Arc<Topic>) -> Result<()> {
+        let (start, end) = (topic.start(), topic.end());
+        if start >= end {
+            return Ok(());
+        }
+        let (own_ms, own_bytes) = topic.retention();
+        let keep_ms = if own_ms > 0 {
+            own_ms
+        } else {
+            self.config.retention.as_millis() as u64
+        };
+        let keep_bytes = if own_bytes > 0 {
+            own_bytes
+        } else {
+            self.config.retention_bytes
+        };
+        let storage = self.storage.clone();
+        let id = topic.id;
+        let cutoff = now_ms().saturating_sub(keep_ms);
+        let to = tokio::task::spawn_blocking(move || -> Result<u64> {
+            let by_age = storage.first_stored_at_or_after(id, start, end, cutoff)?;
+            let by_size = if keep_bytes > 0 {
+                storage.first_within_bytes(id, start, end, keep_bytes)
+            } else {
+                start
+            };
+            Ok(by_age.max(by_size))
+        })
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))??;
+        if to <= start {
+            return Ok(());
+        }
+        self.writer
+            .submit(Command::Retain {
+                topic: topic.clone(),
+                to,
+            })
+            .await?;
+        let removed = topic.start().saturating_sub(start);
+        self.metrics
+            .retention_removed
+            .with_label_values(&[topic.name.as_str()])
+            .inc_by(removed);
+        tracing::info!(topic = %topic.name, from = start, to = topic.start(), "retention removed {removed} messages");
+        // The range delete hides them; compaction gives the space back.
+        let storage = self.storage.clone();
+        let to = topic.start();
+        tokio::task::spawn_blocking(move || storage.compact_log(id, to))
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,142 @@
+//! Retention (issue 15, item 1): old messages are removed in bulk by a periodic sweep,
+//! by age and by size, per topic or by the broker's default; a group behind the new
+//! start moves on to the oldest message kept, counts what it skipped, and never stalls;
+//! offsets are never reused, also after a restart.
+
+use std::time::Duration;
+
+use txmq_client::{Admin, Consumer, ConsumerOptions, Message};
+use txmq_tests::{TestBroker, eventually, next, producer};
+
+async fn start_offset(admin: &Admin, topic: &str) -> Option<u64> {
+    let topics = admin.topics().await.ok()?;
+    topics
+        .into_iter()
+        .find(|t| t.name == topic)
+        .map(|t| t.start_offset)
+}
+
+fn du(path: &std::path::Path) -> u64 {
+    fn walk(p: &std::path::Path) -> u64 {
+        let Ok(meta) = std::fs::symlink_metadata(p) else {
+            return 0;
+        };
+        if meta.is_dir() {
+            std::fs::read_dir(p)
+                .map(|d| d.flatten().map(|e| walk(&e.path())).sum())
+                .unwrap_or(0)
+        } else {
+            use std::os::unix::fs::MetadataExt;
+            meta.blocks() * 512
+        }
+    }
+    walk(path)
+}
+
+/// By age: everything older than the retention goes; a group that never acked them
+/// moves on and says how many it skipped; new messages keep their own offsets, also
+/// after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_messages_go_and_groups_move_on() {
+    let mut b =
+        TestBroker::start_on_fixed_port(&["--retention", "1s", "--retention-interval", "200ms"]);
+    let admin = Admin::connect(b.addr(), "").await.unwrap();
+    // Group g exists (its cursor is at 0) before anything is sent.
+    drop(
+        Consumer::subscribe(b.addr(), ConsumerOptions::new("g", "t"))
+            .await
+            .unwrap(),
+    );
+    let p = producer(&b).await;
+    for i in 0..200 {
+        p.send(Message::new("t", format!("old-{i}"))).await.unwrap();
+    }
+    let start = eventually(Duration::from_secs(30), || async {
+        start_offset(&admin, "t").await.filter(|s| *s == 200)
+    })
+    .await;
+    assert_eq!(start, Some(200), "retention removed nothing");
+
+    p.send(Message::new("t", "new")).await.unwrap();
+    let mut c = Consumer::subscribe(b.addr(), ConsumerOptions::new("g", "t"))
+        .await
+        .unwrap();
+    let d = next(&mut c, Duration::from_secs(20))
+        .await
+        .expect("stalled");
+    assert_eq!((d.body().as_ref(), d.offset()), (&b"new"[..], 200));
+    d.ack().await.unwrap();
+    let skipped = eventually(Duration::from_secs(10), || async {
+        let g = admin.describe_group("g").await.ok()?;
+        let t = g.topics.into_iter().find(|t| t.topic == "t")?;
+        (t.skipped_by_retention > 0).then_some(t.skipped_by_retention)
+    })
+    .await;
+    assert_eq!(skipped, Some(200));
+    drop(c);
+
+    // Everything may go (the topic is empty), and offsets still go on after a restart.
+    let start = eventually(Duration::from_secs(30), || async {
+        start_offset(&admin, "t").await.filter(|s| *s == 201)
+    })
+    .await;
+    assert_eq!(start, Some(201));
+    b.restart();
+    let p = producer(&b).await;
+    let r = p.send(Message::new("t", "after restart")).await.unwrap();
+    assert_eq!(r.offset, 201, "an offset was reused");
+}
+
+/// By size, for one topic (`topic alter --retention-bytes`): once its log is on disk
+/// and over the limit, the oldest messages go, the newest stay, and the disk use of the
+/// data directory comes down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_over_its_size_loses_its_oldest_and_the_space_comes_back() {
+    let b = TestBroker::start(&["--retention-interval", "200ms"]);
+    let out = b.cli_ok(&["topic", "create", "big", "--json"]);
+    assert!(out.contains("\"created\":\"big\""), "{out}");
+    let p = producer(&b).await;
+    // A random body (the limit is on disk, after compression; each message is
+    // compressed on its own, so one random body serves them all).
+    let mut body = vec![0u8; 1 << 20];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut body);
+    for i in 0..100 {
+        let mut m = Message::new("big", body.clone());
+        m = m.key(format!("k{i}"));
+        p.send(m).await.unwrap();
+    }
+    // Pushes the log into files, where sizes are known.
+    let admin = Admin::connect(b.addr(), "").await.unwrap();
+    let before = du(b.data_dir());
+    let out = b.cli_ok(&[
+        "topic",
+        "alter",
+        "big",
+        "--retention-bytes",
+        "16MiB",
+        "--json",
+    ]);
+    assert!(out.contains("\"retention_bytes\":16777216"), "{out}");
+    let start = eventually(Duration::from_secs(60), || async {
+        start_offset(&admin, "big").await.filter(|s| *s > 0)
+    })
+    .await
+    .expect("nothing removed by size");
+    assert!(start < 100, "the newest went too: start {start}");
+    let after = eventually(Duration::from_secs(60), || async {
+        let now = du(b.data_dir());
+        (now < before).then_some(now)
+    })
+    .await;
+    assert!(
+        after.is_some(),
+        "the data directory did not shrink from {before} bytes"
+    );
+    let mut c = Consumer::subscribe(b.addr(), ConsumerOptions::new("r", "big"))
+        .await
+        .unwrap();
+    let d = next(&mut c, Duration::from_secs(20))
+        .await
+        .expect("nothing kept");
+    assert_eq!(d.offset(), start, "the first kept message");
+}
