@@ -84,6 +84,11 @@ pub struct Config {
     /// How often retention looks for messages to remove.
     #[serde(with = "duration")]
     pub retention_interval: Duration,
+    /// Disk use (of the data directory's file system, 0–1) above which new messages are
+    /// refused with `DISK_FULL` (1: never).
+    pub disk_high_watermark: f64,
+    /// Disk use below which they are taken again.
+    pub disk_low_watermark: f64,
     /// Furthest ahead of now a message may be scheduled for delivery.
     #[serde(with = "duration")]
     pub max_schedule_delay: Duration,
@@ -133,6 +138,8 @@ impl Default for Config {
             check_reply_timeout: s(3),
             txn_retention: s(24 * 3600),
             max_schedule_delay: s(40 * 24 * 3600),
+            disk_high_watermark: 0.90,
+            disk_low_watermark: 0.85,
             retention: s(72 * 3600),
             retention_bytes: 0,
             retention_interval: s(60),
@@ -219,6 +226,16 @@ impl Config {
         }
         if self.window == 0 {
             return Err("window must be at least 1".into());
+        }
+        if !(0.0..=1.0).contains(&self.disk_high_watermark)
+            || !(0.0..=1.0).contains(&self.disk_low_watermark)
+            || self.disk_low_watermark > self.disk_high_watermark
+        {
+            return Err(format!(
+                "disk-low-watermark ({}) and disk-high-watermark ({}) must be fractions \
+                 between 0 and 1, low not above high",
+                self.disk_low_watermark, self.disk_high_watermark
+            ));
         }
         if self.retention.is_zero() || self.retention_interval.is_zero() {
             return Err("retention and retention-interval must be more than zero".into());

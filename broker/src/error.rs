@@ -62,6 +62,9 @@ pub enum Error {
     /// A subscription whose filter differs from its group's.
     #[error("{0}")]
     FilterConflict(String),
+    /// New messages refused above the disk's high-water mark.
+    #[error("{0}")]
+    DiskFull(String),
     /// An ordered subscription to an unordered group, or the other way round.
     #[error("{0}")]
     OrderingConflict(String),
@@ -102,6 +105,7 @@ impl Error {
             Error::GroupNotFound(..) => ErrorCode::GroupNotFound,
             Error::FilterConflict(_) => ErrorCode::FilterConflict,
             Error::OrderingConflict(_) => ErrorCode::OrderingConflict,
+            Error::DiskFull(_) => ErrorCode::DiskFull,
             Error::ScheduledNotFound(_) => ErrorCode::ScheduledNotFound,
             Error::AlreadyDelivered(..) => ErrorCode::AlreadyDelivered,
             Error::Internal(_) => ErrorCode::Internal,

@@ -25,7 +25,7 @@
 //! - [`delivery`]: consumer groups.
 //! - [`txn`]: the transaction state machine, check-backs and the producers that answer them.
 //! - [`timer`]: delivers scheduled messages at their time.
-//! - [`retention`]: removes old messages in bulk.
+//! - [`retention`]: removes old messages in bulk; [`disk`]: the disk watermarks.
 //! - [`metrics`]: Prometheus counters and the `/metrics` + `/health` endpoint.
 //!
 //! Dependencies run one way: `server → connection → cmd → {storage, delivery, txn}`
@@ -37,6 +37,7 @@ pub mod cmd;
 pub mod config;
 pub mod connection;
 pub mod delivery;
+pub mod disk;
 pub mod error;
 pub mod ids;
 pub mod metrics;

@@ -61,6 +61,13 @@ struct Flags {
     /// How long resolved transactions are remembered [default: 24h].
     #[arg(long, env = "TXMQ_TXN_RETENTION", value_parser = duration_text)]
     txn_retention: Option<String>,
+    /// Disk use (0–1) above which new messages are refused with DISK_FULL; 1: never
+    /// [default: 0.9].
+    #[arg(long, env = "TXMQ_DISK_HIGH_WATERMARK")]
+    disk_high_watermark: Option<f64>,
+    /// Disk use (0–1) below which new messages are taken again [default: 0.85].
+    #[arg(long, env = "TXMQ_DISK_LOW_WATERMARK")]
+    disk_low_watermark: Option<f64>,
     /// How long messages are kept; topics may override it [default: 72h].
     #[arg(long, env = "TXMQ_RETENTION", value_parser = duration_text)]
     retention: Option<String>,

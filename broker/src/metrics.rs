@@ -40,6 +40,10 @@ pub struct Metrics {
     pub scheduled_delivered: IntCounter,
     /// Seconds from a scheduled message's delivery time to its delivery into its topic.
     pub schedule_lateness_seconds: Histogram,
+    /// Disk use of the data directory's file system (0–1).
+    pub disk_used_ratio: prometheus::Gauge,
+    /// 1 while new messages are refused above the disk's high-water mark.
+    pub disk_full: IntGauge,
     /// Messages removed by retention, by topic.
     pub retention_removed: IntCounterVec,
     /// Messages retention removed before a group acked them, by group.
@@ -152,6 +156,21 @@ impl Metrics {
                 "schedule_lateness_seconds",
                 "Time from a scheduled message's delivery time to its delivery",
                 prometheus::exponential_buckets(0.001, 2.0, 16).expect("valid buckets"),
+            ),
+            disk_used_ratio: {
+                let g = prometheus::Gauge::with_opts(Opts::new(
+                    "disk_used_ratio",
+                    "Disk use of the data directory's file system (0-1)",
+                ))
+                .expect("valid metric");
+                registry
+                    .register(Box::new(g.clone()))
+                    .expect("unique metric");
+                g
+            },
+            disk_full: gauge(
+                "disk_full",
+                "1 while new messages are refused above the disk's high-water mark",
             ),
             retention_removed: counter_vec(
                 "retention_removed_total",

@@ -236,6 +236,12 @@ async fn run_once(
         metrics.clone(),
     );
     tracker.spawn(sweeper.run(cancel.clone()));
+    tracker.spawn(crate::disk::watch(
+        storage.clone(),
+        config.clone(),
+        metrics.clone(),
+        cancel.clone(),
+    ));
     let shared = Arc::new(Shared {
         groups: Groups::new(
             storage.clone(),

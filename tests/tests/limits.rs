@@ -399,7 +399,11 @@ fn big_body(i: u32) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_gives_errors_then_recovers() {
     let disk = SmallDisk::mount("96m");
-    let mut b = TestBroker::start_in(Some(disk.dir.path().join("data")), &[]);
+    // Watermarks off: this is about the write that finds no space.
+    let mut b = TestBroker::start_in(
+        Some(disk.dir.path().join("data")),
+        &["--disk-high-watermark", "1", "--disk-low-watermark", "1"],
+    );
     let p = producer(&b).await;
     let mut acked = Vec::new();
     let mut refusal = None;
@@ -717,4 +721,73 @@ async fn pipelined_large_sends_are_held_to_a_byte_budget() {
     // Still serving others.
     let p = producer(&b).await;
     p.send(Message::new("t", "after")).await.unwrap();
+}
+
+/// Issue 15, item 2: above the high-water mark of disk use new messages (sends and
+/// prepares) are refused with DISK_FULL and a sentence, while a commit, a rollback and
+/// an ack of what is stored still work; below the low-water mark sends are taken again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn above_the_high_water_mark_only_new_messages_are_refused() {
+    use txmq_client::Outcome;
+    let disk = SmallDisk::mount("64m");
+    let b = TestBroker::start_in(
+        Some(disk.dir.path().join("data")),
+        &[
+            "--disk-high-watermark",
+            "0.6",
+            "--disk-low-watermark",
+            "0.4",
+        ],
+    );
+    let p = producer(&b).await;
+    p.send(Message::new("t", "before")).await.unwrap();
+    let options = ProducerOptions::transactional("shop", |_req| async { Outcome::Unknown });
+    let tp = Producer::connect(b.addr(), options).await.unwrap();
+    let mut txn = tp.begin().unwrap();
+    txn.send(Message::new("t", "prepared")).await.unwrap();
+    let mut c = Consumer::subscribe(b.addr(), ConsumerOptions::new("g", "t"))
+        .await
+        .unwrap();
+    let d = next(&mut c, Duration::from_secs(20)).await.expect("before");
+
+    // Another tenant of the file system takes it to about 75 %.
+    let filler = disk.dir.path().join("filler");
+    std::fs::write(&filler, vec![1u8; 48 << 20]).unwrap();
+    let refused = eventually(Duration::from_secs(20), || async {
+        p.send(Message::new("t", "new")).await.err()
+    })
+    .await
+    .expect("sends were still taken above the high-water mark");
+    assert_eq!(refused.code(), Some(ErrorCode::DiskFull), "{refused}");
+    assert!(refused.to_string().contains("high-water mark"), "{refused}");
+    let mut other = tp.begin().unwrap();
+    let e = other
+        .send(Message::new("t", "another prepare"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::DiskFull), "{e}");
+    // What is stored can still be resolved and settled.
+    txn.commit().await.unwrap();
+    d.ack().await.unwrap();
+    // (Sends of "new" taken before the watermark was seen come first.)
+    loop {
+        let m = next(&mut c, Duration::from_secs(20))
+            .await
+            .expect("the commit");
+        m.ack().await.unwrap();
+        if m.body().as_ref() == b"prepared" {
+            break;
+        }
+        assert_eq!(m.body().as_ref(), b"new");
+    }
+
+    std::fs::remove_file(&filler).unwrap();
+    let resumed = eventually(Duration::from_secs(20), || async {
+        p.send(Message::new("t", "after")).await.ok()
+    })
+    .await;
+    assert!(
+        resumed.is_some(),
+        "sends were not taken again below the low-water mark"
+    );
 }

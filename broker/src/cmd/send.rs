@@ -50,6 +50,15 @@ pub(super) fn command(req: pb::SendRequest, session: &Session, shared: &Shared) 
     if req.messages.is_empty() {
         return Err(Error::Invalid("send carries no messages".into()));
     }
+    if shared.storage.disk_full() {
+        return Err(Error::DiskFull(format!(
+            "the broker's disk is above its high-water mark ({:.0} % used or more): new \
+             messages are refused until it is below {:.0} %; commits, rollbacks and acks \
+             still work",
+            shared.config.disk_high_watermark * 100.0,
+            shared.config.disk_low_watermark * 100.0
+        )));
+    }
     if req.messages.len() > MAX_BATCH {
         return Err(Error::Invalid(format!(
             "send carries {} messages; the limit is {MAX_BATCH}",

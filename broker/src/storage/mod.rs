@@ -117,6 +117,8 @@ pub struct Storage {
     /// Rung once a batch that scheduled messages is durable: the timer may need to wake
     /// earlier than it planned.
     pub scheduled: tokio::sync::Notify,
+    /// Above the disk's high-water mark: new messages are refused (see [`crate::disk`]).
+    disk_full: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Storage {
@@ -164,7 +166,23 @@ impl Storage {
             failure: std::sync::Mutex::new(None),
             failed: tokio_util::sync::CancellationToken::new(),
             scheduled: tokio::sync::Notify::new(),
+            disk_full: std::sync::atomic::AtomicBool::new(false),
         }))
+    }
+
+    /// Whether new messages are refused for want of disk.
+    pub fn disk_full(&self) -> bool {
+        self.disk_full.load(Ordering::Relaxed)
+    }
+
+    /// Sets whether new messages are refused for want of disk.
+    pub fn set_disk_full(&self, full: bool) {
+        self.disk_full.store(full, Ordering::Relaxed);
+    }
+
+    /// The path of the database's directory.
+    pub fn path(&self) -> &Path {
+        self.db.path()
     }
 
     /// Marks this database failed (sticky): every later write is refused with `why`.
