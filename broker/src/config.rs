@@ -76,6 +76,10 @@ pub struct Config {
     /// How long resolved transactions are remembered, so late duplicates are recognised.
     #[serde(with = "duration")]
     pub txn_retention: Duration,
+    /// How long a discarded transaction (and its half messages) is kept for operators to
+    /// re-arm or resolve, before it is purged.
+    #[serde(with = "duration")]
+    pub discarded_retention: Duration,
     /// How long messages are kept (per-topic overrides: `topic create|alter --retention`).
     #[serde(with = "duration")]
     pub retention: Duration,
@@ -137,6 +141,7 @@ impl Default for Config {
             check_backoff: vec![s(10), s(30), m(1), m(2), m(5), m(10)],
             check_reply_timeout: s(3),
             txn_retention: s(24 * 3600),
+            discarded_retention: s(7 * 24 * 3600),
             max_schedule_delay: s(40 * 24 * 3600),
             disk_high_watermark: 0.90,
             disk_low_watermark: 0.85,

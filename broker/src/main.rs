@@ -61,6 +61,9 @@ struct Flags {
     /// How long resolved transactions are remembered [default: 24h].
     #[arg(long, env = "TXMQ_TXN_RETENTION", value_parser = duration_text)]
     txn_retention: Option<String>,
+    /// How long a discarded transaction is kept for operators, then purged [default: 7days].
+    #[arg(long, env = "TXMQ_DISCARDED_RETENTION", value_parser = duration_text)]
+    discarded_retention: Option<String>,
     /// Disk use (0–1) above which new messages are refused with DISK_FULL; 1: never
     /// [default: 0.9].
     #[arg(long, env = "TXMQ_DISK_HIGH_WATERMARK")]

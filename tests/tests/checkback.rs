@@ -424,3 +424,44 @@ async fn a_dropped_producer_answers_no_more_checks() {
     assert!(info.check_count >= 2, "{info:?}");
     drop(second);
 }
+
+/// Issue 15, item 3. A discarded transaction is kept for operators for
+/// discarded-retention, then purged with its half messages; one re-armed before then is
+/// prepared again and never purged while it can be checked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discarded_transactions_are_purged_after_their_retention() {
+    let mut args = FAST_CHECKS.to_vec();
+    args.extend(["--check-max", "1", "--discarded-retention", "1500ms"]);
+    let b = TestBroker::start(&args);
+    let options = ProducerOptions::transactional("aging", |_req| async { Outcome::Unknown });
+    let p = Producer::connect(b.addr(), options).await.unwrap();
+    let first = leave_open(&p, "aging", "first").await;
+    let second = leave_open(&p, "aging", "second").await;
+    wait_for_state(&b, &first, TxnState::Discarded).await;
+    wait_for_state(&b, &second, TxnState::Discarded).await;
+    // No producer from here on: a re-armed transaction is checked without the attempts
+    // counting, so it stays prepared, and must never be purged.
+    drop(p);
+    let admin = Admin::connect(b.addr(), "").await.unwrap();
+    admin.rearm(&second).await.unwrap();
+
+    let purged = eventually(Duration::from_secs(30), || async {
+        txn_info(&b, &first).await.is_none().then_some(())
+    })
+    .await;
+    assert!(
+        purged.is_some(),
+        "the discarded transaction was never purged"
+    );
+    let e = admin.rearm(&first).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::TxnNotFound), "{e}");
+    let kept = txn_info(&b, &second)
+        .await
+        .expect("the re-armed one was purged");
+    assert_eq!(kept.state, TxnState::Prepared as i32, "{kept:?}");
+    let stats = admin.stats().await.unwrap();
+    assert_eq!(
+        stats.half_messages_pending, 1,
+        "the purged halves are still counted"
+    );
+}

@@ -255,8 +255,18 @@ impl Writer {
         self.move_check(txn, rec.next_check_ms, 0, stage);
         rec.state = TxnState::Discarded as i32;
         rec.next_check_ms = 0;
+        // Kept for operators a while, then purged with its half messages (a re-arm or a
+        // resolution before then moves purge_ms, and this entry no longer matches).
+        rec.purge_ms = txmq_protocol::now_ms()
+            .saturating_add(self.config.discarded_retention.as_millis() as u64);
+        stage.batch.put_cf(
+            self.storage.cf(Cf::Due),
+            keys::due(DueKind::Purge, rec.purge_ms, txn),
+            [],
+        );
         rec.last_note = format!(
-            "discarded after {} checks without an answer; txn rearm|commit|rollback",
+            "discarded after {} checks without an answer; txn rearm|commit|rollback \
+             before it is purged",
             rec.check_count
         );
         stage.tally.discarded += 1;
@@ -280,6 +290,8 @@ impl Writer {
         rec.state = TxnState::Prepared as i32;
         rec.check_count = 0;
         rec.next_check_ms = now;
+        // No longer to be purged: a prepared transaction is checked, never purged.
+        rec.purge_ms = 0;
         rec.last_note = "re-armed by an operator".into();
         self.put_txn(txn, rec.clone(), stage);
         Ok(Outcome::Txn(Box::new(rec)))
@@ -290,15 +302,31 @@ impl Writer {
         stage
             .batch
             .delete_cf(due, keys::due(DueKind::Purge, due_ms, txn));
-        if let Some(rec) = self.txn_record(txn, stage)?
-            && rec.purge_ms == due_ms
-            && rec.resolved_ms != 0
-        {
-            stage
-                .batch
-                .delete_cf(self.storage.cf(Cf::Txn), txn.to_bytes());
-            stage.txns.remove(&txn);
+        let Some(rec) = self.txn_record(txn, stage)? else {
+            return Ok(Outcome::Done);
+        };
+        if rec.purge_ms != due_ms {
+            return Ok(Outcome::Done);
         }
+        if rec.state == TxnState::Discarded as i32 {
+            // Kept for operators long enough: its half messages go with it.
+            let half = self.storage.cf(Cf::Half);
+            for seq in 0..rec.message_count {
+                stage.batch.delete_cf(half, keys::half(txn, seq));
+            }
+            let _ = self.recent.take_halves(txn);
+            stage.halves.remove(&txn);
+            stage.tally.halves_removed += u64::from(rec.message_count);
+            tracing::info!(%txn, group = %rec.group, messages = rec.message_count,
+                "discarded transaction purged after discarded-retention");
+        } else if rec.resolved_ms == 0 {
+            // Prepared: checked, never purged.
+            return Ok(Outcome::Done);
+        }
+        stage
+            .batch
+            .delete_cf(self.storage.cf(Cf::Txn), txn.to_bytes());
+        stage.txns.remove(&txn);
         Ok(Outcome::Done)
     }
 }
