@@ -263,6 +263,34 @@ impl Admin {
         }
     }
 
+    /// Moves a group's position on a topic (stop its consumers first): everything from
+    /// there on is delivered again, nothing below. Returns the offset it starts from.
+    ///
+    /// # Errors
+    /// `GROUP_NOT_FOUND`, `TOPIC_NOT_FOUND`, `INVALID_REQUEST` while consumers are
+    /// connected.
+    pub async fn reset_group(&self, group: &str, topic: &str, to: ResetTo) -> Result<u64> {
+        use pb::reset_group_request::To;
+        let to = match to {
+            ResetTo::Earliest => To::Earliest(true),
+            ResetTo::Latest => To::Latest(true),
+            ResetTo::Offset(o) => To::Offset(o),
+            ResetTo::Time(at) => To::TimeMs(
+                at.duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64),
+            ),
+        };
+        let r = self
+            .conn
+            .call(Body::ResetGroup(pb::ResetGroupRequest {
+                group: group.to_string(),
+                topic: topic.to_string(),
+                to: Some(to),
+            }))
+            .await?;
+        Ok(expect!(r, ResetGroup)?.offset)
+    }
+
     /// Puts dead letters back for delivery: one by message id, or all.
     ///
     /// # Errors
@@ -314,4 +342,17 @@ impl Admin {
         let r = self.conn.call(Body::Stats(pb::StatsRequest {})).await?;
         expect!(r, Stats)
     }
+}
+
+/// Where [`Admin::reset_group`] moves a group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResetTo {
+    /// The oldest message kept.
+    Earliest,
+    /// After the newest: only what comes from now on.
+    Latest,
+    /// This offset.
+    Offset(u64),
+    /// The first message stored at or after this time.
+    Time(std::time::SystemTime),
 }

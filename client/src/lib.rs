@@ -52,7 +52,7 @@ pub mod consumer;
 pub mod error;
 pub mod producer;
 
-pub use admin::Admin;
+pub use admin::{Admin, ResetTo};
 pub use consumer::{Consumer, ConsumerOptions, Delivery, StartFrom};
 pub use error::{Error, Result};
 pub use producer::{

@@ -253,6 +253,49 @@ pub fn list_dead_letters(
     })
 }
 
+/// Moves a group's position on a topic to the earliest or latest message, an offset, or
+/// the first message stored at or after a time (a binary search over the time-ordered
+/// log, not a scan).
+pub fn reset_group(id: u64, req: pb::ResetGroupRequest, shared: &Arc<Shared>) -> Pending {
+    if let Err(e) = super::name("group", &req.group) {
+        return ready(id, Err(e));
+    }
+    let topic = match shared.groups.existing_topic(&req.topic) {
+        Ok(t) => t,
+        Err(e) => return ready(id, Err(e)),
+    };
+    let shared = shared.clone();
+    later(id, async move {
+        use pb::reset_group_request::To;
+        let to = match req.to {
+            Some(To::Earliest(_)) => topic.start(),
+            Some(To::Latest(_)) => topic.end(),
+            Some(To::Offset(o)) => o,
+            Some(To::TimeMs(at)) => {
+                let (storage, tid, start, end) =
+                    (shared.storage.clone(), topic.id, topic.start(), topic.end());
+                tokio::task::spawn_blocking(move || {
+                    storage.first_stored_at_or_after(tid, start, end, at)
+                })
+                .await
+                .map_err(|e| Error::Internal(e.to_string()))??
+            }
+            None => {
+                return Err(Error::Invalid(
+                    "a reset needs a target: earliest, latest, an offset or a time".into(),
+                ));
+            }
+        };
+        let (reply, rx) = oneshot::channel();
+        let msg = QueueMsg::Reset { to, reply };
+        shared.groups.send_existing(&req.group, topic, msg).await?;
+        let offset = rx.await.map_err(|_| Error::ShuttingDown)??;
+        Ok(pb::response::Result::ResetGroup(pb::ResetGroupOk {
+            offset,
+        }))
+    })
+}
+
 /// Puts a group's dead letters (or one of them) back for delivery.
 pub fn redrive(id: u64, req: pb::RedriveRequest, shared: &Arc<Shared>) -> Pending {
     if let Err(e) = super::name("group", &req.group) {

@@ -157,6 +157,14 @@ pub enum QueueMsg {
         /// How many went back.
         reply: oneshot::Sender<Result<u32>>,
     },
+    /// Move the group's position (no consumer may be connected): everything from
+    /// `to` on is to be delivered again, nothing below.
+    Reset {
+        /// The new position (clamped to what the topic holds).
+        to: u64,
+        /// The position it moved to, once durable.
+        reply: oneshot::Sender<Result<u64>>,
+    },
 }
 
 /// The registry of running queues.

@@ -356,6 +356,9 @@ impl Queue {
             QueueMsg::Redrive { message_id, reply } => {
                 let _ = reply.send(self.redrive(message_id).await);
             }
+            QueueMsg::Reset { to, reply } => {
+                let _ = reply.send(self.reset(to).await);
+            }
         }
     }
 

@@ -172,4 +172,59 @@ impl Queue {
         }
         self.write_quietly(ops).await;
     }
+
+    /// Moves the group's position to `to` (clamped to the topic's start and end) while
+    /// no consumer is connected: acks, retries and leases of the group on this topic
+    /// start over from there, durably, before the answer.
+    pub(super) async fn reset(&mut self, to: u64) -> Result<u64> {
+        if !self.consumers.is_empty() {
+            return Err(Error::Invalid(format!(
+                "group {:?} has {} consumer(s) on topic {:?}: stop them before a reset",
+                self.group,
+                self.consumers.len(),
+                self.topic.name
+            )));
+        }
+        let Some(mut cursor) = self.cursor.clone() else {
+            return Err(Error::GroupNotFound(
+                self.group.clone(),
+                self.topic.name.clone(),
+            ));
+        };
+        let to = to.clamp(self.topic.start(), self.topic.end());
+        let mut ops = Vec::new();
+        for o in &self.acked {
+            ops.push(Op::Delete(
+                Cf::Acked,
+                keys::group_offset(&self.group, self.topic.id, *o),
+            ));
+        }
+        for o in self.retry.keys() {
+            ops.push(Op::Delete(
+                Cf::Retry,
+                keys::group_offset(&self.group, self.topic.id, *o),
+            ));
+        }
+        cursor.ack_floor = to;
+        ops.push(Op::Put(
+            Cf::Cursor,
+            keys::cursor(&self.group, self.topic.id),
+            cursor.encode_to_vec(),
+        ));
+        // Durable first: a failed write changes nothing here.
+        self.writer.submit(Command::Raw(ops)).await?;
+        self.acked.clear();
+        self.retry.clear();
+        self.retry_due.clear();
+        self.leases.clear();
+        self.deadlines.clear();
+        self.dead_unreleased.clear();
+        if self.fifo.is_some() {
+            self.fifo = Some(Fifo::default());
+        }
+        self.next = to;
+        self.cursor = Some(cursor);
+        tracing::info!(group = %self.group, topic = %self.topic.name, to, "group reset");
+        Ok(to)
+    }
 }

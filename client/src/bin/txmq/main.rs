@@ -268,6 +268,51 @@ enum GroupCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Move a group's position on a topic (its consumers stopped): `earliest`, `latest`,
+    /// an offset, or a time (RFC 3339, or `2h ago`).
+    Reset {
+        /// Group.
+        group: String,
+        /// Topic.
+        #[arg(long)]
+        topic: String,
+        /// Where to.
+        #[arg(long, value_parser = parse_reset_to)]
+        to: txmq_client::ResetTo,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `earliest`, `latest`, an offset, an RFC 3339 time or `<duration> ago`.
+fn parse_reset_to(text: &str) -> Result<txmq_client::ResetTo, String> {
+    use txmq_client::ResetTo;
+    let t = text.trim();
+    match t {
+        "earliest" => return Ok(ResetTo::Earliest),
+        "latest" => return Ok(ResetTo::Latest),
+        _ => {}
+    }
+    if let Ok(offset) = t.parse::<u64>() {
+        return Ok(ResetTo::Offset(offset));
+    }
+    if let Some(ago) = t.strip_suffix("ago") {
+        let d = humantime::parse_duration(ago.trim())
+            .map_err(|e| format!("bad duration in {text:?}: {e}"))?;
+        return std::time::SystemTime::now()
+            .checked_sub(d)
+            .map(ResetTo::Time)
+            .ok_or_else(|| format!("{text:?} is before the epoch"));
+    }
+    humantime::parse_rfc3339_weak(t)
+        .map(ResetTo::Time)
+        .map_err(|_| {
+            format!(
+                "bad target {text:?}: earliest, latest, an offset, an RFC 3339 time or \
+             \"2h ago\""
+            )
+        })
 }
 
 #[derive(Debug, Subcommand)]
@@ -435,6 +480,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Scheduled(cmd) => scheduled::run(addr, token, cmd).await,
+        Command::Group(GroupCmd::Reset {
+            group,
+            topic,
+            to,
+            json,
+        }) => {
+            let offset = Admin::connect(addr, token)
+                .await?
+                .reset_group(&group, &topic, to)
+                .await?;
+            if json {
+                println!(
+                    "{}",
+                    json!({"group": group, "topic": topic, "offset": offset})
+                );
+            } else {
+                println!("group {group} on {topic} now starts at offset {offset}");
+            }
+            Ok(())
+        }
         Command::Dlq(DlqCmd::List { group, limit, json }) => {
             let letters = Admin::connect(addr, token)
                 .await?
