@@ -140,3 +140,51 @@ async fn a_topic_over_its_size_loses_its_oldest_and_the_space_comes_back() {
         .expect("nothing kept");
     assert_eq!(d.offset(), start, "the first kept message");
 }
+
+/// Review findings: retention passing an ordered group's heads and the messages held
+/// behind them does not stall the group. Group `a`'s head waits for redelivery (nacked
+/// for a minute) when its messages go; group `b`'s head is leased, and its ack after the
+/// messages went releases the group. New messages of both groups then arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_does_not_stall_an_ordered_group() {
+    let b = TestBroker::start(&["--retention", "1s", "--retention-interval", "200ms"]);
+    let admin = Admin::connect(b.addr(), "").await.unwrap();
+    let p = producer(&b).await;
+    for body in ["a0", "b0", "a1", "b1"] {
+        let group = &body[..1];
+        p.send(Message::new("t", body).group(group)).await.unwrap();
+    }
+    let options = ConsumerOptions {
+        lease: Some(Duration::from_secs(120)),
+        ..ConsumerOptions::new("o", "t").ordered(true)
+    };
+    let mut c = Consumer::subscribe(b.addr(), options).await.unwrap();
+    let mut heads = Vec::new();
+    for _ in 0..2 {
+        heads.push(next(&mut c, Duration::from_secs(20)).await.expect("a head"));
+    }
+    heads.sort_by_key(|d| d.body().to_vec());
+    let (a0, b0) = (heads.remove(0), heads.remove(0));
+    assert_eq!(
+        (a0.body().as_ref(), b0.body().as_ref()),
+        (&b"a0"[..], &b"b0"[..])
+    );
+    a0.nack(Some(Duration::from_secs(60))).await.unwrap();
+    let start = eventually(Duration::from_secs(30), || async {
+        start_offset(&admin, "t").await.filter(|s| *s == 4)
+    })
+    .await;
+    assert_eq!(start, Some(4), "retention removed nothing");
+    p.send(Message::new("t", "a2").group("a")).await.unwrap();
+    p.send(Message::new("t", "b2").group("b")).await.unwrap();
+    let d = next(&mut c, Duration::from_secs(20))
+        .await
+        .expect("group a stalled");
+    assert_eq!(d.body().as_ref(), b"a2");
+    d.ack().await.unwrap();
+    b0.ack().await.unwrap();
+    let d = next(&mut c, Duration::from_secs(20))
+        .await
+        .expect("group b stalled");
+    assert_eq!(d.body().as_ref(), b"b2");
+}

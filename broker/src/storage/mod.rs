@@ -369,8 +369,12 @@ impl Storage {
     /// held it go, and the space with them.
     pub fn compact_log(&self, topic_id: u32, to: u64) {
         let (a, b) = (keys::log(topic_id, 0), keys::log(topic_id, to));
+        // Alongside the automatic compactions, not instead of them (the default blocks
+        // them while it runs, and the writer would stall behind a growing level 0).
+        let mut opts = rocksdb::CompactOptions::default();
+        opts.set_exclusive_manual_compaction(false);
         self.db
-            .compact_range_cf(self.cf(Cf::Log), Some(&a), Some(&b));
+            .compact_range_cf_opt(self.cf(Cf::Log), Some(&a), Some(&b), &opts);
     }
 
     /// The messages at `offsets` of a topic (those that exist), in one call: what an

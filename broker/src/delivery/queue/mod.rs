@@ -367,7 +367,9 @@ impl Queue {
             ack_floor: if options.from_latest {
                 self.topic.end()
             } else {
-                0
+                // The oldest message kept: what retention removed was never this
+                // group's to skip.
+                self.topic.start()
             },
             ..Default::default()
         });

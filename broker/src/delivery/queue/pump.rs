@@ -71,10 +71,14 @@ impl Queue {
                         }
                     }
                     None => {
+                        // Gone from the log (retention): nothing to deliver, and nothing
+                        // to keep a record of.
                         self.retry.remove(&offset);
                         if let Some(fifo) = self.fifo.as_mut() {
                             fifo.done(offset);
                         }
+                        let key = keys::group_offset(&self.group, self.topic.id, offset);
+                        self.write_quietly(vec![Op::Delete(Cf::Retry, key)]).await;
                     }
                 }
                 continue;
@@ -165,6 +169,10 @@ impl Queue {
                 continue;
             }
             if self.is_acked(offset) {
+                // Below the floor (retention passed it): done, and its group moves on.
+                if let Some(fifo) = self.fifo.as_mut() {
+                    fifo.done(offset);
+                }
                 continue;
             }
             to_read.push(offset);

@@ -138,6 +138,11 @@ impl Queue {
             if let Some(rec) = self.retry.remove(&o) {
                 self.retry_due.remove(&(rec.due_ms, o));
             }
+            if let Some(fifo) = self.fifo.as_mut() {
+                // A head waiting for redelivery is gone: its group moves on (what was
+                // held behind it below the start goes the same way, see the pump).
+                fifo.done(o);
+            }
             ops.push(Op::Delete(
                 Cf::Retry,
                 keys::group_offset(&self.group, self.topic.id, o),
@@ -191,7 +196,7 @@ impl Queue {
                 self.topic.name.clone(),
             ));
         };
-        let to = to.clamp(self.topic.start(), self.topic.end());
+        let to = to.max(self.topic.start()).min(self.topic.end());
         let mut ops = Vec::new();
         for o in &self.acked {
             ops.push(Op::Delete(

@@ -37,10 +37,19 @@ impl Writer {
         topic
     }
 
-    /// Stores a topic's record with `start` as its first offset.
+    /// Stores a topic's record with `start` as its first offset, or the start a
+    /// retention staged in this batch, if later (memory moves only once it is written,
+    /// and an older start stored after it would let a restart reuse offsets).
     pub(super) fn put_topic(&self, topic: &Topic, start: u64, stage: &mut Stage) {
+        let staged = stage
+            .starts
+            .iter()
+            .filter(|(t, _)| t.id == topic.id)
+            .map(|(_, s)| *s)
+            .max()
+            .unwrap_or(0);
         let record = TopicRecord {
-            start,
+            start: start.max(staged),
             ..topic.record()
         };
         stage.batch.put_cf(
