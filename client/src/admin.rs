@@ -291,6 +291,21 @@ impl Admin {
         Ok(expect!(r, ResetGroup)?.offset)
     }
 
+    /// Deletes a consumer group (stop its consumers first): its position, acks, retries
+    /// and dead letters on every topic. Returns how many topics it was on.
+    ///
+    /// # Errors
+    /// `GROUP_NOT_FOUND`, `INVALID_REQUEST` while consumers are connected.
+    pub async fn delete_group(&self, group: &str) -> Result<u32> {
+        let r = self
+            .conn
+            .call(Body::DeleteGroup(pb::DeleteGroupRequest {
+                group: group.to_string(),
+            }))
+            .await?;
+        Ok(expect!(r, DeleteGroup)?.topics)
+    }
+
     /// Puts dead letters back for delivery: one by message id, or all.
     ///
     /// # Errors

@@ -82,3 +82,62 @@ async fn a_group_moves_to_an_offset_a_time_the_start_or_the_end() {
         .unwrap_err();
     assert_eq!(e.code(), Some(ErrorCode::GroupNotFound), "{e}");
 }
+
+/// Issue 15, item 4 (groups): a group is deleted with everything it kept (position,
+/// acks, retries, dead letters), not while a consumer of it is connected; the name then
+/// starts afresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_group_is_gone_and_its_name_starts_afresh() {
+    let b = TestBroker::start(&["--max-attempts", "1"]);
+    let p = producer(&b).await;
+    for i in 0..4 {
+        p.send(Message::new("t", format!("m{i}"))).await.unwrap();
+    }
+    let mut c = Consumer::subscribe(b.addr(), ConsumerOptions::new("g", "t"))
+        .await
+        .unwrap();
+    for i in 0..4 {
+        let d = next(&mut c, Duration::from_secs(20))
+            .await
+            .expect("delivery");
+        if i == 0 {
+            // To the DLQ (one attempt).
+            d.nack(Some(Duration::ZERO)).await.unwrap();
+        } else {
+            d.ack().await.unwrap();
+        }
+    }
+    let admin = Admin::connect(b.addr(), "").await.unwrap();
+    assert_eq!(admin.dead_letters("g", 0).await.unwrap().len(), 1);
+    let e = admin.delete_group("g").await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::InvalidRequest), "{e}");
+    drop(c);
+    let topics = eventually(Duration::from_secs(20), || async {
+        admin.delete_group("g").await.ok()
+    })
+    .await;
+    assert_eq!(topics, Some(1));
+    assert!(
+        admin.groups().await.unwrap().iter().all(|g| g.group != "g"),
+        "the group is still listed"
+    );
+    assert!(admin.dead_letters("g", 0).await.unwrap().is_empty());
+    let e = admin.delete_group("g").await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::GroupNotFound), "{e}");
+    // The name starts afresh: everything again, from the start.
+    assert_eq!(all_of(&b).await, bodies(0..4));
+    assert!(
+        admin.dead_letters("g", 0).await.unwrap().is_empty(),
+        "the old dead letter came back with the name"
+    );
+    // The CLI (once the broker has seen that consumer go).
+    let out = eventually(Duration::from_secs(20), || async {
+        let out = b.cli(&["group", "delete", "g", "--json"]);
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    })
+    .await
+    .expect("txmq group delete");
+    assert_eq!(json_lines(&out)[0]["topics"], 1);
+}

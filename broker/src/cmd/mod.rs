@@ -123,6 +123,7 @@ pub async fn dispatch(
         Body::ListDeadLetters(req) => admin::list_dead_letters(id, req, shared),
         Body::Redrive(req) => admin::redrive(id, req, shared),
         Body::ResetGroup(req) => admin::reset_group(id, req, shared),
+        Body::DeleteGroup(req) => admin::delete_group(id, req, shared),
         Body::ListGroups(req) => admin::list_groups(id, req, shared),
         Body::Stats(_) => admin::stats(id, shared),
         Body::CancelScheduled(req) => scheduled::cancel(id, req, shared),

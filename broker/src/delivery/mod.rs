@@ -157,6 +157,12 @@ pub enum QueueMsg {
         /// How many went back.
         reply: oneshot::Sender<Result<u32>>,
     },
+    /// Delete the group's state on this topic (no consumer may be connected): cursor,
+    /// acks, retries and dead letters. The queue stops once it is durable.
+    Delete {
+        /// Done, or refused.
+        reply: oneshot::Sender<Result<()>>,
+    },
     /// Move the group's position (no consumer may be connected): everything from
     /// `to` on is to be delivered again, nothing below.
     Reset {

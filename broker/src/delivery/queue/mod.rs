@@ -138,6 +138,8 @@ pub struct Queue {
     dead_unreleased: Vec<u64>,
     /// This queue's share of the blocked-message-groups gauge, as last reported.
     reported_blocked: i64,
+    /// The group was deleted on this topic: the task ends.
+    deleted: bool,
 }
 
 /// One ack request waiting for its write: the leases and where its answer goes.
@@ -201,6 +203,7 @@ impl Queue {
             fifo,
             dead_unreleased: Vec::new(),
             reported_blocked: 0,
+            deleted: false,
         };
         for (offset, rec) in loaded.retries {
             if !held.contains(&offset) {
@@ -272,10 +275,18 @@ impl Queue {
                         // Take every request already waiting (typically acks) before the
                         // next pump, so one log read refills many credits at once.
                         for _ in 0..READ_BATCH {
+                            if self.deleted {
+                                break;
+                            }
                             match rx.try_recv() {
                                 Ok(msg) => self.handle(msg).await,
                                 Err(_) => break,
                             }
+                        }
+                        if self.deleted {
+                            // Its state is gone; a later subscription starts afresh
+                            // (the registry starts a new queue for a closed one).
+                            break;
                         }
                         self.start_acks().await;
                     }
@@ -358,6 +369,11 @@ impl Queue {
             }
             QueueMsg::Reset { to, reply } => {
                 let _ = reply.send(self.reset(to).await);
+            }
+            QueueMsg::Delete { reply } => {
+                let deleted = self.delete().await;
+                self.deleted = deleted.is_ok();
+                let _ = reply.send(deleted);
             }
         }
     }

@@ -232,4 +232,29 @@ impl Queue {
         tracing::info!(group = %self.group, topic = %self.topic.name, to, "group reset");
         Ok(to)
     }
+
+    /// Deletes the group's state on this topic while no consumer is connected: its
+    /// cursor, acks, retries and dead letters, in one durable write.
+    pub(super) async fn delete(&mut self) -> Result<()> {
+        if !self.consumers.is_empty() {
+            return Err(Error::Invalid(format!(
+                "group {:?} has {} consumer(s) on topic {:?}: stop them before deleting it",
+                self.group,
+                self.consumers.len(),
+                self.topic.name
+            )));
+        }
+        let prefix = keys::cursor(&self.group, self.topic.id);
+        let end = keys::prefix_end(&prefix).expect("a group name is not all 0xff");
+        let mut ops = vec![Op::Delete(Cf::Cursor, prefix.clone())];
+        for cf in [Cf::Acked, Cf::Retry, Cf::Dlq] {
+            ops.push(Op::DeleteRange(cf, prefix.clone(), end.clone()));
+        }
+        self.writer.submit(Command::Raw(ops)).await?;
+        self.metrics
+            .ordered_blocked_groups
+            .sub(std::mem::take(&mut self.reported_blocked));
+        tracing::info!(group = %self.group, topic = %self.topic.name, "group deleted");
+        Ok(())
+    }
 }

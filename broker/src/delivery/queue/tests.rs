@@ -167,6 +167,7 @@ fn an_ack_put_and_its_delete_cancel_out() {
         .map(|op| match op {
             Op::Put(cf, k, _) => format!("put {cf:?} {:?}", keys::group_offset_offset(k)),
             Op::Delete(cf, k) => format!("del {cf:?} {:?}", keys::group_offset_offset(k)),
+            Op::DeleteRange(cf, ..) => format!("range {cf:?}"),
         })
         .collect();
     assert_eq!(described.len(), 3, "{described:?}");

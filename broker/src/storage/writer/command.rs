@@ -148,6 +148,7 @@ impl Command {
                 .map(|op| match op {
                     Op::Put(_, k, v) => k.len() + v.len(),
                     Op::Delete(_, k) => k.len(),
+                    Op::DeleteRange(_, a, b) => a.len() + b.len(),
                 })
                 .sum(),
             Command::Many(cmds) => cmds.iter().map(Command::bytes).sum(),
@@ -163,6 +164,8 @@ pub enum Op {
     Put(Cf, Vec<u8>, Vec<u8>),
     /// Delete a key.
     Delete(Cf, Vec<u8>),
+    /// Delete every key from the first to before the second.
+    DeleteRange(Cf, Vec<u8>, Vec<u8>),
 }
 
 /// What a command produced.

@@ -371,6 +371,9 @@ impl Writer {
                     match op {
                         Op::Put(cf, k, v) => stage.batch.put_cf(self.storage.cf(cf), k, v),
                         Op::Delete(cf, k) => stage.batch.delete_cf(self.storage.cf(cf), k),
+                        Op::DeleteRange(cf, a, b) => {
+                            stage.batch.delete_range_cf(self.storage.cf(cf), a, b);
+                        }
                     }
                 }
                 Ok(Outcome::Done)

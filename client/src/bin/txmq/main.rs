@@ -268,6 +268,14 @@ enum GroupCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Delete a group (its consumers stopped): positions, acks, retries, dead letters.
+    Delete {
+        /// Group.
+        group: String,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Move a group's position on a topic (its consumers stopped): `earliest`, `latest`,
     /// an offset, or a time (RFC 3339, or `2h ago`).
     Reset {
@@ -480,6 +488,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Scheduled(cmd) => scheduled::run(addr, token, cmd).await,
+        Command::Group(GroupCmd::Delete { group, json }) => {
+            let topics = Admin::connect(addr, token)
+                .await?
+                .delete_group(&group)
+                .await?;
+            if json {
+                println!("{}", json!({"deleted": group, "topics": topics}));
+            } else {
+                println!("deleted group {group} ({topics} topic(s))");
+            }
+            Ok(())
+        }
         Command::Group(GroupCmd::Reset {
             group,
             topic,
