@@ -38,17 +38,27 @@ fn du(path: &std::path::Path) -> u64 {
 /// after a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn old_messages_go_and_groups_move_on() {
-    let mut b =
-        TestBroker::start_on_fixed_port(&["--retention", "1s", "--retention-interval", "200ms"]);
+    let mut b = TestBroker::start_on_fixed_port(&[
+        "--retention",
+        "1s",
+        "--retention-interval",
+        "200ms",
+        "--max-attempts",
+        "1",
+    ]);
     let admin = Admin::connect(b.addr(), "").await.unwrap();
-    // Group g exists (its cursor is at 0) before anything is sent.
-    drop(
-        Consumer::subscribe(b.addr(), ConsumerOptions::new("g", "t"))
-            .await
-            .unwrap(),
-    );
     let p = producer(&b).await;
-    for i in 0..200 {
+    // Group g exists (its cursor is at 0) before the rest is sent, with one dead letter.
+    p.send(Message::new("t", "old-0")).await.unwrap();
+    {
+        let mut c = Consumer::subscribe(b.addr(), ConsumerOptions::new("g", "t"))
+            .await
+            .unwrap();
+        let d = next(&mut c, Duration::from_secs(20)).await.expect("old-0");
+        d.nack(Some(Duration::ZERO)).await.unwrap();
+    }
+    assert_eq!(admin.dead_letters("g", 0).await.unwrap().len(), 1);
+    for i in 1..200 {
         p.send(Message::new("t", format!("old-{i}"))).await.unwrap();
     }
     let start = eventually(Duration::from_secs(30), || async {
@@ -72,7 +82,19 @@ async fn old_messages_go_and_groups_move_on() {
         (t.skipped_by_retention > 0).then_some(t.skipped_by_retention)
     })
     .await;
-    assert_eq!(skipped, Some(200));
+    assert_eq!(skipped, Some(199), "old-0 was dead-lettered, not skipped");
+    let gone = eventually(Duration::from_secs(10), || async {
+        admin
+            .dead_letters("g", 0)
+            .await
+            .ok()
+            .filter(|d| d.is_empty())
+    })
+    .await;
+    assert!(
+        gone.is_some(),
+        "the dead letter of a removed message stayed"
+    );
     drop(c);
 
     // Everything may go (the topic is empty), and offsets still go on after a restart.

@@ -148,6 +148,26 @@ impl Queue {
                 keys::group_offset(&self.group, self.topic.id, o),
             ));
         }
+        // Dead letters of messages that are gone: listed without their message and
+        // redriven to nowhere, they would only pile up.
+        let storage = self.storage.clone();
+        let (group, id) = (self.group.clone(), self.topic.id);
+        let dead = tokio::task::spawn_blocking(move || {
+            storage
+                .dead_letters_from(&group, id, 0, usize::MAX)
+                .map(|all| all.into_iter().filter(|(o, _)| *o < start).count() as u64)
+        })
+        .await;
+        if let Ok(Ok(dead)) = dead
+            && dead > 0
+        {
+            ops.push(Op::DeleteRange(
+                Cf::Dlq,
+                keys::dead_letter(&self.group, self.topic.id, 0),
+                keys::dead_letter(&self.group, self.topic.id, start),
+            ));
+            self.dead_letters = self.dead_letters.saturating_sub(dead);
+        }
         let out = self
             .leases
             .keys()
