@@ -583,15 +583,17 @@ fn message_of(a: &ProduceArgs, i: u64) -> Message {
     }
 }
 
+/// A producer without a group (plain sends, cancels).
+pub async fn plain_producer(addr: &str, token: &str) -> anyhow::Result<Producer> {
+    let options = ProducerOptions {
+        auth_token: token.to_string(),
+        ..Default::default()
+    };
+    Ok(Producer::connect(addr, options).await?)
+}
+
 async fn produce(addr: &str, token: &str, a: ProduceArgs) -> anyhow::Result<()> {
-    let producer = Producer::connect(
-        addr,
-        ProducerOptions {
-            auth_token: token.to_string(),
-            ..Default::default()
-        },
-    )
-    .await?;
+    let producer = plain_producer(addr, token).await?;
     let started = Instant::now();
     // On a terminal only (indicatif draws nothing otherwise), and never over JSON lines.
     let progress = if a.json || a.count < 1000 {

@@ -4,7 +4,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::Subcommand;
 use serde_json::json;
-use txmq_client::{Admin, Producer, ProducerOptions};
+use txmq_client::Admin;
 
 use crate::view::View;
 
@@ -80,14 +80,7 @@ pub async fn run(addr: &str, token: &str, cmd: ScheduledCmd) -> anyhow::Result<(
             Ok(())
         }
         ScheduledCmd::Cancel { id, json } => {
-            let producer = Producer::connect(
-                addr,
-                ProducerOptions {
-                    auth_token: token.to_string(),
-                    ..Default::default()
-                },
-            )
-            .await?;
+            let producer = crate::plain_producer(addr, token).await?;
             let ok = producer.cancel_scheduled(&id).await?;
             if json {
                 println!(
