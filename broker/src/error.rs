@@ -77,6 +77,12 @@ pub enum Error {
     /// Cancel of a scheduled message that was delivered already.
     #[error("scheduled message {0} was already delivered (topic {1:?}, offset {2})")]
     AlreadyDelivered(String, String, u64),
+    /// No message with that id is kept.
+    #[error(
+        "no message {0} is kept: never stored, removed by retention, its topic deleted, or \
+         a half message of an open transaction (see txmq txn list)"
+    )]
+    MessageNotFound(String),
     /// A broken internal invariant: a bug, reported rather than crashing the broker.
     #[error("internal: {0}")]
     Internal(String),
@@ -108,6 +114,7 @@ impl Error {
             Error::DiskFull(_) => ErrorCode::DiskFull,
             Error::ScheduledNotFound(_) => ErrorCode::ScheduledNotFound,
             Error::AlreadyDelivered(..) => ErrorCode::AlreadyDelivered,
+            Error::MessageNotFound(_) => ErrorCode::MessageNotFound,
             Error::Internal(_) => ErrorCode::Internal,
         }
     }

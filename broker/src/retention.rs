@@ -20,6 +20,9 @@ use crate::storage::Storage;
 use crate::storage::writer::{Command, WriterHandle};
 use crate::topics::{Topic, Topics};
 
+/// Index garbage below which the indexes are left to RocksDB's own compactions.
+const INDEX_GARBAGE_MIN: u64 = 100_000;
+
 /// The sweep task's state.
 pub struct Sweeper {
     storage: Arc<Storage>,
@@ -67,13 +70,23 @@ impl Sweeper {
                     tracing::warn!("retention could not flush the logs to measure them: {e}");
                 }
             }
-            for topic in topics {
+            for topic in &topics {
                 if cancel.is_cancelled() {
                     return;
                 }
-                if let Err(e) = self.sweep(&topic).await {
+                if let Err(e) = self.sweep(topic).await {
                     tracing::warn!(topic = %topic.name, "retention sweep failed: {e}");
                 }
+            }
+            // The indexes once their garbage is as large as what they keep (see
+            // `storage::index`): each entry rewritten is paid for by one removed.
+            let kept: u64 = topics
+                .iter()
+                .map(|t| t.end().saturating_sub(t.start()))
+                .sum();
+            if self.storage.index_garbage() >= kept.max(INDEX_GARBAGE_MIN) {
+                let storage = self.storage.clone();
+                let _ = tokio::task::spawn_blocking(move || storage.compact_indexes()).await;
             }
         }
     }
@@ -81,7 +94,7 @@ impl Sweeper {
     /// Removes what `topic` no longer keeps.
     async fn sweep(&self, topic: &Arc<Topic>) -> Result<()> {
         let (start, end) = (topic.start(), topic.end());
-        if start >= end {
+        if start >= end || topic.is_deleted() {
             return Ok(());
         }
         let (own_ms, own_bytes) = topic.retention();

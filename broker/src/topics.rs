@@ -22,6 +22,8 @@ pub struct Topic {
     /// Retention overrides (0: the broker's): age in ms, size in bytes.
     retention_ms: AtomicU64,
     retention_bytes: AtomicU64,
+    /// Deleted: whoever still holds it must not write for it.
+    deleted: std::sync::atomic::AtomicBool,
 }
 
 impl Topic {
@@ -35,6 +37,7 @@ impl Topic {
             start: AtomicU64::new(0),
             retention_ms: AtomicU64::new(0),
             retention_bytes: AtomicU64::new(0),
+            deleted: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -85,6 +88,16 @@ impl Topic {
         self.retention_bytes.store(bytes, Ordering::Relaxed);
     }
 
+    /// Whether it was deleted (a topic created later under its name is another one).
+    pub fn is_deleted(&self) -> bool {
+        self.deleted.load(Ordering::Relaxed)
+    }
+
+    /// Marks it deleted (the writer, as it stages the deletion).
+    pub(crate) fn set_deleted(&self) {
+        self.deleted.store(true, Ordering::Relaxed);
+    }
+
     /// One past the last durable offset.
     pub fn end(&self) -> u64 {
         *self.end.borrow()
@@ -125,6 +138,19 @@ impl Topics {
         let mut inner = self.inner.write().expect("topics lock");
         inner.by_id.insert(topic.id, topic.clone());
         inner.by_name.insert(topic.name.clone(), topic);
+    }
+
+    /// Removes a deleted topic (its name stays with a newer topic of that name, if any).
+    pub fn remove(&self, topic: &Topic) {
+        let mut inner = self.inner.write().expect("topics lock");
+        inner.by_id.remove(&topic.id);
+        if inner
+            .by_name
+            .get(&topic.name)
+            .is_some_and(|t| t.id == topic.id)
+        {
+            inner.by_name.remove(&topic.name);
+        }
     }
 
     /// A topic by name.

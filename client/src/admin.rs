@@ -306,6 +306,78 @@ impl Admin {
         Ok(expect!(r, DeleteGroup)?.topics)
     }
 
+    /// Deletes a topic: its messages, every group's position, acks, retries and dead
+    /// letters on it, and its scheduled messages not yet due. Refused while transactions
+    /// with messages for it are open or consumers are subscribed to it, unless `force`
+    /// (then those transactions are rolled back and those consumers dropped).
+    ///
+    /// # Errors
+    /// `TOPIC_NOT_FOUND`; `INVALID_REQUEST` naming what is open.
+    pub async fn delete_topic(&self, topic: &str, force: bool) -> Result<pb::DeleteTopicOk> {
+        let r = self
+            .conn
+            .call(Body::DeleteTopic(pb::DeleteTopicRequest {
+                topic: topic.to_string(),
+                force,
+            }))
+            .await?;
+        expect!(r, DeleteTopic)
+    }
+
+    /// A message by id, with its life: the transaction it came from and what each group
+    /// of its topic did with it. Its body comes only with `body`.
+    ///
+    /// # Errors
+    /// `MESSAGE_NOT_FOUND`; `INVALID_REQUEST` for a malformed id.
+    pub async fn show_message(&self, message_id: &str, body: bool) -> Result<pb::ShowMessageOk> {
+        let r = self
+            .conn
+            .call(Body::ShowMessage(pb::ShowMessageRequest {
+                message_id: message_id.to_string(),
+                body,
+            }))
+            .await?;
+        expect!(r, ShowMessage)
+    }
+
+    /// One page of a topic's messages by key and stored time (see
+    /// [`Admin::find_messages`] for all of them).
+    ///
+    /// # Errors
+    /// `TOPIC_NOT_FOUND`; `INVALID_REQUEST` for an empty time range.
+    pub async fn find_messages_page(
+        &self,
+        query: pb::FindMessagesRequest,
+    ) -> Result<pb::FindMessagesOk> {
+        let r = self.conn.call(Body::FindMessages(query)).await?;
+        expect!(r, FindMessages)
+    }
+
+    /// A topic's messages matching `query` (its key, since and until), in offset order,
+    /// at most `limit` (0: all), fetched a page at a time.
+    ///
+    /// # Errors
+    /// As [`Admin::find_messages_page`].
+    pub async fn find_messages(
+        &self,
+        mut query: pb::FindMessagesRequest,
+        limit: usize,
+    ) -> Result<Vec<pb::FoundMessage>> {
+        let mut out = Vec::new();
+        loop {
+            let page = self.find_messages_page(query.clone()).await?;
+            out.extend(page.messages);
+            if limit > 0 && out.len() >= limit {
+                out.truncate(limit);
+                return Ok(out);
+            }
+            if !page.more {
+                return Ok(out);
+            }
+            query.from_offset = page.next_offset;
+        }
+    }
+
     /// Puts dead letters back for delivery: one by message id, or all.
     ///
     /// # Errors

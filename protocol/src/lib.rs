@@ -74,6 +74,7 @@ mod tests {
             (ErrorCode::AlreadyDelivered, 24),
             (ErrorCode::OrderingConflict, 25),
             (ErrorCode::DiskFull, 26),
+            (ErrorCode::MessageNotFound, 27),
         ];
         for (code, number) in pinned {
             assert_eq!(code as i32, number, "{code:?} moved");

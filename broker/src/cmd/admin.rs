@@ -296,42 +296,6 @@ pub fn reset_group(id: u64, req: pb::ResetGroupRequest, shared: &Arc<Shared>) ->
     })
 }
 
-/// Deletes a group on every topic it has a position on, once none of its consumers is
-/// connected (checked on all of them first).
-pub fn delete_group(id: u64, req: pb::DeleteGroupRequest, shared: &Arc<Shared>) -> Pending {
-    if let Err(e) = super::name("group", &req.group) {
-        return ready(id, Err(e));
-    }
-    let shared = shared.clone();
-    later(id, async move {
-        let topics = shared.groups.topics_of(&req.group).await?;
-        if topics.is_empty() {
-            return Err(Error::GroupNotFound(req.group.clone(), "any".into()));
-        }
-        for topic in &topics {
-            let (reply, rx) = oneshot::channel();
-            let msg = QueueMsg::Describe { reply };
-            shared.groups.send(&req.group, topic.clone(), msg).await?;
-            let info = rx.await.map_err(|_| Error::ShuttingDown)?;
-            if info.consumers > 0 {
-                return Err(Error::Invalid(format!(
-                    "group {:?} has {} consumer(s) on topic {:?}: stop them before deleting it",
-                    req.group, info.consumers, topic.name
-                )));
-            }
-        }
-        for topic in &topics {
-            let (reply, rx) = oneshot::channel();
-            let msg = QueueMsg::Delete { reply };
-            shared.groups.send(&req.group, topic.clone(), msg).await?;
-            rx.await.map_err(|_| Error::ShuttingDown)??;
-        }
-        Ok(pb::response::Result::DeleteGroup(pb::DeleteGroupOk {
-            topics: topics.len() as u32,
-        }))
-    })
-}
-
 /// Puts a group's dead letters (or one of them) back for delivery.
 pub fn redrive(id: u64, req: pb::RedriveRequest, shared: &Arc<Shared>) -> Pending {
     if let Err(e) = super::name("group", &req.group) {

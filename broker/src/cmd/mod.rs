@@ -4,7 +4,9 @@
 
 pub mod admin;
 pub mod consume;
+pub mod delete;
 pub mod hello;
+pub mod messages;
 pub mod scheduled;
 pub mod send;
 mod session;
@@ -39,6 +41,20 @@ pub fn later(
     work: impl Future<Output = Result<pb::response::Result>> + Send + 'static,
 ) -> Pending {
     Box::pin(async move { response(id, work.await) })
+}
+
+/// Runs a storage read off the async workers.
+///
+/// # Errors
+/// The read's error, or an internal one when its task panicked.
+pub async fn blocking<T: Send + 'static>(
+    storage: &Arc<crate::storage::Storage>,
+    read: impl FnOnce(&crate::storage::Storage) -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let storage = storage.clone();
+    tokio::task::spawn_blocking(move || read(&storage))
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))?
 }
 
 /// Most entries in one page of any listing.
@@ -123,7 +139,10 @@ pub async fn dispatch(
         Body::ListDeadLetters(req) => admin::list_dead_letters(id, req, shared),
         Body::Redrive(req) => admin::redrive(id, req, shared),
         Body::ResetGroup(req) => admin::reset_group(id, req, shared),
-        Body::DeleteGroup(req) => admin::delete_group(id, req, shared),
+        Body::DeleteGroup(req) => delete::delete_group(id, req, shared),
+        Body::DeleteTopic(req) => delete::delete_topic(id, req, shared),
+        Body::ShowMessage(req) => messages::show_message(id, req, shared),
+        Body::FindMessages(req) => messages::find_messages(id, req, shared),
         Body::ListGroups(req) => admin::list_groups(id, req, shared),
         Body::Stats(_) => admin::stats(id, shared),
         Body::CancelScheduled(req) => scheduled::cancel(id, req, shared),

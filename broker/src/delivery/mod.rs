@@ -157,11 +157,21 @@ pub enum QueueMsg {
         /// How many went back.
         reply: oneshot::Sender<Result<u32>>,
     },
-    /// Delete the group's state on this topic (no consumer may be connected): cursor,
-    /// acks, retries and dead letters. The queue stops once it is durable.
+    /// Delete the group's state on this topic (no consumer may be connected, unless
+    /// `force`: then they are dropped): cursor, acks, retries and dead letters. The
+    /// queue stops once it is durable.
     Delete {
+        /// Drop connected consumers instead of refusing (their topic is being deleted).
+        force: bool,
         /// Done, or refused.
         reply: oneshot::Sender<Result<()>>,
+    },
+    /// The lease of one message, if it is in flight: its attempt and deadline.
+    Peek {
+        /// The message.
+        offset: u64,
+        /// Attempt number and lease deadline (ms).
+        reply: oneshot::Sender<Option<(u32, u64)>>,
     },
     /// Move the group's position (no consumer may be connected): everything from
     /// `to` on is to be delivered again, nothing below.
@@ -249,6 +259,10 @@ impl Groups {
     /// # Errors
     /// A storage failure loading its state.
     pub async fn queue(&self, group: &str, topic: Arc<Topic>) -> Result<mpsc::Sender<QueueMsg>> {
+        if topic.is_deleted() {
+            // Held by someone since: a queue for it would write state under a dead id.
+            return Err(Error::TopicNotFound(topic.name.clone()));
+        }
         let key = (group.to_string(), topic.id);
         if let Some(q) = self.queues.lock().expect("queues lock").get(&key)
             && !q.is_closed()
@@ -262,6 +276,11 @@ impl Groups {
             .await
             .map_err(|e| Error::Internal(e.to_string()))??;
         let mut queues = self.queues.lock().expect("queues lock");
+        if topic.is_deleted() {
+            // Deleted while this loaded: a topic's deletion stops the queues it finds
+            // running after it marked the topic, so none may start after that.
+            return Err(Error::TopicNotFound(topic.name.clone()));
+        }
         if let Some(q) = queues.get(&key)
             && !q.is_closed()
         {
@@ -317,6 +336,16 @@ impl Groups {
             }
         }
         self.send(group, topic, msg).await
+    }
+
+    /// The running queues of a topic, by group.
+    pub fn running_on(&self, topic_id: u32) -> Vec<(String, mpsc::Sender<QueueMsg>)> {
+        let queues = self.queues.lock().expect("queues lock");
+        queues
+            .iter()
+            .filter(|((_, id), q)| *id == topic_id && !q.is_closed())
+            .map(|((group, _), q)| (group.clone(), q.clone()))
+            .collect()
     }
 
     /// Topics a group has a cursor on.

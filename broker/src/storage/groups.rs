@@ -192,4 +192,20 @@ impl Storage {
         }
         Ok(out)
     }
+
+    /// A group's entry for one message in `cf` (`Acked`, `Retry` or `Dlq`), if any.
+    ///
+    /// # Errors
+    /// Storage failure.
+    pub fn group_entry(
+        &self,
+        cf: Cf,
+        group: &str,
+        topic_id: u32,
+        offset: u64,
+    ) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .db
+            .get_cf(self.cf(cf), keys::group_offset(group, topic_id, offset))?)
+    }
 }

@@ -16,6 +16,40 @@ pub fn log_offset(key: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(key.get(4..12)?.try_into().ok()?))
 }
 
+/// `msgid` value: topic id, offset.
+pub fn location(topic_id: u32, offset: u64) -> [u8; 12] {
+    log(topic_id, offset)
+}
+
+/// Reads a [`location`] back.
+pub fn parse_location(value: &[u8]) -> Option<(u32, u64)> {
+    let topic = u32::from_be_bytes(value.get(..4)?.try_into().ok()?);
+    Some((topic, log_offset(value)?))
+}
+
+/// Prefix of a topic's `msgkey` entries for one key: topic id, key length, key. The
+/// length makes the prefix exact (no key is a prefix of another's entries).
+pub fn msgkey_prefix(topic_id: u32, key: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(key.len() + 16);
+    k.extend_from_slice(&topic_id.to_be_bytes());
+    k.extend_from_slice(&(key.len() as u32).to_be_bytes());
+    k.extend_from_slice(key.as_bytes());
+    k
+}
+
+/// `msgkey`: [`msgkey_prefix`], then the offset.
+pub fn msgkey(topic_id: u32, key: &str, offset: u64) -> Vec<u8> {
+    let mut k = msgkey_prefix(topic_id, key);
+    k.extend_from_slice(&offset.to_be_bytes());
+    k
+}
+
+/// Topic id and offset of a `msgkey` key.
+pub fn parse_msgkey(key: &[u8]) -> Option<(u32, u64)> {
+    let topic = u32::from_be_bytes(key.get(..4)?.try_into().ok()?);
+    Some((topic, group_offset_offset(key)?))
+}
+
 /// `half`: transaction id, sequence within the transaction.
 pub fn half(txn: Id, seq: u32) -> [u8; 20] {
     let mut k = [0; 20];
@@ -105,6 +139,19 @@ pub fn topic(name: &str) -> Vec<u8> {
     k
 }
 
+/// `meta` key of a deleted topic's id: [`crate::storage::records::DeletedTopicRecord`].
+pub fn deleted_topic(id: u32) -> Vec<u8> {
+    let mut k = DELETED_TOPIC.to_vec();
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
+/// Prefix of [`deleted_topic`] keys.
+pub const DELETED_TOPIC: &[u8] = b"deleted-topic/";
+
+/// `meta` key of the next topic id (ids are never reused).
+pub const NEXT_TOPIC_ID: &[u8] = b"next-topic-id";
+
 /// `meta` key of the boot counter.
 pub const BOOT: &[u8] = b"boot";
 
@@ -139,6 +186,17 @@ mod tests {
             prop_assert_eq!(k1.cmp(&k2), t1.cmp(&t2));
             prop_assert_eq!(parse_due(&k1), Some((b'c', t1, id)));
             prop_assert!(due(DueKind::Check, u64::MAX, id) < due(DueKind::Purge, 0, id));
+        }
+
+        #[test]
+        fn key_index_entries_of_one_key_share_a_prefix_no_other_key_has(
+            topic in any::<u32>(), a in ".{0,8}", b in ".{0,8}", off in any::<u64>()
+        ) {
+            let k = msgkey(topic, &a, off);
+            prop_assert_eq!(parse_msgkey(&k), Some((topic, off)));
+            prop_assert!(k.starts_with(&msgkey_prefix(topic, &a)));
+            prop_assert_eq!(k.starts_with(&msgkey_prefix(topic, &b)), a == b);
+            prop_assert_eq!(parse_location(&location(topic, off)), Some((topic, off)));
         }
 
         #[test]

@@ -16,8 +16,13 @@
 //! | `retry` | group, topic id, offset | [`records::RetryRecord`] |
 //! | `dlq` | group, topic id, offset | [`records::DeadLetterRecord`] |
 //! | `sched` | message id | [`records::SchedRecord`]: a scheduled message and its fate |
+//! | `msgid` | message id | topic id, offset: where a visible message is |
+//! | `msgkey` | topic id, key length, key, offset | empty: a topic's messages by key |
 
+mod deleting;
 mod groups;
+mod index;
+pub use index::Floors;
 pub mod keys;
 pub mod records;
 mod scheduled;
@@ -37,8 +42,9 @@ use crate::ids::Id;
 use records::{TopicRecord, TxnRecord};
 
 /// Column family names, in creation order.
-pub const CFS: [&str; 10] = [
-    "meta", "log", "half", "txn", "due", "cursor", "acked", "retry", "dlq", "sched",
+pub const CFS: [&str; 12] = [
+    "meta", "log", "half", "txn", "due", "cursor", "acked", "retry", "dlq", "sched", "msgid",
+    "msgkey",
 ];
 
 /// A column family of [`CFS`].
@@ -64,6 +70,10 @@ pub enum Cf {
     Dlq,
     /// Scheduled messages.
     Sched,
+    /// Where each visible message is, by id.
+    MsgId,
+    /// Each topic's messages by key.
+    MsgKey,
 }
 
 impl Cf {
@@ -121,6 +131,10 @@ pub struct Storage {
     pub scheduled: tokio::sync::Notify,
     /// Above the disk's high-water mark: new messages are refused (see [`crate::disk`]).
     disk_full: std::sync::atomic::AtomicBool,
+    /// Each topic's first kept offset, for the indexes' compaction filters.
+    pub floors: Arc<Floors>,
+    /// Index entries of removed messages not yet compacted away.
+    index_garbage: AtomicU64,
 }
 
 impl std::fmt::Debug for Storage {
@@ -160,16 +174,31 @@ impl Storage {
         // bounds the log replayed at restart.
         opts.set_max_total_wal_size(WAL_BYTES);
         let cache = rocksdb::Cache::new_lru_cache(BLOCK_CACHE_BYTES);
-        let cfs = CFS.iter().map(|name| (*name, cf_options(&cache)));
+        let floors = Arc::new(Floors::default());
+        let cfs = CFS.iter().map(|name| {
+            let mut cf = cf_options(&cache);
+            match *name {
+                "msgid" => cf.set_compaction_filter("txmq-msgid", index::id_filter(floors.clone())),
+                "msgkey" => {
+                    cf.set_compaction_filter("txmq-msgkey", index::key_filter(floors.clone()));
+                }
+                _ => {}
+            }
+            (*name, cf)
+        });
         let db = DB::open_cf_with_opts(&opts, dir, cfs)?;
-        Ok(Arc::new(Self {
+        let storage = Arc::new(Self {
             db,
+            floors,
+            index_garbage: AtomicU64::new(0),
             counters: Counters::default(),
             failure: std::sync::Mutex::new(None),
             failed: tokio_util::sync::CancellationToken::new(),
             scheduled: tokio::sync::Notify::new(),
             disk_full: std::sync::atomic::AtomicBool::new(false),
-        }))
+        });
+        storage.load_floors()?;
+        Ok(storage)
     }
 
     /// Whether new messages are refused for want of disk.
@@ -253,6 +282,41 @@ impl Storage {
             out.push(StoredTopic { name, record, end });
         }
         Ok(out)
+    }
+
+    /// Ids of deleted topics.
+    ///
+    /// # Errors
+    /// Storage failure.
+    pub fn deleted_topics(&self) -> Result<Vec<u32>> {
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .prefix_iterator_cf(self.cf(Cf::Meta), keys::DELETED_TOPIC)
+        {
+            let (k, _) = item?;
+            let Some(id) = k.strip_prefix(keys::DELETED_TOPIC) else {
+                break;
+            };
+            if let Ok(id) = <[u8; 4]>::try_from(id) {
+                out.push(u32::from_be_bytes(id));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The smallest topic id never used by a topic that was deleted or recorded as the
+    /// next one (1 on a new database). The live topics' ids are the writer's to add.
+    pub fn next_topic_id(&self) -> u32 {
+        let stored = self
+            .db
+            .get_cf(self.cf(Cf::Meta), keys::NEXT_TOPIC_ID)
+            .ok()
+            .flatten()
+            .and_then(|v| v.try_into().ok().map(u32::from_be_bytes))
+            .unwrap_or(1);
+        let dead = self.deleted_topics().unwrap_or_default();
+        dead.into_iter().map(|id| id + 1).fold(stored, u32::max)
     }
 
     fn log_end(&self, topic_id: u32) -> Result<u64> {

@@ -21,6 +21,18 @@ pub struct TopicRecord {
     pub retention_bytes: u64,
 }
 
+/// `meta` `deleted-topic/<id>`: a topic that was deleted. Its id is never used again, and
+/// whatever is still keyed by it is garbage.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct DeletedTopicRecord {
+    /// The name it had.
+    #[prost(string, tag = "1")]
+    pub name: String,
+    /// Broker clock at deletion.
+    #[prost(uint64, tag = "2")]
+    pub deleted_ms: u64,
+}
+
 /// `txn`: one transaction, whatever its state. The half messages live in `half` and are
 /// never rewritten: a check updates only this small record and its due-index entry.
 #[derive(Clone, PartialEq, prost::Message)]

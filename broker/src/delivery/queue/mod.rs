@@ -30,6 +30,7 @@ mod acks;
 mod fifo;
 mod leases;
 mod pump;
+pub use pump::tag_matches;
 mod retry;
 
 use fifo::Fifo;
@@ -364,14 +365,18 @@ impl Queue {
             QueueMsg::Describe { reply } => {
                 let _ = reply.send(self.describe());
             }
+            QueueMsg::Peek { offset, reply } => {
+                let lease = self.leases.get(&offset).map(|l| (l.attempt, l.deadline_ms));
+                let _ = reply.send(lease);
+            }
             QueueMsg::Redrive { message_id, reply } => {
                 let _ = reply.send(self.redrive(message_id).await);
             }
             QueueMsg::Reset { to, reply } => {
                 let _ = reply.send(self.reset(to).await);
             }
-            QueueMsg::Delete { reply } => {
-                let deleted = self.delete().await;
+            QueueMsg::Delete { force, reply } => {
+                let deleted = self.delete(force).await;
                 self.deleted = deleted.is_ok();
                 let _ = reply.send(deleted);
             }

@@ -277,6 +277,11 @@ impl Queue {
     }
 }
 
+/// Whether a group with tag filter `filter` receives messages tagged `tag`.
+pub fn tag_matches(filter: &str, tag: &str) -> bool {
+    parse_tags(filter).is_none_or(|set| set.contains(tag))
+}
+
 /// `A||B` into a set; `None` (everything) for empty or `*`.
 pub(super) fn parse_tags(filter: &str) -> Option<HashSet<String>> {
     let filter = filter.trim();

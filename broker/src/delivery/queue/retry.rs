@@ -253,10 +253,11 @@ impl Queue {
         Ok(to)
     }
 
-    /// Deletes the group's state on this topic while no consumer is connected: its
-    /// cursor, acks, retries and dead letters, in one durable write.
-    pub(super) async fn delete(&mut self) -> Result<()> {
-        if !self.consumers.is_empty() {
+    /// Deletes the group's state on this topic while no consumer is connected (with
+    /// `force`, the topic goes: they are dropped): its cursor, acks, retries and dead
+    /// letters, in one durable write.
+    pub(super) async fn delete(&mut self, force: bool) -> Result<()> {
+        if !self.consumers.is_empty() && !force {
             return Err(Error::Invalid(format!(
                 "group {:?} has {} consumer(s) on topic {:?}: stop them before deleting it",
                 self.group,

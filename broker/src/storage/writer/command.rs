@@ -122,6 +122,11 @@ pub enum Command {
         /// Its new first offset.
         to: u64,
     },
+    /// Delete a topic: its record and its log; its id is never used again.
+    DeleteTopic {
+        /// The topic.
+        topic: Arc<Topic>,
+    },
     /// Plain puts and deletes prepared by an owner of other state (consumer groups).
     Raw(Vec<Op>),
     /// Several commands from one request, applied in order; each has its own outcome
@@ -199,6 +204,14 @@ pub enum Outcome {
         topic: String,
         /// The time it was scheduled for.
         deliver_ms: u64,
+    },
+    /// A topic deleted.
+    TopicDeleted {
+        /// Messages its log held.
+        messages: u64,
+        /// A transaction id made after the deletion was staged: every transaction and
+        /// scheduled message made before it has a smaller id (they share that sequence).
+        fence: Id,
     },
     /// Written; nothing to tell.
     Done,

@@ -97,7 +97,7 @@ impl Writer {
                 .expect("spawn syncer thread")
         };
         let writer = Writer {
-            next_topic_id: topics.max_id() + 1,
+            next_topic_id: (topics.max_id() + 1).max(storage.next_topic_id()),
             storage,
             topics,
             ids,
@@ -231,13 +231,24 @@ impl Writer {
                 for topic in stage.new_topics {
                     self.topics.insert(topic);
                 }
+                for topic in &stage.deleted {
+                    self.topics.remove(topic);
+                }
                 for (topic, start) in stage.starts {
                     topic.set_start(start);
+                    self.storage.floors.set(topic.id, start);
                 }
+                for topic in &stage.deleted {
+                    self.storage.floors.set(topic.id, u64::MAX);
+                }
+                self.storage.add_index_garbage(stage.removed);
                 self.recent.update(stage.txns, stage.halves);
                 let ends: Vec<(u32, u64)> = stage.next_offset.into_iter().collect();
                 for &(id, next) in &ends {
                     self.next_offset.insert(id, next);
+                }
+                for topic in stage.deleted {
+                    self.next_offset.remove(&topic.id);
                 }
                 Written {
                     jobs: std::mem::take(jobs),
@@ -359,6 +370,7 @@ impl Writer {
                 Ok(Outcome::Topic(topic))
             }
             Command::SetRetention { topic, retention } => {
+                Self::alive(&topic)?;
                 // Set now (a retention setting is not a message: nothing waits on it);
                 // stored with the batch.
                 topic.set_retention(retention.0, retention.1);
@@ -366,6 +378,7 @@ impl Writer {
                 Ok(Outcome::Topic(topic))
             }
             Command::Retain { topic, to } => self.retain(&topic, to, stage),
+            Command::DeleteTopic { topic } => self.delete_topic(&topic, stage),
             Command::Raw(ops) => {
                 for op in ops {
                     match op {
@@ -407,6 +420,10 @@ struct Stage {
     /// Scheduled-message records staged (`None`: removed).
     sched: FxHashMap<Id, Option<SchedRecord>>,
     new_topics: Vec<Arc<Topic>>,
+    /// Topics deleted.
+    deleted: Vec<Arc<Topic>>,
+    /// Messages removed (retention, deletion): their index entries are garbage.
+    removed: u64,
     /// Topics whose start retention moves, once written.
     starts: Vec<(Arc<Topic>, u64)>,
     first_topic_id: Option<u32>,

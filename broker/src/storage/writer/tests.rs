@@ -1,6 +1,7 @@
 //! The writer's own tests: durability, group commit, teardown, batch limits.
 
 use super::*;
+use crate::storage::Cf;
 use prost::Message;
 use txmq_protocol::pb::{TxnOutcome, TxnState};
 
@@ -243,4 +244,127 @@ async fn a_writer_dropped_with_work_in_flight_answers_it_and_stops_first() {
         .find(|t| t.name == "t")
         .unwrap();
     assert_eq!(topic.end, 3000);
+}
+
+/// Topic deletion in one batch with writes around it: a send before it is deleted with
+/// it, a send after it makes a new topic under a new id, a command holding the deleted
+/// topic is refused; and ids are never reused, also not after a restart when the
+/// deleted topic had the largest id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_topic_takes_its_id_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = Storage::open(dir.path()).unwrap();
+    let topics = Arc::new(Topics::default());
+    let (handle, thread) = Writer::spawn(
+        storage.clone(),
+        topics.clone(),
+        Arc::new(IdGen::new(1)),
+        Arc::new(Config::default()),
+        Arc::new(Metrics::new()),
+    );
+    // Bound after the thread: dropped first if an assertion fails.
+    let w = handle;
+    w.submit(append(0)).await.unwrap();
+    let old = topics.get("t").unwrap();
+    let deleted = w.submit(Command::DeleteTopic { topic: old.clone() });
+    let after = w.submit(append(1));
+    let retain = w.submit(Command::Retain {
+        topic: old.clone(),
+        to: 1,
+    });
+    let (deleted, after, retain) = futures::join!(deleted, after, retain);
+    assert!(matches!(
+        deleted.unwrap(),
+        Outcome::TopicDeleted { messages: 1, .. }
+    ));
+    match after.unwrap() {
+        Outcome::Stored(r) => assert_eq!(r[0].offset, 0, "a new topic starts at 0"),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(retain, Err(Error::TopicNotFound(_))), "{retain:?}");
+    let new = topics.get("t").unwrap();
+    assert!(new.id > old.id);
+    assert!(storage.read_message(old.id, 0).unwrap().is_none());
+    assert_eq!(storage.deleted_topics().unwrap(), vec![old.id]);
+    // The newest topic deleted too: a restart must not hand its id out again.
+    let gone = w.submit(Command::DeleteTopic { topic: new.clone() }).await;
+    assert!(matches!(gone, Ok(Outcome::TopicDeleted { .. })));
+    stop(w, thread, storage).await;
+    let storage = Storage::open(dir.path()).unwrap();
+    assert!(storage.topics().unwrap().is_empty());
+    assert_eq!(storage.next_topic_id(), new.id + 1);
+}
+
+/// The indexes are written with the message and lose the entries of removed messages
+/// once compacted: the compaction filter knows each topic's first kept offset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn index_entries_of_removed_messages_are_compacted_away() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = Storage::open(dir.path()).unwrap();
+    let topics = Arc::new(Topics::default());
+    let (handle, thread) = Writer::spawn(
+        storage.clone(),
+        topics.clone(),
+        Arc::new(IdGen::new(1)),
+        Arc::new(Config::default()),
+        Arc::new(Metrics::new()),
+    );
+    let w = handle;
+    let mut ids = Vec::new();
+    for i in 0..100 {
+        let m = pb::Message {
+            topic: "t".into(),
+            key: format!("k{}", i % 3),
+            body: vec![i as u8; 100].into(),
+            ..Default::default()
+        };
+        match w
+            .submit(Command::Append { messages: vec![m] })
+            .await
+            .unwrap()
+        {
+            Outcome::Stored(r) => ids.push(Id::parse(&r[0].message_id).unwrap()),
+            other => panic!("{other:?}"),
+        }
+    }
+    let t = topics.get("t").unwrap();
+    assert_eq!(storage.locate(ids[5]).unwrap(), Some((t.id, 5)));
+    assert_eq!(
+        storage.offsets_by_key(t.id, "k1", 0, 10).unwrap(),
+        [1, 4, 7, 10, 13, 16, 19, 22, 25, 28]
+    );
+    let count = |cf| {
+        let mut it = storage.db().raw_iterator_cf(storage.cf(cf));
+        it.seek_to_first();
+        let mut n = 0;
+        while it.valid() {
+            n += 1;
+            it.next();
+        }
+        n
+    };
+    assert_eq!((count(Cf::MsgId), count(Cf::MsgKey)), (100, 100));
+    w.submit(Command::Retain {
+        topic: t.clone(),
+        to: 60,
+    })
+    .await
+    .unwrap();
+    assert_eq!(storage.index_garbage(), 60);
+    // Out of view at once, out of the files once compacted.
+    assert_eq!(storage.locate(ids[5]).unwrap(), None);
+    assert_eq!(storage.offsets_by_key(t.id, "k1", 0, 2).unwrap(), [61, 64]);
+    storage.db().flush_cf(storage.cf(Cf::MsgId)).unwrap();
+    storage.db().flush_cf(storage.cf(Cf::MsgKey)).unwrap();
+    storage.compact_indexes();
+    assert_eq!((count(Cf::MsgId), count(Cf::MsgKey)), (40, 40));
+    assert_eq!(storage.index_garbage(), 0);
+    assert_eq!(storage.locate(ids[60]).unwrap(), Some((t.id, 60)));
+    // A deleted topic's go entirely.
+    w.submit(Command::DeleteTopic { topic: t.clone() })
+        .await
+        .unwrap();
+    storage.compact_indexes();
+    assert_eq!((count(Cf::MsgId), count(Cf::MsgKey)), (0, 0));
+    stop(w, thread, storage).await;
 }

@@ -7,16 +7,72 @@ use txmq_protocol::pb;
 
 use super::{Outcome, Stage, Writer};
 use crate::error::{Error, Result};
+use crate::ids::Id;
 use crate::storage::Cf;
 use crate::storage::keys;
-use crate::storage::records::TopicRecord;
+use crate::storage::records::{DeletedTopicRecord, TopicRecord};
 use crate::topics::Topic;
 
 impl Writer {
     pub(super) fn topic(&self, name: &str, stage: &Stage) -> Option<Arc<Topic>> {
+        // A topic deleted in this batch is gone already; one created after it is found.
         self.topics
             .get(name)
-            .or_else(|| stage.new_topics.iter().find(|t| t.name == name).cloned())
+            .filter(|t| !t.is_deleted())
+            .or_else(|| {
+                stage
+                    .new_topics
+                    .iter()
+                    .find(|t| t.name == name && !t.is_deleted())
+                    .cloned()
+            })
+    }
+
+    /// Refuses a command for a topic that was deleted (held by someone since).
+    pub(super) fn alive(topic: &Topic) -> Result<()> {
+        if topic.is_deleted() {
+            return Err(Error::TopicNotFound(topic.name.clone()));
+        }
+        Ok(())
+    }
+
+    /// Deletes a topic: its record goes, its log in one range delete, and its id is
+    /// recorded as dead, never to be used again (what groups, indexes and retries kept
+    /// under it is then garbage, not data of a newer topic of the same name).
+    pub(super) fn delete_topic(
+        &mut self,
+        topic: &Arc<Topic>,
+        stage: &mut Stage,
+    ) -> Result<Outcome> {
+        Self::alive(topic)?;
+        let end = stage
+            .next_offset
+            .get(&topic.id)
+            .or_else(|| self.next_offset.get(&topic.id))
+            .copied()
+            .unwrap_or(0);
+        let meta = self.storage.cf(Cf::Meta);
+        stage.batch.delete_cf(meta, keys::topic(&topic.name));
+        let dead = DeletedTopicRecord {
+            name: topic.name.clone(),
+            deleted_ms: txmq_protocol::now_ms(),
+        };
+        stage
+            .batch
+            .put_cf(meta, keys::deleted_topic(topic.id), dead.encode_to_vec());
+        let log = self.storage.cf(Cf::Log);
+        let last = keys::log(topic.id, u64::MAX);
+        stage
+            .batch
+            .delete_range_cf(log, keys::log(topic.id, 0), last);
+        stage.batch.delete_cf(log, last);
+        topic.set_deleted();
+        stage.deleted.push(topic.clone());
+        stage.removed += end.saturating_sub(topic.start());
+        Ok(Outcome::TopicDeleted {
+            messages: end.saturating_sub(topic.start()),
+            fence: self.ids.next_secret(),
+        })
     }
 
     pub(super) fn create_topic(&mut self, name: String, stage: &mut Stage) -> Arc<Topic> {
@@ -27,11 +83,14 @@ impl Writer {
             ..Default::default()
         };
         self.next_topic_id += 1;
-        stage.batch.put_cf(
-            self.storage.cf(Cf::Meta),
-            keys::topic(&name),
-            record.encode_to_vec(),
-        );
+        let meta = self.storage.cf(Cf::Meta);
+        stage
+            .batch
+            .put_cf(meta, keys::topic(&name), record.encode_to_vec());
+        // Ids are never reused, also not the last one's after it is deleted.
+        stage
+            .batch
+            .put_cf(meta, keys::NEXT_TOPIC_ID, self.next_topic_id.to_be_bytes());
         let topic = Arc::new(Topic::new(name, record.id, record.created_ms, 0));
         stage.new_topics.push(topic.clone());
         topic
@@ -67,6 +126,7 @@ impl Writer {
         to: u64,
         stage: &mut Stage,
     ) -> Result<Outcome> {
+        Self::alive(topic)?;
         let from = topic.start();
         let end = self.next_offset.get(&topic.id).copied().unwrap_or(0);
         let to = to.min(end);
@@ -80,6 +140,7 @@ impl Writer {
         );
         self.put_topic(topic, to, stage);
         stage.starts.push((topic.clone(), to));
+        stage.removed += to - from;
         Ok(Outcome::Done)
     }
 
@@ -129,6 +190,21 @@ impl Writer {
             keys::log(topic.id, msg.offset),
             msg.encode_to_vec(),
         );
+        // The indexes, in the same batch: never behind the log.
+        if let Some(id) = Id::parse(&msg.message_id) {
+            stage.batch.put_cf(
+                self.storage.cf(Cf::MsgId),
+                id.to_bytes(),
+                keys::location(topic.id, msg.offset),
+            );
+        }
+        if !msg.key.is_empty() {
+            stage.batch.put_cf(
+                self.storage.cf(Cf::MsgKey),
+                keys::msgkey(topic.id, &msg.key, msg.offset),
+                [],
+            );
+        }
         pb::MessageReceipt {
             message_id: msg.message_id,
             topic: msg.topic,

@@ -1,5 +1,6 @@
 //! `txmq`: produce, consume and operate a txmq broker from a shell.
 
+mod message;
 mod scheduled;
 mod topic;
 mod view;
@@ -68,6 +69,9 @@ enum Command {
     /// Scheduled messages waiting for their time.
     #[command(subcommand)]
     Scheduled(scheduled::ScheduledCmd),
+    /// Find messages: by id with their life, or a topic's by key and time.
+    #[command(subcommand)]
+    Message(message::MessageCmd),
     /// Broker-wide figures: topics, messages, groups, pending half messages, counters.
     Stats {
         /// JSON output.
@@ -305,22 +309,9 @@ fn parse_reset_to(text: &str) -> Result<txmq_client::ResetTo, String> {
     if let Ok(offset) = t.parse::<u64>() {
         return Ok(ResetTo::Offset(offset));
     }
-    if let Some(ago) = t.strip_suffix("ago") {
-        let d = humantime::parse_duration(ago.trim())
-            .map_err(|e| format!("bad duration in {text:?}: {e}"))?;
-        return std::time::SystemTime::now()
-            .checked_sub(d)
-            .map(ResetTo::Time)
-            .ok_or_else(|| format!("{text:?} is before the epoch"));
-    }
-    humantime::parse_rfc3339_weak(t)
-        .map(ResetTo::Time)
-        .map_err(|_| {
-            format!(
-                "bad target {text:?}: earliest, latest, an offset, an RFC 3339 time or \
-             \"2h ago\""
-            )
-        })
+    message::parse_when(t).map(ResetTo::Time).map_err(|_| {
+        format!("bad target {text:?}: earliest, latest, an offset, an RFC 3339 time or \"2h ago\"")
+    })
 }
 
 #[derive(Debug, Subcommand)]
@@ -488,6 +479,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Scheduled(cmd) => scheduled::run(addr, token, cmd).await,
+        Command::Message(cmd) => message::run(addr, token, cmd).await,
         Command::Group(GroupCmd::Delete { group, json }) => {
             let topics = Admin::connect(addr, token)
                 .await?

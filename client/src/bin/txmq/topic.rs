@@ -1,4 +1,4 @@
-//! `txmq topic`: create, alter (retention) and list topics.
+//! `txmq topic`: create, alter (retention), list and delete topics.
 
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -32,6 +32,19 @@ pub enum TopicCmd {
     },
     /// List topics.
     List {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a topic: its messages, its groups' positions, retries and dead letters,
+    /// and its scheduled messages.
+    Delete {
+        /// Name.
+        topic: String,
+        /// Also while transactions on it are open (they are rolled back) or consumers
+        /// are subscribed (they receive nothing more).
+        #[arg(long)]
+        force: bool,
         /// JSON output.
         #[arg(long)]
         json: bool,
@@ -145,6 +158,23 @@ pub async fn run(addr: &str, token: &str, cmd: TopicCmd) -> anyhow::Result<()> {
         } => {
             let t = admin.alter_topic(&topic, retention.ms_and_bytes()).await?;
             print_one(&t, "altered", json);
+        }
+        TopicCmd::Delete { topic, force, json } => {
+            let d = admin.delete_topic(&topic, force).await?;
+            if json {
+                println!(
+                    "{}",
+                    json!({"deleted": topic, "messages": d.messages, "groups": d.groups,
+                        "rolled_back": d.rolled_back,
+                        "scheduled_cancelled": d.scheduled_cancelled})
+                );
+            } else {
+                println!(
+                    "deleted topic {topic}: {} message(s), {} group(s), {} transaction(s) \
+                     rolled back, {} scheduled message(s) cancelled",
+                    d.messages, d.groups, d.rolled_back, d.scheduled_cancelled
+                );
+            }
         }
         TopicCmd::List { json } => {
             let topics = admin.topics().await?;
