@@ -93,6 +93,10 @@ pub struct Args {
     /// `schedule`: messages scheduled a day ahead, waiting during the measurement.
     #[arg(long, default_value_t = 1_000_000)]
     pub waiting: u64,
+    /// `send`, `e2e`, `fifo`, `txn`: give every message a distinct key, as an order id
+    /// would be (each is then also written to the broker's key index).
+    #[arg(long)]
+    pub keyed: bool,
 }
 
 /// What a scenario measured.

@@ -68,6 +68,7 @@ async fn send(
     for (i, p) in producers.into_iter().enumerate() {
         let n = share(args.messages, args.producers, i);
         let (size, window, topic) = (args.size, args.window.max(1), topic.to_string());
+        let keyed = args.keyed;
         // Paced sends: message k of this producer is due at k / rate after the start.
         let interval = (args.rate > 0)
             .then(|| Duration::from_secs_f64(args.producers as f64 / args.rate as f64));
@@ -84,6 +85,9 @@ async fn send(
                     let mut m = Message::new(topic.clone(), payload(size, stamp));
                     if groups > 0 {
                         m = m.group(format!("g{}", sent % groups));
+                    }
+                    if keyed {
+                        m = m.key(format!("order-{i}-{sent}"));
                     }
                     in_flight.push(async move {
                         let t = Instant::now();
@@ -130,7 +134,7 @@ async fn txn(args: &Args, addr: &str) -> anyhow::Result<Report> {
     let mut tasks = Vec::new();
     for (i, p) in producers.into_iter().enumerate() {
         let n = share(args.messages, args.producers, i);
-        let (size, window) = (args.size, args.window.max(1));
+        let (size, window, keyed) = (args.size, args.window.max(1), args.keyed);
         tasks.push(tokio::spawn(async move {
             let mut hist = histogram();
             let mut in_flight = FuturesUnordered::new();
@@ -138,9 +142,13 @@ async fn txn(args: &Args, addr: &str) -> anyhow::Result<Report> {
             while started_txns < n || !in_flight.is_empty() {
                 while started_txns < n && in_flight.len() < window {
                     let p = p.clone();
+                    let key = keyed.then(|| format!("order-{i}-{started_txns}"));
                     in_flight.push(async move {
                         let t = Instant::now();
-                        let m = Message::new("bench-txn", payload(size, false));
+                        let mut m = Message::new("bench-txn", payload(size, false));
+                        if let Some(key) = key {
+                            m = m.key(key);
+                        }
                         let (outcome, _) = p
                             .send_in_transaction(vec![m], |_id| async { Outcome::Commit })
                             .await?;

@@ -48,6 +48,11 @@ pub struct Metrics {
     pub retention_removed: IntCounterVec,
     /// Messages retention removed before a group acked them, by group.
     pub retention_skipped: IntCounterVec,
+    /// Bytes each topic's log takes on disk (RocksDB's estimate of its files), updated
+    /// by every retention sweep.
+    pub topic_bytes: prometheus::IntGaugeVec,
+    /// Age of each topic's oldest kept message, updated by every retention sweep.
+    pub topic_oldest_age_seconds: prometheus::GaugeVec,
     /// Message groups of ordered consumer groups whose next messages wait behind one
     /// that is out (over every ordered queue).
     pub ordered_blocked_groups: IntGauge,
@@ -182,6 +187,34 @@ impl Metrics {
                 "Messages retention removed before a group acked them",
                 "group",
             ),
+            topic_bytes: {
+                let g = prometheus::IntGaugeVec::new(
+                    Opts::new(
+                        "topic_stored_bytes",
+                        "Bytes a topic's log takes on disk (estimate, at the last sweep)",
+                    ),
+                    &["topic"],
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(g.clone()))
+                    .expect("unique metric");
+                g
+            },
+            topic_oldest_age_seconds: {
+                let g = prometheus::GaugeVec::new(
+                    Opts::new(
+                        "topic_oldest_message_age_seconds",
+                        "Age of a topic's oldest kept message (at the last sweep)",
+                    ),
+                    &["topic"],
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(g.clone()))
+                    .expect("unique metric");
+                g
+            },
             ordered_blocked_groups: gauge(
                 "ordered_blocked_message_groups",
                 "Message groups of ordered consumer groups waiting behind a message that is out",

@@ -78,6 +78,7 @@ impl Sweeper {
                     tracing::warn!(topic = %topic.name, "retention sweep failed: {e}");
                 }
             }
+            self.publish_usage(&topics).await;
             // The indexes once their garbage is as large as what they keep (see
             // `storage::index`): each entry rewritten is paid for by one removed.
             let kept: u64 = topics
@@ -88,6 +89,43 @@ impl Sweeper {
                 let storage = self.storage.clone();
                 let _ = tokio::task::spawn_blocking(move || storage.compact_indexes()).await;
             }
+        }
+    }
+
+    /// Each topic's bytes on disk and oldest message age, for the metrics.
+    async fn publish_usage(&self, topics: &[Arc<Topic>]) {
+        let storage = self.storage.clone();
+        let spans: Vec<_> = topics
+            .iter()
+            .filter(|t| !t.is_deleted())
+            .map(|t| (t.name.clone(), t.id, t.start(), t.end()))
+            .collect();
+        let usage = tokio::task::spawn_blocking(move || {
+            spans
+                .into_iter()
+                .filter_map(|(name, id, start, end)| {
+                    Some((name, storage.topic_usage(id, start, end).ok()?))
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        let now = now_ms();
+        for (name, (bytes, oldest_ms)) in usage {
+            let labels = [name.as_str()];
+            self.metrics
+                .topic_bytes
+                .with_label_values(&labels)
+                .set(bytes as i64);
+            let age = if oldest_ms == 0 {
+                0
+            } else {
+                now.saturating_sub(oldest_ms)
+            };
+            self.metrics
+                .topic_oldest_age_seconds
+                .with_label_values(&labels)
+                .set(age as f64 / 1000.0);
         }
     }
 

@@ -114,7 +114,13 @@ async fn old_messages_go_and_groups_move_on() {
 /// data directory comes down.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_topic_over_its_size_loses_its_oldest_and_the_space_comes_back() {
-    let b = TestBroker::start(&["--retention-interval", "200ms"]);
+    let metrics = format!("127.0.0.1:{}", txmq_tests::free_port());
+    let b = TestBroker::start(&[
+        "--retention-interval",
+        "200ms",
+        "--metrics-listen",
+        &metrics,
+    ]);
     let out = b.cli_ok(&["topic", "create", "big", "--json"]);
     assert!(out.contains("\"created\":\"big\""), "{out}");
     let p = producer(&b).await;
@@ -153,6 +159,32 @@ async fn a_topic_over_its_size_loses_its_oldest_and_the_space_comes_back() {
     assert!(
         after.is_some(),
         "the data directory did not shrink from {before} bytes"
+    );
+    // What the topic takes and how old its oldest message is: in the listing and in
+    // the metrics (item 7).
+    let out = b.cli_ok(&["topic", "list", "--json"]);
+    let listed = txmq_tests::json_lines(&out);
+    let big = listed
+        .iter()
+        .find(|t| t["name"] == "big")
+        .expect("big listed");
+    let bytes = big["bytes"].as_u64().unwrap();
+    assert!((1..=17 << 20).contains(&bytes), "{big}");
+    assert!(big["oldest_ms"].as_u64().unwrap() > 0, "{big}");
+    let scraped = eventually(Duration::from_secs(20), || async {
+        let (_, text) = txmq_tests::http_get(&metrics, "/metrics").await.ok()?;
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("txmq_topic_stored_bytes{topic=\"big\"}"))?
+            .to_owned();
+        let value: f64 = line.rsplit(' ').next()?.parse().ok()?;
+        (value > 0.0 && text.contains("txmq_topic_oldest_message_age_seconds{topic=\"big\"}"))
+            .then_some(value)
+    })
+    .await;
+    assert!(
+        scraped.is_some(),
+        "no per-topic bytes and age in the metrics"
     );
     let mut c = Consumer::subscribe(b.addr(), ConsumerOptions::new("r", "big"))
         .await

@@ -22,6 +22,7 @@ fn topic_info(t: &Topic) -> pb::TopicInfo {
         start_offset: t.start(),
         retention_ms,
         retention_bytes,
+        ..Default::default()
     }
 }
 
@@ -65,17 +66,29 @@ pub fn alter_topic(id: u64, req: pb::AlterTopicRequest, shared: &Arc<Shared>) ->
     })
 }
 
-/// One page of topics, by name.
+/// One page of topics, by name, with what each takes on disk and its oldest message.
 pub fn list_topics(id: u64, req: pb::ListTopicsRequest, shared: &Arc<Shared>) -> Pending {
     let mut all = shared.topics.all();
     all.retain(|t| t.name > req.after);
     all.sort_unstable_by(|a, b| a.name.cmp(&b.name));
     all.truncate(super::page(req.limit));
-    let topics = all.iter().map(|t| topic_info(t)).collect();
-    ready(
-        id,
-        Ok(pb::response::Result::Topics(pb::ListTopicsOk { topics })),
-    )
+    let storage = shared.storage.clone();
+    later(id, async move {
+        let topics = super::blocking(&storage, move |s| {
+            all.iter()
+                .map(|t| {
+                    let (bytes, oldest_ms) = s.topic_usage(t.id, t.start(), t.end())?;
+                    Ok(pb::TopicInfo {
+                        bytes,
+                        oldest_ms,
+                        ..topic_info(t)
+                    })
+                })
+                .collect()
+        })
+        .await?;
+        Ok(pb::response::Result::Topics(pb::ListTopicsOk { topics }))
+    })
 }
 
 /// One page of (group, topic) rows, from the stored cursors (cheap: no group is loaded to

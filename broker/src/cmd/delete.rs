@@ -104,6 +104,14 @@ pub fn delete_topic(id: u64, req: pb::DeleteTopicRequest, shared: &Arc<Shared>) 
         } else {
             0
         };
+        let _ = shared
+            .metrics
+            .topic_bytes
+            .remove_label_values(&[name.as_str()]);
+        let _ = shared
+            .metrics
+            .topic_oldest_age_seconds
+            .remove_label_values(&[name.as_str()]);
         // The space comes back once the files that held the log are rewritten.
         let storage = shared.storage.clone();
         tokio::task::spawn_blocking(move || storage.compact_log(tid, u64::MAX));

@@ -421,6 +421,23 @@ impl Storage {
         lo
     }
 
+    /// What a topic's log `start..end` takes: bytes on disk (RocksDB's estimate of its
+    /// files) and the store time of its oldest message (0 when it is empty).
+    ///
+    /// # Errors
+    /// Storage failure or a corrupt record.
+    pub fn topic_usage(&self, topic_id: u32, start: u64, end: u64) -> Result<(u64, u64)> {
+        let (a, b) = (keys::log(topic_id, start), keys::log(topic_id, end));
+        let bytes = self
+            .db
+            .get_approximate_sizes_cf(self.cf(Cf::Log), &[rocksdb::Range::new(&a, &b)])
+            .first()
+            .copied()
+            .unwrap_or(0);
+        let oldest = self.read_log(topic_id, start, end, 1)?;
+        Ok((bytes, oldest.first().map_or(0, |m| m.store_ms)))
+    }
+
     /// Writes the logs' memtable out to files, where their sizes are known (what
     /// [`Storage::first_within_bytes`] measures).
     ///

@@ -112,6 +112,18 @@ fn age(ms: u64) -> String {
     }
 }
 
+/// How long ago the oldest message was stored, in whole units (`-` for none).
+fn oldest(ms: u64) -> String {
+    if ms == 0 {
+        return "-".into();
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let secs = now.saturating_sub(ms) / 1000;
+    humantime::format_duration(Duration::from_secs(secs)).to_string()
+}
+
 fn bytes(b: u64) -> String {
     if b == 0 {
         "default".into()
@@ -184,6 +196,8 @@ pub async fn run(addr: &str, token: &str, cmd: TopicCmd) -> anyhow::Result<()> {
                     ("TOPIC", -32),
                     ("START", 10),
                     ("NEXT", 10),
+                    ("BYTES", 10),
+                    ("OLDEST", 10),
                     ("RETENTION", 10),
                     ("CREATED", 24),
                 ],
@@ -195,13 +209,15 @@ pub async fn run(addr: &str, token: &str, cmd: TopicCmd) -> anyhow::Result<()> {
                         t.name.clone(),
                         t.start_offset.to_string(),
                         t.next_offset.to_string(),
+                        bytes(t.bytes),
+                        oldest(t.oldest_ms),
                         age(t.retention_ms),
                         humantime::format_rfc3339_seconds(created).to_string(),
                     ],
                     json!({"name": t.name, "messages": t.next_offset - t.start_offset,
                         "start_offset": t.start_offset, "next_offset": t.next_offset,
                         "retention_ms": t.retention_ms, "retention_bytes": t.retention_bytes,
-                        "created_ms": t.created_ms}),
+                        "created_ms": t.created_ms, "bytes": t.bytes, "oldest_ms": t.oldest_ms}),
                 );
             }
         }
