@@ -11,7 +11,7 @@ use crate::Flush;
 pub struct Broker {
     addr: String,
     child: Option<Child>,
-    _dir: Option<tempfile::TempDir>,
+    dir: Option<tempfile::TempDir>,
 }
 
 impl Broker {
@@ -20,12 +20,12 @@ impl Broker {
         Self {
             addr: addr.to_string(),
             child: None,
-            _dir: None,
+            dir: None,
         }
     }
 
     /// Starts `txmq-broker` (next to this binary) on a temporary directory.
-    pub fn start(flush: Flush) -> anyhow::Result<Self> {
+    pub fn start(flush: Flush, extra: &[String]) -> anyhow::Result<Self> {
         let exe = std::env::current_exe()?;
         let bin = exe.with_file_name("txmq-broker");
         anyhow::ensure!(
@@ -43,6 +43,7 @@ impl Broker {
         let mut child = Command::new(&bin)
             .args(["--listen", "127.0.0.1:0", "--flush", flush, "--data-dir"])
             .arg(dir.path())
+            .args(extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -59,13 +60,18 @@ impl Broker {
         Ok(Self {
             addr,
             child: Some(child),
-            _dir: Some(dir),
+            dir: Some(dir),
         })
     }
 
     /// Its address.
     pub fn addr(&self) -> &str {
         &self.addr
+    }
+
+    /// Its data directory (own broker only).
+    pub fn data_dir(&self) -> Option<std::path::PathBuf> {
+        self.dir.as_ref().map(|d| d.path().to_path_buf())
     }
 
     /// User + system CPU seconds so far (own broker only).

@@ -5,6 +5,7 @@
 //! (with `--json`) one JSON line.
 
 mod broker;
+mod retention;
 mod scenarios;
 mod schedule;
 mod stalls;
@@ -35,6 +36,9 @@ pub enum Scenario {
     /// Scheduled sends with `--waiting` messages scheduled a day ahead, then the lateness
     /// of `--messages` falling due at `--rate` a second.
     Schedule,
+    /// Paced sends (`--rate`, 20,000 a second when 0) to a broker with a short retention
+    /// (`--retention-secs`), sampling its data directory's disk use every second.
+    Retention,
 }
 
 /// Flush mode passed to a broker the bench starts.
@@ -97,6 +101,9 @@ pub struct Args {
     /// would be (each is then also written to the broker's key index).
     #[arg(long)]
     pub keyed: bool,
+    /// `retention`: the retention of the broker the bench starts, in seconds.
+    #[arg(long, default_value_t = 10)]
+    pub retention_secs: u64,
 }
 
 /// What a scenario measured.
@@ -124,11 +131,22 @@ async fn main() -> anyhow::Result<()> {
     );
     let broker = match &args.broker {
         Some(addr) => broker::Broker::external(addr),
-        None => broker::Broker::start(args.flush)?,
+        None => {
+            let extra = if args.scenario == Scenario::Retention {
+                retention::broker_args(&args)
+            } else {
+                Vec::new()
+            };
+            broker::Broker::start(args.flush, &extra)?
+        }
     };
     let cpu_before = broker.cpu_seconds();
     let probe = stalls::StallProbe::start();
-    let report = scenarios::run(&args, broker.addr()).await?;
+    let report = if args.scenario == Scenario::Retention {
+        retention::retention(&args, broker.addr(), broker.data_dir()).await?
+    } else {
+        scenarios::run(&args, broker.addr()).await?
+    };
     let stalls = probe.finish();
     let cpu = broker.cpu_seconds().zip(cpu_before).map(|(a, b)| a - b);
     let rss = broker.peak_rss_mb();

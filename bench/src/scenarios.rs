@@ -47,12 +47,13 @@ pub async fn run(args: &Args, addr: &str) -> anyhow::Result<Report> {
         Scenario::Fifo => e2e(args, addr, true).await,
         Scenario::Backlog => backlog(args, addr).await,
         Scenario::Schedule => crate::schedule::schedule(args, addr).await,
+        Scenario::Retention => anyhow::bail!("retention runs from main (it needs the broker)"),
     }
 }
 
 /// Sends `--messages` over the producers; with `groups` > 0, message k of a producer is
 /// in message group `k % groups`.
-async fn send(
+pub(crate) async fn send(
     args: &Args,
     addr: &str,
     topic: &str,

@@ -95,24 +95,24 @@ impl Sweeper {
     /// Each topic's bytes on disk and oldest message age, for the metrics.
     async fn publish_usage(&self, topics: &[Arc<Topic>]) {
         let storage = self.storage.clone();
-        let spans: Vec<_> = topics
-            .iter()
-            .filter(|t| !t.is_deleted())
-            .map(|t| (t.name.clone(), t.id, t.start(), t.end()))
-            .collect();
+        let live: Vec<_> = topics.iter().filter(|t| !t.is_deleted()).cloned().collect();
         let usage = tokio::task::spawn_blocking(move || {
-            spans
-                .into_iter()
-                .filter_map(|(name, id, start, end)| {
-                    Some((name, storage.topic_usage(id, start, end).ok()?))
+            live.into_iter()
+                .filter_map(|t| {
+                    let usage = storage.topic_usage(t.id, t.start(), t.end()).ok()?;
+                    Some((t, usage))
                 })
                 .collect::<Vec<_>>()
         })
         .await
         .unwrap_or_default();
         let now = now_ms();
-        for (name, (bytes, oldest_ms)) in usage {
-            let labels = [name.as_str()];
+        for (topic, (bytes, oldest_ms)) in usage {
+            if topic.is_deleted() {
+                // Deleted meanwhile: its series went with it.
+                continue;
+            }
+            let labels = [topic.name.as_str()];
             self.metrics
                 .topic_bytes
                 .with_label_values(&labels)

@@ -261,11 +261,13 @@ async fn run_once(
         connection_ids: AtomicU64::new(1),
         subscription_ids: AtomicU64::new(1),
         metrics: metrics.clone(),
+        tasks: tracker.clone(),
         budget: Arc::new(Semaphore::new(
             (config.max_in_flight_bytes / connection::BUDGET_UNIT).max(1),
         )),
     });
     live.set(Some((storage.clone(), topics)));
+    crate::cmd::delete::resume_cleanups(&shared).await;
 
     let stop = tokio::select! {
         () = accept(listener, &shared, &tracker, &cancel) => Stop::Shutdown,

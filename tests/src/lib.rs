@@ -45,6 +45,8 @@ pub struct TestBroker {
     args: Vec<String>,
     log: PathBuf,
     listen: String,
+    /// Environment of the next starts.
+    envs: Vec<(String, String)>,
 }
 
 impl TestBroker {
@@ -67,6 +69,7 @@ impl TestBroker {
             args: args.iter().map(|s| s.to_string()).collect(),
             log,
             listen: "127.0.0.1:0".into(),
+            envs: Vec::new(),
         };
         b.spawn();
         b
@@ -85,6 +88,15 @@ impl TestBroker {
         let mut b = Self::start_in(data_dir, args);
         b.listen = b.addr.clone();
         b
+    }
+
+    /// Sets (or with `None` removes) an environment variable for the next starts (a
+    /// restart picks it up).
+    pub fn set_env(&mut self, key: &str, value: Option<&str>) {
+        self.envs.retain(|(k, _)| k != key);
+        if let Some(v) = value {
+            self.envs.push((key.to_string(), v.to_string()));
+        }
     }
 
     /// `HOST:PORT` it listens on.
@@ -115,6 +127,7 @@ impl TestBroker {
             .arg(&self.dir)
             .args(&self.args)
             .env("RUST_LOG", "info,txmq_broker=debug")
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()

@@ -136,3 +136,67 @@ async fn a_deleted_topic_goes_with_everything_that_refers_to_it() {
         .expect("other topic");
     assert_eq!(d.body().as_ref(), b"stays");
 }
+
+/// A deletion cut short (the broker killed after the topic's write, before its cleanup)
+/// is finished at the next start: the groups' state, the scheduled messages and, when
+/// forced, the open transactions of the topic go all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_deletion_is_finished_at_the_next_start() {
+    let mut b = TestBroker::start_on_fixed_port(&["--max-attempts", "1", "--check-timeout", "10m"]);
+    b.set_env("TXMQ_FAULT_HALT_AFTER_TOPIC_DELETE", Some("1"));
+    b.restart();
+    let p = producer(&b).await;
+    p.send(Message::new("t", "m")).await.unwrap();
+    p.send(Message::new("t", "later").deliver_after(Duration::from_secs(3600)))
+        .await
+        .unwrap();
+    {
+        let mut c = Consumer::subscribe(b.addr(), ConsumerOptions::new("h", "t"))
+            .await
+            .unwrap();
+        let d = next(&mut c, Duration::from_secs(20))
+            .await
+            .expect("delivery");
+        d.nack(Some(Duration::ZERO)).await.unwrap();
+    }
+    let options =
+        ProducerOptions::transactional("pg", |_req| async { txmq_client::Outcome::Unknown });
+    let tp = Producer::connect(b.addr(), options).await.unwrap();
+    let mut open = tp.begin().unwrap();
+    open.send(Message::new("t", "open")).await.unwrap();
+    let txn_id = open.id().unwrap().to_string();
+    let admin = Admin::connect(b.addr(), "").await.unwrap();
+    assert_eq!(admin.stats().await.unwrap().groups, 1);
+
+    let mut cli = b.cli_spawn(&["topic", "delete", "t", "--force"]);
+    let halted = eventually(Duration::from_secs(20), || async {
+        b.log_text().contains("fault point: halting").then_some(())
+    })
+    .await;
+    assert!(halted.is_some(), "the delete never reached its fault point");
+    b.kill9();
+    let _ = cli.kill();
+    let _ = cli.wait();
+    b.set_env("TXMQ_FAULT_HALT_AFTER_TOPIC_DELETE", None);
+    b.start_again();
+
+    let admin = Admin::connect(b.addr(), "").await.unwrap();
+    assert!(admin.topics().await.unwrap().iter().all(|t| t.name != "t"));
+    let cleaned = eventually(Duration::from_secs(20), || async {
+        let groups = admin.stats().await.ok()?.groups;
+        let scheduled = admin.scheduled("", 0).await.ok()?.len();
+        (groups == 0 && scheduled == 0).then_some(())
+    })
+    .await;
+    assert!(
+        cleaned.is_some(),
+        "the cleanup was not resumed:\n{}",
+        b.log_text()
+    );
+    let e = admin.resolve(&txn_id, true).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::TxnAlreadyRolledBack), "{e}");
+    assert!(
+        b.log_text()
+            .contains("resuming the cleanup of a deleted topic")
+    );
+}

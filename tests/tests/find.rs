@@ -51,6 +51,8 @@ async fn a_message_is_found_by_id_key_and_time_with_its_life() {
             .property("n", i.to_string());
         ids.push(p.send(m).await.unwrap().message_id);
     }
+    // A time strictly between m9's store time and m10's, whatever the clock's grain.
+    tokio::time::sleep(Duration::from_millis(20)).await;
     let middle = SystemTime::now();
     tokio::time::sleep(Duration::from_millis(20)).await;
     // From a transaction, committed.
@@ -101,11 +103,18 @@ async fn a_message_is_found_by_id_key_and_time_with_its_life() {
         }
     };
     let in_f = next(&mut fc, Duration::from_secs(20)).await.expect("tag b");
+    // Group late starts from the latest: the messages before were never its own.
+    let late = ConsumerOptions {
+        start_from: txmq_client::StartFrom::Latest,
+        ..ConsumerOptions::new("late", "t")
+    };
+    drop(Consumer::subscribe(b.addr(), late).await.unwrap());
     assert_eq!(in_f.body().as_ref(), b"m10");
 
     let s = states(&admin, &ids[0]).await;
     assert_eq!(s["g"], ("acked".into(), 0));
     assert_eq!(s["f"].0, "filtered out");
+    assert_eq!(s["late"].0, "before start");
     assert_eq!(states(&admin, &ids[1]).await["g"], ("waiting".into(), 1));
     let s = states(&admin, &ids[2]).await;
     assert_eq!(s["g"], ("dead-lettered".into(), 2));

@@ -10,6 +10,9 @@ use super::{Pending, blocking, later, ready};
 use crate::delivery::QueueMsg;
 use crate::error::{Error, Result};
 use crate::ids::Id;
+use prost::Message as _;
+
+use crate::storage::records::DeletedTopicRecord;
 use crate::storage::writer::{Command, Op, Outcome};
 use crate::storage::{Cf, keys};
 use crate::txn::state::Resolver;
@@ -18,9 +21,11 @@ use crate::txn::state::Resolver;
 /// due; with `force`, also while transactions on it are open (they are rolled back) or
 /// consumers are subscribed (they are dropped).
 ///
-/// The order makes it whole: once the writer has deleted the topic it is marked deleted,
-/// no queue starts for it again and a send under its name makes a new topic; then the
-/// queues that ran for it are stopped and every cursor still under its id is removed.
+/// The writer deletes the topic in one write: its record and log go, it is marked
+/// deleted (no queue starts for it again; a send under its name makes a new topic), and
+/// a record of the deletion says its cleanup is pending. The cleanup ([`clean_up`]) then
+/// runs as a task of its own, which a client going away does not stop, and which every
+/// start of the broker runs again until the record says it is done.
 pub fn delete_topic(id: u64, req: pb::DeleteTopicRequest, shared: &Arc<Shared>) -> Pending {
     if let Err(e) = super::name("topic", &req.topic) {
         return ready(id, Err(e));
@@ -61,111 +66,186 @@ pub fn delete_topic(id: u64, req: pb::DeleteTopicRequest, shared: &Arc<Shared>) 
             .writer
             .submit(Command::DeleteTopic {
                 topic: topic.clone(),
+                force: req.force,
             })
             .await?
         {
             Outcome::TopicDeleted { messages, fence } => (messages, fence),
             other => return Err(Error::Internal(format!("delete topic gave {other:?}"))),
         };
-        // No queue starts for it any more: stop those that ran, then remove what any
-        // group still kept under its id.
-        let running = shared.groups.running_on(topic.id);
-        let mut names: Vec<String> = running.iter().map(|(g, _)| g.clone()).collect();
-        for (_, queue) in running {
-            let (reply, rx) = oneshot::channel();
-            if queue
-                .send(QueueMsg::Delete { force: true, reply })
-                .await
-                .is_ok()
-            {
-                let _ = rx.await;
-            }
+        // A fault point of debug builds: the broker stops here as if killed, the topic
+        // deleted and its cleanup not begun (what a test kills it at).
+        #[cfg(debug_assertions)]
+        if std::env::var_os("TXMQ_FAULT_HALT_AFTER_TOPIC_DELETE").is_some() {
+            tracing::warn!("fault point: halting after the deletion of {name:?}");
+            std::future::pending::<()>().await;
         }
-        let tid = topic.id;
-        let groups = blocking(&shared.storage, move |s| s.groups_on(tid)).await?;
-        if !groups.is_empty() {
-            let mut ops = Vec::new();
-            for group in &groups {
-                let prefix = keys::cursor(group, tid);
-                let end = keys::prefix_end(&prefix).expect("a group name is not all 0xff");
-                ops.push(Op::Delete(Cf::Cursor, prefix.clone()));
-                for cf in [Cf::Acked, Cf::Retry, Cf::Dlq] {
-                    ops.push(Op::DeleteRange(cf, prefix.clone(), end.clone()));
-                }
-            }
-            shared.writer.submit(Command::Raw(ops)).await?;
-        }
-        names.extend(groups);
-        names.sort_unstable();
-        names.dedup();
-        let scheduled_cancelled = cancel_scheduled(&shared, &name, fence).await?;
-        let rolled_back = if req.force {
-            roll_back_open(&shared, &name, fence).await?
-        } else {
-            0
+        let record = DeletedTopicRecord {
+            name: name.clone(),
+            fence: fence.to_bytes().to_vec(),
+            force: req.force,
+            ..Default::default()
         };
-        let _ = shared
-            .metrics
-            .topic_bytes
-            .remove_label_values(&[name.as_str()]);
-        let _ = shared
-            .metrics
-            .topic_oldest_age_seconds
-            .remove_label_values(&[name.as_str()]);
-        // The space comes back once the files that held the log are rewritten.
-        let storage = shared.storage.clone();
-        tokio::task::spawn_blocking(move || storage.compact_log(tid, u64::MAX));
-        tracing::info!(topic = %name, messages, groups = names.len(), rolled_back, scheduled_cancelled, "topic deleted");
+        let cleanup = shared
+            .tasks
+            .spawn(clean_up(shared.clone(), topic.id, record));
+        let done = cleanup
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))??;
+        tracing::info!(topic = %name, messages, groups = done.groups, rolled_back = done.rolled_back, scheduled_cancelled = done.cancelled, "topic deleted");
         Ok(pb::response::Result::DeleteTopic(pb::DeleteTopicOk {
             messages,
-            groups: names.len() as u32,
-            rolled_back,
-            scheduled_cancelled,
+            groups: done.groups,
+            rolled_back: done.rolled_back,
+            scheduled_cancelled: done.cancelled,
         }))
     })
 }
 
-/// Cancels the scheduled messages for a deleted topic that were made before it was
-/// deleted (later ones are for a new topic of that name).
-async fn cancel_scheduled(shared: &Arc<Shared>, name: &str, fence: Id) -> Result<u32> {
-    let n = name.to_string();
-    let waiting = blocking(&shared.storage, move |s| s.waiting_scheduled_on(&n, fence)).await?;
-    let mut cancelled = 0;
-    for id in waiting {
-        // One delivered meanwhile went to a new topic of that name: not ours to undo.
-        if shared
-            .writer
-            .submit(Command::CancelScheduled { id })
+/// Runs the cleanups of deleted topics that a stop of the broker interrupted.
+pub async fn resume_cleanups(shared: &Arc<Shared>) {
+    let pending = match blocking(&shared.storage, |s| s.deleted_topic_records()).await {
+        Ok(all) => all.into_iter().filter(|(_, r)| !r.cleaned),
+        Err(e) => {
+            tracing::error!("could not read the deleted topics: {e}");
+            return;
+        }
+    };
+    for (id, record) in pending {
+        tracing::info!(topic = %record.name, "resuming the cleanup of a deleted topic");
+        let shared2 = shared.clone();
+        shared.tasks.spawn(async move {
+            let name = record.name.clone();
+            if let Err(e) = clean_up(shared2, id, record).await {
+                tracing::warn!(topic = %name, "cleanup of a deleted topic failed (retried at the next start): {e}");
+            }
+        });
+    }
+}
+
+/// What a deleted topic's cleanup did.
+#[derive(Debug, Default)]
+pub struct Cleaned {
+    /// Groups whose state on it went.
+    pub groups: u32,
+    /// Open transactions rolled back.
+    pub rolled_back: u32,
+    /// Scheduled messages cancelled.
+    pub cancelled: u32,
+}
+
+/// Most commands in one write of a cleanup.
+const CLEANUP_CHUNK: usize = 1024;
+
+/// Removes what still refers to a deleted topic: the state of every group on it (queues
+/// that ran for it are stopped first; none can start again), its scheduled messages and,
+/// when it was forced, its open transactions, both only those made before the deletion
+/// (later ones belong to a new topic of that name). Each step may be repeated; once all
+/// are done, the deletion's record says so, and the log's range is compacted.
+pub async fn clean_up(shared: Arc<Shared>, id: u32, record: DeletedTopicRecord) -> Result<Cleaned> {
+    let fence = Id::from_bytes(&record.fence)
+        .ok_or_else(|| Error::Internal(format!("deleted topic {id} has no fence")))?;
+    let running = shared.groups.running_on(id);
+    let mut names: Vec<String> = running.iter().map(|(g, _)| g.clone()).collect();
+    for (_, queue) in running {
+        let (reply, rx) = oneshot::channel();
+        if queue
+            .send(QueueMsg::Delete { force: true, reply })
             .await
             .is_ok()
         {
-            cancelled += 1;
+            let _ = rx.await;
         }
     }
-    Ok(cancelled)
+    let stored = blocking(&shared.storage, move |s| s.groups_on(id)).await?;
+    for chunk in stored.chunks(CLEANUP_CHUNK) {
+        let mut ops = Vec::new();
+        for group in chunk {
+            let prefix = keys::cursor(group, id);
+            let end = keys::prefix_end(&prefix).expect("a group name is not all 0xff");
+            ops.push(Op::Delete(Cf::Cursor, prefix.clone()));
+            for cf in [Cf::Acked, Cf::Retry, Cf::Dlq] {
+                ops.push(Op::DeleteRange(cf, prefix.clone(), end.clone()));
+            }
+        }
+        shared.writer.submit(Command::Raw(ops)).await?;
+    }
+    names.extend(stored);
+    names.sort_unstable();
+    names.dedup();
+    let name = record.name.clone();
+    let waiting = blocking(&shared.storage, move |s| {
+        s.waiting_scheduled_on(&name, fence)
+    })
+    .await?;
+    let cancels = waiting
+        .into_iter()
+        .map(|id| Command::CancelScheduled { id });
+    let cancelled = submit_chunks(&shared, cancels.collect()).await?;
+    let rolled_back = if record.force {
+        let name = record.name.clone();
+        let open = blocking(&shared.storage, move |s| s.open_txns_on(&name)).await?;
+        let ends = open
+            .into_iter()
+            .filter(|t| *t < fence)
+            .map(|txn| Command::End {
+                txn,
+                outcome: TxnOutcome::Rollback,
+                by: Resolver::Operator,
+            });
+        submit_chunks(&shared, ends.collect()).await?
+    } else {
+        0
+    };
+    let labels = [record.name.as_str()];
+    let _ = shared.metrics.topic_bytes.remove_label_values(&labels);
+    let _ = shared
+        .metrics
+        .topic_oldest_age_seconds
+        .remove_label_values(&labels);
+    let done = DeletedTopicRecord {
+        cleaned: true,
+        ..record
+    };
+    let put = Op::Put(Cf::Meta, keys::deleted_topic(id), done.encode_to_vec());
+    shared.writer.submit(Command::Raw(vec![put])).await?;
+    // The space comes back once the files that held the log are rewritten.
+    blocking(&shared.storage, move |s| {
+        s.compact_log(id, u64::MAX);
+        Ok(())
+    })
+    .await?;
+    Ok(Cleaned {
+        groups: names.len() as u32,
+        rolled_back,
+        cancelled,
+    })
 }
 
-/// Rolls back the open transactions with messages for a deleted topic, made before it
-/// was deleted.
-async fn roll_back_open(shared: &Arc<Shared>, name: &str, fence: Id) -> Result<u32> {
-    let n = name.to_string();
-    let open = blocking(&shared.storage, move |s| s.open_txns_on(&n)).await?;
-    let mut rolled_back = 0;
-    for txn in open.into_iter().filter(|t| *t < fence) {
-        let end = Command::End {
-            txn,
-            outcome: TxnOutcome::Rollback,
-            by: Resolver::Operator,
-        };
-        // One resolved meanwhile stays as it was resolved.
-        if let Ok(Outcome::Ended {
-            repeated: false, ..
-        }) = shared.writer.submit(end).await
-        {
-            rolled_back += 1;
+/// Submits commands in writes of [`CLEANUP_CHUNK`]; returns how many did something (a
+/// cancel that cancelled, a rollback that was not already the transaction's state).
+async fn submit_chunks(shared: &Arc<Shared>, mut cmds: Vec<Command>) -> Result<u32> {
+    let mut done = 0;
+    while !cmds.is_empty() {
+        let rest = cmds.split_off(cmds.len().min(CLEANUP_CHUNK));
+        let chunk = std::mem::replace(&mut cmds, rest);
+        if let Outcome::Many(outcomes) = shared.writer.submit(Command::Many(chunk)).await? {
+            done += outcomes
+                .iter()
+                .filter(|o| {
+                    matches!(
+                        o,
+                        Ok(Outcome::Cancelled { .. }
+                            | Outcome::Ended {
+                                repeated: false,
+                                ..
+                            })
+                    )
+                })
+                .count() as u32;
         }
     }
-    Ok(rolled_back)
+    Ok(done)
 }
 
 /// Deletes a group on every topic it has a position on, once none of its consumers is

@@ -1,5 +1,6 @@
 //! Finding messages: one by id with its life, or a topic's by key and stored time.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use prost::Message as _;
@@ -66,13 +67,21 @@ pub fn show_message(id: u64, req: pb::ShowMessageRequest, shared: &Arc<Shared>) 
                 },
             )
         };
-        let groups = fates(&shared, topic_id, &message).await?;
-        Ok(pb::response::Result::ShowMessage(pb::ShowMessageOk {
+        let (groups, groups_omitted) = fates(&shared, topic_id, &message).await?;
+        let mut shown = pb::ShowMessageOk {
             message: Some(found(message, req.body)),
             state: "visible".into(),
             txn_state,
             groups,
-        }))
+            groups_omitted,
+        };
+        // The body fits in a frame on its own; with a thousand groups' reasons beside it
+        // perhaps not: the last groups give way.
+        let budget = shared.config.max_frame_len.saturating_sub(4096);
+        while shown.encoded_len() > budget && shown.groups.pop().is_some() {
+            shown.groups_omitted += 1;
+        }
+        Ok(pb::response::Result::ShowMessage(shown))
     })
 }
 
@@ -104,20 +113,44 @@ async fn scheduled(
         state: state.into(),
         txn_state: String::new(),
         groups: Vec::new(),
+        groups_omitted: 0,
     }))
 }
 
-/// What each group with a position on the message's topic did with it: from what is
-/// stored (acks, retries, dead letters), and from the running queue for a lease.
+/// Most groups one `show` reports (the rest are counted).
+const MAX_GROUPS_SHOWN: usize = 1000;
+
+/// What each group with a position on the message's topic did with it: the leases from
+/// the running queues first, then what is stored (acks, retries, dead letters), so an
+/// ack that lands in between reads as acked, not as pending. At most
+/// [`MAX_GROUPS_SHOWN`]; returns how many more there were.
 async fn fates(
     shared: &Arc<Shared>,
     topic_id: u32,
     message: &pb::StoredMessage,
-) -> Result<Vec<pb::GroupMessageState>> {
+) -> Result<(Vec<pb::GroupMessageState>, u32)> {
     let offset = message.offset;
-    let stored = blocking(&shared.storage, move |s| {
+    let peeks = shared
+        .groups
+        .running_on(topic_id)
+        .into_iter()
+        .map(|(group, queue)| async move {
+            let (reply, rx) = oneshot::channel();
+            let _ = queue.send(QueueMsg::Peek { offset, reply }).await;
+            (group, rx.await.ok().flatten())
+        });
+    let leases: HashMap<String, (u32, u64)> = futures::future::join_all(peeks)
+        .await
+        .into_iter()
+        .filter_map(|(g, lease)| Some((g, lease?)))
+        .collect();
+    let (stored, omitted) = blocking(&shared.storage, move |s| {
+        let mut groups = s.groups_on(topic_id)?;
+        groups.sort_unstable();
+        let omitted = groups.len().saturating_sub(MAX_GROUPS_SHOWN) as u32;
+        groups.truncate(MAX_GROUPS_SHOWN);
         let mut out = Vec::new();
-        for group in s.groups_on(topic_id)? {
+        for group in groups {
             let Some(cursor) = s.cursor(&group, topic_id)? else {
                 continue;
             };
@@ -128,17 +161,16 @@ async fn fates(
             let retry = s.group_entry(Cf::Retry, &group, topic_id, offset)?;
             out.push((group, cursor, dead, acked, retry));
         }
-        Ok(out)
+        Ok((out, omitted))
     })
     .await?;
-    let running = shared.groups.running_on(topic_id);
     let mut out = Vec::with_capacity(stored.len());
     for (group, cursor, dead, acked, retry) in stored {
+        let cursor: CursorRecord = cursor;
         let mut state = pb::GroupMessageState {
-            group: group.clone(),
+            group,
             ..Default::default()
         };
-        let cursor: CursorRecord = cursor;
         if !tag_matches(&cursor.tag_filter, &message.tag) {
             state.state = "filtered out".into();
         } else if let Some(dead) = dead {
@@ -147,36 +179,28 @@ async fn fates(
             state.attempts = dead.attempts;
             state.at_ms = dead.dead_ms;
             state.reason = dead.reason;
-        } else {
+        } else if let Some(&(attempt, deadline_ms)) = leases.get(&state.group) {
             // The floor passes messages waiting for redelivery (and, when acks pile up,
             // leased ones): a lease or a retry record decides before the floor does.
-            let lease = match running.iter().find(|(g, _)| *g == group) {
-                Some((_, queue)) => {
-                    let (reply, rx) = oneshot::channel();
-                    let _ = queue.send(QueueMsg::Peek { offset, reply }).await;
-                    rx.await.ok().flatten()
-                }
-                None => None,
-            };
-            if let Some((attempt, deadline_ms)) = lease {
-                state.state = "in flight".into();
-                state.attempts = attempt;
-                state.at_ms = deadline_ms;
-            } else if let Some(retry) = retry {
-                let retry: RetryRecord = decode(&retry)?;
-                state.state = "waiting".into();
-                state.attempts = retry.attempts;
-                state.at_ms = retry.due_ms;
-            } else if offset < cursor.ack_floor || acked {
-                state.state = "acked".into();
-            } else {
-                state.state = "pending".into();
-            }
+            state.state = "in flight".into();
+            state.attempts = attempt;
+            state.at_ms = deadline_ms;
+        } else if let Some(retry) = retry {
+            let retry: RetryRecord = decode(&retry)?;
+            state.state = "waiting".into();
+            state.attempts = retry.attempts;
+            state.at_ms = retry.due_ms;
+        } else if offset < cursor.first_offset {
+            // Below where the group started (from the latest, or a reset past it).
+            state.state = "before start".into();
+        } else if offset < cursor.ack_floor || acked {
+            state.state = "acked".into();
+        } else {
+            state.state = "pending".into();
         }
         out.push(state);
     }
-    out.sort_by(|a, b| a.group.cmp(&b.group));
-    Ok(out)
+    Ok((out, omitted))
 }
 
 /// A topic's messages by key and stored time, a page at a time.

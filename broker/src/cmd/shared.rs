@@ -37,6 +37,9 @@ pub struct Shared {
     pub subscription_ids: AtomicU64,
     /// Counters for `/metrics`.
     pub metrics: Arc<Metrics>,
+    /// Background work a request starts that must not end with its connection (a
+    /// topic's cleanup after its deletion); waited for at shutdown.
+    pub tasks: tokio_util::task::TaskTracker,
     /// Bytes of requests in flight, broker-wide, in KiB units: a request takes its share
     /// before it is read further, and gives it back when answered.
     pub budget: Arc<Semaphore>,

@@ -60,14 +60,24 @@ pub(super) fn key_filter(floors: std::sync::Arc<Floors>) -> impl Fn(u32, &[u8], 
 }
 
 impl Storage {
-    /// Sets every topic's floor from what is stored (at open).
+    /// Sets every topic's floor from what is stored, and estimates the garbage in the
+    /// indexes: the entries RocksDB counts beyond the messages kept (at open: the count
+    /// in memory is gone with the last run, the garbage is not).
     pub(super) fn load_floors(&self) -> Result<()> {
+        let mut kept = 0;
         for t in self.topics()? {
             self.floors.set(t.record.id, t.record.start);
+            kept += t.end.saturating_sub(t.record.start);
         }
         for id in self.deleted_topics()? {
             self.floors.set(id, u64::MAX);
         }
+        let entries = self
+            .db
+            .property_int_value_cf(self.cf(Cf::MsgId), "rocksdb.estimate-num-keys")?
+            .unwrap_or(0);
+        self.index_garbage
+            .store(entries.saturating_sub(kept), Ordering::Relaxed);
         Ok(())
     }
 

@@ -287,19 +287,31 @@ impl Storage {
     /// Ids of deleted topics.
     ///
     /// # Errors
-    /// Storage failure.
+    /// Storage failure or a corrupt record.
     pub fn deleted_topics(&self) -> Result<Vec<u32>> {
+        Ok(self
+            .deleted_topic_records()?
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect())
+    }
+
+    /// Deleted topics with their records.
+    ///
+    /// # Errors
+    /// Storage failure or a corrupt record.
+    pub fn deleted_topic_records(&self) -> Result<Vec<(u32, records::DeletedTopicRecord)>> {
         let mut out = Vec::new();
         for item in self
             .db
             .prefix_iterator_cf(self.cf(Cf::Meta), keys::DELETED_TOPIC)
         {
-            let (k, _) = item?;
+            let (k, v) = item?;
             let Some(id) = k.strip_prefix(keys::DELETED_TOPIC) else {
                 break;
             };
             if let Ok(id) = <[u8; 4]>::try_from(id) {
-                out.push(u32::from_be_bytes(id));
+                out.push((u32::from_be_bytes(id), decode(&v)?));
             }
         }
         Ok(out)

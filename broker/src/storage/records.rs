@@ -31,6 +31,17 @@ pub struct DeletedTopicRecord {
     /// Broker clock at deletion.
     #[prost(uint64, tag = "2")]
     pub deleted_ms: u64,
+    /// A transaction id made right after it: every transaction and scheduled message
+    /// made before the deletion has a smaller id (what its cleanup may touch).
+    #[prost(bytes = "vec", tag = "3")]
+    pub fence: Vec<u8>,
+    /// Deleted with `--force`: its open transactions are rolled back.
+    #[prost(bool, tag = "4")]
+    pub force: bool,
+    /// Its cleanup (groups' state, scheduled messages, transactions) is done; until
+    /// then every start of the broker runs it again.
+    #[prost(bool, tag = "5")]
+    pub cleaned: bool,
 }
 
 /// `txn`: one transaction, whatever its state. The half messages live in `half` and are
@@ -93,6 +104,10 @@ pub struct CursorRecord {
     /// Messages retention removed before this group acked them.
     #[prost(uint64, tag = "5")]
     pub skipped: u64,
+    /// Where the group started (its first subscription, or its last reset): messages
+    /// below were never this group's to receive.
+    #[prost(uint64, tag = "6")]
+    pub first_offset: u64,
 }
 
 /// `retry`: a message that failed delivery and waits to be delivered again.

@@ -384,15 +384,19 @@ impl Queue {
     }
 
     async fn subscribe(&mut self, spec: ConsumerSpec, options: SubscribeOptions) -> Result<()> {
-        let mut cursor = self.cursor.clone().unwrap_or_else(|| CursorRecord {
-            ack_floor: if options.from_latest {
+        let mut cursor = self.cursor.clone().unwrap_or_else(|| {
+            let first = if options.from_latest {
                 self.topic.end()
             } else {
                 // The oldest message kept: what retention removed was never this
                 // group's to skip.
                 self.topic.start()
-            },
-            ..Default::default()
+            };
+            CursorRecord {
+                ack_floor: first,
+                first_offset: first,
+                ..Default::default()
+            }
         });
         // One filter per group and topic: a consumer whose filter differs would make the
         // group skip (mark done) every message it does not want, for every member and for

@@ -231,6 +231,7 @@ impl Queue {
             ));
         }
         cursor.ack_floor = to;
+        cursor.first_offset = to;
         ops.push(Op::Put(
             Cf::Cursor,
             keys::cursor(&self.group, self.topic.id),

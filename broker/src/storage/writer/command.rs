@@ -126,6 +126,8 @@ pub enum Command {
     DeleteTopic {
         /// The topic.
         topic: Arc<Topic>,
+        /// Its open transactions are to be rolled back by its cleanup.
+        force: bool,
     },
     /// Plain puts and deletes prepared by an owner of other state (consumer groups).
     Raw(Vec<Op>),

@@ -234,14 +234,14 @@ impl Writer {
                 for topic in &stage.deleted {
                     self.topics.remove(topic);
                 }
+                // The indexes' floors move once this is durable (the syncer): a
+                // compaction before that must not drop what a crash would bring back.
+                let mut floors = Vec::new();
                 for (topic, start) in stage.starts {
                     topic.set_start(start);
-                    self.storage.floors.set(topic.id, start);
+                    floors.push((topic.id, start));
                 }
-                for topic in &stage.deleted {
-                    self.storage.floors.set(topic.id, u64::MAX);
-                }
-                self.storage.add_index_garbage(stage.removed);
+                floors.extend(stage.deleted.iter().map(|t| (t.id, u64::MAX)));
                 self.recent.update(stage.txns, stage.halves);
                 let ends: Vec<(u32, u64)> = stage.next_offset.into_iter().collect();
                 for &(id, next) in &ends {
@@ -255,6 +255,8 @@ impl Writer {
                     results,
                     wrote,
                     ends,
+                    floors,
+                    removed: stage.removed,
                     tally: stage.tally,
                 }
             }
@@ -273,6 +275,8 @@ impl Writer {
                     results,
                     wrote: false,
                     ends: Vec::new(),
+                    floors: Vec::new(),
+                    removed: 0,
                     tally: Tally::default(),
                 }
             }
@@ -378,7 +382,7 @@ impl Writer {
                 Ok(Outcome::Topic(topic))
             }
             Command::Retain { topic, to } => self.retain(&topic, to, stage),
-            Command::DeleteTopic { topic } => self.delete_topic(&topic, stage),
+            Command::DeleteTopic { topic, force } => self.delete_topic(&topic, force, stage),
             Command::Raw(ops) => {
                 for op in ops {
                     match op {

@@ -136,7 +136,16 @@ impl Writer {
             self.remember(id, rec, now, stage);
             return Ok(Outcome::Done);
         };
-        let Some(topic) = self.topic(&msg.topic, stage) else {
+        // Its topic was created when it was scheduled; one deleted since is created again
+        // where sends may create topics (a deletion cancels what was scheduled before it).
+        let topic = match self.topic(&msg.topic, stage) {
+            Some(t) => Some(t),
+            None if self.config.auto_create_topics => {
+                Some(self.create_topic(msg.topic.clone(), stage))
+            }
+            None => None,
+        };
+        let Some(topic) = topic else {
             tracing::error!(%id, topic = %msg.topic, "scheduled message's topic is missing");
             let later = now.saturating_add(RETRY_MS);
             rec.message = Some(msg);

@@ -19,6 +19,10 @@ pub(super) struct Written {
     pub(super) wrote: bool,
     /// Topic ends to publish (make visible to consumers) once durable.
     pub(super) ends: Vec<(u32, u64)>,
+    /// Topics' new first kept offsets, for the indexes' compaction filters.
+    pub(super) floors: Vec<(u32, u64)>,
+    /// Messages removed: their index entries become garbage.
+    pub(super) removed: u64,
     pub(super) tally: Tally,
 }
 
@@ -64,6 +68,10 @@ pub(super) fn sync_loop(
                             t.set_end(next);
                         }
                     }
+                    for (id, start) in w.floors {
+                        storage.floors.set(id, start);
+                    }
+                    storage.add_index_garbage(w.removed);
                     w.tally.publish(metrics);
                     if w.tally.scheduled > 0 {
                         // Perhaps earlier than the timer planned to wake.

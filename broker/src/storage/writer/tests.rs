@@ -266,7 +266,10 @@ async fn a_deleted_topic_takes_its_id_with_it() {
     let w = handle;
     w.submit(append(0)).await.unwrap();
     let old = topics.get("t").unwrap();
-    let deleted = w.submit(Command::DeleteTopic { topic: old.clone() });
+    let deleted = w.submit(Command::DeleteTopic {
+        topic: old.clone(),
+        force: false,
+    });
     let after = w.submit(append(1));
     let retain = w.submit(Command::Retain {
         topic: old.clone(),
@@ -287,12 +290,29 @@ async fn a_deleted_topic_takes_its_id_with_it() {
     assert!(storage.read_message(old.id, 0).unwrap().is_none());
     assert_eq!(storage.deleted_topics().unwrap(), vec![old.id]);
     // The newest topic deleted too: a restart must not hand its id out again.
-    let gone = w.submit(Command::DeleteTopic { topic: new.clone() }).await;
+    let gone = w
+        .submit(Command::DeleteTopic {
+            topic: new.clone(),
+            force: false,
+        })
+        .await;
     assert!(matches!(gone, Ok(Outcome::TopicDeleted { .. })));
     stop(w, thread, storage).await;
     let storage = Storage::open(dir.path()).unwrap();
     assert!(storage.topics().unwrap().is_empty());
     assert_eq!(storage.next_topic_id(), new.id + 1);
+    let topics = Arc::new(Topics::default());
+    let (handle, thread) = Writer::spawn(
+        storage.clone(),
+        topics.clone(),
+        Arc::new(IdGen::new(2)),
+        Arc::new(Config::default()),
+        Arc::new(Metrics::new()),
+    );
+    let w = handle;
+    w.submit(append(2)).await.unwrap();
+    assert_eq!(topics.get("t").unwrap().id, new.id + 1, "an id reused");
+    stop(w, thread, storage).await;
 }
 
 /// The indexes are written with the message and lose the entries of removed messages
@@ -333,7 +353,7 @@ async fn index_entries_of_removed_messages_are_compacted_away() {
         storage.offsets_by_key(t.id, "k1", 0, 10).unwrap(),
         [1, 4, 7, 10, 13, 16, 19, 22, 25, 28]
     );
-    let count = |cf| {
+    let count = |storage: &Storage, cf| {
         let mut it = storage.db().raw_iterator_cf(storage.cf(cf));
         it.seek_to_first();
         let mut n = 0;
@@ -343,7 +363,10 @@ async fn index_entries_of_removed_messages_are_compacted_away() {
         }
         n
     };
-    assert_eq!((count(Cf::MsgId), count(Cf::MsgKey)), (100, 100));
+    assert_eq!(
+        (count(&storage, Cf::MsgId), count(&storage, Cf::MsgKey)),
+        (100, 100)
+    );
     w.submit(Command::Retain {
         topic: t.clone(),
         to: 60,
@@ -357,14 +380,128 @@ async fn index_entries_of_removed_messages_are_compacted_away() {
     storage.db().flush_cf(storage.cf(Cf::MsgId)).unwrap();
     storage.db().flush_cf(storage.cf(Cf::MsgKey)).unwrap();
     storage.compact_indexes();
-    assert_eq!((count(Cf::MsgId), count(Cf::MsgKey)), (40, 40));
+    assert_eq!(
+        (count(&storage, Cf::MsgId), count(&storage, Cf::MsgKey)),
+        (40, 40)
+    );
     assert_eq!(storage.index_garbage(), 0);
     assert_eq!(storage.locate(ids[60]).unwrap(), Some((t.id, 60)));
+    // After a restart the floors come from what is stored: more garbage is still known
+    // as such, and counted.
+    w.submit(Command::Retain {
+        topic: t.clone(),
+        to: 80,
+    })
+    .await
+    .unwrap();
+    stop(w, thread, storage).await;
+    let storage = Storage::open(dir.path()).unwrap();
+    assert!(storage.index_garbage() > 0, "the garbage was forgotten");
+    storage.compact_indexes();
+    assert_eq!(
+        (count(&storage, Cf::MsgId), count(&storage, Cf::MsgKey)),
+        (20, 20)
+    );
+    let topics = Arc::new(Topics::default());
+    for st in storage.topics().unwrap() {
+        topics.insert(Arc::new(Topic::from_record(st.name, &st.record, st.end)));
+    }
+    let (handle, thread) = Writer::spawn(
+        storage.clone(),
+        topics.clone(),
+        Arc::new(IdGen::new(2)),
+        Arc::new(Config::default()),
+        Arc::new(Metrics::new()),
+    );
+    let w = handle;
+    let t = topics.get("t").unwrap();
     // A deleted topic's go entirely.
-    w.submit(Command::DeleteTopic { topic: t.clone() })
+    w.submit(Command::DeleteTopic {
+        topic: t.clone(),
+        force: false,
+    })
+    .await
+    .unwrap();
+    storage.compact_indexes();
+    assert_eq!(
+        (count(&storage, Cf::MsgId), count(&storage, Cf::MsgKey)),
+        (0, 0)
+    );
+    stop(w, thread, storage).await;
+}
+
+/// A transaction prepared on a topic that is deleted before its commit: the commit
+/// makes the topic again where sends may (auto-create), and is refused with
+/// `TopicNotFound` where they may not, the transaction staying prepared.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_after_its_topic_was_deleted() {
+    for auto_create in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path()).unwrap();
+        let topics = Arc::new(Topics::default());
+        let config = Config {
+            auto_create_topics: auto_create,
+            ..Config::default()
+        };
+        let (handle, thread) = Writer::spawn(
+            storage.clone(),
+            topics.clone(),
+            Arc::new(IdGen::new(1)),
+            Arc::new(config),
+            Arc::new(Metrics::new()),
+        );
+        let w = handle;
+        // The topic exists first (it must, with auto-create off).
+        w.submit(Command::CreateTopic {
+            name: "t".into(),
+            fail_if_exists: false,
+            retention: (0, 0),
+        })
         .await
         .unwrap();
-    storage.compact_indexes();
-    assert_eq!((count(Cf::MsgId), count(Cf::MsgKey)), (0, 0));
-    stop(w, thread, storage).await;
+        let prepared = w
+            .submit(Command::Prepare {
+                txn: None,
+                group: "pg".into(),
+                messages: vec![pb::Message {
+                    topic: "t".into(),
+                    body: "m".into(),
+                    ..Default::default()
+                }],
+                bytes: 1,
+                check_delay_ms: 0,
+            })
+            .await
+            .unwrap();
+        let Outcome::Prepared { txn, .. } = prepared else {
+            panic!("{prepared:?}")
+        };
+        let old = topics.get("t").unwrap();
+        w.submit(Command::DeleteTopic {
+            topic: old.clone(),
+            force: false,
+        })
+        .await
+        .unwrap();
+        let commit = w
+            .submit(Command::End {
+                txn,
+                outcome: TxnOutcome::Commit,
+                by: crate::txn::state::Resolver::Operator,
+            })
+            .await;
+        if auto_create {
+            match commit.unwrap() {
+                Outcome::Ended { receipts, .. } => assert_eq!(receipts[0].offset, 0),
+                other => panic!("{other:?}"),
+            }
+            assert!(topics.get("t").unwrap().id > old.id, "a new topic");
+        } else {
+            let e = commit.unwrap_err();
+            assert!(matches!(e, Error::TopicNotFound(_)), "{e:?}");
+            let rec = storage.txn(txn).unwrap().unwrap();
+            assert_eq!(rec.state, TxnState::Prepared as i32);
+        }
+        stop(w, thread, storage).await;
+    }
 }

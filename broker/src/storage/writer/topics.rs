@@ -42,6 +42,7 @@ impl Writer {
     pub(super) fn delete_topic(
         &mut self,
         topic: &Arc<Topic>,
+        force: bool,
         stage: &mut Stage,
     ) -> Result<Outcome> {
         Self::alive(topic)?;
@@ -53,9 +54,13 @@ impl Writer {
             .unwrap_or(0);
         let meta = self.storage.cf(Cf::Meta);
         stage.batch.delete_cf(meta, keys::topic(&topic.name));
+        let fence = self.ids.next_secret();
         let dead = DeletedTopicRecord {
             name: topic.name.clone(),
             deleted_ms: txmq_protocol::now_ms(),
+            fence: fence.to_bytes().to_vec(),
+            force,
+            cleaned: false,
         };
         stage
             .batch
@@ -71,7 +76,7 @@ impl Writer {
         stage.removed += end.saturating_sub(topic.start());
         Ok(Outcome::TopicDeleted {
             messages: end.saturating_sub(topic.start()),
-            fence: self.ids.next_secret(),
+            fence,
         })
     }
 

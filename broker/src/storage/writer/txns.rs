@@ -157,6 +157,25 @@ impl Writer {
             }
         };
         let note = by.note().to_string();
+        if wanted == TxnState::Committed {
+            // Its topics were created at prepare time; one deleted since is created
+            // again where sends may create topics (as a send would), else the commit is
+            // refused and the transaction stays prepared (an operator may roll it back).
+            let missing: Vec<String> = rec
+                .topics
+                .iter()
+                .filter(|t| self.topic(t, stage).is_none())
+                .cloned()
+                .collect();
+            if let Some(first) = missing.first()
+                && !self.config.auto_create_topics
+            {
+                return Err(Error::TopicNotFound(first.clone()));
+            }
+            for name in missing {
+                self.create_topic(name, stage);
+            }
+        }
         // Staged in this very batch (the database does not have them yet), or remembered
         // from an earlier one; whatever is missing is read.
         let mut known = self.recent.take_halves(txn);
@@ -172,8 +191,9 @@ impl Writer {
             let topics = halves
                 .iter()
                 .map(|m| {
-                    self.topic(&m.topic, stage)
-                        .ok_or_else(|| Error::Internal(format!("topic {} vanished", m.topic)))
+                    self.topic(&m.topic, stage).ok_or_else(|| {
+                        Error::Internal(format!("topic {} of a transaction vanished", m.topic))
+                    })
                 })
                 .collect::<Result<Vec<_>>>()?;
             let now = txmq_protocol::now_ms();

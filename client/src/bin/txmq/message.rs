@@ -92,6 +92,7 @@ pub async fn run(addr: &str, token: &str, cmd: MessageCmd) -> anyhow::Result<()>
                 let mut v = message_json(&found, body);
                 v["state"] = json!(shown.state);
                 v["txn_state"] = json!(shown.txn_state);
+                v["groups_omitted"] = json!(shown.groups_omitted);
                 v["groups"] = shown
                     .groups
                     .iter()
@@ -135,6 +136,12 @@ pub async fn run(addr: &str, token: &str, cmd: MessageCmd) -> anyhow::Result<()>
                     line += &format!(" ({})", g.reason);
                 }
                 println!("{line}");
+            }
+            if shown.groups_omitted > 0 {
+                println!(
+                    "consumer   ({} more groups not shown)",
+                    shown.groups_omitted
+                );
             }
             if body {
                 println!("body       {}", String::from_utf8_lossy(&m.body));
