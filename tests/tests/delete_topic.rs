@@ -182,6 +182,21 @@ async fn an_interrupted_deletion_is_finished_at_the_next_start() {
 
     let admin = Admin::connect(b.addr(), "").await.unwrap();
     assert!(admin.topics().await.unwrap().iter().all(|t| t.name != "t"));
+    // A commit while the cleanup runs (or after it) never goes through: refused while
+    // the rollback is pending, already rolled back after.
+    let rolled_back = eventually(Duration::from_secs(20), || async {
+        let e = admin
+            .resolve(&txn_id, true)
+            .await
+            .expect_err("a commit of a forced deletion's transaction went through");
+        match e.code() {
+            Some(ErrorCode::TxnAlreadyRolledBack) => Some(()),
+            Some(ErrorCode::InvalidRequest) => None,
+            other => panic!("unexpected {other:?}: {e}"),
+        }
+    })
+    .await;
+    assert!(rolled_back.is_some(), "the transaction was not rolled back");
     let cleaned = eventually(Duration::from_secs(20), || async {
         let groups = admin.stats().await.ok()?.groups;
         let scheduled = admin.scheduled("", 0).await.ok()?.len();

@@ -109,10 +109,32 @@ async fn a_message_is_found_by_id_key_and_time_with_its_life() {
         ..ConsumerOptions::new("late", "t")
     };
     drop(Consumer::subscribe(b.addr(), late).await.unwrap());
+    // Group r acks m0 at its second delivery.
+    let r = ConsumerOptions {
+        window: 1,
+        ..ConsumerOptions::new("r", "t")
+    };
+    let mut rc = Consumer::subscribe(b.addr(), r).await.unwrap();
+    let d = next(&mut rc, Duration::from_secs(20))
+        .await
+        .expect("m0 for r");
+    assert_eq!(d.body().as_ref(), b"m0");
+    d.nack(Some(Duration::ZERO)).await.unwrap();
+    let d = next(&mut rc, Duration::from_secs(20))
+        .await
+        .expect("m0 again");
+    assert_eq!((d.body().as_ref(), d.attempt), (&b"m0"[..], 2));
+    d.ack().await.unwrap();
+    drop(rc);
     assert_eq!(in_f.body().as_ref(), b"m10");
 
     let s = states(&admin, &ids[0]).await;
-    assert_eq!(s["g"], ("acked".into(), 0));
+    assert_eq!(s["g"], ("acked".into(), 1));
+    assert_eq!(
+        s["r"],
+        ("acked".into(), 2),
+        "the attempts of an acked message"
+    );
     assert_eq!(s["f"].0, "filtered out");
     assert_eq!(s["late"].0, "before start");
     assert_eq!(states(&admin, &ids[1]).await["g"], ("waiting".into(), 1));

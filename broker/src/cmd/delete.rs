@@ -10,8 +10,6 @@ use super::{Pending, blocking, later, ready};
 use crate::delivery::QueueMsg;
 use crate::error::{Error, Result};
 use crate::ids::Id;
-use prost::Message as _;
-
 use crate::storage::records::DeletedTopicRecord;
 use crate::storage::writer::{Command, Op, Outcome};
 use crate::storage::{Cf, keys};
@@ -164,7 +162,7 @@ pub async fn clean_up(shared: Arc<Shared>, id: u32, record: DeletedTopicRecord) 
             let prefix = keys::cursor(group, id);
             let end = keys::prefix_end(&prefix).expect("a group name is not all 0xff");
             ops.push(Op::Delete(Cf::Cursor, prefix.clone()));
-            for cf in [Cf::Acked, Cf::Retry, Cf::Dlq] {
+            for cf in [Cf::Acked, Cf::Retry, Cf::Dlq, Cf::Attempts] {
                 ops.push(Op::DeleteRange(cf, prefix.clone(), end.clone()));
             }
         }
@@ -203,12 +201,10 @@ pub async fn clean_up(shared: Arc<Shared>, id: u32, record: DeletedTopicRecord) 
         .metrics
         .topic_oldest_age_seconds
         .remove_label_values(&labels);
-    let done = DeletedTopicRecord {
-        cleaned: true,
-        ..record
-    };
-    let put = Op::Put(Cf::Meta, keys::deleted_topic(id), done.encode_to_vec());
-    shared.writer.submit(Command::Raw(vec![put])).await?;
+    shared
+        .writer
+        .submit(Command::FinishDeletion { id, record })
+        .await?;
     // The space comes back once the files that held the log are rewritten.
     blocking(&shared.storage, move |s| {
         s.compact_log(id, u64::MAX);

@@ -159,13 +159,16 @@ async fn fates(
                 .group_entry(Cf::Acked, &group, topic_id, offset)?
                 .is_some();
             let retry = s.group_entry(Cf::Retry, &group, topic_id, offset)?;
-            out.push((group, cursor, dead, acked, retry));
+            let attempts = s
+                .group_entry(Cf::Attempts, &group, topic_id, offset)?
+                .and_then(|v| Some(u32::from_be_bytes(v.get(..4)?.try_into().ok()?)));
+            out.push((group, cursor, dead, acked, retry, attempts));
         }
         Ok((out, omitted))
     })
     .await?;
     let mut out = Vec::with_capacity(stored.len());
-    for (group, cursor, dead, acked, retry) in stored {
+    for (group, cursor, dead, acked, retry, attempts) in stored {
         let cursor: CursorRecord = cursor;
         let mut state = pb::GroupMessageState {
             group,
@@ -195,6 +198,8 @@ async fn fates(
             state.state = "before start".into();
         } else if offset < cursor.ack_floor || acked {
             state.state = "acked".into();
+            // Recorded when it took more than one.
+            state.attempts = attempts.unwrap_or(1);
         } else {
             state.state = "pending".into();
         }

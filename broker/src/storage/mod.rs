@@ -18,6 +18,7 @@
 //! | `sched` | message id | [`records::SchedRecord`]: a scheduled message and its fate |
 //! | `msgid` | message id | topic id, offset: where a visible message is |
 //! | `msgkey` | topic id, key length, key, offset | empty: a topic's messages by key |
+//! | `attempts` | group, topic id, offset | deliveries (BE u32) a message took before its ack, when more than one |
 
 mod deleting;
 mod groups;
@@ -42,9 +43,9 @@ use crate::ids::Id;
 use records::{TopicRecord, TxnRecord};
 
 /// Column family names, in creation order.
-pub const CFS: [&str; 12] = [
+pub const CFS: [&str; 13] = [
     "meta", "log", "half", "txn", "due", "cursor", "acked", "retry", "dlq", "sched", "msgid",
-    "msgkey",
+    "msgkey", "attempts",
 ];
 
 /// A column family of [`CFS`].
@@ -74,6 +75,8 @@ pub enum Cf {
     MsgId,
     /// Each topic's messages by key.
     MsgKey,
+    /// Deliveries an acked message took, when more than one.
+    Attempts,
 }
 
 impl Cf {

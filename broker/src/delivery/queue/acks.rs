@@ -35,6 +35,14 @@ impl Queue {
                     Ok(lease) => {
                         undo.leases.push((r.offset, lease));
                         acked += 1;
+                        // What it took, for `message show` (one attempt goes unsaid).
+                        if lease.attempt > 1 {
+                            ops.push(Op::Put(
+                                Cf::Attempts,
+                                keys::group_offset(&self.group, self.topic.id, r.offset),
+                                lease.attempt.to_be_bytes().to_vec(),
+                            ));
+                        }
                         ops.extend(self.mark_acked_undoably(r.offset, &mut undo));
                     }
                     // An ack repeated after it was recorded is a success, not an error.

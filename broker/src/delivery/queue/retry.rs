@@ -168,6 +168,11 @@ impl Queue {
             ));
             self.dead_letters = self.dead_letters.saturating_sub(dead);
         }
+        ops.push(Op::DeleteRange(
+            Cf::Attempts,
+            keys::group_offset(&self.group, self.topic.id, 0),
+            keys::group_offset(&self.group, self.topic.id, start),
+        ));
         let out = self
             .leases
             .keys()
@@ -232,6 +237,13 @@ impl Queue {
         }
         cursor.ack_floor = to;
         cursor.first_offset = to;
+        // What messages from `to` on took is history of a past that is delivered again.
+        let prefix = keys::cursor(&self.group, self.topic.id);
+        ops.push(Op::DeleteRange(
+            Cf::Attempts,
+            keys::group_offset(&self.group, self.topic.id, to),
+            keys::prefix_end(&prefix).expect("a group name is not all 0xff"),
+        ));
         ops.push(Op::Put(
             Cf::Cursor,
             keys::cursor(&self.group, self.topic.id),
@@ -269,7 +281,7 @@ impl Queue {
         let prefix = keys::cursor(&self.group, self.topic.id);
         let end = keys::prefix_end(&prefix).expect("a group name is not all 0xff");
         let mut ops = vec![Op::Delete(Cf::Cursor, prefix.clone())];
-        for cf in [Cf::Acked, Cf::Retry, Cf::Dlq] {
+        for cf in [Cf::Acked, Cf::Retry, Cf::Dlq, Cf::Attempts] {
             ops.push(Op::DeleteRange(cf, prefix.clone(), end.clone()));
         }
         self.writer.submit(Command::Raw(ops)).await?;

@@ -129,6 +129,13 @@ pub enum Command {
         /// Its open transactions are to be rolled back by its cleanup.
         force: bool,
     },
+    /// Record a deleted topic's cleanup as done.
+    FinishDeletion {
+        /// Its id.
+        id: u32,
+        /// Its deletion's record (written back with `cleaned` set).
+        record: crate::storage::records::DeletedTopicRecord,
+    },
     /// Plain puts and deletes prepared by an owner of other state (consumer groups).
     Raw(Vec<Op>),
     /// Several commands from one request, applied in order; each has its own outcome

@@ -70,6 +70,10 @@ pub struct Writer {
     syncer: std::sync::mpsc::Sender<Written>,
     /// Open transactions as last written, so resolving one reads nothing.
     recent: Recent,
+    /// Topics deleted with `--force` whose cleanup (rolling back their open
+    /// transactions) is not done, by name, with their fences: a commit of such a
+    /// transaction is refused meanwhile.
+    doomed: FxHashMap<String, Id>,
 }
 
 impl Writer {
@@ -96,6 +100,13 @@ impl Writer {
                 .spawn(move || sync_loop(&synced, &storage, &topics, &metrics, fsync))
                 .expect("spawn syncer thread")
         };
+        let doomed = storage
+            .deleted_topic_records()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(_, r)| r.force && !r.cleaned)
+            .filter_map(|(_, r)| Some((r.name, Id::from_bytes(&r.fence)?)))
+            .collect();
         let writer = Writer {
             next_topic_id: (topics.max_id() + 1).max(storage.next_topic_id()),
             storage,
@@ -107,6 +118,7 @@ impl Writer {
             metrics,
             syncer,
             recent: Recent::default(),
+            doomed,
         };
         let thread = std::thread::Builder::new()
             .name("txmq-writer".into())
@@ -383,6 +395,23 @@ impl Writer {
             }
             Command::Retain { topic, to } => self.retain(&topic, to, stage),
             Command::DeleteTopic { topic, force } => self.delete_topic(&topic, force, stage),
+            Command::FinishDeletion { id, record } => {
+                if let Some(fence) = Id::from_bytes(&record.fence)
+                    && self.doomed.get(&record.name) == Some(&fence)
+                {
+                    self.doomed.remove(&record.name);
+                }
+                let done = super::records::DeletedTopicRecord {
+                    cleaned: true,
+                    ..record
+                };
+                stage.batch.put_cf(
+                    self.storage.cf(super::Cf::Meta),
+                    super::keys::deleted_topic(id),
+                    prost::Message::encode_to_vec(&done),
+                );
+                Ok(Outcome::Done)
+            }
             Command::Raw(ops) => {
                 for op in ops {
                     match op {

@@ -505,3 +505,82 @@ async fn a_commit_after_its_topic_was_deleted() {
         stop(w, thread, storage).await;
     }
 }
+
+/// A forced deletion dooms the open transactions on its topic: until its cleanup is
+/// recorded as done, their commits are refused (the cleanup rolls them back), also
+/// after a restart; a transaction made after the deletion is not touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forced_deletion_refuses_commits_until_its_cleanup() {
+    let dir = tempfile::tempdir().unwrap();
+    let prepare = |w: &WriterHandle| {
+        let w = w.clone();
+        async move {
+            let cmd = Command::Prepare {
+                txn: None,
+                group: "pg".into(),
+                messages: vec![pb::Message {
+                    topic: "t".into(),
+                    body: "m".into(),
+                    ..Default::default()
+                }],
+                bytes: 1,
+                check_delay_ms: 0,
+            };
+            match w.submit(cmd).await.unwrap() {
+                Outcome::Prepared { txn, .. } => txn,
+                other => panic!("{other:?}"),
+            }
+        }
+    };
+    let commit = |txn| Command::End {
+        txn,
+        outcome: TxnOutcome::Commit,
+        by: crate::txn::state::Resolver::Operator,
+    };
+    let storage = Storage::open(dir.path()).unwrap();
+    let topics = Arc::new(Topics::default());
+    let spawn = |storage: &Arc<Storage>, topics: &Arc<Topics>, boot| {
+        Writer::spawn(
+            storage.clone(),
+            topics.clone(),
+            Arc::new(IdGen::new(boot)),
+            Arc::new(Config::default()),
+            Arc::new(Metrics::new()),
+        )
+    };
+    let (handle, thread) = spawn(&storage, &topics, 1);
+    let w = handle;
+    let before = prepare(&w).await;
+    let topic = topics.get("t").unwrap();
+    let deleted = w.submit(Command::DeleteTopic {
+        topic: topic.clone(),
+        force: true,
+    });
+    assert!(matches!(
+        deleted.await.unwrap(),
+        Outcome::TopicDeleted { .. }
+    ));
+    let after = prepare(&w).await;
+    let e = w.submit(commit(before)).await.unwrap_err();
+    assert!(matches!(e, Error::Invalid(_)), "{e:?}");
+    assert!(
+        w.submit(commit(after)).await.is_ok(),
+        "a later transaction was refused"
+    );
+    stop(w, thread, storage).await;
+
+    let storage = Storage::open(dir.path()).unwrap();
+    let topics = Arc::new(Topics::default());
+    let (handle, thread) = spawn(&storage, &topics, 2);
+    let w = handle;
+    let e = w.submit(commit(before)).await.unwrap_err();
+    assert!(matches!(e, Error::Invalid(_)), "after a restart: {e:?}");
+    let (id, record) = storage.deleted_topic_records().unwrap().remove(0);
+    assert_eq!(id, topic.id);
+    w.submit(Command::FinishDeletion { id, record })
+        .await
+        .unwrap();
+    assert!(storage.deleted_topic_records().unwrap()[0].1.cleaned);
+    assert!(w.submit(commit(before)).await.is_ok());
+    stop(w, thread, storage).await;
+}

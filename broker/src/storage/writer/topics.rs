@@ -73,6 +73,9 @@ impl Writer {
         stage.batch.delete_cf(log, last);
         topic.set_deleted();
         stage.deleted.push(topic.clone());
+        if force {
+            self.doomed.insert(topic.name.clone(), fence);
+        }
         stage.removed += end.saturating_sub(topic.start());
         Ok(Outcome::TopicDeleted {
             messages: end.saturating_sub(topic.start()),

@@ -157,6 +157,17 @@ impl Writer {
             }
         };
         let note = by.note().to_string();
+        if wanted == TxnState::Committed
+            && let Some(name) = rec
+                .topics
+                .iter()
+                .find(|t| self.doomed.get(*t).is_some_and(|fence| txn < *fence))
+        {
+            return Err(Error::Invalid(format!(
+                "topic {name:?} of transaction {txn} was deleted with --force: the \
+                 transaction is being rolled back"
+            )));
+        }
         if wanted == TxnState::Committed {
             // Its topics were created at prepare time; one deleted since is created
             // again where sends may create topics (as a send would), else the commit is
