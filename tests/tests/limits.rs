@@ -503,7 +503,12 @@ async fn clients_use_the_frame_limit_the_broker_announces() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ack_that_cannot_be_written_changes_nothing() {
     let disk = SmallDisk::mount("96m");
-    let mut b = TestBroker::start_on_fixed_port_in(Some(disk.dir.path().join("data")), &[]);
+    // No high-water mark: the sends fill the disk until a write fails (which is sticky),
+    // rather than stop at DISK_FULL with room left that the ack's write could still use.
+    let mut b = TestBroker::start_on_fixed_port_in(
+        Some(disk.dir.path().join("data")),
+        &["--disk-high-watermark", "1"],
+    );
     let p = producer(&b).await;
     p.send(Message::new("acks", "first")).await.unwrap();
     let options = ConsumerOptions {
