@@ -41,7 +41,15 @@ impl Broker {
             Flush::Async => "async",
         };
         let mut child = Command::new(&bin)
-            .args(["--listen", "127.0.0.1:0", "--flush", flush, "--data-dir"])
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--grpc-listen",
+                "none",
+                "--flush",
+                flush,
+            ])
+            .arg("--data-dir")
             .arg(dir.path())
             .args(extra)
             .env("RUST_LOG", "warn")

@@ -115,6 +115,8 @@ pub struct Config {
     /// Where to serve Prometheus metrics and `/health` over HTTP (`None`: not served).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Where to serve the RocketMQ 5 gRPC endpoint (`none`: not served).
+    pub grpc_listen: String,
 }
 
 impl Default for Config {
@@ -161,6 +163,7 @@ impl Default for Config {
             auth_token_file: None,
             auth_token: None,
             metrics_listen: None,
+            grpc_listen: "127.0.0.1:8081".into(),
         }
     }
 }
@@ -213,7 +216,21 @@ impl Config {
     ///
     /// # Errors
     /// A sentence naming the bad setting.
+    /// The address of the gRPC endpoint, `None` when it is off.
+    ///
+    /// # Errors
+    /// Neither `none` nor an address.
+    pub fn grpc_addr(&self) -> Result<Option<SocketAddr>, String> {
+        match self.grpc_listen.trim() {
+            "none" | "" => Ok(None),
+            text => text.parse().map(Some).map_err(|e| {
+                format!("grpc-listen {text:?} is neither an address (HOST:PORT) nor none: {e}")
+            }),
+        }
+    }
+
     pub fn validate(&self) -> Result<(), String> {
+        self.grpc_addr()?;
         if self.check_backoff.is_empty() {
             return Err("check-backoff needs at least one duration".into());
         }

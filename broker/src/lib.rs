@@ -39,6 +39,7 @@ pub mod connection;
 pub mod delivery;
 pub mod disk;
 pub mod error;
+pub mod grpc;
 pub mod ids;
 pub mod metrics;
 pub mod retention;

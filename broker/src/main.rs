@@ -134,6 +134,10 @@ struct Flags {
     /// Serve Prometheus metrics (`/metrics`) and `/health` over HTTP on this address.
     #[arg(long, env = "TXMQ_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
+    /// Serve the RocketMQ 5 gRPC endpoint (the official Java, Go, Python, Node.js and C#
+    /// clients) on this address, or `none` [default: 127.0.0.1:8081].
+    #[arg(long, env = "TXMQ_GRPC_LISTEN")]
+    grpc_listen: Option<String>,
 }
 
 fn duration_text(text: &str) -> Result<String, String> {
@@ -193,12 +197,29 @@ async fn serve(signals: Signals) -> anyhow::Result<()> {
         Some(at) => Some(txmq_broker::metrics::bind(at).await?),
         None => None,
     };
+    let grpc = match config.grpc_addr().map_err(anyhow::Error::msg)? {
+        Some(at) => Some(
+            tokio::net::TcpListener::bind(at)
+                .await
+                .with_context(|| format!("cannot listen on {at} (grpc-listen)"))?,
+        ),
+        None => None,
+    };
+    let grpc_addr = grpc.as_ref().map(|l| l.local_addr()).transpose()?;
     let data_dir = config.data_dir.clone();
     let flush = config.flush;
-    let serve = txmq_broker::server::serve(listener, metrics, config, signals.wait());
+    let listeners = txmq_broker::server::Listeners {
+        native: listener,
+        metrics,
+        grpc,
+    };
+    let serve = txmq_broker::server::serve(listeners, config, signals.wait());
     // Printed once the socket is bound, which is when clients can connect; requests
     // wait for storage inside `run`.
     println!("txmq-broker listening on {addr}");
+    if let Some(at) = grpc_addr {
+        println!("txmq-broker grpc listening on {at}");
+    }
     tracing::info!(%addr, data_dir = %data_dir.display(), ?flush, "txmq-broker started");
     serve.await.map_err(|e| match e {
         txmq_broker::Error::Storage(e) if e.to_string().contains("lock") => anyhow::anyhow!(

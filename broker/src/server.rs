@@ -44,7 +44,31 @@ pub async fn run(
         Some(addr) => Some(metrics::bind(addr).await?),
         None => None,
     };
-    serve(listener, metrics, config, shutdown).await
+    let grpc = match config.grpc_addr().map_err(Error::Invalid)? {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|e| Error::Internal(format!("cannot listen on {addr}: {e}")))?,
+        ),
+        None => None,
+    };
+    let listeners = Listeners {
+        native: listener,
+        metrics,
+        grpc,
+    };
+    serve(listeners, config, shutdown).await
+}
+
+/// The sockets a broker serves, bound before it starts (so a caller can report them).
+#[derive(Debug)]
+pub struct Listeners {
+    /// The native protocol.
+    pub native: TcpListener,
+    /// Prometheus metrics and `/health`, if served.
+    pub metrics: Option<TcpListener>,
+    /// The RocketMQ 5 gRPC endpoint, if served.
+    pub grpc: Option<TcpListener>,
 }
 
 /// [`run`] with the metrics listener already bound (so a caller can report both
@@ -58,12 +82,17 @@ pub async fn run(
 /// # Errors
 /// Opening storage fails at start.
 pub async fn serve(
-    listener: TcpListener,
-    metrics_listener: Option<TcpListener>,
+    listeners: Listeners,
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
+    let Listeners {
+        native: listener,
+        metrics: metrics_listener,
+        grpc: grpc_listener,
+    } = listeners;
     let config = Arc::new(config);
+    let grpc_live = Arc::new(crate::grpc::Live::default());
     let metrics = Arc::new(Metrics::new());
     let live = Arc::new(metrics::Live::default());
     let endpoint_stop = CancellationToken::new();
@@ -79,6 +108,14 @@ pub async fn serve(
         }
         None => None,
     };
+    let grpc = grpc_listener.map(|listener| {
+        tokio::spawn(crate::grpc::serve(
+            listener,
+            grpc_live.clone(),
+            config.clone(),
+            endpoint_stop.clone(),
+        ))
+    });
     let mut shutdown = std::pin::pin!(shutdown);
     let mut storage = open(&config).await;
     let result = loop {
@@ -86,7 +123,11 @@ pub async fn serve(
             Ok(opened) => opened,
             Err(e) => break Err(e),
         };
-        match run_once(&listener, opened, &config, &metrics, &live, &mut shutdown).await {
+        let faces = Faces {
+            live: &live,
+            grpc: &grpc_live,
+        };
+        match run_once(&listener, opened, &config, &metrics, faces, &mut shutdown).await {
             Ok(Stop::Shutdown) => break Ok(()),
             Ok(Stop::StorageFailed(why)) => {
                 tracing::warn!("reopening storage to recover to what is on disk");
@@ -101,6 +142,9 @@ pub async fn serve(
     endpoint_stop.cancel();
     if let Some(endpoint) = endpoint {
         let _ = endpoint.await;
+    }
+    if let Some(grpc) = grpc {
+        let _ = grpc.await;
     }
     if result.is_ok() {
         tracing::info!("stopped");
@@ -174,14 +218,22 @@ async fn open(config: &Config) -> Result<Arc<Storage>> {
 
 /// Serves one opened storage until shutdown or until it fails; then stops every task,
 /// joins the writer and closes the database.
+/// What outside the accept loop shows the broker's current parts: `/health` and the
+/// gRPC endpoint (set while a storage is open, cleared while it is reopened).
+struct Faces<'a> {
+    live: &'a metrics::Live,
+    grpc: &'a crate::grpc::Live,
+}
+
 async fn run_once(
     listener: &TcpListener,
     storage: Arc<Storage>,
     config: &Arc<Config>,
     metrics: &Arc<Metrics>,
-    live: &metrics::Live,
+    faces: Faces<'_>,
     shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
 ) -> Result<Stop> {
+    let live = faces.live;
     let (boot, stored, halves, scheduled) = {
         let storage = storage.clone();
         tokio::task::spawn_blocking(move || {
@@ -267,6 +319,7 @@ async fn run_once(
         )),
     });
     live.set(Some((storage.clone(), topics)));
+    faces.grpc.set(Some(shared.clone()));
     crate::cmd::delete::resume_cleanups(&shared).await;
 
     let stop = tokio::select! {
@@ -278,6 +331,7 @@ async fn run_once(
         () = storage.failed() => Stop::StorageFailed(storage.failure().unwrap_or_default()),
     };
     live.set(None);
+    faces.grpc.set(None);
     cancel.cancel();
     tracker.close();
     if tokio::time::timeout(Duration::from_secs(10), tracker.wait())

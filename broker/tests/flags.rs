@@ -47,7 +47,14 @@ fn a_second_broker_on_the_same_directory_refuses_to_start() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().to_str().unwrap();
     let mut first = Command::new(env!("CARGO_BIN_EXE_txmq-broker"))
-        .args(["--listen", "127.0.0.1:0", "--data-dir", data])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--grpc-listen",
+            "none",
+            "--data-dir",
+            data,
+        ])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -65,7 +72,14 @@ fn a_second_broker_on_the_same_directory_refuses_to_start() {
     // Storage opens right after the bind; give the lock a moment, boundedly.
     let mut err = String::new();
     for _ in 0..50 {
-        let out = broker(&["--listen", "127.0.0.1:0", "--data-dir", data]);
+        let out = broker(&[
+            "--listen",
+            "127.0.0.1:0",
+            "--grpc-listen",
+            "none",
+            "--data-dir",
+            data,
+        ]);
         err = String::from_utf8_lossy(&out.stderr).into_owned();
         if !out.status.success() {
             break;

@@ -4,6 +4,7 @@
 //! and the broker's log is printed when a test fails.
 
 pub mod dispatch;
+pub mod grpc;
 pub mod lazyfs;
 
 use std::io::{BufRead, BufReader};
@@ -47,6 +48,8 @@ pub struct TestBroker {
     listen: String,
     /// Environment of the next starts.
     envs: Vec<(String, String)>,
+    /// Where its gRPC endpoint listens, when a test asked for one.
+    grpc_addr: Option<String>,
 }
 
 impl TestBroker {
@@ -70,6 +73,7 @@ impl TestBroker {
             log,
             listen: "127.0.0.1:0".into(),
             envs: Vec::new(),
+            grpc_addr: None,
         };
         b.spawn();
         b
@@ -99,6 +103,13 @@ impl TestBroker {
         }
     }
 
+    /// `HOST:PORT` its gRPC endpoint listens on (started with `--grpc-listen`).
+    pub fn grpc_addr(&self) -> &str {
+        self.grpc_addr
+            .as_deref()
+            .expect("started with --grpc-listen")
+    }
+
     /// `HOST:PORT` it listens on.
     pub fn addr(&self) -> &str {
         &self.addr
@@ -120,11 +131,19 @@ impl TestBroker {
             .append(true)
             .open(&self.log)
             .expect("log file");
+        // The gRPC endpoint's fixed default port would collide between tests running
+        // at once: off unless a test names an address (port 0 picks a free one).
+        let grpc: Vec<String> = if self.args.iter().any(|a| a == "--grpc-listen") {
+            Vec::new()
+        } else {
+            vec!["--grpc-listen".into(), "none".into()]
+        };
         let mut child = Command::new(bin("txmq-broker"))
             .arg("--listen")
             .arg(&self.listen)
             .arg("--data-dir")
             .arg(&self.dir)
+            .args(&grpc)
             .args(&self.args)
             .env("RUST_LOG", "info,txmq_broker=debug")
             .envs(self.envs.iter().map(|(k, v)| (k, v)))
@@ -134,16 +153,25 @@ impl TestBroker {
             .expect("spawn txmq-broker");
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = mpsc::channel();
+        let (grpc_tx, grpc_rx) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
                 if let Some(addr) = line.strip_prefix("txmq-broker listening on ") {
                     let _ = tx.send(addr.trim().to_string());
                 }
+                if let Some(addr) = line.strip_prefix("txmq-broker grpc listening on ") {
+                    let _ = grpc_tx.send(addr.trim().to_string());
+                }
             }
         });
         match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(addr) => self.addr = addr,
+            Ok(addr) => {
+                self.addr = addr;
+                if self.args.iter().any(|a| a == "--grpc-listen") {
+                    self.grpc_addr = grpc_rx.recv_timeout(Duration::from_secs(5)).ok();
+                }
+            }
             Err(_) => {
                 let _ = child.kill();
                 let _ = child.wait();

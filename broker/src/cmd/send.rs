@@ -47,7 +47,81 @@ pub(super) fn send_ok(outcome: Result<Outcome>) -> Result<pb::SendOk> {
 
 /// Checks a send request and turns it into the writer's command.
 pub(super) fn command(req: pb::SendRequest, session: &Session, shared: &Shared) -> Result<Command> {
-    if req.messages.is_empty() {
+    check_messages(&req.messages, shared)?;
+    if !req.transactional {
+        if !req.txn_id.is_empty() {
+            return Err(Error::Invalid(
+                "txn_id is set but transactional is not".into(),
+            ));
+        }
+        return Ok(Command::Append {
+            messages: req.messages,
+        });
+    }
+    // The connection's own group (from Hello): only connections of that group may end
+    // the transaction, so preparing for another group would leave it unendable.
+    let group = session
+        .hello
+        .as_ref()
+        .map(|h| h.producer_group.clone())
+        .unwrap_or_default();
+    if group.is_empty() {
+        return Err(Error::Invalid(
+            "a transactional send needs a producer group in Hello".into(),
+        ));
+    }
+    if !req.producer_group.is_empty() && req.producer_group != group {
+        return Err(Error::WrongProducerGroup(format!(
+            "this connection is of producer group {group:?}, not {:?}",
+            req.producer_group
+        )));
+    }
+    let txn = if req.txn_id.is_empty() {
+        None
+    } else {
+        Some(super::txn_id(&req.txn_id)?)
+    };
+    prepare(txn, group, req.messages, req.check_delay_ms)
+}
+
+/// The writer's command for half messages of a new (`txn` `None`) or open transaction
+/// of producer group `group`; the messages checked already.
+///
+/// # Errors
+/// A bad group name or check delay.
+pub fn prepare(
+    txn: Option<crate::ids::Id>,
+    group: String,
+    messages: Vec<pb::Message>,
+    check_delay_ms: u64,
+) -> Result<Command> {
+    super::name("producer group", &group)?;
+    super::validate::duration_ms(
+        "check_delay_ms",
+        check_delay_ms,
+        std::time::Duration::ZERO,
+        super::validate::MAX_CHECK_DELAY,
+    )?;
+    let bytes = messages
+        .iter()
+        .map(|m| prost::Message::encoded_len(m) as u64)
+        .sum();
+    Ok(Command::Prepare {
+        txn,
+        group,
+        bytes,
+        messages,
+        check_delay_ms,
+    })
+}
+
+/// Checks messages to be stored, whatever the face they came through: count, disk,
+/// names, sizes, schedule, message group.
+///
+/// # Errors
+/// What is wrong, as the error the client gets.
+pub fn check_messages(messages: &[pb::Message], shared: &Shared) -> Result<()> {
+    if messages.is_empty() {
         return Err(Error::Invalid("send carries no messages".into()));
     }
     if shared.storage.disk_full() {
@@ -59,16 +133,16 @@ pub(super) fn command(req: pb::SendRequest, session: &Session, shared: &Shared) 
             shared.config.disk_low_watermark * 100.0
         )));
     }
-    if req.messages.len() > MAX_BATCH {
+    if messages.len() > MAX_BATCH {
         return Err(Error::Invalid(format!(
             "send carries {} messages; the limit is {MAX_BATCH}",
-            req.messages.len()
+            messages.len()
         )));
     }
     let max = shared.config.max_message_bytes;
     let latest =
         txmq_protocol::now_ms().saturating_add(shared.config.max_schedule_delay.as_millis() as u64);
-    for m in &req.messages {
+    for m in messages {
         if m.message_group.len() > MAX_MESSAGE_GROUP {
             return Err(Error::Invalid(format!(
                 "message_group is {} bytes; the limit is {MAX_MESSAGE_GROUP}",
@@ -98,56 +172,5 @@ pub(super) fn command(req: pb::SendRequest, session: &Session, shared: &Shared) 
             )));
         }
     }
-    if !req.transactional {
-        if !req.txn_id.is_empty() {
-            return Err(Error::Invalid(
-                "txn_id is set but transactional is not".into(),
-            ));
-        }
-        return Ok(Command::Append {
-            messages: req.messages,
-        });
-    }
-    // The connection's own group (from Hello): only connections of that group may end
-    // the transaction, so preparing for another group would leave it unendable.
-    let group = session
-        .hello
-        .as_ref()
-        .map(|h| h.producer_group.clone())
-        .unwrap_or_default();
-    if group.is_empty() {
-        return Err(Error::Invalid(
-            "a transactional send needs a producer group in Hello".into(),
-        ));
-    }
-    if !req.producer_group.is_empty() && req.producer_group != group {
-        return Err(Error::WrongProducerGroup(format!(
-            "this connection is of producer group {group:?}, not {:?}",
-            req.producer_group
-        )));
-    }
-    super::name("producer group", &group)?;
-    let txn = if req.txn_id.is_empty() {
-        None
-    } else {
-        Some(super::txn_id(&req.txn_id)?)
-    };
-    super::validate::duration_ms(
-        "check_delay_ms",
-        req.check_delay_ms,
-        std::time::Duration::ZERO,
-        super::validate::MAX_CHECK_DELAY,
-    )?;
-    let bytes = req
-        .messages
-        .iter()
-        .map(|m| prost::Message::encoded_len(m) as u64)
-        .sum();
-    Ok(Command::Prepare {
-        txn,
-        group,
-        bytes,
-        messages: req.messages,
-        check_delay_ms: req.check_delay_ms,
-    })
+    Ok(())
 }

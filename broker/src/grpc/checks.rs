@@ -1,0 +1,138 @@
+//! Check-backs to gRPC producers (I4 for the second face).
+//!
+//! A Telemetry stream whose settings publish topics is registered with the broker's one
+//! check-back scheduler as a producer connection of each topic's group (`grpc.<topic>`,
+//! see [`super::send::txn_group`]), under a connection id of its own. Checks the
+//! scheduler sends it are turned into `RecoverOrphanedTransactionCommand`s on the
+//! stream; the client's checker answers with an EndTransaction whose source is
+//! SERVER_CHECK, which goes back to the scheduler as the answer to that check, from that
+//! connection — so counting, backoff, timeouts, discards and "only the one asked may
+//! answer" are the native ones.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+
+use tokio::sync::mpsc;
+use tonic::Status;
+use txmq_protocol::Frame;
+use txmq_protocol::pb as native;
+
+use super::convert::outgoing;
+use super::pb;
+use crate::cmd::Shared;
+use crate::delivery::Stall;
+use crate::ids::Id;
+use crate::txn::checker::CheckAnswer;
+
+/// Checks one stream may have on their way to it.
+const BRIDGE: usize = 64;
+
+/// Unanswered checks one stream remembers.
+const MAX_PENDING: usize = 4096;
+
+/// A Telemetry stream registered as a producer.
+#[derive(Debug)]
+pub struct Link {
+    /// Its connection id in the producers registry.
+    pub connection_id: u64,
+    /// The checks sent to it and not answered: transaction → check id.
+    pending: Mutex<HashMap<Id, u64>>,
+    /// The registry it is in (the broker's parts at the time; not kept alive by it,
+    /// so a stopping broker is not held up by an open stream).
+    shared: Weak<Shared>,
+}
+
+impl Link {
+    /// Registers a stream that publishes `topics` as a producer of their groups, and
+    /// starts the bridge that puts the scheduler's checks on it.
+    pub fn attach(
+        shared: Arc<Shared>,
+        stream: mpsc::Sender<Result<pb::TelemetryCommand, Status>>,
+        topics: &[String],
+    ) -> Arc<Self> {
+        let connection_id = shared
+            .connection_ids
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (tx, mut rx) = mpsc::channel::<Frame>(BRIDGE);
+        let stall = Arc::new(Stall::default());
+        for topic in topics {
+            shared.producers.register(
+                &super::send::txn_group(topic),
+                connection_id,
+                tx.clone(),
+                stall.clone(),
+            );
+        }
+        let link = Arc::new(Self {
+            connection_id,
+            pending: Mutex::new(HashMap::new()),
+            shared: Arc::downgrade(&shared),
+        });
+        let weak = Arc::downgrade(&link);
+        tokio::spawn(async move {
+            while let Some(frame) = rx.recv().await {
+                let Some(native::frame::Body::Check(check)) = frame.body else {
+                    continue;
+                };
+                let (Some(link), Some(txn)) = (weak.upgrade(), Id::parse(&check.txn_id)) else {
+                    continue;
+                };
+                let Some(message) = check.messages.first() else {
+                    continue;
+                };
+                {
+                    let mut pending = link.pending.lock().expect("pending lock");
+                    // Checks the scheduler gave up on (timed out) are never answered:
+                    // bounded, the oldest forgotten (a late answer still ends the
+                    // transaction, as the producer's own end).
+                    if pending.len() >= MAX_PENDING {
+                        pending.clear();
+                    }
+                    pending.insert(txn, frame.id);
+                }
+                let command = pb::TelemetryCommand {
+                    status: Some(super::status::ok()),
+                    command: Some(
+                        pb::telemetry_command::Command::RecoverOrphanedTransactionCommand(
+                            pb::RecoverOrphanedTransactionCommand {
+                                message: Some(outgoing(message, pb::MessageType::Transaction)),
+                                transaction_id: check.txn_id.clone(),
+                            },
+                        ),
+                    ),
+                };
+                if stream.send(Ok(command)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        link
+    }
+
+    /// The client answered a check of `txn` (an EndTransaction from SERVER_CHECK): the
+    /// answer for the scheduler, if a check of it is pending on this stream.
+    pub fn answer(&self, txn: Id, outcome: native::TxnOutcome) -> Option<CheckAnswer> {
+        let check_id = self.pending.lock().expect("pending lock").remove(&txn)?;
+        Some(CheckAnswer {
+            connection_id: self.connection_id,
+            check_id,
+            reply: native::CheckReply {
+                txn_id: txn.to_string(),
+                outcome: outcome as i32,
+            },
+        })
+    }
+
+    /// The broker's parts it was registered with, while they are the broker's.
+    pub fn shared(&self) -> Option<Arc<Shared>> {
+        self.shared.upgrade()
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        if let Some(shared) = self.shared.upgrade() {
+            shared.producers.unregister(self.connection_id);
+        }
+    }
+}

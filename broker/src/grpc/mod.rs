@@ -1,0 +1,177 @@
+//! The RocketMQ 5 gRPC endpoint: the official Java, Go, Python, Node.js and C# clients
+//! speak `apache.rocketmq.v2.MessagingService` to it, unmodified.
+//!
+//! It is a second face of the same broker, not a second broker: every request goes
+//! through the same [`Shared`] parts as the native protocol (the writer, the topics, the
+//! consumer groups), so what one face stores the other sees. Each RPC answers gRPC OK
+//! and carries its outcome in the body's `Status` (clients treat gRPC-level errors as
+//! transport failures).
+//!
+//! - `route`: QueryRoute, Heartbeat, NotifyClientTermination (one broker, one queue).
+//! - `telemetry`: the Settings handshake on the Telemetry stream, and the sessions.
+//! - `send`: SendMessage (normal, FIFO, delayed, transactional) and EndTransaction.
+//! - `checks`: check-backs to gRPC producers, through the one check-back scheduler.
+//! - `convert`: stored messages in the gRPC form.
+//! - [`status`]: txmq's errors as the codes clients know.
+//!
+//! What the clients expect, read from their source, is in `../shared/rocketmq-grpc.md`.
+
+mod checks;
+mod convert;
+mod route;
+mod send;
+pub mod status;
+mod telemetry;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::cmd::Shared;
+use crate::config::Config;
+
+/// The code generated from the vendored protocol.
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+#[doc(hidden)]
+pub mod pb {
+    tonic::include_proto!("apache.rocketmq.v2");
+}
+
+use pb::messaging_service_server::{MessagingService, MessagingServiceServer};
+
+/// The broker's parts the endpoint serves from: set while a storage is open, cleared
+/// while the broker (re)opens it (requests then get a status saying so).
+#[derive(Debug, Default)]
+pub struct Live(RwLock<Option<Arc<Shared>>>);
+
+impl Live {
+    /// Sets (or clears) the current parts.
+    pub fn set(&self, shared: Option<Arc<Shared>>) {
+        *self.0.write().expect("live lock") = shared;
+    }
+
+    pub(crate) fn get(&self) -> Option<Arc<Shared>> {
+        self.0.read().expect("live lock").clone()
+    }
+}
+
+/// Serves the endpoint on `listener` until `stop`.
+pub async fn serve(
+    listener: TcpListener,
+    live: Arc<Live>,
+    config: Arc<Config>,
+    stop: CancellationToken,
+) {
+    let addr = listener.local_addr().ok();
+    let endpoint = Endpoint {
+        live,
+        sessions: Arc::new(telemetry::Sessions::default()),
+        addr,
+        config,
+        stop: stop.clone(),
+    };
+    let service = MessagingServiceServer::new(endpoint)
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20);
+    tracing::info!(addr = ?addr, "grpc endpoint");
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let served = tonic::transport::Server::builder()
+        .add_service(service)
+        .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+        .await;
+    if let Err(e) = served {
+        tracing::error!("grpc endpoint stopped: {e}");
+    }
+}
+
+/// The service.
+struct Endpoint {
+    live: Arc<Live>,
+    sessions: Arc<telemetry::Sessions>,
+    /// The address it listens on (routes name it when a client did not say which
+    /// endpoint it dialed).
+    addr: Option<SocketAddr>,
+    config: Arc<Config>,
+    /// Ends the streams the endpoint holds open.
+    stop: CancellationToken,
+}
+
+impl Endpoint {
+    /// The broker's parts, or the status that says they are not there.
+    fn shared(&self) -> Result<Arc<Shared>, pb::Status> {
+        self.live.get().ok_or_else(|| {
+            status::of(
+                pb::Code::InternalServerError,
+                "the broker is starting or recovering its storage; retry",
+            )
+        })
+    }
+}
+
+/// The client id every request carries in its metadata.
+fn client_id<T>(request: &Request<T>) -> Option<String> {
+    request
+        .metadata()
+        .get("x-mq-client-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())
+        .map(str::to_string)
+}
+
+type Reply<T> = Result<Response<T>, Status>;
+
+/// A server stream, as the generated service wants it.
+pub type BoxStream<T> =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl MessagingService for Endpoint {
+    async fn query_route(
+        &self,
+        request: Request<pb::QueryRouteRequest>,
+    ) -> Reply<pb::QueryRouteResponse> {
+        Ok(Response::new(
+            route::query_route(self, request.into_inner()).await,
+        ))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<pb::HeartbeatRequest>,
+    ) -> Reply<pb::HeartbeatResponse> {
+        Ok(Response::new(route::heartbeat(self, request)))
+    }
+
+    async fn send_message(
+        &self,
+        request: Request<pb::SendMessageRequest>,
+    ) -> Reply<pb::SendMessageResponse> {
+        Ok(Response::new(
+            send::send_message(self, request.into_inner()).await,
+        ))
+    }
+
+    async fn end_transaction(
+        &self,
+        request: Request<pb::EndTransactionRequest>,
+    ) -> Reply<pb::EndTransactionResponse> {
+        Ok(Response::new(send::end_transaction(self, request).await))
+    }
+
+    async fn telemetry(
+        &self,
+        request: Request<tonic::Streaming<pb::TelemetryCommand>>,
+    ) -> Reply<BoxStream<pb::TelemetryCommand>> {
+        telemetry::open(self, request).map(Response::new)
+    }
+
+    async fn notify_client_termination(
+        &self,
+        request: Request<pb::NotifyClientTerminationRequest>,
+    ) -> Reply<pb::NotifyClientTerminationResponse> {
+        Ok(Response::new(route::terminate(self, request)))
+    }
+}

@@ -1,0 +1,285 @@
+//! SendMessage and EndTransaction.
+//!
+//! A gRPC message becomes a txmq message: keys joined by spaces as the key (RocketMQ's
+//! own `KEYS` form), the tag, the user properties, the message group (FIFO), the
+//! delivery time (DELAY), the born time; the client's message id is kept as the
+//! `UNIQ_KEY` property (RocketMQ's name for it) and echoed back. TRANSACTION messages
+//! become half messages of a new transaction whose producer group is `grpc.<topic>`
+//! (gRPC clients declare no group: the Java proxy keys them by topic too); its id is the
+//! transaction id the client ends it with.
+
+use bytes::Bytes;
+use txmq_protocol::pb as native;
+
+use super::{Endpoint, pb, status};
+use crate::cmd::send::{check_messages, prepare};
+use crate::storage::writer::{Command, Outcome};
+use crate::txn::state::Resolver;
+
+/// The property that keeps a gRPC client's own message id.
+pub const CLIENT_ID_PROPERTY: &str = "UNIQ_KEY";
+
+/// The producer group of gRPC transactions on `topic`.
+pub fn txn_group(topic: &str) -> String {
+    format!("grpc.{topic}")
+}
+
+/// A message as the client sent it, checked and converted.
+struct Incoming {
+    message: native::Message,
+    client_id: String,
+    transactional: bool,
+}
+
+fn conflict(text: impl Into<String>) -> pb::Status {
+    status::of(pb::Code::MessagePropertyConflictWithType, text)
+}
+
+fn millis(t: &prost_types::Timestamp) -> u64 {
+    let ms = t.seconds.saturating_mul(1000) + i64::from(t.nanos / 1_000_000);
+    u64::try_from(ms).unwrap_or(0)
+}
+
+/// Checks what the gRPC form adds (types, encodings) and converts.
+fn incoming(m: pb::Message) -> Result<Incoming, pb::Status> {
+    let topic = m
+        .topic
+        .map(|t| t.name)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| status::of(pb::Code::IllegalTopic, "a message needs a topic"))?;
+    let sys = m.system_properties.unwrap_or_default();
+    if sys.message_id.is_empty() {
+        return Err(status::of(
+            pb::Code::IllegalMessageId,
+            "a message needs its message_id",
+        ));
+    }
+    if sys.body_encoding == pb::Encoding::Gzip as i32 {
+        return Err(status::of(
+            pb::Code::BadRequest,
+            "gzip-compressed bodies are not taken: send bodies uncompressed (they are \
+             compressed on disk)",
+        ));
+    }
+    let kind = pb::MessageType::try_from(sys.message_type).unwrap_or(pb::MessageType::Normal);
+    let group = sys.message_group.clone().unwrap_or_default();
+    let deliver_at_ms = sys.delivery_timestamp.as_ref().map_or(0, millis);
+    match kind {
+        pb::MessageType::Fifo if group.is_empty() => {
+            return Err(conflict("a FIFO message needs a message group"));
+        }
+        pb::MessageType::Delay if sys.delivery_timestamp.is_none() => {
+            return Err(conflict("a DELAY message needs a delivery timestamp"));
+        }
+        pb::MessageType::Transaction if !group.is_empty() || deliver_at_ms > 0 => {
+            return Err(conflict(
+                "a TRANSACTION message takes neither a message group nor a delivery time",
+            ));
+        }
+        pb::MessageType::Normal | pb::MessageType::Unspecified
+            if !group.is_empty() || deliver_at_ms > 0 =>
+        {
+            return Err(conflict(
+                "a NORMAL message takes neither a message group (FIFO) nor a delivery time \
+                 (DELAY)",
+            ));
+        }
+        pb::MessageType::Lite | pb::MessageType::Priority => {
+            return Err(status::of(
+                pb::Code::Unsupported,
+                "LITE and PRIORITY messages are not supported",
+            ));
+        }
+        _ => {}
+    }
+    let mut properties = m.user_properties;
+    properties.insert(CLIENT_ID_PROPERTY.into(), sys.message_id.clone());
+    Ok(Incoming {
+        message: native::Message {
+            topic,
+            body: Bytes::from(m.body),
+            key: sys.keys.join(" "),
+            tag: sys.tag.unwrap_or_default(),
+            properties,
+            born_ms: sys.born_timestamp.as_ref().map_or(0, millis),
+            deliver_at_ms,
+            message_group: group,
+        },
+        client_id: sys.message_id,
+        transactional: kind == pb::MessageType::Transaction,
+    })
+}
+
+/// Stores the messages of one request: the plain ones (normal, FIFO, delayed) in one
+/// write, the transactional ones as one new transaction; each entry says how its
+/// message fared, in the request's order.
+pub async fn send_message(
+    endpoint: &Endpoint,
+    req: pb::SendMessageRequest,
+) -> pb::SendMessageResponse {
+    let shared = match endpoint.shared() {
+        Ok(s) => s,
+        Err(s) => {
+            return pb::SendMessageResponse {
+                status: Some(s),
+                entries: Vec::new(),
+            };
+        }
+    };
+    if req.messages.is_empty() {
+        return pb::SendMessageResponse {
+            status: Some(status::of(pb::Code::BadRequest, "no messages")),
+            entries: Vec::new(),
+        };
+    }
+    let mut entries: Vec<pb::SendResultEntry> = Vec::with_capacity(req.messages.len());
+    let mut plain = Vec::new();
+    let mut txn = Vec::new();
+    for (i, m) in req.messages.into_iter().enumerate() {
+        match incoming(m) {
+            Ok(inc) => {
+                entries.push(pb::SendResultEntry {
+                    message_id: inc.client_id.clone(),
+                    ..Default::default()
+                });
+                if inc.transactional {
+                    txn.push((i, inc.message));
+                } else {
+                    plain.push((i, inc.message));
+                }
+            }
+            Err(s) => entries.push(pb::SendResultEntry {
+                status: Some(s),
+                ..Default::default()
+            }),
+        }
+    }
+    if !plain.is_empty() {
+        let (at, messages): (Vec<usize>, Vec<_>) = plain.into_iter().unzip();
+        let stored = match check_messages(&messages, &shared) {
+            Ok(()) => shared.writer.submit(Command::Append { messages }).await,
+            Err(e) => Err(e),
+        };
+        fill(&mut entries, &at, stored, "");
+    }
+    if !txn.is_empty() {
+        let (at, messages): (Vec<usize>, Vec<_>) = txn.into_iter().unzip();
+        let group = txn_group(&messages[0].topic);
+        let prepared =
+            check_messages(&messages, &shared).and_then(|()| prepare(None, group, messages, 0));
+        let stored = match prepared {
+            Ok(cmd) => shared.writer.submit(cmd).await,
+            Err(e) => Err(e),
+        };
+        let txn_id = match &stored {
+            Ok(Outcome::Prepared { txn, .. }) => txn.to_string(),
+            _ => String::new(),
+        };
+        fill(&mut entries, &at, stored, &txn_id);
+    }
+    let status = entries
+        .iter()
+        .filter_map(|e| e.status.clone())
+        .find(|s| !status::is_ok(s))
+        .unwrap_or_else(status::ok);
+    pb::SendMessageResponse {
+        status: Some(status),
+        entries,
+    }
+}
+
+/// Sets the entries at `at` from the writer's outcome for their messages.
+fn fill(
+    entries: &mut [pb::SendResultEntry],
+    at: &[usize],
+    stored: crate::error::Result<Outcome>,
+    txn_id: &str,
+) {
+    let receipts = match stored {
+        Ok(Outcome::Stored(r) | Outcome::Prepared { receipts: r, .. }) => Ok(r),
+        Ok(other) => Err(status::of(
+            pb::Code::InternalServerError,
+            format!("send gave {other:?}"),
+        )),
+        Err(e) => Err(status::of_error(&e)),
+    };
+    for (n, &i) in at.iter().enumerate() {
+        let entry = &mut entries[i];
+        match &receipts {
+            Ok(r) => {
+                entry.status = Some(status::ok());
+                entry.offset = r.get(n).map_or(0, |r| r.offset as i64);
+                entry.transaction_id = txn_id.to_string();
+                // A delayed message's txmq id cancels it (`txmq scheduled cancel`).
+                if let Some(r) = r.get(n).filter(|r| r.deliver_ms > 0) {
+                    entry.recall_handle = r.message_id.clone();
+                }
+            }
+            Err(s) => entry.status = Some(s.clone()),
+        }
+    }
+}
+
+/// Ends a gRPC transaction: commit or rollback by the client (source CLIENT) or by its
+/// checker's answer (source SERVER_CHECK), idempotent like every end; "unknown"
+/// (resolution unspecified) changes nothing.
+pub async fn end_transaction(
+    endpoint: &Endpoint,
+    request: tonic::Request<pb::EndTransactionRequest>,
+) -> pb::EndTransactionResponse {
+    let client = super::client_id(&request);
+    let req = request.into_inner();
+    let reply = |s| pb::EndTransactionResponse { status: Some(s) };
+    let shared = match endpoint.shared() {
+        Ok(s) => s,
+        Err(s) => return reply(s),
+    };
+    let Some(txn) = crate::ids::Id::parse(&req.transaction_id) else {
+        return reply(status::of(
+            pb::Code::InvalidTransactionId,
+            format!(
+                "{:?} is not a transaction id of this broker",
+                req.transaction_id
+            ),
+        ));
+    };
+    let outcome = match pb::TransactionResolution::try_from(req.resolution) {
+        Ok(pb::TransactionResolution::Commit) => native::TxnOutcome::Commit,
+        Ok(pb::TransactionResolution::Rollback) => native::TxnOutcome::Rollback,
+        // Still unknown: the check-back asks again later.
+        _ => return reply(status::ok()),
+    };
+    // The answer to a check this client's stream was sent: to the scheduler, as the
+    // answer of the connection asked (it resolves the transaction as a check-back).
+    if req.source == pb::TransactionSource::SourceServerCheck as i32
+        && let Some(client) = &client
+    {
+        for link in endpoint.sessions.links_of(client) {
+            if let Some(answer) = link.answer(txn, outcome) {
+                let sent = match link.shared() {
+                    Some(shared) => shared.answers.send(answer).await.is_ok(),
+                    None => false,
+                };
+                return if sent {
+                    reply(status::ok())
+                } else {
+                    reply(status::of(
+                        pb::Code::InternalServerError,
+                        "the broker is restarting its storage; the check comes again",
+                    ))
+                };
+            }
+        }
+    }
+    // Otherwise the producer's own end (also a check's answer that came too late).
+    let topic = req.topic.map(|t| t.name).unwrap_or_default();
+    let by = Resolver::Producer(txn_group(&topic));
+    match shared
+        .writer
+        .submit(Command::End { txn, outcome, by })
+        .await
+    {
+        Ok(_) => reply(status::ok()),
+        Err(e) => reply(status::of_error(&e)),
+    }
+}

@@ -1,0 +1,57 @@
+//! Outcomes as the `Status { code, message }` every response carries. Only codes every
+//! official client can parse are sent (the Rust client 5.0.0 panics on some others).
+
+use super::pb;
+use crate::error::Error;
+
+/// A status.
+pub fn of(code: pb::Code, message: impl Into<String>) -> pb::Status {
+    pb::Status {
+        code: code as i32,
+        message: message.into(),
+    }
+}
+
+/// OK.
+pub fn ok() -> pb::Status {
+    of(pb::Code::Ok, "OK")
+}
+
+/// Whether a status is OK.
+pub fn is_ok(status: &pb::Status) -> bool {
+    status.code == pb::Code::Ok as i32
+}
+
+/// The code a client understands for one of txmq's errors.
+pub fn code(e: &Error) -> pb::Code {
+    match e {
+        Error::Invalid(_) | Error::FilterConflict(_) | Error::OrderingConflict(_) => {
+            pb::Code::BadRequest
+        }
+        Error::InvalidName(_) => pb::Code::IllegalTopic,
+        Error::TopicNotFound(_) | Error::TopicExists(_) => pb::Code::TopicNotFound,
+        Error::TooLarge(text) if text.starts_with("message body") => pb::Code::MessageBodyTooLarge,
+        Error::TooLarge(_) => pb::Code::MessagePropertiesTooLarge,
+        Error::TxnNotFound(_) | Error::TxnNotRearmable(..) => pb::Code::InvalidTransactionId,
+        Error::TxnCommitted(_) | Error::TxnRolledBack(_) => pb::Code::PreconditionFailed,
+        Error::WrongProducerGroup(_) => pb::Code::Forbidden,
+        Error::NotAuthenticated(_) => pb::Code::Unauthorized,
+        Error::LeaseNotFound(_) => pb::Code::InvalidReceiptHandle,
+        Error::GroupNotFound(..) => pb::Code::ConsumerGroupNotFound,
+        Error::MessageNotFound(_) | Error::ScheduledNotFound(_) => pb::Code::MessageNotFound,
+        Error::AlreadyDelivered(..) => pb::Code::PreconditionFailed,
+        // Back-pressure: clients back off and retry.
+        Error::DiskFull(_) => pb::Code::TooManyRequests,
+        Error::Storage(_)
+        | Error::StorageFailed(_)
+        | Error::ShuttingDown
+        | Error::HandshakeRequired
+        | Error::UnsupportedVersion(_)
+        | Error::Internal(_) => pb::Code::InternalServerError,
+    }
+}
+
+/// The status of one of txmq's errors.
+pub fn of_error(e: &Error) -> pb::Status {
+    of(code(e), e.to_string())
+}

@@ -1,0 +1,181 @@
+//! The Telemetry stream: every client opens one (or one per endpoint) and sends its
+//! `Settings` first; the broker answers every Settings with `status OK` and the settings
+//! merged with its own (retry policy, body size limit, batch sizes), and keeps the stream
+//! open: clients wait for that answer before they start, and the broker later asks
+//! producers about orphaned transactions on it. The stream's sender is kept in
+//! [`Sessions`] while it is open.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::sync::mpsc;
+use tonic::{Request, Status};
+
+use super::BoxStream;
+use super::checks::Link;
+use super::{Endpoint, client_id, pb, status};
+
+/// Commands a session's stream may hold waiting for the client.
+const OUTBOUND: usize = 64;
+
+/// One open Telemetry stream.
+#[derive(Debug, Clone)]
+pub struct Session {
+    /// The client's id (`x-mq-client-id`).
+    pub client_id: String,
+    /// Its last settings.
+    pub settings: pb::Settings,
+    /// Its registration as a producer for check-backs (a producer's stream).
+    pub link: Option<Arc<Link>>,
+}
+
+/// The open Telemetry streams, by a number of their own (a client may open several).
+#[derive(Debug, Default)]
+pub struct Sessions {
+    open: Mutex<HashMap<u64, Session>>,
+    next: AtomicU64,
+}
+
+impl Sessions {
+    fn add(&self, session: Session) -> u64 {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        self.open.lock().expect("sessions lock").insert(id, session);
+        id
+    }
+
+    fn update(&self, id: u64, settings: pb::Settings, link: Option<Arc<Link>>) {
+        if let Some(s) = self.open.lock().expect("sessions lock").get_mut(&id) {
+            s.settings = settings;
+            s.link = link;
+        }
+    }
+
+    fn remove(&self, id: u64) {
+        self.open.lock().expect("sessions lock").remove(&id);
+    }
+
+    /// Drops every stream of a client (it said it terminates).
+    pub fn remove_client(&self, client_id: &str) {
+        self.open
+            .lock()
+            .expect("sessions lock")
+            .retain(|_, s| s.client_id != client_id);
+    }
+
+    /// The producer registrations of a client's streams.
+    pub fn links_of(&self, client_id: &str) -> Vec<Arc<Link>> {
+        self.open
+            .lock()
+            .expect("sessions lock")
+            .values()
+            .filter(|s| s.client_id == client_id)
+            .filter_map(|s| s.link.clone())
+            .collect()
+    }
+}
+
+/// Opens a Telemetry stream: answers each Settings the client sends until it closes.
+pub fn open(
+    endpoint: &Endpoint,
+    request: Request<tonic::Streaming<pb::TelemetryCommand>>,
+) -> Result<BoxStream<pb::TelemetryCommand>, Status> {
+    let Some(client) = client_id(&request) else {
+        return Err(Status::invalid_argument("x-mq-client-id is required"));
+    };
+    let mut inbound = request.into_inner();
+    let (tx, rx) = mpsc::channel(OUTBOUND);
+    let sessions = endpoint.sessions.clone();
+    let max_body = i32::try_from(endpoint.config.max_message_bytes).unwrap_or(i32::MAX);
+    let max_attempts = endpoint.config.max_attempts;
+    let backoff = endpoint.config.nack_backoff.clone();
+    let stop = endpoint.stop.clone();
+    let live = endpoint.live.clone();
+    let id = sessions.add(Session {
+        client_id: client.clone(),
+        settings: pb::Settings::default(),
+        link: None,
+    });
+    tokio::spawn(async move {
+        loop {
+            // The endpoint's stop ends every stream (the server waits for them).
+            let command = tokio::select! {
+                () = stop.cancelled() => break,
+                command = inbound.next() => command,
+            };
+            let Some(Ok(command)) = command else { break };
+            // Answers to commands the broker does not send (thread stacks, message
+            // verification) need nothing.
+            if let Some(pb::telemetry_command::Command::Settings(settings)) = command.command {
+                let merged = merge(settings, max_body, max_attempts, &backoff);
+                // A producer's stream takes the check-backs of its topics.
+                let link = match (&merged.pub_sub, live.get()) {
+                    (Some(pb::settings::PubSub::Publishing(p)), Some(shared)) => {
+                        let topics: Vec<String> = p.topics.iter().map(|t| t.name.clone()).collect();
+                        Some(Link::attach(shared, tx.clone(), &topics))
+                    }
+                    _ => None,
+                };
+                sessions.update(id, merged.clone(), link);
+                let reply = pb::TelemetryCommand {
+                    status: Some(status::ok()),
+                    command: Some(pb::telemetry_command::Command::Settings(merged)),
+                };
+                if tx.send(Ok(reply)).await.is_err() {
+                    break;
+                }
+            }
+        }
+        sessions.remove(id);
+        tracing::debug!(client = %client, "telemetry stream closed");
+    });
+    Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
+}
+
+fn duration(d: Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
+}
+
+/// The client's settings with the broker's added: what a producer may send and how it
+/// retries; how a consumer receives and how often a message is redelivered (the
+/// broker's nack backoff and max attempts).
+fn merge(
+    mut settings: pb::Settings,
+    max_body: i32,
+    max_attempts: u32,
+    backoff: &[Duration],
+) -> pb::Settings {
+    use pb::retry_policy::Strategy;
+    match &mut settings.pub_sub {
+        Some(pb::settings::PubSub::Publishing(p)) => {
+            p.max_body_size = max_body;
+            p.validate_message_type = true;
+            settings.backoff_policy = Some(pb::RetryPolicy {
+                max_attempts: 3,
+                strategy: Some(Strategy::ExponentialBackoff(pb::ExponentialBackoff {
+                    initial: Some(duration(Duration::from_millis(10))),
+                    max: Some(duration(Duration::from_secs(1))),
+                    multiplier: 2.0,
+                })),
+            });
+        }
+        Some(pb::settings::PubSub::Subscription(s)) => {
+            s.receive_batch_size = Some(s.receive_batch_size.unwrap_or(32).clamp(1, 1024));
+            s.long_polling_timeout = Some(duration(Duration::from_secs(20)));
+            s.fifo = Some(s.fifo.unwrap_or(false));
+            settings.backoff_policy = Some(pb::RetryPolicy {
+                max_attempts: i32::try_from(max_attempts).unwrap_or(i32::MAX),
+                strategy: Some(Strategy::CustomizedBackoff(pb::CustomizedBackoff {
+                    next: backoff.iter().map(|d| duration(*d)).collect(),
+                })),
+            });
+        }
+        None => {}
+    }
+    settings
+}

@@ -1,0 +1,136 @@
+"""Drives the official RocketMQ 5 Python client (rocketmq-python-client) against a txmq
+broker's gRPC endpoint, for txmq's black-box tests. Every command prints one JSON
+object per line on stdout; the client's own logs go to stderr.
+
+    client.py ENDPOINT produce TOPIC COUNT [--key K] [--tag T] [--group G] [--delay-ms MS]
+    client.py ENDPOINT txn TOPIC BODY commit|rollback
+    client.py ENDPOINT txn-check TOPIC BODY commit|rollback
+        (leaves the transaction open; its checker answers the broker's check-back)
+"""
+
+import json
+import sys
+import time
+
+from rocketmq import (ClientConfiguration, Credentials, Message, Producer,
+                      TransactionChecker, TransactionResolution)
+
+
+def out(**fields):
+    print(json.dumps(fields), flush=True)
+
+
+def config(endpoint):
+    return ClientConfiguration(endpoint, Credentials())
+
+
+def message(topic, body, key=None, tag=None, group=None, deliver_at=None):
+    m = Message()
+    m.topic = topic
+    m.body = body.encode()
+    if key:
+        m.keys = key
+    if tag:
+        m.tag = tag
+    if group:
+        m.message_group = group
+    if deliver_at:
+        m.delivery_timestamp = deliver_at
+    return m
+
+
+def option(args, name):
+    if name in args:
+        return args[args.index(name) + 1]
+    return None
+
+
+def produce(endpoint, topic, count, args):
+    producer = Producer(config(endpoint), (topic,))
+    producer.startup()
+    try:
+        delay = option(args, "--delay-ms")
+        for i in range(int(count)):
+            # The Python client takes the delivery time in whole seconds (its
+            # Timestamp's seconds): the next whole second at least `delay` ms ahead.
+            deliver_at = -(-(int(time.time() * 1000) + int(delay)) // 1000) if delay else None
+            m = message(topic, f"py-{i}", option(args, "--key"), option(args, "--tag"),
+                        option(args, "--group"), deliver_at)
+            receipt = producer.send(m)
+            out(sent=i, message_id=receipt.message_id, offset=receipt.offset,
+                deliver_at_ms=deliver_at * 1000 if deliver_at else None)
+    finally:
+        producer.shutdown()
+
+
+class Never(TransactionChecker):
+    """A checker that keeps every transaction unknown (the test ends it itself)."""
+
+    def check(self, message):
+        return TransactionResolution.TRANSACTION_RESOLUTION_UNSPECIFIED
+
+
+def txn(endpoint, topic, body, end):
+    producer = Producer(config(endpoint), (topic,), Never())
+    producer.startup()
+    try:
+        transaction = producer.begin_transaction()
+        receipt = producer.send(message(topic, body), transaction)
+        out(prepared=True, message_id=receipt.message_id,
+            transaction_id=receipt.transaction_id)
+        if end == "commit":
+            transaction.commit()
+        else:
+            transaction.rollback()
+        out(ended=end)
+    finally:
+        producer.shutdown()
+
+
+class Answer(TransactionChecker):
+    """A checker that answers every check-back as told, and says so."""
+
+    def __init__(self, answer, done):
+        self.answer = answer
+        self.done = done
+
+    def check(self, message):
+        out(checked=message.message_id, body=message.body.decode())
+        self.done.set()
+        if self.answer == "commit":
+            return TransactionResolution.COMMIT
+        return TransactionResolution.ROLLBACK
+
+
+def txn_check(endpoint, topic, body, answer):
+    import threading
+    done = threading.Event()
+    producer = Producer(config(endpoint), (topic,), Answer(answer, done))
+    producer.startup()
+    try:
+        transaction = producer.begin_transaction()
+        receipt = producer.send(message(topic, body), transaction)
+        out(prepared=True, message_id=receipt.message_id,
+            transaction_id=receipt.transaction_id)
+        if not done.wait(60):
+            sys.exit("no check-back came within 60 s")
+        # The answer goes out on the checker's thread after check() returns.
+        time.sleep(1)
+    finally:
+        producer.shutdown()
+
+
+def main():
+    endpoint, command, *args = sys.argv[1:]
+    if command == "produce":
+        produce(endpoint, args[0], args[1], args[2:])
+    elif command == "txn":
+        txn(endpoint, args[0], args[1], args[2])
+    elif command == "txn-check":
+        txn_check(endpoint, args[0], args[1], args[2])
+    else:
+        sys.exit(f"unknown command {command}")
+
+
+if __name__ == "__main__":
+    main()
