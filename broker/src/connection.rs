@@ -262,6 +262,7 @@ async fn close(session: &mut Session, shared: &Shared) {
                 QueueMsg::Unsubscribe {
                     subscription_id,
                     graceful: false,
+                    keep: Vec::new(),
                 },
             )
             .await;

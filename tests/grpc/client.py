@@ -6,14 +6,20 @@ object per line on stdout; the client's own logs go to stderr.
     client.py ENDPOINT txn TOPIC BODY commit|rollback
     client.py ENDPOINT txn-check TOPIC BODY commit|rollback
         (leaves the transaction open; its checker answers the broker's check-back)
+    client.py ENDPOINT simple GROUP TOPIC COUNT [--invisible S] [--hold BODY]
+        [--change BODY:SECONDS] [--wait S]
+        (a SimpleConsumer receives COUNT messages, acking each, except: --hold leaves
+        the message with that body unacked (it comes back after the invisible time),
+        --change moves that message's invisible time once)
 """
 
 import json
 import sys
 import time
 
-from rocketmq import (ClientConfiguration, Credentials, Message, Producer,
-                      TransactionChecker, TransactionResolution)
+from rocketmq import (ClientConfiguration, Credentials, FilterExpression,
+                      Message, Producer, SimpleConsumer, TransactionChecker,
+                      TransactionResolution)
 
 
 def out(**fields):
@@ -120,12 +126,49 @@ def txn_check(endpoint, topic, body, answer):
         producer.shutdown()
 
 
+def simple(endpoint, group, topic, count, args):
+    invisible = int(option(args, "--invisible") or 30)
+    hold = option(args, "--hold")
+    change = option(args, "--change")
+    wait = float(option(args, "--wait") or 60)
+    consumer = SimpleConsumer(config(endpoint), group, {topic: FilterExpression()}, 5)
+    consumer.startup()
+    try:
+        received = 0
+        held = changed = False
+        deadline = time.time() + wait
+        while received < int(count):
+            if time.time() > deadline:
+                sys.exit(f"received {received} of {count} within {wait} s")
+            # Before the receive: no lease it makes starts earlier.
+            asked_ms = int(time.time() * 1000)
+            for m in consumer.receive(16, invisible):
+                body = m.body.decode()
+                out(body=body, message_id=m.message_id, attempt=m.delivery_attempt,
+                    asked_ms=asked_ms, at_ms=int(time.time() * 1000))
+                received += 1
+                if hold == body and not held:
+                    held = True
+                    continue
+                if change and change.split(":")[0] == body and not changed:
+                    changed = True
+                    # Before the change: its new invisible time starts no earlier.
+                    out(changed=body, at_ms=int(time.time() * 1000))
+                    consumer.change_invisible_duration(m, int(change.split(":")[1]))
+                    continue
+                consumer.ack(m)
+    finally:
+        consumer.shutdown()
+
+
 def main():
     endpoint, command, *args = sys.argv[1:]
     if command == "produce":
         produce(endpoint, args[0], args[1], args[2:])
     elif command == "txn":
         txn(endpoint, args[0], args[1], args[2])
+    elif command == "simple":
+        simple(endpoint, args[0], args[1], args[2], args[3:])
     elif command == "txn-check":
         txn_check(endpoint, args[0], args[1], args[2])
     else:

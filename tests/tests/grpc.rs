@@ -183,3 +183,87 @@ async fn a_python_checker_answers_check_backs() {
         );
     }
 }
+
+/// A Python SimpleConsumer (item 5) receives what native producers send, acks it; a
+/// message it does not ack comes back after its invisible time with one more attempt,
+/// and one whose invisible time it changes comes back no earlier than the new time.
+/// Acked messages do not come back: a native consumer of the same group gets nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_simple_consumer_receives_acks_and_gets_redeliveries() {
+    let b = TestBroker::start(&["--grpc-listen", "127.0.0.1:0"]);
+    let p = txmq_tests::producer(&b).await;
+    for i in 0..6 {
+        p.send(txmq_client::Message::new("jobs", format!("job-{i}")))
+            .await
+            .unwrap();
+    }
+    let grpc = b.grpc_addr().to_string();
+    // 6 first deliveries, then job-1 again (held, 2 s invisible) and job-2 again
+    // (changed to 3 s).
+    let got = tokio::task::spawn_blocking(move || {
+        client(
+            &grpc,
+            &[
+                "simple",
+                "workers",
+                "jobs",
+                "8",
+                "--invisible",
+                "2",
+                "--hold",
+                "job-1",
+                "--change",
+                "job-2:3",
+            ],
+        )
+    })
+    .await
+    .unwrap();
+    let deliveries: Vec<_> = got.iter().filter(|v| v.get("body").is_some()).collect();
+    let bodies: Vec<&str> = deliveries
+        .iter()
+        .map(|v| v["body"].as_str().unwrap())
+        .collect();
+    let mut firsts: Vec<&str> = bodies[..6].to_vec();
+    firsts.sort_unstable();
+    assert_eq!(
+        firsts,
+        ["job-0", "job-1", "job-2", "job-3", "job-4", "job-5"]
+    );
+    let again = |body: &str| {
+        deliveries
+            .iter()
+            .filter(|v| v["body"] == body)
+            .map(|v| {
+                let ms = |k: &str| v[k].as_u64().unwrap();
+                (ms("attempt"), ms("asked_ms"), ms("at_ms"))
+            })
+            .collect::<Vec<_>>()
+    };
+    let held = again("job-1");
+    assert_eq!(held.len(), 2, "{bodies:?}");
+    assert_eq!((held[0].0, held[1].0), (1, 2), "the attempt counts");
+    assert!(
+        held[1].2 >= held[0].1 + 2000,
+        "back before its invisible time: {held:?}"
+    );
+    let changed = again("job-2");
+    assert_eq!(changed.len(), 2, "{bodies:?}");
+    let change_at = got
+        .iter()
+        .find(|v| v["changed"] == "job-2")
+        .and_then(|v| v["at_ms"].as_u64())
+        .unwrap();
+    assert!(
+        changed[1].2 >= change_at + 3000,
+        "back before its new time: {changed:?}"
+    );
+    // Everything was acked in the end: the group has nothing left.
+    let mut c = Consumer::subscribe(b.addr(), ConsumerOptions::new("workers", "jobs"))
+        .await
+        .unwrap();
+    assert!(
+        next(&mut c, Duration::from_millis(500)).await.is_none(),
+        "an acked message came back"
+    );
+}

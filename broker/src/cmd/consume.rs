@@ -99,6 +99,7 @@ pub async fn unsubscribe(
     let msg = QueueMsg::Unsubscribe {
         subscription_id: req.subscription_id,
         graceful: true,
+        keep: Vec::new(),
     };
     let result = shared.groups.send(&group, topic, msg).await;
     ready(

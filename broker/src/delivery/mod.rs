@@ -119,6 +119,9 @@ pub enum QueueMsg {
         /// without counting an attempt. A lost connection counts one (so a message that
         /// crashes every consumer still reaches the dead-letter queue).
         graceful: bool,
+        /// Offsets whose leases stay as they are (a gRPC receive handed them to its
+        /// client, which acks them or lets them become visible again).
+        keep: Vec<u64>,
     },
     /// Acknowledge deliveries.
     Ack {

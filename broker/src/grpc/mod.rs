@@ -10,6 +10,7 @@
 //! - `route`: QueryRoute, Heartbeat, NotifyClientTermination (one broker, one queue).
 //! - `telemetry`: the Settings handshake on the Telemetry stream, and the sessions.
 //! - `send`: SendMessage (normal, FIFO, delayed, transactional) and EndTransaction.
+//! - `receive`: ReceiveMessage, AckMessage, ChangeInvisibleDuration (simple consumers).
 //! - `checks`: check-backs to gRPC producers, through the one check-back scheduler.
 //! - `convert`: stored messages in the gRPC form.
 //! - [`status`]: txmq's errors as the codes clients know.
@@ -18,6 +19,7 @@
 
 mod checks;
 mod convert;
+mod receive;
 mod route;
 mod send;
 pub mod status;
@@ -166,6 +168,31 @@ impl MessagingService for Endpoint {
         request: Request<tonic::Streaming<pb::TelemetryCommand>>,
     ) -> Reply<BoxStream<pb::TelemetryCommand>> {
         telemetry::open(self, request).map(Response::new)
+    }
+
+    async fn receive_message(
+        &self,
+        request: Request<pb::ReceiveMessageRequest>,
+    ) -> Reply<BoxStream<pb::ReceiveMessageResponse>> {
+        receive::receive(self, request).await.map(Response::new)
+    }
+
+    async fn ack_message(
+        &self,
+        request: Request<pb::AckMessageRequest>,
+    ) -> Reply<pb::AckMessageResponse> {
+        Ok(Response::new(
+            receive::ack(self, request.into_inner()).await,
+        ))
+    }
+
+    async fn change_invisible_duration(
+        &self,
+        request: Request<pb::ChangeInvisibleDurationRequest>,
+    ) -> Reply<pb::ChangeInvisibleDurationResponse> {
+        Ok(Response::new(
+            receive::change_invisible(self, request.into_inner()).await,
+        ))
     }
 
     async fn notify_client_termination(

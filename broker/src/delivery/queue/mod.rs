@@ -334,7 +334,8 @@ impl Queue {
             QueueMsg::Unsubscribe {
                 subscription_id,
                 graceful,
-            } => self.unsubscribe(subscription_id, graceful).await,
+                keep,
+            } => self.unsubscribe(subscription_id, graceful, &keep).await,
             QueueMsg::Ack { leases, reply } => {
                 for r in &leases {
                     self.mark_acking(*r);
@@ -469,13 +470,13 @@ impl Queue {
     /// would only delay messages nobody is working on. The delivery did happen, so it
     /// counts as an attempt (as a requeue on channel close does in RabbitMQ's quorum
     /// queues): a message that crashes every consumer still ends in the dead-letter queue.
-    async fn unsubscribe(&mut self, subscription_id: u64, graceful: bool) {
+    async fn unsubscribe(&mut self, subscription_id: u64, graceful: bool, keep: &[u64]) {
         self.consumers
             .retain(|c| c.spec.subscription_id != subscription_id);
         let released: Vec<(u64, Lease)> = self
             .leases
             .iter()
-            .filter(|(_, l)| l.subscription_id == subscription_id)
+            .filter(|(o, l)| l.subscription_id == subscription_id && !keep.contains(o))
             .map(|(o, l)| (*o, *l))
             .collect();
         let mut ops = Vec::new();

@@ -1,0 +1,402 @@
+//! Consumers: ReceiveMessage (long polling), AckMessage and ChangeInvisibleDuration, on
+//! txmq's consumer groups and leases.
+//!
+//! A receive joins the group's queue as a consumer for as long as it waits, with a
+//! window of its batch size and a lease of its invisible duration; what it hands to the
+//! client stays leased when it leaves (the client acks it, or it becomes visible again
+//! when the lease ends and is delivered anew with one more attempt), and anything pushed
+//! to it but not handed out goes back without counting an attempt.
+//!
+//! A receipt handle names the lease (`txmq1.<offset>.<lease id>`): a redelivery makes a
+//! new lease, so the handle of an earlier delivery is stale (INVALID_RECEIPT_HANDLE).
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tonic::{Request, Status};
+use txmq_protocol::pb as native;
+
+use super::convert::outgoing;
+use super::{BoxStream, Endpoint, pb, status};
+use crate::cmd::Shared;
+use crate::delivery::{ConsumerSpec, LeaseRef, QueueMsg, Stall, SubscribeOptions};
+use crate::error::Error;
+
+/// Longest a receive waits for a message.
+const MAX_POLL: Duration = Duration::from_secs(20);
+/// Shortest and longest invisible duration a receive or a change may ask for.
+const MIN_INVISIBLE: Duration = Duration::from_secs(1);
+const MAX_INVISIBLE: Duration = Duration::from_secs(12 * 3600);
+/// Most messages one receive returns.
+const MAX_BATCH: i32 = 1024;
+
+/// A receipt handle for a lease.
+fn handle(offset: u64, lease_id: u64) -> String {
+    format!("txmq1.{offset}.{lease_id}")
+}
+
+/// The lease a receipt handle names.
+fn lease_of(handle: &str) -> Option<LeaseRef> {
+    let mut parts = handle.strip_prefix("txmq1.")?.split('.');
+    let offset = parts.next()?.parse().ok()?;
+    let lease_id = parts.next()?.parse().ok()?;
+    parts
+        .next()
+        .is_none()
+        .then_some(LeaseRef { offset, lease_id })
+}
+
+fn duration_of(d: &prost_types::Duration) -> Option<Duration> {
+    let secs = u64::try_from(d.seconds).ok()?;
+    let nanos = u32::try_from(d.nanos).ok()?;
+    Some(Duration::new(secs, nanos))
+}
+
+/// The `grpc-timeout` a client set (tonic does not apply it to response streams).
+fn grpc_timeout<T>(request: &Request<T>) -> Option<Duration> {
+    let text = request.metadata().get("grpc-timeout")?.to_str().ok()?;
+    let (n, unit) = text.split_at(text.len().checked_sub(1)?);
+    let n: u64 = n.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// The tag filter of a filter expression (`*`, or `a||b`); SQL filters are not taken.
+fn tag_filter(f: Option<pb::FilterExpression>) -> Result<String, pb::Status> {
+    match f {
+        None => Ok(String::new()),
+        Some(f) if f.r#type == pb::FilterType::Sql as i32 => Err(status::of(
+            pb::Code::Unsupported,
+            "SQL filters are not supported: filter by tag",
+        )),
+        Some(f) => Ok(f.expression),
+    }
+}
+
+/// The message type a stored message had when it was sent.
+fn kind(m: &native::StoredMessage) -> pb::MessageType {
+    if !m.txn_id.is_empty() {
+        pb::MessageType::Transaction
+    } else if !m.message_group.is_empty() {
+        pb::MessageType::Fifo
+    } else if m.deliver_ms > 0 {
+        pb::MessageType::Delay
+    } else {
+        pb::MessageType::Normal
+    }
+}
+
+fn name_of(r: Option<pb::Resource>) -> String {
+    r.map(|r| r.name).unwrap_or_default()
+}
+
+/// One receive: the status first (OK, or MESSAGE_NOT_FOUND when nothing came within
+/// the long-polling time), then the messages, then the delivery timestamp.
+pub async fn receive(
+    endpoint: &Endpoint,
+    request: Request<pb::ReceiveMessageRequest>,
+) -> Result<BoxStream<pb::ReceiveMessageResponse>, Status> {
+    let deadline = grpc_timeout(&request);
+    let req = request.into_inner();
+    let answer = match endpoint.shared() {
+        Ok(shared) => receive_from(&shared, req, deadline).await,
+        Err(s) => vec![pb::ReceiveMessageResponse {
+            content: Some(pb::receive_message_response::Content::Status(s)),
+        }],
+    };
+    Ok(Box::pin(futures::stream::iter(answer.into_iter().map(Ok))))
+}
+
+async fn receive_from(
+    shared: &Arc<Shared>,
+    req: pb::ReceiveMessageRequest,
+    deadline: Option<Duration>,
+) -> Vec<pb::ReceiveMessageResponse> {
+    use pb::receive_message_response::Content;
+    let refuse = |s: pb::Status| {
+        vec![pb::ReceiveMessageResponse {
+            content: Some(Content::Status(s)),
+        }]
+    };
+    let group = name_of(req.group);
+    let topic = name_of(req.message_queue.and_then(|q| q.topic));
+    if let Err(e) = crate::cmd::name("group", &group) {
+        return refuse(status::of(pb::Code::IllegalConsumerGroup, e.to_string()));
+    }
+    if let Err(e) = crate::cmd::name("topic", &topic) {
+        return refuse(status::of_error(&e));
+    }
+    let filter = match tag_filter(req.filter_expression) {
+        Ok(f) => f,
+        Err(s) => return refuse(s),
+    };
+    // A push consumer asks the broker to pick the time (and renew it): the broker's lease.
+    let invisible = match req.invisible_duration.as_ref().and_then(duration_of) {
+        Some(d) if !req.auto_renew => d,
+        _ => shared.config.lease,
+    };
+    if !(MIN_INVISIBLE..=MAX_INVISIBLE).contains(&invisible) {
+        return refuse(status::of(
+            pb::Code::IllegalInvisibleTime,
+            format!("invisible duration {invisible:?} is outside 1 s..12 h"),
+        ));
+    }
+    // Leave two seconds of the client's own deadline for the answer to reach it.
+    let mut poll = req
+        .long_polling_timeout
+        .as_ref()
+        .and_then(duration_of)
+        .unwrap_or(MAX_POLL)
+        .min(MAX_POLL);
+    if let Some(d) = deadline {
+        poll = poll.min(d.saturating_sub(Duration::from_secs(2)));
+    }
+    let batch = req.batch_size.clamp(1, MAX_BATCH) as u32;
+    let topic = match shared.groups.topic(&topic).await {
+        Ok(t) => t,
+        Err(e) => return refuse(status::of_error(&e)),
+    };
+    // An ordered group stays ordered: gRPC clients learn it from the broker.
+    let (storage, g, tid) = (shared.storage.clone(), group.clone(), topic.id);
+    let ordered = crate::cmd::blocking(&storage, move |s| s.cursor(&g, tid))
+        .await
+        .ok()
+        .flatten()
+        .is_some_and(|c| c.ordered);
+    let (tx, mut rx) = mpsc::channel(batch as usize + 1);
+    let subscription_id = shared.subscription_ids.fetch_add(1, Ordering::Relaxed);
+    let consumer = ConsumerSpec {
+        subscription_id,
+        outbound: tx,
+        window: batch,
+        lease: invisible,
+        stall: Arc::new(Stall::default()),
+    };
+    let options = SubscribeOptions {
+        tag_filter: filter,
+        ordered,
+        ..SubscribeOptions::default()
+    };
+    let (reply, joined) = oneshot::channel();
+    let msg = QueueMsg::Subscribe {
+        consumer,
+        options,
+        reply,
+    };
+    let subscribed = match shared.groups.send(&group, topic.clone(), msg).await {
+        Ok(()) => joined.await.unwrap_or(Err(Error::ShuttingDown)),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = subscribed {
+        return refuse(status::of_error(&e));
+    }
+    // Wait for the first; then take what else is there already, up to the batch.
+    let mut got = Vec::new();
+    if let Ok(Some(frame)) = tokio::time::timeout(poll, rx.recv()).await {
+        got.push(frame);
+        while got.len() < batch as usize {
+            match rx.try_recv() {
+                Ok(frame) => got.push(frame),
+                Err(_) => break,
+            }
+        }
+    }
+    let mut out = Vec::with_capacity(got.len() + 2);
+    let mut keep = Vec::with_capacity(got.len());
+    for frame in got {
+        let Some(native::frame::Body::Delivery(d)) = frame.body else {
+            continue;
+        };
+        let (Some(m), Some(h)) = (d.message, d.handle) else {
+            continue;
+        };
+        keep.push(h.offset);
+        let mut message = outgoing(&m, kind(&m));
+        if let Some(sys) = message.system_properties.as_mut() {
+            sys.receipt_handle = Some(handle(h.offset, h.lease_id));
+            sys.delivery_attempt = Some(i32::try_from(d.attempt).unwrap_or(i32::MAX));
+            sys.invisible_duration = Some(prost_types::Duration {
+                seconds: invisible.as_secs() as i64,
+                nanos: invisible.subsec_nanos() as i32,
+            });
+        }
+        out.push(pb::ReceiveMessageResponse {
+            content: Some(Content::Message(message)),
+        });
+    }
+    // Leaves the queue; what it handed out stays leased to the client.
+    let leave = QueueMsg::Unsubscribe {
+        subscription_id,
+        graceful: true,
+        keep,
+    };
+    let _ = shared.groups.send(&group, topic, leave).await;
+    let first = if out.is_empty() {
+        status::of(pb::Code::MessageNotFound, "no new message")
+    } else {
+        status::ok()
+    };
+    out.insert(
+        0,
+        pb::ReceiveMessageResponse {
+            content: Some(Content::Status(first)),
+        },
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    out.push(pb::ReceiveMessageResponse {
+        content: Some(Content::DeliveryTimestamp(prost_types::Timestamp {
+            seconds: now.as_secs() as i64,
+            nanos: now.subsec_nanos() as i32,
+        })),
+    });
+    out
+}
+
+/// Acks, each entry on its own (a stale handle fails that entry only).
+pub async fn ack(endpoint: &Endpoint, req: pb::AckMessageRequest) -> pb::AckMessageResponse {
+    let shared = match endpoint.shared() {
+        Ok(s) => s,
+        Err(s) => {
+            return pb::AckMessageResponse {
+                status: Some(s),
+                entries: Vec::new(),
+            };
+        }
+    };
+    let group = name_of(req.group);
+    let topic = name_of(req.topic);
+    let topic = shared.groups.existing_topic(&topic).ok();
+    let mut entries = Vec::with_capacity(req.entries.len());
+    for e in req.entries {
+        let outcome = match (&topic, lease_of(&e.receipt_handle)) {
+            (None, _) => status::of(pb::Code::TopicNotFound, "no such topic"),
+            (_, None) => status::of(
+                pb::Code::InvalidReceiptHandle,
+                "not a receipt handle of this broker",
+            ),
+            (Some(topic), Some(lease)) => {
+                let (reply, rx) = oneshot::channel();
+                let msg = QueueMsg::Ack {
+                    leases: vec![lease],
+                    reply,
+                };
+                let acked = match shared
+                    .groups
+                    .send_existing(&group, topic.clone(), msg)
+                    .await
+                {
+                    Ok(()) => rx.await.unwrap_or(Err(Error::ShuttingDown)),
+                    Err(e) => Err(e),
+                };
+                match acked {
+                    Ok(_) => status::ok(),
+                    Err(e) => status::of_error(&e),
+                }
+            }
+        };
+        entries.push(pb::AckMessageResultEntry {
+            message_id: e.message_id,
+            receipt_handle: e.receipt_handle,
+            status: Some(outcome),
+        });
+    }
+    let status = entries
+        .iter()
+        .filter_map(|e| e.status.clone())
+        .find(|s| !status::is_ok(s))
+        .unwrap_or_else(status::ok);
+    pb::AckMessageResponse {
+        status: Some(status),
+        entries,
+    }
+}
+
+/// Moves a delivery's invisible time (its lease's end) to `invisible_duration` from now.
+pub async fn change_invisible(
+    endpoint: &Endpoint,
+    req: pb::ChangeInvisibleDurationRequest,
+) -> pb::ChangeInvisibleDurationResponse {
+    let answer = |s, handle: String| pb::ChangeInvisibleDurationResponse {
+        status: Some(s),
+        receipt_handle: handle,
+    };
+    let shared = match endpoint.shared() {
+        Ok(s) => s,
+        Err(s) => return answer(s, String::new()),
+    };
+    let Some(lease) = lease_of(&req.receipt_handle) else {
+        return answer(
+            status::of(
+                pb::Code::InvalidReceiptHandle,
+                "not a receipt handle of this broker",
+            ),
+            String::new(),
+        );
+    };
+    let Some(invisible) = req
+        .invisible_duration
+        .as_ref()
+        .and_then(duration_of)
+        .filter(|d| (Duration::ZERO..=MAX_INVISIBLE).contains(d))
+    else {
+        return answer(
+            status::of(
+                pb::Code::IllegalInvisibleTime,
+                "invisible duration outside 0..12 h",
+            ),
+            String::new(),
+        );
+    };
+    let topic = match shared.groups.existing_topic(&name_of(req.topic)) {
+        Ok(t) => t,
+        Err(e) => return answer(status::of_error(&e), String::new()),
+    };
+    let group = name_of(req.group);
+    let (reply, rx) = oneshot::channel();
+    let msg = QueueMsg::Extend {
+        lease,
+        lease_for: invisible,
+        reply,
+    };
+    let extended = match shared.groups.send_existing(&group, topic, msg).await {
+        Ok(()) => rx.await.unwrap_or(Err(Error::ShuttingDown)),
+        Err(e) => Err(e),
+    };
+    match extended {
+        Ok(_) => answer(status::ok(), handle(lease.offset, lease.lease_id)),
+        Err(e) => answer(status::of_error(&e), String::new()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn receipt_handles_round_trip_and_refuse_others() {
+        let h = handle(42, 7);
+        let l = lease_of(&h).unwrap();
+        assert_eq!((l.offset, l.lease_id), (42, 7));
+        for bad in [
+            "",
+            "txmq1.",
+            "txmq1.1",
+            "txmq1.1.2.3",
+            "txmq2.1.2",
+            "txmq1.x.2",
+        ] {
+            assert!(lease_of(bad).is_none(), "{bad:?}");
+        }
+    }
+}
