@@ -17,7 +17,7 @@ use crate::storage::Storage;
 const EVERY: Duration = Duration::from_millis(500);
 
 /// The fraction of the file system holding `path` that is in use (0–1), as `df` counts
-/// it (blocks reserved for root count as used).
+/// it: used over used plus available (blocks reserved for root are neither).
 pub fn used(path: &Path) -> std::io::Result<f64> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(path.as_os_str().as_bytes())
@@ -29,11 +29,21 @@ pub fn used(path: &Path) -> std::io::Result<f64> {
     if rc != 0 {
         return Err(std::io::Error::last_os_error());
     }
-    let total = st.f_blocks as f64;
-    if total == 0.0 {
-        return Ok(0.0);
+    // As `df` counts it: of the space this broker's files may take (what is used plus
+    // what is available to users), how much is used. Blocks reserved for root are
+    // neither, so a file system with a large reserve does not look full while half of
+    // it is free (1 - available/total did, on a machine with 160 GiB reserved).
+    Ok(ratio(st.f_blocks, st.f_bfree, st.f_bavail))
+}
+
+/// Used over used plus available, from statvfs's block counts.
+fn ratio(blocks: u64, free: u64, available: u64) -> f64 {
+    let used = blocks.saturating_sub(free) as f64;
+    let usable = used + available as f64;
+    if usable == 0.0 {
+        return 0.0;
     }
-    Ok(1.0 - st.f_bavail as f64 / total)
+    used / usable
 }
 
 fn unsafe_zeroed() -> libc::statvfs {
@@ -83,5 +93,21 @@ pub async fn watch(
             storage.set_disk_full(false);
         }
         metrics.disk_full.set(i64::from(storage.disk_full()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The machine this was found on: 252 GiB, 66 GiB used, 26 GiB available to users,
+    /// 160 GiB reserved. `df` says 73 %; 1 - available/total said 90 % and refused sends.
+    #[test]
+    fn a_large_root_reserve_is_not_use() {
+        let r = ratio(66_053_021, 48_829_924, 6_598_375);
+        assert!((0.72..0.73).contains(&r), "{r}");
+        assert_eq!(ratio(100, 100, 100), 0.0);
+        assert_eq!(ratio(100, 0, 0), 1.0);
+        assert_eq!(ratio(0, 0, 0), 0.0);
     }
 }
