@@ -230,7 +230,13 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), String> {
-        self.grpc_addr()?;
+        if self.grpc_addr()?.is_some() && self.auth_token_file.is_some() {
+            return Err(
+                "the gRPC endpoint does not check credentials yet: with auth-token-file, \
+                 turn it off (grpc-listen = \"none\")"
+                    .into(),
+            );
+        }
         if self.check_backoff.is_empty() {
             return Err("check-backoff needs at least one duration".into());
         }

@@ -143,8 +143,16 @@ pub async fn serve(
     if let Some(endpoint) = endpoint {
         let _ = endpoint.await;
     }
-    if let Some(grpc) = grpc {
-        let _ = grpc.await;
+    if let Some(mut grpc) = grpc {
+        // Its graceful stop waits for open calls; a client that stopped reading would
+        // hold it forever.
+        if tokio::time::timeout(Duration::from_secs(5), &mut grpc)
+            .await
+            .is_err()
+        {
+            tracing::warn!("grpc endpoint did not stop within 5 s; closing it");
+            grpc.abort();
+        }
     }
     if result.is_ok() {
         tracing::info!("stopped");

@@ -11,14 +11,21 @@ object per line on stdout; the client's own logs go to stderr.
         (a SimpleConsumer receives COUNT messages, acking each, except: --hold leaves
         the message with that body unacked (it comes back after the invisible time),
         --change moves that message's invisible time once)
+    client.py ENDPOINT push GROUP TOPIC SUCCESSES [--fail-once BODY] [--always-fail BODY]
+        [--slow BODY:SECONDS] [--wait S]
+        (a PushConsumer consumes until SUCCESSES messages succeeded; its listener fails
+        the first delivery of --fail-once and every delivery of --always-fail)
+    client.py ENDPOINT cancel-receive GROUP TOPIC
+        (a raw ReceiveMessage long poll, cancelled by the client after a second)
 """
 
 import json
 import sys
 import time
 
-from rocketmq import (ClientConfiguration, Credentials, FilterExpression,
-                      Message, Producer, SimpleConsumer, TransactionChecker,
+from rocketmq import (ClientConfiguration, ConsumeResult, Credentials,
+                      FilterExpression, Message, MessageListener, Producer,
+                      PushConsumer, SimpleConsumer, TransactionChecker,
                       TransactionResolution)
 
 
@@ -121,7 +128,7 @@ def txn_check(endpoint, topic, body, answer):
         if not done.wait(60):
             sys.exit("no check-back came within 60 s")
         # The answer goes out on the checker's thread after check() returns.
-        time.sleep(1)
+        time.sleep(3)
     finally:
         producer.shutdown()
 
@@ -161,12 +168,92 @@ def simple(endpoint, group, topic, count, args):
         consumer.shutdown()
 
 
+class Listener(MessageListener):
+    """Succeeds, except as told; reports every delivery."""
+
+    def __init__(self, fail_once, always_fail, successes, done, slow=None):
+        import threading
+        self.slow = slow
+        self.fail_once = fail_once
+        self.always_fail = always_fail
+        self.failed = set()
+        self.successes = 0
+        self.target = successes
+        self.done = done
+        self.lock = threading.Lock()
+
+    def consume(self, message):
+        body = message.body.decode()
+        if self.slow and self.slow.split(":")[0] == body:
+            # Longer than the broker's lease: only its renewals keep it ours.
+            time.sleep(float(self.slow.split(":")[1]))
+        with self.lock:
+            fail = body == self.always_fail or (
+                body == self.fail_once and body not in self.failed)
+            if fail:
+                self.failed.add(body)
+            else:
+                self.successes += 1
+                if self.successes >= self.target:
+                    self.done.set()
+            out(body=body, attempt=message.delivery_attempt, ok=not fail,
+                at_ms=int(time.time() * 1000))
+        return ConsumeResult.FAILURE if fail else ConsumeResult.SUCCESS
+
+
+def push(endpoint, group, topic, successes, args):
+    import threading
+    done = threading.Event()
+    listener = Listener(option(args, "--fail-once"), option(args, "--always-fail"),
+                        int(successes), done, option(args, "--slow"))
+    consumer = PushConsumer(config(endpoint), group, listener, {topic: FilterExpression()})
+    consumer.startup()
+    try:
+        if not done.wait(float(option(args, "--wait") or 60)):
+            sys.exit(f"only {listener.successes} of {successes} succeeded")
+        # The last acks go out after consume() returns.
+        time.sleep(1)
+    finally:
+        consumer.shutdown()
+
+
+def cancel_receive(endpoint, group, topic):
+    import threading
+
+    import grpc
+    from google.protobuf.duration_pb2 import Duration
+    from rocketmq.grpc_protocol.definition_pb2 import MessageQueue, Resource
+    from rocketmq.grpc_protocol.service_pb2 import ReceiveMessageRequest
+    from rocketmq.grpc_protocol.service_pb2_grpc import MessagingServiceStub
+    channel = grpc.insecure_channel(endpoint)
+    stub = MessagingServiceStub(channel)
+    req = ReceiveMessageRequest(
+        group=Resource(name=group),
+        message_queue=MessageQueue(topic=Resource(name=topic)),
+        batch_size=1,
+        invisible_duration=Duration(seconds=10),
+        long_polling_timeout=Duration(seconds=15),
+    )
+    call = stub.ReceiveMessage(req, metadata=[("x-mq-client-id", "cancel-test")])
+    threading.Timer(1.0, call.cancel).start()
+    try:
+        for _ in call:
+            pass
+    except grpc.RpcError as e:
+        out(cancelled=e.code() == grpc.StatusCode.CANCELLED)
+    channel.close()
+
+
 def main():
     endpoint, command, *args = sys.argv[1:]
     if command == "produce":
         produce(endpoint, args[0], args[1], args[2:])
     elif command == "txn":
         txn(endpoint, args[0], args[1], args[2])
+    elif command == "cancel-receive":
+        cancel_receive(endpoint, args[0], args[1])
+    elif command == "push":
+        push(endpoint, args[0], args[1], args[2], args[3:])
     elif command == "simple":
         simple(endpoint, args[0], args[1], args[2], args[3:])
     elif command == "txn-check":

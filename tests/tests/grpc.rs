@@ -68,6 +68,11 @@ async fn python_sends_reach_native_consumers() {
     .unwrap();
     let at = sent[0]["deliver_at_ms"].as_u64().unwrap();
     let got = receive(&b, "g", "later", 1).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    assert!(now >= at, "received at {now}, before its time {at}");
     assert!(
         got[0].message.store_ms >= at,
         "delivered at {} before its time {at}",
@@ -128,6 +133,7 @@ async fn python_transactions_commit_and_roll_back() {
 /// resolves it, through the broker's one check-back scheduler (counted, with its note).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_python_checker_answers_check_backs() {
+    // A generous reply timeout: the answer of a slow machine's checker still counts.
     let b = TestBroker::start(&[
         "--grpc-listen",
         "127.0.0.1:0",
@@ -135,6 +141,8 @@ async fn a_python_checker_answers_check_backs() {
         "1s",
         "--check-interval",
         "100ms",
+        "--check-reply-timeout",
+        "30s",
     ]);
     let grpc = b.grpc_addr().to_string();
     let (committed, rolled) = tokio::task::spawn_blocking(move || {
@@ -175,7 +183,7 @@ async fn a_python_checker_answers_check_backs() {
             .expect("listed");
         assert_eq!(t.state, state as i32);
         assert_eq!(t.check_count, 1, "the check counted");
-        assert_eq!(t.producer_group, "grpc.checked");
+        assert_eq!(t.producer_group, "%GRPC%checked");
         assert!(
             t.last_check_note.contains("check-back"),
             "not resolved as a check's answer: {:?}",
@@ -258,12 +266,122 @@ async fn a_python_simple_consumer_receives_acks_and_gets_redeliveries() {
         changed[1].2 >= change_at + 3000,
         "back before its new time: {changed:?}"
     );
-    // Everything was acked in the end: the group has nothing left.
-    let mut c = Consumer::subscribe(b.addr(), ConsumerOptions::new("workers", "jobs"))
-        .await
-        .unwrap();
-    assert!(
-        next(&mut c, Duration::from_millis(500)).await.is_none(),
-        "an acked message came back"
+    // Everything was acked in the end: nothing in flight, nothing left to deliver.
+    let admin = Admin::connect(b.addr(), "").await.unwrap();
+    let g = admin.describe_group("workers").await.unwrap();
+    let t = &g.topics[0];
+    assert_eq!((t.lag, t.in_flight), (0, 0), "{t:?}");
+}
+
+/// A Python PushConsumer (item 5): it finds the topic's queue by QueryAssignment,
+/// receives with the broker's leases, acks what its listener took, and a failure comes
+/// back after the retry policy's delay (the broker's nack backoff, from Settings) with
+/// one more attempt; one that always fails goes to the group's dead letters after max
+/// attempts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_push_consumer_retries_and_dead_letters() {
+    let b = TestBroker::start(&[
+        "--grpc-listen",
+        "127.0.0.1:0",
+        "--max-attempts",
+        "2",
+        "--nack-backoff",
+        "1s",
+    ]);
+    let p = txmq_tests::producer(&b).await;
+    for i in 0..5 {
+        p.send(txmq_client::Message::new("tasks", format!("task-{i}")))
+            .await
+            .unwrap();
+    }
+    let grpc = b.grpc_addr().to_string();
+    let got = tokio::task::spawn_blocking(move || {
+        client(
+            &grpc,
+            &[
+                "push",
+                "pushers",
+                "tasks",
+                "4",
+                "--fail-once",
+                "task-1",
+                "--always-fail",
+                "task-3",
+            ],
+        )
+    })
+    .await
+    .unwrap();
+    let of = |body: &str| {
+        got.iter()
+            .filter(|v| v["body"] == body)
+            .map(|v| (v["attempt"].as_u64().unwrap(), v["ok"].as_bool().unwrap()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(of("task-0"), [(1, true)]);
+    assert_eq!(
+        of("task-1"),
+        [(1, false), (2, true)],
+        "retried once, then taken"
+    );
+    let admin = Admin::connect(b.addr(), "").await.unwrap();
+    let dead = txmq_tests::eventually(Duration::from_secs(30), || async {
+        let d = admin.dead_letters("pushers", 0).await.ok()?;
+        (!d.is_empty()).then_some(d)
+    })
+    .await
+    .expect("the always-failing message never reached the dead letters");
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].offset, 3);
+    assert_eq!(dead[0].attempts, 2);
+}
+
+/// A receive the client cancels while it waits leaves the group's queue (review
+/// finding: it stayed a consumer for good, and what was pushed to it stayed leased).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_receive_leaves_the_group() {
+    let b = TestBroker::start(&["--grpc-listen", "127.0.0.1:0"]);
+    let admin = Admin::connect(b.addr(), "").await.unwrap();
+    let grpc = b.grpc_addr().to_string();
+    let out =
+        tokio::task::spawn_blocking(move || client(&grpc, &["cancel-receive", "waiters", "idle"]))
+            .await
+            .unwrap();
+    assert_eq!(out[0]["cancelled"], true, "{out:?}");
+    let left = txmq_tests::eventually(Duration::from_secs(20), || async {
+        let g = admin.describe_group("waiters").await.ok()?;
+        (g.topics[0].consumers == 0).then_some(())
+    })
+    .await;
+    assert!(left.is_some(), "the cancelled receive is still a consumer");
+}
+
+/// A push consumer's deliveries stay invisible while it works on them, however long,
+/// as long as it is connected: the broker renews their leases (auto_renew). With a 2 s
+/// lease, a listener that takes 5 s still gets the message once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_consumers_slow_work_keeps_its_lease() {
+    let b = TestBroker::start(&["--grpc-listen", "127.0.0.1:0", "--lease", "2s"]);
+    let p = txmq_tests::producer(&b).await;
+    for i in 0..3 {
+        p.send(txmq_client::Message::new("slow", format!("s-{i}")))
+            .await
+            .unwrap();
+    }
+    let grpc = b.grpc_addr().to_string();
+    let got = tokio::task::spawn_blocking(move || {
+        client(&grpc, &["push", "patient", "slow", "3", "--slow", "s-1:5"])
+    })
+    .await
+    .unwrap();
+    let s1: Vec<_> = got
+        .iter()
+        .filter(|v| v["body"] == "s-1")
+        .map(|v| v["attempt"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        s1,
+        [1],
+        "redelivered while its consumer was still working on it"
     );
 }

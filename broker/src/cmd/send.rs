@@ -76,6 +76,7 @@ pub(super) fn command(req: pb::SendRequest, session: &Session, shared: &Shared) 
             req.producer_group
         )));
     }
+    super::name("producer group", &group)?;
     let txn = if req.txn_id.is_empty() {
         None
     } else {
@@ -85,17 +86,17 @@ pub(super) fn command(req: pb::SendRequest, session: &Session, shared: &Shared) 
 }
 
 /// The writer's command for half messages of a new (`txn` `None`) or open transaction
-/// of producer group `group`; the messages checked already.
+/// of producer group `group` (its name checked by the caller: the gRPC face uses names
+/// no native client can claim); the messages checked already.
 ///
 /// # Errors
-/// A bad group name or check delay.
+/// A bad check delay.
 pub fn prepare(
     txn: Option<crate::ids::Id>,
     group: String,
     messages: Vec<pb::Message>,
     check_delay_ms: u64,
 ) -> Result<Command> {
-    super::name("producer group", &group)?;
     super::validate::duration_ms(
         "check_delay_ms",
         check_delay_ms,

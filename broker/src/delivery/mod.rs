@@ -48,6 +48,17 @@ impl Stall {
             .store(at, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// Something could not be written (a full buffer): blocked from now, unless it was
+    /// blocked already (then from then).
+    pub fn blocked(&self) {
+        let _ = self.blocked_since_ms.compare_exchange(
+            0,
+            txmq_protocol::now_ms(),
+            std::sync::atomic::Ordering::Relaxed,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
     /// A write has waited for the socket longer than [`STALL_AFTER`].
     pub fn is_stalled(&self) -> bool {
         let since = self
@@ -136,6 +147,16 @@ pub enum QueueMsg {
         lease: LeaseRef,
         /// Redelivery delay; `None` uses the backoff schedule.
         delay: Option<Duration>,
+        /// Answered once durable.
+        reply: oneshot::Sender<Result<Outcome>>,
+    },
+    /// Dead-letter a delivery now, whatever its attempts (a consumer that gives up on it:
+    /// the gRPC clients' ForwardMessageToDeadLetterQueue).
+    DeadLetter {
+        /// Which one.
+        lease: LeaseRef,
+        /// Why, for the dead letter's record.
+        reason: String,
         /// Answered once durable.
         reply: oneshot::Sender<Result<Outcome>>,
     },

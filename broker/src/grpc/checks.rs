@@ -22,7 +22,6 @@ use super::pb;
 use crate::cmd::Shared;
 use crate::delivery::Stall;
 use crate::ids::Id;
-use crate::txn::checker::CheckAnswer;
 
 /// Checks one stream may have on their way to it.
 const BRIDGE: usize = 64;
@@ -70,6 +69,7 @@ impl Link {
         });
         let weak = Arc::downgrade(&link);
         tokio::spawn(async move {
+            let stall = stall;
             while let Some(frame) = rx.recv().await {
                 let Some(native::frame::Body::Check(check)) = frame.body else {
                     continue;
@@ -101,31 +101,26 @@ impl Link {
                         ),
                     ),
                 };
-                if stream.send(Ok(command)).await.is_err() {
-                    break;
+                // Never waits on the client: a stream that does not take its checks is
+                // busy (the scheduler skips it once that lasts), and the check times out.
+                match stream.try_send(Ok(command)) {
+                    Ok(()) => stall.writing(false),
+                    Err(mpsc::error::TrySendError::Full(_)) => stall.blocked(),
+                    Err(mpsc::error::TrySendError::Closed(_)) => break,
                 }
             }
         });
         link
     }
 
-    /// The client answered a check of `txn` (an EndTransaction from SERVER_CHECK): the
-    /// answer for the scheduler, if a check of it is pending on this stream.
-    pub fn answer(&self, txn: Id, outcome: native::TxnOutcome) -> Option<CheckAnswer> {
-        let check_id = self.pending.lock().expect("pending lock").remove(&txn)?;
-        Some(CheckAnswer {
-            connection_id: self.connection_id,
-            check_id,
-            reply: native::CheckReply {
-                txn_id: txn.to_string(),
-                outcome: outcome as i32,
-            },
-        })
-    }
-
-    /// The broker's parts it was registered with, while they are the broker's.
-    pub fn shared(&self) -> Option<Arc<Shared>> {
-        self.shared.upgrade()
+    /// The client answered a check of `txn` (an EndTransaction from SERVER_CHECK):
+    /// whether a check of it was sent on this stream (and is now answered).
+    pub fn answered(&self, txn: Id) -> bool {
+        self.pending
+            .lock()
+            .expect("pending lock")
+            .remove(&txn)
+            .is_some()
     }
 }
 

@@ -11,6 +11,7 @@
 //! - `telemetry`: the Settings handshake on the Telemetry stream, and the sessions.
 //! - `send`: SendMessage (normal, FIFO, delayed, transactional) and EndTransaction.
 //! - `receive`: ReceiveMessage, AckMessage, ChangeInvisibleDuration (simple consumers).
+//! - `renew`: the broker renews push consumers' leases while they are connected.
 //! - `checks`: check-backs to gRPC producers, through the one check-back scheduler.
 //! - `convert`: stored messages in the gRPC form.
 //! - [`status`]: txmq's errors as the codes clients know.
@@ -20,6 +21,7 @@
 mod checks;
 mod convert;
 mod receive;
+mod renew;
 mod route;
 mod send;
 pub mod status;
@@ -45,18 +47,25 @@ pub mod pb {
 use pb::messaging_service_server::{MessagingService, MessagingServiceServer};
 
 /// The broker's parts the endpoint serves from: set while a storage is open, cleared
-/// while the broker (re)opens it (requests then get a status saying so).
+/// while the broker (re)opens it (requests then get a status saying so). Setting them
+/// registers every producer's Telemetry stream with the new parts' check-back
+/// scheduler (a stream whose Settings came while storage was closed, or before a
+/// reopen, is not left out).
 #[derive(Debug, Default)]
-pub struct Live(RwLock<Option<Arc<Shared>>>);
+pub struct Live {
+    shared: RwLock<Option<Arc<Shared>>>,
+    sessions: Arc<telemetry::Sessions>,
+}
 
 impl Live {
     /// Sets (or clears) the current parts.
     pub fn set(&self, shared: Option<Arc<Shared>>) {
-        *self.0.write().expect("live lock") = shared;
+        *self.shared.write().expect("live lock") = shared.clone();
+        self.sessions.attach_all(shared);
     }
 
     pub(crate) fn get(&self) -> Option<Arc<Shared>> {
-        self.0.read().expect("live lock").clone()
+        self.shared.read().expect("live lock").clone()
     }
 }
 
@@ -68,19 +77,34 @@ pub async fn serve(
     stop: CancellationToken,
 ) {
     let addr = listener.local_addr().ok();
+    let renewals = Arc::new(renew::Renewals::default());
+    tokio::spawn(renew::run(
+        live.clone(),
+        renewals.clone(),
+        live.sessions.clone(),
+        stop.clone(),
+    ));
     let endpoint = Endpoint {
+        sessions: live.sessions.clone(),
+        renewals,
         live,
-        sessions: Arc::new(telemetry::Sessions::default()),
         addr,
         config,
         stop: stop.clone(),
     };
+    // A request is at most what a native frame may be; a receive's answer is bounded by
+    // its byte budget (`receive`), a message by max-message-bytes.
+    let max = endpoint.config.max_frame_len;
     let service = MessagingServiceServer::new(endpoint)
-        .max_decoding_message_size(64 << 20)
-        .max_encoding_message_size(64 << 20);
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max.saturating_mul(2));
     tracing::info!(addr = ?addr, "grpc endpoint");
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // Keepalives find clients that vanished (their streams then end).
     let served = tonic::transport::Server::builder()
+        .tcp_keepalive(Some(std::time::Duration::from_secs(60)))
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
         .add_service(service)
         .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
         .await;
@@ -93,6 +117,8 @@ pub async fn serve(
 struct Endpoint {
     live: Arc<Live>,
     sessions: Arc<telemetry::Sessions>,
+    /// Push consumers' leases the broker renews.
+    renewals: Arc<renew::Renewals>,
     /// The address it listens on (routes name it when a client did not say which
     /// endpoint it dialed).
     addr: Option<SocketAddr>,
@@ -192,6 +218,24 @@ impl MessagingService for Endpoint {
     ) -> Reply<pb::ChangeInvisibleDurationResponse> {
         Ok(Response::new(
             receive::change_invisible(self, request.into_inner()).await,
+        ))
+    }
+
+    async fn query_assignment(
+        &self,
+        request: Request<pb::QueryAssignmentRequest>,
+    ) -> Reply<pb::QueryAssignmentResponse> {
+        Ok(Response::new(
+            route::query_assignment(self, request.into_inner()).await,
+        ))
+    }
+
+    async fn forward_message_to_dead_letter_queue(
+        &self,
+        request: Request<pb::ForwardMessageToDeadLetterQueueRequest>,
+    ) -> Reply<pb::ForwardMessageToDeadLetterQueueResponse> {
+        Ok(Response::new(
+            receive::forward_to_dead_letters(self, request.into_inner()).await,
         ))
     }
 

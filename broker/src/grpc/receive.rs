@@ -60,8 +60,8 @@ fn grpc_timeout<T>(request: &Request<T>) -> Option<Duration> {
     let (n, unit) = text.split_at(text.len().checked_sub(1)?);
     let n: u64 = n.parse().ok()?;
     Some(match unit {
-        "H" => Duration::from_secs(n * 3600),
-        "M" => Duration::from_secs(n * 60),
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
         "S" => Duration::from_secs(n),
         "m" => Duration::from_millis(n),
         "u" => Duration::from_micros(n),
@@ -99,6 +99,53 @@ fn name_of(r: Option<pb::Resource>) -> String {
     r.map(|r| r.name).unwrap_or_default()
 }
 
+/// A receive's place in its group's queue, taken out when it leaves, or when it is
+/// dropped unfinished (the client cancelled the call).
+struct Joined {
+    shared: Arc<Shared>,
+    group: String,
+    topic: Arc<crate::topics::Topic>,
+    subscription_id: u64,
+    armed: bool,
+}
+
+impl Joined {
+    /// Leaves: the leases at `keep` stay the client's, the rest go back uncounted.
+    async fn leave(mut self, keep: Vec<u64>) {
+        self.armed = false;
+        let msg = QueueMsg::Unsubscribe {
+            subscription_id: self.subscription_id,
+            graceful: true,
+            keep,
+        };
+        let _ = self
+            .shared
+            .groups
+            .send(&self.group, self.topic.clone(), msg)
+            .await;
+    }
+}
+
+impl Drop for Joined {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (shared, group, topic) = (self.shared.clone(), self.group.clone(), self.topic.clone());
+        let msg = QueueMsg::Unsubscribe {
+            subscription_id: self.subscription_id,
+            graceful: true,
+            keep: Vec::new(),
+        };
+        runtime.spawn(async move {
+            let _ = shared.groups.send(&group, topic, msg).await;
+        });
+    }
+}
+
 /// One receive: the status first (OK, or MESSAGE_NOT_FOUND when nothing came within
 /// the long-polling time), then the messages, then the delivery timestamp.
 pub async fn receive(
@@ -106,9 +153,10 @@ pub async fn receive(
     request: Request<pb::ReceiveMessageRequest>,
 ) -> Result<BoxStream<pb::ReceiveMessageResponse>, Status> {
     let deadline = grpc_timeout(&request);
+    let client = super::client_id(&request).unwrap_or_default();
     let req = request.into_inner();
     let answer = match endpoint.shared() {
-        Ok(shared) => receive_from(&shared, req, deadline).await,
+        Ok(shared) => receive_from(endpoint, &shared, req, deadline, &client).await,
         Err(s) => vec![pb::ReceiveMessageResponse {
             content: Some(pb::receive_message_response::Content::Status(s)),
         }],
@@ -117,9 +165,11 @@ pub async fn receive(
 }
 
 async fn receive_from(
+    endpoint: &Endpoint,
     shared: &Arc<Shared>,
     req: pb::ReceiveMessageRequest,
     deadline: Option<Duration>,
+    client: &str,
 ) -> Vec<pb::ReceiveMessageResponse> {
     use pb::receive_message_response::Content;
     let refuse = |s: pb::Status| {
@@ -158,9 +208,11 @@ async fn receive_from(
         .unwrap_or(MAX_POLL)
         .min(MAX_POLL);
     if let Some(d) = deadline {
-        poll = poll.min(d.saturating_sub(Duration::from_secs(2)));
+        // (Half of a deadline shorter than that.)
+        poll = poll.min(d.saturating_sub(Duration::from_secs(2)).max(d / 2));
     }
     let batch = req.batch_size.clamp(1, MAX_BATCH) as u32;
+    let auto_renew = req.auto_renew;
     let topic = match shared.groups.topic(&topic).await {
         Ok(t) => t,
         Err(e) => return refuse(status::of_error(&e)),
@@ -196,7 +248,17 @@ async fn receive_from(
         Ok(()) => joined.await.unwrap_or(Err(Error::ShuttingDown)),
         Err(e) => Err(e),
     };
+    // From here the receive is in the queue: if the client cancels it (the future is
+    // dropped), the guard takes it out, and what was pushed goes back uncounted.
+    let joined = Joined {
+        shared: shared.clone(),
+        group: group.clone(),
+        topic: topic.clone(),
+        subscription_id,
+        armed: true,
+    };
     if let Err(e) = subscribed {
+        joined.leave(Vec::new()).await;
         return refuse(status::of_error(&e));
     }
     // Wait for the first; then take what else is there already, up to the batch.
@@ -212,6 +274,10 @@ async fn receive_from(
     }
     let mut out = Vec::with_capacity(got.len() + 2);
     let mut keep = Vec::with_capacity(got.len());
+    // One answer holds at most about a frame's worth of bodies (and always one): the
+    // rest goes back uncounted.
+    let budget = shared.config.max_frame_len;
+    let mut bytes = 0;
     for frame in got {
         let Some(native::frame::Body::Delivery(d)) = frame.body else {
             continue;
@@ -219,7 +285,20 @@ async fn receive_from(
         let (Some(m), Some(h)) = (d.message, d.handle) else {
             continue;
         };
+        bytes += m.body.len() + 1024;
+        if bytes > budget && !keep.is_empty() {
+            break;
+        }
         keep.push(h.offset);
+        if auto_renew {
+            let lease = LeaseRef {
+                offset: h.offset,
+                lease_id: h.lease_id,
+            };
+            endpoint
+                .renewals
+                .hold(&group, &topic.name, lease, client, d.lease_deadline_ms);
+        }
         let mut message = outgoing(&m, kind(&m));
         if let Some(sys) = message.system_properties.as_mut() {
             sys.receipt_handle = Some(handle(h.offset, h.lease_id));
@@ -234,12 +313,7 @@ async fn receive_from(
         });
     }
     // Leaves the queue; what it handed out stays leased to the client.
-    let leave = QueueMsg::Unsubscribe {
-        subscription_id,
-        graceful: true,
-        keep,
-    };
-    let _ = shared.groups.send(&group, topic, leave).await;
+    joined.leave(keep).await;
     let first = if out.is_empty() {
         status::of(pb::Code::MessageNotFound, "no new message")
     } else {
@@ -286,6 +360,7 @@ pub async fn ack(endpoint: &Endpoint, req: pb::AckMessageRequest) -> pb::AckMess
                 "not a receipt handle of this broker",
             ),
             (Some(topic), Some(lease)) => {
+                endpoint.renewals.release(&group, &topic.name, lease);
                 let (reply, rx) = oneshot::channel();
                 let msg = QueueMsg::Ack {
                     leases: vec![lease],
@@ -363,6 +438,8 @@ pub async fn change_invisible(
         Err(e) => return answer(status::of_error(&e), String::new()),
     };
     let group = name_of(req.group);
+    // The client sets the time now (a push consumer's retry delay): no more renewals.
+    endpoint.renewals.release(&group, &topic.name, lease);
     let (reply, rx) = oneshot::channel();
     let msg = QueueMsg::Extend {
         lease,
@@ -376,6 +453,48 @@ pub async fn change_invisible(
     match extended {
         Ok(_) => answer(status::ok(), handle(lease.offset, lease.lease_id)),
         Err(e) => answer(status::of_error(&e), String::new()),
+    }
+}
+
+/// A consumer gives up on a delivery (a push consumer after its max attempts, or a FIFO
+/// one that cannot go on): it goes to the group's dead letters now.
+pub async fn forward_to_dead_letters(
+    endpoint: &Endpoint,
+    req: pb::ForwardMessageToDeadLetterQueueRequest,
+) -> pb::ForwardMessageToDeadLetterQueueResponse {
+    let answer = |s| pb::ForwardMessageToDeadLetterQueueResponse { status: Some(s) };
+    let shared = match endpoint.shared() {
+        Ok(s) => s,
+        Err(s) => return answer(s),
+    };
+    let Some(lease) = lease_of(&req.receipt_handle) else {
+        return answer(status::of(
+            pb::Code::InvalidReceiptHandle,
+            "not a receipt handle of this broker",
+        ));
+    };
+    let topic = match shared.groups.existing_topic(&name_of(req.topic)) {
+        Ok(t) => t,
+        Err(e) => return answer(status::of_error(&e)),
+    };
+    let group = name_of(req.group);
+    endpoint.renewals.release(&group, &topic.name, lease);
+    let (reply, rx) = oneshot::channel();
+    let msg = QueueMsg::DeadLetter {
+        lease,
+        reason: format!(
+            "forwarded by the consumer on attempt {} of {}",
+            req.delivery_attempt, req.max_delivery_attempts
+        ),
+        reply,
+    };
+    let done = match shared.groups.send_existing(&group, topic, msg).await {
+        Ok(()) => rx.await.unwrap_or(Err(Error::ShuttingDown)),
+        Err(e) => Err(e),
+    };
+    match done {
+        Ok(_) => answer(status::ok()),
+        Err(e) => answer(status::of_error(&e)),
     }
 }
 

@@ -38,43 +38,77 @@ fn endpoints(endpoint: &Endpoint, dialed: Option<pb::Endpoints>) -> pb::Endpoint
     }
 }
 
-/// The route of a topic: one readable and writable queue on this broker. A topic that
-/// does not exist is created where topics are created on demand.
-pub async fn query_route(
+/// A topic's one queue: readable and writable, on this broker. A topic that does not
+/// exist is created where topics are created on demand.
+async fn queue(
     endpoint: &Endpoint,
-    req: pb::QueryRouteRequest,
-) -> pb::QueryRouteResponse {
-    let refuse = |s| pb::QueryRouteResponse {
-        status: Some(s),
-        message_queues: Vec::new(),
+    topic: Option<pb::Resource>,
+    dialed: Option<pb::Endpoints>,
+) -> Result<pb::MessageQueue, pb::Status> {
+    let shared = endpoint.shared()?;
+    let Some(topic) = topic else {
+        return Err(status::of(pb::Code::IllegalTopic, "a topic is needed"));
     };
-    let shared = match endpoint.shared() {
-        Ok(s) => s,
-        Err(s) => return refuse(s),
-    };
-    let Some(topic) = req.topic else {
-        return refuse(status::of(pb::Code::IllegalTopic, "a route needs a topic"));
-    };
-    if let Err(e) = crate::cmd::name("topic", &topic.name) {
-        return refuse(status::of_error(&e));
-    }
-    if let Err(e) = shared.groups.topic(&topic.name).await {
-        return refuse(status::of_error(&e));
-    }
-    let queue = pb::MessageQueue {
+    crate::cmd::name("topic", &topic.name).map_err(|e| status::of_error(&e))?;
+    shared
+        .groups
+        .topic(&topic.name)
+        .await
+        .map_err(|e| status::of_error(&e))?;
+    Ok(pb::MessageQueue {
         topic: Some(topic),
         id: 0,
         permission: pb::Permission::ReadWrite as i32,
         broker: Some(pb::Broker {
             name: "txmq".into(),
             id: 0,
-            endpoints: Some(endpoints(endpoint, req.endpoints)),
+            endpoints: Some(endpoints(endpoint, dialed)),
         }),
         accept_message_types: ACCEPTS.iter().map(|t| *t as i32).collect(),
-    };
-    pb::QueryRouteResponse {
-        status: Some(status::ok()),
-        message_queues: vec![queue],
+    })
+}
+
+/// The route of a topic: its one queue.
+pub async fn query_route(
+    endpoint: &Endpoint,
+    req: pb::QueryRouteRequest,
+) -> pb::QueryRouteResponse {
+    match queue(endpoint, req.topic, req.endpoints).await {
+        Ok(q) => pb::QueryRouteResponse {
+            status: Some(status::ok()),
+            message_queues: vec![q],
+        },
+        Err(s) => pb::QueryRouteResponse {
+            status: Some(s),
+            message_queues: Vec::new(),
+        },
+    }
+}
+
+/// A push consumer's assignment: the topic's one queue (every consumer of a group reads
+/// it; the group's queue shares the messages out).
+pub async fn query_assignment(
+    endpoint: &Endpoint,
+    req: pb::QueryAssignmentRequest,
+) -> pb::QueryAssignmentResponse {
+    let group = req.group.map(|g| g.name).unwrap_or_default();
+    if let Err(e) = crate::cmd::name("group", &group) {
+        return pb::QueryAssignmentResponse {
+            status: Some(status::of(pb::Code::IllegalConsumerGroup, e.to_string())),
+            assignments: Vec::new(),
+        };
+    }
+    match queue(endpoint, req.topic, req.endpoints).await {
+        Ok(q) => pb::QueryAssignmentResponse {
+            status: Some(status::ok()),
+            assignments: vec![pb::Assignment {
+                message_queue: Some(q),
+            }],
+        },
+        Err(s) => pb::QueryAssignmentResponse {
+            status: Some(s),
+            assignments: Vec::new(),
+        },
     }
 }
 

@@ -4,9 +4,10 @@
 //! own `KEYS` form), the tag, the user properties, the message group (FIFO), the
 //! delivery time (DELAY), the born time; the client's message id is kept as the
 //! `UNIQ_KEY` property (RocketMQ's name for it) and echoed back. TRANSACTION messages
-//! become half messages of a new transaction whose producer group is `grpc.<topic>`
-//! (gRPC clients declare no group: the Java proxy keys them by topic too); its id is the
-//! transaction id the client ends it with.
+//! become half messages of a new transaction whose producer group is `%GRPC%<topic>`
+//! (gRPC clients declare no group: the Java proxy keys them by topic too; `%` is not in
+//! any name a native client can give, so no native producer can answer or end them); its
+//! id is the transaction id the client ends it with.
 
 use bytes::Bytes;
 use txmq_protocol::pb as native;
@@ -21,7 +22,7 @@ pub const CLIENT_ID_PROPERTY: &str = "UNIQ_KEY";
 
 /// The producer group of gRPC transactions on `topic`.
 pub fn txn_group(topic: &str) -> String {
-    format!("grpc.{topic}")
+    format!("%GRPC%{topic}")
 }
 
 /// A message as the client sent it, checked and converted.
@@ -36,12 +37,16 @@ fn conflict(text: impl Into<String>) -> pb::Status {
 }
 
 fn millis(t: &prost_types::Timestamp) -> u64 {
-    let ms = t.seconds.saturating_mul(1000) + i64::from(t.nanos / 1_000_000);
+    let ms = t
+        .seconds
+        .saturating_mul(1000)
+        .saturating_add(i64::from(t.nanos / 1_000_000));
     u64::try_from(ms).unwrap_or(0)
 }
 
-/// Checks what the gRPC form adds (types, encodings) and converts.
-fn incoming(m: pb::Message) -> Result<Incoming, pb::Status> {
+/// Checks what the gRPC form adds (types, encodings, the delivery time's range) and
+/// converts.
+fn incoming(m: pb::Message, latest_ms: u64) -> Result<Incoming, pb::Status> {
     let topic = m
         .topic
         .map(|t| t.name)
@@ -64,6 +69,14 @@ fn incoming(m: pb::Message) -> Result<Incoming, pb::Status> {
     let kind = pb::MessageType::try_from(sys.message_type).unwrap_or(pb::MessageType::Normal);
     let group = sys.message_group.clone().unwrap_or_default();
     let deliver_at_ms = sys.delivery_timestamp.as_ref().map_or(0, millis);
+    if deliver_at_ms > latest_ms {
+        return Err(status::of(
+            pb::Code::IllegalDeliveryTime,
+            format!(
+                "delivery time {deliver_at_ms} is beyond max-schedule-delay (latest {latest_ms})"
+            ),
+        ));
+    }
     match kind {
         pb::MessageType::Fifo if group.is_empty() => {
             return Err(conflict("a FIFO message needs a message group"));
@@ -132,11 +145,13 @@ pub async fn send_message(
             entries: Vec::new(),
         };
     }
+    let latest_ms =
+        txmq_protocol::now_ms().saturating_add(shared.config.max_schedule_delay.as_millis() as u64);
     let mut entries: Vec<pb::SendResultEntry> = Vec::with_capacity(req.messages.len());
     let mut plain = Vec::new();
     let mut txn = Vec::new();
     for (i, m) in req.messages.into_iter().enumerate() {
-        match incoming(m) {
+        match incoming(m, latest_ms) {
             Ok(inc) => {
                 entries.push(pb::SendResultEntry {
                     message_id: inc.client_id.clone(),
@@ -165,8 +180,15 @@ pub async fn send_message(
     if !txn.is_empty() {
         let (at, messages): (Vec<usize>, Vec<_>) = txn.into_iter().unzip();
         let group = txn_group(&messages[0].topic);
-        let prepared =
-            check_messages(&messages, &shared).and_then(|()| prepare(None, group, messages, 0));
+        // A gRPC transaction belongs to its topic's group: one topic per transaction.
+        let one_topic = messages.iter().all(|m| m.topic == messages[0].topic);
+        let prepared = if one_topic {
+            check_messages(&messages, &shared).and_then(|()| prepare(None, group, messages, 0))
+        } else {
+            Err(crate::error::Error::Invalid(
+                "the messages of one transaction go to one topic here".into(),
+            ))
+        };
         let stored = match prepared {
             Ok(cmd) => shared.writer.submit(cmd).await,
             Err(e) => Err(e),
@@ -249,31 +271,30 @@ pub async fn end_transaction(
         // Still unknown: the check-back asks again later.
         _ => return reply(status::ok()),
     };
-    // The answer to a check this client's stream was sent: to the scheduler, as the
-    // answer of the connection asked (it resolves the transaction as a check-back).
-    if req.source == pb::TransactionSource::SourceServerCheck as i32
-        && let Some(client) = &client
-    {
-        for link in endpoint.sessions.links_of(client) {
-            if let Some(answer) = link.answer(txn, outcome) {
-                let sent = match link.shared() {
-                    Some(shared) => shared.answers.send(answer).await.is_ok(),
-                    None => false,
-                };
-                return if sent {
-                    reply(status::ok())
-                } else {
-                    reply(status::of(
-                        pb::Code::InternalServerError,
-                        "the broker is restarting its storage; the check comes again",
-                    ))
-                };
-            }
-        }
-    }
-    // Otherwise the producer's own end (also a check's answer that came too late).
-    let topic = req.topic.map(|t| t.name).unwrap_or_default();
-    let by = Resolver::Producer(txn_group(&topic));
+    // The answer to a check this client's stream was sent (the stream asked is the
+    // only one that can prove it): the transaction ends as a check-back, whether or not
+    // the scheduler still waits for it, and the client hears how it ended.
+    let asked = req.source == pb::TransactionSource::SourceServerCheck as i32
+        && client.as_deref().is_some_and(|c| {
+            endpoint
+                .sessions
+                .links_of(c)
+                .iter()
+                .any(|l| l.answered(txn))
+        });
+    let by = if asked {
+        let result = if outcome == native::TxnOutcome::Commit {
+            "commit"
+        } else {
+            "rollback"
+        };
+        shared.metrics.checks.with_label_values(&[result]).inc();
+        Resolver::CheckBack
+    } else {
+        // The producer's own end, for the transactions of its topic's group.
+        let topic = req.topic.map(|t| t.name).unwrap_or_default();
+        Resolver::Producer(txn_group(&topic))
+    };
     match shared
         .writer
         .submit(Command::End { txn, outcome, by })

@@ -17,9 +17,14 @@ use tonic::{Request, Status};
 use super::BoxStream;
 use super::checks::Link;
 use super::{Endpoint, client_id, pb, status};
+use crate::cmd::Shared;
 
 /// Commands a session's stream may hold waiting for the client.
 const OUTBOUND: usize = 64;
+/// Most Telemetry streams open at once.
+const MAX_SESSIONS: usize = 10_000;
+/// Most topics one producer's Settings may declare.
+const MAX_TOPICS: usize = 1_000;
 
 /// One open Telemetry stream.
 #[derive(Debug, Clone)]
@@ -28,7 +33,11 @@ pub struct Session {
     pub client_id: String,
     /// Its last settings.
     pub settings: pb::Settings,
-    /// Its registration as a producer for check-backs (a producer's stream).
+    /// Topics it publishes (a producer's stream).
+    pub topics: Vec<String>,
+    /// Commands to the client.
+    pub outbound: mpsc::Sender<Result<pb::TelemetryCommand, Status>>,
+    /// Its registration as a producer for check-backs, with the broker's current parts.
     pub link: Option<Arc<Link>>,
 }
 
@@ -46,11 +55,49 @@ impl Sessions {
         id
     }
 
-    fn update(&self, id: u64, settings: pb::Settings, link: Option<Arc<Link>>) {
+    fn update(
+        &self,
+        id: u64,
+        settings: pb::Settings,
+        topics: Vec<String>,
+        shared: Option<Arc<Shared>>,
+    ) {
         if let Some(s) = self.open.lock().expect("sessions lock").get_mut(&id) {
             s.settings = settings;
-            s.link = link;
+            s.link = match shared {
+                Some(shared) if !topics.is_empty() => {
+                    Some(Link::attach(shared, s.outbound.clone(), &topics))
+                }
+                _ => None,
+            };
+            s.topics = topics;
         }
+    }
+
+    /// Registers every producer's stream with `shared` (the broker's new parts), or
+    /// drops their registrations (`None`: storage is closed).
+    pub fn attach_all(&self, shared: Option<Arc<Shared>>) {
+        for s in self.open.lock().expect("sessions lock").values_mut() {
+            s.link = match &shared {
+                Some(shared) if !s.topics.is_empty() => {
+                    Some(Link::attach(shared.clone(), s.outbound.clone(), &s.topics))
+                }
+                _ => None,
+            };
+        }
+    }
+
+    /// Whether a client has a stream open.
+    pub fn has_client(&self, client_id: &str) -> bool {
+        self.open
+            .lock()
+            .expect("sessions lock")
+            .values()
+            .any(|s| s.client_id == client_id)
+    }
+
+    fn len(&self) -> usize {
+        self.open.lock().expect("sessions lock").len()
     }
 
     fn remove(&self, id: u64) {
@@ -85,6 +132,11 @@ pub fn open(
     let Some(client) = client_id(&request) else {
         return Err(Status::invalid_argument("x-mq-client-id is required"));
     };
+    if endpoint.sessions.len() >= MAX_SESSIONS {
+        return Err(Status::resource_exhausted(format!(
+            "the broker holds {MAX_SESSIONS} Telemetry streams already"
+        )));
+    }
     let mut inbound = request.into_inner();
     let (tx, rx) = mpsc::channel(OUTBOUND);
     let sessions = endpoint.sessions.clone();
@@ -96,6 +148,8 @@ pub fn open(
     let id = sessions.add(Session {
         client_id: client.clone(),
         settings: pb::Settings::default(),
+        topics: Vec::new(),
+        outbound: tx.clone(),
         link: None,
     });
     tokio::spawn(async move {
@@ -109,16 +163,25 @@ pub fn open(
             // Answers to commands the broker does not send (thread stacks, message
             // verification) need nothing.
             if let Some(pb::telemetry_command::Command::Settings(settings)) = command.command {
-                let merged = merge(settings, max_body, max_attempts, &backoff);
-                // A producer's stream takes the check-backs of its topics.
-                let link = match (&merged.pub_sub, live.get()) {
-                    (Some(pb::settings::PubSub::Publishing(p)), Some(shared)) => {
-                        let topics: Vec<String> = p.topics.iter().map(|t| t.name.clone()).collect();
-                        Some(Link::attach(shared, tx.clone(), &topics))
+                let shared = live.get();
+                let fifo = match (&settings.pub_sub, &shared) {
+                    (Some(pb::settings::PubSub::Subscription(s)), Some(shared)) => {
+                        ordered(shared, s).await
                     }
-                    _ => None,
+                    _ => false,
                 };
-                sessions.update(id, merged.clone(), link);
+                let merged = merge(settings, max_body, max_attempts, &backoff, fifo);
+                // A producer's stream takes the check-backs of its topics.
+                let topics: Vec<String> = match &merged.pub_sub {
+                    Some(pb::settings::PubSub::Publishing(p)) => p
+                        .topics
+                        .iter()
+                        .take(MAX_TOPICS)
+                        .map(|t| t.name.clone())
+                        .collect(),
+                    _ => Vec::new(),
+                };
+                sessions.update(id, merged.clone(), topics, shared);
                 let reply = pb::TelemetryCommand {
                     status: Some(status::ok()),
                     command: Some(pb::telemetry_command::Command::Settings(merged)),
@@ -132,6 +195,31 @@ pub fn open(
         tracing::debug!(client = %client, "telemetry stream closed");
     });
     Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
+}
+
+/// Whether the group of a subscription is ordered on any of its topics.
+async fn ordered(shared: &Arc<Shared>, s: &pb::Subscription) -> bool {
+    let Some(group) = s.group.as_ref().map(|g| g.name.clone()) else {
+        return false;
+    };
+    let ids: Vec<u32> = s
+        .subscriptions
+        .iter()
+        .filter_map(|e| e.topic.as_ref())
+        .filter_map(|t| shared.topics.get(&t.name))
+        .map(|t| t.id)
+        .take(MAX_TOPICS)
+        .collect();
+    crate::cmd::blocking(&shared.storage, move |st| {
+        for id in ids {
+            if st.cursor(&group, id)?.is_some_and(|c| c.ordered) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    })
+    .await
+    .unwrap_or(false)
 }
 
 fn duration(d: Duration) -> prost_types::Duration {
@@ -149,6 +237,7 @@ fn merge(
     max_body: i32,
     max_attempts: u32,
     backoff: &[Duration],
+    fifo: bool,
 ) -> pb::Settings {
     use pb::retry_policy::Strategy;
     match &mut settings.pub_sub {
@@ -167,7 +256,8 @@ fn merge(
         Some(pb::settings::PubSub::Subscription(s)) => {
             s.receive_batch_size = Some(s.receive_batch_size.unwrap_or(32).clamp(1, 1024));
             s.long_polling_timeout = Some(duration(Duration::from_secs(20)));
-            s.fifo = Some(s.fifo.unwrap_or(false));
+            // The group's own ordering (a consumer learns it from the broker).
+            s.fifo = Some(fifo);
             settings.backoff_policy = Some(pb::RetryPolicy {
                 max_attempts: i32::try_from(max_attempts).unwrap_or(i32::MAX),
                 strategy: Some(Strategy::CustomizedBackoff(pb::CustomizedBackoff {

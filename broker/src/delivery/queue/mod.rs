@@ -356,6 +356,19 @@ impl Queue {
                     let _ = reply.send(Err(e));
                 }
             },
+            QueueMsg::DeadLetter {
+                lease,
+                reason,
+                reply,
+            } => match self.take_lease(lease) {
+                Ok(l) => {
+                    let ops = self.dead_letter(lease.offset, l, &reason);
+                    self.writer.submit_to(Command::Raw(ops), reply).await;
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
             QueueMsg::Extend {
                 lease,
                 lease_for,

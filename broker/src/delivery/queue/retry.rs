@@ -29,28 +29,8 @@ impl Queue {
     ) -> Vec<Op> {
         let key = keys::group_offset(&self.group, self.topic.id, offset);
         if lease.attempt >= self.max_attempts() {
-            self.dead_letters += 1;
-            self.metrics.dead_letters.inc();
-            let record = DeadLetterRecord {
-                topic: self.topic.name.clone(),
-                offset,
-                reason: format!("{why} on attempt {}", lease.attempt),
-                attempts: lease.attempt,
-                dead_ms: now_ms(),
-            };
-            let mut ops = vec![Op::Put(
-                Cf::Dlq,
-                keys::dead_letter(&self.group, self.topic.id, offset),
-                record.encode_to_vec(),
-            )];
-            ops.extend(self.mark_acked(offset));
-            ops.extend(self.advance_floor());
-            if self.fifo.is_some() {
-                // Dead-lettered: the next of its message group may go, once this write
-                // is durable (a crash before would bring it back after the next).
-                self.dead_unreleased.push(offset);
-            }
-            return ops;
+            let reason = format!("{why} on attempt {}", lease.attempt);
+            return self.dead_letter(offset, lease, &reason);
         }
         let delay = delay.unwrap_or_else(|| self.config.nack_wait(lease.attempt));
         let rec = RetryRecord {
@@ -62,6 +42,32 @@ impl Queue {
         }
         self.retry_due.insert((rec.due_ms, offset));
         vec![Op::Put(Cf::Retry, key, rec.encode_to_vec())]
+    }
+
+    /// Moves a delivery to the group's dead letters, now; returns the writes.
+    pub(super) fn dead_letter(&mut self, offset: u64, lease: Lease, reason: &str) -> Vec<Op> {
+        self.dead_letters += 1;
+        self.metrics.dead_letters.inc();
+        let record = DeadLetterRecord {
+            topic: self.topic.name.clone(),
+            offset,
+            reason: reason.to_string(),
+            attempts: lease.attempt,
+            dead_ms: now_ms(),
+        };
+        let mut ops = vec![Op::Put(
+            Cf::Dlq,
+            keys::dead_letter(&self.group, self.topic.id, offset),
+            record.encode_to_vec(),
+        )];
+        ops.extend(self.mark_acked(offset));
+        ops.extend(self.advance_floor());
+        if self.fifo.is_some() {
+            // Dead-lettered: the next of its message group may go, once this write
+            // is durable (a crash before would bring it back after the next).
+            self.dead_unreleased.push(offset);
+        }
+        ops
     }
 
     /// Redriven messages sit below the floor yet are not done.
