@@ -3,6 +3,7 @@ broker's gRPC endpoint, for txmq's black-box tests. Every command prints one JSO
 object per line on stdout; the client's own logs go to stderr.
 
     client.py ENDPOINT produce TOPIC COUNT [--key K] [--tag T] [--group G] [--delay-ms MS]
+        [--prefix P]
     client.py ENDPOINT txn TOPIC BODY commit|rollback
     client.py ENDPOINT txn-check TOPIC BODY commit|rollback
         (leaves the transaction open; its checker answers the broker's check-back)
@@ -67,7 +68,8 @@ def produce(endpoint, topic, count, args):
             # The Python client takes the delivery time in whole seconds (its
             # Timestamp's seconds): the next whole second at least `delay` ms ahead.
             deliver_at = -(-(int(time.time() * 1000) + int(delay)) // 1000) if delay else None
-            m = message(topic, f"py-{i}", option(args, "--key"), option(args, "--tag"),
+            prefix = option(args, "--prefix") or "py-"
+            m = message(topic, f"{prefix}{i}", option(args, "--key"), option(args, "--tag"),
                         option(args, "--group"), deliver_at)
             receipt = producer.send(m)
             out(sent=i, message_id=receipt.message_id, offset=receipt.offset,
@@ -197,7 +199,7 @@ class Listener(MessageListener):
                 if self.successes >= self.target:
                     self.done.set()
             out(body=body, attempt=message.delivery_attempt, ok=not fail,
-                at_ms=int(time.time() * 1000))
+                group=message.message_group, at_ms=int(time.time() * 1000))
         return ConsumeResult.FAILURE if fail else ConsumeResult.SUCCESS
 
 

@@ -385,3 +385,67 @@ async fn a_push_consumers_slow_work_keeps_its_lease() {
         "redelivered while its consumer was still working on it"
     );
 }
+
+/// FIFO over gRPC (item 6): a Python producer's messages of two message groups, read
+/// by a Python push consumer of an ordered group (the Settings reply tells it the group
+/// is ordered), arrive in order within each message group, also when one of them fails
+/// once: the next of its group waits until it is retried and taken (I8).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifo_order_holds_over_grpc() {
+    let b = TestBroker::start(&["--grpc-listen", "127.0.0.1:0", "--nack-backoff", "1s"]);
+    // The group is made ordered by its first subscription (a native one here).
+    let ordered = ConsumerOptions::new("in-order", "fifo2").ordered(true);
+    drop(Consumer::subscribe(b.addr(), ordered).await.unwrap());
+    let grpc = b.grpc_addr().to_string();
+    let got = tokio::task::spawn_blocking(move || {
+        client(
+            &grpc,
+            &[
+                "produce", "fifo2", "4", "--group", "user-a", "--prefix", "a-",
+            ],
+        );
+        client(
+            &grpc,
+            &[
+                "produce", "fifo2", "4", "--group", "user-b", "--prefix", "b-",
+            ],
+        );
+        client(
+            &grpc,
+            &["push", "in-order", "fifo2", "8", "--fail-once", "a-1"],
+        )
+    })
+    .await
+    .unwrap();
+    let seen: Vec<(String, String, bool)> = got
+        .iter()
+        .filter_map(|v| {
+            let body = v["body"].as_str()?.to_string();
+            Some((body, v["group"].as_str()?.to_string(), v["ok"].as_bool()?))
+        })
+        .collect();
+    for (group, prefix) in [("user-a", "a-"), ("user-b", "b-")] {
+        let of_group: Vec<(&str, bool)> = seen
+            .iter()
+            .filter(|(_, g, _)| g == group)
+            .map(|(b, _, ok)| (b.as_str(), *ok))
+            .collect();
+        let expected: Vec<(String, bool)> = if prefix == "a-" {
+            vec![
+                ("a-0", true),
+                ("a-1", false),
+                ("a-1", true),
+                ("a-2", true),
+                ("a-3", true),
+            ]
+            .into_iter()
+            .map(|(b, ok)| (b.to_string(), ok))
+            .collect()
+        } else {
+            (0..4).map(|i| (format!("b-{i}"), true)).collect()
+        };
+        let expected: Vec<(&str, bool)> =
+            expected.iter().map(|(b, ok)| (b.as_str(), *ok)).collect();
+        assert_eq!(of_group, expected, "message group {group}: {seen:?}");
+    }
+}
