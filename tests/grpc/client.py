@@ -16,6 +16,8 @@ object per line on stdout; the client's own logs go to stderr.
         [--slow BODY:SECONDS] [--wait S]
         (a PushConsumer consumes until SUCCESSES messages succeeded; its listener fails
         the first delivery of --fail-once and every delivery of --always-fail)
+    client.py ENDPOINT hostile
+        (raw calls with bad input; prints each call's status code)
     client.py ENDPOINT cancel-receive GROUP TOPIC
         (a raw ReceiveMessage long poll, cancelled by the client after a second)
 """
@@ -246,12 +248,77 @@ def cancel_receive(endpoint, group, topic):
     channel.close()
 
 
+def hostile(endpoint):
+    import grpc
+    from google.protobuf.duration_pb2 import Duration
+    from google.protobuf.timestamp_pb2 import Timestamp
+    from rocketmq.grpc_protocol import definition_pb2 as d
+    from rocketmq.grpc_protocol import service_pb2 as s
+    from rocketmq.grpc_protocol.service_pb2_grpc import MessagingServiceStub
+    stub = MessagingServiceStub(grpc.insecure_channel(endpoint))
+    meta = [("x-mq-client-id", "hostile-test")]
+
+    def msg(topic="h", mid="0001", kind=d.NORMAL, body=b"x", group=None, at=None):
+        props = d.SystemProperties(message_id=mid, message_type=kind,
+                                   body_encoding=d.IDENTITY)
+        if group:
+            props.message_group = group
+        if at:
+            props.delivery_timestamp.CopyFrom(at)
+        return d.Message(topic=d.Resource(name=topic), system_properties=props, body=body)
+
+    def send(*messages):
+        r = stub.SendMessage(s.SendMessageRequest(messages=list(messages)), metadata=meta)
+        return r.status.code
+
+    far = Timestamp(seconds=int(time.time()) + 60 * 86400)
+    out(call="empty send", code=send())
+    out(call="bad topic name", code=send(msg(topic="bad name!")))
+    out(call="no message id", code=send(msg(mid="")))
+    out(call="fifo without group", code=send(msg(kind=d.FIFO)))
+    out(call="body too large", code=send(msg(body=b"x" * (5 << 20))))
+    out(call="delay too far", code=send(msg(kind=d.DELAY, at=far)))
+    end = lambda txn, res: stub.EndTransaction(s.EndTransactionRequest(  # noqa: E731
+        topic=d.Resource(name="h"), transaction_id=txn, resolution=res,
+        source=d.SOURCE_CLIENT), metadata=meta).status.code
+    out(call="end malformed txn", code=end("xyz", d.COMMIT))
+    out(call="end unknown txn", code=end("0" * 32, d.COMMIT))
+    r = stub.SendMessage(s.SendMessageRequest(messages=[msg(kind=d.TRANSACTION)]), metadata=meta)
+    txn = r.entries[0].transaction_id
+    out(call="rollback", code=end(txn, d.ROLLBACK))
+    out(call="commit after rollback", code=end(txn, d.COMMIT))
+    ack = stub.AckMessage(s.AckMessageRequest(
+        group=d.Resource(name="g"), topic=d.Resource(name="h"),
+        entries=[s.AckMessageEntry(message_id="1", receipt_handle="forged")]), metadata=meta)
+    out(call="ack forged handle", code=ack.entries[0].status.code)
+    change = stub.ChangeInvisibleDuration(s.ChangeInvisibleDurationRequest(
+        group=d.Resource(name="g"), topic=d.Resource(name="h"), receipt_handle="txmq1.0.0",
+        invisible_duration=Duration(seconds=13 * 3600)), metadata=meta)
+    out(call="invisible 13 h", code=change.status.code)
+
+    def receive(**kw):
+        req = s.ReceiveMessageRequest(group=d.Resource(name="g"),
+                                      message_queue=d.MessageQueue(topic=d.Resource(name="h")),
+                                      batch_size=1, long_polling_timeout=Duration(seconds=1), **kw)
+        for r in stub.ReceiveMessage(req, metadata=meta):
+            return r.status.code
+    out(call="receive invisible 0.5 s", code=receive(invisible_duration=Duration(nanos=500_000_000)))
+    out(call="receive sql filter", code=receive(
+        invisible_duration=Duration(seconds=10),
+        filter_expression=d.FilterExpression(type=d.SQL, expression="a > 1")))
+    route = stub.QueryRoute(s.QueryRouteRequest(topic=d.Resource(name="")), metadata=meta)
+    out(call="route without topic", code=route.status.code)
+    out(call="a good send after all that", code=send(msg(mid="0002")))
+
+
 def main():
     endpoint, command, *args = sys.argv[1:]
     if command == "produce":
         produce(endpoint, args[0], args[1], args[2:])
     elif command == "txn":
         txn(endpoint, args[0], args[1], args[2])
+    elif command == "hostile":
+        hostile(endpoint)
     elif command == "cancel-receive":
         cancel_receive(endpoint, args[0], args[1])
     elif command == "push":

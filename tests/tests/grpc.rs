@@ -449,3 +449,42 @@ async fn fifo_order_holds_over_grpc() {
         assert_eq!(of_group, expected, "message group {group}: {seen:?}");
     }
 }
+
+/// Bad input over gRPC (item 8): each gets a status code the clients know, none
+/// crashes the broker, and it serves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_grpc_input_gets_codes_clients_know() {
+    let b = TestBroker::start(&["--grpc-listen", "127.0.0.1:0"]);
+    let grpc = b.grpc_addr().to_string();
+    let got = tokio::task::spawn_blocking(move || client(&grpc, &["hostile"]))
+        .await
+        .unwrap();
+    let code = |call: &str| {
+        got.iter()
+            .find(|v| v["call"] == call)
+            .and_then(|v| v["code"].as_u64())
+            .unwrap_or_else(|| panic!("{call} missing: {got:?}"))
+    };
+    let expected = [
+        ("empty send", 40000),
+        ("bad topic name", 40002),
+        ("no message id", 40009),
+        ("fifo without group", 40014),
+        ("body too large", 41301),
+        ("delay too far", 40012),
+        ("end malformed txn", 40008),
+        ("end unknown txn", 40008),
+        ("rollback", 20000),
+        ("commit after rollback", 42800),
+        ("ack forged handle", 40013),
+        ("invisible 13 h", 40011),
+        ("receive invisible 0.5 s", 40011),
+        ("receive sql filter", 50500),
+        ("route without topic", 40002),
+        ("a good send after all that", 20000),
+    ];
+    for (call, want) in expected {
+        assert_eq!(code(call), want, "{call}");
+    }
+    assert!(b.log_text().lines().all(|l| !l.contains("panicked")));
+}
