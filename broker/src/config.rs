@@ -117,6 +117,14 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// Where to serve the RocketMQ 5 gRPC endpoint (`none`: not served).
     pub grpc_listen: String,
+    /// File of access key / secret pairs (one `KEY SECRET` a line, `#` comments) the
+    /// gRPC clients sign their requests with (RocketMQ's HMAC-SHA1 `authorization`);
+    /// unset: the endpoint takes unsigned requests.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grpc_credentials_file: Option<PathBuf>,
+    /// The pairs themselves, read at start; never printed.
+    #[serde(skip)]
+    pub grpc_credentials: Vec<(String, String)>,
 }
 
 impl Default for Config {
@@ -164,6 +172,8 @@ impl Default for Config {
             auth_token: None,
             metrics_listen: None,
             grpc_listen: "127.0.0.1:8081".into(),
+            grpc_credentials_file: None,
+            grpc_credentials: Vec::new(),
         }
     }
 }
@@ -202,6 +212,9 @@ impl Config {
             }
             None => None,
         };
+        if let Some(path) = &config.grpc_credentials_file {
+            config.grpc_credentials = read_credentials(path)?;
+        }
         config.validate()?;
         Ok(config)
     }
@@ -230,10 +243,14 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), String> {
-        if self.grpc_addr()?.is_some() && self.auth_token_file.is_some() {
+        if self.grpc_addr()?.is_some()
+            && self.auth_token_file.is_some()
+            && self.grpc_credentials_file.is_none()
+        {
             return Err(
-                "the gRPC endpoint does not check credentials yet: with auth-token-file, \
-                 turn it off (grpc-listen = \"none\")"
+                "auth-token-file protects the native port only: give the gRPC endpoint its \
+                 credentials too (grpc-credentials-file), or turn it off \
+                 (grpc-listen = \"none\")"
                     .into(),
             );
         }
@@ -384,6 +401,38 @@ mod duration_list {
         };
         super::parse_duration_list(&text).map_err(serde::de::Error::custom)
     }
+}
+
+/// Reads a credentials file: one `ACCESS_KEY SECRET` a line; blank lines and `#`
+/// comments are skipped.
+fn read_credentials(path: &std::path::Path) -> Result<Vec<(String, String)>, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read grpc-credentials-file {}: {e}", path.display()))?;
+    let mut pairs = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let mut words = line.split_whitespace();
+        match (words.next(), words.next(), words.next()) {
+            (Some(key), Some(secret), None) => pairs.push((key.to_string(), secret.to_string())),
+            _ => {
+                return Err(format!(
+                    "grpc-credentials-file {} line {}: expected ACCESS_KEY SECRET",
+                    path.display(),
+                    n + 1
+                ));
+            }
+        }
+    }
+    if pairs.is_empty() {
+        return Err(format!(
+            "grpc-credentials-file {} holds no ACCESS_KEY SECRET line",
+            path.display()
+        ));
+    }
+    Ok(pairs)
 }
 
 #[cfg(test)]

@@ -138,6 +138,9 @@ struct Flags {
     /// clients) on this address, or `none` [default: 127.0.0.1:8081].
     #[arg(long, env = "TXMQ_GRPC_LISTEN")]
     grpc_listen: Option<String>,
+    /// File of `ACCESS_KEY SECRET` lines the gRPC clients must sign their requests with.
+    #[arg(long, env = "TXMQ_GRPC_CREDENTIALS_FILE")]
+    grpc_credentials_file: Option<PathBuf>,
 }
 
 fn duration_text(text: &str) -> Result<String, String> {

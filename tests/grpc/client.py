@@ -37,7 +37,10 @@ def out(**fields):
 
 
 def config(endpoint):
-    return ClientConfiguration(endpoint, Credentials())
+    # TXMQ_AK / TXMQ_SK: the access key and secret to sign requests with.
+    import os
+    credentials = Credentials(os.environ.get("TXMQ_AK", ""), os.environ.get("TXMQ_SK", ""))
+    return ClientConfiguration(endpoint, credentials, request_timeout=5)
 
 
 def message(topic, body, key=None, tag=None, group=None, deliver_at=None):

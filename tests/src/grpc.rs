@@ -28,11 +28,20 @@ pub fn python() -> &'static Path {
 /// Runs `client.py ENDPOINT ARGS…` (bounded), asserts it succeeded, and returns the
 /// JSON objects it printed.
 pub fn client(endpoint: &str, args: &[&str]) -> Vec<serde_json::Value> {
+    let (ok, out, err) = run(endpoint, args, &[]);
+    assert!(ok, "client.py {args:?} failed:\n{err}\nstdout:\n{out}");
+    crate::json_lines(&out)
+}
+
+/// Runs `client.py` with environment `env` (bounded): whether it succeeded, its stdout
+/// and its stderr.
+pub fn run(endpoint: &str, args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("grpc/client.py");
     let mut child = Command::new(python())
         .arg(script)
         .arg(endpoint)
         .args(args)
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -48,9 +57,5 @@ pub fn client(endpoint: &str, args: &[&str]) -> Vec<serde_json::Value> {
     let (out, err) = (read(Box::new(stdout)), read(Box::new(stderr)));
     let status = crate::wait_timeout(&mut child, Duration::from_secs(120));
     let (out, err) = (out.join().unwrap(), err.join().unwrap());
-    assert!(
-        status.is_some_and(|s| s.success()),
-        "client.py {args:?} failed ({status:?}):\n{err}\nstdout:\n{out}"
-    );
-    crate::json_lines(&out)
+    (status.is_some_and(|s| s.success()), out, err)
 }

@@ -488,3 +488,43 @@ async fn bad_grpc_input_gets_codes_clients_know() {
     }
     assert!(b.log_text().lines().all(|l| !l.contains("panicked")));
 }
+
+/// Credentials (item 7): with `--grpc-credentials-file`, a client signing with a listed
+/// key and its secret is served; one with a wrong secret or none is refused, and
+/// nothing it sent is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signed_requests_only_with_credentials() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("credentials");
+    std::fs::write(&file, "# access key, secret\nteam-a s3cret\n").unwrap();
+    let b = TestBroker::start(&[
+        "--grpc-listen",
+        "127.0.0.1:0",
+        "--grpc-credentials-file",
+        file.to_str().unwrap(),
+    ]);
+    let grpc = b.grpc_addr().to_string();
+    let (good, bad, none) = tokio::task::spawn_blocking(move || {
+        let args = ["produce", "signed", "1"];
+        (
+            txmq_tests::grpc::run(
+                &grpc,
+                &args,
+                &[("TXMQ_AK", "team-a"), ("TXMQ_SK", "s3cret")],
+            ),
+            txmq_tests::grpc::run(&grpc, &args, &[("TXMQ_AK", "team-a"), ("TXMQ_SK", "guess")]),
+            txmq_tests::grpc::run(&grpc, &args, &[]),
+        )
+    })
+    .await
+    .unwrap();
+    assert!(good.0, "a signed client was refused: {}", good.2);
+    assert!(!bad.0, "a wrong secret was served");
+    assert!(!none.0, "an unsigned client was served");
+    let got = receive(&b, "g", "signed", 1).await;
+    assert_eq!(got[0].body().as_ref(), b"py-0");
+    let mut c = Consumer::subscribe(b.addr(), ConsumerOptions::new("g", "signed"))
+        .await
+        .unwrap();
+    assert!(next(&mut c, Duration::from_millis(500)).await.is_none());
+}

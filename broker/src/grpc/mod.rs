@@ -15,9 +15,11 @@
 //! - `checks`: check-backs to gRPC producers, through the one check-back scheduler.
 //! - `convert`: stored messages in the gRPC form.
 //! - [`status`]: txmq's errors as the codes clients know.
+//! - `auth`: the clients' HMAC-SHA1 signatures, with `grpc-credentials-file`.
 //!
 //! What the clients expect, read from their source, is in `../shared/rocketmq-grpc.md`.
 
+mod auth;
 mod checks;
 mod convert;
 mod receive;
@@ -95,9 +97,14 @@ pub async fn serve(
     // A request is at most what a native frame may be; a receive's answer is bounded by
     // its byte budget (`receive`), a message by max-message-bytes.
     let max = endpoint.config.max_frame_len;
+    let credentials = Arc::new(endpoint.config.grpc_credentials.clone());
     let service = MessagingServiceServer::new(endpoint)
         .max_decoding_message_size(max)
         .max_encoding_message_size(max.saturating_mul(2));
+    let service = tonic::service::interceptor::InterceptedService::new(
+        service,
+        auth::interceptor(credentials),
+    );
     tracing::info!(addr = ?addr, "grpc endpoint");
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     // Keepalives find clients that vanished (their streams then end).
