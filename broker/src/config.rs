@@ -125,6 +125,16 @@ pub struct Config {
     /// The pairs themselves, read at start; never printed.
     #[serde(skip)]
     pub grpc_credentials: Vec<(String, String)>,
+    /// PEM certificate (chain) of the gRPC endpoint: with `grpc_tls_key`, it serves TLS
+    /// instead of plaintext h2c.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grpc_tls_cert: Option<PathBuf>,
+    /// PEM private key for `grpc_tls_cert`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grpc_tls_key: Option<PathBuf>,
+    /// Both, read at start (certificate, key); the key is never printed.
+    #[serde(skip)]
+    pub grpc_tls: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 impl Default for Config {
@@ -174,6 +184,9 @@ impl Default for Config {
             grpc_listen: "127.0.0.1:8081".into(),
             grpc_credentials_file: None,
             grpc_credentials: Vec::new(),
+            grpc_tls_cert: None,
+            grpc_tls_key: None,
+            grpc_tls: None,
         }
     }
 }
@@ -215,6 +228,14 @@ impl Config {
         if let Some(path) = &config.grpc_credentials_file {
             config.grpc_credentials = read_credentials(path)?;
         }
+        config.grpc_tls = match (&config.grpc_tls_cert, &config.grpc_tls_key) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => Some((
+                read_pem(cert, "grpc-tls-cert", "CERTIFICATE")?,
+                read_pem(key, "grpc-tls-key", "PRIVATE KEY")?,
+            )),
+            _ => return Err("grpc-tls-cert and grpc-tls-key go together".into()),
+        };
         config.validate()?;
         Ok(config)
     }
@@ -401,6 +422,16 @@ mod duration_list {
         };
         super::parse_duration_list(&text).map_err(serde::de::Error::custom)
     }
+}
+
+/// Reads a PEM file that must hold a `what` block.
+fn read_pem(path: &std::path::Path, setting: &str, what: &str) -> Result<Vec<u8>, String> {
+    let pem = std::fs::read(path)
+        .map_err(|e| format!("cannot read {setting} {}: {e}", path.display()))?;
+    if !String::from_utf8_lossy(&pem).contains(what) {
+        return Err(format!("{setting} {} holds no PEM {what}", path.display()));
+    }
+    Ok(pem)
 }
 
 /// Reads a credentials file: one `ACCESS_KEY SECRET` a line; blank lines and `#`

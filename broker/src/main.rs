@@ -141,6 +141,12 @@ struct Flags {
     /// File of `ACCESS_KEY SECRET` lines the gRPC clients must sign their requests with.
     #[arg(long, env = "TXMQ_GRPC_CREDENTIALS_FILE")]
     grpc_credentials_file: Option<PathBuf>,
+    /// PEM certificate of the gRPC endpoint (with --grpc-tls-key: TLS, not plaintext).
+    #[arg(long, env = "TXMQ_GRPC_TLS_CERT")]
+    grpc_tls_cert: Option<PathBuf>,
+    /// PEM private key of the gRPC endpoint's certificate.
+    #[arg(long, env = "TXMQ_GRPC_TLS_KEY")]
+    grpc_tls_key: Option<PathBuf>,
 }
 
 fn duration_text(text: &str) -> Result<String, String> {

@@ -36,6 +36,13 @@ def out(**fields):
     print(json.dumps(fields), flush=True)
 
 
+def tls():
+    # TXMQ_TLS=1: a TLS channel (the server's certificate is trusted through grpc's
+    # GRPC_DEFAULT_SSL_ROOTS_FILE_PATH).
+    import os
+    return os.environ.get("TXMQ_TLS") == "1"
+
+
 def config(endpoint):
     # TXMQ_AK / TXMQ_SK: the access key and secret to sign requests with.
     import os
@@ -65,7 +72,7 @@ def option(args, name):
 
 
 def produce(endpoint, topic, count, args):
-    producer = Producer(config(endpoint), (topic,))
+    producer = Producer(config(endpoint), (topic,), tls_enable=tls())
     producer.startup()
     try:
         delay = option(args, "--delay-ms")

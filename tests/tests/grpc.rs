@@ -528,3 +528,46 @@ async fn signed_requests_only_with_credentials() {
         .unwrap();
     assert!(next(&mut c, Duration::from_millis(500)).await.is_none());
 }
+
+/// TLS (item 1): given a certificate and key, the endpoint serves TLS; a client that
+/// trusts the certificate is served over it, a plaintext one is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_endpoint_serves_tls_with_a_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    let (cert_file, key_file) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_file, cert.pem()).unwrap();
+    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+    let b = TestBroker::start(&[
+        "--grpc-listen",
+        "127.0.0.1:0",
+        "--grpc-tls-cert",
+        cert_file.to_str().unwrap(),
+        "--grpc-tls-key",
+        key_file.to_str().unwrap(),
+    ]);
+    let grpc = b.grpc_addr().to_string();
+    let roots = cert_file.to_str().unwrap().to_string();
+    let (secure, plain) = tokio::task::spawn_blocking(move || {
+        let args = ["produce", "secure", "1"];
+        (
+            txmq_tests::grpc::run(
+                &grpc,
+                &args,
+                &[
+                    ("TXMQ_TLS", "1"),
+                    ("GRPC_DEFAULT_SSL_ROOTS_FILE_PATH", &roots),
+                ],
+            ),
+            txmq_tests::grpc::run(&grpc, &args, &[]),
+        )
+    })
+    .await
+    .unwrap();
+    assert!(secure.0, "a TLS client was refused: {}", secure.2);
+    assert!(!plain.0, "a plaintext client was served by a TLS endpoint");
+    let got = receive(&b, "g", "secure", 1).await;
+    assert_eq!(got[0].body().as_ref(), b"py-0");
+}

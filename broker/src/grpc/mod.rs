@@ -98,6 +98,7 @@ pub async fn serve(
     // its byte budget (`receive`), a message by max-message-bytes.
     let max = endpoint.config.max_frame_len;
     let credentials = Arc::new(endpoint.config.grpc_credentials.clone());
+    let tls = endpoint.config.grpc_tls.clone();
     let service = MessagingServiceServer::new(endpoint)
         .max_decoding_message_size(max)
         .max_encoding_message_size(max.saturating_mul(2));
@@ -105,10 +106,22 @@ pub async fn serve(
         service,
         auth::interceptor(credentials),
     );
-    tracing::info!(addr = ?addr, "grpc endpoint");
+    tracing::info!(addr = ?addr, tls = tls.is_some(), "grpc endpoint");
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let mut builder = tonic::transport::Server::builder();
+    if let Some((cert, key)) = &tls {
+        let identity = tonic::transport::Identity::from_pem(cert, key);
+        builder =
+            match builder.tls_config(tonic::transport::ServerTlsConfig::new().identity(identity)) {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::error!("grpc endpoint not served: its TLS certificate or key: {e}");
+                    return;
+                }
+            };
+    }
     // Keepalives find clients that vanished (their streams then end).
-    let served = tonic::transport::Server::builder()
+    let served = builder
         .tcp_keepalive(Some(std::time::Duration::from_secs(60)))
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
