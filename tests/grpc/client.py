@@ -16,6 +16,12 @@ object per line on stdout; the client's own logs go to stderr.
         [--slow BODY:SECONDS] [--wait S]
         (a PushConsumer consumes until SUCCESSES messages succeeded; its listener fails
         the first delivery of --fail-once and every delivery of --always-fail)
+    client.py ENDPOINT torture-produce TOPIC PREFIX
+        (sends PREFIX0, PREFIX1, … until killed, through broker restarts; prints each
+        send the broker acknowledged, at once)
+    client.py ENDPOINT torture-consume GROUP TOPIC
+        (a SimpleConsumer that receives and acks until killed, through broker restarts;
+        prints each delivery and each ack's outcome, at once)
     client.py ENDPOINT hostile
         (raw calls with bad input; prints each call's status code)
     client.py ENDPOINT cancel-receive GROUP TOPIC
@@ -321,12 +327,61 @@ def hostile(endpoint):
     out(call="a good send after all that", code=send(msg(mid="0002")))
 
 
+def torture_produce(endpoint, topic, prefix):
+    producer = None
+    while producer is None:
+        try:
+            producer = Producer(config(endpoint), (topic,))
+            producer.startup()
+        except Exception:
+            producer = None
+            time.sleep(0.1)
+    seq = 0
+    while True:
+        body = f"{prefix}{seq}"
+        seq += 1
+        try:
+            producer.send(message(topic, body))
+            out(acked=body)
+        except Exception:
+            time.sleep(0.05)
+
+
+def torture_consume(endpoint, group, topic):
+    consumer = None
+    while consumer is None:
+        try:
+            consumer = SimpleConsumer(config(endpoint), group, {topic: FilterExpression()}, 2)
+            consumer.startup()
+        except Exception:
+            consumer = None
+            time.sleep(0.1)
+    while True:
+        try:
+            messages = consumer.receive(16, 5)
+        except Exception:
+            time.sleep(0.05)
+            continue
+        for m in messages:
+            body = m.body.decode()
+            out(delivered=body, attempt=m.delivery_attempt)
+            try:
+                consumer.ack(m)
+                out(acked=body)
+            except Exception as e:
+                out(ack_failed=body, error=str(e)[:200])
+
+
 def main():
     endpoint, command, *args = sys.argv[1:]
     if command == "produce":
         produce(endpoint, args[0], args[1], args[2:])
     elif command == "txn":
         txn(endpoint, args[0], args[1], args[2])
+    elif command == "torture-produce":
+        torture_produce(endpoint, args[0], args[1])
+    elif command == "torture-consume":
+        torture_consume(endpoint, args[0], args[1])
     elif command == "hostile":
         hostile(endpoint)
     elif command == "cancel-receive":

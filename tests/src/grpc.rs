@@ -33,6 +33,20 @@ pub fn client(endpoint: &str, args: &[&str]) -> Vec<serde_json::Value> {
     crate::json_lines(&out)
 }
 
+/// Starts `client.py ENDPOINT ARGS…` running on its own (a long-lived driver such as
+/// `torture-produce`): its stdout piped, stderr dropped. The caller stops it.
+pub fn spawn(endpoint: &str, args: &[&str]) -> std::process::Child {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("grpc/client.py");
+    Command::new(python())
+        .arg(script)
+        .arg(endpoint)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run client.py")
+}
+
 /// Runs `client.py` with environment `env` (bounded): whether it succeeded, its stdout
 /// and its stderr.
 pub fn run(endpoint: &str, args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {

@@ -84,13 +84,26 @@ impl TestBroker {
     pub fn start_on_fixed_port(args: &[&str]) -> Self {
         let mut b = Self::start(args);
         b.listen = b.addr.clone();
+        b.fix_grpc_port();
         b
+    }
+
+    /// Keeps the gRPC endpoint's port across restarts too (when the test asked for one).
+    fn fix_grpc_port(&mut self) {
+        if let (Some(addr), Some(at)) = (
+            self.grpc_addr.clone(),
+            self.args.iter().position(|a| a == "--grpc-listen"),
+        ) && let Some(value) = self.args.get_mut(at + 1)
+        {
+            *value = addr;
+        }
     }
 
     /// [`TestBroker::start_on_fixed_port`] on a given data directory.
     pub fn start_on_fixed_port_in(data_dir: Option<PathBuf>, args: &[&str]) -> Self {
         let mut b = Self::start_in(data_dir, args);
         b.listen = b.addr.clone();
+        b.fix_grpc_port();
         b
     }
 

@@ -11,6 +11,13 @@
 //! - nothing rolled back, left unknown (so discarded or still half) was ever delivered;
 //! - nothing was delivered to a group again after its ack there was confirmed.
 //!
+//! Beside the native clients, a gRPC producer and a gRPC consumer (the official Python
+//! client, issue 16) run through the same kills: what the gRPC producer was told is
+//! stored must reach both groups; the gRPC consumer is one more consumer of group `ga`.
+//! The gRPC producer's sends are at least once (its client retries a send whose answer
+//! it lost, and nothing dedupes them yet), so a second copy of one of its messages after
+//! an ack is not counted as a redelivery.
+//!
 //! `TXMQ_TORTURE_KILLS` sets the number of kills (default 20, the CI mode); a longer run
 //! is `TXMQ_TORTURE_KILLS=200 cargo nextest run -p txmq-tests --test torture`.
 
@@ -84,6 +91,8 @@ struct Counts {
 
 struct World {
     addr: String,
+    /// The gRPC endpoint.
+    grpc: String,
     ledger: Mutex<Ledger>,
     groups: [Mutex<GroupLog>; 2],
     counts: Counts,
@@ -240,7 +249,7 @@ async fn consumer(world: Arc<World>, g: usize) {
                 if d.attempt > 1 {
                     log.redeliveries += 1;
                 }
-                if log.acked.contains(&body) {
+                if log.acked.contains(&body) && !body.starts_with('g') {
                     log.violations.push(format!(
                         "{body} delivered again (attempt {}) after its ack was confirmed",
                         d.attempt
@@ -291,6 +300,107 @@ async fn consumer(world: Arc<World>, g: usize) {
             log.history.entry(body).or_default().push(what);
         }
     }
+}
+
+/// Runs a `client.py` driver until `stop`, feeding each JSON line it prints to `on_line`
+/// (on a thread of its own), then kills it.
+fn drive(
+    world: Arc<World>,
+    args: Vec<String>,
+    stop: fn(&World) -> bool,
+    on_line: impl Fn(&World, &serde_json::Value) + Send + 'static,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let grpc = world.grpc.clone();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut child = txmq_tests::grpc::spawn(&grpc, &args);
+        let stdout = child.stdout.take().expect("piped");
+        let reader = {
+            let world = world.clone();
+            std::thread::spawn(move || {
+                use std::io::BufRead;
+                for line in std::io::BufReader::new(stdout).lines() {
+                    let Ok(line) = line else { break };
+                    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                        on_line(&world, &v);
+                    }
+                }
+            })
+        };
+        while !stop(&world) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        let _ = reader.join();
+    })
+}
+
+/// The gRPC producer: what the broker acknowledged joins the plain sends' ledger.
+fn grpc_producer(world: Arc<World>) -> std::thread::JoinHandle<()> {
+    let args = vec!["torture-produce".into(), TOPIC.into(), "g".into()];
+    drive(
+        world,
+        args,
+        |w| w.stop_producers.load(Ordering::Relaxed),
+        |w, v| {
+            if let Some(body) = v["acked"].as_str() {
+                w.ledger
+                    .lock()
+                    .unwrap()
+                    .plain_acked
+                    .insert(body.to_string());
+            }
+        },
+    )
+}
+
+/// The gRPC consumer, one more of group `ga`: acks everything it receives.
+fn grpc_consumer(world: Arc<World>) -> std::thread::JoinHandle<()> {
+    let args = vec!["torture-consume".into(), GROUPS[0].into(), TOPIC.into()];
+    drive(
+        world,
+        args,
+        |w| w.stop_consumers.load(Ordering::Relaxed),
+        |w, v| {
+            let mut log = w.groups[0].lock().unwrap();
+            if let Some(body) = v["delivered"].as_str() {
+                let attempt = v["attempt"].as_u64().unwrap_or(0);
+                log.deliveries += 1;
+                if attempt > 1 {
+                    log.redeliveries += 1;
+                }
+                if log.acked.contains(body) && !body.starts_with('g') {
+                    log.violations.push(format!(
+                        "{body} delivered again to the gRPC consumer (attempt {attempt}) after its ack was confirmed"
+                    ));
+                }
+                if body.starts_with('t') {
+                    let decision = w.ledger.lock().unwrap().decisions.get(body).copied();
+                    if decision != Some(Decision::Commit) {
+                        log.violations.push(format!(
+                            "{body} delivered to the gRPC consumer but its transaction: {decision:?}"
+                        ));
+                    }
+                }
+                log.seen.insert(body.to_string());
+                log.ack_unsure.remove(body);
+                log.history
+                    .entry(body.to_string())
+                    .or_default()
+                    .push(format!("delivered over gRPC attempt {attempt}"));
+            } else if let Some(body) = v["acked"].as_str() {
+                log.acked.insert(body.to_string());
+                log.history
+                    .entry(body.to_string())
+                    .or_default()
+                    .push("acked over gRPC".into());
+            } else if let Some(body) = v["ack_failed"].as_str() {
+                // It may have taken effect before the broker died.
+                log.ack_unsure.insert(body.to_string());
+            }
+        },
+    )
 }
 
 /// Bodies every group must have acked by the end.
@@ -362,9 +472,12 @@ async fn kill_9_torture() {
         // the dead-letter queue under the kills: settled there, never lost.
         "--max-attempts",
         "4",
+        "--grpc-listen",
+        "127.0.0.1:0",
     ]);
     let world = Arc::new(World {
         addr: b.addr().to_string(),
+        grpc: b.grpc_addr().to_string(),
         ledger: Mutex::default(),
         groups: Default::default(),
         counts: Counts::default(),
@@ -383,6 +496,8 @@ async fn kill_9_torture() {
             consumers.push(tokio::spawn(consumer(world.clone(), g)));
         }
     }
+    let grpc_producer = grpc_producer(world.clone());
+    let grpc_consumer = grpc_consumer(world.clone());
 
     for _ in 0..kills {
         let (up, down) = {
@@ -404,6 +519,7 @@ async fn kill_9_torture() {
             .expect("a producer hung")
             .unwrap();
     }
+    grpc_producer.join().expect("the gRPC producer's driver");
     world.settle.store(true, Ordering::Relaxed);
     // The transactional producers are gone; one stays connected to answer check-backs.
     let answering = Producer::connect(b.addr(), checker(world.clone()))
@@ -423,6 +539,7 @@ async fn kill_9_torture() {
             .expect("a consumer hung")
             .unwrap();
     }
+    grpc_consumer.join().expect("the gRPC consumer's driver");
     drop(answering);
     assert!(b.is_running(), "the broker died on its own");
 
@@ -443,6 +560,21 @@ async fn kill_9_torture() {
         c.nacks.load(Ordering::Relaxed),
         c.ignored.load(Ordering::Relaxed),
         required.len(),
+    );
+    let grpc_acks = world.groups[0]
+        .lock()
+        .unwrap()
+        .history
+        .values()
+        .filter(|h| h.iter().any(|e| e == "acked over gRPC"))
+        .count();
+    summary += &format!(
+        " grpc_sent={} grpc_acked={grpc_acks}",
+        ledger
+            .plain_acked
+            .iter()
+            .filter(|b| b.starts_with('g'))
+            .count()
     );
     for (name, g) in GROUPS.iter().zip(&world.groups) {
         let g = g.lock().unwrap();
@@ -489,6 +621,11 @@ async fn kill_9_torture() {
         required.len() > 100,
         "too little traffic to mean anything: {summary}"
     );
+    assert!(
+        ledger.plain_acked.iter().any(|b| b.starts_with('g')),
+        "the gRPC producer got nothing stored: {summary}"
+    );
+    assert!(grpc_acks > 0, "the gRPC consumer acked nothing: {summary}");
     assert!(
         world
             .groups
