@@ -22,6 +22,8 @@ object per line on stdout; the client's own logs go to stderr.
     client.py ENDPOINT torture-consume GROUP TOPIC
         (a SimpleConsumer that receives and acks until killed, through broker restarts;
         prints each delivery and each ack's outcome, at once)
+    client.py ENDPOINT recall TOPIC
+        (sends a message delayed an hour, then recalls it)
     client.py ENDPOINT hostile
         (raw calls with bad input; prints each call's status code)
     client.py ENDPOINT cancel-receive GROUP TOPIC
@@ -163,6 +165,7 @@ def simple(endpoint, group, topic, count, args):
     try:
         received = 0
         held = changed = False
+        first = {}
         deadline = time.time() + wait
         while received < int(count):
             if time.time() > deadline:
@@ -176,7 +179,15 @@ def simple(endpoint, group, topic, count, args):
                 received += 1
                 if hold == body and not held:
                     held = True
+                    first[body] = m
                     continue
+                if body in first:
+                    # The first delivery's handle is stale after the redelivery.
+                    try:
+                        consumer.ack(first.pop(body))
+                        out(stale_ack=body, refused=False)
+                    except Exception as e:
+                        out(stale_ack=body, refused=True, error=str(e)[:200])
                 if change and change.split(":")[0] == body and not changed:
                     changed = True
                     # Before the change: its new invisible time starts no earlier.
@@ -372,6 +383,23 @@ def torture_consume(endpoint, group, topic):
                 out(ack_failed=body, error=str(e)[:200])
 
 
+def recall(endpoint, topic):
+    producer = Producer(config(endpoint), (topic,))
+    producer.startup()
+    try:
+        m = message(topic, "recalled", deliver_at=int(time.time()) + 3600)
+        receipt = producer.send(m)
+        out(sent=receipt.message_id, recall_handle=receipt.recall_handle)
+        out(recalled=producer.recall_message(topic, receipt.recall_handle))
+        try:
+            producer.recall_message(topic, receipt.recall_handle)
+            out(again="ok")
+        except Exception as e:
+            out(again=str(e)[:200])
+    finally:
+        producer.shutdown()
+
+
 def main():
     endpoint, command, *args = sys.argv[1:]
     if command == "produce":
@@ -382,6 +410,8 @@ def main():
         torture_produce(endpoint, args[0], args[1])
     elif command == "torture-consume":
         torture_consume(endpoint, args[0], args[1])
+    elif command == "recall":
+        recall(endpoint, args[0])
     elif command == "hostile":
         hostile(endpoint)
     elif command == "cancel-receive":

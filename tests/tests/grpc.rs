@@ -248,6 +248,21 @@ async fn a_python_simple_consumer_receives_acks_and_gets_redeliveries() {
             })
             .collect::<Vec<_>>()
     };
+    let stale = got
+        .iter()
+        .find(|v| v["stale_ack"] == "job-1")
+        .expect("stale ack tried");
+    assert_eq!(
+        stale["refused"], true,
+        "a stale receipt handle acked: {stale}"
+    );
+    assert!(
+        stale["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("40013"),
+        "not INVALID_RECEIPT_HANDLE: {stale}"
+    );
     let held = again("job-1");
     assert_eq!(held.len(), 2, "{bodies:?}");
     assert_eq!((held[0].0, held[1].0), (1, 2), "the attempt counts");
@@ -393,9 +408,17 @@ async fn a_push_consumers_slow_work_keeps_its_lease() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifo_order_holds_over_grpc() {
     let b = TestBroker::start(&["--grpc-listen", "127.0.0.1:0", "--nack-backoff", "1s"]);
-    // The group is made ordered by its first subscription (a native one here).
-    let ordered = ConsumerOptions::new("in-order", "fifo2").ordered(true);
-    drop(Consumer::subscribe(b.addr(), ordered).await.unwrap());
+    // An ordered group, made before any gRPC consumer joins it.
+    let out = b.cli_ok(&[
+        "group",
+        "create",
+        "in-order",
+        "--topic",
+        "fifo2",
+        "--ordered",
+        "--json",
+    ]);
+    assert_eq!(txmq_tests::json_lines(&out)[0]["ordered"], true, "{out}");
     let grpc = b.grpc_addr().to_string();
     let got = tokio::task::spawn_blocking(move || {
         client(
@@ -570,4 +593,70 @@ async fn the_endpoint_serves_tls_with_a_certificate() {
     assert!(!plain.0, "a plaintext client was served by a TLS endpoint");
     let got = receive(&b, "g", "secure", 1).await;
     assert_eq!(got[0].body().as_ref(), b"py-0");
+}
+
+/// A FIFO push consumer that cannot take a message forwards it to the dead letters
+/// after its max attempts (ForwardMessageToDeadLetterQueue), and its message group goes
+/// on with the next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fifo_push_consumer_forwards_to_the_dead_letters() {
+    let b = TestBroker::start(&[
+        "--grpc-listen",
+        "127.0.0.1:0",
+        "--max-attempts",
+        "2",
+        "--nack-backoff",
+        "1s",
+    ]);
+    let ordered = ConsumerOptions::new("fifo-dl", "stuck").ordered(true);
+    drop(Consumer::subscribe(b.addr(), ordered).await.unwrap());
+    let grpc = b.grpc_addr().to_string();
+    let got = tokio::task::spawn_blocking(move || {
+        client(
+            &grpc,
+            &[
+                "produce", "stuck", "3", "--group", "user-x", "--prefix", "x-",
+            ],
+        );
+        client(
+            &grpc,
+            &["push", "fifo-dl", "stuck", "2", "--always-fail", "x-1"],
+        )
+    })
+    .await
+    .unwrap();
+    let taken: Vec<&str> = got
+        .iter()
+        .filter(|v| v["ok"] == true)
+        .filter_map(|v| v["body"].as_str())
+        .collect();
+    assert_eq!(taken, ["x-0", "x-2"], "{got:?}");
+    let admin = Admin::connect(b.addr(), "").await.unwrap();
+    let dead = admin.dead_letters("fifo-dl", 0).await.unwrap();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].offset, 1);
+    assert!(
+        dead[0].reason.contains("forwarded by the consumer"),
+        "{}",
+        dead[0].reason
+    );
+}
+
+/// RecallMessage: a delayed message is recalled before its time (it never arrives, and
+/// no longer waits); recalling it again is a no-op success, as a repeated cancel is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delayed_message_is_recalled() {
+    let b = TestBroker::start(&["--grpc-listen", "127.0.0.1:0"]);
+    let grpc = b.grpc_addr().to_string();
+    let got = tokio::task::spawn_blocking(move || client(&grpc, &["recall", "later2"]))
+        .await
+        .unwrap();
+    assert!(
+        !got[0]["recall_handle"].as_str().unwrap().is_empty(),
+        "{got:?}"
+    );
+    assert_eq!(got[1]["recalled"], got[0]["recall_handle"], "{got:?}");
+    assert_eq!(got[2]["again"], "ok", "{got:?}");
+    let admin = Admin::connect(b.addr(), "").await.unwrap();
+    assert!(admin.scheduled("", 0).await.unwrap().is_empty());
 }

@@ -259,6 +259,15 @@ impl MessagingService for Endpoint {
         ))
     }
 
+    async fn recall_message(
+        &self,
+        request: Request<pb::RecallMessageRequest>,
+    ) -> Reply<pb::RecallMessageResponse> {
+        Ok(Response::new(
+            send::recall(self, request.into_inner()).await,
+        ))
+    }
+
     async fn notify_client_termination(
         &self,
         request: Request<pb::NotifyClientTerminationRequest>,

@@ -304,3 +304,29 @@ pub async fn end_transaction(
         Err(e) => reply(status::of_error(&e)),
     }
 }
+
+/// Recalls (cancels) a delayed message before its time: its recall handle is its txmq
+/// id (what `txmq scheduled cancel` takes too). A recall after delivery is refused.
+pub async fn recall(
+    endpoint: &Endpoint,
+    req: pb::RecallMessageRequest,
+) -> pb::RecallMessageResponse {
+    let reply = |s, id: String| pb::RecallMessageResponse {
+        status: Some(s),
+        message_id: id,
+    };
+    let shared = match endpoint.shared() {
+        Ok(s) => s,
+        Err(s) => return reply(s, String::new()),
+    };
+    let Some(id) = crate::ids::Id::parse(&req.recall_handle) else {
+        return reply(
+            status::of(pb::Code::BadRequest, "not a recall handle of this broker"),
+            String::new(),
+        );
+    };
+    match shared.writer.submit(Command::CancelScheduled { id }).await {
+        Ok(_) => reply(status::ok(), req.recall_handle),
+        Err(e) => reply(status::of_error(&e), String::new()),
+    }
+}

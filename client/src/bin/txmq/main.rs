@@ -258,6 +258,28 @@ enum TxnCmd {
 
 #[derive(Debug, Subcommand)]
 enum GroupCmd {
+    /// Create a consumer group on a topic before any consumer joins it: ordered (FIFO),
+    /// starting from the latest, with a tag filter (what its first subscription would
+    /// fix). For clients that cannot say so themselves, such as RocketMQ's gRPC clients.
+    Create {
+        /// Group.
+        group: String,
+        /// Topic.
+        #[arg(long)]
+        topic: String,
+        /// An ordered group: each message group's messages one at a time, in order.
+        #[arg(long)]
+        ordered: bool,
+        /// Start at the end of the topic instead of its oldest message.
+        #[arg(long)]
+        from_latest: bool,
+        /// Tag filter (`A||B`; empty or `*`: all).
+        #[arg(long, default_value = "")]
+        tags: String,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Every group on every topic it subscribed to, with its lag.
     List {
         /// JSON lines.
@@ -480,6 +502,39 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Scheduled(cmd) => scheduled::run(addr, token, cmd).await,
         Command::Message(cmd) => message::run(addr, token, cmd).await,
+        Command::Group(GroupCmd::Create {
+            group,
+            topic,
+            ordered,
+            from_latest,
+            tags,
+            json,
+        }) => {
+            // A group is made by its first subscription: subscribe, then leave at once
+            // (nothing is delivered before the consumer says it is ready).
+            let options = ConsumerOptions {
+                tag_filter: tags.clone(),
+                start_from: if from_latest {
+                    txmq_client::StartFrom::Latest
+                } else {
+                    txmq_client::StartFrom::Earliest
+                },
+                window: 1,
+                auth_token: token.to_string(),
+                ..ConsumerOptions::new(group.clone(), topic.clone()).ordered(ordered)
+            };
+            Consumer::subscribe(addr, options).await?.close().await?;
+            if json {
+                println!(
+                    "{}",
+                    json!({"created": group, "topic": topic, "ordered": ordered, "tags": tags})
+                );
+            } else {
+                let kind = if ordered { "ordered" } else { "unordered" };
+                println!("group {group} on {topic}: {kind}");
+            }
+            Ok(())
+        }
         Command::Group(GroupCmd::Delete { group, json }) => {
             let topics = Admin::connect(addr, token)
                 .await?
