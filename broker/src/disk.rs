@@ -38,6 +38,10 @@ pub fn used(path: &Path) -> std::io::Result<f64> {
 
 /// Used over used plus available, from statvfs's block counts.
 fn ratio(blocks: u64, free: u64, available: u64) -> f64 {
+    if blocks > 0 && available == 0 {
+        // Nothing left to write to, whatever the counts say.
+        return 1.0;
+    }
     let used = blocks.saturating_sub(free) as f64;
     let usable = used + available as f64;
     if usable == 0.0 {
@@ -108,6 +112,7 @@ mod tests {
         assert!((0.72..0.73).contains(&r), "{r}");
         assert_eq!(ratio(100, 100, 100), 0.0);
         assert_eq!(ratio(100, 0, 0), 1.0);
+        assert_eq!(ratio(100, 100, 0), 1.0, "all reserved: nothing available");
         assert_eq!(ratio(0, 0, 0), 0.0);
     }
 }

@@ -206,6 +206,7 @@ async fn serve(signals: Signals) -> anyhow::Result<()> {
         Some(at) => Some(txmq_broker::metrics::bind(at).await?),
         None => None,
     };
+    txmq_broker::grpc::check_tls(&config).map_err(anyhow::Error::msg)?;
     let grpc = match config.grpc_addr().map_err(anyhow::Error::msg)? {
         Some(at) => Some(
             tokio::net::TcpListener::bind(at)

@@ -338,7 +338,15 @@ def hostile(endpoint):
     out(call="a good send after all that", code=send(msg(mid="0002")))
 
 
+def die_with_parent():
+    """Dies with the thread that started it (a test that panics leaves no driver)."""
+    import ctypes
+    import signal
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def torture_produce(endpoint, topic, prefix):
+    die_with_parent()
     producer = None
     while producer is None:
         try:
@@ -359,6 +367,7 @@ def torture_produce(endpoint, topic, prefix):
 
 
 def torture_consume(endpoint, group, topic):
+    die_with_parent()
     consumer = None
     while consumer is None:
         try:

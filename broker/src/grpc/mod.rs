@@ -71,6 +71,23 @@ impl Live {
     }
 }
 
+/// Checks the TLS certificate and key of the configuration (what the endpoint would
+/// serve with), so a bad pair stops the broker at start instead of leaving it without
+/// its endpoint.
+///
+/// # Errors
+/// What is wrong with them.
+pub fn check_tls(config: &Config) -> Result<(), String> {
+    let Some((cert, key)) = &config.grpc_tls else {
+        return Ok(());
+    };
+    let identity = tonic::transport::Identity::from_pem(cert, key);
+    tonic::transport::Server::builder()
+        .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+        .map(|_| ())
+        .map_err(|e| format!("grpc-tls-cert / grpc-tls-key: {e}"))
+}
+
 /// Serves the endpoint on `listener` until `stop`.
 pub async fn serve(
     listener: TcpListener,

@@ -111,8 +111,9 @@ struct Joined {
 
 impl Joined {
     /// Leaves: the leases at `keep` stay the client's, the rest go back uncounted.
+    /// Disarmed only once the queue has the message: dropped before that (the client
+    /// went away), the guard sends its own, keeping nothing.
     async fn leave(mut self, keep: Vec<u64>) {
-        self.armed = false;
         let msg = QueueMsg::Unsubscribe {
             subscription_id: self.subscription_id,
             graceful: true,
@@ -123,6 +124,7 @@ impl Joined {
             .groups
             .send(&self.group, self.topic.clone(), msg)
             .await;
+        self.armed = false;
     }
 }
 
@@ -238,24 +240,24 @@ async fn receive_from(
         ordered,
         ..SubscribeOptions::default()
     };
-    let (reply, joined) = oneshot::channel();
-    let msg = QueueMsg::Subscribe {
-        consumer,
-        options,
-        reply,
-    };
-    let subscribed = match shared.groups.send(&group, topic.clone(), msg).await {
-        Ok(()) => joined.await.unwrap_or(Err(Error::ShuttingDown)),
-        Err(e) => Err(e),
-    };
-    // From here the receive is in the queue: if the client cancels it (the future is
-    // dropped), the guard takes it out, and what was pushed goes back uncounted.
+    // From here the receive may be in the queue: if the client cancels it (the future
+    // is dropped), the guard takes it out, and what was pushed goes back uncounted.
     let joined = Joined {
         shared: shared.clone(),
         group: group.clone(),
         topic: topic.clone(),
         subscription_id,
         armed: true,
+    };
+    let (reply, accepted) = oneshot::channel();
+    let msg = QueueMsg::Subscribe {
+        consumer,
+        options,
+        reply,
+    };
+    let subscribed = match shared.groups.send(&group, topic.clone(), msg).await {
+        Ok(()) => accepted.await.unwrap_or(Err(Error::ShuttingDown)),
+        Err(e) => Err(e),
     };
     if let Err(e) = subscribed {
         joined.leave(Vec::new()).await;

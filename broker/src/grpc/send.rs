@@ -319,14 +319,30 @@ pub async fn recall(
         Ok(s) => s,
         Err(s) => return reply(s, String::new()),
     };
-    let Some(id) = crate::ids::Id::parse(&req.recall_handle) else {
-        return reply(
-            status::of(pb::Code::BadRequest, "not a recall handle of this broker"),
+    // One answer for every refusal (unknown, another topic, delivered): a handle is a
+    // secret id, and the answer must not say what another one is.
+    let refused = || {
+        reply(
+            status::of(
+                pb::Code::MessageNotFound,
+                "no delayed message of this topic waits under that recall handle",
+            ),
             String::new(),
-        );
+        )
     };
+    let Some(id) = crate::ids::Id::parse(&req.recall_handle) else {
+        return refused();
+    };
+    let topic = req.topic.map(|t| t.name).unwrap_or_default();
+    // Read first: a guess that names nothing costs a read, not a write.
+    let waiting = crate::cmd::blocking(&shared.storage, move |s| s.scheduled(id)).await;
+    let ours = matches!(&waiting, Ok(Some(rec)) if rec.topic == topic
+        && rec.state() == crate::storage::records::SchedState::Waiting);
+    if !ours {
+        return refused();
+    }
     match shared.writer.submit(Command::CancelScheduled { id }).await {
         Ok(_) => reply(status::ok(), req.recall_handle),
-        Err(e) => reply(status::of_error(&e), String::new()),
+        Err(_) => refused(),
     }
 }

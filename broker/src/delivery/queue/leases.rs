@@ -85,6 +85,17 @@ impl Queue {
     }
 
     pub(super) fn extend(&mut self, r: LeaseRef, lease_for: Duration) -> Result<u64> {
+        // One being acked is the ack's: taking it here would clear its acking mark.
+        if self
+            .leases
+            .get(&r.offset)
+            .is_some_and(|l| l.lease_id == r.lease_id && l.acking)
+        {
+            return Err(Error::LeaseNotFound(format!(
+                "{}/{} offset {} lease {} is being acked",
+                self.group, self.topic.name, r.offset, r.lease_id
+            )));
+        }
         let lease = self.take_lease(r)?;
         let deadline_ms = now_ms().saturating_add(lease_for.as_millis() as u64);
         self.restore_lease(
