@@ -73,3 +73,45 @@ pub fn run(endpoint: &str, args: &[&str], env: &[(&str, &str)]) -> (bool, String
     let (out, err) = (out.join().unwrap(), err.join().unwrap());
     (status.is_some_and(|s| s.success()), out, err)
 }
+
+/// The official Node.js client's `node_modules` (installed once by
+/// `tests/grpc/setup-node.sh`, guarded like the virtualenv).
+pub fn node_modules() -> &'static Path {
+    static MODULES: OnceLock<PathBuf> = OnceLock::new();
+    MODULES.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let lock =
+            std::fs::File::create(std::env::temp_dir().join("txmq-node.lock")).expect("lock file");
+        lock.lock().expect("lock the node modules");
+        let out = Command::new("bash")
+            .arg(root.join("grpc/setup-node.sh"))
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run tests/grpc/setup-node.sh");
+        assert!(out.status.success(), "tests/grpc/setup-node.sh failed");
+        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+    })
+}
+
+/// Runs `node_client.js ENDPOINT ARGS…` (bounded), asserts it succeeded, and returns
+/// the JSON objects it printed.
+pub fn node_client(endpoint: &str, args: &[&str]) -> Vec<serde_json::Value> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("grpc/node_client.js");
+    let out = Command::new("timeout")
+        .arg("120")
+        .arg("node")
+        .arg(script)
+        .arg(endpoint)
+        .args(args)
+        .env("NODE_PATH", node_modules())
+        .env("HOME", std::env::temp_dir())
+        .output()
+        .expect("run node");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "node_client.js {args:?} failed:\n{}\nstdout:\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    crate::json_lines(&text)
+}

@@ -660,3 +660,24 @@ async fn a_delayed_message_is_recalled() {
     let admin = Admin::connect(b.addr(), "").await.unwrap();
     assert!(admin.scheduled("", 0).await.unwrap().is_empty());
 }
+
+/// A second language: the official Node.js client (`rocketmq-client-nodejs` from npm)
+/// sends and, as a SimpleConsumer, receives and acks; a native consumer of another
+/// group gets what it sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_nodejs_client_sends_and_receives() {
+    let b = TestBroker::start(&["--grpc-listen", "127.0.0.1:0"]);
+    let grpc = b.grpc_addr().to_string();
+    let got = tokio::task::spawn_blocking(move || {
+        txmq_tests::grpc::node_client(&grpc, &["nodes", "node-group", "3"])
+    })
+    .await
+    .unwrap();
+    let received: Vec<&str> = got.iter().filter_map(|v| v["received"].as_str()).collect();
+    let mut sorted = received.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, ["node-0", "node-1", "node-2"], "{got:?}");
+    let native = receive(&b, "native", "nodes", 3).await;
+    assert_eq!(native[0].key(), "k0");
+    assert_eq!(native[0].tag(), "node");
+}
