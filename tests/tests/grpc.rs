@@ -681,3 +681,43 @@ async fn the_nodejs_client_sends_and_receives() {
     assert_eq!(native[0].key(), "k0");
     assert_eq!(native[0].tag(), "node");
 }
+
+/// The Node.js client's transactions: committed and rolled back by the client, and one
+/// left open that its checker commits when the broker checks back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_nodejs_client_runs_transactions_and_answers_checks() {
+    let b = TestBroker::start(&[
+        "--grpc-listen",
+        "127.0.0.1:0",
+        "--check-timeout",
+        "1s",
+        "--check-interval",
+        "100ms",
+        "--check-reply-timeout",
+        "30s",
+    ]);
+    let grpc = b.grpc_addr().to_string();
+    let got = tokio::task::spawn_blocking(move || {
+        txmq_tests::grpc::node_client(&grpc, &["txn", "node-orders"])
+    })
+    .await
+    .unwrap();
+    assert!(
+        got.iter().any(|v| v["checked"] == "node-checked"),
+        "{got:?}"
+    );
+    let mut bodies: Vec<String> = receive(&b, "g", "node-orders", 2)
+        .await
+        .iter()
+        .map(|d| String::from_utf8_lossy(d.body()).into_owned())
+        .collect();
+    bodies.sort();
+    assert_eq!(bodies, ["node-checked", "node-commit"]);
+    let mut c = Consumer::subscribe(b.addr(), ConsumerOptions::new("g", "node-orders"))
+        .await
+        .unwrap();
+    assert!(
+        next(&mut c, Duration::from_millis(500)).await.is_none(),
+        "the rolled-back message was delivered"
+    );
+}
