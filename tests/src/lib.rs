@@ -508,3 +508,18 @@ pub async fn raw_producer(
         .expect("send hello");
     framed
 }
+
+/// Bytes the files under `path` take on disk (allocated blocks, as `du` counts them).
+pub fn du(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return 0;
+    };
+    if meta.is_dir() {
+        std::fs::read_dir(path)
+            .map(|d| d.flatten().map(|e| du(&e.path())).sum())
+            .unwrap_or(0)
+    } else {
+        meta.blocks() * 512
+    }
+}

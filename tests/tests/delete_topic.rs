@@ -10,22 +10,7 @@ use std::time::Duration;
 use txmq_client::{
     Admin, Consumer, ConsumerOptions, ErrorCode, Message, Producer, ProducerOptions,
 };
-use txmq_tests::{TestBroker, eventually, json_lines, next, producer};
-
-fn du(path: &std::path::Path) -> u64 {
-    let out = std::process::Command::new("du")
-        .args(["-sk"])
-        .arg(path)
-        .output()
-        .expect("du");
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.split_whitespace()
-        .next()
-        .unwrap()
-        .parse::<u64>()
-        .unwrap()
-        * 1024
-}
+use txmq_tests::{TestBroker, du, eventually, json_lines, next, producer};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_topic_goes_with_everything_that_refers_to_it() {

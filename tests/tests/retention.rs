@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use txmq_client::{Admin, Consumer, ConsumerOptions, Message};
-use txmq_tests::{TestBroker, eventually, next, producer};
+use txmq_tests::{TestBroker, du, eventually, next, producer};
 
 async fn start_offset(admin: &Admin, topic: &str) -> Option<u64> {
     let topics = admin.topics().await.ok()?;
@@ -14,23 +14,6 @@ async fn start_offset(admin: &Admin, topic: &str) -> Option<u64> {
         .into_iter()
         .find(|t| t.name == topic)
         .map(|t| t.start_offset)
-}
-
-fn du(path: &std::path::Path) -> u64 {
-    fn walk(p: &std::path::Path) -> u64 {
-        let Ok(meta) = std::fs::symlink_metadata(p) else {
-            return 0;
-        };
-        if meta.is_dir() {
-            std::fs::read_dir(p)
-                .map(|d| d.flatten().map(|e| walk(&e.path())).sum())
-                .unwrap_or(0)
-        } else {
-            use std::os::unix::fs::MetadataExt;
-            meta.blocks() * 512
-        }
-    }
-    walk(path)
 }
 
 /// By age: everything older than the retention goes; a group that never acked them

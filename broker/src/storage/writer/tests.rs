@@ -25,6 +25,23 @@ fn writer(flush: FlushMode) -> (tempfile::TempDir, Arc<Storage>, WriterThread, W
     (dir, storage, thread, handle)
 }
 
+/// A writer on `storage` with its own topic registry, boot and configuration (tests
+/// that look at the registry, reopen the database, or change a setting).
+fn spawn_with(
+    storage: &Arc<Storage>,
+    topics: &Arc<Topics>,
+    boot: u64,
+    config: Config,
+) -> (WriterHandle, WriterThread) {
+    Writer::spawn(
+        storage.clone(),
+        topics.clone(),
+        Arc::new(IdGen::new(boot)),
+        Arc::new(config),
+        Arc::new(Metrics::new()),
+    )
+}
+
 /// Drops the handle, joins the threads, then closes the database: the order the
 /// broker's own shutdown follows.
 async fn stop(handle: WriterHandle, thread: WriterThread, storage: Arc<Storage>) {
@@ -255,13 +272,7 @@ async fn a_deleted_topic_takes_its_id_with_it() {
     let dir = tempfile::tempdir().unwrap();
     let storage = Storage::open(dir.path()).unwrap();
     let topics = Arc::new(Topics::default());
-    let (handle, thread) = Writer::spawn(
-        storage.clone(),
-        topics.clone(),
-        Arc::new(IdGen::new(1)),
-        Arc::new(Config::default()),
-        Arc::new(Metrics::new()),
-    );
+    let (handle, thread) = spawn_with(&storage, &topics, 1, Config::default());
     // Bound after the thread: dropped first if an assertion fails.
     let w = handle;
     w.submit(append(0)).await.unwrap();
@@ -302,13 +313,7 @@ async fn a_deleted_topic_takes_its_id_with_it() {
     assert!(storage.topics().unwrap().is_empty());
     assert_eq!(storage.next_topic_id(), new.id + 1);
     let topics = Arc::new(Topics::default());
-    let (handle, thread) = Writer::spawn(
-        storage.clone(),
-        topics.clone(),
-        Arc::new(IdGen::new(2)),
-        Arc::new(Config::default()),
-        Arc::new(Metrics::new()),
-    );
+    let (handle, thread) = spawn_with(&storage, &topics, 2, Config::default());
     let w = handle;
     w.submit(append(2)).await.unwrap();
     assert_eq!(topics.get("t").unwrap().id, new.id + 1, "an id reused");
@@ -322,13 +327,7 @@ async fn index_entries_of_removed_messages_are_compacted_away() {
     let dir = tempfile::tempdir().unwrap();
     let storage = Storage::open(dir.path()).unwrap();
     let topics = Arc::new(Topics::default());
-    let (handle, thread) = Writer::spawn(
-        storage.clone(),
-        topics.clone(),
-        Arc::new(IdGen::new(1)),
-        Arc::new(Config::default()),
-        Arc::new(Metrics::new()),
-    );
+    let (handle, thread) = spawn_with(&storage, &topics, 1, Config::default());
     let w = handle;
     let mut ids = Vec::new();
     for i in 0..100 {
@@ -406,13 +405,7 @@ async fn index_entries_of_removed_messages_are_compacted_away() {
     for st in storage.topics().unwrap() {
         topics.insert(Arc::new(Topic::from_record(st.name, &st.record, st.end)));
     }
-    let (handle, thread) = Writer::spawn(
-        storage.clone(),
-        topics.clone(),
-        Arc::new(IdGen::new(2)),
-        Arc::new(Config::default()),
-        Arc::new(Metrics::new()),
-    );
+    let (handle, thread) = spawn_with(&storage, &topics, 2, Config::default());
     let w = handle;
     let t = topics.get("t").unwrap();
     // A deleted topic's go entirely.
@@ -443,13 +436,7 @@ async fn a_commit_after_its_topic_was_deleted() {
             auto_create_topics: auto_create,
             ..Config::default()
         };
-        let (handle, thread) = Writer::spawn(
-            storage.clone(),
-            topics.clone(),
-            Arc::new(IdGen::new(1)),
-            Arc::new(config),
-            Arc::new(Metrics::new()),
-        );
+        let (handle, thread) = spawn_with(&storage, &topics, 1, config);
         let w = handle;
         // The topic exists first (it must, with auto-create off).
         w.submit(Command::CreateTopic {
@@ -539,16 +526,7 @@ async fn a_forced_deletion_refuses_commits_until_its_cleanup() {
     };
     let storage = Storage::open(dir.path()).unwrap();
     let topics = Arc::new(Topics::default());
-    let spawn = |storage: &Arc<Storage>, topics: &Arc<Topics>, boot| {
-        Writer::spawn(
-            storage.clone(),
-            topics.clone(),
-            Arc::new(IdGen::new(boot)),
-            Arc::new(Config::default()),
-            Arc::new(Metrics::new()),
-        )
-    };
-    let (handle, thread) = spawn(&storage, &topics, 1);
+    let (handle, thread) = spawn_with(&storage, &topics, 1, Config::default());
     let w = handle;
     let before = prepare(&w).await;
     let topic = topics.get("t").unwrap();
@@ -571,7 +549,7 @@ async fn a_forced_deletion_refuses_commits_until_its_cleanup() {
 
     let storage = Storage::open(dir.path()).unwrap();
     let topics = Arc::new(Topics::default());
-    let (handle, thread) = spawn(&storage, &topics, 2);
+    let (handle, thread) = spawn_with(&storage, &topics, 2, Config::default());
     let w = handle;
     let e = w.submit(commit(before)).await.unwrap_err();
     assert!(matches!(e, Error::Invalid(_)), "after a restart: {e:?}");
