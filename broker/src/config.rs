@@ -135,6 +135,15 @@ pub struct Config {
     /// Both, read at start (certificate, key); the key is never printed.
     #[serde(skip)]
     pub grpc_tls: Option<(Vec<u8>, Vec<u8>)>,
+    /// This node's id in a broker group (with `peers`); unset: a single broker.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<u64>,
+    /// The members of this node's broker group, `1=HOST:PORT,2=HOST:PORT,…`: each node's
+    /// id and the address the nodes reach it at (not the client address).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peers: Option<String>,
+    /// A group's node makes a snapshot (and trims its Raft log) every this many entries.
+    pub snapshot_entries: u64,
 }
 
 impl Default for Config {
@@ -187,6 +196,9 @@ impl Default for Config {
             grpc_tls_cert: None,
             grpc_tls_key: None,
             grpc_tls: None,
+            node_id: None,
+            peers: None,
+            snapshot_entries: 20_000,
         }
     }
 }
@@ -250,6 +262,21 @@ impl Config {
     ///
     /// # Errors
     /// A sentence naming the bad setting.
+    /// The broker group this node belongs to, `None` for a single broker.
+    ///
+    /// # Errors
+    /// Only one of `node-id` and `peers` is set, or the peers are malformed.
+    pub fn group(&self) -> Result<Option<crate::replication::Peers>, String> {
+        match (self.node_id, &self.peers) {
+            (None, None) => Ok(None),
+            (Some(id), Some(peers)) => crate::replication::Peers::parse(id, peers)
+                .map(Some)
+                .map_err(|e| format!("peers: {e}")),
+            (Some(_), None) => Err("node-id needs peers (the group's members)".into()),
+            (None, Some(_)) => Err("peers needs node-id (which of them this node is)".into()),
+        }
+    }
+
     /// The address of the gRPC endpoint, `None` when it is off.
     ///
     /// # Errors
@@ -264,6 +291,10 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), String> {
+        self.group()?;
+        if self.snapshot_entries == 0 {
+            return Err("snapshot-entries must be at least 1".into());
+        }
         if self.grpc_addr()?.is_some()
             && self.auth_token_file.is_some()
             && self.grpc_credentials_file.is_none()

@@ -328,3 +328,20 @@ pub async fn refuse_recovering(socket: TcpStream, peer: SocketAddr, why: &str) {
         .send(error_frame(0, ErrorCode::StorageError, &message))
         .await;
 }
+
+/// Answers a connection to a follower of a broker group: its first request (the Hello)
+/// gets `NOT_LEADER` naming the leader's address when known, then the connection closes.
+pub async fn refuse_not_leader(socket: TcpStream, peer: SocketAddr, leader: Option<String>) {
+    tracing::debug!(%peer, ?leader, "connection refused: not the leader");
+    let mut framed = tokio_util::codec::Framed::new(socket, FrameCodec::default());
+    let id = match tokio::time::timeout(Duration::from_secs(5), framed.next()).await {
+        Ok(Some(Ok(frame))) => frame.id,
+        _ => 0,
+    };
+    let _ = framed
+        .send(crate::cmd::error_response(
+            id,
+            &crate::error::Error::NotLeader(leader),
+        ))
+        .await;
+}

@@ -84,8 +84,18 @@ pub enum Error {
     )]
     MessageNotFound(String),
     /// A broken internal invariant: a bug, reported rather than crashing the broker.
+    #[error("{}", not_leader(.0.as_deref()))]
+    NotLeader(Option<String>),
     #[error("internal: {0}")]
     Internal(String),
+}
+
+fn not_leader(leader: Option<&str>) -> String {
+    match leader {
+        Some(addr) => format!("this broker does not lead its group; the leader is at {addr}"),
+        None => "this broker does not lead its group, and no leader is known yet; retry shortly"
+            .to_string(),
+    }
 }
 
 impl Error {
@@ -115,6 +125,7 @@ impl Error {
             Error::ScheduledNotFound(_) => ErrorCode::ScheduledNotFound,
             Error::AlreadyDelivered(..) => ErrorCode::AlreadyDelivered,
             Error::MessageNotFound(_) => ErrorCode::MessageNotFound,
+            Error::NotLeader(_) => ErrorCode::NotLeader,
             Error::Internal(_) => ErrorCode::Internal,
         }
     }

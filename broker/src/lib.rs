@@ -42,6 +42,7 @@ pub mod error;
 pub mod grpc;
 pub mod ids;
 pub mod metrics;
+pub mod replication;
 pub mod retention;
 pub mod server;
 pub mod storage;

@@ -147,6 +147,17 @@ struct Flags {
     /// PEM private key of the gRPC endpoint's certificate.
     #[arg(long, env = "TXMQ_GRPC_TLS_KEY")]
     grpc_tls_key: Option<PathBuf>,
+    /// This node's id in a broker group (with --peers); unset: a single broker.
+    #[arg(long, env = "TXMQ_NODE_ID")]
+    node_id: Option<u64>,
+    /// The group's members, `1=HOST:PORT,2=HOST:PORT,3=HOST:PORT`: each node's id and
+    /// the address the nodes reach each other at (not the client address).
+    #[arg(long, env = "TXMQ_PEERS")]
+    peers: Option<String>,
+    /// A group's node snapshots its state and trims its Raft log every this many
+    /// entries [default: 20000].
+    #[arg(long, env = "TXMQ_SNAPSHOT_ENTRIES")]
+    snapshot_entries: Option<u64>,
 }
 
 fn duration_text(text: &str) -> Result<String, String> {
@@ -193,7 +204,7 @@ async fn serve(signals: Signals) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=error")),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

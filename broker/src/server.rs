@@ -21,9 +21,11 @@ use crate::delivery::Groups;
 use crate::error::{Error, Result};
 use crate::ids::IdGen;
 use crate::metrics::{self, Metrics};
+use crate::replication::node::{Addresses, Leadership, Node};
 use crate::retention::Sweeper;
 use crate::storage::Storage;
-use crate::storage::writer::Writer;
+use crate::storage::writer::{Command, Op, Replicator, Writer};
+use crate::storage::{Cf, keys};
 use crate::timer::Timer;
 use crate::topics::{Topic, Topics};
 use crate::txn::checker::Checker;
@@ -117,27 +119,25 @@ pub async fn serve(
         ))
     });
     let mut shutdown = std::pin::pin!(shutdown);
-    let mut storage = open(&config).await;
-    let result = loop {
-        let opened = match storage {
-            Ok(opened) => opened,
-            Err(e) => break Err(e),
-        };
-        let faces = Faces {
-            live: &live,
-            grpc: &grpc_live,
-        };
-        match run_once(&listener, opened, &config, &metrics, faces, &mut shutdown).await {
-            Ok(Stop::Shutdown) => break Ok(()),
-            Ok(Stop::StorageFailed(why)) => {
-                tracing::warn!("reopening storage to recover to what is on disk");
-                storage = match reopen(&listener, &config, &mut shutdown, &why).await {
-                    Some(opened) => Ok(opened),
-                    None => break Ok(()),
-                };
-            }
-            Err(e) => break Err(e),
+    let faces = Faces {
+        live: &live,
+        grpc: &grpc_live,
+    };
+    let result = match config.group().map_err(Error::Invalid)? {
+        Some(peers) => {
+            let grpc_addr = config.grpc_addr().map_err(Error::Invalid)?;
+            serve_group(
+                &listener,
+                peers,
+                grpc_addr,
+                &config,
+                &metrics,
+                faces,
+                &mut shutdown,
+            )
+            .await
         }
+        None => serve_single(&listener, &config, &metrics, faces, &mut shutdown).await,
     };
     endpoint_stop.cancel();
     if let Some(endpoint) = endpoint {
@@ -160,10 +160,118 @@ pub async fn serve(
     result
 }
 
+/// A single broker: serves its storage, and reopens it after a failure.
+async fn serve_single(
+    listener: &TcpListener,
+    config: &Arc<Config>,
+    metrics: &Arc<Metrics>,
+    faces: Faces<'_>,
+    shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+) -> Result<()> {
+    let mut storage = open(config).await;
+    loop {
+        let opened = match storage {
+            Ok(opened) => opened,
+            Err(e) => break Err(e),
+        };
+        match run_once(listener, opened, config, metrics, faces, shutdown, None).await {
+            Ok(Stop::Shutdown | Stop::Deposed) => break Ok(()),
+            Ok(Stop::StorageFailed(why)) => {
+                tracing::warn!("reopening storage to recover to what is on disk");
+                storage = match reopen(listener, config, shutdown, &why).await {
+                    Some(opened) => Ok(opened),
+                    None => break Ok(()),
+                };
+            }
+            Err(e) => break Err(e),
+        }
+    }
+}
+
+/// A node of a broker group: follows (answering clients `NOT_LEADER`) until it leads,
+/// serves while it leads, and follows again when its leadership ends.
+async fn serve_group(
+    listener: &TcpListener,
+    peers: crate::replication::Peers,
+    grpc_addr: Option<std::net::SocketAddr>,
+    config: &Arc<Config>,
+    metrics: &Arc<Metrics>,
+    faces: Faces<'_>,
+    shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+) -> Result<()> {
+    let addresses = Addresses {
+        client: listener
+            .local_addr()
+            .map_err(|e| Error::Internal(e.to_string()))?
+            .to_string(),
+        grpc: grpc_addr.map(|a| a.to_string()),
+    };
+    let node = Node::start(config, peers, addresses).await?;
+    let result = loop {
+        let leadership = tokio::select! {
+            leading = node.leading() => match leading {
+                Some(l) => l,
+                None => break Err(Error::Internal("raft stopped".into())),
+            },
+            () = shutdown.as_mut() => break Ok(()),
+            () = refuse_followers(listener, &node) => continue,
+        };
+        let Some(storage) = node.slot.get() else {
+            continue;
+        };
+        let leading = Leading {
+            node: &node,
+            leadership,
+        };
+        match run_once(
+            listener,
+            storage,
+            config,
+            metrics,
+            faces,
+            shutdown,
+            Some(leading),
+        )
+        .await
+        {
+            Ok(Stop::Shutdown) => break Ok(()),
+            Ok(Stop::Deposed) => tracing::info!("no longer leading the group: following"),
+            Ok(Stop::StorageFailed(why)) => break Err(Error::StorageFailed(why)),
+            Err(e) => break Err(e),
+        }
+    };
+    node.shutdown().await;
+    result
+}
+
+/// Answers every connection `NOT_LEADER` (with the leader's address when known), until
+/// dropped.
+async fn refuse_followers(listener: &TcpListener, node: &Arc<Node>) {
+    loop {
+        if let Ok((socket, peer)) = listener.accept().await {
+            let node = node.clone();
+            tokio::spawn(async move {
+                let leader = node.leader_address().await;
+                connection::refuse_not_leader(socket, peer, leader).await;
+            });
+        } else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// What [`run_once`] needs to serve as a broker group's leader.
+struct Leading<'a> {
+    node: &'a Arc<Node>,
+    leadership: Leadership,
+}
+
 /// Why [`run_once`] returned.
 enum Stop {
     /// The shutdown future completed.
     Shutdown,
+    /// This node stopped leading its group.
+    Deposed,
     /// Storage failed, for this reason: reopen it.
     StorageFailed(String),
 }
@@ -228,6 +336,7 @@ async fn open(config: &Config) -> Result<Arc<Storage>> {
 /// joins the writer and closes the database.
 /// What outside the accept loop shows the broker's current parts: `/health` and the
 /// gRPC endpoint (set while a storage is open, cleared while it is reopened).
+#[derive(Clone, Copy)]
 struct Faces<'a> {
     live: &'a metrics::Live,
     grpc: &'a crate::grpc::Live,
@@ -240,12 +349,19 @@ async fn run_once(
     metrics: &Arc<Metrics>,
     faces: Faces<'_>,
     shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+    leading: Option<Leading<'_>>,
 ) -> Result<Stop> {
     let live = faces.live;
+    let replicated = leading.is_some();
     let (boot, stored, halves, scheduled) = {
         let storage = storage.clone();
         tokio::task::spawn_blocking(move || {
-            let boot = storage.next_boot()?;
+            // A group's leader writes its boot number through the log, below.
+            let boot = if replicated {
+                storage.boot()? + 1
+            } else {
+                storage.next_boot()?
+            };
             let topics = storage.topics()?;
             let halves = storage.count_halves()?;
             let scheduled = storage.count_scheduled()?;
@@ -268,13 +384,33 @@ async fn run_once(
     metrics.half_messages_pending.set(halves as i64);
     metrics.scheduled_pending.set(scheduled as i64);
 
-    let (writer, writer_thread) = Writer::spawn(
+    let deposed = CancellationToken::new();
+    let replicator = leading.as_ref().map(|l| Replicator {
+        raft: l.node.raft.clone(),
+        leader: l.leadership.leader,
+        runtime: tokio::runtime::Handle::current(),
+        deposed: deposed.clone(),
+    });
+    let (writer, writer_thread) = Writer::spawn_with(
         storage.clone(),
         topics.clone(),
         Arc::new(IdGen::new(boot)),
         config.clone(),
         metrics.clone(),
+        replicator,
     );
+    if replicated {
+        // Before any id of this boot is used: the next leader's boot starts past it.
+        let put = Op::Put(Cf::Meta, keys::BOOT.to_vec(), boot.to_be_bytes().to_vec());
+        if let Err(e) = writer.submit(Command::Raw(vec![put])).await {
+            tracing::info!("could not start leading: {e}");
+            drop(writer);
+            tokio::task::spawn_blocking(move || writer_thread.join())
+                .await
+                .map_err(|e| Error::Internal(e.to_string()))?;
+            return Ok(Stop::Deposed);
+        }
+    }
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
     let producers = Arc::new(Producers::default());
@@ -337,6 +473,13 @@ async fn run_once(
             Stop::Shutdown
         }
         () = storage.failed() => Stop::StorageFailed(storage.failure().unwrap_or_default()),
+        () = deposed.cancelled() => Stop::Deposed,
+        () = async {
+            match &leading {
+                Some(l) => l.node.lost(&l.leadership).await,
+                None => std::future::pending().await,
+            }
+        } => Stop::Deposed,
     };
     live.set(None);
     faces.grpc.set(None);
@@ -354,15 +497,17 @@ async fn run_once(
         .map_err(|e| Error::Internal(e.to_string()))?;
     // Reads still running off the async threads hold the database: wait for them, so
     // it is closed (and a reopen finds it unlocked).
+    // (A group's node keeps its storage open: the state machine holds it too.)
+    let kept = 1 + usize::from(replicated);
     for _ in 0..500 {
-        if Arc::strong_count(&storage) == 1 {
+        if Arc::strong_count(&storage) <= kept {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let left = Arc::strong_count(&storage);
-    if left > 1 {
-        tracing::warn!("{} storage handles still held at close", left - 1);
+    if left > kept {
+        tracing::warn!("{} storage handles still held at close", left - kept);
         if matches!(stop, Stop::StorageFailed(_)) {
             return Err(Error::Internal(
                 "storage failed and could not be closed to reopen it".into(),

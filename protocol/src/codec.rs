@@ -332,11 +332,14 @@ mod tests {
                     operator: false
                 }
             )),
-            (0..20_i32, "[ -~]{0,40}").prop_map(|(code, message)| Body::Response(pb::Response {
-                code,
-                message,
-                result: None
-            })),
+            (0..29_i32, "[ -~]{0,40}", "[ -~]{0,20}").prop_map(|(code, message, leader)| {
+                Body::Response(pb::Response {
+                    code,
+                    message,
+                    leader,
+                    result: None,
+                })
+            }),
             ("[a-z]{1,8}", "[a-z]{1,8}", any::<u64>(), any::<u64>()).prop_map(
                 |(group, topic, offset, lease_id)| Body::Ack(pb::AckRequest {
                     handles: vec![pb::DeliveryHandle {

@@ -75,13 +75,14 @@ mod tests {
             (ErrorCode::OrderingConflict, 25),
             (ErrorCode::DiskFull, 26),
             (ErrorCode::MessageNotFound, 27),
+            (ErrorCode::NotLeader, 28),
         ];
         for (code, number) in pinned {
             assert_eq!(code as i32, number, "{code:?} moved");
             assert_eq!(ErrorCode::try_from(number), Ok(code));
         }
         assert!(
-            ErrorCode::try_from(28).is_err(),
+            ErrorCode::try_from(29).is_err(),
             "a new code was added: pin it here"
         );
     }

@@ -119,6 +119,7 @@ async fn a_call_the_broker_never_answers_times_out() {
             let ok = pb::Response {
                 code: 0,
                 message: String::new(),
+                leader: String::new(),
                 result: Some(pb::response::Result::Hello(pb::HelloOk {
                     protocol_version: txmq_protocol::PROTOCOL_VERSION,
                     max_frame_len: 16 << 20,

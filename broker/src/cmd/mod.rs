@@ -24,7 +24,7 @@ use txmq_protocol::{Frame, pb};
 use crate::error::{Error, Result};
 use crate::ids::Id;
 
-pub use session::{Session, error_frame, response};
+pub use session::{Session, error_frame, error_response, response};
 pub use shared::Shared;
 
 /// A response on its way.

@@ -35,9 +35,20 @@ pub fn error_frame(id: u64, code: ErrorCode, message: &str) -> Frame {
         body: Some(Body::Response(pb::Response {
             code: code as i32,
             message: message.to_string(),
+            leader: String::new(),
             result: None,
         })),
     }
+}
+
+/// The response frame of an error: [`error_frame`], naming the leader for
+/// [`Error::NotLeader`].
+pub fn error_response(id: u64, e: &Error) -> Frame {
+    let mut frame = error_frame(id, e.code(), &e.to_string());
+    if let (Error::NotLeader(Some(leader)), Some(Body::Response(r))) = (e, frame.body.as_mut()) {
+        r.leader.clone_from(leader);
+    }
+    frame
 }
 
 /// A response frame for a result.
@@ -48,9 +59,10 @@ pub fn response(id: u64, result: Result<pb::response::Result, Error>) -> Frame {
             body: Some(Body::Response(pb::Response {
                 code: ErrorCode::Ok as i32,
                 message: String::new(),
+                leader: String::new(),
                 result: Some(r),
             })),
         },
-        Err(e) => error_frame(id, e.code(), &e.to_string()),
+        Err(e) => error_response(id, &e),
     }
 }

@@ -42,6 +42,8 @@ pub fn code(e: &Error) -> pb::Code {
         Error::AlreadyDelivered(..) => pb::Code::PreconditionFailed,
         // Back-pressure: clients back off and retry.
         Error::DiskFull(_) => pb::Code::TooManyRequests,
+        // A broker group's follower, or a leader that just lost its leadership.
+        Error::NotLeader(_) => pb::Code::HaNotAvailable,
         Error::Storage(_)
         | Error::StorageFailed(_)
         | Error::ShuttingDown

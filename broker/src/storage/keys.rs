@@ -155,6 +155,12 @@ pub const NEXT_TOPIC_ID: &[u8] = b"next-topic-id";
 /// `meta` key of the boot counter.
 pub const BOOT: &[u8] = b"boot";
 
+/// `meta` key of the last Raft log id applied (a broker group's node).
+pub const RAFT_APPLIED: &[u8] = b"raft/applied";
+
+/// `meta` key of the last Raft membership applied (a broker group's node).
+pub const RAFT_MEMBERSHIP: &[u8] = b"raft/membership";
+
 /// The smallest key greater than every key starting with `prefix`, for iterator bounds.
 pub fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
     let mut end = prefix.to_vec();

@@ -80,7 +80,8 @@ pub enum Cf {
 }
 
 impl Cf {
-    fn name(self) -> &'static str {
+    /// Its name in RocksDB.
+    pub fn name(self) -> &'static str {
         CFS[self as usize]
     }
 }
@@ -249,18 +250,25 @@ impl Storage {
             .expect("every column family is created at open")
     }
 
+    /// The boot counter as stored (0 before the first boot).
+    ///
+    /// # Errors
+    /// Storage failure.
+    pub fn boot(&self) -> Result<u64> {
+        Ok(self
+            .db
+            .get_cf(self.cf(Cf::Meta), keys::BOOT)?
+            .and_then(|v| v.try_into().ok().map(u64::from_be_bytes))
+            .unwrap_or(0))
+    }
+
     /// Increments and returns the durable boot counter: ids made in this boot are unique.
     ///
     /// # Errors
     /// Storage failure.
     pub fn next_boot(&self) -> Result<u64> {
         let cf = self.cf(Cf::Meta);
-        let prev = self
-            .db
-            .get_cf(cf, keys::BOOT)?
-            .and_then(|v| v.try_into().ok().map(u64::from_be_bytes))
-            .unwrap_or(0);
-        let boot = prev + 1;
+        let boot = self.boot()? + 1;
         let mut wo = rocksdb::WriteOptions::default();
         wo.set_sync(true);
         self.db

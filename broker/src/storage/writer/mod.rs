@@ -19,6 +19,7 @@
 mod command;
 mod handle;
 mod recent;
+mod replicate;
 mod scheduled;
 mod sync;
 #[cfg(test)]
@@ -47,6 +48,7 @@ pub use command::{Command, Op, Outcome, txn_state_name};
 use handle::Job;
 pub use handle::{WriterHandle, WriterThread};
 use recent::Recent;
+pub use replicate::Replicator;
 use sync::{Tally, Written, sync_loop};
 
 /// Most commands folded into one write batch.
@@ -74,6 +76,8 @@ pub struct Writer {
     /// transactions) is not done, by name, with their fences: a commit of such a
     /// transaction is refused meanwhile.
     doomed: FxHashMap<String, Id>,
+    /// A broker group's leader sends its batches here instead of writing them.
+    replicator: Option<Replicator>,
 }
 
 impl Writer {
@@ -86,6 +90,20 @@ impl Writer {
         config: Arc<Config>,
         metrics: Arc<Metrics>,
     ) -> (WriterHandle, WriterThread) {
+        Self::spawn_with(storage, topics, ids, config, metrics, None)
+    }
+
+    /// [`Writer::spawn`] for a broker group's leader: every batch goes through
+    /// `replicator` (the Raft log, fsynced by a majority) and is applied by the state
+    /// machine; the syncer then only publishes and replies.
+    pub fn spawn_with(
+        storage: Arc<Storage>,
+        topics: Arc<Topics>,
+        ids: Arc<IdGen>,
+        config: Arc<Config>,
+        metrics: Arc<Metrics>,
+        replicator: Option<Replicator>,
+    ) -> (WriterHandle, WriterThread) {
         let (tx, rx) = mpsc::channel(MAX_BATCH * 2);
         let next_offset = topics.all().iter().map(|t| (t.id, t.end())).collect();
         // Writes go to the WAL without a sync; the syncer thread fsyncs once for every
@@ -94,7 +112,9 @@ impl Writer {
         let (syncer, synced) = std::sync::mpsc::channel();
         let syncer_thread = {
             let (storage, topics, metrics) = (storage.clone(), topics.clone(), metrics.clone());
-            let fsync = config.flush == FlushMode::Sync;
+            // Replicated, the Raft log is the durable copy (fsynced by a majority before
+            // the batch is applied here).
+            let fsync = config.flush == FlushMode::Sync && replicator.is_none();
             std::thread::Builder::new()
                 .name("txmq-syncer".into())
                 .spawn(move || sync_loop(&synced, &storage, &topics, &metrics, fsync))
@@ -119,6 +139,7 @@ impl Writer {
             syncer,
             recent: Recent::default(),
             doomed,
+            replicator,
         };
         let thread = std::thread::Builder::new()
             .name("txmq-writer".into())
@@ -182,6 +203,17 @@ impl Writer {
             }
             return Vec::new();
         }
+        if self
+            .replicator
+            .as_ref()
+            .is_some_and(|r| r.deposed.is_cancelled())
+        {
+            // Sticky too: what this writer holds in memory may be behind the new leader.
+            for job in jobs.drain(..) {
+                let _ = job.reply.send(Err(Error::NotLeader(None)));
+            }
+            return Vec::new();
+        }
         let mut stage = Stage::default();
         let mut results = Vec::with_capacity(jobs.len());
         let mut rest = Vec::new();
@@ -221,10 +253,16 @@ impl Writer {
         let wrote = !stage.batch.is_empty();
         let write = if wrote {
             let started = std::time::Instant::now();
-            let w = self
-                .storage
-                .db()
-                .write_opt(std::mem::take(&mut stage.batch), &self.write_opts);
+            let w = match &self.replicator {
+                None => self
+                    .storage
+                    .db()
+                    .write_opt(std::mem::take(&mut stage.batch), &self.write_opts)
+                    .map_err(Error::Storage),
+                Some(r) => r
+                    .replicate(&stage.batch)
+                    .map_err(|_| Error::NotLeader(None)),
+            };
             if w.is_ok() {
                 self.metrics
                     .write_seconds
@@ -278,9 +316,12 @@ impl Writer {
                 // Sticky, like a failed sync: owners of state in memory (consumer groups)
                 // may have moved ahead of this write, and a later write that succeeded
                 // could build on it (a floor passing a retry that was never stored). The
-                // server reopens storage and everything reloads from what is on disk.
-                self.storage.fail(format!("a write failed: {e}"));
-                let e = Error::Storage(e);
+                // server reopens storage and everything reloads from what is on disk. (A
+                // group's leader that lost its leadership stops serving instead: the
+                // replicator marked it deposed.)
+                if self.replicator.is_none() {
+                    self.storage.fail(format!("a write failed: {e}"));
+                }
                 let results = results.into_iter().map(|r| lost_in_write(r, &e)).collect();
                 Written {
                     jobs: std::mem::take(jobs),

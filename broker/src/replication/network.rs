@@ -1,0 +1,416 @@
+//! Node-to-node RPCs: Raft's messages as postcard in length-prefixed frames over TCP, one
+//! request and its reply at a time per connection (openraft opens one client per target
+//! and purpose: replication, heartbeats, snapshots).
+//!
+//! A snapshot goes as a header frame naming its files and their sizes, then each file's
+//! bytes in frames of at most [`CHUNK`], into a fresh directory on the receiver, which
+//! then installs it.
+
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use openraft::errors::{NetworkError, RPCError, StreamingError, Unreachable};
+use openraft::network::{RPCOption, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+};
+use openraft::{BasicNode, RaftNetworkV2};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
+use tokio_util::sync::CancellationToken;
+
+use super::state_machine::{SnapshotDir, StorageSlot};
+use super::{Raft, TypeConfig, io_err};
+
+type Vote = openraft::type_config::alias::VoteOf<TypeConfig>;
+type SnapshotMeta = openraft::type_config::alias::SnapshotMetaOf<TypeConfig>;
+type Snapshot = openraft::type_config::alias::SnapshotOf<TypeConfig, SnapshotDir>;
+
+/// Largest frame: an append carries at most `max_payload_entries` writer batches.
+const MAX_FRAME: usize = 1 << 30;
+/// Bytes of a snapshot file per frame.
+const CHUNK: usize = 1 << 20;
+
+/// What one node asks another.
+#[derive(Serialize, Deserialize)]
+enum Rpc {
+    Append(AppendEntriesRequest<TypeConfig>),
+    Vote(VoteRequest<TypeConfig>),
+    PreVote(VoteRequest<TypeConfig>),
+    /// A whole snapshot follows: these files, in this order, with these sizes.
+    Snapshot {
+        vote: Vote,
+        meta: SnapshotMeta,
+        files: Vec<(String, u64)>,
+    },
+    Info,
+}
+
+/// The answer.
+#[derive(Serialize, Deserialize)]
+enum Reply {
+    Append(AppendEntriesResponse<TypeConfig>),
+    Vote(VoteResponse<TypeConfig>),
+    Snapshot(SnapshotResponse<TypeConfig>),
+    Info(NodeInfo),
+    /// The request could not be served (the node is shutting down, a bad snapshot).
+    Failed(String),
+}
+
+/// What a node tells about itself.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// Its node id.
+    pub id: u64,
+    /// Where clients connect (the native protocol).
+    pub client_addr: String,
+    /// Its gRPC endpoint, if it serves one.
+    pub grpc_addr: Option<String>,
+    /// It belongs to an initialized group (it has a log or a vote).
+    pub initialized: bool,
+    /// The leader it knows of.
+    pub leader: Option<u64>,
+}
+
+type Conn = Framed<TcpStream, LengthDelimitedCodec>;
+
+fn codec() -> LengthDelimitedCodec {
+    LengthDelimitedCodec::builder()
+        .max_frame_length(MAX_FRAME)
+        .new_codec()
+}
+
+async fn connect(addr: &str) -> io::Result<Conn> {
+    let socket = TcpStream::connect(addr).await?;
+    socket.set_nodelay(true)?;
+    Ok(Framed::new(socket, codec()))
+}
+
+async fn send<T: Serialize>(conn: &mut Conn, msg: &T) -> io::Result<()> {
+    let bytes = postcard::to_allocvec(msg).map_err(io_err)?;
+    conn.send(Bytes::from(bytes)).await
+}
+
+async fn recv<T: for<'de> Deserialize<'de>>(conn: &mut Conn) -> io::Result<T> {
+    match conn.next().await {
+        Some(frame) => postcard::from_bytes(&frame?).map_err(io_err),
+        None => Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "connection closed",
+        )),
+    }
+}
+
+/// Asks the node at `addr` about itself (for forming the group and finding the leader's
+/// client address).
+///
+/// # Errors
+/// The node cannot be reached or does not answer within `timeout`.
+pub async fn info(addr: &str, timeout: Duration) -> io::Result<NodeInfo> {
+    let call = async {
+        let mut conn = connect(addr).await?;
+        send(&mut conn, &Rpc::Info).await?;
+        match recv(&mut conn).await? {
+            Reply::Info(info) => Ok(info),
+            Reply::Failed(why) => Err(io_err(why)),
+            _ => Err(io_err("unexpected reply to Info")),
+        }
+    };
+    tokio::time::timeout(timeout, call)
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("{addr} did not answer")))?
+}
+
+/// Makes a client per target node.
+#[derive(Clone, Default)]
+pub struct Network;
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = Peer;
+
+    async fn new_client(&mut self, _target: u64, node: &BasicNode) -> Peer {
+        Peer {
+            addr: node.addr.clone(),
+            conn: None,
+        }
+    }
+}
+
+/// One connection to a target node, opened on demand and dropped on any error.
+pub struct Peer {
+    addr: String,
+    conn: Option<Conn>,
+}
+
+impl Peer {
+    async fn call(&mut self, rpc: &Rpc, ttl: Duration) -> Result<Reply, RPCError<TypeConfig>> {
+        let call = async {
+            if self.conn.is_none() {
+                self.conn = Some(
+                    connect(&self.addr)
+                        .await
+                        .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?,
+                );
+            }
+            let conn = self.conn.as_mut().expect("connected");
+            send(conn, rpc)
+                .await
+                .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+            recv(conn)
+                .await
+                .map_err(|e| RPCError::Network(NetworkError::new(&e)))
+        };
+        let result = match tokio::time::timeout(ttl, call).await {
+            Ok(r) => r,
+            Err(_) => Err(RPCError::Unreachable(Unreachable::new(&io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("{} did not answer within {ttl:?}", self.addr),
+            )))),
+        };
+        if result.is_err() {
+            // The reply of a request that timed out may still come: never read it as the
+            // next one's.
+            self.conn = None;
+        }
+        match result? {
+            Reply::Failed(why) => Err(RPCError::Unreachable(Unreachable::new(&io_err(why)))),
+            reply => Ok(reply),
+        }
+    }
+}
+
+fn unexpected() -> RPCError<TypeConfig> {
+    RPCError::Network(NetworkError::new(&io_err("unexpected reply")))
+}
+
+impl RaftNetworkV2<TypeConfig> for Peer {
+    type SnapshotData = SnapshotDir;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        match self.call(&Rpc::Append(rpc), option.soft_ttl()).await? {
+            Reply::Append(r) => Ok(r),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        match self.call(&Rpc::Vote(rpc), option.soft_ttl()).await? {
+            Reply::Vote(r) => Ok(r),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        match self.call(&Rpc::PreVote(rpc), option.soft_ttl()).await? {
+            Reply::Vote(r) => Ok(r),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: Snapshot,
+        cancel: impl Future<Output = openraft::errors::ReplicationClosed> + Send + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        let addr = self.addr.clone();
+        let send = async move {
+            let mut conn = connect(&addr)
+                .await
+                .map_err(|e| StreamingError::Unreachable(Unreachable::new(&e)))?;
+            send_snapshot(&mut conn, vote, snapshot)
+                .await
+                .map_err(|e| StreamingError::Network(NetworkError::new(&e)))
+        };
+        tokio::select! {
+            r = tokio::time::timeout(option.hard_ttl(), send) => r.unwrap_or_else(|_| {
+                Err(StreamingError::Unreachable(Unreachable::new(&io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "sending a snapshot took too long",
+                ))))
+            }),
+            closed = cancel => Err(StreamingError::Closed(closed)),
+        }
+    }
+}
+
+/// Sends the snapshot's files and waits for the receiver to install it.
+async fn send_snapshot(
+    conn: &mut Conn,
+    vote: Vote,
+    snapshot: Snapshot,
+) -> io::Result<SnapshotResponse<TypeConfig>> {
+    let dir = snapshot.snapshot.0;
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(&dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            let name = entry
+                .file_name()
+                .into_string()
+                .map_err(|_| io_err("a file name that is not UTF-8"))?;
+            files.push((name, entry.metadata()?.len()));
+        }
+    }
+    files.sort();
+    tracing::info!(snapshot = %dir.display(), files = files.len(), bytes = files.iter().map(|f| f.1).sum::<u64>(), "sending a snapshot");
+    send(
+        conn,
+        &Rpc::Snapshot {
+            vote,
+            meta: snapshot.meta,
+            files: files.clone(),
+        },
+    )
+    .await?;
+    let mut buf = vec![0u8; CHUNK];
+    for (name, len) in files {
+        let mut file = tokio::fs::File::open(dir.join(&name)).await?;
+        let mut left = len;
+        while left > 0 {
+            let n = (left as usize).min(CHUNK);
+            file.read_exact(&mut buf[..n]).await?;
+            conn.send(Bytes::copy_from_slice(&buf[..n])).await?;
+            left -= n as u64;
+        }
+    }
+    match recv(conn).await? {
+        Reply::Snapshot(r) => Ok(r),
+        Reply::Failed(why) => Err(io_err(why)),
+        _ => Err(io_err("unexpected reply to a snapshot")),
+    }
+}
+
+/// Serves the other nodes' RPCs on `listener` until `cancel`.
+pub async fn serve(
+    listener: TcpListener,
+    raft: Raft,
+    slot: Arc<StorageSlot>,
+    info: Arc<dyn Fn() -> NodeInfo + Send + Sync>,
+    cancel: CancellationToken,
+) {
+    let received = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    loop {
+        let (socket, peer) = tokio::select! {
+            () = cancel.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(pair) => pair,
+                Err(e) => {
+                    tracing::warn!("node listener: accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = socket.set_nodelay(true);
+        let (raft, slot, info, cancel, received) = (
+            raft.clone(),
+            slot.clone(),
+            info.clone(),
+            cancel.clone(),
+            received.clone(),
+        );
+        tokio::spawn(async move {
+            let mut conn = Framed::new(socket, codec());
+            tokio::select! {
+                () = cancel.cancelled() => {}
+                r = serve_conn(&mut conn, &raft, &slot, &*info, &received) => if let Err(e) = r {
+                    tracing::debug!(%peer, "node connection closed: {e}");
+                },
+            }
+        });
+    }
+}
+
+async fn serve_conn(
+    conn: &mut Conn,
+    raft: &Raft,
+    slot: &StorageSlot,
+    info: &(dyn Fn() -> NodeInfo + Send + Sync),
+    received: &std::sync::atomic::AtomicU64,
+) -> io::Result<()> {
+    loop {
+        let rpc: Rpc = recv(conn).await?;
+        let reply = match rpc {
+            Rpc::Append(req) => raft
+                .append_entries(req)
+                .await
+                .map(Reply::Append)
+                .unwrap_or_else(|e| Reply::Failed(e.to_string())),
+            Rpc::Vote(req) => raft
+                .vote(req)
+                .await
+                .map(Reply::Vote)
+                .unwrap_or_else(|e| Reply::Failed(e.to_string())),
+            Rpc::PreVote(req) => raft
+                .pre_vote(req)
+                .await
+                .map(Reply::Vote)
+                .unwrap_or_else(|e| Reply::Failed(e.to_string())),
+            Rpc::Info => Reply::Info(info()),
+            Rpc::Snapshot { vote, meta, files } => {
+                let n = received.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let dir = slot.snapshot_dir(&format!("received-{n}"))?;
+                receive_files(conn, &dir, &files).await?;
+                tracing::info!(?meta, "installing a snapshot");
+                let snapshot = Snapshot {
+                    meta,
+                    snapshot: SnapshotDir(dir.clone()),
+                };
+                let r = raft.install_full_snapshot(vote, snapshot).await;
+                if dir.exists() {
+                    // Not taken (an older snapshot, or it failed).
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
+                r.map(Reply::Snapshot)
+                    .unwrap_or_else(|e| Reply::Failed(e.to_string()))
+            }
+        };
+        send(conn, &reply).await?;
+    }
+}
+
+/// Receives `files` into `dir`, synced.
+async fn receive_files(conn: &mut Conn, dir: &Path, files: &[(String, u64)]) -> io::Result<()> {
+    tokio::fs::create_dir_all(dir).await?;
+    for (name, len) in files {
+        if name.contains('/') || name.starts_with('.') {
+            return Err(io_err(format!("a snapshot file named {name:?}")));
+        }
+        let mut file = tokio::fs::File::create(dir.join(name)).await?;
+        let mut left = *len;
+        while left > 0 {
+            let chunk = conn
+                .next()
+                .await
+                .ok_or_else(|| io_err("the snapshot stopped short"))??;
+            if chunk.len() as u64 > left {
+                return Err(io_err("a snapshot file longer than announced"));
+            }
+            file.write_all(&chunk).await?;
+            left -= chunk.len() as u64;
+        }
+        file.sync_all().await?;
+    }
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(())
+}

@@ -1,0 +1,324 @@
+//! A node of a broker group: its Raft, the group's forming, and leadership.
+//!
+//! **Forming the group.** Every node is started with the same `--peers`. A node with an
+//! empty log waits to be sent entries. The node with the lowest id forms the group
+//! (`initialize` with every peer as a voter) once every other peer answers that it is
+//! empty too: so a node whose data directory was lost never forms a second group of
+//! its own, it waits for the leader to bring it up to date.
+//!
+//! **Leadership.** [`Node::leading`] completes when this node leads with a committed
+//! vote and has applied everything committed before its term; [`Leadership::lost`]
+//! completes when that term's leadership ends. The server serves clients in between.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::async_runtime::watch::WatchReceiver;
+use openraft::vote::RaftLeaderId;
+use openraft::{BasicNode, ReadPolicy, ServerState, SnapshotPolicy};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use super::log_store::LogStore;
+use super::network::{self, Network, NodeInfo};
+use super::state_machine::{StateMachine, StorageSlot};
+use super::{Peers, Raft, TypeConfig};
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::storage::Storage;
+
+/// The leader id of a term, as writes name it (a write for another leader fails).
+pub type LeaderId = openraft::type_config::alias::CommittedLeaderIdOf<TypeConfig>;
+
+/// A running node.
+pub struct Node {
+    /// Its Raft.
+    pub raft: Raft,
+    /// The storage it applies to.
+    pub slot: Arc<StorageSlot>,
+    /// The group as configured.
+    pub peers: Peers,
+    /// The node's own address book: what each member said of itself.
+    known: Mutex<HashMap<u64, NodeInfo>>,
+    stop: CancellationToken,
+    tasks: tokio_util::task::TaskTracker,
+}
+
+/// Where a node keeps its parts, under the data directory.
+struct Dirs {
+    state: PathBuf,
+    raft: PathBuf,
+    snapshots: PathBuf,
+}
+
+impl Dirs {
+    fn new(data: &Path) -> Self {
+        Self {
+            state: data.join("state"),
+            raft: data.join("raft"),
+            snapshots: data.join("snapshots"),
+        }
+    }
+
+    /// Finishes a snapshot installation a crash interrupted (see
+    /// `state_machine::replace`): the old storage comes back if the new one never
+    /// arrived, and is removed if it did.
+    fn recover(&self) -> std::io::Result<()> {
+        let old = self.state.with_extension("replaced");
+        if old.exists() {
+            if self.state.exists() {
+                std::fs::remove_dir_all(&old)?;
+            } else {
+                std::fs::rename(&old, &self.state)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// This node's address for clients, told to the others.
+#[derive(Debug, Clone)]
+pub struct Addresses {
+    /// The native protocol's listener.
+    pub client: String,
+    /// The gRPC endpoint's, if served.
+    pub grpc: Option<String>,
+}
+
+impl Node {
+    /// Opens the node's storage and log under the data directory, starts Raft and the
+    /// node-to-node listener, and begins forming the group if it is new.
+    ///
+    /// # Errors
+    /// Storage or the log cannot be opened, or the node address cannot be bound.
+    pub async fn start(config: &Config, peers: Peers, addresses: Addresses) -> Result<Arc<Self>> {
+        let dirs = Dirs::new(&config.data_dir);
+        let opened = {
+            let (state, raft, snapshots) = (
+                dirs.state.clone(),
+                dirs.raft.clone(),
+                dirs.snapshots.clone(),
+            );
+            tokio::task::spawn_blocking(move || {
+                std::fs::create_dir_all(&state).map_err(|e| {
+                    Error::Internal(format!("cannot create {}: {e}", state.display()))
+                })?;
+                Dirs {
+                    state: state.clone(),
+                    raft: raft.clone(),
+                    snapshots: snapshots.clone(),
+                }
+                .recover()
+                .map_err(|e| Error::Internal(format!("recovering a snapshot installation: {e}")))?;
+                let storage = Storage::open(&state)?;
+                let log = LogStore::open(&raft)
+                    .map_err(|e| Error::Internal(format!("cannot open the raft log: {e}")))?;
+                Ok::<_, Error>((storage, log))
+            })
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))??
+        };
+        let (storage, log) = opened;
+        let slot = StorageSlot::new(storage, dirs.state, dirs.snapshots);
+        let raft_config = openraft::Config {
+            cluster_name: "txmq".into(),
+            heartbeat_interval: 250,
+            election_timeout_min: 1500,
+            election_timeout_max: 3000,
+            // A writer batch is up to 64 MiB: an append carries a bounded number of them.
+            max_payload_entries: 16,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_entries),
+            max_in_snapshot_log_to_keep: 1000,
+            install_snapshot_timeout: 600_000,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| Error::Invalid(format!("raft settings: {e}")))?;
+        let raft = Raft::new(
+            peers.me,
+            Arc::new(raft_config),
+            Network,
+            log,
+            StateMachine::new(slot.clone()),
+        )
+        .await
+        .map_err(|e| Error::Internal(format!("cannot start raft: {e}")))?;
+        let listener = TcpListener::bind(peers.my_addr()).await.map_err(|e| {
+            Error::Internal(format!(
+                "cannot listen on {} (this node's peer address): {e}",
+                peers.my_addr()
+            ))
+        })?;
+        let node = Arc::new(Self {
+            raft: raft.clone(),
+            slot: slot.clone(),
+            peers: peers.clone(),
+            known: Mutex::new(HashMap::new()),
+            stop: CancellationToken::new(),
+            tasks: tokio_util::task::TaskTracker::new(),
+        });
+        let info = {
+            let raft = raft.clone();
+            let me = peers.me;
+            Arc::new(move || {
+                let m = raft.metrics().borrow_watched().clone();
+                NodeInfo {
+                    id: me,
+                    client_addr: addresses.client.clone(),
+                    grpc_addr: addresses.grpc.clone(),
+                    initialized: m.last_log_index.is_some(),
+                    leader: m.current_leader,
+                }
+            })
+        };
+        node.tasks.spawn(network::serve(
+            listener,
+            raft.clone(),
+            slot,
+            info,
+            node.stop.clone(),
+        ));
+        node.tasks.spawn(form_group(raft, peers, node.stop.clone()));
+        tracing::info!(
+            node = node.peers.me,
+            addr = node.peers.my_addr(),
+            "raft node started"
+        );
+        Ok(node)
+    }
+
+    /// Waits until this node leads (with a committed vote) and has applied everything
+    /// committed before; `None` if its Raft stopped.
+    pub async fn leading(&self) -> Option<Leadership> {
+        let mut rx = self.raft.metrics();
+        loop {
+            let lead = {
+                let m = rx.borrow_watched();
+                (m.state == ServerState::Leader
+                    && m.current_leader == Some(self.peers.me)
+                    && m.vote.is_committed())
+                .then(|| (m.current_term, m.vote.leader_id().to_committed()))
+            };
+            if let Some((term, leader)) = lead {
+                match self.raft.ensure_linearizable(ReadPolicy::ReadIndex).await {
+                    Ok(_) => {
+                        tracing::info!(term, "leading the group");
+                        return Some(Leadership { term, leader });
+                    }
+                    Err(e) => tracing::info!(term, "elected, but not leading after all: {e}"),
+                }
+            }
+            rx.changed().await.ok()?;
+        }
+    }
+
+    /// Completes when `leadership` ended (another term, or this node follows).
+    pub async fn lost(&self, leadership: &Leadership) {
+        let mut rx = self.raft.metrics();
+        loop {
+            {
+                let m = rx.borrow_watched();
+                if m.state != ServerState::Leader || m.current_term != leadership.term {
+                    return;
+                }
+            }
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// The leader's client address, when another node leads and it can be asked.
+    pub async fn leader_address(&self) -> Option<String> {
+        let (leader, addr) = {
+            let m = self.raft.metrics().borrow_watched().clone();
+            let leader = m.current_leader.filter(|&l| l != self.peers.me)?;
+            let addr = m
+                .membership_config
+                .membership()
+                .get_node(&leader)
+                .map(|n| n.addr.clone())
+                .or_else(|| self.peers.nodes.get(&leader).cloned())?;
+            (leader, addr)
+        };
+        if let Some(known) = self.known.lock().expect("known").get(&leader) {
+            return Some(known.client_addr.clone());
+        }
+        let info = network::info(&addr, Duration::from_secs(1)).await.ok()?;
+        let client = info.client_addr.clone();
+        self.known.lock().expect("known").insert(leader, info);
+        Some(client)
+    }
+
+    /// Stops Raft and the node's tasks.
+    pub async fn shutdown(&self) {
+        self.stop.cancel();
+        self.tasks.close();
+        if let Err(e) = self.raft.shutdown().await {
+            tracing::warn!("raft did not stop cleanly: {e}");
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.tasks.wait()).await;
+    }
+}
+
+/// One term of this node's leadership.
+#[derive(Debug, Clone)]
+pub struct Leadership {
+    /// The term.
+    pub term: u64,
+    /// The leader id of the term: the writer's writes carry it.
+    pub leader: LeaderId,
+}
+
+/// Forms the group if this node has the lowest id and every peer is as new as it is.
+async fn form_group(raft: Raft, peers: Peers, stop: CancellationToken) {
+    let lowest = peers.nodes.keys().next().copied();
+    loop {
+        match raft.is_initialized().await {
+            Ok(true) | Err(_) => return,
+            Ok(false) => {}
+        }
+        if lowest == Some(peers.me) {
+            let mut all_new = true;
+            for (id, addr) in peers.nodes.iter().filter(|(id, _)| **id != peers.me) {
+                match network::info(addr, Duration::from_secs(1)).await {
+                    Ok(info) if !info.initialized => {}
+                    Ok(_) => {
+                        tracing::info!(
+                            peer = id,
+                            "peer already belongs to a group: waiting to be brought up to date"
+                        );
+                        all_new = false;
+                    }
+                    Err(e) => {
+                        tracing::info!(
+                            peer = id,
+                            "peer not reachable yet ({e}): the group forms once every peer answers"
+                        );
+                        all_new = false;
+                    }
+                }
+            }
+            if all_new {
+                let members: BTreeMap<u64, BasicNode> = peers
+                    .nodes
+                    .iter()
+                    .map(|(id, addr)| (*id, BasicNode { addr: addr.clone() }))
+                    .collect();
+                match raft.initialize(members).await {
+                    Ok(()) => {
+                        tracing::info!(nodes = peers.nodes.len(), "group formed");
+                        return;
+                    }
+                    Err(e) => tracing::warn!("forming the group failed: {e}"),
+                }
+            }
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
+}

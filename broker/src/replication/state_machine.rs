@@ -1,0 +1,307 @@
+//! The state machine: a committed entry's batch applied to the broker's storage, together
+//! with the entry's log id (and a membership, when the entry is one), in one write.
+//!
+//! The write is not synced: the Raft log holds the entry durably, and after a crash the
+//! node applies again from the last log id the storage kept (RocksDB recovers a prefix of
+//! its writes, so the log id and the batches it covers are lost or kept together).
+//!
+//! A snapshot is a RocksDB checkpoint of the storage (hard links, cheap); its log id and
+//! membership are read from the checkpoint itself, so they are exactly what it holds.
+//! Installing one closes the storage, puts the checkpoint in its place and opens it.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use openraft::storage::{EntryResponder, RaftStateMachine};
+use openraft::{EntryPayload, RaftSnapshotBuilder};
+use rocksdb::{WriteBatch, WriteOptions};
+
+use super::{Applied, LogId, TypeConfig, io_err};
+use crate::storage::{Cf, Storage, keys};
+
+type Membership = openraft::type_config::alias::StoredMembershipOf<TypeConfig>;
+type SnapshotMeta = openraft::type_config::alias::SnapshotMetaOf<TypeConfig>;
+type Snapshot = openraft::type_config::alias::SnapshotOf<TypeConfig, SnapshotDir>;
+
+/// A snapshot on disk: a directory holding a checkpoint of the storage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotDir(pub PathBuf);
+
+/// Where a node keeps the storage, shared by the state machine (which may replace it
+/// with a snapshot) and the server (which serves from it while this node leads).
+#[derive(Debug)]
+pub struct StorageSlot {
+    /// `None` only while a snapshot replaces it.
+    current: RwLock<Option<Arc<Storage>>>,
+    /// The storage's directory.
+    dir: PathBuf,
+    /// Where snapshots are made and received.
+    snapshots: PathBuf,
+}
+
+impl StorageSlot {
+    /// A slot holding `storage`, opened from `dir`; snapshots go under `snapshots`.
+    pub fn new(storage: Arc<Storage>, dir: PathBuf, snapshots: PathBuf) -> Arc<Self> {
+        Arc::new(Self {
+            current: RwLock::new(Some(storage)),
+            dir,
+            snapshots,
+        })
+    }
+
+    /// The storage now (`None` while a snapshot replaces it).
+    pub fn get(&self) -> Option<Arc<Storage>> {
+        self.current.read().expect("storage slot").clone()
+    }
+
+    fn storage(&self) -> std::io::Result<Arc<Storage>> {
+        self.get()
+            .ok_or_else(|| io_err("the storage is being replaced by a snapshot"))
+    }
+
+    /// A fresh directory for a snapshot being received or made.
+    pub fn snapshot_dir(&self, name: &str) -> std::io::Result<PathBuf> {
+        std::fs::create_dir_all(&self.snapshots)?;
+        let dir = self.snapshots.join(name);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)?;
+        }
+        Ok(dir)
+    }
+}
+
+/// The state machine of a node.
+pub struct StateMachine {
+    slot: Arc<StorageSlot>,
+}
+
+impl StateMachine {
+    /// The state machine applying to the storage in `slot`.
+    pub fn new(slot: Arc<StorageSlot>) -> Self {
+        Self { slot }
+    }
+}
+
+/// The applied log id and membership in the storage `db` (its meta family `meta`).
+fn applied_in(
+    db: &rocksdb::DB,
+    meta: &rocksdb::ColumnFamily,
+) -> std::io::Result<(Option<LogId>, Membership)> {
+    let applied = match db.get_cf(meta, keys::RAFT_APPLIED).map_err(io_err)? {
+        Some(v) => Some(postcard::from_bytes(&v).map_err(io_err)?),
+        None => None,
+    };
+    let membership = match db.get_cf(meta, keys::RAFT_MEMBERSHIP).map_err(io_err)? {
+        Some(v) => postcard::from_bytes(&v).map_err(io_err)?,
+        None => Membership::default(),
+    };
+    Ok((applied, membership))
+}
+
+/// The applied log id and membership of the checkpoint in `dir`.
+fn applied_in_checkpoint(dir: &Path) -> std::io::Result<(Option<LogId>, Membership)> {
+    let db = rocksdb::DB::open_cf_for_read_only(
+        &rocksdb::Options::default(),
+        dir,
+        [Cf::Meta.name()],
+        false,
+    )
+    .map_err(io_err)?;
+    let meta = db
+        .cf_handle(Cf::Meta.name())
+        .ok_or_else(|| io_err("a checkpoint without its meta family"))?;
+    applied_in(&db, meta)
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotData = SnapshotDir;
+    type SnapshotBuilder = Builder;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, Membership), std::io::Error> {
+        let storage = self.slot.storage()?;
+        applied_in(storage.db(), storage.cf(Cf::Meta))
+    }
+
+    async fn apply<S>(&mut self, mut entries: S) -> Result<(), std::io::Error>
+    where
+        S: Stream<Item = Result<EntryResponder<TypeConfig>, std::io::Error>> + Unpin + Send,
+    {
+        let storage = self.slot.storage()?;
+        let meta = storage.cf(Cf::Meta);
+        let wo = WriteOptions::default();
+        while let Some(item) = entries.next().await {
+            let (entry, responder) = item?;
+            let mut batch = match &entry.payload {
+                EntryPayload::Normal(b) => WriteBatch::from_data(&b.data),
+                _ => WriteBatch::default(),
+            };
+            if let EntryPayload::Membership(m) = &entry.payload {
+                let stored = Membership::new(Some(entry.log_id), m.clone());
+                batch.put_cf(
+                    meta,
+                    keys::RAFT_MEMBERSHIP,
+                    postcard::to_allocvec(&stored).map_err(io_err)?,
+                );
+            }
+            batch.put_cf(
+                meta,
+                keys::RAFT_APPLIED,
+                postcard::to_allocvec(&entry.log_id).map_err(io_err)?,
+            );
+            if let Err(e) = storage.db().write_opt(batch, &wo) {
+                // The node cannot go on: openraft stops it; a restart applies again
+                // from what the storage kept.
+                storage.fail(format!("applying a replicated write failed: {e}"));
+                return Err(io_err(e));
+            }
+            if let Some(responder) = responder {
+                responder.send(Applied);
+            }
+        }
+        Ok(())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        Builder {
+            slot: self.slot.clone(),
+        }
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: SnapshotDir,
+    ) -> Result<(), std::io::Error> {
+        let slot = self.slot.clone();
+        let dir = snapshot.0;
+        let (applied, _) = applied_in_checkpoint(&dir)?;
+        if applied != meta.last_log_id {
+            return Err(io_err(format!(
+                "snapshot holds log id {applied:?}, its meta says {:?}",
+                meta.last_log_id
+            )));
+        }
+        tokio::task::spawn_blocking(move || replace(&slot, &dir))
+            .await
+            .map_err(io_err)?
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, std::io::Error> {
+        let Some(dir) = latest_snapshot(&self.slot.snapshots)? else {
+            return Ok(None);
+        };
+        let (last_log_id, last_membership) = applied_in_checkpoint(&dir)?;
+        Ok(Some(Snapshot {
+            meta: SnapshotMeta {
+                last_log_id,
+                last_membership,
+            },
+            snapshot: SnapshotDir(dir),
+        }))
+    }
+}
+
+/// Made snapshots are named `made-<index:020>`; the greatest is the current one.
+const MADE: &str = "made-";
+
+/// The newest snapshot made under `dir`, if any.
+fn latest_snapshot(dir: &Path) -> std::io::Result<Option<PathBuf>> {
+    if !dir.exists() {
+        return Ok(None);
+    }
+    let mut names: Vec<String> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with(MADE))
+        .collect();
+    names.sort();
+    Ok(names.pop().map(|n| dir.join(n)))
+}
+
+/// Makes a checkpoint of `storage` as the newest snapshot and removes all but the one
+/// before it (which a follower may still be receiving).
+fn make_snapshot(slot: &StorageSlot) -> std::io::Result<(PathBuf, Option<LogId>, Membership)> {
+    let storage = slot.storage()?;
+    let building = slot.snapshot_dir("building")?;
+    rocksdb::checkpoint::Checkpoint::new(storage.db())
+        .and_then(|c| c.create_checkpoint(&building))
+        .map_err(io_err)?;
+    drop(storage);
+    let (applied, membership) = applied_in_checkpoint(&building)?;
+    let index = applied.as_ref().map_or(0, |id| id.index);
+    let dir = slot.snapshot_dir(&format!("{MADE}{index:020}"))?;
+    std::fs::rename(&building, &dir)?;
+    let mut names: Vec<String> = std::fs::read_dir(&slot.snapshots)?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with(MADE))
+        .collect();
+    names.sort();
+    let keep = names.len().saturating_sub(2);
+    for old in &names[..keep] {
+        std::fs::remove_dir_all(slot.snapshots.join(old))?;
+    }
+    Ok((dir, applied, membership))
+}
+
+/// Builds snapshots for openraft.
+pub struct Builder {
+    slot: Arc<StorageSlot>,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for Builder {
+    type SnapshotData = SnapshotDir;
+
+    async fn build_snapshot(&mut self) -> Result<Snapshot, std::io::Error> {
+        let slot = self.slot.clone();
+        let (dir, last_log_id, last_membership) =
+            tokio::task::spawn_blocking(move || make_snapshot(&slot))
+                .await
+                .map_err(io_err)??;
+        tracing::info!(snapshot = %dir.display(), ?last_log_id, "snapshot made");
+        Ok(Snapshot {
+            meta: SnapshotMeta {
+                last_log_id,
+                last_membership,
+            },
+            snapshot: SnapshotDir(dir),
+        })
+    }
+}
+
+/// Closes the storage in `slot`, puts the checkpoint `dir` in its place, opens it, and
+/// keeps a checkpoint of it as this node's current snapshot.
+fn replace(slot: &StorageSlot, dir: &Path) -> std::io::Result<()> {
+    {
+        let mut current = slot.current.write().map_err(io_err)?;
+        let Some(storage) = current.take() else {
+            return Err(io_err("no storage to replace"));
+        };
+        // The server's parts hold the storage only while this node leads, and a leader
+        // is not sent snapshots; a read may still hold it for a moment.
+        let mut storage = Some(storage);
+        for _ in 0..1000 {
+            if storage.as_ref().is_some_and(|s| Arc::strong_count(s) == 1) {
+                storage = None;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if let Some(storage) = storage {
+            *current = Some(storage);
+            return Err(io_err(
+                "the storage is still in use; cannot install a snapshot",
+            ));
+        }
+        let old = slot.dir.with_extension("replaced");
+        if old.exists() {
+            std::fs::remove_dir_all(&old)?;
+        }
+        std::fs::rename(&slot.dir, &old)?;
+        std::fs::rename(dir, &slot.dir)?;
+        *current = Some(Storage::open(&slot.dir).map_err(io_err)?);
+        std::fs::remove_dir_all(&old)?;
+    }
+    make_snapshot(slot)?;
+    Ok(())
+}
