@@ -461,6 +461,7 @@ async fn run_once(
         budget: Arc::new(Semaphore::new(
             (config.max_in_flight_bytes / connection::BUDGET_UNIT).max(1),
         )),
+        node: leading.as_ref().map(|l| l.node.clone()),
     });
     live.set(Some((storage.clone(), topics)));
     faces.grpc.set(Some(shared.clone()));

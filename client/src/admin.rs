@@ -429,6 +429,55 @@ impl Admin {
         let r = self.conn.call(Body::Stats(pb::StatsRequest {})).await?;
         expect!(r, Stats)
     }
+
+    /// The broker group as its leader sees it: members, term, progress and lag.
+    ///
+    /// # Errors
+    /// The broker is not part of a group (`INVALID_REQUEST`).
+    pub async fn cluster_status(&self) -> Result<pb::ClusterStatusOk> {
+        let r = self
+            .conn
+            .call(Body::ClusterStatus(pb::ClusterStatusRequest {}))
+            .await?;
+        expect!(r, Cluster)
+    }
+
+    /// Adds node `id`, which the nodes reach at `peer_addr` (its `--peers` entry): a
+    /// learner at once, a voter once it has caught up. Start it first, with the group's
+    /// peers and itself in `--peers`.
+    ///
+    /// # Errors
+    /// Already a member, or the broker is not part of a group.
+    pub async fn cluster_add(&self, id: u64, peer_addr: &str) -> Result<pb::ClusterStatusOk> {
+        self.cluster_change(pb::cluster_change_request::Action::Add, id, peer_addr)
+            .await
+    }
+
+    /// Removes node `id` from the group.
+    ///
+    /// # Errors
+    /// Not a member, the last voter, or the broker is not part of a group.
+    pub async fn cluster_remove(&self, id: u64) -> Result<pb::ClusterStatusOk> {
+        self.cluster_change(pb::cluster_change_request::Action::Remove, id, "")
+            .await
+    }
+
+    async fn cluster_change(
+        &self,
+        action: pb::cluster_change_request::Action,
+        node_id: u64,
+        peer_addr: &str,
+    ) -> Result<pb::ClusterStatusOk> {
+        let r = self
+            .conn
+            .call(Body::ClusterChange(pb::ClusterChangeRequest {
+                action: action as i32,
+                node_id,
+                peer_addr: peer_addr.to_string(),
+            }))
+            .await?;
+        expect!(r, Cluster)
+    }
 }
 
 /// Where [`Admin::reset_group`] moves a group.

@@ -36,6 +36,9 @@ const MAX_NEGOTIATED_FRAME: usize = 1 << 30;
 /// How long a call waits for its answer before the connection is given up.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long opening a connection to a broker group keeps looking for its leader.
+pub const FOLLOW_WAIT: Duration = Duration::from_secs(30);
+
 /// How often an open connection pings the broker: keeps it under the broker's idle
 /// timeout (60 s by default) and finds a broker that stopped answering.
 pub const PING_EVERY: Duration = Duration::from_secs(10);
@@ -89,9 +92,73 @@ impl Connection {
 
     /// [`Connection::open`] with calls that give up after `call_timeout`.
     ///
+    /// `addrs` is one broker's address, or a broker group's addresses separated by
+    /// commas: the connection goes to the group's leader. A follower answers the
+    /// handshake with `NOT_LEADER` and the leader's address, which is tried next; an
+    /// address that cannot be reached gives way to the next. While the group elects a
+    /// leader, the addresses are tried again with backoff for up to [`FOLLOW_WAIT`].
+    ///
     /// # Errors
-    /// The broker is unreachable or refused the handshake.
+    /// The broker is unreachable or refused the handshake; for a group, no leader
+    /// answered within [`FOLLOW_WAIT`].
     pub async fn open_with(
+        addrs: &str,
+        hello: pb::Hello,
+        call_timeout: Duration,
+    ) -> Result<(Self, Pushes)> {
+        let list: Vec<&str> = addrs
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .collect();
+        if list.is_empty() {
+            return Err(Error::Invalid(format!("no broker address in {addrs:?}")));
+        }
+        let deadline = tokio::time::Instant::now() + FOLLOW_WAIT;
+        let mut backoff = Duration::from_millis(100);
+        let mut hint: Option<String> = None;
+        let mut next = 0;
+        loop {
+            let followed = hint.is_some();
+            let addr = hint.take().unwrap_or_else(|| {
+                next += 1;
+                list[(next - 1) % list.len()].to_string()
+            });
+            let error = match Self::open_one(&addr, hello.clone(), call_timeout).await {
+                Ok(opened) => {
+                    if list.len() > 1 || followed {
+                        tracing::info!("connected to {addr}, the group's leader");
+                    }
+                    return Ok(opened);
+                }
+                Err(Error::NotLeader { leader, message }) => {
+                    match &leader {
+                        Some(l) => tracing::info!("{addr} does not lead its group; following the leader at {l}"),
+                        None => tracing::info!("{addr} does not lead its group and knows no leader yet"),
+                    }
+                    hint = leader.filter(|l| *l != addr);
+                    Error::NotLeader { message, leader: None }
+                }
+                Err(e @ (Error::Connect { .. } | Error::Disconnected(_) | Error::Timeout(_)))
+                    if list.len() > 1 =>
+                {
+                    tracing::info!("broker {addr} not reachable: {e}");
+                    e
+                }
+                Err(e) => return Err(e),
+            };
+            if tokio::time::Instant::now() >= deadline {
+                return Err(error);
+            }
+            // Each address once, then wait: an election takes a few seconds.
+            if hint.is_none() && next % list.len() == 0 {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+
+    async fn open_one(
         addr: &str,
         hello: pb::Hello,
         call_timeout: Duration,
@@ -180,6 +247,12 @@ impl Connection {
                 return Err(Error::Timeout(self.inner.call_timeout));
             }
         };
+        if response.code == ErrorCode::NotLeader as i32 {
+            return Err(Error::NotLeader {
+                message: response.message,
+                leader: Some(response.leader).filter(|l| !l.is_empty()),
+            });
+        }
         refusal(response.code, response.message)?;
         response
             .result

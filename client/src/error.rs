@@ -13,6 +13,15 @@ pub enum Error {
         /// The broker's explanation.
         message: String,
     },
+    /// The broker follows its group's leader (or just lost its leadership): the request
+    /// was not served. [`crate::Connection::open`] follows `leader` on its own.
+    #[error("broker refused (NotLeader): {message}")]
+    NotLeader {
+        /// The broker's explanation.
+        message: String,
+        /// The leader's client address, when the broker knew it.
+        leader: Option<String>,
+    },
     /// Could not reach the broker.
     #[error("cannot connect to {addr}")]
     Connect {
@@ -47,6 +56,7 @@ impl Error {
     pub fn code(&self) -> Option<ErrorCode> {
         match self {
             Error::Broker { code, .. } => Some(*code),
+            Error::NotLeader { .. } => Some(ErrorCode::NotLeader),
             _ => None,
         }
     }

@@ -5,7 +5,9 @@
 
 pub mod dispatch;
 pub mod grpc;
+pub mod group;
 pub mod lazyfs;
+pub mod torture;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

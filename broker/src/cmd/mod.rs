@@ -3,6 +3,7 @@
 //! frame once the work is durable.
 
 pub mod admin;
+pub mod cluster;
 pub mod consume;
 pub mod delete;
 pub mod hello;
@@ -145,6 +146,8 @@ pub async fn dispatch(
         Body::FindMessages(req) => messages::find_messages(id, req, shared),
         Body::ListGroups(req) => admin::list_groups(id, req, shared),
         Body::Stats(_) => admin::stats(id, shared),
+        Body::ClusterStatus(_) => cluster::status(id, shared),
+        Body::ClusterChange(req) => cluster::change(id, req, shared),
         Body::CancelScheduled(req) => scheduled::cancel(id, req, shared),
         Body::ListScheduled(req) => scheduled::list(id, req, shared),
         Body::Hello(_) | Body::CheckReply(_) => unreachable!("handled above"),

@@ -43,4 +43,6 @@ pub struct Shared {
     /// Bytes of requests in flight, broker-wide, in KiB units: a request takes its share
     /// before it is read further, and gives it back when answered.
     pub budget: Arc<Semaphore>,
+    /// The broker group's node this broker leads from (`None`: a single broker).
+    pub node: Option<Arc<crate::replication::node::Node>>,
 }

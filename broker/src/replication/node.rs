@@ -28,11 +28,13 @@ use super::{Peers, Raft, TypeConfig};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::storage::Storage;
+use txmq_protocol::pb;
 
 /// The leader id of a term, as writes name it (a write for another leader fails).
 pub type LeaderId = openraft::type_config::alias::CommittedLeaderIdOf<TypeConfig>;
 
 /// A running node.
+#[derive(Debug)]
 pub struct Node {
     /// Its Raft.
     pub raft: Raft,
@@ -40,6 +42,8 @@ pub struct Node {
     pub slot: Arc<StorageSlot>,
     /// The group as configured.
     pub peers: Peers,
+    /// Where clients reach this node.
+    addresses: Addresses,
     /// The node's own address book: what each member said of itself.
     known: Mutex<HashMap<u64, NodeInfo>>,
     stop: CancellationToken,
@@ -124,9 +128,11 @@ impl Node {
         let slot = StorageSlot::new(storage, dirs.state, dirs.snapshots);
         let raft_config = openraft::Config {
             cluster_name: "txmq".into(),
-            heartbeat_interval: 250,
-            election_timeout_min: 1500,
-            election_timeout_max: 3000,
+            // A follower stands for election when it has heard nothing for the leader's
+            // lease (the maximum timeout) plus a random timeout: 2.0 to 2.4 s.
+            heartbeat_interval: 200,
+            election_timeout_min: 800,
+            election_timeout_max: 1200,
             // A writer batch is up to 64 MiB: an append carries a bounded number of them.
             max_payload_entries: 16,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_entries),
@@ -155,6 +161,7 @@ impl Node {
             raft: raft.clone(),
             slot: slot.clone(),
             peers: peers.clone(),
+            addresses: addresses.clone(),
             known: Mutex::new(HashMap::new()),
             stop: CancellationToken::new(),
             tasks: tokio_util::task::TaskTracker::new(),
@@ -252,6 +259,126 @@ impl Node {
         Some(client)
     }
 
+    /// The client address of node `id` reached at `peer`, asking it if not known.
+    async fn client_address(&self, id: u64, peer: &str) -> Option<String> {
+        if id == self.peers.me {
+            return Some(self.addresses.client.clone());
+        }
+        match network::info(peer, Duration::from_secs(1)).await {
+            Ok(info) => {
+                let client = info.client_addr.clone();
+                self.known.lock().expect("known").insert(id, info);
+                Some(client)
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// The group as this node (its leader) sees it: members, progress, lag.
+    pub async fn status(&self) -> pb::ClusterStatusOk {
+        let m = self.raft.metrics().borrow_watched().clone();
+        let last = m.last_log_index.unwrap_or(0);
+        let membership = m.membership_config.membership().clone();
+        let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
+        let mut nodes = Vec::new();
+        for (id, node) in membership.nodes() {
+            let matched = if *id == self.peers.me {
+                Some(last)
+            } else {
+                m.replication
+                    .as_ref()
+                    .and_then(|r| r.get(id).cloned().flatten())
+                    .map(|l| l.index)
+            };
+            let client = self.client_address(*id, &node.addr).await;
+            nodes.push(pb::ClusterNode {
+                id: *id,
+                peer_addr: node.addr.clone(),
+                reachable: client.is_some(),
+                client_addr: client.unwrap_or_default(),
+                voter: voters.contains(id),
+                matched_index: matched.unwrap_or(0),
+                lag: last.saturating_sub(matched.unwrap_or(0)),
+            });
+        }
+        pb::ClusterStatusOk {
+            leader: m.current_leader.unwrap_or(0),
+            term: m.current_term,
+            last_log_index: last,
+            committed_index: m.local_committed.map_or(0, |l| l.index),
+            applied_index: m.last_applied.map_or(0, |l| l.index),
+            nodes,
+            purged_index: m.purged.map_or(0, |l| l.index),
+            snapshot_index: m.snapshot.map_or(0, |l| l.index),
+        }
+    }
+
+    /// Adds node `id`, reached at `peer`: a learner at once, then (in the background,
+    /// once it has caught up from a snapshot and the log) a voter.
+    ///
+    /// # Errors
+    /// The node is already a member, this node does not lead, or Raft refused.
+    pub async fn add(self: &Arc<Self>, id: u64, peer: String) -> Result<()> {
+        let membership = self.raft.metrics().borrow_watched().membership_config.clone();
+        if membership.membership().get_node(&id).is_some() {
+            return Err(Error::Invalid(format!("node {id} is already a member")));
+        }
+        self.raft
+            .add_learner(id, BasicNode { addr: peer.clone() }, false)
+            .await
+            .map_err(raft_error)?;
+        tracing::info!(node = id, %peer, "node added as a learner; it becomes a voter once caught up");
+        let node = self.clone();
+        self.tasks.spawn(async move {
+            let promote = async {
+                // Blocking: returns once the learner's log is up to date.
+                node.raft
+                    .add_learner(id, BasicNode { addr: peer }, true)
+                    .await
+                    .map_err(raft_error)?;
+                let ids = std::collections::BTreeSet::from([id]);
+                node.raft
+                    .change_membership(openraft::ChangeMembers::AddVoterIds(ids), false)
+                    .await
+                    .map_err(raft_error)
+            };
+            tokio::select! {
+                () = node.stop.cancelled() => {}
+                r = promote => match r {
+                    Ok(_) => tracing::info!(node = id, "node caught up: now a voter"),
+                    Err(e) => tracing::warn!(node = id, "node not made a voter: {e}"),
+                },
+            }
+        });
+        Ok(())
+    }
+
+    /// Removes node `id` from the group (voter or learner).
+    ///
+    /// # Errors
+    /// It is not a member, it is the last voter, or Raft refused.
+    pub async fn remove(&self, id: u64) -> Result<()> {
+        let membership = self.raft.metrics().borrow_watched().membership_config.clone();
+        let membership = membership.membership();
+        let ids = std::collections::BTreeSet::from([id]);
+        let change = if membership.voter_ids().any(|v| v == id) {
+            if membership.voter_ids().count() == 1 {
+                return Err(Error::Invalid(format!("node {id} is the group's last voter")));
+            }
+            openraft::ChangeMembers::RemoveVoters(ids)
+        } else if membership.get_node(&id).is_some() {
+            openraft::ChangeMembers::RemoveNodes(ids)
+        } else {
+            return Err(Error::Invalid(format!("node {id} is not a member")));
+        };
+        self.raft
+            .change_membership(change, false)
+            .await
+            .map_err(raft_error)?;
+        tracing::info!(node = id, "node removed from the group");
+        Ok(())
+    }
+
     /// Stops Raft and the node's tasks.
     pub async fn shutdown(&self) {
         self.stop.cancel();
@@ -260,6 +387,17 @@ impl Node {
             tracing::warn!("raft did not stop cleanly: {e}");
         }
         let _ = tokio::time::timeout(Duration::from_secs(5), self.tasks.wait()).await;
+    }
+}
+
+/// A Raft refusal as the broker's error.
+fn raft_error<E: std::error::Error + 'static>(e: openraft::errors::RaftError<TypeConfig, E>) -> Error
+where
+    E: openraft::TryAsRef<openraft::errors::ForwardToLeader<TypeConfig>>,
+{
+    match e.forward_to_leader() {
+        Some(_) => Error::NotLeader(None),
+        None => Error::Invalid(e.to_string()),
     }
 }
 

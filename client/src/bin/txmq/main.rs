@@ -1,5 +1,6 @@
 //! `txmq`: produce, consume and operate a txmq broker from a shell.
 
+mod cluster;
 mod message;
 mod scheduled;
 mod topic;
@@ -27,7 +28,8 @@ use view::{View, print_txn};
     about = "Command-line client for the txmq broker"
 )]
 struct Cli {
-    /// Broker address.
+    /// Broker address, or a broker group's addresses separated by commas (the
+    /// leader is found).
     #[arg(
         long,
         global = true,
@@ -72,6 +74,9 @@ enum Command {
     /// Find messages: by id with their life, or a topic's by key and time.
     #[command(subcommand)]
     Message(message::MessageCmd),
+    /// A broker group: status, adding and removing nodes.
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCmd),
     /// Broker-wide figures: topics, messages, groups, pending half messages, counters.
     Stats {
         /// JSON output.
@@ -388,6 +393,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Produce(a) => produce(addr, token, a).await,
         Command::Consume(a) => consume(addr, token, a).await,
         Command::Topic(cmd) => topic::run(addr, token, cmd).await,
+        Command::Cluster(cmd) => cluster::run(addr, token, cmd).await,
         Command::Group(GroupCmd::List { json }) => {
             let groups = Admin::connect(addr, token).await?.groups().await?;
             let mut view = View::new(

@@ -1,0 +1,105 @@
+//! A broker group of `txmq-broker` processes on this machine (issue 17): each node on
+//! its own data directory, client port and node-to-node port, all on loopback.
+
+use std::time::Duration;
+
+use crate::{TestBroker, free_port};
+
+/// A running group.
+pub struct TestGroup {
+    /// Node `i` has node id `i + 1`.
+    pub nodes: Vec<TestBroker>,
+    /// The `--peers` every node was started with.
+    pub peers: String,
+}
+
+/// What a node answers a handshake: `Ok(())` when it leads, else its refusal's code and
+/// the leader it named.
+pub async fn hello(addr: &str) -> Result<(), (i32, String)> {
+    use futures::{SinkExt, StreamExt};
+    let attempt = async {
+        let s = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| (-1, e.to_string()))?;
+        let mut framed = tokio_util::codec::Framed::new(s, txmq_protocol::FrameCodec::default());
+        let hello = txmq_protocol::pb::Hello {
+            protocol_version: txmq_protocol::PROTOCOL_VERSION,
+            ..Default::default()
+        };
+        framed
+            .send(txmq_protocol::Frame {
+                id: 1,
+                body: Some(txmq_protocol::Body::Hello(hello)),
+            })
+            .await
+            .map_err(|e| (-1, e.to_string()))?;
+        match framed.next().await {
+            Some(Ok(txmq_protocol::Frame {
+                body: Some(txmq_protocol::Body::Response(r)),
+                ..
+            })) if r.code == 0 => Ok(()),
+            Some(Ok(txmq_protocol::Frame {
+                body: Some(txmq_protocol::Body::Response(r)),
+                ..
+            })) => Err((r.code, r.leader)),
+            other => Err((-1, format!("{other:?}"))),
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), attempt)
+        .await
+        .unwrap_or_else(|_| Err((-1, "no answer".into())))
+}
+
+impl TestGroup {
+    /// Starts `n` nodes (ids 1 to `n`) on fresh data directories, each with `args`.
+    pub fn start(n: usize, args: &[&str]) -> Self {
+        let peers = (1..=n)
+            .map(|i| format!("{i}=127.0.0.1:{}", free_port()))
+            .collect::<Vec<_>>()
+            .join(",");
+        let nodes = (1..=n)
+            .map(|i| {
+                let id = i.to_string();
+                let mut a = vec!["--node-id", id.as_str(), "--peers", peers.as_str()];
+                a.extend_from_slice(args);
+                TestBroker::start_on_fixed_port(&a)
+            })
+            .collect();
+        Self { nodes, peers }
+    }
+
+    /// Every node's client address, separated by commas (what clients take).
+    pub fn addrs(&self) -> String {
+        self.nodes
+            .iter()
+            .map(TestBroker::addr)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The index of the node that leads (answers a handshake), waiting up to `limit`
+    /// for one; nodes not running are skipped.
+    pub async fn leader(&mut self, limit: Duration) -> Option<usize> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            for i in 0..self.nodes.len() {
+                if self.nodes[i].is_running() && hello(self.nodes[i].addr()).await.is_ok() {
+                    return Some(i);
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Every node's log, headed by its index, for a failure's report.
+    pub fn logs(&self) -> String {
+        self.nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| format!("---- node {} ----\n{}", i + 1, n.log_text()))
+            .collect()
+    }
+}

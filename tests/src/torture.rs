@@ -1,0 +1,688 @@
+//! The torture workload and its checker (issue 6): I1, I3 and I6 together under
+//! `kill -9`, of a single broker (`tests/torture.rs`) or of a broker group's leaders
+//! (`tests/group.rs`).
+//!
+//! Plain producers, transactional producers (committing, rolling back, answering
+//! `unknown`, and dying mid-transaction) and two consumer groups (acking, nacking and
+//! ignoring deliveries at random) run while the broker is killed with SIGKILL at random
+//! moments and restarted on the same data directory. The test then lets everything
+//! settle and checks, from what the clients were told:
+//!
+//! - every acknowledged send and every transaction decided `commit` whose half messages
+//!   were acknowledged reached every group and was acked there;
+//! - nothing rolled back, left unknown (so discarded or still half) was ever delivered;
+//! - nothing was delivered to a group again after its ack there was confirmed.
+//!
+//! Beside the native clients, a gRPC producer and a gRPC consumer (the official Python
+//! client, issue 16) run through the same kills: what the gRPC producer was told is
+//! stored must reach both groups; the gRPC consumer is one more consumer of group `ga`.
+//! The gRPC producer's sends are at least once (its client retries a send whose answer
+//! it lost, and nothing dedupes them yet), so a second copy of one of its messages after
+//! an ack is not counted as a redelivery.
+//!
+//! [`Torture::start`] starts the clients against an address (or a group's addresses),
+//! the test kills what it kills, and [`Torture::finish`] settles and checks.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use rand::Rng;
+use txmq_client::{
+    CheckRequest, Consumer, ConsumerOptions, Message, Outcome, Producer, ProducerOptions,
+};
+
+/// The topic every client uses.
+pub const TOPIC: &str = "torture";
+/// The consumer groups.
+pub const GROUPS: [&str; 2] = ["ga", "gb"];
+
+/// What the local "database" of the transactional producers decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Decision {
+    Commit,
+    Rollback,
+    Unknown,
+}
+
+/// What the producers were told.
+#[derive(Default)]
+struct Ledger {
+    /// Plain sends the broker acknowledged.
+    plain_acked: HashSet<String>,
+    /// Every transactional message body and its transaction's decision, recorded before
+    /// the half message is sent (the local transaction's outcome).
+    decisions: HashMap<String, Decision>,
+    /// Transactional bodies whose half message the broker acknowledged.
+    half_acked: HashSet<String>,
+    /// Transaction id of each body, once the broker has given one.
+    txn_of: HashMap<String, String>,
+}
+
+/// What one consumer group saw.
+#[derive(Default)]
+struct GroupLog {
+    deliveries: u64,
+    redeliveries: u64,
+    /// Bodies whose ack the broker confirmed.
+    acked: HashSet<String>,
+    /// Offsets whose ack the broker confirmed (to a native consumer, which sees them):
+    /// exact where bodies are not (a gRPC send may be stored twice).
+    acked_offsets: HashSet<u64>,
+    /// Bodies whose last ack lost its connection before the answer: it may have taken
+    /// effect (then the message is never delivered again) or not (then it comes back).
+    ack_unsure: HashSet<String>,
+    /// Bodies seen at all.
+    seen: HashSet<String>,
+    /// Bodies the group's dead-letter queue holds (refreshed while settling): a message
+    /// that failed max-attempts times is settled there, not lost.
+    dead: HashSet<String>,
+    /// Broken promises, described.
+    violations: Vec<String>,
+    /// What happened to each body here, for the failure message.
+    history: HashMap<String, Vec<String>>,
+}
+
+#[derive(Default)]
+struct Counts {
+    deaths: AtomicU64,
+    commits: AtomicU64,
+    rollbacks: AtomicU64,
+    unknowns: AtomicU64,
+    nacks: AtomicU64,
+    ignored: AtomicU64,
+}
+
+/// Everything the clients were told and saw.
+pub struct World {
+    addr: String,
+    /// The gRPC endpoint, when the gRPC clients take part.
+    grpc: Option<String>,
+    ledger: Mutex<Ledger>,
+    groups: [Mutex<GroupLog>; 2],
+    counts: Counts,
+    stop_producers: AtomicBool,
+    settle: AtomicBool,
+    stop_consumers: AtomicBool,
+    /// Acks the gRPC consumer had confirmed.
+    grpc_acks: AtomicU64,
+}
+
+impl World {
+    /// Acks the gRPC consumer has had confirmed so far.
+    pub fn grpc_acks(&self) -> u64 {
+        self.grpc_acks.load(Ordering::Relaxed)
+    }
+}
+
+async fn connect(world: &World, options: ProducerOptions) -> Option<Producer> {
+    while !world.stop_producers.load(Ordering::Relaxed) {
+        if let Ok(p) = Producer::connect(&world.addr, options.clone()).await {
+            return Some(p);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
+}
+
+async fn plain_producer(world: Arc<World>, w: usize) {
+    let Some(p) = connect(&world, ProducerOptions::default()).await else {
+        return;
+    };
+    let mut seq = 0u64;
+    while !world.stop_producers.load(Ordering::Relaxed) {
+        let body = format!("p{w}-{seq}");
+        seq += 1;
+        match p.send(Message::new(TOPIC, body.clone())).await {
+            Ok(_) => {
+                world.ledger.lock().unwrap().plain_acked.insert(body);
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+/// Answers check-backs from the ledger, as a service would from its database.
+fn checker(world: Arc<World>) -> ProducerOptions {
+    ProducerOptions::transactional("tx", move |req: CheckRequest| {
+        let world = world.clone();
+        async move {
+            let body = req
+                .messages
+                .first()
+                .map(|m| String::from_utf8_lossy(&m.body).into_owned())
+                .unwrap_or_default();
+            match world.ledger.lock().unwrap().decisions.get(&body) {
+                Some(Decision::Commit) => Outcome::Commit,
+                Some(Decision::Rollback) => Outcome::Rollback,
+                Some(Decision::Unknown) | None => Outcome::Unknown,
+            }
+        }
+    })
+}
+
+async fn txn_producer(world: Arc<World>, w: usize) {
+    let mut producer: Option<Producer> = None;
+    let mut seq = 0u64;
+    while !world.stop_producers.load(Ordering::Relaxed) {
+        let p = match producer.take() {
+            Some(p) => p,
+            None => match connect(&world, checker(world.clone())).await {
+                Some(p) => p,
+                None => return,
+            },
+        };
+        let (n, decision, die) = {
+            let mut rng = rand::rng();
+            let roll: f64 = rng.random();
+            let decision = if roll < 0.55 {
+                Decision::Commit
+            } else if roll < 0.85 {
+                Decision::Rollback
+            } else {
+                Decision::Unknown
+            };
+            (rng.random_range(1..=3), decision, rng.random_bool(0.15))
+        };
+        let bodies: Vec<String> = (0..n).map(|k| format!("t{w}-{seq}-{k}")).collect();
+        seq += 1;
+        {
+            let mut ledger = world.ledger.lock().unwrap();
+            for b in &bodies {
+                ledger.decisions.insert(b.clone(), decision);
+            }
+        }
+        let mut tx = p.begin().expect("producer has a group");
+        let messages = bodies
+            .iter()
+            .map(|b| Message::new(TOPIC, b.clone()))
+            .collect();
+        if tx.send_batch(messages).await.is_err() {
+            // The half may or may not be stored; the check-back settles it either way.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            producer = Some(p);
+            continue;
+        }
+        {
+            let mut ledger = world.ledger.lock().unwrap();
+            let id = tx.id().unwrap_or_default().to_string();
+            for b in &bodies {
+                ledger.txn_of.insert(b.clone(), id.clone());
+            }
+            ledger.half_acked.extend(bodies);
+        }
+        if die {
+            // Killed between the half message and the end: only a check-back resolves it.
+            world.counts.deaths.fetch_add(1, Ordering::Relaxed);
+            drop(tx);
+            drop(p);
+            continue;
+        }
+        let ended = match decision {
+            Decision::Commit => {
+                world.counts.commits.fetch_add(1, Ordering::Relaxed);
+                tx.commit().await
+            }
+            Decision::Rollback => {
+                world.counts.rollbacks.fetch_add(1, Ordering::Relaxed);
+                tx.rollback().await
+            }
+            Decision::Unknown => {
+                world.counts.unknowns.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+        };
+        if ended.is_err() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        producer = Some(p);
+    }
+}
+
+async fn consumer(world: Arc<World>, g: usize) {
+    let options = ConsumerOptions {
+        lease: Some(Duration::from_secs(1)),
+        window: 64,
+        ..ConsumerOptions::new(GROUPS[g], TOPIC)
+    };
+    while !world.stop_consumers.load(Ordering::Relaxed) {
+        let Ok(mut c) = Consumer::subscribe(&world.addr, options.clone()).await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        while !world.stop_consumers.load(Ordering::Relaxed) {
+            let d = match tokio::time::timeout(Duration::from_millis(300), c.next()).await {
+                Err(_) => continue,
+                Ok(Some(Ok(d))) => d,
+                Ok(Some(Err(_))) | Ok(None) => break,
+            };
+            let body = String::from_utf8_lossy(d.body()).into_owned();
+            {
+                let mut log = world.groups[g].lock().unwrap();
+                log.deliveries += 1;
+                if d.attempt > 1 {
+                    log.redeliveries += 1;
+                }
+                if log.acked_offsets.contains(&d.offset()) {
+                    log.violations.push(format!(
+                        "{body} at offset {} delivered again (attempt {}) after its ack was confirmed",
+                        d.offset(),
+                        d.attempt
+                    ));
+                } else if log.acked.contains(&body) && !body.starts_with('g') {
+                    log.violations.push(format!(
+                        "{body} delivered again (attempt {}) after its ack was confirmed",
+                        d.attempt
+                    ));
+                }
+                if body.starts_with('t') {
+                    let decision = world.ledger.lock().unwrap().decisions.get(&body).copied();
+                    if decision != Some(Decision::Commit) {
+                        log.violations.push(format!(
+                            "{body} delivered but its transaction: {decision:?}"
+                        ));
+                    }
+                }
+                log.seen.insert(body.clone());
+                log.ack_unsure.remove(&body);
+                log.history.entry(body.clone()).or_default().push(format!(
+                    "delivered attempt {} offset {}",
+                    d.attempt,
+                    d.offset()
+                ));
+            }
+            let roll: f64 = rand::rng().random();
+            let what = if world.settle.load(Ordering::Relaxed) || roll < 0.7 {
+                match d.ack().await {
+                    Ok(()) => {
+                        let mut log = world.groups[g].lock().unwrap();
+                        log.acked.insert(body.clone());
+                        log.acked_offsets.insert(d.offset());
+                        drop(log);
+                        "acked".to_string()
+                    }
+                    Err(e) => {
+                        if matches!(e, txmq_client::Error::Disconnected(_)) {
+                            world.groups[g]
+                                .lock()
+                                .unwrap()
+                                .ack_unsure
+                                .insert(body.clone());
+                        }
+                        format!("ack failed: {e}")
+                    }
+                }
+            } else if roll < 0.85 {
+                world.counts.nacks.fetch_add(1, Ordering::Relaxed);
+                format!("nack: {:?}", d.nack(Some(Duration::from_millis(100))).await)
+            } else {
+                world.counts.ignored.fetch_add(1, Ordering::Relaxed);
+                "ignored".to_string()
+            };
+            let mut log = world.groups[g].lock().unwrap();
+            log.history.entry(body).or_default().push(what);
+        }
+    }
+}
+
+/// Runs a `client.py` driver until `stop`, feeding each JSON line it prints to `on_line`
+/// (on a thread of its own), then kills it.
+fn drive(
+    world: Arc<World>,
+    args: Vec<String>,
+    stop: fn(&World) -> bool,
+    on_line: impl Fn(&World, &serde_json::Value) + Send + 'static,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let grpc = world.grpc.clone().expect("a gRPC endpoint");
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut child = crate::grpc::spawn(&grpc, &args);
+        let stdout = child.stdout.take().expect("piped");
+        let reader = {
+            let world = world.clone();
+            std::thread::spawn(move || {
+                use std::io::BufRead;
+                for line in std::io::BufReader::new(stdout).lines() {
+                    let Ok(line) = line else { break };
+                    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                        on_line(&world, &v);
+                    }
+                }
+            })
+        };
+        while !stop(&world) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        let _ = reader.join();
+    })
+}
+
+/// The gRPC producer: what the broker acknowledged joins the plain sends' ledger.
+fn grpc_producer(world: Arc<World>) -> std::thread::JoinHandle<()> {
+    let args = vec!["torture-produce".into(), TOPIC.into(), "g".into()];
+    drive(
+        world,
+        args,
+        |w| w.stop_producers.load(Ordering::Relaxed),
+        |w, v| {
+            if let Some(body) = v["acked"].as_str() {
+                w.ledger
+                    .lock()
+                    .unwrap()
+                    .plain_acked
+                    .insert(body.to_string());
+            }
+        },
+    )
+}
+
+/// The gRPC consumer, one more of group `ga`: acks everything it receives.
+fn grpc_consumer(world: Arc<World>) -> std::thread::JoinHandle<()> {
+    let args = vec!["torture-consume".into(), GROUPS[0].into(), TOPIC.into()];
+    drive(
+        world,
+        args,
+        |w| w.stop_consumers.load(Ordering::Relaxed),
+        |w, v| {
+            let mut log = w.groups[0].lock().unwrap();
+            if let Some(body) = v["delivered"].as_str() {
+                let attempt = v["attempt"].as_u64().unwrap_or(0);
+                log.deliveries += 1;
+                if attempt > 1 {
+                    log.redeliveries += 1;
+                }
+                if log.acked.contains(body) && !body.starts_with('g') {
+                    log.violations.push(format!(
+                        "{body} delivered again to the gRPC consumer (attempt {attempt}) after its ack was confirmed"
+                    ));
+                }
+                if body.starts_with('t') {
+                    let decision = w.ledger.lock().unwrap().decisions.get(body).copied();
+                    if decision != Some(Decision::Commit) {
+                        log.violations.push(format!(
+                            "{body} delivered to the gRPC consumer but its transaction: {decision:?}"
+                        ));
+                    }
+                }
+                log.seen.insert(body.to_string());
+                log.ack_unsure.remove(body);
+                log.history
+                    .entry(body.to_string())
+                    .or_default()
+                    .push(format!("delivered over gRPC attempt {attempt}"));
+            } else if let Some(body) = v["acked"].as_str() {
+                w.grpc_acks.fetch_add(1, Ordering::Relaxed);
+                log.acked.insert(body.to_string());
+                log.history
+                    .entry(body.to_string())
+                    .or_default()
+                    .push("acked over gRPC".into());
+            } else if let Some(body) = v["ack_failed"].as_str() {
+                // It may have taken effect before the broker died.
+                log.ack_unsure.insert(body.to_string());
+            }
+        },
+    )
+}
+
+/// Bodies every group must have acked by the end.
+fn required(ledger: &Ledger) -> HashSet<String> {
+    let committed = ledger
+        .half_acked
+        .iter()
+        .filter(|b| ledger.decisions.get(*b) == Some(&Decision::Commit));
+    ledger
+        .plain_acked
+        .iter()
+        .chain(committed)
+        .cloned()
+        .collect()
+}
+
+/// Required bodies this group has not acked, counting an ack whose answer was lost as
+/// done only if the message never came back.
+fn lost<'a>(required: &'a HashSet<String>, g: &GroupLog) -> Vec<&'a String> {
+    required
+        .iter()
+        .filter(|b| !g.acked.contains(*b) && !g.ack_unsure.contains(*b) && !g.dead.contains(*b))
+        .collect()
+}
+
+/// Reads each group's dead letters into its log.
+async fn refresh_dead_letters(world: &World) {
+    let Ok(admin) = txmq_client::Admin::connect(&world.addr, "").await else {
+        return;
+    };
+    for (name, g) in GROUPS.iter().zip(&world.groups) {
+        if let Ok(letters) = admin.dead_letters(name, 0).await {
+            let bodies = letters
+                .into_iter()
+                .filter_map(|d| d.message)
+                .map(|m| String::from_utf8_lossy(&m.body).into_owned());
+            g.lock().unwrap().dead.extend(bodies);
+        }
+    }
+}
+
+fn missing(world: &World) -> usize {
+    let required = required(&world.ledger.lock().unwrap());
+    world
+        .groups
+        .iter()
+        .map(|g| lost(&required, &g.lock().unwrap()).len())
+        .sum()
+}
+
+
+/// The clients of a torture run, running.
+pub struct Torture {
+    /// What they were told and saw.
+    pub world: Arc<World>,
+    producers: Vec<tokio::task::JoinHandle<()>>,
+    consumers: Vec<tokio::task::JoinHandle<()>>,
+    grpc_producer: Option<std::thread::JoinHandle<()>>,
+    grpc_consumer: Option<std::thread::JoinHandle<()>>,
+}
+
+/// What a torture run found.
+#[derive(Debug)]
+pub struct Report {
+    /// The figures, on one line.
+    pub summary: String,
+    /// Broken promises, with what explains them; empty when every promise held.
+    pub problems: Vec<String>,
+    /// Messages every group had to ack.
+    pub required: usize,
+    /// Messages the gRPC producer had stored.
+    pub grpc_sent: usize,
+    /// Messages the gRPC consumer acked.
+    pub grpc_acked: usize,
+    /// Some message reached a dead-letter queue.
+    pub dead_lettered: bool,
+    /// Deliveries again of a message not acked (leases lost or expired, nacks): the
+    /// at-least-once redeliveries, counted apart from violations.
+    pub redeliveries: u64,
+}
+
+impl Torture {
+    /// Starts two plain and two transactional producers and two consumers in each of
+    /// two groups against `addr` (one broker, or a group's addresses separated by
+    /// commas), and a gRPC producer and consumer against `grpc` when given.
+    pub fn start(addr: &str, grpc: Option<&str>) -> Self {
+        let world = Arc::new(World {
+            addr: addr.to_string(),
+            grpc: grpc.map(str::to_string),
+            ledger: Mutex::default(),
+            groups: Default::default(),
+            counts: Counts::default(),
+            stop_producers: AtomicBool::new(false),
+            settle: AtomicBool::new(false),
+            stop_consumers: AtomicBool::new(false),
+            grpc_acks: AtomicU64::new(0),
+        });
+        let mut producers = Vec::new();
+        for w in 0..2 {
+            producers.push(tokio::spawn(plain_producer(world.clone(), w)));
+            producers.push(tokio::spawn(txn_producer(world.clone(), w)));
+        }
+        let mut consumers = Vec::new();
+        for g in 0..GROUPS.len() {
+            for _ in 0..2 {
+                consumers.push(tokio::spawn(consumer(world.clone(), g)));
+            }
+        }
+        let (grpc_producer, grpc_consumer) = match grpc {
+            Some(_) => (
+                Some(grpc_producer(world.clone())),
+                Some(grpc_consumer(world.clone())),
+            ),
+            None => (None, None),
+        };
+        Self {
+            world,
+            producers,
+            consumers,
+            grpc_producer,
+            grpc_consumer,
+        }
+    }
+
+    /// Acks the gRPC consumer has had confirmed so far.
+    pub fn grpc_acks(&self) -> u64 {
+        self.world.grpc_acks()
+    }
+
+    /// Settles (no new work; consumers ack everything; a checker answers the check-backs
+    /// of what dead producers left), bounded, then checks what the clients saw. `cli`
+    /// runs the `txmq` CLI against the broker, for the report of a failure.
+    pub async fn finish(self, cli: impl Fn(&[&str]) -> String) -> Report {
+        let world = self.world;
+        world.stop_producers.store(true, Ordering::Relaxed);
+        for p in self.producers {
+            tokio::time::timeout(Duration::from_secs(60), p)
+                .await
+                .expect("a producer hung")
+                .unwrap();
+        }
+        if let Some(p) = self.grpc_producer {
+            p.join().expect("the gRPC producer's driver");
+        }
+        world.settle.store(true, Ordering::Relaxed);
+        // The transactional producers are gone; one stays connected to answer check-backs.
+        let answering = Producer::connect(&world.addr, checker(world.clone()))
+            .await
+            .expect("checker connects");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        while missing(&world) > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            refresh_dead_letters(&world).await;
+        }
+        // Give late redeliveries (violations) and late commits a chance to show.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        world.stop_consumers.store(true, Ordering::Relaxed);
+        for c in self.consumers {
+            tokio::time::timeout(Duration::from_secs(30), c)
+                .await
+                .expect("a consumer hung")
+                .unwrap();
+        }
+        if let Some(c) = self.grpc_consumer {
+            c.join().expect("the gRPC consumer's driver");
+        }
+        drop(answering);
+        report(&world, cli)
+    }
+}
+
+fn report(world: &World, cli: impl Fn(&[&str]) -> String) -> Report {
+    let ledger = world.ledger.lock().unwrap();
+    let required = required(&ledger);
+    let c = &world.counts;
+    let mut problems = Vec::new();
+    let mut summary = format!(
+        "plain_acked={} txn_messages={} half_acked={} committed={} \
+         rolled_back={} unknown={} producer_deaths={} nacks={} ignored={} required={}",
+        ledger.plain_acked.len(),
+        ledger.decisions.len(),
+        ledger.half_acked.len(),
+        c.commits.load(Ordering::Relaxed),
+        c.rollbacks.load(Ordering::Relaxed),
+        c.unknowns.load(Ordering::Relaxed),
+        c.deaths.load(Ordering::Relaxed),
+        c.nacks.load(Ordering::Relaxed),
+        c.ignored.load(Ordering::Relaxed),
+        required.len(),
+    );
+    let grpc_acked = world.groups[0]
+        .lock()
+        .unwrap()
+        .history
+        .values()
+        .filter(|h| h.iter().any(|e| e == "acked over gRPC"))
+        .count();
+    let grpc_sent = ledger
+        .plain_acked
+        .iter()
+        .filter(|b| b.starts_with('g'))
+        .count();
+    if world.grpc.is_some() {
+        summary += &format!(" grpc_sent={grpc_sent} grpc_acked={grpc_acked}");
+    }
+    let mut redeliveries = 0;
+    let mut dead_lettered = false;
+    for (name, g) in GROUPS.iter().zip(&world.groups) {
+        let g = g.lock().unwrap();
+        redeliveries += g.redeliveries;
+        dead_lettered |= !g.dead.is_empty();
+        let lost = lost(&required, &g);
+        summary += &format!(
+            " {name}:deliveries={},redeliveries={},acked={},ack_unanswered={},dead_lettered={},lost={},violations={}",
+            g.deliveries,
+            g.redeliveries,
+            g.acked.len(),
+            g.ack_unsure.len(),
+            g.dead.len(),
+            lost.len(),
+            g.violations.len()
+        );
+        if let Some(body) = lost.first() {
+            let state = (
+                ledger.plain_acked.contains(*body),
+                ledger.decisions.get(*body),
+            );
+            problems.push(format!(
+                "{name}: {} required messages never acked, e.g. {body} {state:?}: {:?}",
+                lost.len(),
+                g.history.get(*body)
+            ));
+            problems.push(cli(&["group", "describe", name]));
+            let txns = cli(&["txn", "list", "--limit", "1000000"]);
+            let id = ledger.txn_of.get(*body).cloned().unwrap_or_default();
+            problems.push(format!(
+                "its transaction {id}: {:?}",
+                txns.lines().find(|l| !id.is_empty() && l.starts_with(&id))
+            ));
+            let mut states: HashMap<&str, usize> = HashMap::new();
+            for l in txns.lines() {
+                if let Some(state) = l.split_whitespace().nth(1) {
+                    *states.entry(state).or_default() += 1;
+                }
+            }
+            problems.push(format!("transactions by state: {states:?}"));
+        }
+        problems.extend(g.violations.iter().take(5).map(|v| format!("{name}: {v}")));
+    }
+    Report {
+        summary,
+        problems,
+        required: required.len(),
+        grpc_sent,
+        grpc_acked,
+        dead_lettered,
+        redeliveries,
+    }
+}
