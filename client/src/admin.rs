@@ -462,6 +462,16 @@ impl Admin {
             .await
     }
 
+    /// Hands the group's leadership to voter `id` (before maintenance of the leader);
+    /// the connection then ends, as the old leader stops serving.
+    ///
+    /// # Errors
+    /// Not a voter, or the broker is not part of a group.
+    pub async fn cluster_transfer(&self, id: u64) -> Result<pb::ClusterStatusOk> {
+        self.cluster_change(pb::cluster_change_request::Action::Transfer, id, "")
+            .await
+    }
+
     async fn cluster_change(
         &self,
         action: pb::cluster_change_request::Action,

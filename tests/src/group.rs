@@ -68,6 +68,20 @@ impl TestGroup {
         Self { nodes, peers }
     }
 
+    /// Starts one more node (the next id) for the group to add: its `--peers` are the
+    /// group's and itself; it waits to be added (`txmq cluster add`). Returns its
+    /// index and its `ID=HOST:PORT` entry.
+    pub fn start_extra(&mut self, args: &[&str]) -> (usize, String) {
+        let id = self.nodes.len() + 1;
+        let entry = format!("{id}=127.0.0.1:{}", free_port());
+        let peers = format!("{},{entry}", self.peers);
+        let id_text = id.to_string();
+        let mut a = vec!["--node-id", id_text.as_str(), "--peers", peers.as_str()];
+        a.extend_from_slice(args);
+        self.nodes.push(TestBroker::start_on_fixed_port(&a));
+        (id - 1, entry)
+    }
+
     /// Every node's client address, separated by commas (what clients take).
     pub fn addrs(&self) -> String {
         self.nodes

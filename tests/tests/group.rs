@@ -6,9 +6,12 @@
 //!
 //! `TXMQ_GROUP_KILLS` sets how many leaders are killed (default 4, the CI mode).
 
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use rand::Rng;
+use txmq_client::{Admin, Consumer, ConsumerOptions, Message, Producer, ProducerOptions, pb};
 use txmq_tests::group::TestGroup;
 use txmq_tests::torture::Torture;
 
@@ -92,4 +95,152 @@ async fn killing_the_leader_under_load_loses_nothing() {
         report.problems.join("\n"),
         group.logs()
     );
+}
+
+/// Sends `bodies` one at a time (one Raft entry each).
+async fn send_each(p: &Producer, topic: &str, bodies: impl IntoIterator<Item = String>) {
+    for b in bodies {
+        p.send(Message::new(topic, b)).await.expect("send");
+    }
+}
+
+/// Consumes `topic` as `group` until `n` distinct bodies came (or 60 s passed).
+async fn consume(addrs: &str, group: &str, topic: &str, n: usize) -> HashSet<String> {
+    let mut c = Consumer::subscribe(addrs, ConsumerOptions::new(group, topic))
+        .await
+        .expect("subscribe");
+    let mut seen = HashSet::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while seen.len() < n && tokio::time::Instant::now() < deadline {
+        if let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_secs(1), c.next()).await {
+            seen.insert(String::from_utf8_lossy(d.body()).into_owned());
+            d.ack().await.expect("ack");
+        }
+    }
+    seen
+}
+
+/// Waits until the leader's status says `pred`, or panics after 60 s.
+async fn status_until(
+    addrs: &str,
+    what: &str,
+    pred: impl Fn(&pb::ClusterStatusOk) -> bool,
+) -> pb::ClusterStatusOk {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut last = None;
+    while tokio::time::Instant::now() < deadline {
+        if let Ok(admin) = Admin::connect(addrs, "").await
+            && let Ok(s) = admin.cluster_status().await
+        {
+            if pred(&s) {
+                return s;
+            }
+            last = Some(s);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("not {what} within 60 s: {last:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_lost_its_data_catches_up_from_a_snapshot() {
+    let mut group = TestGroup::start(3, &["--snapshot-entries", "100"]);
+    let leader = group.leader(Duration::from_secs(30)).await.expect("a leader");
+    let addrs = group.addrs();
+    let p = Producer::connect(&addrs, ProducerOptions::default())
+        .await
+        .expect("producer");
+    send_each(&p, "t", (0..250).map(|i| format!("a-{i}"))).await;
+    // A follower loses its disk, while the group goes on and trims its log.
+    let lost = (leader + 1) % 3;
+    group.nodes[lost].kill9();
+    std::fs::remove_dir_all(group.nodes[lost].data_dir()).expect("wipe");
+    send_each(&p, "t", (0..250).map(|i| format!("b-{i}"))).await;
+    let s = status_until(&addrs, "trimmed", |s| s.purged_index > 0).await;
+    println!("log trimmed: {s:?}");
+    group.nodes[lost].start_again();
+    let lost_id = lost as u64 + 1;
+    status_until(&addrs, "caught up", |s| {
+        s.nodes
+            .iter()
+            .any(|n| n.id == lost_id && n.lag == 0 && n.matched_index > 0)
+    })
+    .await;
+    assert!(
+        group.nodes[lost].log_text().contains("installing a snapshot"),
+        "it did not catch up from a snapshot:\n{}",
+        group.nodes[lost].log_text()
+    );
+    // It leads, from what it received: everything is there.
+    Admin::connect(&addrs, "")
+        .await
+        .unwrap()
+        .cluster_transfer(lost_id)
+        .await
+        .expect("transfer");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while group.leader(Duration::from_secs(30)).await != Some(lost) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the leadership did not move\n{}",
+            group.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    send_each(&p, "t", (0..10).map(|i| format!("c-{i}"))).await;
+    let seen = consume(&addrs, "after", "t", 510).await;
+    let expected: HashSet<String> = (0..250)
+        .map(|i| format!("a-{i}"))
+        .chain((0..250).map(|i| format!("b-{i}")))
+        .chain((0..10).map(|i| format!("c-{i}")))
+        .collect();
+    let missing: Vec<_> = expected.difference(&seen).take(5).collect();
+    assert!(
+        missing.is_empty() && seen.len() == expected.len(),
+        "{} of {} came, missing e.g. {missing:?}\n{}",
+        seen.len(),
+        expected.len(),
+        group.logs()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_are_added_and_removed() {
+    let mut group = TestGroup::start(3, &["--snapshot-entries", "50"]);
+    group.leader(Duration::from_secs(30)).await.expect("a leader");
+    let addrs = group.addrs();
+    let p = Producer::connect(&addrs, ProducerOptions::default())
+        .await
+        .expect("producer");
+    send_each(&p, "t", (0..120).map(|i| format!("m-{i}"))).await;
+    let (extra, entry) = group.start_extra(&[]);
+    let admin = Admin::connect(&addrs, "").await.unwrap();
+    let s = admin.cluster_add(4, entry.split_once('=').unwrap().1).await.expect("add");
+    assert!(s.nodes.iter().any(|n| n.id == 4), "{s:?}");
+    // Added twice: refused, nothing changes.
+    let again = admin
+        .cluster_add(4, entry.split_once('=').unwrap().1)
+        .await
+        .expect_err("added twice");
+    assert!(again.to_string().contains("already a member"), "{again}");
+    let s = status_until(&addrs, "a caught-up voter", |s| {
+        s.nodes.iter().any(|n| n.id == 4 && n.voter && n.lag == 0)
+    })
+    .await;
+    assert_eq!(s.nodes.len(), 4, "{s:?}");
+    assert!(group.nodes[extra].is_running());
+    let admin = Admin::connect(&addrs, "").await.unwrap();
+    let s = admin.cluster_remove(4).await.expect("remove");
+    assert!(s.nodes.iter().all(|n| n.id != 4), "{s:?}");
+    let e = admin.cluster_remove(4).await.expect_err("removed twice");
+    assert!(e.to_string().contains("not a member"), "{e}");
+    // A single broker is not a group.
+    let single = txmq_tests::TestBroker::start(&[]);
+    let e = Admin::connect(single.addr(), "")
+        .await
+        .unwrap()
+        .cluster_status()
+        .await
+        .expect_err("not a group");
+    assert!(e.to_string().contains("not part of a group"), "{e}");
 }

@@ -1,5 +1,5 @@
-//! A broker group's membership: status, and adding or removing a node (served by the
-//! leader; a single broker refuses).
+//! A broker group's membership: status, adding or removing a node, handing the
+//! leadership over (served by the leader; a single broker refuses).
 
 use std::sync::Arc;
 
@@ -45,7 +45,14 @@ pub fn change(id: u64, req: pb::ClusterChangeRequest, shared: &Arc<Shared>) -> P
                 node.add(req.node_id, peer).await?;
             }
             Ok(pb::cluster_change_request::Action::Remove) => node.remove(req.node_id).await?,
-            _ => return Err(Error::Invalid("cluster change: ADD or REMOVE".into())),
+            Ok(pb::cluster_change_request::Action::Transfer) => {
+                node.transfer(req.node_id).await?;
+            }
+            _ => {
+                return Err(Error::Invalid(
+                    "cluster change: ADD, REMOVE or TRANSFER".into(),
+                ));
+            }
         }
         Ok(pb::response::Result::Cluster(node.status().await))
     })

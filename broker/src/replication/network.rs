@@ -16,7 +16,8 @@ use futures::{SinkExt, StreamExt};
 use openraft::errors::{NetworkError, RPCError, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use openraft::{BasicNode, RaftNetworkV2};
 use serde::{Deserialize, Serialize};
@@ -49,6 +50,7 @@ enum Rpc {
         meta: SnapshotMeta,
         files: Vec<(String, u64)>,
     },
+    TransferLeader(TransferLeaderRequest<TypeConfig>),
     Info,
 }
 
@@ -58,6 +60,7 @@ enum Reply {
     Append(AppendEntriesResponse<TypeConfig>),
     Vote(VoteResponse<TypeConfig>),
     Snapshot(SnapshotResponse<TypeConfig>),
+    TransferLeader(TransferLeaderResponse<TypeConfig>),
     Info(NodeInfo),
     /// The request could not be served (the node is shutting down, a bad snapshot).
     Failed(String),
@@ -225,6 +228,17 @@ impl RaftNetworkV2<TypeConfig> for Peer {
         }
     }
 
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        match self.call(&Rpc::TransferLeader(req), option.soft_ttl()).await? {
+            Reply::TransferLeader(r) => Ok(r),
+            _ => Err(unexpected()),
+        }
+    }
+
     async fn full_snapshot(
         &mut self,
         vote: Vote,
@@ -365,6 +379,11 @@ async fn serve_conn(
                 .pre_vote(req)
                 .await
                 .map(Reply::Vote)
+                .unwrap_or_else(|e| Reply::Failed(e.to_string())),
+            Rpc::TransferLeader(req) => raft
+                .handle_transfer_leader(req)
+                .await
+                .map(Reply::TransferLeader)
                 .unwrap_or_else(|e| Reply::Failed(e.to_string())),
             Rpc::Info => Reply::Info(info()),
             Rpc::Snapshot { vote, meta, files } => {

@@ -136,7 +136,9 @@ impl Node {
             // A writer batch is up to 64 MiB: an append carries a bounded number of them.
             max_payload_entries: 16,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_entries),
-            max_in_snapshot_log_to_keep: 1000,
+            // What stays of the log behind a snapshot, for followers a little behind
+            // (further behind, they get the snapshot).
+            max_in_snapshot_log_to_keep: (config.snapshot_entries / 10).min(1000),
             install_snapshot_timeout: 600_000,
             ..Default::default()
         }
@@ -376,6 +378,28 @@ impl Node {
             .await
             .map_err(raft_error)?;
         tracing::info!(node = id, "node removed from the group");
+        Ok(())
+    }
+
+    /// Hands the leadership to voter `to` (planned maintenance): this node stops
+    /// leading once `to` has the whole log and was elected.
+    ///
+    /// # Errors
+    /// `to` is not a voter of the group, or is this node.
+    pub async fn transfer(&self, to: u64) -> Result<()> {
+        let membership = self.raft.metrics().borrow_watched().membership_config.clone();
+        if to == self.peers.me {
+            return Err(Error::Invalid(format!("node {to} already leads")));
+        }
+        if !membership.membership().voter_ids().any(|v| v == to) {
+            return Err(Error::Invalid(format!("node {to} is not a voter of the group")));
+        }
+        self.raft
+            .trigger()
+            .transfer_leader(to)
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        tracing::info!(to, "handing the leadership over");
         Ok(())
     }
 

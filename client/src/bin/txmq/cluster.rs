@@ -31,6 +31,14 @@ pub enum ClusterCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Hand the leadership to another voter (before maintenance of the leader).
+    Transfer {
+        /// The voter to lead.
+        id: u64,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub async fn run(addr: &str, token: &str, cmd: ClusterCmd) -> anyhow::Result<()> {
@@ -45,6 +53,7 @@ pub async fn run(addr: &str, token: &str, cmd: ClusterCmd) -> anyhow::Result<()>
             (admin.cluster_add(id, peer).await?, json)
         }
         ClusterCmd::Remove { id, json } => (admin.cluster_remove(id).await?, json),
+        ClusterCmd::Transfer { id, json } => (admin.cluster_transfer(id).await?, json),
     };
     print(&status, json);
     Ok(())
