@@ -484,6 +484,9 @@ async fn run_once(
     };
     live.set(None);
     faces.grpc.set(None);
+    // A leader's write still waiting for a majority gives up (its clients get an
+    // error: the write may or may not be committed later).
+    deposed.cancel();
     cancel.cancel();
     tracker.close();
     if tokio::time::timeout(Duration::from_secs(10), tracker.wait())

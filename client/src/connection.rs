@@ -124,29 +124,44 @@ impl Connection {
                 next += 1;
                 list[(next - 1) % list.len()].to_string()
             });
-            let error = match Self::open_one(&addr, hello.clone(), call_timeout).await {
-                Ok(opened) => {
-                    if list.len() > 1 || followed {
-                        tracing::info!("connected to {addr}, the group's leader");
-                    }
-                    return Ok(opened);
-                }
-                Err(Error::NotLeader { leader, message }) => {
-                    match &leader {
-                        Some(l) => tracing::info!("{addr} does not lead its group; following the leader at {l}"),
-                        None => tracing::info!("{addr} does not lead its group and knows no leader yet"),
-                    }
-                    hint = leader.filter(|l| *l != addr);
-                    Error::NotLeader { message, leader: None }
-                }
-                Err(e @ (Error::Connect { .. } | Error::Disconnected(_) | Error::Timeout(_)))
-                    if list.len() > 1 =>
-                {
-                    tracing::info!("broker {addr} not reachable: {e}");
-                    e
-                }
-                Err(e) => return Err(e),
+            // A group's member that was cut off drops connection attempts silently: try
+            // the next one soon.
+            let connect_timeout = if list.len() > 1 {
+                Duration::from_secs(3)
+            } else {
+                Duration::from_secs(10)
             };
+            let error =
+                match Self::open_one(&addr, hello.clone(), call_timeout, connect_timeout).await {
+                    Ok(opened) => {
+                        if list.len() > 1 || followed {
+                            tracing::info!("connected to {addr}, the group's leader");
+                        }
+                        return Ok(opened);
+                    }
+                    Err(Error::NotLeader { leader, message }) => {
+                        match &leader {
+                            Some(l) => tracing::info!(
+                                "{addr} does not lead its group; following the leader at {l}"
+                            ),
+                            None => tracing::info!(
+                                "{addr} does not lead its group and knows no leader yet"
+                            ),
+                        }
+                        hint = leader.filter(|l| *l != addr);
+                        Error::NotLeader {
+                            message,
+                            leader: None,
+                        }
+                    }
+                    Err(
+                        e @ (Error::Connect { .. } | Error::Disconnected(_) | Error::Timeout(_)),
+                    ) if list.len() > 1 => {
+                        tracing::info!("broker {addr} not reachable: {e}");
+                        e
+                    }
+                    Err(e) => return Err(e),
+                };
             if tokio::time::Instant::now() >= deadline {
                 return Err(error);
             }
@@ -162,8 +177,9 @@ impl Connection {
         addr: &str,
         hello: pb::Hello,
         call_timeout: Duration,
+        connect_timeout: Duration,
     ) -> Result<(Self, Pushes)> {
-        let socket = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr))
+        let socket = tokio::time::timeout(connect_timeout, TcpStream::connect(addr))
             .await
             .map_err(|_| Error::Connect {
                 addr: addr.to_string(),

@@ -4,9 +4,10 @@
 //! and the broker's log is printed when a test fails.
 
 pub mod dispatch;
-pub mod grpc;
 pub mod group;
+pub mod grpc;
 pub mod lazyfs;
+pub mod netns;
 pub mod torture;
 
 use std::io::{BufRead, BufReader};
@@ -52,6 +53,8 @@ pub struct TestBroker {
     envs: Vec<(String, String)>,
     /// Where its gRPC endpoint listens, when a test asked for one.
     grpc_addr: Option<String>,
+    /// Runs the broker inside this network namespace.
+    netns: Option<String>,
 }
 
 impl TestBroker {
@@ -76,6 +79,27 @@ impl TestBroker {
             listen: "127.0.0.1:0".into(),
             envs: Vec::new(),
             grpc_addr: None,
+            netns: None,
+        };
+        b.spawn();
+        b
+    }
+
+    /// Starts a broker inside network namespace `netns`, listening on `listen`
+    /// (`HOST:PORT` of that namespace) across restarts.
+    pub fn start_in_netns(netns: &str, listen: &str, args: &[&str]) -> Self {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let mut b = Self {
+            child: None,
+            addr: String::new(),
+            dir: temp.path().join("data"),
+            log: temp.path().join("broker.log"),
+            _temp: Some(temp),
+            args: args.iter().map(|s| s.to_string()).collect(),
+            listen: listen.into(),
+            envs: Vec::new(),
+            grpc_addr: None,
+            netns: Some(netns.into()),
         };
         b.spawn();
         b
@@ -153,7 +177,16 @@ impl TestBroker {
         } else {
             vec!["--grpc-listen".into(), "none".into()]
         };
-        let mut child = Command::new(bin("txmq-broker"))
+        // `ip netns exec` execs the broker: the child's pid is the broker's.
+        let mut command = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(bin("txmq-broker"));
+                c
+            }
+            None => Command::new(bin("txmq-broker")),
+        };
+        let mut child = command
             .arg("--listen")
             .arg(&self.listen)
             .arg("--data-dir")

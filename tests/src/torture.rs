@@ -477,7 +477,6 @@ fn missing(world: &World) -> usize {
         .sum()
 }
 
-
 /// The clients of a torture run, running.
 pub struct Torture {
     /// What they were told and saw.

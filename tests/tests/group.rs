@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use rand::Rng;
 use txmq_client::{Admin, Consumer, ConsumerOptions, Message, Producer, ProducerOptions, pb};
+use txmq_tests::TestBroker;
 use txmq_tests::group::TestGroup;
+use txmq_tests::netns::Net;
 use txmq_tests::torture::Torture;
 
 /// The torture test's settings: check-backs and redeliveries fast enough to settle.
@@ -145,7 +147,10 @@ async fn status_until(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_lost_its_data_catches_up_from_a_snapshot() {
     let mut group = TestGroup::start(3, &["--snapshot-entries", "100"]);
-    let leader = group.leader(Duration::from_secs(30)).await.expect("a leader");
+    let leader = group
+        .leader(Duration::from_secs(30))
+        .await
+        .expect("a leader");
     let addrs = group.addrs();
     let p = Producer::connect(&addrs, ProducerOptions::default())
         .await
@@ -167,7 +172,9 @@ async fn a_node_that_lost_its_data_catches_up_from_a_snapshot() {
     })
     .await;
     assert!(
-        group.nodes[lost].log_text().contains("installing a snapshot"),
+        group.nodes[lost]
+            .log_text()
+            .contains("installing a snapshot"),
         "it did not catch up from a snapshot:\n{}",
         group.nodes[lost].log_text()
     );
@@ -207,7 +214,10 @@ async fn a_node_that_lost_its_data_catches_up_from_a_snapshot() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_are_added_and_removed() {
     let mut group = TestGroup::start(3, &["--snapshot-entries", "50"]);
-    group.leader(Duration::from_secs(30)).await.expect("a leader");
+    group
+        .leader(Duration::from_secs(30))
+        .await
+        .expect("a leader");
     let addrs = group.addrs();
     let p = Producer::connect(&addrs, ProducerOptions::default())
         .await
@@ -215,7 +225,10 @@ async fn nodes_are_added_and_removed() {
     send_each(&p, "t", (0..120).map(|i| format!("m-{i}"))).await;
     let (extra, entry) = group.start_extra(&[]);
     let admin = Admin::connect(&addrs, "").await.unwrap();
-    let s = admin.cluster_add(4, entry.split_once('=').unwrap().1).await.expect("add");
+    let s = admin
+        .cluster_add(4, entry.split_once('=').unwrap().1)
+        .await
+        .expect("add");
     assert!(s.nodes.iter().any(|n| n.id == 4), "{s:?}");
     // Added twice: refused, nothing changes.
     let again = admin
@@ -243,4 +256,101 @@ async fn nodes_are_added_and_removed() {
         .await
         .expect_err("not a group");
     assert!(e.to_string().contains("not part of a group"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_cut_off_stops_acknowledging_and_nothing_diverges() {
+    let net = Net::create(3);
+    let peers = (0..3)
+        .map(|i| format!("{}={}:7100", i + 1, net.addr(i)))
+        .collect::<Vec<_>>()
+        .join(",");
+    let nodes = (0..3)
+        .map(|i| {
+            let id = (i + 1).to_string();
+            let mut args = vec!["--node-id", id.as_str(), "--peers", peers.as_str()];
+            args.extend_from_slice(FAST);
+            TestBroker::start_in_netns(&net.ns(i), &format!("{}:7200", net.addr(i)), &args)
+        })
+        .collect();
+    let mut group = TestGroup { nodes, peers };
+    let old = group
+        .leader(Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|| panic!("no leader\n{}", group.logs()));
+    let torture = Torture::start(&group.addrs(), None);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    net.cut(old);
+    let cut_at = Instant::now();
+    // Inside the cut-off namespace, its leader takes no write: it cannot reach a
+    // majority, and stops serving.
+    let out = net
+        .command(old, txmq_tests::bin("txmq").to_str().unwrap())
+        .args(["--broker", group.nodes[old].addr()])
+        .args(["produce", "--topic", "cut-off", "--body", "never"])
+        .output()
+        .expect("run txmq in the namespace");
+    assert!(
+        !out.status.success(),
+        "the cut-off leader acknowledged a write: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    println!(
+        "cut-off leader refused after {:?}: {}",
+        cut_at.elapsed(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    // The others elect a leader and serve meanwhile.
+    let new = group
+        .leader(Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|| panic!("no leader on the majority side\n{}", group.logs()));
+    assert_ne!(new, old);
+    println!(
+        "node {} leads after the cut ({:?})",
+        new + 1,
+        cut_at.elapsed()
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    net.heal(old);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let addrs = group.addrs();
+    let report = torture
+        .finish(|args| {
+            let out = std::process::Command::new(txmq_tests::bin("txmq"))
+                .arg("--broker")
+                .arg(&addrs)
+                .args(args)
+                .output()
+                .expect("run txmq");
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        })
+        .await;
+    println!("partition: {}", report.summary);
+    assert!(
+        report.required > 100,
+        "too little traffic: {}",
+        report.summary
+    );
+    assert!(
+        report.problems.is_empty(),
+        "{}\n{}\n{}",
+        report.summary,
+        report.problems.join("\n"),
+        group.logs()
+    );
+    // Nothing of the refused write was kept, and every node has the same log.
+    let admin = Admin::connect(&addrs, "").await.unwrap();
+    let topics = admin.topics().await.unwrap();
+    assert!(
+        topics.iter().all(|t| t.name != "cut-off"),
+        "the cut-off leader's write survived: {topics:?}"
+    );
+    let s = status_until(&addrs, "every node level", |s| {
+        s.nodes.len() == 3 && s.nodes.iter().all(|n| n.lag == 0 && n.reachable)
+    })
+    .await;
+    println!("after healing: {s:?}");
 }

@@ -233,7 +233,10 @@ impl RaftNetworkV2<TypeConfig> for Peer {
         req: TransferLeaderRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
-        match self.call(&Rpc::TransferLeader(req), option.soft_ttl()).await? {
+        match self
+            .call(&Rpc::TransferLeader(req), option.soft_ttl())
+            .await?
+        {
             Reply::TransferLeader(r) => Ok(r),
             _ => Err(unexpected()),
         }

@@ -15,7 +15,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use openraft::Instant as _;
 use openraft::async_runtime::watch::WatchReceiver;
+use openraft::type_config::TypeConfigExt;
 use openraft::vote::RaftLeaderId;
 use openraft::{BasicNode, ReadPolicy, ServerState, SnapshotPolicy};
 use tokio::net::TcpListener;
@@ -29,6 +31,10 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::storage::Storage;
 use txmq_protocol::pb;
+
+/// How long a leader may go without hearing from a majority before it stops serving:
+/// about when the others elect a new leader (2.0 to 2.4 s after its last heartbeat).
+pub const QUORUM_SILENCE: Duration = Duration::from_secs(2);
 
 /// The leader id of a term, as writes name it (a write for another leader fails).
 pub type LeaderId = openraft::type_config::alias::CommittedLeaderIdOf<TypeConfig>;
@@ -198,16 +204,18 @@ impl Node {
         Ok(node)
     }
 
-    /// Waits until this node leads (with a committed vote) and has applied everything
-    /// committed before; `None` if its Raft stopped.
+    /// Waits until this node leads (with a committed vote), has heard from a majority
+    /// lately, and has applied everything committed before; `None` if its Raft stopped.
     pub async fn leading(&self) -> Option<Leadership> {
         let mut rx = self.raft.metrics();
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
         loop {
             let lead = {
                 let m = rx.borrow_watched();
                 (m.state == ServerState::Leader
                     && m.current_leader == Some(self.peers.me)
-                    && m.vote.is_committed())
+                    && m.vote.is_committed()
+                    && self.heard_from_majority(&m))
                 .then(|| (m.current_term, m.vote.leader_id().to_committed()))
             };
             if let Some((term, leader)) = lead {
@@ -219,24 +227,61 @@ impl Node {
                     Err(e) => tracing::info!(term, "elected, but not leading after all: {e}"),
                 }
             }
-            rx.changed().await.ok()?;
+            tokio::select! {
+                changed = rx.changed() => changed.ok()?,
+                _ = tick.tick() => {}
+            }
         }
     }
 
-    /// Completes when `leadership` ended (another term, or this node follows).
+    /// Completes when `leadership` ended (another term, or this node follows), or when
+    /// this leader has not heard from a majority for [`QUORUM_SILENCE`]: cut off from
+    /// the others, it can commit nothing, and they elect another leader meanwhile; so it
+    /// stops serving rather than keep its clients waiting.
     pub async fn lost(&self, leadership: &Leadership) {
         let mut rx = self.raft.metrics();
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
         loop {
             {
                 let m = rx.borrow_watched();
                 if m.state != ServerState::Leader || m.current_term != leadership.term {
                     return;
                 }
+                if !self.heard_from_majority(&m) {
+                    tracing::warn!(
+                        term = leadership.term,
+                        "no majority of the group heard from for {QUORUM_SILENCE:?}: not serving"
+                    );
+                    return;
+                }
             }
-            if rx.changed().await.is_err() {
-                return;
+            tokio::select! {
+                changed = rx.changed() => if changed.is_err() {
+                    return;
+                },
+                _ = tick.tick() => {}
             }
         }
+    }
+
+    /// Whether a majority of the voters (this node among them) acknowledged this
+    /// leader within [`QUORUM_SILENCE`]. Not a leader's metrics: true.
+    fn heard_from_majority(&self, m: &openraft::RaftMetrics<TypeConfig>) -> bool {
+        let Some(heard) = &m.heartbeat else {
+            return true;
+        };
+        let now = TypeConfig::now();
+        let voters: Vec<u64> = m.membership_config.membership().voter_ids().collect();
+        let fresh = voters
+            .iter()
+            .filter(|v| {
+                **v == self.peers.me
+                    || heard.get(*v).cloned().flatten().is_some_and(|t| {
+                        now.saturating_duration_since(t.into_inner()) < QUORUM_SILENCE
+                    })
+            })
+            .count();
+        fresh * 2 > voters.len()
     }
 
     /// The leader's client address, when another node leads and it can be asked.
@@ -321,7 +366,12 @@ impl Node {
     /// # Errors
     /// The node is already a member, this node does not lead, or Raft refused.
     pub async fn add(self: &Arc<Self>, id: u64, peer: String) -> Result<()> {
-        let membership = self.raft.metrics().borrow_watched().membership_config.clone();
+        let membership = self
+            .raft
+            .metrics()
+            .borrow_watched()
+            .membership_config
+            .clone();
         if membership.membership().get_node(&id).is_some() {
             return Err(Error::Invalid(format!("node {id} is already a member")));
         }
@@ -360,12 +410,19 @@ impl Node {
     /// # Errors
     /// It is not a member, it is the last voter, or Raft refused.
     pub async fn remove(&self, id: u64) -> Result<()> {
-        let membership = self.raft.metrics().borrow_watched().membership_config.clone();
+        let membership = self
+            .raft
+            .metrics()
+            .borrow_watched()
+            .membership_config
+            .clone();
         let membership = membership.membership();
         let ids = std::collections::BTreeSet::from([id]);
         let change = if membership.voter_ids().any(|v| v == id) {
             if membership.voter_ids().count() == 1 {
-                return Err(Error::Invalid(format!("node {id} is the group's last voter")));
+                return Err(Error::Invalid(format!(
+                    "node {id} is the group's last voter"
+                )));
             }
             openraft::ChangeMembers::RemoveVoters(ids)
         } else if membership.get_node(&id).is_some() {
@@ -387,12 +444,19 @@ impl Node {
     /// # Errors
     /// `to` is not a voter of the group, or is this node.
     pub async fn transfer(&self, to: u64) -> Result<()> {
-        let membership = self.raft.metrics().borrow_watched().membership_config.clone();
+        let membership = self
+            .raft
+            .metrics()
+            .borrow_watched()
+            .membership_config
+            .clone();
         if to == self.peers.me {
             return Err(Error::Invalid(format!("node {to} already leads")));
         }
         if !membership.membership().voter_ids().any(|v| v == to) {
-            return Err(Error::Invalid(format!("node {to} is not a voter of the group")));
+            return Err(Error::Invalid(format!(
+                "node {to} is not a voter of the group"
+            )));
         }
         self.raft
             .trigger()
@@ -415,9 +479,11 @@ impl Node {
 }
 
 /// A Raft refusal as the broker's error.
-fn raft_error<E: std::error::Error + 'static>(e: openraft::errors::RaftError<TypeConfig, E>) -> Error
+fn raft_error<E>(e: openraft::errors::RaftError<TypeConfig, E>) -> Error
 where
-    E: openraft::TryAsRef<openraft::errors::ForwardToLeader<TypeConfig>>,
+    E: std::error::Error
+        + openraft::TryAsRef<openraft::errors::ForwardToLeader<TypeConfig>>
+        + 'static,
 {
     match e.forward_to_leader() {
         Some(_) => Error::NotLeader(None),

@@ -18,7 +18,9 @@ pub struct Replicator {
     pub leader: LeaderId,
     /// The runtime the writer thread waits on.
     pub runtime: tokio::runtime::Handle,
-    /// Cancelled when a write could not be replicated: this writer's leadership is over.
+    /// Cancelled when a write could not be replicated, or when the server stops
+    /// serving: this writer's leadership is over, and a write still waiting (a leader
+    /// cut off from the others) gives up.
     pub deposed: CancellationToken,
 }
 
@@ -33,7 +35,7 @@ impl Replicator {
             data: batch.data().to_vec(),
         };
         let (responder, rx) = ProgressResponder::<TypeConfig, _>::complete_only();
-        let result = self.runtime.block_on(async {
+        let write = async {
             self.raft
                 .write(data)
                 .with_leader(self.leader)
@@ -44,6 +46,12 @@ impl Replicator {
                 Ok(Ok(_)) => Ok(()),
                 Ok(Err(e)) => Err(e.to_string()),
                 Err(_) => Err("raft dropped the write".to_string()),
+            }
+        };
+        let result = self.runtime.block_on(async {
+            tokio::select! {
+                r = write => r,
+                () = self.deposed.cancelled() => Err("this node stopped serving as the leader".to_string()),
             }
         });
         if let Err(e) = &result {
