@@ -53,16 +53,24 @@ pub async fn hello(addr: &str) -> Result<(), (i32, String)> {
 impl TestGroup {
     /// Starts `n` nodes (ids 1 to `n`) on fresh data directories, each with `args`.
     pub fn start(n: usize, args: &[&str]) -> Self {
-        let peers = (1..=n)
+        Self::start_in(vec![None; n], args)
+    }
+
+    /// Starts a node on each data directory given (`None`: a fresh temporary one), with
+    /// ids from 1, each with `args`.
+    pub fn start_in(dirs: Vec<Option<std::path::PathBuf>>, args: &[&str]) -> Self {
+        let peers = (1..=dirs.len())
             .map(|i| format!("{i}=127.0.0.1:{}", free_port()))
             .collect::<Vec<_>>()
             .join(",");
-        let nodes = (1..=n)
-            .map(|i| {
-                let id = i.to_string();
+        let nodes = dirs
+            .into_iter()
+            .enumerate()
+            .map(|(i, dir)| {
+                let id = (i + 1).to_string();
                 let mut a = vec!["--node-id", id.as_str(), "--peers", peers.as_str()];
                 a.extend_from_slice(args);
-                TestBroker::start_on_fixed_port(&a)
+                TestBroker::start_on_fixed_port_in(dir, &a)
             })
             .collect();
         Self { nodes, peers }

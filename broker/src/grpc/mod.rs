@@ -168,10 +168,18 @@ impl Endpoint {
     /// The broker's parts, or the status that says they are not there.
     fn shared(&self) -> Result<Arc<Shared>, pb::Status> {
         self.live.get().ok_or_else(|| {
-            status::of(
-                pb::Code::InternalServerError,
-                "the broker is starting or recovering its storage; retry",
-            )
+            if self.config.peers.is_some() {
+                // A broker group's follower (or a node between terms).
+                status::of(
+                    pb::Code::HaNotAvailable,
+                    "this broker does not lead its group; connect to the leader",
+                )
+            } else {
+                status::of(
+                    pb::Code::InternalServerError,
+                    "the broker is starting or recovering its storage; retry",
+                )
+            }
         })
     }
 }
