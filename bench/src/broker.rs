@@ -1,17 +1,92 @@
-//! The broker under test: started by the bench, or external.
+//! The broker under test: started by the bench (one broker, or a group of nodes on this
+//! machine), or external.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
 use crate::Flush;
 
-/// A broker the bench talks to.
+/// One broker process the bench started.
+struct Node {
+    child: Option<Child>,
+    /// Its flags (the same at a restart).
+    args: Vec<String>,
+    addr: String,
+    dir: tempfile::TempDir,
+}
+
+/// A broker (or a group) the bench talks to.
 pub struct Broker {
     addr: String,
-    child: Option<Child>,
-    dir: Option<tempfile::TempDir>,
+    nodes: Vec<Node>,
+}
+
+fn bin() -> anyhow::Result<std::path::PathBuf> {
+    let exe = std::env::current_exe()?;
+    let bin = exe.with_file_name("txmq-broker");
+    anyhow::ensure!(
+        bin.exists(),
+        "{} not found: build it with `cargo build --release --workspace`",
+        bin.display()
+    );
+    Ok(bin)
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+impl Node {
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let mut child = Command::new(bin()?)
+            .args(&self.args)
+            .arg("--data-dir")
+            .arg(self.dir.path())
+            .env("RUST_LOG", "warn,openraft=off")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting txmq-broker")?;
+        let stdout = child.stdout.take().context("broker stdout")?;
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        self.addr = line
+            .trim()
+            .strip_prefix("txmq-broker listening on ")
+            .with_context(|| format!("unexpected broker output {line:?}"))?
+            .to_string();
+        self.child = Some(child);
+        Ok(())
+    }
+
+    fn start(args: Vec<String>) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("txmq-bench")
+            .tempdir_in(std::env::var("TXMQ_BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into()))?;
+        let mut node = Self {
+            child: None,
+            args,
+            addr: String::new(),
+            dir,
+        };
+        node.spawn()?;
+        Ok(node)
+    }
+}
+
+fn common(flush: Flush) -> Vec<String> {
+    let flush = match flush {
+        Flush::Sync => "sync",
+        Flush::Async => "async",
+    };
+    ["--grpc-listen", "none", "--flush", flush]
+        .map(String::from)
+        .to_vec()
 }
 
 impl Broker {
@@ -19,100 +94,134 @@ impl Broker {
     pub fn external(addr: &str) -> Self {
         Self {
             addr: addr.to_string(),
-            child: None,
-            dir: None,
+            nodes: Vec::new(),
         }
     }
 
     /// Starts `txmq-broker` (next to this binary) on a temporary directory.
     pub fn start(flush: Flush, extra: &[String]) -> anyhow::Result<Self> {
-        let exe = std::env::current_exe()?;
-        let bin = exe.with_file_name("txmq-broker");
-        anyhow::ensure!(
-            bin.exists(),
-            "{} not found: build it with `cargo build --release --workspace`",
-            bin.display()
-        );
-        let dir = tempfile::Builder::new()
-            .prefix("txmq-bench")
-            .tempdir_in(std::env::var("TXMQ_BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into()))?;
-        let flush = match flush {
-            Flush::Sync => "sync",
-            Flush::Async => "async",
-        };
-        let mut child = Command::new(&bin)
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--grpc-listen",
-                "none",
-                "--flush",
-                flush,
-            ])
-            .arg("--data-dir")
-            .arg(dir.path())
-            .args(extra)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
-        let stdout = child.stdout.take().context("broker stdout")?;
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line)?;
-        let addr = line
-            .trim()
-            .strip_prefix("txmq-broker listening on ")
-            .with_context(|| format!("unexpected broker output {line:?}"))?
-            .to_string();
+        let mut args = vec!["--listen".to_string(), "127.0.0.1:0".into()];
+        args.extend(common(flush));
+        args.extend_from_slice(extra);
+        let node = Node::start(args)?;
         Ok(Self {
-            addr,
-            child: Some(child),
-            dir: Some(dir),
+            addr: node.addr.clone(),
+            nodes: vec![node],
         })
     }
 
-    /// Its address.
+    /// Starts a group of `n` nodes on this machine and waits for its leader.
+    pub async fn start_group(n: usize, flush: Flush, extra: &[String]) -> anyhow::Result<Self> {
+        let peers = (1..=n)
+            .map(|i| Ok(format!("{i}=127.0.0.1:{}", free_port()?)))
+            .collect::<anyhow::Result<Vec<_>>>()?
+            .join(",");
+        let mut nodes = Vec::new();
+        for i in 1..=n {
+            let mut args = vec![
+                "--listen".to_string(),
+                format!("127.0.0.1:{}", free_port()?),
+                "--node-id".into(),
+                i.to_string(),
+                "--peers".into(),
+                peers.clone(),
+            ];
+            args.extend(common(flush));
+            args.extend_from_slice(extra);
+            nodes.push(Node::start(args)?);
+        }
+        let addr = nodes
+            .iter()
+            .map(|n| n.addr.clone())
+            .collect::<Vec<_>>()
+            .join(",");
+        let broker = Self { addr, nodes };
+        broker.leader(Duration::from_secs(60)).await?;
+        Ok(broker)
+    }
+
+    /// The index of the group's leader (by its status), waiting up to `limit`.
+    pub async fn leader(&self, limit: Duration) -> anyhow::Result<usize> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Ok(admin) = txmq_client::Admin::connect(&self.addr, "").await
+                && let Ok(s) = admin.cluster_status().await
+                && s.leader > 0
+            {
+                return Ok(s.leader as usize - 1);
+            }
+            anyhow::ensure!(Instant::now() < deadline, "no leader within {limit:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Kills node `i` with SIGKILL.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.nodes[i].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts node `i` again on its data directory and address.
+    pub fn restart(&mut self, i: usize) -> anyhow::Result<()> {
+        self.nodes[i].spawn()
+    }
+
+    /// Its address (a group's: every node's, separated by commas).
     pub fn addr(&self) -> &str {
         &self.addr
     }
 
-    /// Its data directory (own broker only).
+    /// Its data directory (own single broker only).
     pub fn data_dir(&self) -> Option<std::path::PathBuf> {
-        self.dir.as_ref().map(|d| d.path().to_path_buf())
+        match self.nodes.as_slice() {
+            [node] => Some(node.dir.path().to_path_buf()),
+            _ => None,
+        }
     }
 
-    /// User + system CPU seconds so far (own broker only).
+    /// User + system CPU seconds so far, of every node together (own brokers only).
     pub fn cpu_seconds(&self) -> Option<f64> {
-        let pid = self.child.as_ref()?.id();
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        // Fields after the command name, which is in parentheses and may hold spaces.
-        let rest = &stat[stat.rfind(')')? + 2..];
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
-        Some(ticks / 100.0)
+        if self.nodes.is_empty() {
+            return None;
+        }
+        let mut total = 0.0;
+        for node in &self.nodes {
+            let pid = node.child.as_ref()?.id();
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // Fields after the command name, which is in parentheses and may hold spaces.
+            let rest = &stat[stat.rfind(')')? + 2..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+            total += ticks / 100.0;
+        }
+        Some(total)
     }
 
-    /// Peak resident set size in MiB (own broker only).
+    /// Peak resident set size in MiB, the largest of the nodes (own brokers only).
     pub fn peak_rss_mb(&self) -> Option<f64> {
-        let pid = self.child.as_ref()?.id();
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-        let kb: f64 = status
-            .lines()
-            .find(|l| l.starts_with("VmHWM:"))?
-            .split_whitespace()
-            .nth(1)?
-            .parse()
-            .ok()?;
-        Some(kb / 1024.0)
+        let mut peak: Option<f64> = None;
+        for node in &self.nodes {
+            let pid = node.child.as_ref()?.id();
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+            let kb: f64 = status
+                .lines()
+                .find(|l| l.starts_with("VmHWM:"))?
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            peak = Some(peak.unwrap_or(0.0).max(kb / 1024.0));
+        }
+        peak
     }
 }
 
 impl Drop for Broker {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+        for i in 0..self.nodes.len() {
+            self.kill(i);
         }
     }
 }

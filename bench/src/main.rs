@@ -5,6 +5,7 @@
 //! (with `--json`) one JSON line.
 
 mod broker;
+mod failover;
 mod retention;
 mod scenarios;
 mod schedule;
@@ -36,6 +37,9 @@ pub enum Scenario {
     /// Scheduled sends with `--waiting` messages scheduled a day ahead, then the lateness
     /// of `--messages` falling due at `--rate` a second.
     Schedule,
+    /// A broker group's failover gap: paced sends while the leader is killed `--kills`
+    /// times (needs `--group 3`).
+    Failover,
     /// Paced sends (`--rate`, 20,000 a second when 0) to a broker with a short retention
     /// (`--retention-secs`), sampling its data directory's disk use every second.
     Retention,
@@ -104,6 +108,14 @@ pub struct Args {
     /// `retention`: the retention of the broker the bench starts, in seconds.
     #[arg(long, default_value_t = 10)]
     pub retention_secs: u64,
+    /// Start a broker group of this many nodes on this machine instead of one broker
+    /// (0 or 1: a single broker). The nodes share the machine's cores: compare with a
+    /// single broker run at the same time, not with figures from elsewhere.
+    #[arg(long, default_value_t = 0)]
+    pub group: usize,
+    /// `failover`: how many times the leader is killed.
+    #[arg(long, default_value_t = 3)]
+    pub kills: usize,
 }
 
 /// What a scenario measured.
@@ -129,7 +141,11 @@ async fn main() -> anyhow::Result<()> {
         args.producers > 0 && args.consumers > 0,
         "need at least one producer and consumer"
     );
-    let broker = match &args.broker {
+    anyhow::ensure!(
+        args.broker.is_none() || args.group <= 1,
+        "--group starts its own brokers: not with --broker"
+    );
+    let mut broker = match &args.broker {
         Some(addr) => broker::Broker::external(addr),
         None => {
             let extra = if args.scenario == Scenario::Retention {
@@ -137,13 +153,19 @@ async fn main() -> anyhow::Result<()> {
             } else {
                 Vec::new()
             };
-            broker::Broker::start(args.flush, &extra)?
+            if args.group > 1 {
+                broker::Broker::start_group(args.group, args.flush, &extra).await?
+            } else {
+                broker::Broker::start(args.flush, &extra)?
+            }
         }
     };
     let cpu_before = broker.cpu_seconds();
     let probe = stalls::StallProbe::start();
     let report = if args.scenario == Scenario::Retention {
         retention::retention(&args, broker.addr(), broker.data_dir()).await?
+    } else if args.scenario == Scenario::Failover {
+        failover::failover(&args, &mut broker).await?
     } else {
         scenarios::run(&args, broker.addr()).await?
     };
@@ -164,7 +186,7 @@ fn print(args: &Args, r: &Report, stalls: stalls::Stalls, cpu: Option<f64>, rss:
         let mut line = serde_json::json!({
                 "scenario": scenario, "messages": r.done, "size": args.size,
                 "producers": args.producers, "consumers": args.consumers, "window": args.window,
-                "flush": format!("{:?}", args.flush).to_lowercase(),
+                "flush": format!("{:?}", args.flush).to_lowercase(), "group": args.group.max(1),
                 "secs": secs, "msgs_per_sec": rate, "mb_per_sec": mb,
                 "p50_us": q(0.5), "p99_us": q(0.99), "p999_us": q(0.999), "max_us": r.latency.max(),
                 "latency_of": r.latency_of,

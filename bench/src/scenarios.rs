@@ -47,7 +47,9 @@ pub async fn run(args: &Args, addr: &str) -> anyhow::Result<Report> {
         Scenario::Fifo => e2e(args, addr, true).await,
         Scenario::Backlog => backlog(args, addr).await,
         Scenario::Schedule => crate::schedule::schedule(args, addr).await,
-        Scenario::Retention => anyhow::bail!("retention runs from main (it needs the broker)"),
+        Scenario::Retention | Scenario::Failover => {
+            anyhow::bail!("this scenario runs from main (it needs the broker)")
+        }
     }
 }
 
