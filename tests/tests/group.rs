@@ -71,6 +71,15 @@ async fn killing_the_leader_under_load_loses_nothing() {
         // Back as a follower, catching up from the log.
         group.nodes[leader].start_again();
     }
+    // A follower dies and comes back under load: it catches up from the log.
+    let leader = group
+        .leader(Duration::from_secs(30))
+        .await
+        .expect("a leader");
+    let follower = (leader + 1) % 3;
+    group.nodes[follower].kill9();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    group.nodes[follower].start_again();
     let addrs = group.addrs();
     let report = torture
         .finish(|args| {
@@ -88,6 +97,12 @@ async fn killing_the_leader_under_load_loses_nothing() {
     for (i, n) in group.nodes.iter_mut().enumerate() {
         assert!(n.is_running(), "node {} died on its own", i + 1);
     }
+    // Every node, the restarted ones too, has the whole log.
+    let s = status_until(&addrs, "every node caught up", |s| {
+        s.nodes.len() == 3 && s.nodes.iter().all(|n| n.lag == 0 && n.reachable)
+    })
+    .await;
+    println!("at the end: {s:?}");
     assert!(
         report.required > 100,
         "too little traffic to mean anything: {summary}"
