@@ -14,7 +14,7 @@ pub enum Error {
         message: String,
     },
     /// The broker follows its group's leader (or just lost its leadership): the request
-    /// was not served. [`crate::Connection::open`] follows `leader` on its own.
+    /// was not served. [`crate::connection::Connection::open`] follows `leader` on its own.
     #[error("broker refused (NotLeader): {message}")]
     NotLeader {
         /// The broker's explanation.

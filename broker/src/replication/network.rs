@@ -3,7 +3,7 @@
 //! and purpose: replication, heartbeats, snapshots).
 //!
 //! A snapshot goes as a header frame naming its files and their sizes, then each file's
-//! bytes in frames of at most [`CHUNK`], into a fresh directory on the receiver, which
+//! bytes in frames of at most 1 MiB, into a fresh directory on the receiver, which
 //! then installs it.
 
 use std::io;

@@ -7,7 +7,7 @@
 //! its own, it waits for the leader to bring it up to date.
 //!
 //! **Leadership.** [`Node::leading`] completes when this node leads with a committed
-//! vote and has applied everything committed before its term; [`Leadership::lost`]
+//! vote and has applied everything committed before its term; [`Node::lost`]
 //! completes when that term's leadership ends. The server serves clients in between.
 
 use std::collections::{BTreeMap, HashMap};
