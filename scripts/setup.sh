@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Installs the system packages a fresh machine lacks for building txmq:
-# libclang (bindgen in the rocksdb crate) and a C++ compiler (RocksDB itself).
+# libclang (bindgen in the rocksdb crate) and a C++ compiler (RocksDB itself); and for
+# the tests, iproute2 (network namespaces for the broker group's partition test).
 set -euo pipefail
 need=()
 dpkg -s libclang-dev >/dev/null 2>&1 || need+=(libclang-dev)
 command -v g++ >/dev/null 2>&1 || need+=(g++)
 command -v make >/dev/null 2>&1 || need+=(make)
+command -v ip >/dev/null 2>&1 || need+=(iproute2)
 if [ ${#need[@]} -gt 0 ]; then
     echo "setup: installing ${need[*]}" >&2
     SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
