@@ -199,12 +199,27 @@ async fn serve_group(
     faces: Faces<'_>,
     shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
 ) -> Result<()> {
+    // What the others tell clients: a wildcard address (0.0.0.0) is no address to
+    // give a client, so the host the nodes reach this one at stands in for it.
+    let host = peers
+        .my_addr()
+        .rsplit_once(':')
+        .map_or("127.0.0.1", |(h, _)| h)
+        .to_string();
+    let advertise = |a: std::net::SocketAddr| {
+        if a.ip().is_unspecified() {
+            format!("{host}:{}", a.port())
+        } else {
+            a.to_string()
+        }
+    };
     let addresses = Addresses {
-        client: listener
-            .local_addr()
-            .map_err(|e| Error::Internal(e.to_string()))?
-            .to_string(),
-        grpc: grpc_addr.map(|a| a.to_string()),
+        client: advertise(
+            listener
+                .local_addr()
+                .map_err(|e| Error::Internal(e.to_string()))?,
+        ),
+        grpc: grpc_addr.map(advertise),
     };
     let node = Node::start(config, peers, addresses).await?;
     let result = loop {
@@ -214,7 +229,7 @@ async fn serve_group(
                 None => break Err(Error::Internal("raft stopped".into())),
             },
             () = shutdown.as_mut() => break Ok(()),
-            () = refuse_followers(listener, &node) => continue,
+            () = refuse_followers(listener, &node, config.max_connections) => continue,
         };
         let Some(storage) = node.slot.get() else {
             continue;
@@ -246,11 +261,17 @@ async fn serve_group(
 
 /// Answers every connection `NOT_LEADER` (with the leader's address when known), until
 /// dropped.
-async fn refuse_followers(listener: &TcpListener, node: &Arc<Node>) {
+async fn refuse_followers(listener: &TcpListener, node: &Arc<Node>, limit: usize) {
+    let open = Arc::new(Semaphore::new(limit));
     loop {
         if let Ok((socket, peer)) = listener.accept().await {
+            let Ok(permit) = open.clone().try_acquire_owned() else {
+                drop(socket);
+                continue;
+            };
             let node = node.clone();
             tokio::spawn(async move {
+                let _permit = permit;
                 let leader = node.leader_address().await;
                 connection::refuse_not_leader(socket, peer, leader).await;
             });

@@ -154,9 +154,10 @@ impl Connection {
                             leader: None,
                         }
                     }
+                    // A leader a follower named may be gone already: back to the list.
                     Err(
                         e @ (Error::Connect { .. } | Error::Disconnected(_) | Error::Timeout(_)),
-                    ) if list.len() > 1 => {
+                    ) if list.len() > 1 || followed => {
                         tracing::info!("broker {addr} not reachable: {e}");
                         e
                     }

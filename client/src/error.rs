@@ -13,8 +13,10 @@ pub enum Error {
         /// The broker's explanation.
         message: String,
     },
-    /// The broker follows its group's leader (or just lost its leadership): the request
-    /// was not served. [`crate::connection::Connection::open`] follows `leader` on its own.
+    /// The broker does not lead its group. Refusing a handshake, it served nothing, and
+    /// [`crate::connection::Connection::open`] follows `leader` on its own. Answering a
+    /// request, it lost its leadership while writing it: the write may or may not be
+    /// committed by the next leader, as when a connection is lost.
     #[error("broker refused (NotLeader): {message}")]
     NotLeader {
         /// The broker's explanation.

@@ -68,9 +68,17 @@ struct GroupLog {
     redeliveries: u64,
     /// Bodies whose ack the broker confirmed.
     acked: HashSet<String>,
-    /// Offsets whose ack the broker confirmed (to a native consumer, which sees them):
-    /// exact where bodies are not (a gRPC send may be stored twice).
-    acked_offsets: HashSet<u64>,
+    /// Offsets whose ack the broker confirmed (to a native consumer, which sees them),
+    /// with the lease id acked: exact where bodies are not (a gRPC send may be stored
+    /// twice).
+    acked_offsets: HashMap<u64, u64>,
+    /// Deliveries that came after their message's ack was confirmed, on a lease older
+    /// than the one acked: sent by a leader that was deposed meanwhile, on a connection
+    /// cut off with it, and read once the network healed. A queue's lease ids grow from
+    /// its start time (and all nodes here share a clock), so an older lease is an
+    /// older leader's. A failover redelivery, counted apart; a delivery on a newer lease
+    /// is a violation.
+    stale: u64,
     /// Bodies whose last ack lost its connection before the answer: it may have taken
     /// effect (then the message is never delivered again) or not (then it comes back).
     ack_unsure: HashSet<String>,
@@ -265,9 +273,13 @@ async fn consumer(world: Arc<World>, g: usize) {
                 if d.attempt > 1 {
                     log.redeliveries += 1;
                 }
-                if log.acked_offsets.contains(&d.offset()) {
+                let acked_lease = log.acked_offsets.get(&d.offset()).copied();
+                if acked_lease.is_some_and(|acked| d.handle().lease_id < acked) {
+                    log.stale += 1;
+                } else if acked_lease.is_some() {
+                    let before = log.history.get(&body).cloned().unwrap_or_default();
                     log.violations.push(format!(
-                        "{body} at offset {} delivered again (attempt {}) after its ack was confirmed",
+                        "{body} at offset {} delivered again (attempt {}) after its ack was confirmed; before: {before:?}",
                         d.offset(),
                         d.attempt
                     ));
@@ -299,12 +311,20 @@ async fn consumer(world: Arc<World>, g: usize) {
                     Ok(()) => {
                         let mut log = world.groups[g].lock().unwrap();
                         log.acked.insert(body.clone());
-                        log.acked_offsets.insert(d.offset());
+                        log.acked_offsets.insert(d.offset(), d.handle().lease_id);
                         drop(log);
                         "acked".to_string()
                     }
                     Err(e) => {
-                        if matches!(e, txmq_client::Error::Disconnected(_)) {
+                        // Its outcome is unknown: the connection went, or the broker
+                        // lost its leadership while writing it (the next leader may
+                        // have it).
+                        if matches!(
+                            e,
+                            txmq_client::Error::Disconnected(_)
+                                | txmq_client::Error::Timeout(_)
+                                | txmq_client::Error::NotLeader { .. }
+                        ) {
                             world.groups[g]
                                 .lock()
                                 .unwrap()
@@ -639,9 +659,10 @@ fn report(world: &World, cli: impl Fn(&[&str]) -> String) -> Report {
         dead_lettered |= !g.dead.is_empty();
         let lost = lost(&required, &g);
         summary += &format!(
-            " {name}:deliveries={},redeliveries={},acked={},ack_unanswered={},dead_lettered={},lost={},violations={}",
+            " {name}:deliveries={},redeliveries={},stale={},acked={},ack_unanswered={},dead_lettered={},lost={},violations={}",
             g.deliveries,
             g.redeliveries,
+            g.stale,
             g.acked.len(),
             g.ack_unsure.len(),
             g.dead.len(),

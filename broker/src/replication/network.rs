@@ -35,12 +35,25 @@ type Snapshot = openraft::type_config::alias::SnapshotOf<TypeConfig, SnapshotDir
 
 /// Largest frame: an append carries at most `max_payload_entries` writer batches.
 const MAX_FRAME: usize = 1 << 30;
+/// Node connections a node serves at once.
+const MAX_NODE_CONNECTIONS: usize = 256;
+/// How long a new node connection may take to present the group's secret.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a node connection may stay silent (heartbeats come every 200 ms).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// The slowest transfer an append is given time for (bytes a second): 10 MB/s.
+const APPEND_BYTES_PER_SEC: f64 = 10e6;
 /// Bytes of a snapshot file per frame.
 const CHUNK: usize = 1 << 20;
 
 /// What one node asks another.
 #[derive(Serialize, Deserialize)]
 enum Rpc {
+    /// The first frame of every connection: the group's secret (the brokers'
+    /// auth token, empty when they have none).
+    Hello {
+        token: String,
+    },
     Append(AppendEntriesRequest<TypeConfig>),
     Vote(VoteRequest<TypeConfig>),
     PreVote(VoteRequest<TypeConfig>),
@@ -57,6 +70,8 @@ enum Rpc {
 /// The answer.
 #[derive(Serialize, Deserialize)]
 enum Reply {
+    /// The handshake was accepted.
+    Welcome,
     Append(AppendEntriesResponse<TypeConfig>),
     Vote(VoteResponse<TypeConfig>),
     Snapshot(SnapshotResponse<TypeConfig>),
@@ -89,10 +104,23 @@ fn codec() -> LengthDelimitedCodec {
         .new_codec()
 }
 
-async fn connect(addr: &str) -> io::Result<Conn> {
+/// Connects to the node at `addr` and presents the group's secret.
+async fn connect(addr: &str, token: &str) -> io::Result<Conn> {
     let socket = TcpStream::connect(addr).await?;
     socket.set_nodelay(true)?;
-    Ok(Framed::new(socket, codec()))
+    let mut conn = Framed::new(socket, codec());
+    send(
+        &mut conn,
+        &Rpc::Hello {
+            token: token.to_string(),
+        },
+    )
+    .await?;
+    match recv(&mut conn).await? {
+        Reply::Welcome => Ok(conn),
+        Reply::Failed(why) => Err(io_err(why)),
+        _ => Err(io_err("unexpected reply to the handshake")),
+    }
 }
 
 async fn send<T: Serialize>(conn: &mut Conn, msg: &T) -> io::Result<()> {
@@ -115,9 +143,9 @@ async fn recv<T: for<'de> Deserialize<'de>>(conn: &mut Conn) -> io::Result<T> {
 ///
 /// # Errors
 /// The node cannot be reached or does not answer within `timeout`.
-pub async fn info(addr: &str, timeout: Duration) -> io::Result<NodeInfo> {
+pub async fn info(addr: &str, token: &str, timeout: Duration) -> io::Result<NodeInfo> {
     let call = async {
-        let mut conn = connect(addr).await?;
+        let mut conn = connect(addr, token).await?;
         send(&mut conn, &Rpc::Info).await?;
         match recv(&mut conn).await? {
             Reply::Info(info) => Ok(info),
@@ -132,7 +160,10 @@ pub async fn info(addr: &str, timeout: Duration) -> io::Result<NodeInfo> {
 
 /// Makes a client per target node.
 #[derive(Clone, Default)]
-pub struct Network;
+pub struct Network {
+    /// The group's secret.
+    pub token: String,
+}
 
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = Peer;
@@ -140,6 +171,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     async fn new_client(&mut self, _target: u64, node: &BasicNode) -> Peer {
         Peer {
             addr: node.addr.clone(),
+            token: self.token.clone(),
             conn: None,
         }
     }
@@ -148,6 +180,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 /// One connection to a target node, opened on demand and dropped on any error.
 pub struct Peer {
     addr: String,
+    token: String,
     conn: Option<Conn>,
 }
 
@@ -156,7 +189,7 @@ impl Peer {
         let call = async {
             if self.conn.is_none() {
                 self.conn = Some(
-                    connect(&self.addr)
+                    connect(&self.addr, &self.token)
                         .await
                         .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?,
                 );
@@ -200,7 +233,22 @@ impl RaftNetworkV2<TypeConfig> for Peer {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
-        match self.call(&Rpc::Append(rpc), option.soft_ttl()).await? {
+        // openraft's deadline (three quarters of a heartbeat) is for heartbeats; an
+        // append waits for the follower's fsync and may carry hundreds of MiB.
+        let bytes: usize = rpc
+            .entries
+            .iter()
+            .map(|e| match &e.payload {
+                openraft::EntryPayload::Normal(b) => b.data.len(),
+                _ => 0,
+            })
+            .sum();
+        let ttl = if rpc.entries.is_empty() {
+            option.soft_ttl()
+        } else {
+            Duration::from_secs(2) + Duration::from_secs_f64(bytes as f64 / APPEND_BYTES_PER_SEC)
+        };
+        match self.call(&Rpc::Append(rpc), ttl).await? {
             Reply::Append(r) => Ok(r),
             _ => Err(unexpected()),
         }
@@ -249,9 +297,9 @@ impl RaftNetworkV2<TypeConfig> for Peer {
         cancel: impl Future<Output = openraft::errors::ReplicationClosed> + Send + 'static,
         option: RPCOption,
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
-        let addr = self.addr.clone();
+        let (addr, token) = (self.addr.clone(), self.token.clone());
         let send = async move {
-            let mut conn = connect(&addr)
+            let mut conn = connect(&addr, &token)
                 .await
                 .map_err(|e| StreamingError::Unreachable(Unreachable::new(&e)))?;
             send_snapshot(&mut conn, vote, snapshot)
@@ -277,6 +325,8 @@ async fn send_snapshot(
     snapshot: Snapshot,
 ) -> io::Result<SnapshotResponse<TypeConfig>> {
     let dir = snapshot.snapshot.0;
+    // Every file opened before the first byte goes: a newer snapshot may replace this
+    // one meanwhile, and an open file outlives its directory entry.
     let mut files = Vec::new();
     for entry in std::fs::read_dir(&dir)? {
         let entry = entry?;
@@ -285,23 +335,29 @@ async fn send_snapshot(
                 .file_name()
                 .into_string()
                 .map_err(|_| io_err("a file name that is not UTF-8"))?;
-            files.push((name, entry.metadata()?.len()));
+            let file = tokio::fs::File::open(entry.path()).await?;
+            let len = file.metadata().await?.len();
+            files.push((name, len, file));
         }
     }
-    files.sort();
-    tracing::info!(snapshot = %dir.display(), files = files.len(), bytes = files.iter().map(|f| f.1).sum::<u64>(), "sending a snapshot");
+    files.sort_by(|a, b| a.0.cmp(&b.0));
+    tracing::info!(
+        snapshot = %dir.display(),
+        files = files.len(),
+        bytes = files.iter().map(|f| f.1).sum::<u64>(),
+        "sending a snapshot"
+    );
     send(
         conn,
         &Rpc::Snapshot {
             vote,
             meta: snapshot.meta,
-            files: files.clone(),
+            files: files.iter().map(|(n, l, _)| (n.clone(), *l)).collect(),
         },
     )
     .await?;
     let mut buf = vec![0u8; CHUNK];
-    for (name, len) in files {
-        let mut file = tokio::fs::File::open(dir.join(&name)).await?;
+    for (_, len, mut file) in files {
         let mut left = len;
         while left > 0 {
             let n = (left as usize).min(CHUNK);
@@ -323,9 +379,11 @@ pub async fn serve(
     raft: Raft,
     slot: Arc<StorageSlot>,
     info: Arc<dyn Fn() -> NodeInfo + Send + Sync>,
+    token: String,
     cancel: CancellationToken,
 ) {
-    let received = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let token = Arc::new(token);
+    let limit = Arc::new(tokio::sync::Semaphore::new(MAX_NODE_CONNECTIONS));
     loop {
         let (socket, peer) = tokio::select! {
             () = cancel.cancelled() => return,
@@ -338,19 +396,24 @@ pub async fn serve(
                 }
             },
         };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "node listener: {MAX_NODE_CONNECTIONS} connections open; refused");
+            continue;
+        };
         let _ = socket.set_nodelay(true);
-        let (raft, slot, info, cancel, received) = (
+        let (raft, slot, info, cancel, token) = (
             raft.clone(),
             slot.clone(),
             info.clone(),
             cancel.clone(),
-            received.clone(),
+            token.clone(),
         );
         tokio::spawn(async move {
+            let _permit = permit;
             let mut conn = Framed::new(socket, codec());
             tokio::select! {
                 () = cancel.cancelled() => {}
-                r = serve_conn(&mut conn, &raft, &slot, &*info, &received) => if let Err(e) = r {
+                r = serve_conn(&mut conn, &raft, &slot, &*info, &token) => if let Err(e) = r {
                     tracing::debug!(%peer, "node connection closed: {e}");
                 },
             }
@@ -363,11 +426,32 @@ async fn serve_conn(
     raft: &Raft,
     slot: &StorageSlot,
     info: &(dyn Fn() -> NodeInfo + Send + Sync),
-    received: &std::sync::atomic::AtomicU64,
+    token: &str,
 ) -> io::Result<()> {
+    // The handshake: the group's secret, in a small frame, soon.
+    let hello = tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.next())
+        .await
+        .map_err(|_| io_err("no handshake"))?
+        .ok_or_else(|| io_err("closed before the handshake"))??;
+    let accepted = hello.len() <= 4096
+        && matches!(postcard::from_bytes(&hello), Ok(Rpc::Hello { token: t })
+            if crate::cmd::hello::same_secret(t.as_bytes(), token.as_bytes()));
+    if !accepted {
+        send(
+            conn,
+            &Reply::Failed("not a member of this group (wrong secret)".into()),
+        )
+        .await?;
+        return Err(io_err("a node connection without the group's secret"));
+    }
+    send(conn, &Reply::Welcome).await?;
     loop {
-        let rpc: Rpc = recv(conn).await?;
+        let rpc: Rpc = match tokio::time::timeout(IDLE_TIMEOUT, recv(conn)).await {
+            Ok(rpc) => rpc?,
+            Err(_) => return Err(io_err("idle")),
+        };
         let reply = match rpc {
+            Rpc::Hello { .. } => Reply::Welcome,
             Rpc::Append(req) => raft
                 .append_entries(req)
                 .await
@@ -390,9 +474,13 @@ async fn serve_conn(
                 .unwrap_or_else(|e| Reply::Failed(e.to_string())),
             Rpc::Info => Reply::Info(info()),
             Rpc::Snapshot { vote, meta, files } => {
-                let n = received.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let dir = slot.snapshot_dir(&format!("received-{n}"))?;
-                receive_files(conn, &dir, &files).await?;
+                let dir = slot.snapshot_dir(&super::state_machine::unique(
+                    super::state_machine::RECEIVED,
+                ))?;
+                if let Err(e) = receive_files(conn, &dir, &files).await {
+                    let _ = std::fs::remove_dir_all(&dir);
+                    return Err(e);
+                }
                 tracing::info!(?meta, "installing a snapshot");
                 let snapshot = Snapshot {
                     meta,

@@ -19,7 +19,7 @@ use openraft::Instant as _;
 use openraft::async_runtime::watch::WatchReceiver;
 use openraft::type_config::TypeConfigExt;
 use openraft::vote::RaftLeaderId;
-use openraft::{BasicNode, ReadPolicy, ServerState, SnapshotPolicy};
+use openraft::{BasicNode, ServerState, SnapshotPolicy};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -32,9 +32,15 @@ use crate::error::{Error, Result};
 use crate::storage::Storage;
 use txmq_protocol::pb;
 
-/// How long a leader may go without hearing from a majority before it stops serving:
-/// about when the others elect a new leader (2.0 to 2.4 s after its last heartbeat).
-pub const QUORUM_SILENCE: Duration = Duration::from_secs(2);
+/// How long a leader may go without hearing from a majority before it stops serving.
+/// The others stand for election 2.4 to 2.8 s after the last heartbeat they heard, so a
+/// leader cut off stops serving (deliveries, which read its state, included) at least
+/// a second before another can be elected: never two leaders serving at once.
+pub const QUORUM_SILENCE: Duration = Duration::from_millis(1200);
+
+/// How long a member's client address, once asked, is told without asking again (a
+/// restarted member may listen elsewhere).
+const KNOWN_FOR: Duration = Duration::from_secs(10);
 
 /// The leader id of a term, as writes name it (a write for another leader fails).
 pub type LeaderId = openraft::type_config::alias::CommittedLeaderIdOf<TypeConfig>;
@@ -50,8 +56,10 @@ pub struct Node {
     pub peers: Peers,
     /// Where clients reach this node.
     addresses: Addresses,
-    /// The node's own address book: what each member said of itself.
-    known: Mutex<HashMap<u64, NodeInfo>>,
+    /// The group's secret on the node network (the brokers' auth token, or empty).
+    token: String,
+    /// The node's own address book: what each member said of itself, and when.
+    known: Mutex<HashMap<u64, (NodeInfo, std::time::Instant)>>,
     stop: CancellationToken,
     tasks: tokio_util::task::TaskTracker,
 }
@@ -122,6 +130,8 @@ impl Node {
                 }
                 .recover()
                 .map_err(|e| Error::Internal(format!("recovering a snapshot installation: {e}")))?;
+                super::state_machine::clean_up(&snapshots)
+                    .map_err(|e| Error::Internal(format!("cleaning up snapshots: {e}")))?;
                 let storage = Storage::open(&state)?;
                 let log = LogStore::open(&raft)
                     .map_err(|e| Error::Internal(format!("cannot open the raft log: {e}")))?;
@@ -135,17 +145,21 @@ impl Node {
         let raft_config = openraft::Config {
             cluster_name: "txmq".into(),
             // A follower stands for election when it has heard nothing for the leader's
-            // lease (the maximum timeout) plus a random timeout: 2.0 to 2.4 s.
+            // lease (the maximum timeout) plus a random timeout: 2.4 to 2.8 s; a leader
+            // that heard from no majority for QUORUM_SILENCE (1.2 s) has stopped serving
+            // by then.
             heartbeat_interval: 200,
-            election_timeout_min: 800,
-            election_timeout_max: 1200,
-            // A writer batch is up to 64 MiB: an append carries a bounded number of them.
-            max_payload_entries: 16,
+            election_timeout_min: 1000,
+            election_timeout_max: 1400,
+            // A writer batch is up to about 96 MiB (its 64 MiB cap plus one transaction):
+            // an append carries at most 8 of them, under the node network's 1 GiB frame.
+            max_payload_entries: 8,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_entries),
             // What stays of the log behind a snapshot, for followers a little behind
             // (further behind, they get the snapshot).
             max_in_snapshot_log_to_keep: (config.snapshot_entries / 10).min(1000),
-            install_snapshot_timeout: 600_000,
+            // Sending a snapshot: an hour (about 200 GiB at 1 Gbit/s).
+            install_snapshot_timeout: 3_600_000,
             // A leader restarted (after a crash or power cut) stands for election in a
             // new term like any other node. Resuming its old term (openraft's default)
             // is unsafe here: the state machine does not flush, and a power cut can
@@ -158,10 +172,14 @@ impl Node {
         }
         .validate()
         .map_err(|e| Error::Invalid(format!("raft settings: {e}")))?;
+        let token = config.auth_token.clone().unwrap_or_default();
+        let network = Network {
+            token: token.clone(),
+        };
         let raft = Raft::new(
             peers.me,
             Arc::new(raft_config),
-            Network,
+            network,
             log,
             StateMachine::new(slot.clone()),
         )
@@ -178,6 +196,7 @@ impl Node {
             slot: slot.clone(),
             peers: peers.clone(),
             addresses: addresses.clone(),
+            token: token.clone(),
             known: Mutex::new(HashMap::new()),
             stop: CancellationToken::new(),
             tasks: tokio_util::task::TaskTracker::new(),
@@ -201,9 +220,13 @@ impl Node {
             raft.clone(),
             slot,
             info,
+            token.clone(),
             node.stop.clone(),
         ));
-        node.tasks.spawn(form_group(raft, peers, node.stop.clone()));
+        node.tasks
+            .spawn(form_group(raft.clone(), peers, token, node.stop.clone()));
+        node.tasks
+            .spawn(follow_floors(raft, node.slot.clone(), node.stop.clone()));
         tracing::info!(
             node = node.peers.me,
             addr = node.peers.my_addr(),
@@ -216,7 +239,7 @@ impl Node {
     /// lately, and has applied everything committed before; `None` if its Raft stopped.
     pub async fn leading(&self) -> Option<Leadership> {
         let mut rx = self.raft.metrics();
-        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
         loop {
             let lead = {
                 let m = rx.borrow_watched();
@@ -227,7 +250,11 @@ impl Node {
                 .then(|| (m.current_term, m.vote.leader_id().to_committed()))
             };
             if let Some((term, leader)) = lead {
-                match self.raft.ensure_linearizable(ReadPolicy::ReadIndex).await {
+                // A blank entry at the end of the log, committed and applied: every
+                // entry before it is applied too, those of earlier terms and those this
+                // node wrote in this term before it last stopped serving (a write that
+                // gave up may still commit). Only then is the state loaded.
+                match self.raft.write_blank().await {
                     Ok(_) => {
                         tracing::info!(term, "leading the group");
                         return Some(Leadership { term, leader });
@@ -248,7 +275,7 @@ impl Node {
     /// stops serving rather than keep its clients waiting.
     pub async fn lost(&self, leadership: &Leadership) {
         let mut rx = self.raft.metrics();
-        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
         loop {
             {
                 let m = rx.borrow_watched();
@@ -305,12 +332,19 @@ impl Node {
                 .or_else(|| self.peers.nodes.get(&leader).cloned())?;
             (leader, addr)
         };
-        if let Some(known) = self.known.lock().expect("known").get(&leader) {
+        if let Some((known, at)) = self.known.lock().expect("known").get(&leader)
+            && at.elapsed() < KNOWN_FOR
+        {
             return Some(known.client_addr.clone());
         }
-        let info = network::info(&addr, Duration::from_secs(1)).await.ok()?;
+        let info = network::info(&addr, &self.token, Duration::from_secs(1))
+            .await
+            .ok()?;
         let client = info.client_addr.clone();
-        self.known.lock().expect("known").insert(leader, info);
+        self.known
+            .lock()
+            .expect("known")
+            .insert(leader, (info, std::time::Instant::now()));
         Some(client)
     }
 
@@ -319,10 +353,13 @@ impl Node {
         if id == self.peers.me {
             return Some(self.addresses.client.clone());
         }
-        match network::info(peer, Duration::from_secs(1)).await {
+        match network::info(peer, &self.token, Duration::from_secs(1)).await {
             Ok(info) => {
                 let client = info.client_addr.clone();
-                self.known.lock().expect("known").insert(id, info);
+                self.known
+                    .lock()
+                    .expect("known")
+                    .insert(id, (info, std::time::Instant::now()));
                 Some(client)
             }
             Err(_) => None,
@@ -508,8 +545,25 @@ pub struct Leadership {
     pub leader: LeaderId,
 }
 
+/// While this node follows, moves its indexes' floors to what retention removed (the
+/// leader's syncer does it there), every 30 s.
+async fn follow_floors(raft: Raft, slot: Arc<StorageSlot>, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(30)) => {}
+        }
+        if raft.metrics().borrow_watched().state == ServerState::Leader {
+            continue;
+        }
+        if let Some(storage) = slot.get() {
+            let _ = tokio::task::spawn_blocking(move || storage.refresh_floors()).await;
+        }
+    }
+}
+
 /// Forms the group if this node has the lowest id and every peer is as new as it is.
-async fn form_group(raft: Raft, peers: Peers, stop: CancellationToken) {
+async fn form_group(raft: Raft, peers: Peers, token: String, stop: CancellationToken) {
     let lowest = peers.nodes.keys().next().copied();
     loop {
         match raft.is_initialized().await {
@@ -519,7 +573,7 @@ async fn form_group(raft: Raft, peers: Peers, stop: CancellationToken) {
         if lowest == Some(peers.me) {
             let mut all_new = true;
             for (id, addr) in peers.nodes.iter().filter(|(id, _)| **id != peers.me) {
-                match network::info(addr, Duration::from_secs(1)).await {
+                match network::info(addr, &token, Duration::from_secs(1)).await {
                     Ok(info) if !info.initialized => {}
                     Ok(_) => {
                         tracing::info!(

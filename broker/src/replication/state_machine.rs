@@ -192,7 +192,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let Some(dir) = latest_snapshot(&self.slot.snapshots)? else {
             return Ok(None);
         };
-        let (last_log_id, last_membership) = applied_in_checkpoint(&dir)?;
+        // From the file written when it was made: opening the checkpoint with RocksDB
+        // would write its info log into a directory a follower may be receiving.
+        let meta = std::fs::read(dir.join(META_FILE))?;
+        let (last_log_id, last_membership) = postcard::from_bytes(&meta).map_err(io_err)?;
         Ok(Some(Snapshot {
             meta: SnapshotMeta {
                 last_log_id,
@@ -205,6 +208,36 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
 /// Made snapshots are named `made-<index:020>`; the greatest is the current one.
 const MADE: &str = "made-";
+/// In a made snapshot: its log id and membership (postcard).
+const META_FILE: &str = "txmq-snapshot.meta";
+
+/// A fresh name for a directory being built or received.
+pub(crate) fn unique(prefix: &str) -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{prefix}{}-{n}", std::process::id())
+}
+
+/// Removes what a crash left half built or half received under `snapshots`.
+pub fn clean_up(snapshots: &Path) -> std::io::Result<()> {
+    if !snapshots.exists() {
+        return Ok(());
+    }
+    for entry in std::fs::read_dir(snapshots)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(BUILDING) || name.starts_with(RECEIVED) {
+            std::fs::remove_dir_all(entry.path())?;
+        }
+    }
+    Ok(())
+}
+
+/// Prefix of a snapshot being made.
+const BUILDING: &str = "building-";
+/// Prefix of a snapshot being received.
+pub(crate) const RECEIVED: &str = "received-";
 
 /// The newest snapshot made under `dir`, if any.
 fn latest_snapshot(dir: &Path) -> std::io::Result<Option<PathBuf>> {
@@ -223,12 +256,19 @@ fn latest_snapshot(dir: &Path) -> std::io::Result<Option<PathBuf>> {
 /// before it (which a follower may still be receiving).
 fn make_snapshot(slot: &StorageSlot) -> std::io::Result<(PathBuf, Option<LogId>, Membership)> {
     let storage = slot.storage()?;
-    let building = slot.snapshot_dir("building")?;
+    let building = slot.snapshot_dir(&unique(BUILDING))?;
     rocksdb::checkpoint::Checkpoint::new(storage.db())
         .and_then(|c| c.create_checkpoint(&building))
         .map_err(io_err)?;
     drop(storage);
     let (applied, membership) = applied_in_checkpoint(&building)?;
+    {
+        use std::io::Write;
+        let meta = postcard::to_allocvec(&(applied, &membership)).map_err(io_err)?;
+        let mut f = std::fs::File::create(building.join(META_FILE))?;
+        f.write_all(&meta)?;
+        f.sync_all()?;
+    }
     let index = applied.as_ref().map_or(0, |id| id.index);
     let dir = slot.snapshot_dir(&format!("{MADE}{index:020}"))?;
     std::fs::rename(&building, &dir)?;

@@ -60,6 +60,15 @@ pub(super) fn key_filter(floors: std::sync::Arc<Floors>) -> impl Fn(u32, &[u8], 
 }
 
 impl Storage {
+    /// [`Storage::load_floors`] for a broker group's follower, which applies the leader's
+    /// retention without a syncer of its own: its indexes' compaction filters follow.
+    ///
+    /// # Errors
+    /// Storage failure.
+    pub fn refresh_floors(&self) -> Result<()> {
+        self.load_floors()
+    }
+
     /// Sets every topic's floor from what is stored, and estimates the garbage in the
     /// indexes: the entries RocksDB counts beyond the messages kept (at open: the count
     /// in memory is gone with the last run, the garbage is not).
