@@ -279,9 +279,11 @@ async fn consumer(world: Arc<World>, g: usize) {
                 } else if acked_lease.is_some() {
                     let before = log.history.get(&body).cloned().unwrap_or_default();
                     log.violations.push(format!(
-                        "{body} at offset {} delivered again (attempt {}) after its ack was confirmed; before: {before:?}",
+                        "{body} at offset {} delivered again (attempt {}, lease {}) after its ack (lease {}) was confirmed; before: {before:?}",
                         d.offset(),
-                        d.attempt
+                        d.attempt,
+                        d.handle().lease_id,
+                        acked_lease.unwrap_or_default()
                     ));
                 } else if log.acked.contains(&body) && !body.starts_with('g') {
                     log.violations.push(format!(
