@@ -60,7 +60,7 @@ pub(super) fn key_filter(floors: std::sync::Arc<Floors>) -> impl Fn(u32, &[u8], 
 }
 
 impl Storage {
-    /// [`Storage::load_floors`] for a broker group's follower, which applies the leader's
+    /// Reloads every floor from what is stored, for a broker group's follower, which applies the leader's
     /// retention without a syncer of its own: its indexes' compaction filters follow.
     ///
     /// # Errors
