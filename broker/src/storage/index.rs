@@ -60,8 +60,9 @@ pub(super) fn key_filter(floors: std::sync::Arc<Floors>) -> impl Fn(u32, &[u8], 
 }
 
 impl Storage {
-    /// Reloads every floor from what is stored, for a broker group's follower, which applies the leader's
-    /// retention without a syncer of its own: its indexes' compaction filters follow.
+    /// Reloads every floor from what is stored, for a broker group's follower, which
+    /// applies the leader's retention without a syncer of its own: its indexes'
+    /// compaction filters follow.
     ///
     /// # Errors
     /// Storage failure.
