@@ -141,6 +141,17 @@ impl Storage {
         self.group_entries(Cf::Dlq, group, topic_id, |off, v| Ok((off, decode(v)?)))
     }
 
+    /// Whether the group's dead letters on a topic hold `offset`.
+    ///
+    /// # Errors
+    /// Storage failure.
+    pub fn is_dead_letter(&self, group: &str, topic_id: u32, offset: u64) -> Result<bool> {
+        Ok(self
+            .db()
+            .get_pinned_cf(self.cf(Cf::Dlq), keys::dead_letter(group, topic_id, offset))?
+            .is_some())
+    }
+
     /// At most `limit` dead letters of a group on a topic, from offset `from` on.
     ///
     /// # Errors

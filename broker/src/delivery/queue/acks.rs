@@ -7,6 +7,27 @@ impl Queue {
         offset < self.floor() || self.acked.contains(&offset)
     }
 
+    /// Whether an ack whose lease is gone finds its message acked, so that answering
+    /// it OK tells the truth. The floor also passes messages that are not acked: one
+    /// waiting to be delivered again (a retry record), one leased again (its old lease
+    /// expired and it went out anew), one dead-lettered (its last lease expired while
+    /// this ack was on its way). An ack of those is refused: the lease it names is gone.
+    fn was_acked(&self, offset: u64) -> bool {
+        if !self.is_acked(offset)
+            || self.retry.contains_key(&offset)
+            || self.leases.contains_key(&offset)
+            || self.dead_recent.contains(&offset)
+        {
+            return false;
+        }
+        // Dead-lettered longer ago (or by an earlier run): the stored dead letters say.
+        !matches!(
+            self.storage
+                .is_dead_letter(&self.group, self.topic.id, offset),
+            Ok(true) | Err(_)
+        )
+    }
+
     /// Starts writing the acks collected so far, in one write, unless a write of acks is
     /// already on its way: at most one is, so an ack repeated while the first one's write
     /// is pending waits for its outcome (and is answered from it) instead of being called
@@ -46,7 +67,7 @@ impl Queue {
                         ops.extend(self.mark_acked_undoably(r.offset, &mut undo));
                     }
                     // An ack repeated after it was recorded is a success, not an error.
-                    Err(_) if self.is_acked(r.offset) && !self.retry.contains_key(&r.offset) => {}
+                    Err(_) if self.was_acked(r.offset) => {}
                     Err(e) => refused = Some(e),
                 }
             }
@@ -233,6 +254,10 @@ impl Queue {
         ops
     }
 }
+
+/// Dead-lettered offsets a queue remembers (see `Queue::was_acked`); older ones are
+/// looked up in storage.
+pub(super) const RECENT_DEAD: usize = 4096;
 
 /// Acks above the floor a queue keeps before the floor passes leased messages (see
 /// [`Queue::advance_floor`]).

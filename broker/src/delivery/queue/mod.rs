@@ -137,6 +137,9 @@ pub struct Queue {
     /// Dead-lettered heads whose write is on its way: their groups move on once an ack
     /// flight written after it has succeeded (writes are durable in order).
     dead_unreleased: Vec<u64>,
+    /// Offsets this queue dead-lettered lately (the last `acks::RECENT_DEAD`), whose write
+    /// may not be stored yet: an ack of one of their expired leases is refused.
+    dead_recent: std::collections::VecDeque<u64>,
     /// This queue's share of the blocked-message-groups gauge, as last reported.
     reported_blocked: i64,
     /// The group was deleted on this topic: the task ends.
@@ -203,6 +206,7 @@ impl Queue {
             ack_flight: None,
             fifo,
             dead_unreleased: Vec::new(),
+            dead_recent: std::collections::VecDeque::new(),
             reported_blocked: 0,
             deleted: false,
         };

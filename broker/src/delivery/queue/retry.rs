@@ -62,6 +62,10 @@ impl Queue {
         )];
         ops.extend(self.mark_acked(offset));
         ops.extend(self.advance_floor());
+        if self.dead_recent.len() >= super::acks::RECENT_DEAD {
+            self.dead_recent.pop_front();
+        }
+        self.dead_recent.push_back(offset);
         if self.fifo.is_some() {
             // Dead-lettered: the next of its message group may go, once this write
             // is durable (a crash before would bring it back after the next).
@@ -103,6 +107,8 @@ impl Queue {
             let key = keys::group_offset(&self.group, topic, offset);
             ops.push(Op::Delete(Cf::Dlq, key.clone()));
             ops.push(Op::Put(Cf::Retry, key, rec.encode_to_vec()));
+            // Out of the dead letters: an ack of its new lease, repeated, may be OK.
+            self.dead_recent.retain(|o| *o != offset);
             moved.push((offset, rec));
         }
         if ops.is_empty() {
@@ -263,6 +269,7 @@ impl Queue {
         self.leases.clear();
         self.deadlines.clear();
         self.dead_unreleased.clear();
+        self.dead_recent.clear();
         if self.fifo.is_some() {
             self.fifo = Some(Fifo::default());
         }

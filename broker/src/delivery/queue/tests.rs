@@ -190,3 +190,64 @@ fn tag_filters_parse() {
     assert!(set.contains("A") && set.contains("B") && set.contains("C"));
     assert_eq!(set.len(), 3);
 }
+
+/// I6: an ack whose lease is gone is answered OK only for a message that was acked. The
+/// floor also passes a message that waits for redelivery, and one dead-lettered; an ack
+/// of their expired lease (slow on its way) is refused, so no client is told "acked"
+/// of a message that is then delivered again or sits in the dead-letter queue.
+#[tokio::test]
+async fn an_ack_of_an_expired_lease_is_refused_unless_the_message_was_acked() {
+    let (_dir, storage, writer, thread, config) = fixture();
+    let topic = Arc::new(Topic::new("t".into(), 1, 0, 10));
+    let mut q = new_group(topic, storage, writer, config);
+    q.next = 3;
+    let now = now_ms();
+    let lease = |id: u64, attempt: u32, deadline_ms: u64| Lease {
+        lease_id: id,
+        subscription_id: 1,
+        deadline_ms,
+        attempt,
+        acking: false,
+    };
+    /// Acks `lease_id` of `offset` through one write; the answer.
+    async fn ack(q: &mut Queue, offset: u64, lease_id: u64) -> Result<Outcome> {
+        let (reply, rx) = oneshot::channel();
+        q.pending_acks
+            .push((vec![LeaseRef { offset, lease_id }], reply));
+        q.start_acks().await;
+        let written = (&mut q.ack_flight.as_mut().expect("a write").rx)
+            .await
+            .expect("the writer answers");
+        q.finish_acks(written);
+        rx.await.expect("an answer")
+    }
+    // Offset 0: acked on time, then the same ack again (its answer was lost): OK both.
+    q.restore_lease(0, lease(1, 1, now + 60_000));
+    ack(&mut q, 0, 1).await.expect("acked");
+    ack(&mut q, 0, 1)
+        .await
+        .expect("a repeated ack is a success");
+    // Offset 1: its lease expired before the ack came: it waits to be delivered again.
+    q.restore_lease(1, lease(2, 1, now - 1));
+    q.expire(now).await;
+    assert!(q.retry.contains_key(&1));
+    let e = ack(&mut q, 1, 2).await.expect_err("a lease that expired");
+    assert!(matches!(e, Error::LeaseNotFound(_)), "{e}");
+    // Offset 2: its last attempt expired: dead-lettered, and passed by the floor.
+    let max = q.max_attempts();
+    q.restore_lease(2, lease(3, max, now - 1));
+    q.expire(now).await;
+    assert!(q.is_acked(2) && !q.retry.contains_key(&2) && !q.leases.contains_key(&2));
+    let e = ack(&mut q, 2, 3)
+        .await
+        .expect_err("a dead letter is not acked");
+    assert!(matches!(e, Error::LeaseNotFound(_)), "{e}");
+    // Forgotten by this queue (an older dead letter, or another run): storage says.
+    q.dead_recent.clear();
+    let e = ack(&mut q, 2, 3)
+        .await
+        .expect_err("a stored dead letter is not acked");
+    assert!(matches!(e, Error::LeaseNotFound(_)), "{e}");
+    drop(q);
+    thread.join();
+}
