@@ -116,6 +116,17 @@ impl TestGroup {
         }
     }
 
+    /// Runs the `txmq` CLI against the group (its stdout).
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = std::process::Command::new(crate::bin("txmq"))
+            .arg("--broker")
+            .arg(self.addrs())
+            .args(args)
+            .output()
+            .expect("run txmq");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Every node's log, headed by its index, for a failure's report.
     pub fn logs(&self) -> String {
         self.nodes

@@ -34,6 +34,24 @@ use txmq_client::{
     CheckRequest, Consumer, ConsumerOptions, Message, Outcome, Producer, ProducerOptions,
 };
 
+/// Broker flags under torture: check-backs and redeliveries fast enough to settle, and
+/// few attempts, so that unlucky messages reach the dead-letter queue (settled there,
+/// not lost).
+pub const FAST: &[&str] = &[
+    "--check-timeout",
+    "1s",
+    "--check-interval",
+    "100ms",
+    "--check-backoff",
+    "300ms",
+    "--check-max",
+    "10",
+    "--check-reply-timeout",
+    "1s",
+    "--max-attempts",
+    "4",
+];
+
 /// The topic every client uses.
 pub const TOPIC: &str = "torture";
 /// The consumer groups.

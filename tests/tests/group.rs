@@ -16,23 +16,7 @@ use txmq_tests::TestBroker;
 use txmq_tests::group::TestGroup;
 use txmq_tests::lazyfs::LazyFs;
 use txmq_tests::netns::Net;
-use txmq_tests::torture::Torture;
-
-/// The torture test's settings: check-backs and redeliveries fast enough to settle.
-const FAST: &[&str] = &[
-    "--check-timeout",
-    "1s",
-    "--check-interval",
-    "100ms",
-    "--check-backoff",
-    "300ms",
-    "--check-max",
-    "10",
-    "--check-reply-timeout",
-    "1s",
-    "--max-attempts",
-    "4",
-];
+use txmq_tests::torture::{FAST, Torture};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_leader_under_load_loses_nothing() {
@@ -81,17 +65,7 @@ async fn killing_the_leader_under_load_loses_nothing() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     group.nodes[follower].start_again();
     let addrs = group.addrs();
-    let report = torture
-        .finish(|args| {
-            let out = std::process::Command::new(txmq_tests::bin("txmq"))
-                .arg("--broker")
-                .arg(&addrs)
-                .args(args)
-                .output()
-                .expect("run txmq");
-            String::from_utf8_lossy(&out.stdout).into_owned()
-        })
-        .await;
+    let report = torture.finish(|args| group.cli(args)).await;
     let summary = format!("group: kills={kills} gaps={gaps:?} {}", report.summary);
     println!("{summary}");
     for (i, n) in group.nodes.iter_mut().enumerate() {
@@ -333,17 +307,7 @@ async fn a_leader_cut_off_stops_acknowledging_and_nothing_diverges() {
     tokio::time::sleep(Duration::from_secs(3)).await;
 
     let addrs = group.addrs();
-    let report = torture
-        .finish(|args| {
-            let out = std::process::Command::new(txmq_tests::bin("txmq"))
-                .arg("--broker")
-                .arg(&addrs)
-                .args(args)
-                .output()
-                .expect("run txmq");
-            String::from_utf8_lossy(&out.stdout).into_owned()
-        })
-        .await;
+    let report = torture.finish(|args| group.cli(args)).await;
     println!("partition: {}", report.summary);
     assert!(
         report.required > 100,
@@ -415,18 +379,7 @@ async fn a_power_cut_of_a_majority_loses_nothing_acknowledged() {
             .await
             .unwrap_or_else(|| panic!("no leader after the cut\n{}", group.logs()));
     }
-    let addrs = group.addrs();
-    let report = torture
-        .finish(|args| {
-            let out = std::process::Command::new(txmq_tests::bin("txmq"))
-                .arg("--broker")
-                .arg(&addrs)
-                .args(args)
-                .output()
-                .expect("run txmq");
-            String::from_utf8_lossy(&out.stdout).into_owned()
-        })
-        .await;
+    let report = torture.finish(|args| group.cli(args)).await;
     let summary = format!(
         "power cuts: unsynced bytes dropped {dropped:?} {}",
         report.summary

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use rand::Rng;
 use txmq_tests::TestBroker;
-use txmq_tests::torture::Torture;
+use txmq_tests::torture::{FAST, Torture};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_torture() {
@@ -17,24 +17,9 @@ async fn kill_9_torture() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(20);
-    let mut b = TestBroker::start_on_fixed_port(&[
-        "--check-timeout",
-        "1s",
-        "--check-interval",
-        "100ms",
-        "--check-backoff",
-        "300ms",
-        "--check-max",
-        "10",
-        "--check-reply-timeout",
-        "1s",
-        // Low enough that unlucky messages (nacked or ignored four times in a row) reach
-        // the dead-letter queue under the kills: settled there, never lost.
-        "--max-attempts",
-        "4",
-        "--grpc-listen",
-        "127.0.0.1:0",
-    ]);
+    let mut args = FAST.to_vec();
+    args.extend(["--grpc-listen", "127.0.0.1:0"]);
+    let mut b = TestBroker::start_on_fixed_port(&args);
     let torture = Torture::start(b.addr(), Some(b.grpc_addr()));
     for _ in 0..kills {
         let (up, down) = {
