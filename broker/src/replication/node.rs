@@ -337,18 +337,11 @@ impl Node {
         {
             return Some(known.client_addr.clone());
         }
-        let info = network::info(&addr, &self.token, Duration::from_secs(1))
-            .await
-            .ok()?;
-        let client = info.client_addr.clone();
-        self.known
-            .lock()
-            .expect("known")
-            .insert(leader, (info, std::time::Instant::now()));
-        Some(client)
+        self.client_address(leader, &addr).await
     }
 
-    /// The client address of node `id` reached at `peer`, asking it if not known.
+    /// The client address of node `id` reached at `peer`, asked of it now (and
+    /// remembered for [`Node::leader_address`]).
     async fn client_address(&self, id: u64, peer: &str) -> Option<String> {
         if id == self.peers.me {
             return Some(self.addresses.client.clone());
