@@ -227,6 +227,7 @@ async fn serve(signals: Signals) -> anyhow::Result<()> {
         None => None,
     };
     let grpc_addr = grpc.as_ref().map(|l| l.local_addr()).transpose()?;
+    let metrics_addr = metrics.as_ref().map(|l| l.local_addr()).transpose()?;
     let data_dir = config.data_dir.clone();
     let flush = config.flush;
     let listeners = txmq_broker::server::Listeners {
@@ -240,6 +241,9 @@ async fn serve(signals: Signals) -> anyhow::Result<()> {
     println!("txmq-broker listening on {addr}");
     if let Some(at) = grpc_addr {
         println!("txmq-broker grpc listening on {at}");
+    }
+    if let Some(at) = metrics_addr {
+        println!("txmq-broker metrics listening on {at}");
     }
     tracing::info!(%addr, data_dir = %data_dir.display(), ?flush, "txmq-broker started");
     serve.await.map_err(|e| match e {

@@ -282,8 +282,9 @@ impl Metrics {
     }
 
     fn health(&self, live: &Live) -> (axum::http::StatusCode, String) {
-        let (code, status, detail) = match live.get() {
-            Some((storage, _)) => match storage.failure() {
+        let role = live.group.get().map(|node| node.role());
+        let (code, status, detail) = match (live.get(), &role) {
+            (Some((storage, _)), _) => match storage.failure() {
                 None => (axum::http::StatusCode::OK, "ok", String::new()),
                 Some(why) => (
                     axum::http::StatusCode::SERVICE_UNAVAILABLE,
@@ -291,23 +292,54 @@ impl Metrics {
                     why,
                 ),
             },
-            None if live.started() => (
+            // A group's node that does not serve: healthy while it knows a leader to
+            // follow (clients it refuses are sent there).
+            (None, Some(role)) => match role.leader {
+                Some(leader) if leader != role.id => (
+                    axum::http::StatusCode::OK,
+                    "following",
+                    format!("node {leader} leads; this node replicates and refuses clients"),
+                ),
+                Some(_) => (
+                    axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                    "starting",
+                    "this node was elected and is taking over".to_string(),
+                ),
+                None => (
+                    axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                    "no_leader",
+                    "the group has no leader this node knows of (an election, or too few \
+                     nodes reachable)"
+                        .to_string(),
+                ),
+            },
+            (None, None) if live.started() => (
                 axum::http::StatusCode::SERVICE_UNAVAILABLE,
                 "recovering",
                 "storage is being reopened after a failure".to_string(),
             ),
-            None => (
+            (None, None) => (
                 axum::http::StatusCode::SERVICE_UNAVAILABLE,
                 "starting",
                 "storage is being opened".to_string(),
             ),
         };
-        let body = serde_json::json!({
+        let mut body = serde_json::json!({
             "status": status,
             "detail": detail,
             "uptime_s": self.started.elapsed().as_secs(),
             "version": env!("CARGO_PKG_VERSION"),
         });
+        if let Some(role) = role {
+            body["group"] = serde_json::json!({
+                "node": role.id,
+                "role": role.state,
+                "leader": role.leader,
+                "term": role.term,
+                "last_log_index": role.last_log_index,
+                "applied_index": role.applied_index,
+            });
+        }
         (code, format!("{body}\n"))
     }
 }
@@ -318,9 +350,17 @@ impl Metrics {
 pub struct Live {
     now: std::sync::RwLock<Option<(Arc<Storage>, Arc<Topics>)>>,
     started: std::sync::atomic::AtomicBool,
+    /// The broker group this node belongs to, if any (`/health` tells its role).
+    group: std::sync::OnceLock<Arc<crate::replication::node::Node>>,
 }
 
 impl Live {
+    /// Makes this a broker group node's: `/health` tells its role, and a follower that
+    /// knows its leader is healthy.
+    pub fn join_group(&self, node: Arc<crate::replication::node::Node>) {
+        let _ = self.group.set(node);
+    }
+
     /// Serving these from now on (`None`: none).
     pub fn set(&self, live: Option<(Arc<Storage>, Arc<Topics>)>) {
         if live.is_some() {

@@ -7,7 +7,12 @@
 //! below goes in one range delete through the writer; then that key range is compacted,
 //! so the disk space comes back. Groups behind the new start move on by themselves (see
 //! the queue's `follow_retention`).
+//!
+//! In a broker group the leader sweeps, and its range deletes reach every node through
+//! the log. Compaction is each node's own business, though: a follower runs
+//! [`follower_compaction`] so the space comes back on its disk too.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
@@ -183,4 +188,35 @@ impl Sweeper {
             .map_err(|e| Error::Internal(e.to_string()))?;
         Ok(())
     }
+}
+
+/// A broker group follower's share of retention: the leader's range deletes came
+/// through the log, so this compacts what they removed, on this node's disk. Reads
+/// every topic's floor from storage, compacts each log that moved (and each deleted
+/// topic's, once) since the last call, whose progress `compacted` keeps, and rewrites
+/// the indexes when their garbage outweighs what they keep.
+///
+/// # Errors
+/// Storage failure.
+pub fn follower_compaction(storage: &Storage, compacted: &mut HashMap<u32, u64>) -> Result<()> {
+    storage.refresh_floors()?;
+    let mut kept = 0;
+    for t in storage.topics()? {
+        let (id, to) = (t.record.id, t.record.start);
+        kept += t.end.saturating_sub(to);
+        if to > compacted.get(&id).copied().unwrap_or(0) {
+            storage.compact_log(id, to);
+            compacted.insert(id, to);
+        }
+    }
+    for id in storage.deleted_topics()? {
+        if compacted.get(&id) != Some(&u64::MAX) {
+            storage.compact_log(id, u64::MAX);
+            compacted.insert(id, u64::MAX);
+        }
+    }
+    if storage.index_garbage() >= kept.max(INDEX_GARBAGE_MIN) {
+        storage.compact_indexes();
+    }
+    Ok(())
 }

@@ -110,6 +110,9 @@ pub async fn serve(
         }
         None => None,
     };
+    // Where the gRPC endpoint really listens (a port 0 in the configuration is chosen
+    // at bind): a broker group's routes name it.
+    let grpc_bound = grpc_listener.as_ref().and_then(|l| l.local_addr().ok());
     let grpc = grpc_listener.map(|listener| {
         tokio::spawn(crate::grpc::serve(
             listener,
@@ -125,11 +128,10 @@ pub async fn serve(
     };
     let result = match config.group().map_err(Error::Invalid)? {
         Some(peers) => {
-            let grpc_addr = config.grpc_addr().map_err(Error::Invalid)?;
             serve_group(
                 &listener,
                 peers,
-                grpc_addr,
+                grpc_bound,
                 &config,
                 &metrics,
                 faces,
@@ -222,6 +224,8 @@ async fn serve_group(
         grpc: grpc_addr.map(advertise),
     };
     let node = Node::start(config, peers, addresses).await?;
+    faces.grpc.join_group(node.clone());
+    faces.live.join_group(node.clone());
     let result = loop {
         let leadership = tokio::select! {
             leading = node.leading() => match leading {

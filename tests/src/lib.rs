@@ -53,6 +53,8 @@ pub struct TestBroker {
     envs: Vec<(String, String)>,
     /// Where its gRPC endpoint listens, when a test asked for one.
     grpc_addr: Option<String>,
+    /// Where its metrics and `/health` are served, when asked for.
+    metrics_addr: Option<String>,
     /// Runs the broker inside this network namespace.
     netns: Option<String>,
 }
@@ -79,6 +81,7 @@ impl TestBroker {
             listen: "127.0.0.1:0".into(),
             envs: Vec::new(),
             grpc_addr: None,
+            metrics_addr: None,
             netns: None,
         };
         b.spawn();
@@ -99,6 +102,7 @@ impl TestBroker {
             listen: listen.into(),
             envs: Vec::new(),
             grpc_addr: None,
+            metrics_addr: None,
             netns: Some(netns.into()),
         };
         b.spawn();
@@ -147,6 +151,14 @@ impl TestBroker {
         self.grpc_addr
             .as_deref()
             .expect("started with --grpc-listen")
+    }
+
+    /// `HOST:PORT` its metrics and `/health` are served on (started with
+    /// `--metrics-listen`).
+    pub fn metrics_addr(&self) -> &str {
+        self.metrics_addr
+            .as_deref()
+            .expect("started with --metrics-listen")
     }
 
     /// `HOST:PORT` it listens on.
@@ -202,6 +214,7 @@ impl TestBroker {
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = mpsc::channel();
         let (grpc_tx, grpc_rx) = mpsc::channel();
+        let (metrics_tx, metrics_rx) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
@@ -211,6 +224,9 @@ impl TestBroker {
                 if let Some(addr) = line.strip_prefix("txmq-broker grpc listening on ") {
                     let _ = grpc_tx.send(addr.trim().to_string());
                 }
+                if let Some(addr) = line.strip_prefix("txmq-broker metrics listening on ") {
+                    let _ = metrics_tx.send(addr.trim().to_string());
+                }
             }
         });
         match rx.recv_timeout(Duration::from_secs(30)) {
@@ -218,6 +234,9 @@ impl TestBroker {
                 self.addr = addr;
                 if self.args.iter().any(|a| a == "--grpc-listen") {
                     self.grpc_addr = grpc_rx.recv_timeout(Duration::from_secs(5)).ok();
+                }
+                if self.args.iter().any(|a| a == "--metrics-listen") {
+                    self.metrics_addr = metrics_rx.recv_timeout(Duration::from_secs(5)).ok();
                 }
             }
             Err(_) => {
@@ -412,8 +431,14 @@ pub async fn next(c: &mut txmq_client::Consumer, wait: Duration) -> Option<txmq_
 /// Everything a new subscription of `group` receives from `topic` until `wait` passes with
 /// nothing new, acked; the bodies in delivery order.
 pub async fn drain(b: &TestBroker, group: &str, topic: &str, wait: Duration) -> Vec<Vec<u8>> {
+    drain_from(b.addr(), group, topic, wait).await
+}
+
+/// [`drain`] from the broker (or the broker group's nodes, separated by commas) at
+/// `addr`.
+pub async fn drain_from(addr: &str, group: &str, topic: &str, wait: Duration) -> Vec<Vec<u8>> {
     let options = txmq_client::ConsumerOptions::new(group, topic);
-    let mut c = txmq_client::Consumer::subscribe(b.addr(), options)
+    let mut c = txmq_client::Consumer::subscribe(addr, options)
         .await
         .expect("subscribe");
     let mut bodies = Vec::new();

@@ -134,12 +134,19 @@ pub struct World {
     stop_consumers: AtomicBool,
     /// Acks the gRPC consumer had confirmed.
     grpc_acks: AtomicU64,
+    /// Sends the gRPC producer had acknowledged.
+    grpc_sends: AtomicU64,
 }
 
 impl World {
     /// Acks the gRPC consumer has had confirmed so far.
     pub fn grpc_acks(&self) -> u64 {
         self.grpc_acks.load(Ordering::Relaxed)
+    }
+
+    /// Sends the gRPC producer has had acknowledged so far.
+    pub fn grpc_sends(&self) -> u64 {
+        self.grpc_sends.load(Ordering::Relaxed)
     }
 }
 
@@ -410,6 +417,7 @@ fn grpc_producer(world: Arc<World>) -> std::thread::JoinHandle<()> {
         |w| w.stop_producers.load(Ordering::Relaxed),
         |w, v| {
             if let Some(body) = v["acked"].as_str() {
+                w.grpc_sends.fetch_add(1, Ordering::Relaxed);
                 w.ledger
                     .lock()
                     .unwrap()
@@ -562,6 +570,7 @@ impl Torture {
             settle: AtomicBool::new(false),
             stop_consumers: AtomicBool::new(false),
             grpc_acks: AtomicU64::new(0),
+            grpc_sends: AtomicU64::new(0),
         });
         let mut producers = Vec::new();
         for w in 0..2 {

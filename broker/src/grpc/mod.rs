@@ -7,7 +7,8 @@
 //! and carries its outcome in the body's `Status` (clients treat gRPC-level errors as
 //! transport failures).
 //!
-//! - `route`: QueryRoute, Heartbeat, NotifyClientTermination (one broker, one queue).
+//! - `route`: QueryRoute, Heartbeat, NotifyClientTermination (one broker, one queue;
+//!   in a broker group, the leader's).
 //! - `telemetry`: the Settings handshake on the Telemetry stream, and the sessions.
 //! - `send`: SendMessage (normal, FIFO, delayed, transactional) and EndTransaction.
 //! - `receive`: ReceiveMessage, AckMessage, ChangeInvisibleDuration (simple consumers).
@@ -38,6 +39,7 @@ use tonic::{Request, Response, Status};
 
 use crate::cmd::Shared;
 use crate::config::Config;
+use crate::replication::node::Node;
 
 /// The code generated from the vendored protocol.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
@@ -53,13 +55,30 @@ use pb::messaging_service_server::{MessagingService, MessagingServiceServer};
 /// registers every producer's Telemetry stream with the new parts' check-back
 /// scheduler (a stream whose Settings came while storage was closed, or before a
 /// reopen, is not left out).
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Live {
     shared: RwLock<Option<Arc<Shared>>>,
     sessions: Arc<telemetry::Sessions>,
+    /// The broker group this node belongs to, if any: routes name its leader.
+    group: std::sync::OnceLock<Arc<Node>>,
+}
+
+impl std::fmt::Debug for Live {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Live")
+            .field("serving", &self.get().is_some())
+            .field("in_group", &self.group.get().is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Live {
+    /// Makes this endpoint a broker group node's: while another node leads, routes name
+    /// that node's gRPC endpoint, and while this one leads, its own advertised one.
+    pub fn join_group(&self, node: Arc<Node>) {
+        let _ = self.group.set(node);
+    }
+
     /// Sets (or clears) the current parts.
     pub fn set(&self, shared: Option<Arc<Shared>>) {
         *self.shared.write().expect("live lock") = shared.clone();

@@ -1,5 +1,6 @@
 //! Routes and liveness: one broker with one queue per topic, at the address the client
-//! dialed; heartbeats; a client's goodbye.
+//! dialed (in a broker group, at the leader's gRPC endpoint); heartbeats; a client's
+//! goodbye.
 
 use tonic::Request;
 
@@ -24,37 +25,83 @@ fn endpoints(endpoint: &Endpoint, dialed: Option<pb::Endpoints>) -> pb::Endpoint
     let addr = endpoint
         .addr
         .unwrap_or_else(|| ([127, 0, 0, 1], 8081).into());
-    let scheme = if addr.is_ipv4() {
-        pb::AddressScheme::IPv4
-    } else {
-        pb::AddressScheme::IPv6
+    advertised(&addr.to_string())
+}
+
+/// `HOST:PORT` (an IPv4 or `[IPv6]` address, or a name) as the endpoints a route names.
+fn advertised(host_port: &str) -> pb::Endpoints {
+    let (host, port) = host_port.rsplit_once(':').unwrap_or((host_port, "8081"));
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let scheme = match host.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(_)) => pb::AddressScheme::IPv4,
+        Ok(std::net::IpAddr::V6(_)) => pb::AddressScheme::IPv6,
+        Err(_) => pb::AddressScheme::DomainName,
     };
     pb::Endpoints {
         scheme: scheme as i32,
         addresses: vec![pb::Address {
-            host: addr.ip().to_string(),
-            port: i32::from(addr.port()),
+            host: host.to_string(),
+            port: port.parse().unwrap_or(8081),
         }],
     }
 }
 
-/// A topic's one queue: readable and writable, on this broker. A topic that does not
-/// exist is created where topics are created on demand.
+/// In a broker group, the gRPC endpoint of the node that leads: this one's own
+/// advertised address while it leads, else the leader's as it tells it. A client that
+/// dialed several nodes (`a;b;c`) is thus sent to the one that serves, not to whichever
+/// its channel picks. `None` for a single broker.
+async fn group_leader(endpoint: &Endpoint) -> Option<Result<pb::Endpoints, pb::Status>> {
+    let node = endpoint.live.group.get()?;
+    let not_available = |why: &str| status::of(pb::Code::HaNotAvailable, why);
+    if endpoint.live.get().is_some() {
+        return Some(
+            node.addresses()
+                .grpc
+                .as_deref()
+                .map(advertised)
+                .ok_or_else(|| not_available("this node serves no gRPC endpoint")),
+        );
+    }
+    Some(match node.leader_info().await {
+        Some(leader) => leader.grpc_addr.as_deref().map(advertised).ok_or_else(|| {
+            not_available(
+                "the group's leader serves no gRPC endpoint (start it with --grpc-listen)",
+            )
+        }),
+        None => Err(not_available(
+            "the broker group has no leader at the moment (an election is under way); retry",
+        )),
+    })
+}
+
+/// A topic's one queue: readable and writable, on this broker (in a group, on its
+/// leader). A topic that does not exist is created where topics are created on demand
+/// (a follower leaves that to the leader, which checks the topic when it is sent to).
 async fn queue(
     endpoint: &Endpoint,
     topic: Option<pb::Resource>,
     dialed: Option<pb::Endpoints>,
 ) -> Result<pb::MessageQueue, pb::Status> {
-    let shared = endpoint.shared()?;
     let Some(topic) = topic else {
         return Err(status::of(pb::Code::IllegalTopic, "a topic is needed"));
     };
     crate::cmd::name("topic", &topic.name).map_err(|e| status::of_error(&e))?;
-    shared
-        .groups
-        .topic(&topic.name)
-        .await
-        .map_err(|e| status::of_error(&e))?;
+    let at = match group_leader(endpoint).await {
+        Some(leader) => leader?,
+        None => endpoints(endpoint, dialed),
+    };
+    match endpoint.shared() {
+        Ok(shared) => {
+            shared
+                .groups
+                .topic(&topic.name)
+                .await
+                .map_err(|e| status::of_error(&e))?;
+        }
+        // A follower: the leader checks the topic.
+        Err(_) if endpoint.live.group.get().is_some() => {}
+        Err(s) => return Err(s),
+    }
     Ok(pb::MessageQueue {
         topic: Some(topic),
         id: 0,
@@ -62,7 +109,7 @@ async fn queue(
         broker: Some(pb::Broker {
             name: "txmq".into(),
             id: 0,
-            endpoints: Some(endpoints(endpoint, dialed)),
+            endpoints: Some(at),
         }),
         accept_message_types: ACCEPTS.iter().map(|t| *t as i32).collect(),
     })

@@ -96,6 +96,23 @@ impl Dirs {
     }
 }
 
+/// A node's part in its group at one moment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Role {
+    /// `leader`, `follower`, `candidate`, `learner` or `shutdown`.
+    pub state: &'static str,
+    /// This node's id.
+    pub id: u64,
+    /// The leader it knows of.
+    pub leader: Option<u64>,
+    /// The term it is in.
+    pub term: u64,
+    /// Its last log entry's index.
+    pub last_log_index: u64,
+    /// The last entry applied to its storage.
+    pub applied_index: u64,
+}
+
 /// This node's address for clients, told to the others.
 #[derive(Debug, Clone)]
 pub struct Addresses {
@@ -225,8 +242,12 @@ impl Node {
         ));
         node.tasks
             .spawn(form_group(raft.clone(), peers, token, node.stop.clone()));
-        node.tasks
-            .spawn(follow_floors(raft, node.slot.clone(), node.stop.clone()));
+        node.tasks.spawn(keep_house(
+            raft,
+            node.slot.clone(),
+            config.retention_interval,
+            node.stop.clone(),
+        ));
         tracing::info!(
             node = node.peers.me,
             addr = node.peers.my_addr(),
@@ -321,6 +342,12 @@ impl Node {
 
     /// The leader's client address, when another node leads and it can be asked.
     pub async fn leader_address(&self) -> Option<String> {
+        self.leader_info().await.map(|info| info.client_addr)
+    }
+
+    /// What the leader tells about itself (its client and gRPC addresses), when another
+    /// node leads and it can be asked; remembered for a while.
+    pub async fn leader_info(&self) -> Option<NodeInfo> {
         let (leader, addr) = {
             let m = self.raft.metrics().borrow_watched().clone();
             let leader = m.current_leader.filter(|&l| l != self.peers.me)?;
@@ -335,9 +362,14 @@ impl Node {
         if let Some((known, at)) = self.known.lock().expect("known").get(&leader)
             && at.elapsed() < KNOWN_FOR
         {
-            return Some(known.client_addr.clone());
+            return Some(known.clone());
         }
-        self.client_address(leader, &addr).await
+        self.ask_info(leader, &addr).await
+    }
+
+    /// This node's addresses for clients, as it tells the others.
+    pub fn addresses(&self) -> &Addresses {
+        &self.addresses
     }
 
     /// The client address of node `id` reached at `peer`, asked of it now (and
@@ -346,16 +378,39 @@ impl Node {
         if id == self.peers.me {
             return Some(self.addresses.client.clone());
         }
+        self.ask_info(id, peer).await.map(|info| info.client_addr)
+    }
+
+    /// What node `id` reached at `peer` tells about itself, asked now and remembered.
+    async fn ask_info(&self, id: u64, peer: &str) -> Option<NodeInfo> {
         match network::info(peer, &self.token, Duration::from_secs(1)).await {
             Ok(info) => {
-                let client = info.client_addr.clone();
                 self.known
                     .lock()
                     .expect("known")
-                    .insert(id, (info, std::time::Instant::now()));
-                Some(client)
+                    .insert(id, (info.clone(), std::time::Instant::now()));
+                Some(info)
             }
             Err(_) => None,
+        }
+    }
+
+    /// This node's part in the group now, as `/health` tells it.
+    pub fn role(&self) -> Role {
+        let m = self.raft.metrics().borrow_watched().clone();
+        Role {
+            state: match m.state {
+                ServerState::Leader => "leader",
+                ServerState::Candidate => "candidate",
+                ServerState::Learner => "learner",
+                ServerState::Follower => "follower",
+                ServerState::Shutdown => "shutdown",
+            },
+            id: self.peers.me,
+            leader: m.current_leader,
+            term: m.current_term,
+            last_log_index: m.last_log_index.unwrap_or(0),
+            applied_index: m.last_applied.map_or(0, |l| l.index),
         }
     }
 
@@ -538,20 +593,32 @@ pub struct Leadership {
     pub leader: LeaderId,
 }
 
-/// While this node follows, moves its indexes' floors to what retention removed (the
-/// leader's syncer does it there), every 30 s.
-async fn follow_floors(raft: Raft, slot: Arc<StorageSlot>, stop: CancellationToken) {
+/// A follower's housekeeping, every `every` (the retention sweep's interval): its
+/// indexes follow the floors the leader's retention moved, and what retention removed
+/// is compacted on this disk too (see [`crate::retention::follower_compaction`]). The
+/// leader does its own.
+async fn keep_house(raft: Raft, slot: Arc<StorageSlot>, every: Duration, stop: CancellationToken) {
+    let mut compacted = HashMap::new();
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
-            () = tokio::time::sleep(Duration::from_secs(30)) => {}
+            () = tokio::time::sleep(every) => {}
         }
         if raft.metrics().borrow_watched().state == ServerState::Leader {
             continue;
         }
-        if let Some(storage) = slot.get() {
-            let _ = tokio::task::spawn_blocking(move || storage.refresh_floors()).await;
-        }
+        let Some(storage) = slot.get() else {
+            continue;
+        };
+        let mut progress = std::mem::take(&mut compacted);
+        compacted = tokio::task::spawn_blocking(move || {
+            if let Err(e) = crate::retention::follower_compaction(&storage, &mut progress) {
+                tracing::warn!("follower housekeeping failed: {e}");
+            }
+            progress
+        })
+        .await
+        .unwrap_or_default();
     }
 }
 

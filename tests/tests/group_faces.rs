@@ -1,0 +1,205 @@
+//! What a broker group (issue 17) shows outside its native clients: the RocketMQ gRPC
+//! clients are routed to the leader through any node and follow a failover; `/health`
+//! tells each node's role; a follower gives back the disk space the leader's retention
+//! freed.
+
+use std::time::{Duration, Instant};
+
+use txmq_client::{Message, Producer, ProducerOptions};
+use txmq_tests::group::TestGroup;
+use txmq_tests::torture::{FAST, Torture};
+use txmq_tests::{eventually, http_get};
+
+/// What `/health` of node `i` answers: its HTTP status and its JSON body.
+async fn health(group: &TestGroup, i: usize) -> Option<(u16, serde_json::Value)> {
+    let (code, body) = http_get(group.nodes[i].metrics_addr(), "/health")
+        .await
+        .ok()?;
+    Some((code, serde_json::from_str(&body).ok()?))
+}
+
+/// The Python client, pointed at a follower's gRPC endpoint, sends through the leader
+/// (its route names the leader's endpoint). The gRPC producer and consumer of the
+/// torture workload, pointed there too, go on after the leader is killed (their next
+/// route names the new leader), and the torture checker's rules hold across the
+/// failover. `/health` says `ok` on the leader and `following` on the others, naming
+/// the leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_clients_are_routed_to_the_leader_and_follow_a_failover() {
+    let mut args = FAST.to_vec();
+    args.extend([
+        "--grpc-listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ]);
+    let mut group = TestGroup::start(3, &args);
+    let leader = group
+        .leader(Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|| panic!("no leader elected\n{}", group.logs()));
+    let follower = (leader + 1) % 3;
+
+    // `/health`: the leader serves, the followers follow it.
+    let (code, body) = eventually(Duration::from_secs(10), || async {
+        health(&group, leader)
+            .await
+            .filter(|(_, b)| b["status"] == "ok")
+    })
+    .await
+    .expect("the leader's /health never said ok");
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["group"]["role"], "leader", "{body}");
+    let (code, body) = eventually(Duration::from_secs(10), || async {
+        health(&group, follower)
+            .await
+            .filter(|(_, b)| b["status"] == "following")
+    })
+    .await
+    .expect("a follower's /health never said following");
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["group"]["role"], "follower", "{body}");
+    assert_eq!(body["group"]["leader"], leader as u64 + 1, "{body}");
+
+    // A follower's endpoint alone: the route sends the client to the leader.
+    let at = group.nodes[follower].grpc_addr().to_string();
+    let sent = tokio::task::spawn_blocking(move || {
+        txmq_tests::grpc::client(&at, &["produce", "routed", "3"])
+    })
+    .await
+    .unwrap();
+    assert_eq!(sent.len(), 3, "{sent:?}");
+    let got = txmq_tests::drain_from(&group.addrs(), "g", "routed", Duration::from_secs(3)).await;
+    assert_eq!(
+        got,
+        vec![b"py-0".to_vec(), b"py-1".to_vec(), b"py-2".to_vec()],
+        "what went through a follower's endpoint"
+    );
+
+    // A follower's endpoint as the access point of the torture load's gRPC producer
+    // and consumer; the leader dies. (One address: a list `a;b;c` makes the Python
+    // client send the list as the HTTP/2 authority, which hyper refuses. A name that
+    // resolves to every node serves where nodes share a port.)
+    let access = group.nodes[follower].grpc_addr().to_string();
+    let torture = Torture::start(&group.addrs(), Some(&access));
+    let world = torture.world.clone();
+    let started = eventually(Duration::from_secs(60), || async {
+        (world.grpc_sends() > 20 && world.grpc_acks() > 20).then_some(())
+    })
+    .await;
+    assert!(
+        started.is_some(),
+        "the gRPC clients did not get going through the group\n{}",
+        group.logs()
+    );
+    group.nodes[leader].kill9();
+    let killed = Instant::now();
+    let (sends, acks) = (world.grpc_sends(), world.grpc_acks());
+    let next = group
+        .leader(Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|| panic!("no new leader within 30 s\n{}", group.logs()));
+    // Clients ask for routes again every 30 s (their own schedule): they find the new
+    // leader then, at the latest.
+    let resumed = eventually(Duration::from_secs(90), || async {
+        (world.grpc_sends() > sends + 20 && world.grpc_acks() > acks + 20).then(|| killed.elapsed())
+    })
+    .await
+    .unwrap_or_else(|| {
+        panic!(
+            "the gRPC clients did not follow the new leader (node {})\n{}",
+            next + 1,
+            group.logs()
+        )
+    });
+    println!(
+        "node {} killed; node {} leads; the gRPC producer and consumer went on after {resumed:?}",
+        leader + 1,
+        next + 1
+    );
+    let (code, body) = eventually(Duration::from_secs(10), || async {
+        health(&group, next)
+            .await
+            .filter(|(_, b)| b["status"] == "ok")
+    })
+    .await
+    .expect("the new leader's /health never said ok");
+    assert_eq!((code, &body["group"]["role"]), (200, &"leader".into()));
+    group.nodes[leader].start_again();
+    let report = torture.finish(|a| group.cli(a)).await;
+    println!("{}", report.summary);
+    assert!(
+        report.problems.is_empty(),
+        "{}\n{}",
+        report.summary,
+        report.problems.join("\n")
+    );
+}
+
+/// Bytes in the table files (`*.sst`) of the RocksDB at `dir`: what compaction frees
+/// (the write-ahead log goes by its own rules).
+fn table_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|e| e.path().extension().is_some_and(|x| x == "sst"))
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// The leader's retention removes a topic's old messages through the log; each
+/// follower then compacts them away on its own disk, so its table files shrink too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_gives_back_the_space_retention_freed() {
+    let mut group = TestGroup::start(3, &["--retention-interval", "200ms"]);
+    let leader = group
+        .leader(Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|| panic!("no leader elected\n{}", group.logs()));
+    let follower = (leader + 1) % 3;
+    let out = group.cli(&["topic", "create", "big", "--json"]);
+    assert!(out.contains("\"created\":\"big\""), "{out}");
+    let p = Producer::connect(&group.addrs(), ProducerOptions::default())
+        .await
+        .unwrap();
+    // Random bodies (compression gains nothing), 96 MiB in all: more than a memtable
+    // holds, so the follower writes table files of its own.
+    let mut body = vec![0u8; 1 << 20];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut body);
+    for i in 0..96 {
+        p.send(Message::new("big", body.clone()).key(format!("k{i}")))
+            .await
+            .unwrap();
+    }
+    let state = group.nodes[follower].data_dir().join("state");
+    let before = eventually(Duration::from_secs(60), || async {
+        let now = table_bytes(&state);
+        (now > 48 << 20).then_some(now)
+    })
+    .await
+    .unwrap_or_else(|| panic!("the follower never stored the messages\n{}", group.logs()));
+    let out = group.cli(&[
+        "topic",
+        "alter",
+        "big",
+        "--retention-bytes",
+        "8MiB",
+        "--json",
+    ]);
+    assert!(out.contains("\"retention_bytes\":8388608"), "{out}");
+    let after = eventually(Duration::from_secs(60), || async {
+        let now = table_bytes(&state);
+        (now < before / 2).then_some(now)
+    })
+    .await;
+    assert!(
+        after.is_some(),
+        "the follower's table files stayed at {} bytes (from {before})\n{}",
+        table_bytes(&state),
+        group.logs()
+    );
+}
