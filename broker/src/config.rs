@@ -96,6 +96,10 @@ pub struct Config {
     /// Furthest ahead of now a message may be scheduled for delivery.
     #[serde(with = "duration")]
     pub max_schedule_delay: Duration,
+    /// How long a send's idempotency key is remembered: a repeat within it stores
+    /// nothing and gets the first receipt (0: keys are not remembered).
+    #[serde(with = "duration")]
+    pub dedup_window: Duration,
     /// Default lease (invisible duration) of a delivered message.
     #[serde(with = "duration")]
     pub lease: Duration,
@@ -172,6 +176,7 @@ impl Default for Config {
             txn_retention: s(24 * 3600),
             discarded_retention: s(7 * 24 * 3600),
             max_schedule_delay: s(40 * 24 * 3600),
+            dedup_window: s(24 * 3600),
             disk_high_watermark: 0.90,
             disk_low_watermark: 0.85,
             retention: s(72 * 3600),

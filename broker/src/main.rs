@@ -84,6 +84,10 @@ struct Flags {
     /// Furthest ahead a message may be scheduled for delivery [default: 40days].
     #[arg(long, env = "TXMQ_MAX_SCHEDULE_DELAY", value_parser = duration_text)]
     max_schedule_delay: Option<String>,
+    /// How long a send's idempotency key is remembered: a repeat within it stores
+    /// nothing and is answered with the first receipt (0: not remembered) [default: 24h].
+    #[arg(long, env = "TXMQ_DEDUP_WINDOW", value_parser = duration_text)]
+    dedup_window: Option<String>,
     /// Default lease (invisible duration) of a delivery [default: 30s].
     #[arg(long, env = "TXMQ_LEASE", value_parser = duration_text)]
     lease: Option<String>,

@@ -26,6 +26,8 @@ pub struct Metrics {
     started: Instant,
     /// Plain messages stored (visible at once).
     pub messages_sent: IntCounter,
+    /// Sends answered with an earlier send's receipt (a repeated idempotency key).
+    pub sends_deduplicated: IntCounter,
     /// Half messages stored.
     pub half_messages_sent: IntCounter,
     /// Half messages stored and not yet committed or rolled back (prepared or discarded).
@@ -135,6 +137,11 @@ impl Metrics {
         Self {
             started: Instant::now(),
             messages_sent: counter("messages_sent_total", "Plain messages stored"),
+            sends_deduplicated: counter(
+                "sends_deduplicated_total",
+                "Sends of an idempotency key already stored: answered with the first receipt, \
+                 nothing stored",
+            ),
             half_messages_sent: counter("half_messages_sent_total", "Half messages stored"),
             half_messages_pending: gauge(
                 "half_messages_pending",

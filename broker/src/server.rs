@@ -347,11 +347,13 @@ async fn refuse_all(listener: &TcpListener, why: &str) {
 
 /// Opens storage off the async threads.
 async fn open(config: &Config) -> Result<Arc<Storage>> {
-    let dir = config.data_dir.clone();
+    let (dir, window) = (config.data_dir.clone(), config.dedup_window);
     tokio::task::spawn_blocking(move || {
         std::fs::create_dir_all(&dir)
             .map_err(|e| Error::Internal(format!("cannot create {}: {e}", dir.display())))?;
-        Storage::open(&dir)
+        let storage = Storage::open(&dir)?;
+        storage.set_dedup_window(window);
+        Ok(storage)
     })
     .await
     .map_err(|e| Error::Internal(e.to_string()))?

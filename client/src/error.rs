@@ -54,6 +54,15 @@ pub enum Error {
 }
 
 impl Error {
+    /// The request may or may not have taken effect: its answer was lost (the
+    /// connection dropped or timed out, or the leader changed while writing it).
+    pub fn outcome_unknown(&self) -> bool {
+        matches!(
+            self,
+            Self::Disconnected(_) | Self::Timeout(_) | Self::NotLeader { .. }
+        )
+    }
+
     /// The broker's error code, when the broker refused.
     pub fn code(&self) -> Option<ErrorCode> {
         match self {

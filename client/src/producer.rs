@@ -14,6 +14,10 @@ use crate::batch::{self, Batcher};
 use crate::connection::{self, Connection};
 use crate::error::{Error, Result};
 
+/// How many times a send whose messages all carry idempotency keys is made when its
+/// answer is lost (the connection dropped, the call timed out, the leader changed).
+const IDEMPOTENT_TRIES: u32 = 4;
+
 /// A message to send.
 #[derive(Debug, Clone, Default)]
 pub struct Message {
@@ -31,6 +35,8 @@ pub struct Message {
     pub deliver_at_ms: u64,
     /// Message group (FIFO order for ordered consumer groups; empty: none).
     pub message_group: String,
+    /// Idempotency key (empty: none): see [`Message::idempotency_key`].
+    pub idempotency_key: String,
 }
 
 impl Message {
@@ -69,6 +75,17 @@ impl Message {
         self
     }
 
+    /// Makes the send idempotent: within the broker's dedup window (24 h by default) a
+    /// second send of `key` to the same topic stores nothing and is answered with the
+    /// first send's receipt. Use an id the message already has (an outbox row id, an
+    /// order id with an event name), at most 256 bytes. The producer then resends on
+    /// its own when a connection is lost before the answer (see [`Producer::send`]).
+    /// Plain sends only: a transaction is stored once by its commit.
+    pub fn idempotency_key(mut self, key: impl Into<String>) -> Self {
+        self.idempotency_key = key.into();
+        self
+    }
+
     /// Schedules the message: no consumer sees it before `at` (a time already past means
     /// now). In a transaction it is scheduled at commit and discarded by rollback. The
     /// broker refuses a time further ahead than its `max-schedule-delay` (40 days by
@@ -100,6 +117,7 @@ impl Message {
             born_ms: txmq_protocol::now_ms(),
             deliver_at_ms: self.deliver_at_ms,
             message_group: self.message_group,
+            idempotency_key: self.idempotency_key,
         }
     }
 }
@@ -385,6 +403,27 @@ impl Producer {
     }
 
     async fn send_request(&self, req: pb::SendRequest) -> Result<(Vec<Receipt>, String)> {
+        // Safe to send again when the broker would recognise every message of it: a
+        // lost answer is then no longer an unknown outcome.
+        let resendable =
+            !req.transactional && req.messages.iter().all(|m| !m.idempotency_key.is_empty());
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match self.send_request_once(req.clone()).await {
+                Err(e) if resendable && tries < IDEMPOTENT_TRIES && e.outcome_unknown() => {
+                    tracing::info!(
+                        "send with idempotency keys lost its answer ({e}); sending it again \
+                         (try {} of {IDEMPOTENT_TRIES})",
+                        tries + 1
+                    );
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn send_request_once(&self, req: pb::SendRequest) -> Result<(Vec<Receipt>, String)> {
         let conn = self.connection().await?;
         match conn.call(Body::Send(req)).await? {
             pb::response::Result::Send(ok) => Ok((

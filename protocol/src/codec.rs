@@ -305,11 +305,12 @@ mod tests {
                 topic,
                 body: body.into(),
                 key,
-                tag,
+                tag: tag.clone(),
                 properties: props.into_iter().collect(),
                 born_ms,
                 deliver_at_ms: born_ms / 2,
                 message_group: String::new(),
+                idempotency_key: tag.to_lowercase(),
             });
         let body = prop_oneof![
             (

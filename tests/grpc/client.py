@@ -336,6 +336,13 @@ def hostile(endpoint):
     route = stub.QueryRoute(s.QueryRouteRequest(topic=d.Resource(name="")), metadata=meta)
     out(call="route without topic", code=route.status.code)
     out(call="a good send after all that", code=send(msg(mid="0002")))
+    # A client's retry keeps its message id: stored once, the first receipt again.
+    offsets = []
+    for body in (b"first", b"retried"):
+        r = stub.SendMessage(s.SendMessageRequest(messages=[msg(mid="0003", body=body)]),
+                             metadata=meta)
+        offsets.append(r.entries[0].offset)
+    out(call="the same message id again", code=r.status.code, offsets=offsets)
 
 
 def die_with_parent():

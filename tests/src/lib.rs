@@ -8,6 +8,7 @@ pub mod group;
 pub mod grpc;
 pub mod lazyfs;
 pub mod netns;
+pub mod proxy;
 pub mod torture;
 
 use std::io::{BufRead, BufReader};

@@ -509,6 +509,16 @@ async fn bad_grpc_input_gets_codes_clients_know() {
     for (call, want) in expected {
         assert_eq!(code(call), want, "{call}");
     }
+    // Issue 18: the client's message id is the send's idempotency key.
+    let repeat = got
+        .iter()
+        .find(|v| v["call"] == "the same message id again")
+        .unwrap_or_else(|| panic!("repeat missing: {got:?}"));
+    assert_eq!(repeat["code"], 20000, "{repeat}");
+    assert_eq!(
+        repeat["offsets"][0], repeat["offsets"][1],
+        "stored twice: {repeat}"
+    );
     assert!(b.log_text().lines().all(|l| !l.contains("panicked")));
 }
 

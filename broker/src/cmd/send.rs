@@ -97,6 +97,13 @@ pub fn prepare(
     messages: Vec<pb::Message>,
     check_delay_ms: u64,
 ) -> Result<Command> {
+    if messages.iter().any(|m| !m.idempotency_key.is_empty()) {
+        return Err(Error::Invalid(
+            "idempotency_key is for plain sends: a transaction's messages are stored once \
+             by its commit, which is idempotent by transaction id"
+                .into(),
+        ));
+    }
     super::validate::duration_ms(
         "check_delay_ms",
         check_delay_ms,
@@ -144,6 +151,13 @@ pub fn check_messages(messages: &[pb::Message], shared: &Shared) -> Result<()> {
     let latest =
         txmq_protocol::now_ms().saturating_add(shared.config.max_schedule_delay.as_millis() as u64);
     for m in messages {
+        if m.idempotency_key.len() > crate::storage::dedup::MAX_KEY {
+            return Err(Error::Invalid(format!(
+                "idempotency_key is {} bytes; the limit is {}",
+                m.idempotency_key.len(),
+                crate::storage::dedup::MAX_KEY
+            )));
+        }
         if m.message_group.len() > MAX_MESSAGE_GROUP {
             return Err(Error::Invalid(format!(
                 "message_group is {} bytes; the limit is {MAX_MESSAGE_GROUP}",

@@ -14,6 +14,7 @@ use txmq_protocol::pb as native;
 
 use super::{Endpoint, pb, status};
 use crate::cmd::send::{check_messages, prepare};
+use crate::storage::dedup;
 use crate::storage::writer::{Command, Outcome};
 use crate::txn::state::Resolver;
 
@@ -107,6 +108,14 @@ fn incoming(m: pb::Message, latest_ms: u64) -> Result<Incoming, pb::Status> {
     }
     let mut properties = m.user_properties;
     properties.insert(CLIENT_ID_PROPERTY.into(), sys.message_id.clone());
+    let transactional = kind == pb::MessageType::Transaction;
+    // The clients make a message id once and keep it across their retries: it is the
+    // send's idempotency key (a transaction's halves are resolved by its id instead).
+    let idempotency_key = if transactional || sys.message_id.len() > dedup::MAX_KEY {
+        String::new()
+    } else {
+        sys.message_id.clone()
+    };
     Ok(Incoming {
         message: native::Message {
             topic,
@@ -117,9 +126,10 @@ fn incoming(m: pb::Message, latest_ms: u64) -> Result<Incoming, pb::Status> {
             born_ms: sys.born_timestamp.as_ref().map_or(0, millis),
             deliver_at_ms,
             message_group: group,
+            idempotency_key,
         },
         client_id: sys.message_id,
-        transactional: kind == pb::MessageType::Transaction,
+        transactional,
     })
 }
 

@@ -136,6 +136,7 @@ impl Node {
                 dirs.raft.clone(),
                 dirs.snapshots.clone(),
             );
+            let window = config.dedup_window;
             tokio::task::spawn_blocking(move || {
                 std::fs::create_dir_all(&state).map_err(|e| {
                     Error::Internal(format!("cannot create {}: {e}", state.display()))
@@ -150,6 +151,7 @@ impl Node {
                 super::state_machine::clean_up(&snapshots)
                     .map_err(|e| Error::Internal(format!("cleaning up snapshots: {e}")))?;
                 let storage = Storage::open(&state)?;
+                storage.set_dedup_window(window);
                 let log = LogStore::open(&raft)
                     .map_err(|e| Error::Internal(format!("cannot open the raft log: {e}")))?;
                 Ok::<_, Error>((storage, log))

@@ -317,6 +317,7 @@ fn replace(slot: &StorageSlot, dir: &Path) -> std::io::Result<()> {
         let Some(storage) = current.take() else {
             return Err(io_err("no storage to replace"));
         };
+        let dedup_window = std::time::Duration::from_millis(storage.dedup_window_ms());
         // The server's parts hold the storage only while this node leads, and a leader
         // is not sent snapshots; a read may still hold it for a moment.
         let mut storage = Some(storage);
@@ -339,7 +340,9 @@ fn replace(slot: &StorageSlot, dir: &Path) -> std::io::Result<()> {
         }
         std::fs::rename(&slot.dir, &old)?;
         std::fs::rename(dir, &slot.dir)?;
-        *current = Some(Storage::open(&slot.dir).map_err(io_err)?);
+        let opened = Storage::open(&slot.dir).map_err(io_err)?;
+        opened.set_dedup_window(dedup_window);
+        *current = Some(opened);
         std::fs::remove_dir_all(&old)?;
     }
     make_snapshot(slot)?;

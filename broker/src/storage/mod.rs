@@ -18,8 +18,10 @@
 //! | `sched` | message id | [`records::SchedRecord`]: a scheduled message and its fate |
 //! | `msgid` | message id | topic id, offset: where a visible message is |
 //! | `msgkey` | topic id, key length, key, offset | empty: a topic's messages by key |
+//! | `dedup` | topic id, idempotency key | when stored (ms), `pb::MessageReceipt`: see `dedup` |
 //! | `attempts` | group, topic id, offset | deliveries (BE u32) a message took before its ack, when more than one |
 
+pub mod dedup;
 mod deleting;
 mod groups;
 mod index;
@@ -43,9 +45,9 @@ use crate::ids::Id;
 use records::{TopicRecord, TxnRecord};
 
 /// Column family names, in creation order.
-pub const CFS: [&str; 13] = [
+pub const CFS: [&str; 14] = [
     "meta", "log", "half", "txn", "due", "cursor", "acked", "retry", "dlq", "sched", "msgid",
-    "msgkey", "attempts",
+    "msgkey", "attempts", "dedup",
 ];
 
 /// A column family of [`CFS`].
@@ -77,6 +79,8 @@ pub enum Cf {
     MsgKey,
     /// Deliveries an acked message took, when more than one.
     Attempts,
+    /// Idempotency keys of sends, with their receipts.
+    Dedup,
 }
 
 impl Cf {
@@ -139,6 +143,8 @@ pub struct Storage {
     pub floors: Arc<Floors>,
     /// Index entries of removed messages not yet compacted away.
     index_garbage: AtomicU64,
+    /// How long idempotency keys are remembered, in ms (see `dedup`).
+    dedup_window_ms: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Storage {
@@ -179,12 +185,25 @@ impl Storage {
         opts.set_max_total_wal_size(WAL_BYTES);
         let cache = rocksdb::Cache::new_lru_cache(BLOCK_CACHE_BYTES);
         let floors = Arc::new(Floors::default());
+        let dedup_window_ms = Arc::new(AtomicU64::new(24 * 3600 * 1000));
         let cfs = CFS.iter().map(|name| {
             let mut cf = cf_options(&cache);
             match *name {
                 "msgid" => cf.set_compaction_filter("txmq-msgid", index::id_filter(floors.clone())),
                 "msgkey" => {
                     cf.set_compaction_filter("txmq-msgkey", index::key_filter(floors.clone()));
+                }
+                "dedup" => {
+                    cf.set_compaction_filter(
+                        "txmq-dedup",
+                        dedup::filter(dedup_window_ms.clone(), floors.clone()),
+                    );
+                    // Most lookups miss (a key seen once): a filter answers them
+                    // without reading a block.
+                    let mut table = rocksdb::BlockBasedOptions::default();
+                    table.set_block_cache(&cache);
+                    table.set_bloom_filter(10.0, false);
+                    cf.set_block_based_table_factory(&table);
                 }
                 _ => {}
             }
@@ -195,6 +214,7 @@ impl Storage {
             db,
             floors,
             index_garbage: AtomicU64::new(0),
+            dedup_window_ms,
             counters: Counters::default(),
             failure: std::sync::Mutex::new(None),
             failed: tokio_util::sync::CancellationToken::new(),

@@ -24,6 +24,8 @@ mod scheduled;
 mod sync;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_dedup;
 mod topics;
 mod txns;
 
@@ -503,4 +505,7 @@ struct Stage {
     first_topic_id: Option<u32>,
     next_offset: FxHashMap<u32, u64>,
     tally: Tally,
+    /// Idempotency keys stored by this batch, by topic id: a repeat within the batch
+    /// (or the request) is answered with the first receipt.
+    dedup: FxHashMap<(u32, String), pb::MessageReceipt>,
 }

@@ -8,7 +8,9 @@ use txmq_protocol::pb::{TxnOutcome, TxnState};
 /// A writer on a fresh database. Tests end with [`stop`], so no thread outlives the
 /// database or the test; bound in this order, a failed assertion drops the handle before
 /// the thread joins (the other way round it would wait on itself and hang).
-fn writer(flush: FlushMode) -> (tempfile::TempDir, Arc<Storage>, WriterThread, WriterHandle) {
+pub(super) fn writer(
+    flush: FlushMode,
+) -> (tempfile::TempDir, Arc<Storage>, WriterThread, WriterHandle) {
     let dir = tempfile::tempdir().unwrap();
     let storage = Storage::open(dir.path()).unwrap();
     let config = Arc::new(Config {
@@ -44,7 +46,7 @@ fn spawn_with(
 
 /// Drops the handle, joins the threads, then closes the database: the order the
 /// broker's own shutdown follows.
-async fn stop(handle: WriterHandle, thread: WriterThread, storage: Arc<Storage>) {
+pub(super) async fn stop(handle: WriterHandle, thread: WriterThread, storage: Arc<Storage>) {
     drop(handle);
     tokio::task::spawn_blocking(move || thread.join())
         .await

@@ -9,8 +9,8 @@ use super::{Outcome, Stage, Writer};
 use crate::error::{Error, Result};
 use crate::ids::Id;
 use crate::storage::Cf;
-use crate::storage::keys;
 use crate::storage::records::{DeletedTopicRecord, TopicRecord};
+use crate::storage::{dedup, keys};
 use crate::topics::Topic;
 
 impl Writer {
@@ -246,20 +246,54 @@ impl Writer {
 
     pub(super) fn append(
         &mut self,
-        messages: Vec<pb::Message>,
+        mut messages: Vec<pb::Message>,
         stage: &mut Stage,
     ) -> Result<Outcome> {
         let topics = self.topics_for(&messages, stage)?;
         let now = txmq_protocol::now_ms();
-        let receipts: Vec<_> = messages
-            .into_iter()
-            .zip(topics)
-            .map(|(m, t)| {
-                let stored = self.stored(m, now);
-                self.append_or_schedule(&t, stored, now, stage)
-            })
-            .collect();
-        stage.tally.sent += receipts.len() as u64;
+        // Every lookup before anything is staged: a failed read leaves the batch as it
+        // was.
+        let window = self.storage.dedup_window_ms();
+        let mut keys = Vec::with_capacity(messages.len());
+        let mut seen = Vec::with_capacity(messages.len());
+        for (m, t) in messages.iter_mut().zip(&topics) {
+            let key = std::mem::take(&mut m.idempotency_key);
+            // A key this batch stored is looked up below, once this request's earlier
+            // messages are staged.
+            let in_storage =
+                window > 0 && !key.is_empty() && !stage.dedup.contains_key(&(t.id, key.clone()));
+            let earlier = if in_storage {
+                self.storage.dedup_lookup(t.id, &key, now)?
+            } else {
+                None
+            };
+            keys.push((window > 0 && !key.is_empty()).then_some(key));
+            seen.push(earlier);
+        }
+        let mut receipts = Vec::with_capacity(messages.len());
+        for (((m, t), key), earlier) in messages.into_iter().zip(topics).zip(keys).zip(seen) {
+            let earlier = earlier.or_else(|| {
+                key.as_ref()
+                    .and_then(|k| stage.dedup.get(&(t.id, k.clone())).cloned())
+            });
+            if let Some(receipt) = earlier {
+                stage.tally.deduplicated += 1;
+                receipts.push(receipt);
+                continue;
+            }
+            let stored = self.stored(m, now);
+            let receipt = self.append_or_schedule(&t, stored, now, stage);
+            stage.tally.sent += 1;
+            if let Some(key) = key {
+                stage.batch.put_cf(
+                    self.storage.cf(Cf::Dedup),
+                    dedup::key(t.id, &key),
+                    dedup::value(now, &receipt),
+                );
+                stage.dedup.insert((t.id, key), receipt.clone());
+            }
+            receipts.push(receipt);
+        }
         Ok(Outcome::Stored(receipts))
     }
 }
