@@ -146,6 +146,11 @@ pub struct Config {
     /// id and the address the nodes reach it at (not the client address).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peers: Option<String>,
+    /// The host clients reach this group node at (a name or an address), told to the
+    /// others for their `NOT_LEADER` answers and gRPC routes; unset: the listen address,
+    /// or for a wildcard one the host of this node's peer address.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub advertise_host: Option<String>,
     /// A group's node makes a snapshot (and trims its Raft log) every this many entries.
     pub snapshot_entries: u64,
 }
@@ -202,6 +207,7 @@ impl Default for Config {
             grpc_tls_key: None,
             grpc_tls: None,
             node_id: None,
+            advertise_host: None,
             peers: None,
             snapshot_entries: 20_000,
         }
@@ -297,6 +303,22 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), String> {
         self.group()?;
+        if let Some(host) = &self.advertise_host {
+            let bare = host.trim_start_matches('[').trim_end_matches(']');
+            let name = !bare.is_empty()
+                && bare
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
+            if !(name || bare.parse::<std::net::IpAddr>().is_ok()) {
+                return Err(format!(
+                    "advertise-host {host:?} is neither a host name nor an IP address (no port: \
+                     each listener's own is used)"
+                ));
+            }
+            if self.node_id.is_none() {
+                return Err("advertise-host is for a broker group's node (with node-id)".into());
+            }
+        }
         if self.snapshot_entries == 0 {
             return Err("snapshot-entries must be at least 1".into());
         }

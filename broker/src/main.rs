@@ -158,6 +158,11 @@ struct Flags {
     /// the address the nodes reach each other at (not the client address).
     #[arg(long, env = "TXMQ_PEERS")]
     peers: Option<String>,
+    /// The host clients reach this group node at (a DNS name for TLS, or the address a
+    /// NAT maps to): the others name it to clients they refuse, and gRPC routes name it
+    /// [default: the listen address, or the peer host for a wildcard one].
+    #[arg(long, env = "TXMQ_ADVERTISE_HOST")]
+    advertise_host: Option<String>,
     /// A group's node snapshots its state and trims its Raft log every this many
     /// entries [default: 20000].
     #[arg(long, env = "TXMQ_SNAPSHOT_ENTRIES")]

@@ -299,20 +299,25 @@ impl Metrics {
                     why,
                 ),
             },
-            // A group's node that does not serve: healthy while it knows a leader to
-            // follow (clients it refuses are sent there).
-            (None, Some(role)) => match role.leader {
-                Some(leader) if leader != role.id => (
+            // A group's node that does not serve: healthy while it follows a leader it
+            // knows (clients it refuses are sent there).
+            (None, Some(role)) => match (role.state, role.leader) {
+                ("follower" | "learner", Some(leader)) if leader != role.id => (
                     axum::http::StatusCode::OK,
                     "following",
                     format!("node {leader} leads; this node replicates and refuses clients"),
                 ),
-                Some(_) => (
+                ("leader", _) => (
                     axum::http::StatusCode::SERVICE_UNAVAILABLE,
                     "starting",
-                    "this node was elected and is taking over".to_string(),
+                    "this node was elected and is taking over (or lost its majority)".to_string(),
                 ),
-                None => (
+                ("shutdown", _) => (
+                    axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                    "stopped",
+                    "this node's replication stopped".to_string(),
+                ),
+                _ => (
                     axum::http::StatusCode::SERVICE_UNAVAILABLE,
                     "no_leader",
                     "the group has no leader this node knows of (an election, or too few \

@@ -194,14 +194,31 @@ impl Sweeper {
 /// through the log, so this compacts what they removed, on this node's disk. Reads
 /// every topic's floor from storage, compacts each log that moved (and each deleted
 /// topic's, once) since the last call, whose progress `compacted` keeps, and rewrites
-/// the indexes when their garbage outweighs what they keep.
+/// the indexes when their garbage outweighs what they keep. Stops between steps once
+/// `stop` is cancelled.
 ///
 /// # Errors
 /// Storage failure.
-pub fn follower_compaction(storage: &Storage, compacted: &mut HashMap<u32, u64>) -> Result<()> {
+pub fn follower_compaction(
+    storage: &Storage,
+    compacted: &mut HashMap<u32, u64>,
+    stop: &CancellationToken,
+) -> Result<()> {
     storage.refresh_floors()?;
+    let topics = storage.topics()?;
+    let deleted = storage.deleted_topics()?;
+    // Only topics that still have a record are remembered.
+    let known: std::collections::HashSet<u32> = topics
+        .iter()
+        .map(|t| t.record.id)
+        .chain(deleted.iter().copied())
+        .collect();
+    compacted.retain(|id, _| known.contains(id));
     let mut kept = 0;
-    for t in storage.topics()? {
+    for t in &topics {
+        if stop.is_cancelled() {
+            return Ok(());
+        }
         let (id, to) = (t.record.id, t.record.start);
         kept += t.end.saturating_sub(to);
         if to > compacted.get(&id).copied().unwrap_or(0) {
@@ -209,13 +226,16 @@ pub fn follower_compaction(storage: &Storage, compacted: &mut HashMap<u32, u64>)
             compacted.insert(id, to);
         }
     }
-    for id in storage.deleted_topics()? {
+    for id in deleted {
+        if stop.is_cancelled() {
+            return Ok(());
+        }
         if compacted.get(&id) != Some(&u64::MAX) {
             storage.compact_log(id, u64::MAX);
             compacted.insert(id, u64::MAX);
         }
     }
-    if storage.index_garbage() >= kept.max(INDEX_GARBAGE_MIN) {
+    if !stop.is_cancelled() && storage.index_garbage() >= kept.max(INDEX_GARBAGE_MIN) {
         storage.compact_indexes();
     }
     Ok(())

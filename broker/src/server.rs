@@ -208,12 +208,11 @@ async fn serve_group(
         .rsplit_once(':')
         .map_or("127.0.0.1", |(h, _)| h)
         .to_string();
-    let advertise = |a: std::net::SocketAddr| {
-        if a.ip().is_unspecified() {
-            format!("{host}:{}", a.port())
-        } else {
-            a.to_string()
-        }
+    let advertise = |a: std::net::SocketAddr| match &config.advertise_host {
+        Some(h) if h.contains(':') && !h.starts_with('[') => format!("[{h}]:{}", a.port()),
+        Some(h) => format!("{h}:{}", a.port()),
+        None if a.ip().is_unspecified() => format!("{host}:{}", a.port()),
+        None => a.to_string(),
     };
     let addresses = Addresses {
         client: advertise(

@@ -134,6 +134,52 @@ async fn grpc_clients_are_routed_to_the_leader_and_follow_a_failover() {
         report.summary,
         report.problems.join("\n")
     );
+
+    // Alone, a node has no leader to follow: `/health` says so (503), whatever it was.
+    let alone = (next + 1) % 3;
+    for i in (0..3).filter(|&i| i != alone) {
+        group.nodes[i].kill9();
+    }
+    let (code, body) = eventually(Duration::from_secs(20), || async {
+        health(&group, alone)
+            .await
+            .filter(|(_, b)| b["status"] == "no_leader")
+    })
+    .await
+    .expect("a node without a majority never said no_leader");
+    assert_eq!(code, 503, "{body}");
+}
+
+/// `--advertise-host`: the name a node gives for itself is what a follower names to
+/// the clients it refuses (and what gRPC routes name).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_is_named_by_its_advertised_host() {
+    let mut group = TestGroup::start(3, &["--advertise-host", "localhost"]);
+    let leader = group
+        .leader(Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|| panic!("no leader elected\n{}", group.logs()));
+    let follower = (leader + 1) % 3;
+    let port = group.nodes[leader]
+        .addr()
+        .rsplit_once(':')
+        .unwrap()
+        .1
+        .to_string();
+    let named = eventually(Duration::from_secs(10), || async {
+        match txmq_tests::group::hello(group.nodes[follower].addr()).await {
+            Err((28, named)) if !named.is_empty() => Some(named),
+            _ => None,
+        }
+    })
+    .await
+    .expect("the follower never named the leader");
+    assert_eq!(named, format!("localhost:{port}"));
+    // Clients follow the name.
+    let p = Producer::connect(group.nodes[follower].addr(), ProducerOptions::default())
+        .await
+        .unwrap();
+    p.send(Message::new("t", "x")).await.unwrap();
 }
 
 /// Bytes in the table files (`*.sst`) of the RocksDB at `dir`: what compaction frees

@@ -186,20 +186,23 @@ struct Endpoint {
 impl Endpoint {
     /// The broker's parts, or the status that says they are not there.
     fn shared(&self) -> Result<Arc<Shared>, pb::Status> {
-        self.live.get().ok_or_else(|| {
-            if self.config.peers.is_some() {
-                // A broker group's follower (or a node between terms).
-                status::of(
-                    pb::Code::HaNotAvailable,
-                    "this broker does not lead its group; connect to the leader",
-                )
-            } else {
-                status::of(
-                    pb::Code::InternalServerError,
-                    "the broker is starting or recovering its storage; retry",
-                )
-            }
-        })
+        self.live.get().ok_or_else(|| self.not_serving())
+    }
+
+    /// What a request gets while the broker's parts are not there.
+    fn not_serving(&self) -> pb::Status {
+        if self.config.peers.is_some() {
+            // A broker group's follower (or a node between terms).
+            status::of(
+                pb::Code::HaNotAvailable,
+                "this broker does not lead its group; connect to the leader",
+            )
+        } else {
+            status::of(
+                pb::Code::InternalServerError,
+                "the broker is starting or recovering its storage; retry",
+            )
+        }
     }
 }
 

@@ -5,6 +5,7 @@
 use tonic::Request;
 
 use super::{Endpoint, client_id, pb, status};
+use crate::replication::node::Node;
 
 /// Every message type a topic takes here (a txmq topic is not typed).
 const ACCEPTS: [pb::MessageType; 4] = [
@@ -25,58 +26,77 @@ fn endpoints(endpoint: &Endpoint, dialed: Option<pb::Endpoints>) -> pb::Endpoint
     let addr = endpoint
         .addr
         .unwrap_or_else(|| ([127, 0, 0, 1], 8081).into());
-    advertised(&addr.to_string())
+    let (host, port) = (addr.ip().to_string(), addr.port());
+    endpoints_of(&host, port, addr.is_ipv4())
 }
 
-/// `HOST:PORT` (an IPv4 or `[IPv6]` address, or a name) as the endpoints a route names.
-fn advertised(host_port: &str) -> pb::Endpoints {
-    let (host, port) = host_port.rsplit_once(':').unwrap_or((host_port, "8081"));
-    let host = host.trim_start_matches('[').trim_end_matches(']');
+fn endpoints_of(host: &str, port: u16, ipv4: bool) -> pb::Endpoints {
     let scheme = match host.parse::<std::net::IpAddr>() {
-        Ok(std::net::IpAddr::V4(_)) => pb::AddressScheme::IPv4,
-        Ok(std::net::IpAddr::V6(_)) => pb::AddressScheme::IPv6,
+        Ok(_) if ipv4 => pb::AddressScheme::IPv4,
+        Ok(_) => pb::AddressScheme::IPv6,
         Err(_) => pb::AddressScheme::DomainName,
     };
     pb::Endpoints {
         scheme: scheme as i32,
         addresses: vec![pb::Address {
             host: host.to_string(),
-            port: port.parse().unwrap_or(8081),
+            port: i32::from(port),
         }],
     }
 }
 
-/// In a broker group, the gRPC endpoint of the node that leads: this one's own
-/// advertised address while it leads, else the leader's as it tells it. A client that
-/// dialed several nodes (`a;b;c`) is thus sent to the one that serves, not to whichever
-/// its channel picks. `None` for a single broker.
-async fn group_leader(endpoint: &Endpoint) -> Option<Result<pb::Endpoints, pb::Status>> {
-    let node = endpoint.live.group.get()?;
-    let not_available = |why: &str| status::of(pb::Code::HaNotAvailable, why);
-    if endpoint.live.get().is_some() {
-        return Some(
-            node.addresses()
-                .grpc
-                .as_deref()
-                .map(advertised)
-                .ok_or_else(|| not_available("this node serves no gRPC endpoint")),
-        );
+/// A node's advertised gRPC address (`IPv4:PORT`, `[IPv6]:PORT` or `NAME:PORT`) as the
+/// endpoints a route names; `None` when it is not one.
+fn advertised(host_port: &str) -> Option<pb::Endpoints> {
+    if let Ok(addr) = host_port.parse::<std::net::SocketAddr>() {
+        return Some(endpoints_of(
+            &addr.ip().to_string(),
+            addr.port(),
+            addr.is_ipv4(),
+        ));
     }
-    Some(match node.leader_info().await {
-        Some(leader) => leader.grpc_addr.as_deref().map(advertised).ok_or_else(|| {
-            not_available(
-                "the group's leader serves no gRPC endpoint (start it with --grpc-listen)",
-            )
-        }),
-        None => Err(not_available(
-            "the broker group has no leader at the moment (an election is under way); retry",
-        )),
+    let (host, port) = host_port.rsplit_once(':')?;
+    let port: u16 = port.parse().ok()?;
+    let name_ok = !host.is_empty()
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
+    name_ok.then(|| endpoints_of(host, port, false))
+}
+
+/// In a broker group, the gRPC endpoint of the node that leads: this one's own
+/// advertised address while it serves (`serving`), else the leader's as it tells it.
+/// A client that dialed any node is thus sent to the one that serves.
+async fn group_leader(node: &Node, serving: bool) -> Result<pb::Endpoints, pb::Status> {
+    let not_available = |why: String| status::of(pb::Code::HaNotAvailable, why);
+    let grpc = if serving {
+        node.addresses().grpc.clone()
+    } else {
+        let Some(leader) = node.leader_info().await else {
+            return Err(not_available(
+                "the broker group has no leader at the moment (an election is under way); \
+                 retry"
+                    .into(),
+            ));
+        };
+        leader.grpc_addr
+    };
+    let Some(grpc) = grpc else {
+        return Err(not_available(
+            "the group's leader serves no gRPC endpoint (start it with --grpc-listen)".into(),
+        ));
+    };
+    advertised(&grpc).ok_or_else(|| {
+        not_available(format!(
+            "the group's leader advertises {grpc:?}, which is no HOST:PORT"
+        ))
     })
 }
 
 /// A topic's one queue: readable and writable, on this broker (in a group, on its
-/// leader). A topic that does not exist is created where topics are created on demand
-/// (a follower leaves that to the leader, which checks the topic when it is sent to).
+/// leader). A topic that does not exist is created where topics are created on demand;
+/// a follower reads whether it exists from its replicated state, and leaves creating it
+/// to the leader.
 async fn queue(
     endpoint: &Endpoint,
     topic: Option<pb::Resource>,
@@ -86,21 +106,42 @@ async fn queue(
         return Err(status::of(pb::Code::IllegalTopic, "a topic is needed"));
     };
     crate::cmd::name("topic", &topic.name).map_err(|e| status::of_error(&e))?;
-    let at = match group_leader(endpoint).await {
-        Some(leader) => leader?,
+    // Read once: whether this node serves decides both where the route points and who
+    // checks the topic.
+    let serving = endpoint.live.get();
+    let group = endpoint.live.group.get();
+    let at = match group {
+        Some(node) => group_leader(node, serving.is_some()).await?,
         None => endpoints(endpoint, dialed),
     };
-    match endpoint.shared() {
-        Ok(shared) => {
+    match (serving, group) {
+        (Some(shared), _) => {
             shared
                 .groups
                 .topic(&topic.name)
                 .await
                 .map_err(|e| status::of_error(&e))?;
         }
-        // A follower: the leader checks the topic.
-        Err(_) if endpoint.live.group.get().is_some() => {}
-        Err(s) => return Err(s),
+        (None, Some(node)) if !endpoint.config.auto_create_topics => {
+            let (slot, name) = (node.slot.clone(), topic.name.clone());
+            let exists = tokio::task::spawn_blocking(move || {
+                slot.get().map(|storage| storage.topic_exists(&name))
+            })
+            .await
+            .map_err(|e| status::of(pb::Code::InternalServerError, e.to_string()))?;
+            match exists {
+                Some(Ok(true)) => {}
+                Some(Ok(false)) => {
+                    return Err(status::of_error(&crate::error::Error::TopicNotFound(
+                        topic.name.clone(),
+                    )));
+                }
+                Some(Err(e)) => return Err(status::of_error(&e)),
+                None => return Err(endpoint.not_serving()),
+            }
+        }
+        (None, Some(_)) => {}
+        (None, None) => return Err(endpoint.not_serving()),
     }
     Ok(pb::MessageQueue {
         topic: Some(topic),

@@ -35,6 +35,8 @@ type Snapshot = openraft::type_config::alias::SnapshotOf<TypeConfig, SnapshotDir
 
 /// Largest frame: an append carries at most `max_payload_entries` writer batches.
 const MAX_FRAME: usize = 1 << 30;
+/// Largest frame taken before the handshake is accepted (a `Hello` is a few bytes).
+const MAX_HELLO: usize = 4096;
 /// Node connections a node serves at once.
 const MAX_NODE_CONNECTIONS: usize = 256;
 /// How long a new node connection may take to present the group's secret.
@@ -428,12 +430,15 @@ async fn serve_conn(
     info: &(dyn Fn() -> NodeInfo + Send + Sync),
     token: &str,
 ) -> io::Result<()> {
-    // The handshake: the group's secret, in a small frame, soon.
+    // The handshake: the group's secret, in a small frame, soon. Frames stay small
+    // until it is accepted: the codec reserves what a header announces before the
+    // frame arrives, and a stranger must not make it reserve a gigabyte.
+    conn.codec_mut().set_max_frame_length(MAX_HELLO);
     let hello = tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.next())
         .await
         .map_err(|_| io_err("no handshake"))?
         .ok_or_else(|| io_err("closed before the handshake"))??;
-    let accepted = hello.len() <= 4096
+    let accepted = hello.len() <= MAX_HELLO
         && matches!(postcard::from_bytes(&hello), Ok(Rpc::Hello { token: t })
             if crate::cmd::hello::same_secret(t.as_bytes(), token.as_bytes()));
     if !accepted {
@@ -445,6 +450,7 @@ async fn serve_conn(
         return Err(io_err("a node connection without the group's secret"));
     }
     send(conn, &Reply::Welcome).await?;
+    conn.codec_mut().set_max_frame_length(MAX_FRAME);
     loop {
         let rpc: Rpc = match tokio::time::timeout(IDLE_TIMEOUT, recv(conn)).await {
             Ok(rpc) => rpc?,

@@ -42,6 +42,9 @@ pub const QUORUM_SILENCE: Duration = Duration::from_millis(1200);
 /// restarted member may listen elsewhere).
 const KNOWN_FOR: Duration = Duration::from_secs(10);
 
+/// How long a leader that did not answer about itself is not asked again.
+const UNANSWERED_FOR: Duration = Duration::from_secs(1);
+
 /// The leader id of a term, as writes name it (a write for another leader fails).
 pub type LeaderId = openraft::type_config::alias::CommittedLeaderIdOf<TypeConfig>;
 
@@ -60,6 +63,9 @@ pub struct Node {
     token: String,
     /// The node's own address book: what each member said of itself, and when.
     known: Mutex<HashMap<u64, (NodeInfo, std::time::Instant)>>,
+    /// Held while the leader is asked about itself; the leader that last did not
+    /// answer, and when.
+    asking: tokio::sync::Mutex<Option<(u64, std::time::Instant)>>,
     stop: CancellationToken,
     tasks: tokio_util::task::TaskTracker,
 }
@@ -217,6 +223,7 @@ impl Node {
             addresses: addresses.clone(),
             token: token.clone(),
             known: Mutex::new(HashMap::new()),
+            asking: tokio::sync::Mutex::new(None),
             stop: CancellationToken::new(),
             tasks: tokio_util::task::TaskTracker::new(),
         });
@@ -361,12 +368,31 @@ impl Node {
                 .or_else(|| self.peers.nodes.get(&leader).cloned())?;
             (leader, addr)
         };
-        if let Some((known, at)) = self.known.lock().expect("known").get(&leader)
-            && at.elapsed() < KNOWN_FOR
-        {
-            return Some(known.clone());
+        let cached = || {
+            let known = self.known.lock().expect("known");
+            known
+                .get(&leader)
+                .filter(|(_, at)| at.elapsed() < KNOWN_FOR)
+                .map(|(info, _)| info.clone())
+        };
+        if let Some(info) = cached() {
+            return Some(info);
         }
-        self.ask_info(leader, &addr).await
+        // One question at a time (every refused client and route asks), and none again
+        // for a second after the leader did not answer.
+        let mut unanswered = self.asking.lock().await;
+        if let Some(info) = cached() {
+            return Some(info);
+        }
+        if let Some((id, at)) = *unanswered
+            && id == leader
+            && at.elapsed() < UNANSWERED_FOR
+        {
+            return None;
+        }
+        let info = self.ask_info(leader, &addr).await;
+        *unanswered = info.is_none().then(|| (leader, std::time::Instant::now()));
+        info
     }
 
     /// This node's addresses for clients, as it tells the others.
@@ -609,12 +635,13 @@ async fn keep_house(raft: Raft, slot: Arc<StorageSlot>, every: Duration, stop: C
         if raft.metrics().borrow_watched().state == ServerState::Leader {
             continue;
         }
-        let Some(storage) = slot.get() else {
-            continue;
-        };
         let mut progress = std::mem::take(&mut compacted);
+        let (slot, stop) = (slot.clone(), stop.clone());
         compacted = tokio::task::spawn_blocking(move || {
-            if let Err(e) = crate::retention::follower_compaction(&storage, &mut progress) {
+            let done = slot.housekeep(|storage| {
+                crate::retention::follower_compaction(storage, &mut progress, &stop)
+            });
+            if let Some(Err(e)) = done {
                 tracing::warn!("follower housekeeping failed: {e}");
             }
             progress

@@ -39,6 +39,9 @@ pub struct StorageSlot {
     dir: PathBuf,
     /// Where snapshots are made and received.
     snapshots: PathBuf,
+    /// Held by housekeeping while it works on the storage, and by a snapshot
+    /// installation while it replaces it (see [`StorageSlot::housekeep`]).
+    housekeeping: std::sync::Mutex<()>,
 }
 
 impl StorageSlot {
@@ -46,9 +49,19 @@ impl StorageSlot {
     pub fn new(storage: Arc<Storage>, dir: PathBuf, snapshots: PathBuf) -> Arc<Self> {
         Arc::new(Self {
             current: RwLock::new(Some(storage)),
+            housekeeping: std::sync::Mutex::new(()),
             dir,
             snapshots,
         })
+    }
+
+    /// Runs `work` (a follower's compactions, which may take long) on the storage, if
+    /// there is one; a snapshot installation waits for it to end, and it never holds the
+    /// storage while one runs. Blocking: call it off the async threads.
+    pub fn housekeep<T>(&self, work: impl FnOnce(&Storage) -> T) -> Option<T> {
+        let _turn = self.housekeeping.lock().expect("housekeeping lock");
+        let storage = self.get()?;
+        Some(work(&storage))
     }
 
     /// The storage now (`None` while a snapshot replaces it).
@@ -313,6 +326,8 @@ impl RaftSnapshotBuilder<TypeConfig> for Builder {
 /// keeps a checkpoint of it as this node's current snapshot.
 fn replace(slot: &StorageSlot, dir: &Path) -> std::io::Result<()> {
     {
+        // Housekeeping in progress ends first (it holds the storage meanwhile).
+        let _housekeeping = slot.housekeeping.lock().map_err(io_err)?;
         let mut current = slot.current.write().map_err(io_err)?;
         let Some(storage) = current.take() else {
             return Err(io_err("no storage to replace"));

@@ -282,6 +282,17 @@ impl Storage {
             .unwrap_or(0))
     }
 
+    /// Whether a topic of that name exists (its record is stored).
+    ///
+    /// # Errors
+    /// Storage failure.
+    pub fn topic_exists(&self, name: &str) -> Result<bool> {
+        Ok(self
+            .db
+            .get_pinned_cf(self.cf(Cf::Meta), keys::topic(name))?
+            .is_some())
+    }
+
     /// Increments and returns the durable boot counter: ids made in this boot are unique.
     ///
     /// # Errors
