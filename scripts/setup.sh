@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Installs the system packages a fresh machine lacks for building txmq:
 # libclang (bindgen in the rocksdb crate) and a C++ compiler (RocksDB itself); and for
-# the tests, iproute2 (network namespaces for the broker group's partition test).
+# the tests, iproute2 (network namespaces for the broker group's partition test) and
+# PostgreSQL (txmq-sql's tests start their own server on a temporary directory).
 set -euo pipefail
 need=()
 dpkg -s libclang-dev >/dev/null 2>&1 || need+=(libclang-dev)
 command -v g++ >/dev/null 2>&1 || need+=(g++)
 command -v make >/dev/null 2>&1 || need+=(make)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 if [ ${#need[@]} -gt 0 ]; then
     echo "setup: installing ${need[*]}" >&2
     SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo

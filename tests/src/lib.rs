@@ -8,6 +8,7 @@ pub mod group;
 pub mod grpc;
 pub mod lazyfs;
 pub mod netns;
+pub mod postgres;
 pub mod proxy;
 pub mod torture;
 

@@ -1,0 +1,184 @@
+//! A service that records an order in its database and announces it with a
+//! transactional message through `txmq-sql`, on PostgreSQL or SQLite; it can die at
+//! each step (the crash tests), and it can run the check-back answer alone.
+//!
+//! ```text
+//! txmq-sql-demo order   --db URL --broker ADDR --order N [--die-at STEP]
+//! txmq-sql-demo checker --db URL --broker ADDR --seconds S
+//! ```
+//! `URL`: a `tokio-postgres` connection string (`host=… port=… user=…`), or
+//! `sqlite:PATH`. `STEP`: `in-work` (the order row written, before the database
+//! commits), `after-local-commit` (before the message commits), `after-both`.
+
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use txmq_client::{Message, Producer, ProducerOptions, TransactionChecker};
+use txmq_sql::{Pending, postgres, sqlite};
+
+/// The producer group of the order service.
+const GROUP: &str = "order-service";
+/// Where orders are announced.
+const TOPIC: &str = "orders";
+
+#[derive(Parser)]
+struct Args {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Records order N and announces it.
+    Order {
+        #[arg(long)]
+        db: String,
+        #[arg(long)]
+        broker: String,
+        #[arg(long)]
+        order: i64,
+        #[arg(long, value_enum)]
+        die_at: Option<Step>,
+    },
+    /// Answers the group's check-backs for S seconds.
+    Checker {
+        #[arg(long)]
+        db: String,
+        #[arg(long)]
+        broker: String,
+        #[arg(long)]
+        seconds: u64,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Step {
+    InWork,
+    AfterLocalCommit,
+    AfterBoth,
+}
+
+fn die_if(at: Option<Step>, step: Step) {
+    if at == Some(step) {
+        eprintln!("dying at the step asked for");
+        std::process::abort();
+    }
+}
+
+enum Db {
+    Pg(tokio_postgres::Client),
+    Lite(rusqlite::Connection, std::path::PathBuf),
+}
+
+async fn open(url: &str) -> anyhow::Result<Db> {
+    if let Some(path) = url.strip_prefix("sqlite:") {
+        let db = rusqlite::Connection::open(path)?;
+        db.busy_timeout(Duration::from_secs(5))?;
+        db.execute_batch(
+            "PRAGMA journal_mode = WAL;
+             CREATE TABLE IF NOT EXISTS orders (id INTEGER PRIMARY KEY, amount INTEGER NOT NULL);",
+        )?;
+        sqlite::migrate(&db)?;
+        return Ok(Db::Lite(db, path.into()));
+    }
+    let (db, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .context("connect to PostgreSQL")?;
+    tokio::spawn(connection);
+    postgres::migrate(&db).await?;
+    db.batch_execute(
+        "CREATE TABLE IF NOT EXISTS orders (id BIGINT PRIMARY KEY, amount BIGINT NOT NULL)",
+    )
+    .await?;
+    Ok(Db::Pg(db))
+}
+
+async fn order(db: &mut Db, broker: &str, id: i64, die_at: Option<Step>) -> anyhow::Result<()> {
+    let producer = Producer::connect(
+        broker,
+        ProducerOptions {
+            group: GROUP.into(),
+            ..ProducerOptions::default()
+        },
+    )
+    .await?;
+    let message = Message::new(TOPIC, format!("order-{id}")).key(id.to_string());
+    let pending = Pending::begin(&producer, vec![message]).await?;
+    let amount = id * 10;
+    let (_, committed) = match db {
+        Db::Pg(client) => {
+            postgres::run_local(pending, client, async |tx| {
+                tx.execute(
+                    "INSERT INTO orders (id, amount) VALUES ($1, $2)",
+                    &[&id, &amount],
+                )
+                .await?;
+                die_if(die_at, Step::InWork);
+                Ok::<_, tokio_postgres::Error>(())
+            })
+            .await?
+        }
+        Db::Lite(conn, _) => {
+            sqlite::run_local(pending, conn, |tx| {
+                tx.execute(
+                    "INSERT INTO orders (id, amount) VALUES (?1, ?2)",
+                    [id, amount],
+                )?;
+                die_if(die_at, Step::InWork);
+                Ok::<_, rusqlite::Error>(())
+            })
+            .await?
+        }
+    };
+    die_if(die_at, Step::AfterLocalCommit);
+    committed.commit_message().await?;
+    die_if(die_at, Step::AfterBoth);
+    println!("order {id} recorded and announced");
+    Ok(())
+}
+
+async fn checker(db: Db, broker: &str, seconds: u64) -> anyhow::Result<()> {
+    let checker: std::sync::Arc<dyn TransactionChecker> = match db {
+        Db::Pg(client) => std::sync::Arc::new(postgres::Checker::new(client).await?),
+        Db::Lite(_, path) => std::sync::Arc::new(sqlite::Checker::open(&path)?),
+    };
+    let options = ProducerOptions {
+        group: GROUP.into(),
+        checker: Some(checker),
+        ..ProducerOptions::default()
+    };
+    let _producer = Producer::connect(broker, options).await?;
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Args::parse().command {
+        Cmd::Order {
+            db,
+            broker,
+            order: id,
+            die_at,
+        } => {
+            if id < 0 {
+                bail!("an order id is not negative");
+            }
+            let mut db = open(&db).await?;
+            order(&mut db, &broker, id, die_at).await
+        }
+        Cmd::Checker {
+            db,
+            broker,
+            seconds,
+        } => checker(open(&db).await?, &broker, seconds).await,
+    }
+}

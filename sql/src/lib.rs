@@ -1,0 +1,179 @@
+//! The service side of a transactional message, done for the user, on PostgreSQL
+//! ([`postgres`], through `tokio-postgres`) and SQLite ([`sqlite`], through `rusqlite`).
+//!
+//! **A send bound to a database transaction.** One call stores the half messages, runs
+//! the caller's work inside a database transaction that also records the txmq
+//! transaction id in a table this crate owns (`txmq_local_txn`), commits the database,
+//! then commits the messages; on failure before the database commit, both roll back.
+//!
+//! **Its check-back answer** ([`postgres::Checker`], [`sqlite::Checker`]): if the
+//! producer died between the two commits, the broker asks; the checker answers from the
+//! table. The rule is a fence, not a guess:
+//! - the producer's transaction inserts the id row (`commit`) *first*, so while it runs
+//!   it holds that key;
+//! - the checker tries to insert the same id as `rollback`. If that succeeds, the
+//!   producer's transaction never committed, and now never can (its own insert would
+//!   find the key taken and it rolls back): answer **rollback**. If the key is taken by
+//!   a committed row, answer what the row says (**commit**). If the producer's
+//!   transaction is still open, the insert waits on its key; past the checker's lock
+//!   wait (2 s) the answer is **unknown**, and the broker asks again later.
+//!
+//! No clock and no age threshold is involved, so a slow transaction is never rolled
+//! back under its feet. Rows must outlive every check-back of their transaction: prune
+//! ([`postgres::prune`], [`sqlite::prune`]) only what is older than the broker's
+//! `discarded_retention` (7 days) plus a margin; [`KEEP_ROWS`] is the default.
+//!
+//! The steps are public too ([`Pending`], [`Committed`]) for callers that need to place
+//! their own work between them (the crash tests kill a process at each).
+
+#[cfg(feature = "postgres")]
+pub mod postgres;
+#[cfg(feature = "sqlite")]
+pub mod sqlite;
+
+use txmq_client::{Message, Outcome, Producer, Transaction};
+
+/// Rows of `txmq_local_txn` younger than this are kept by the prune helpers' default:
+/// twice the broker's default `discarded_retention`, during which an operator may
+/// re-arm a transaction and it is checked again.
+pub const KEEP_ROWS: std::time::Duration = std::time::Duration::from_secs(14 * 24 * 3600);
+
+/// The table this crate owns, its columns, and what they hold.
+pub const TABLE: &str = "txmq_local_txn";
+
+/// An error of the caller's own work.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What went wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The broker refused or could not be reached (nothing was committed locally).
+    #[error("txmq: {0}")]
+    Broker(#[from] txmq_client::Error),
+    /// The database failed before its commit: both sides rolled back.
+    #[error("database: {0}")]
+    Db(BoxError),
+    /// The caller's work failed: both sides rolled back.
+    #[error("the work in the transaction failed: {0}")]
+    Work(BoxError),
+    /// A check-back decided this transaction first (rolled back: the producer took
+    /// longer than the broker's check timeout to start its database transaction).
+    #[error("transaction {0} was already rolled back by a check-back")]
+    Fenced(String),
+    /// The database commit failed in a way that leaves its outcome unknown (the
+    /// connection dropped during COMMIT): the messages are left to the check-back,
+    /// which answers from the table.
+    #[error("the database commit of transaction {txn_id} may or may not have happened: {source}")]
+    CommitUnknown {
+        /// The txmq transaction.
+        txn_id: String,
+        /// The database's error.
+        source: BoxError,
+    },
+}
+
+/// A result of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Half messages stored, no database work yet.
+#[derive(Debug)]
+pub struct Pending {
+    message: Transaction,
+    id: String,
+}
+
+impl Pending {
+    /// Stores `messages` as the half messages of a new transaction of `producer`'s
+    /// group (it needs one, and should have this crate's checker).
+    ///
+    /// # Errors
+    /// The broker refused or could not be reached.
+    pub async fn begin(producer: &Producer, messages: Vec<Message>) -> Result<Self> {
+        let mut message = producer.begin()?;
+        message.send_batch(messages).await?;
+        let id = message
+            .id()
+            .ok_or_else(|| {
+                Error::Broker(txmq_client::Error::Unexpected(
+                    "a transaction without an id".into(),
+                ))
+            })?
+            .to_string();
+        Ok(Self { message, id })
+    }
+
+    /// The txmq transaction id (what the table records).
+    pub fn txn_id(&self) -> &str {
+        &self.id
+    }
+
+    /// Rolls the messages back (the local work did not commit).
+    ///
+    /// # Errors
+    /// The broker could not be told; the check-back then finds no committed row and
+    /// rolls back.
+    pub async fn roll_back(self) -> Result<()> {
+        let mut message = self.message;
+        message.rollback().await?;
+        Ok(())
+    }
+
+    /// The local transaction committed: what is left is the messages' commit.
+    fn committed(self) -> Committed {
+        Committed {
+            message: self.message,
+        }
+    }
+
+    /// Rolls back after a failure before the local commit, and returns that failure.
+    async fn fail<T>(self, e: Error) -> Result<T> {
+        let id = self.id.clone();
+        if let Err(r) = self.roll_back().await {
+            tracing::warn!(txn = %id, "rolling back the messages failed ({r}); the check-back will");
+        }
+        Err(e)
+    }
+}
+
+/// The local transaction committed; the messages are not yet.
+#[derive(Debug)]
+pub struct Committed {
+    message: Transaction,
+}
+
+impl Committed {
+    /// Commits the messages: they become visible.
+    ///
+    /// # Errors
+    /// The broker could not be told. Nothing is lost: the check-back finds the committed
+    /// row and commits them.
+    pub async fn commit_message(self) -> Result<()> {
+        let mut message = self.message;
+        message.commit().await?;
+        Ok(())
+    }
+
+    /// Commits the messages, and when the broker cannot be told, leaves them to the
+    /// check-back (which commits them) with a warning instead of an error.
+    pub async fn finish(self) {
+        let id = self.message.id().unwrap_or_default().to_string();
+        if let Err(e) = self.commit_message().await {
+            tracing::warn!(txn = %id, "committing the messages failed ({e}); the check-back will commit them");
+        }
+    }
+}
+
+/// The outcome a row of the table records.
+fn outcome_of(text: &str) -> Outcome {
+    match text {
+        "commit" => Outcome::Commit,
+        "rollback" => Outcome::Rollback,
+        _ => Outcome::Unknown,
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}

@@ -1,0 +1,206 @@
+//! PostgreSQL, through `tokio-postgres`: the table, a send bound to a transaction, and
+//! the checker that answers its check-backs (the rule is in the crate's docs).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_postgres::Client;
+use txmq_client::{CheckRequest, Message, Outcome, Producer, TransactionChecker};
+
+use crate::{BoxError, Committed, Error, Pending, Result, now_ms, outcome_of};
+
+/// How long the checker waits for a producer's open transaction before answering
+/// unknown.
+const LOCK_WAIT: &str = "2s";
+
+/// Creates the table if it is missing (safe to run from several processes at once).
+///
+/// # Errors
+/// The database's error.
+pub async fn migrate(db: &Client) -> Result<()> {
+    db.batch_execute(
+        "BEGIN;
+         SELECT pg_advisory_xact_lock(7478237600418);
+         CREATE TABLE IF NOT EXISTS txmq_local_txn (
+             txn_id  TEXT PRIMARY KEY,
+             outcome TEXT NOT NULL CHECK (outcome IN ('commit', 'rollback')),
+             at_ms   BIGINT NOT NULL
+         );
+         COMMIT;",
+    )
+    .await
+    .map_err(db_err)
+}
+
+/// Sends `messages` as one transaction bound to a database transaction on `db`: the
+/// half messages first, then `work` inside the database transaction, then both commit.
+/// When `work` or the database fails before its commit, both roll back.
+///
+/// # Errors
+/// [`Error::Work`] with the work's error, [`Error::Db`], [`Error::Broker`] (nothing
+/// committed), [`Error::Fenced`], or [`Error::CommitUnknown`] (left to the check-back).
+/// A failure to commit the messages after the database committed is not an error: the
+/// check-back commits them.
+pub async fn send_in_transaction<T, E>(
+    producer: &Producer,
+    db: &mut Client,
+    messages: Vec<Message>,
+    work: impl AsyncFnOnce(&tokio_postgres::Transaction<'_>) -> Result<T, E>,
+) -> Result<T>
+where
+    E: Into<BoxError>,
+{
+    let pending = Pending::begin(producer, messages).await?;
+    let (value, committed) = run_local(pending, db, work).await?;
+    committed.finish().await;
+    Ok(value)
+}
+
+/// The database half of [`send_in_transaction`]: in one database transaction, claims
+/// the transaction id, runs `work` and commits. On a failure before the commit, rolls
+/// the messages back too.
+///
+/// # Errors
+/// As [`send_in_transaction`].
+pub async fn run_local<T, E>(
+    pending: Pending,
+    db: &mut Client,
+    work: impl AsyncFnOnce(&tokio_postgres::Transaction<'_>) -> Result<T, E>,
+) -> Result<(T, Committed)>
+where
+    E: Into<BoxError>,
+{
+    let tx = match db.transaction().await {
+        Ok(tx) => tx,
+        Err(e) => return pending.fail(db_err(e)).await,
+    };
+    // First: while this transaction runs, it holds the id's key.
+    let claimed = tx
+        .execute(
+            "INSERT INTO txmq_local_txn (txn_id, outcome, at_ms) VALUES ($1, 'commit', $2)
+             ON CONFLICT (txn_id) DO NOTHING",
+            &[&pending.id, &now_ms()],
+        )
+        .await;
+    match claimed {
+        Ok(1) => {}
+        Ok(_) => {
+            drop(tx);
+            let id = pending.id.clone();
+            return pending.fail(Error::Fenced(id)).await;
+        }
+        Err(e) => {
+            drop(tx);
+            return pending.fail(db_err(e)).await;
+        }
+    }
+    let value = match work(&tx).await {
+        Ok(v) => v,
+        Err(e) => {
+            drop(tx);
+            return pending.fail(Error::Work(e.into())).await;
+        }
+    };
+    match tx.commit().await {
+        Ok(()) => Ok((value, pending.committed())),
+        // COMMIT was sent: it may have happened. The check-back decides from the table.
+        Err(e) => Err(Error::CommitUnknown {
+            txn_id: pending.id.clone(),
+            source: Box::new(e),
+        }),
+    }
+}
+
+/// Answers check-backs from the table, on its own connection.
+#[derive(Clone)]
+pub struct Checker {
+    db: Arc<Client>,
+}
+
+impl std::fmt::Debug for Checker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checker").finish_non_exhaustive()
+    }
+}
+
+impl Checker {
+    /// A checker on `db`, a connection of its own (its lock wait is set on it).
+    ///
+    /// # Errors
+    /// The database's error.
+    pub async fn new(db: Client) -> Result<Self> {
+        db.batch_execute(&format!("SET lock_timeout = '{LOCK_WAIT}'"))
+            .await
+            .map_err(db_err)?;
+        Ok(Self { db: Arc::new(db) })
+    }
+
+    /// What became of transaction `txn_id`: see the crate's docs for the rule.
+    ///
+    /// # Errors
+    /// The database's error (a lock wait that ran out is `Ok(Unknown)`).
+    pub async fn decide(&self, txn_id: &str) -> Result<Outcome> {
+        let fenced = self
+            .db
+            .query_opt(
+                "INSERT INTO txmq_local_txn (txn_id, outcome, at_ms) VALUES ($1, 'rollback', $2)
+                 ON CONFLICT (txn_id) DO NOTHING RETURNING outcome",
+                &[&txn_id, &now_ms()],
+            )
+            .await;
+        match fenced {
+            Ok(Some(_)) => return Ok(Outcome::Rollback),
+            Ok(None) => {}
+            Err(e) if is_lock_timeout(&e) => return Ok(Outcome::Unknown),
+            Err(e) => return Err(db_err(e)),
+        }
+        // The key was taken: by a committed row (a new statement sees it).
+        let row = self
+            .db
+            .query_opt(
+                "SELECT outcome FROM txmq_local_txn WHERE txn_id = $1",
+                &[&txn_id],
+            )
+            .await
+            .map_err(db_err)?;
+        Ok(row.map_or(Outcome::Unknown, |r| outcome_of(r.get::<_, &str>(0))))
+    }
+}
+
+impl TransactionChecker for Checker {
+    fn check(
+        &self,
+        request: CheckRequest,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Outcome> + Send>> {
+        let checker = self.clone();
+        Box::pin(async move {
+            match checker.decide(&request.txn_id).await {
+                Ok(outcome) => outcome,
+                Err(e) => {
+                    tracing::warn!(txn = %request.txn_id, "check-back: {e}; answering unknown");
+                    Outcome::Unknown
+                }
+            }
+        })
+    }
+}
+
+/// Deletes rows older than `keep` (at least [`crate::KEEP_ROWS`] is safe: see the
+/// crate's docs); returns how many.
+///
+/// # Errors
+/// The database's error.
+pub async fn prune(db: &Client, keep: Duration) -> Result<u64> {
+    let before = now_ms() - keep.as_millis() as i64;
+    db.execute("DELETE FROM txmq_local_txn WHERE at_ms < $1", &[&before])
+        .await
+        .map_err(db_err)
+}
+
+fn is_lock_timeout(e: &tokio_postgres::Error) -> bool {
+    e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE)
+}
+
+fn db_err(e: tokio_postgres::Error) -> Error {
+    Error::Db(Box::new(e))
+}
