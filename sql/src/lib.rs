@@ -23,6 +23,13 @@
 //! ([`postgres::prune`], [`sqlite::prune`]) only what is older than the broker's
 //! `discarded_retention` (7 days) plus a margin; [`KEEP_ROWS`] is the default.
 //!
+//! **The idempotent consumer** (`consume_once`): applies a delivery's effect and records
+//! the message id (per consumer group) in `txmq_processed` in the same database
+//! transaction, then acks. A redelivery finds the row and is acked without being
+//! applied again; two deliveries of one message at once wait on each other's key.
+//! Rows are pruned after a retention the user sets (`prune_processed`): longer than any
+//! message can be redelivered (leases, retries, a dead letter's redrive).
+//!
 //! The steps are public too ([`Pending`], [`Committed`]) for callers that need to place
 //! their own work between them (the crash tests kill a process at each).
 
@@ -70,6 +77,27 @@ pub enum Error {
         /// The database's error.
         source: BoxError,
     },
+    /// The database commit of a message's effect failed in a way that leaves its
+    /// outcome unknown: the message is not acked, and its redelivery finds out (applied
+    /// once either way).
+    #[error(
+        "the database commit of message {message_id}'s effect may or may not have happened: {source}"
+    )]
+    ApplyUnknown {
+        /// The message.
+        message_id: String,
+        /// The database's error.
+        source: BoxError,
+    },
+}
+
+/// What [`postgres::consume_once`] and [`sqlite::consume_once`] did with a delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Applied<T> {
+    /// Its effect was applied now (and recorded, in the same database transaction).
+    Applied(T),
+    /// It had been applied before (a redelivery): nothing was done again.
+    Duplicate,
 }
 
 /// A result of this crate.

@@ -5,7 +5,10 @@
 //! ```text
 //! txmq-sql-demo order   --db URL --broker ADDR --order N [--die-at STEP]
 //! txmq-sql-demo checker --db URL --broker ADDR --seconds S
+//! txmq-sql-demo points  --db URL --broker ADDR [--die-after N] [--idle-secs S]
 //! ```
+//! `points` credits each announced order once (`txmq-sql`'s idempotent consumer); with
+//! `--die-after N` it dies after the N-th credit is committed, before its ack.
 //! `URL`: a `tokio-postgres` connection string (`host=… port=… user=…`), or
 //! `sqlite:PATH`. `STEP`: `in-work` (the order row written, before the database
 //! commits), `after-local-commit` (before the message commits), `after-both`.
@@ -14,8 +17,11 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
-use txmq_client::{Message, Producer, ProducerOptions, TransactionChecker};
-use txmq_sql::{Pending, postgres, sqlite};
+use futures::StreamExt;
+use txmq_client::{
+    Consumer, ConsumerOptions, Message, Producer, ProducerOptions, TransactionChecker,
+};
+use txmq_sql::{Applied, Pending, postgres, sqlite};
 
 /// The producer group of the order service.
 const GROUP: &str = "order-service";
@@ -40,6 +46,17 @@ enum Cmd {
         order: i64,
         #[arg(long, value_enum)]
         die_at: Option<Step>,
+    },
+    /// Credits each announced order once, until nothing arrives for `idle_secs`.
+    Points {
+        #[arg(long)]
+        db: String,
+        #[arg(long)]
+        broker: String,
+        #[arg(long)]
+        die_after: Option<u64>,
+        #[arg(long, default_value_t = 3)]
+        idle_secs: u64,
     },
     /// Answers the group's check-backs for S seconds.
     Checker {
@@ -77,7 +94,8 @@ async fn open(url: &str) -> anyhow::Result<Db> {
         db.busy_timeout(Duration::from_secs(5))?;
         db.execute_batch(
             "PRAGMA journal_mode = WAL;
-             CREATE TABLE IF NOT EXISTS orders (id INTEGER PRIMARY KEY, amount INTEGER NOT NULL);",
+             CREATE TABLE IF NOT EXISTS orders (id INTEGER PRIMARY KEY, amount INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS credits (order_id INTEGER NOT NULL, points INTEGER NOT NULL);",
         )?;
         sqlite::migrate(&db)?;
         return Ok(Db::Lite(db, path.into()));
@@ -88,7 +106,8 @@ async fn open(url: &str) -> anyhow::Result<Db> {
     tokio::spawn(connection);
     postgres::migrate(&db).await?;
     db.batch_execute(
-        "CREATE TABLE IF NOT EXISTS orders (id BIGINT PRIMARY KEY, amount BIGINT NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS orders (id BIGINT PRIMARY KEY, amount BIGINT NOT NULL);
+         CREATE TABLE IF NOT EXISTS credits (order_id BIGINT NOT NULL, points BIGINT NOT NULL);",
     )
     .await?;
     Ok(Db::Pg(db))
@@ -138,6 +157,56 @@ async fn order(db: &mut Db, broker: &str, id: i64, die_at: Option<Step>) -> anyh
     Ok(())
 }
 
+/// The points service: one credit per order, whatever is redelivered.
+async fn points(
+    db: &mut Db,
+    broker: &str,
+    die_after: Option<u64>,
+    idle: Duration,
+) -> anyhow::Result<()> {
+    let mut consumer = Consumer::subscribe(broker, ConsumerOptions::new("points", TOPIC)).await?;
+    let (mut applied, mut duplicates) = (0u64, 0u64);
+    while let Ok(Some(delivery)) = tokio::time::timeout(idle, consumer.next()).await {
+        let delivery = delivery?;
+        let body = String::from_utf8_lossy(delivery.body()).into_owned();
+        let id: i64 = body
+            .strip_prefix("order-")
+            .and_then(|n| n.parse().ok())
+            .with_context(|| format!("not an order: {body:?}"))?;
+        let done = match db {
+            Db::Pg(client) => {
+                txmq_sql::postgres::apply_once(client, &delivery, async |tx| {
+                    tx.execute(
+                        "INSERT INTO credits (order_id, points) VALUES ($1, $2)",
+                        &[&id, &id],
+                    )
+                    .await
+                    .map(|_| ())
+                })
+                .await?
+            }
+            Db::Lite(conn, _) => txmq_sql::sqlite::apply_once(conn, &delivery, |tx| {
+                tx.execute(
+                    "INSERT INTO credits (order_id, points) VALUES (?1, ?2)",
+                    [id, id],
+                )
+                .map(|_| ())
+            })?,
+        };
+        match done {
+            Applied::Applied(_) => applied += 1,
+            Applied::Duplicate => duplicates += 1,
+        }
+        if die_after == Some(applied) {
+            eprintln!("dying after credit {applied}, before its ack");
+            std::process::abort();
+        }
+        delivery.ack().await?;
+    }
+    println!("{{\"applied\":{applied},\"duplicates\":{duplicates}}}");
+    Ok(())
+}
+
 async fn checker(db: Db, broker: &str, seconds: u64) -> anyhow::Result<()> {
     let checker: std::sync::Arc<dyn TransactionChecker> = match db {
         Db::Pg(client) => std::sync::Arc::new(postgres::Checker::new(client).await?),
@@ -180,5 +249,14 @@ async fn main() -> anyhow::Result<()> {
             broker,
             seconds,
         } => checker(open(&db).await?, &broker, seconds).await,
+        Cmd::Points {
+            db,
+            broker,
+            die_after,
+            idle_secs,
+        } => {
+            let mut db = open(&db).await?;
+            points(&mut db, &broker, die_after, Duration::from_secs(idle_secs)).await
+        }
     }
 }

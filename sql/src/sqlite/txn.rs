@@ -1,10 +1,7 @@
-//! SQLite, through `rusqlite`: the table, a send bound to a transaction, and the checker
-//! that answers its check-backs (the rule is in the crate's docs). The producer's
-//! transaction is `BEGIN IMMEDIATE`: it holds the database's write lock from its first
-//! statement, which is what the checker's insert waits on.
-//!
-//! SQLite calls block; they are short local-file work, run where the caller runs
-//! (the checker runs its own on the blocking pool).
+//! A send bound to an SQLite transaction, and the checker that answers its check-backs
+//! (the rule is in the crate's docs). The producer's transaction is `BEGIN IMMEDIATE`:
+//! it holds the database's write lock from its first statement, which is what the
+//! checker's insert waits on.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -13,26 +10,12 @@ use std::time::Duration;
 use rusqlite::{Connection, TransactionBehavior};
 use txmq_client::{CheckRequest, Message, Outcome, Producer, TransactionChecker};
 
+use super::{db_err, migrate};
 use crate::{BoxError, Committed, Error, Pending, Result, now_ms, outcome_of};
 
 /// How long the checker waits for a producer's open transaction before answering
 /// unknown.
 const LOCK_WAIT: Duration = Duration::from_secs(2);
-
-/// Creates the table if it is missing.
-///
-/// # Errors
-/// The database's error.
-pub fn migrate(db: &Connection) -> Result<()> {
-    db.execute_batch(
-        "CREATE TABLE IF NOT EXISTS txmq_local_txn (
-             txn_id  TEXT PRIMARY KEY,
-             outcome TEXT NOT NULL CHECK (outcome IN ('commit', 'rollback')),
-             at_ms   INTEGER NOT NULL
-         );",
-    )
-    .map_err(db_err)
-}
 
 /// Sends `messages` as one transaction bound to a database transaction on `db`: the
 /// half messages first, then `work` inside the database transaction, then both commit.
@@ -212,8 +195,4 @@ fn is_busy(e: &rusqlite::Error) -> bool {
         e.sqlite_error_code(),
         Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
     )
-}
-
-fn db_err(e: rusqlite::Error) -> Error {
-    Error::Db(Box::new(e))
 }

@@ -1,5 +1,5 @@
-//! PostgreSQL, through `tokio-postgres`: the table, a send bound to a transaction, and
-//! the checker that answers its check-backs (the rule is in the crate's docs).
+//! A send bound to a PostgreSQL transaction, and the checker that answers its
+//! check-backs (the rule is in the crate's docs).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,30 +7,12 @@ use std::time::Duration;
 use tokio_postgres::Client;
 use txmq_client::{CheckRequest, Message, Outcome, Producer, TransactionChecker};
 
+use super::db_err;
 use crate::{BoxError, Committed, Error, Pending, Result, now_ms, outcome_of};
 
 /// How long the checker waits for a producer's open transaction before answering
 /// unknown.
 const LOCK_WAIT: &str = "2s";
-
-/// Creates the table if it is missing (safe to run from several processes at once).
-///
-/// # Errors
-/// The database's error.
-pub async fn migrate(db: &Client) -> Result<()> {
-    db.batch_execute(
-        "BEGIN;
-         SELECT pg_advisory_xact_lock(7478237600418);
-         CREATE TABLE IF NOT EXISTS txmq_local_txn (
-             txn_id  TEXT PRIMARY KEY,
-             outcome TEXT NOT NULL CHECK (outcome IN ('commit', 'rollback')),
-             at_ms   BIGINT NOT NULL
-         );
-         COMMIT;",
-    )
-    .await
-    .map_err(db_err)
-}
 
 /// Sends `messages` as one transaction bound to a database transaction on `db`: the
 /// half messages first, then `work` inside the database transaction, then both commit.
@@ -199,8 +181,4 @@ pub async fn prune(db: &Client, keep: Duration) -> Result<u64> {
 
 fn is_lock_timeout(e: &tokio_postgres::Error) -> bool {
     e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE)
-}
-
-fn db_err(e: tokio_postgres::Error) -> Error {
-    Error::Db(Box::new(e))
 }
