@@ -30,9 +30,14 @@
 //! Rows are pruned after a retention the user sets (`prune_processed`): longer than any
 //! message can be redelivered (leases, retries, a dead letter's redrive).
 //!
+//! **The outbox relay** ([`outbox`]): messages written in the caller's transaction
+//! (`enqueue`), sent in order by a relay with their row ids as idempotency keys, and
+//! marked sent; the service keeps working while the broker is down.
+//!
 //! The steps are public too ([`Pending`], [`Committed`]) for callers that need to place
 //! their own work between them (the crash tests kill a process at each).
 
+pub mod outbox;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 #[cfg(feature = "sqlite")]

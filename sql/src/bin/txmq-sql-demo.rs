@@ -7,6 +7,11 @@
 //! txmq-sql-demo checker --db URL --broker ADDR --seconds S
 //! txmq-sql-demo points  --db URL --broker ADDR [--die-after N] [--idle-secs S]
 //! ```
+//! txmq-sql-demo outbox-enqueue --db URL --count N
+//! txmq-sql-demo relay   --db URL --broker ADDR [--die-at-mark K] [--until-empty]
+//! `outbox-enqueue` writes N events (`event-1`…) each in its own transaction with a
+//! business row; `relay` sends them (dying, with `--die-at-mark K`, when it would mark
+//! its K-th batch sent: sent, not marked).
 //! `points` credits each announced order once (`txmq-sql`'s idempotent consumer); with
 //! `--die-after N` it dies after the N-th credit is committed, before its ack.
 //! `URL`: a `tokio-postgres` connection string (`host=… port=… user=…`), or
@@ -21,6 +26,7 @@ use futures::StreamExt;
 use txmq_client::{
     Consumer, ConsumerOptions, Message, Producer, ProducerOptions, TransactionChecker,
 };
+use txmq_sql::outbox::{self, RelayOptions, Store};
 use txmq_sql::{Applied, Pending, postgres, sqlite};
 
 /// The producer group of the order service.
@@ -57,6 +63,26 @@ enum Cmd {
         die_after: Option<u64>,
         #[arg(long, default_value_t = 3)]
         idle_secs: u64,
+    },
+    /// Writes `count` events into the outbox, each with a business row.
+    OutboxEnqueue {
+        #[arg(long)]
+        db: String,
+        #[arg(long)]
+        count: i64,
+    },
+    /// Relays the outbox.
+    Relay {
+        #[arg(long)]
+        db: String,
+        #[arg(long)]
+        broker: String,
+        #[arg(long)]
+        die_at_mark: Option<u64>,
+        #[arg(long)]
+        until_empty: bool,
+        #[arg(long, default_value_t = 10)]
+        batch: usize,
     },
     /// Answers the group's check-backs for S seconds.
     Checker {
@@ -95,7 +121,8 @@ async fn open(url: &str) -> anyhow::Result<Db> {
         db.execute_batch(
             "PRAGMA journal_mode = WAL;
              CREATE TABLE IF NOT EXISTS orders (id INTEGER PRIMARY KEY, amount INTEGER NOT NULL);
-             CREATE TABLE IF NOT EXISTS credits (order_id INTEGER NOT NULL, points INTEGER NOT NULL);",
+             CREATE TABLE IF NOT EXISTS credits (order_id INTEGER NOT NULL, points INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL);",
         )?;
         sqlite::migrate(&db)?;
         return Ok(Db::Lite(db, path.into()));
@@ -107,7 +134,8 @@ async fn open(url: &str) -> anyhow::Result<Db> {
     postgres::migrate(&db).await?;
     db.batch_execute(
         "CREATE TABLE IF NOT EXISTS orders (id BIGINT PRIMARY KEY, amount BIGINT NOT NULL);
-         CREATE TABLE IF NOT EXISTS credits (order_id BIGINT NOT NULL, points BIGINT NOT NULL);",
+         CREATE TABLE IF NOT EXISTS credits (order_id BIGINT NOT NULL, points BIGINT NOT NULL);
+         CREATE TABLE IF NOT EXISTS events (id BIGSERIAL PRIMARY KEY, name TEXT NOT NULL);",
     )
     .await?;
     Ok(Db::Pg(db))
@@ -207,6 +235,96 @@ async fn points(
     Ok(())
 }
 
+/// Writes `count` events, each with its business row in one transaction.
+async fn enqueue(db: &mut Db, count: i64) -> anyhow::Result<()> {
+    for i in 1..=count {
+        let name = format!("event-{i}");
+        let message = Message::new("events", name.clone()).key(i.to_string());
+        match db {
+            Db::Pg(client) => {
+                let tx = client.transaction().await?;
+                tx.execute("INSERT INTO events (name) VALUES ($1)", &[&name])
+                    .await?;
+                postgres::enqueue(&tx, &message).await?;
+                tx.commit().await?;
+            }
+            Db::Lite(conn, _) => {
+                let tx = conn.transaction()?;
+                tx.execute("INSERT INTO events (name) VALUES (?1)", [&name])?;
+                sqlite::enqueue(&tx, &message)?;
+                tx.commit()?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A store that dies when it would mark its `die_at`-th batch sent.
+struct Dying<S> {
+    inner: S,
+    marks: u64,
+    die_at: Option<u64>,
+}
+
+impl<S: Store> Store for Dying<S> {
+    async fn epoch(&mut self) -> txmq_sql::Result<String> {
+        self.inner.epoch().await
+    }
+    async fn pending(&mut self, limit: usize) -> txmq_sql::Result<Vec<txmq_sql::outbox::Row>> {
+        self.inner.pending(limit).await
+    }
+    async fn mark_sent(&mut self, ids: &[i64]) -> txmq_sql::Result<()> {
+        self.marks += 1;
+        if self.die_at == Some(self.marks) {
+            eprintln!("dying before marking batch {} sent", self.marks);
+            std::process::abort();
+        }
+        self.inner.mark_sent(ids).await
+    }
+    async fn wait(&mut self, at_most: Duration) {
+        self.inner.wait(at_most).await;
+    }
+}
+
+async fn relay(
+    db: &str,
+    broker: &str,
+    die_at: Option<u64>,
+    options: RelayOptions,
+) -> anyhow::Result<()> {
+    let producer = Producer::connect(broker, ProducerOptions::default()).await;
+    // The broker may be down: the producer is made once it answers.
+    let producer = match producer {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("broker not reachable yet ({e}); waiting for it");
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                if let Ok(p) = Producer::connect(broker, ProducerOptions::default()).await {
+                    break p;
+                }
+            }
+        }
+    };
+    let sent = if let Some(path) = db.strip_prefix("sqlite:") {
+        let mut store = Dying {
+            inner: sqlite::Outbox::open(std::path::Path::new(path))?,
+            marks: 0,
+            die_at,
+        };
+        outbox::relay(&mut store, &producer, &options, std::future::pending()).await?
+    } else {
+        let mut store = Dying {
+            inner: postgres::Outbox::connect(db).await?,
+            marks: 0,
+            die_at,
+        };
+        outbox::relay(&mut store, &producer, &options, std::future::pending()).await?
+    };
+    println!("{{\"sent\":{}}}", sent.sent);
+    Ok(())
+}
+
 async fn checker(db: Db, broker: &str, seconds: u64) -> anyhow::Result<()> {
     let checker: std::sync::Arc<dyn TransactionChecker> = match db {
         Db::Pg(client) => std::sync::Arc::new(postgres::Checker::new(client).await?),
@@ -249,6 +367,21 @@ async fn main() -> anyhow::Result<()> {
             broker,
             seconds,
         } => checker(open(&db).await?, &broker, seconds).await,
+        Cmd::OutboxEnqueue { db, count } => enqueue(&mut open(&db).await?, count).await,
+        Cmd::Relay {
+            db,
+            broker,
+            die_at_mark,
+            until_empty,
+            batch,
+        } => {
+            let options = RelayOptions {
+                batch,
+                until_empty,
+                ..RelayOptions::default()
+            };
+            relay(&db, &broker, die_at_mark, options).await
+        }
         Cmd::Points {
             db,
             broker,

@@ -1,11 +1,13 @@
 //! PostgreSQL, through `tokio-postgres`: the tables this crate owns ([`migrate`]), a
-//! send bound to a transaction and its checker (`txn`), and the idempotent consumer
-//! (`consume`).
+//! send bound to a transaction and its checker (`txn`), the idempotent consumer
+//! (`consume`), and the outbox (`outbox`).
 
 mod consume;
+mod outbox;
 mod txn;
 
 pub use consume::{apply_once, consume_once, prune_processed};
+pub use outbox::{Outbox, enqueue, prune_outbox};
 pub use txn::{Checker, prune, run_local, send_in_transaction};
 
 use tokio_postgres::Client;
@@ -14,7 +16,8 @@ use crate::{Error, Result};
 
 /// Creates the tables this crate owns if they are missing (safe to run from several
 /// processes at once): `txmq_local_txn` (transactions bound to this database) and
-/// `txmq_processed` (messages the idempotent consumer applied).
+/// `txmq_processed` (messages the idempotent consumer applied), `txmq_outbox` and its
+/// epoch (the outbox relay).
 ///
 /// # Errors
 /// The database's error.
@@ -34,8 +37,31 @@ pub async fn migrate(db: &Client) -> Result<()> {
              PRIMARY KEY (consumer_group, message_id)
          );
          CREATE INDEX IF NOT EXISTS txmq_processed_at ON txmq_processed (at_ms);
-         COMMIT;",
+         CREATE TABLE IF NOT EXISTS txmq_outbox (
+             id            BIGSERIAL PRIMARY KEY,
+             topic         TEXT NOT NULL,
+             msg_key       TEXT NOT NULL,
+             tag           TEXT NOT NULL,
+             message_group TEXT NOT NULL,
+             properties    TEXT NOT NULL,
+             deliver_at_ms BIGINT NOT NULL,
+             body          BYTEA NOT NULL,
+             created_ms    BIGINT NOT NULL,
+             sent_ms       BIGINT
+         );
+         CREATE INDEX IF NOT EXISTS txmq_outbox_pending ON txmq_outbox (id)
+             WHERE sent_ms IS NULL;
+         CREATE TABLE IF NOT EXISTS txmq_outbox_epoch (epoch TEXT NOT NULL);",
     )
+    .await
+    .map_err(db_err)?;
+    // The epoch is hex: safe to write into the statement.
+    db.batch_execute(&format!(
+        "INSERT INTO txmq_outbox_epoch (epoch)
+             SELECT '{}' WHERE NOT EXISTS (SELECT 1 FROM txmq_outbox_epoch);
+         COMMIT;",
+        crate::outbox::new_epoch()
+    ))
     .await
     .map_err(db_err)
 }

@@ -1,13 +1,16 @@
 //! SQLite, through `rusqlite`: the tables this crate owns ([`migrate`]), a send bound
-//! to a transaction and its checker (`txn`), and the idempotent consumer (`consume`).
+//! to a transaction and its checker (`txn`), the idempotent consumer (`consume`), and
+//! the outbox (`outbox`).
 //!
 //! SQLite calls block; they are short local-file work, run where the caller runs (the
 //! checker runs its own on the blocking pool).
 
 mod consume;
+mod outbox;
 mod txn;
 
 pub use consume::{apply_once, consume_once, prune_processed};
+pub use outbox::{Outbox, enqueue, prune_outbox};
 pub use txn::{Checker, prune, run_local, send_in_transaction};
 
 use rusqlite::Connection;
@@ -16,7 +19,7 @@ use crate::{Error, Result};
 
 /// Creates the tables this crate owns if they are missing: `txmq_local_txn`
 /// (transactions bound to this database) and `txmq_processed` (messages the idempotent
-/// consumer applied).
+/// consumer applied), `txmq_outbox` and its epoch (the outbox relay).
 ///
 /// # Errors
 /// The database's error.
@@ -33,9 +36,31 @@ pub fn migrate(db: &Connection) -> Result<()> {
              at_ms          INTEGER NOT NULL,
              PRIMARY KEY (consumer_group, message_id)
          );
-         CREATE INDEX IF NOT EXISTS txmq_processed_at ON txmq_processed (at_ms);",
+         CREATE INDEX IF NOT EXISTS txmq_processed_at ON txmq_processed (at_ms);
+         CREATE TABLE IF NOT EXISTS txmq_outbox (
+             id            INTEGER PRIMARY KEY AUTOINCREMENT,
+             topic         TEXT NOT NULL,
+             msg_key       TEXT NOT NULL,
+             tag           TEXT NOT NULL,
+             message_group TEXT NOT NULL,
+             properties    TEXT NOT NULL,
+             deliver_at_ms INTEGER NOT NULL,
+             body          BLOB NOT NULL,
+             created_ms    INTEGER NOT NULL,
+             sent_ms       INTEGER
+         );
+         CREATE INDEX IF NOT EXISTS txmq_outbox_pending ON txmq_outbox (id)
+             WHERE sent_ms IS NULL;
+         CREATE TABLE IF NOT EXISTS txmq_outbox_epoch (epoch TEXT NOT NULL);",
     )
-    .map_err(db_err)
+    .map_err(db_err)?;
+    db.execute(
+        "INSERT INTO txmq_outbox_epoch (epoch)
+             SELECT ?1 WHERE NOT EXISTS (SELECT 1 FROM txmq_outbox_epoch)",
+        [crate::outbox::new_epoch()],
+    )
+    .map_err(db_err)?;
+    Ok(())
 }
 
 fn db_err(e: rusqlite::Error) -> Error {

@@ -1,0 +1,117 @@
+//! Issue 18, item 2: the outbox relay, on a real PostgreSQL and on SQLite. Events are
+//! written with their business rows; the relay dies after sending a batch and before
+//! marking it sent; then it runs again while the broker is down, and the broker comes
+//! back. Every event is delivered once, in order: none lost, none stored twice.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use txmq_tests::postgres::Postgres;
+use txmq_tests::{TestBroker, drain, wait_timeout};
+
+const EVENTS: usize = 25;
+
+fn demo() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_txmq-sql-demo"))
+}
+
+fn run(c: &mut Command) -> std::process::Output {
+    c.output().expect("run txmq-sql-demo")
+}
+
+async fn crash_stop_and_resume(db: &str) {
+    let mut b = TestBroker::start_on_fixed_port(&[]);
+    let out = run(demo()
+        .args(["outbox-enqueue", "--db", db, "--count"])
+        .arg(EVENTS.to_string()));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Batches of 10: the first is marked, the second sent and not marked.
+    let out = run(demo().args([
+        "relay",
+        "--db",
+        db,
+        "--broker",
+        b.addr(),
+        "--die-at-mark",
+        "2",
+        "--until-empty",
+    ]));
+    assert!(
+        !out.status.success(),
+        "it did not die: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The broker is down when the relay starts again; it comes back.
+    b.kill9();
+    let mut relay = demo()
+        .args(["relay", "--db", db, "--broker", b.addr(), "--until-empty"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run the relay");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    b.start_again();
+    let status = wait_timeout(&mut relay, Duration::from_secs(60));
+    let mut out = String::new();
+    std::io::Read::read_to_string(relay.stdout.as_mut().unwrap(), &mut out).unwrap();
+    assert!(status.is_some_and(|s| s.success()), "relay: {out}");
+    assert_eq!(
+        out.trim(),
+        format!("{{\"sent\":{}}}", EVENTS - 10),
+        "what it sent and marked"
+    );
+
+    let bodies = drain(&b, "g", "events", Duration::from_secs(3)).await;
+    let bodies: Vec<String> = bodies
+        .iter()
+        .map(|b| String::from_utf8_lossy(b).into_owned())
+        .collect();
+    let expected: Vec<String> = (1..=EVENTS).map(|i| format!("event-{i}")).collect();
+    assert_eq!(bodies, expected, "each event once, in order");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_outbox_delivers_every_event_once_across_a_crash_and_a_broker_outage() {
+    let server = Postgres::start();
+    crash_stop_and_resume(&server.url()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_outbox_delivers_every_event_once_across_a_crash_and_a_broker_outage() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite:{}", dir.path().join("svc.db").display());
+    crash_stop_and_resume(&url).await;
+}
+
+/// The relay's store wakes on the `NOTIFY` that `enqueue` sends at commit, not at its
+/// next poll: here it was told to wait an hour.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_relay_wakes_on_the_commit_of_an_enqueue() {
+    use txmq_sql::outbox::Store;
+    let server = Postgres::start();
+    let mut store = txmq_sql::postgres::Outbox::connect(&server.url())
+        .await
+        .unwrap();
+    let waiting = tokio::spawn(async move {
+        store.wait(Duration::from_secs(3600)).await;
+    });
+    let (mut db, conn) = tokio_postgres::connect(&server.url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let tx = db.transaction().await.unwrap();
+    txmq_sql::postgres::enqueue(&tx, &txmq_client::Message::new("t", "x"))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(60), waiting)
+        .await
+        .expect("the relay was not woken by the commit")
+        .unwrap();
+}
