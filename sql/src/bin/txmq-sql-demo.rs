@@ -84,6 +84,30 @@ enum Cmd {
         #[arg(long, default_value_t = 10)]
         batch: usize,
     },
+    /// Measures transactional sends bound to database transactions: `count` orders from
+    /// `concurrency` workers, each with its own connection.
+    BenchTxn {
+        #[arg(long)]
+        db: String,
+        #[arg(long)]
+        broker: String,
+        #[arg(long, default_value_t = 5000)]
+        count: i64,
+        #[arg(long, default_value_t = 8)]
+        concurrency: i64,
+    },
+    /// Measures the outbox: `count` enqueues (one transaction each), then one relay
+    /// draining them.
+    BenchOutbox {
+        #[arg(long)]
+        db: String,
+        #[arg(long)]
+        broker: String,
+        #[arg(long, default_value_t = 20000)]
+        count: i64,
+        #[arg(long, default_value_t = 100)]
+        batch: usize,
+    },
     /// Answers the group's check-backs for S seconds.
     Checker {
         #[arg(long)]
@@ -325,6 +349,94 @@ async fn relay(
     Ok(())
 }
 
+/// One worker of `bench-txn`: orders `from..to`.
+async fn bench_worker(db: String, broker: String, from: i64, to: i64) -> anyhow::Result<()> {
+    let mut db = open(&db).await?;
+    let producer = Producer::connect(
+        &broker,
+        ProducerOptions {
+            group: GROUP.into(),
+            ..ProducerOptions::default()
+        },
+    )
+    .await?;
+    for id in from..to {
+        let message = Message::new("bench-orders", format!("order-{id}"));
+        let amount = id * 10;
+        match &mut db {
+            Db::Pg(client) => {
+                postgres::send_in_transaction(&producer, client, vec![message], async |tx| {
+                    tx.execute(
+                        "INSERT INTO orders (id, amount) VALUES ($1, $2)",
+                        &[&id, &amount],
+                    )
+                    .await
+                })
+                .await?;
+            }
+            Db::Lite(conn, _) => {
+                sqlite::send_in_transaction(&producer, conn, vec![message], |tx| {
+                    tx.execute(
+                        "INSERT INTO orders (id, amount) VALUES (?1, ?2)",
+                        [id, amount],
+                    )
+                })
+                .await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn bench_txn(db: &str, broker: &str, count: i64, concurrency: i64) -> anyhow::Result<()> {
+    let base = 1_000_000_000 + (txmq_sql_now_ms() % 1_000_000) * 1000;
+    let per = count / concurrency.max(1);
+    let started = std::time::Instant::now();
+    let workers: Vec<_> = (0..concurrency)
+        .map(|w| {
+            let from = base + w * per;
+            tokio::spawn(bench_worker(db.into(), broker.into(), from, from + per))
+        })
+        .collect();
+    for w in workers {
+        w.await??;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let n = per * concurrency;
+    println!(
+        "{{\"scenario\":\"txn-bound\",\"messages\":{n},\"seconds\":{secs:.2},\"msgs_per_sec\":{:.0}}}",
+        n as f64 / secs
+    );
+    Ok(())
+}
+
+async fn bench_outbox(db: &str, broker: &str, count: i64, batch: usize) -> anyhow::Result<()> {
+    let mut conn = open(db).await?;
+    let started = std::time::Instant::now();
+    enqueue(&mut conn, count).await?;
+    let enqueue_secs = started.elapsed().as_secs_f64();
+    let started = std::time::Instant::now();
+    let options = RelayOptions {
+        batch,
+        until_empty: true,
+        ..RelayOptions::default()
+    };
+    relay(db, broker, None, options).await?;
+    let relay_secs = started.elapsed().as_secs_f64();
+    println!(
+        "{{\"scenario\":\"outbox\",\"rows\":{count},\"enqueue_per_sec\":{:.0},\"relay_per_sec\":{:.0}}}",
+        count as f64 / enqueue_secs,
+        count as f64 / relay_secs
+    );
+    Ok(())
+}
+
+fn txmq_sql_now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
 async fn checker(db: Db, broker: &str, seconds: u64) -> anyhow::Result<()> {
     let checker: std::sync::Arc<dyn TransactionChecker> = match db {
         Db::Pg(client) => std::sync::Arc::new(postgres::Checker::new(client).await?),
@@ -367,6 +479,18 @@ async fn main() -> anyhow::Result<()> {
             broker,
             seconds,
         } => checker(open(&db).await?, &broker, seconds).await,
+        Cmd::BenchTxn {
+            db,
+            broker,
+            count,
+            concurrency,
+        } => bench_txn(&db, &broker, count, concurrency).await,
+        Cmd::BenchOutbox {
+            db,
+            broker,
+            count,
+            batch,
+        } => bench_outbox(&db, &broker, count, batch).await,
         Cmd::OutboxEnqueue { db, count } => enqueue(&mut open(&db).await?, count).await,
         Cmd::Relay {
             db,
