@@ -5,6 +5,7 @@ mod message;
 mod scheduled;
 mod topic;
 mod view;
+mod webhook;
 
 use std::io::Write;
 use std::time::{Duration, Instant};
@@ -77,6 +78,9 @@ enum Command {
     /// A broker group: status, adding and removing nodes.
     #[command(subcommand)]
     Cluster(cluster::ClusterCmd),
+    /// Best-effort notification: POST every message of a topic to a URL, signed, with
+    /// retries and a dead-letter queue; a signed query interface for the receiver.
+    Webhook(webhook::WebhookArgs),
     /// Broker-wide figures: topics, messages, groups, pending half messages, counters.
     Stats {
         /// JSON output.
@@ -392,6 +396,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Produce(a) if a.transactional => produce_txn(addr, token, a).await,
         Command::Produce(a) => produce(addr, token, a).await,
         Command::Consume(a) => consume(addr, token, a).await,
+        Command::Webhook(a) => webhook::run(addr, token, a).await,
         Command::Topic(cmd) => topic::run(addr, token, cmd).await,
         Command::Cluster(cmd) => cluster::run(addr, token, cmd).await,
         Command::Group(GroupCmd::List { json }) => {

@@ -1,0 +1,318 @@
+//! `txmq webhook`: best-effort notification (最大努力通知). A consumer group of a topic
+//! whose every message is POSTed to an HTTP endpoint, signed; a 2xx answer acks it,
+//! anything else (or no answer) nacks it into the group's backoff, and after the
+//! group's max attempts the broker moves it to the dead-letter queue. The receiver can
+//! ask what it missed on a small signed query interface (`--query-listen`).
+//!
+//! Signature: `X-Txmq-Signature: v1=<hex HMAC-SHA256(secret, "<timestamp>.<message id>.<body>")>`
+//! with `X-Txmq-Timestamp` (ms since the Unix epoch). Queries are signed the same way
+//! over `"<timestamp>.GET.<path and query>"`, within five minutes of the bridge's clock.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use futures::StreamExt;
+use hmac::{Hmac, Mac};
+use serde_json::json;
+use sha2::Sha256;
+use txmq_client::{Admin, Consumer, ConsumerOptions, Delivery, pb};
+
+/// How far a query's timestamp may be from the bridge's clock.
+const QUERY_SKEW_MS: u64 = 5 * 60 * 1000;
+
+#[derive(Debug, clap::Args)]
+pub struct WebhookArgs {
+    /// Consumer group the bridge consumes as.
+    #[arg(long)]
+    group: String,
+    /// Topic whose messages are POSTed.
+    #[arg(long)]
+    topic: String,
+    /// Where each message is POSTed (http:// or https://).
+    #[arg(long)]
+    url: String,
+    /// File holding the signing secret (else TXMQ_WEBHOOK_SECRET).
+    #[arg(long)]
+    secret_file: Option<std::path::PathBuf>,
+    /// POSTs in flight at once.
+    #[arg(long, default_value_t = 16)]
+    concurrency: u32,
+    /// How long a POST may take before it counts as failed, in seconds.
+    #[arg(long, default_value_t = 10.0)]
+    timeout: f64,
+    /// Deliveries before a message is dead-lettered (0: the broker's max-attempts).
+    #[arg(long, default_value_t = 0)]
+    max_attempts: u32,
+    /// Serve the receiver's queries here (`HOST:PORT`): `GET /messages/ID` and
+    /// `GET /missed?since_ms=…&limit=…`.
+    #[arg(long)]
+    query_listen: Option<std::net::SocketAddr>,
+}
+
+type Signer = Hmac<Sha256>;
+
+fn sign(secret: &[u8], parts: &[&[u8]]) -> String {
+    let mut mac = Signer::new_from_slice(secret).expect("HMAC takes any key length");
+    for (i, p) in parts.iter().enumerate() {
+        if i > 0 {
+            mac.update(b".");
+        }
+        mac.update(p);
+    }
+    mac.finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn secret(a: &WebhookArgs) -> anyhow::Result<Vec<u8>> {
+    let text = match &a.secret_file {
+        Some(p) => std::fs::read_to_string(p)
+            .with_context(|| format!("cannot read the secret file {}", p.display()))?,
+        None => std::env::var("TXMQ_WEBHOOK_SECRET")
+            .context("no signing secret: give --secret-file or set TXMQ_WEBHOOK_SECRET")?,
+    };
+    let text = text.trim();
+    anyhow::ensure!(!text.is_empty(), "the signing secret is empty");
+    Ok(text.as_bytes().to_vec())
+}
+
+/// Runs the bridge until the process is stopped.
+pub async fn run(addr: &str, token: &str, a: WebhookArgs) -> anyhow::Result<()> {
+    let secret = Arc::new(secret(&a)?);
+    anyhow::ensure!(
+        a.url.starts_with("http://") || a.url.starts_with("https://"),
+        "--url must be an http:// or https:// URL, not {:?}",
+        a.url
+    );
+    anyhow::ensure!(a.timeout > 0.0, "--timeout must be more than zero");
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs_f64(a.timeout))
+        .build()
+        .context("HTTP client")?;
+    if let Some(at) = a.query_listen {
+        let listener = tokio::net::TcpListener::bind(at)
+            .await
+            .with_context(|| format!("cannot listen on {at}"))?;
+        println!("txmq webhook queries on {}", listener.local_addr()?);
+        let query = Query {
+            admin: Admin::connect(addr, token).await?,
+            group: a.group.clone(),
+            topic: a.topic.clone(),
+            secret: secret.clone(),
+        };
+        tokio::spawn(serve_queries(listener, Arc::new(query)));
+    }
+    let options = ConsumerOptions {
+        window: a.concurrency.max(1),
+        max_attempts: a.max_attempts,
+        auth_token: token.to_string(),
+        ..ConsumerOptions::new(a.group.clone(), a.topic.clone())
+    };
+    let mut consumer = Consumer::subscribe(addr, options).await?;
+    tracing::info!(group = %a.group, topic = %a.topic, url = %a.url, "webhook bridge running");
+    let mut posting = futures::stream::FuturesUnordered::new();
+    loop {
+        tokio::select! {
+            next = consumer.next() => {
+                let Some(delivery) = next else { break };
+                let delivery = delivery?;
+                posting.push(post(http.clone(), a.url.clone(), secret.clone(), delivery));
+            }
+            Some(()) = posting.next(), if !posting.is_empty() => {}
+        }
+    }
+    while posting.next().await.is_some() {}
+    Ok(())
+}
+
+/// POSTs one delivery; acks it on a 2xx, else nacks it into the group's backoff.
+async fn post(http: reqwest::Client, url: String, secret: Arc<Vec<u8>>, d: Delivery) {
+    let m = &d.message;
+    let at = now_ms().to_string();
+    let signature = sign(
+        &secret,
+        &[at.as_bytes(), m.message_id.as_bytes(), m.body.as_ref()],
+    );
+    let content_type = m
+        .properties
+        .get("content-type")
+        .cloned()
+        .unwrap_or_else(|| "application/octet-stream".into());
+    let sent = http
+        .post(&url)
+        .header("content-type", content_type)
+        .header("x-txmq-message-id", &m.message_id)
+        .header("x-txmq-topic", &m.topic)
+        .header("x-txmq-key", &m.key)
+        .header("x-txmq-tag", &m.tag)
+        .header("x-txmq-attempt", d.attempt.to_string())
+        .header("x-txmq-timestamp", &at)
+        .header("x-txmq-signature", format!("v1={signature}"))
+        .body(m.body.to_vec())
+        .send()
+        .await;
+    let outcome = match sent {
+        Ok(r) if r.status().is_success() => d.ack().await,
+        Ok(r) => {
+            tracing::info!(message = %m.message_id, attempt = d.attempt, status = %r.status(), "receiver refused; retrying with the group's backoff");
+            d.nack(None).await
+        }
+        Err(e) => {
+            tracing::info!(message = %m.message_id, attempt = d.attempt, "POST failed ({e}); retrying with the group's backoff");
+            d.nack(None).await
+        }
+    };
+    if let Err(e) = outcome {
+        // The lease went elsewhere or the broker is away: the message comes back.
+        tracing::warn!(message = %m.message_id, "settling the delivery failed: {e}");
+    }
+}
+
+struct Query {
+    admin: Admin,
+    group: String,
+    topic: String,
+    secret: Arc<Vec<u8>>,
+}
+
+/// Serves `GET /messages/ID` and `GET /missed` to a receiver that signs its requests.
+async fn serve_queries(listener: tokio::net::TcpListener, query: Arc<Query>) {
+    use axum::extract::{OriginalUri, Path, RawQuery, State};
+    use axum::http::{HeaderMap, StatusCode};
+    async fn message(
+        State(q): State<Arc<Query>>,
+        OriginalUri(uri): OriginalUri,
+        headers: HeaderMap,
+        Path(id): Path<String>,
+    ) -> (StatusCode, String) {
+        if let Err(e) = q.check(&uri, &headers) {
+            return e;
+        }
+        match q.admin.show_message(&id, true).await {
+            Ok(shown) => {
+                let state = shown
+                    .groups
+                    .iter()
+                    .find(|g| g.group == q.group)
+                    .map(|g| (g.state.clone(), g.attempts));
+                match shown.message.and_then(|f| f.message) {
+                    Some(m) if m.topic == q.topic => (
+                        StatusCode::OK,
+                        json!({
+                            "message": describe(&m),
+                            "state": state.as_ref().map(|s| s.0.clone()),
+                            "attempts": state.map(|s| s.1),
+                        })
+                        .to_string(),
+                    ),
+                    _ => (
+                        StatusCode::NOT_FOUND,
+                        "no such message on this topic\n".into(),
+                    ),
+                }
+            }
+            Err(e) if e.code() == Some(txmq_client::ErrorCode::MessageNotFound) => {
+                (StatusCode::NOT_FOUND, "no such message\n".into())
+            }
+            Err(e) => (StatusCode::BAD_GATEWAY, format!("{e}\n")),
+        }
+    }
+    async fn missed(
+        State(q): State<Arc<Query>>,
+        OriginalUri(uri): OriginalUri,
+        headers: HeaderMap,
+        RawQuery(raw): RawQuery,
+    ) -> (StatusCode, String) {
+        if let Err(e) = q.check(&uri, &headers) {
+            return e;
+        }
+        let param = |name: &str| -> Option<u64> {
+            raw.as_deref()?
+                .split('&')
+                .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
+        };
+        let since = param("since_ms").unwrap_or(0);
+        let limit = param("limit").unwrap_or(100).clamp(1, 1000) as usize;
+        match q.admin.dead_letters(&q.group, 0).await {
+            Ok(dead) => {
+                let out: Vec<_> = dead
+                    .iter()
+                    .filter(|d| d.topic == q.topic && d.dead_ms >= since)
+                    .take(limit)
+                    .map(|d| {
+                        json!({
+                            "message": d.message.as_ref().map(describe),
+                            "attempts": d.attempts,
+                            "dead_ms": d.dead_ms,
+                            "reason": d.reason,
+                        })
+                    })
+                    .collect();
+                (StatusCode::OK, json!({ "missed": out }).to_string())
+            }
+            Err(e) => (StatusCode::BAD_GATEWAY, format!("{e}\n")),
+        }
+    }
+    let app = axum::Router::new()
+        .route("/messages/{id}", axum::routing::get(message))
+        .route("/missed", axum::routing::get(missed))
+        .with_state(query);
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!("webhook query interface stopped: {e}");
+    }
+}
+
+fn describe(m: &pb::StoredMessage) -> serde_json::Value {
+    json!({
+        "id": m.message_id, "topic": m.topic, "key": m.key, "tag": m.tag,
+        "store_ms": m.store_ms, "body": String::from_utf8_lossy(&m.body),
+    })
+}
+
+impl Query {
+    /// Whether a query is signed with the secret, recently.
+    fn check(
+        &self,
+        uri: &axum::http::Uri,
+        headers: &axum::http::HeaderMap,
+    ) -> Result<(), (axum::http::StatusCode, String)> {
+        let unauthorized =
+            |why: &str| Err((axum::http::StatusCode::UNAUTHORIZED, format!("{why}\n")));
+        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        let (Some(at), Some(signature)) = (header("x-txmq-timestamp"), header("x-txmq-signature"))
+        else {
+            return unauthorized("sign the query: x-txmq-timestamp and x-txmq-signature");
+        };
+        let Ok(at_ms) = at.parse::<u64>() else {
+            return unauthorized("x-txmq-timestamp is not milliseconds since the epoch");
+        };
+        if now_ms().abs_diff(at_ms) > QUERY_SKEW_MS {
+            return unauthorized("x-txmq-timestamp is more than five minutes off");
+        }
+        let path = uri.path_and_query().map_or(uri.path(), |p| p.as_str());
+        let expected = format!(
+            "v1={}",
+            sign(&self.secret, &[at.as_bytes(), b"GET", path.as_bytes()])
+        );
+        let same = expected.len() == signature.len()
+            && expected
+                .bytes()
+                .zip(signature.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0;
+        if same {
+            Ok(())
+        } else {
+            unauthorized("bad signature")
+        }
+    }
+}

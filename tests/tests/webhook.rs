@@ -1,0 +1,244 @@
+//! Issue 18, item 5: `txmq webhook`, best-effort notification, against a local HTTP
+//! receiver that fails at random (and always for one message). Every other message is
+//! delivered with a valid signature; the one that always fails is dead-lettered after
+//! the group's attempts and shows on the receiver's signed query interface.
+
+use std::collections::{HashMap, HashSet};
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hmac::{Hmac, Mac};
+use rand::Rng;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use txmq_client::{Message, Producer, ProducerOptions};
+use txmq_tests::{TestBroker, bin, eventually};
+
+const SECRET: &str = "s3cret";
+const MESSAGES: usize = 20;
+
+fn sign(parts: &[&[u8]]) -> String {
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
+    for (i, p) in parts.iter().enumerate() {
+        if i > 0 {
+            mac.update(b".");
+        }
+        mac.update(p);
+    }
+    let hex: String = mac
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("v1={hex}")
+}
+
+/// One POST the receiver got.
+#[derive(Debug, Clone)]
+struct Got {
+    id: String,
+    body: String,
+    signed: bool,
+    status: u16,
+}
+
+/// An HTTP/1.1 receiver: answers 503 to three POSTs in ten at random, 500 always to the
+/// body `never`, else 200; records each.
+async fn receiver() -> (String, Arc<Mutex<Vec<Got>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let log = got.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let log = log.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    // Headers, then the body by content-length; keep-alive.
+                    let head_end = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        let mut chunk = [0u8; 8192];
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+                    let headers: HashMap<String, String> = head
+                        .lines()
+                        .skip(1)
+                        .filter_map(|l| l.split_once(':'))
+                        .map(|(k, v)| (k.trim().to_lowercase(), v.trim().to_string()))
+                        .collect();
+                    let len: usize = headers
+                        .get("content-length")
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0);
+                    while buf.len() < head_end + len {
+                        let mut chunk = [0u8; 8192];
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let body = buf[head_end..head_end + len].to_vec();
+                    buf.drain(..head_end + len);
+                    let id = headers
+                        .get("x-txmq-message-id")
+                        .cloned()
+                        .unwrap_or_default();
+                    let at = headers.get("x-txmq-timestamp").cloned().unwrap_or_default();
+                    let signed = headers.get("x-txmq-signature")
+                        == Some(&sign(&[at.as_bytes(), id.as_bytes(), &body]));
+                    let body = String::from_utf8_lossy(&body).into_owned();
+                    let status = if body == "never" {
+                        500
+                    } else if rand::rng().random_bool(0.3) {
+                        503
+                    } else {
+                        200
+                    };
+                    log.lock().unwrap().push(Got {
+                        id,
+                        body,
+                        signed,
+                        status,
+                    });
+                    let reply = format!("HTTP/1.1 {status} X\r\ncontent-length: 0\r\n\r\n");
+                    if s.write_all(reply.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, got)
+}
+
+/// A signed (or not) GET on the query interface: status and body.
+async fn query(addr: &str, path: &str, signature: Option<&str>) -> (u16, String) {
+    let at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        .to_string();
+    let sig = signature.map_or_else(
+        || sign(&[at.as_bytes(), b"GET", path.as_bytes()]),
+        str::to_string,
+    );
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nhost: x\r\nx-txmq-timestamp: {at}\r\nx-txmq-signature: {sig}\r\nconnection: close\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    (status, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_delivers_signed_retries_dead_letters_and_answers_queries() {
+    let b = TestBroker::start(&["--max-attempts", "8", "--nack-backoff", "100ms"]);
+    let p = Producer::connect(b.addr(), ProducerOptions::default())
+        .await
+        .unwrap();
+    let mut ids = HashMap::new();
+    for i in 0..MESSAGES {
+        let r = p
+            .send(Message::new("payments", format!("paid-{i}")))
+            .await
+            .unwrap();
+        ids.insert(format!("paid-{i}"), r.message_id);
+    }
+    let never = p.send(Message::new("payments", "never")).await.unwrap();
+
+    let (receiver_addr, got) = receiver().await;
+    let mut bridge = Command::new(bin("txmq"))
+        .args([
+            "--broker",
+            b.addr(),
+            "webhook",
+            "--group",
+            "hooks",
+            "--topic",
+            "payments",
+        ])
+        .arg("--url")
+        .arg(format!("http://{receiver_addr}/hook"))
+        .args(["--query-listen", "127.0.0.1:0"])
+        .env("TXMQ_WEBHOOK_SECRET", SECRET)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run txmq webhook");
+    let mut line = String::new();
+    BufReader::new(bridge.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let queries = line
+        .trim()
+        .strip_prefix("txmq webhook queries on ")
+        .unwrap_or_else(|| panic!("{line}"))
+        .to_string();
+
+    // Every message but `never` answered 200 once at least; `never` tried 8 times.
+    let settled = eventually(Duration::from_secs(60), || async {
+        let got = got.lock().unwrap().clone();
+        let ok: HashSet<&str> = got
+            .iter()
+            .filter(|g| g.status == 200)
+            .map(|g| g.body.as_str())
+            .collect();
+        let never_tries = got.iter().filter(|g| g.body == "never").count();
+        (ok.len() == MESSAGES && never_tries == 8).then_some(got)
+    })
+    .await
+    .unwrap_or_else(|| panic!("not settled: {:?}", got.lock().unwrap()));
+    assert!(
+        settled.iter().all(|g| g.signed),
+        "unsigned POSTs: {settled:?}"
+    );
+    assert!(
+        settled.iter().any(|g| g.status == 503),
+        "the receiver never failed: the retries went untested"
+    );
+    for g in &settled {
+        if g.body != "never" {
+            assert_eq!(ids.get(&g.body), Some(&g.id), "{g:?}");
+        }
+    }
+
+    // The receiver asks what it missed, and about one message.
+    let missed = eventually(Duration::from_secs(20), || async {
+        let (status, body) = query(&queries, "/missed?since_ms=0", None).await;
+        (status == 200 && body.contains(&never.message_id)).then_some(body)
+    })
+    .await
+    .expect("the dead-lettered message is not listed as missed");
+    assert!(missed.contains("\"attempts\":8"), "{missed}");
+    let one = &ids["paid-3"];
+    let (status, body) = query(&queries, &format!("/messages/{one}"), None).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"state\":\"acked\""), "{body}");
+    assert!(body.contains("paid-3"), "{body}");
+    // Unsigned or wrongly signed: refused.
+    let (status, _) = query(&queries, "/missed", Some("v1=00")).await;
+    assert_eq!(status, 401);
+
+    let _ = bridge.kill();
+    let _ = bridge.wait();
+}
