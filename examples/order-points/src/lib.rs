@@ -1,16 +1,25 @@
-//! The order → points example: what both services share.
+//! The order → points example: what both services share, on `txmq-sql`'s helpers, on
+//! PostgreSQL or SQLite (`--db`: a `tokio-postgres` connection string such as
+//! `host=127.0.0.1 port=5432 user=postgres dbname=orders`, or `sqlite:PATH`, or a bare
+//! path, which is SQLite).
 //!
-//! The **order service** keeps orders in its own SQLite database. For each order it sends a
-//! half message, commits the order locally, then commits the message. If it dies between
-//! the two commits, the broker checks back and the service (any live instance of its
-//! producer group) answers by looking the order up: there → commit, absent → roll back.
+//! The **order service** keeps orders in its own database. For each order it stores the
+//! half messages, inserts the order in a database transaction that also records the
+//! txmq transaction id (`txmq_sql::*::run_local`), then commits the messages. If it dies
+//! between the two commits, the broker checks back and `txmq_sql`'s checker answers from
+//! that record (the fence: see the crate's docs).
 //!
-//! The **points service** credits points from each order message in *its* SQLite database,
-//! recording the message id in the same local transaction as the credit. A redelivery
-//! (it died before its ack) finds the id already recorded and credits nothing twice.
+//! The **points service** credits points from each order message in *its* database
+//! through `txmq_sql`'s idempotent consumer: the credit and the message id commit
+//! together, so a redelivery (it died before its ack) credits nothing twice.
 
-use rusqlite::{Connection, OptionalExtension, params};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
 use serde::{Deserialize, Serialize};
+use txmq_client::{Delivery, TransactionChecker};
+use txmq_sql::{Applied, Committed, Pending, postgres, sqlite};
 
 /// The body of an `orders` message.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -23,139 +32,200 @@ pub struct OrderPlaced {
     pub points: i64,
 }
 
-/// The order service's database.
-pub struct Orders {
-    db: Connection,
+/// A service's database.
+pub enum Db {
+    /// PostgreSQL, with its connection string (the checker opens its own connection).
+    Pg(tokio_postgres::Client, String),
+    /// SQLite, with its file (the checker opens its own connection).
+    Lite(rusqlite::Connection, PathBuf),
 }
 
-impl Orders {
-    /// Opens (and creates) the database.
+impl Db {
+    /// Opens the database `spec` names and creates this crate's and the helpers' tables.
     ///
     /// # Errors
-    /// SQLite errors.
-    pub fn open(path: &std::path::Path) -> rusqlite::Result<Self> {
-        let db = Connection::open(path)?;
+    /// The database's errors.
+    pub async fn open(spec: &str) -> anyhow::Result<Self> {
+        if spec.starts_with("host=") || spec.starts_with("postgres") {
+            let (db, conn) = tokio_postgres::connect(spec, tokio_postgres::NoTls)
+                .await
+                .context("connect to PostgreSQL")?;
+            tokio::spawn(conn);
+            postgres::migrate(&db).await?;
+            db.batch_execute(
+                "CREATE TABLE IF NOT EXISTS orders (
+                     id BIGINT PRIMARY KEY, username TEXT NOT NULL, points BIGINT NOT NULL);
+                 CREATE TABLE IF NOT EXISTS credits (
+                     order_id BIGINT NOT NULL, username TEXT NOT NULL, points BIGINT NOT NULL);",
+            )
+            .await?;
+            return Ok(Self::Pg(db, spec.to_string()));
+        }
+        let path = PathBuf::from(spec.strip_prefix("sqlite:").unwrap_or(spec));
+        let db = rusqlite::Connection::open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
         db.pragma_update(None, "journal_mode", "WAL")?;
         db.pragma_update(None, "synchronous", "FULL")?;
+        db.busy_timeout(std::time::Duration::from_secs(5))?;
+        sqlite::migrate(&db)?;
         db.execute_batch(
             "CREATE TABLE IF NOT EXISTS orders (
-                id INTEGER PRIMARY KEY, user TEXT NOT NULL, points INTEGER NOT NULL)",
+                 id INTEGER PRIMARY KEY, username TEXT NOT NULL, points INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS credits (
+                 order_id INTEGER NOT NULL, username TEXT NOT NULL, points INTEGER NOT NULL);",
         )?;
-        Ok(Self { db })
+        Ok(Self::Lite(db, path))
+    }
+
+    /// The check-back answer of the order service, on its own connection.
+    ///
+    /// # Errors
+    /// The database's errors.
+    pub async fn checker(&self) -> anyhow::Result<Arc<dyn TransactionChecker>> {
+        Ok(match self {
+            Self::Pg(_, url) => {
+                let (db, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+                tokio::spawn(conn);
+                Arc::new(postgres::Checker::new(db).await?)
+            }
+            Self::Lite(_, path) => Arc::new(sqlite::Checker::open(path)?),
+        })
     }
 
     /// The id the next order gets.
     ///
     /// # Errors
-    /// SQLite errors.
-    pub fn next_id(&self) -> rusqlite::Result<i64> {
-        self.db
-            .query_row("SELECT COALESCE(MAX(id), 0) + 1 FROM orders", [], |r| {
-                r.get(0)
-            })
+    /// The database's errors.
+    pub async fn next_order_id(&self) -> anyhow::Result<i64> {
+        const Q: &str = "SELECT COALESCE(MAX(id), 0) + 1 FROM orders";
+        Ok(match self {
+            Self::Pg(db, _) => db.query_one(Q, &[]).await?.get(0),
+            Self::Lite(db, _) => db.query_row(Q, [], |r| r.get(0))?,
+        })
     }
 
-    /// The local transaction: stores the order, durably.
+    /// The local transaction of an order whose half messages are stored: the order and
+    /// the transaction's record commit together. What is left is the messages' commit.
     ///
     /// # Errors
-    /// SQLite errors.
-    pub fn place(&mut self, order: &OrderPlaced) -> rusqlite::Result<()> {
-        let tx = self.db.transaction()?;
-        tx.execute(
-            "INSERT INTO orders (id, user, points) VALUES (?1, ?2, ?3)",
-            params![order.order_id, order.user, order.points],
-        )?;
-        tx.commit()
-    }
-
-    /// Whether an order exists: what the check-back asks.
-    ///
-    /// # Errors
-    /// SQLite errors.
-    pub fn exists(&self, order_id: i64) -> rusqlite::Result<bool> {
-        self.db
-            .query_row("SELECT 1 FROM orders WHERE id = ?1", [order_id], |_| Ok(()))
-            .optional()
-            .map(|r| r.is_some())
+    /// The helper's errors (both sides rolled back unless the commit's outcome is
+    /// unknown).
+    pub async fn place(
+        &mut self,
+        pending: Pending,
+        order: &OrderPlaced,
+    ) -> anyhow::Result<Committed> {
+        let (_, committed) = match self {
+            Self::Pg(db, _) => {
+                postgres::run_local(pending, db, async |tx| {
+                    tx.execute(
+                        "INSERT INTO orders (id, username, points) VALUES ($1, $2, $3)",
+                        &[&order.order_id, &order.user, &order.points],
+                    )
+                    .await
+                    .map(|_| ())
+                })
+                .await?
+            }
+            Self::Lite(db, _) => {
+                sqlite::run_local(pending, db, |tx| {
+                    tx.execute(
+                        "INSERT INTO orders (id, username, points) VALUES (?1, ?2, ?3)",
+                        rusqlite::params![order.order_id, order.user, order.points],
+                    )
+                    .map(|_| ())
+                })
+                .await?
+            }
+        };
+        Ok(committed)
     }
 
     /// Every order as (id, user, points), by id.
     ///
     /// # Errors
-    /// SQLite errors.
-    pub fn all(&self) -> rusqlite::Result<Vec<(i64, String, i64)>> {
-        let mut st = self
-            .db
-            .prepare("SELECT id, user, points FROM orders ORDER BY id")?;
-        st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-            .collect()
-    }
-}
-
-/// The points service's database.
-pub struct Points {
-    db: Connection,
-}
-
-impl Points {
-    /// Opens (and creates) the database.
-    ///
-    /// # Errors
-    /// SQLite errors.
-    pub fn open(path: &std::path::Path) -> rusqlite::Result<Self> {
-        let db = Connection::open(path)?;
-        db.pragma_update(None, "journal_mode", "WAL")?;
-        db.pragma_update(None, "synchronous", "FULL")?;
-        db.execute_batch(
-            "CREATE TABLE IF NOT EXISTS processed (
-                 message_id TEXT PRIMARY KEY, order_id INTEGER NOT NULL);
-             CREATE TABLE IF NOT EXISTS balances (
-                 user TEXT PRIMARY KEY, points INTEGER NOT NULL);",
-        )?;
-        Ok(Self { db })
+    /// The database's errors.
+    pub async fn orders(&self) -> anyhow::Result<Vec<(i64, String, i64)>> {
+        const Q: &str = "SELECT id, username, points FROM orders ORDER BY id";
+        Ok(match self {
+            Self::Pg(db, _) => db
+                .query(Q, &[])
+                .await?
+                .iter()
+                .map(|r| (r.get(0), r.get(1), r.get(2)))
+                .collect(),
+            Self::Lite(db, _) => db
+                .prepare(Q)?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .collect::<Result<_, _>>()?,
+        })
     }
 
-    /// Credits an order's points unless this message was already processed, in one local
-    /// transaction. Returns whether it credited.
+    /// Credits an order's points once per message (the idempotent consumer), without
+    /// the ack. Returns whether it credited now.
     ///
     /// # Errors
-    /// SQLite errors.
-    pub fn credit(&mut self, message_id: &str, order: &OrderPlaced) -> rusqlite::Result<bool> {
-        let tx = self.db.transaction()?;
-        let fresh = tx.execute(
-            "INSERT OR IGNORE INTO processed (message_id, order_id) VALUES (?1, ?2)",
-            params![message_id, order.order_id],
-        )? == 1;
-        if fresh {
-            tx.execute(
-                "INSERT INTO balances (user, points) VALUES (?1, ?2)
-                 ON CONFLICT (user) DO UPDATE SET points = points + excluded.points",
-                params![order.user, order.points],
-            )?;
-        }
-        tx.commit()?;
-        Ok(fresh)
+    /// The helper's errors.
+    pub async fn credit(
+        &mut self,
+        delivery: &Delivery,
+        order: &OrderPlaced,
+    ) -> anyhow::Result<bool> {
+        let applied = match self {
+            Self::Pg(db, _) => {
+                postgres::apply_once(db, delivery, async |tx| {
+                    tx.execute(
+                        "INSERT INTO credits (order_id, username, points) VALUES ($1, $2, $3)",
+                        &[&order.order_id, &order.user, &order.points],
+                    )
+                    .await
+                    .map(|_| ())
+                })
+                .await?
+            }
+            Self::Lite(db, _) => sqlite::apply_once(db, delivery, |tx| {
+                tx.execute(
+                    "INSERT INTO credits (order_id, username, points) VALUES (?1, ?2, ?3)",
+                    rusqlite::params![order.order_id, order.user, order.points],
+                )
+                .map(|_| ())
+            })?,
+        };
+        Ok(matches!(applied, Applied::Applied(_)))
     }
 
-    /// Order ids credited, by id.
+    /// Order ids credited, by id (an order credited twice shows twice).
     ///
     /// # Errors
-    /// SQLite errors.
-    pub fn credited_orders(&self) -> rusqlite::Result<Vec<i64>> {
-        let mut st = self
-            .db
-            .prepare("SELECT order_id FROM processed ORDER BY order_id")?;
-        st.query_map([], |r| r.get(0))?.collect()
+    /// The database's errors.
+    pub async fn credited_orders(&self) -> anyhow::Result<Vec<i64>> {
+        const Q: &str = "SELECT order_id FROM credits ORDER BY order_id";
+        Ok(match self {
+            Self::Pg(db, _) => db.query(Q, &[]).await?.iter().map(|r| r.get(0)).collect(),
+            Self::Lite(db, _) => db
+                .prepare(Q)?
+                .query_map([], |r| r.get(0))?
+                .collect::<Result<_, _>>()?,
+        })
     }
 
-    /// Balance per user, by user.
+    /// Points per user, by user.
     ///
     /// # Errors
-    /// SQLite errors.
-    pub fn balances(&self) -> rusqlite::Result<Vec<(String, i64)>> {
-        let mut st = self
-            .db
-            .prepare("SELECT user, points FROM balances ORDER BY user")?;
-        st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect()
+    /// The database's errors.
+    pub async fn balances(&self) -> anyhow::Result<Vec<(String, i64)>> {
+        const Q: &str = "SELECT username, CAST(SUM(points) AS BIGINT) FROM credits GROUP BY username ORDER BY username";
+        Ok(match self {
+            Self::Pg(db, _) => db
+                .query(Q, &[])
+                .await?
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect(),
+            Self::Lite(db, _) => db
+                .prepare(Q)?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<_, _>>()?,
+        })
     }
 }

@@ -1,21 +1,21 @@
-//! The order → points scenario under crashes: the order service is killed between its
-//! local commit and the transaction commit, the points service before its ack, several
-//! times each; afterwards orders and points agree exactly.
+//! The order → points scenario under crashes, on SQLite and on a real PostgreSQL: the
+//! order service is killed between its local commit and the transaction commit, the
+//! points service before its ack, several times each; afterwards orders and points
+//! agree exactly.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
 
-use txmq_example_order_points::{Orders, Points};
+use txmq_example_order_points::Db;
+use txmq_tests::postgres::Postgres;
 use txmq_tests::{TestBroker, wait_timeout};
 
 const ORDERS: i64 = 120;
 
-fn order_service(b: &TestBroker, db: &Path) -> Child {
+fn order_service(b: &TestBroker, db: &str) -> Child {
     Command::new(env!("CARGO_BIN_EXE_order-service"))
-        .args(["--broker", b.addr(), "--db"])
-        .arg(db)
+        .args(["--broker", b.addr(), "--db", db])
         .args(["--orders", &ORDERS.to_string()])
         .args(["--die-after-local-commit-every", "17", "--linger", "4"])
         .args(["--payment-timeout", "2s"])
@@ -23,10 +23,9 @@ fn order_service(b: &TestBroker, db: &Path) -> Child {
         .expect("start order-service")
 }
 
-fn points_service(b: &TestBroker, db: &Path) -> Child {
+fn points_service(b: &TestBroker, db: &str) -> Child {
     Command::new(env!("CARGO_BIN_EXE_points-service"))
-        .args(["--broker", b.addr(), "--db"])
-        .arg(db)
+        .args(["--broker", b.addr(), "--db", db])
         .args(["--die-before-ack-every", "13", "--exit-when-idle", "5"])
         .spawn()
         .expect("start points-service")
@@ -38,7 +37,40 @@ fn killed(status: ExitStatus) -> bool {
 }
 
 #[test]
-fn orders_and_points_agree_after_crashes() {
+fn orders_and_points_agree_after_crashes_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let (orders, points) = (dir.path().join("orders.db"), dir.path().join("points.db"));
+    scenario(
+        &format!("sqlite:{}", orders.display()),
+        &format!("sqlite:{}", points.display()),
+    );
+}
+
+#[test]
+fn orders_and_points_agree_after_crashes_on_postgres() {
+    let server = Postgres::start();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let (db, conn) = tokio_postgres::connect(&server.url(), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        for name in ["orders", "points"] {
+            db.batch_execute(&format!("CREATE DATABASE {name}"))
+                .await
+                .unwrap();
+        }
+    });
+    let url = |name: &str| {
+        server
+            .url()
+            .replace("dbname=postgres", &format!("dbname={name}"))
+    };
+    scenario(&url("orders"), &url("points"));
+}
+
+/// The whole scenario against the two services' databases.
+fn scenario(orders_db: &str, points_db: &str) {
     let b = TestBroker::start(&[
         "--check-timeout",
         "1s",
@@ -47,12 +79,10 @@ fn orders_and_points_agree_after_crashes() {
         "--check-backoff",
         "500ms",
     ]);
-    let dir = tempfile::tempdir().unwrap();
-    let (orders_db, points_db) = (dir.path().join("orders.db"), dir.path().join("points.db"));
     let mut order_kills = 0;
     let mut points_kills = 0;
-    let mut orders = Some(order_service(&b, &orders_db));
-    let mut points = points_service(&b, &points_db);
+    let mut orders = Some(order_service(&b, orders_db));
+    let mut points = points_service(&b, points_db);
     let deadline = Instant::now() + Duration::from_secs(240);
     loop {
         assert!(Instant::now() < deadline, "the services did not finish");
@@ -61,7 +91,7 @@ fn orders_and_points_agree_after_crashes() {
         {
             if killed(status) {
                 order_kills += 1;
-                orders = Some(order_service(&b, &orders_db));
+                orders = Some(order_service(&b, orders_db));
             } else {
                 assert!(status.success(), "order-service failed: {status}");
                 orders = None;
@@ -77,7 +107,7 @@ fn orders_and_points_agree_after_crashes() {
                 }
             }
             // Killed, or idle while orders are still coming: start it again.
-            points = points_service(&b, &points_db);
+            points = points_service(&b, points_db);
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -85,9 +115,16 @@ fn orders_and_points_agree_after_crashes() {
         let _ = wait_timeout(&mut o, Duration::from_secs(1));
     }
 
-    let placed = Orders::open(&orders_db).unwrap().all().unwrap();
-    let points = Points::open(&points_db).unwrap();
-    let credited = points.credited_orders().unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (placed, credited, balances) = runtime.block_on(async {
+        let orders = Db::open(orders_db).await.unwrap();
+        let points = Db::open(points_db).await.unwrap();
+        (
+            orders.orders().await.unwrap(),
+            points.credited_orders().await.unwrap(),
+            points.balances().await.unwrap(),
+        )
+    });
     let placed_ids: Vec<i64> = placed.iter().map(|o| o.0).collect();
     assert_eq!(placed_ids, (1..=ORDERS).collect::<Vec<_>>());
     assert_eq!(credited, placed_ids, "orders and credited orders differ");
@@ -95,7 +132,7 @@ fn orders_and_points_agree_after_crashes() {
     for (_, user, pts) in &placed {
         *expected.entry(user.clone()).or_default() += pts;
     }
-    let balances: BTreeMap<String, i64> = points.balances().unwrap().into_iter().collect();
+    let balances: BTreeMap<String, i64> = balances.into_iter().collect();
     assert_eq!(balances, expected, "points do not add up to the orders");
     assert!(
         order_kills >= 5,
@@ -107,7 +144,6 @@ fn orders_and_points_agree_after_crashes() {
     );
     // Each order's "cancel if unpaid" message, scheduled in its transaction: one per
     // placed order, none for anything else, none before its time.
-    let runtime = tokio::runtime::Runtime::new().unwrap();
     let timeouts = runtime.block_on(txmq_tests::drain(
         &b,
         "payment-watch",

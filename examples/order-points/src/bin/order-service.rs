@@ -1,29 +1,30 @@
-//! The order service: places orders in SQLite and announces each with a transactional
-//! message. `--die-after-local-commit-every K` aborts the process right after the K-th,
-//! 2K-th… order is committed locally and before its message is committed: the crash this
-//! product exists for. Run it again and its check-back answer settles the orphan.
+//! The order service: places orders in its database (PostgreSQL or SQLite) and
+//! announces each with a transactional message, through `txmq-sql`.
+//! `--die-after-local-commit-every K` aborts the process right after the K-th, 2K-th…
+//! order is committed locally and before its messages are committed: the crash this
+//! product exists for. The broker checks back, and `txmq-sql`'s checker (in this or
+//! any later instance) answers from the transaction's record.
 //!
 //! In the same transaction each order also schedules a "cancel if unpaid" message on
 //! `--timeout-topic`, due `--payment-timeout` later: committed with the order, dropped
 //! with it, and seen by no one before its time.
 
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::Context;
 use clap::Parser;
-use txmq_client::{CheckRequest, Message, Outcome, Producer, ProducerOptions};
-use txmq_example_order_points::{OrderPlaced, Orders};
+use txmq_client::{Message, Producer, ProducerOptions};
+use txmq_example_order_points::{Db, OrderPlaced};
+use txmq_sql::Pending;
 
 #[derive(Debug, Parser)]
 struct Args {
     /// Broker address.
     #[arg(long, default_value = "127.0.0.1:9876")]
     broker: String,
-    /// The service's SQLite database.
+    /// The service's database: a PostgreSQL connection string (`host=… dbname=…`), or
+    /// `sqlite:PATH` (a bare path is SQLite too).
     #[arg(long, default_value = "orders.db")]
-    db: PathBuf,
+    db: String,
     /// Place orders until the database holds this many.
     #[arg(long, default_value_t = 100)]
     orders: i64,
@@ -50,37 +51,15 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let orders = Arc::new(Mutex::new(
-        Orders::open(&args.db).with_context(|| format!("opening {}", args.db.display()))?,
-    ));
-    // The check-back: the broker asks what became of a transaction; the order table knows.
-    let checker = {
-        let orders = orders.clone();
-        move |req: CheckRequest| {
-            let orders = orders.clone();
-            async move {
-                let Some(order) = req
-                    .messages
-                    .first()
-                    .and_then(|m| serde_json::from_slice::<OrderPlaced>(&m.body).ok())
-                else {
-                    return Outcome::Unknown;
-                };
-                match orders.lock().expect("orders lock").exists(order.order_id) {
-                    Ok(true) => Outcome::Commit,
-                    Ok(false) => Outcome::Rollback,
-                    Err(_) => Outcome::Unknown,
-                }
-            }
-        }
+    let mut db = Db::open(&args.db).await?;
+    let options = ProducerOptions {
+        group: args.group.clone(),
+        checker: Some(db.checker().await?),
+        ..ProducerOptions::default()
     };
-    let producer = Producer::connect(
-        &args.broker,
-        ProducerOptions::transactional(args.group.clone(), checker),
-    )
-    .await?;
+    let producer = Producer::connect(&args.broker, options).await?;
     loop {
-        let id = orders.lock().expect("orders lock").next_id()?;
+        let id = db.next_order_id().await?;
         if id > args.orders {
             break;
         }
@@ -89,26 +68,22 @@ async fn main() -> anyhow::Result<()> {
             user: format!("user-{}", id % 7),
             points: id % 5 + 1,
         };
-        let mut txn = producer.begin()?;
-        txn.send(
+        let messages = vec![
             Message::new(args.topic.clone(), serde_json::to_vec(&order)?)
                 .key(id.to_string())
                 .tag("placed"),
-        )
-        .await?;
-        txn.send(
             Message::new(args.timeout_topic.clone(), serde_json::to_vec(&order)?)
                 .key(id.to_string())
                 .tag("cancel-if-unpaid")
                 .deliver_after(args.payment_timeout),
-        )
-        .await?;
-        orders.lock().expect("orders lock").place(&order)?;
+        ];
+        let pending = Pending::begin(&producer, messages).await?;
+        let committed = db.place(pending, &order).await?;
         if args.die_after_local_commit_every > 0 && id % args.die_after_local_commit_every == 0 {
             eprintln!("order-service: dying after the local commit of order {id}");
             std::process::abort();
         }
-        txn.commit().await?;
+        committed.commit_message().await?;
     }
     tokio::time::sleep(Duration::from_secs(args.linger)).await;
     Ok(())

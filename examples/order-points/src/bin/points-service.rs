@@ -1,24 +1,24 @@
-//! The points service: consumes order messages and credits points in SQLite, recording
-//! each message id in the same local transaction, so a redelivery credits nothing twice.
+//! The points service: consumes order messages and credits points in its database
+//! (PostgreSQL or SQLite) through `txmq-sql`'s idempotent consumer: the credit and the
+//! message id commit together, so a redelivery credits nothing twice.
 //! `--die-before-ack-every K` aborts after every K-th credit, before its ack.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::Context;
 use clap::Parser;
 use futures::StreamExt;
 use txmq_client::{Consumer, ConsumerOptions};
-use txmq_example_order_points::{OrderPlaced, Points};
+use txmq_example_order_points::{Db, OrderPlaced};
 
 #[derive(Debug, Parser)]
 struct Args {
     /// Broker address.
     #[arg(long, default_value = "127.0.0.1:9876")]
     broker: String,
-    /// The service's SQLite database.
+    /// The service's database: a PostgreSQL connection string (`host=… dbname=…`), or
+    /// `sqlite:PATH` (a bare path is SQLite too).
     #[arg(long, default_value = "points.db")]
-    db: PathBuf,
+    db: String,
     /// Topic of order messages.
     #[arg(long, default_value = "orders")]
     topic: String,
@@ -36,8 +36,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let mut points =
-        Points::open(&args.db).with_context(|| format!("opening {}", args.db.display()))?;
+    let mut db = Db::open(&args.db).await?;
     let mut consumer = Consumer::subscribe(
         &args.broker,
         ConsumerOptions::new(args.group.clone(), args.topic.clone()),
@@ -57,13 +56,13 @@ async fn main() -> anyhow::Result<()> {
         let order: OrderPlaced = match serde_json::from_slice(next.body()) {
             Ok(o) => o,
             Err(e) => {
-                // Not ours to fix: park it in the dead-letter queue's direction.
+                // Not ours to fix: toward the dead-letter queue.
                 eprintln!("points-service: bad message {}: {e}", next.id());
                 next.nack(None).await?;
                 continue;
             }
         };
-        points.credit(next.id(), &order)?;
+        db.credit(&next, &order).await?;
         handled += 1;
         if args.die_before_ack_every > 0 && handled.is_multiple_of(args.die_before_ack_every) {
             eprintln!(
