@@ -21,7 +21,10 @@
 //! No clock and no age threshold is involved, so a slow transaction is never rolled
 //! back under its feet. Rows must outlive every check-back of their transaction: prune
 //! ([`postgres::prune`], [`sqlite::prune`]) only what is older than the broker's
-//! `discarded_retention` (7 days) plus a margin; [`KEEP_ROWS`] is the default.
+//! `discarded_retention` (7 days) plus a margin; [`KEEP_ROWS`] is the default. As a
+//! second guard, a transaction prepared longer ago than the checker's horizon (the
+//! same 14 days by default) is never fenced: an absent record then answers unknown,
+//! for an operator to resolve, rather than rollback.
 //!
 //! **The idempotent consumer** (`consume_once`): applies a delivery's effect and records
 //! the message id (per consumer group) in `txmq_processed` in the same database
@@ -203,6 +206,19 @@ fn outcome_of(text: &str) -> Outcome {
         "rollback" => Outcome::Rollback,
         _ => Outcome::Unknown,
     }
+}
+
+/// Whether a check-back's transaction was prepared longer ago than `horizon` (by its
+/// half messages' stored times): its record may have been pruned, so the checker must
+/// not fence it (an absent record then means unknown, not "never committed").
+fn older_than(request: &txmq_client::CheckRequest, horizon: std::time::Duration) -> bool {
+    let prepared = request
+        .messages
+        .iter()
+        .map(|m| m.store_ms)
+        .min()
+        .unwrap_or(0);
+    prepared > 0 && (now_ms() as u64).saturating_sub(prepared) > horizon.as_millis() as u64
 }
 
 fn now_ms() -> i64 {

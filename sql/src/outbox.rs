@@ -25,6 +25,9 @@ use crate::Result;
 pub struct Row {
     /// Its id: the order rows are sent in.
     pub id: i64,
+    /// When it was written (ms): part of its idempotency key, so a row id reused after
+    /// a database restore is a new message.
+    pub created_ms: i64,
     /// The message.
     pub topic: String,
     /// Its key (empty: none).
@@ -63,6 +66,9 @@ pub trait Store: Send {
     fn pending(&mut self, limit: usize) -> impl Future<Output = Result<Vec<Row>>> + Send;
     /// Marks rows sent.
     fn mark_sent(&mut self, ids: &[i64]) -> impl Future<Output = Result<()>> + Send;
+    /// Sets a row aside that the broker refuses for good (too large, a bad name, a topic
+    /// that does not exist), with why: it is no longer pending.
+    fn mark_failed(&mut self, id: i64, why: &str) -> impl Future<Output = Result<()>> + Send;
     /// Waits until rows may have been added, or `at_most` passed.
     fn wait(&mut self, at_most: Duration) -> impl Future<Output = ()> + Send;
 }
@@ -93,6 +99,8 @@ impl Default for RelayOptions {
 pub struct Relayed {
     /// Rows sent and marked.
     pub sent: u64,
+    /// Rows the broker refused for good, set aside.
+    pub failed: u64,
 }
 
 /// Sends pending rows until `stop` completes (or the table is empty, with
@@ -134,21 +142,32 @@ async fn relay_loop<S: Store>(
             continue;
         }
         idle = Duration::from_millis(50);
-        let messages: Vec<Message> = rows
-            .iter()
-            .map(|r| Message {
-                topic: r.topic.clone(),
-                body: r.body.clone().into(),
-                key: r.key.clone(),
-                tag: r.tag.clone(),
-                properties: r.properties.clone(),
-                deliver_at_ms: r.deliver_at_ms,
-                message_group: r.message_group.clone(),
-                idempotency_key: format!("outbox/{epoch}/{}", r.id),
-            })
-            .collect();
+        let messages: Vec<Message> = rows.iter().map(|r| message(&epoch, r)).collect();
         match producer.send_batch(messages).await {
-            Ok(_) => broker_backoff = Duration::from_millis(100),
+            Ok(_) => {
+                broker_backoff = Duration::from_millis(100);
+                let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+                store.mark_sent(&ids).await?;
+                done.sent += ids.len() as u64;
+                tracing::debug!(rows = ids.len(), "outbox relay: sent");
+            }
+            Err(e) if refused_for_good(&e) => {
+                // Row by row: the good ones go, in order; the bad one is set aside.
+                for r in &rows {
+                    match producer.send(message(&epoch, r)).await {
+                        Ok(_) => {
+                            store.mark_sent(&[r.id]).await?;
+                            done.sent += 1;
+                        }
+                        Err(e) if refused_for_good(&e) => {
+                            tracing::error!(row = r.id, topic = %r.topic, "outbox relay: the broker refuses this row for good ({e}); set aside");
+                            store.mark_failed(r.id, &e.to_string()).await?;
+                            done.failed += 1;
+                        }
+                        Err(_) => break,
+                    }
+                }
+            }
             Err(e) => {
                 tracing::warn!(
                     "outbox relay: sending {} rows failed ({e}); retrying in {broker_backoff:?}",
@@ -156,14 +175,38 @@ async fn relay_loop<S: Store>(
                 );
                 tokio::time::sleep(broker_backoff).await;
                 broker_backoff = (broker_backoff * 2).min(Duration::from_secs(5));
-                continue;
             }
         }
-        let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
-        store.mark_sent(&ids).await?;
-        done.sent += ids.len() as u64;
-        tracing::debug!(rows = ids.len(), "outbox relay: sent");
     }
+}
+
+/// The message a row holds, with its idempotency key.
+fn message(epoch: &str, r: &Row) -> Message {
+    Message {
+        topic: r.topic.clone(),
+        body: r.body.clone().into(),
+        key: r.key.clone(),
+        tag: r.tag.clone(),
+        properties: r.properties.clone(),
+        deliver_at_ms: r.deliver_at_ms,
+        message_group: r.message_group.clone(),
+        idempotency_key: format!("outbox/{epoch}/{}/{}", r.id, r.created_ms),
+    }
+}
+
+/// Whether the broker refused a send before storing anything, for a reason that sending
+/// again cannot change.
+fn refused_for_good(e: &txmq_client::Error) -> bool {
+    use txmq_client::ErrorCode;
+    matches!(
+        e.code(),
+        Some(
+            ErrorCode::InvalidName
+                | ErrorCode::MessageTooLarge
+                | ErrorCode::TopicNotFound
+                | ErrorCode::InvalidRequest
+        )
+    )
 }
 
 /// A fresh epoch for a new table: 16 random hex digits (from the OS's random source

@@ -112,3 +112,63 @@ async fn sqlite_checker_fences_waits_and_reads() {
     assert!(matches!(e, Error::Work(_)), "{e}");
     assert_eq!(checker.decide(&id).unwrap(), Outcome::Rollback);
 }
+
+/// A check-back about a transaction prepared longer ago than the checker's horizon is
+/// never fenced (its record may have been pruned): an absent record answers unknown,
+/// where a recent one answers rollback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_transaction_without_a_record_is_unknown_not_rolled_back() {
+    use txmq_client::{CheckRequest, TransactionChecker, pb};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("svc.db");
+    let db = rusqlite::Connection::open(&path).unwrap();
+    sqlite::migrate(&db).unwrap();
+    let checker = sqlite::Checker::open(&path).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let request = |id: &str, store_ms: u64| CheckRequest {
+        txn_id: id.into(),
+        producer_group: "svc".into(),
+        messages: vec![pb::StoredMessage {
+            store_ms,
+            ..Default::default()
+        }],
+        attempt: 1,
+        bodies_omitted: false,
+        messages_omitted: 0,
+    };
+    let old = now - txmq_sql::KEEP_ROWS.as_millis() as u64 - 60_000;
+    assert_eq!(checker.check(request("old", old)).await, Outcome::Unknown);
+    assert_eq!(checker.check(request("new", now)).await, Outcome::Rollback);
+}
+
+/// The PostgreSQL checker made with `connect` survives its connection being killed (a
+/// database restart): the next check connects again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_checker_connects_again_after_its_connection_dies() {
+    let server = Postgres::start();
+    let db = pg(&server.url()).await;
+    postgres::migrate(&db).await.unwrap();
+    let checker = postgres::Checker::connect(&server.url()).await.unwrap();
+    assert_eq!(checker.decide("a").await.unwrap(), Outcome::Rollback);
+    let killed = db
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE pid <> pg_backend_pid() AND backend_type = 'client backend'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(killed >= 1);
+    // The first statement on the dead connection may still be on its way out.
+    let mut answer = checker.decide("b").await;
+    for _ in 0..3 {
+        if answer.is_ok() {
+            break;
+        }
+        answer = checker.decide("b").await;
+    }
+    assert_eq!(answer.unwrap(), Outcome::Rollback);
+}

@@ -115,3 +115,43 @@ async fn a_postgres_relay_wakes_on_the_commit_of_an_enqueue() {
         .expect("the relay was not woken by the commit")
         .unwrap();
 }
+
+/// A row the broker refuses for good (here a topic name it does not take) is set aside
+/// with the reason, and the rows around it still go, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_refused_for_good_is_set_aside_and_holds_nothing_up() {
+    use txmq_client::{Message, Producer, ProducerOptions};
+    use txmq_sql::outbox::{RelayOptions, relay};
+    let b = TestBroker::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("svc.db");
+    let mut db = rusqlite::Connection::open(&path).unwrap();
+    txmq_sql::sqlite::migrate(&db).unwrap();
+    let tx = db.transaction().unwrap();
+    for topic in ["events", "bad name!", "events"] {
+        txmq_sql::sqlite::enqueue(&tx, &Message::new(topic, format!("to {topic}"))).unwrap();
+    }
+    tx.commit().unwrap();
+    let producer = Producer::connect(b.addr(), ProducerOptions::default())
+        .await
+        .unwrap();
+    let mut store = txmq_sql::sqlite::Outbox::open(&path).unwrap();
+    let options = RelayOptions {
+        until_empty: true,
+        ..RelayOptions::default()
+    };
+    let done = relay(&mut store, &producer, &options, std::future::pending())
+        .await
+        .unwrap();
+    assert_eq!((done.sent, done.failed), (2, 1));
+    let error: String = db
+        .query_row(
+            "SELECT error FROM txmq_outbox WHERE topic = 'bad name!' AND failed_ms IS NOT NULL",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(error.contains("InvalidName"), "{error}");
+    let bodies = drain(&b, "g", "events", Duration::from_secs(2)).await;
+    assert_eq!(bodies, vec![b"to events".to_vec(), b"to events".to_vec()]);
+}

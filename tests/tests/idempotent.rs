@@ -89,3 +89,22 @@ async fn keys_too_long_or_on_transactions_are_refused() {
         .await
         .unwrap();
 }
+
+/// A broker that remembers no keys (`--dedup-window 0`) refuses keyed sends: storing
+/// them would turn the producer's safe resend into a duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_without_a_window_refuses_keys() {
+    let b = TestBroker::start(&["--dedup-window", "0s"]);
+    let p = Producer::connect(b.addr(), ProducerOptions::default())
+        .await
+        .unwrap();
+    let e = p
+        .send(Message::new("t", "x").idempotency_key("k"))
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("does not remember idempotency keys"),
+        "{e}"
+    );
+    p.send(Message::new("t", "x")).await.unwrap();
+}

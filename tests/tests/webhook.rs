@@ -1,7 +1,8 @@
 //! Issue 18, item 5: `txmq webhook`, best-effort notification, against a local HTTP
-//! receiver that fails at random (and always for one message). Every other message is
-//! delivered with a valid signature; the one that always fails is dead-lettered after
-//! the group's attempts and shows on the receiver's signed query interface.
+//! receiver that fails at random (and always for one message, and redirects another).
+//! Every other message is delivered with a valid signature; the two are dead-lettered
+//! after the group's attempts (a redirect is not followed) and show on the receiver's
+//! signed query interface.
 
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader};
@@ -18,14 +19,10 @@ use txmq_tests::{TestBroker, bin, eventually};
 const SECRET: &str = "s3cret";
 const MESSAGES: usize = 20;
 
-fn sign(parts: &[&[u8]]) -> String {
+/// The hex HMAC-SHA256 of `text` with the secret, as the header carries it.
+fn sign(text: &[u8]) -> String {
     let mut mac = Hmac::<sha2::Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
-    for (i, p) in parts.iter().enumerate() {
-        if i > 0 {
-            mac.update(b".");
-        }
-        mac.update(p);
-    }
+    mac.update(text);
     let hex: String = mac
         .finalize()
         .into_bytes()
@@ -45,7 +42,8 @@ struct Got {
 }
 
 /// An HTTP/1.1 receiver: answers 503 to three POSTs in ten at random, 500 always to the
-/// body `never`, else 200; records each.
+/// body `never`, a redirect always to the body `moved` (to a path that answers 200 to
+/// anything), else 200; records each.
 async fn receiver() -> (String, Arc<Mutex<Vec<Got>>>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
@@ -93,11 +91,20 @@ async fn receiver() -> (String, Arc<Mutex<Vec<Got>>>) {
                         .cloned()
                         .unwrap_or_default();
                     let at = headers.get("x-txmq-timestamp").cloned().unwrap_or_default();
-                    let signed = headers.get("x-txmq-signature")
-                        == Some(&sign(&[at.as_bytes(), id.as_bytes(), &body]));
+                    let topic = headers.get("x-txmq-topic").cloned().unwrap_or_default();
+                    let attempt = headers.get("x-txmq-attempt").cloned().unwrap_or_default();
+                    let mut text =
+                        format!("txmq-webhook-v1\n{at}\n{id}\n{topic}\n{attempt}\n").into_bytes();
+                    text.extend_from_slice(&body);
+                    let signed = headers.get("x-txmq-signature") == Some(&sign(&text));
+                    let redirected = head.starts_with("GET /elsewhere");
                     let body = String::from_utf8_lossy(&body).into_owned();
-                    let status = if body == "never" {
+                    let status = if redirected {
+                        200
+                    } else if body == "never" {
                         500
+                    } else if body == "moved" {
+                        302
                     } else if rand::rng().random_bool(0.3) {
                         503
                     } else {
@@ -109,7 +116,9 @@ async fn receiver() -> (String, Arc<Mutex<Vec<Got>>>) {
                         signed,
                         status,
                     });
-                    let reply = format!("HTTP/1.1 {status} X\r\ncontent-length: 0\r\n\r\n");
+                    let reply = format!(
+                        "HTTP/1.1 {status} X\r\nlocation: /elsewhere\r\ncontent-length: 0\r\n\r\n"
+                    );
                     if s.write_all(reply.as_bytes()).await.is_err() {
                         return;
                     }
@@ -120,21 +129,37 @@ async fn receiver() -> (String, Arc<Mutex<Vec<Got>>>) {
     (addr, got)
 }
 
-/// A signed (or not) GET on the query interface: status and body.
-async fn query(addr: &str, path: &str, signature: Option<&str>) -> (u16, String) {
-    let at = std::time::SystemTime::now()
+/// How a test query is signed.
+enum Signed<'a> {
+    Now,
+    /// Signed correctly, ten minutes ago.
+    Stale,
+    /// This header instead.
+    With(&'a str),
+    /// No signature headers.
+    Not,
+}
+
+/// A GET on the query interface: status and body.
+async fn query(addr: &str, path: &str, signed: Signed<'_>) -> (u16, String) {
+    let mut now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
-        .as_millis()
-        .to_string();
-    let sig = signature.map_or_else(
-        || sign(&[at.as_bytes(), b"GET", path.as_bytes()]),
-        str::to_string,
-    );
+        .as_millis();
+    if matches!(signed, Signed::Stale) {
+        now -= 600_000;
+    }
+    let at = now.to_string();
+    let right = sign(format!("txmq-query-v1\n{at}\nGET\n{path}").as_bytes());
+    let headers = match signed {
+        Signed::Now | Signed::Stale => {
+            format!("x-txmq-timestamp: {at}\r\nx-txmq-signature: {right}\r\n")
+        }
+        Signed::With(sig) => format!("x-txmq-timestamp: {at}\r\nx-txmq-signature: {sig}\r\n"),
+        Signed::Not => String::new(),
+    };
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let req = format!(
-        "GET {path} HTTP/1.1\r\nhost: x\r\nx-txmq-timestamp: {at}\r\nx-txmq-signature: {sig}\r\nconnection: close\r\n\r\n"
-    );
+    let req = format!("GET {path} HTTP/1.1\r\nhost: x\r\n{headers}connection: close\r\n\r\n");
     s.write_all(req.as_bytes()).await.unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).await.unwrap();
@@ -165,6 +190,7 @@ async fn webhook_delivers_signed_retries_dead_letters_and_answers_queries() {
         ids.insert(format!("paid-{i}"), r.message_id);
     }
     let never = p.send(Message::new("payments", "never")).await.unwrap();
+    let moved = p.send(Message::new("payments", "moved")).await.unwrap();
 
     let (receiver_addr, got) = receiver().await;
     let mut bridge = Command::new(bin("txmq"))
@@ -195,7 +221,8 @@ async fn webhook_delivers_signed_retries_dead_letters_and_answers_queries() {
         .unwrap_or_else(|| panic!("{line}"))
         .to_string();
 
-    // Every message but `never` answered 200 once at least; `never` tried 8 times.
+    // Every message but `never` and `moved` answered 200 once at least; those two were
+    // tried 8 times each (the redirect never followed).
     let settled = eventually(Duration::from_secs(60), || async {
         let got = got.lock().unwrap().clone();
         let ok: HashSet<&str> = got
@@ -203,8 +230,8 @@ async fn webhook_delivers_signed_retries_dead_letters_and_answers_queries() {
             .filter(|g| g.status == 200)
             .map(|g| g.body.as_str())
             .collect();
-        let never_tries = got.iter().filter(|g| g.body == "never").count();
-        (ok.len() == MESSAGES && never_tries == 8).then_some(got)
+        let tries = |body: &str| got.iter().filter(|g| g.body == body).count();
+        (ok.len() == MESSAGES && tries("never") == 8 && tries("moved") == 8).then_some(got)
     })
     .await
     .unwrap_or_else(|| panic!("not settled: {:?}", got.lock().unwrap()));
@@ -217,26 +244,37 @@ async fn webhook_delivers_signed_retries_dead_letters_and_answers_queries() {
         "the receiver never failed: the retries went untested"
     );
     for g in &settled {
-        if g.body != "never" {
+        if g.body != "never" && g.body != "moved" {
             assert_eq!(ids.get(&g.body), Some(&g.id), "{g:?}");
         }
     }
 
     // The receiver asks what it missed, and about one message.
     let missed = eventually(Duration::from_secs(20), || async {
-        let (status, body) = query(&queries, "/missed?since_ms=0", None).await;
-        (status == 200 && body.contains(&never.message_id)).then_some(body)
+        let (status, body) = query(&queries, "/missed?since_ms=0", Signed::Now).await;
+        (status == 200 && body.contains(&never.message_id) && body.contains(&moved.message_id))
+            .then_some(body)
     })
     .await
     .expect("the dead-lettered message is not listed as missed");
     assert!(missed.contains("\"attempts\":8"), "{missed}");
     let one = &ids["paid-3"];
-    let (status, body) = query(&queries, &format!("/messages/{one}"), None).await;
+    let (status, body) = query(&queries, &format!("/messages/{one}"), Signed::Now).await;
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("\"state\":\"acked\""), "{body}");
     assert!(body.contains("paid-3"), "{body}");
-    // Unsigned or wrongly signed: refused.
-    let (status, _) = query(&queries, "/missed", Some("v1=00")).await;
+    // Wrongly signed, unsigned, signed too long ago, or signed for another path: refused.
+    for (how, path) in [
+        (Signed::With("v1=00"), "/missed"),
+        (Signed::Not, "/missed"),
+        (Signed::Stale, "/missed"),
+    ] {
+        let (status, body) = query(&queries, path, how).await;
+        assert_eq!(status, 401, "{body}");
+    }
+    let at = "1";
+    let other = sign(format!("txmq-query-v1\n{at}\nGET\n/messages/x").as_bytes());
+    let (status, _) = query(&queries, "/missed", Signed::With(&other)).await;
     assert_eq!(status, 401);
 
     let _ = bridge.kill();

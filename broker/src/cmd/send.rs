@@ -151,6 +151,14 @@ pub fn check_messages(messages: &[pb::Message], shared: &Shared) -> Result<()> {
     let latest =
         txmq_protocol::now_ms().saturating_add(shared.config.max_schedule_delay.as_millis() as u64);
     for m in messages {
+        if !m.idempotency_key.is_empty() && shared.config.dedup_window.is_zero() {
+            // Storing it anyway would turn a client's safe resend into a duplicate.
+            return Err(Error::Invalid(
+                "this broker does not remember idempotency keys (dedup-window 0): send \
+                 without one, or set a dedup window"
+                    .into(),
+            ));
+        }
         if m.idempotency_key.len() > crate::storage::dedup::MAX_KEY {
             return Err(Error::Invalid(format!(
                 "idempotency_key is {} bytes; the limit is {}",

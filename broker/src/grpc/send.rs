@@ -162,7 +162,11 @@ pub async fn send_message(
     let mut txn = Vec::new();
     for (i, m) in req.messages.into_iter().enumerate() {
         match incoming(m, latest_ms) {
-            Ok(inc) => {
+            Ok(mut inc) => {
+                if shared.config.dedup_window.is_zero() {
+                    // Not remembered here (dedup-window 0): a key would be refused.
+                    inc.message.idempotency_key.clear();
+                }
                 entries.push(pb::SendResultEntry {
                     message_id: inc.client_id.clone(),
                     ..Default::default()

@@ -83,11 +83,7 @@ impl Db {
     /// The database's errors.
     pub async fn checker(&self) -> anyhow::Result<Arc<dyn TransactionChecker>> {
         Ok(match self {
-            Self::Pg(_, url) => {
-                let (db, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
-                tokio::spawn(conn);
-                Arc::new(postgres::Checker::new(db).await?)
-            }
+            Self::Pg(_, url) => Arc::new(postgres::Checker::connect(url).await?),
             Self::Lite(_, path) => Arc::new(sqlite::Checker::open(path)?),
         })
     }

@@ -305,6 +305,9 @@ impl<S: Store> Store for Dying<S> {
         }
         self.inner.mark_sent(ids).await
     }
+    async fn mark_failed(&mut self, id: i64, why: &str) -> txmq_sql::Result<()> {
+        self.inner.mark_failed(id, why).await
+    }
     async fn wait(&mut self, at_most: Duration) {
         self.inner.wait(at_most).await;
     }
@@ -437,9 +440,9 @@ fn txmq_sql_now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-async fn checker(db: Db, broker: &str, seconds: u64) -> anyhow::Result<()> {
+async fn checker(url: &str, db: Db, broker: &str, seconds: u64) -> anyhow::Result<()> {
     let checker: std::sync::Arc<dyn TransactionChecker> = match db {
-        Db::Pg(client) => std::sync::Arc::new(postgres::Checker::new(client).await?),
+        Db::Pg(_) => std::sync::Arc::new(postgres::Checker::connect(url).await?),
         Db::Lite(_, path) => std::sync::Arc::new(sqlite::Checker::open(&path)?),
     };
     let options = ProducerOptions {
@@ -478,7 +481,7 @@ async fn main() -> anyhow::Result<()> {
             db,
             broker,
             seconds,
-        } => checker(open(&db).await?, &broker, seconds).await,
+        } => checker(&db, open(&db).await?, &broker, seconds).await,
         Cmd::BenchTxn {
             db,
             broker,

@@ -47,10 +47,12 @@ pub async fn migrate(db: &Client) -> Result<()> {
              deliver_at_ms BIGINT NOT NULL,
              body          BYTEA NOT NULL,
              created_ms    BIGINT NOT NULL,
-             sent_ms       BIGINT
+             sent_ms       BIGINT,
+             failed_ms     BIGINT,
+             error         TEXT
          );
          CREATE INDEX IF NOT EXISTS txmq_outbox_pending ON txmq_outbox (id)
-             WHERE sent_ms IS NULL;
+             WHERE sent_ms IS NULL AND failed_ms IS NULL;
          CREATE TABLE IF NOT EXISTS txmq_outbox_epoch (epoch TEXT NOT NULL);",
     )
     .await

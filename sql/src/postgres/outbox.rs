@@ -107,8 +107,10 @@ impl Store for Outbox {
         let rows = self
             .db
             .query(
-                "SELECT id, topic, msg_key, tag, message_group, properties, deliver_at_ms, body
-                 FROM txmq_outbox WHERE sent_ms IS NULL ORDER BY id LIMIT $1",
+                "SELECT id, topic, msg_key, tag, message_group, properties, deliver_at_ms, body,
+                        created_ms
+                 FROM txmq_outbox WHERE sent_ms IS NULL AND failed_ms IS NULL
+                 ORDER BY id LIMIT $1",
                 &[&(limit as i64)],
             )
             .await
@@ -124,6 +126,7 @@ impl Store for Outbox {
                 properties: Row::properties_of(r.get(5)),
                 deliver_at_ms: r.get::<_, i64>(6).max(0) as u64,
                 body: r.get(7),
+                created_ms: r.get(8),
             })
             .collect())
     }
@@ -133,6 +136,17 @@ impl Store for Outbox {
             .execute(
                 "UPDATE txmq_outbox SET sent_ms = $2 WHERE id = ANY($1)",
                 &[&ids, &now_ms()],
+            )
+            .await
+            .map_err(db_err)?;
+        Ok(())
+    }
+
+    async fn mark_failed(&mut self, id: i64, why: &str) -> Result<()> {
+        self.db
+            .execute(
+                "UPDATE txmq_outbox SET failed_ms = $2, error = $3 WHERE id = $1",
+                &[&id, &now_ms(), &why],
             )
             .await
             .map_err(db_err)?;

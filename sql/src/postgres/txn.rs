@@ -12,7 +12,7 @@ use crate::{BoxError, Committed, Error, Pending, Result, now_ms, outcome_of};
 
 /// How long the checker waits for a producer's open transaction before answering
 /// unknown.
-const LOCK_WAIT: &str = "2s";
+const LOCK_WAIT: &str = "1s";
 
 /// Sends `messages` as one transaction bound to a database transaction on `db`: the
 /// half messages first, then `work` inside the database transaction, then both commit.
@@ -93,15 +93,20 @@ where
     }
 }
 
-/// Answers check-backs from the table, on its own connection.
+/// Answers check-backs from the table, on its own connection (made again after it
+/// broke, when the checker was made with [`Checker::connect`]).
 #[derive(Clone)]
 pub struct Checker {
-    db: Arc<Client>,
+    db: Arc<tokio::sync::RwLock<Arc<Client>>>,
+    url: Option<Arc<str>>,
+    horizon: Duration,
 }
 
 impl std::fmt::Debug for Checker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Checker").finish_non_exhaustive()
+        f.debug_struct("Checker")
+            .field("horizon", &self.horizon)
+            .finish_non_exhaustive()
     }
 }
 
@@ -111,10 +116,31 @@ impl Checker {
     /// # Errors
     /// The database's error.
     pub async fn new(db: Client) -> Result<Self> {
-        db.batch_execute(&format!("SET lock_timeout = '{LOCK_WAIT}'"))
-            .await
-            .map_err(db_err)?;
-        Ok(Self { db: Arc::new(db) })
+        prepare(&db).await?;
+        Ok(Self {
+            db: Arc::new(tokio::sync::RwLock::new(Arc::new(db))),
+            url: None,
+            horizon: crate::KEEP_ROWS,
+        })
+    }
+
+    /// A checker on its own connection to `url` (without TLS), connecting again when
+    /// that connection breaks (a database restart).
+    ///
+    /// # Errors
+    /// The database's error.
+    pub async fn connect(url: &str) -> Result<Self> {
+        let mut checker = Self::new(open(url).await?).await?;
+        checker.url = Some(url.into());
+        Ok(checker)
+    }
+
+    /// Transactions prepared longer ago than `horizon` are never fenced: their record
+    /// may have been pruned (keep rows at least this long). Default: [`crate::KEEP_ROWS`].
+    #[must_use]
+    pub fn with_horizon(mut self, horizon: Duration) -> Self {
+        self.horizon = horizon;
+        self
     }
 
     /// What became of transaction `txn_id`: see the crate's docs for the rule.
@@ -122,8 +148,43 @@ impl Checker {
     /// # Errors
     /// The database's error (a lock wait that ran out is `Ok(Unknown)`).
     pub async fn decide(&self, txn_id: &str) -> Result<Outcome> {
-        let fenced = self
-            .db
+        self.decide_fencing(txn_id, true).await
+    }
+
+    async fn decide_fencing(&self, txn_id: &str, fence: bool) -> Result<Outcome> {
+        let db = self.db.read().await.clone();
+        match decide_on(&db, txn_id, fence).await {
+            Err(e) if db.is_closed() && self.url.is_some() => {
+                let url = self.url.as_deref().expect("checked");
+                tracing::info!("check-back: the database connection broke ({e}); connecting again");
+                let fresh = Arc::new(open(url).await?);
+                prepare(&fresh).await?;
+                *self.db.write().await = fresh.clone();
+                decide_on(&fresh, txn_id, fence).await
+            }
+            other => other,
+        }
+    }
+}
+
+async fn open(url: &str) -> Result<Client> {
+    let (db, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .map_err(db_err)?;
+    tokio::spawn(conn);
+    Ok(db)
+}
+
+async fn prepare(db: &Client) -> Result<()> {
+    db.batch_execute(&format!("SET lock_timeout = '{LOCK_WAIT}'"))
+        .await
+        .map_err(db_err)
+}
+
+/// The rule on one connection; without `fence`, an absent record is unknown.
+async fn decide_on(db: &Client, txn_id: &str, fence: bool) -> Result<Outcome> {
+    if fence {
+        let fenced = db
             .query_opt(
                 "INSERT INTO txmq_local_txn (txn_id, outcome, at_ms) VALUES ($1, 'rollback', $2)
                  ON CONFLICT (txn_id) DO NOTHING RETURNING outcome",
@@ -136,17 +197,16 @@ impl Checker {
             Err(e) if is_lock_timeout(&e) => return Ok(Outcome::Unknown),
             Err(e) => return Err(db_err(e)),
         }
-        // The key was taken: by a committed row (a new statement sees it).
-        let row = self
-            .db
-            .query_opt(
-                "SELECT outcome FROM txmq_local_txn WHERE txn_id = $1",
-                &[&txn_id],
-            )
-            .await
-            .map_err(db_err)?;
-        Ok(row.map_or(Outcome::Unknown, |r| outcome_of(r.get::<_, &str>(0))))
     }
+    // The key was taken: by a committed row (a new statement sees it).
+    let row = db
+        .query_opt(
+            "SELECT outcome FROM txmq_local_txn WHERE txn_id = $1",
+            &[&txn_id],
+        )
+        .await
+        .map_err(db_err)?;
+    Ok(row.map_or(Outcome::Unknown, |r| outcome_of(r.get::<_, &str>(0))))
 }
 
 impl TransactionChecker for Checker {
@@ -156,7 +216,8 @@ impl TransactionChecker for Checker {
     ) -> std::pin::Pin<Box<dyn Future<Output = Outcome> + Send>> {
         let checker = self.clone();
         Box::pin(async move {
-            match checker.decide(&request.txn_id).await {
+            let fence = !crate::older_than(&request, checker.horizon);
+            match checker.decide_fencing(&request.txn_id, fence).await {
                 Ok(outcome) => outcome,
                 Err(e) => {
                     tracing::warn!(txn = %request.txn_id, "check-back: {e}; answering unknown");

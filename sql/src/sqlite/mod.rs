@@ -47,10 +47,12 @@ pub fn migrate(db: &Connection) -> Result<()> {
              deliver_at_ms INTEGER NOT NULL,
              body          BLOB NOT NULL,
              created_ms    INTEGER NOT NULL,
-             sent_ms       INTEGER
+             sent_ms       INTEGER,
+             failed_ms     INTEGER,
+             error         TEXT
          );
          CREATE INDEX IF NOT EXISTS txmq_outbox_pending ON txmq_outbox (id)
-             WHERE sent_ms IS NULL;
+             WHERE sent_ms IS NULL AND failed_ms IS NULL;
          CREATE TABLE IF NOT EXISTS txmq_outbox_epoch (epoch TEXT NOT NULL);",
     )
     .map_err(db_err)?;

@@ -70,8 +70,10 @@ impl Store for Outbox {
         let mut q = self
             .db
             .prepare_cached(
-                "SELECT id, topic, msg_key, tag, message_group, properties, deliver_at_ms, body
-                 FROM txmq_outbox WHERE sent_ms IS NULL ORDER BY id LIMIT ?1",
+                "SELECT id, topic, msg_key, tag, message_group, properties, deliver_at_ms, body,
+                        created_ms
+                 FROM txmq_outbox WHERE sent_ms IS NULL AND failed_ms IS NULL
+                 ORDER BY id LIMIT ?1",
             )
             .map_err(db_err)?;
         let rows = q
@@ -85,6 +87,7 @@ impl Store for Outbox {
                     properties: Row::properties_of(&r.get::<_, String>(5)?),
                     deliver_at_ms: r.get::<_, i64>(6)?.max(0) as u64,
                     body: r.get(7)?,
+                    created_ms: r.get(8)?,
                 })
             })
             .map_err(db_err)?
@@ -105,6 +108,16 @@ impl Store for Outbox {
             }
         }
         tx.commit().map_err(db_err)
+    }
+
+    async fn mark_failed(&mut self, id: i64, why: &str) -> Result<()> {
+        self.db
+            .execute(
+                "UPDATE txmq_outbox SET failed_ms = ?2, error = ?3 WHERE id = ?1",
+                rusqlite::params![id, now_ms(), why],
+            )
+            .map_err(db_err)?;
+        Ok(())
     }
 
     async fn wait(&mut self, at_most: Duration) {

@@ -15,7 +15,7 @@ use crate::{BoxError, Committed, Error, Pending, Result, now_ms, outcome_of};
 
 /// How long the checker waits for a producer's open transaction before answering
 /// unknown.
-const LOCK_WAIT: Duration = Duration::from_secs(2);
+const LOCK_WAIT: Duration = Duration::from_secs(1);
 
 /// Sends `messages` as one transaction bound to a database transaction on `db`: the
 /// half messages first, then `work` inside the database transaction, then both commit.
@@ -95,6 +95,7 @@ where
 pub struct Checker {
     db: Arc<Mutex<Connection>>,
     path: PathBuf,
+    horizon: Duration,
 }
 
 impl std::fmt::Debug for Checker {
@@ -115,7 +116,16 @@ impl Checker {
         Ok(Self {
             db: Arc::new(Mutex::new(db)),
             path: path.to_path_buf(),
+            horizon: crate::KEEP_ROWS,
         })
+    }
+
+    /// Transactions prepared longer ago than `horizon` are never fenced: their record
+    /// may have been pruned (keep rows at least this long). Default: [`crate::KEEP_ROWS`].
+    #[must_use]
+    pub fn with_horizon(mut self, horizon: Duration) -> Self {
+        self.horizon = horizon;
+        self
     }
 
     /// What became of transaction `txn_id`: see the crate's docs for the rule.
@@ -124,20 +134,27 @@ impl Checker {
     /// # Errors
     /// The database's error (a lock wait that ran out is `Ok(Unknown)`).
     pub fn decide(&self, txn_id: &str) -> Result<Outcome> {
+        self.decide_fencing(txn_id, true)
+    }
+
+    /// The rule; without `fence`, an absent record is unknown.
+    fn decide_fencing(&self, txn_id: &str, fence: bool) -> Result<Outcome> {
         let db = self
             .db
             .lock()
             .map_err(|e| Error::Db(e.to_string().into()))?;
-        let fenced = db.execute(
-            "INSERT OR IGNORE INTO txmq_local_txn (txn_id, outcome, at_ms)
-             VALUES (?1, 'rollback', ?2)",
-            rusqlite::params![txn_id, now_ms()],
-        );
-        match fenced {
-            Ok(1) => return Ok(Outcome::Rollback),
-            Ok(_) => {}
-            Err(e) if is_busy(&e) => return Ok(Outcome::Unknown),
-            Err(e) => return Err(db_err(e)),
+        if fence {
+            let fenced = db.execute(
+                "INSERT OR IGNORE INTO txmq_local_txn (txn_id, outcome, at_ms)
+                 VALUES (?1, 'rollback', ?2)",
+                rusqlite::params![txn_id, now_ms()],
+            );
+            match fenced {
+                Ok(1) => return Ok(Outcome::Rollback),
+                Ok(_) => {}
+                Err(e) if is_busy(&e) => return Ok(Outcome::Unknown),
+                Err(e) => return Err(db_err(e)),
+            }
         }
         let outcome: Option<String> = db
             .query_row(
@@ -163,7 +180,8 @@ impl TransactionChecker for Checker {
         let checker = self.clone();
         Box::pin(async move {
             let id = request.txn_id.clone();
-            match tokio::task::spawn_blocking(move || checker.decide(&id)).await {
+            let fence = !crate::older_than(&request, checker.horizon);
+            match tokio::task::spawn_blocking(move || checker.decide_fencing(&id, fence)).await {
                 Ok(Ok(outcome)) => outcome,
                 Ok(Err(e)) => {
                     tracing::warn!(txn = %request.txn_id, "check-back: {e}; answering unknown");

@@ -1,12 +1,19 @@
 //! `txmq webhook`: best-effort notification (最大努力通知). A consumer group of a topic
 //! whose every message is POSTed to an HTTP endpoint, signed; a 2xx answer acks it,
-//! anything else (or no answer) nacks it into the group's backoff, and after the
-//! group's max attempts the broker moves it to the dead-letter queue. The receiver can
-//! ask what it missed on a small signed query interface (`--query-listen`).
+//! anything else (a redirect included, or no answer) nacks it into the group's backoff,
+//! and after the group's max attempts the broker moves it to the dead-letter queue. The
+//! receiver can ask what it gave up on with a small signed query interface
+//! (`--query-listen`; serve it on loopback or behind TLS: it returns bodies).
 //!
-//! Signature: `X-Txmq-Signature: v1=<hex HMAC-SHA256(secret, "<timestamp>.<message id>.<body>")>`
-//! with `X-Txmq-Timestamp` (ms since the Unix epoch). Queries are signed the same way
-//! over `"<timestamp>.GET.<path and query>"`, within five minutes of the bridge's clock.
+//! Signatures are HMAC-SHA256 with the shared secret, hex, each over a labelled text so
+//! one kind can never pass for the other:
+//! - a notification: `X-Txmq-Signature: v1=<hex>` over
+//!   `"txmq-webhook-v1\n<timestamp>\n<message id>\n<topic>\n<attempt>\n"` followed by the body;
+//! - a query: the same header over `"txmq-query-v1\n<timestamp>\nGET\n<path and query>"`,
+//!   within five minutes of the bridge's clock.
+//!
+//! `<timestamp>` is `X-Txmq-Timestamp`, ms since the Unix epoch. Key and tag travel in
+//! headers unsigned.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,6 +27,8 @@ use txmq_client::{Admin, Consumer, ConsumerOptions, Delivery, pb};
 
 /// How far a query's timestamp may be from the bridge's clock.
 const QUERY_SKEW_MS: u64 = 5 * 60 * 1000;
+/// Most dead letters a `/missed` query reads.
+const MISSED_SCAN: usize = 10_000;
 
 #[derive(Debug, clap::Args)]
 pub struct WebhookArgs {
@@ -52,19 +61,27 @@ pub struct WebhookArgs {
 
 type Signer = Hmac<Sha256>;
 
-fn sign(secret: &[u8], parts: &[&[u8]]) -> String {
+/// The hex HMAC-SHA256 of `text` under `secret`.
+fn sign(secret: &[u8], text: &[&[u8]]) -> String {
     let mut mac = Signer::new_from_slice(secret).expect("HMAC takes any key length");
-    for (i, p) in parts.iter().enumerate() {
-        if i > 0 {
-            mac.update(b".");
-        }
-        mac.update(p);
+    for part in text {
+        mac.update(part);
     }
     mac.finalize()
         .into_bytes()
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
+}
+
+/// What a notification's signature covers, before its body.
+fn notification_head(at: &str, id: &str, topic: &str, attempt: u32) -> String {
+    format!("txmq-webhook-v1\n{at}\n{id}\n{topic}\n{attempt}\n")
+}
+
+/// What a query's signature covers.
+fn query_text(at: &str, path: &str) -> String {
+    format!("txmq-query-v1\n{at}\nGET\n{path}")
 }
 
 fn now_ms() -> u64 {
@@ -94,8 +111,11 @@ pub async fn run(addr: &str, token: &str, a: WebhookArgs) -> anyhow::Result<()> 
         a.url
     );
     anyhow::ensure!(a.timeout > 0.0, "--timeout must be more than zero");
+    // A redirect is a failure: followed, a POST turns into a GET without its body (an
+    // ack for nothing received), or the signed request goes to another host.
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs_f64(a.timeout))
+        .redirect(reqwest::redirect::Policy::none())
         .build()
         .context("HTTP client")?;
     if let Some(at) = a.query_listen {
@@ -111,8 +131,12 @@ pub async fn run(addr: &str, token: &str, a: WebhookArgs) -> anyhow::Result<()> 
         };
         tokio::spawn(serve_queries(listener, Arc::new(query)));
     }
+    // The lease outlasts a POST that runs to its timeout: a message is never POSTed
+    // twice at once.
+    let lease = Duration::from_secs_f64(a.timeout * 2.0).max(Duration::from_secs(30));
     let options = ConsumerOptions {
         window: a.concurrency.max(1),
+        lease: Some(lease),
         max_attempts: a.max_attempts,
         auth_token: token.to_string(),
         ..ConsumerOptions::new(a.group.clone(), a.topic.clone())
@@ -138,10 +162,8 @@ pub async fn run(addr: &str, token: &str, a: WebhookArgs) -> anyhow::Result<()> 
 async fn post(http: reqwest::Client, url: String, secret: Arc<Vec<u8>>, d: Delivery) {
     let m = &d.message;
     let at = now_ms().to_string();
-    let signature = sign(
-        &secret,
-        &[at.as_bytes(), m.message_id.as_bytes(), m.body.as_ref()],
-    );
+    let head = notification_head(&at, &m.message_id, &m.topic, d.attempt);
+    let signature = sign(&secret, &[head.as_bytes(), m.body.as_ref()]);
     let content_type = m
         .properties
         .get("content-type")
@@ -162,6 +184,10 @@ async fn post(http: reqwest::Client, url: String, secret: Arc<Vec<u8>>, d: Deliv
         .await;
     let outcome = match sent {
         Ok(r) if r.status().is_success() => d.ack().await,
+        Ok(r) if r.status().is_redirection() => {
+            tracing::info!(message = %m.message_id, attempt = d.attempt, status = %r.status(), "receiver redirected (not followed); retrying with the group's backoff");
+            d.nack(None).await
+        }
         Ok(r) => {
             tracing::info!(message = %m.message_id, attempt = d.attempt, status = %r.status(), "receiver refused; retrying with the group's backoff");
             d.nack(None).await
@@ -242,11 +268,13 @@ async fn serve_queries(listener: tokio::net::TcpListener, query: Arc<Query>) {
         };
         let since = param("since_ms").unwrap_or(0);
         let limit = param("limit").unwrap_or(100).clamp(1, 1000) as usize;
-        match q.admin.dead_letters(&q.group, 0).await {
-            Ok(dead) => {
+        // At most MISSED_SCAN of the group's dead letters are read per query.
+        match q.admin.dead_letters(&q.group, MISSED_SCAN).await {
+            Ok(mut dead) => {
+                dead.retain(|d| d.topic == q.topic && d.dead_ms >= since);
+                dead.sort_by_key(|d| d.dead_ms);
                 let out: Vec<_> = dead
                     .iter()
-                    .filter(|d| d.topic == q.topic && d.dead_ms >= since)
                     .take(limit)
                     .map(|d| {
                         json!({
@@ -301,7 +329,7 @@ impl Query {
         let path = uri.path_and_query().map_or(uri.path(), |p| p.as_str());
         let expected = format!(
             "v1={}",
-            sign(&self.secret, &[at.as_bytes(), b"GET", path.as_bytes()])
+            sign(&self.secret, &[query_text(at, path).as_bytes()])
         );
         let same = expected.len() == signature.len()
             && expected
