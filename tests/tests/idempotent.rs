@@ -108,3 +108,41 @@ async fn a_broker_without_a_window_refuses_keys() {
     );
     p.send(Message::new("t", "x")).await.unwrap();
 }
+
+/// `txmq produce --idempotency-key`: the same command twice stores its messages once,
+/// and both runs print the same receipts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_sends_with_keys() {
+    let b = TestBroker::start(&[]);
+    let run = || {
+        b.cli_ok(&[
+            "produce",
+            "--topic",
+            "t",
+            "--body",
+            "x",
+            "--count",
+            "3",
+            "--idempotency-key",
+            "batch-7",
+            "--json",
+        ])
+    };
+    let (first, second) = (run(), run());
+    let offsets = |out: &str| {
+        let mut o: Vec<u64> = txmq_tests::json_lines(out)
+            .iter()
+            .map(|v| v["offset"].as_u64().unwrap())
+            .collect();
+        o.sort_unstable();
+        o
+    };
+    assert_eq!(offsets(&first), [0, 1, 2]);
+    assert_eq!(
+        offsets(&second),
+        offsets(&first),
+        "the first receipts again"
+    );
+    let stored = drain(&b, "g", "t", Duration::from_secs(2)).await;
+    assert_eq!(stored.len(), 3);
+}

@@ -129,6 +129,11 @@ struct ProduceArgs {
     /// Message group: an ordered consumer group receives a group's messages in order.
     #[arg(long, default_value = "")]
     message_group: String,
+    /// Idempotency key: sent again (by you, or after a lost connection), the message is
+    /// stored once within the broker's dedup window. With --count N, message i gets
+    /// `KEY-i`.
+    #[arg(long, conflicts_with = "transactional")]
+    idempotency_key: Option<String>,
     /// Deliver this long after sending (`30s`, `30m`, `2h`): a scheduled message.
     #[arg(long, value_parser = scheduled::parse_after, conflicts_with = "deliver_at")]
     deliver_after: Option<Duration>,
@@ -630,10 +635,17 @@ fn body_of(a: &ProduceArgs, i: u64) -> Vec<u8> {
 }
 
 fn message_of(a: &ProduceArgs, i: u64) -> Message {
-    let m = Message::new(a.topic.clone(), body_of(a, i))
+    let mut m = Message::new(a.topic.clone(), body_of(a, i))
         .key(a.key.clone())
         .tag(a.tag.clone())
         .group(a.message_group.clone());
+    if let Some(key) = &a.idempotency_key {
+        m = m.idempotency_key(if a.count == 1 {
+            key.clone()
+        } else {
+            format!("{key}-{i}")
+        });
+    }
     match (a.deliver_at, a.deliver_after) {
         (Some(at), _) => m.deliver_at(at),
         (None, Some(after)) => m.deliver_after(after),
