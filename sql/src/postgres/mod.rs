@@ -8,7 +8,7 @@ mod txn;
 
 pub use consume::{apply_once, consume_once, prune_processed};
 pub use outbox::{Outbox, enqueue, prune_outbox};
-pub use txn::{Checker, prune, run_local, send_in_transaction};
+pub use txn::{CHECKER_CONNECTIONS, Checker, prune, run_local, send_in_transaction};
 
 use tokio_postgres::Client;
 

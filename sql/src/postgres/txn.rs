@@ -93,14 +93,20 @@ where
     }
 }
 
-/// Answers check-backs from the table, on its own connection (made again after it
-/// broke, when the checker was made with [`Checker::connect`]).
+/// Answers check-backs from the table, on connections of its own (made again after
+/// they broke, when the checker was made with [`Checker::connect`]).
 #[derive(Clone)]
 pub struct Checker {
-    db: Arc<tokio::sync::RwLock<Arc<Client>>>,
+    /// Its connections, taken in turn: one check waiting on a producer's lock does not
+    /// hold up the others.
+    pool: Arc<[tokio::sync::RwLock<Arc<Client>>]>,
+    next: Arc<std::sync::atomic::AtomicUsize>,
     url: Option<Arc<str>>,
     horizon: Duration,
 }
+
+/// Connections a checker made with [`Checker::connect`] keeps.
+pub const CHECKER_CONNECTIONS: usize = 4;
 
 impl std::fmt::Debug for Checker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -118,21 +124,31 @@ impl Checker {
     pub async fn new(db: Client) -> Result<Self> {
         prepare(&db).await?;
         Ok(Self {
-            db: Arc::new(tokio::sync::RwLock::new(Arc::new(db))),
+            pool: Arc::from([tokio::sync::RwLock::new(Arc::new(db))]),
+            next: Arc::default(),
             url: None,
             horizon: crate::KEEP_ROWS,
         })
     }
 
-    /// A checker on its own connection to `url` (without TLS), connecting again when
-    /// that connection breaks (a database restart).
+    /// A checker on [`CHECKER_CONNECTIONS`] connections of its own to `url` (without
+    /// TLS), each made again when it breaks (a database restart).
     ///
     /// # Errors
     /// The database's error.
     pub async fn connect(url: &str) -> Result<Self> {
-        let mut checker = Self::new(open(url).await?).await?;
-        checker.url = Some(url.into());
-        Ok(checker)
+        let mut pool = Vec::with_capacity(CHECKER_CONNECTIONS);
+        for _ in 0..CHECKER_CONNECTIONS {
+            let db = open(url).await?;
+            prepare(&db).await?;
+            pool.push(tokio::sync::RwLock::new(Arc::new(db)));
+        }
+        Ok(Self {
+            pool: pool.into(),
+            next: Arc::default(),
+            url: Some(url.into()),
+            horizon: crate::KEEP_ROWS,
+        })
     }
 
     /// Transactions prepared longer ago than `horizon` are never fenced: their record
@@ -152,14 +168,16 @@ impl Checker {
     }
 
     async fn decide_fencing(&self, txn_id: &str, fence: bool) -> Result<Outcome> {
-        let db = self.db.read().await.clone();
+        let slot = &self.pool
+            [self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.pool.len()];
+        let db = slot.read().await.clone();
         match decide_on(&db, txn_id, fence).await {
             Err(e) if db.is_closed() && self.url.is_some() => {
                 let url = self.url.as_deref().expect("checked");
                 tracing::info!("check-back: the database connection broke ({e}); connecting again");
                 let fresh = Arc::new(open(url).await?);
                 prepare(&fresh).await?;
-                *self.db.write().await = fresh.clone();
+                *slot.write().await = fresh.clone();
                 decide_on(&fresh, txn_id, fence).await
             }
             other => other,
