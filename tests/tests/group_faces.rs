@@ -249,3 +249,35 @@ async fn a_follower_gives_back_the_space_retention_freed() {
         group.logs()
     );
 }
+
+/// I7 on the node port: before its handshake is accepted a connection may send no frame
+/// over 4 KiB. A larger one (here 8 KiB, well-formed) is refused by its length alone:
+/// the connection closes without the frame being read or answered, and the node serves
+/// on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_port_refuses_a_large_frame_before_the_handshake() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut group = TestGroup::start(1, &[]);
+    group
+        .leader(Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|| panic!("no leader\n{}", group.logs()));
+    let peer = group.peers.split_once('=').unwrap().1.to_string();
+    let mut s = tokio::net::TcpStream::connect(&peer).await.unwrap();
+    let mut frame = (8192u32).to_be_bytes().to_vec();
+    frame.extend(std::iter::repeat_n(0u8, 8192));
+    let _ = s.write_all(&frame).await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut answer)).await;
+    assert!(
+        answer.is_empty(),
+        "the frame was read and answered ({} bytes)",
+        answer.len()
+    );
+    assert!(
+        txmq_tests::group::hello(group.nodes[0].addr())
+            .await
+            .is_ok(),
+        "the node stopped serving"
+    );
+}

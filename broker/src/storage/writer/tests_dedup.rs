@@ -4,6 +4,7 @@
 
 use super::tests::{stop, writer};
 use super::*;
+use crate::storage::Cf;
 
 fn keyed(topic: &str, body: &str, key: &str) -> pb::Message {
     pb::Message {
@@ -100,5 +101,25 @@ async fn keys_survive_a_reopen_and_a_zero_window_forgets_them() {
     let stored = send(&w, vec![keyed("t", "a", "k")]).await;
     assert_eq!(stored[0].offset, 1, "a zero window remembers nothing");
     assert_eq!(log(&storage, "t"), ["a", "a"]);
+    stop(w, thread, storage).await;
+}
+
+/// I9: an entry past the window is dropped when RocksDB rewrites its file (the filter),
+/// not only ignored by lookups.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_keys_leave_the_index_at_compaction() {
+    let (_dir, storage, thread, w) = writer(FlushMode::Sync);
+    send(&w, vec![keyed("t", "a", "old")]).await;
+    let id = storage.topics().unwrap()[0].record.id;
+    let key = crate::storage::dedup::key(id, "old");
+    let present = |s: &Storage| s.db().get_cf(s.cf(Cf::Dedup), &key).unwrap().is_some();
+    assert!(present(&storage), "the key was recorded");
+    storage.db().flush_cf(storage.cf(Cf::Dedup)).unwrap();
+    storage.set_dedup_window(std::time::Duration::from_millis(1));
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    storage
+        .db()
+        .compact_range_cf(storage.cf(Cf::Dedup), None::<&[u8]>, None::<&[u8]>);
+    assert!(!present(&storage), "an expired key survived compaction");
     stop(w, thread, storage).await;
 }
