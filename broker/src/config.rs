@@ -305,11 +305,7 @@ impl Config {
         self.group()?;
         if let Some(host) = &self.advertise_host {
             let bare = host.trim_start_matches('[').trim_end_matches(']');
-            let name = !bare.is_empty()
-                && bare
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
-            if !(name || bare.parse::<std::net::IpAddr>().is_ok()) {
+            if !(is_host_name(bare) || bare.parse::<std::net::IpAddr>().is_ok()) {
                 return Err(format!(
                     "advertise-host {host:?} is neither a host name nor an IP address (no port: \
                      each listener's own is used)"
@@ -522,6 +518,14 @@ fn read_credentials(path: &std::path::Path) -> Result<Vec<(String, String)>, Str
         ));
     }
     Ok(pairs)
+}
+
+/// Whether `text` is a host name clients can be given (letters, digits, `-` and `.`).
+pub fn is_host_name(text: &str) -> bool {
+    !text.is_empty()
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
 }
 
 #[cfg(test)]

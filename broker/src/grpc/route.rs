@@ -57,11 +57,7 @@ fn advertised(host_port: &str) -> Option<pb::Endpoints> {
     }
     let (host, port) = host_port.rsplit_once(':')?;
     let port: u16 = port.parse().ok()?;
-    let name_ok = !host.is_empty()
-        && host
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
-    name_ok.then(|| endpoints_of(host, port, false))
+    crate::config::is_host_name(host).then(|| endpoints_of(host, port, false))
 }
 
 /// In a broker group, the gRPC endpoint of the node that leads: this one's own

@@ -84,12 +84,6 @@ fn query_text(at: &str, path: &str) -> String {
     format!("txmq-query-v1\n{at}\nGET\n{path}")
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 fn secret(a: &WebhookArgs) -> anyhow::Result<Vec<u8>> {
     let text = match &a.secret_file {
         Some(p) => std::fs::read_to_string(p)
@@ -161,7 +155,7 @@ pub async fn run(addr: &str, token: &str, a: WebhookArgs) -> anyhow::Result<()> 
 /// POSTs one delivery; acks it on a 2xx, else nacks it into the group's backoff.
 async fn post(http: reqwest::Client, url: String, secret: Arc<Vec<u8>>, d: Delivery) {
     let m = &d.message;
-    let at = now_ms().to_string();
+    let at = txmq_protocol::now_ms().to_string();
     let head = notification_head(&at, &m.message_id, &m.topic, d.attempt);
     let signature = sign(&secret, &[head.as_bytes(), m.body.as_ref()]);
     let content_type = m
@@ -323,7 +317,7 @@ impl Query {
         let Ok(at_ms) = at.parse::<u64>() else {
             return unauthorized("x-txmq-timestamp is not milliseconds since the epoch");
         };
-        if now_ms().abs_diff(at_ms) > QUERY_SKEW_MS {
+        if txmq_protocol::now_ms().abs_diff(at_ms) > QUERY_SKEW_MS {
             return unauthorized("x-txmq-timestamp is more than five minutes off");
         }
         let path = uri.path_and_query().map_or(uri.path(), |p| p.as_str());
