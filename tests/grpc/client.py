@@ -105,7 +105,9 @@ class Never(TransactionChecker):
         return TransactionResolution.TRANSACTION_RESOLUTION_UNSPECIFIED
 
 
-def txn(endpoint, topic, body, end):
+def txn(endpoint, topic, body, end, then=None):
+    """Ends a transaction as told; with `then`, ends it the other way after that and
+    prints what the broker said, as an application would read it."""
     producer = Producer(config(endpoint), (topic,), Never())
     producer.startup()
     try:
@@ -118,6 +120,17 @@ def txn(endpoint, topic, body, end):
         else:
             transaction.rollback()
         out(ended=end)
+        if then:
+            try:
+                if then == "commit":
+                    transaction.commit()
+                else:
+                    transaction.rollback()
+                out(then=then, refused=None)
+            except Exception as e:
+                out(then=then, refused=str(e), code=int(getattr(e, "code", 0) or 0),
+                    already_committed="already committed" in str(e),
+                    already_rolled_back="already rolled back" in str(e))
     finally:
         producer.shutdown()
 
@@ -134,6 +147,8 @@ class Answer(TransactionChecker):
         self.done.set()
         if self.answer == "commit":
             return TransactionResolution.COMMIT
+        if self.answer == "unknown":
+            return TransactionResolution.TRANSACTION_RESOLUTION_UNSPECIFIED
         return TransactionResolution.ROLLBACK
 
 
@@ -391,10 +406,10 @@ def torture_consume(endpoint, group, topic):
             continue
         for m in messages:
             body = m.body.decode()
-            out(delivered=body, attempt=m.delivery_attempt)
+            out(delivered=body, attempt=m.delivery_attempt, handle=m.receipt_handle)
             try:
                 consumer.ack(m)
-                out(acked=body)
+                out(acked=body, handle=m.receipt_handle)
             except Exception as e:
                 out(ack_failed=body, error=str(e)[:200])
 
@@ -421,7 +436,7 @@ def main():
     if command == "produce":
         produce(endpoint, args[0], args[1], args[2:])
     elif command == "txn":
-        txn(endpoint, args[0], args[1], args[2])
+        txn(endpoint, args[0], args[1], args[2], args[3] if len(args) > 3 else None)
     elif command == "torture-produce":
         torture_produce(endpoint, args[0], args[1])
     elif command == "torture-consume":

@@ -91,11 +91,13 @@ struct GroupLog {
     /// twice).
     acked_offsets: HashMap<u64, u64>,
     /// Deliveries that came after their message's ack was confirmed, on a lease older
-    /// than the one acked: sent by a leader that was deposed meanwhile, on a connection
-    /// cut off with it, and read once the network healed. A queue's lease ids grow from
-    /// its start time (and all nodes here share a clock), so an older lease is an
-    /// older leader's. A failover redelivery, counted apart; a delivery on a newer lease
-    /// is a violation.
+    /// than the one acked: sent before that ack, and read after it. Either by a leader
+    /// that was deposed meanwhile, on a connection cut off with it and read once the
+    /// network healed; or to a consumer that held it in its buffer past its lease, while
+    /// the message went out again to another consumer (the gRPC one, say) that acked
+    /// it. A queue's lease ids grow from its start time (and all nodes here share a
+    /// clock), so an older lease was handed out earlier. Counted apart; a delivery on a
+    /// newer lease is a violation.
     stale: u64,
     /// Bodies whose last ack lost its connection before the answer: it may have taken
     /// effect (then the message is never delivered again) or not (then it comes back).
@@ -294,28 +296,8 @@ async fn consumer(world: Arc<World>, g: usize) {
             let body = String::from_utf8_lossy(d.body()).into_owned();
             {
                 let mut log = world.groups[g].lock().unwrap();
-                log.deliveries += 1;
-                if d.attempt > 1 {
-                    log.redeliveries += 1;
-                }
-                let acked_lease = log.acked_offsets.get(&d.offset()).copied();
-                if acked_lease.is_some_and(|acked| d.handle().lease_id < acked) {
-                    log.stale += 1;
-                } else if acked_lease.is_some() {
-                    let before = log.history.get(&body).cloned().unwrap_or_default();
-                    log.violations.push(format!(
-                        "{body} at offset {} delivered again (attempt {}, lease {}) after its ack (lease {}) was confirmed; before: {before:?}",
-                        d.offset(),
-                        d.attempt,
-                        d.handle().lease_id,
-                        acked_lease.unwrap_or_default()
-                    ));
-                } else if log.acked.contains(&body) && !body.starts_with('g') {
-                    log.violations.push(format!(
-                        "{body} delivered again (attempt {}) after its ack was confirmed",
-                        d.attempt
-                    ));
-                }
+                let at = (d.offset(), d.handle().lease_id);
+                log.delivered(&body, Some(at), d.attempt.into(), "");
                 if body.starts_with('t') {
                     let decision = world.ledger.lock().unwrap().decisions.get(&body).copied();
                     if decision != Some(Decision::Commit) {
@@ -324,21 +306,13 @@ async fn consumer(world: Arc<World>, g: usize) {
                         ));
                     }
                 }
-                log.seen.insert(body.clone());
-                log.ack_unsure.remove(&body);
-                log.history.entry(body.clone()).or_default().push(format!(
-                    "delivered attempt {} offset {}",
-                    d.attempt,
-                    d.offset()
-                ));
             }
             let roll: f64 = rand::rng().random();
             let what = if world.settle.load(Ordering::Relaxed) || roll < 0.7 {
                 match d.ack().await {
                     Ok(()) => {
                         let mut log = world.groups[g].lock().unwrap();
-                        log.acked.insert(body.clone());
-                        log.acked_offsets.insert(d.offset(), d.handle().lease_id);
+                        log.confirmed_ack(&body, Some((d.offset(), d.handle().lease_id)));
                         drop(log);
                         "acked".to_string()
                     }
@@ -437,17 +411,11 @@ fn grpc_consumer(world: Arc<World>) -> std::thread::JoinHandle<()> {
         |w| w.stop_consumers.load(Ordering::Relaxed),
         |w, v| {
             let mut log = w.groups[0].lock().unwrap();
+            // The receipt handle names the lease (`txmq1.<offset>.<lease id>`).
+            let at = v["handle"].as_str().and_then(lease_of_handle);
             if let Some(body) = v["delivered"].as_str() {
                 let attempt = v["attempt"].as_u64().unwrap_or(0);
-                log.deliveries += 1;
-                if attempt > 1 {
-                    log.redeliveries += 1;
-                }
-                if log.acked.contains(body) && !body.starts_with('g') {
-                    log.violations.push(format!(
-                        "{body} delivered again to the gRPC consumer (attempt {attempt}) after its ack was confirmed"
-                    ));
-                }
+                log.delivered(body, at, attempt, " over gRPC");
                 if body.starts_with('t') {
                     let decision = w.ledger.lock().unwrap().decisions.get(body).copied();
                     if decision != Some(Decision::Commit) {
@@ -456,15 +424,9 @@ fn grpc_consumer(world: Arc<World>) -> std::thread::JoinHandle<()> {
                         ));
                     }
                 }
-                log.seen.insert(body.to_string());
-                log.ack_unsure.remove(body);
-                log.history
-                    .entry(body.to_string())
-                    .or_default()
-                    .push(format!("delivered over gRPC attempt {attempt}"));
             } else if let Some(body) = v["acked"].as_str() {
                 w.grpc_acks.fetch_add(1, Ordering::Relaxed);
-                log.acked.insert(body.to_string());
+                log.confirmed_ack(body, at);
                 log.history
                     .entry(body.to_string())
                     .or_default()
@@ -475,6 +437,63 @@ fn grpc_consumer(world: Arc<World>) -> std::thread::JoinHandle<()> {
             }
         },
     )
+}
+
+/// The (offset, lease id) a gRPC receipt handle names.
+fn lease_of_handle(handle: &str) -> Option<(u64, u64)> {
+    let mut parts = handle.strip_prefix("txmq1.")?.split('.');
+    let offset = parts.next()?.parse().ok()?;
+    let lease = parts.next()?.parse().ok()?;
+    parts.next().is_none().then_some((offset, lease))
+}
+
+impl GroupLog {
+    /// A delivery of `body` (at `at`: offset and lease id, when known) to a consumer of
+    /// this group, `via` a face ("" for native): a violation if it came on a newer lease
+    /// than an ack the broker confirmed; stale if on an older one.
+    fn delivered(&mut self, body: &str, at: Option<(u64, u64)>, attempt: u64, via: &str) {
+        self.deliveries += 1;
+        if attempt > 1 {
+            self.redeliveries += 1;
+        }
+        let acked_lease = at.and_then(|(offset, _)| self.acked_offsets.get(&offset).copied());
+        match (at, acked_lease) {
+            (Some((_, lease)), Some(acked)) if lease < acked => self.stale += 1,
+            (Some((offset, lease)), Some(acked)) => {
+                let before = self.history.get(body).cloned().unwrap_or_default();
+                self.violations.push(format!(
+                    "{body} at offset {offset} delivered{via} again (attempt {attempt}, lease \
+                     {lease}) after its ack (lease {acked}) was confirmed; before: {before:?}"
+                ));
+            }
+            // Acked at another offset (a gRPC send stored twice is the only way, and
+            // those bodies start with 'g'), or with no lease known.
+            _ if self.acked.contains(body) && !body.starts_with('g') => {
+                let before = self.history.get(body).cloned().unwrap_or_default();
+                self.violations.push(format!(
+                    "{body} delivered{via} again (attempt {attempt}, at {at:?}) after its ack was \
+                     confirmed; before: {before:?}"
+                ));
+            }
+            _ => {}
+        }
+        self.seen.insert(body.to_string());
+        self.ack_unsure.remove(body);
+        let at = at.map_or(String::new(), |(o, l)| format!(" offset {o} lease {l}"));
+        self.history
+            .entry(body.to_string())
+            .or_default()
+            .push(format!("delivered{via} attempt {attempt}{at}"));
+    }
+
+    /// The broker confirmed an ack of `body` (at `at`, when known).
+    fn confirmed_ack(&mut self, body: &str, at: Option<(u64, u64)>) {
+        self.acked.insert(body.to_string());
+        if let Some((offset, lease)) = at {
+            let acked = self.acked_offsets.entry(offset).or_insert(lease);
+            *acked = (*acked).max(lease);
+        }
+    }
 }
 
 /// Bodies every group must have acked by the end.
@@ -733,5 +752,43 @@ fn report(world: &World, cli: impl Fn(&[&str]) -> String) -> Report {
         grpc_acked,
         dead_lettered,
         redeliveries,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 25: a native consumer held a delivery in its buffer past its 1 s lease; the
+    /// message went out again to the gRPC consumer, which acked it (confirmed); then the
+    /// native consumer read its old copy. It was sent before the ack: stale, not a
+    /// violation. The checker called it "delivered again after its ack was confirmed"
+    /// every run, because gRPC acks recorded the body and not the lease.
+    #[test]
+    fn a_copy_sent_before_another_consumer_acked_is_stale_not_a_violation() {
+        let mut log = GroupLog::default();
+        log.delivered("p0-928", Some((7, 100)), 1, "");
+        log.delivered("p0-928", Some((7, 200)), 2, " over gRPC");
+        log.confirmed_ack("p0-928", lease_of_handle("txmq1.7.200"));
+        // The native consumer reads its buffered copy now.
+        log.delivered("p0-928", Some((7, 100)), 1, "");
+        assert_eq!(log.violations, Vec::<String>::new());
+        assert_eq!(log.stale, 1);
+        // Sent after the ack (a newer lease): the broker broke its promise.
+        log.delivered("p0-928", Some((7, 300)), 3, "");
+        assert_eq!(log.violations.len(), 1, "{:?}", log.violations);
+        // Over gRPC, the same rules.
+        log.delivered("p0-928", lease_of_handle("txmq1.7.150"), 2, " over gRPC");
+        assert_eq!((log.stale, log.violations.len()), (2, 1));
+        log.delivered("p0-928", lease_of_handle("txmq1.7.400"), 4, " over gRPC");
+        assert_eq!(log.violations.len(), 2);
+    }
+
+    #[test]
+    fn receipt_handles_parse() {
+        assert_eq!(lease_of_handle("txmq1.7.200"), Some((7, 200)));
+        assert_eq!(lease_of_handle("txmq1.7"), None);
+        assert_eq!(lease_of_handle("txmq1.7.2.3"), None);
+        assert_eq!(lease_of_handle("other"), None);
     }
 }

@@ -127,7 +127,7 @@ impl Queue {
     /// [`Queue::mark_acked`], noting what it changed in `undo`.
     fn mark_acked_undoably(&mut self, offset: u64, undo: &mut Undo) -> Vec<Op> {
         if let Some(rec) = self.retry.get(&offset) {
-            undo.retries.push((offset, rec.clone()));
+            undo.retries.push((offset, *rec));
         }
         if offset >= self.floor() && !self.acked.contains(&offset) {
             undo.acked.push(offset);
@@ -144,6 +144,12 @@ impl Queue {
             if let Some(rec) = self.retry.remove(&o) {
                 self.retry_due.remove(&(rec.due_ms, o));
             }
+        }
+        for (o, rec) in undo.stored {
+            if let Some(now) = self.retry.insert(o, rec) {
+                self.retry_due.remove(&(now.due_ms, o));
+            }
+            self.retry_due.insert((rec.due_ms, o));
         }
         for o in &undo.acked {
             self.acked.remove(o);
@@ -166,10 +172,12 @@ impl Queue {
         let mut ops = Vec::new();
         if let Some(rec) = self.retry.remove(&offset) {
             self.retry_due.remove(&(rec.due_ms, offset));
-            ops.push(Op::Delete(
-                Cf::Retry,
-                keys::group_offset(&self.group, self.topic.id, offset),
-            ));
+            if rec.is_stored() {
+                ops.push(Op::Delete(
+                    Cf::Retry,
+                    keys::group_offset(&self.group, self.topic.id, offset),
+                ));
+            }
         }
         if offset >= self.floor() && self.acked.insert(offset) {
             ops.push(Op::Put(
@@ -182,7 +190,9 @@ impl Queue {
     }
 
     /// Moves the floor over every contiguous offset that is done (acked) or whose fate is
-    /// recorded elsewhere (waiting in the retry index), dropping their ack records. When
+    /// recorded elsewhere (a stored retry record), dropping their ack records. It never
+    /// passes what only memory knows (an in-memory redelivery, a lease): a restart reads
+    /// the log from the floor, and that is how such a message is found again. When
     /// the acks above the floor pile up behind a message held a long time (a poison
     /// message, a long lease), leased offsets get a retry record and are passed too: one
     /// message can then no longer pin the floor and make memory, the `acked` column
@@ -206,36 +216,24 @@ impl Queue {
                     Cf::Acked,
                     keys::group_offset(&self.group, self.topic.id, floor),
                 ));
-            } else if self.retry.contains_key(&floor) {
+            } else if self.retry.get(&floor).is_some_and(Redelivery::is_stored) {
                 // Redelivered from the retry index whatever the floor.
+            } else if crowded && let Some(&rec) = self.retry.get(&floor) {
+                // Due again, known to memory only: stored now, so that one message no
+                // consumer could take does not pin the floor either.
+                ops.push(self.store_redelivery(floor, rec.attempts));
+                undo.stored.push((floor, rec));
             } else if crowded && self.fifo.as_ref().is_some_and(|f| f.is_held(floor)) {
                 // Held behind its group's head: passed with a record of it, so that a
                 // restart holds it again (see `Queue::new`); due when its head is done.
-                let rec = RetryRecord {
-                    attempts: 0,
-                    due_ms: now_ms(),
-                };
-                ops.push(Op::Put(
-                    Cf::Retry,
-                    keys::group_offset(&self.group, self.topic.id, floor),
-                    rec.encode_to_vec(),
-                ));
-                self.retry.insert(floor, rec);
+                ops.push(self.store_redelivery(floor, 0));
+                self.retry_due.remove(&(self.retry[&floor].due_ms, floor));
                 undo.new_retries.push(floor);
             } else if crowded && let Some(lease) = self.leases.get(&floor) {
                 // Due at once if the broker restarts; while the lease lives, its expiry
                 // (or ack, or nack) decides, and pump skips it.
-                let rec = RetryRecord {
-                    attempts: lease.attempt.saturating_sub(1),
-                    due_ms: now_ms(),
-                };
-                ops.push(Op::Put(
-                    Cf::Retry,
-                    keys::group_offset(&self.group, self.topic.id, floor),
-                    rec.encode_to_vec(),
-                ));
-                self.retry_due.insert((rec.due_ms, floor));
-                self.retry.insert(floor, rec);
+                let attempts = lease.attempt.saturating_sub(1);
+                ops.push(self.store_redelivery(floor, attempts));
                 undo.new_retries.push(floor);
             } else {
                 break;
@@ -252,6 +250,23 @@ impl Queue {
             ));
         }
         ops
+    }
+}
+
+impl Queue {
+    /// A stored redelivery of `offset`, due now, in memory (in the due index); returns
+    /// the write of its record.
+    fn store_redelivery(&mut self, offset: u64, attempts: u32) -> Op {
+        let rec = Redelivery::stored(attempts, now_ms());
+        if let Some(old) = self.retry.insert(offset, rec) {
+            self.retry_due.remove(&(old.due_ms, offset));
+        }
+        self.retry_due.insert((rec.due_ms, offset));
+        Op::Put(
+            Cf::Retry,
+            keys::group_offset(&self.group, self.topic.id, offset),
+            rec.record().encode_to_vec(),
+        )
     }
 }
 
@@ -289,10 +304,12 @@ pub(super) struct Undo {
     acked: Vec<u64>,
     /// Acked offsets the floor passed (and dropped from the acked set).
     passed: Vec<u64>,
-    /// Retry records written for leased offsets the floor passed.
+    /// Retry records written for leased or held offsets the floor passed.
     new_retries: Vec<u64>,
+    /// In-memory redeliveries the floor passed by storing them, as they were.
+    stored: Vec<(u64, Redelivery)>,
     leases: Vec<(u64, Lease)>,
-    retries: Vec<(u64, RetryRecord)>,
+    retries: Vec<(u64, Redelivery)>,
 }
 
 /// Drops an ack record's put together with its delete in the same batch: the common case

@@ -34,6 +34,7 @@ pub use pump::tag_matches;
 mod retry;
 
 use fifo::Fifo;
+use retry::{Kept, Redelivery};
 
 use pump::parse_tags;
 
@@ -120,7 +121,8 @@ pub struct Queue {
     acked: BTreeSet<u64>,
     leases: HashMap<u64, Lease>,
     deadlines: BTreeSet<(u64, u64)>,
-    retry: HashMap<u64, RetryRecord>,
+    /// Offsets to deliver again, each saying whether it is stored (see `retry`).
+    retry: HashMap<u64, Redelivery>,
     retry_due: BTreeSet<(u64, u64)>,
     consumers: Vec<Consumer>,
     round_robin: usize,
@@ -144,6 +146,8 @@ pub struct Queue {
     reported_blocked: i64,
     /// The group was deleted on this topic: the task ends.
     deleted: bool,
+    /// Whether this node may deliver from its state now (a group leader's lease).
+    serving: crate::replication::lease::Serving,
 }
 
 /// One ack request waiting for its write: the leases and where its answer goes.
@@ -209,15 +213,22 @@ impl Queue {
             dead_recent: std::collections::VecDeque::new(),
             reported_blocked: 0,
             deleted: false,
+            serving: crate::replication::lease::Serving::always(),
         };
         for (offset, rec) in loaded.retries {
             if !held.contains(&offset) {
                 // Held ones are due when their head is done, not at a time.
                 q.retry_due.insert((rec.due_ms, offset));
             }
-            q.retry.insert(offset, rec);
+            q.retry.insert(offset, Redelivery::from_record(&rec));
         }
         q
+    }
+
+    /// Delivers only while `serving` holds (a group leader's lease).
+    #[must_use]
+    pub fn serving(self, serving: crate::replication::lease::Serving) -> Self {
+        Self { serving, ..self }
     }
 
     fn floor(&self) -> u64 {
@@ -258,11 +269,19 @@ impl Queue {
                 .iter()
                 .any(|c| c.spec.stall.is_stalled())
                 .then(|| (now_ms() + super::STALL_AFTER.as_millis() as u64, 0));
-            let wake = [self.deadlines.first(), retry_wake, stalled.as_ref()]
-                .into_iter()
-                .flatten()
-                .map(|(at, _)| *at)
-                .min();
+            // A leader whose lease lapsed (handing over, say) delivers nothing; if it
+            // serves again, it looks again then.
+            let lapsed = (!self.serving.holds()).then(|| (now_ms() + 100, 0));
+            let wake = [
+                self.deadlines.first(),
+                retry_wake,
+                stalled.as_ref(),
+                lapsed.as_ref(),
+            ]
+            .into_iter()
+            .flatten()
+            .map(|(at, _)| *at)
+            .min();
             let sleep = async {
                 match wake {
                     Some(at) => {

@@ -22,7 +22,9 @@ impl Queue {
 
     /// Delivers while some consumer has room and something is deliverable.
     pub(super) async fn pump(&mut self) -> Result<()> {
-        if self.cursor.is_none() {
+        if self.cursor.is_none() || !self.serving.holds() {
+            // No group yet; or a group leader whose lease lapsed (paused, cut off):
+            // another node may deliver by now, so this one hands out nothing.
             return Ok(());
         }
         while self.has_credit() {
@@ -68,6 +70,10 @@ impl Queue {
                             // Back in the retry schedule; let the run loop take requests
                             // (an Unsubscribe, say) before trying again.
                             return Ok(());
+                        }
+                        if self.retry.get(&offset).is_some_and(|r| !r.is_stored()) {
+                            // Nothing stored to keep: its lease holds the floor now.
+                            self.retry.remove(&offset);
                         }
                     }
                     None => {
@@ -221,7 +227,12 @@ impl Queue {
     /// nobody could take it (it then waits in the retry schedule, due at once).
     pub(super) fn deliver(&mut self, message: pb::StoredMessage, attempt: u32) -> bool {
         let offset = message.offset;
-        let n = self.consumers.len();
+        // Checked at each delivery: a pause can land in the middle of a pump.
+        let n = if self.serving.holds() {
+            self.consumers.len()
+        } else {
+            0
+        };
         for step in 0..n {
             let i = (self.round_robin + step) % n;
             let c = &mut self.consumers[i];
@@ -266,13 +277,21 @@ impl Queue {
             self.restore_lease(offset, lease);
             return true;
         }
-        // Nobody could take it: deliver it again as soon as someone can, uncounted.
-        let rec = RetryRecord {
-            attempts: attempt - 1,
-            due_ms: now_ms(),
+        // Nobody could take it: deliver it again as soon as someone can, uncounted. A
+        // stored record of it stays as it is; otherwise only memory knows, and the floor
+        // stops here (see `retry`).
+        let rec = match self.retry.get(&offset) {
+            Some(stored) if stored.is_stored() => Redelivery {
+                due_ms: now_ms(),
+                ..*stored
+            },
+            _ => Redelivery {
+                attempts: attempt - 1,
+                due_ms: now_ms(),
+                kept: Kept::InMemory,
+            },
         };
-        self.retry_due.insert((rec.due_ms, offset));
-        self.retry.insert(offset, rec);
+        self.schedule(offset, rec);
         false
     }
 }

@@ -1,21 +1,78 @@
 //! Failed deliveries: the retry schedule, the dead-letter queue, and redrive.
+//!
+//! An offset in the queue's `retry` map is to be delivered again. What a restart knows of
+//! it is the one thing the ack floor cares about, so each entry says it
+//! ([`Redelivery::kept`]):
+//!
+//! - [`Kept::Stored`]: a retry record in `Cf::Retry` (after a nack, an expired lease, a
+//!   consumer that left, a redrive, or a crowded floor passing a leased or held offset).
+//!   After a restart the record brings it back, so the floor may pass it. While it is
+//!   leased again (see `pump`) the entry stays: its lease decides what comes next, and
+//!   the record still covers a crash meanwhile. While it is held behind its message
+//!   group's head (an ordered group) it is not in the due index: it is due when the head
+//!   is done.
+//! - [`Kept::InMemory`]: due again at once because no consumer could take it when it was
+//!   read (a closed or stalled connection, a receive that returned meanwhile). Nothing is
+//!   written for it, so the floor stops at it: passing it would lose it at the next
+//!   restart. Once it is delivered the entry goes; its lease stops the floor in turn.
 
 use super::*;
+
+/// A message to deliver again, and whether a stored record says so.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Redelivery {
+    /// Deliveries that counted so far.
+    pub(super) attempts: u32,
+    /// When it is due (broker clock, ms).
+    pub(super) due_ms: u64,
+    /// What a restart knows of it.
+    pub(super) kept: Kept,
+}
+
+/// Whether a redelivery survives a restart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Kept {
+    /// A retry record is stored (or in the same write as the change that made it).
+    Stored,
+    /// Known to this run only: the ack floor must not pass it.
+    InMemory,
+}
+
+impl Redelivery {
+    /// A stored one: what its record says.
+    pub(super) fn stored(attempts: u32, due_ms: u64) -> Self {
+        Self {
+            attempts,
+            due_ms,
+            kept: Kept::Stored,
+        }
+    }
+
+    /// Read back from its record.
+    pub(super) fn from_record(rec: &RetryRecord) -> Self {
+        Self::stored(rec.attempts, rec.due_ms)
+    }
+
+    /// Its record, to store.
+    pub(super) fn record(&self) -> RetryRecord {
+        RetryRecord {
+            attempts: self.attempts,
+            due_ms: self.due_ms,
+        }
+    }
+
+    /// Whether the ack floor may pass it.
+    pub(super) fn is_stored(&self) -> bool {
+        self.kept == Kept::Stored
+    }
+}
 
 impl Queue {
     /// A delivery returned unprocessed by a consumer that unsubscribed: due again at once,
     /// and this attempt does not count.
     pub(super) fn give_back(&mut self, offset: u64, lease: Lease) -> Vec<Op> {
-        let rec = RetryRecord {
-            attempts: lease.attempt.saturating_sub(1),
-            due_ms: now_ms(),
-        };
-        if let Some(old) = self.retry.insert(offset, rec.clone()) {
-            self.retry_due.remove(&(old.due_ms, offset));
-        }
-        self.retry_due.insert((rec.due_ms, offset));
-        let key = keys::group_offset(&self.group, self.topic.id, offset);
-        vec![Op::Put(Cf::Retry, key, rec.encode_to_vec())]
+        let rec = Redelivery::stored(lease.attempt.saturating_sub(1), now_ms());
+        self.schedule(offset, rec)
     }
 
     /// A delivery failed (nack, expiry, disconnect): schedule it again, or dead-letter it
@@ -27,21 +84,33 @@ impl Queue {
         delay: Option<Duration>,
         why: &str,
     ) -> Vec<Op> {
-        let key = keys::group_offset(&self.group, self.topic.id, offset);
         if lease.attempt >= self.max_attempts() {
             let reason = format!("{why} on attempt {}", lease.attempt);
             return self.dead_letter(offset, lease, &reason);
         }
         let delay = delay.unwrap_or_else(|| self.config.nack_wait(lease.attempt));
-        let rec = RetryRecord {
-            attempts: lease.attempt,
-            due_ms: now_ms().saturating_add(delay.as_millis() as u64),
-        };
-        if let Some(old) = self.retry.insert(offset, rec.clone()) {
+        let rec = Redelivery::stored(
+            lease.attempt,
+            now_ms().saturating_add(delay.as_millis() as u64),
+        );
+        self.schedule(offset, rec)
+    }
+
+    /// Puts `offset` in the retry schedule (replacing what was there); returns the write
+    /// of its record when it is to be stored.
+    pub(super) fn schedule(&mut self, offset: u64, rec: Redelivery) -> Vec<Op> {
+        if let Some(old) = self.retry.insert(offset, rec) {
             self.retry_due.remove(&(old.due_ms, offset));
         }
         self.retry_due.insert((rec.due_ms, offset));
-        vec![Op::Put(Cf::Retry, key, rec.encode_to_vec())]
+        match rec.kept {
+            Kept::Stored => vec![Op::Put(
+                Cf::Retry,
+                keys::group_offset(&self.group, self.topic.id, offset),
+                rec.record().encode_to_vec(),
+            )],
+            Kept::InMemory => Vec::new(),
+        }
     }
 
     /// Moves a delivery to the group's dead letters, now; returns the writes.
@@ -100,13 +169,10 @@ impl Queue {
                     continue;
                 }
             }
-            let rec = RetryRecord {
-                attempts: 0,
-                due_ms: now_ms(),
-            };
+            let rec = Redelivery::stored(0, now_ms());
             let key = keys::group_offset(&self.group, topic, offset);
             ops.push(Op::Delete(Cf::Dlq, key.clone()));
-            ops.push(Op::Put(Cf::Retry, key, rec.encode_to_vec()));
+            ops.push(Op::Put(Cf::Retry, key, rec.record().encode_to_vec()));
             // Out of the dead letters: an ack of its new lease, repeated, may be OK.
             self.dead_recent.retain(|o| *o != offset);
             moved.push((offset, rec));
@@ -241,7 +307,7 @@ impl Queue {
                 keys::group_offset(&self.group, self.topic.id, *o),
             ));
         }
-        for o in self.retry.keys() {
+        for (o, _) in self.retry.iter().filter(|(_, r)| r.is_stored()) {
             ops.push(Op::Delete(
                 Cf::Retry,
                 keys::group_offset(&self.group, self.topic.id, *o),

@@ -3,11 +3,13 @@
 use super::acks::cancel_out;
 use super::*;
 
+/// The writer's thread comes before its handle: bound in that order, a failed assertion
+/// drops the handle first, and the thread's join does not wait on it for ever.
 type Fixture = (
     tempfile::TempDir,
     Arc<Storage>,
-    WriterHandle,
     crate::storage::writer::WriterThread,
+    WriterHandle,
     Arc<Config>,
 );
 
@@ -23,7 +25,7 @@ fn fixture() -> Fixture {
         config.clone(),
         Arc::new(Metrics::new()),
     );
-    (dir, storage, writer, thread, config)
+    (dir, storage, thread, writer, config)
 }
 
 /// Group `g` on `topic`, subscribed before, nothing acked yet.
@@ -48,7 +50,7 @@ fn new_group(
 /// and the expired ones wait for redelivery with their attempt counted.
 #[tokio::test]
 async fn lease_expiry_costs_what_is_due() {
-    let (_dir, storage, writer, thread, config) = fixture();
+    let (_dir, storage, thread, writer, config) = fixture();
     let topic = Arc::new(Topic::new("t".into(), 1, 0, 2_000_000));
     let mut q = new_group(topic, storage, writer, config);
     let now = now_ms();
@@ -73,7 +75,7 @@ async fn lease_expiry_costs_what_is_due() {
     assert_eq!(q.expiry_visits, 10, "visited more than what was due");
     assert_eq!(q.leases.len(), 999_990);
     assert_eq!(q.retry.len(), 10);
-    assert!(q.retry.values().all(|r| r.attempts == 1));
+    assert!(q.retry.values().all(|r| r.attempts == 1 && r.is_stored()));
     q.expire(now).await;
     assert_eq!(
         q.expiry_visits, 10,
@@ -91,7 +93,7 @@ async fn lease_expiry_costs_what_is_due() {
 #[tokio::test]
 async fn a_closed_consumer_does_not_make_pump_spin_or_lose_messages() {
     use crate::storage::writer::{Command, Outcome};
-    let (_dir, storage, writer, thread, config) = fixture();
+    let (_dir, storage, thread, writer, config) = fixture();
     let Outcome::Topic(topic) = writer
         .submit(Command::CreateTopic {
             retention: (0, 0),
@@ -110,7 +112,7 @@ async fn a_closed_consumer_does_not_make_pump_spin_or_lose_messages() {
             ..Default::default()
         })
         .collect();
-    writer.submit(Command::Append { messages }).await.unwrap();
+    writer.submit(Command::append(messages)).await.unwrap();
     let mut q = new_group(topic, storage, writer, config);
     let consumer = |id, outbound| Consumer {
         spec: ConsumerSpec {
@@ -197,7 +199,7 @@ fn tag_filters_parse() {
 /// of a message that is then delivered again or sits in the dead-letter queue.
 #[tokio::test]
 async fn an_ack_of_an_expired_lease_is_refused_unless_the_message_was_acked() {
-    let (_dir, storage, writer, thread, config) = fixture();
+    let (_dir, storage, thread, writer, config) = fixture();
     let topic = Arc::new(Topic::new("t".into(), 1, 0, 10));
     let mut q = new_group(topic, storage, writer, config);
     q.next = 3;
@@ -209,18 +211,7 @@ async fn an_ack_of_an_expired_lease_is_refused_unless_the_message_was_acked() {
         attempt,
         acking: false,
     };
-    /// Acks `lease_id` of `offset` through one write; the answer.
-    async fn ack(q: &mut Queue, offset: u64, lease_id: u64) -> Result<Outcome> {
-        let (reply, rx) = oneshot::channel();
-        q.pending_acks
-            .push((vec![LeaseRef { offset, lease_id }], reply));
-        q.start_acks().await;
-        let written = (&mut q.ack_flight.as_mut().expect("a write").rx)
-            .await
-            .expect("the writer answers");
-        q.finish_acks(written);
-        rx.await.expect("an answer")
-    }
+    let ack = ack_one;
     // Offset 0: acked on time, then the same ack again (its answer was lost): OK both.
     q.restore_lease(0, lease(1, 1, now + 60_000));
     ack(&mut q, 0, 1).await.expect("acked");
@@ -248,6 +239,143 @@ async fn an_ack_of_an_expired_lease_is_refused_unless_the_message_was_acked() {
         .await
         .expect_err("a stored dead letter is not acked");
     assert!(matches!(e, Error::LeaseNotFound(_)), "{e}");
+    drop(q);
+    thread.join();
+}
+
+/// Acks `lease_id` of `offset` through one write of acks, as the run loop does; the answer.
+async fn ack_one(q: &mut Queue, offset: u64, lease_id: u64) -> Result<Outcome> {
+    let (reply, rx) = oneshot::channel();
+    q.pending_acks
+        .push((vec![LeaseRef { offset, lease_id }], reply));
+    q.start_acks().await;
+    let written = (&mut q.ack_flight.as_mut().expect("a write").rx)
+        .await
+        .expect("the writer answers");
+    q.finish_acks(written);
+    rx.await.expect("an answer")
+}
+
+/// The deliveries waiting in a consumer's channel: (offset, lease id).
+fn delivered(rx: &mut mpsc::Receiver<Frame>) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    while let Ok(frame) = rx.try_recv() {
+        if let Some(pb::frame::Body::Delivery(d)) = frame.body {
+            let h = d.handle.expect("a handle");
+            out.push((h.offset, h.lease_id));
+        }
+    }
+    out
+}
+
+/// I6, issue 25 item 1: a message no consumer could take when it was read waits for
+/// redelivery in memory only. Acks of the messages after it must not move the stored
+/// floor past it: after a restart it is delivered (it was once lost for good).
+#[tokio::test]
+async fn the_floor_does_not_pass_a_redelivery_only_memory_knows() {
+    use crate::storage::writer::{Command, Outcome};
+    let (_dir, storage, thread, writer, config) = fixture();
+    let Outcome::Topic(topic) = writer
+        .submit(Command::CreateTopic {
+            retention: (0, 0),
+            name: "t".into(),
+            fail_if_exists: true,
+        })
+        .await
+        .unwrap()
+    else {
+        panic!("no topic")
+    };
+    let messages = (0..3)
+        .map(|i| pb::Message {
+            topic: "t".into(),
+            body: format!("m{i}").into(),
+            ..Default::default()
+        })
+        .collect();
+    writer.submit(Command::append(messages)).await.unwrap();
+    let consumer = |outbound| Consumer {
+        spec: ConsumerSpec {
+            subscription_id: 1,
+            outbound,
+            window: 10,
+            lease: Duration::from_secs(30),
+            stall: Arc::default(),
+        },
+        in_flight: 0,
+    };
+    let mut q = new_group(
+        topic.clone(),
+        storage.clone(),
+        writer.clone(),
+        config.clone(),
+    );
+    // A channel with room for one delivery: each pump delivers one message and cannot
+    // hand over the next (a full outbound queue, as under a slow client).
+    let (tx, mut rx) = mpsc::channel(1);
+    q.consumers.push(consumer(tx));
+    q.pump().await.unwrap();
+    let first = delivered(&mut rx);
+    q.pump().await.unwrap();
+    let second = delivered(&mut rx);
+    assert_eq!(
+        [first.as_slice(), second.as_slice()]
+            .concat()
+            .iter()
+            .map(|d| d.0)
+            .collect::<Vec<_>>(),
+        vec![0, 1]
+    );
+    assert!(
+        q.retry.get(&2).is_some_and(|r| !r.is_stored()),
+        "offset 2 could not be handed over: it waits in memory"
+    );
+    for (offset, lease_id) in [first[0], second[0]] {
+        ack_one(&mut q, offset, lease_id).await.expect("acked");
+    }
+    assert_eq!(q.floor(), 2, "the floor passed a redelivery nothing stores");
+    drop(q);
+    // A restart: the group's state as stored.
+    let loaded = Loaded::load(&storage, "g", &topic).unwrap();
+    let metrics = Arc::new(Metrics::new());
+    let mut q = Queue::new("g".into(), topic, loaded, storage, writer, config, metrics);
+    let (tx, mut rx) = mpsc::channel(16);
+    q.consumers.push(consumer(tx));
+    q.pump().await.unwrap();
+    let again: Vec<u64> = delivered(&mut rx).iter().map(|d| d.0).collect();
+    assert_eq!(again, vec![2], "offset 2 was lost across the restart");
+    drop(q);
+    tokio::task::spawn_blocking(move || thread.join())
+        .await
+        .unwrap();
+}
+
+/// A crowded floor (many acks behind one message) passes an in-memory redelivery only
+/// by storing it, so one message no consumer could take does not pin the floor.
+#[tokio::test]
+async fn a_crowded_floor_stores_an_in_memory_redelivery_to_pass_it() {
+    let (_dir, storage, thread, writer, config) = fixture();
+    let topic = Arc::new(Topic::new("t".into(), 1, 0, 10_000));
+    let mut q = new_group(topic, storage.clone(), writer, config);
+    let n = acks::MAX_ACKED_ABOVE_FLOOR as u64 + 10;
+    q.next = n + 1;
+    q.schedule(
+        0,
+        Redelivery {
+            attempts: 0,
+            due_ms: now_ms(),
+            kept: Kept::InMemory,
+        },
+    );
+    q.acked.extend(1..=n);
+    let ops = q.advance_floor();
+    assert_eq!(q.floor(), n + 1);
+    assert!(q.retry[&0].is_stored(), "passed without a record");
+    assert!(
+        ops.iter().any(|op| matches!(op, Op::Put(Cf::Retry, k, _)
+            if keys::group_offset_offset(k) == Some(0))),
+        "no retry record written for offset 0"
+    );
     drop(q);
     thread.join();
 }
