@@ -83,9 +83,19 @@ pub enum Error {
          a half message of an open transaction (see txmq txn list)"
     )]
     MessageNotFound(String),
-    /// A broken internal invariant: a bug, reported rather than crashing the broker.
+    /// This node does not lead its broker group (the leader's address when known).
     #[error("{}", not_leader(.0.as_deref()))]
     NotLeader(Option<String>),
+    /// An idempotency key reused, within the window, for another message.
+    #[error("{0}")]
+    IdempotencyConflict(String),
+    /// An idempotency key sent to a broker that remembers none.
+    #[error(
+        "this broker does not remember idempotency keys (dedup-window 0): send without \
+         one, or set a dedup window"
+    )]
+    IdempotencyDisabled,
+    /// A broken internal invariant: a bug, reported rather than crashing the broker.
     #[error("internal: {0}")]
     Internal(String),
 }
@@ -126,6 +136,8 @@ impl Error {
             Error::AlreadyDelivered(..) => ErrorCode::AlreadyDelivered,
             Error::MessageNotFound(_) => ErrorCode::MessageNotFound,
             Error::NotLeader(_) => ErrorCode::NotLeader,
+            Error::IdempotencyConflict(_) => ErrorCode::IdempotencyConflict,
+            Error::IdempotencyDisabled => ErrorCode::IdempotencyDisabled,
             Error::Internal(_) => ErrorCode::Internal,
         }
     }

@@ -28,6 +28,8 @@ pub struct Metrics {
     pub messages_sent: IntCounter,
     /// Sends answered with an earlier send's receipt (a repeated idempotency key).
     pub sends_deduplicated: IntCounter,
+    /// gRPC sends whose message id the same client used for another message: stored.
+    pub sends_dedup_conflicts: IntCounter,
     /// Half messages stored.
     pub half_messages_sent: IntCounter,
     /// Half messages stored and not yet committed or rolled back (prepared or discarded).
@@ -141,6 +143,11 @@ impl Metrics {
                 "sends_deduplicated_total",
                 "Sends of an idempotency key already stored: answered with the first receipt, \
                  nothing stored",
+            ),
+            sends_dedup_conflicts: counter(
+                "sends_dedup_conflicts_total",
+                "gRPC sends whose message id the same client id had used, within the dedup \
+                 window, for a message with other content: stored as a message of its own",
             ),
             half_messages_sent: counter("half_messages_sent_total", "Half messages stored"),
             half_messages_pending: gauge(

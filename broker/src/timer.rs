@@ -156,7 +156,7 @@ mod tests {
                 ..Default::default()
             })
             .collect();
-        writer.submit(Command::Append { messages }).await.unwrap();
+        writer.submit(Command::append(messages)).await.unwrap();
         assert_eq!(topics.get("t").unwrap().end(), 0, "delivered early");
         while now_ms() <= due_at {
             tokio::time::sleep(Duration::from_millis(5)).await;

@@ -27,6 +27,10 @@ pub use pb::{ErrorCode, Frame, frame::Body};
 /// The protocol version this crate speaks; sent in `Hello`.
 pub const PROTOCOL_VERSION: u32 = 1;
 
+/// The message property that scopes a transaction's check-back to the producers that
+/// declared the same value in `Hello.check_scopes` (a database's identity).
+pub const CHECK_SCOPE_PROPERTY: &str = "txmq-check-scope";
+
 /// The default maximum frame body length: 16 MiB.
 pub const DEFAULT_MAX_FRAME_LEN: usize = 16 * 1024 * 1024;
 
@@ -76,13 +80,15 @@ mod tests {
             (ErrorCode::DiskFull, 26),
             (ErrorCode::MessageNotFound, 27),
             (ErrorCode::NotLeader, 28),
+            (ErrorCode::IdempotencyConflict, 29),
+            (ErrorCode::IdempotencyDisabled, 30),
         ];
         for (code, number) in pinned {
             assert_eq!(code as i32, number, "{code:?} moved");
             assert_eq!(ErrorCode::try_from(number), Ok(code));
         }
         assert!(
-            ErrorCode::try_from(29).is_err(),
+            ErrorCode::try_from(31).is_err(),
             "a new code was added: pin it here"
         );
     }

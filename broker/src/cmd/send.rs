@@ -8,6 +8,7 @@ use super::Session;
 use super::Shared;
 use super::{Pending, later, ready};
 use crate::error::{Error, Result};
+use crate::storage::dedup::KeyScope;
 use crate::storage::writer::{Command, Outcome};
 
 /// Most messages in one send request.
@@ -56,6 +57,7 @@ pub(super) fn command(req: pb::SendRequest, session: &Session, shared: &Shared) 
         }
         return Ok(Command::Append {
             messages: req.messages,
+            keys: KeyScope::Topic,
         });
     }
     // The connection's own group (from Hello): only connections of that group may end
@@ -153,10 +155,11 @@ pub fn check_messages(messages: &[pb::Message], shared: &Shared) -> Result<()> {
     for m in messages {
         if !m.idempotency_key.is_empty() && shared.config.dedup_window.is_zero() {
             // Storing it anyway would turn a client's safe resend into a duplicate.
+            return Err(Error::IdempotencyDisabled);
+        }
+        if m.idempotency_key.contains('\0') {
             return Err(Error::Invalid(
-                "this broker does not remember idempotency keys (dedup-window 0): send \
-                 without one, or set a dedup window"
-                    .into(),
+                "idempotency_key holds a NUL character; keys are text without NUL".into(),
             ));
         }
         if m.idempotency_key.len() > crate::storage::dedup::MAX_KEY {

@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use prost::Message;
 use rocksdb::compaction_filter::Decision;
+use sha1::Digest as _;
 use txmq_protocol::pb;
 
 use super::{Cf, Floors, Storage};
@@ -23,27 +24,116 @@ use crate::error::Result;
 /// Longest idempotency key taken.
 pub const MAX_KEY: usize = 256;
 
-/// `dedup`: topic id, then the key.
-pub fn key(topic_id: u32, idempotency_key: &str) -> Vec<u8> {
+/// Whose an idempotency key is, which says what it is unique among and what another
+/// message under a key in use means.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyScope {
+    /// Chosen by the application (the native face's `idempotency_key`): unique in its
+    /// topic, whatever the connection (the outbox relay's keys outlive its client's
+    /// restarts). Another message under a key in use is the application's mistake and
+    /// is refused (`IDEMPOTENCY_CONFLICT`).
+    Topic,
+    /// A RocketMQ client's message id, made of MAC, PID, time and a counter: two
+    /// containerised producers can make the same one. So it is scoped by the client id
+    /// (`x-mq-client-id`), and another message under one is a different message: stored,
+    /// and counted (`txmq_sends_dedup_conflicts_total`).
+    GrpcClient(String),
+}
+
+/// What identifies a message's content: body, key, tag, properties, message group and
+/// delivery time. A repeat of a send has the same; another message almost surely not.
+pub type Digest = [u8; 16];
+
+/// The digest of `m` (its idempotency key excluded: it names the message).
+pub fn digest(m: &pb::Message) -> Digest {
+    let mut h = sha1::Sha1::new();
+    let mut field = |bytes: &[u8]| {
+        h.update((bytes.len() as u64).to_be_bytes());
+        h.update(bytes);
+    };
+    field(&m.body);
+    field(m.key.as_bytes());
+    field(m.tag.as_bytes());
+    field(m.message_group.as_bytes());
+    field(&m.deliver_at_ms.to_be_bytes());
+    let mut properties: Vec<_> = m.properties.iter().collect();
+    properties.sort_unstable();
+    for (k, v) in properties {
+        field(k.as_bytes());
+        field(v.as_bytes());
+    }
+    let full = h.finalize();
+    let mut d = [0; 16];
+    d.copy_from_slice(&full[..16]);
+    d
+}
+
+/// `dedup`: topic id, then the key. A face's scoped key starts with a NUL byte, which a
+/// native key may not hold, so the two never meet; native keys keep the form they had
+/// before scopes, so entries written before stay found.
+pub fn key(topic_id: u32, scope: &KeyScope, idempotency_key: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(4 + idempotency_key.len());
     k.extend_from_slice(&topic_id.to_be_bytes());
+    match scope {
+        KeyScope::Topic => {}
+        KeyScope::GrpcClient(client) => {
+            k.extend_from_slice(b"\0grpc\0");
+            k.extend_from_slice(client.as_bytes());
+            k.push(0);
+        }
+    }
     k.extend_from_slice(idempotency_key.as_bytes());
     k
 }
 
-/// An entry's value: when the first send was stored (ms), then its receipt.
-pub fn value(stored_ms: u64, receipt: &pb::MessageReceipt) -> Vec<u8> {
-    let mut v = Vec::with_capacity(8 + receipt.encoded_len());
+/// Marks a value that carries a digest. Before digests, a value was the time and then a
+/// receipt whose first byte is a protobuf tag, never 0xff (wire type 7 does not exist).
+const WITH_DIGEST: u8 = 0xff;
+
+/// An entry's value: when the first send was stored (ms), its digest, then its receipt.
+pub fn value(stored_ms: u64, digest: &Digest, receipt: &pb::MessageReceipt) -> Vec<u8> {
+    let mut v = Vec::with_capacity(8 + 1 + digest.len() + receipt.encoded_len());
     v.extend_from_slice(&stored_ms.to_be_bytes());
+    v.push(WITH_DIGEST);
+    v.extend_from_slice(digest);
     receipt.encode(&mut v).expect("a Vec grows");
     v
 }
 
-/// When an entry's send was stored, and its receipt.
-fn parse(value: &[u8]) -> Option<(u64, pb::MessageReceipt)> {
-    let at = u64::from_be_bytes(value.get(..8)?.try_into().ok()?);
-    let receipt = pb::MessageReceipt::decode(value.get(8..)?).ok()?;
-    Some((at, receipt))
+/// A remembered send.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    /// When it was stored (ms).
+    pub stored_ms: u64,
+    /// Its digest; `None` for an entry written before digests (taken as the same).
+    pub digest: Option<Digest>,
+    /// Its receipt.
+    pub receipt: pb::MessageReceipt,
+}
+
+impl Entry {
+    /// Whether a send with `digest` repeats this one.
+    pub fn same(&self, digest: &Digest) -> bool {
+        self.digest.is_none_or(|d| &d == digest)
+    }
+}
+
+/// An entry's value read back (either form).
+fn parse(value: &[u8]) -> Option<Entry> {
+    let stored_ms = u64::from_be_bytes(value.get(..8)?.try_into().ok()?);
+    let rest = value.get(8..)?;
+    let (digest, receipt) = if rest.first() == Some(&WITH_DIGEST) {
+        let d: Digest = rest.get(1..17)?.try_into().ok()?;
+        (Some(d), rest.get(17..)?)
+    } else {
+        (None, rest)
+    };
+    let receipt = pb::MessageReceipt::decode(receipt).ok()?;
+    Some(Entry {
+        stored_ms,
+        digest,
+        receipt,
+    })
 }
 
 /// Whether an entry stored at `stored_ms` is still remembered at `now` under `window_ms`.
@@ -62,9 +152,9 @@ pub(super) fn filter(
             .get(..4)
             .and_then(|b| b.try_into().ok())
             .map(u32::from_be_bytes);
-        let expired = parse(value).is_none_or(|(at, _)| {
+        let expired = parse(value).is_none_or(|e| {
             !live(
-                at,
+                e.stored_ms,
                 txmq_protocol::now_ms(),
                 window_ms.load(Ordering::Relaxed),
             )
@@ -90,26 +180,15 @@ impl Storage {
         self.dedup_window_ms.load(Ordering::Relaxed)
     }
 
-    /// The receipt of the send stored with `idempotency_key` in topic `topic_id`, if it
-    /// is still remembered at `now`.
+    /// The send stored with `key` (see [`key`]), if it is still remembered at `now`.
     ///
     /// # Errors
     /// Storage failure.
-    pub fn dedup_lookup(
-        &self,
-        topic_id: u32,
-        idempotency_key: &str,
-        now: u64,
-    ) -> Result<Option<pb::MessageReceipt>> {
-        let Some(v) = self
-            .db
-            .get_pinned_cf(self.cf(Cf::Dedup), key(topic_id, idempotency_key))?
-        else {
+    pub fn dedup_lookup(&self, key: &[u8], now: u64) -> Result<Option<Entry>> {
+        let Some(v) = self.db.get_pinned_cf(self.cf(Cf::Dedup), key)? else {
             return Ok(None);
         };
-        Ok(parse(&v)
-            .filter(|(at, _)| live(*at, now, self.dedup_window_ms()))
-            .map(|(_, receipt)| receipt))
+        Ok(parse(&v).filter(|e| live(e.stored_ms, now, self.dedup_window_ms())))
     }
 }
 
@@ -117,19 +196,73 @@ impl Storage {
 mod tests {
     use super::*;
 
-    #[test]
-    fn an_entry_reads_back_and_expires_with_its_window() {
-        let r = pb::MessageReceipt {
+    fn receipt() -> pb::MessageReceipt {
+        pb::MessageReceipt {
             message_id: "m".into(),
             topic: "t".into(),
             offset: 7,
             deliver_ms: 0,
-        };
-        let (at, back) = parse(&value(1000, &r)).unwrap();
-        assert_eq!((at, back), (1000, r));
+        }
+    }
+
+    #[test]
+    fn an_entry_reads_back_and_expires_with_its_window() {
+        let d = [3; 16];
+        let e = parse(&value(1000, &d, &receipt())).unwrap();
+        assert_eq!(
+            (e.stored_ms, e.digest, e.receipt),
+            (1000, Some(d), receipt())
+        );
         assert!(live(1000, 1999, 1000));
         assert!(!live(1000, 2000, 1000));
         assert!(!live(1000, 1000, 0), "a zero window remembers nothing");
         assert!(parse(b"short").is_none());
+    }
+
+    /// Entries written before digests (time, then the receipt) still read, as "the same
+    /// message" whatever the digest.
+    #[test]
+    fn an_entry_without_a_digest_reads_back() {
+        let mut old = 1000u64.to_be_bytes().to_vec();
+        receipt().encode(&mut old).unwrap();
+        let e = parse(&old).unwrap();
+        assert_eq!(
+            (e.stored_ms, e.digest, &e.receipt),
+            (1000, None, &receipt())
+        );
+        assert!(e.same(&[9; 16]));
+    }
+
+    #[test]
+    fn digests_tell_messages_apart_and_scopes_keep_keys_apart() {
+        let m = pb::Message {
+            topic: "t".into(),
+            body: "a".into(),
+            properties: [("k".to_string(), "v".to_string())].into(),
+            ..Default::default()
+        };
+        let mut other = m.clone();
+        other.body = "b".into();
+        assert_ne!(digest(&m), digest(&other));
+        let mut other = m.clone();
+        other.properties.insert("k".into(), "w".into());
+        assert_ne!(digest(&m), digest(&other));
+        let mut same = m.clone();
+        same.idempotency_key = "x".into();
+        assert_eq!(digest(&m), digest(&same));
+        // Field boundaries count: ("ab", "") is not ("a", "b").
+        let (mut a, mut b) = (m.clone(), m.clone());
+        (a.key, a.tag) = ("ab".into(), String::new());
+        (b.key, b.tag) = ("a".into(), "b".into());
+        assert_ne!(digest(&a), digest(&b));
+        let native = key(1, &KeyScope::Topic, "id");
+        let grpc = key(1, &KeyScope::GrpcClient("c1".into()), "id");
+        let grpc2 = key(1, &KeyScope::GrpcClient("c2".into()), "id");
+        assert_eq!(
+            native,
+            [&1u32.to_be_bytes()[..], b"id"].concat(),
+            "native keys kept their form"
+        );
+        assert!(native != grpc && grpc != grpc2);
     }
 }

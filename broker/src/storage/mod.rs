@@ -18,7 +18,7 @@
 //! | `sched` | message id | [`records::SchedRecord`]: a scheduled message and its fate |
 //! | `msgid` | message id | topic id, offset: where a visible message is |
 //! | `msgkey` | topic id, key length, key, offset | empty: a topic's messages by key |
-//! | `dedup` | topic id, idempotency key | when stored (ms), `pb::MessageReceipt`: see `dedup` |
+//! | `dedup` | topic id, idempotency key (a face's scoped, after a NUL) | when stored (ms), digest, `pb::MessageReceipt`: see `dedup` |
 //! | `attempts` | group, topic id, offset | deliveries (BE u32) a message took before its ack, when more than one |
 
 pub mod dedup;

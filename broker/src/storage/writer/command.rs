@@ -18,6 +18,8 @@ pub enum Command {
     Append {
         /// The messages, already validated for size.
         messages: Vec<pb::Message>,
+        /// Whose their idempotency keys are.
+        keys: crate::storage::dedup::KeyScope,
     },
     /// Store half messages of a new or open transaction.
     Prepare {
@@ -146,6 +148,14 @@ pub enum Command {
 }
 
 impl Command {
+    /// Appends `messages`, their idempotency keys (if any) the application's own.
+    pub fn append(messages: Vec<pb::Message>) -> Self {
+        Command::Append {
+            messages,
+            keys: crate::storage::dedup::KeyScope::Topic,
+        }
+    }
+
     /// Roughly the bytes this command writes: what bounds a write batch.
     pub fn bytes(&self) -> usize {
         let messages = |ms: &[pb::Message]| -> usize {
@@ -154,7 +164,7 @@ impl Command {
                 .sum()
         };
         match self {
-            Command::Append { messages: ms } | Command::Prepare { messages: ms, .. } => {
+            Command::Append { messages: ms, .. } | Command::Prepare { messages: ms, .. } => {
                 messages(ms)
             }
             Command::Raw(ops) => ops

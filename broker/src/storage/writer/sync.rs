@@ -99,6 +99,8 @@ pub(super) struct Tally {
     pub(super) sent: u64,
     /// Sends answered with an earlier receipt (idempotency keys seen before).
     pub(super) deduplicated: u64,
+    /// gRPC sends under a message id in use for another message (stored).
+    pub(super) dedup_conflicts: u64,
     pub(super) halves_sent: u64,
     pub(super) halves_removed: u64,
     pub(super) committed: u64,
@@ -116,6 +118,7 @@ impl Tally {
     fn publish(&self, m: &Metrics) {
         m.messages_sent.inc_by(self.sent);
         m.sends_deduplicated.inc_by(self.deduplicated);
+        m.sends_dedup_conflicts.inc_by(self.dedup_conflicts);
         m.half_messages_sent.inc_by(self.halves_sent);
         m.half_messages_pending
             .add(self.halves_sent as i64 - self.halves_removed as i64);

@@ -1,10 +1,13 @@
 //! Idempotent sends (issue 18): a repeated idempotency key stores nothing and gets the
 //! first receipt, within a batch, across batches and across a reopen; keys are per
-//! topic; a zero window remembers nothing.
+//! topic; a zero window remembers nothing. A repeat must be the same message (issue 25):
+//! a native key reused for another one is refused; a gRPC message id reused by another
+//! client, or for another message, is stored.
 
 use super::tests::{stop, writer};
 use super::*;
 use crate::storage::Cf;
+use crate::storage::dedup::KeyScope;
 
 fn keyed(topic: &str, body: &str, key: &str) -> pb::Message {
     pb::Message {
@@ -16,8 +19,16 @@ fn keyed(topic: &str, body: &str, key: &str) -> pb::Message {
 }
 
 async fn send(w: &WriterHandle, messages: Vec<pb::Message>) -> Vec<pb::MessageReceipt> {
-    match w.submit(Command::Append { messages }).await.unwrap() {
-        Outcome::Stored(r) => r,
+    send_as(w, messages, KeyScope::Topic).await.unwrap()
+}
+
+async fn send_as(
+    w: &WriterHandle,
+    messages: Vec<pb::Message>,
+    keys: KeyScope,
+) -> Result<Vec<pb::MessageReceipt>> {
+    match w.submit(Command::Append { messages, keys }).await? {
+        Outcome::Stored(r) => Ok(r),
         other => panic!("{other:?}"),
     }
 }
@@ -43,14 +54,14 @@ async fn a_repeated_key_stores_nothing_and_gets_the_first_receipt() {
     let (_dir, storage, thread, w) = writer(FlushMode::Sync);
     let first = send(&w, vec![keyed("t", "a", "k1")]).await;
     // Again, alone; then beside a new key and twice in one request.
-    let again = send(&w, vec![keyed("t", "a-retried", "k1")]).await;
+    let again = send(&w, vec![keyed("t", "a", "k1")]).await;
     assert_eq!(again, first, "the first receipt, unchanged");
     let mixed = send(
         &w,
         vec![
             keyed("t", "b", "k2"),
-            keyed("t", "a-again", "k1"),
-            keyed("t", "b-again", "k2"),
+            keyed("t", "a", "k1"),
+            keyed("t", "b", "k2"),
             keyed("t", "unkeyed", ""),
             keyed("t", "unkeyed", ""),
         ],
@@ -111,7 +122,7 @@ async fn expired_keys_leave_the_index_at_compaction() {
     let (_dir, storage, thread, w) = writer(FlushMode::Sync);
     send(&w, vec![keyed("t", "a", "old")]).await;
     let id = storage.topics().unwrap()[0].record.id;
-    let key = crate::storage::dedup::key(id, "old");
+    let key = crate::storage::dedup::key(id, &KeyScope::Topic, "old");
     let present = |s: &Storage| s.db().get_cf(s.cf(Cf::Dedup), &key).unwrap().is_some();
     assert!(present(&storage), "the key was recorded");
     storage.db().flush_cf(storage.cf(Cf::Dedup)).unwrap();
@@ -121,5 +132,71 @@ async fn expired_keys_leave_the_index_at_compaction() {
         .db()
         .compact_range_cf(storage.cf(Cf::Dedup), None::<&[u8]>, None::<&[u8]>);
     assert!(!present(&storage), "an expired key survived compaction");
+    stop(w, thread, storage).await;
+}
+
+/// Issue 25, item 2: a native key reused for another message is refused with its own
+/// code, alone or beside good messages, and stores nothing; the first stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_native_key_reused_for_another_message_is_refused() {
+    let (_dir, storage, thread, w) = writer(FlushMode::Sync);
+    let first = send(&w, vec![keyed("t", "a", "k1")]).await;
+    let mut tagged = keyed("t", "a", "k1");
+    tagged.tag = "other".into();
+    for reused in [keyed("t", "b", "k1"), tagged] {
+        let e = send_as(&w, vec![keyed("t", "fine", "k9"), reused], KeyScope::Topic)
+            .await
+            .expect_err("another message under a key in use");
+        assert!(matches!(e, Error::IdempotencyConflict(_)), "{e}");
+        assert_eq!(e.code(), txmq_protocol::pb::ErrorCode::IdempotencyConflict);
+    }
+    // Twice in one request with other content: refused too.
+    let e = send_as(
+        &w,
+        vec![keyed("t", "x", "k5"), keyed("t", "y", "k5")],
+        KeyScope::Topic,
+    )
+    .await
+    .expect_err("one key, two messages, one request");
+    assert!(matches!(e, Error::IdempotencyConflict(_)), "{e}");
+    assert_eq!(send(&w, vec![keyed("t", "a", "k1")]).await, first);
+    assert_eq!(
+        log(&storage, "t"),
+        ["a"],
+        "a refused request stored something"
+    );
+    stop(w, thread, storage).await;
+}
+
+/// Issue 25, item 2: two gRPC clients with the same message id (two containerised
+/// producers) both have their message stored; one client's own retry is deduplicated; a
+/// native key equal to the id is another key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_message_ids_are_scoped_by_client_and_content() {
+    let (_dir, storage, thread, w) = writer(FlushMode::Sync);
+    let c1 = KeyScope::GrpcClient("c1".into());
+    let c2 = KeyScope::GrpcClient("c2".into());
+    let first = send_as(&w, vec![keyed("t", "from-c1", "ID")], c1.clone())
+        .await
+        .unwrap();
+    let other_client = send_as(&w, vec![keyed("t", "from-c2", "ID")], c2.clone())
+        .await
+        .unwrap();
+    assert_ne!(other_client, first, "another client's message was dropped");
+    let retried = send_as(&w, vec![keyed("t", "from-c1", "ID")], c1.clone())
+        .await
+        .unwrap();
+    assert_eq!(retried, first, "a client's own retry is the same message");
+    // The same client, the same id, other content: a different message, stored.
+    let clash = send_as(&w, vec![keyed("t", "c1-again", "ID")], c1.clone())
+        .await
+        .unwrap();
+    assert_ne!(clash, first);
+    let native = send(&w, vec![keyed("t", "native", "ID")]).await;
+    assert_ne!(native, first, "a native key met a gRPC id");
+    assert_eq!(
+        log(&storage, "t"),
+        ["from-c1", "from-c2", "c1-again", "native"]
+    );
     stop(w, thread, storage).await;
 }
