@@ -54,6 +54,8 @@ struct Inner {
     /// Cancelled to close the connection from this side (a call or ping timed out).
     abandon: tokio_util::sync::CancellationToken,
     call_timeout: Duration,
+    /// What the broker announced in its answer to Hello.
+    announced: std::sync::OnceLock<pb::HelloOk>,
 }
 
 /// Why a connection ended: the broker's stated refusal, or a lost stream.
@@ -208,6 +210,7 @@ impl Connection {
             closed: Mutex::new(None),
             abandon: tokio_util::sync::CancellationToken::new(),
             call_timeout,
+            announced: std::sync::OnceLock::new(),
         });
         tokio::spawn(write_loop(
             FramedWrite::new(wr, codec.clone()),
@@ -223,7 +226,8 @@ impl Connection {
         ));
         let conn = Self { inner };
         match conn.call(Body::Hello(hello)).await? {
-            pb::response::Result::Hello(_) => {
+            pb::response::Result::Hello(ok) => {
+                let _ = conn.inner.announced.set(ok);
                 tokio::spawn(ping_loop(conn.downgrade()));
                 Ok((conn, Pushes { deliveries, checks }))
             }
@@ -237,6 +241,19 @@ impl Connection {
     /// The broker's refusal, or [`Error::Disconnected`].
     pub async fn call(&self, body: Body) -> Result<pb::response::Result> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let frame = Frame {
+            id,
+            body: Some(body),
+        };
+        // Refused here, and the connection kept: the encoder would fail on it and close
+        // the connection under every other call on it (a producer's check answers too).
+        let (len, max) = (prost::Message::encoded_len(&frame), self.max_frame_len());
+        if len > max {
+            return Err(Error::Frame(txmq_protocol::FrameError::TooLarge {
+                len,
+                max,
+            }));
+        }
         let (tx, rx) = oneshot::channel();
         {
             let mut pending = self.inner.pending.lock().expect("pending lock");
@@ -247,10 +264,6 @@ impl Connection {
         }
         // The timeout covers the whole call, the wait for room in the outbound queue
         // included: a broker that stopped reading is as gone as one that stopped answering.
-        let frame = Frame {
-            id,
-            body: Some(body),
-        };
         let exchange = async {
             if self.inner.out.send(frame).await.is_err() {
                 return Err(self.disconnected());
@@ -301,6 +314,17 @@ impl Connection {
     /// handshake named it.
     pub fn max_frame_len(&self) -> usize {
         self.inner.frame_limit.load(Ordering::Relaxed)
+    }
+
+    /// How far ahead the broker takes a scheduled message, when it said (brokers
+    /// before this field did not).
+    pub fn max_schedule_delay(&self) -> Option<Duration> {
+        self.inner
+            .announced
+            .get()
+            .map(|ok| ok.max_schedule_delay_ms)
+            .filter(|ms| *ms > 0)
+            .map(Duration::from_millis)
     }
 
     /// True once the connection has ended.
@@ -467,6 +491,7 @@ pub fn hello(role: pb::Role, producer_group: &str, auth_token: &str) -> pb::Hell
         producer_group: producer_group.to_string(),
         auth_token: auth_token.to_string(),
         answers_checks: false,
+        check_scopes: Vec::new(),
     }
 }
 

@@ -63,6 +63,15 @@ impl Error {
         )
     }
 
+    /// A request over the frame limit the broker announced, refused by this client
+    /// before anything was sent (the connection stays open).
+    pub fn is_frame_too_large(&self) -> bool {
+        matches!(
+            self,
+            Self::Frame(txmq_protocol::FrameError::TooLarge { .. })
+        )
+    }
+
     /// The broker's error code, when the broker refused.
     pub fn code(&self) -> Option<ErrorCode> {
         match self {

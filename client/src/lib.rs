@@ -56,7 +56,7 @@ pub use admin::{Admin, ResetTo};
 pub use consumer::{Consumer, ConsumerOptions, Delivery, StartFrom};
 pub use error::{Error, Result};
 pub use producer::{
-    CheckRequest, Message, Outcome, Producer, ProducerOptions, Receipt, Transaction,
+    CheckRequest, Limits, Message, Outcome, Producer, ProducerOptions, Receipt, Transaction,
     TransactionChecker,
 };
-pub use txmq_protocol::{ErrorCode, pb};
+pub use txmq_protocol::{CHECK_SCOPE_PROPERTY, ErrorCode, pb};

@@ -193,6 +193,14 @@ pub struct CheckRequest {
 pub trait TransactionChecker: Send + Sync + 'static {
     /// What became of `request.txn_id`?
     fn check(&self, request: CheckRequest) -> Pin<Box<dyn Future<Output = Outcome> + Send>>;
+
+    /// What this checker can answer for (a database's identity, say): the broker sends
+    /// it only the checks of transactions whose messages carry one of these in the
+    /// property [`crate::CHECK_SCOPE_PROPERTY`], and (with none declared) those
+    /// that carry none. Default: none.
+    fn scopes(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 impl<F, Fut> TransactionChecker for F
@@ -434,6 +442,18 @@ impl Producer {
         }
     }
 
+    /// What the broker announced at the handshake (connecting first if need be).
+    ///
+    /// # Errors
+    /// The broker cannot be reached.
+    pub async fn limits(&self) -> Result<Limits> {
+        let conn = self.connection().await?;
+        Ok(Limits {
+            max_frame_len: conn.max_frame_len(),
+            max_schedule_delay: conn.max_schedule_delay(),
+        })
+    }
+
     /// Starts a transaction. Nothing is sent until its first message.
     ///
     /// # Errors
@@ -609,6 +629,8 @@ fn refused_before_storing(code: ErrorCode) -> bool {
             | ErrorCode::MessageTooLarge
             | ErrorCode::TopicNotFound
             | ErrorCode::InvalidRequest
+            | ErrorCode::IdempotencyConflict
+            | ErrorCode::IdempotencyDisabled
     )
 }
 
@@ -621,6 +643,11 @@ async fn open(
 ) -> Result<Connection> {
     let mut hello = connection::hello(pb::Role::Producer, &options.group, &options.auth_token);
     hello.answers_checks = options.checker.is_some();
+    hello.check_scopes = options
+        .checker
+        .as_ref()
+        .map(|c| c.scopes())
+        .unwrap_or_default();
     let timeout = options.call_timeout.unwrap_or(connection::CALL_TIMEOUT);
     let (conn, mut pushes) = Connection::open_with(addr, hello, timeout).await?;
     if let Some(checker) = options.checker.clone() {
@@ -806,5 +833,28 @@ impl Transaction {
             self.receipts = ok.receipts.into_iter().map(Receipt::from).collect();
         }
         Ok(())
+    }
+}
+
+/// Limits a broker announces when a connection opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// The largest frame it takes (a request's encoded size, header excluded).
+    pub max_frame_len: usize,
+    /// How far ahead a message may be scheduled; `None` from a broker that does not say.
+    pub max_schedule_delay: Option<std::time::Duration>,
+}
+
+impl Limits {
+    /// What `message` adds to a send request's frame: its encoding, its field's tag
+    /// and its length.
+    pub fn message_len(message: &Message) -> usize {
+        prost::Message::encoded_len(&message.clone().into_pb()) + 6
+    }
+
+    /// Room a send request's frame has for its messages (the request's own fields
+    /// and the frame's taken off).
+    pub fn room(&self) -> usize {
+        self.max_frame_len.saturating_sub(256)
     }
 }

@@ -16,10 +16,15 @@
 //!   find the key taken and it rolls back): answer **rollback**. If the key is taken by
 //!   a committed row, answer what the row says (**commit**). If the producer's
 //!   transaction is still open, the insert waits on its key; past the checker's lock
-//!   wait (2 s) the answer is **unknown**, and the broker asks again later.
+//!   wait (1 s) the answer is **unknown**, and the broker asks again later.
 //!
 //! No clock and no age threshold is involved, so a slow transaction is never rolled
-//! back under its feet. Rows must outlive every check-back of their transaction: prune
+//! back under its feet. The rule holds for the database the transaction was recorded
+//! in: each database has an identity (made once, kept in its `txmq_outbox_epoch` table),
+//! the half messages carry it, and the checker declares it, so the broker asks only
+//! that database's checkers (a producer group may span shards or tenants). Half messages
+//! prepared before identities existed carry none, and any checker answers them by the
+//! fence, as before. Rows must outlive every check-back of their transaction: prune
 //! ([`postgres::prune`], [`sqlite::prune`]) only what is older than the broker's
 //! `discarded_retention` (7 days) plus a margin; [`KEEP_ROWS`] is the default. As a
 //! second guard, a transaction prepared longer ago than the checker's horizon (the
@@ -97,6 +102,16 @@ pub enum Error {
         /// The database's error.
         source: BoxError,
     },
+    /// The outbox relay stopped: the broker is configured so that the relay cannot
+    /// work with it (it remembers no idempotency keys, or refuses the relay's
+    /// credentials). Nothing was set aside; the rows wait.
+    #[error("outbox relay stopped: {source}; {why}")]
+    RelayStopped {
+        /// What to fix.
+        why: String,
+        /// The broker's refusal.
+        source: txmq_client::Error,
+    },
 }
 
 /// What [`postgres::consume_once`] and [`sqlite::consume_once`] did with a delivery.
@@ -119,6 +134,28 @@ pub struct Pending {
 }
 
 impl Pending {
+    /// [`Pending::begin`] for a transaction recorded in the database whose identity is
+    /// `database` ([`postgres::identity`], [`sqlite::identity`]): its messages carry it
+    /// ([`txmq_client::CHECK_SCOPE_PROPERTY`]), so its check-backs go only to checkers
+    /// of that database. A checker of another one would find no record and fence it,
+    /// rolling back work that committed (a producer group shared by two databases).
+    ///
+    /// # Errors
+    /// As [`Pending::begin`].
+    pub async fn begin_in(
+        producer: &Producer,
+        database: &str,
+        mut messages: Vec<Message>,
+    ) -> Result<Self> {
+        for m in &mut messages {
+            m.properties.insert(
+                txmq_client::CHECK_SCOPE_PROPERTY.into(),
+                database.to_string(),
+            );
+        }
+        Self::begin(producer, messages).await
+    }
+
     /// Stores `messages` as the half messages of a new transaction of `producer`'s
     /// group (it needs one, and should have this crate's checker).
     ///
@@ -206,6 +243,17 @@ fn outcome_of(text: &str) -> Outcome {
         "rollback" => Outcome::Rollback,
         _ => Outcome::Unknown,
     }
+}
+
+/// Whether a check-back's transaction belongs to another database than `mine` (its
+/// messages name another identity). The broker routes checks by identity, so this does
+/// not happen; a checker that is asked anyway answers unknown rather than fence.
+fn foreign(request: &txmq_client::CheckRequest, mine: &str) -> bool {
+    request.messages.iter().any(|m| {
+        m.properties
+            .get(txmq_client::CHECK_SCOPE_PROPERTY)
+            .is_some_and(|theirs| theirs != mine)
+    })
 }
 
 /// Whether a check-back's transaction was prepared longer ago than `horizon` (by its

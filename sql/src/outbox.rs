@@ -13,12 +13,37 @@
 //! It wakes on PostgreSQL `NOTIFY txmq_outbox` (sent by `enqueue` in the same
 //! transaction, so it arrives at the commit) and also polls, with backoff, in case a
 //! notification was lost; SQLite has no notifications and is polled.
+//!
+//! A batch is cut by rows ([`RelayOptions::batch`]) and by bytes: what fits in one frame
+//! of the broker's (the limit it announces at the handshake). Every refusal falls in one
+//! of three groups ([`Refusal`]):
+//!
+//! - **retry**: the broker cannot take the rows now and may later (disk full, not the
+//!   leader, shutting down, unreachable, busy). The relay backs off (up to 5 s) and
+//!   sends the same rows again. A row scheduled further ahead than the broker takes
+//!   today (its `max-schedule-delay`) waits here too, before it is sent: it becomes
+//!   sendable as time passes.
+//! - **stop**: the relay cannot work with this broker as it is configured (it remembers
+//!   no idempotency keys, so a resend could store twice; the relay is not
+//!   authenticated). The relay returns [`crate::Error::RelayStopped`] saying what to
+//!   fix; nothing is set aside.
+//! - **set aside**: no later attempt can pass this row (too large for the broker or its
+//!   frame, an invalid name, a topic that does not exist, an idempotency key used for
+//!   another message). It is marked failed with the broker's sentence and the rows
+//!   after it go on.
+//!
+//! Rows are sent in id order, so rows behind a row that waits (a retry, or a schedule
+//! beyond the limit) wait with it: an outbox keeps its order. The age of the oldest
+//! pending row ([`RelayStatus::oldest_pending_age`]) tells how far behind the relay is;
+//! export it to your metrics.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use txmq_client::{Message, Producer};
+use txmq_client::{Limits, Message, Producer};
 
-use crate::Result;
+use crate::{Error, Result};
 
 /// A row of the outbox, as the relay reads it.
 #[derive(Debug, Clone)]
@@ -76,12 +101,14 @@ pub trait Store: Send {
 /// How a relay runs.
 #[derive(Debug, Clone)]
 pub struct RelayOptions {
-    /// Rows sent in one request.
+    /// Most rows sent in one request (fewer when their bytes would not fit a frame).
     pub batch: usize,
     /// Longest wait between two looks at the table when nothing wakes the relay.
     pub max_poll: Duration,
-    /// Stop once the table has no unsent row (tests, one-shot jobs).
+    /// Stop once the table has no row that can be sent now (tests, one-shot jobs).
     pub until_empty: bool,
+    /// What the relay reports while it runs.
+    pub status: Arc<RelayStatus>,
 }
 
 impl Default for RelayOptions {
@@ -90,8 +117,120 @@ impl Default for RelayOptions {
             batch: 100,
             max_poll: Duration::from_secs(5),
             until_empty: false,
+            status: Arc::default(),
         }
     }
+}
+
+/// What a running relay reports, for metrics and health checks.
+#[derive(Debug, Default)]
+pub struct RelayStatus {
+    oldest_pending_ms: AtomicU64,
+}
+
+impl RelayStatus {
+    /// How long the oldest row not yet sent has waited, as of the relay's last look at
+    /// the table (zero when none waits).
+    pub fn oldest_pending_age(&self) -> Duration {
+        match self.oldest_pending_ms.load(Ordering::Relaxed) {
+            0 => Duration::ZERO,
+            at => Duration::from_millis(crate::now_ms().saturating_sub(at as i64) as u64),
+        }
+    }
+
+    fn saw(&self, oldest_created_ms: Option<i64>) {
+        let at = oldest_created_ms.map_or(0, |ms| ms.max(1) as u64);
+        self.oldest_pending_ms.store(at, Ordering::Relaxed);
+    }
+}
+
+/// What a broker's refusal means for the rows refused (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The broker may take them later: send them again after a pause.
+    Retry,
+    /// The relay cannot work with this broker as configured: stop, and say what to fix.
+    Stop,
+    /// No later attempt can pass the row: set it aside.
+    SetAside,
+}
+
+impl Refusal {
+    /// The group `e` falls in.
+    pub fn of(e: &txmq_client::Error) -> Self {
+        use txmq_client::ErrorCode;
+        if e.is_frame_too_large() {
+            return Self::SetAside;
+        }
+        match e.code() {
+            Some(
+                ErrorCode::InvalidName
+                | ErrorCode::MessageTooLarge
+                | ErrorCode::TopicNotFound
+                | ErrorCode::InvalidRequest
+                | ErrorCode::IdempotencyConflict,
+            ) => Self::SetAside,
+            Some(
+                ErrorCode::IdempotencyDisabled
+                | ErrorCode::NotAuthenticated
+                | ErrorCode::HandshakeRequired
+                | ErrorCode::UnsupportedVersion,
+            ) => Self::Stop,
+            _ => Self::Retry,
+        }
+    }
+
+    /// What the operator should do about a refusal that stops the relay.
+    fn advice(e: &txmq_client::Error) -> &'static str {
+        match e.code() {
+            Some(txmq_client::ErrorCode::IdempotencyDisabled) => {
+                "the relay needs the broker to remember idempotency keys (a resend after a \
+                 lost answer would otherwise store a row twice): run the broker with a \
+                 dedup-window above zero (24h by default)"
+            }
+            Some(txmq_client::ErrorCode::NotAuthenticated) => {
+                "the broker refused the relay's credentials: give the relay's producer the \
+                 broker's token"
+            }
+            _ => "the broker and this relay do not speak the same protocol: upgrade one",
+        }
+    }
+}
+
+/// Refuses, before it is written, a message the relay could never send to a broker
+/// with `limits` (from [`Producer::limits`]): one scheduled further ahead than the
+/// broker takes, or too large for its frame. A service that holds a producer calls it
+/// before `enqueue`, so such a row is refused to the caller instead of being set aside
+/// (or waiting for its schedule window) later.
+///
+/// # Errors
+/// [`Error::Broker`] with the reason, as the broker would give it.
+pub fn check(message: &Message, limits: &Limits) -> Result<()> {
+    let refuse =
+        |code, message: String| Err(Error::Broker(txmq_client::Error::Broker { code, message }));
+    if let Some(max) = limits.max_schedule_delay {
+        let latest = crate::now_ms().saturating_add(max.as_millis() as i64);
+        if message.deliver_at_ms as i64 > latest {
+            return refuse(
+                txmq_client::ErrorCode::InvalidRequest,
+                format!(
+                    "deliver_at_ms {} is further ahead than the broker takes ({max:?} from now)",
+                    message.deliver_at_ms
+                ),
+            );
+        }
+    }
+    let len = Limits::message_len(message);
+    if len > limits.room() {
+        return refuse(
+            txmq_client::ErrorCode::MessageTooLarge,
+            format!(
+                "the message takes {len} bytes; one frame of the broker's takes {}",
+                limits.room()
+            ),
+        );
+    }
+    Ok(())
 }
 
 /// What one pass of the relay did.
@@ -101,14 +240,18 @@ pub struct Relayed {
     pub sent: u64,
     /// Rows the broker refused for good, set aside.
     pub failed: u64,
+    /// Rows left waiting for their schedule window when the relay stopped
+    /// ([`RelayOptions::until_empty`]).
+    pub waiting: u64,
 }
 
-/// Sends pending rows until `stop` completes (or the table is empty, with
+/// Sends pending rows until `stop` completes (or no row can be sent now, with
 /// [`RelayOptions::until_empty`]); broker failures are retried with backoff (up to
-/// 5 s), database failures end it.
+/// 5 s), database failures end it, and so does a broker the relay cannot work with.
 ///
 /// # Errors
-/// The database's error.
+/// The database's error; [`Error::RelayStopped`] for a broker configured so that the
+/// relay cannot work with it (see [`Refusal::Stop`]).
 pub async fn relay<S: Store>(
     store: &mut S,
     producer: &Producer,
@@ -122,6 +265,18 @@ pub async fn relay<S: Store>(
     }
 }
 
+/// Backoff of a relay that waits for the broker.
+struct Backoff(Duration);
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(100);
+
+    async fn wait(&mut self) {
+        tokio::time::sleep(self.0).await;
+        self.0 = (self.0 * 2).min(Duration::from_secs(5));
+    }
+}
+
 async fn relay_loop<S: Store>(
     store: &mut S,
     producer: &Producer,
@@ -130,9 +285,10 @@ async fn relay_loop<S: Store>(
     let epoch = store.epoch().await?;
     let mut done = Relayed::default();
     let mut idle = Duration::from_millis(50);
-    let mut broker_backoff = Duration::from_millis(100);
+    let mut backoff = Backoff(Backoff::FIRST);
     loop {
         let rows = store.pending(options.batch.max(1)).await?;
+        options.status.saw(rows.iter().map(|r| r.created_ms).min());
         if rows.is_empty() {
             if options.until_empty {
                 return Ok(done);
@@ -142,42 +298,110 @@ async fn relay_loop<S: Store>(
             continue;
         }
         idle = Duration::from_millis(50);
-        let messages: Vec<Message> = rows.iter().map(|r| message(&epoch, r)).collect();
-        match producer.send_batch(messages).await {
-            Ok(_) => {
-                broker_backoff = Duration::from_millis(100);
-                let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
-                store.mark_sent(&ids).await?;
-                done.sent += ids.len() as u64;
-                tracing::debug!(rows = ids.len(), "outbox relay: sent");
-            }
-            Err(e) if refused_for_good(&e) => {
-                // Row by row: the good ones go, in order; the bad one is set aside.
-                for r in &rows {
-                    match producer.send(message(&epoch, r)).await {
-                        Ok(_) => {
-                            store.mark_sent(&[r.id]).await?;
-                            done.sent += 1;
-                        }
-                        Err(e) if refused_for_good(&e) => {
-                            tracing::error!(row = r.id, topic = %r.topic, "outbox relay: the broker refuses this row for good ({e}); set aside");
-                            store.mark_failed(r.id, &e.to_string()).await?;
-                            done.failed += 1;
-                        }
-                        Err(_) => break,
-                    }
-                }
-            }
+        let limits = match producer.limits().await {
+            Ok(l) => l,
             Err(e) => {
                 tracing::warn!(
-                    "outbox relay: sending {} rows failed ({e}); retrying in {broker_backoff:?}",
-                    rows.len()
+                    "outbox relay: the broker cannot be reached ({e}); retrying in {:?}",
+                    backoff.0
                 );
-                tokio::time::sleep(broker_backoff).await;
-                broker_backoff = (broker_backoff * 2).min(Duration::from_secs(5));
+                backoff.wait().await;
+                continue;
             }
+        };
+        let (batch, waits) = sendable(&epoch, &rows, &limits);
+        if batch.is_empty() {
+            // The first row is scheduled further ahead than the broker takes today; it
+            // and the rows behind it wait until it is within reach.
+            let r = &rows[0];
+            if options.until_empty {
+                done.waiting = rows.len() as u64;
+                return Ok(done);
+            }
+            tracing::info!(
+                row = r.id,
+                deliver_at_ms = r.deliver_at_ms,
+                "outbox relay: the next row is scheduled beyond the broker's max-schedule-delay; it waits (and the rows after it)"
+            );
+            store.wait(options.max_poll).await;
+            continue;
+        }
+        let n = batch.len();
+        match producer.send_batch(batch).await {
+            Ok(_) => {
+                backoff = Backoff(Backoff::FIRST);
+                let ids: Vec<i64> = rows[..n].iter().map(|r| r.id).collect();
+                store.mark_sent(&ids).await?;
+                done.sent += ids.len() as u64;
+                tracing::debug!(rows = ids.len(), waits, "outbox relay: sent");
+            }
+            Err(e) => match Refusal::of(&e) {
+                Refusal::Stop => return Err(stopped(e)),
+                Refusal::Retry => {
+                    tracing::warn!(
+                        "outbox relay: sending {n} rows failed ({e}); retrying in {:?}",
+                        backoff.0
+                    );
+                    backoff.wait().await;
+                }
+                Refusal::SetAside => {
+                    // Row by row: the good ones go, in order; a bad one is set aside.
+                    for r in &rows[..n] {
+                        match producer.send(message(&epoch, r)).await {
+                            Ok(_) => {
+                                store.mark_sent(&[r.id]).await?;
+                                done.sent += 1;
+                            }
+                            Err(e) => match Refusal::of(&e) {
+                                Refusal::SetAside => {
+                                    tracing::error!(row = r.id, topic = %r.topic, "outbox relay: the broker refuses this row for good ({e}); set aside");
+                                    store.mark_failed(r.id, &e.to_string()).await?;
+                                    done.failed += 1;
+                                }
+                                Refusal::Stop => return Err(stopped(e)),
+                                Refusal::Retry => break,
+                            },
+                        }
+                    }
+                }
+            },
         }
     }
+}
+
+/// The relay's error for a refusal that stops it.
+fn stopped(e: txmq_client::Error) -> Error {
+    let why = Refusal::advice(&e);
+    tracing::error!("outbox relay stopped: {e}; {why}");
+    Error::RelayStopped {
+        why: why.to_string(),
+        source: e,
+    }
+}
+
+/// The messages of the first rows that can go now, in one request: as many as fit in
+/// one frame (at least one: a row too large alone is the broker's to refuse), up to
+/// the first row scheduled beyond the broker's limit. Also whether such a row stopped
+/// the batch.
+fn sendable(epoch: &str, rows: &[Row], limits: &Limits) -> (Vec<Message>, bool) {
+    let latest = limits
+        .max_schedule_delay
+        .map(|d| crate::now_ms().saturating_add(d.as_millis() as i64));
+    let mut batch = Vec::new();
+    let mut bytes = 0;
+    for r in rows {
+        if latest.is_some_and(|l| r.deliver_at_ms as i64 > l) {
+            return (batch, true);
+        }
+        let m = message(epoch, r);
+        let len = Limits::message_len(&m);
+        if !batch.is_empty() && bytes + len > limits.room() {
+            break;
+        }
+        bytes += len;
+        batch.push(m);
+    }
+    (batch, false)
 }
 
 /// The message a row holds, with its idempotency key.
@@ -192,21 +416,6 @@ fn message(epoch: &str, r: &Row) -> Message {
         message_group: r.message_group.clone(),
         idempotency_key: format!("outbox/{epoch}/{}/{}", r.id, r.created_ms),
     }
-}
-
-/// Whether the broker refused a send before storing anything, for a reason that sending
-/// again cannot change.
-fn refused_for_good(e: &txmq_client::Error) -> bool {
-    use txmq_client::ErrorCode;
-    matches!(
-        e.code(),
-        Some(
-            ErrorCode::InvalidName
-                | ErrorCode::MessageTooLarge
-                | ErrorCode::TopicNotFound
-                | ErrorCode::InvalidRequest
-        )
-    )
 }
 
 /// A fresh epoch for a new table: 16 random hex digits (from the OS's random source

@@ -4,6 +4,8 @@
 //! unknown; a committed one is commit; one whose work failed is rolled back on both
 //! sides.
 
+use std::time::Duration;
+
 use txmq_client::{Message, Outcome, Producer, ProducerOptions};
 use txmq_sql::{BoxError, Error, Pending, postgres, sqlite};
 use txmq_tests::TestBroker;
@@ -171,4 +173,91 @@ async fn postgres_checker_connects_again_after_its_connection_dies() {
         answer = checker.decide("b").await;
     }
     assert_eq!(answer.unwrap(), Outcome::Rollback);
+}
+
+/// Issue 25, item 5: one producer group, two databases (shards, tenants), each with its
+/// own checker. Transactions whose database committed and whose messages were never
+/// committed are checked back, each only by its own database's checker: all of them
+/// are committed, none discarded or rolled back. A check that landed on the other
+/// database's checker was fenced there (no record) and rolled back committed work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_databases_in_one_group_each_answer_their_own_transactions() {
+    use txmq_client::{Admin, Consumer, ConsumerOptions, pb::TxnState};
+    let b = TestBroker::start(&[
+        "--check-timeout",
+        "1s",
+        "--check-interval",
+        "100ms",
+        "--check-backoff",
+        "200ms",
+        "--check-max",
+        "3",
+    ]);
+    let dir = tempfile::tempdir().unwrap();
+    let mut dbs = Vec::new();
+    let mut producers = Vec::new();
+    for name in ["a", "b"] {
+        let path = dir.path().join(format!("{name}.db"));
+        let db = rusqlite::Connection::open(&path).unwrap();
+        sqlite::migrate(&db).unwrap();
+        let checker = sqlite::Checker::open(&path).unwrap();
+        let p = Producer::connect(b.addr(), ProducerOptions::transactional("shared", checker))
+            .await
+            .unwrap();
+        dbs.push(db);
+        producers.push(p);
+    }
+    assert_ne!(
+        sqlite::identity(&dbs[0]).unwrap(),
+        sqlite::identity(&dbs[1]).unwrap()
+    );
+    // Two transactions per database: committed there, their messages left to the
+    // check-back (the producer "died" between the two commits).
+    let mut ids = Vec::new();
+    for (i, (db, p)) in dbs.iter_mut().zip(&producers).enumerate() {
+        let database = sqlite::identity(db).unwrap();
+        for j in 0..2 {
+            let body = format!("db{i}-order{j}");
+            let pending = Pending::begin_in(p, &database, vec![Message::new("orders", body)])
+                .await
+                .unwrap();
+            ids.push(pending.txn_id().to_string());
+            let ((), committed) = sqlite::run_local(pending, db, |_| Ok::<_, BoxError>(()))
+                .await
+                .unwrap();
+            drop(committed);
+        }
+    }
+    let mut c = Consumer::subscribe(b.addr(), ConsumerOptions::new("g", "orders"))
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while got.len() < 4 && tokio::time::Instant::now() < deadline {
+        if let Some(d) = txmq_tests::next(&mut c, Duration::from_secs(1)).await {
+            got.push(String::from_utf8_lossy(d.body()).into_owned());
+            d.ack().await.unwrap();
+        }
+    }
+    got.sort();
+    assert_eq!(
+        got,
+        ["db0-order0", "db0-order1", "db1-order0", "db1-order1"]
+    );
+    let admin = Admin::connect(b.addr(), "").await.unwrap();
+    let txns = admin
+        .transactions(TxnState::Unspecified, "", 0)
+        .await
+        .unwrap()
+        .txns;
+    for id in &ids {
+        let t = txns.iter().find(|t| &t.txn_id == id).expect("listed");
+        assert_eq!(
+            t.state,
+            TxnState::Committed as i32,
+            "{id}: {:?} ({})",
+            t.state,
+            t.last_check_note
+        );
+    }
 }

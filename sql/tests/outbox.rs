@@ -155,3 +155,159 @@ async fn a_row_refused_for_good_is_set_aside_and_holds_nothing_up() {
     let bodies = drain(&b, "g", "events", Duration::from_secs(2)).await;
     assert_eq!(bodies, vec![b"to events".to_vec(), b"to events".to_vec()]);
 }
+
+/// An SQLite outbox in a temporary directory with `messages` enqueued in one
+/// transaction; its path (the directory must outlive the test).
+fn sqlite_outbox(dir: &tempfile::TempDir, messages: &[txmq_client::Message]) -> std::path::PathBuf {
+    let path = dir.path().join("svc.db");
+    let mut db = rusqlite::Connection::open(&path).unwrap();
+    txmq_sql::sqlite::migrate(&db).unwrap();
+    let tx = db.transaction().unwrap();
+    for m in messages {
+        txmq_sql::sqlite::enqueue(&tx, m).unwrap();
+    }
+    tx.commit().unwrap();
+    path
+}
+
+/// Rows of the outbox: (sent, set aside, pending).
+fn row_states(path: &std::path::Path) -> (u64, u64, u64) {
+    let db = rusqlite::Connection::open(path).unwrap();
+    db.query_row(
+        "SELECT
+             COALESCE(SUM(sent_ms IS NOT NULL), 0),
+             COALESCE(SUM(failed_ms IS NOT NULL), 0),
+             COALESCE(SUM(sent_ms IS NULL AND failed_ms IS NULL), 0)
+         FROM txmq_outbox",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    )
+    .unwrap()
+}
+
+/// Issue 25, item 3: rows whose batch is larger than one frame of the broker's are sent
+/// in batches cut by bytes. The relay used to send the same oversize batch forever,
+/// dropping its producer's connection each time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_larger_together_than_a_frame_are_sent_in_batches_that_fit() {
+    use txmq_client::{Message, Producer, ProducerOptions};
+    use txmq_sql::outbox::{RelayOptions, relay};
+    // A 1 MiB frame: 30 rows of 200 KiB are about six frames' worth.
+    let b = TestBroker::start(&[
+        "--max-frame-len",
+        "1048576",
+        "--max-message-bytes",
+        "524288",
+    ]);
+    let dir = tempfile::tempdir().unwrap();
+    let rows: Vec<Message> = (0..30)
+        .map(|i| Message::new("big", vec![b'a' + (i % 26) as u8; 200 * 1024]))
+        .collect();
+    let path = sqlite_outbox(&dir, &rows);
+    let producer = Producer::connect(b.addr(), ProducerOptions::default())
+        .await
+        .unwrap();
+    // One request over the frame is refused by the client, and the connection lives on.
+    let over: Vec<Message> = rows.iter().take(6).cloned().collect();
+    let e = producer.send_batch(over).await.expect_err("over one frame");
+    assert!(e.is_frame_too_large(), "{e}");
+    producer
+        .send(Message::new("other", "x"))
+        .await
+        .expect("the connection lives on");
+
+    let mut store = txmq_sql::sqlite::Outbox::open(&path).unwrap();
+    let options = RelayOptions {
+        until_empty: true,
+        ..RelayOptions::default()
+    };
+    let done = tokio::time::timeout(
+        Duration::from_secs(60),
+        relay(&mut store, &producer, &options, std::future::pending()),
+    )
+    .await
+    .expect("the relay wedged on a batch over one frame")
+    .unwrap();
+    assert_eq!((done.sent, done.failed), (30, 0));
+    assert_eq!(row_states(&path), (30, 0, 0));
+    let bodies = drain(&b, "g", "big", Duration::from_secs(3)).await;
+    let firsts: Vec<u8> = bodies.iter().map(|b| b[0]).collect();
+    let expected: Vec<u8> = (0..30).map(|i| b'a' + (i % 26) as u8).collect();
+    assert_eq!(firsts, expected, "each row once, in order");
+}
+
+/// Issue 25, item 4: a broker that remembers no idempotency keys stops the relay with an
+/// error that says what to fix; nothing is set aside (every row used to be).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_without_idempotency_keys_stops_the_relay_and_sets_nothing_aside() {
+    use txmq_client::{ErrorCode, Message, Producer, ProducerOptions};
+    use txmq_sql::outbox::{RelayOptions, relay};
+    let b = TestBroker::start(&["--dedup-window", "0"]);
+    let dir = tempfile::tempdir().unwrap();
+    let rows: Vec<Message> = (0..5)
+        .map(|i| Message::new("events", format!("e{i}")))
+        .collect();
+    let path = sqlite_outbox(&dir, &rows);
+    let producer = Producer::connect(b.addr(), ProducerOptions::default())
+        .await
+        .unwrap();
+    let mut store = txmq_sql::sqlite::Outbox::open(&path).unwrap();
+    let options = RelayOptions {
+        until_empty: true,
+        ..RelayOptions::default()
+    };
+    let e = relay(&mut store, &producer, &options, std::future::pending())
+        .await
+        .expect_err("a relay that cannot avoid duplicates must stop");
+    match &e {
+        txmq_sql::Error::RelayStopped { why, source } => {
+            assert_eq!(source.code(), Some(ErrorCode::IdempotencyDisabled), "{e}");
+            assert!(why.contains("dedup-window"), "{why}");
+        }
+        other => panic!("{other}"),
+    }
+    assert_eq!(row_states(&path), (0, 0, 5), "rows were set aside");
+}
+
+/// Issue 25, item 4: a row scheduled beyond the broker's max-schedule-delay waits (and
+/// the rows after it, in id order); the rows before it go; nothing is set aside. The
+/// broker announces its limit, so `check` refuses such a message before it is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_scheduled_beyond_the_limit_waits_and_is_not_set_aside() {
+    use txmq_client::{Message, Producer, ProducerOptions};
+    use txmq_sql::outbox::{RelayOptions, check, relay};
+    let b = TestBroker::start(&["--max-schedule-delay", "1h"]);
+    let producer = Producer::connect(b.addr(), ProducerOptions::default())
+        .await
+        .unwrap();
+    let limits = producer.limits().await.unwrap();
+    assert_eq!(limits.max_schedule_delay, Some(Duration::from_secs(3600)));
+    let far = Message::new("events", "later").deliver_after(Duration::from_secs(2 * 3600));
+    check(&far, &limits).expect_err("announced limit: refused up front");
+    check(&Message::new("events", "now"), &limits).expect("a plain message passes");
+    let dir = tempfile::tempdir().unwrap();
+    let rows = vec![
+        Message::new("events", "first"),
+        far,
+        Message::new("events", "behind"),
+    ];
+    let path = sqlite_outbox(&dir, &rows);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut store = txmq_sql::sqlite::Outbox::open(&path).unwrap();
+    let options = RelayOptions {
+        until_empty: true,
+        ..RelayOptions::default()
+    };
+    let done = relay(&mut store, &producer, &options, std::future::pending())
+        .await
+        .unwrap();
+    assert_eq!((done.sent, done.failed, done.waiting), (1, 0, 2));
+    assert_eq!(row_states(&path), (1, 0, 2));
+    let age = options.status.oldest_pending_age();
+    assert!(
+        (Duration::from_millis(50)..Duration::from_secs(600)).contains(&age),
+        "the oldest pending row's age: {age:?}"
+    );
+    let bodies = drain(&b, "g", "events", Duration::from_secs(2)).await;
+    assert_eq!(bodies, vec![b"first".to_vec()]);
+}

@@ -10,6 +10,19 @@ pub use consume::{apply_once, consume_once, prune_processed};
 pub use outbox::{Outbox, enqueue, prune_outbox};
 pub use txn::{CHECKER_CONNECTIONS, Checker, prune, run_local, send_in_transaction};
 
+/// This database's identity: made once with its tables (the outbox's epoch), it names
+/// the database in the transactions bound to it, so their check-backs reach its
+/// checkers only.
+///
+/// # Errors
+/// The database's error (the tables are missing: run [`migrate`]).
+pub async fn identity(db: &Client) -> Result<String> {
+    db.query_one("SELECT epoch FROM txmq_outbox_epoch LIMIT 1", &[])
+        .await
+        .map(|r| r.get(0))
+        .map_err(db_err)
+}
+
 use tokio_postgres::Client;
 
 use crate::{Error, Result};

@@ -32,7 +32,8 @@ pub async fn send_in_transaction<T, E>(
 where
     E: Into<BoxError>,
 {
-    let pending = Pending::begin(producer, messages).await?;
+    let database = super::identity(db).await?;
+    let pending = Pending::begin_in(producer, &database, messages).await?;
     let (value, committed) = run_local(pending, db, work).await?;
     committed.finish().await;
     Ok(value)
@@ -103,6 +104,8 @@ pub struct Checker {
     next: Arc<std::sync::atomic::AtomicUsize>,
     url: Option<Arc<str>>,
     horizon: Duration,
+    /// The database's identity: the checks it is sent are its own.
+    database: String,
 }
 
 /// Connections a checker made with [`Checker::connect`] keeps.
@@ -123,11 +126,13 @@ impl Checker {
     /// The database's error.
     pub async fn new(db: Client) -> Result<Self> {
         prepare(&db).await?;
+        let database = checked_identity(&db).await?;
         Ok(Self {
             pool: Arc::from([tokio::sync::RwLock::new(Arc::new(db))]),
             next: Arc::default(),
             url: None,
             horizon: crate::KEEP_ROWS,
+            database,
         })
     }
 
@@ -143,11 +148,14 @@ impl Checker {
             prepare(&db).await?;
             pool.push(tokio::sync::RwLock::new(Arc::new(db)));
         }
+        let first = pool[0].read().await.clone();
+        let database = checked_identity(&first).await?;
         Ok(Self {
             pool: pool.into(),
             next: Arc::default(),
             url: Some(url.into()),
             horizon: crate::KEEP_ROWS,
+            database,
         })
     }
 
@@ -193,6 +201,17 @@ async fn open(url: &str) -> Result<Client> {
     Ok(db)
 }
 
+/// The database's identity, making its tables first if they are missing.
+async fn checked_identity(db: &Client) -> Result<String> {
+    match super::identity(db).await {
+        Ok(id) => Ok(id),
+        Err(_) => {
+            super::migrate(db).await?;
+            super::identity(db).await
+        }
+    }
+}
+
 async fn prepare(db: &Client) -> Result<()> {
     db.batch_execute(&format!("SET lock_timeout = '{LOCK_WAIT}'"))
         .await
@@ -234,6 +253,10 @@ impl TransactionChecker for Checker {
     ) -> std::pin::Pin<Box<dyn Future<Output = Outcome> + Send>> {
         let checker = self.clone();
         Box::pin(async move {
+            if crate::foreign(&request, &checker.database) {
+                tracing::warn!(txn = %request.txn_id, "check-back of another database's transaction: answering unknown");
+                return Outcome::Unknown;
+            }
             let fence = !crate::older_than(&request, checker.horizon);
             match checker.decide_fencing(&request.txn_id, fence).await {
                 Ok(outcome) => outcome,
@@ -243,6 +266,10 @@ impl TransactionChecker for Checker {
                 }
             }
         })
+    }
+
+    fn scopes(&self) -> Vec<String> {
+        vec![self.database.clone()]
     }
 }
 

@@ -23,7 +23,7 @@ pub async fn consume_once<T, E>(
 where
     E: Into<BoxError>,
 {
-    let applied = apply_once(db, delivery, work)?;
+    let applied = super::off_the_workers(|| apply_once(db, delivery, work))?;
     if let Err(e) = delivery.ack().await {
         tracing::warn!(
             message = delivery.id(),

@@ -2,8 +2,14 @@
 //! to a transaction and its checker (`txn`), the idempotent consumer (`consume`), and
 //! the outbox (`outbox`).
 //!
-//! SQLite calls block; they are short local-file work, run where the caller runs (the
-//! checker runs its own on the blocking pool).
+//! SQLite calls block, and a `BEGIN IMMEDIATE` waits up to the connection's busy timeout
+//! for another writer. Every call this crate makes from an async function runs off the
+//! runtime's workers ([`off_the_workers`]: `tokio::task::block_in_place` on a
+//! multi-threaded runtime), so a wait for the database's lock stalls neither the runtime
+//! nor the producer's own check-back answers; the API keeps taking `&mut Connection` and
+//! closures over the transaction. On a current-thread runtime there is no other thread
+//! to hand the work to, and the call runs in place: use a multi-threaded runtime with
+//! SQLite. The checker runs its answers on the blocking pool.
 
 mod consume;
 mod outbox;
@@ -13,9 +19,34 @@ pub use consume::{apply_once, consume_once, prune_processed};
 pub use outbox::{Outbox, enqueue, prune_outbox};
 pub use txn::{Checker, prune, run_local, send_in_transaction};
 
+/// This database's identity: made once with its tables (the outbox's epoch), it names
+/// the database in the transactions bound to it, so their check-backs reach its
+/// checkers only.
+///
+/// # Errors
+/// The database's error (the tables are missing: run [`migrate`]).
+pub fn identity(db: &Connection) -> Result<String> {
+    db.query_row("SELECT epoch FROM txmq_outbox_epoch LIMIT 1", [], |r| {
+        r.get(0)
+    })
+    .map_err(db_err)
+}
+
 use rusqlite::Connection;
 
 use crate::{Error, Result};
+
+/// Runs `f`, which may block on the database, without stalling the async runtime: on a
+/// multi-threaded runtime this worker hands its other tasks to another thread first
+/// (`block_in_place`); elsewhere (no runtime, a current-thread one) it runs in place.
+pub(crate) fn off_the_workers<R>(f: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
 
 /// Creates the tables this crate owns if they are missing: `txmq_local_txn`
 /// (transactions bound to this database) and `txmq_processed` (messages the idempotent

@@ -59,14 +59,42 @@ impl Outbox {
 
 impl Store for Outbox {
     async fn epoch(&mut self) -> Result<String> {
-        self.db
-            .query_row("SELECT epoch FROM txmq_outbox_epoch LIMIT 1", [], |r| {
-                r.get(0)
-            })
-            .map_err(db_err)
+        super::off_the_workers(|| {
+            self.db
+                .query_row("SELECT epoch FROM txmq_outbox_epoch LIMIT 1", [], |r| {
+                    r.get(0)
+                })
+                .map_err(db_err)
+        })
     }
 
     async fn pending(&mut self, limit: usize) -> Result<Vec<Row>> {
+        super::off_the_workers(|| self.pending_now(limit))
+    }
+
+    async fn mark_sent(&mut self, ids: &[i64]) -> Result<()> {
+        super::off_the_workers(|| self.mark_sent_now(ids))
+    }
+
+    async fn mark_failed(&mut self, id: i64, why: &str) -> Result<()> {
+        super::off_the_workers(|| {
+            self.db
+                .execute(
+                    "UPDATE txmq_outbox SET failed_ms = ?2, error = ?3 WHERE id = ?1",
+                    rusqlite::params![id, now_ms(), why],
+                )
+                .map_err(db_err)?;
+            Ok(())
+        })
+    }
+
+    async fn wait(&mut self, at_most: Duration) {
+        tokio::time::sleep(at_most).await;
+    }
+}
+
+impl Outbox {
+    fn pending_now(&mut self, limit: usize) -> Result<Vec<Row>> {
         let mut q = self
             .db
             .prepare_cached(
@@ -96,7 +124,7 @@ impl Store for Outbox {
         Ok(rows)
     }
 
-    async fn mark_sent(&mut self, ids: &[i64]) -> Result<()> {
+    fn mark_sent_now(&mut self, ids: &[i64]) -> Result<()> {
         let tx = self.db.transaction().map_err(db_err)?;
         {
             let mut q = tx
@@ -108,20 +136,6 @@ impl Store for Outbox {
             }
         }
         tx.commit().map_err(db_err)
-    }
-
-    async fn mark_failed(&mut self, id: i64, why: &str) -> Result<()> {
-        self.db
-            .execute(
-                "UPDATE txmq_outbox SET failed_ms = ?2, error = ?3 WHERE id = ?1",
-                rusqlite::params![id, now_ms(), why],
-            )
-            .map_err(db_err)?;
-        Ok(())
-    }
-
-    async fn wait(&mut self, at_most: Duration) {
-        tokio::time::sleep(at_most).await;
     }
 }
 

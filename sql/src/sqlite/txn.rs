@@ -32,7 +32,8 @@ pub async fn send_in_transaction<T, E>(
 where
     E: Into<BoxError>,
 {
-    let pending = Pending::begin(producer, messages).await?;
+    let database = super::off_the_workers(|| super::identity(db))?;
+    let pending = Pending::begin_in(producer, &database, messages).await?;
     let (value, committed) = run_local(pending, db, work).await?;
     committed.finish().await;
     Ok(value)
@@ -60,7 +61,7 @@ pub async fn run_local<T, E>(
 where
     E: Into<BoxError>,
 {
-    let local = (|| {
+    let local = super::off_the_workers(|| {
         let tx = db
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(|e| Local::Before(db_err(e)))?;
@@ -79,7 +80,7 @@ where
         let value = work(&tx).map_err(|e| Local::Before(Error::Work(e.into())))?;
         tx.commit().map_err(Local::Commit)?;
         Ok(value)
-    })();
+    });
     match local {
         Ok(value) => Ok((value, pending.committed())),
         Err(Local::Before(e)) => pending.fail(e).await,
@@ -96,6 +97,8 @@ pub struct Checker {
     db: Arc<Mutex<Connection>>,
     path: PathBuf,
     horizon: Duration,
+    /// The database's identity: the checks it is sent are its own.
+    database: String,
 }
 
 impl std::fmt::Debug for Checker {
@@ -113,10 +116,12 @@ impl Checker {
         let db = Connection::open(path).map_err(db_err)?;
         db.busy_timeout(LOCK_WAIT).map_err(db_err)?;
         migrate(&db)?;
+        let database = super::identity(&db)?;
         Ok(Self {
             db: Arc::new(Mutex::new(db)),
             path: path.to_path_buf(),
             horizon: crate::KEEP_ROWS,
+            database,
         })
     }
 
@@ -179,6 +184,10 @@ impl TransactionChecker for Checker {
     ) -> std::pin::Pin<Box<dyn Future<Output = Outcome> + Send>> {
         let checker = self.clone();
         Box::pin(async move {
+            if crate::foreign(&request, &checker.database) {
+                tracing::warn!(txn = %request.txn_id, "check-back of another database's transaction: answering unknown");
+                return Outcome::Unknown;
+            }
             let id = request.txn_id.clone();
             let fence = !crate::older_than(&request, checker.horizon);
             match tokio::task::spawn_blocking(move || checker.decide_fencing(&id, fence)).await {
@@ -193,6 +202,10 @@ impl TransactionChecker for Checker {
                 }
             }
         })
+    }
+
+    fn scopes(&self) -> Vec<String> {
+        vec![self.database.clone()]
     }
 }
 
