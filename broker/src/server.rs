@@ -21,6 +21,7 @@ use crate::delivery::Groups;
 use crate::error::{Error, Result};
 use crate::ids::IdGen;
 use crate::metrics::{self, Metrics};
+use crate::replication::lease::Serving;
 use crate::replication::node::{Addresses, Leadership, Node};
 use crate::retention::Sweeper;
 use crate::storage::Storage;
@@ -441,13 +442,17 @@ async fn run_once(
     let tracker = TaskTracker::new();
     let producers = Arc::new(Producers::default());
     let (answers, answers_rx) = mpsc::channel(1024);
+    let serving = leading
+        .as_ref()
+        .map_or_else(Serving::always, |l| Serving::under(l.node.lease.clone()));
     let checker = Checker::new(
         storage.clone(),
         writer.clone(),
         producers.clone(),
         config.clone(),
         metrics.clone(),
-    );
+    )
+    .serving(serving.clone());
     tracker.spawn(checker.run(answers_rx, cancel.clone()));
     tracker.spawn(Timer::new(storage.clone(), writer.clone()).run(cancel.clone()));
     let sweeper = Sweeper::new(
@@ -473,7 +478,8 @@ async fn run_once(
             metrics.clone(),
             tracker.clone(),
             cancel.clone(),
-        ),
+        )
+        .serving(serving.clone()),
         config: config.clone(),
         storage: storage.clone(),
         writer,
@@ -488,6 +494,7 @@ async fn run_once(
             (config.max_in_flight_bytes / connection::BUDGET_UNIT).max(1),
         )),
         node: leading.as_ref().map(|l| l.node.clone()),
+        serving,
     });
     live.set(Some((storage.clone(), topics)));
     faces.grpc.set(Some(shared.clone()));

@@ -104,11 +104,16 @@ impl LazyFs {
 
     /// Drops every write not fsynced since it was made; returns how many bytes.
     pub fn power_cut(&self) -> u64 {
+        self.power_cut_counting().0
+    }
+
+    /// [`LazyFs::power_cut`], which also puts back directories renamed since their
+    /// parent was last fsynced: the bytes dropped and the renames undone.
+    pub fn power_cut_counting(&self) -> (u64, u64) {
         signal(&self.child, libc::SIGUSR1);
         let line = self.expect_line("lazyfs power cut");
-        line.split_whitespace()
-            .find_map(|w| w.parse().ok())
-            .unwrap_or(0)
+        let mut numbers = line.split_whitespace().filter_map(|w| w.parse().ok());
+        (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0))
     }
 }
 

@@ -178,6 +178,12 @@ impl TestBroker {
         self.child.as_ref().expect("running").id()
     }
 
+    /// Sends `sig` to its process (`libc::SIGSTOP` and `libc::SIGCONT` pause and resume
+    /// it; a paused broker is still killed when the test ends).
+    pub fn signal(&self, sig: i32) {
+        signal(self.child.as_ref().expect("running"), sig);
+    }
+
     fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)

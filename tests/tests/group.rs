@@ -201,6 +201,92 @@ async fn a_node_that_lost_its_data_catches_up_from_a_snapshot() {
     );
 }
 
+/// Issue 25, item 6: installing a snapshot renames the node's state directories, and
+/// Raft purges its log once it is installed; a power cut right after must not put the
+/// old state back. The follower that installed one loses power (the lazy file system
+/// undoes every directory rename whose parent was not fsynced), starts again, keeps up,
+/// and leads with everything. Without the fsyncs it came back without its state, unable
+/// to re-apply what its log no longer held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_power_cut_after_a_snapshot_installation_loses_nothing() {
+    let fs = LazyFs::mount();
+    let dirs = vec![None, None, Some(fs.path().join("data"))];
+    let mut group = TestGroup::start_in(dirs, &["--snapshot-entries", "100"]);
+    let leader = group
+        .leader(Duration::from_secs(30))
+        .await
+        .expect("a leader");
+    let addrs = group.addrs();
+    if leader == 2 {
+        Admin::connect(&addrs, "")
+            .await
+            .unwrap()
+            .cluster_transfer(1)
+            .await
+            .expect("transfer");
+        while group.leader(Duration::from_secs(30)).await == Some(2) {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let p = Producer::connect(&addrs, ProducerOptions::default())
+        .await
+        .expect("producer");
+    send_each(&p, "t", (0..250).map(|i| format!("a-{i}"))).await;
+    // Node 3 loses its disk while the group goes on and trims its log: it catches up
+    // from a snapshot.
+    group.nodes[2].kill9();
+    std::fs::remove_dir_all(group.nodes[2].data_dir()).expect("wipe");
+    send_each(&p, "t", (0..250).map(|i| format!("b-{i}"))).await;
+    status_until(&addrs, "trimmed", |s| s.purged_index > 0).await;
+    group.nodes[2].start_again();
+    status_until(&addrs, "caught up", |s| {
+        s.nodes
+            .iter()
+            .any(|n| n.id == 3 && n.lag == 0 && n.matched_index > 0)
+    })
+    .await;
+    assert!(
+        group.nodes[2].log_text().contains("installing a snapshot"),
+        "it did not catch up from a snapshot:\n{}",
+        group.nodes[2].log_text()
+    );
+    // The power goes, and comes back.
+    group.nodes[2].kill9();
+    let (bytes, renames) = fs.power_cut_counting();
+    println!("power cut: {bytes} unsynced bytes dropped, {renames} directory renames undone");
+    group.nodes[2].start_again();
+    send_each(&p, "t", (0..10).map(|i| format!("c-{i}"))).await;
+    let last = status_until(&addrs, "written", |_| true)
+        .await
+        .last_log_index;
+    status_until(&addrs, "caught up after the cut", |s| {
+        s.nodes.iter().any(|n| n.id == 3 && n.matched_index >= last)
+    })
+    .await;
+    assert!(
+        group.nodes[2].is_running(),
+        "node 3 did not survive the power cut\n{}",
+        group.nodes[2].log_text()
+    );
+    Admin::connect(&addrs, "")
+        .await
+        .unwrap()
+        .cluster_transfer(3)
+        .await
+        .expect("transfer");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while group.leader(Duration::from_secs(30)).await != Some(2) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the leadership did not move\n{}",
+            group.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let seen = consume(&addrs, "after", "t", 510).await;
+    assert_eq!(seen.len(), 510, "node 3 lost messages\n{}", group.logs());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_are_added_and_removed() {
     let mut group = TestGroup::start(3, &["--snapshot-entries", "50"]);

@@ -107,6 +107,13 @@ pub async fn dispatch(
             Err(Error::Invalid("requests need a non-zero id".into())),
         ));
     }
+    if !shared.serving.holds() && !matches!(body, Body::CheckReply(_)) {
+        // A group leader whose lease lapsed (it was paused, or cut off): another node
+        // may lead and have written since, so nothing is answered from this state.
+        // (A check answer goes to the scheduler, whose writes a deposed leader cannot
+        // commit.)
+        return Some(ready(id, Err(Error::NotLeader(None))));
+    }
     if let Body::Hello(hello) = body {
         let result = hello::hello(hello, session, shared);
         session.refused = matches!(result, Err(Error::NotAuthenticated(_)));

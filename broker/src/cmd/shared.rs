@@ -45,4 +45,7 @@ pub struct Shared {
     pub budget: Arc<Semaphore>,
     /// The broker group's node this broker leads from (`None`: a single broker).
     pub node: Option<Arc<crate::replication::node::Node>>,
+    /// Whether it may serve from its state now (a group leader's lease holds): asked by
+    /// every request before it is handled.
+    pub serving: crate::replication::lease::Serving,
 }

@@ -25,6 +25,7 @@ use txmq_protocol::{Frame, pb};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
+use crate::replication::lease::Serving;
 use crate::storage::Storage;
 use crate::storage::writer::{Command, Outcome, WriterHandle};
 use crate::topics::{Topic, Topics};
@@ -218,6 +219,7 @@ pub struct Groups {
     queues: Mutex<HashMap<(String, u32), mpsc::Sender<QueueMsg>>>,
     tracker: TaskTracker,
     cancel: CancellationToken,
+    serving: Serving,
 }
 
 impl Groups {
@@ -238,9 +240,16 @@ impl Groups {
             config,
             metrics,
             queues: Mutex::new(HashMap::new()),
+            serving: Serving::always(),
             tracker,
             cancel,
         }
+    }
+
+    /// Queues deliver only while `serving` holds (a group leader's lease).
+    #[must_use]
+    pub fn serving(self, serving: Serving) -> Self {
+        Self { serving, ..self }
     }
 
     /// The topic of that name, created when auto-creation allows.
@@ -320,7 +329,8 @@ impl Groups {
             self.writer.clone(),
             self.config.clone(),
             self.metrics.clone(),
-        );
+        )
+        .serving(self.serving.clone());
         let cancel = self.cancel.clone();
         self.tracker.spawn(q.run(rx, cancel));
         queues.insert(key, tx.clone());

@@ -185,8 +185,13 @@ struct Endpoint {
 
 impl Endpoint {
     /// The broker's parts, or the status that says they are not there.
+    /// The broker's parts, while it may serve from them: for a group leader, while its
+    /// lease holds (a paused leader answers nothing from its old state).
     fn shared(&self) -> Result<Arc<Shared>, pb::Status> {
-        self.live.get().ok_or_else(|| self.not_serving())
+        self.live
+            .get()
+            .filter(|s| s.serving.holds())
+            .ok_or_else(|| self.not_serving())
     }
 
     /// What a request gets while the broker's parts are not there.
@@ -245,7 +250,7 @@ impl MessagingService for Endpoint {
         request: Request<pb::SendMessageRequest>,
     ) -> Reply<pb::SendMessageResponse> {
         Ok(Response::new(
-            send::send_message(self, request.into_inner()).await,
+            send::send_message(self, client_id(&request), request.into_inner()).await,
         ))
     }
 

@@ -183,7 +183,9 @@ pub async fn run(
             () = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let Some(shared) = live.get() else { continue };
+        let Some(shared) = live.get().filter(|s| s.serving.holds()) else {
+            continue;
+        };
         let lease = shared.config.lease;
         let now = now_ms();
         let by = now.saturating_add(lease.as_millis() as u64 / 2);

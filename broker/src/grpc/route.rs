@@ -104,7 +104,7 @@ async fn queue(
     crate::cmd::name("topic", &topic.name).map_err(|e| status::of_error(&e))?;
     // Read once: whether this node serves decides both where the route points and who
     // checks the topic.
-    let serving = endpoint.live.get();
+    let serving = endpoint.live.get().filter(|s| s.serving.holds());
     let group = endpoint.live.group.get();
     let at = match group {
         Some(node) => group_leader(node, serving.is_some()).await?,

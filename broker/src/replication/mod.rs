@@ -15,12 +15,15 @@
 //! - [`network`]: node-to-node RPCs over TCP, length-prefixed frames of postcard.
 //! - [`node`]: starts Raft on a node, forms the group the first time, and tells the
 //!   server when this node leads (serve clients) and when it stops leading.
+//! - [`lease`]: the group's timing in one place, and the leader's lease that every
+//!   request, delivery and check-back asks before it serves.
 //!
 //! What the leader's writer decides in memory (offsets, transaction states) is decided
 //! on the leader alone; followers apply bytes. A node that becomes leader therefore
 //! starts its serving parts afresh from the applied state, after everything committed
 //! in earlier terms is applied.
 
+pub mod lease;
 pub mod log_store;
 pub mod network;
 pub mod node;

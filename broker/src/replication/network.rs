@@ -480,6 +480,19 @@ async fn serve_conn(
                 .unwrap_or_else(|e| Reply::Failed(e.to_string())),
             Rpc::Info => Reply::Info(info()),
             Rpc::Snapshot { vote, meta, files } => {
+                if slot.in_use() {
+                    // The parts of a leadership that just ended still hold the storage:
+                    // installing would have to wait for them, and a failed installation
+                    // stops Raft for good. Refused instead, by closing the connection
+                    // before its files are read: the leader sends the snapshot again.
+                    tracing::info!(
+                        ?meta,
+                        "snapshot refused for now: the storage is still in use"
+                    );
+                    return Err(io_err(
+                        "the storage is in use; send the snapshot again later",
+                    ));
+                }
                 let dir = slot.snapshot_dir(&super::state_machine::unique(
                     super::state_machine::RECEIVED,
                 ))?;

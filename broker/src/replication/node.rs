@@ -32,11 +32,13 @@ use crate::error::{Error, Result};
 use crate::storage::Storage;
 use txmq_protocol::pb;
 
-/// How long a leader may go without hearing from a majority before it stops serving.
-/// The others stand for election 2.4 to 2.8 s after the last heartbeat they heard, so a
-/// leader cut off stops serving (deliveries, which read its state, included) at least
-/// a second before another can be elected: never two leaders serving at once.
-pub const QUORUM_SILENCE: Duration = Duration::from_millis(1200);
+use super::lease::{
+    ELECTION_TIMEOUT_MAX_MS, ELECTION_TIMEOUT_MIN_MS, HEARTBEAT_MS, Lease, QUORUM_SILENCE,
+};
+
+/// How long a leader that handed its leadership over serves nothing: time for the
+/// target to be elected. If it was not, the leader serves again after this.
+pub const RESIGN_FOR: Duration = Duration::from_secs(5);
 
 /// How long a member's client address, once asked, is told without asking again (a
 /// restarted member may listen elsewhere).
@@ -68,6 +70,11 @@ pub struct Node {
     asking: tokio::sync::Mutex<Option<(u64, std::time::Instant)>>,
     stop: CancellationToken,
     tasks: tokio_util::task::TaskTracker,
+    /// While it holds, this node may serve as the leader (see [`super::lease`]).
+    pub lease: Arc<Lease>,
+    /// Until when a leader that is handing its leadership over serves nothing (see
+    /// [`Node::transfer`]).
+    resigned_until: Mutex<Option<std::time::Instant>>,
 }
 
 /// Where a node keeps its parts, under the data directory.
@@ -96,6 +103,9 @@ impl Dirs {
                 std::fs::remove_dir_all(&old)?;
             } else {
                 std::fs::rename(&old, &self.state)?;
+                if let Some(parent) = self.state.parent() {
+                    super::state_machine::sync_dir(parent)?;
+                }
             }
         }
         Ok(())
@@ -173,9 +183,9 @@ impl Node {
             // lease (the maximum timeout) plus a random timeout: 2.4 to 2.8 s; a leader
             // that heard from no majority for QUORUM_SILENCE (1.2 s) has stopped serving
             // by then.
-            heartbeat_interval: 200,
-            election_timeout_min: 1000,
-            election_timeout_max: 1400,
+            heartbeat_interval: HEARTBEAT_MS,
+            election_timeout_min: ELECTION_TIMEOUT_MIN_MS,
+            election_timeout_max: ELECTION_TIMEOUT_MAX_MS,
             // A writer batch is up to about 96 MiB (its 64 MiB cap plus one transaction):
             // an append carries at most 8 of them, under the node network's 1 GiB frame.
             max_payload_entries: 8,
@@ -226,6 +236,8 @@ impl Node {
             asking: tokio::sync::Mutex::new(None),
             stop: CancellationToken::new(),
             tasks: tokio_util::task::TaskTracker::new(),
+            lease: Arc::new(Lease::default()),
+            resigned_until: Mutex::new(None),
         });
         let info = {
             let raft = raft.clone();
@@ -286,6 +298,8 @@ impl Node {
                 // gave up may still commit). Only then is the state loaded.
                 match self.raft.write_blank().await {
                     Ok(_) => {
+                        // The blank entry was committed by a majority just now.
+                        self.lease.renew(Duration::ZERO);
                         tracing::info!(term, "leading the group");
                         return Some(Leadership { term, leader });
                     }
@@ -303,21 +317,34 @@ impl Node {
     /// this leader has not heard from a majority for [`QUORUM_SILENCE`]: cut off from
     /// the others, it can commit nothing, and they elect another leader meanwhile; so it
     /// stops serving rather than keep its clients waiting.
+    ///
+    /// Meanwhile it renews the [`Lease`] that requests, deliveries and check-backs ask
+    /// before they serve; it ends the lease when it returns.
     pub async fn lost(&self, leadership: &Leadership) {
+        self.keep_lease(leadership).await;
+        self.lease.end();
+    }
+
+    async fn keep_lease(&self, leadership: &Leadership) {
         let mut rx = self.raft.metrics();
-        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
         loop {
             {
                 let m = rx.borrow_watched();
                 if m.state != ServerState::Leader || m.current_term != leadership.term {
                     return;
                 }
-                if !self.heard_from_majority(&m) {
-                    tracing::warn!(
-                        term = leadership.term,
-                        "no majority of the group heard from for {QUORUM_SILENCE:?}: not serving"
-                    );
-                    return;
+                match self.majority_contact(&m) {
+                    // Handing over: not renewed, so nothing is served meanwhile.
+                    Some(_) if self.resigned() => {}
+                    Some(ago) if ago < QUORUM_SILENCE => self.lease.renew(ago),
+                    _ => {
+                        tracing::warn!(
+                            term = leadership.term,
+                            "no majority of the group heard from for {QUORUM_SILENCE:?}: not serving"
+                        );
+                        return;
+                    }
                 }
             }
             tokio::select! {
@@ -332,21 +359,35 @@ impl Node {
     /// Whether a majority of the voters (this node among them) acknowledged this
     /// leader within [`QUORUM_SILENCE`]. Not a leader's metrics: true.
     fn heard_from_majority(&self, m: &openraft::RaftMetrics<TypeConfig>) -> bool {
-        let Some(heard) = &m.heartbeat else {
-            return true;
-        };
+        m.heartbeat.is_none()
+            || self
+                .majority_contact(m)
+                .is_some_and(|ago| ago < QUORUM_SILENCE)
+    }
+
+    /// How long ago a majority of the voters (this node among them, now) had all
+    /// acknowledged this leader: the time of the majority's oldest acknowledgement.
+    /// `None` for metrics that are not a leader's, or with no majority heard from.
+    fn majority_contact(&self, m: &openraft::RaftMetrics<TypeConfig>) -> Option<Duration> {
+        let heard = m.heartbeat.as_ref()?;
         let now = TypeConfig::now();
         let voters: Vec<u64> = m.membership_config.membership().voter_ids().collect();
-        let fresh = voters
+        let mut ages: Vec<Duration> = voters
             .iter()
-            .filter(|v| {
-                **v == self.peers.me
-                    || heard.get(*v).cloned().flatten().is_some_and(|t| {
-                        now.saturating_duration_since(t.into_inner()) < QUORUM_SILENCE
-                    })
+            .filter_map(|v| {
+                if *v == self.peers.me {
+                    return Some(Duration::ZERO);
+                }
+                heard
+                    .get(v)
+                    .cloned()
+                    .flatten()
+                    .map(|t| now.saturating_duration_since(t.into_inner()))
             })
-            .count();
-        fresh * 2 > voters.len()
+            .collect();
+        ages.sort_unstable();
+        // The freshest majority: its oldest member's age.
+        ages.get(voters.len() / 2).copied()
     }
 
     /// The leader's client address, when another node leads and it can be asked.
@@ -579,13 +620,27 @@ impl Node {
                 "node {to} is not a voter of the group"
             )));
         }
-        self.raft
-            .trigger()
-            .transfer_leader(to)
-            .await
-            .map_err(|e| Error::Internal(e.to_string()))?;
-        tracing::info!(to, "handing the leadership over");
+        // The target stands for election at once, not after the followers' patience
+        // the lease counts on: this leader stops serving first (requests, deliveries and
+        // check-backs all ask the lease), so the two never serve at once. If the target
+        // is not elected, this node serves again once RESIGN_FOR has passed.
+        *self.resigned_until.lock().expect("resigned") =
+            Some(std::time::Instant::now() + RESIGN_FOR);
+        self.lease.end();
+        if let Err(e) = self.raft.trigger().transfer_leader(to).await {
+            *self.resigned_until.lock().expect("resigned") = None;
+            return Err(Error::Internal(e.to_string()));
+        }
+        tracing::info!(to, "handing the leadership over; serving nothing meanwhile");
         Ok(())
+    }
+
+    /// Whether this node handed its leadership over lately (and serves nothing).
+    fn resigned(&self) -> bool {
+        self.resigned_until
+            .lock()
+            .expect("resigned")
+            .is_some_and(|until| std::time::Instant::now() < until)
     }
 
     /// Stops Raft and the node's tasks.

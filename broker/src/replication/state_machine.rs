@@ -69,6 +69,16 @@ impl StorageSlot {
         self.current.read().expect("storage slot").clone()
     }
 
+    /// Whether something besides the slot holds the storage (the parts of a leadership
+    /// that just ended, while they stop; a read): a snapshot cannot replace it now.
+    pub fn in_use(&self) -> bool {
+        self.current
+            .read()
+            .expect("storage slot")
+            .as_ref()
+            .is_some_and(|s| Arc::strong_count(s) > 1)
+    }
+
     fn storage(&self) -> std::io::Result<Arc<Storage>> {
         self.get()
             .ok_or_else(|| io_err("the storage is being replaced by a snapshot"))
@@ -285,6 +295,7 @@ fn make_snapshot(slot: &StorageSlot) -> std::io::Result<(PathBuf, Option<LogId>,
     let index = applied.as_ref().map_or(0, |id| id.index);
     let dir = slot.snapshot_dir(&format!("{MADE}{index:020}"))?;
     std::fs::rename(&building, &dir)?;
+    sync_dir(&slot.snapshots)?;
     let mut names: Vec<String> = std::fs::read_dir(&slot.snapshots)?
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
         .filter(|n| n.starts_with(MADE))
@@ -295,6 +306,11 @@ fn make_snapshot(slot: &StorageSlot) -> std::io::Result<(PathBuf, Option<LogId>,
         std::fs::remove_dir_all(slot.snapshots.join(old))?;
     }
     Ok((dir, applied, membership))
+}
+
+/// Makes the entries of directory `dir` durable (a rename into or out of it, say).
+pub(crate) fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// Builds snapshots for openraft.
@@ -336,7 +352,7 @@ fn replace(slot: &StorageSlot, dir: &Path) -> std::io::Result<()> {
         // The server's parts hold the storage only while this node leads, and a leader
         // is not sent snapshots; a read may still hold it for a moment.
         let mut storage = Some(storage);
-        for _ in 0..1000 {
+        for _ in 0..3000 {
             if storage.as_ref().is_some_and(|s| Arc::strong_count(s) == 1) {
                 storage = None;
                 break;
@@ -355,6 +371,16 @@ fn replace(slot: &StorageSlot, dir: &Path) -> std::io::Result<()> {
         }
         std::fs::rename(&slot.dir, &old)?;
         std::fs::rename(dir, &slot.dir)?;
+        // Both renames durable before anything else happens: Raft purges its log once
+        // the snapshot is installed, and a power cut that put the old state back then
+        // would leave a node that cannot re-apply what it no longer has. A crash before
+        // this point is repaired at start (`Dirs::recover`).
+        if let Some(parent) = slot.dir.parent() {
+            sync_dir(parent)?;
+        }
+        if let Some(parent) = dir.parent() {
+            sync_dir(parent)?;
+        }
         let opened = Storage::open(&slot.dir).map_err(io_err)?;
         opened.set_dedup_window(dedup_window);
         *current = Some(opened);

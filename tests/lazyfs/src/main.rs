@@ -10,7 +10,9 @@
 //! Signals drive it:
 //!
 //! - `SIGUSR1`: power cut. Every unsynced write and truncation is dropped, so each file is
-//!   back to its last fsynced content; prints `lazyfs power cut: dropped N bytes`.
+//!   back to its last fsynced content, and each directory renamed since its parent was
+//!   last fsynced is back under its old name; prints `lazyfs power cut: dropped N bytes,
+//!   undid M directory renames`.
 //! - `SIGUSR2`: toggles fail-fsync mode, where fsync fails with `EIO` and drops the file's
 //!   unsynced data (as Linux does after a failed writeback); prints `lazyfs fail-fsync on|off`.
 //! - `SIGHUP`: toggles stall-fsync mode, where an fsync waits until the mode is switched
@@ -110,8 +112,10 @@ fn main() -> anyhow::Result<()> {
     for signal in signals.forever() {
         match signal {
             SIGUSR1 => {
-                let dropped = lock(&state).power_cut();
-                say(&format!("lazyfs power cut: dropped {dropped} bytes"));
+                let (dropped, undone) = lock(&state).power_cut();
+                say(&format!(
+                    "lazyfs power cut: dropped {dropped} bytes, undid {undone} directory renames"
+                ));
             }
             SIGUSR2 => {
                 let on = lock(&state).toggle_fail_fsync();

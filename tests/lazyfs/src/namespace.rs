@@ -219,6 +219,11 @@ impl State {
             self.inodes.exchange(&from_rel, &to_rel);
             return Ok(());
         }
+        if source.is_dir() && replaced.is_none() && flags.is_empty() {
+            // Durable only once a directory holding it is fsynced (POSIX says no more;
+            // ext4 happens to commit it with any fsync, other file systems do not).
+            self.renamed.push((from_rel.clone(), to_rel.clone()));
+        }
         if let Some(replaced) = replaced.filter(|r| r.ino() != source.ino()) {
             let ino = self.inodes.fuse_ino(replaced.ino());
             self.drop_if_freed(
@@ -321,8 +326,14 @@ impl State {
     ///
     /// # Errors
     /// The backing directory cannot be opened or synced.
-    pub fn fsyncdir(&self, ino: u64) -> io::Result<()> {
-        fs::File::open(self.full_path(ino)?)?.sync_all()
+    pub fn fsyncdir(&mut self, ino: u64) -> io::Result<()> {
+        fs::File::open(self.full_path(ino)?)?.sync_all()?;
+        if let Some(dir) = self.inodes.path(ino).map(Path::to_path_buf) {
+            // Renames into or out of it are durable now.
+            self.renamed
+                .retain(|(from, to)| from.parent() != Some(&dir) && to.parent() != Some(&dir));
+        }
+        Ok(())
     }
 
     /// Space figures of the backing file system.

@@ -12,9 +12,26 @@ use crate::overlay::Overlay;
 use crate::state::State;
 
 impl State {
-    /// Power cut: forgets every pending change of every file; returns the bytes dropped.
-    pub fn power_cut(&mut self) -> u64 {
-        self.pending.drain().map(|(_, o)| o.pending_bytes()).sum()
+    /// Power cut: forgets every pending change of every file, and puts back directories
+    /// renamed since their parent was last fsynced; returns the bytes dropped and the
+    /// renames undone.
+    pub fn power_cut(&mut self) -> (u64, u64) {
+        let bytes = self.pending.drain().map(|(_, o)| o.pending_bytes()).sum();
+        let mut undone = 0;
+        for (from, to) in std::mem::take(&mut self.renamed).into_iter().rev() {
+            let (back, now) = (self.backing.join(&from), self.backing.join(&to));
+            // Only what can be put back as it was: the directory is still where it went,
+            // and nothing took its old name since.
+            if now.is_dir()
+                && !back.exists()
+                && back.parent().is_some_and(Path::is_dir)
+                && std::fs::rename(&now, &back).is_ok()
+            {
+                self.inodes.relocate(&to, &from);
+                undone += 1;
+            }
+        }
+        (bytes, undone)
     }
 
     /// Turns fail-fsync mode on or off; returns whether it is now on.
@@ -129,10 +146,10 @@ mod tests {
         assert_eq!(state.read(ino, fh, 0, 100).unwrap(), b"synced and lost");
         assert_eq!(std::fs::read(dir.path().join("a")).unwrap(), b"synced");
 
-        assert_eq!(state.power_cut(), 5 + 12);
+        assert_eq!(state.power_cut(), (5 + 12, 0));
         assert_eq!(state.read(ino, fh, 0, 100).unwrap(), b"synced");
         assert_eq!(state.getattr(ino, None).unwrap().size, 6);
-        assert_eq!(state.power_cut(), 0);
+        assert_eq!(state.power_cut(), (0, 0));
     }
 
     #[test]
@@ -176,7 +193,41 @@ mod tests {
         assert_eq!(attr.size, 12);
         let fh = state.open(a).unwrap();
         assert_eq!(state.read(a, fh, 0, 100).unwrap(), b"kept pending");
-        assert_eq!(state.power_cut(), 12);
+        assert_eq!(state.power_cut(), (12, 0));
+    }
+
+    /// A directory's rename is durable once its parent is fsynced; before, a power cut
+    /// puts the directory back under its old name (what a snapshot installation that
+    /// renames its state directories must fsync for).
+    #[test]
+    fn a_directory_rename_needs_its_parent_fsynced() {
+        let (dir, mut state) = state();
+        let a = state.mkdir(ROOT, OsStr::new("a"), 0o755).unwrap().ino.0;
+        state.mkdir(ROOT, OsStr::new("c"), 0o755).unwrap();
+        let rename = |state: &mut State, from: &str, to: &str| {
+            state
+                .rename(
+                    ROOT,
+                    OsStr::new(from),
+                    ROOT,
+                    OsStr::new(to),
+                    fuser::RenameFlags::empty(),
+                )
+                .unwrap();
+        };
+        rename(&mut state, "a", "b");
+        assert_eq!(state.power_cut(), (0, 1));
+        assert!(dir.path().join("a").is_dir() && !dir.path().join("b").exists());
+        assert_eq!(state.lookup(ROOT, OsStr::new("a")).unwrap().ino.0, a);
+        rename(&mut state, "a", "b");
+        state.fsyncdir(ROOT).unwrap();
+        rename(&mut state, "c", "d");
+        assert_eq!(
+            state.power_cut(),
+            (0, 1),
+            "only the unsynced rename is undone"
+        );
+        assert!(dir.path().join("b").is_dir() && dir.path().join("c").is_dir());
     }
 
     #[test]

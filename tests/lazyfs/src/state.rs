@@ -2,7 +2,8 @@
 //! the fail-fsync switch. The FUSE glue and the signal thread both go through it.
 //!
 //! This module covers file data (open, read, write, truncate, fsync); `namespace.rs` adds
-//! the metadata operations, which pass straight through, and `power.rs` the power cut.
+//! the metadata operations, which pass straight through (a directory's rename is also
+//! remembered until its parent directory is fsynced), and `power.rs` the power cut.
 
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -55,6 +56,9 @@ pub struct State {
     /// copy.
     pub(crate) pending: HashMap<u64, Overlay>,
     pub(crate) fail_fsync: bool,
+    /// Directories renamed since the directories holding them were last fsynced, in
+    /// order (paths relative to the root): a power cut puts them back.
+    pub(crate) renamed: Vec<(PathBuf, PathBuf)>,
 }
 
 impl State {
@@ -74,6 +78,7 @@ impl State {
             next_fh: 1,
             pending: HashMap::new(),
             fail_fsync: false,
+            renamed: Vec::new(),
         })
     }
 
