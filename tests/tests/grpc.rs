@@ -88,12 +88,31 @@ async fn python_transactions_commit_and_roll_back() {
     let grpc = b.grpc_addr().to_string();
     let (committed, rolled) = tokio::task::spawn_blocking(move || {
         (
-            client(&grpc, &["txn", "orders", "kept", "commit"]),
-            client(&grpc, &["txn", "orders", "dropped", "rollback"]),
+            client(&grpc, &["txn", "orders", "kept", "commit", "rollback"]),
+            client(&grpc, &["txn", "orders", "dropped", "rollback", "commit"]),
         )
     })
     .await
     .unwrap();
+    // Issue 25, item 11: the opposite end is refused with a code the client parses (it
+    // has no pair for these two), and a message the application tells apart.
+    const PRECONDITION_FAILED: u64 = 42800;
+    let code = PRECONDITION_FAILED;
+    let after_commit = &committed[2];
+    assert_eq!(after_commit["then"], "rollback");
+    assert_eq!(after_commit["code"], code, "{after_commit}");
+    assert_eq!(after_commit["already_committed"], true, "{after_commit}");
+    assert_eq!(after_commit["already_rolled_back"], false, "{after_commit}");
+    let after_rollback = &rolled[2];
+    assert_eq!(after_rollback["code"], code, "{after_rollback}");
+    assert_eq!(
+        after_rollback["already_rolled_back"], true,
+        "{after_rollback}"
+    );
+    assert_eq!(
+        after_rollback["already_committed"], false,
+        "{after_rollback}"
+    );
     let got = receive(&b, "g", "orders", 1).await;
     assert_eq!(got[0].body().as_ref(), b"kept");
     assert_eq!(
@@ -131,9 +150,12 @@ async fn python_transactions_commit_and_roll_back() {
 /// Check-back to a gRPC producer (item 4): a transaction left open is checked on the
 /// Telemetry stream of the producer that declared its topic; its checker's answer
 /// resolves it, through the broker's one check-back scheduler (counted, with its note).
+/// Issue 25, item 10: each answer is counted once, by its answer, and never also as a
+/// timeout; "unknown" is recorded as the producer's answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_python_checker_answers_check_backs() {
     // A generous reply timeout: the answer of a slow machine's checker still counts.
+    const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
     let b = TestBroker::start(&[
         "--grpc-listen",
         "127.0.0.1:0",
@@ -142,17 +164,19 @@ async fn a_python_checker_answers_check_backs() {
         "--check-interval",
         "100ms",
         "--check-reply-timeout",
-        "30s",
+        "10s",
     ]);
     let grpc = b.grpc_addr().to_string();
-    let (committed, rolled) = tokio::task::spawn_blocking(move || {
+    let (committed, rolled, unknown) = tokio::task::spawn_blocking(move || {
         (
             client(&grpc, &["txn-check", "checked", "yes", "commit"]),
             client(&grpc, &["txn-check", "checked", "no", "rollback"]),
+            client(&grpc, &["txn-check", "checked", "maybe", "unknown"]),
         )
     })
     .await
     .unwrap();
+    let answered = std::time::Instant::now();
     assert_eq!(
         committed[1]["body"], "yes",
         "the check carries the half message"
@@ -190,6 +214,36 @@ async fn a_python_checker_answers_check_backs() {
             t.last_check_note
         );
     }
+    let t = txns
+        .iter()
+        .find(|t| Some(t.txn_id.as_str()) == unknown[0]["transaction_id"].as_str())
+        .expect("listed");
+    assert!(
+        t.last_check_note.contains("answered unknown"),
+        "an unknown answer was not recorded as one: {:?}",
+        t.last_check_note
+    );
+    // Past the reply timeout of every check answered: none of them timed out.
+    tokio::time::sleep(REPLY_TIMEOUT.saturating_sub(answered.elapsed()) + Duration::from_secs(1))
+        .await;
+    let (_, metrics) = txmq_tests::http_get(b.metrics_addr(), "/metrics")
+        .await
+        .unwrap();
+    let count = |result: &str| -> u64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(&format!("txmq_checks_total{{result=\"{result}\"}}")))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    assert_eq!(
+        count("timeout"),
+        0,
+        "answered checks counted as timeouts:\n{metrics}"
+    );
+    assert_eq!((count("commit"), count("rollback")), (1, 1), "{metrics}");
+    assert!(count("unknown") >= 1, "{metrics}");
 }
 
 /// A Python SimpleConsumer (item 5) receives what native producers send, acks it; a

@@ -183,10 +183,13 @@ async fn webhook_delivers_signed_retries_dead_letters_and_answers_queries() {
         .unwrap();
     let mut ids = HashMap::new();
     for i in 0..MESSAGES {
-        let r = p
-            .send(Message::new("payments", format!("paid-{i}")))
-            .await
-            .unwrap();
+        let mut m = Message::new("payments", format!("paid-{i}"));
+        if i == 3 {
+            // Control characters in key and tag (issue 25, item 12): they made every
+            // POST of the message fail, and it was dead-lettered.
+            m = m.key("line\r\nbreak").tag("t\u{1}");
+        }
+        let r = p.send(m).await.unwrap();
         ids.insert(format!("paid-{i}"), r.message_id);
     }
     let never = p.send(Message::new("payments", "never")).await.unwrap();

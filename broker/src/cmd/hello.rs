@@ -8,6 +8,11 @@ use super::Session;
 use super::Shared;
 use crate::error::{Error, Result};
 
+/// Most check scopes one producer may declare.
+pub const MAX_CHECK_SCOPES: usize = 16;
+/// Longest check scope.
+pub const MAX_CHECK_SCOPE_LEN: usize = 256;
+
 /// Accepts or refuses a `Hello`. A producer with a group is registered for check-backs.
 ///
 /// # Errors
@@ -36,16 +41,27 @@ pub fn hello(
         ));
     }
     let role = Role::try_from(hello.role).unwrap_or(Role::Unspecified);
+    if hello.check_scopes.len() > MAX_CHECK_SCOPES
+        || hello
+            .check_scopes
+            .iter()
+            .any(|s| s.is_empty() || s.len() > MAX_CHECK_SCOPE_LEN)
+    {
+        return Err(Error::Invalid(format!(
+            "check_scopes: at most {MAX_CHECK_SCOPES}, each 1 to {MAX_CHECK_SCOPE_LEN} bytes"
+        )));
+    }
     if !hello.producer_group.is_empty() {
         super::name("producer group", &hello.producer_group)?;
         // Only a producer that answers checks is asked: one without a checker would let
         // every check sent to it time out, and each would count.
         if role == Role::Producer && hello.answers_checks {
-            shared.producers.register(
+            shared.producers.register_scoped(
                 &hello.producer_group,
                 session.id,
                 session.outbound.clone(),
                 session.stall.clone(),
+                hello.check_scopes.clone(),
             );
         }
     }
@@ -56,6 +72,7 @@ pub fn hello(
         broker_version: env!("CARGO_PKG_VERSION").to_string(),
         connection_id: session.id,
         max_frame_len: shared.config.max_frame_len as u32,
+        max_schedule_delay_ms: shared.config.max_schedule_delay.as_millis() as u64,
     }))
 }
 

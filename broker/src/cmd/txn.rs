@@ -241,6 +241,7 @@ pub async fn check_reply(
         connection_id: session.id,
         check_id,
         reply,
+        proven: false,
     };
     let _ = shared.answers.send(answer).await;
 }

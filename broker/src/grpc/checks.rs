@@ -6,8 +6,8 @@
 //! scheduler sends it are turned into `RecoverOrphanedTransactionCommand`s on the
 //! stream; the client's checker answers with an EndTransaction whose source is
 //! SERVER_CHECK, which goes back to the scheduler as the answer to that check, from that
-//! connection — so counting, backoff, timeouts, discards and "only the one asked may
-//! answer" are the native ones.
+//! connection — so counting, backoff, timeouts, discards, "unknown" and "only the one
+//! asked may answer" are the native ones (see `send::end_transaction`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
@@ -113,14 +113,10 @@ impl Link {
         link
     }
 
-    /// The client answered a check of `txn` (an EndTransaction from SERVER_CHECK):
-    /// whether a check of it was sent on this stream (and is now answered).
-    pub fn answered(&self, txn: Id) -> bool {
-        self.pending
-            .lock()
-            .expect("pending lock")
-            .remove(&txn)
-            .is_some()
+    /// The client answered a check of `txn` (an EndTransaction from SERVER_CHECK): the
+    /// check's id, when one was sent on this stream (it is now answered).
+    pub fn answered(&self, txn: Id) -> Option<u64> {
+        self.pending.lock().expect("pending lock").remove(&txn)
     }
 }
 

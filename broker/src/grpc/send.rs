@@ -14,8 +14,9 @@ use txmq_protocol::pb as native;
 
 use super::{Endpoint, pb, status};
 use crate::cmd::send::{check_messages, prepare};
-use crate::storage::dedup;
+use crate::storage::dedup::{self, KeyScope};
 use crate::storage::writer::{Command, Outcome};
+use crate::txn::checker::CheckAnswer;
 use crate::txn::state::Resolver;
 
 /// The property that keeps a gRPC client's own message id.
@@ -110,8 +111,12 @@ fn incoming(m: pb::Message, latest_ms: u64) -> Result<Incoming, pb::Status> {
     properties.insert(CLIENT_ID_PROPERTY.into(), sys.message_id.clone());
     let transactional = kind == pb::MessageType::Transaction;
     // The clients make a message id once and keep it across their retries: it is the
-    // send's idempotency key (a transaction's halves are resolved by its id instead).
-    let idempotency_key = if transactional || sys.message_id.len() > dedup::MAX_KEY {
+    // send's idempotency key, scoped by the client (a transaction's halves are resolved
+    // by its id instead).
+    let idempotency_key = if transactional
+        || sys.message_id.len() > dedup::MAX_KEY
+        || sys.message_id.contains('\0')
+    {
         String::new()
     } else {
         sys.message_id.clone()
@@ -136,8 +141,12 @@ fn incoming(m: pb::Message, latest_ms: u64) -> Result<Incoming, pb::Status> {
 /// Stores the messages of one request: the plain ones (normal, FIFO, delayed) in one
 /// write, the transactional ones as one new transaction; each entry says how its
 /// message fared, in the request's order.
+///
+/// A message id is unique only per client: sends are deduplicated on (client id,
+/// message id, content), and not at all without a client id.
 pub async fn send_message(
     endpoint: &Endpoint,
+    client: Option<String>,
     req: pb::SendMessageRequest,
 ) -> pb::SendMessageResponse {
     let shared = match endpoint.shared() {
@@ -163,8 +172,9 @@ pub async fn send_message(
     for (i, m) in req.messages.into_iter().enumerate() {
         match incoming(m, latest_ms) {
             Ok(mut inc) => {
-                if shared.config.dedup_window.is_zero() {
+                if shared.config.dedup_window.is_zero() || client.is_none() {
                     // Not remembered here (dedup-window 0): a key would be refused.
+                    // Without a client id, ids of two producers cannot be told apart.
                     inc.message.idempotency_key.clear();
                 }
                 entries.push(pb::SendResultEntry {
@@ -186,7 +196,13 @@ pub async fn send_message(
     if !plain.is_empty() {
         let (at, messages): (Vec<usize>, Vec<_>) = plain.into_iter().unzip();
         let stored = match check_messages(&messages, &shared) {
-            Ok(()) => shared.writer.submit(Command::Append { messages }).await,
+            Ok(()) => {
+                let keys = KeyScope::GrpcClient(client.clone().unwrap_or_default());
+                shared
+                    .writer
+                    .submit(Command::Append { messages, keys })
+                    .await
+            }
             Err(e) => Err(e),
         };
         fill(&mut entries, &at, stored, "");
@@ -282,33 +298,41 @@ pub async fn end_transaction(
     let outcome = match pb::TransactionResolution::try_from(req.resolution) {
         Ok(pb::TransactionResolution::Commit) => native::TxnOutcome::Commit,
         Ok(pb::TransactionResolution::Rollback) => native::TxnOutcome::Rollback,
-        // Still unknown: the check-back asks again later.
-        _ => return reply(status::ok()),
+        _ => native::TxnOutcome::Unknown,
     };
-    // The answer to a check this client's stream was sent (the stream asked is the
-    // only one that can prove it): the transaction ends as a check-back, whether or not
-    // the scheduler still waits for it, and the client hears how it ended.
-    let asked = req.source == pb::TransactionSource::SourceServerCheck as i32
-        && client.as_deref().is_some_and(|c| {
-            endpoint
-                .sessions
-                .links_of(c)
-                .iter()
-                .any(|l| l.answered(txn))
-        });
-    let by = if asked {
-        let result = if outcome == native::TxnOutcome::Commit {
-            "commit"
-        } else {
-            "rollback"
+    // The answer to a check this client's stream was sent (the stream asked is the only
+    // one that can prove it) goes to the check-back scheduler, as a native producer's
+    // does: it counts it, ends the transaction or (unknown) keeps its backoff, and stops
+    // waiting for it. Unanswered, it once timed out there too.
+    if req.source == pb::TransactionSource::SourceServerCheck as i32
+        && let Some(client) = client.as_deref()
+        && let Some((connection_id, check_id)) = endpoint
+            .sessions
+            .links_of(client)
+            .iter()
+            .find_map(|l| l.answered(txn).map(|check| (l.connection_id, check)))
+    {
+        let answer = CheckAnswer {
+            connection_id,
+            check_id,
+            reply: native::CheckReply {
+                txn_id: txn.to_string(),
+                outcome: outcome as i32,
+            },
+            proven: true,
         };
-        shared.metrics.checks.with_label_values(&[result]).inc();
-        Resolver::CheckBack
-    } else {
-        // The producer's own end, for the transactions of its topic's group.
-        let topic = req.topic.map(|t| t.name).unwrap_or_default();
-        Resolver::Producer(txn_group(&topic))
-    };
+        return match shared.answers.send(answer).await {
+            Ok(()) => reply(status::ok()),
+            Err(_) => reply(status::of_error(&crate::error::Error::ShuttingDown)),
+        };
+    }
+    if outcome == native::TxnOutcome::Unknown {
+        // Still unknown: the check-back asks again later.
+        return reply(status::ok());
+    }
+    // The producer's own end, for the transactions of its topic's group.
+    let topic = req.topic.map(|t| t.name).unwrap_or_default();
+    let by = Resolver::Producer(txn_group(&topic));
     match shared
         .writer
         .submit(Command::End { txn, outcome, by })

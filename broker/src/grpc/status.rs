@@ -25,14 +25,18 @@ pub fn is_ok(status: &pb::Status) -> bool {
 /// The code a client understands for one of txmq's errors.
 pub fn code(e: &Error) -> pb::Code {
     match e {
-        Error::Invalid(_) | Error::FilterConflict(_) | Error::OrderingConflict(_) => {
-            pb::Code::BadRequest
-        }
+        Error::Invalid(_)
+        | Error::FilterConflict(_)
+        | Error::OrderingConflict(_)
+        | Error::IdempotencyConflict(_)
+        | Error::IdempotencyDisabled => pb::Code::BadRequest,
         Error::InvalidName(_) => pb::Code::IllegalTopic,
         Error::TopicNotFound(_) | Error::TopicExists(_) => pb::Code::TopicNotFound,
         Error::TooLarge(text) if text.starts_with("message body") => pb::Code::MessageBodyTooLarge,
         Error::TooLarge(_) => pb::Code::MessagePropertiesTooLarge,
         Error::TxnNotFound(_) | Error::TxnNotRearmable(..) => pb::Code::InvalidTransactionId,
+        // RocketMQ's codes have no pair for these two: one code every client parses, and
+        // the message names the state (pinned below).
         Error::TxnCommitted(_) | Error::TxnRolledBack(_) => pb::Code::PreconditionFailed,
         Error::WrongProducerGroup(_) => pb::Code::Forbidden,
         Error::NotAuthenticated(_) => pb::Code::Unauthorized,
@@ -56,4 +60,21 @@ pub fn code(e: &Error) -> pb::Code {
 /// The status of one of txmq's errors.
 pub fn of_error(e: &Error) -> pb::Status {
     of(code(e), e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 25, item 11: commit after rollback and rollback after commit share a code a
+    /// client parses; the message tells them apart, naming the state.
+    #[test]
+    fn the_two_refused_ends_share_a_code_and_name_their_state() {
+        let committed = of_error(&Error::TxnCommitted("T1".into()));
+        let rolled = of_error(&Error::TxnRolledBack("T1".into()));
+        assert_eq!(committed.code, pb::Code::PreconditionFailed as i32);
+        assert_eq!(rolled.code, pb::Code::PreconditionFailed as i32);
+        assert_eq!(committed.message, "transaction T1 is already committed");
+        assert_eq!(rolled.message, "transaction T1 is already rolled back");
+    }
 }

@@ -49,10 +49,16 @@ pub struct Sessions {
 }
 
 impl Sessions {
-    fn add(&self, session: Session) -> u64 {
+    /// Adds a stream unless [`MAX_SESSIONS`] are open: the count and the insert under
+    /// one lock, so concurrent opens cannot pass the cap. `None` when full.
+    fn add(&self, session: Session) -> Option<u64> {
+        let mut open = self.open.lock().expect("sessions lock");
+        if open.len() >= MAX_SESSIONS {
+            return None;
+        }
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        self.open.lock().expect("sessions lock").insert(id, session);
-        id
+        open.insert(id, session);
+        Some(id)
     }
 
     fn update(
@@ -96,10 +102,6 @@ impl Sessions {
             .any(|s| s.client_id == client_id)
     }
 
-    fn len(&self) -> usize {
-        self.open.lock().expect("sessions lock").len()
-    }
-
     fn remove(&self, id: u64) {
         self.open.lock().expect("sessions lock").remove(&id);
     }
@@ -132,11 +134,6 @@ pub fn open(
     let Some(client) = client_id(&request) else {
         return Err(Status::invalid_argument("x-mq-client-id is required"));
     };
-    if endpoint.sessions.len() >= MAX_SESSIONS {
-        return Err(Status::resource_exhausted(format!(
-            "the broker holds {MAX_SESSIONS} Telemetry streams already"
-        )));
-    }
     let mut inbound = request.into_inner();
     let (tx, rx) = mpsc::channel(OUTBOUND);
     let sessions = endpoint.sessions.clone();
@@ -145,13 +142,17 @@ pub fn open(
     let backoff = endpoint.config.nack_backoff.clone();
     let stop = endpoint.stop.clone();
     let live = endpoint.live.clone();
-    let id = sessions.add(Session {
+    let Some(id) = sessions.add(Session {
         client_id: client.clone(),
         settings: pb::Settings::default(),
         topics: Vec::new(),
         outbound: tx.clone(),
         link: None,
-    });
+    }) else {
+        return Err(Status::resource_exhausted(format!(
+            "the broker holds {MAX_SESSIONS} Telemetry streams already"
+        )));
+    };
     tokio::spawn(async move {
         loop {
             // The endpoint's stop ends every stream (the server waits for them).
@@ -268,4 +269,37 @@ fn merge(
         None => {}
     }
     settings
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 25, item 15: the cap is checked where the stream is added, so opens racing
+    /// on several threads never pass it (the count and the insert were two steps).
+    #[test]
+    fn concurrent_opens_never_pass_the_cap() {
+        let sessions = Arc::new(Sessions::default());
+        let (tx, _rx) = mpsc::channel(1);
+        let session = move || Session {
+            client_id: "c".into(),
+            settings: pb::Settings::default(),
+            topics: Vec::new(),
+            outbound: tx.clone(),
+            link: None,
+        };
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let (sessions, session) = (sessions.clone(), session.clone());
+                std::thread::spawn(move || {
+                    (0..MAX_SESSIONS / 2)
+                        .filter(|_| sessions.add(session()).is_some())
+                        .count()
+                })
+            })
+            .collect();
+        let added: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+        assert_eq!(added, MAX_SESSIONS);
+        assert_eq!(sessions.open.lock().unwrap().len(), MAX_SESSIONS);
+    }
 }

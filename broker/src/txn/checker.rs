@@ -26,6 +26,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::ids::{Id, Scramble};
 use crate::metrics::Metrics;
+use crate::replication::lease::Serving;
 use crate::storage::Storage;
 use crate::storage::keys::DueKind;
 use crate::storage::records::TxnRecord;
@@ -43,6 +44,10 @@ pub struct CheckAnswer {
     pub check_id: u64,
     /// The answer.
     pub reply: pb::CheckReply,
+    /// The face proved that this connection was sent the check (a gRPC stream keeps
+    /// the checks it was sent): a commit or rollback that comes after the scheduler
+    /// stopped waiting for it still ends the transaction, as a check-back.
+    pub proven: bool,
 }
 
 struct Pending {
@@ -65,6 +70,9 @@ pub struct Checker {
     /// Check ids go out scrambled: an answer must name its check, and no client can
     /// guess the ids of checks sent to others.
     check_ids: Scramble,
+    /// Whether this node may act as the leader now: no check starts once its lease
+    /// lapsed.
+    serving: Serving,
 }
 
 impl Checker {
@@ -86,7 +94,14 @@ impl Checker {
             in_check: HashSet::new(),
             next_check_id: 1,
             check_ids: Scramble::new(),
+            serving: Serving::always(),
         }
+    }
+
+    /// Sends checks only while `serving` holds (a group leader's lease).
+    #[must_use]
+    pub fn serving(self, serving: Serving) -> Self {
+        Self { serving, ..self }
     }
 
     /// A check id not 0 (frame ids of requests are never 0) and not pending.
@@ -128,6 +143,10 @@ impl Checker {
     }
 
     async fn pass(&mut self) -> Result<()> {
+        if !self.serving.holds() {
+            // A paused or cut-off leader: another node may lead by now.
+            return Ok(());
+        }
         let now = now_ms();
         self.time_out(now).await?;
         let storage = self.storage.clone();
@@ -210,6 +229,11 @@ impl Checker {
             // Resolved between reading its record and its halves: nothing to ask.
             return Ok(None);
         }
+        // Checked only by the producers that answer for it (its database, say).
+        let scope = messages
+            .first()
+            .and_then(|m| m.properties.get(txmq_protocol::CHECK_SCOPE_PROPERTY))
+            .cloned();
         let (bodies_omitted, messages_omitted) =
             fit_in_frame(&mut messages, self.config.max_frame_len);
         let check_id = self.new_check_id();
@@ -224,7 +248,14 @@ impl Checker {
                 messages_omitted,
             })),
         };
-        let (counted, note) = match self.producers.send_check(&rec.group, frame) {
+        if !self.serving.holds() {
+            // Lapsed while this pass ran: nothing asked, nothing recorded.
+            return Ok(None);
+        }
+        let (counted, note) = match self
+            .producers
+            .send_check(&rec.group, scope.as_deref(), frame)
+        {
             Picked::Sent {
                 connection_id,
                 pending,
@@ -244,7 +275,13 @@ impl Checker {
             }
             Picked::NoneConnected => (
                 self.not_sent("no_producer"),
-                format!("no producer of group {:?} connected", rec.group),
+                match &scope {
+                    Some(scope) => format!(
+                        "no producer of group {:?} answering for {scope:?} connected",
+                        rec.group
+                    ),
+                    None => format!("no producer of group {:?} connected", rec.group),
+                },
             ),
             Picked::AllBusy => (
                 self.not_sent("busy"),
@@ -314,6 +351,23 @@ impl Checker {
     /// leaves the pending check as it was: nobody can cancel a check they were not sent.
     fn on_answer(&mut self, answer: CheckAnswer) -> Option<Command> {
         let Some(p) = self.pending.get(&answer.check_id) else {
+            let outcome = TxnOutcome::try_from(answer.reply.outcome).unwrap_or(TxnOutcome::Unknown);
+            if let (true, Some(txn), TxnOutcome::Commit | TxnOutcome::Rollback) =
+                (answer.proven, Id::parse(&answer.reply.txn_id), outcome)
+            {
+                tracing::debug!(check_id = answer.check_id, %txn, "late check answer from the stream asked: it ends the transaction");
+                let result = if outcome == TxnOutcome::Commit {
+                    "commit"
+                } else {
+                    "rollback"
+                };
+                self.metrics.checks.with_label_values(&[result]).inc();
+                return Some(Command::End {
+                    txn,
+                    outcome,
+                    by: Resolver::CheckBack,
+                });
+            }
             tracing::debug!(check_id = answer.check_id, "late or unknown check answer");
             self.metrics.checks.with_label_values(&["refused"]).inc();
             return None;

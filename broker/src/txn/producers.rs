@@ -20,6 +20,8 @@ struct Conn {
     /// A connection whose client stopped reading is busy: a check queued behind it would
     /// only time out and count.
     stall: Arc<Stall>,
+    /// What its checker answers for (`Hello.check_scopes`); empty: unscoped ones.
+    scopes: Arc<[String]>,
 }
 
 /// Where a check went.
@@ -45,7 +47,8 @@ pub struct Producers {
 }
 
 impl Producers {
-    /// A connection registered as a producer of `group`.
+    /// A connection registered as a producer of `group`, answering for transactions
+    /// without a check scope.
     pub fn register(
         &self,
         group: &str,
@@ -53,12 +56,26 @@ impl Producers {
         outbound: mpsc::Sender<Frame>,
         stall: Arc<Stall>,
     ) {
+        self.register_scoped(group, connection_id, outbound, stall, Vec::new());
+    }
+
+    /// [`Producers::register`] for a connection whose checker answers for the
+    /// transactions of `scopes` (see [`Producers::send_check`]).
+    pub fn register_scoped(
+        &self,
+        group: &str,
+        connection_id: u64,
+        outbound: mpsc::Sender<Frame>,
+        stall: Arc<Stall>,
+        scopes: Vec<String>,
+    ) {
         let mut groups = self.groups.lock().expect("producers lock");
         groups.entry(group.to_string()).or_default().0.push(Conn {
             id: connection_id,
             outbound,
             pending: Arc::default(),
             stall,
+            scopes: scopes.into(),
         });
     }
 
@@ -77,18 +94,33 @@ impl Producers {
         groups.get(group).map_or(0, |(c, _)| c.len())
     }
 
-    /// Sends `frame` to the next live, not busy connection of `group`, round-robin.
-    pub fn send_check(&self, group: &str, frame: Frame) -> Picked {
+    /// Sends `frame` to the next live, not busy connection of `group` that answers for
+    /// `scope`, round-robin. A scoped transaction (a database's identity) goes only to
+    /// connections that declared its scope: another database's checker would find no
+    /// record of it and fence it (roll back committed work). An unscoped one goes to
+    /// connections that declared no scope; when the group has none, to any (half
+    /// messages prepared before scopes existed keep the checkers' old rule).
+    pub fn send_check(&self, group: &str, scope: Option<&str>, frame: Frame) -> Picked {
         let mut groups = self.groups.lock().expect("producers lock");
         let Some((conns, next)) = groups.get_mut(group) else {
             return Picked::NoneConnected;
         };
+        let answers = |c: &Conn| match scope {
+            Some(s) => c.scopes.iter().any(|mine| mine == s),
+            None => c.scopes.is_empty(),
+        };
+        let any_unscoped = scope.is_none() && !conns.iter().any(answers);
+        let eligible = |c: &Conn| any_unscoped || answers(c);
+        if !conns.iter().any(eligible) {
+            return Picked::NoneConnected;
+        }
         let n = conns.len();
         let mut frame = Some(frame);
         for step in 0..n {
             let i = (*next + step) % n;
             let c = &conns[i];
-            if c.outbound.is_closed()
+            if !eligible(c)
+                || c.outbound.is_closed()
                 || c.pending.load(Ordering::Relaxed) >= MAX_PENDING_CHECKS
                 || c.stall.is_stalled()
             {
@@ -116,6 +148,43 @@ impl Producers {
 mod tests {
     use super::*;
 
+    /// Issue 25, item 5: a transaction scoped to a database is checked only by producers
+    /// that declared that database; an unscoped one by those that declared none, or by
+    /// any when the group has none.
+    #[test]
+    fn checks_go_to_the_producers_of_their_scope() {
+        let p = Producers::default();
+        let (a, _ra) = mpsc::channel(8);
+        let (b, _rb) = mpsc::channel(8);
+        p.register_scoped("g", 1, a, Arc::default(), vec!["db-a".into()]);
+        p.register_scoped("g", 2, b, Arc::default(), vec!["db-b".into()]);
+        let sent = |scope| match p.send_check("g", scope, frame()) {
+            Picked::Sent { connection_id, .. } => Some(connection_id),
+            _ => None,
+        };
+        for _ in 0..3 {
+            assert_eq!(sent(Some("db-a")), Some(1));
+            assert_eq!(sent(Some("db-b")), Some(2));
+        }
+        assert_eq!(sent(Some("db-c")), None, "nobody answers for db-c");
+        assert!(matches!(
+            p.send_check("g", Some("db-c"), frame()),
+            Picked::NoneConnected
+        ));
+        // Unscoped (prepared before scopes): any, while nobody declared none.
+        let mut ids: Vec<_> = (0..2).filter_map(|_| sent(None)).collect();
+        ids.sort_unstable();
+        assert_eq!(ids, vec![1, 2]);
+        let (c, _rc) = mpsc::channel(8);
+        p.register("g", 3, c, Arc::default());
+        assert_eq!(sent(None), Some(3));
+        assert_eq!(
+            sent(None),
+            Some(3),
+            "an unscoped producer takes the unscoped"
+        );
+    }
+
     fn frame() -> Frame {
         Frame { id: 1, body: None }
     }
@@ -131,7 +200,7 @@ mod tests {
         p.register("g", 3, c, Arc::default());
         drop(rb); // connection 2 died
         let ids: Vec<u64> = (0..4)
-            .map(|_| match p.send_check("g", frame()) {
+            .map(|_| match p.send_check("g", None, frame()) {
                 Picked::Sent { connection_id, .. } => connection_id,
                 other => panic!("{other:?}"),
             })
@@ -140,10 +209,13 @@ mod tests {
         assert_eq!(ids, vec![1, 3, 1, 1]);
         assert!(ra.try_recv().is_ok());
         assert!(rc.try_recv().is_ok());
-        assert!(matches!(p.send_check("x", frame()), Picked::NoneConnected));
+        assert!(matches!(
+            p.send_check("x", None, frame()),
+            Picked::NoneConnected
+        ));
         p.unregister(1);
         p.unregister(3);
-        assert!(matches!(p.send_check("g", frame()), Picked::AllBusy));
+        assert!(matches!(p.send_check("g", None, frame()), Picked::AllBusy));
         p.unregister(2);
         assert_eq!(p.count("g"), 0);
     }
@@ -154,8 +226,11 @@ mod tests {
         let (a, _ra) = mpsc::channel(1000);
         p.register("g", 1, a, Arc::default());
         for _ in 0..MAX_PENDING_CHECKS {
-            assert!(matches!(p.send_check("g", frame()), Picked::Sent { .. }));
+            assert!(matches!(
+                p.send_check("g", None, frame()),
+                Picked::Sent { .. }
+            ));
         }
-        assert!(matches!(p.send_check("g", frame()), Picked::AllBusy));
+        assert!(matches!(p.send_check("g", None, frame()), Picked::AllBusy));
     }
 }

@@ -37,8 +37,8 @@ use rustc_hash::FxHashMap;
 use tokio::sync::mpsc;
 use txmq_protocol::pb;
 
-use super::Storage;
 use super::records::{SchedRecord, TxnRecord};
+use super::{Storage, dedup};
 use crate::config::{Config, FlushMode};
 use crate::error::{Error, Result};
 use crate::ids::{Id, IdGen};
@@ -74,10 +74,12 @@ pub struct Writer {
     syncer: std::sync::mpsc::Sender<Written>,
     /// Open transactions as last written, so resolving one reads nothing.
     recent: Recent,
-    /// Topics deleted with `--force` whose cleanup (rolling back their open
-    /// transactions) is not done, by name, with their fences: a commit of such a
-    /// transaction is refused meanwhile.
-    doomed: FxHashMap<String, Id>,
+    /// Topics deleted whose cleanup is not done, by name, with their fences and whether
+    /// the deletion was forced. What was made before the fence belongs to the deleted
+    /// topic: a scheduled message of it that comes due meanwhile is cancelled, not
+    /// delivered into a new topic of that name; and (forced) a commit of one of its
+    /// transactions is refused while the cleanup rolls them back.
+    doomed: FxHashMap<String, (Id, bool)>,
     /// A broker group's leader sends its batches here instead of writing them.
     replicator: Option<Replicator>,
 }
@@ -126,8 +128,8 @@ impl Writer {
             .deleted_topic_records()
             .unwrap_or_default()
             .into_iter()
-            .filter(|(_, r)| r.force && !r.cleaned)
-            .filter_map(|(_, r)| Some((r.name, Id::from_bytes(&r.fence)?)))
+            .filter(|(_, r)| !r.cleaned)
+            .filter_map(|(_, r)| Some((r.name, (Id::from_bytes(&r.fence)?, r.force))))
             .collect();
         let writer = Writer {
             next_topic_id: (topics.max_id() + 1).max(storage.next_topic_id()),
@@ -381,7 +383,7 @@ impl Writer {
                 }
                 Ok(Outcome::Many(outcomes))
             }
-            Command::Append { messages } => self.append(messages, stage),
+            Command::Append { messages, keys } => self.append(messages, &keys, stage),
             Command::Prepare {
                 txn,
                 group,
@@ -440,7 +442,7 @@ impl Writer {
             Command::DeleteTopic { topic, force } => self.delete_topic(&topic, force, stage),
             Command::FinishDeletion { id, record } => {
                 if let Some(fence) = Id::from_bytes(&record.fence)
-                    && self.doomed.get(&record.name) == Some(&fence)
+                    && self.doomed.get(&record.name).map(|(f, _)| f) == Some(&fence)
                 {
                     self.doomed.remove(&record.name);
                 }
@@ -507,5 +509,5 @@ struct Stage {
     tally: Tally,
     /// Idempotency keys stored by this batch, by topic id: a repeat within the batch
     /// (or the request) is answered with the first receipt.
-    dedup: FxHashMap<(u32, String), pb::MessageReceipt>,
+    dedup: FxHashMap<Vec<u8>, (pb::MessageReceipt, dedup::Digest)>,
 }

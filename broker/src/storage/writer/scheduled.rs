@@ -136,6 +136,19 @@ impl Writer {
             self.remember(id, rec, now, stage);
             return Ok(Outcome::Done);
         };
+        if self
+            .doomed
+            .get(&msg.topic)
+            .is_some_and(|(fence, _)| id < *fence)
+        {
+            // Scheduled for a topic deleted since, whose cleanup has not cancelled it
+            // yet: it goes with its topic, not into a new topic of that name.
+            rec.message = Some(msg);
+            rec.state = SchedState::Cancelled as i32;
+            stage.tally.cancelled += 1;
+            self.remember(id, rec, now, stage);
+            return Ok(Outcome::Done);
+        }
         // Its topic was created when it was scheduled; one deleted since is created again
         // where sends may create topics (a deletion cancels what was scheduled before it).
         let topic = match self.topic(&msg.topic, stage) {

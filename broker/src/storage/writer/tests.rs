@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::storage::Cf;
+use crate::storage::dedup::KeyScope;
 use prost::Message;
 use txmq_protocol::pb::{TxnOutcome, TxnState};
 
@@ -60,13 +61,11 @@ pub(super) async fn stop(handle: WriterHandle, thread: WriterThread, storage: Ar
 }
 
 fn append(i: usize) -> Command {
-    Command::Append {
-        messages: vec![pb::Message {
-            topic: "t".into(),
-            body: format!("m{i}").into(),
-            ..Default::default()
-        }],
-    }
+    Command::append(vec![pb::Message {
+        topic: "t".into(),
+        body: format!("m{i}").into(),
+        ..Default::default()
+    }])
 }
 
 /// I3's mechanism: with `flush = sync` no reply to a write comes before an fsync that
@@ -110,13 +109,11 @@ async fn a_write_batch_is_capped_in_bytes() {
     let big = bytes::Bytes::from(vec![7u8; 15 << 20]);
     // Queue them all before the writer wakes: one request first, so it is busy.
     let sends = (0..12).map(|_| {
-        w.submit(Command::Append {
-            messages: vec![pb::Message {
-                topic: "t".into(),
-                body: big.clone(),
-                ..Default::default()
-            }],
-        })
+        w.submit(Command::append(vec![pb::Message {
+            topic: "t".into(),
+            body: big.clone(),
+            ..Default::default()
+        }]))
     });
     let before = storage.counters.batches.load(Ordering::Relaxed);
     for r in futures::future::join_all(sends).await {
@@ -339,11 +336,7 @@ async fn index_entries_of_removed_messages_are_compacted_away() {
             body: vec![i as u8; 100].into(),
             ..Default::default()
         };
-        match w
-            .submit(Command::Append { messages: vec![m] })
-            .await
-            .unwrap()
-        {
+        match w.submit(Command::append(vec![m])).await.unwrap() {
             Outcome::Stored(r) => ids.push(Id::parse(&r[0].message_id).unwrap()),
             other => panic!("{other:?}"),
         }
@@ -425,74 +418,129 @@ async fn index_entries_of_removed_messages_are_compacted_away() {
     stop(w, thread, storage).await;
 }
 
-/// A transaction prepared on a topic that is deleted before its commit: the commit
-/// makes the topic again where sends may (auto-create), and is refused with
-/// `TopicNotFound` where they may not, the transaction staying prepared.
+/// Issue 25, item 13: a deletion without `--force` is refused in the writer's own step
+/// while a transaction has messages for the topic, so one prepared after the request's
+/// first look cannot outlive its topic (its commit once made a new topic of that name).
+/// Its commit then goes to the topic as it was.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_commit_after_its_topic_was_deleted() {
-    for auto_create in [true, false] {
-        let dir = tempfile::tempdir().unwrap();
-        let storage = Storage::open(dir.path()).unwrap();
-        let topics = Arc::new(Topics::default());
-        let config = Config {
-            auto_create_topics: auto_create,
-            ..Config::default()
-        };
-        let (handle, thread) = spawn_with(&storage, &topics, 1, config);
-        let w = handle;
-        // The topic exists first (it must, with auto-create off).
-        w.submit(Command::CreateTopic {
-            name: "t".into(),
-            fail_if_exists: false,
-            retention: (0, 0),
+async fn a_deletion_is_refused_in_its_step_while_a_transaction_is_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = Storage::open(dir.path()).unwrap();
+    let topics = Arc::new(Topics::default());
+    let (handle, thread) = spawn_with(&storage, &topics, 1, Config::default());
+    let w = handle;
+    w.submit(append(0)).await.unwrap();
+    let old = topics.get("t").unwrap();
+    let prepare = Command::Prepare {
+        txn: None,
+        group: "pg".into(),
+        messages: vec![pb::Message {
+            topic: "t".into(),
+            body: "m".into(),
+            ..Default::default()
+        }],
+        bytes: 1,
+        check_delay_ms: 0,
+    };
+    let delete = || Command::DeleteTopic {
+        topic: old.clone(),
+        force: false,
+    };
+    // Prepared in the same batch as the deletion, and prepared before it.
+    let both = w
+        .submit(Command::Many(vec![prepare, delete()]))
+        .await
+        .unwrap();
+    let Outcome::Many(both) = both else {
+        panic!("{both:?}")
+    };
+    let Ok(Outcome::Prepared { txn, .. }) = &both[0] else {
+        panic!("{both:?}")
+    };
+    assert!(matches!(&both[1], Err(Error::Invalid(_))), "{both:?}");
+    let again = w.submit(delete()).await;
+    assert!(
+        matches!(&again, Err(Error::Invalid(t)) if t.contains("open transaction")),
+        "{again:?}"
+    );
+    let commit = w
+        .submit(Command::End {
+            txn: *txn,
+            outcome: TxnOutcome::Commit,
+            by: crate::txn::state::Resolver::Operator,
         })
         .await
         .unwrap();
-        let prepared = w
-            .submit(Command::Prepare {
-                txn: None,
-                group: "pg".into(),
-                messages: vec![pb::Message {
-                    topic: "t".into(),
-                    body: "m".into(),
-                    ..Default::default()
-                }],
-                bytes: 1,
-                check_delay_ms: 0,
-            })
-            .await
-            .unwrap();
-        let Outcome::Prepared { txn, .. } = prepared else {
-            panic!("{prepared:?}")
-        };
-        let old = topics.get("t").unwrap();
-        w.submit(Command::DeleteTopic {
-            topic: old.clone(),
-            force: false,
-        })
-        .await
-        .unwrap();
-        let commit = w
-            .submit(Command::End {
-                txn,
-                outcome: TxnOutcome::Commit,
-                by: crate::txn::state::Resolver::Operator,
-            })
-            .await;
-        if auto_create {
-            match commit.unwrap() {
-                Outcome::Ended { receipts, .. } => assert_eq!(receipts[0].offset, 0),
-                other => panic!("{other:?}"),
-            }
-            assert!(topics.get("t").unwrap().id > old.id, "a new topic");
-        } else {
-            let e = commit.unwrap_err();
-            assert!(matches!(e, Error::TopicNotFound(_)), "{e:?}");
-            let rec = storage.txn(txn).unwrap().unwrap();
-            assert_eq!(rec.state, TxnState::Prepared as i32);
-        }
-        stop(w, thread, storage).await;
+    match commit {
+        Outcome::Ended { receipts, .. } => assert_eq!(receipts[0].offset, 1, "{receipts:?}"),
+        other => panic!("{other:?}"),
     }
+    assert_eq!(
+        topics.get("t").unwrap().id,
+        old.id,
+        "the topic was replaced"
+    );
+    // Resolved: now it goes.
+    assert!(matches!(
+        w.submit(delete()).await,
+        Ok(Outcome::TopicDeleted { .. })
+    ));
+    stop(w, thread, storage).await;
+}
+
+/// Issue 25, item 13: a scheduled message of a deleted topic that comes due before the
+/// deletion's cleanup cancelled it is cancelled then, not delivered into a new topic of
+/// that name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduled_message_goes_with_its_deleted_topic() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = Storage::open(dir.path()).unwrap();
+    let topics = Arc::new(Topics::default());
+    let (handle, thread) = spawn_with(&storage, &topics, 1, Config::default());
+    let w = handle;
+    let at = txmq_protocol::now_ms() + 60_000;
+    let receipts = match w
+        .submit(Command::Append {
+            messages: vec![pb::Message {
+                topic: "t".into(),
+                body: "later".into(),
+                deliver_at_ms: at,
+                ..Default::default()
+            }],
+            keys: KeyScope::Topic,
+        })
+        .await
+        .unwrap()
+    {
+        Outcome::Stored(r) => r,
+        other => panic!("{other:?}"),
+    };
+    let id = Id::parse(&receipts[0].message_id).expect("an id");
+    let old = topics.get("t").unwrap();
+    w.submit(Command::DeleteTopic {
+        topic: old.clone(),
+        force: false,
+    })
+    .await
+    .unwrap();
+    // Its due entry comes up before the cleanup ran.
+    w.submit(Command::Deliver { id, due_ms: at }).await.unwrap();
+    assert!(
+        topics
+            .get("t")
+            .is_none_or(|t| t.id == old.id && t.end() == 0),
+        "delivered into a new topic"
+    );
+    assert!(
+        storage.topics().unwrap().is_empty(),
+        "a topic was made again"
+    );
+    let rec = storage.scheduled(id).unwrap().expect("its record");
+    assert_eq!(
+        rec.state,
+        crate::storage::records::SchedState::Cancelled as i32
+    );
+    stop(w, thread, storage).await;
 }
 
 /// A forced deletion dooms the open transactions on its topic: until its cleanup is

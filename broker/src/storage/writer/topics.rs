@@ -3,15 +3,18 @@
 use std::sync::Arc;
 
 use prost::Message;
+use rustc_hash::FxHashMap;
 use txmq_protocol::pb;
 
 use super::{Outcome, Stage, Writer};
 use crate::error::{Error, Result};
 use crate::ids::Id;
 use crate::storage::Cf;
+use crate::storage::dedup::{self, KeyScope};
+use crate::storage::keys;
 use crate::storage::records::{DeletedTopicRecord, TopicRecord};
-use crate::storage::{dedup, keys};
 use crate::topics::Topic;
+use txmq_protocol::pb::TxnState;
 
 impl Writer {
     pub(super) fn topic(&self, name: &str, stage: &Stage) -> Option<Arc<Topic>> {
@@ -46,6 +49,35 @@ impl Writer {
         stage: &mut Stage,
     ) -> Result<Outcome> {
         Self::alive(topic)?;
+        if !force {
+            // Checked here, in the step that deletes: a transaction prepared between a
+            // check made before and the deletion would outlive its topic, and its commit
+            // would make a new one of that name.
+            let is_open = |r: &crate::storage::records::TxnRecord| {
+                r.state == TxnState::Prepared as i32 || r.state == TxnState::Discarded as i32
+            };
+            // Prepared in this batch (not in storage yet), or stored and not resolved in
+            // this batch.
+            let staged = stage
+                .txns
+                .values()
+                .any(|r| is_open(r) && r.topics.iter().any(|t| *t == topic.name));
+            let open = self.storage.open_txns_on(&topic.name)?;
+            let open: Vec<&Id> = open
+                .iter()
+                .filter(|t| stage.txns.get(*t).is_none_or(is_open))
+                .collect();
+            if staged || !open.is_empty() {
+                let first = open
+                    .first()
+                    .map_or_else(String::new, |t| format!(" (the first: {t})"));
+                return Err(Error::Invalid(format!(
+                    "open transaction(s) have messages for topic {:?}{first}: resolve them \
+                     (txmq txn commit|rollback), or delete with --force to roll them back",
+                    topic.name
+                )));
+            }
+        }
         let end = stage
             .next_offset
             .get(&topic.id)
@@ -73,9 +105,7 @@ impl Writer {
         stage.batch.delete_cf(log, last);
         topic.set_deleted();
         stage.deleted.push(topic.clone());
-        if force {
-            self.doomed.insert(topic.name.clone(), fence);
-        }
+        self.doomed.insert(topic.name.clone(), (fence, force));
         stage.removed += end.saturating_sub(topic.start());
         Ok(Outcome::TopicDeleted {
             messages: end.saturating_sub(topic.start()),
@@ -247,6 +277,7 @@ impl Writer {
     pub(super) fn append(
         &mut self,
         mut messages: Vec<pb::Message>,
+        scope: &KeyScope,
         stage: &mut Stage,
     ) -> Result<Outcome> {
         let topics = self.topics_for(&messages, stage)?;
@@ -265,29 +296,67 @@ impl Writer {
             stage.tally.sent += receipts.len() as u64;
             return Ok(Outcome::Stored(receipts));
         }
-        // Every lookup before anything is staged: a failed read leaves the batch as it
-        // was.
-        let mut keys = Vec::with_capacity(messages.len());
-        let mut seen = Vec::with_capacity(messages.len());
+        // Every lookup and every refusal before anything is staged: a failed read or a
+        // conflict leaves the batch as it was.
+        let mut keyed: Vec<Option<(Vec<u8>, dedup::Digest)>> = Vec::with_capacity(messages.len());
+        let mut earlier = Vec::with_capacity(messages.len());
+        let mut in_request: FxHashMap<Vec<u8>, dedup::Digest> = FxHashMap::default();
         for (m, t) in messages.iter_mut().zip(&topics) {
-            let key = std::mem::take(&mut m.idempotency_key);
-            // A key this batch stored is looked up below, once this request's earlier
-            // messages are staged.
-            let in_storage =
-                window > 0 && !key.is_empty() && !stage.dedup.contains_key(&(t.id, key.clone()));
-            let earlier = if in_storage {
-                self.storage.dedup_lookup(t.id, &key, now)?
-            } else {
-                None
+            let name = std::mem::take(&mut m.idempotency_key);
+            if name.is_empty() {
+                keyed.push(None);
+                earlier.push(None);
+                continue;
+            }
+            let key = dedup::key(t.id, scope, &name);
+            let digest = dedup::digest(m);
+            // Stored by this batch, or earlier: either is what a repeat repeats.
+            let seen = match stage.dedup.get(&key) {
+                Some((receipt, d)) => Some(dedup::Entry {
+                    stored_ms: now,
+                    digest: Some(*d),
+                    receipt: receipt.clone(),
+                }),
+                None => self.storage.dedup_lookup(&key, now)?,
             };
-            keys.push((window > 0 && !key.is_empty()).then_some(key));
-            seen.push(earlier);
+            let first_in_request = in_request.get(&key).copied();
+            let conflict = seen.as_ref().is_some_and(|e| !e.same(&digest))
+                || first_in_request.is_some_and(|d| d != digest);
+            if conflict && *scope == KeyScope::Topic {
+                let named = seen.as_ref().map_or_else(
+                    || "an earlier message of this request".to_string(),
+                    |e| {
+                        format!(
+                            "message {} (offset {})",
+                            e.receipt.message_id, e.receipt.offset
+                        )
+                    },
+                );
+                return Err(Error::IdempotencyConflict(format!(
+                    "idempotency key {name:?} of topic {:?} was used for {named} with other \
+                     content (body, properties, key, tag, message group or delivery time) \
+                     within the dedup window; a repeat must be the same message. Nothing \
+                     of this request was stored",
+                    t.name
+                )));
+            }
+            in_request.entry(key.clone()).or_insert(digest);
+            if conflict {
+                // Another client's message under the same id: a message of its own.
+                stage.tally.dedup_conflicts += 1;
+                keyed.push(None);
+                earlier.push(None);
+                continue;
+            }
+            keyed.push(Some((key, digest)));
+            earlier.push(seen.map(|e| e.receipt));
         }
         let mut receipts = Vec::with_capacity(messages.len());
-        for (((m, t), key), earlier) in messages.into_iter().zip(topics).zip(keys).zip(seen) {
+        for (((m, t), key), earlier) in messages.into_iter().zip(topics).zip(keyed).zip(earlier) {
+            // A repeat within this request is found staged by its first.
             let earlier = earlier.or_else(|| {
                 key.as_ref()
-                    .and_then(|k| stage.dedup.get(&(t.id, k.clone())).cloned())
+                    .and_then(|(k, _)| stage.dedup.get(k).map(|(r, _)| r.clone()))
             });
             if let Some(receipt) = earlier {
                 stage.tally.deduplicated += 1;
@@ -297,13 +366,13 @@ impl Writer {
             let stored = self.stored(m, now);
             let receipt = self.append_or_schedule(&t, stored, now, stage);
             stage.tally.sent += 1;
-            if let Some(key) = key {
+            if let Some((key, digest)) = key {
                 stage.batch.put_cf(
                     self.storage.cf(Cf::Dedup),
-                    dedup::key(t.id, &key),
-                    dedup::value(now, &receipt),
+                    &key,
+                    dedup::value(now, &digest, &receipt),
                 );
-                stage.dedup.insert((t.id, key), receipt.clone());
+                stage.dedup.insert(key, (receipt.clone(), digest));
             }
             receipts.push(receipt);
         }

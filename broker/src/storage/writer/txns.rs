@@ -158,10 +158,11 @@ impl Writer {
         };
         let note = by.note().to_string();
         if wanted == TxnState::Committed
-            && let Some(name) = rec
-                .topics
-                .iter()
-                .find(|t| self.doomed.get(*t).is_some_and(|fence| txn < *fence))
+            && let Some(name) = rec.topics.iter().find(|t| {
+                self.doomed
+                    .get(*t)
+                    .is_some_and(|(fence, forced)| *forced && txn < *fence)
+            })
         {
             return Err(Error::Invalid(format!(
                 "topic {name:?} of transaction {txn} was deleted with --force: the \

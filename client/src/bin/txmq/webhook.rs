@@ -158,18 +158,33 @@ async fn post(http: reqwest::Client, url: String, secret: Arc<Vec<u8>>, d: Deliv
     let at = txmq_protocol::now_ms().to_string();
     let head = notification_head(&at, &m.message_id, &m.topic, d.attempt);
     let signature = sign(&secret, &[head.as_bytes(), m.body.as_ref()]);
+    // A content type no header can carry is none at all.
     let content_type = m
         .properties
         .get("content-type")
+        .filter(|t| !has_control(t))
         .cloned()
         .unwrap_or_else(|| "application/octet-stream".into());
-    let sent = http
+    // Key and tag are the producer's text: control characters (a line break, say) are
+    // percent-encoded, and the header `x-txmq-encoded` names what was, so the receiver
+    // can decode it exactly. Sent raw, they made every POST of the message fail.
+    let (key, key_encoded) = header_text(&m.key);
+    let (tag, tag_encoded) = header_text(&m.tag);
+    let encoded: Vec<&str> = [("x-txmq-key", key_encoded), ("x-txmq-tag", tag_encoded)]
+        .into_iter()
+        .filter_map(|(name, yes)| yes.then_some(name))
+        .collect();
+    let mut request = http
         .post(&url)
         .header("content-type", content_type)
         .header("x-txmq-message-id", &m.message_id)
         .header("x-txmq-topic", &m.topic)
-        .header("x-txmq-key", &m.key)
-        .header("x-txmq-tag", &m.tag)
+        .header("x-txmq-key", key)
+        .header("x-txmq-tag", tag);
+    if !encoded.is_empty() {
+        request = request.header("x-txmq-encoded", encoded.join(", "));
+    }
+    let sent = request
         .header("x-txmq-attempt", d.attempt.to_string())
         .header("x-txmq-timestamp", &at)
         .header("x-txmq-signature", format!("v1={signature}"))
@@ -195,6 +210,28 @@ async fn post(http: reqwest::Client, url: String, secret: Arc<Vec<u8>>, d: Deliv
         // The lease went elsewhere or the broker is away: the message comes back.
         tracing::warn!(message = %m.message_id, "settling the delivery failed: {e}");
     }
+}
+
+/// Whether `text` holds a character no HTTP header value may (controls but tab).
+fn has_control(text: &str) -> bool {
+    text.chars().any(|c| c.is_ascii_control() && c != '\t')
+}
+
+/// `text` as a header value: as it is when it can be; else with its control characters
+/// and `%` percent-encoded (`true`).
+fn header_text(text: &str) -> (String, bool) {
+    if !has_control(text) {
+        return (text.to_string(), false);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if (c.is_ascii_control() && c != '\t') || c == '%' {
+            out.push_str(&format!("%{:02X}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    (out, true)
 }
 
 struct Query {
@@ -336,5 +373,34 @@ impl Query {
         } else {
             unauthorized("bad signature")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 25, item 12: a key or tag with a control character made every POST of its
+    /// message fail (an invalid header value), and the message was dead-lettered.
+    #[test]
+    fn control_characters_are_encoded_so_every_value_makes_a_header() {
+        for text in [
+            "plain",
+            "tab\there",
+            "línea",
+            "a\r\nb",
+            "50%\u{1}",
+            "\u{7f}",
+        ] {
+            let (value, encoded) = header_text(text);
+            assert!(
+                reqwest::header::HeaderValue::from_str(&value).is_ok(),
+                "{text:?} gave {value:?}"
+            );
+            assert_eq!(encoded, has_control(text), "{text:?}");
+        }
+        assert_eq!(header_text("a\r\nb"), ("a%0D%0Ab".to_string(), true));
+        assert_eq!(header_text("50%\u{1}"), ("50%25%01".to_string(), true));
+        assert_eq!(header_text("50%"), ("50%".to_string(), false));
     }
 }
