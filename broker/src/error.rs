@@ -89,6 +89,9 @@ pub enum Error {
     /// An idempotency key reused, within the window, for another message.
     #[error("{0}")]
     IdempotencyConflict(String),
+    /// A delivery time further ahead than max-schedule-delay.
+    #[error("{0}")]
+    ScheduleTooFar(String),
     /// An idempotency key sent to a broker that remembers none.
     #[error(
         "this broker does not remember idempotency keys (dedup-window 0): send without \
@@ -138,6 +141,7 @@ impl Error {
             Error::NotLeader(_) => ErrorCode::NotLeader,
             Error::IdempotencyConflict(_) => ErrorCode::IdempotencyConflict,
             Error::IdempotencyDisabled => ErrorCode::IdempotencyDisabled,
+            Error::ScheduleTooFar(_) => ErrorCode::ScheduleTooFar,
             Error::Internal(_) => ErrorCode::Internal,
         }
     }

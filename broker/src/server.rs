@@ -418,10 +418,11 @@ async fn run_once(
         runtime: tokio::runtime::Handle::current(),
         deposed: deposed.clone(),
     });
+    let ids = Arc::new(IdGen::new(boot));
     let (writer, writer_thread) = Writer::spawn_with(
         storage.clone(),
         topics.clone(),
-        Arc::new(IdGen::new(boot)),
+        ids.clone(),
         config.clone(),
         metrics.clone(),
         replicator,
@@ -494,6 +495,7 @@ async fn run_once(
             (config.max_in_flight_bytes / connection::BUDGET_UNIT).max(1),
         )),
         node: leading.as_ref().map(|l| l.node.clone()),
+        ids,
         serving,
     });
     live.set(Some((storage.clone(), topics)));
@@ -515,6 +517,10 @@ async fn run_once(
             }
         } => Stop::Deposed,
     };
+    if let Some(l) = &leading {
+        // Whichever way this leadership ended, nothing serves from it any more.
+        l.node.lease.end();
+    }
     live.set(None);
     faces.grpc.set(None);
     // A leader's write still waiting for a majority gives up (its clients get an

@@ -631,6 +631,7 @@ fn refused_before_storing(code: ErrorCode) -> bool {
             | ErrorCode::InvalidRequest
             | ErrorCode::IdempotencyConflict
             | ErrorCode::IdempotencyDisabled
+            | ErrorCode::ScheduleTooFar
     )
 }
 

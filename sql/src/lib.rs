@@ -134,15 +134,17 @@ pub struct Pending {
 }
 
 impl Pending {
-    /// [`Pending::begin`] for a transaction recorded in the database whose identity is
-    /// `database` ([`postgres::identity`], [`sqlite::identity`]): its messages carry it
-    /// ([`txmq_client::CHECK_SCOPE_PROPERTY`]), so its check-backs go only to checkers
-    /// of that database. A checker of another one would find no record and fence it,
-    /// rolling back work that committed (a producer group shared by two databases).
+    /// Stores `messages` as the half messages of a new transaction of `producer`'s
+    /// group (it needs one, with this crate's checker), to be recorded in the database
+    /// whose identity is `database` ([`postgres::identity`], [`sqlite::identity`]). The
+    /// messages carry it ([`txmq_client::CHECK_SCOPE_PROPERTY`]), so the transaction's
+    /// check-backs go only to checkers of that database: a checker of another one would
+    /// find no record and fence it, rolling back work that committed (a producer group
+    /// shared by two databases).
     ///
     /// # Errors
-    /// As [`Pending::begin`].
-    pub async fn begin_in(
+    /// The broker refused or could not be reached.
+    pub async fn begin(
         producer: &Producer,
         database: &str,
         mut messages: Vec<Message>,
@@ -153,15 +155,6 @@ impl Pending {
                 database.to_string(),
             );
         }
-        Self::begin(producer, messages).await
-    }
-
-    /// Stores `messages` as the half messages of a new transaction of `producer`'s
-    /// group (it needs one, and should have this crate's checker).
-    ///
-    /// # Errors
-    /// The broker refused or could not be reached.
-    pub async fn begin(producer: &Producer, messages: Vec<Message>) -> Result<Self> {
         let mut message = producer.begin()?;
         message.send_batch(messages).await?;
         let id = message

@@ -19,10 +19,12 @@
 //! of three groups ([`Refusal`]):
 //!
 //! - **retry**: the broker cannot take the rows now and may later (disk full, not the
-//!   leader, shutting down, unreachable, busy). The relay backs off (up to 5 s) and
-//!   sends the same rows again. A row scheduled further ahead than the broker takes
-//!   today (its `max-schedule-delay`) waits here too, before it is sent: it becomes
-//!   sendable as time passes.
+//!   leader, shutting down, unreachable, busy, a schedule beyond its limit today). The
+//!   relay backs off (up to 5 s) and sends the same rows again. A row scheduled further
+//!   ahead than the broker takes today (its `max-schedule-delay`) waits here too, before
+//!   it is sent: it becomes sendable as time passes; but one beyond the limit by more
+//!   than [`SCHEDULE_SLACK`] (a day) is set aside, since waiting for it would hold up
+//!   every row after it for longer than anyone meant.
 //! - **stop**: the relay cannot work with this broker as it is configured (it remembers
 //!   no idempotency keys, so a resend could store twice; the relay is not
 //!   authenticated). The relay returns [`crate::Error::RelayStopped`] saying what to
@@ -163,6 +165,9 @@ impl Refusal {
             return Self::SetAside;
         }
         match e.code() {
+            // Beyond the broker's limit today (its clock ahead of ours, say): later it
+            // fits.
+            Some(ErrorCode::ScheduleTooFar) => Self::Retry,
             Some(
                 ErrorCode::InvalidName
                 | ErrorCode::MessageTooLarge
@@ -309,6 +314,19 @@ async fn relay_loop<S: Store>(
                 continue;
             }
         };
+        if let Some(r) = unreachable_schedule(&rows[0], &limits) {
+            // Scheduled so far ahead that waiting cannot be what was meant (ms written as
+            // µs, say): set aside, so that it does not hold up the rows behind it.
+            let why = format!(
+                "deliver_at_ms {} is more than a day beyond the broker's max-schedule-delay \
+                 ({:?}): set aside rather than hold up the rows after it",
+                r.deliver_at_ms, limits.max_schedule_delay
+            );
+            tracing::error!(row = r.id, "outbox relay: {why}");
+            store.mark_failed(r.id, &why).await?;
+            done.failed += 1;
+            continue;
+        }
         let (batch, waits) = sendable(&epoch, &rows, &limits);
         if batch.is_empty() {
             // The first row is scheduled further ahead than the broker takes today; it
@@ -359,7 +377,15 @@ async fn relay_loop<S: Store>(
                                     done.failed += 1;
                                 }
                                 Refusal::Stop => return Err(stopped(e)),
-                                Refusal::Retry => break,
+                                Refusal::Retry => {
+                                    tracing::warn!(
+                                        "outbox relay: row {} not sent ({e}); retrying in {:?}",
+                                        r.id,
+                                        backoff.0
+                                    );
+                                    backoff.wait().await;
+                                    break;
+                                }
                             },
                         }
                     }
@@ -377,6 +403,17 @@ fn stopped(e: txmq_client::Error) -> Error {
         why: why.to_string(),
         source: e,
     }
+}
+
+/// How far beyond the broker's schedule limit a row may be and still wait for it.
+pub const SCHEDULE_SLACK: Duration = Duration::from_secs(24 * 3600);
+
+/// `row`, when it is scheduled more than [`SCHEDULE_SLACK`] beyond what the broker
+/// takes today.
+fn unreachable_schedule<'a>(row: &'a Row, limits: &Limits) -> Option<&'a Row> {
+    let max = limits.max_schedule_delay?;
+    let latest = crate::now_ms().saturating_add((max + SCHEDULE_SLACK).as_millis() as i64);
+    (row.deliver_at_ms as i64 > latest).then_some(row)
 }
 
 /// The messages of the first rows that can go now, in one request: as many as fit in

@@ -38,12 +38,13 @@ async fn postgres_checker_fences_waits_and_reads() {
     let p = producer(&b).await;
     let mut db = pg(&server.url()).await;
     postgres::migrate(&db).await.unwrap();
+    let database = postgres::identity(&db).await.unwrap();
     let checker = postgres::Checker::new(pg(&server.url()).await)
         .await
         .unwrap();
 
     // Decided first: fenced.
-    let pending = Pending::begin(&p, message()).await.unwrap();
+    let pending = Pending::begin(&p, &database, message()).await.unwrap();
     let id = pending.txn_id().to_string();
     assert_eq!(checker.decide(&id).await.unwrap(), Outcome::Rollback);
     let e = postgres::run_local(pending, &mut db, async |_| Ok::<_, BoxError>(()))
@@ -52,7 +53,7 @@ async fn postgres_checker_fences_waits_and_reads() {
     assert!(matches!(e, Error::Fenced(_)), "{e}");
 
     // Asked while the producer's transaction is open: unknown; once committed: commit.
-    let pending = Pending::begin(&p, message()).await.unwrap();
+    let pending = Pending::begin(&p, &database, message()).await.unwrap();
     let id = pending.txn_id().to_string();
     let (during, committed) = postgres::run_local(pending, &mut db, async |_| {
         Ok::<_, BoxError>(checker.decide(&id).await.unwrap())
@@ -64,7 +65,7 @@ async fn postgres_checker_fences_waits_and_reads() {
     committed.commit_message().await.unwrap();
 
     // The work fails: nothing committed, and the checker says rollback.
-    let pending = Pending::begin(&p, message()).await.unwrap();
+    let pending = Pending::begin(&p, &database, message()).await.unwrap();
     let id = pending.txn_id().to_string();
     let e = postgres::run_local(pending, &mut db, async |_| {
         Err::<(), BoxError>("the business said no".into())
@@ -83,9 +84,10 @@ async fn sqlite_checker_fences_waits_and_reads() {
     let p = producer(&b).await;
     let mut db = rusqlite::Connection::open(&path).unwrap();
     sqlite::migrate(&db).unwrap();
+    let database = sqlite::identity(&db).unwrap();
     let checker = sqlite::Checker::open(&path).unwrap();
 
-    let pending = Pending::begin(&p, message()).await.unwrap();
+    let pending = Pending::begin(&p, &database, message()).await.unwrap();
     let id = pending.txn_id().to_string();
     assert_eq!(checker.decide(&id).unwrap(), Outcome::Rollback);
     let e = sqlite::run_local(pending, &mut db, |_| Ok::<_, BoxError>(()))
@@ -93,7 +95,7 @@ async fn sqlite_checker_fences_waits_and_reads() {
         .unwrap_err();
     assert!(matches!(e, Error::Fenced(_)), "{e}");
 
-    let pending = Pending::begin(&p, message()).await.unwrap();
+    let pending = Pending::begin(&p, &database, message()).await.unwrap();
     let id = pending.txn_id().to_string();
     let (during, committed) = sqlite::run_local(pending, &mut db, |_| {
         Ok::<_, BoxError>(checker.decide(&id).unwrap())
@@ -104,7 +106,7 @@ async fn sqlite_checker_fences_waits_and_reads() {
     assert_eq!(checker.decide(&id).unwrap(), Outcome::Commit);
     committed.commit_message().await.unwrap();
 
-    let pending = Pending::begin(&p, message()).await.unwrap();
+    let pending = Pending::begin(&p, &database, message()).await.unwrap();
     let id = pending.txn_id().to_string();
     let e = sqlite::run_local(pending, &mut db, |_| {
         Err::<(), BoxError>("the business said no".into())
@@ -218,7 +220,7 @@ async fn two_databases_in_one_group_each_answer_their_own_transactions() {
         let database = sqlite::identity(db).unwrap();
         for j in 0..2 {
             let body = format!("db{i}-order{j}");
-            let pending = Pending::begin_in(p, &database, vec![Message::new("orders", body)])
+            let pending = Pending::begin(p, &database, vec![Message::new("orders", body)])
                 .await
                 .unwrap();
             ids.push(pending.txn_id().to_string());

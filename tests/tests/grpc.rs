@@ -165,6 +165,8 @@ async fn a_python_checker_answers_check_backs() {
         "100ms",
         "--check-reply-timeout",
         "10s",
+        "--metrics-listen",
+        "127.0.0.1:0",
     ]);
     let grpc = b.grpc_addr().to_string();
     let (committed, rolled, unknown) = tokio::task::spawn_blocking(move || {
@@ -563,16 +565,21 @@ async fn bad_grpc_input_gets_codes_clients_know() {
     for (call, want) in expected {
         assert_eq!(code(call), want, "{call}");
     }
-    // Issue 18: the client's message id is the send's idempotency key.
+    // Issue 18: the client's message id is the send's idempotency key. Issue 25, item
+    // 2: scoped by the client, and a repeat must be the same message.
     let repeat = got
         .iter()
         .find(|v| v["call"] == "the same message id again")
         .unwrap_or_else(|| panic!("repeat missing: {got:?}"));
     assert_eq!(repeat["code"], 20000, "{repeat}");
-    assert_eq!(
-        repeat["offsets"][0], repeat["offsets"][1],
-        "stored twice: {repeat}"
+    let o = &repeat["offsets"];
+    assert_eq!(o[0], o[1], "a retry stored twice: {repeat}");
+    assert_ne!(
+        o[2], o[0],
+        "the same id with other content was dropped: {repeat}"
     );
+    assert_ne!(o[3], o[0], "another client's message was dropped: {repeat}");
+    assert_ne!(o[3], o[2], "{repeat}");
     assert!(b.log_text().lines().all(|l| !l.contains("panicked")));
 }
 

@@ -29,10 +29,20 @@ async fn a_send_whose_answer_was_lost_is_stored_once_when_it_carries_a_key() {
     assert_eq!(receipt.offset, 1);
     // The application's own retry, later: the same receipt, nothing stored.
     let again = p
-        .send(Message::new("orders", "order-1 again").idempotency_key("order-1"))
+        .send(Message::new("orders", "order-1").idempotency_key("order-1"))
         .await
         .unwrap();
     assert_eq!(again, receipt);
+    // The key reused for another message (issue 25, item 2): refused, nothing stored.
+    let reused = p
+        .send(Message::new("orders", "order-1 changed").idempotency_key("order-1"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        reused.code(),
+        Some(txmq_client::ErrorCode::IdempotencyConflict),
+        "{reused}"
+    );
 
     // Without a key the lost answer is an unknown outcome, and a retry stores it twice:
     // what the key prevents.

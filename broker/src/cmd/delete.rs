@@ -34,7 +34,14 @@ pub fn delete_topic(id: u64, req: pb::DeleteTopicRequest, shared: &Arc<Shared>) 
     let shared = shared.clone();
     later(id, async move {
         let name = topic.name.clone();
+        let mut checked_below = None;
         if !req.force {
+            // Every transaction made before `mark` is written once the barrier (an empty
+            // write, answered after every write before it) returns: the scan below sees
+            // them all, and the deletion's own step looks only at later ones.
+            let mark = shared.ids.next();
+            shared.writer.submit(Command::Raw(Vec::new())).await?;
+            checked_below = Some(mark);
             let n = name.clone();
             let open = blocking(&shared.storage, move |s| s.open_txns_on(&n)).await?;
             if let Some(first) = open.first() {
@@ -65,6 +72,7 @@ pub fn delete_topic(id: u64, req: pb::DeleteTopicRequest, shared: &Arc<Shared>) 
             .submit(Command::DeleteTopic {
                 topic: topic.clone(),
                 force: req.force,
+                checked_below,
             })
             .await?
         {

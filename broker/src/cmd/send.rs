@@ -176,7 +176,7 @@ pub fn check_messages(messages: &[pb::Message], shared: &Shared) -> Result<()> {
             )));
         }
         if m.deliver_at_ms > latest {
-            return Err(Error::Invalid(format!(
+            return Err(Error::ScheduleTooFar(format!(
                 "deliver_at_ms {} is more than max-schedule-delay ({}) ahead of the broker's \
                  clock; the latest allowed now is {latest}",
                 m.deliver_at_ms,

@@ -45,6 +45,9 @@ pub struct Shared {
     pub budget: Arc<Semaphore>,
     /// The broker group's node this broker leads from (`None`: a single broker).
     pub node: Option<Arc<crate::replication::node::Node>>,
+    /// The writer's id source (ids are ordered by creation: a mark taken from it
+    /// divides what was made before from what comes after).
+    pub ids: Arc<crate::ids::IdGen>,
     /// Whether it may serve from its state now (a group leader's lease holds): asked by
     /// every request before it is handled.
     pub serving: crate::replication::lease::Serving,

@@ -107,6 +107,18 @@ fn incoming(m: pb::Message, latest_ms: u64) -> Result<Incoming, pb::Status> {
         }
         _ => {}
     }
+    if m.user_properties
+        .contains_key(txmq_protocol::CHECK_SCOPE_PROPERTY)
+    {
+        // Only a native producer that declares it may scope its check-backs.
+        return Err(status::of(
+            pb::Code::BadRequest,
+            format!(
+                "the property {} is reserved",
+                txmq_protocol::CHECK_SCOPE_PROPERTY
+            ),
+        ));
+    }
     let mut properties = m.user_properties;
     properties.insert(CLIENT_ID_PROPERTY.into(), sys.message_id.clone());
     let transactional = kind == pb::MessageType::Transaction;

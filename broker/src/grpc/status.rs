@@ -30,6 +30,7 @@ pub fn code(e: &Error) -> pb::Code {
         | Error::OrderingConflict(_)
         | Error::IdempotencyConflict(_)
         | Error::IdempotencyDisabled => pb::Code::BadRequest,
+        Error::ScheduleTooFar(_) => pb::Code::IllegalDeliveryTime,
         Error::InvalidName(_) => pb::Code::IllegalTopic,
         Error::TopicNotFound(_) | Error::TopicExists(_) => pb::Code::TopicNotFound,
         Error::TooLarge(text) if text.starts_with("message body") => pb::Code::MessageBodyTooLarge,

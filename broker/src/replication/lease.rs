@@ -42,11 +42,16 @@ const _: () = assert!(
 );
 
 /// A leader's lease: until when (on this process's monotonic clock) it may serve.
+///
+/// Read on every request with one atomic load; changed under a lock, so that a renewal
+/// computed just before a resignation cannot bring the lease back after it.
 #[derive(Debug)]
 pub struct Lease {
     base: Instant,
     /// Milliseconds from `base`; 0: no lease.
     until_ms: AtomicU64,
+    /// Milliseconds from `base` until which no renewal is taken (see [`Lease::resign`]).
+    resigned_until_ms: std::sync::Mutex<u64>,
 }
 
 impl Default for Lease {
@@ -54,6 +59,7 @@ impl Default for Lease {
         Self {
             base: Instant::now(),
             until_ms: AtomicU64::new(0),
+            resigned_until_ms: std::sync::Mutex::new(0),
         }
     }
 }
@@ -61,23 +67,45 @@ impl Default for Lease {
 impl Lease {
     /// Whether the lease holds now.
     pub fn holds(&self) -> bool {
-        (self.base.elapsed().as_millis() as u64) < self.until_ms.load(Ordering::Acquire)
+        self.now_ms() < self.until_ms.load(Ordering::Acquire)
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.base.elapsed().as_millis() as u64
     }
 
     /// A majority acknowledged this leader `ago`: the lease runs [`QUORUM_SILENCE`] from
     /// then. It only grows (a contact computed late does not shorten a fresher one),
-    /// until [`Lease::end`].
+    /// until [`Lease::end`]; while resigned, it is not taken.
     pub fn renew(&self, ago: Duration) {
         let Some(from_base) = self.base.elapsed().checked_sub(ago) else {
             return;
         };
         let until = (from_base + QUORUM_SILENCE).as_millis() as u64;
+        let resigned = self.resigned_until_ms.lock().expect("lease lock");
+        if self.now_ms() < *resigned {
+            return;
+        }
         self.until_ms.fetch_max(until.max(1), Ordering::AcqRel);
     }
 
     /// The leadership ended: nothing is served from this node's state any more.
     pub fn end(&self) {
+        let _resigned = self.resigned_until_ms.lock().expect("lease lock");
         self.until_ms.store(0, Ordering::Release);
+    }
+
+    /// This leader hands its leadership over: the lease ends now and takes no renewal
+    /// for `for_` (unless [`Lease::resume`] comes first).
+    pub fn resign(&self, for_: Duration) {
+        let mut resigned = self.resigned_until_ms.lock().expect("lease lock");
+        *resigned = self.now_ms() + for_.as_millis() as u64;
+        self.until_ms.store(0, Ordering::Release);
+    }
+
+    /// A new leadership began (this node was elected again): renewals count again.
+    pub fn resume(&self) {
+        *self.resigned_until_ms.lock().expect("lease lock") = 0;
     }
 }
 
@@ -132,5 +160,26 @@ mod tests {
         assert!(!lease.holds(), "a stale contact made a lease");
         assert!(Serving::always().holds());
         assert!(!Serving::under(Arc::new(Lease::default())).holds());
+    }
+
+    /// A resignation ends the lease and refuses renewals until it runs out or a new
+    /// leadership resumes them.
+    #[test]
+    fn a_resigned_lease_takes_no_renewal() {
+        let lease = Lease::default();
+        lease.renew(Duration::ZERO);
+        lease.resign(Duration::from_secs(60));
+        assert!(!lease.holds());
+        lease.renew(Duration::ZERO);
+        assert!(!lease.holds(), "renewed while resigned");
+        lease.resume();
+        lease.renew(Duration::ZERO);
+        assert!(lease.holds());
+        lease.resign(Duration::ZERO);
+        lease.renew(Duration::ZERO);
+        assert!(
+            lease.holds(),
+            "a resignation that ran out still refused renewals"
+        );
     }
 }

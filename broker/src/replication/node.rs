@@ -36,8 +36,8 @@ use super::lease::{
     ELECTION_TIMEOUT_MAX_MS, ELECTION_TIMEOUT_MIN_MS, HEARTBEAT_MS, Lease, QUORUM_SILENCE,
 };
 
-/// How long a leader that handed its leadership over serves nothing: time for the
-/// target to be elected. If it was not, the leader serves again after this.
+/// How long a leader that handed its leadership over takes no lease renewal in its term:
+/// time for the target, or after its election timeout another node, to be elected.
 pub const RESIGN_FOR: Duration = Duration::from_secs(5);
 
 /// How long a member's client address, once asked, is told without asking again (a
@@ -72,9 +72,6 @@ pub struct Node {
     tasks: tokio_util::task::TaskTracker,
     /// While it holds, this node may serve as the leader (see [`super::lease`]).
     pub lease: Arc<Lease>,
-    /// Until when a leader that is handing its leadership over serves nothing (see
-    /// [`Node::transfer`]).
-    resigned_until: Mutex<Option<std::time::Instant>>,
 }
 
 /// Where a node keeps its parts, under the data directory.
@@ -237,7 +234,6 @@ impl Node {
             stop: CancellationToken::new(),
             tasks: tokio_util::task::TaskTracker::new(),
             lease: Arc::new(Lease::default()),
-            resigned_until: Mutex::new(None),
         });
         let info = {
             let raft = raft.clone();
@@ -298,7 +294,9 @@ impl Node {
                 // gave up may still commit). Only then is the state loaded.
                 match self.raft.write_blank().await {
                     Ok(_) => {
-                        // The blank entry was committed by a majority just now.
+                        // The blank entry was committed by a majority just now; a
+                        // leadership handed over earlier is over.
+                        self.lease.resume();
                         self.lease.renew(Duration::ZERO);
                         tracing::info!(term, "leading the group");
                         return Some(Leadership { term, leader });
@@ -335,8 +333,7 @@ impl Node {
                     return;
                 }
                 match self.majority_contact(&m) {
-                    // Handing over: not renewed, so nothing is served meanwhile.
-                    Some(_) if self.resigned() => {}
+                    // (Handing over, the lease takes no renewal: see `transfer`.)
                     Some(ago) if ago < QUORUM_SILENCE => self.lease.renew(ago),
                     _ => {
                         tracing::warn!(
@@ -622,25 +619,17 @@ impl Node {
         }
         // The target stands for election at once, not after the followers' patience
         // the lease counts on: this leader stops serving first (requests, deliveries and
-        // check-backs all ask the lease), so the two never serve at once. If the target
-        // is not elected, this node serves again once RESIGN_FOR has passed.
-        *self.resigned_until.lock().expect("resigned") =
-            Some(std::time::Instant::now() + RESIGN_FOR);
-        self.lease.end();
+        // check-backs all ask the lease), so the two never serve at once. Once asked,
+        // openraft's leader sends no more heartbeats in this term: if the target is not
+        // elected, the others elect a leader after their election timeout (this node
+        // may win again, and then serves). RESIGN_FOR covers that.
+        self.lease.resign(RESIGN_FOR);
         if let Err(e) = self.raft.trigger().transfer_leader(to).await {
-            *self.resigned_until.lock().expect("resigned") = None;
+            self.lease.resume();
             return Err(Error::Internal(e.to_string()));
         }
         tracing::info!(to, "handing the leadership over; serving nothing meanwhile");
         Ok(())
-    }
-
-    /// Whether this node handed its leadership over lately (and serves nothing).
-    fn resigned(&self) -> bool {
-        self.resigned_until
-            .lock()
-            .expect("resigned")
-            .is_some_and(|until| std::time::Instant::now() < until)
     }
 
     /// Stops Raft and the node's tasks.

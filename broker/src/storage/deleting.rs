@@ -15,8 +15,22 @@ impl Storage {
     /// # Errors
     /// Storage failure or a corrupt record.
     pub fn open_txns_on(&self, name: &str) -> Result<Vec<Id>> {
+        self.open_txns_on_from(name, None)
+    }
+
+    /// [`Storage::open_txns_on`] among the transactions made from `from` on (ids are
+    /// ordered by creation), or all of them.
+    ///
+    /// # Errors
+    /// Storage failure or a corrupt record.
+    pub fn open_txns_on_from(&self, name: &str, from: Option<Id>) -> Result<Vec<Id>> {
         let mut out = Vec::new();
-        for item in self.db.iterator_cf(self.cf(Cf::Txn), IteratorMode::Start) {
+        let start = from.map(|id| id.to_bytes());
+        let mode = match &start {
+            Some(key) => IteratorMode::From(key, rocksdb::Direction::Forward),
+            None => IteratorMode::Start,
+        };
+        for item in self.db.iterator_cf(self.cf(Cf::Txn), mode) {
             let (k, v) = item?;
             let rec: TxnRecord = decode(&v)?;
             let open =

@@ -84,6 +84,11 @@ pub struct TxnRecord {
     /// Encoded size of its half messages, capped by `max-txn-bytes`.
     #[prost(uint64, tag = "12")]
     pub bytes: u64,
+    /// Prepared by a broker that routes check-backs by scope (`txmq-check-scope`): an
+    /// unscoped transaction is then checked only by producers that declared no scope.
+    /// Older records (false) may be checked by any, as before.
+    #[prost(bool, tag = "13")]
+    pub scoped_checks: bool,
 }
 
 /// `cursor`: a consumer group's progress on one topic.

@@ -252,42 +252,50 @@ impl Checker {
             // Lapsed while this pass ran: nothing asked, nothing recorded.
             return Ok(None);
         }
-        let (counted, note) = match self
-            .producers
-            .send_check(&rec.group, scope.as_deref(), frame)
-        {
-            Picked::Sent {
-                connection_id,
-                pending,
-            } => {
-                let deadline_ms = now + self.config.check_reply_timeout.as_millis() as u64;
-                self.pending.insert(
-                    check_id,
-                    Pending {
-                        txn,
-                        connection_id,
-                        deadline_ms,
-                        counter: pending,
+        let (counted, note) =
+            match self
+                .producers
+                .send_check(&rec.group, scope.as_deref(), !rec.scoped_checks, frame)
+            {
+                Picked::Sent {
+                    connection_id,
+                    pending,
+                } => {
+                    let deadline_ms = now + self.config.check_reply_timeout.as_millis() as u64;
+                    self.pending.insert(
+                        check_id,
+                        Pending {
+                            txn,
+                            connection_id,
+                            deadline_ms,
+                            counter: pending,
+                        },
+                    );
+                    self.in_check.insert(txn);
+                    (true, format!("check sent to connection {connection_id}"))
+                }
+                Picked::NoneConnected => (
+                    self.not_sent("no_producer"),
+                    match &scope {
+                        Some(scope) => format!(
+                            "no producer of group {:?} answering for {scope:?} connected",
+                            rec.group
+                        ),
+                        None if rec.scoped_checks && self.producers.count(&rec.group) > 0 => {
+                            format!(
+                                "no producer of group {:?} without a check scope connected (those \
+                             connected answer for their databases only)",
+                                rec.group
+                            )
+                        }
+                        None => format!("no producer of group {:?} connected", rec.group),
                     },
-                );
-                self.in_check.insert(txn);
-                (true, format!("check sent to connection {connection_id}"))
-            }
-            Picked::NoneConnected => (
-                self.not_sent("no_producer"),
-                match &scope {
-                    Some(scope) => format!(
-                        "no producer of group {:?} answering for {scope:?} connected",
-                        rec.group
-                    ),
-                    None => format!("no producer of group {:?} connected", rec.group),
-                },
-            ),
-            Picked::AllBusy => (
-                self.not_sent("busy"),
-                format!("every producer of group {:?} was busy", rec.group),
-            ),
-        };
+                ),
+                Picked::AllBusy => (
+                    self.not_sent("busy"),
+                    format!("every producer of group {:?} was busy", rec.group),
+                ),
+            };
         Ok(Some(Command::RecordCheck {
             txn,
             counted,

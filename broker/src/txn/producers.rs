@@ -98,9 +98,15 @@ impl Producers {
     /// `scope`, round-robin. A scoped transaction (a database's identity) goes only to
     /// connections that declared its scope: another database's checker would find no
     /// record of it and fence it (roll back committed work). An unscoped one goes to
-    /// connections that declared no scope; when the group has none, to any (half
-    /// messages prepared before scopes existed keep the checkers' old rule).
-    pub fn send_check(&self, group: &str, scope: Option<&str>, frame: Frame) -> Picked {
+    /// connections that declared no scope; with `legacy` (prepared before scopes
+    /// existed), when the group has none, to any: such checkers answered them before.
+    pub fn send_check(
+        &self,
+        group: &str,
+        scope: Option<&str>,
+        legacy: bool,
+        frame: Frame,
+    ) -> Picked {
         let mut groups = self.groups.lock().expect("producers lock");
         let Some((conns, next)) = groups.get_mut(group) else {
             return Picked::NoneConnected;
@@ -109,7 +115,7 @@ impl Producers {
             Some(s) => c.scopes.iter().any(|mine| mine == s),
             None => c.scopes.is_empty(),
         };
-        let any_unscoped = scope.is_none() && !conns.iter().any(answers);
+        let any_unscoped = legacy && scope.is_none() && !conns.iter().any(answers);
         let eligible = |c: &Conn| any_unscoped || answers(c);
         if !conns.iter().any(eligible) {
             return Picked::NoneConnected;
@@ -158,19 +164,23 @@ mod tests {
         let (b, _rb) = mpsc::channel(8);
         p.register_scoped("g", 1, a, Arc::default(), vec!["db-a".into()]);
         p.register_scoped("g", 2, b, Arc::default(), vec!["db-b".into()]);
-        let sent = |scope| match p.send_check("g", scope, frame()) {
+        let sent_as = |scope, legacy| match p.send_check("g", scope, legacy, frame()) {
             Picked::Sent { connection_id, .. } => Some(connection_id),
             _ => None,
         };
+        let sent = |scope| sent_as(scope, true);
         for _ in 0..3 {
             assert_eq!(sent(Some("db-a")), Some(1));
             assert_eq!(sent(Some("db-b")), Some(2));
         }
         assert_eq!(sent(Some("db-c")), None, "nobody answers for db-c");
         assert!(matches!(
-            p.send_check("g", Some("db-c"), frame()),
+            p.send_check("g", Some("db-c"), false, frame()),
             Picked::NoneConnected
         ));
+        // Unscoped and prepared since scopes exist (a plain producer's, whose checker
+        // is gone): never a database's checker, which would fence it.
+        assert_eq!(sent_as(None, false), None);
         // Unscoped (prepared before scopes): any, while nobody declared none.
         let mut ids: Vec<_> = (0..2).filter_map(|_| sent(None)).collect();
         ids.sort_unstable();
@@ -200,7 +210,7 @@ mod tests {
         p.register("g", 3, c, Arc::default());
         drop(rb); // connection 2 died
         let ids: Vec<u64> = (0..4)
-            .map(|_| match p.send_check("g", None, frame()) {
+            .map(|_| match p.send_check("g", None, true, frame()) {
                 Picked::Sent { connection_id, .. } => connection_id,
                 other => panic!("{other:?}"),
             })
@@ -210,12 +220,15 @@ mod tests {
         assert!(ra.try_recv().is_ok());
         assert!(rc.try_recv().is_ok());
         assert!(matches!(
-            p.send_check("x", None, frame()),
+            p.send_check("x", None, true, frame()),
             Picked::NoneConnected
         ));
         p.unregister(1);
         p.unregister(3);
-        assert!(matches!(p.send_check("g", None, frame()), Picked::AllBusy));
+        assert!(matches!(
+            p.send_check("g", None, true, frame()),
+            Picked::AllBusy
+        ));
         p.unregister(2);
         assert_eq!(p.count("g"), 0);
     }
@@ -227,10 +240,13 @@ mod tests {
         p.register("g", 1, a, Arc::default());
         for _ in 0..MAX_PENDING_CHECKS {
             assert!(matches!(
-                p.send_check("g", None, frame()),
+                p.send_check("g", None, true, frame()),
                 Picked::Sent { .. }
             ));
         }
-        assert!(matches!(p.send_check("g", None, frame()), Picked::AllBusy));
+        assert!(matches!(
+            p.send_check("g", None, true, frame()),
+            Picked::AllBusy
+        ));
     }
 }

@@ -88,6 +88,17 @@ impl Db {
         })
     }
 
+    /// The database's identity (what its transactions' check-backs are routed by).
+    ///
+    /// # Errors
+    /// The database's errors.
+    pub async fn identity(&self) -> anyhow::Result<String> {
+        Ok(match self {
+            Self::Pg(db, _) => txmq_sql::postgres::identity(db).await?,
+            Self::Lite(db, _) => txmq_sql::sqlite::identity(db)?,
+        })
+    }
+
     /// The id the next order gets.
     ///
     /// # Errors

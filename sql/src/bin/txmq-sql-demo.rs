@@ -175,7 +175,11 @@ async fn order(db: &mut Db, broker: &str, id: i64, die_at: Option<Step>) -> anyh
     )
     .await?;
     let message = Message::new(TOPIC, format!("order-{id}")).key(id.to_string());
-    let pending = Pending::begin(&producer, vec![message]).await?;
+    let database = match db {
+        Db::Pg(client) => postgres::identity(client).await?,
+        Db::Lite(conn, _) => sqlite::identity(conn)?,
+    };
+    let pending = Pending::begin(&producer, &database, vec![message]).await?;
     let amount = id * 10;
     let (_, committed) = match db {
         Db::Pg(client) => {

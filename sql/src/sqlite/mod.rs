@@ -4,7 +4,7 @@
 //!
 //! SQLite calls block, and a `BEGIN IMMEDIATE` waits up to the connection's busy timeout
 //! for another writer. Every call this crate makes from an async function runs off the
-//! runtime's workers ([`off_the_workers`]: `tokio::task::block_in_place` on a
+//! runtime's workers (`off_the_workers`: `tokio::task::block_in_place` on a
 //! multi-threaded runtime), so a wait for the database's lock stalls neither the runtime
 //! nor the producer's own check-back answers; the API keeps taking `&mut Connection` and
 //! closures over the transaction. On a current-thread runtime there is no other thread

@@ -33,7 +33,7 @@ where
     E: Into<BoxError>,
 {
     let database = super::off_the_workers(|| super::identity(db))?;
-    let pending = Pending::begin_in(producer, &database, messages).await?;
+    let pending = Pending::begin(producer, &database, messages).await?;
     let (value, committed) = run_local(pending, db, work).await?;
     committed.finish().await;
     Ok(value)

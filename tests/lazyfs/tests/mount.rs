@@ -122,10 +122,11 @@ fn is_mounted(mount: &Path) -> bool {
     mounts.lines().any(|l| l.split(' ').nth(1) == Some(mount))
 }
 
-/// Dropped bytes reported by a `lazyfs power cut: dropped N bytes` line.
+/// Dropped bytes reported by a `lazyfs power cut: dropped N bytes, undid M directory
+/// renames` line.
 fn dropped(line: &str) -> u64 {
     let n = line.trim_start_matches("lazyfs power cut: dropped ");
-    n.trim_end_matches(" bytes").parse().unwrap()
+    n.split(" bytes").next().unwrap().parse().unwrap()
 }
 
 #[test]

@@ -269,19 +269,19 @@ impl Queue {
                 .iter()
                 .any(|c| c.spec.stall.is_stalled())
                 .then(|| (now_ms() + super::STALL_AFTER.as_millis() as u64, 0));
-            // A leader whose lease lapsed (handing over, say) delivers nothing; if it
-            // serves again, it looks again then.
+            // A leader whose lease lapsed (handing over, say) delivers nothing, and its
+            // due retries would wake it at once for nothing: it looks again in a while
+            // (or on a request), in case it serves again.
             let lapsed = (!self.serving.holds()).then(|| (now_ms() + 100, 0));
-            let wake = [
-                self.deadlines.first(),
-                retry_wake,
-                stalled.as_ref(),
-                lapsed.as_ref(),
-            ]
-            .into_iter()
-            .flatten()
-            .map(|(at, _)| *at)
-            .min();
+            let wake = if lapsed.is_some() {
+                lapsed.map(|(at, _)| at)
+            } else {
+                [self.deadlines.first(), retry_wake, stalled.as_ref()]
+                    .into_iter()
+                    .flatten()
+                    .map(|(at, _)| *at)
+                    .min()
+            };
             let sleep = async {
                 match wake {
                     Some(at) => {

@@ -130,6 +130,10 @@ pub enum Command {
         topic: Arc<Topic>,
         /// Its open transactions are to be rolled back by its cleanup.
         force: bool,
+        /// Without `force`: the transactions made before this id were checked already
+        /// (none is open on the topic, and all were written): the deletion's step looks
+        /// only at later ones. `None`: at all of them.
+        checked_below: Option<Id>,
     },
     /// Record a deleted topic's cleanup as done.
     FinishDeletion {

@@ -439,7 +439,11 @@ impl Writer {
                 Ok(Outcome::Topic(topic))
             }
             Command::Retain { topic, to } => self.retain(&topic, to, stage),
-            Command::DeleteTopic { topic, force } => self.delete_topic(&topic, force, stage),
+            Command::DeleteTopic {
+                topic,
+                force,
+                checked_below,
+            } => self.delete_topic(&topic, force, checked_below, stage),
             Command::FinishDeletion { id, record } => {
                 if let Some(fence) = Id::from_bytes(&record.fence)
                     && self.doomed.get(&record.name).map(|(f, _)| f) == Some(&fence)

@@ -279,6 +279,7 @@ async fn a_deleted_topic_takes_its_id_with_it() {
     let deleted = w.submit(Command::DeleteTopic {
         topic: old.clone(),
         force: false,
+        checked_below: None,
     });
     let after = w.submit(append(1));
     let retain = w.submit(Command::Retain {
@@ -304,6 +305,7 @@ async fn a_deleted_topic_takes_its_id_with_it() {
         .submit(Command::DeleteTopic {
             topic: new.clone(),
             force: false,
+            checked_below: None,
         })
         .await;
     assert!(matches!(gone, Ok(Outcome::TopicDeleted { .. })));
@@ -407,6 +409,7 @@ async fn index_entries_of_removed_messages_are_compacted_away() {
     w.submit(Command::DeleteTopic {
         topic: t.clone(),
         force: false,
+        checked_below: None,
     })
     .await
     .unwrap();
@@ -445,6 +448,7 @@ async fn a_deletion_is_refused_in_its_step_while_a_transaction_is_open() {
     let delete = || Command::DeleteTopic {
         topic: old.clone(),
         force: false,
+        checked_below: None,
     };
     // Prepared in the same batch as the deletion, and prepared before it.
     let both = w
@@ -520,6 +524,7 @@ async fn a_scheduled_message_goes_with_its_deleted_topic() {
     w.submit(Command::DeleteTopic {
         topic: old.clone(),
         force: false,
+        checked_below: None,
     })
     .await
     .unwrap();
@@ -583,6 +588,7 @@ async fn a_forced_deletion_refuses_commits_until_its_cleanup() {
     let deleted = w.submit(Command::DeleteTopic {
         topic: topic.clone(),
         force: true,
+        checked_below: None,
     });
     assert!(matches!(
         deleted.await.unwrap(),

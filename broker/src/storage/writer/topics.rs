@@ -46,6 +46,7 @@ impl Writer {
         &mut self,
         topic: &Arc<Topic>,
         force: bool,
+        checked_below: Option<Id>,
         stage: &mut Stage,
     ) -> Result<Outcome> {
         Self::alive(topic)?;
@@ -62,7 +63,10 @@ impl Writer {
                 .txns
                 .values()
                 .any(|r| is_open(r) && r.topics.iter().any(|t| *t == topic.name));
-            let open = self.storage.open_txns_on(&topic.name)?;
+            // Those made before `checked_below` were looked at before the request came
+            // here; reading only later ones keeps this step (every write waits for it)
+            // short whatever the number of transactions kept.
+            let open = self.storage.open_txns_on_from(&topic.name, checked_below)?;
             let open: Vec<&Id> = open
                 .iter()
                 .filter(|t| stage.txns.get(*t).is_none_or(is_open))

@@ -78,6 +78,7 @@ impl Writer {
                     state: TxnState::Prepared as i32,
                     created_ms: now,
                     next_check_ms: now.saturating_add(delay),
+                    scoped_checks: true,
                     ..Default::default()
                 };
                 (self.ids.next_secret(), rec, true)

@@ -77,7 +77,7 @@ async fn main() -> anyhow::Result<()> {
                 .tag("cancel-if-unpaid")
                 .deliver_after(args.payment_timeout),
         ];
-        let pending = Pending::begin(&producer, messages).await?;
+        let pending = Pending::begin(&producer, &db.identity().await?, messages).await?;
         let committed = db.place(pending, &order).await?;
         if args.die_after_local_commit_every > 0 && id % args.die_after_local_commit_every == 0 {
             eprintln!("order-service: dying after the local commit of order {id}");
