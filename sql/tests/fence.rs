@@ -261,5 +261,8 @@ async fn two_databases_in_one_group_each_answer_their_own_transactions() {
             t.state,
             t.last_check_note
         );
+        // Asked once, of its own database: another database's checker would have
+        // answered unknown (or, before it knew better, fenced it).
+        assert_eq!(t.check_count, 1, "{id}: {}", t.last_check_note);
     }
 }
