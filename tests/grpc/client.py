@@ -290,6 +290,46 @@ def cancel_receive(endpoint, group, topic):
     channel.close()
 
 
+def short_polls(endpoint, group, topic, seconds):
+    """Raw ReceiveMessage calls with 100 ms long polls, acking what each returns, for
+    `seconds` (reconnecting through broker restarts): a receive often returns while the
+    broker's queue is reading for it. Prints each acked body."""
+    import grpc
+    from google.protobuf.duration_pb2 import Duration
+    from rocketmq.grpc_protocol import definition_pb2 as d
+    from rocketmq.grpc_protocol import service_pb2 as s
+    from rocketmq.grpc_protocol.service_pb2_grpc import MessagingServiceStub
+    die_with_parent()
+    meta = [("x-mq-client-id", "short-polls")]
+    end = time.time() + float(seconds)
+    channel = None
+    while time.time() < end:
+        try:
+            if channel is None:
+                channel = grpc.insecure_channel(endpoint)
+                stub = MessagingServiceStub(channel)
+            req = s.ReceiveMessageRequest(
+                group=d.Resource(name=group),
+                message_queue=d.MessageQueue(topic=d.Resource(name=topic)),
+                batch_size=4, invisible_duration=Duration(seconds=2),
+                long_polling_timeout=Duration(nanos=100_000_000))
+            got = [r.message for r in stub.ReceiveMessage(req, metadata=meta, timeout=5)
+                   if r.HasField("message")]
+            for m in got:
+                entry = s.AckMessageEntry(message_id=m.system_properties.message_id,
+                                          receipt_handle=m.system_properties.receipt_handle)
+                r = stub.AckMessage(s.AckMessageRequest(
+                    group=d.Resource(name=group), topic=d.Resource(name=topic),
+                    entries=[entry]), metadata=meta, timeout=5)
+                if r.status.code == 20000 and all(e.status.code == 20000 for e in r.entries):
+                    out(acked=m.body.decode())
+        except Exception:
+            if channel is not None:
+                channel.close()
+            channel = None
+            time.sleep(0.2)
+
+
 def hostile(endpoint):
     import grpc
     from google.protobuf.duration_pb2 import Duration
@@ -456,6 +496,8 @@ def main():
         push(endpoint, args[0], args[1], args[2], args[3:])
     elif command == "simple":
         simple(endpoint, args[0], args[1], args[2], args[3:])
+    elif command == "short-polls":
+        short_polls(endpoint, args[0], args[1], args[2])
     elif command == "txn-check":
         txn_check(endpoint, args[0], args[1], args[2])
     else:
