@@ -14,8 +14,16 @@ use super::{Pending, later, ready, validate};
 use crate::delivery::{ConsumerSpec, LeaseRef, QueueMsg, SubscribeOptions};
 use crate::error::{Error, Result};
 
-fn gone<T>(_: T) -> Error {
-    Error::ShuttingDown
+/// The error for an answer that never came (the queue stopped with the request in
+/// hand, its write perhaps done): in a broker group the leadership ended, and the next
+/// leader may or may not have what was asked (`NOT_LEADER` says so); a single broker is
+/// shutting down.
+fn gone(shared: &Shared) -> Error {
+    if shared.node.is_some() {
+        Error::NotLeader(None)
+    } else {
+        Error::ShuttingDown
+    }
 }
 
 /// Adds this connection as a consumer of (group, topic). Deliveries follow on the same
@@ -72,8 +80,9 @@ pub async fn subscribe(
     session
         .subscriptions
         .insert(subscription_id, (req.group, topic));
+    let lost = gone(shared);
     later(id, async move {
-        rx.await.map_err(gone)??;
+        rx.await.map_err(|_| lost)??;
         Ok(pb::response::Result::Subscribe(pb::SubscribeOk {
             subscription_id,
         }))
@@ -153,9 +162,10 @@ pub async fn ack(id: u64, req: pb::AckRequest, shared: &Arc<Shared>) -> Pending 
         }
         replies.push(rx);
     }
+    let lost = gone(shared);
     later(id, async move {
         for rx in replies {
-            rx.await.map_err(gone)??;
+            rx.await.map_err(|_| lost.clone())??;
         }
         Ok(pb::response::Result::Ack(pb::AckOk { acked: count }))
     })
@@ -212,8 +222,9 @@ pub async fn nack(id: u64, req: pb::NackRequest, shared: &Arc<Shared>) -> Pendin
     if let Err(e) = shared.groups.send_existing(&group, topic, msg).await {
         return ready(id, Err(e));
     }
+    let lost = gone(shared);
     later(id, async move {
-        rx.await.map_err(gone)??;
+        rx.await.map_err(|_| lost)??;
         Ok(pb::response::Result::Ack(pb::AckOk { acked: 0 }))
     })
 }
@@ -241,8 +252,9 @@ pub async fn extend(id: u64, req: pb::ExtendRequest, shared: &Arc<Shared>) -> Pe
     if let Err(e) = shared.groups.send_existing(&group, topic, msg).await {
         return ready(id, Err(e));
     }
+    let lost = gone(shared);
     later(id, async move {
-        let lease_deadline_ms = rx.await.map_err(gone)??;
+        let lease_deadline_ms = rx.await.map_err(|_| lost)??;
         Ok(pb::response::Result::Extend(pb::ExtendOk {
             lease_deadline_ms,
         }))

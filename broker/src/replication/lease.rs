@@ -129,6 +129,12 @@ impl Serving {
     pub fn holds(&self) -> bool {
         self.0.as_ref().is_none_or(|l| l.holds())
     }
+
+    /// Whether this is a broker group's leader (whose writes a lost leadership leaves
+    /// undecided), not a single broker.
+    pub fn replicated(&self) -> bool {
+        self.0.is_some()
+    }
 }
 
 #[cfg(test)]

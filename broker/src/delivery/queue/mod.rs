@@ -322,7 +322,13 @@ impl Queue {
                         None => std::future::pending().await,
                     }
                 } => {
-                    let written = written.unwrap_or(Err(Error::ShuttingDown));
+                    // Its answer never came (the writer gave up the write): in a group,
+                    // the next leader may or may not have it.
+                    let written = written.unwrap_or(Err(if self.serving.replicated() {
+                        Error::NotLeader(None)
+                    } else {
+                        Error::ShuttingDown
+                    }));
                     self.finish_acks(written);
                     self.start_acks().await;
                 }
