@@ -363,6 +363,30 @@ impl Metrics {
     }
 }
 
+/// A broker group node's part in its group at one moment, as `/health` tells it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Role {
+    /// `leader`, `follower`, `candidate`, `learner` or `shutdown`.
+    pub state: &'static str,
+    /// This node's id.
+    pub id: u64,
+    /// The leader it knows of.
+    pub leader: Option<u64>,
+    /// The term it is in.
+    pub term: u64,
+    /// Its last log entry's index.
+    pub last_log_index: u64,
+    /// The last entry applied to its storage.
+    pub applied_index: u64,
+}
+
+/// What tells a node's role (the broker group's node). Metrics depend on this, not on
+/// the replication module: the node reports to metrics, not the other way round.
+pub trait Roles: Send + Sync + std::fmt::Debug {
+    /// The node's role now.
+    fn role(&self) -> Role;
+}
+
 /// The storage and topics the broker serves now: `None` while storage is being reopened
 /// after a failure.
 #[derive(Debug, Default)]
@@ -370,13 +394,13 @@ pub struct Live {
     now: std::sync::RwLock<Option<(Arc<Storage>, Arc<Topics>)>>,
     started: std::sync::atomic::AtomicBool,
     /// The broker group this node belongs to, if any (`/health` tells its role).
-    group: std::sync::OnceLock<Arc<crate::replication::node::Node>>,
+    group: std::sync::OnceLock<Arc<dyn Roles>>,
 }
 
 impl Live {
     /// Makes this a broker group node's: `/health` tells its role, and a follower that
     /// knows its leader is healthy.
-    pub fn join_group(&self, node: Arc<crate::replication::node::Node>) {
+    pub fn join_group(&self, node: Arc<dyn Roles>) {
         let _ = self.group.set(node);
     }
 
@@ -454,4 +478,25 @@ pub async fn bind(addr: SocketAddr) -> crate::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| crate::Error::Internal(format!("cannot listen for metrics on {addr}: {e}")))
+}
+
+#[cfg(test)]
+mod layering {
+    /// Issue 25, "Shape": metrics import nothing from the replication module (which
+    /// imported metrics' neighbours in turn: a circle). The node reports its role through
+    /// [`super::Roles`].
+    #[test]
+    fn metrics_import_nothing_from_replication() {
+        let source = include_str!("metrics.rs");
+        let code: String = source
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("//"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let needle = ["replication", "::"].concat();
+        assert!(
+            !code.contains(&needle),
+            "metrics.rs names the replication module"
+        );
+    }
 }

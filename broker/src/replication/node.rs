@@ -109,22 +109,7 @@ impl Dirs {
     }
 }
 
-/// A node's part in its group at one moment.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Role {
-    /// `leader`, `follower`, `candidate`, `learner` or `shutdown`.
-    pub state: &'static str,
-    /// This node's id.
-    pub id: u64,
-    /// The leader it knows of.
-    pub leader: Option<u64>,
-    /// The term it is in.
-    pub term: u64,
-    /// Its last log entry's index.
-    pub last_log_index: u64,
-    /// The last entry applied to its storage.
-    pub applied_index: u64,
-}
+pub use crate::metrics::Role;
 
 /// This node's address for clients, told to the others.
 #[derive(Debug, Clone)]
@@ -463,6 +448,12 @@ impl Node {
 
     /// This node's part in the group now, as `/health` tells it.
     pub fn role(&self) -> Role {
+        crate::metrics::Roles::role(self)
+    }
+}
+
+impl crate::metrics::Roles for Node {
+    fn role(&self) -> Role {
         let m = self.raft.metrics().borrow_watched().clone();
         Role {
             state: match m.state {
@@ -479,7 +470,9 @@ impl Node {
             applied_index: m.last_applied.map_or(0, |l| l.index),
         }
     }
+}
 
+impl Node {
     /// The group as this node (its leader) sees it: members, progress, lag.
     pub async fn status(&self) -> pb::ClusterStatusOk {
         let m = self.raft.metrics().borrow_watched().clone();
