@@ -28,6 +28,31 @@ fn fixture() -> Fixture {
     (dir, storage, thread, writer, config)
 }
 
+/// Topic `t`, created through `writer`, holding `m0`, `m1` and `m2` at offsets 0 to 2.
+async fn topic_with_three(writer: &WriterHandle) -> Arc<Topic> {
+    use crate::storage::writer::{Command, Outcome};
+    let Outcome::Topic(topic) = writer
+        .submit(Command::CreateTopic {
+            retention: (0, 0),
+            name: "t".into(),
+            fail_if_exists: true,
+        })
+        .await
+        .unwrap()
+    else {
+        panic!("no topic")
+    };
+    let messages = (0..3)
+        .map(|i| pb::Message {
+            topic: "t".into(),
+            body: format!("m{i}").into(),
+            ..Default::default()
+        })
+        .collect();
+    writer.submit(Command::append(messages)).await.unwrap();
+    topic
+}
+
 /// Group `g` on `topic`, subscribed before, nothing acked yet.
 fn new_group(
     topic: Arc<Topic>,
@@ -92,27 +117,8 @@ async fn lease_expiry_costs_what_is_due() {
 /// forever (100 % CPU, the Unsubscribe never read). Nothing is lost meanwhile.
 #[tokio::test]
 async fn a_closed_consumer_does_not_make_pump_spin_or_lose_messages() {
-    use crate::storage::writer::{Command, Outcome};
     let (_dir, storage, thread, writer, config) = fixture();
-    let Outcome::Topic(topic) = writer
-        .submit(Command::CreateTopic {
-            retention: (0, 0),
-            name: "t".into(),
-            fail_if_exists: true,
-        })
-        .await
-        .unwrap()
-    else {
-        panic!("no topic")
-    };
-    let messages = (0..3)
-        .map(|i| pb::Message {
-            topic: "t".into(),
-            body: format!("m{i}").into(),
-            ..Default::default()
-        })
-        .collect();
-    writer.submit(Command::append(messages)).await.unwrap();
+    let topic = topic_with_three(&writer).await;
     let mut q = new_group(topic, storage, writer, config);
     let consumer = |id, outbound| Consumer {
         spec: ConsumerSpec {
@@ -273,27 +279,8 @@ fn delivered(rx: &mut mpsc::Receiver<Frame>) -> Vec<(u64, u64)> {
 /// floor past it: after a restart it is delivered (it was once lost for good).
 #[tokio::test]
 async fn the_floor_does_not_pass_a_redelivery_only_memory_knows() {
-    use crate::storage::writer::{Command, Outcome};
     let (_dir, storage, thread, writer, config) = fixture();
-    let Outcome::Topic(topic) = writer
-        .submit(Command::CreateTopic {
-            retention: (0, 0),
-            name: "t".into(),
-            fail_if_exists: true,
-        })
-        .await
-        .unwrap()
-    else {
-        panic!("no topic")
-    };
-    let messages = (0..3)
-        .map(|i| pb::Message {
-            topic: "t".into(),
-            body: format!("m{i}").into(),
-            ..Default::default()
-        })
-        .collect();
-    writer.submit(Command::append(messages)).await.unwrap();
+    let topic = topic_with_three(&writer).await;
     let consumer = |outbound| Consumer {
         spec: ConsumerSpec {
             subscription_id: 1,
