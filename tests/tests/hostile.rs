@@ -418,3 +418,36 @@ async fn dead_letter_pages_fit_in_a_frame() {
         .collect();
     assert_eq!(bodies, (0..12).map(body).collect::<Vec<_>>());
 }
+
+/// I7 (issue 25, item 5): a producer's `Hello` declares its check scopes; too many, one
+/// too long or an empty one is refused with a clear error (each is kept for the
+/// connection's life), and a reasonable declaration is accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hello_with_unreasonable_check_scopes_is_refused() {
+    let b = TestBroker::start(&[]);
+    let answer = async |check_scopes: Vec<String>| {
+        let s = tokio::net::TcpStream::connect(b.addr()).await.unwrap();
+        let mut framed = tokio_util::codec::Framed::new(s, txmq_protocol::FrameCodec::default());
+        let hello = pb::Hello {
+            protocol_version: txmq_protocol::PROTOCOL_VERSION,
+            role: pb::Role::Producer as i32,
+            producer_group: "g".into(),
+            answers_checks: true,
+            check_scopes,
+            ..Default::default()
+        };
+        let r = raw_call(&mut framed, 1, Body::Hello(hello)).await;
+        (r.code, r.message)
+    };
+    for bad in [
+        vec!["x".to_string(); 17],
+        vec!["y".repeat(257)],
+        vec![String::new()],
+    ] {
+        let (code, message) = answer(bad).await;
+        assert_eq!(code, ErrorCode::InvalidRequest as i32, "{message}");
+        assert!(message.contains("check_scopes"), "{message}");
+    }
+    let (code, message) = answer(vec!["db-a".into(), "db-b".into()]).await;
+    assert_eq!(code, 0, "{message}");
+}
