@@ -83,6 +83,8 @@ pub struct Metrics {
     pub connections: IntGauge,
     /// Connections refused at the limit.
     pub connections_refused: IntCounter,
+    /// A group node's wall clock minus the group's, in ms (set when scraped).
+    clock_skew_ms: IntGauge,
     group_lag: IntGaugeVec,
 }
 
@@ -258,6 +260,11 @@ impl Metrics {
                 prometheus::exponential_buckets(1.0, 2.0, 13).expect("valid buckets"),
             ),
             connections: gauge("connections", "Open client connections"),
+            clock_skew_ms: gauge(
+                "clock_skew_ms",
+                "A broker group node's wall clock minus the group's (the median of the \
+                 members'), in ms; beyond 500 either way the node refuses to lead",
+            ),
             connections_refused: counter(
                 "connections_refused_total",
                 "Connections refused at max-connections",
@@ -343,6 +350,20 @@ impl Metrics {
                 "storage is being opened".to_string(),
             ),
         };
+        // A node whose clock is off refuses to lead: not a healthy member, whatever it
+        // serves now.
+        let (code, status, detail) = match &role {
+            Some(r) if r.clock_skewed => (
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                "clock_skewed",
+                format!(
+                    "this node's wall clock is {} ms from the group's: it refuses to lead \
+                     until it is corrected (check NTP)",
+                    r.clock_skew_ms.unwrap_or(0)
+                ),
+            ),
+            _ => (code, status, detail),
+        };
         let mut body = serde_json::json!({
             "status": status,
             "detail": detail,
@@ -357,6 +378,7 @@ impl Metrics {
                 "term": role.term,
                 "last_log_index": role.last_log_index,
                 "applied_index": role.applied_index,
+                "clock_skew_ms": role.clock_skew_ms,
             });
         }
         (code, format!("{body}\n"))
@@ -378,6 +400,11 @@ pub struct Role {
     pub last_log_index: u64,
     /// The last entry applied to its storage.
     pub applied_index: u64,
+    /// How far its wall clock is from the group's, in ms (positive: ahead); `None` when
+    /// not known.
+    pub clock_skew_ms: Option<i64>,
+    /// The skew is beyond the bound: it refuses to lead.
+    pub clock_skewed: bool,
 }
 
 /// What tells a node's role (the broker group's node). Metrics depend on this, not on
@@ -434,6 +461,11 @@ pub async fn serve(
     let scrape = {
         let (metrics, live) = (metrics.clone(), live.clone());
         move || async move {
+            if let Some(node) = live.group.get() {
+                metrics
+                    .clock_skew_ms
+                    .set(node.role().clock_skew_ms.unwrap_or(0));
+            }
             let text = match live.get() {
                 Some((storage, topics)) => {
                     tokio::task::spawn_blocking(move || metrics.render(&storage, &topics))

@@ -35,11 +35,30 @@ pub const CHECK_SCOPE_PROPERTY: &str = "txmq-check-scope";
 pub const DEFAULT_MAX_FRAME_LEN: usize = 16 * 1024 * 1024;
 
 /// Milliseconds since the Unix epoch on this machine's clock.
+///
+/// In debug builds only, `TXMQ_CLOCK_OFFSET_MS` (signed milliseconds, read once) moves
+/// this process's clock: the tests of a broker group give one node a clock that is ahead
+/// or behind. Release builds read the clock as it is.
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
+    let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+        .unwrap_or(0);
+    #[cfg(debug_assertions)]
+    let now = now.saturating_add_signed(test_clock_offset_ms());
+    now
+}
+
+/// The debug-only clock offset of [`now_ms`] (0 when unset or unreadable).
+#[cfg(debug_assertions)]
+fn test_clock_offset_ms() -> i64 {
+    static OFFSET: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+    *OFFSET.get_or_init(|| {
+        std::env::var("TXMQ_CLOCK_OFFSET_MS")
+            .ok()
+            .and_then(|v| v.trim().trim_start_matches('+').parse().ok())
+            .unwrap_or(0)
+    })
 }
 
 #[cfg(test)]

@@ -17,12 +17,15 @@
 //!   server when this node leads (serve clients) and when it stops leading.
 //! - [`lease`]: the group's timing in one place, and the leader's lease that every
 //!   request, delivery and check-back asks before it serves.
+//! - [`clock`]: how far each member's wall clock is from the group's, measured by every
+//!   append; a node beyond the bound refuses to lead.
 //!
 //! What the leader's writer decides in memory (offsets, transaction states) is decided
 //! on the leader alone; followers apply bytes. A node that becomes leader therefore
 //! starts its serving parts afresh from the applied state, after everything committed
 //! in earlier terms is applied.
 
+pub mod clock;
 pub mod lease;
 pub mod log_store;
 pub mod network;

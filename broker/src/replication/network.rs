@@ -26,6 +26,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
 
+use super::clock::Clocks;
 use super::state_machine::{SnapshotDir, StorageSlot};
 use super::{Raft, TypeConfig, io_err};
 
@@ -56,7 +57,12 @@ enum Rpc {
     Hello {
         token: String,
     },
-    Append(AppendEntriesRequest<TypeConfig>),
+    /// Entries (none: a heartbeat), with how far the receiver's wall clock is from the
+    /// group's as the leader measured it (see [`super::clock`]).
+    Append {
+        req: AppendEntriesRequest<TypeConfig>,
+        your_skew_ms: Option<i64>,
+    },
     Vote(VoteRequest<TypeConfig>),
     PreVote(VoteRequest<TypeConfig>),
     /// A whole snapshot follows: these files, in this order, with these sizes.
@@ -74,7 +80,13 @@ enum Rpc {
 enum Reply {
     /// The handshake was accepted.
     Welcome,
-    Append(AppendEntriesResponse<TypeConfig>),
+    /// The answer to an append, with when (on the answering node's wall clock) the
+    /// request was read and the answer sent.
+    Append {
+        resp: AppendEntriesResponse<TypeConfig>,
+        received_ms: u64,
+        replied_ms: u64,
+    },
     Vote(VoteResponse<TypeConfig>),
     Snapshot(SnapshotResponse<TypeConfig>),
     TransferLeader(TransferLeaderResponse<TypeConfig>),
@@ -165,25 +177,31 @@ pub async fn info(addr: &str, token: &str, timeout: Duration) -> io::Result<Node
 pub struct Network {
     /// The group's secret.
     pub token: String,
+    /// What appends measure of the members' wall clocks.
+    pub clocks: Arc<Clocks>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = Peer;
 
-    async fn new_client(&mut self, _target: u64, node: &BasicNode) -> Peer {
+    async fn new_client(&mut self, target: u64, node: &BasicNode) -> Peer {
         Peer {
+            target,
             addr: node.addr.clone(),
             token: self.token.clone(),
             conn: None,
+            clocks: self.clocks.clone(),
         }
     }
 }
 
 /// One connection to a target node, opened on demand and dropped on any error.
 pub struct Peer {
+    target: u64,
     addr: String,
     token: String,
     conn: Option<Conn>,
+    clocks: Arc<Clocks>,
 }
 
 impl Peer {
@@ -250,8 +268,22 @@ impl RaftNetworkV2<TypeConfig> for Peer {
         } else {
             Duration::from_secs(2) + Duration::from_secs_f64(bytes as f64 / APPEND_BYTES_PER_SEC)
         };
-        match self.call(&Rpc::Append(rpc), ttl).await? {
-            Reply::Append(r) => Ok(r),
+        let rpc = Rpc::Append {
+            req: rpc,
+            your_skew_ms: self.clocks.skew_of(self.target),
+        };
+        let sent_ms = txmq_protocol::now_ms();
+        match self.call(&rpc, ttl).await? {
+            Reply::Append {
+                resp,
+                received_ms,
+                replied_ms,
+            } => {
+                let read_ms = txmq_protocol::now_ms();
+                self.clocks
+                    .exchange(self.target, sent_ms, received_ms, replied_ms, read_ms);
+                Ok(resp)
+            }
             _ => Err(unexpected()),
         }
     }
@@ -382,6 +414,7 @@ pub async fn serve(
     slot: Arc<StorageSlot>,
     info: Arc<dyn Fn() -> NodeInfo + Send + Sync>,
     token: String,
+    clocks: Arc<Clocks>,
     cancel: CancellationToken,
 ) {
     let token = Arc::new(token);
@@ -403,19 +436,20 @@ pub async fn serve(
             continue;
         };
         let _ = socket.set_nodelay(true);
-        let (raft, slot, info, cancel, token) = (
+        let (raft, slot, info, cancel, token, clocks) = (
             raft.clone(),
             slot.clone(),
             info.clone(),
             cancel.clone(),
             token.clone(),
+            clocks.clone(),
         );
         tokio::spawn(async move {
             let _permit = permit;
             let mut conn = Framed::new(socket, codec());
             tokio::select! {
                 () = cancel.cancelled() => {}
-                r = serve_conn(&mut conn, &raft, &slot, &*info, &token) => if let Err(e) = r {
+                r = serve_conn(&mut conn, &raft, &slot, &*info, &token, &clocks) => if let Err(e) = r {
                     tracing::debug!(%peer, "node connection closed: {e}");
                 },
             }
@@ -429,6 +463,7 @@ async fn serve_conn(
     slot: &StorageSlot,
     info: &(dyn Fn() -> NodeInfo + Send + Sync),
     token: &str,
+    clocks: &Clocks,
 ) -> io::Result<()> {
     // The handshake: the group's secret, in a small frame, soon. Frames stay small
     // until it is accepted: the codec reserves what a header announces before the
@@ -456,13 +491,25 @@ async fn serve_conn(
             Ok(rpc) => rpc?,
             Err(_) => return Err(io_err("idle")),
         };
+        let received_ms = txmq_protocol::now_ms();
         let reply = match rpc {
             Rpc::Hello { .. } => Reply::Welcome,
-            Rpc::Append(req) => raft
-                .append_entries(req)
-                .await
-                .map(Reply::Append)
-                .unwrap_or_else(|e| Reply::Failed(e.to_string())),
+            Rpc::Append { req, your_skew_ms } => match raft.append_entries(req).await {
+                Ok(resp) => {
+                    // Believed from the leader of this node's term only.
+                    if let Some(skew) = your_skew_ms
+                        && !matches!(resp, AppendEntriesResponse::HigherVote(_))
+                    {
+                        clocks.told(skew);
+                    }
+                    Reply::Append {
+                        resp,
+                        received_ms,
+                        replied_ms: txmq_protocol::now_ms(),
+                    }
+                }
+                Err(e) => Reply::Failed(e.to_string()),
+            },
             Rpc::Vote(req) => raft
                 .vote(req)
                 .await

@@ -23,6 +23,7 @@ use openraft::{BasicNode, ServerState, SnapshotPolicy};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use super::clock::{self, Clocks};
 use super::log_store::LogStore;
 use super::network::{self, Network, NodeInfo};
 use super::state_machine::{StateMachine, StorageSlot};
@@ -72,6 +73,10 @@ pub struct Node {
     tasks: tokio_util::task::TaskTracker,
     /// While it holds, this node may serve as the leader (see [`super::lease`]).
     pub lease: Arc<Lease>,
+    /// What this node knows of the members' wall clocks (see [`super::clock`]).
+    clocks: Arc<Clocks>,
+    /// The term this node handed over because its clock was off: it does not serve in it.
+    handed_over: Mutex<Option<u64>>,
 }
 
 /// Where a node keeps its parts, under the data directory.
@@ -190,8 +195,10 @@ impl Node {
         .validate()
         .map_err(|e| Error::Invalid(format!("raft settings: {e}")))?;
         let token = config.auth_token.clone().unwrap_or_default();
+        let clocks = Arc::new(Clocks::default());
         let network = Network {
             token: token.clone(),
+            clocks: clocks.clone(),
         };
         let raft = Raft::new(
             peers.me,
@@ -219,6 +226,8 @@ impl Node {
             stop: CancellationToken::new(),
             tasks: tokio_util::task::TaskTracker::new(),
             lease: Arc::new(Lease::default()),
+            clocks: clocks.clone(),
+            handed_over: Mutex::new(None),
         });
         let info = {
             let raft = raft.clone();
@@ -240,6 +249,7 @@ impl Node {
             slot,
             info,
             token.clone(),
+            clocks,
             node.stop.clone(),
         ));
         node.tasks
@@ -269,7 +279,8 @@ impl Node {
                 (m.state == ServerState::Leader
                     && m.current_leader == Some(self.peers.me)
                     && m.vote.is_committed()
-                    && self.heard_from_majority(&m))
+                    && self.heard_from_majority(&m)
+                    && *self.handed_over.lock().expect("handed over") != Some(m.current_term))
                 .then(|| (m.current_term, m.vote.leader_id().to_committed()))
             };
             if let Some((term, leader)) = lead {
@@ -278,6 +289,9 @@ impl Node {
                 // node wrote in this term before it last stopped serving (a write that
                 // gave up may still commit). Only then is the state loaded.
                 match self.raft.write_blank().await {
+                    // Committed, the blank entry measured the clocks of a majority: a
+                    // node whose clock is off serves nothing and hands over.
+                    Ok(_) if self.hand_over_if_clock_off(term).await => {}
                     Ok(_) => {
                         // The blank entry was committed by a majority just now; a
                         // leadership handed over earlier is over.
@@ -329,6 +343,9 @@ impl Node {
                     }
                 }
             }
+            if self.hand_over_if_clock_off(leadership.term).await {
+                return;
+            }
             tokio::select! {
                 changed = rx.changed() => if changed.is_err() {
                     return;
@@ -336,6 +353,40 @@ impl Node {
                 _ = tick.tick() => {}
             }
         }
+    }
+
+    /// As the leader of `term`: if this node's wall clock is more than
+    /// [`clock::MAX_SKEW_MS`] from the group's, stops serving and hands the leadership to
+    /// the member whose clock agrees best (see [`super::clock`]); true if it did. Not
+    /// served again in this term; elected again later, it checks again.
+    async fn hand_over_if_clock_off(&self, term: u64) -> bool {
+        let Some(skew) = self.clocks.own_skew(true).filter(|s| clock::too_far(*s)) else {
+            return false;
+        };
+        let voters: Vec<u64> = self
+            .raft
+            .metrics()
+            .borrow_watched()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect();
+        let Some(to) = self.clocks.best_successor(self.peers.me, &voters) else {
+            // The only voter: no one to hand over to (the alarm is raised).
+            return false;
+        };
+        *self.handed_over.lock().expect("handed over") = Some(term);
+        self.lease.resign(RESIGN_FOR);
+        tracing::warn!(
+            term,
+            skew_ms = skew,
+            to,
+            "this node's wall clock is off: not leading; handing the leadership over"
+        );
+        if let Err(e) = self.raft.trigger().transfer_leader(to).await {
+            tracing::warn!(to, "handing the leadership over failed: {e}");
+        }
+        true
     }
 
     /// Whether a majority of the voters (this node among them) acknowledged this
@@ -455,6 +506,7 @@ impl Node {
 impl crate::metrics::Roles for Node {
     fn role(&self) -> Role {
         let m = self.raft.metrics().borrow_watched().clone();
+        let skew = self.clocks.own_skew(m.state == ServerState::Leader);
         Role {
             state: match m.state {
                 ServerState::Leader => "leader",
@@ -468,6 +520,8 @@ impl crate::metrics::Roles for Node {
             term: m.current_term,
             last_log_index: m.last_log_index.unwrap_or(0),
             applied_index: m.last_applied.map_or(0, |l| l.index),
+            clock_skew_ms: skew,
+            clock_skewed: skew.is_some_and(clock::too_far),
         }
     }
 }
@@ -498,6 +552,11 @@ impl Node {
                 voter: voters.contains(id),
                 matched_index: matched.unwrap_or(0),
                 lag: last.saturating_sub(matched.unwrap_or(0)),
+                clock_skew_ms: if *id == self.peers.me {
+                    self.clocks.own_skew(true)
+                } else {
+                    self.clocks.skew_of(*id)
+                },
             });
         }
         pb::ClusterStatusOk {

@@ -16,6 +16,7 @@
 //!                                                                          └─▶ topic ends move
 //! ```
 
+mod clock;
 mod command;
 mod handle;
 mod recent;
@@ -82,6 +83,8 @@ pub struct Writer {
     doomed: FxHashMap<String, (Id, bool)>,
     /// A broker group's leader sends its batches here instead of writing them.
     replicator: Option<Replicator>,
+    /// Every time the writer stores; it never goes backwards.
+    clock: clock::WallClock,
 }
 
 impl Writer {
@@ -131,7 +134,9 @@ impl Writer {
             .filter(|(_, r)| !r.cleaned)
             .filter_map(|(_, r)| Some((r.name, (Id::from_bytes(&r.fence)?, r.force))))
             .collect();
+        let clock = clock::WallClock::after_stored(&storage, &topics);
         let writer = Writer {
+            clock,
             next_topic_id: (topics.max_id() + 1).max(storage.next_topic_id()),
             storage,
             topics,

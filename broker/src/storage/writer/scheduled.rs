@@ -110,7 +110,7 @@ impl Writer {
     /// Delivers a message whose due entry came up; an entry that no longer matches a
     /// waiting message (cancelled, delivered, moved) is removed and nothing else happens.
     pub(super) fn deliver(&mut self, id: Id, due_ms: u64, stage: &mut Stage) -> Result<Outcome> {
-        let now = txmq_protocol::now_ms();
+        let now = self.clock.now();
         let rec = match self.sched_record(id, stage) {
             Ok(rec) => rec,
             Err(e) => {
@@ -197,7 +197,7 @@ impl Writer {
                 rec.message = None;
                 rec.state = SchedState::Cancelled as i32;
                 stage.tally.cancelled += 1;
-                let now = txmq_protocol::now_ms();
+                let now = self.clock.now();
                 self.remember(id, rec.clone(), now, stage);
             }
         }

@@ -93,7 +93,7 @@ impl Writer {
         let fence = self.ids.next_secret();
         let dead = DeletedTopicRecord {
             name: topic.name.clone(),
-            deleted_ms: txmq_protocol::now_ms(),
+            deleted_ms: self.clock.now(),
             fence: fence.to_bytes().to_vec(),
             force,
             cleaned: false,
@@ -121,7 +121,7 @@ impl Writer {
         stage.first_topic_id.get_or_insert(self.next_topic_id);
         let record = TopicRecord {
             id: self.next_topic_id,
-            created_ms: txmq_protocol::now_ms(),
+            created_ms: self.clock.now(),
             ..Default::default()
         };
         self.next_topic_id += 1;
@@ -285,7 +285,7 @@ impl Writer {
         stage: &mut Stage,
     ) -> Result<Outcome> {
         let topics = self.topics_for(&messages, stage)?;
-        let now = txmq_protocol::now_ms();
+        let now = self.clock.now();
         let window = self.storage.dedup_window_ms();
         if window == 0 || messages.iter().all(|m| m.idempotency_key.is_empty()) {
             // No keys (the common case): nothing to look up or record.

@@ -56,7 +56,7 @@ impl Writer {
         check_delay_ms: u64,
         stage: &mut Stage,
     ) -> Result<Outcome> {
-        let now = txmq_protocol::now_ms();
+        let now = self.clock.now();
         // Everything that can refuse the request comes first: a refusal stages nothing (a
         // due entry staged before a refused topic once stayed behind without a record).
         let (txn, mut rec, new) = match txn {
@@ -209,7 +209,7 @@ impl Writer {
                     })
                 })
                 .collect::<Result<Vec<_>>>()?;
-            let now = txmq_protocol::now_ms();
+            let now = self.clock.now();
             for (mut m, topic) in halves.into_iter().zip(topics) {
                 m.store_ms = now;
                 // A scheduled message of the transaction is held back from here (I8).
@@ -222,7 +222,7 @@ impl Writer {
         for seq in 0..rec.message_count {
             stage.batch.delete_cf(half, keys::half(txn, seq));
         }
-        let now = txmq_protocol::now_ms();
+        let now = self.clock.now();
         self.move_check(txn, rec.next_check_ms, 0, stage);
         rec.state = wanted as i32;
         rec.next_check_ms = 0;
@@ -290,7 +290,9 @@ impl Writer {
         rec.next_check_ms = 0;
         // Kept for operators a while, then purged with its half messages (a re-arm or a
         // resolution before then moves purge_ms, and this entry no longer matches).
-        rec.purge_ms = txmq_protocol::now_ms()
+        rec.purge_ms = self
+            .clock
+            .now()
             .saturating_add(self.config.discarded_retention.as_millis() as u64);
         stage.batch.put_cf(
             self.storage.cf(Cf::Due),
@@ -318,7 +320,7 @@ impl Writer {
             }
             _ => return Err(Error::TxnNotRearmable(txn.to_string(), "rolled back")),
         }
-        let now = txmq_protocol::now_ms();
+        let now = self.clock.now();
         self.move_check(txn, rec.next_check_ms, now, stage);
         rec.state = TxnState::Prepared as i32;
         rec.check_count = 0;

@@ -86,6 +86,7 @@ fn print(s: &pb::ClusterStatusOk, json: bool) {
             ("CLIENT", -22),
             ("MATCHED", 10),
             ("LAG", 8),
+            ("CLOCK", 9),
         ],
     );
     for n in &s.nodes {
@@ -107,10 +108,13 @@ fn print(s: &pb::ClusterStatusOk, json: bool) {
                 client,
                 n.matched_index.to_string(),
                 n.lag.to_string(),
+                n.clock_skew_ms
+                    .map_or_else(|| "-".into(), |ms| format!("{ms:+}ms")),
             ],
             json!({"id": n.id, "role": role, "peer_addr": n.peer_addr,
                 "client_addr": n.client_addr, "reachable": n.reachable, "voter": n.voter,
-                "matched_index": n.matched_index, "lag": n.lag}),
+                "matched_index": n.matched_index, "lag": n.lag,
+                "clock_skew_ms": n.clock_skew_ms}),
         );
     }
 }

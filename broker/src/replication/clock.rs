@@ -1,0 +1,286 @@
+//! Wall clocks across a broker group: how far each node's is from the group's, and the
+//! bound beyond which a node refuses to lead.
+//!
+//! A message's `store_ms`, a scheduled message's time and `group reset --to TIME` are
+//! read on the leader's wall clock. After a failover to a node whose clock is behind,
+//! newer offsets would carry smaller times; one whose clock is ahead would deliver
+//! scheduled messages early. So the skew is bounded, not trusted away:
+//!
+//! - Every append (heartbeats too) is an exchange with four timestamps, as NTP takes
+//!   them: the leader sends at `t1` (its clock), the follower receives at `t2` and replies
+//!   at `t3` (its clock), the leader reads the reply at `t4`. The follower's offset is
+//!   `((t2 - t1) + (t3 - t4)) / 2`, wrong by at most half the round trip minus the
+//!   follower's time, so of recent exchanges the one with the shortest round trip counts.
+//! - The group's clock is the median of the members' (the leader's own is 0 on its
+//!   scale): one node far off cannot move it. Each append tells the follower how far it is
+//!   from that median; the leader computes its own.
+//! - A node more than [`MAX_SKEW_MS`] from the group's clock raises an alarm (a log line,
+//!   the `txmq_clock_skew_ms` gauge, `/health` answers `clock_skewed`) and refuses to
+//!   lead: elected, it hands the leadership to a member whose clock agrees before serving
+//!   anything (see `Node::leading`), and a leader whose clock drifts off hands over too.
+//! - Within the bound, the writer's `store_ms` never goes backwards (see the writer's
+//!   clock): times are at most [`MAX_SKEW_MS`] early, never out of order.
+//!
+//! NTP (or chrony) on every node is a requirement: this is an alarm and a fence, not a
+//! clock discipline.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Most a node's wall clock may differ from the group's and the node still lead.
+pub const MAX_SKEW_MS: i64 = 500;
+
+/// Exchanges kept per peer (the best of them counts).
+const SAMPLES: usize = 8;
+/// An exchange older than this tells nothing about the clock now.
+const FRESH: Duration = Duration::from_secs(5);
+/// How long what the leader told this node of its skew is believed without news.
+const TOLD_FOR: Duration = Duration::from_secs(60);
+
+/// One exchange with a peer.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    /// Its clock minus this node's, in ms.
+    offset_ms: i64,
+    /// The round trip without the peer's own time, in ms.
+    delay_ms: i64,
+    at: Instant,
+}
+
+/// What this node knows of the group's clocks.
+#[derive(Debug, Default)]
+pub struct Clocks {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    /// As a leader: recent exchanges with each peer.
+    peers: HashMap<u64, VecDeque<Sample>>,
+    /// As a follower: this node's skew from the group's clock, as the leader last told
+    /// it, and when.
+    told: Option<(i64, Instant)>,
+    /// The alarm is raised (logged once when it is raised and once when it clears).
+    alarmed: bool,
+}
+
+impl Clocks {
+    /// An exchange with `peer`: this node sent at `t1` and read the reply at `t4`, the
+    /// peer received at `t2` and replied at `t3` (each on its own wall clock, in ms).
+    pub fn exchange(&self, peer: u64, t1: u64, t2: u64, t3: u64, t4: u64) {
+        let (t1, t2, t3, t4) = (t1 as i64, t2 as i64, t3 as i64, t4 as i64);
+        let sample = Sample {
+            offset_ms: ((t2 - t1) + (t3 - t4)) / 2,
+            delay_ms: ((t4 - t1) - (t3 - t2)).max(0),
+            at: Instant::now(),
+        };
+        let mut inner = self.inner.lock().expect("clocks");
+        let samples = inner.peers.entry(peer).or_default();
+        if samples.len() == SAMPLES {
+            samples.pop_front();
+        }
+        samples.push_back(sample);
+    }
+
+    /// The leader told this node its skew from the group's clock.
+    pub fn told(&self, skew_ms: i64) {
+        let mut inner = self.inner.lock().expect("clocks");
+        inner.told = Some((skew_ms, Instant::now()));
+        inner.alarm(skew_ms);
+    }
+
+    /// As the leader: how far `peer`'s clock is from the group's (what its next append
+    /// tells it); `None` without a recent exchange with it.
+    pub fn skew_of(&self, peer: u64) -> Option<i64> {
+        let inner = self.inner.lock().expect("clocks");
+        let offset = inner.best(peer)?;
+        Some(offset - inner.group_clock())
+    }
+
+    /// This node's skew from the group's clock: measured as the leader (`leading`), else
+    /// as the leader last told it; `None` when unknown.
+    pub fn own_skew(&self, leading: bool) -> Option<i64> {
+        let mut inner = self.inner.lock().expect("clocks");
+        let skew = if leading && inner.fresh_peers() > 0 {
+            Some(-inner.group_clock())
+        } else {
+            inner.told()
+        };
+        if let Some(skew) = skew {
+            inner.alarm(skew);
+        }
+        skew
+    }
+
+    /// As the leader: the member to hand the leadership to when this node's clock is
+    /// off: the one of `voters` (other than `me`) closest to the group's clock, measured;
+    /// else the first other voter.
+    pub fn best_successor(&self, me: u64, voters: &[u64]) -> Option<u64> {
+        let others = voters.iter().copied().filter(|v| *v != me);
+        let measured = others
+            .clone()
+            .filter_map(|v| self.skew_of(v).map(|s| (s.unsigned_abs(), v)))
+            .min()
+            .map(|(_, v)| v);
+        measured.or_else(|| others.min())
+    }
+}
+
+/// Whether a skew is beyond the bound.
+pub fn too_far(skew_ms: i64) -> bool {
+    skew_ms.unsigned_abs() > MAX_SKEW_MS as u64
+}
+
+impl Inner {
+    /// `peer`'s offset from the freshest exchanges: the one with the shortest round trip.
+    fn best(&self, peer: u64) -> Option<i64> {
+        self.peers
+            .get(&peer)?
+            .iter()
+            .filter(|s| s.at.elapsed() < FRESH)
+            .min_by_key(|s| s.delay_ms)
+            .map(|s| s.offset_ms)
+    }
+
+    fn fresh_peers(&self) -> usize {
+        self.peers
+            .keys()
+            .filter(|p| self.best(**p).is_some())
+            .count()
+    }
+
+    fn told(&self) -> Option<i64> {
+        self.told
+            .filter(|(_, at)| at.elapsed() < TOLD_FOR)
+            .map(|(s, _)| s)
+    }
+
+    /// The group's clock on this node's scale (ms ahead of this node's).
+    fn group_clock(&self) -> i64 {
+        let mut clocks: Vec<i64> = vec![0];
+        clocks.extend(self.peers.keys().filter_map(|p| self.best(*p)));
+        median(clocks, self.told().map(|s| -s))
+    }
+
+    fn alarm(&mut self, skew_ms: i64) {
+        let off = too_far(skew_ms);
+        if off && !self.alarmed {
+            tracing::error!(
+                skew_ms,
+                "this node's wall clock is {skew_ms} ms from the group's (more than \
+                 {MAX_SKEW_MS} ms): it will not lead until its clock is corrected; \
+                 check NTP on this machine"
+            );
+        } else if !off && self.alarmed {
+            tracing::info!(
+                skew_ms,
+                "this node's wall clock agrees with the group's again"
+            );
+        }
+        self.alarmed = off;
+    }
+}
+
+/// The median of `clocks` (this node's among them, as 0). With an even count the two
+/// middle values can disagree and nothing says which is right: the one closer to `hint`
+/// (the group's clock as last told, when known) counts, else the one closer to this
+/// node's own.
+fn median(mut clocks: Vec<i64>, hint: Option<i64>) -> i64 {
+    clocks.sort_unstable();
+    let n = clocks.len();
+    if n == 1 {
+        return hint.unwrap_or(0);
+    }
+    if n % 2 == 1 {
+        return clocks[n / 2];
+    }
+    let (low, high) = (clocks[n / 2 - 1], clocks[n / 2]);
+    let toward = hint.unwrap_or(0);
+    if (low - toward).abs() <= (high - toward).abs() {
+        low
+    } else {
+        high
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_exchange_measures_the_offset_without_the_peers_own_time() {
+        let c = Clocks::default();
+        // The peer is 3 s ahead; 2 ms each way; it took 50 ms to answer (an fsync).
+        c.exchange(2, 1000, 4002, 4052, 1054);
+        let inner = c.inner.lock().unwrap();
+        assert_eq!(inner.best(2), Some(3000));
+        assert_eq!(inner.peers[&2][0].delay_ms, 4);
+    }
+
+    #[test]
+    fn the_shortest_round_trip_counts() {
+        let c = Clocks::default();
+        // A slow exchange (a big append: 400 ms on the way there) reads the offset
+        // wrong; a heartbeat right after reads it right.
+        c.exchange(2, 1000, 1400, 1401, 1402);
+        c.exchange(2, 2000, 2001, 2001, 2002);
+        assert_eq!(c.inner.lock().unwrap().best(2), Some(0));
+    }
+
+    #[test]
+    fn one_clock_far_off_does_not_move_the_group() {
+        // Leader 1 fine, follower 2 three seconds ahead, follower 3 fine.
+        let c = Clocks::default();
+        c.exchange(2, 1000, 4001, 4001, 1002);
+        c.exchange(3, 1000, 1001, 1001, 1002);
+        assert_eq!(c.skew_of(2), Some(3000));
+        assert_eq!(c.skew_of(3), Some(0));
+        assert_eq!(c.own_skew(true), Some(0));
+        assert_eq!(c.best_successor(1, &[1, 2, 3]), Some(3));
+    }
+
+    #[test]
+    fn a_leader_far_off_finds_itself_off() {
+        // Leader 1 three seconds ahead of both followers.
+        let c = Clocks::default();
+        c.exchange(2, 4000, 1001, 1001, 4002);
+        c.exchange(3, 4000, 1001, 1001, 4002);
+        assert_eq!(c.own_skew(true), Some(3000));
+        assert!(too_far(c.own_skew(true).unwrap()));
+        assert_eq!(c.skew_of(2), Some(0));
+    }
+
+    #[test]
+    fn with_two_clocks_what_the_leader_told_decides() {
+        // A failover: node 2 (3 s ahead) was told so by the old leader, which is gone;
+        // elected, it hears from node 3 only.
+        let c = Clocks::default();
+        c.told(3000);
+        c.exchange(3, 4000, 1001, 1001, 4002);
+        assert_eq!(c.own_skew(true), Some(3000));
+        assert_eq!(c.skew_of(3), Some(0));
+        // Told nothing, it trusts its own clock (and node 3 is the one off).
+        let c = Clocks::default();
+        c.exchange(3, 4000, 1001, 1001, 4002);
+        assert_eq!(c.own_skew(true), Some(0));
+    }
+
+    #[test]
+    fn a_follower_knows_what_it_was_told() {
+        let c = Clocks::default();
+        assert_eq!(c.own_skew(false), None);
+        c.told(-700);
+        assert_eq!(c.own_skew(false), Some(-700));
+        // Not yet measured as a leader: what it was told.
+        assert_eq!(c.own_skew(true), Some(-700));
+    }
+
+    #[test]
+    fn the_bound() {
+        assert!(!too_far(MAX_SKEW_MS));
+        assert!(!too_far(-MAX_SKEW_MS));
+        assert!(too_far(MAX_SKEW_MS + 1));
+        assert!(too_far(-MAX_SKEW_MS - 1));
+    }
+}
