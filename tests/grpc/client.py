@@ -21,7 +21,11 @@ object per line on stdout; the client's own logs go to stderr.
         send the broker acknowledged, at once)
     client.py ENDPOINT torture-consume GROUP TOPIC
         (a SimpleConsumer that receives and acks until killed, through broker restarts;
-        prints each delivery and each ack's outcome, at once)
+        prints each delivery and each ack's outcome, at once; a body ending in -poison
+        is never acked)
+    client.py ENDPOINT torture-short-polls GROUP TOPIC
+        (the same with raw ReceiveMessage calls of 100 ms long polls: a receive often
+        returns while the broker's queue is reading for it)
     client.py ENDPOINT recall TOPIC
         (sends a message delayed an hour, then recalls it)
     client.py ENDPOINT hostile
@@ -452,9 +456,58 @@ def torture_consume(endpoint, group, topic):
         for m in messages:
             body = m.body.decode()
             out(delivered=body, attempt=m.delivery_attempt, handle=m.receipt_handle)
+            if body.endswith("-poison"):
+                continue
             try:
                 consumer.ack(m)
                 out(acked=body, handle=m.receipt_handle)
+            except Exception as e:
+                out(ack_failed=body, error=str(e)[:200])
+
+
+def torture_short_polls(endpoint, group, topic):
+    import grpc
+    from google.protobuf.duration_pb2 import Duration
+    from rocketmq.grpc_protocol import definition_pb2 as d
+    from rocketmq.grpc_protocol import service_pb2 as s
+    from rocketmq.grpc_protocol.service_pb2_grpc import MessagingServiceStub
+    die_with_parent()
+    meta = [("x-mq-client-id", "torture-short-polls")]
+    channel = None
+    while True:
+        try:
+            if channel is None:
+                channel = grpc.insecure_channel(endpoint)
+                stub = MessagingServiceStub(channel)
+            req = s.ReceiveMessageRequest(
+                group=d.Resource(name=group),
+                message_queue=d.MessageQueue(topic=d.Resource(name=topic)),
+                batch_size=16, invisible_duration=Duration(seconds=2),
+                long_polling_timeout=Duration(nanos=100_000_000))
+            got = [r.message for r in stub.ReceiveMessage(req, metadata=meta, timeout=5)
+                   if r.HasField("message")]
+        except Exception:
+            if channel is not None:
+                channel.close()
+            channel = None
+            time.sleep(0.1)
+            continue
+        for m in got:
+            body = m.body.decode()
+            handle = m.system_properties.receipt_handle
+            out(delivered=body, attempt=m.system_properties.delivery_attempt, handle=handle)
+            if body.endswith("-poison"):
+                continue
+            entry = s.AckMessageEntry(message_id=m.system_properties.message_id,
+                                      receipt_handle=handle)
+            try:
+                r = stub.AckMessage(s.AckMessageRequest(
+                    group=d.Resource(name=group), topic=d.Resource(name=topic),
+                    entries=[entry]), metadata=meta, timeout=5)
+                if r.status.code == 20000 and all(e.status.code == 20000 for e in r.entries):
+                    out(acked=body, handle=handle)
+                else:
+                    out(ack_failed=body, error=str(r.status.message)[:200])
             except Exception as e:
                 out(ack_failed=body, error=str(e)[:200])
 
@@ -486,6 +539,8 @@ def main():
         torture_produce(endpoint, args[0], args[1])
     elif command == "torture-consume":
         torture_consume(endpoint, args[0], args[1])
+    elif command == "torture-short-polls":
+        torture_short_polls(endpoint, args[0], args[1])
     elif command == "recall":
         recall(endpoint, args[0])
     elif command == "hostile":

@@ -3,19 +3,27 @@
 //! (`tests/group.rs`).
 //!
 //! Plain producers, transactional producers (committing, rolling back, answering
-//! `unknown`, and dying mid-transaction) and two consumer groups (acking, nacking and
+//! `unknown`, and dying mid-transaction) and three consumer groups (acking, nacking and
 //! ignoring deliveries at random) run while the broker is killed with SIGKILL at random
-//! moments and restarted on the same data directory. The test then lets everything
-//! settle and checks, from what the clients were told:
+//! moments and restarted on the same data directory. Group `go` is ordered: each plain
+//! producer's messages are one message group. Each plain producer sends a *poison*
+//! message (its body ends in `-poison`) now and then, which no consumer ever acks: it
+//! must reach every group's dead-letter queue. The test then lets everything settle and
+//! checks, from what the clients were told:
 //!
 //! - every acknowledged send and every transaction decided `commit` whose half messages
-//!   were acknowledged reached every group and was acked there;
+//!   were acknowledged reached every group and was acked there (or, poison, was
+//!   dead-lettered);
 //! - nothing rolled back, left unknown (so discarded or still half) was ever delivered;
-//! - nothing was delivered to a group again after its ack there was confirmed.
+//! - nothing was delivered to a group again after its ack there was confirmed;
+//! - in the ordered group, no message was delivered before every earlier acknowledged
+//!   message of its producer had been acked (an ack tried counts) or dead-lettered.
 //!
-//! Beside the native clients, a gRPC producer and a gRPC consumer (the official Python
-//! client, issue 16) run through the same kills: what the gRPC producer was told is
-//! stored must reach both groups; the gRPC consumer is one more consumer of group `ga`.
+//! Beside the native clients, a gRPC producer and two gRPC consumers (the official
+//! Python client, issue 16) run through the same kills: what the gRPC producer was told
+//! is stored must reach every group; the client's `SimpleConsumer` is one more consumer
+//! of group `ga`, and raw `ReceiveMessage` calls with 100 ms long polls (which often
+//! return while the broker's queue reads for them: issue 25, item 1) one more of `gb`.
 //! The gRPC producer's sends are at least once (its client retries a send whose answer
 //! it lost, and nothing dedupes them yet), so a second copy of one of its messages after
 //! an ack is not counted as a redelivery.
@@ -54,8 +62,12 @@ pub const FAST: &[&str] = &[
 
 /// The topic every client uses.
 pub const TOPIC: &str = "torture";
-/// The consumer groups.
-pub const GROUPS: [&str; 2] = ["ga", "gb"];
+/// The consumer groups; the last is ordered.
+pub const GROUPS: [&str; 3] = ["ga", "gb", "go"];
+/// The ordered group's index in [`GROUPS`].
+const ORDERED: usize = 2;
+/// Every this many sends, a plain producer sends a poison message (its first is one).
+const POISON_EVERY: u64 = 150;
 
 /// What the local "database" of the transactional producers decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,6 +116,10 @@ struct GroupLog {
     ack_unsure: HashSet<String>,
     /// Bodies seen at all.
     seen: HashSet<String>,
+    /// When (a [`World::event`]) each body's first ack was tried.
+    ack_tried: HashMap<String, u64>,
+    /// Deliveries of plain producers' messages, with when: (body, event).
+    arrivals: Vec<(String, u64)>,
     /// Bodies the group's dead-letter queue holds (refreshed while settling): a message
     /// that failed max-attempts times is settled there, not lost.
     dead: HashSet<String>,
@@ -129,21 +145,27 @@ pub struct World {
     /// The gRPC endpoint, when the gRPC clients take part.
     grpc: Option<String>,
     ledger: Mutex<Ledger>,
-    groups: [Mutex<GroupLog>; 2],
+    groups: [Mutex<GroupLog>; 3],
+    /// Orders what the consumers saw and did: each delivery and ack tried takes the next.
+    events: AtomicU64,
     counts: Counts,
     stop_producers: AtomicBool,
     settle: AtomicBool,
     stop_consumers: AtomicBool,
-    /// Acks the gRPC consumer had confirmed.
-    grpc_acks: AtomicU64,
+    /// Acks the gRPC consumers had confirmed, by group.
+    grpc_acks: [AtomicU64; 3],
     /// Sends the gRPC producer had acknowledged.
     grpc_sends: AtomicU64,
 }
 
 impl World {
-    /// Acks the gRPC consumer has had confirmed so far.
-    pub fn grpc_acks(&self) -> u64 {
-        self.grpc_acks.load(Ordering::Relaxed)
+    /// Acks the gRPC consumer of group `g` has had confirmed so far.
+    pub fn grpc_acks(&self, g: usize) -> u64 {
+        self.grpc_acks[g].load(Ordering::Relaxed)
+    }
+
+    fn event(&self) -> u64 {
+        self.events.fetch_add(1, Ordering::SeqCst)
     }
 
     /// Sends the gRPC producer has had acknowledged so far.
@@ -168,9 +190,14 @@ async fn plain_producer(world: Arc<World>, w: usize) {
     };
     let mut seq = 0u64;
     while !world.stop_producers.load(Ordering::Relaxed) {
-        let body = format!("p{w}-{seq}");
+        let body = if seq.is_multiple_of(POISON_EVERY) {
+            format!("p{w}-{seq}-poison")
+        } else {
+            format!("p{w}-{seq}")
+        };
         seq += 1;
-        match p.send(Message::new(TOPIC, body.clone())).await {
+        let message = Message::new(TOPIC, body.clone()).group(format!("p{w}"));
+        match p.send(message).await {
             Ok(_) => {
                 world.ledger.lock().unwrap().plain_acked.insert(body);
             }
@@ -280,7 +307,7 @@ async fn consumer(world: Arc<World>, g: usize) {
     let options = ConsumerOptions {
         lease: Some(Duration::from_secs(1)),
         window: 64,
-        ..ConsumerOptions::new(GROUPS[g], TOPIC)
+        ..ConsumerOptions::new(GROUPS[g], TOPIC).ordered(g == ORDERED)
     };
     while !world.stop_consumers.load(Ordering::Relaxed) {
         let Ok(mut c) = Consumer::subscribe(&world.addr, options.clone()).await else {
@@ -298,6 +325,7 @@ async fn consumer(world: Arc<World>, g: usize) {
                 let mut log = world.groups[g].lock().unwrap();
                 let at = (d.offset(), d.handle().lease_id);
                 log.delivered(&body, Some(at), d.attempt.into(), "");
+                log.arrived(&body, world.event());
                 if body.starts_with('t') {
                     let decision = world.ledger.lock().unwrap().decisions.get(&body).copied();
                     if decision != Some(Decision::Commit) {
@@ -308,7 +336,14 @@ async fn consumer(world: Arc<World>, g: usize) {
                 }
             }
             let roll: f64 = rand::rng().random();
-            let what = if world.settle.load(Ordering::Relaxed) || roll < 0.7 {
+            let what = if body.ends_with("-poison") {
+                world.counts.nacks.fetch_add(1, Ordering::Relaxed);
+                format!("nack: {:?}", d.nack(Some(Duration::from_millis(100))).await)
+            } else if world.settle.load(Ordering::Relaxed) || roll < 0.7 {
+                {
+                    let mut log = world.groups[g].lock().unwrap();
+                    log.ack_tried.entry(body.clone()).or_insert(world.event());
+                }
                 match d.ack().await {
                     Ok(()) => {
                         let mut log = world.groups[g].lock().unwrap();
@@ -402,15 +437,16 @@ fn grpc_producer(world: Arc<World>) -> std::thread::JoinHandle<()> {
     )
 }
 
-/// The gRPC consumer, one more of group `ga`: acks everything it receives.
-fn grpc_consumer(world: Arc<World>) -> std::thread::JoinHandle<()> {
-    let args = vec!["torture-consume".into(), GROUPS[0].into(), TOPIC.into()];
+/// A gRPC consumer (`client.py` running `command`), one more of group `g`: acks
+/// everything it receives but poison.
+fn grpc_consumer(world: Arc<World>, g: usize, command: &str) -> std::thread::JoinHandle<()> {
+    let args = vec![command.into(), GROUPS[g].into(), TOPIC.into()];
     drive(
         world,
         args,
         |w| w.stop_consumers.load(Ordering::Relaxed),
-        |w, v| {
-            let mut log = w.groups[0].lock().unwrap();
+        move |w, v| {
+            let mut log = w.groups[g].lock().unwrap();
             // The receipt handle names the lease (`txmq1.<offset>.<lease id>`).
             let at = v["handle"].as_str().and_then(lease_of_handle);
             if let Some(body) = v["delivered"].as_str() {
@@ -425,7 +461,7 @@ fn grpc_consumer(world: Arc<World>) -> std::thread::JoinHandle<()> {
                     }
                 }
             } else if let Some(body) = v["acked"].as_str() {
-                w.grpc_acks.fetch_add(1, Ordering::Relaxed);
+                w.grpc_acks[g].fetch_add(1, Ordering::Relaxed);
                 log.confirmed_ack(body, at);
                 log.history
                     .entry(body.to_string())
@@ -484,6 +520,69 @@ impl GroupLog {
             .entry(body.to_string())
             .or_default()
             .push(format!("delivered{via} attempt {attempt}{at}"));
+    }
+
+    /// A plain producer's message arrived at `event` (kept for the ordered group's check).
+    fn arrived(&mut self, body: &str, event: u64) {
+        if body.starts_with('p') {
+            self.arrivals.push((body.to_string(), event));
+        }
+    }
+
+    /// The ordered group's promise, checked at the end: a message of a plain producer
+    /// (its message group) arrived only after every earlier one the producer was told
+    /// is stored had had an ack tried, or ended in the dead-letter queue. Sends of one
+    /// producer are sequential, so the order of their `seq` is the order they were
+    /// stored in.
+    fn out_of_order(&self, plain_acked: &HashSet<String>) -> Vec<String> {
+        /// (producer, seq) of a plain producer's body: `p{w}-{seq}[-poison]`.
+        fn parse(body: &str) -> Option<(u64, u64)> {
+            let mut parts = body.strip_prefix('p')?.split('-');
+            Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+        }
+        // Per producer, by seq: from when on (an event) the message no longer held the
+        // next ones back: its first ack tried; 0 when dead-lettered; never (MAX) else.
+        let mut released: HashMap<u64, std::collections::BTreeMap<u64, (u64, &str)>> =
+            HashMap::new();
+        for body in plain_acked {
+            if let Some((w, seq)) = parse(body) {
+                let at = if self.dead.contains(body) {
+                    0
+                } else {
+                    self.ack_tried.get(body).copied().unwrap_or(u64::MAX)
+                };
+                released.entry(w).or_default().insert(seq, (at, body));
+            }
+        }
+        // The latest release among each seq's predecessors.
+        let mut blocked: HashMap<(u64, u64), (u64, &str)> = HashMap::new();
+        for (w, seqs) in &released {
+            let mut latest = (0, "");
+            for (seq, (at, body)) in seqs {
+                blocked.insert((*w, *seq), latest);
+                if *at >= latest.0 {
+                    latest = (*at, body);
+                }
+            }
+        }
+        let mut out = Vec::new();
+        for (body, event) in &self.arrivals {
+            let Some(key) = parse(body) else { continue };
+            if let Some((at, before)) = blocked.get(&key)
+                && *at > *event
+            {
+                out.push(format!(
+                    "{body} delivered to the ordered group (event {event}) while {before}, \
+                     stored before it, was neither acked nor dead-lettered (released at {})",
+                    if *at == u64::MAX {
+                        "never".to_string()
+                    } else {
+                        at.to_string()
+                    }
+                ));
+            }
+        }
+        out
     }
 
     /// The broker confirmed an ack of `body` (at `at`, when known).
@@ -551,7 +650,7 @@ pub struct Torture {
     producers: Vec<tokio::task::JoinHandle<()>>,
     consumers: Vec<tokio::task::JoinHandle<()>>,
     grpc_producer: Option<std::thread::JoinHandle<()>>,
-    grpc_consumer: Option<std::thread::JoinHandle<()>>,
+    grpc_consumers: Vec<std::thread::JoinHandle<()>>,
 }
 
 /// What a torture run found.
@@ -567,7 +666,7 @@ pub struct Report {
     pub grpc_sent: usize,
     /// Messages the gRPC consumer acked.
     pub grpc_acked: usize,
-    /// Some message reached a dead-letter queue.
+    /// Every group's dead-letter queue holds a message (a poison one at least).
     pub dead_lettered: bool,
     /// Deliveries again of a message not acked (leases lost or expired, nacks): the
     /// at-least-once redeliveries, counted apart from violations.
@@ -588,8 +687,9 @@ impl Torture {
             stop_producers: AtomicBool::new(false),
             settle: AtomicBool::new(false),
             stop_consumers: AtomicBool::new(false),
-            grpc_acks: AtomicU64::new(0),
+            grpc_acks: Default::default(),
             grpc_sends: AtomicU64::new(0),
+            events: AtomicU64::new(0),
         });
         let mut producers = Vec::new();
         for w in 0..2 {
@@ -602,25 +702,28 @@ impl Torture {
                 consumers.push(tokio::spawn(consumer(world.clone(), g)));
             }
         }
-        let (grpc_producer, grpc_consumer) = match grpc {
+        let (grpc_producer, grpc_consumers) = match grpc {
             Some(_) => (
                 Some(grpc_producer(world.clone())),
-                Some(grpc_consumer(world.clone())),
+                vec![
+                    grpc_consumer(world.clone(), 0, "torture-consume"),
+                    grpc_consumer(world.clone(), 1, "torture-short-polls"),
+                ],
             ),
-            None => (None, None),
+            None => (None, Vec::new()),
         };
         Self {
             world,
             producers,
             consumers,
             grpc_producer,
-            grpc_consumer,
+            grpc_consumers,
         }
     }
 
-    /// Acks the gRPC consumer has had confirmed so far.
-    pub fn grpc_acks(&self) -> u64 {
-        self.world.grpc_acks()
+    /// Acks the gRPC consumers have had confirmed so far, by group.
+    pub fn grpc_acks(&self) -> [u64; 3] {
+        [0, 1, 2].map(|g| self.world.grpc_acks(g))
     }
 
     /// Settles (no new work; consumers ack everything; a checker answers the check-backs
@@ -657,8 +760,8 @@ impl Torture {
                 .expect("a consumer hung")
                 .unwrap();
         }
-        if let Some(c) = self.grpc_consumer {
-            c.join().expect("the gRPC consumer's driver");
+        for c in self.grpc_consumers {
+            c.join().expect("a gRPC consumer's driver");
         }
         drop(answering);
         report(&world, cli)
@@ -684,13 +787,18 @@ fn report(world: &World, cli: impl Fn(&[&str]) -> String) -> Report {
         c.ignored.load(Ordering::Relaxed),
         required.len(),
     );
-    let grpc_acked = world.groups[0]
-        .lock()
-        .unwrap()
-        .history
-        .values()
-        .filter(|h| h.iter().any(|e| e == "acked over gRPC"))
-        .count();
+    let grpc_acked = world
+        .groups
+        .iter()
+        .map(|g| {
+            g.lock()
+                .unwrap()
+                .history
+                .values()
+                .filter(|h| h.iter().any(|e| e == "acked over gRPC"))
+                .count()
+        })
+        .sum();
     let grpc_sent = ledger
         .plain_acked
         .iter()
@@ -700,11 +808,15 @@ fn report(world: &World, cli: impl Fn(&[&str]) -> String) -> Report {
         summary += &format!(" grpc_sent={grpc_sent} grpc_acked={grpc_acked}");
     }
     let mut redeliveries = 0;
-    let mut dead_lettered = false;
-    for (name, g) in GROUPS.iter().zip(&world.groups) {
-        let g = g.lock().unwrap();
+    let mut dead_lettered = true;
+    for (i, (name, g)) in GROUPS.iter().zip(&world.groups).enumerate() {
+        let mut g = g.lock().unwrap();
         redeliveries += g.redeliveries;
-        dead_lettered |= !g.dead.is_empty();
+        dead_lettered &= !g.dead.is_empty();
+        if i == ORDERED {
+            let out_of_order = g.out_of_order(&ledger.plain_acked);
+            g.violations.extend(out_of_order);
+        }
         let lost = lost(&required, &g);
         summary += &format!(
             " {name}:deliveries={},redeliveries={},stale={},acked={},ack_unanswered={},dead_lettered={},lost={},violations={}",
@@ -782,6 +894,33 @@ mod tests {
         assert_eq!((log.stale, log.violations.len()), (2, 1));
         log.delivered("p0-928", lease_of_handle("txmq1.7.400"), 4, " over gRPC");
         assert_eq!(log.violations.len(), 2);
+    }
+
+    /// The ordered group's check: a message may arrive once every earlier one of its
+    /// producer had an ack tried or was dead-lettered, not before.
+    #[test]
+    fn the_ordered_check_finds_a_message_that_overtook_an_earlier_one() {
+        let acked: HashSet<String> = ["p0-0-poison", "p0-1", "p0-2", "p1-1"]
+            .map(String::from)
+            .into();
+        let mut log = GroupLog::default();
+        log.dead.insert("p0-0-poison".into());
+        log.arrived("p0-0-poison", 1);
+        log.arrived("p0-1", 2);
+        log.ack_tried.insert("p0-1".into(), 3);
+        log.arrived("p0-2", 4);
+        log.arrived("p1-1", 5);
+        log.arrived("t0-1-0", 6);
+        assert_eq!(log.out_of_order(&acked), Vec::<String>::new());
+        // p0-2 arrived before p0-1's ack was tried.
+        log.arrived("p0-2", 1);
+        let found = log.out_of_order(&acked);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(found[0].starts_with("p0-2 ") && found[0].contains("while p0-1"));
+        // A predecessor never acked nor dead-lettered holds everything after it.
+        let mut log = GroupLog::default();
+        log.arrived("p0-2", 9);
+        assert_eq!(log.out_of_order(&acked).len(), 1);
     }
 
     #[test]

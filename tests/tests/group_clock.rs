@@ -57,9 +57,8 @@ async fn measured(group: &mut TestGroup, offsets: [i64; 3]) {
             let agree = s.nodes.len() == 3
                 && s.nodes.iter().all(|n| {
                     n.reachable
-                        && n.clock_skew_ms.is_some_and(|ms| {
-                            (ms - offsets[n.id as usize - 1]).abs() < 250
-                        })
+                        && n.clock_skew_ms
+                            .is_some_and(|ms| (ms - offsets[n.id as usize - 1]).abs() < 250)
                 });
             if agree {
                 return;

@@ -84,7 +84,7 @@ async fn grpc_clients_are_routed_to_the_leader_and_follow_a_failover() {
     let torture = Torture::start(&group.addrs(), Some(&access));
     let world = torture.world.clone();
     let started = eventually(Duration::from_secs(60), || async {
-        (world.grpc_sends() > 20 && world.grpc_acks() > 20).then_some(())
+        (world.grpc_sends() > 20 && world.grpc_acks(0) > 20).then_some(())
     })
     .await;
     assert!(
@@ -94,7 +94,7 @@ async fn grpc_clients_are_routed_to_the_leader_and_follow_a_failover() {
     );
     group.nodes[leader].kill9();
     let killed = Instant::now();
-    let (sends, acks) = (world.grpc_sends(), world.grpc_acks());
+    let (sends, acks) = (world.grpc_sends(), world.grpc_acks(0));
     let next = group
         .leader(Duration::from_secs(30))
         .await
@@ -102,7 +102,8 @@ async fn grpc_clients_are_routed_to_the_leader_and_follow_a_failover() {
     // Clients ask for routes again every 30 s (their own schedule): they find the new
     // leader then, at the latest.
     let resumed = eventually(Duration::from_secs(90), || async {
-        (world.grpc_sends() > sends + 20 && world.grpc_acks() > acks + 20).then(|| killed.elapsed())
+        (world.grpc_sends() > sends + 20 && world.grpc_acks(0) > acks + 20)
+            .then(|| killed.elapsed())
     })
     .await
     .unwrap_or_else(|| {
