@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::storage::Storage;
+use crate::storage::StorageHandle;
 
 /// How often disk use is looked at.
 const EVERY: Duration = Duration::from_millis(500);
@@ -61,7 +61,7 @@ fn unsafe_zeroed() -> libc::statvfs {
 /// Watches disk use until cancelled, switching the storage's `disk_full` with
 /// hysteresis.
 pub async fn watch(
-    storage: Arc<Storage>,
+    storage: StorageHandle,
     config: Arc<Config>,
     metrics: Arc<Metrics>,
     cancel: CancellationToken,

@@ -16,7 +16,7 @@ use prometheus::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::storage::Storage;
+use crate::storage::{Storage, StorageHandle};
 use crate::topics::Topics;
 
 /// Every metric the broker exports.
@@ -418,7 +418,7 @@ pub trait Roles: Send + Sync + std::fmt::Debug {
 /// after a failure.
 #[derive(Debug, Default)]
 pub struct Live {
-    now: std::sync::RwLock<Option<(Arc<Storage>, Arc<Topics>)>>,
+    now: std::sync::RwLock<Option<(StorageHandle, Arc<Topics>)>>,
     started: std::sync::atomic::AtomicBool,
     /// The broker group this node belongs to, if any (`/health` tells its role).
     group: std::sync::OnceLock<Arc<dyn Roles>>,
@@ -432,7 +432,7 @@ impl Live {
     }
 
     /// Serving these from now on (`None`: none).
-    pub fn set(&self, live: Option<(Arc<Storage>, Arc<Topics>)>) {
+    pub fn set(&self, live: Option<(StorageHandle, Arc<Topics>)>) {
         if live.is_some() {
             self.started
                 .store(true, std::sync::atomic::Ordering::Relaxed);
@@ -440,7 +440,7 @@ impl Live {
         *self.now.write().expect("live lock") = live;
     }
 
-    fn get(&self) -> Option<(Arc<Storage>, Arc<Topics>)> {
+    fn get(&self) -> Option<(StorageHandle, Arc<Topics>)> {
         self.now.read().expect("live lock").clone()
     }
 

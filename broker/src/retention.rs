@@ -21,8 +21,8 @@ use txmq_protocol::now_ms;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
-use crate::storage::Storage;
 use crate::storage::writer::{Command, WriterHandle};
+use crate::storage::{Storage, StorageHandle};
 use crate::topics::{Topic, Topics};
 
 /// Index garbage below which the indexes are left to RocksDB's own compactions.
@@ -30,7 +30,7 @@ const INDEX_GARBAGE_MIN: u64 = 100_000;
 
 /// The sweep task's state.
 pub struct Sweeper {
-    storage: Arc<Storage>,
+    storage: StorageHandle,
     writer: WriterHandle,
     topics: Arc<Topics>,
     config: Arc<Config>,
@@ -40,7 +40,7 @@ pub struct Sweeper {
 impl Sweeper {
     /// A sweeper over the given parts.
     pub fn new(
-        storage: Arc<Storage>,
+        storage: StorageHandle,
         writer: WriterHandle,
         topics: Arc<Topics>,
         config: Arc<Config>,

@@ -24,9 +24,9 @@ use crate::metrics::{self, Metrics};
 use crate::replication::lease::Serving;
 use crate::replication::node::{Addresses, Leadership, Node};
 use crate::retention::Sweeper;
-use crate::storage::Storage;
 use crate::storage::writer::{Command, Op, Replicator, Writer};
 use crate::storage::{Cf, keys};
+use crate::storage::{Owner, Storage, StorageHandle};
 use crate::timer::Timer;
 use crate::topics::{Topic, Topics};
 use crate::txn::checker::Checker;
@@ -173,11 +173,24 @@ async fn serve_single(
 ) -> Result<()> {
     let mut storage = open(config).await;
     loop {
-        let opened = match storage {
-            Ok(opened) => opened,
+        let owner = match storage {
+            Ok(owner) => owner,
             Err(e) => break Err(e),
         };
-        match run_once(listener, opened, config, metrics, faces, shutdown, None).await {
+        let served = run_once(
+            listener,
+            owner.lend(),
+            config,
+            metrics,
+            faces,
+            shutdown,
+            None,
+        )
+        .await;
+        // Every handle is back (or `run_once` said it could not be): dropping the owner
+        // closes the database, so that a reopen finds it unlocked.
+        drop(owner);
+        match served {
             Ok(Stop::Shutdown | Stop::Deposed) => break Ok(()),
             Ok(Stop::StorageFailed(why)) => {
                 tracing::warn!("reopening storage to recover to what is on disk");
@@ -308,7 +321,7 @@ async fn reopen(
     config: &Config,
     shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
     why: &str,
-) -> Option<Arc<Storage>> {
+) -> Option<Owner> {
     let mut wait = Duration::from_millis(200);
     loop {
         let attempt = async {
@@ -346,14 +359,14 @@ async fn refuse_all(listener: &TcpListener, why: &str) {
 }
 
 /// Opens storage off the async threads.
-async fn open(config: &Config) -> Result<Arc<Storage>> {
+async fn open(config: &Config) -> Result<Owner> {
     let (dir, window) = (config.data_dir.clone(), config.dedup_window);
     tokio::task::spawn_blocking(move || {
         std::fs::create_dir_all(&dir)
             .map_err(|e| Error::Internal(format!("cannot create {}: {e}", dir.display())))?;
         let storage = Storage::open(&dir)?;
         storage.set_dedup_window(window);
-        Ok(storage)
+        Ok(Owner::new(storage))
     })
     .await
     .map_err(|e| Error::Internal(e.to_string()))?
@@ -371,7 +384,7 @@ struct Faces<'a> {
 
 async fn run_once(
     listener: &TcpListener,
-    storage: Arc<Storage>,
+    storage: StorageHandle,
     config: &Arc<Config>,
     metrics: &Arc<Metrics>,
     faces: Faces<'_>,
@@ -538,26 +551,17 @@ async fn run_once(
     tokio::task::spawn_blocking(move || writer_thread.join())
         .await
         .map_err(|e| Error::Internal(e.to_string()))?;
-    // Reads still running off the async threads hold the database: wait for them, so
-    // it is closed (and a reopen finds it unlocked).
-    // (A group's node keeps its storage open: the state machine holds it too.)
-    let kept = 1 + usize::from(replicated);
-    for _ in 0..500 {
-        if Arc::strong_count(&storage) <= kept {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let left = Arc::strong_count(&storage);
-    if left > kept {
-        tracing::warn!("{} storage handles still held at close", left - kept);
+    // Reads still running off the async threads hold the database: every handle comes
+    // back before the owner closes it (a single broker's, to reopen it after a failure)
+    // or a snapshot replaces it (a group's node).
+    if !storage.give_back_all(Duration::from_secs(5)).await {
+        tracing::warn!("storage handles still held 5 s after the broker stopped serving");
         if matches!(stop, Stop::StorageFailed(_)) {
             return Err(Error::Internal(
                 "storage failed and could not be closed to reopen it".into(),
             ));
         }
     }
-    drop(storage);
     Ok(stop)
 }
 

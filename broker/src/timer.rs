@@ -7,14 +7,13 @@
 //! writer, which appends each message to its topic in the batch that takes it off the
 //! schedule. Records of delivered and cancelled messages are forgotten the same way.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use txmq_protocol::now_ms;
 
 use crate::error::{Error, Result};
-use crate::storage::Storage;
+use crate::storage::StorageHandle;
 use crate::storage::keys::DueKind;
 use crate::storage::writer::{Command, Outcome, WriterHandle};
 
@@ -26,13 +25,13 @@ const MAX_SLEEP: Duration = Duration::from_secs(1);
 
 /// The timer task's state.
 pub struct Timer {
-    storage: Arc<Storage>,
+    storage: StorageHandle,
     writer: WriterHandle,
 }
 
 impl Timer {
     /// A timer over the given parts.
-    pub fn new(storage: Arc<Storage>, writer: WriterHandle) -> Self {
+    pub fn new(storage: StorageHandle, writer: WriterHandle) -> Self {
         Self { storage, writer }
     }
 
@@ -106,6 +105,7 @@ impl Timer {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
     use std::sync::atomic::Ordering;
 
     use txmq_protocol::pb;
@@ -115,6 +115,7 @@ mod tests {
     use crate::ids::{Id, IdGen};
     use crate::metrics::Metrics;
     use crate::storage::Cf;
+    use crate::storage::Storage;
     use crate::storage::keys;
     use crate::storage::writer::{Writer, WriterThread};
     use crate::topics::Topics;
@@ -124,7 +125,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_pass_visits_what_is_due_not_what_waits() {
         let dir = tempfile::tempdir().unwrap();
-        let storage = Storage::open(dir.path()).unwrap();
+        let storage = StorageHandle::alone(Storage::open(dir.path()).unwrap());
         let topics = Arc::new(Topics::default());
         let (writer, thread): (WriterHandle, WriterThread) = Writer::spawn(
             storage.clone(),

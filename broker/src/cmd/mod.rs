@@ -49,7 +49,7 @@ pub fn later(
 /// # Errors
 /// The read's error, or an internal one when its task panicked.
 pub async fn blocking<T: Send + 'static>(
-    storage: &Arc<crate::storage::Storage>,
+    storage: &crate::storage::StorageHandle,
     read: impl FnOnce(&crate::storage::Storage) -> Result<T> + Send + 'static,
 ) -> Result<T> {
     let storage = storage.clone();

@@ -8,7 +8,7 @@ use tokio::sync::{Semaphore, mpsc};
 use crate::config::Config;
 use crate::delivery::Groups;
 use crate::metrics::Metrics;
-use crate::storage::Storage;
+use crate::storage::StorageHandle;
 use crate::storage::writer::WriterHandle;
 use crate::topics::Topics;
 use crate::txn::checker::CheckAnswer;
@@ -20,7 +20,7 @@ pub struct Shared {
     /// Settings.
     pub config: Arc<Config>,
     /// Reads.
-    pub storage: Arc<Storage>,
+    pub storage: StorageHandle,
     /// Writes.
     pub writer: WriterHandle,
     /// Topic registry.

@@ -26,7 +26,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::replication::lease::Serving;
-use crate::storage::Storage;
+use crate::storage::StorageHandle;
 use crate::storage::writer::{Command, Outcome, WriterHandle};
 use crate::topics::{Topic, Topics};
 
@@ -211,7 +211,7 @@ pub enum QueueMsg {
 /// The registry of running queues.
 #[derive(Debug)]
 pub struct Groups {
-    storage: Arc<Storage>,
+    storage: StorageHandle,
     writer: WriterHandle,
     topics: Arc<Topics>,
     config: Arc<Config>,
@@ -225,7 +225,7 @@ pub struct Groups {
 impl Groups {
     /// An empty registry; queues start on first use.
     pub fn new(
-        storage: Arc<Storage>,
+        storage: StorageHandle,
         writer: WriterHandle,
         topics: Arc<Topics>,
         config: Arc<Config>,

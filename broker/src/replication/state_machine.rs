@@ -19,7 +19,7 @@ use openraft::{EntryPayload, RaftSnapshotBuilder};
 use rocksdb::{WriteBatch, WriteOptions};
 
 use super::{Applied, LogId, TypeConfig, io_err};
-use crate::storage::{Cf, Storage, keys};
+use crate::storage::{Cf, Owner, Storage, StorageHandle, keys};
 
 type Membership = openraft::type_config::alias::StoredMembershipOf<TypeConfig>;
 type SnapshotMeta = openraft::type_config::alias::SnapshotMetaOf<TypeConfig>;
@@ -34,7 +34,7 @@ pub struct SnapshotDir(pub PathBuf);
 #[derive(Debug)]
 pub struct StorageSlot {
     /// `None` only while a snapshot replaces it.
-    current: RwLock<Option<Arc<Storage>>>,
+    current: RwLock<Option<Owner>>,
     /// The storage's directory.
     dir: PathBuf,
     /// Where snapshots are made and received.
@@ -48,7 +48,7 @@ impl StorageSlot {
     /// A slot holding `storage`, opened from `dir`; snapshots go under `snapshots`.
     pub fn new(storage: Arc<Storage>, dir: PathBuf, snapshots: PathBuf) -> Arc<Self> {
         Arc::new(Self {
-            current: RwLock::new(Some(storage)),
+            current: RwLock::new(Some(Owner::new(storage))),
             housekeeping: std::sync::Mutex::new(()),
             dir,
             snapshots,
@@ -64,22 +64,26 @@ impl StorageSlot {
         Some(work(&storage))
     }
 
-    /// The storage now (`None` while a snapshot replaces it).
-    pub fn get(&self) -> Option<Arc<Storage>> {
-        self.current.read().expect("storage slot").clone()
+    /// A handle on the storage now (`None` while a snapshot replaces it).
+    pub fn get(&self) -> Option<StorageHandle> {
+        self.current
+            .read()
+            .expect("storage slot")
+            .as_ref()
+            .map(Owner::lend)
     }
 
-    /// Whether something besides the slot holds the storage (the parts of a leadership
-    /// that just ended, while they stop; a read): a snapshot cannot replace it now.
+    /// Whether handles on the storage are out (the parts of a leadership that just
+    /// ended, while they stop; a read): a snapshot cannot replace it now.
     pub fn in_use(&self) -> bool {
         self.current
             .read()
             .expect("storage slot")
             .as_ref()
-            .is_some_and(|s| Arc::strong_count(s) > 1)
+            .is_some_and(|owner| owner.lent() > 0)
     }
 
-    fn storage(&self) -> std::io::Result<Arc<Storage>> {
+    fn storage(&self) -> std::io::Result<StorageHandle> {
         self.get()
             .ok_or_else(|| io_err("the storage is being replaced by a snapshot"))
     }
@@ -345,26 +349,20 @@ fn replace(slot: &StorageSlot, dir: &Path) -> std::io::Result<()> {
         // Housekeeping in progress ends first (it holds the storage meanwhile).
         let _housekeeping = slot.housekeeping.lock().map_err(io_err)?;
         let mut current = slot.current.write().map_err(io_err)?;
-        let Some(storage) = current.take() else {
+        let Some(owner) = current.take() else {
             return Err(io_err("no storage to replace"));
         };
-        let dedup_window = std::time::Duration::from_millis(storage.dedup_window_ms());
+        let dedup_window = std::time::Duration::from_millis(owner.dedup_window_ms());
         // The server's parts hold the storage only while this node leads, and a leader
         // is not sent snapshots; a read may still hold it for a moment.
-        let mut storage = Some(storage);
-        for _ in 0..3000 {
-            if storage.as_ref().is_some_and(|s| Arc::strong_count(s) == 1) {
-                storage = None;
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        if let Some(storage) = storage {
-            *current = Some(storage);
+        if !owner.wait_returned(Duration::from_secs(30)) {
+            *current = Some(owner);
             return Err(io_err(
                 "the storage is still in use; cannot install a snapshot",
             ));
         }
+        // Every handle is back: dropping the owner closes the database.
+        drop(owner);
         let old = slot.dir.with_extension("replaced");
         if old.exists() {
             std::fs::remove_dir_all(&old)?;
@@ -383,7 +381,7 @@ fn replace(slot: &StorageSlot, dir: &Path) -> std::io::Result<()> {
         }
         let opened = Storage::open(&slot.dir).map_err(io_err)?;
         opened.set_dedup_window(dedup_window);
-        *current = Some(opened);
+        *current = Some(Owner::new(opened));
         std::fs::remove_dir_all(&old)?;
     }
     make_snapshot(slot)?;

@@ -24,6 +24,8 @@
 pub mod dedup;
 mod deleting;
 mod groups;
+mod handle;
+pub use handle::{Owner, StorageHandle};
 mod index;
 pub use index::Floors;
 pub mod keys;

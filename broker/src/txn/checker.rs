@@ -27,7 +27,7 @@ use crate::error::{Error, Result};
 use crate::ids::{Id, Scramble};
 use crate::metrics::Metrics;
 use crate::replication::lease::Serving;
-use crate::storage::Storage;
+use crate::storage::StorageHandle;
 use crate::storage::keys::DueKind;
 use crate::storage::records::TxnRecord;
 use crate::storage::writer::{Command, WriterHandle};
@@ -59,7 +59,7 @@ struct Pending {
 
 /// The scheduler task's state.
 pub struct Checker {
-    storage: Arc<Storage>,
+    storage: StorageHandle,
     writer: WriterHandle,
     producers: Arc<Producers>,
     config: Arc<Config>,
@@ -78,7 +78,7 @@ pub struct Checker {
 impl Checker {
     /// A scheduler over the given parts.
     pub fn new(
-        storage: Arc<Storage>,
+        storage: StorageHandle,
         writer: WriterHandle,
         producers: Arc<Producers>,
         config: Arc<Config>,
@@ -458,6 +458,7 @@ fn drain(rx: &mut mpsc::Receiver<CheckAnswer>, mut batch: Vec<CheckAnswer>) -> V
 mod tests {
     use super::*;
     use crate::ids::IdGen;
+    use crate::storage::Storage;
     use crate::storage::writer::{Outcome, Writer};
     use crate::topics::Topics;
 
@@ -473,7 +474,7 @@ mod tests {
 
     fn fixture() -> Fixture {
         let dir = tempfile::tempdir().unwrap();
-        let storage = Storage::open(dir.path()).unwrap();
+        let storage = StorageHandle::alone(Storage::open(dir.path()).unwrap());
         let config = Arc::new(Config::default());
         let metrics = Arc::new(Metrics::new());
         let (writer, thread) = Writer::spawn(

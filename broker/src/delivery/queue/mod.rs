@@ -23,7 +23,7 @@ use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::storage::records::{CursorRecord, DeadLetterRecord, RetryRecord};
 use crate::storage::writer::{Command, Op, Outcome, WriterHandle};
-use crate::storage::{Cf, Storage, keys};
+use crate::storage::{Cf, Storage, StorageHandle, keys};
 use crate::topics::Topic;
 
 mod acks;
@@ -109,7 +109,7 @@ impl Consumer {
 pub struct Queue {
     group: String,
     topic: Arc<Topic>,
-    storage: Arc<Storage>,
+    storage: StorageHandle,
     writer: WriterHandle,
     config: Arc<Config>,
     metrics: Arc<Metrics>,
@@ -159,7 +159,7 @@ impl Queue {
         group: String,
         topic: Arc<Topic>,
         loaded: Loaded,
-        storage: Arc<Storage>,
+        storage: StorageHandle,
         writer: WriterHandle,
         config: Arc<Config>,
         metrics: Arc<Metrics>,

@@ -7,7 +7,7 @@ use super::*;
 /// drops the handle first, and the thread's join does not wait on it for ever.
 type Fixture = (
     tempfile::TempDir,
-    Arc<Storage>,
+    StorageHandle,
     crate::storage::writer::WriterThread,
     WriterHandle,
     Arc<Config>,
@@ -16,7 +16,7 @@ type Fixture = (
 /// A database in a temporary directory and its writer.
 fn fixture() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
-    let storage = Storage::open(dir.path()).unwrap();
+    let storage = StorageHandle::alone(Storage::open(dir.path()).unwrap());
     let config = Arc::new(Config::default());
     let (writer, thread) = crate::storage::writer::Writer::spawn(
         storage.clone(),
@@ -56,7 +56,7 @@ async fn topic_with_three(writer: &WriterHandle) -> Arc<Topic> {
 /// Group `g` on `topic`, subscribed before, nothing acked yet.
 fn new_group(
     topic: Arc<Topic>,
-    storage: Arc<Storage>,
+    storage: StorageHandle,
     writer: WriterHandle,
     config: Arc<Config>,
 ) -> Queue {

@@ -39,7 +39,7 @@ use tokio::sync::mpsc;
 use txmq_protocol::pb;
 
 use super::records::{SchedRecord, TxnRecord};
-use super::{Storage, dedup};
+use super::{StorageHandle, dedup};
 use crate::config::{Config, FlushMode};
 use crate::error::{Error, Result};
 use crate::ids::{Id, IdGen};
@@ -62,7 +62,7 @@ const MAX_BATCH_BYTES: usize = 64 << 20;
 
 /// The writer thread's state.
 pub struct Writer {
-    storage: Arc<Storage>,
+    storage: StorageHandle,
     topics: Arc<Topics>,
     ids: Arc<IdGen>,
     config: Arc<Config>,
@@ -91,7 +91,7 @@ impl Writer {
     /// Starts the writer thread. It runs until every [`WriterHandle`] is dropped, then
     /// flushes the write-ahead log and exits; [`WriterThread::join`] waits for that.
     pub fn spawn(
-        storage: Arc<Storage>,
+        storage: StorageHandle,
         topics: Arc<Topics>,
         ids: Arc<IdGen>,
         config: Arc<Config>,
@@ -104,7 +104,7 @@ impl Writer {
     /// `replicator` (the Raft log, fsynced by a majority) and is applied by the state
     /// machine; the syncer then only publishes and replies.
     pub fn spawn_with(
-        storage: Arc<Storage>,
+        storage: StorageHandle,
         topics: Arc<Topics>,
         ids: Arc<IdGen>,
         config: Arc<Config>,
@@ -181,11 +181,11 @@ impl Writer {
                 };
                 jobs.push(first);
             }
-            let mut bytes: usize = jobs.iter().map(|j| j.bytes).sum();
+            let mut bytes: usize = jobs.iter().map(Job::bytes).sum();
             while carried.is_none() && jobs.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
                 match rx.try_recv() {
                     Ok(job) => {
-                        bytes += job.bytes;
+                        bytes += job.bytes();
                         if bytes > MAX_BATCH_BYTES {
                             carried = Some(job);
                             break;
@@ -197,68 +197,94 @@ impl Writer {
             }
             // What did not fit in the batch once staged (commits copy their halves into
             // it) opens the next one.
-            jobs = self.commit(&mut jobs);
+            jobs = self.commit(std::mem::take(&mut jobs));
         }
     }
 
-    /// Stages every job and writes once (no sync), then hands the batch to the syncer,
-    /// which replies once it is durable. A write failure fails every job that wrote
-    /// something and leaves in-memory state as it was before the batch.
-    fn commit(&mut self, jobs: &mut Vec<Job>) -> Vec<Job> {
-        if let Some(why) = self.storage.failure() {
-            // Sticky: after a failed sync this database's memory may be ahead of its disk.
-            for job in jobs.drain(..) {
-                let _ = job.reply.send(Err(Error::StorageFailed(why.clone())));
+    /// One batch. Every job taken leaves in exactly one of three ways (see [`Job`]):
+    /// - refused before anything is staged (a sticky storage failure, or a deposed
+    ///   leader's writer), answered at once: it wrote nothing and reads nothing;
+    /// - staged, then handed with its result to the syncer, which answers it once the
+    ///   batch is durable (or with the failure that made it not);
+    /// - not staged (the batch reached its byte cap first; or the rest of a `Many` cut
+    ///   short), returned to open the next batch.
+    fn commit(&mut self, jobs: Vec<Job>) -> Vec<Job> {
+        if let Some(refusal) = self.refusal() {
+            for job in jobs {
+                job.answer(Err(refusal.clone()));
             }
             return Vec::new();
+        }
+        let (staged, rest) = self.stage(jobs);
+        let written = self.write(staged);
+        // Every batch goes through the syncer, even one that wrote nothing: its answers
+        // may depend on an earlier batch (a repeated commit), which must be durable first.
+        if let Err(std::sync::mpsc::SendError(w)) = self.syncer.send(written) {
+            for (job, _) in w.answers {
+                job.answer(Err(Error::ShuttingDown));
+            }
+        }
+        rest
+    }
+
+    /// Why no job may be staged now, if one may not: both are sticky.
+    fn refusal(&self) -> Option<Error> {
+        if let Some(why) = self.storage.failure() {
+            // After a failed sync this database's memory may be ahead of its disk.
+            return Some(Error::StorageFailed(why));
         }
         if self
             .replicator
             .as_ref()
             .is_some_and(|r| r.deposed.is_cancelled())
         {
-            // Sticky too: what this writer holds in memory may be behind the new leader.
-            for job in jobs.drain(..) {
-                let _ = job.reply.send(Err(Error::NotLeader(None)));
-            }
-            return Vec::new();
+            // What this writer holds in memory may be behind the new leader.
+            return Some(Error::NotLeader(None));
         }
+        None
+    }
+
+    /// Stages `jobs` in order into one batch until it holds [`MAX_BATCH_BYTES`]: the
+    /// staged jobs with their results, and the jobs left for the next batch (first the
+    /// rest of a `Many` cut short, carrying its outcomes and its reply).
+    fn stage(&mut self, jobs: Vec<Job>) -> (Staged, Vec<Job>) {
         let mut stage = Stage::default();
-        let mut results = Vec::with_capacity(jobs.len());
+        let mut answers = Vec::with_capacity(jobs.len());
+        let mut jobs = jobs.into_iter();
         let mut rest = Vec::new();
-        for i in 0..jobs.len() {
-            let cmd = std::mem::replace(&mut jobs[i].cmd, Command::Raw(Vec::new()));
-            let result = match cmd {
-                Command::Many(cmds) => {
-                    let mut outcomes = std::mem::take(&mut jobs[i].prefix);
+        for mut job in jobs.by_ref() {
+            let result = match job.take() {
+                (Command::Many(cmds), mut outcomes) => {
                     let unstaged = self.apply_many(cmds, &mut outcomes, &mut stage);
                     if !unstaged.is_empty() {
-                        // The rest opens the next batch, carrying these outcomes and the
-                        // reply: the request is answered once, after its last batch.
-                        let mut later = jobs.split_off(i);
-                        let job = later.remove(0);
-                        let mut cont = Job::new(Command::Many(unstaged), job.reply);
-                        cont.prefix = outcomes;
-                        rest = std::iter::once(cont).chain(later).collect();
+                        rest.push(job.continued(unstaged, outcomes));
                         break;
                     }
                     Ok(Outcome::Many(outcomes))
                 }
-                cmd => {
+                (cmd, _) => {
                     let before = stage.batch.len();
                     let result = self.apply(cmd, &mut stage);
                     debug_assert!(result.is_ok() || stage.batch.len() == before);
                     result
                 }
             };
-            results.push(result);
+            answers.push((job, result));
             // The cap holds for what was staged, not only for what was asked: a commit
             // copies all its half messages into the batch.
-            if stage.batch.size_in_bytes() > MAX_BATCH_BYTES && i + 1 < jobs.len() {
-                rest = jobs.split_off(i + 1);
+            if stage.batch.size_in_bytes() > MAX_BATCH_BYTES {
                 break;
             }
         }
+        rest.extend(jobs);
+        (Staged { stage, answers }, rest)
+    }
+
+    /// Writes a staged batch once (no sync): on success its effects on memory are kept
+    /// (published by the syncer once durable); on failure memory stays as before the
+    /// batch and every result that wrote becomes the failure.
+    fn write(&mut self, staged: Staged) -> Written {
+        let Staged { mut stage, answers } = staged;
         let wrote = !stage.batch.is_empty();
         let write = if wrote {
             let started = std::time::Instant::now();
@@ -276,16 +302,16 @@ impl Writer {
                 self.metrics
                     .write_seconds
                     .observe(started.elapsed().as_secs_f64());
-                self.metrics.batch_requests.observe(jobs.len() as f64);
+                self.metrics.batch_requests.observe(answers.len() as f64);
                 let c = &self.storage.counters;
                 c.batches.fetch_add(1, Ordering::Relaxed);
-                c.jobs.fetch_add(jobs.len() as u64, Ordering::Relaxed);
+                c.jobs.fetch_add(answers.len() as u64, Ordering::Relaxed);
             }
             w
         } else {
             Ok(())
         };
-        let written = match write {
+        match write {
             Ok(()) => {
                 for topic in stage.new_topics {
                     self.topics.insert(topic);
@@ -310,8 +336,7 @@ impl Writer {
                     self.next_offset.remove(&topic.id);
                 }
                 Written {
-                    jobs: std::mem::take(jobs),
-                    results,
+                    answers,
                     wrote,
                     ends,
                     floors,
@@ -320,7 +345,10 @@ impl Writer {
                 }
             }
             Err(e) => {
-                tracing::error!("write batch failed, {} requests refused: {e}", jobs.len());
+                tracing::error!(
+                    "write batch failed, {} requests refused: {e}",
+                    answers.len()
+                );
                 self.next_topic_id = stage.first_topic_id.unwrap_or(self.next_topic_id);
                 // Sticky, like a failed sync: owners of state in memory (consumer groups)
                 // may have moved ahead of this write, and a later write that succeeded
@@ -331,10 +359,11 @@ impl Writer {
                 if self.replicator.is_none() {
                     self.storage.fail(format!("a write failed: {e}"));
                 }
-                let results = results.into_iter().map(|r| lost_in_write(r, &e)).collect();
                 Written {
-                    jobs: std::mem::take(jobs),
-                    results,
+                    answers: answers
+                        .into_iter()
+                        .map(|(job, r)| (job, lost_in_write(r, &e)))
+                        .collect(),
                     wrote: false,
                     ends: Vec::new(),
                     floors: Vec::new(),
@@ -342,15 +371,7 @@ impl Writer {
                     tally: Tally::default(),
                 }
             }
-        };
-        // Every batch goes through the syncer, even one that wrote nothing: its answers
-        // may depend on an earlier batch (a repeated commit), which must be durable first.
-        if let Err(std::sync::mpsc::SendError(w)) = self.syncer.send(written) {
-            for job in w.jobs {
-                let _ = job.reply.send(Err(Error::ShuttingDown));
-            }
         }
-        rest
     }
 
     /// Stages the commands of a [`Command::Many`] in order, pushing each outcome, until the
@@ -496,6 +517,12 @@ fn lost_in_write(result: Result<Outcome>, e: &Error) -> Result<Outcome> {
         Ok(_) => Err(e.clone()),
         Err(refusal) => Err(refusal),
     }
+}
+
+/// A batch staged and not yet written: the jobs in it, each with its result.
+struct Staged {
+    stage: Stage,
+    answers: Vec<(Job, Result<Outcome>)>,
 }
 
 /// One batch in the making, with an overlay of what it already changed.

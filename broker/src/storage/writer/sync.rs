@@ -13,8 +13,8 @@ use super::Outcome;
 
 /// A batch on its way to the syncer: written to RocksDB (not yet fsynced) or refused.
 pub(super) struct Written {
-    pub(super) jobs: Vec<Job>,
-    pub(super) results: Vec<Result<Outcome>>,
+    /// The batch's jobs, each with the answer it gets once the batch is durable.
+    pub(super) answers: Vec<(Job, Result<Outcome>)>,
     /// It wrote something, so its replies wait for an fsync.
     pub(super) wrote: bool,
     /// Topic ends to publish (make visible to consumers) once durable.
@@ -77,15 +77,15 @@ pub(super) fn sync_loop(
                         // Perhaps earlier than the timer planned to wake.
                         storage.scheduled.notify_one();
                     }
-                    for (job, result) in w.jobs.into_iter().zip(w.results) {
-                        let _ = job.reply.send(result);
+                    for (job, result) in w.answers {
+                        job.answer(result);
                     }
                 }
                 // Every batch of the group fails, also one that wrote nothing: its answer
                 // (a repeated commit or ack) stood on writes that are not durable now.
                 Err(e) => {
-                    for (job, result) in w.jobs.into_iter().zip(w.results) {
-                        let _ = job.reply.send(lost_in_write(result, e));
+                    for (job, result) in w.answers {
+                        job.answer(lost_in_write(result, e));
                     }
                 }
             }

@@ -1,9 +1,10 @@
 //! The writer's own tests: durability, group commit, teardown, batch limits.
 
 use super::*;
-use crate::storage::Cf;
 use crate::storage::dedup::KeyScope;
+use crate::storage::{Cf, Storage};
 use prost::Message;
+use std::time::Duration;
 use txmq_protocol::pb::{TxnOutcome, TxnState};
 
 /// A writer on a fresh database. Tests end with [`stop`], so no thread outlives the
@@ -11,9 +12,9 @@ use txmq_protocol::pb::{TxnOutcome, TxnState};
 /// the thread joins (the other way round it would wait on itself and hang).
 pub(super) fn writer(
     flush: FlushMode,
-) -> (tempfile::TempDir, Arc<Storage>, WriterThread, WriterHandle) {
+) -> (tempfile::TempDir, StorageHandle, WriterThread, WriterHandle) {
     let dir = tempfile::tempdir().unwrap();
-    let storage = Storage::open(dir.path()).unwrap();
+    let storage = StorageHandle::alone(Storage::open(dir.path()).unwrap());
     let config = Arc::new(Config {
         flush,
         ..Config::default()
@@ -31,7 +32,7 @@ pub(super) fn writer(
 /// A writer on `storage` with its own topic registry, boot and configuration (tests
 /// that look at the registry, reopen the database, or change a setting).
 fn spawn_with(
-    storage: &Arc<Storage>,
+    storage: &StorageHandle,
     topics: &Arc<Topics>,
     boot: u64,
     config: Config,
@@ -47,17 +48,15 @@ fn spawn_with(
 
 /// Drops the handle, joins the threads, then closes the database: the order the
 /// broker's own shutdown follows.
-pub(super) async fn stop(handle: WriterHandle, thread: WriterThread, storage: Arc<Storage>) {
+pub(super) async fn stop(handle: WriterHandle, thread: WriterThread, storage: StorageHandle) {
     drop(handle);
     tokio::task::spawn_blocking(move || thread.join())
         .await
         .unwrap();
-    assert_eq!(
-        Arc::strong_count(&storage),
-        1,
+    assert!(
+        storage.give_back_all(Duration::ZERO).await,
         "a thread still holds storage"
     );
-    drop(storage);
 }
 
 fn append(i: usize) -> Command {
@@ -252,7 +251,7 @@ async fn a_writer_dropped_with_work_in_flight_answers_it_and_stops_first() {
         }
     }
     assert_eq!(stored, 3000, "queued writes were dropped unanswered");
-    let storage = Storage::open(dir.path()).unwrap();
+    let storage = StorageHandle::alone(Storage::open(dir.path()).unwrap());
     let topic = storage
         .topics()
         .unwrap()
@@ -269,7 +268,7 @@ async fn a_writer_dropped_with_work_in_flight_answers_it_and_stops_first() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_topic_takes_its_id_with_it() {
     let dir = tempfile::tempdir().unwrap();
-    let storage = Storage::open(dir.path()).unwrap();
+    let storage = StorageHandle::alone(Storage::open(dir.path()).unwrap());
     let topics = Arc::new(Topics::default());
     let (handle, thread) = spawn_with(&storage, &topics, 1, Config::default());
     // Bound after the thread: dropped first if an assertion fails.
@@ -310,7 +309,7 @@ async fn a_deleted_topic_takes_its_id_with_it() {
         .await;
     assert!(matches!(gone, Ok(Outcome::TopicDeleted { .. })));
     stop(w, thread, storage).await;
-    let storage = Storage::open(dir.path()).unwrap();
+    let storage = StorageHandle::alone(Storage::open(dir.path()).unwrap());
     assert!(storage.topics().unwrap().is_empty());
     assert_eq!(storage.next_topic_id(), new.id + 1);
     let topics = Arc::new(Topics::default());
@@ -326,7 +325,7 @@ async fn a_deleted_topic_takes_its_id_with_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn index_entries_of_removed_messages_are_compacted_away() {
     let dir = tempfile::tempdir().unwrap();
-    let storage = Storage::open(dir.path()).unwrap();
+    let storage = StorageHandle::alone(Storage::open(dir.path()).unwrap());
     let topics = Arc::new(Topics::default());
     let (handle, thread) = spawn_with(&storage, &topics, 1, Config::default());
     let w = handle;
@@ -391,7 +390,7 @@ async fn index_entries_of_removed_messages_are_compacted_away() {
     .await
     .unwrap();
     stop(w, thread, storage).await;
-    let storage = Storage::open(dir.path()).unwrap();
+    let storage = StorageHandle::alone(Storage::open(dir.path()).unwrap());
     assert!(storage.index_garbage() > 0, "the garbage was forgotten");
     storage.compact_indexes();
     assert_eq!(
@@ -428,7 +427,7 @@ async fn index_entries_of_removed_messages_are_compacted_away() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deletion_is_refused_in_its_step_while_a_transaction_is_open() {
     let dir = tempfile::tempdir().unwrap();
-    let storage = Storage::open(dir.path()).unwrap();
+    let storage = StorageHandle::alone(Storage::open(dir.path()).unwrap());
     let topics = Arc::new(Topics::default());
     let (handle, thread) = spawn_with(&storage, &topics, 1, Config::default());
     let w = handle;
@@ -498,7 +497,7 @@ async fn a_deletion_is_refused_in_its_step_while_a_transaction_is_open() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scheduled_message_goes_with_its_deleted_topic() {
     let dir = tempfile::tempdir().unwrap();
-    let storage = Storage::open(dir.path()).unwrap();
+    let storage = StorageHandle::alone(Storage::open(dir.path()).unwrap());
     let topics = Arc::new(Topics::default());
     let (handle, thread) = spawn_with(&storage, &topics, 1, Config::default());
     let w = handle;
@@ -579,7 +578,7 @@ async fn a_forced_deletion_refuses_commits_until_its_cleanup() {
         outcome: TxnOutcome::Commit,
         by: crate::txn::state::Resolver::Operator,
     };
-    let storage = Storage::open(dir.path()).unwrap();
+    let storage = StorageHandle::alone(Storage::open(dir.path()).unwrap());
     let topics = Arc::new(Topics::default());
     let (handle, thread) = spawn_with(&storage, &topics, 1, Config::default());
     let w = handle;
@@ -603,7 +602,7 @@ async fn a_forced_deletion_refuses_commits_until_its_cleanup() {
     );
     stop(w, thread, storage).await;
 
-    let storage = Storage::open(dir.path()).unwrap();
+    let storage = StorageHandle::alone(Storage::open(dir.path()).unwrap());
     let topics = Arc::new(Topics::default());
     let (handle, thread) = spawn_with(&storage, &topics, 2, Config::default());
     let w = handle;

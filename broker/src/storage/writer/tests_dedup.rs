@@ -6,8 +6,8 @@
 
 use super::tests::{stop, writer};
 use super::*;
-use crate::storage::Cf;
 use crate::storage::dedup::KeyScope;
+use crate::storage::{Cf, Storage};
 
 fn keyed(topic: &str, body: &str, key: &str) -> pb::Message {
     pb::Message {
@@ -90,7 +90,7 @@ async fn keys_survive_a_reopen_and_a_zero_window_forgets_them() {
     let (dir, storage, thread, w) = writer(FlushMode::Sync);
     let first = send(&w, vec![keyed("t", "a", "k")]).await;
     stop(w, thread, storage).await;
-    let storage = Storage::open(dir.path()).unwrap();
+    let storage = StorageHandle::alone(Storage::open(dir.path()).unwrap());
     let topics = Arc::new(Topics::default());
     for t in storage.topics().unwrap() {
         topics.insert(Arc::new(Topic::from_record(t.name, &t.record, t.end)));
