@@ -1,0 +1,271 @@
+//! The broker's top: its listeners and faces, a single broker that reopens its storage
+//! after a failure, or a group's node ([`group`]); each serves an opened storage through
+//! [`serving`].
+
+mod group;
+mod serving;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::connection;
+use crate::error::{Error, Result};
+use crate::metrics::{self, Metrics};
+use crate::storage::{Owner, Storage};
+use group::serve_group;
+use serving::run_once;
+
+/// Runs a broker on an already-bound listener until `shutdown` completes, binding the
+/// metrics address of the configuration (if any) first.
+///
+/// # Errors
+/// The metrics address cannot be bound, or opening storage fails (for example another
+/// broker holds the data directory).
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
+    let metrics = match config.metrics_listen {
+        Some(addr) => Some(metrics::bind(addr).await?),
+        None => None,
+    };
+    let grpc = match config.grpc_addr().map_err(Error::Invalid)? {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|e| Error::Internal(format!("cannot listen on {addr}: {e}")))?,
+        ),
+        None => None,
+    };
+    let listeners = Listeners {
+        native: listener,
+        metrics,
+        grpc,
+    };
+    serve(listeners, config, shutdown).await
+}
+
+/// The sockets a broker serves, bound before it starts (so a caller can report them).
+#[derive(Debug)]
+pub struct Listeners {
+    /// The native protocol.
+    pub native: TcpListener,
+    /// Prometheus metrics and `/health`, if served.
+    pub metrics: Option<TcpListener>,
+    /// The RocketMQ 5 gRPC endpoint, if served.
+    pub grpc: Option<TcpListener>,
+}
+
+/// [`run`] with the metrics listener already bound (so a caller can report both
+/// addresses before serving).
+///
+/// If a sync of the write-ahead log fails, storage is failed for good (every write is
+/// refused, `/health` says why): the broker then stops every task and connection, closes
+/// the database and opens it again, recovering to what is on disk, and serves on the same
+/// listener. Clients reconnect. Reopening is retried with backoff while it fails.
+///
+/// # Errors
+/// Opening storage fails at start.
+pub async fn serve(
+    listeners: Listeners,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
+    let Listeners {
+        native: listener,
+        metrics: metrics_listener,
+        grpc: grpc_listener,
+    } = listeners;
+    let config = Arc::new(config);
+    let grpc_live = Arc::new(crate::grpc::Live::default());
+    let metrics = Arc::new(Metrics::new());
+    let live = Arc::new(metrics::Live::default());
+    let endpoint_stop = CancellationToken::new();
+    let endpoint = match metrics_listener {
+        Some(listener) => {
+            tracing::info!(addr = %listener.local_addr().map_err(|e| Error::Internal(e.to_string()))?, "metrics endpoint");
+            Some(tokio::spawn(metrics::serve(
+                listener,
+                metrics.clone(),
+                live.clone(),
+                endpoint_stop.clone(),
+            )))
+        }
+        None => None,
+    };
+    // Where the gRPC endpoint really listens (a port 0 in the configuration is chosen
+    // at bind): a broker group's routes name it.
+    let grpc_bound = grpc_listener.as_ref().and_then(|l| l.local_addr().ok());
+    let grpc = grpc_listener.map(|listener| {
+        tokio::spawn(crate::grpc::serve(
+            listener,
+            grpc_live.clone(),
+            config.clone(),
+            endpoint_stop.clone(),
+        ))
+    });
+    let mut shutdown = std::pin::pin!(shutdown);
+    let faces = Faces {
+        live: &live,
+        grpc: &grpc_live,
+    };
+    let result = match config.group().map_err(Error::Invalid)? {
+        Some(peers) => {
+            serve_group(
+                &listener,
+                peers,
+                grpc_bound,
+                &config,
+                &metrics,
+                faces,
+                &mut shutdown,
+            )
+            .await
+        }
+        None => serve_single(&listener, &config, &metrics, faces, &mut shutdown).await,
+    };
+    endpoint_stop.cancel();
+    if let Some(endpoint) = endpoint {
+        let _ = endpoint.await;
+    }
+    if let Some(mut grpc) = grpc {
+        // Its graceful stop waits for open calls; a client that stopped reading would
+        // hold it forever.
+        if tokio::time::timeout(Duration::from_secs(5), &mut grpc)
+            .await
+            .is_err()
+        {
+            tracing::warn!("grpc endpoint did not stop within 5 s; closing it");
+            grpc.abort();
+        }
+    }
+    if result.is_ok() {
+        tracing::info!("stopped");
+    }
+    result
+}
+
+/// A single broker: serves its storage, and reopens it after a failure.
+async fn serve_single(
+    listener: &TcpListener,
+    config: &Arc<Config>,
+    metrics: &Arc<Metrics>,
+    faces: Faces<'_>,
+    shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+) -> Result<()> {
+    let mut storage = open(config).await;
+    loop {
+        let owner = match storage {
+            Ok(owner) => owner,
+            Err(e) => break Err(e),
+        };
+        let served = run_once(
+            listener,
+            owner.lend(),
+            config,
+            metrics,
+            faces,
+            shutdown,
+            None,
+        )
+        .await;
+        // Every handle is back (or `run_once` said it could not be): dropping the owner
+        // closes the database, so that a reopen finds it unlocked.
+        drop(owner);
+        match served {
+            Ok(Stop::Shutdown | Stop::Deposed) => break Ok(()),
+            Ok(Stop::StorageFailed(why)) => {
+                tracing::warn!("reopening storage to recover to what is on disk");
+                storage = match reopen(listener, config, shutdown, &why).await {
+                    Some(opened) => Ok(opened),
+                    None => break Ok(()),
+                };
+            }
+            Err(e) => break Err(e),
+        }
+    }
+}
+
+/// Why [`run_once`] returned.
+enum Stop {
+    /// The shutdown future completed.
+    Shutdown,
+    /// This node stopped leading its group.
+    Deposed,
+    /// Storage failed, for this reason: reopen it.
+    StorageFailed(String),
+}
+
+/// Opens storage again after a failure, retrying with backoff; meanwhile every new
+/// connection is told why and closed. `None` when shutdown came first.
+async fn reopen(
+    listener: &TcpListener,
+    config: &Config,
+    shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+    why: &str,
+) -> Option<Owner> {
+    let mut wait = Duration::from_millis(200);
+    loop {
+        let attempt = async {
+            match open(config).await {
+                Ok(storage) => Some(storage),
+                Err(e) => {
+                    tracing::error!("reopening storage failed: {e}; retrying in {wait:?}");
+                    tokio::time::sleep(wait).await;
+                    None
+                }
+            }
+        };
+        tokio::select! {
+            opened = attempt => if let Some(storage) = opened {
+                tracing::info!("storage reopened");
+                return Some(storage);
+            },
+            () = shutdown.as_mut() => return None,
+            () = refuse_all(listener, why) => {}
+        }
+        wait = (wait * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// Answers every connection with the reason writes are refused, until dropped.
+async fn refuse_all(listener: &TcpListener, why: &str) {
+    loop {
+        if let Ok((socket, peer)) = listener.accept().await {
+            let why = why.to_string();
+            tokio::spawn(async move { connection::refuse_recovering(socket, peer, &why).await });
+        } else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Opens storage off the async threads.
+async fn open(config: &Config) -> Result<Owner> {
+    let (dir, window) = (config.data_dir.clone(), config.dedup_window);
+    tokio::task::spawn_blocking(move || {
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| Error::Internal(format!("cannot create {}: {e}", dir.display())))?;
+        let storage = Storage::open(&dir)?;
+        storage.set_dedup_window(window);
+        Ok(Owner::new(storage))
+    })
+    .await
+    .map_err(|e| Error::Internal(e.to_string()))?
+}
+
+/// Serves one opened storage until shutdown or until it fails; then stops every task,
+/// joins the writer and closes the database.
+/// What outside the accept loop shows the broker's current parts: `/health` and the
+/// gRPC endpoint (set while a storage is open, cleared while it is reopened).
+#[derive(Clone, Copy)]
+struct Faces<'a> {
+    live: &'a metrics::Live,
+    grpc: &'a crate::grpc::Live,
+}

@@ -1,0 +1,266 @@
+//! Serving one opened storage: the parts wired together (writer, checker, timer,
+//! sweeper, disk watch, consumer groups), the accept loop, and the way back down.
+//!
+//! Shutdown order: stop accepting, cancel every task, wait for them (bounded), then drop
+//! the last writer handle so the writer drains its queue, flushes the WAL and exits, then
+//! give the storage handle back and wait for every other to come back too.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::group::Leading;
+use super::{Faces, Stop};
+use crate::cmd::Shared;
+use crate::config::Config;
+use crate::connection;
+use crate::delivery::Groups;
+use crate::error::{Error, Result};
+use crate::ids::IdGen;
+use crate::metrics::Metrics;
+use crate::replication::lease::Serving;
+use crate::retention::Sweeper;
+use crate::storage::StorageHandle;
+use crate::storage::writer::{Command, Op, Replicator, Writer};
+use crate::storage::{Cf, keys};
+use crate::timer::Timer;
+use crate::topics::{Topic, Topics};
+use crate::txn::checker::Checker;
+use crate::txn::producers::Producers;
+
+pub(super) async fn run_once(
+    listener: &TcpListener,
+    storage: StorageHandle,
+    config: &Arc<Config>,
+    metrics: &Arc<Metrics>,
+    faces: Faces<'_>,
+    shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+    leading: Option<Leading<'_>>,
+) -> Result<Stop> {
+    let live = faces.live;
+    let replicated = leading.is_some();
+    let (boot, stored, halves, scheduled) = {
+        let storage = storage.clone();
+        tokio::task::spawn_blocking(move || {
+            // A group's leader writes its boot number through the log, below.
+            let boot = if replicated {
+                storage.boot()? + 1
+            } else {
+                storage.next_boot()?
+            };
+            let topics = storage.topics()?;
+            let halves = storage.count_halves()?;
+            let scheduled = storage.count_scheduled()?;
+            Ok::<_, Error>((boot, topics, halves, scheduled))
+        })
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))??
+    };
+    let topics = Arc::new(Topics::default());
+    for t in stored {
+        topics.insert(Arc::new(Topic::from_record(t.name, &t.record, t.end)));
+    }
+    tracing::info!(
+        boot,
+        topics = topics.all().len(),
+        halves,
+        scheduled,
+        "storage open"
+    );
+    metrics.half_messages_pending.set(halves as i64);
+    metrics.scheduled_pending.set(scheduled as i64);
+
+    let deposed = CancellationToken::new();
+    let replicator = leading.as_ref().map(|l| Replicator {
+        raft: l.node.raft.clone(),
+        leader: l.leadership.leader,
+        runtime: tokio::runtime::Handle::current(),
+        deposed: deposed.clone(),
+    });
+    let ids = Arc::new(IdGen::new(boot));
+    let (writer, writer_thread) = Writer::spawn_with(
+        storage.clone(),
+        topics.clone(),
+        ids.clone(),
+        config.clone(),
+        metrics.clone(),
+        replicator,
+    );
+    if replicated {
+        // Before any id of this boot is used: the next leader's boot starts past it.
+        let put = Op::Put(Cf::Meta, keys::BOOT.to_vec(), boot.to_be_bytes().to_vec());
+        if let Err(e) = writer.submit(Command::Raw(vec![put])).await {
+            tracing::info!("could not start leading: {e}");
+            drop(writer);
+            tokio::task::spawn_blocking(move || writer_thread.join())
+                .await
+                .map_err(|e| Error::Internal(e.to_string()))?;
+            return Ok(Stop::Deposed);
+        }
+    }
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let producers = Arc::new(Producers::default());
+    let (answers, answers_rx) = mpsc::channel(1024);
+    let serving = leading
+        .as_ref()
+        .map_or_else(Serving::always, |l| Serving::under(l.node.lease.clone()));
+    let checker = Checker::new(
+        storage.clone(),
+        writer.clone(),
+        producers.clone(),
+        config.clone(),
+        metrics.clone(),
+    )
+    .serving(serving.clone());
+    tracker.spawn(checker.run(answers_rx, cancel.clone()));
+    tracker.spawn(Timer::new(storage.clone(), writer.clone()).run(cancel.clone()));
+    let sweeper = Sweeper::new(
+        storage.clone(),
+        writer.clone(),
+        topics.clone(),
+        config.clone(),
+        metrics.clone(),
+    );
+    tracker.spawn(sweeper.run(cancel.clone()));
+    tracker.spawn(crate::disk::watch(
+        storage.clone(),
+        config.clone(),
+        metrics.clone(),
+        cancel.clone(),
+    ));
+    let shared = Arc::new(Shared {
+        groups: Groups::new(
+            storage.clone(),
+            writer.clone(),
+            topics.clone(),
+            config.clone(),
+            metrics.clone(),
+            tracker.clone(),
+            cancel.clone(),
+        )
+        .serving(serving.clone()),
+        config: config.clone(),
+        storage: storage.clone(),
+        writer,
+        topics: topics.clone(),
+        producers,
+        answers,
+        connection_ids: AtomicU64::new(1),
+        subscription_ids: AtomicU64::new(1),
+        metrics: metrics.clone(),
+        tasks: tracker.clone(),
+        budget: Arc::new(Semaphore::new(
+            (config.max_in_flight_bytes / connection::BUDGET_UNIT).max(1),
+        )),
+        node: leading.as_ref().map(|l| l.node.clone()),
+        ids,
+        serving,
+    });
+    live.set(Some((storage.clone(), topics)));
+    faces.grpc.set(Some(shared.clone()));
+    crate::cmd::delete::resume_cleanups(&shared).await;
+
+    let stop = tokio::select! {
+        () = accept(listener, &shared, &tracker, &cancel) => Stop::Shutdown,
+        () = shutdown.as_mut() => {
+            tracing::info!("shutting down");
+            Stop::Shutdown
+        }
+        () = storage.failed() => Stop::StorageFailed(storage.failure().unwrap_or_default()),
+        () = deposed.cancelled() => Stop::Deposed,
+        () = async {
+            match &leading {
+                Some(l) => l.node.lost(&l.leadership).await,
+                None => std::future::pending().await,
+            }
+        } => Stop::Deposed,
+    };
+    if let Some(l) = &leading {
+        // Whichever way this leadership ended, nothing serves from it any more.
+        l.node.lease.end();
+    }
+    live.set(None);
+    faces.grpc.set(None);
+    // A leader's write still waiting for a majority gives up (its clients get an
+    // error: the write may or may not be committed later).
+    deposed.cancel();
+    cancel.cancel();
+    tracker.close();
+    if tokio::time::timeout(Duration::from_secs(10), tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("some tasks did not stop within 10 s");
+    }
+    drop(shared);
+    tokio::task::spawn_blocking(move || writer_thread.join())
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))?;
+    // Reads still running off the async threads hold the database: every handle comes
+    // back before the owner closes it (a single broker's, to reopen it after a failure)
+    // or a snapshot replaces it (a group's node).
+    if !storage.give_back_all(Duration::from_secs(5)).await {
+        tracing::warn!("storage handles still held 5 s after the broker stopped serving");
+        if matches!(stop, Stop::StorageFailed(_)) {
+            return Err(Error::Internal(
+                "storage failed and could not be closed to reopen it".into(),
+            ));
+        }
+    }
+    Ok(stop)
+}
+
+async fn accept(
+    listener: &TcpListener,
+    shared: &Arc<Shared>,
+    tracker: &TaskTracker,
+    cancel: &CancellationToken,
+) {
+    let limit = Arc::new(Semaphore::new(shared.config.max_connections));
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let (socket, peer) = match listener.accept().await {
+            Ok(pair) => {
+                backoff = Duration::from_millis(5);
+                pair
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: wait, do not spin or die.
+                tracing::warn!("accept failed: {e}; retrying in {backoff:?}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let _ = socket.set_nodelay(true);
+        // Finds clients whose host vanished without a FIN, even while nothing is sent.
+        let ka = socket2::TcpKeepalive::new()
+            .with_time(Duration::from_secs(30))
+            .with_interval(Duration::from_secs(10))
+            .with_retries(3);
+        let _ = socket2::SockRef::from(&socket).set_tcp_keepalive(&ka);
+        let permit = limit.clone().try_acquire_owned().ok();
+        let shared = shared.clone();
+        let cancel = cancel.clone();
+        tracker.spawn(async move {
+            match permit {
+                Some(_permit) => {
+                    shared.metrics.connections.inc();
+                    connection::serve(socket, peer, shared.clone(), cancel).await;
+                    shared.metrics.connections.dec();
+                }
+                None => {
+                    shared.metrics.connections_refused.inc();
+                    connection::refuse_full(socket, peer).await;
+                }
+            }
+        });
+    }
+}
