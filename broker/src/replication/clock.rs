@@ -8,12 +8,17 @@
 //!
 //! - Every append (heartbeats too) is an exchange with four timestamps, as NTP takes
 //!   them: the leader sends at `t1` (its clock), the follower receives at `t2` and replies
-//!   at `t3` (its clock), the leader reads the reply at `t4`. The follower's offset is
-//!   `((t2 - t1) + (t3 - t4)) / 2`, wrong by at most half the round trip minus the
-//!   follower's time, so of recent exchanges the one with the shortest round trip counts.
-//! - The group's clock is the median of the members' (the leader's own is 0 on its
-//!   scale): one node far off cannot move it. Each append tells the follower how far it is
-//!   from that median; the leader computes its own.
+//!   at `t3` (its clock), the leader reads the reply at `t4` (`t1` plus the round trip on
+//!   its monotonic clock, so a step of its own clock meanwhile does not enter). The
+//!   follower's offset is `((t2 - t1) + (t3 - t4)) / 2`, wrong by at most half the round
+//!   trip minus the follower's time, so of recent exchanges the one with the shortest
+//!   round trip counts. A clock that steps (either side's) makes the exchanges before the
+//!   step worthless: they are dropped as soon as the step shows.
+//! - The group's clock is the median of the voters' (the leader's own is 0 on its
+//!   scale): one node far off cannot move it. With an even number of clocks whose two
+//!   middle ones disagree beyond the bound, what the last leader said decides; without
+//!   that, nothing is decided (a new leader waits a moment for more clocks). Each append
+//!   tells the follower how far it is from the median; the leader computes its own.
 //! - A node more than [`MAX_SKEW_MS`] from the group's clock raises an alarm (a log line,
 //!   the `txmq_clock_skew_ms` gauge, `/health` answers `clock_skewed`) and refuses to
 //!   lead: elected, it hands the leadership to a member whose clock agrees before serving
@@ -37,6 +42,9 @@ const SAMPLES: usize = 8;
 const FRESH: Duration = Duration::from_secs(5);
 /// How long what the leader told this node of its skew is believed without news.
 const TOLD_FOR: Duration = Duration::from_secs(60);
+/// A clock that moved this much against the monotonic clock (or a peer's offset that
+/// moved this much beyond its round trips) stepped: earlier exchanges are dropped.
+const STEP_MS: i64 = 50;
 
 /// One exchange with a peer.
 #[derive(Debug, Clone, Copy)]
@@ -58,6 +66,10 @@ pub struct Clocks {
 struct Inner {
     /// As a leader: recent exchanges with each peer.
     peers: HashMap<u64, VecDeque<Sample>>,
+    /// The group's voters (learners' clocks do not count); empty: not known yet, all.
+    voters: Vec<u64>,
+    /// This node's wall clock and monotonic clock read together, to see its own steps.
+    anchor: Option<(i64, Instant)>,
     /// As a follower: this node's skew from the group's clock, as the leader last told
     /// it, and when.
     told: Option<(i64, Instant)>,
@@ -66,21 +78,53 @@ struct Inner {
 }
 
 impl Clocks {
-    /// An exchange with `peer`: this node sent at `t1` and read the reply at `t4`, the
-    /// peer received at `t2` and replied at `t3` (each on its own wall clock, in ms).
-    pub fn exchange(&self, peer: u64, t1: u64, t2: u64, t3: u64, t4: u64) {
-        let (t1, t2, t3, t4) = (t1 as i64, t2 as i64, t3 as i64, t4 as i64);
+    /// An exchange with `peer`: this node sent at `t1` (its wall clock, in ms) and read
+    /// the reply `round_trip` later (its monotonic clock); the peer received at `t2` and
+    /// replied at `t3` (its wall clock).
+    pub fn exchange(&self, peer: u64, t1: u64, t2: u64, t3: u64, round_trip: Duration) {
+        let (t1, t2, t3) = (t1 as i64, t2 as i64, t3 as i64);
+        let t4 = t1 + round_trip.as_millis() as i64;
+        let delay_ms = (t4 - t1) - (t3 - t2);
+        let mut inner = self.inner.lock().expect("clocks");
+        inner.watch_own_clock();
+        if delay_ms < -1 {
+            // The peer's clock stepped while it held the request: worthless.
+            return;
+        }
         let sample = Sample {
             offset_ms: ((t2 - t1) + (t3 - t4)) / 2,
-            delay_ms: ((t4 - t1) - (t3 - t2)).max(0),
+            delay_ms: delay_ms.max(0),
             at: Instant::now(),
         };
-        let mut inner = self.inner.lock().expect("clocks");
         let samples = inner.peers.entry(peer).or_default();
+        if let Some(last) = samples.back()
+            && (sample.offset_ms - last.offset_ms).abs() > sample.delay_ms + last.delay_ms + STEP_MS
+        {
+            // The peer's clock stepped (or this node's, between the two): what came
+            // before no longer says where it is.
+            samples.clear();
+        }
         if samples.len() == SAMPLES {
             samples.pop_front();
         }
         samples.push_back(sample);
+    }
+
+    /// The group's voters: only their clocks count.
+    pub fn set_voters(&self, voters: &[u64]) {
+        let mut inner = self.inner.lock().expect("clocks");
+        if inner.voters != voters {
+            inner.voters = voters.to_vec();
+        }
+    }
+
+    /// As the leader: whether the clocks measured decide where the group's clock is
+    /// (false while the two middle ones of an even number disagree and no leader told
+    /// this node where it stands: a new leader waits for more clocks then).
+    pub fn decided(&self) -> bool {
+        let mut inner = self.inner.lock().expect("clocks");
+        inner.watch_own_clock();
+        inner.fresh_peers() == 0 || inner.group_clock().is_some()
     }
 
     /// The leader told this node its skew from the group's clock.
@@ -95,15 +139,16 @@ impl Clocks {
     pub fn skew_of(&self, peer: u64) -> Option<i64> {
         let inner = self.inner.lock().expect("clocks");
         let offset = inner.best(peer)?;
-        Some(offset - inner.group_clock())
+        Some(offset - inner.group_clock()?)
     }
 
     /// This node's skew from the group's clock: measured as the leader (`leading`), else
     /// as the leader last told it; `None` when unknown.
     pub fn own_skew(&self, leading: bool) -> Option<i64> {
         let mut inner = self.inner.lock().expect("clocks");
+        inner.watch_own_clock();
         let skew = if leading && inner.fresh_peers() > 0 {
-            Some(-inner.group_clock())
+            inner.group_clock().map(|g| -g)
         } else {
             inner.told()
         };
@@ -143,11 +188,34 @@ impl Inner {
             .map(|s| s.offset_ms)
     }
 
+    /// Whether `peer`'s clock counts: a voter (or the voters are not known yet).
+    fn counts(&self, peer: u64) -> bool {
+        self.voters.is_empty() || self.voters.contains(&peer)
+    }
+
     fn fresh_peers(&self) -> usize {
         self.peers
             .keys()
-            .filter(|p| self.best(**p).is_some())
+            .filter(|p| self.counts(**p) && self.best(**p).is_some())
             .count()
+    }
+
+    /// Drops every exchange, and what a leader told, when this node's own wall clock
+    /// stepped since it last looked: they were all measured against the old clock.
+    fn watch_own_clock(&mut self) {
+        let now = (txmq_protocol::now_ms() as i64, Instant::now());
+        if let Some((wall, at)) = self.anchor {
+            let moved = (now.0 - wall) - at.elapsed().as_millis() as i64;
+            if moved.abs() > STEP_MS {
+                tracing::warn!(
+                    step_ms = moved,
+                    "this node's wall clock stepped: its measurements start again"
+                );
+                self.peers.clear();
+                self.told = None;
+            }
+        }
+        self.anchor = Some(now);
     }
 
     fn told(&self) -> Option<i64> {
@@ -156,10 +224,16 @@ impl Inner {
             .map(|(s, _)| s)
     }
 
-    /// The group's clock on this node's scale (ms ahead of this node's).
-    fn group_clock(&self) -> i64 {
+    /// The group's clock on this node's scale (ms ahead of this node's); `None` when
+    /// the clocks measured do not decide it.
+    fn group_clock(&self) -> Option<i64> {
         let mut clocks: Vec<i64> = vec![0];
-        clocks.extend(self.peers.keys().filter_map(|p| self.best(*p)));
+        clocks.extend(
+            self.peers
+                .keys()
+                .filter(|p| self.counts(**p))
+                .filter_map(|p| self.best(*p)),
+        );
         median(clocks, self.told().map(|s| -s))
     }
 
@@ -183,36 +257,45 @@ impl Inner {
 }
 
 /// The median of `clocks` (this node's among them, as 0). With an even count the two
-/// middle values can disagree and nothing says which is right: the one closer to `hint`
-/// (the group's clock as last told, when known) counts, else the one closer to this
-/// node's own.
-fn median(mut clocks: Vec<i64>, hint: Option<i64>) -> i64 {
+/// middle values can disagree and nothing in them says which is right: within the
+/// bound of each other either will do (the one closer to this node's); beyond it, the one
+/// closer to `hint` (the group's clock as last told, when known), else `None`.
+fn median(mut clocks: Vec<i64>, hint: Option<i64>) -> Option<i64> {
     clocks.sort_unstable();
     let n = clocks.len();
     if n == 1 {
-        return hint.unwrap_or(0);
+        return Some(hint.unwrap_or(0));
     }
     if n % 2 == 1 {
-        return clocks[n / 2];
+        return Some(clocks[n / 2]);
     }
     let (low, high) = (clocks[n / 2 - 1], clocks[n / 2]);
-    let toward = hint.unwrap_or(0);
-    if (low - toward).abs() <= (high - toward).abs() {
+    let toward = match hint {
+        Some(hint) => hint,
+        None if too_far(high - low) => return None,
+        None => 0,
+    };
+    Some(if (low - toward).abs() <= (high - toward).abs() {
         low
     } else {
         high
-    }
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// An exchange given its four wall-clock times.
+    fn ex(c: &Clocks, peer: u64, t1: u64, t2: u64, t3: u64, t4: u64) {
+        c.exchange(peer, t1, t2, t3, Duration::from_millis(t4 - t1));
+    }
+
     #[test]
     fn an_exchange_measures_the_offset_without_the_peers_own_time() {
         let c = Clocks::default();
         // The peer is 3 s ahead; 2 ms each way; it took 50 ms to answer (an fsync).
-        c.exchange(2, 1000, 4002, 4052, 1054);
+        ex(&c, 2, 1000, 4002, 4052, 1054);
         let inner = c.inner.lock().unwrap();
         assert_eq!(inner.best(2), Some(3000));
         assert_eq!(inner.peers[&2][0].delay_ms, 4);
@@ -223,8 +306,8 @@ mod tests {
         let c = Clocks::default();
         // A slow exchange (a big append: 400 ms on the way there) reads the offset
         // wrong; a heartbeat right after reads it right.
-        c.exchange(2, 1000, 1400, 1401, 1402);
-        c.exchange(2, 2000, 2001, 2001, 2002);
+        ex(&c, 2, 1000, 1400, 1401, 1402);
+        ex(&c, 2, 2000, 2001, 2001, 2002);
         assert_eq!(c.inner.lock().unwrap().best(2), Some(0));
     }
 
@@ -232,8 +315,8 @@ mod tests {
     fn one_clock_far_off_does_not_move_the_group() {
         // Leader 1 fine, follower 2 three seconds ahead, follower 3 fine.
         let c = Clocks::default();
-        c.exchange(2, 1000, 4001, 4001, 1002);
-        c.exchange(3, 1000, 1001, 1001, 1002);
+        ex(&c, 2, 1000, 4001, 4001, 1002);
+        ex(&c, 3, 1000, 1001, 1001, 1002);
         assert_eq!(c.skew_of(2), Some(3000));
         assert_eq!(c.skew_of(3), Some(0));
         assert_eq!(c.own_skew(true), Some(0));
@@ -244,8 +327,8 @@ mod tests {
     fn a_leader_far_off_finds_itself_off() {
         // Leader 1 three seconds ahead of both followers.
         let c = Clocks::default();
-        c.exchange(2, 4000, 1001, 1001, 4002);
-        c.exchange(3, 4000, 1001, 1001, 4002);
+        ex(&c, 2, 4000, 1001, 1001, 4002);
+        ex(&c, 3, 4000, 1001, 1001, 4002);
         assert_eq!(c.own_skew(true), Some(3000));
         assert!(too_far(c.own_skew(true).unwrap()));
         assert_eq!(c.skew_of(2), Some(0));
@@ -257,13 +340,47 @@ mod tests {
         // elected, it hears from node 3 only.
         let c = Clocks::default();
         c.told(3000);
-        c.exchange(3, 4000, 1001, 1001, 4002);
+        ex(&c, 3, 4000, 1001, 1001, 4002);
         assert_eq!(c.own_skew(true), Some(3000));
         assert_eq!(c.skew_of(3), Some(0));
-        // Told nothing, it trusts its own clock (and node 3 is the one off).
+        // Told nothing, nothing says which of the two is off: undecided, and nobody is
+        // told anything.
         let c = Clocks::default();
-        c.exchange(3, 4000, 1001, 1001, 4002);
+        ex(&c, 3, 4000, 1001, 1001, 4002);
+        assert!(!c.decided());
+        assert_eq!(c.own_skew(true), None);
+        assert_eq!(c.skew_of(3), None);
+        // Two clocks within the bound of each other: decided.
+        let c = Clocks::default();
+        ex(&c, 3, 4000, 4301, 4301, 4002);
+        assert!(c.decided());
         assert_eq!(c.own_skew(true), Some(0));
+    }
+
+    #[test]
+    fn learners_clocks_do_not_count() {
+        // Voter 1 (this leader) and voter 2 agree; learners 3 and 4 are far off.
+        let c = Clocks::default();
+        c.set_voters(&[1, 2]);
+        ex(&c, 2, 1000, 1001, 1001, 1002);
+        ex(&c, 3, 1000, 9001, 9001, 1002);
+        ex(&c, 4, 1000, 9001, 9001, 1002);
+        assert_eq!(c.own_skew(true), Some(0));
+        assert_eq!(c.skew_of(3), Some(8000));
+    }
+
+    #[test]
+    fn a_peer_whose_clock_stepped_is_measured_afresh() {
+        let c = Clocks::default();
+        // Slow exchanges at first (the best of them says 0), then the peer's clock
+        // steps 3 s ahead: the old, shorter round trips must not keep saying 0.
+        ex(&c, 2, 1000, 1001, 1001, 1002);
+        ex(&c, 2, 2000, 5020, 5020, 2040);
+        assert_eq!(c.inner.lock().unwrap().best(2), Some(3000));
+        // A reply that says the peer held the request longer than the round trip took:
+        // its clock stepped meanwhile. Dropped.
+        ex(&c, 2, 3000, 6000, 6500, 3010);
+        assert_eq!(c.inner.lock().unwrap().peers[&2].len(), 1);
     }
 
     #[test]

@@ -273,15 +273,20 @@ impl RaftNetworkV2<TypeConfig> for Peer {
             your_skew_ms: self.clocks.skew_of(self.target),
         };
         let sent_ms = txmq_protocol::now_ms();
+        let sent = std::time::Instant::now();
         match self.call(&rpc, ttl).await? {
             Reply::Append {
                 resp,
                 received_ms,
                 replied_ms,
             } => {
-                let read_ms = txmq_protocol::now_ms();
-                self.clocks
-                    .exchange(self.target, sent_ms, received_ms, replied_ms, read_ms);
+                self.clocks.exchange(
+                    self.target,
+                    sent_ms,
+                    received_ms,
+                    replied_ms,
+                    sent.elapsed(),
+                );
                 Ok(resp)
             }
             _ => Err(unexpected()),

@@ -342,6 +342,23 @@ impl RaftSnapshotBuilder<TypeConfig> for Builder {
     }
 }
 
+/// Opens the storage just put in place, trying again for a second: nothing should hold
+/// the old one's lock any more, and failing here stops Raft.
+fn open_again(dir: &Path) -> std::io::Result<Arc<Storage>> {
+    let mut tries = 0;
+    loop {
+        match Storage::open(dir) {
+            Ok(storage) => return Ok(storage),
+            Err(e) if tries < 10 => {
+                tracing::warn!("opening the installed snapshot failed, trying again: {e}");
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => return Err(io_err(e)),
+        }
+    }
+}
+
 /// Closes the storage in `slot`, puts the checkpoint `dir` in its place, opens it, and
 /// keeps a checkpoint of it as this node's current snapshot.
 fn replace(slot: &StorageSlot, dir: &Path) -> std::io::Result<()> {
@@ -379,7 +396,7 @@ fn replace(slot: &StorageSlot, dir: &Path) -> std::io::Result<()> {
         if let Some(parent) = dir.parent() {
             sync_dir(parent)?;
         }
-        let opened = Storage::open(&slot.dir).map_err(io_err)?;
+        let opened = open_again(&slot.dir)?;
         opened.set_dedup_window(dedup_window);
         *current = Some(Owner::new(opened));
         std::fs::remove_dir_all(&old)?;

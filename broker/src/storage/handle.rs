@@ -25,7 +25,9 @@ pub struct Owner {
 /// A handle on the open storage, lent by its [`Owner`]; dropping it gives it back.
 #[derive(Debug)]
 pub struct StorageHandle {
-    storage: Arc<Storage>,
+    /// `None` only while it is dropped: the reference goes before the handle counts as
+    /// given back, so that whoever waits for the handles can close the database.
+    storage: Option<Arc<Storage>>,
     lent: Arc<Lent>,
 }
 
@@ -71,7 +73,7 @@ impl Owner {
     pub fn lend(&self) -> StorageHandle {
         self.lent.lend();
         StorageHandle {
-            storage: self.storage.clone(),
+            storage: Some(self.storage.clone()),
             lent: self.lent.clone(),
         }
     }
@@ -157,6 +159,9 @@ impl Clone for StorageHandle {
 
 impl Drop for StorageHandle {
     fn drop(&mut self) {
+        // The database reference first: once the count says every handle is back, no
+        // handle holds the database open.
+        drop(self.storage.take());
         self.lent.give_back();
     }
 }
@@ -165,7 +170,7 @@ impl std::ops::Deref for StorageHandle {
     type Target = Storage;
 
     fn deref(&self) -> &Storage {
-        &self.storage
+        self.storage.as_ref().expect("a handle not being dropped")
     }
 }
 
@@ -231,6 +236,22 @@ mod tests {
             &mut found,
         );
         assert!(found.is_empty(), "reference counts read in {found:?}");
+    }
+
+    /// The last handle given back on another thread: the owner that saw every handle
+    /// back closes the database at once (RocksDB's lock is free for the reopen).
+    #[test]
+    fn a_handle_counts_as_back_only_once_it_let_go_of_the_database() {
+        let dir = tempfile::tempdir().unwrap();
+        for _ in 0..20 {
+            let owner = Owner::new(Storage::open(dir.path()).unwrap());
+            let handle = owner.lend();
+            let t = std::thread::spawn(move || drop(handle));
+            assert!(owner.wait_returned(Duration::from_secs(5)));
+            drop(owner);
+            Storage::open(dir.path()).expect("closed with every handle back");
+            t.join().unwrap();
+        }
     }
 
     /// Dropped with every handle back, the storage is closed: it opens again at once.

@@ -57,7 +57,7 @@ impl Node {
                 match self.raft.write_blank().await {
                     // Committed, the blank entry measured the clocks of a majority: a
                     // node whose clock is off serves nothing and hands over.
-                    Ok(_) if self.hand_over_if_clock_off(term).await => {}
+                    Ok(_) if self.hand_over_if_clock_off(term, true).await => {}
                     Ok(_) => {
                         // The blank entry was committed by a majority just now; a
                         // leadership handed over earlier is over.
@@ -109,7 +109,7 @@ impl Node {
                     }
                 }
             }
-            if self.hand_over_if_clock_off(leadership.term).await {
+            if self.hand_over_if_clock_off(leadership.term, false).await {
                 return;
             }
             tokio::select! {
@@ -125,10 +125,7 @@ impl Node {
     /// [`clock::MAX_SKEW_MS`] from the group's, stops serving and hands the leadership to
     /// the member whose clock agrees best (see [`super::clock`]); true if it did. Not
     /// served again in this term; elected again later, it checks again.
-    async fn hand_over_if_clock_off(&self, term: u64) -> bool {
-        let Some(skew) = self.clocks.own_skew(true).filter(|s| clock::too_far(*s)) else {
-            return false;
-        };
+    async fn hand_over_if_clock_off(&self, term: u64, newly_elected: bool) -> bool {
         let voters: Vec<u64> = self
             .raft
             .metrics()
@@ -137,6 +134,27 @@ impl Node {
             .membership()
             .voter_ids()
             .collect();
+        self.clocks.set_voters(&voters);
+        if newly_elected {
+            // With an even number of clocks measured that disagree (one follower answered
+            // so far), this node may be the one off: a moment for more heartbeats.
+            for _ in 0..10 {
+                if self.clocks.decided() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            if !self.clocks.decided() {
+                tracing::warn!(
+                    term,
+                    "the members' clocks disagree and none decides which is off (two \
+                     clocks, and no leader said where this one stands): leading"
+                );
+            }
+        }
+        let Some(skew) = self.clocks.own_skew(true).filter(|s| clock::too_far(*s)) else {
+            return false;
+        };
         let Some(to) = self.clocks.best_successor(self.peers.me, &voters) else {
             // The only voter: no one to hand over to (the alarm is raised).
             return false;

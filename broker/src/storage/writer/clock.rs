@@ -9,8 +9,13 @@
 
 use std::cell::Cell;
 
+use crate::replication::clock::MAX_SKEW_MS;
 use crate::storage::Storage;
 use crate::topics::Topics;
+
+/// How far ahead of this machine's clock the writer's may start: two clocks each within
+/// the group's bound of its median are at most twice the bound apart.
+pub(super) const AHEAD_AT_MOST_MS: u64 = 2 * MAX_SKEW_MS as u64;
 
 /// Milliseconds since the epoch, at least the last time it gave.
 #[derive(Debug)]
@@ -20,9 +25,12 @@ pub(super) struct WallClock {
 
 impl WallClock {
     /// A clock that gives no time before the latest `store_ms` of any topic's last
-    /// message.
+    /// message, unless that is further ahead of this machine's clock than two clocks
+    /// within the group's skew bound can be apart ([`AHEAD_AT_MOST_MS`]: a clock stepped
+    /// back, a leader far off that served for a moment). Times pinned that far ahead would
+    /// hold back check-backs and purges, so the clock starts at that limit and says so.
     pub(super) fn after_stored(storage: &Storage, topics: &Topics) -> Self {
-        let last = topics
+        let stored = topics
             .all()
             .iter()
             .filter(|t| t.end() > t.start())
@@ -30,7 +38,16 @@ impl WallClock {
             .map(|m| m.store_ms)
             .max()
             .unwrap_or(0);
-        Self::after(last)
+        let bound = txmq_protocol::now_ms() + AHEAD_AT_MOST_MS;
+        if stored > bound {
+            tracing::warn!(
+                stored_ms = stored,
+                "the latest message was stored {} ms ahead of this machine's clock: times \
+                 start {AHEAD_AT_MOST_MS} ms ahead and may go back by the rest",
+                stored - bound + AHEAD_AT_MOST_MS
+            );
+        }
+        Self::after(stored.min(bound))
     }
 
     /// A clock that gives no time before `last`.

@@ -103,8 +103,13 @@ impl WriterHandle {
 
     /// Submits a command; the answer arrives on `reply`.
     pub async fn submit_to(&self, cmd: Command, reply: oneshot::Sender<Result<Outcome>>) {
-        if let Err(mpsc::error::SendError(job)) = self.tx.send(Job::new(cmd, reply)).await {
-            job.answer(Err(Error::ShuttingDown));
+        // Room first, then the job: a submitter cancelled while it waits for room (its
+        // connection closed) holds no job, so none is dropped unanswered.
+        match self.tx.reserve().await {
+            Ok(permit) => permit.send(Job::new(cmd, reply)),
+            Err(_) => {
+                let _ = reply.send(Err(Error::ShuttingDown));
+            }
         }
     }
 }

@@ -134,9 +134,9 @@ impl Writer {
             .filter(|(_, r)| !r.cleaned)
             .filter_map(|(_, r)| Some((r.name, (Id::from_bytes(&r.fence)?, r.force))))
             .collect();
-        let clock = clock::WallClock::after_stored(&storage, &topics);
-        let writer = Writer {
-            clock,
+        let mut writer = Writer {
+            // Set on the writer's thread (it reads a message per topic).
+            clock: clock::WallClock::after(0),
             next_topic_id: (topics.max_id() + 1).max(storage.next_topic_id()),
             storage,
             topics,
@@ -154,6 +154,7 @@ impl Writer {
             .name("txmq-writer".into())
             .spawn(move || {
                 let storage = writer.storage.clone();
+                writer.clock = clock::WallClock::after_stored(&writer.storage, &writer.topics);
                 writer.run(rx);
                 // The writer is gone, so its sender is: the syncer answers what is left.
                 let _ = syncer_thread.join();

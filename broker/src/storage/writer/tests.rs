@@ -617,3 +617,85 @@ async fn a_forced_deletion_refuses_commits_until_its_cleanup() {
     assert!(w.submit(commit(before)).await.is_ok());
     stop(w, thread, storage).await;
 }
+
+/// Stores one message on topic "t" through a writer on `storage`, then (given a time)
+/// rewrites its `store_ms` to it (a leader whose clock was ahead stored it); its offset.
+async fn stored_at(
+    storage: &StorageHandle,
+    topics: &Arc<Topics>,
+    boot: u64,
+    store_ms: Option<u64>,
+) -> u64 {
+    let (w, thread) = spawn_with(storage, topics, boot, Config::default());
+    let offset = match w
+        .submit(Command::Append {
+            messages: vec![pb::Message {
+                topic: "t".into(),
+                body: "m".into(),
+                ..Default::default()
+            }],
+            keys: KeyScope::Topic,
+        })
+        .await
+        .unwrap()
+    {
+        Outcome::Stored(r) => r[0].offset,
+        other => panic!("{other:?}"),
+    };
+    if let Some(store_ms) = store_ms {
+        let t = topics.get("t").unwrap();
+        let mut m = storage.read_message(t.id, offset).unwrap().unwrap();
+        m.store_ms = store_ms;
+        let put = Op::Put(
+            Cf::Log,
+            crate::storage::keys::log(t.id, offset).to_vec(),
+            m.encode_to_vec(),
+        );
+        w.submit(Command::Raw(vec![put])).await.unwrap();
+    }
+    drop(w);
+    tokio::task::spawn_blocking(move || thread.join())
+        .await
+        .unwrap();
+    offset
+}
+
+/// Issue 25, item 8: a new writer (a new leader, a restart) whose machine's clock is
+/// behind the latest time stored gives no earlier time: `store_ms` never decreases along
+/// a topic. Further ahead than two clocks within the group's skew bound can be apart, it
+/// starts at that limit instead (times pinned far ahead would hold back check-backs and
+/// purges).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_writer_gives_no_time_before_the_latest_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = StorageHandle::alone(Storage::open(dir.path()).unwrap());
+    let topics = Arc::new(Topics::default());
+    let ahead = txmq_protocol::now_ms() + 400;
+    let first = stored_at(&storage, &topics, 1, Some(ahead)).await;
+    let next = stored_at(&storage, &topics, 2, None).await;
+    let t = topics.get("t").unwrap();
+    let m = storage.read_message(t.id, next).unwrap().unwrap();
+    assert!(next > first);
+    assert!(
+        m.store_ms >= ahead,
+        "stored at {} after {ahead}: back in time",
+        m.store_ms
+    );
+
+    let far = txmq_protocol::now_ms() + 3_600_000;
+    stored_at(&storage, &topics, 3, Some(far)).await;
+    let before = txmq_protocol::now_ms();
+    let last = stored_at(&storage, &topics, 4, None).await;
+    let m = storage.read_message(t.id, last).unwrap().unwrap();
+    let bound = super::clock::AHEAD_AT_MOST_MS;
+    assert!(
+        m.store_ms <= txmq_protocol::now_ms() + bound && m.store_ms >= before,
+        "stored at {} with the machine's clock at {before}: not capped at the bound",
+        m.store_ms
+    );
+    stop_storage(storage).await;
+}
+
+async fn stop_storage(storage: StorageHandle) {
+    assert!(storage.give_back_all(Duration::ZERO).await);
+}
