@@ -198,7 +198,7 @@ impl Writer {
             }
             // What did not fit in the batch once staged (commits copy their halves into
             // it) opens the next one.
-            jobs = self.commit(std::mem::take(&mut jobs));
+            self.commit(&mut jobs);
         }
     }
 
@@ -208,15 +208,16 @@ impl Writer {
     /// - staged, then handed with its result to the syncer, which answers it once the
     ///   batch is durable (or with the failure that made it not);
     /// - not staged (the batch reached its byte cap first; or the rest of a `Many` cut
-    ///   short), returned to open the next batch.
-    fn commit(&mut self, jobs: Vec<Job>) -> Vec<Job> {
+    ///   short), left in `jobs` to open the next batch.
+    fn commit(&mut self, jobs: &mut Vec<Job>) {
         if let Some(refusal) = self.refusal() {
-            for job in jobs {
+            for job in jobs.drain(..) {
                 job.answer(Err(refusal.clone()));
             }
-            return Vec::new();
+            return;
         }
-        let (staged, rest) = self.stage(jobs);
+        // (Drained, not taken: the vector keeps its capacity for the next batch.)
+        let (staged, rest) = self.stage(jobs.drain(..));
         let written = self.write(staged);
         // Every batch goes through the syncer, even one that wrote nothing: its answers
         // may depend on an earlier batch (a repeated commit), which must be durable first.
@@ -225,7 +226,7 @@ impl Writer {
                 job.answer(Err(Error::ShuttingDown));
             }
         }
-        rest
+        jobs.extend(rest);
     }
 
     /// Why no job may be staged now, if one may not: both are sticky.
@@ -248,10 +249,9 @@ impl Writer {
     /// Stages `jobs` in order into one batch until it holds [`MAX_BATCH_BYTES`]: the
     /// staged jobs with their results, and the jobs left for the next batch (first the
     /// rest of a `Many` cut short, carrying its outcomes and its reply).
-    fn stage(&mut self, jobs: Vec<Job>) -> (Staged, Vec<Job>) {
+    fn stage(&mut self, mut jobs: impl ExactSizeIterator<Item = Job>) -> (Staged, Vec<Job>) {
         let mut stage = Stage::default();
         let mut answers = Vec::with_capacity(jobs.len());
-        let mut jobs = jobs.into_iter();
         let mut rest = Vec::new();
         for mut job in jobs.by_ref() {
             let result = match job.take() {
