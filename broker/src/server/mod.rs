@@ -1,6 +1,6 @@
 //! The broker's top: its listeners and faces, a single broker that reopens its storage
-//! after a failure, or a group's node ([`group`]); each serves an opened storage through
-//! [`serving`].
+//! after a failure, or a group's node (`group`); each serves an opened storage through
+//! `serving`.
 
 mod group;
 mod serving;

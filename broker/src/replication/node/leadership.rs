@@ -3,7 +3,7 @@
 //! [`Node::leading`] completes when this node leads with a committed vote, has heard
 //! from a majority lately and has applied everything committed before its term (a blank
 //! entry of its own, committed and applied), and its wall clock agrees with the group's;
-//! [`Node::lost`] completes when that term's leadership ends, renewing the [`Lease`]
+//! [`Node::lost`] completes when that term's leadership ends, renewing the [`Lease`](crate::replication::lease::Lease)
 //! meanwhile. [`Node::transfer`] hands the leadership over without two nodes serving.
 
 use std::time::Duration;
@@ -81,7 +81,7 @@ impl Node {
     /// the others, it can commit nothing, and they elect another leader meanwhile; so it
     /// stops serving rather than keep its clients waiting.
     ///
-    /// Meanwhile it renews the [`Lease`] that requests, deliveries and check-backs ask
+    /// Meanwhile it renews the [`Lease`](crate::replication::lease::Lease) that requests, deliveries and check-backs ask
     /// before they serve; it ends the lease when it returns.
     pub async fn lost(&self, leadership: &Leadership) {
         self.keep_lease(leadership).await;
@@ -123,7 +123,7 @@ impl Node {
 
     /// As the leader of `term`: if this node's wall clock is more than
     /// [`clock::MAX_SKEW_MS`] from the group's, stops serving and hands the leadership to
-    /// the member whose clock agrees best (see [`super::clock`]); true if it did. Not
+    /// the member whose clock agrees best (see [`crate::replication::clock`]); true if it did. Not
     /// served again in this term; elected again later, it checks again.
     async fn hand_over_if_clock_off(&self, term: u64, newly_elected: bool) -> bool {
         let voters: Vec<u64> = self

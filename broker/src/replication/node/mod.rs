@@ -1,10 +1,10 @@
 //! A node of a broker group: its Raft, its storage slot and the node network, started
 //! here; the rest, one job a file:
 //!
-//! - [`forming`]: the group's first forming (the lowest id, once every peer is new);
-//! - [`leadership`]: when this node serves as the leader, when it stops, handing over;
-//! - [`addresses`]: where the leader and the other members take clients;
-//! - [`membership`]: the group's status, adding and removing nodes.
+//! - `forming`: the group's first forming (the lowest id, once every peer is new);
+//! - `leadership`: when this node serves as the leader, when it stops, handing over;
+//! - `addresses`: where the leader and the other members take clients;
+//! - `membership`: the group's status, adding and removing nodes.
 //!
 //! A follower's housekeeping (its compactions after the leader's retention) is the
 //! server's to run: the node only lends its storage for it ([`StorageSlot::housekeep`]).
