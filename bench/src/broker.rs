@@ -22,6 +22,8 @@ struct Node {
 pub struct Broker {
     addr: String,
     nodes: Vec<Node>,
+    /// A group's secret file (`--cluster-secret-file`), kept while the nodes run.
+    _secret: Option<tempfile::TempDir>,
 }
 
 fn bin() -> anyhow::Result<std::path::PathBuf> {
@@ -95,6 +97,7 @@ impl Broker {
         Self {
             addr: addr.to_string(),
             nodes: Vec::new(),
+            _secret: None,
         }
     }
 
@@ -107,6 +110,7 @@ impl Broker {
         Ok(Self {
             addr: node.addr.clone(),
             nodes: vec![node],
+            _secret: None,
         })
     }
 
@@ -116,6 +120,12 @@ impl Broker {
             .map(|i| Ok(format!("{i}=127.0.0.1:{}", free_port()?)))
             .collect::<anyhow::Result<Vec<_>>>()?
             .join(",");
+        let secret = tempfile::tempdir()?;
+        let secret_file = secret.path().join("cluster-secret");
+        std::fs::write(
+            &secret_file,
+            format!("bench-{}-{}\n", std::process::id(), peers),
+        )?;
         let mut nodes = Vec::new();
         for i in 1..=n {
             let mut args = vec![
@@ -125,6 +135,8 @@ impl Broker {
                 i.to_string(),
                 "--peers".into(),
                 peers.clone(),
+                "--cluster-secret-file".into(),
+                secret_file.display().to_string(),
             ];
             args.extend(common(flush));
             args.extend_from_slice(extra);
@@ -135,7 +147,11 @@ impl Broker {
             .map(|n| n.addr.clone())
             .collect::<Vec<_>>()
             .join(",");
-        let broker = Self { addr, nodes };
+        let broker = Self {
+            addr,
+            nodes,
+            _secret: Some(secret),
+        };
         broker.leader(Duration::from_secs(60)).await?;
         Ok(broker)
     }

@@ -146,6 +146,13 @@ pub struct Config {
     /// id and the address the nodes reach it at (not the client address).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peers: Option<String>,
+    /// File holding the group's own secret, which nodes present to each other on the
+    /// node port (required with `peers`; never a client's credential).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster_secret_file: Option<PathBuf>,
+    /// The secret itself, read from `cluster_secret_file` at start; never printed.
+    #[serde(skip)]
+    pub cluster_secret: Option<String>,
     /// The host clients reach this group node at (a name or an address), told to the
     /// others for their `NOT_LEADER` answers and gRPC routes; unset: the listen address,
     /// or for a wildcard one the host of this node's peer address.
@@ -209,6 +216,8 @@ impl Default for Config {
             node_id: None,
             advertise_host: None,
             peers: None,
+            cluster_secret_file: None,
+            cluster_secret: None,
             snapshot_entries: 20_000,
         }
     }
@@ -237,15 +246,11 @@ impl Config {
             format!("{origin}: {}", e.message())
         })?;
         config.auth_token = match &config.auth_token_file {
-            Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|e| format!("cannot read auth-token-file {}: {e}", path.display()))?;
-                let token = text.trim().to_string();
-                if token.is_empty() {
-                    return Err(format!("auth-token-file {} is empty", path.display()));
-                }
-                Some(token)
-            }
+            Some(path) => Some(read_secret(path, "auth-token-file")?),
+            None => None,
+        };
+        config.cluster_secret = match &config.cluster_secret_file {
+            Some(path) => Some(read_secret(path, "cluster-secret-file")?),
             None => None,
         };
         if let Some(path) = &config.grpc_credentials_file {
@@ -302,7 +307,30 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), String> {
-        self.group()?;
+        if self.group()?.is_some() {
+            let Some(secret) = &self.cluster_secret else {
+                return Err(
+                    "a broker group's node needs cluster-secret-file: a file holding the \
+                     group's own secret, the same on every node, which the nodes present to \
+                     each other on the node port (not a client's token; a running group is \
+                     stopped once to add it)"
+                        .into(),
+                );
+            };
+            let clients = self
+                .auth_token
+                .iter()
+                .chain(self.grpc_credentials.iter().map(|(_, s)| s));
+            if clients.into_iter().any(|c| c == secret) {
+                return Err(
+                    "cluster-secret-file holds a client's credential (the auth token or a \
+                     gRPC secret): the node port must not take what clients hold"
+                        .into(),
+                );
+            }
+        } else if self.cluster_secret_file.is_some() {
+            return Err("cluster-secret-file is for a broker group's node (with peers)".into());
+        }
         if let Some(host) = &self.advertise_host {
             let bare = host.trim_start_matches('[').trim_end_matches(']');
             if !(is_host_name(bare) || bare.parse::<std::net::IpAddr>().is_ok()) {
@@ -488,6 +516,18 @@ fn read_pem(path: &std::path::Path, setting: &str, what: &str) -> Result<Vec<u8>
     Ok(pem)
 }
 
+/// Reads a secret from the file of setting `name`: its content without surrounding
+/// white space, not empty.
+fn read_secret(path: &std::path::Path, name: &str) -> Result<String, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {name} {}: {e}", path.display()))?;
+    let secret = text.trim().to_string();
+    if secret.is_empty() {
+        return Err(format!("{name} {} is empty", path.display()));
+    }
+    Ok(secret)
+}
+
 /// Reads a credentials file: one `ACCESS_KEY SECRET` a line; blank lines and `#`
 /// comments are skipped.
 fn read_credentials(path: &std::path::Path) -> Result<Vec<(String, String)>, String> {
@@ -603,6 +643,37 @@ mod tests {
         let sample = Path::new(&root).join("../txmq.sample.toml");
         let c = Config::layered(Some(&sample), toml::Table::new()).unwrap();
         assert_eq!(c.to_toml(), Config::default().to_toml());
+    }
+
+    /// Issue 26, item 4: a group's node needs its own secret, never a client's.
+    #[test]
+    fn a_group_node_needs_a_cluster_secret_of_its_own() {
+        let node = Config {
+            node_id: Some(1),
+            peers: Some("1=127.0.0.1:9911".into()),
+            ..Config::default()
+        };
+        let err = node.validate().unwrap_err();
+        assert!(err.contains("cluster-secret-file"), "{err}");
+        let clients = Config {
+            cluster_secret: Some("s3cret".into()),
+            auth_token: Some("s3cret".into()),
+            ..node.clone()
+        };
+        let err = clients.validate().unwrap_err();
+        assert!(err.contains("client's credential"), "{err}");
+        let good = Config {
+            cluster_secret: Some("group-secret".into()),
+            auth_token: Some("s3cret".into()),
+            grpc_listen: "none".into(),
+            ..node
+        };
+        assert_eq!(good.validate(), Ok(()));
+        let single = Config {
+            cluster_secret_file: Some("/etc/txmq/cluster-secret".into()),
+            ..Config::default()
+        };
+        assert!(single.validate().is_err());
     }
 
     #[test]

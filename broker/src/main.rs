@@ -158,6 +158,10 @@ struct Flags {
     /// the address the nodes reach each other at (not the client address).
     #[arg(long, env = "TXMQ_PEERS")]
     peers: Option<String>,
+    /// File holding the group's own secret, the same on every node: the nodes present it
+    /// to each other on the node port (required with --peers; never a client's token).
+    #[arg(long, env = "TXMQ_CLUSTER_SECRET_FILE")]
+    cluster_secret_file: Option<PathBuf>,
     /// The host clients reach this group node at (a DNS name for TLS, or the address a
     /// NAT maps to): the others name it to clients they refuse, and gRPC routes name it
     /// [default: the listen address, or the peer host for a wildcard one].

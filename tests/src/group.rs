@@ -13,6 +13,33 @@ pub struct TestGroup {
     pub peers: String,
 }
 
+/// The broker group's own secret every test node is started with (a file written once
+/// per test process), as `--cluster-secret-file` takes it.
+pub fn cluster_secret_file() -> &'static str {
+    static FILE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    FILE.get_or_init(|| {
+        // Kept for the process: every group of it uses it.
+        let dir = tempfile::tempdir().expect("temp dir").keep();
+        let file = dir.join("cluster-secret");
+        std::fs::write(&file, format!("test-group-{}\n", std::process::id()))
+            .expect("write the cluster secret");
+        file.display().to_string()
+    })
+}
+
+/// The arguments of node `id` of a group with `peers`: its id, the members and the
+/// group's secret.
+pub fn node_args<'a>(id: &'a str, peers: &'a str) -> Vec<&'a str> {
+    vec![
+        "--node-id",
+        id,
+        "--peers",
+        peers,
+        "--cluster-secret-file",
+        cluster_secret_file(),
+    ]
+}
+
 /// What a node answers a handshake: `Ok(())` when it leads, else its refusal's code and
 /// the leader it named.
 pub async fn hello(addr: &str) -> Result<(), (i32, String)> {
@@ -68,7 +95,7 @@ impl TestGroup {
             .enumerate()
             .map(|(i, dir)| {
                 let id = (i + 1).to_string();
-                let mut a = vec!["--node-id", id.as_str(), "--peers", peers.as_str()];
+                let mut a = node_args(&id, &peers);
                 a.extend_from_slice(args);
                 TestBroker::start_on_fixed_port_in(dir, &a)
             })
@@ -84,7 +111,7 @@ impl TestGroup {
         let entry = format!("{id}=127.0.0.1:{}", free_port());
         let peers = format!("{},{entry}", self.peers);
         let id_text = id.to_string();
-        let mut a = vec!["--node-id", id_text.as_str(), "--peers", peers.as_str()];
+        let mut a = node_args(&id_text, &peers);
         a.extend_from_slice(args);
         self.nodes.push(TestBroker::start_on_fixed_port(&a));
         (id - 1, entry)

@@ -344,7 +344,7 @@ async fn a_leader_cut_off_stops_acknowledging_and_nothing_diverges() {
     let nodes = (0..3)
         .map(|i| {
             let id = (i + 1).to_string();
-            let mut args = vec!["--node-id", id.as_str(), "--peers", peers.as_str()];
+            let mut args = txmq_tests::group::node_args(&id, &peers);
             args.extend_from_slice(FAST);
             TestBroker::start_in_netns(&net.ns(i), &format!("{}:7200", net.addr(i)), &args)
         })

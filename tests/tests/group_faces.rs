@@ -282,3 +282,110 @@ async fn the_node_port_refuses_a_large_frame_before_the_handshake() {
         "the node stopped serving"
     );
 }
+
+/// The answer of the node port at `peer` to a handshake presenting `secret`: `Ok(())`
+/// when welcomed, else what came back. (The node network's first frame is postcard's
+/// `Rpc::Hello { token }`: variant 0, then the string; the reply's first byte is its
+/// variant: 0 is `Welcome`.)
+async fn node_handshake(peer: &str, secret: &str) -> Result<(), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(peer)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut body = vec![0u8];
+    let mut len = secret.len();
+    loop {
+        let byte = (len & 0x7f) as u8;
+        len >>= 7;
+        if len == 0 {
+            body.push(byte);
+            break;
+        }
+        body.push(byte | 0x80);
+    }
+    body.extend_from_slice(secret.as_bytes());
+    let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+    frame.extend(body);
+    s.write_all(&frame).await.map_err(|e| e.to_string())?;
+    let mut head = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut head))
+        .await
+        .map_err(|_| "no answer".to_string())?
+        .map_err(|e| format!("closed: {e}"))?;
+    let mut reply = vec![0u8; u32::from_be_bytes(head) as usize];
+    s.read_exact(&mut reply).await.map_err(|e| e.to_string())?;
+    match reply.first() {
+        Some(0) => Ok(()),
+        _ => Err(String::from_utf8_lossy(&reply).into_owned()),
+    }
+}
+
+/// Issue 26, item 4: the node port takes the group's own secret
+/// (`--cluster-secret-file`) and nothing a client holds: a raw peer presenting the
+/// clients' token, or nothing, is refused; and a node started without a cluster secret
+/// refuses to start, saying why. (The node port used to take the clients' token, and
+/// anyone when there was none.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_port_takes_the_cluster_secret_and_no_client_credential() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "the-clients-token\n").unwrap();
+    let token_arg = token.display().to_string();
+    let group = TestGroup::start(
+        1,
+        &["--auth-token-file", &token_arg, "--grpc-listen", "none"],
+    );
+    let peer = group.peers.split_once('=').unwrap().1.to_string();
+    let secret = std::fs::read_to_string(txmq_tests::group::cluster_secret_file()).unwrap();
+    let welcomed = eventually(Duration::from_secs(30), || async {
+        node_handshake(&peer, secret.trim()).await.ok()
+    })
+    .await;
+    assert!(
+        welcomed.is_some(),
+        "the cluster secret was refused: {:?}\n{}",
+        node_handshake(&peer, secret.trim()).await,
+        group.logs()
+    );
+    let client = node_handshake(&peer, "the-clients-token").await;
+    assert!(
+        client.is_err(),
+        "the clients' token was taken on the node port"
+    );
+    let nothing = node_handshake(&peer, "").await;
+    assert!(
+        nothing.is_err(),
+        "an empty secret was taken on the node port"
+    );
+
+    // No cluster secret: the node does not start.
+    let data = tempfile::tempdir().unwrap();
+    let peers = format!("1=127.0.0.1:{}", txmq_tests::free_port());
+    let mut child = std::process::Command::new(txmq_tests::bin("txmq-broker"))
+        .args([
+            "--node-id",
+            "1",
+            "--peers",
+            &peers,
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--grpc-listen", "none", "--data-dir"])
+        .arg(data.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let exited = txmq_tests::wait_timeout(&mut child, Duration::from_secs(20));
+    if exited.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let mut err = String::new();
+    use std::io::Read;
+    let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+    assert!(
+        exited.is_some_and(|s| !s.success()) && err.contains("cluster-secret-file"),
+        "a node without a cluster secret: {exited:?}, {err}"
+    );
+}

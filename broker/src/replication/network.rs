@@ -52,8 +52,8 @@ const CHUNK: usize = 1 << 20;
 /// What one node asks another.
 #[derive(Serialize, Deserialize)]
 enum Rpc {
-    /// The first frame of every connection: the group's secret (the brokers'
-    /// auth token, empty when they have none).
+    /// The first frame of every connection: the group's own secret
+    /// (`--cluster-secret-file`; never a client's credential).
     Hello {
         token: String,
     },
@@ -478,7 +478,9 @@ async fn serve_conn(
         .await
         .map_err(|_| io_err("no handshake"))?
         .ok_or_else(|| io_err("closed before the handshake"))??;
+    // (No secret configured takes no one: the configuration requires one.)
     let accepted = hello.len() <= MAX_HELLO
+        && !token.is_empty()
         && matches!(postcard::from_bytes(&hello), Ok(Rpc::Hello { token: t })
             if crate::cmd::hello::same_secret(t.as_bytes(), token.as_bytes()));
     if !accepted {

@@ -51,7 +51,7 @@ pub struct Node {
     pub peers: Peers,
     /// Where clients reach this node.
     addresses: Addresses,
-    /// The group's secret on the node network (the brokers' auth token, or empty).
+    /// The group's secret on the node network (`--cluster-secret-file`).
     token: String,
     /// The node's own address book: what each member said of itself, and when.
     known: Mutex<HashMap<u64, (NodeInfo, std::time::Instant)>>,
@@ -183,7 +183,8 @@ impl Node {
         }
         .validate()
         .map_err(|e| Error::Invalid(format!("raft settings: {e}")))?;
-        let token = config.auth_token.clone().unwrap_or_default();
+        // The group's own secret (the config requires one with peers), never a client's.
+        let token = config.cluster_secret.clone().unwrap_or_default();
         let clocks = Arc::new(Clocks::default());
         let network = Network {
             token: token.clone(),
