@@ -2,11 +2,17 @@
 //!
 //! An id is 128 bits: the broker's boot number (incremented durably at every start) and a
 //! counter within that boot. Unique without coordination or clocks, ordered by creation,
-//! and 16 fixed bytes as a storage key. Transaction ids carry 20 random bits below their
-//! counter: still unique and ordered (storage keys of transactions stay sequential, which
-//! the memtable's skiplist and the txn bench need: fully random ids cost 25 % of txn
-//! throughput), but one id does not give away the next. Who may end a transaction is
-//! checked anyway ([`crate::txn::state::may_end`]).
+//! and 16 fixed bytes as a storage key.
+//!
+//! *Secret* ids (transactions, scheduled messages and their recall handles, topic-delete
+//! fences) are named by clients that must not guess their neighbours' (issue 26, item 6):
+//! their first 64 bits are the boot number (24 bits) and a counter of secret ids within
+//! that boot (40 bits), their last 64 bits are random. Still unique (the counter) and
+//! ordered by creation (storage keys of transactions stay sequential, which the memtable's
+//! skiplist and the txn bench need: fully random ids cost 25 % of txn throughput), but
+//! one id gives away nothing of the next. Ids made before this layout (boot in all 64
+//! bits, 20 random bits) sort before every new one, since boot numbers only grow. Who may
+//! end a transaction is checked anyway ([`crate::txn::state::may_end`]).
 
 use std::fmt;
 use std::hash::{BuildHasher, Hasher};
@@ -15,9 +21,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// A message or transaction id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Id {
-    /// Boot number of the broker that made it.
+    /// Boot number of the broker that made it (a secret id: the boot number and the
+    /// counter, see the module's docs).
     pub boot: u64,
-    /// Counter within that boot.
+    /// Counter within that boot (a secret id: random).
     pub seq: u64,
 }
 
@@ -69,9 +76,15 @@ impl fmt::Display for Id {
     }
 }
 
-/// Random low bits of a transaction id (the counter above them still has 44 bits: 17
-/// trillion transactions per boot).
-pub const RANDOM_BITS: u32 = 20;
+/// Random bits of a secret id: its whole second half.
+pub const RANDOM_BITS: u32 = 64;
+
+/// Bits of a secret id's first half that count secret ids within a boot (a trillion).
+const COUNTER_BITS: u32 = 40;
+
+/// The largest boot number a secret id can hold (24 bits: 16 million starts and
+/// leaderships).
+pub const MAX_BOOT: u64 = (1 << (64 - COUNTER_BITS)) - 1;
 
 /// Hands out ids for one boot of the broker.
 #[derive(Debug)]
@@ -99,15 +112,37 @@ impl IdGen {
         }
     }
 
-    /// The next transaction id: ordered by creation, with [`RANDOM_BITS`] random low
-    /// bits, so a client that saw its own ids cannot name its neighbours'.
+    /// The next secret id (see the module's docs): ordered by creation, with
+    /// [`RANDOM_BITS`] random bits, so a client that saw its own ids cannot name its
+    /// neighbours'.
+    ///
+    /// # Panics
+    /// The boot number is above [`MAX_BOOT`] (the server refuses to start then).
     pub fn next_secret(&self) -> Id {
         let counter = self.next_secret.fetch_add(1, Ordering::Relaxed);
-        let noise = rand::random::<u64>() & ((1 << RANDOM_BITS) - 1);
         Id {
-            boot: self.boot,
-            seq: (counter << RANDOM_BITS) | noise,
+            boot: self.secret_head(counter),
+            seq: rand::random::<u64>(),
         }
+    }
+
+    /// Where the secret ids made from now on start: every secret id made after this
+    /// call is at or above it, every one made before is below (a topic deletion scans the
+    /// transactions made since a mark).
+    pub fn secret_mark(&self) -> Id {
+        Id {
+            boot: self.secret_head(self.next_secret.load(Ordering::Relaxed)),
+            seq: 0,
+        }
+    }
+
+    fn secret_head(&self, counter: u64) -> u64 {
+        assert!(
+            self.boot <= MAX_BOOT,
+            "boot number {} above {MAX_BOOT}",
+            self.boot
+        );
+        (self.boot << COUNTER_BITS) | (counter & ((1 << COUNTER_BITS) - 1))
     }
 }
 
@@ -168,18 +203,36 @@ mod tests {
         }
     }
 
-    /// Transaction ids: distinct, in creation order, and their low bits random.
+    /// Secret ids: distinct, in creation order, 64 random bits each, after every id of
+    /// the old layout and of earlier boots; a mark splits before from after.
     #[test]
-    fn transaction_ids_are_ordered_but_not_guessable() {
+    fn secret_ids_are_ordered_but_not_guessable() {
         let g = IdGen::new(7);
+        let first = g.next_secret();
+        let mark = g.secret_mark();
         let ids: Vec<Id> = (0..100_000).map(|_| g.next_secret()).collect();
+        assert!(first < mark && mark <= ids[0]);
         assert!(ids.windows(2).all(|w| w[0] < w[1]), "not in creation order");
-        assert!(ids.iter().all(|id| id.boot == 7));
-        let low: std::collections::HashSet<u64> = ids
-            .iter()
-            .map(|id| id.seq & ((1 << RANDOM_BITS) - 1))
-            .collect();
-        assert!(low.len() > 90_000, "only {} distinct low parts", low.len());
+        assert!(ids.iter().all(|id| id.boot >> COUNTER_BITS == 7));
+        let random: std::collections::HashSet<u64> = ids.iter().map(|id| id.seq).collect();
+        assert_eq!(random.len(), ids.len(), "random halves repeat");
+        // The high bits of the random half vary too: all 64 are random.
+        let high: std::collections::HashSet<u64> = ids.iter().map(|id| id.seq >> 44).collect();
+        assert!(high.len() > 1000, "only {} distinct high parts", high.len());
+        // Older layouts and earlier boots sort first.
+        let old_layout = Id {
+            boot: 7,
+            seq: (5 << 20) | 99,
+        };
+        assert!(old_layout < ids[0]);
+        assert!(IdGen::new(6).next_secret() < ids[0]);
+        assert!(IdGen::new(MAX_BOOT).next_secret() > ids[0]);
+    }
+
+    #[test]
+    #[should_panic(expected = "above")]
+    fn a_boot_number_past_the_layout_is_refused() {
+        IdGen::new(MAX_BOOT + 1).next_secret();
     }
 
     /// The check scheduler's ids: a permutation, so distinct, and not in order.

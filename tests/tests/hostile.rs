@@ -451,3 +451,58 @@ async fn a_hello_with_unreasonable_check_scopes_is_refused() {
     let (code, message) = answer(vec!["db-a".into(), "db-b".into()]).await;
     assert_eq!(code, 0, "{message}");
 }
+
+/// Issue 26, item 6: a producer that knows its own transaction id cannot name its
+/// neighbour's. Two producers of one group prepare one after the other; the first tries
+/// to roll back the second's transaction by guessing its id from its own, in the layout
+/// ids had (the counter above 20 random bits: 2^20 guesses cover every neighbour) and a
+/// few thousand guesses of the present one (its 64 random bits are not to be searched).
+/// With 20 random bits this search found the neighbour's transaction and rolled it back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_neighbours_transaction_id_cannot_be_guessed() {
+    use futures::StreamExt;
+    use txmq_client::{Outcome, Producer, ProducerOptions};
+    let b = TestBroker::start(&[]);
+    let options = || ProducerOptions::transactional("g", |_| async { Outcome::Unknown });
+    let attacker = Producer::connect(b.addr(), options()).await.unwrap();
+    let victim = Producer::connect(b.addr(), options()).await.unwrap();
+    let mut own = attacker.begin().unwrap();
+    own.send_batch(vec![Message::new("t", "mine")])
+        .await
+        .unwrap();
+    let mut theirs = victim.begin().unwrap();
+    theirs
+        .send_batch(vec![Message::new("t", "theirs")])
+        .await
+        .unwrap();
+    let own_id = own.id().unwrap().to_string();
+    let their_id = theirs.id().unwrap().to_string();
+    let (hi, lo) = own_id.split_at(16);
+    let (hi, lo) = (
+        u64::from_str_radix(hi, 16).unwrap(),
+        u64::from_str_radix(lo, 16).unwrap(),
+    );
+    // The old layout's neighbours: the same boot, the next counter, any 20 low bits. The
+    // present layout's: the next counter in the first half, a guess at the second.
+    let old = (0..1u64 << 20).map(move |noise| (hi, (((lo >> 20) + 1) << 20) | noise));
+    let new = (0..4096u64).map(move |guess| (hi + 1, guess));
+    let guesses = old.chain(new).map(|(a, b)| format!("{a:016X}{b:016X}"));
+    let attacker = &attacker;
+    let found = futures::stream::iter(guesses)
+        .map(|id| async move {
+            let ended = attacker
+                .end_transaction(&id, Outcome::Rollback, false)
+                .await;
+            ended.is_ok().then_some(id)
+        })
+        .buffer_unordered(512)
+        .filter_map(|hit| async move { hit });
+    let mut found = std::pin::pin!(found);
+    let hit = found.next().await;
+    assert_eq!(
+        hit, None,
+        "the neighbour's transaction {their_id} was found from {own_id} and rolled back"
+    );
+    theirs.commit().await.expect("the neighbour's own commit");
+    own.rollback().await.unwrap();
+}

@@ -39,7 +39,8 @@ pub fn delete_topic(id: u64, req: pb::DeleteTopicRequest, shared: &Arc<Shared>) 
             // Every transaction made before `mark` is written once the barrier (an empty
             // write, answered after every write before it) returns: the scan below sees
             // them all, and the deletion's own step looks only at later ones.
-            let mark = shared.ids.next();
+            // (Transactions have secret ids: the mark is of the same kind.)
+            let mark = shared.ids.secret_mark();
             shared.writer.submit(Command::Raw(Vec::new())).await?;
             checked_below = Some(mark);
             let n = name.clone();

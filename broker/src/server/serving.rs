@@ -54,6 +54,12 @@ pub(super) async fn run_once(
             } else {
                 storage.next_boot()?
             };
+            if boot > crate::ids::MAX_BOOT {
+                return Err(Error::Internal(format!(
+                    "boot number {boot} is past the {} that ids can hold",
+                    crate::ids::MAX_BOOT
+                )));
+            }
             let topics = storage.topics()?;
             let halves = storage.count_halves()?;
             let scheduled = storage.count_scheduled()?;
