@@ -92,6 +92,9 @@ pub enum Error {
     /// A delivery time further ahead than max-schedule-delay.
     #[error("{0}")]
     ScheduleTooFar(String),
+    /// A cap of the broker's was reached (which, and its setting, in the message).
+    #[error("{0}")]
+    LimitReached(String),
     /// An idempotency key sent to a broker that remembers none.
     #[error(
         "this broker does not remember idempotency keys (dedup-window 0): send without \
@@ -142,6 +145,7 @@ impl Error {
             Error::IdempotencyConflict(_) => ErrorCode::IdempotencyConflict,
             Error::IdempotencyDisabled => ErrorCode::IdempotencyDisabled,
             Error::ScheduleTooFar(_) => ErrorCode::ScheduleTooFar,
+            Error::LimitReached(_) => ErrorCode::LimitReached,
             Error::Internal(_) => ErrorCode::Internal,
         }
     }

@@ -114,6 +114,10 @@ struct Flags {
     /// [default: 10000].
     #[arg(long, env = "TXMQ_MAX_CONNECTIONS")]
     max_connections: Option<usize>,
+    /// Most topics; creating one more (a send to a new topic, `topic create`) is refused
+    /// with LIMIT_REACHED [default: 10000].
+    #[arg(long, env = "TXMQ_MAX_TOPICS")]
+    max_topics: Option<usize>,
     /// Time a new connection has to say Hello before it is closed [default: 10s].
     #[arg(long, env = "TXMQ_HANDSHAKE_TIMEOUT", value_parser = duration_text)]
     handshake_timeout: Option<String>,

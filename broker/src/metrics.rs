@@ -83,6 +83,8 @@ pub struct Metrics {
     pub connections: IntGauge,
     /// Connections refused at the limit.
     pub connections_refused: IntCounter,
+    /// Requests refused at a cap, by cap (`topics`).
+    pub limit_refusals: IntCounterVec,
     /// A group node's wall clock minus the group's, in ms (set when scraped).
     clock_skew_ms: IntGauge,
     group_lag: IntGaugeVec,
@@ -264,6 +266,11 @@ impl Metrics {
                 "clock_skew_ms",
                 "A broker group node's wall clock minus the group's (the median of the \
                  members'), in ms; beyond 500 either way the node refuses to lead",
+            ),
+            limit_refusals: counter_vec(
+                "limit_refusals_total",
+                "Requests refused at a cap (LIMIT_REACHED), by cap",
+                "limit",
             ),
             connections_refused: counter(
                 "connections_refused_total",

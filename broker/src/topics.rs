@@ -153,6 +153,16 @@ impl Topics {
         }
     }
 
+    /// How many topics there are.
+    pub fn len(&self) -> usize {
+        self.inner.read().expect("topics lock").by_name.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// A topic by name.
     pub fn get(&self, name: &str) -> Option<Arc<Topic>> {
         self.inner

@@ -632,6 +632,7 @@ fn refused_before_storing(code: ErrorCode) -> bool {
             | ErrorCode::IdempotencyConflict
             | ErrorCode::IdempotencyDisabled
             | ErrorCode::ScheduleTooFar
+            | ErrorCode::LimitReached
     )
 }
 

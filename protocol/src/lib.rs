@@ -102,13 +102,14 @@ mod tests {
             (ErrorCode::IdempotencyConflict, 29),
             (ErrorCode::IdempotencyDisabled, 30),
             (ErrorCode::ScheduleTooFar, 31),
+            (ErrorCode::LimitReached, 32),
         ];
         for (code, number) in pinned {
             assert_eq!(code as i32, number, "{code:?} moved");
             assert_eq!(ErrorCode::try_from(number), Ok(code));
         }
         assert!(
-            ErrorCode::try_from(32).is_err(),
+            ErrorCode::try_from(33).is_err(),
             "a new code was added: pin it here"
         );
     }

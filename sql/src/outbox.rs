@@ -168,6 +168,9 @@ impl Refusal {
             // Beyond the broker's limit today (its clock ahead of ours, say): later it
             // fits.
             Some(ErrorCode::ScheduleTooFar) => Self::Retry,
+            // A cap of the broker's (max-topics): it lifts when the operator raises it
+            // or removes topics; the rows wait, nothing is lost.
+            Some(ErrorCode::LimitReached) => Self::Retry,
             Some(
                 ErrorCode::InvalidName
                 | ErrorCode::MessageTooLarge

@@ -797,3 +797,40 @@ async fn above_the_high_water_mark_only_new_messages_are_refused() {
         "sends were not taken again below the low-water mark"
     );
 }
+
+/// Issue 26, item 7: topics are capped (`--max-topics`; each costs memory, keys and
+/// metric series for ever). A send to a new topic and an operator's `topic create` past
+/// the cap are refused with LIMIT_REACHED, naming the setting, and counted; sends to the
+/// existing topics go on; deleting a topic makes room again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topics_past_the_cap_are_refused() {
+    let b = TestBroker::start(&["--max-topics", "3", "--metrics-listen", "127.0.0.1:0"]);
+    let p = producer(&b).await;
+    for t in ["a", "b", "c"] {
+        p.send(Message::new(t, "m")).await.unwrap();
+    }
+    let refused = p.send(Message::new("d", "m")).await.unwrap_err();
+    assert_eq!(refused.code(), Some(ErrorCode::LimitReached), "{refused}");
+    assert!(refused.to_string().contains("max-topics"), "{refused}");
+    let admin = Admin::connect(b.addr(), "").await.unwrap();
+    let refused = admin.create_topic("e", false).await.unwrap_err();
+    assert_eq!(refused.code(), Some(ErrorCode::LimitReached), "{refused}");
+    p.send(Message::new("a", "still")).await.unwrap();
+    let names: Vec<String> = admin
+        .topics()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.name)
+        .collect();
+    assert_eq!(names, ["a", "b", "c"]);
+    let (_, metrics) = txmq_tests::http_get(b.metrics_addr(), "/metrics")
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("txmq_limit_refusals_total{limit=\"topics\"} 2"),
+        "{metrics}"
+    );
+    admin.delete_topic("c", true).await.unwrap();
+    p.send(Message::new("d", "room again")).await.unwrap();
+}

@@ -39,7 +39,9 @@ pub fn code(e: &Error) -> pb::Code {
         // RocketMQ's codes have no pair for these two: one code every client parses, and
         // the message names the state (pinned below).
         Error::TxnCommitted(_) | Error::TxnRolledBack(_) => pb::Code::PreconditionFailed,
-        Error::WrongProducerGroup(_) => pb::Code::Forbidden,
+        // Not to be retried as it is: the operator raises the cap, or removes what
+        // counts against it.
+        Error::WrongProducerGroup(_) | Error::LimitReached(_) => pb::Code::Forbidden,
         Error::NotAuthenticated(_) => pb::Code::Unauthorized,
         Error::LeaseNotFound(_) => pb::Code::InvalidReceiptHandle,
         Error::GroupNotFound(..) => pb::Code::ConsumerGroupNotFound,
@@ -77,5 +79,14 @@ mod tests {
         assert_eq!(rolled.code, pb::Code::PreconditionFailed as i32);
         assert_eq!(committed.message, "transaction T1 is already committed");
         assert_eq!(rolled.message, "transaction T1 is already rolled back");
+    }
+
+    /// Issue 26, item 7: a cap reached is refused on the gRPC face with a code the
+    /// clients do not retry as it is (RocketMQ's FORBIDDEN), naming the setting.
+    #[test]
+    fn a_cap_reached_is_forbidden_and_says_which() {
+        let s = of_error(&Error::LimitReached("… its max-topics (3) …".into()));
+        assert_eq!(s.code, pb::Code::Forbidden as i32);
+        assert!(s.message.contains("max-topics"));
     }
 }

@@ -450,7 +450,7 @@ impl Writer {
                         Ok(Outcome::Topic(t))
                     };
                 }
-                let topic = self.create_topic(name, stage);
+                let topic = self.create_topic_capped(name, stage)?;
                 if retention != (0, 0) {
                     topic.set_retention(retention.0, retention.1);
                     self.put_topic(&topic, topic.start(), stage);

@@ -117,6 +117,30 @@ impl Writer {
         })
     }
 
+    /// [`Writer::create_topic`] for a client (a send to a new topic, an operator's
+    /// `topic create`): refused at `max-topics`. (A commit or a scheduled delivery into a
+    /// topic deleted meanwhile re-creates it regardless: what was accepted is not lost.)
+    pub(super) fn create_topic_capped(
+        &mut self,
+        name: String,
+        stage: &mut Stage,
+    ) -> Result<Arc<Topic>> {
+        let count =
+            (self.topics.len() + stage.new_topics.len()).saturating_sub(stage.deleted.len());
+        if count >= self.config.max_topics {
+            self.metrics
+                .limit_refusals
+                .with_label_values(&["topics"])
+                .inc();
+            return Err(Error::LimitReached(format!(
+                "topic {name:?} not created: the broker has {count} topics, its max-topics \
+                 ({}); delete topics or raise the setting",
+                self.config.max_topics
+            )));
+        }
+        Ok(self.create_topic(name, stage))
+    }
+
     pub(super) fn create_topic(&mut self, name: String, stage: &mut Stage) -> Arc<Topic> {
         stage.first_topic_id.get_or_insert(self.next_topic_id);
         let record = TopicRecord {
@@ -202,7 +226,7 @@ impl Writer {
             }
         }
         for name in missing {
-            self.create_topic(name, stage);
+            self.create_topic_capped(name, stage)?;
         }
         Ok(messages
             .iter()
