@@ -56,6 +56,9 @@ pub struct Config {
     /// Most topics (each costs memory, keys and metric series for ever): creating one
     /// more, by a send or by an operator, is refused with `LIMIT_REACHED`.
     pub max_topics: usize,
+    /// Most subscriptions one native connection holds (each a queue consumer with its
+    /// own window): one more is refused with `LIMIT_REACHED`.
+    pub max_subscriptions_per_connection: usize,
     /// How long a new connection may take to say Hello before it is closed.
     #[serde(with = "duration")]
     pub handshake_timeout: Duration,
@@ -182,6 +185,7 @@ impl Default for Config {
             max_in_flight_bytes: 512 << 20,
             max_connections: 10_000,
             max_topics: 10_000,
+            max_subscriptions_per_connection: 1_000,
             handshake_timeout: s(10),
             idle_timeout: s(60),
             check_timeout: s(6),
@@ -400,6 +404,9 @@ impl Config {
         }
         if self.max_topics == 0 {
             return Err("max-topics must be at least 1".into());
+        }
+        if self.max_subscriptions_per_connection == 0 {
+            return Err("max-subscriptions-per-connection must be at least 1".into());
         }
         if self.max_in_flight_per_connection == 0 {
             return Err("max-in-flight must be at least 1".into());

@@ -118,6 +118,10 @@ struct Flags {
     /// with LIMIT_REACHED [default: 10000].
     #[arg(long, env = "TXMQ_MAX_TOPICS")]
     max_topics: Option<usize>,
+    /// Most subscriptions one connection holds; one more is refused with LIMIT_REACHED
+    /// [default: 1000].
+    #[arg(long, env = "TXMQ_MAX_SUBSCRIPTIONS_PER_CONNECTION")]
+    max_subscriptions_per_connection: Option<usize>,
     /// Time a new connection has to say Hello before it is closed [default: 10s].
     #[arg(long, env = "TXMQ_HANDSHAKE_TIMEOUT", value_parser = duration_text)]
     handshake_timeout: Option<String>,

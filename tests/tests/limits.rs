@@ -834,3 +834,44 @@ async fn topics_past_the_cap_are_refused() {
     admin.delete_topic("c", true).await.unwrap();
     p.send(Message::new("d", "room again")).await.unwrap();
 }
+
+/// Issue 26, item 7: one connection holds at most `--max-subscriptions-per-connection`
+/// subscriptions (each a consumer with its own window in a queue): one more is refused
+/// with LIMIT_REACHED, naming the setting; after an unsubscribe there is room again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_past_the_cap_are_refused() {
+    let b = TestBroker::start(&["--max-subscriptions-per-connection", "2"]);
+    let mut raw = raw_hello(b.addr(), "").await;
+    let subscribe = |n: u64| {
+        Body::Subscribe(pb::SubscribeRequest {
+            group: format!("g{n}"),
+            topic: "t".into(),
+            ..Default::default()
+        })
+    };
+    let mut ids = Vec::new();
+    for n in 1..=2 {
+        let r = txmq_tests::raw_call(&mut raw, 10 + n, subscribe(n)).await;
+        match r.result {
+            Some(pb::response::Result::Subscribe(ok)) => ids.push(ok.subscription_id),
+            other => panic!("subscription {n} refused: {other:?} {}", r.message),
+        }
+    }
+    let r = txmq_tests::raw_call(&mut raw, 13, subscribe(3)).await;
+    assert_eq!(r.code, ErrorCode::LimitReached as i32, "{r:?}");
+    assert!(
+        r.message.contains("max-subscriptions-per-connection"),
+        "{r:?}"
+    );
+    let r = txmq_tests::raw_call(
+        &mut raw,
+        14,
+        Body::Unsubscribe(pb::UnsubscribeRequest {
+            subscription_id: ids[0],
+        }),
+    )
+    .await;
+    assert_eq!(r.code, 0, "{r:?}");
+    let r = txmq_tests::raw_call(&mut raw, 15, subscribe(3)).await;
+    assert_eq!(r.code, 0, "room again after an unsubscribe: {r:?}");
+}

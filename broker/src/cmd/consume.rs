@@ -37,6 +37,23 @@ pub async fn subscribe(
     if let Err(e) = super::name("group", &req.group).and(super::name("topic", &req.topic)) {
         return ready(id, Err(e));
     }
+    let cap = shared.config.max_subscriptions_per_connection;
+    if session.subscriptions.len() >= cap {
+        shared
+            .metrics
+            .limit_refusals
+            .with_label_values(&["subscriptions"])
+            .inc();
+        return ready(
+            id,
+            Err(Error::LimitReached(format!(
+                "this connection holds {} subscriptions, its \
+                 max-subscriptions-per-connection ({cap}); unsubscribe one, or use another \
+                 connection",
+                session.subscriptions.len()
+            ))),
+        );
+    }
     let lease = match req.lease_ms {
         0 => shared.config.lease,
         ms => match validate::lease_ms("lease_ms", ms) {
