@@ -14,6 +14,7 @@ pub mod codec;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod names;
+pub mod scram;
 
 /// Generated protobuf types of `proto/txmq.proto` (package `txmq.v1`).
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
