@@ -159,6 +159,15 @@ pub struct Config {
     /// The secret itself, read from `cluster_secret_file` at start; never printed.
     #[serde(skip)]
     pub cluster_secret: Option<String>,
+    /// File holding `NAME SECRET`: the first super user, made when the broker starts
+    /// serving with no user stored (and ignored once users exist).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bootstrap_admin_file: Option<PathBuf>,
+    /// The user and secret themselves, read at start; never printed.
+    #[serde(skip)]
+    pub bootstrap_admin: Option<(String, String)>,
+    /// Every request needs an authenticated user, even while none is stored.
+    pub require_auth: bool,
     /// The host clients reach this group node at (a name or an address), told to the
     /// others for their `NOT_LEADER` answers and gRPC routes; unset: the listen address,
     /// or for a wildcard one the host of this node's peer address.
@@ -225,6 +234,9 @@ impl Default for Config {
             advertise_host: None,
             peers: None,
             cluster_secret_file: None,
+            bootstrap_admin_file: None,
+            bootstrap_admin: None,
+            require_auth: false,
             cluster_secret: None,
             snapshot_entries: 20_000,
         }
@@ -261,6 +273,9 @@ impl Config {
             Some(path) => Some(read_secret(path, "cluster-secret-file")?),
             None => None,
         };
+        if let Some(path) = &config.bootstrap_admin_file {
+            config.bootstrap_admin = Some(read_admin(path)?);
+        }
         if let Some(path) = &config.grpc_credentials_file {
             config.grpc_credentials = read_credentials(path)?;
         }
@@ -572,6 +587,42 @@ fn read_credentials(path: &std::path::Path) -> Result<Vec<(String, String)>, Str
         ));
     }
     Ok(pairs)
+}
+
+/// Reads the bootstrap admin file: one `NAME SECRET` line (`#` comments).
+fn read_admin(path: &std::path::Path) -> Result<(String, String), String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read bootstrap-admin-file {}: {e}", path.display()))?;
+    let mut lines = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'));
+    let bad = || {
+        format!(
+            "bootstrap-admin-file {} must hold one line NAME SECRET",
+            path.display()
+        )
+    };
+    let line = lines.next().ok_or_else(bad)?;
+    if lines.next().is_some() {
+        return Err(bad());
+    }
+    let mut words = line.split_whitespace();
+    match (words.next(), words.next(), words.next()) {
+        (Some(name), Some(secret), None) => {
+            crate::auth::check_user_name(name)
+                .map_err(|e| format!("bootstrap-admin-file {}: {e}", path.display()))?;
+            if secret.len() < crate::auth::MIN_SECRET {
+                return Err(format!(
+                    "bootstrap-admin-file {}: the secret is shorter than {} bytes",
+                    path.display(),
+                    crate::auth::MIN_SECRET
+                ));
+            }
+            Ok((name.to_string(), secret.to_string()))
+        }
+        _ => Err(bad()),
+    }
 }
 
 /// Whether `text` is a host name clients can be given (letters, digits, `-` and `.`).

@@ -50,6 +50,9 @@ pub enum Error {
     /// Wrong or missing shared secret.
     #[error("authentication failed: {0}")]
     NotAuthenticated(&'static str),
+    /// Authenticated, but no rule allows the operation (or one denies it).
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
     /// Protocol version mismatch.
     #[error("unsupported protocol version {0}")]
     UnsupportedVersion(u32),
@@ -132,6 +135,7 @@ impl Error {
             Error::ShuttingDown => ErrorCode::ShuttingDown,
             Error::HandshakeRequired => ErrorCode::HandshakeRequired,
             Error::NotAuthenticated(_) => ErrorCode::NotAuthenticated,
+            Error::PermissionDenied(_) => ErrorCode::PermissionDenied,
             Error::UnsupportedVersion(_) => ErrorCode::UnsupportedVersion,
             Error::WrongProducerGroup(_) => ErrorCode::WrongProducerGroup,
             Error::GroupNotFound(..) => ErrorCode::GroupNotFound,

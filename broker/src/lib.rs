@@ -3,8 +3,13 @@
 //! # Layout
 //!
 //! ```text
-//!   server ── accepts, limits connections ──▶ connection (one task per client)
-//!                                               │ decodes frames, dispatches to cmd/*
+//!   server ── accepts, limits connections ──▶ faces (one per wire protocol)
+//!                                               native: frames ⇄ service calls
+//!                                               grpc:   RocketMQ 5 gRPC ⇄ service calls
+//!                                               │ (principal, request)
+//!                                               ▼
+//!                                             service: one function per operation;
+//!                                               names, limits, permissions (access)
 //!            ┌──────────────────────────────────┼───────────────────────────┐
 //!            ▼                                  ▼                           ▼
 //!   storage::writer (one thread,       delivery::Groups ─▶ queue     txn::checker (one task:
@@ -17,9 +22,14 @@
 //! - [`config`]: typed settings with working defaults.
 //! - [`server`]: the accept loop and graceful shutdown; [`run`] is the entry point that
 //!   tests and `main` share.
-//! - [`connection`]: one client connection, frames in and out, byte budgets, deadlines.
-//! - [`cmd`]: the one dispatch every frame passes (the handshake gate), then one module
-//!   per request family, validating at the boundary ([`cmd::validate`] for numbers).
+//! - [`faces`]: the wire protocols. [`faces::native`] reads frames (byte budgets,
+//!   deadlines, the handshake gate) and [`faces::grpc`] serves RocketMQ 5's gRPC; each
+//!   turns a request into a call of the service and its outcome into its own answer,
+//!   and touches nothing behind the service (a test keeps it so).
+//! - [`service`]: the one door: every operation, taking a [`service::Principal`] and a
+//!   request, validating at the boundary ([`service::validate`] for numbers) and asking
+//!   [`service::access`] (the operation → permission table) before it acts.
+//! - [`auth`]: users and rules in storage and memory, and how rules decide.
 //! - [`storage`]: column families, reads, and the [`storage::writer`] (its own folder:
 //!   commands, handle, staging of topics and transactions, the syncer).
 //! - [`delivery`]: consumer groups.
@@ -28,23 +38,22 @@
 //! - [`retention`]: removes old messages in bulk; [`disk`]: the disk watermarks.
 //! - [`metrics`]: Prometheus counters and the `/metrics` + `/health` endpoint.
 //!
-//! Dependencies run one way: `server → connection → cmd → {storage, delivery, txn}`
+//! Dependencies run one way: `server → faces → service → {storage, delivery, txn}`
 //! (`server` also starts the [`timer`] and the [`retention`] sweep, which drive only the
-//! writer); a
-//! failed fsync makes `server` reopen storage in the same process.
+//! writer); a failed fsync makes `server` reopen storage in the same process.
 
-pub mod cmd;
+pub mod auth;
 pub mod config;
-pub mod connection;
 pub mod delivery;
 pub mod disk;
 pub mod error;
-pub mod grpc;
+pub mod faces;
 pub mod ids;
 pub mod metrics;
 pub mod replication;
 pub mod retention;
 pub mod server;
+pub mod service;
 pub mod storage;
 pub mod timer;
 pub mod topics;

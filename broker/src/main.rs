@@ -170,6 +170,13 @@ struct Flags {
     /// to each other on the node port (required with --peers; never a client's token).
     #[arg(long, env = "TXMQ_CLUSTER_SECRET_FILE")]
     cluster_secret_file: Option<PathBuf>,
+    /// File holding `NAME SECRET`: the first super user, made at first start (when no
+    /// user is stored). There is no default user or password.
+    #[arg(long, env = "TXMQ_BOOTSTRAP_ADMIN_FILE")]
+    bootstrap_admin_file: Option<PathBuf>,
+    /// Every request needs an authenticated user, even before the first one exists.
+    #[arg(long, env = "TXMQ_REQUIRE_AUTH")]
+    require_auth: Option<bool>,
     /// The host clients reach this group node at (a DNS name for TLS, or the address a
     /// NAT maps to): the others name it to clients they refuse, and gRPC routes name it
     /// [default: the listen address, or the peer host for a wildcard one].
@@ -238,7 +245,7 @@ async fn serve(signals: Signals) -> anyhow::Result<()> {
         Some(at) => Some(txmq_broker::metrics::bind(at).await?),
         None => None,
     };
-    txmq_broker::grpc::check_tls(&config).map_err(anyhow::Error::msg)?;
+    txmq_broker::faces::grpc::check_tls(&config).map_err(anyhow::Error::msg)?;
     let grpc = match config.grpc_addr().map_err(anyhow::Error::msg)? {
         Some(at) => Some(
             tokio::net::TcpListener::bind(at)

@@ -85,6 +85,12 @@ pub struct Metrics {
     pub connections_refused: IntCounter,
     /// Requests refused at a cap, by cap (`topics`).
     pub limit_refusals: IntCounterVec,
+    /// Authentications that proved a user, by face.
+    pub auth_successes: IntCounterVec,
+    /// Authentications that failed, by face.
+    pub auth_failures: IntCounterVec,
+    /// Requests refused for want of a permission, by operation.
+    pub auth_denials: IntCounterVec,
     /// A group node's wall clock minus the group's, in ms (set when scraped).
     clock_skew_ms: IntGauge,
     group_lag: IntGaugeVec,
@@ -271,6 +277,22 @@ impl Metrics {
                 "limit_refusals_total",
                 "Requests refused at a cap (LIMIT_REACHED), by cap",
                 "limit",
+            ),
+            auth_successes: counter_vec(
+                "auth_successes_total",
+                "Authentications that proved a user, by face",
+                "face",
+            ),
+            auth_failures: counter_vec(
+                "auth_failures_total",
+                "Authentications that failed (bad user, secret or signature), by face",
+                "face",
+            ),
+            auth_denials: counter_vec(
+                "auth_denials_total",
+                "Requests refused (PERMISSION_DENIED or NOT_AUTHENTICATED) by the rules, by \
+                 operation",
+                "operation",
             ),
             connections_refused: counter(
                 "connections_refused_total",

@@ -11,7 +11,7 @@ const PAGE: u32 = 1000;
 /// An operator's connection.
 #[derive(Debug, Clone)]
 pub struct Admin {
-    conn: Connection,
+    pub(crate) conn: Connection,
 }
 
 macro_rules! expect {
@@ -29,8 +29,20 @@ impl Admin {
     /// # Errors
     /// Unreachable broker or refused handshake.
     pub async fn connect(addr: &str, auth_token: &str) -> Result<Self> {
-        let (conn, _) =
-            Connection::open(addr, connection::hello(pb::Role::Admin, "", auth_token)).await?;
+        Self::connect_as(addr, auth_token, None).await
+    }
+
+    /// Connects as `user` (SCRAM-SHA-256), or without one.
+    ///
+    /// # Errors
+    /// Unreachable broker, a bad user or secret, or a refused handshake.
+    pub async fn connect_as(
+        addr: &str,
+        auth_token: &str,
+        user: Option<&connection::User>,
+    ) -> Result<Self> {
+        let hello = connection::hello(pb::Role::Admin, "", auth_token);
+        let (conn, _) = Connection::open_as(addr, hello, user, connection::CALL_TIMEOUT).await?;
         Ok(Self { conn })
     }
 

@@ -108,6 +108,22 @@ impl Connection {
         hello: pb::Hello,
         call_timeout: Duration,
     ) -> Result<(Self, Pushes)> {
+        Self::open_as(addrs, hello, None, call_timeout).await
+    }
+
+    /// [`Connection::open_with`] as `user` (SCRAM-SHA-256 before the Hello: the secret
+    /// is not sent), or without one (`None`).
+    ///
+    /// # Errors
+    /// As [`Connection::open_with`]; [`Error::Broker`] `NOT_AUTHENTICATED` for a bad
+    /// user or secret, [`Error::Unexpected`] when the broker's signature does not prove
+    /// it knew the user.
+    pub async fn open_as(
+        addrs: &str,
+        hello: pb::Hello,
+        user: Option<&User>,
+        call_timeout: Duration,
+    ) -> Result<(Self, Pushes)> {
         let list: Vec<&str> = addrs
             .split(',')
             .map(str::trim)
@@ -134,7 +150,9 @@ impl Connection {
                 Duration::from_secs(10)
             };
             let error =
-                match Self::open_one(&addr, hello.clone(), call_timeout, connect_timeout).await {
+                match Self::open_one(&addr, hello.clone(), user, call_timeout, connect_timeout)
+                    .await
+                {
                     Ok(opened) => {
                         if list.len() > 1 || followed {
                             tracing::info!("connected to {addr}, the group's leader");
@@ -181,6 +199,7 @@ impl Connection {
     async fn open_one(
         addr: &str,
         hello: pb::Hello,
+        user: Option<&User>,
         call_timeout: Duration,
         connect_timeout: Duration,
     ) -> Result<(Self, Pushes)> {
@@ -225,6 +244,9 @@ impl Connection {
             ctx,
         ));
         let conn = Self { inner };
+        if let Some(user) = user {
+            conn.authenticate(user).await?;
+        }
         match conn.call(Body::Hello(hello)).await? {
             pb::response::Result::Hello(ok) => {
                 let _ = conn.inner.announced.set(ok);
@@ -233,6 +255,36 @@ impl Connection {
             }
             other => Err(Error::Unexpected(format!("{other:?}"))),
         }
+    }
+
+    /// Proves `user` to the broker, and the broker's knowledge of the user to us.
+    async fn authenticate(&self, user: &User) -> Result<()> {
+        use txmq_protocol::scram::ClientExchange;
+        let (exchange, client_first) = ClientExchange::start(&user.name, &nonce());
+        let server_first = match self
+            .call(Body::AuthStart(pb::AuthStart { client_first }))
+            .await?
+        {
+            pb::response::Result::AuthChallenge(c) => c.server_first,
+            other => return Err(Error::Unexpected(format!("{other:?}"))),
+        };
+        let answer = exchange
+            .answer(&server_first, user.secret.as_bytes())
+            .map_err(|e| Error::Unexpected(format!("the broker's challenge: {e}")))?;
+        let server_final = match self
+            .call(Body::AuthFinish(pb::AuthFinish {
+                client_final: answer.message.clone(),
+            }))
+            .await?
+        {
+            pb::response::Result::AuthOk(ok) => ok.server_final,
+            other => return Err(Error::Unexpected(format!("{other:?}"))),
+        };
+        answer.verify(&server_final).map_err(|_| {
+            Error::Unexpected(
+                "the broker's SCRAM signature is wrong: it does not know this user".into(),
+            )
+        })
     }
 
     /// Sends a request and waits for its answer.
@@ -480,6 +532,46 @@ async fn ping_loop(conn: WeakConnection) {
             return;
         }
     }
+}
+
+/// A user to authenticate as (SCRAM-SHA-256: the secret stays here).
+#[derive(Clone)]
+pub struct User {
+    /// The user's name.
+    pub name: String,
+    /// Its secret.
+    pub secret: String,
+}
+
+impl std::fmt::Debug for User {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("User").field("name", &self.name).finish()
+    }
+}
+
+impl User {
+    /// A user named `name` with `secret`.
+    pub fn new(name: impl Into<String>, secret: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            secret: secret.into(),
+        }
+    }
+}
+
+/// A client nonce: 128 bits from the process's randomly keyed hashers and the clock.
+fn nonce() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let part = |salt: u128| {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(salt);
+        h.finish()
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    format!("{:016x}{:016x}", part(now), part(now.rotate_left(64)))
 }
 
 /// A `Hello` for this crate's protocol version.

@@ -55,6 +55,8 @@ pub struct ConsumerOptions {
     pub ordered: bool,
     /// Shared secret, when the broker requires one.
     pub auth_token: String,
+    /// The user to authenticate as (a broker with users requires one).
+    pub user: Option<crate::connection::User>,
 }
 
 impl ConsumerOptions {
@@ -236,7 +238,13 @@ type Subscribed = (Connection, Pushes, u64);
 
 async fn open(addr: &str, o: &ConsumerOptions) -> Result<Subscribed> {
     let hello = connection::hello(pb::Role::Consumer, "", &o.auth_token);
-    let (conn, pushes) = Connection::open(addr, hello).await?;
+    let (conn, pushes) = Connection::open_as(
+        addr,
+        hello,
+        o.user.as_ref(),
+        crate::connection::CALL_TIMEOUT,
+    )
+    .await?;
     let ok = conn
         .call(Body::Subscribe(pb::SubscribeRequest {
             group: o.group.clone(),

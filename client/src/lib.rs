@@ -45,6 +45,7 @@
 
 #![warn(missing_docs)]
 
+pub mod access;
 pub mod admin;
 pub mod batch;
 pub mod connection;
@@ -52,7 +53,9 @@ pub mod consumer;
 pub mod error;
 pub mod producer;
 
+pub use access::RuleSpec;
 pub use admin::{Admin, ResetTo};
+pub use connection::User;
 pub use consumer::{Consumer, ConsumerOptions, Delivery, StartFrom};
 pub use error::{Error, Result};
 pub use producer::{

@@ -223,6 +223,8 @@ pub struct ProducerOptions {
     pub checker: Option<Arc<dyn TransactionChecker>>,
     /// Shared secret, when the broker requires one.
     pub auth_token: String,
+    /// The user to authenticate as (a broker with users requires one).
+    pub user: Option<connection::User>,
     /// How long a call waits for the broker's answer (`None`: 30 s). A call that times
     /// out fails with [`Error::Timeout`] and the connection is dialled again.
     pub call_timeout: Option<std::time::Duration>,
@@ -244,6 +246,7 @@ impl ProducerOptions {
             group: group.into(),
             checker: Some(Arc::new(checker)),
             auth_token: String::new(),
+            user: None,
             call_timeout: None,
         }
     }
@@ -651,7 +654,8 @@ async fn open(
         .map(|c| c.scopes())
         .unwrap_or_default();
     let timeout = options.call_timeout.unwrap_or(connection::CALL_TIMEOUT);
-    let (conn, mut pushes) = Connection::open_with(addr, hello, timeout).await?;
+    let (conn, mut pushes) =
+        Connection::open_as(addr, hello, options.user.as_ref(), timeout).await?;
     if let Some(checker) = options.checker.clone() {
         // Weak: a dropped producer must close its connection, not keep answering.
         let weak = conn.downgrade();

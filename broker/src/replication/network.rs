@@ -482,7 +482,7 @@ async fn serve_conn(
     let accepted = hello.len() <= MAX_HELLO
         && !token.is_empty()
         && matches!(postcard::from_bytes(&hello), Ok(Rpc::Hello { token: t })
-            if crate::cmd::hello::same_secret(t.as_bytes(), token.as_bytes()));
+            if crate::faces::native::hello::same_secret(t.as_bytes(), token.as_bytes()));
     if !accepted {
         send(
             conn,

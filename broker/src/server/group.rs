@@ -15,8 +15,8 @@ use tokio_util::sync::CancellationToken;
 use super::serving::run_once;
 use super::{Faces, Stop};
 use crate::config::Config;
-use crate::connection;
 use crate::error::{Error, Result};
+use crate::faces::native::connection;
 use crate::metrics::Metrics;
 use crate::replication::node::{Addresses, Leadership, Node};
 

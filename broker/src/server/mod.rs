@@ -13,8 +13,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::connection;
 use crate::error::{Error, Result};
+use crate::faces::native::connection;
 use crate::metrics::{self, Metrics};
 use crate::storage::{Owner, Storage};
 use group::serve_group;
@@ -83,7 +83,7 @@ pub async fn serve(
         grpc: grpc_listener,
     } = listeners;
     let config = Arc::new(config);
-    let grpc_live = Arc::new(crate::grpc::Live::default());
+    let grpc_live = Arc::new(crate::faces::grpc::Live::default());
     let metrics = Arc::new(Metrics::new());
     let live = Arc::new(metrics::Live::default());
     let endpoint_stop = CancellationToken::new();
@@ -103,7 +103,7 @@ pub async fn serve(
     // at bind): a broker group's routes name it.
     let grpc_bound = grpc_listener.as_ref().and_then(|l| l.local_addr().ok());
     let grpc = grpc_listener.map(|listener| {
-        tokio::spawn(crate::grpc::serve(
+        tokio::spawn(crate::faces::grpc::serve(
             listener,
             grpc_live.clone(),
             config.clone(),
@@ -267,5 +267,5 @@ async fn open(config: &Config) -> Result<Owner> {
 #[derive(Clone, Copy)]
 struct Faces<'a> {
     live: &'a metrics::Live,
-    grpc: &'a crate::grpc::Live,
+    grpc: &'a crate::faces::grpc::Live,
 }

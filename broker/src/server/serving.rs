@@ -17,15 +17,15 @@ use tokio_util::task::TaskTracker;
 
 use super::group::Leading;
 use super::{Faces, Stop};
-use crate::cmd::Shared;
 use crate::config::Config;
-use crate::connection;
 use crate::delivery::Groups;
 use crate::error::{Error, Result};
+use crate::faces::native::connection;
 use crate::ids::IdGen;
 use crate::metrics::Metrics;
 use crate::replication::lease::Serving;
 use crate::retention::Sweeper;
+use crate::service::Shared;
 use crate::storage::StorageHandle;
 use crate::storage::writer::{Command, Op, Replicator, Writer};
 use crate::storage::{Cf, keys};
@@ -141,7 +141,14 @@ pub(super) async fn run_once(
         metrics.clone(),
         cancel.clone(),
     ));
+    let auth = {
+        let (storage, require) = (storage.clone(), config.require_auth);
+        tokio::task::spawn_blocking(move || crate::auth::Auth::load(&storage, require))
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))??
+    };
     let shared = Arc::new(Shared {
+        auth: Arc::new(auth),
         groups: Groups::new(
             storage.clone(),
             writer.clone(),
@@ -171,7 +178,8 @@ pub(super) async fn run_once(
     });
     live.set(Some((storage.clone(), topics)));
     faces.grpc.set(Some(shared.clone()));
-    crate::cmd::delete::resume_cleanups(&shared).await;
+    crate::service::delete::resume_cleanups(&shared).await;
+    crate::service::users::bootstrap(&shared).await;
 
     let stop = tokio::select! {
         () = accept(listener, &shared, &tracker, &cancel) => Stop::Shutdown,

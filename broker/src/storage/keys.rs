@@ -146,6 +146,26 @@ pub fn deleted_topic(id: u32) -> Vec<u8> {
     k
 }
 
+/// Prefix of [`user`] keys.
+pub const USER: &[u8] = b"user/";
+
+/// `meta` key of a user: [`crate::storage::records::UserRecord`].
+pub fn user(name: &str) -> Vec<u8> {
+    let mut k = USER.to_vec();
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+
+/// Prefix of [`rule`] keys.
+pub const RULE: &[u8] = b"rule/";
+
+/// `meta` key of a permission rule: [`crate::storage::records::RuleRecord`], by id.
+pub fn rule(id: u64) -> Vec<u8> {
+    let mut k = RULE.to_vec();
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
 /// Prefix of [`deleted_topic`] keys.
 pub const DELETED_TOPIC: &[u8] = b"deleted-topic/";
 

@@ -6,7 +6,7 @@
 //!
 //! | column family | key | value |
 //! |---|---|---|
-//! | `meta` | `boot`, `topic/<name>` | boot counter, [`records::TopicRecord`] |
+//! | `meta` | `boot`, `topic/<name>`, `user/<name>`, `rule/<id>` | boot counter, [`records::TopicRecord`], [`records::UserRecord`], [`records::RuleRecord`] |
 //! | `log` | topic id, offset | `pb::StoredMessage` |
 //! | `half` | txn id, seq | `pb::StoredMessage` (offset 0) |
 //! | `txn` | txn id | [`records::TxnRecord`] |
@@ -328,6 +328,42 @@ impl Storage {
             let record = decode::<TopicRecord>(&v)?;
             let end = self.log_end(record.id)?;
             out.push(StoredTopic { name, record, end });
+        }
+        Ok(out)
+    }
+
+    /// Every user, by name.
+    ///
+    /// # Errors
+    /// Storage failure or a corrupt record.
+    pub fn users(&self) -> Result<Vec<(String, records::UserRecord)>> {
+        let mut out = Vec::new();
+        for item in self.db.prefix_iterator_cf(self.cf(Cf::Meta), keys::USER) {
+            let (k, v) = item?;
+            let Some(name) = k.strip_prefix(keys::USER) else {
+                break;
+            };
+            out.push((String::from_utf8_lossy(name).into_owned(), decode(&v)?));
+        }
+        Ok(out)
+    }
+
+    /// Every permission rule, by id.
+    ///
+    /// # Errors
+    /// Storage failure or a corrupt record.
+    pub fn rules(&self) -> Result<Vec<(u64, records::RuleRecord)>> {
+        let mut out = Vec::new();
+        for item in self.db.prefix_iterator_cf(self.cf(Cf::Meta), keys::RULE) {
+            let (k, v) = item?;
+            let Some(id) = k.strip_prefix(keys::RULE) else {
+                break;
+            };
+            let id = u64::from_be_bytes(
+                id.try_into()
+                    .map_err(|_| Error::Internal("a rule key of the wrong length".into()))?,
+            );
+            out.push((id, decode(&v)?));
         }
         Ok(out)
     }

@@ -193,3 +193,55 @@ impl SchedRecord {
         }
     }
 }
+
+/// `meta` `user/<name>`: a user and what the broker keeps of its secret (the SCRAM
+/// stored and server keys, never the secret).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct UserRecord {
+    /// A super user holds every permission.
+    #[prost(bool, tag = "1")]
+    pub superuser: bool,
+    /// SCRAM salt.
+    #[prost(bytes = "vec", tag = "2")]
+    pub salt: Vec<u8>,
+    /// SCRAM iterations.
+    #[prost(uint32, tag = "3")]
+    pub iterations: u32,
+    /// SCRAM stored key.
+    #[prost(bytes = "vec", tag = "4")]
+    pub stored_key: Vec<u8>,
+    /// SCRAM server key.
+    #[prost(bytes = "vec", tag = "5")]
+    pub server_key: Vec<u8>,
+    /// Broker clock at creation.
+    #[prost(uint64, tag = "6")]
+    pub created_ms: u64,
+    /// Broker clock at the last change of its secret (sessions authenticated before it
+    /// are refused).
+    #[prost(uint64, tag = "7")]
+    pub changed_ms: u64,
+}
+
+/// `meta` `rule/<id>`: one permission rule.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RuleRecord {
+    /// The user it is for.
+    #[prost(string, tag = "1")]
+    pub user: String,
+    /// `topic:NAME`, `group:NAME`, `producer-group:NAME` or `cluster` (NAME: exact, a
+    /// prefix ending in `*`, or `*`).
+    #[prost(string, tag = "2")]
+    pub resource: String,
+    /// Action names.
+    #[prost(string, repeated, tag = "3")]
+    pub actions: Vec<String>,
+    /// A deny rule (a deny wins over any allow).
+    #[prost(bool, tag = "4")]
+    pub deny: bool,
+    /// Only from this source (CIDR); empty: from anywhere.
+    #[prost(string, tag = "5")]
+    pub source: String,
+    /// Broker clock at creation.
+    #[prost(uint64, tag = "6")]
+    pub created_ms: u64,
+}

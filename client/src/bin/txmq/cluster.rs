@@ -2,7 +2,7 @@
 
 use clap::Subcommand;
 use serde_json::json;
-use txmq_client::{Admin, pb};
+use txmq_client::pb;
 
 use crate::view::View;
 
@@ -42,7 +42,7 @@ pub enum ClusterCmd {
 }
 
 pub async fn run(addr: &str, token: &str, cmd: ClusterCmd) -> anyhow::Result<()> {
-    let admin = Admin::connect(addr, token).await?;
+    let admin = crate::access::admin(addr, token).await?;
     let (status, json) = match cmd {
         ClusterCmd::Status { json } => (admin.cluster_status().await?, json),
         ClusterCmd::Add { node, json } => {

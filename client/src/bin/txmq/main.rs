@@ -1,5 +1,6 @@
 //! `txmq`: produce, consume and operate a txmq broker from a shell.
 
+mod access;
 mod cluster;
 mod message;
 mod scheduled;
@@ -17,8 +18,7 @@ use futures::stream::FuturesUnordered;
 use serde_json::json;
 use txmq_client::pb::TxnState;
 use txmq_client::{
-    Admin, Consumer, ConsumerOptions, Delivery, Message, Outcome, Producer, ProducerOptions,
-    StartFrom,
+    Consumer, ConsumerOptions, Delivery, Message, Outcome, Producer, ProducerOptions, StartFrom,
 };
 use view::{View, print_txn};
 
@@ -47,6 +47,12 @@ struct Cli {
         hide_env_values = true
     )]
     auth_token: String,
+    /// The user to authenticate as (SCRAM-SHA-256; a broker with users requires one).
+    #[arg(long, global = true, env = "TXMQ_USER")]
+    user: Option<String>,
+    /// File whose first line is the user's secret (or TXMQ_USER_SECRET holds it).
+    #[arg(long, global = true, env = "TXMQ_USER_SECRET_FILE")]
+    user_secret_file: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -78,6 +84,12 @@ enum Command {
     /// A broker group: status, adding and removing nodes.
     #[command(subcommand)]
     Cluster(cluster::ClusterCmd),
+    /// The broker's users.
+    #[command(subcommand)]
+    User(access::UserCmd),
+    /// The users' permissions: rules of allow and deny.
+    #[command(subcommand)]
+    Acl(access::AclCmd),
     /// Best-effort notification: POST every message of a topic to a URL, signed, with
     /// retries and a dead-letter queue; a signed query interface for the receiver.
     Webhook(webhook::WebhookArgs),
@@ -395,9 +407,12 @@ async fn main() {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    access::login(cli.user.clone(), cli.user_secret_file.clone())?;
     let addr = cli.broker.as_str();
     let token = cli.auth_token.as_str();
     match cli.command {
+        Command::User(cmd) => access::user_cmd(addr, token, cmd).await,
+        Command::Acl(cmd) => access::acl_cmd(addr, token, cmd).await,
         Command::Produce(a) if a.transactional => produce_txn(addr, token, a).await,
         Command::Produce(a) => produce(addr, token, a).await,
         Command::Consume(a) => consume(addr, token, a).await,
@@ -405,7 +420,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Topic(cmd) => topic::run(addr, token, cmd).await,
         Command::Cluster(cmd) => cluster::run(addr, token, cmd).await,
         Command::Group(GroupCmd::List { json }) => {
-            let groups = Admin::connect(addr, token).await?.groups().await?;
+            let groups = crate::access::admin(addr, token).await?.groups().await?;
             let mut view = View::new(
                 json,
                 &[
@@ -432,7 +447,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Stats { json } => {
-            let s = Admin::connect(addr, token).await?.stats().await?;
+            let s = crate::access::admin(addr, token).await?.stats().await?;
             let rows = [
                 ("topics", s.topics),
                 ("messages", s.messages),
@@ -467,7 +482,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Txn(cmd) => txn(addr, token, cmd).await,
         Command::Group(GroupCmd::Describe { group, json }) => {
-            let g = Admin::connect(addr, token)
+            let g = crate::access::admin(addr, token)
                 .await?
                 .describe_group(&group)
                 .await?;
@@ -537,6 +552,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 },
                 window: 1,
                 auth_token: token.to_string(),
+                user: crate::access::user(),
                 ..ConsumerOptions::new(group.clone(), topic.clone()).ordered(ordered)
             };
             Consumer::subscribe(addr, options).await?.close().await?;
@@ -552,7 +568,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Group(GroupCmd::Delete { group, json }) => {
-            let topics = Admin::connect(addr, token)
+            let topics = crate::access::admin(addr, token)
                 .await?
                 .delete_group(&group)
                 .await?;
@@ -569,7 +585,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             to,
             json,
         }) => {
-            let offset = Admin::connect(addr, token)
+            let offset = crate::access::admin(addr, token)
                 .await?
                 .reset_group(&group, &topic, to)
                 .await?;
@@ -584,7 +600,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Dlq(DlqCmd::List { group, limit, json }) => {
-            let letters = Admin::connect(addr, token)
+            let letters = crate::access::admin(addr, token)
                 .await?
                 .dead_letters(&group, limit)
                 .await?;
@@ -607,7 +623,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Dlq(DlqCmd::Redrive { group, id, json }) => {
-            let n = Admin::connect(addr, token)
+            let n = crate::access::admin(addr, token)
                 .await?
                 .redrive(&group, id.as_deref())
                 .await?;
@@ -657,6 +673,7 @@ fn message_of(a: &ProduceArgs, i: u64) -> Message {
 pub async fn plain_producer(addr: &str, token: &str) -> anyhow::Result<Producer> {
     let options = ProducerOptions {
         auth_token: token.to_string(),
+        user: crate::access::user(),
         ..Default::default()
     };
     Ok(Producer::connect(addr, options).await?)
@@ -736,6 +753,7 @@ async fn produce_txn(addr: &str, token: &str, a: ProduceArgs) -> anyhow::Result<
     };
     let mut options = ProducerOptions::transactional(group, checker);
     options.auth_token = token.to_string();
+    options.user = access::user();
     let producer = Producer::connect(addr, options).await?;
     for i in 0..a.count {
         let mut txn = producer.begin()?;
@@ -789,6 +807,7 @@ async fn consume(addr: &str, token: &str, a: ConsumeArgs) -> anyhow::Result<()> 
         replace_filter: a.replace_filter,
         ordered: a.ordered,
         auth_token: token.to_string(),
+        user: crate::access::user(),
     };
     let mut consumer = Consumer::subscribe(addr, options).await?;
     let idle = a.timeout.map(Duration::from_secs_f64);
@@ -860,7 +879,7 @@ fn print_delivery(out: &mut impl Write, d: &Delivery, json: bool) -> anyhow::Res
 }
 
 async fn txn(addr: &str, token: &str, cmd: TxnCmd) -> anyhow::Result<()> {
-    let admin = Admin::connect(addr, token).await?;
+    let admin = crate::access::admin(addr, token).await?;
     let cmd_kind = match &cmd {
         TxnCmd::Commit { .. } => "commit",
         _ => "other",

@@ -4,7 +4,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::Subcommand;
 use serde_json::{Value, json};
-use txmq_client::{Admin, pb};
+use txmq_client::pb;
 
 use crate::view::View;
 
@@ -83,7 +83,7 @@ fn message_json(f: &pb::FoundMessage, body: bool) -> Value {
 }
 
 pub async fn run(addr: &str, token: &str, cmd: MessageCmd) -> anyhow::Result<()> {
-    let admin = Admin::connect(addr, token).await?;
+    let admin = crate::access::admin(addr, token).await?;
     match cmd {
         MessageCmd::Show { id, body, json } => {
             let shown = admin.show_message(&id, body).await?;

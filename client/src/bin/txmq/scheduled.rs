@@ -4,7 +4,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::Subcommand;
 use serde_json::json;
-use txmq_client::Admin;
 
 use crate::view::View;
 
@@ -50,7 +49,7 @@ fn rfc3339(ms: u64) -> String {
 pub async fn run(addr: &str, token: &str, cmd: ScheduledCmd) -> anyhow::Result<()> {
     match cmd {
         ScheduledCmd::List { topic, limit, json } => {
-            let waiting = Admin::connect(addr, token)
+            let waiting = crate::access::admin(addr, token)
                 .await?
                 .scheduled(topic.as_deref().unwrap_or(""), limit)
                 .await?;

@@ -4,7 +4,6 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use clap::Subcommand;
 use serde_json::json;
-use txmq_client::Admin;
 
 use crate::view::View;
 
@@ -151,7 +150,7 @@ fn print_one(t: &txmq_client::pb::TopicInfo, what: &str, json: bool) {
 }
 
 pub async fn run(addr: &str, token: &str, cmd: TopicCmd) -> anyhow::Result<()> {
-    let admin = Admin::connect(addr, token).await?;
+    let admin = crate::access::admin(addr, token).await?;
     match cmd {
         TopicCmd::Create {
             topic,

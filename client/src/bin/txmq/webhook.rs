@@ -118,7 +118,7 @@ pub async fn run(addr: &str, token: &str, a: WebhookArgs) -> anyhow::Result<()> 
             .with_context(|| format!("cannot listen on {at}"))?;
         println!("txmq webhook queries on {}", listener.local_addr()?);
         let query = Query {
-            admin: Admin::connect(addr, token).await?,
+            admin: crate::access::admin(addr, token).await?,
             group: a.group.clone(),
             topic: a.topic.clone(),
             secret: secret.clone(),
@@ -133,6 +133,7 @@ pub async fn run(addr: &str, token: &str, a: WebhookArgs) -> anyhow::Result<()> 
         lease: Some(lease),
         max_attempts: a.max_attempts,
         auth_token: token.to_string(),
+        user: crate::access::user(),
         ..ConsumerOptions::new(a.group.clone(), a.topic.clone())
     };
     let mut consumer = Consumer::subscribe(addr, options).await?;

@@ -17,7 +17,7 @@ use tonic::{Request, Status};
 use super::BoxStream;
 use super::checks::Link;
 use super::{Endpoint, client_id, pb, status};
-use crate::cmd::Shared;
+use crate::service::{Principal, Shared, consume};
 
 /// Commands a session's stream may hold waiting for the client.
 const OUTBOUND: usize = 64;
@@ -31,6 +31,8 @@ const MAX_TOPICS: usize = 1_000;
 pub struct Session {
     /// The client's id (`x-mq-client-id`).
     pub client_id: String,
+    /// Who opened the stream.
+    pub who: Principal,
     /// Its last settings.
     pub settings: pb::Settings,
     /// Topics it publishes (a producer's stream).
@@ -72,7 +74,7 @@ impl Sessions {
             s.settings = settings;
             s.link = match shared {
                 Some(shared) if !topics.is_empty() => {
-                    Some(Link::attach(shared, s.outbound.clone(), &topics))
+                    Some(Link::attach(shared, &s.who, s.outbound.clone(), &topics))
                 }
                 _ => None,
             };
@@ -85,9 +87,12 @@ impl Sessions {
     pub fn attach_all(&self, shared: Option<Arc<Shared>>) {
         for s in self.open.lock().expect("sessions lock").values_mut() {
             s.link = match &shared {
-                Some(shared) if !s.topics.is_empty() => {
-                    Some(Link::attach(shared.clone(), s.outbound.clone(), &s.topics))
-                }
+                Some(shared) if !s.topics.is_empty() => Some(Link::attach(
+                    shared.clone(),
+                    &s.who,
+                    s.outbound.clone(),
+                    &s.topics,
+                )),
                 _ => None,
             };
         }
@@ -134,6 +139,7 @@ pub fn open(
     let Some(client) = client_id(&request) else {
         return Err(Status::invalid_argument("x-mq-client-id is required"));
     };
+    let who = super::principal(&request);
     let mut inbound = request.into_inner();
     let (tx, rx) = mpsc::channel(OUTBOUND);
     let sessions = endpoint.sessions.clone();
@@ -144,6 +150,7 @@ pub fn open(
     let live = endpoint.live.clone();
     let Some(id) = sessions.add(Session {
         client_id: client.clone(),
+        who,
         settings: pb::Settings::default(),
         topics: Vec::new(),
         outbound: tx.clone(),
@@ -203,24 +210,17 @@ async fn ordered(shared: &Arc<Shared>, s: &pb::Subscription) -> bool {
     let Some(group) = s.group.as_ref().map(|g| g.name.clone()) else {
         return false;
     };
-    let ids: Vec<u32> = s
+    let topics = s
         .subscriptions
         .iter()
         .filter_map(|e| e.topic.as_ref())
-        .filter_map(|t| shared.topics.get(&t.name))
-        .map(|t| t.id)
-        .take(MAX_TOPICS)
-        .collect();
-    crate::cmd::blocking(&shared.storage, move |st| {
-        for id in ids {
-            if st.cursor(&group, id)?.is_some_and(|c| c.ordered) {
-                return Ok(true);
-            }
+        .take(MAX_TOPICS);
+    for topic in topics {
+        if consume::is_ordered(shared, &group, &topic.name).await {
+            return true;
         }
-        Ok(false)
-    })
-    .await
-    .unwrap_or(false)
+    }
+    false
 }
 
 fn duration(d: Duration) -> prost_types::Duration {
@@ -283,6 +283,11 @@ mod tests {
         let (tx, _rx) = mpsc::channel(1);
         let session = move || Session {
             client_id: "c".into(),
+            who: Principal::grpc(
+                crate::service::principal::Identity::Anonymous,
+                None,
+                Some("c".into()),
+            ),
             settings: pb::Settings::default(),
             topics: Vec::new(),
             outbound: tx.clone(),

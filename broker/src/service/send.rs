@@ -4,12 +4,15 @@ use std::sync::Arc;
 
 use txmq_protocol::pb;
 
-use super::Session;
 use super::Shared;
-use super::{Pending, later, ready};
+use super::access::{Operation, Resource, permit};
+use super::{Answer, Principal, later, now};
 use crate::error::{Error, Result};
 use crate::storage::dedup::KeyScope;
 use crate::storage::writer::{Command, Outcome};
+
+/// Longest idempotency key, in bytes.
+pub const MAX_KEY: usize = crate::storage::dedup::MAX_KEY;
 
 /// Most messages in one send request.
 pub const MAX_BATCH: usize = 10_000;
@@ -19,15 +22,15 @@ pub const MAX_MESSAGE_GROUP: usize = 256;
 
 /// Stores the messages (visible, or as half messages of a transaction) and answers once
 /// they are durable.
-pub fn send(id: u64, req: pb::SendRequest, session: &Session, shared: &Arc<Shared>) -> Pending {
-    let cmd = match command(req, session, shared) {
+pub fn send(shared: &Arc<Shared>, who: &Principal, req: pb::SendRequest) -> Answer<pb::SendOk> {
+    let cmd = match command(req, who, shared) {
         Ok(cmd) => cmd,
-        Err(e) => return ready(id, Err(e)),
+        Err(e) => return now(Err(e)),
     };
     let writer = shared.writer.clone();
-    later(id, async move {
+    later(async move {
         let ok = send_ok(writer.submit(cmd).await)?;
-        Ok(pb::response::Result::Send(ok))
+        Ok(ok)
     })
 }
 
@@ -47,9 +50,12 @@ pub(super) fn send_ok(outcome: Result<Outcome>) -> Result<pb::SendOk> {
 }
 
 /// Checks a send request and turns it into the writer's command.
-pub(super) fn command(req: pb::SendRequest, session: &Session, shared: &Shared) -> Result<Command> {
+pub(super) fn command(req: pb::SendRequest, who: &Principal, shared: &Shared) -> Result<Command> {
     check_messages(&req.messages, shared)?;
     if !req.transactional {
+        for topic in topics(&req.messages) {
+            permit(shared, who, Operation::Send, &[Resource::Topic(topic)])?;
+        }
         if !req.txn_id.is_empty() {
             return Err(Error::Invalid(
                 "txn_id is set but transactional is not".into(),
@@ -57,16 +63,12 @@ pub(super) fn command(req: pb::SendRequest, session: &Session, shared: &Shared) 
         }
         return Ok(Command::Append {
             messages: req.messages,
-            keys: KeyScope::Topic,
+            keys: key_scope(who),
         });
     }
     // The connection's own group (from Hello): only connections of that group may end
     // the transaction, so preparing for another group would leave it unendable.
-    let group = session
-        .hello
-        .as_ref()
-        .map(|h| h.producer_group.clone())
-        .unwrap_or_default();
+    let group = who.producer_group.clone();
     if group.is_empty() {
         return Err(Error::Invalid(
             "a transactional send needs a producer group in Hello".into(),
@@ -79,6 +81,14 @@ pub(super) fn command(req: pb::SendRequest, session: &Session, shared: &Shared) 
         )));
     }
     super::name("producer group", &group)?;
+    for topic in topics(&req.messages) {
+        permit(
+            shared,
+            who,
+            Operation::Prepare,
+            &[Resource::Topic(topic), Resource::ProducerGroup(&group)],
+        )?;
+    }
     let txn = if req.txn_id.is_empty() {
         None
     } else {
@@ -87,13 +97,84 @@ pub(super) fn command(req: pb::SendRequest, session: &Session, shared: &Shared) 
     prepare(txn, group, req.messages, req.check_delay_ms)
 }
 
+/// The distinct topics of `messages`, each once.
+fn topics(messages: &[pb::Message]) -> impl Iterator<Item = &str> {
+    let mut seen = std::collections::HashSet::new();
+    messages
+        .iter()
+        .map(|m| m.topic.as_str())
+        .filter(move |t| seen.insert(*t))
+}
+
+/// Where a principal's idempotency keys are unique: a native producer's across its
+/// topic; a gRPC client's message ids only per client (two clients may make the same
+/// id).
+fn key_scope(who: &Principal) -> KeyScope {
+    match who.face {
+        super::Face::Native => KeyScope::Topic,
+        super::Face::Grpc => KeyScope::GrpcClient(who.client_id.clone()),
+    }
+}
+
+/// Stores plain messages (visible at once, or scheduled) from a face that has checked
+/// what its own form adds; answers their receipts, in order, once durable.
+pub fn store(
+    shared: &Arc<Shared>,
+    who: &Principal,
+    messages: Vec<pb::Message>,
+) -> Answer<Vec<pb::MessageReceipt>> {
+    let permitted = check_messages(&messages, shared).and_then(|()| {
+        topics(&messages)
+            .try_for_each(|t| permit(shared, who, Operation::Send, &[Resource::Topic(t)]))
+    });
+    if let Err(e) = permitted {
+        return now(Err(e));
+    }
+    let keys = key_scope(who);
+    let writer = shared.writer.clone();
+    later(async move {
+        match writer.submit(Command::Append { messages, keys }).await? {
+            Outcome::Stored(receipts) => Ok(receipts),
+            other => Err(Error::Internal(format!("send gave {other:?}"))),
+        }
+    })
+}
+
+/// Stores half messages of a new transaction of producer group `group`, which a face
+/// names for its clients (gRPC's `%GRPC%<topic>`: no native client can claim it);
+/// answers the transaction's id and the receipts once durable.
+pub fn prepare_as(
+    shared: &Arc<Shared>,
+    who: &Principal,
+    group: String,
+    messages: Vec<pb::Message>,
+) -> Answer<(crate::ids::Id, Vec<pb::MessageReceipt>)> {
+    let permitted = check_messages(&messages, shared).and_then(|()| {
+        topics(&messages).try_for_each(|t| {
+            let on = [Resource::Topic(t), Resource::ProducerGroup(&group)];
+            permit(shared, who, Operation::Prepare, &on)
+        })
+    });
+    let cmd = match permitted.and_then(|()| prepare(None, group, messages, 0)) {
+        Ok(cmd) => cmd,
+        Err(e) => return now(Err(e)),
+    };
+    let writer = shared.writer.clone();
+    later(async move {
+        match writer.submit(cmd).await? {
+            Outcome::Prepared { txn, receipts } => Ok((txn, receipts)),
+            other => Err(Error::Internal(format!("prepare gave {other:?}"))),
+        }
+    })
+}
+
 /// The writer's command for half messages of a new (`txn` `None`) or open transaction
 /// of producer group `group` (its name checked by the caller: the gRPC face uses names
 /// no native client can claim); the messages checked already.
 ///
 /// # Errors
 /// A bad check delay.
-pub fn prepare(
+fn prepare(
     txn: Option<crate::ids::Id>,
     group: String,
     messages: Vec<pb::Message>,
@@ -130,7 +211,7 @@ pub fn prepare(
 ///
 /// # Errors
 /// What is wrong, as the error the client gets.
-pub fn check_messages(messages: &[pb::Message], shared: &Shared) -> Result<()> {
+fn check_messages(messages: &[pb::Message], shared: &Shared) -> Result<()> {
     if messages.is_empty() {
         return Err(Error::Invalid("send carries no messages".into()));
     }

@@ -6,6 +6,7 @@ use tonic::Request;
 
 use super::{Endpoint, client_id, pb, status};
 use crate::replication::node::Node;
+use crate::service::{Principal, admin, cluster};
 
 /// Every message type a topic takes here (a txmq topic is not typed).
 const ACCEPTS: [pb::MessageType; 4] = [
@@ -95,13 +96,14 @@ async fn group_leader(node: &Node, serving: bool) -> Result<pb::Endpoints, pb::S
 /// to the leader.
 async fn queue(
     endpoint: &Endpoint,
+    who: &Principal,
     topic: Option<pb::Resource>,
     dialed: Option<pb::Endpoints>,
 ) -> Result<pb::MessageQueue, pb::Status> {
     let Some(topic) = topic else {
         return Err(status::of(pb::Code::IllegalTopic, "a topic is needed"));
     };
-    crate::cmd::name("topic", &topic.name).map_err(|e| status::of_error(&e))?;
+    crate::service::name("topic", &topic.name).map_err(|e| status::of_error(&e))?;
     // Read once: whether this node serves decides both where the route points and who
     // checks the topic.
     let serving = endpoint.live.get().filter(|s| s.serving.holds());
@@ -112,20 +114,12 @@ async fn queue(
     };
     match (serving, group) {
         (Some(shared), _) => {
-            shared
-                .groups
-                .topic(&topic.name)
+            admin::route_topic(&shared, who, &topic.name)
                 .await
                 .map_err(|e| status::of_error(&e))?;
         }
         (None, Some(node)) if !endpoint.config.auto_create_topics => {
-            let (slot, name) = (node.slot.clone(), topic.name.clone());
-            let exists = tokio::task::spawn_blocking(move || {
-                slot.get().map(|storage| storage.topic_exists(&name))
-            })
-            .await
-            .map_err(|e| status::of(pb::Code::InternalServerError, e.to_string()))?;
-            match exists {
+            match cluster::follower_has_topic(node, topic.name.clone()).await {
                 Some(Ok(true)) => {}
                 Some(Ok(false)) => {
                     return Err(status::of_error(&crate::error::Error::TopicNotFound(
@@ -155,9 +149,10 @@ async fn queue(
 /// The route of a topic: its one queue.
 pub async fn query_route(
     endpoint: &Endpoint,
+    who: &Principal,
     req: pb::QueryRouteRequest,
 ) -> pb::QueryRouteResponse {
-    match queue(endpoint, req.topic, req.endpoints).await {
+    match queue(endpoint, who, req.topic, req.endpoints).await {
         Ok(q) => pb::QueryRouteResponse {
             status: Some(status::ok()),
             message_queues: vec![q],
@@ -173,16 +168,17 @@ pub async fn query_route(
 /// it; the group's queue shares the messages out).
 pub async fn query_assignment(
     endpoint: &Endpoint,
+    who: &Principal,
     req: pb::QueryAssignmentRequest,
 ) -> pb::QueryAssignmentResponse {
     let group = req.group.map(|g| g.name).unwrap_or_default();
-    if let Err(e) = crate::cmd::name("group", &group) {
+    if let Err(e) = crate::service::name("group", &group) {
         return pb::QueryAssignmentResponse {
             status: Some(status::of(pb::Code::IllegalConsumerGroup, e.to_string())),
             assignments: Vec::new(),
         };
     }
-    match queue(endpoint, req.topic, req.endpoints).await {
+    match queue(endpoint, who, req.topic, req.endpoints).await {
         Ok(q) => pb::QueryAssignmentResponse {
             status: Some(status::ok()),
             assignments: vec![pb::Assignment {

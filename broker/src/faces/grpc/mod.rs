@@ -37,9 +37,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use crate::cmd::Shared;
 use crate::config::Config;
 use crate::replication::node::Node;
+use crate::service::principal::Identity;
+use crate::service::{Principal, Shared};
 
 /// The code generated from the vendored protocol.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
@@ -211,6 +212,19 @@ impl Endpoint {
     }
 }
 
+/// Who asks: the identity the call's signature proved, its client id and its peer.
+/// A call that passed the `grpc-credentials-file` check holds the shared credentials'
+/// rights (as the native token does); without that file, calls are anonymous. (Users
+/// on this face come with the per-user HMAC.)
+fn principal<T>(request: &Request<T>) -> Principal {
+    let identity = if request.extensions().get::<auth::Signed>().is_some() {
+        Identity::Token
+    } else {
+        Identity::Anonymous
+    };
+    Principal::grpc(identity, request.remote_addr(), client_id(request))
+}
+
 /// The client id every request carries in its metadata.
 fn client_id<T>(request: &Request<T>) -> Option<String> {
     request
@@ -234,7 +248,7 @@ impl MessagingService for Endpoint {
         request: Request<pb::QueryRouteRequest>,
     ) -> Reply<pb::QueryRouteResponse> {
         Ok(Response::new(
-            route::query_route(self, request.into_inner()).await,
+            route::query_route(self, &principal(&request), request.into_inner()).await,
         ))
     }
 
@@ -250,7 +264,7 @@ impl MessagingService for Endpoint {
         request: Request<pb::SendMessageRequest>,
     ) -> Reply<pb::SendMessageResponse> {
         Ok(Response::new(
-            send::send_message(self, client_id(&request), request.into_inner()).await,
+            send::send_message(self, &principal(&request), request.into_inner()).await,
         ))
     }
 
@@ -280,7 +294,7 @@ impl MessagingService for Endpoint {
         request: Request<pb::AckMessageRequest>,
     ) -> Reply<pb::AckMessageResponse> {
         Ok(Response::new(
-            receive::ack(self, request.into_inner()).await,
+            receive::ack(self, &principal(&request), request.into_inner()).await,
         ))
     }
 
@@ -289,7 +303,7 @@ impl MessagingService for Endpoint {
         request: Request<pb::ChangeInvisibleDurationRequest>,
     ) -> Reply<pb::ChangeInvisibleDurationResponse> {
         Ok(Response::new(
-            receive::change_invisible(self, request.into_inner()).await,
+            receive::change_invisible(self, &principal(&request), request.into_inner()).await,
         ))
     }
 
@@ -298,7 +312,7 @@ impl MessagingService for Endpoint {
         request: Request<pb::QueryAssignmentRequest>,
     ) -> Reply<pb::QueryAssignmentResponse> {
         Ok(Response::new(
-            route::query_assignment(self, request.into_inner()).await,
+            route::query_assignment(self, &principal(&request), request.into_inner()).await,
         ))
     }
 
@@ -307,7 +321,8 @@ impl MessagingService for Endpoint {
         request: Request<pb::ForwardMessageToDeadLetterQueueRequest>,
     ) -> Reply<pb::ForwardMessageToDeadLetterQueueResponse> {
         Ok(Response::new(
-            receive::forward_to_dead_letters(self, request.into_inner()).await,
+            receive::forward_to_dead_letters(self, &principal(&request), request.into_inner())
+                .await,
         ))
     }
 
@@ -316,7 +331,7 @@ impl MessagingService for Endpoint {
         request: Request<pb::RecallMessageRequest>,
     ) -> Reply<pb::RecallMessageResponse> {
         Ok(Response::new(
-            send::recall(self, request.into_inner()).await,
+            send::recall(self, &principal(&request), request.into_inner()).await,
         ))
     }
 

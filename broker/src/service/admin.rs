@@ -7,7 +7,8 @@ use tokio::sync::oneshot;
 use txmq_protocol::pb;
 
 use super::Shared;
-use super::{Pending, later, ready};
+use super::access::{Operation, Resource};
+use super::{Answer, Principal, later, now};
 use crate::delivery::QueueMsg;
 use crate::error::{Error, Result};
 use crate::storage::writer::{Command, Outcome};
@@ -26,13 +27,36 @@ fn topic_info(t: &Topic) -> pb::TopicInfo {
     }
 }
 
+/// The topic a client's route names: found, or created on demand when the broker
+/// creates topics so.
+///
+/// # Errors
+/// No such topic (and none made on demand), the topic cap, a bad name.
+pub async fn route_topic(shared: &Arc<Shared>, who: &Principal, name: &str) -> Result<()> {
+    super::access::permit(shared, who, Operation::Route, &[Resource::Topic(name)])?;
+    super::name("topic", name)?;
+    shared.groups.topic(name).await.map(|_| ())
+}
+
 /// Creates a topic (or finds it, unless `fail_if_exists`).
-pub fn create_topic(id: u64, req: pb::CreateTopicRequest, shared: &Arc<Shared>) -> Pending {
+pub fn create_topic(
+    shared: &Arc<Shared>,
+    who: &Principal,
+    req: pb::CreateTopicRequest,
+) -> Answer<pb::TopicInfo> {
+    if let Err(e) = super::access::permit(
+        shared,
+        who,
+        Operation::CreateTopic,
+        &[Resource::Topic(&req.topic)],
+    ) {
+        return now(Err(e));
+    }
     if let Err(e) = super::name("topic", &req.topic) {
-        return ready(id, Err(e));
+        return now(Err(e));
     }
     let writer = shared.writer.clone();
-    later(id, async move {
+    later(async move {
         match writer
             .submit(Command::CreateTopic {
                 name: req.topic,
@@ -41,39 +65,60 @@ pub fn create_topic(id: u64, req: pb::CreateTopicRequest, shared: &Arc<Shared>) 
             })
             .await?
         {
-            Outcome::Topic(t) => Ok(pb::response::Result::Topic(topic_info(&t))),
+            Outcome::Topic(t) => Ok(topic_info(&t)),
             other => Err(Error::Internal(format!("create topic gave {other:?}"))),
         }
     })
 }
 
 /// Changes a topic's retention overrides.
-pub fn alter_topic(id: u64, req: pb::AlterTopicRequest, shared: &Arc<Shared>) -> Pending {
+pub fn alter_topic(
+    shared: &Arc<Shared>,
+    who: &Principal,
+    req: pb::AlterTopicRequest,
+) -> Answer<pb::TopicInfo> {
+    if let Err(e) = super::access::permit(
+        shared,
+        who,
+        Operation::AlterTopic,
+        &[Resource::Topic(&req.topic)],
+    ) {
+        return now(Err(e));
+    }
     let topic = match shared.topics.get(&req.topic) {
         Some(t) => t,
-        None => return ready(id, Err(Error::TopicNotFound(req.topic))),
+        None => return now(Err(Error::TopicNotFound(req.topic))),
     };
     let writer = shared.writer.clone();
-    later(id, async move {
+    later(async move {
         let retention = (req.retention_ms, req.retention_bytes);
         match writer
             .submit(Command::SetRetention { topic, retention })
             .await?
         {
-            Outcome::Topic(t) => Ok(pb::response::Result::Topic(topic_info(&t))),
+            Outcome::Topic(t) => Ok(topic_info(&t)),
             other => Err(Error::Internal(format!("alter topic gave {other:?}"))),
         }
     })
 }
 
 /// One page of topics, by name, with what each takes on disk and its oldest message.
-pub fn list_topics(id: u64, req: pb::ListTopicsRequest, shared: &Arc<Shared>) -> Pending {
+pub fn list_topics(
+    shared: &Arc<Shared>,
+    who: &Principal,
+    req: pb::ListTopicsRequest,
+) -> Answer<pb::ListTopicsOk> {
+    if let Err(e) =
+        super::access::permit(shared, who, Operation::ListTopics, &[Resource::Topic("")])
+    {
+        return now(Err(e));
+    }
     let mut all = shared.topics.all();
     all.retain(|t| t.name > req.after);
     all.sort_unstable_by(|a, b| a.name.cmp(&b.name));
     all.truncate(super::page(req.limit));
     let storage = shared.storage.clone();
-    later(id, async move {
+    later(async move {
         let topics = super::blocking(&storage, move |s| {
             all.iter()
                 .map(|t| {
@@ -87,25 +132,34 @@ pub fn list_topics(id: u64, req: pb::ListTopicsRequest, shared: &Arc<Shared>) ->
                 .collect()
         })
         .await?;
-        Ok(pb::response::Result::Topics(pb::ListTopicsOk { topics }))
+        Ok(pb::ListTopicsOk { topics })
     })
 }
 
 /// One page of (group, topic) rows, from the stored cursors (cheap: no group is loaded to
 /// answer).
-pub fn list_groups(id: u64, req: pb::ListGroupsRequest, shared: &Arc<Shared>) -> Pending {
+pub fn list_groups(
+    shared: &Arc<Shared>,
+    who: &Principal,
+    req: pb::ListGroupsRequest,
+) -> Answer<pb::ListGroupsOk> {
+    if let Err(e) =
+        super::access::permit(shared, who, Operation::ListGroups, &[Resource::Group("")])
+    {
+        return now(Err(e));
+    }
     let after = if req.after_group.is_empty() {
         None
     } else {
         match shared.groups.existing_topic(&req.after_topic) {
             Ok(t) => Some((req.after_group, t.id)),
-            Err(e) => return ready(id, Err(e)),
+            Err(e) => return now(Err(e)),
         }
     };
     let shared = shared.clone();
-    later(id, async move {
+    later(async move {
         let groups = group_summaries(&shared, after, super::page(req.limit)).await?;
-        Ok(pb::response::Result::Groups(pb::ListGroupsOk { groups }))
+        Ok(pb::ListGroupsOk { groups })
     })
 }
 
@@ -135,9 +189,12 @@ async fn group_summaries(
 }
 
 /// Broker-wide figures.
-pub fn stats(id: u64, shared: &Arc<Shared>) -> Pending {
+pub fn stats(shared: &Arc<Shared>, who: &Principal) -> Answer<pb::StatsOk> {
+    if let Err(e) = super::access::permit(shared, who, Operation::Stats, &[Resource::Cluster]) {
+        return now(Err(e));
+    }
     let shared = shared.clone();
-    later(id, async move {
+    later(async move {
         let storage = shared.storage.clone();
         let groups = tokio::task::spawn_blocking(move || storage.count_groups())
             .await
@@ -145,7 +202,7 @@ pub fn stats(id: u64, shared: &Arc<Shared>) -> Pending {
         let topics = shared.topics.all();
         let m = &shared.metrics;
         let resolved = |outcome: &str| m.transactions_resolved.with_label_values(&[outcome]).get();
-        Ok(pb::response::Result::Stats(pb::StatsOk {
+        Ok(pb::StatsOk {
             broker_version: env!("CARGO_PKG_VERSION").to_string(),
             uptime_ms: m.uptime().as_millis() as u64,
             connections: m.connections.get().max(0) as u64,
@@ -160,17 +217,29 @@ pub fn stats(id: u64, shared: &Arc<Shared>) -> Pending {
             deliveries: m.deliveries.get(),
             acks: m.acks.get(),
             dead_letters: m.dead_letters.get(),
-        }))
+        })
     })
 }
 
 /// A group's state on each topic it consumes.
-pub fn describe_group(id: u64, req: pb::DescribeGroupRequest, shared: &Arc<Shared>) -> Pending {
+pub fn describe_group(
+    shared: &Arc<Shared>,
+    who: &Principal,
+    req: pb::DescribeGroupRequest,
+) -> Answer<pb::DescribeGroupOk> {
+    if let Err(e) = super::access::permit(
+        shared,
+        who,
+        Operation::DescribeGroup,
+        &[Resource::Group(&req.group)],
+    ) {
+        return now(Err(e));
+    }
     if let Err(e) = super::name("group", &req.group) {
-        return ready(id, Err(e));
+        return now(Err(e));
     }
     let shared = shared.clone();
-    later(id, async move {
+    later(async move {
         let mut topics = Vec::new();
         for topic in shared.groups.topics_of(&req.group).await? {
             let (reply, rx) = oneshot::channel();
@@ -186,24 +255,32 @@ pub fn describe_group(id: u64, req: pb::DescribeGroupRequest, shared: &Arc<Share
                 req.group
             )));
         }
-        Ok(pb::response::Result::Group(pb::DescribeGroupOk {
+        Ok(pb::DescribeGroupOk {
             group: req.group,
             topics,
-        }))
+        })
     })
 }
 
 /// A group's dead letters, with their messages.
 pub fn list_dead_letters(
-    id: u64,
-    req: pb::ListDeadLettersRequest,
     shared: &Arc<Shared>,
-) -> Pending {
+    who: &Principal,
+    req: pb::ListDeadLettersRequest,
+) -> Answer<pb::ListDeadLettersOk> {
+    if let Err(e) = super::access::permit(
+        shared,
+        who,
+        Operation::ListDeadLetters,
+        &[Resource::Group(&req.group)],
+    ) {
+        return now(Err(e));
+    }
     if let Err(e) = super::name("group", &req.group) {
-        return ready(id, Err(e));
+        return now(Err(e));
     }
     let shared = shared.clone();
-    later(id, async move {
+    later(async move {
         let limit = super::page(req.limit);
         let mut topics = shared.groups.topics_of(&req.group).await?;
         topics.sort_unstable_by_key(|t| t.id);
@@ -262,23 +339,35 @@ pub fn list_dead_letters(
         })
         .await
         .map_err(|e| Error::Internal(e.to_string()))??;
-        Ok(pb::response::Result::DeadLetters(page))
+        Ok(page)
     })
 }
 
 /// Moves a group's position on a topic to the earliest or latest message, an offset, or
 /// the first message stored at or after a time (a binary search over the time-ordered
 /// log, not a scan).
-pub fn reset_group(id: u64, req: pb::ResetGroupRequest, shared: &Arc<Shared>) -> Pending {
+pub fn reset_group(
+    shared: &Arc<Shared>,
+    who: &Principal,
+    req: pb::ResetGroupRequest,
+) -> Answer<pb::ResetGroupOk> {
+    if let Err(e) = super::access::permit(
+        shared,
+        who,
+        Operation::ResetGroup,
+        &[Resource::Group(&req.group)],
+    ) {
+        return now(Err(e));
+    }
     if let Err(e) = super::name("group", &req.group) {
-        return ready(id, Err(e));
+        return now(Err(e));
     }
     let topic = match shared.groups.existing_topic(&req.topic) {
         Ok(t) => t,
-        Err(e) => return ready(id, Err(e)),
+        Err(e) => return now(Err(e)),
     };
     let shared = shared.clone();
-    later(id, async move {
+    later(async move {
         use pb::reset_group_request::To;
         let to = match req.to {
             Some(To::Earliest(_)) => topic.start(),
@@ -303,19 +392,29 @@ pub fn reset_group(id: u64, req: pb::ResetGroupRequest, shared: &Arc<Shared>) ->
         let msg = QueueMsg::Reset { to, reply };
         shared.groups.send_existing(&req.group, topic, msg).await?;
         let offset = rx.await.map_err(|_| Error::ShuttingDown)??;
-        Ok(pb::response::Result::ResetGroup(pb::ResetGroupOk {
-            offset,
-        }))
+        Ok(pb::ResetGroupOk { offset })
     })
 }
 
 /// Puts a group's dead letters (or one of them) back for delivery.
-pub fn redrive(id: u64, req: pb::RedriveRequest, shared: &Arc<Shared>) -> Pending {
+pub fn redrive(
+    shared: &Arc<Shared>,
+    who: &Principal,
+    req: pb::RedriveRequest,
+) -> Answer<pb::RedriveOk> {
+    if let Err(e) = super::access::permit(
+        shared,
+        who,
+        Operation::Redrive,
+        &[Resource::Group(&req.group)],
+    ) {
+        return now(Err(e));
+    }
     if let Err(e) = super::name("group", &req.group) {
-        return ready(id, Err(e));
+        return now(Err(e));
     }
     let shared = shared.clone();
-    later(id, async move {
+    later(async move {
         let mut redriven = 0;
         let message_id = (!req.message_id.is_empty()).then_some(req.message_id);
         for topic in shared.groups.topics_of(&req.group).await? {
@@ -327,6 +426,6 @@ pub fn redrive(id: u64, req: pb::RedriveRequest, shared: &Arc<Shared>) -> Pendin
             shared.groups.send(&req.group, topic, msg).await?;
             redriven += rx.await.map_err(|_| Error::ShuttingDown)??;
         }
-        Ok(pb::response::Result::Redrive(pb::RedriveOk { redriven }))
+        Ok(pb::RedriveOk { redriven })
     })
 }

@@ -6,7 +6,8 @@ use tokio::sync::oneshot;
 use txmq_protocol::pb::{self, TxnOutcome};
 
 use super::Shared;
-use super::{Pending, blocking, later, ready};
+use super::access::{Operation, Resource};
+use super::{Answer, Principal, blocking, later, now};
 use crate::delivery::QueueMsg;
 use crate::error::{Error, Result};
 use crate::ids::Id;
@@ -24,15 +25,27 @@ use crate::txn::state::Resolver;
 /// a record of the deletion says its cleanup is pending. The cleanup ([`clean_up`]) then
 /// runs as a task of its own, which a client going away does not stop, and which every
 /// start of the broker runs again until the record says it is done.
-pub fn delete_topic(id: u64, req: pb::DeleteTopicRequest, shared: &Arc<Shared>) -> Pending {
+pub fn delete_topic(
+    shared: &Arc<Shared>,
+    who: &Principal,
+    req: pb::DeleteTopicRequest,
+) -> Answer<pb::DeleteTopicOk> {
+    if let Err(e) = super::access::permit(
+        shared,
+        who,
+        Operation::DeleteTopic,
+        &[Resource::Topic(&req.topic)],
+    ) {
+        return now(Err(e));
+    }
     if let Err(e) = super::name("topic", &req.topic) {
-        return ready(id, Err(e));
+        return now(Err(e));
     }
     let Some(topic) = shared.topics.get(&req.topic) else {
-        return ready(id, Err(Error::TopicNotFound(req.topic)));
+        return now(Err(Error::TopicNotFound(req.topic)));
     };
     let shared = shared.clone();
-    later(id, async move {
+    later(async move {
         let name = topic.name.clone();
         let mut checked_below = None;
         if !req.force {
@@ -100,12 +113,12 @@ pub fn delete_topic(id: u64, req: pb::DeleteTopicRequest, shared: &Arc<Shared>) 
             .await
             .map_err(|e| Error::Internal(e.to_string()))??;
         tracing::info!(topic = %name, messages, groups = done.groups, rolled_back = done.rolled_back, scheduled_cancelled = done.cancelled, "topic deleted");
-        Ok(pb::response::Result::DeleteTopic(pb::DeleteTopicOk {
+        Ok(pb::DeleteTopicOk {
             messages,
             groups: done.groups,
             rolled_back: done.rolled_back,
             scheduled_cancelled: done.cancelled,
-        }))
+        })
     })
 }
 
@@ -255,12 +268,24 @@ async fn submit_chunks(shared: &Arc<Shared>, mut cmds: Vec<Command>) -> Result<u
 
 /// Deletes a group on every topic it has a position on, once none of its consumers is
 /// connected (checked on all of them first).
-pub fn delete_group(id: u64, req: pb::DeleteGroupRequest, shared: &Arc<Shared>) -> Pending {
+pub fn delete_group(
+    shared: &Arc<Shared>,
+    who: &Principal,
+    req: pb::DeleteGroupRequest,
+) -> Answer<pb::DeleteGroupOk> {
+    if let Err(e) = super::access::permit(
+        shared,
+        who,
+        Operation::DeleteGroup,
+        &[Resource::Group(&req.group)],
+    ) {
+        return now(Err(e));
+    }
     if let Err(e) = super::name("group", &req.group) {
-        return ready(id, Err(e));
+        return now(Err(e));
     }
     let shared = shared.clone();
-    later(id, async move {
+    later(async move {
         let topics = shared.groups.topics_of(&req.group).await?;
         if topics.is_empty() {
             return Err(Error::GroupNotFound(req.group.clone(), "any".into()));
@@ -286,8 +311,8 @@ pub fn delete_group(id: u64, req: pb::DeleteGroupRequest, shared: &Arc<Shared>) 
             shared.groups.send(&req.group, topic.clone(), msg).await?;
             rx.await.map_err(|_| Error::ShuttingDown)??;
         }
-        Ok(pb::response::Result::DeleteGroup(pb::DeleteGroupOk {
+        Ok(pb::DeleteGroupOk {
             topics: topics.len() as u32,
-        }))
+        })
     })
 }

@@ -13,11 +13,7 @@ use bytes::Bytes;
 use txmq_protocol::pb as native;
 
 use super::{Endpoint, pb, status};
-use crate::cmd::send::{check_messages, prepare};
-use crate::storage::dedup::{self, KeyScope};
-use crate::storage::writer::{Command, Outcome};
-use crate::txn::checker::CheckAnswer;
-use crate::txn::state::Resolver;
+use crate::service::{Principal, scheduled, send, txn};
 
 /// The property that keeps a gRPC client's own message id.
 pub const CLIENT_ID_PROPERTY: &str = "UNIQ_KEY";
@@ -125,14 +121,12 @@ fn incoming(m: pb::Message, latest_ms: u64) -> Result<Incoming, pb::Status> {
     // The clients make a message id once and keep it across their retries: it is the
     // send's idempotency key, scoped by the client (a transaction's halves are resolved
     // by its id instead).
-    let idempotency_key = if transactional
-        || sys.message_id.len() > dedup::MAX_KEY
-        || sys.message_id.contains('\0')
-    {
-        String::new()
-    } else {
-        sys.message_id.clone()
-    };
+    let idempotency_key =
+        if transactional || sys.message_id.len() > send::MAX_KEY || sys.message_id.contains('\0') {
+            String::new()
+        } else {
+            sys.message_id.clone()
+        };
     Ok(Incoming {
         message: native::Message {
             topic,
@@ -158,7 +152,7 @@ fn incoming(m: pb::Message, latest_ms: u64) -> Result<Incoming, pb::Status> {
 /// message id, content), and not at all without a client id.
 pub async fn send_message(
     endpoint: &Endpoint,
-    client: Option<String>,
+    who: &Principal,
     req: pb::SendMessageRequest,
 ) -> pb::SendMessageResponse {
     let shared = match endpoint.shared() {
@@ -184,7 +178,7 @@ pub async fn send_message(
     for (i, m) in req.messages.into_iter().enumerate() {
         match incoming(m, latest_ms) {
             Ok(mut inc) => {
-                if shared.config.dedup_window.is_zero() || client.is_none() {
+                if shared.config.dedup_window.is_zero() || who.client_id.is_empty() {
                     // Not remembered here (dedup-window 0): a key would be refused.
                     // Without a client id, ids of two producers cannot be told apart.
                     inc.message.idempotency_key.clear();
@@ -207,16 +201,7 @@ pub async fn send_message(
     }
     if !plain.is_empty() {
         let (at, messages): (Vec<usize>, Vec<_>) = plain.into_iter().unzip();
-        let stored = match check_messages(&messages, &shared) {
-            Ok(()) => {
-                let keys = KeyScope::GrpcClient(client.clone().unwrap_or_default());
-                shared
-                    .writer
-                    .submit(Command::Append { messages, keys })
-                    .await
-            }
-            Err(e) => Err(e),
-        };
+        let stored = send::store(&shared, who, messages).await;
         fill(&mut entries, &at, stored, "");
     }
     if !txn.is_empty() {
@@ -225,19 +210,15 @@ pub async fn send_message(
         // A gRPC transaction belongs to its topic's group: one topic per transaction.
         let one_topic = messages.iter().all(|m| m.topic == messages[0].topic);
         let prepared = if one_topic {
-            check_messages(&messages, &shared).and_then(|()| prepare(None, group, messages, 0))
+            send::prepare_as(&shared, who, group, messages).await
         } else {
             Err(crate::error::Error::Invalid(
                 "the messages of one transaction go to one topic here".into(),
             ))
         };
-        let stored = match prepared {
-            Ok(cmd) => shared.writer.submit(cmd).await,
-            Err(e) => Err(e),
-        };
-        let txn_id = match &stored {
-            Ok(Outcome::Prepared { txn, .. }) => txn.to_string(),
-            _ => String::new(),
+        let (txn_id, stored) = match prepared {
+            Ok((txn, receipts)) => (txn.to_string(), Ok(receipts)),
+            Err(e) => (String::new(), Err(e)),
         };
         fill(&mut entries, &at, stored, &txn_id);
     }
@@ -256,17 +237,10 @@ pub async fn send_message(
 fn fill(
     entries: &mut [pb::SendResultEntry],
     at: &[usize],
-    stored: crate::error::Result<Outcome>,
+    stored: crate::error::Result<Vec<native::MessageReceipt>>,
     txn_id: &str,
 ) {
-    let receipts = match stored {
-        Ok(Outcome::Stored(r) | Outcome::Prepared { receipts: r, .. }) => Ok(r),
-        Ok(other) => Err(status::of(
-            pb::Code::InternalServerError,
-            format!("send gave {other:?}"),
-        )),
-        Err(e) => Err(status::of_error(&e)),
-    };
+    let receipts = stored.map_err(|e| status::of_error(&e));
     for (n, &i) in at.iter().enumerate() {
         let entry = &mut entries[i];
         match &receipts {
@@ -291,7 +265,7 @@ pub async fn end_transaction(
     endpoint: &Endpoint,
     request: tonic::Request<pb::EndTransactionRequest>,
 ) -> pb::EndTransactionResponse {
-    let client = super::client_id(&request);
+    let who = super::principal(&request);
     let req = request.into_inner();
     let reply = |s| pb::EndTransactionResponse { status: Some(s) };
     let shared = match endpoint.shared() {
@@ -316,26 +290,23 @@ pub async fn end_transaction(
     // one that can prove it) goes to the check-back scheduler, as a native producer's
     // does: it counts it, ends the transaction or (unknown) keeps its backoff, and stops
     // waiting for it. Unanswered, it once timed out there too.
+    let group = txn_group(&req.topic.map(|t| t.name).unwrap_or_default());
     if req.source == pb::TransactionSource::SourceServerCheck as i32
-        && let Some(client) = client.as_deref()
+        && !who.client_id.is_empty()
         && let Some((connection_id, check_id)) = endpoint
             .sessions
-            .links_of(client)
+            .links_of(&who.client_id)
             .iter()
             .find_map(|l| l.answered(txn).map(|check| (l.connection_id, check)))
     {
-        let answer = CheckAnswer {
-            connection_id,
-            check_id,
-            reply: native::CheckReply {
-                txn_id: txn.to_string(),
-                outcome: outcome as i32,
-            },
-            proven: true,
+        let answer = native::CheckReply {
+            txn_id: txn.to_string(),
+            outcome: outcome as i32,
         };
-        return match shared.answers.send(answer).await {
+        return match txn::answer_check(&shared, &who, &group, connection_id, check_id, answer).await
+        {
             Ok(()) => reply(status::ok()),
-            Err(_) => reply(status::of_error(&crate::error::Error::ShuttingDown)),
+            Err(e) => reply(status::of_error(&e)),
         };
     }
     if outcome == native::TxnOutcome::Unknown {
@@ -343,13 +314,7 @@ pub async fn end_transaction(
         return reply(status::ok());
     }
     // The producer's own end, for the transactions of its topic's group.
-    let topic = req.topic.map(|t| t.name).unwrap_or_default();
-    let by = Resolver::Producer(txn_group(&topic));
-    match shared
-        .writer
-        .submit(Command::End { txn, outcome, by })
-        .await
-    {
+    match txn::end_as(&shared, &who, txn, outcome, group).await {
         Ok(_) => reply(status::ok()),
         Err(e) => reply(status::of_error(&e)),
     }
@@ -359,6 +324,7 @@ pub async fn end_transaction(
 /// id (what `txmq scheduled cancel` takes too). A recall after delivery is refused.
 pub async fn recall(
     endpoint: &Endpoint,
+    who: &Principal,
     req: pb::RecallMessageRequest,
 ) -> pb::RecallMessageResponse {
     let reply = |s, id: String| pb::RecallMessageResponse {
@@ -384,15 +350,9 @@ pub async fn recall(
         return refused();
     };
     let topic = req.topic.map(|t| t.name).unwrap_or_default();
-    // Read first: a guess that names nothing costs a read, not a write.
-    let waiting = crate::cmd::blocking(&shared.storage, move |s| s.scheduled(id)).await;
-    let ours = matches!(&waiting, Ok(Some(rec)) if rec.topic == topic
-        && rec.state() == crate::storage::records::SchedState::Waiting);
-    if !ours {
-        return refused();
-    }
-    match shared.writer.submit(Command::CancelScheduled { id }).await {
-        Ok(_) => reply(status::ok(), req.recall_handle),
-        Err(_) => refused(),
+    if scheduled::recall(&shared, who, topic, id).await {
+        reply(status::ok(), req.recall_handle)
+    } else {
+        refused()
     }
 }

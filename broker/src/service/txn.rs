@@ -5,9 +5,9 @@ use std::sync::Arc;
 use txmq_protocol::ErrorCode;
 use txmq_protocol::pb::{self, TxnOutcome, TxnState};
 
-use super::Session;
 use super::Shared;
-use super::{Pending, later, ready};
+use super::access::{Operation, Resource, permit};
+use super::{Answer, Principal, later, now};
 use crate::error::{Error, Result};
 use crate::ids::Id;
 use crate::storage::records::TxnRecord;
@@ -17,15 +17,15 @@ use crate::txn::state::Resolver;
 
 /// Commit or roll back (or record `unknown`). Repeats are no-op successes; a conflicting
 /// resolution is refused with its own code (I2).
-pub fn end(id: u64, req: pb::EndTxnRequest, session: &Session, shared: &Arc<Shared>) -> Pending {
-    let (txn, cmd) = match end_command(&req, session) {
+pub fn end(shared: &Arc<Shared>, who: &Principal, req: pb::EndTxnRequest) -> Answer<pb::EndTxnOk> {
+    let (txn, cmd) = match end_command(&req, who, shared) {
         Ok(checked) => checked,
-        Err(e) => return ready(id, Err(e)),
+        Err(e) => return now(Err(e)),
     };
     let writer = shared.writer.clone();
-    later(id, async move {
+    later(async move {
         let ok = end_ok(txn, writer.submit(cmd).await)?;
-        Ok(pb::response::Result::EndTxn(ok))
+        Ok(ok)
     })
 }
 
@@ -36,35 +36,31 @@ pub const MAX_CALLS: usize = 10_000;
 /// concurrent transactions): every call is checked and answered on its own, and all of
 /// them are stored in one write.
 pub fn batch(
-    id: u64,
-    req: pb::TxnBatchRequest,
-    session: &Session,
     shared: &Arc<Shared>,
-) -> Pending {
+    who: &Principal,
+    req: pb::TxnBatchRequest,
+) -> Answer<pb::TxnBatchOk> {
     if req.calls.is_empty() {
-        return ready(id, Err(Error::Invalid("txn batch carries no calls".into())));
+        return now(Err(Error::Invalid("txn batch carries no calls".into())));
     }
     if req.calls.len() > MAX_CALLS {
-        return ready(
-            id,
-            Err(Error::Invalid(format!(
-                "txn batch carries {} calls; the limit is {MAX_CALLS}",
-                req.calls.len()
-            ))),
-        );
+        return now(Err(Error::Invalid(format!(
+            "txn batch carries {} calls; the limit is {MAX_CALLS}",
+            req.calls.len()
+        ))));
     }
     let mut commands = Vec::with_capacity(req.calls.len());
     let checked: Vec<Result<Call>> = req
         .calls
         .into_iter()
         .map(|c| {
-            let (call, cmd) = check_call(c, session, shared)?;
+            let (call, cmd) = check_call(c, who, shared)?;
             commands.push(cmd);
             Ok(call)
         })
         .collect();
     let writer = shared.writer.clone();
-    later(id, async move {
+    later(async move {
         let mut outcomes = if commands.is_empty() {
             Vec::new()
         } else {
@@ -82,14 +78,14 @@ pub fn batch(
                         .next()
                         .ok_or_else(|| Error::Internal("txn batch lost an outcome".into()))?;
                     Ok(match call {
-                        Call::Prepare => Answer::Prepared(super::send::send_ok(outcome)?),
-                        Call::End(txn) => Answer::Ended(end_ok(txn, outcome)?),
+                        Call::Prepare => CallAnswer::Prepared(super::send::send_ok(outcome)?),
+                        Call::End(txn) => CallAnswer::Ended(end_ok(txn, outcome)?),
                     })
                 });
                 call_result(answer)
             })
             .collect();
-        Ok(pb::response::Result::TxnBatch(pb::TxnBatchOk { results }))
+        Ok(pb::TxnBatchOk { results })
     })
 }
 
@@ -99,7 +95,7 @@ enum Call {
     End(Id),
 }
 
-fn check_call(call: pb::TxnCall, session: &Session, shared: &Shared) -> Result<(Call, Command)> {
+fn check_call(call: pb::TxnCall, who: &Principal, shared: &Shared) -> Result<(Call, Command)> {
     match call.call {
         Some(pb::txn_call::Call::Prepare(req)) => {
             if !req.transactional {
@@ -107,10 +103,10 @@ fn check_call(call: pb::TxnCall, session: &Session, shared: &Shared) -> Result<(
                     "a send in a txn batch must be transactional".into(),
                 ));
             }
-            Ok((Call::Prepare, super::send::command(req, session, shared)?))
+            Ok((Call::Prepare, super::send::command(req, who, shared)?))
         }
         Some(pb::txn_call::Call::End(req)) => {
-            let (txn, cmd) = end_command(&req, session)?;
+            let (txn, cmd) = end_command(&req, who, shared)?;
             Ok((Call::End(txn), cmd))
         }
         None => Err(Error::Invalid(
@@ -119,9 +115,9 @@ fn check_call(call: pb::TxnCall, session: &Session, shared: &Shared) -> Result<(
     }
 }
 
-type Answer = pb::txn_call_result::Result;
+type CallAnswer = pb::txn_call_result::Result;
 
-fn call_result(answer: Result<Answer>) -> pb::TxnCallResult {
+fn call_result(answer: Result<CallAnswer>) -> pb::TxnCallResult {
     match answer {
         Ok(answer) => pb::TxnCallResult {
             code: ErrorCode::Ok as i32,
@@ -139,7 +135,7 @@ fn call_result(answer: Result<Answer>) -> pb::TxnCallResult {
 /// Checks an end request and turns it into the writer's command. A producer may end only
 /// its own group's transactions (the writer compares); `operator` needs an admin
 /// connection.
-fn end_command(req: &pb::EndTxnRequest, session: &Session) -> Result<(Id, Command)> {
+fn end_command(req: &pb::EndTxnRequest, who: &Principal, shared: &Shared) -> Result<(Id, Command)> {
     let txn = super::txn_id(&req.txn_id)?;
     let outcome = match TxnOutcome::try_from(req.outcome) {
         Ok(o @ (TxnOutcome::Commit | TxnOutcome::Rollback | TxnOutcome::Unknown)) => o,
@@ -149,16 +145,29 @@ fn end_command(req: &pb::EndTxnRequest, session: &Session) -> Result<(Id, Comman
             ));
         }
     };
-    let hello = session.hello.as_ref().ok_or(Error::HandshakeRequired)?;
     let by = if req.operator {
-        if hello.role != pb::Role::Admin as i32 {
+        if !who.admin {
             return Err(Error::Invalid(
                 "operator resolution needs an admin connection (txmq txn commit|rollback)".into(),
             ));
         }
+        // Any producer group's transaction, named by its id alone.
+        permit(
+            shared,
+            who,
+            Operation::ResolveTxn,
+            &[Resource::ProducerGroup("")],
+        )?;
         Resolver::Operator
     } else {
-        Resolver::Producer(hello.producer_group.clone())
+        let group = &who.producer_group;
+        permit(
+            shared,
+            who,
+            Operation::EndTxn,
+            &[Resource::ProducerGroup(group)],
+        )?;
+        Resolver::Producer(group.clone())
     };
     Ok((txn, Command::End { txn, outcome, by }))
 }
@@ -181,17 +190,29 @@ fn end_ok(txn: Id, outcome: Result<Outcome>) -> Result<pb::EndTxnOk> {
 }
 
 /// Lists transactions for operators.
-pub fn list(id: u64, req: pb::ListTxnsRequest, shared: &Arc<Shared>) -> Pending {
+pub fn list(
+    shared: &Arc<Shared>,
+    who: &Principal,
+    req: pb::ListTxnsRequest,
+) -> Answer<pb::ListTxnsOk> {
+    if let Err(e) = permit(
+        shared,
+        who,
+        Operation::ListTxns,
+        &[Resource::ProducerGroup(&req.producer_group)],
+    ) {
+        return now(Err(e));
+    }
     let storage = shared.storage.clone();
     let after = if req.after_txn_id.is_empty() {
         None
     } else {
         match super::txn_id(&req.after_txn_id) {
             Ok(id) => Some(id),
-            Err(e) => return ready(id, Err(e)),
+            Err(e) => return now(Err(e)),
         }
     };
-    later(id, async move {
+    later(async move {
         let limit = super::page(req.limit);
         let state = req.state;
         let group = req.producer_group;
@@ -207,23 +228,35 @@ pub fn list(id: u64, req: pb::ListTxnsRequest, shared: &Arc<Shared>) -> Pending 
         })
         .await
         .map_err(|e| Error::Internal(e.to_string()))??;
-        Ok(pb::response::Result::Txns(pb::ListTxnsOk {
+        Ok(pb::ListTxnsOk {
             txns: txns.into_iter().map(|(id, r)| info(id, r)).collect(),
             now_ms: txmq_protocol::now_ms(),
-        }))
+        })
     })
 }
 
 /// Re-arms a discarded transaction: check count back to zero, checked at once.
-pub fn rearm(id: u64, req: pb::RearmTxnRequest, shared: &Arc<Shared>) -> Pending {
+pub fn rearm(
+    shared: &Arc<Shared>,
+    who: &Principal,
+    req: pb::RearmTxnRequest,
+) -> Answer<pb::TxnInfo> {
+    if let Err(e) = permit(
+        shared,
+        who,
+        Operation::RearmTxn,
+        &[Resource::ProducerGroup("")],
+    ) {
+        return now(Err(e));
+    }
     let txn = match super::txn_id(&req.txn_id) {
         Ok(t) => t,
-        Err(e) => return ready(id, Err(e)),
+        Err(e) => return now(Err(e)),
     };
     let writer = shared.writer.clone();
-    later(id, async move {
+    later(async move {
         match writer.submit(Command::Rearm { txn }).await? {
-            Outcome::Txn(rec) => Ok(pb::response::Result::Txn(info(txn, *rec))),
+            Outcome::Txn(rec) => Ok(info(txn, *rec)),
             other => Err(Error::Internal(format!("rearm gave {other:?}"))),
         }
     })
@@ -231,14 +264,24 @@ pub fn rearm(id: u64, req: pb::RearmTxnRequest, shared: &Arc<Shared>) -> Pending
 
 /// Routes a producer's answer to a check to the scheduler.
 pub async fn check_reply(
+    shared: &Arc<Shared>,
+    who: &Principal,
     check_id: u64,
     reply: pb::CheckReply,
-    session: &Session,
-    shared: &Arc<Shared>,
 ) {
-    tracing::debug!(connection = session.id, check_id, txn = %reply.txn_id, outcome = reply.outcome, "check answer");
+    tracing::debug!(connection = who.connection_id, check_id, txn = %reply.txn_id, outcome = reply.outcome, "check answer");
+    let group = &who.producer_group;
+    if let Err(e) = permit(
+        shared,
+        who,
+        Operation::AnswerChecks,
+        &[Resource::ProducerGroup(group)],
+    ) {
+        tracing::warn!(connection = who.connection_id, "check answer refused: {e}");
+        return;
+    }
     let answer = CheckAnswer {
-        connection_id: session.id,
+        connection_id: who.connection_id,
         check_id,
         reply,
         proven: false,
@@ -261,4 +304,108 @@ pub fn info(id: Id, r: TxnRecord) -> pb::TxnInfo {
         next_check_ms: r.next_check_ms,
         resolved_ms: r.resolved_ms,
     }
+}
+
+/// Makes connection `connection_id` one that the check-backs of producer `group` may
+/// ask (a producer that answers checks), through `sink`; `scopes` narrow it to the
+/// transactions that carry one of them (empty: all of the group's).
+///
+/// # Errors
+/// Not permitted.
+pub fn answer_checks(
+    shared: &Shared,
+    who: &Principal,
+    group: &str,
+    connection_id: u64,
+    scopes: Vec<String>,
+    sink: &super::consume::Sink,
+) -> Result<()> {
+    permit(
+        shared,
+        who,
+        Operation::AnswerChecks,
+        &[Resource::ProducerGroup(group)],
+    )?;
+    shared.producers.register_scoped(
+        group,
+        connection_id,
+        sink.outbound.clone(),
+        sink.stall.clone(),
+        scopes,
+    );
+    Ok(())
+}
+
+/// Connection `connection_id` answers no more checks (it closed).
+pub fn stop_answering(shared: &Shared, connection_id: u64) {
+    shared.producers.unregister(connection_id);
+}
+
+/// Ends transaction `txn` of producer group `group` as its producer: commit or
+/// rollback, idempotent, a conflicting end refused (I2). The faces that bind a
+/// transaction to a group of their own making (gRPC's `%GRPC%<topic>`) name it here.
+pub fn end_as(
+    shared: &Arc<Shared>,
+    who: &Principal,
+    txn: Id,
+    outcome: TxnOutcome,
+    group: String,
+) -> Answer<()> {
+    if let Err(e) = permit(
+        shared,
+        who,
+        Operation::EndTxn,
+        &[Resource::ProducerGroup(&group)],
+    ) {
+        return now(Err(e));
+    }
+    if !matches!(outcome, TxnOutcome::Commit | TxnOutcome::Rollback) {
+        return now(Err(Error::Invalid(
+            "outcome must be COMMIT or ROLLBACK".into(),
+        )));
+    }
+    let writer = shared.writer.clone();
+    later(async move {
+        writer
+            .submit(Command::End {
+                txn,
+                outcome,
+                by: Resolver::Producer(group),
+            })
+            .await
+            .map(|_| ())
+    })
+}
+
+/// Hands the answer to check `check_id` of connection `connection_id` to the scheduler,
+/// from a face that proved the answer answers that check (a gRPC stream it was sent
+/// to): counted, it ends the transaction or (unknown) keeps its backoff.
+///
+/// # Errors
+/// The scheduler stopped.
+pub async fn answer_check(
+    shared: &Shared,
+    who: &Principal,
+    group: &str,
+    connection_id: u64,
+    check_id: u64,
+    reply: pb::CheckReply,
+) -> Result<()> {
+    permit(
+        shared,
+        who,
+        Operation::AnswerChecks,
+        &[Resource::ProducerGroup(group)],
+    )?;
+    let answer = CheckAnswer {
+        connection_id,
+        check_id,
+        reply,
+        proven: true,
+    };
+    shared
+        .answers
+        .send(answer)
+        .await
+        .map_err(|_| Error::ShuttingDown)
 }

@@ -19,9 +19,9 @@ use txmq_protocol::pb as native;
 
 use super::convert::outgoing;
 use super::pb;
-use crate::cmd::Shared;
-use crate::delivery::Stall;
 use crate::ids::Id;
+use crate::service::consume::{Sink, Stall};
+use crate::service::{Principal, Shared, txn};
 
 /// Checks one stream may have on their way to it.
 const BRIDGE: usize = 64;
@@ -46,6 +46,7 @@ impl Link {
     /// starts the bridge that puts the scheduler's checks on it.
     pub fn attach(
         shared: Arc<Shared>,
+        who: &Principal,
         stream: mpsc::Sender<Result<pb::TelemetryCommand, Status>>,
         topics: &[String],
     ) -> Arc<Self> {
@@ -53,15 +54,19 @@ impl Link {
             .connection_ids
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (tx, mut rx) = mpsc::channel::<Frame>(BRIDGE);
-        let stall = Arc::new(Stall::default());
+        let sink = Sink {
+            outbound: tx,
+            stall: Arc::new(Stall::default()),
+        };
         for topic in topics {
-            shared.producers.register(
-                &super::send::txn_group(topic),
-                connection_id,
-                tx.clone(),
-                stall.clone(),
-            );
+            let group = super::send::txn_group(topic);
+            if let Err(e) =
+                txn::answer_checks(&shared, who, &group, connection_id, Vec::new(), &sink)
+            {
+                tracing::warn!(client = %who.client_id, %group, "not asked for checks: {e}");
+            }
         }
+        let stall = sink.stall;
         let link = Arc::new(Self {
             connection_id,
             pending: Mutex::new(HashMap::new()),
@@ -123,7 +128,7 @@ impl Link {
 impl Drop for Link {
     fn drop(&mut self) {
         if let Some(shared) = self.shared.upgrade() {
-            shared.producers.unregister(self.connection_id);
+            txn::stop_answering(&shared, self.connection_id);
         }
     }
 }

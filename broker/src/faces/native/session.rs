@@ -1,27 +1,37 @@
 //! What one connection knows about its client, and how answers are framed.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
 use txmq_protocol::pb::{self, frame::Body};
 use txmq_protocol::{ErrorCode, Frame};
 
-use crate::delivery::Stall;
 use crate::error::Error;
-use crate::topics::Topic;
+use crate::service::Principal;
+use crate::service::consume::Membership;
+use crate::service::consume::Stall;
 
 /// What the connection knows about its client.
 #[derive(Debug)]
 pub struct Session {
     /// Broker-wide connection id.
     pub id: u64,
+    /// Where the client connected from.
+    pub peer: SocketAddr,
     /// Set once Hello succeeded.
     pub hello: Option<pb::Hello>,
+    /// Who the client is, once Hello succeeded: what every service call takes.
+    pub who: Option<Principal>,
+    /// The user a SCRAM authentication proved (before Hello).
+    pub identity: Option<crate::auth::Identity>,
+    /// A SCRAM authentication in progress.
+    pub scram: Option<crate::service::users::Scram>,
     /// Where frames to this client go.
     pub outbound: mpsc::Sender<Frame>,
-    /// Active subscriptions: id to (group, topic).
-    pub subscriptions: HashMap<u64, (String, Arc<Topic>)>,
+    /// Active subscriptions by id.
+    pub subscriptions: HashMap<u64, Membership>,
     /// Set when the client failed authentication: answer, then close.
     pub refused: bool,
     /// Whether the socket takes what is written to it.

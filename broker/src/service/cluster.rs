@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use txmq_protocol::pb;
 
-use super::{Pending, Shared, later};
+use super::access::{Operation, Resource};
+use super::{Answer, Principal, Shared, later};
 use crate::error::Error;
 use crate::replication::node::Node;
 
@@ -16,17 +17,29 @@ fn node(shared: &Shared) -> Result<Arc<Node>, Error> {
 }
 
 /// The group's members, progress and lag.
-pub fn status(id: u64, shared: &Arc<Shared>) -> Pending {
+pub fn status(shared: &Arc<Shared>, who: &Principal) -> Answer<pb::ClusterStatusOk> {
+    if let Err(e) =
+        super::access::permit(shared, who, Operation::ClusterStatus, &[Resource::Cluster])
+    {
+        return Box::pin(std::future::ready(Err(e)));
+    }
     let node = node(shared);
-    later(id, async move {
-        Ok(pb::response::Result::Cluster(node?.status().await))
-    })
+    later(async move { Ok(node?.status().await) })
 }
 
 /// Adds or removes a node, then answers the group's status.
-pub fn change(id: u64, req: pb::ClusterChangeRequest, shared: &Arc<Shared>) -> Pending {
+pub fn change(
+    shared: &Arc<Shared>,
+    who: &Principal,
+    req: pb::ClusterChangeRequest,
+) -> Answer<pb::ClusterStatusOk> {
+    if let Err(e) =
+        super::access::permit(shared, who, Operation::ClusterChange, &[Resource::Cluster])
+    {
+        return Box::pin(std::future::ready(Err(e)));
+    }
     let node = node(shared);
-    later(id, async move {
+    later(async move {
         let node = node?;
         if req.node_id == 0 {
             return Err(Error::Invalid("node ids start at 1".into()));
@@ -54,6 +67,15 @@ pub fn change(id: u64, req: pb::ClusterChangeRequest, shared: &Arc<Shared>) -> P
                 ));
             }
         }
-        Ok(pb::response::Result::Cluster(node.status().await))
+        Ok(node.status().await)
     })
+}
+
+/// Whether a follower's replicated state holds topic `name`, for a route it points to
+/// the leader (`None`: the node holds no state now).
+pub async fn follower_has_topic(node: &Node, name: String) -> Option<crate::error::Result<bool>> {
+    let slot = node.slot.clone();
+    tokio::task::spawn_blocking(move || slot.get().map(|storage| storage.topic_exists(&name)))
+        .await
+        .unwrap_or_else(|e| Some(Err(crate::error::Error::Internal(e.to_string()))))
 }

@@ -48,6 +48,8 @@ pub struct Shared {
     /// The writer's id source (ids are ordered by creation: a mark taken from it
     /// divides what was made before from what comes after).
     pub ids: Arc<crate::ids::IdGen>,
+    /// Users and rules: who may do what.
+    pub auth: Arc<crate::auth::Auth>,
     /// Whether it may serve from its state now (a group leader's lease holds): asked by
     /// every request before it is handled.
     pub serving: crate::replication::lease::Serving,

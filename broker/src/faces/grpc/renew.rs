@@ -12,14 +12,14 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use txmq_protocol::now_ms;
 
 use super::Live;
 use super::telemetry::Sessions;
-use crate::delivery::{LeaseRef, QueueMsg};
-use crate::error::Error;
+use crate::service::Principal;
+use crate::service::consume::{self, Handle, LeaseRef};
+use crate::service::principal::Identity;
 
 /// Most leases renewed at once; beyond, a lease is not renewed (it ends, and the
 /// message comes again).
@@ -42,6 +42,8 @@ struct Key {
 struct Held {
     lease_id: u64,
     client: String,
+    /// Who the client is: renewals are made as it.
+    identity: Identity,
     deadline_ms: u64,
     /// No renewal past this (received + [`MAX_RENEWED`]).
     until_ms: u64,
@@ -79,7 +81,14 @@ pub struct Renewals {
 impl Renewals {
     /// Renews this lease from now on, for `client` (a redelivery's lease replaces the
     /// earlier one of the same message).
-    pub fn hold(&self, group: &str, topic: &str, lease: LeaseRef, client: &str, deadline_ms: u64) {
+    pub fn hold(
+        &self,
+        group: &str,
+        topic: &str,
+        lease: LeaseRef,
+        who: &Principal,
+        deadline_ms: u64,
+    ) {
         let key = Key {
             group: group.into(),
             topic: topic.into(),
@@ -99,7 +108,8 @@ impl Renewals {
             key,
             Held {
                 lease_id: lease.lease_id,
-                client: client.into(),
+                client: who.client_id.clone(),
+                identity: who.identity.clone(),
                 deadline_ms,
                 until_ms,
             },
@@ -202,23 +212,17 @@ pub async fn run(
                 renewals.set(&key, held.lease_id, None);
                 continue;
             }
-            let Ok(topic) = shared.groups.existing_topic(&key.topic) else {
-                renewals.set(&key, held.lease_id, None);
-                continue;
-            };
-            let (reply, rx) = oneshot::channel();
-            let msg = QueueMsg::Extend {
+            // Renewed on the client's behalf, as it would extend the lease itself.
+            let who = Principal::grpc(held.identity.clone(), None, Some(held.client.clone()));
+            let handle = Handle {
+                group: key.group.clone(),
+                topic: key.topic.clone(),
                 lease: LeaseRef {
                     offset: key.offset,
                     lease_id: held.lease_id,
                 },
-                lease_for: lease,
-                reply,
             };
-            let extended = match shared.groups.send_existing(&key.group, topic, msg).await {
-                Ok(()) => rx.await.unwrap_or(Err(Error::ShuttingDown)),
-                Err(e) => Err(e),
-            };
+            let extended = consume::extend(&shared, &who, handle, lease).await.await;
             // A lease that is gone (acked, expired) is not renewed any more.
             renewals.set(&key, held.lease_id, extended.ok());
         }
@@ -228,6 +232,10 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn c() -> Principal {
+        Principal::grpc(Identity::Anonymous, None, Some("c".into()))
+    }
 
     fn lease(offset: u64, lease_id: u64) -> LeaseRef {
         LeaseRef { offset, lease_id }
@@ -239,16 +247,16 @@ mod tests {
     #[test]
     fn renewals_are_found_by_deadline_and_named_by_lease() {
         let r = Renewals::default();
-        r.hold("g", "t", lease(1, 10), "c", 300);
-        r.hold("g", "t", lease(2, 20), "c", 100);
-        r.hold("g", "t", lease(3, 30), "c", 900);
+        r.hold("g", "t", lease(1, 10), &c(), 300);
+        r.hold("g", "t", lease(2, 20), &c(), 100);
+        r.hold("g", "t", lease(3, 30), &c(), 900);
         let due: Vec<u64> = r.due(500, 10).iter().map(|(k, _)| k.offset).collect();
         assert_eq!(due, [2, 1]);
         r.release("g", "t", lease(2, 99));
         assert_eq!(r.len(), 3, "a stale lease id released a renewal");
         r.release("g", "t", lease(2, 20));
         assert_eq!(r.len(), 2);
-        r.hold("g", "t", lease(1, 11), "c", 50);
+        r.hold("g", "t", lease(1, 11), &c(), 50);
         assert_eq!(r.len(), 2, "a redelivery added instead of replacing");
         let due = r.due(60, 10);
         assert_eq!((due.len(), due[0].1.lease_id), (1, 11));

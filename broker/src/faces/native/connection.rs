@@ -1,6 +1,6 @@
 //! One client connection.
 //!
-//! A reader loop decodes frames and hands each to [`crate::cmd::dispatch`]; the answers are
+//! A reader loop decodes frames and hands each to [`super::dispatch`]; the answers are
 //! futures collected in a `FuturesUnordered`, so one connection pipelines many requests
 //! (and they share group commits). A separate writer task drains the bounded outbound
 //! channel into the socket; deliveries and check requests use the same channel.
@@ -26,8 +26,10 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 use txmq_protocol::{ErrorCode, Frame, FrameCodec};
 
-use crate::cmd::{Pending, Session, Shared, dispatch, error_frame};
-use crate::delivery::{QueueMsg, Stall};
+use super::{Pending, Session, dispatch, error_frame};
+use crate::service::Shared;
+use crate::service::consume::{self, Stall};
+use crate::service::txn;
 
 /// The frame codec, also telling each frame's length on the wire (what it holds of the
 /// byte budgets) without measuring the decoded request again.
@@ -118,7 +120,11 @@ pub async fn serve(
     ));
     let mut session = Session {
         id,
+        peer,
         hello: None,
+        who: None,
+        identity: None,
+        scram: None,
         outbound: outbound.clone(),
         subscriptions: HashMap::new(),
         refused: false,
@@ -252,20 +258,9 @@ pub async fn serve(
 }
 
 async fn close(session: &mut Session, shared: &Shared) {
-    shared.producers.unregister(session.id);
-    for (subscription_id, (group, topic)) in session.subscriptions.drain() {
-        let _ = shared
-            .groups
-            .send(
-                &group,
-                topic,
-                QueueMsg::Unsubscribe {
-                    subscription_id,
-                    graceful: false,
-                    keep: Vec::new(),
-                },
-            )
-            .await;
+    txn::stop_answering(shared, session.id);
+    for (_, membership) in session.subscriptions.drain() {
+        let _ = consume::leave(shared, &membership, false, Vec::new()).await;
     }
 }
 
@@ -339,7 +334,7 @@ pub async fn refuse_not_leader(socket: TcpStream, peer: SocketAddr, leader: Opti
         _ => 0,
     };
     let _ = framed
-        .send(crate::cmd::error_response(
+        .send(crate::faces::native::error_response(
             id,
             &crate::error::Error::NotLeader(leader),
         ))

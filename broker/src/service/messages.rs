@@ -8,7 +8,8 @@ use tokio::sync::oneshot;
 use txmq_protocol::pb;
 
 use super::Shared;
-use super::{Pending, blocking, later, ready};
+use super::access::{Operation, Resource};
+use super::{Answer, Principal, blocking, later, now};
 use crate::delivery::QueueMsg;
 use crate::delivery::queue::tag_matches;
 use crate::error::{Error, Result};
@@ -29,18 +30,24 @@ fn found(mut message: pb::StoredMessage, body: bool) -> pb::FoundMessage {
 }
 
 /// A message by id and its life.
-pub fn show_message(id: u64, req: pb::ShowMessageRequest, shared: &Arc<Shared>) -> Pending {
+pub fn show_message(
+    shared: &Arc<Shared>,
+    who: &Principal,
+    req: pb::ShowMessageRequest,
+) -> Answer<pb::ShowMessageOk> {
+    if let Err(e) =
+        super::access::permit(shared, who, Operation::ShowMessage, &[Resource::Topic("")])
+    {
+        return now(Err(e));
+    }
     let Some(msg_id) = Id::parse(&req.message_id) else {
-        return ready(
-            id,
-            Err(Error::Invalid(format!(
-                "{:?} is not a message id (32 hex digits)",
-                req.message_id
-            ))),
-        );
+        return now(Err(Error::Invalid(format!(
+            "{:?} is not a message id (32 hex digits)",
+            req.message_id
+        ))));
     };
     let shared = shared.clone();
-    later(id, async move {
+    later(async move {
         let text = req.message_id.clone();
         let located = blocking(&shared.storage, move |s| {
             let Some((topic_id, offset)) = s.locate(msg_id)? else {
@@ -81,7 +88,7 @@ pub fn show_message(id: u64, req: pb::ShowMessageRequest, shared: &Arc<Shared>) 
         while shown.encoded_len() > budget && shown.groups.pop().is_some() {
             shown.groups_omitted += 1;
         }
-        Ok(pb::response::Result::ShowMessage(shown))
+        Ok(shown)
     })
 }
 
@@ -91,7 +98,7 @@ async fn scheduled(
     msg_id: Id,
     text: &str,
     body: bool,
-) -> Result<pb::response::Result> {
+) -> Result<pb::ShowMessageOk> {
     let rec = blocking(&shared.storage, move |s| s.scheduled(msg_id)).await?;
     let Some(rec) = rec else {
         return Err(Error::MessageNotFound(text.to_string()));
@@ -108,13 +115,13 @@ async fn scheduled(
         deliver_ms: rec.deliver_ms,
         ..Default::default()
     });
-    Ok(pb::response::Result::ShowMessage(pb::ShowMessageOk {
+    Ok(pb::ShowMessageOk {
         message: Some(found(message, body)),
         state: state.into(),
         txn_state: String::new(),
         groups: Vec::new(),
         groups_omitted: 0,
-    }))
+    })
 }
 
 /// Most groups one `show` reports (the rest are counted).
@@ -209,25 +216,34 @@ async fn fates(
 }
 
 /// A topic's messages by key and stored time, a page at a time.
-pub fn find_messages(id: u64, req: pb::FindMessagesRequest, shared: &Arc<Shared>) -> Pending {
+pub fn find_messages(
+    shared: &Arc<Shared>,
+    who: &Principal,
+    req: pb::FindMessagesRequest,
+) -> Answer<pb::FindMessagesOk> {
+    if let Err(e) = super::access::permit(
+        shared,
+        who,
+        Operation::FindMessages,
+        &[Resource::Topic(&req.topic)],
+    ) {
+        return now(Err(e));
+    }
     let topic = match shared.groups.existing_topic(&req.topic) {
         Ok(t) => t,
-        Err(e) => return ready(id, Err(e)),
+        Err(e) => return now(Err(e)),
     };
     if req.until_ms != 0 && req.until_ms <= req.since_ms {
-        return ready(
-            id,
-            Err(Error::Invalid(format!(
-                "until ({}) must be after since ({})",
-                req.until_ms, req.since_ms
-            ))),
-        );
+        return now(Err(Error::Invalid(format!(
+            "until ({}) must be after since ({})",
+            req.until_ms, req.since_ms
+        ))));
     }
     let limit = super::page(req.limit);
     // Bodies travel in the reply: a page stops at half a frame.
     let budget = shared.config.max_frame_len / 2;
     let shared = shared.clone();
-    later(id, async move {
+    later(async move {
         let (tid, start, end) = (topic.id, topic.start(), topic.end());
         let page = blocking(&shared.storage, move |s| {
             let mut from = req.from_offset.max(start);
@@ -291,6 +307,6 @@ pub fn find_messages(id: u64, req: pb::FindMessagesRequest, shared: &Arc<Shared>
             Ok(out)
         })
         .await?;
-        Ok(pb::response::Result::FindMessages(page))
+        Ok(page)
     })
 }

@@ -56,13 +56,18 @@ fn hex(text: &str) -> Result<Vec<u8>, ()> {
         .collect()
 }
 
+/// Marks a call whose signature was checked against the credentials file.
+#[derive(Debug, Clone, Copy)]
+pub struct Signed;
+
 /// The interceptor the server runs before every call.
 pub fn interceptor(
     pairs: std::sync::Arc<Vec<(String, String)>>,
 ) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone {
-    move |request: Request<()>| {
+    move |mut request: Request<()>| {
         if !pairs.is_empty() {
             check(&pairs, request.metadata())?;
+            request.extensions_mut().insert(Signed);
         }
         Ok(request)
     }

@@ -11,18 +11,18 @@
 //! new lease, so the handle of an earlier delivery is stale (INVALID_RECEIPT_HANDLE).
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tonic::{Request, Status};
 use txmq_protocol::pb as native;
 
 use super::convert::outgoing;
 use super::{BoxStream, Endpoint, pb, status};
-use crate::cmd::Shared;
-use crate::delivery::{ConsumerSpec, LeaseRef, QueueMsg, Stall, SubscribeOptions};
-use crate::error::Error;
+use crate::service::consume::{
+    self, Handle, Join, LeaseRef, Membership, Sink, Stall, SubscribeOptions,
+};
+use crate::service::{Principal, Shared};
 
 /// Longest a receive waits for a message.
 const MAX_POLL: Duration = Duration::from_secs(20);
@@ -33,7 +33,7 @@ const MAX_INVISIBLE: Duration = Duration::from_secs(12 * 3600);
 const MAX_BATCH: i32 = 1024;
 
 /// A receipt handle for a lease.
-fn handle(offset: u64, lease_id: u64) -> String {
+fn receipt(offset: u64, lease_id: u64) -> String {
     format!("txmq1.{offset}.{lease_id}")
 }
 
@@ -103,9 +103,7 @@ fn name_of(r: Option<pb::Resource>) -> String {
 /// dropped unfinished (the client cancelled the call).
 struct Joined {
     shared: Arc<Shared>,
-    group: String,
-    topic: Arc<crate::topics::Topic>,
-    subscription_id: u64,
+    membership: Membership,
     armed: bool,
 }
 
@@ -114,16 +112,7 @@ impl Joined {
     /// Disarmed only once the queue has the message: dropped before that (the client
     /// went away), the guard sends its own, keeping nothing.
     async fn leave(mut self, keep: Vec<u64>) {
-        let msg = QueueMsg::Unsubscribe {
-            subscription_id: self.subscription_id,
-            graceful: true,
-            keep,
-        };
-        let _ = self
-            .shared
-            .groups
-            .send(&self.group, self.topic.clone(), msg)
-            .await;
+        let _ = consume::leave(&self.shared, &self.membership, true, keep).await;
         self.armed = false;
     }
 }
@@ -136,14 +125,9 @@ impl Drop for Joined {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let (shared, group, topic) = (self.shared.clone(), self.group.clone(), self.topic.clone());
-        let msg = QueueMsg::Unsubscribe {
-            subscription_id: self.subscription_id,
-            graceful: true,
-            keep: Vec::new(),
-        };
+        let (shared, membership) = (self.shared.clone(), self.membership.clone());
         runtime.spawn(async move {
-            let _ = shared.groups.send(&group, topic, msg).await;
+            let _ = consume::leave(&shared, &membership, true, Vec::new()).await;
         });
     }
 }
@@ -155,10 +139,10 @@ pub async fn receive(
     request: Request<pb::ReceiveMessageRequest>,
 ) -> Result<BoxStream<pb::ReceiveMessageResponse>, Status> {
     let deadline = grpc_timeout(&request);
-    let client = super::client_id(&request).unwrap_or_default();
+    let who = super::principal(&request);
     let req = request.into_inner();
     let answer = match endpoint.shared() {
-        Ok(shared) => receive_from(endpoint, &shared, req, deadline, &client).await,
+        Ok(shared) => receive_from(endpoint, &shared, &who, req, deadline).await,
         Err(s) => vec![pb::ReceiveMessageResponse {
             content: Some(pb::receive_message_response::Content::Status(s)),
         }],
@@ -169,9 +153,9 @@ pub async fn receive(
 async fn receive_from(
     endpoint: &Endpoint,
     shared: &Arc<Shared>,
+    who: &Principal,
     req: pb::ReceiveMessageRequest,
     deadline: Option<Duration>,
-    client: &str,
 ) -> Vec<pb::ReceiveMessageResponse> {
     use pb::receive_message_response::Content;
     let refuse = |s: pb::Status| {
@@ -181,10 +165,10 @@ async fn receive_from(
     };
     let group = name_of(req.group);
     let topic = name_of(req.message_queue.and_then(|q| q.topic));
-    if let Err(e) = crate::cmd::name("group", &group) {
+    if let Err(e) = crate::service::name("group", &group) {
         return refuse(status::of(pb::Code::IllegalConsumerGroup, e.to_string()));
     }
-    if let Err(e) = crate::cmd::name("topic", &topic) {
+    if let Err(e) = crate::service::name("topic", &topic) {
         return refuse(status::of_error(&e));
     }
     let filter = match tag_filter(req.filter_expression) {
@@ -215,54 +199,43 @@ async fn receive_from(
     }
     let batch = req.batch_size.clamp(1, MAX_BATCH) as u32;
     let auto_renew = req.auto_renew;
-    let topic = match shared.groups.topic(&topic).await {
-        Ok(t) => t,
-        Err(e) => return refuse(status::of_error(&e)),
-    };
     // An ordered group stays ordered: gRPC clients learn it from the broker.
-    let (storage, g, tid) = (shared.storage.clone(), group.clone(), topic.id);
-    let ordered = crate::cmd::blocking(&storage, move |s| s.cursor(&g, tid))
-        .await
-        .ok()
-        .flatten()
-        .is_some_and(|c| c.ordered);
+    let ordered = consume::is_ordered(shared, &group, &topic).await;
     let (tx, mut rx) = mpsc::channel(batch as usize + 1);
-    let subscription_id = shared.subscription_ids.fetch_add(1, Ordering::Relaxed);
-    let consumer = ConsumerSpec {
-        subscription_id,
-        outbound: tx,
+    let join = Join {
+        group,
+        topic,
         window: batch,
-        lease: invisible,
+        lease: Some(invisible),
+        options: SubscribeOptions {
+            tag_filter: filter,
+            ordered,
+            ..SubscribeOptions::default()
+        },
+    };
+    let sink = Sink {
+        outbound: tx,
         stall: Arc::new(Stall::default()),
     };
-    let options = SubscribeOptions {
-        tag_filter: filter,
-        ordered,
-        ..SubscribeOptions::default()
+    let (membership, accepted) = match consume::join(shared, who, join, sink).await {
+        Ok(joined) => joined,
+        Err(e) => return refuse(status::of_error(&e)),
     };
-    // From here the receive may be in the queue: if the client cancels it (the future
-    // is dropped), the guard takes it out, and what was pushed goes back uncounted.
+    // From here the receive is in the queue: if the client cancels it (the future is
+    // dropped), the guard takes it out, and what was pushed goes back uncounted.
     let joined = Joined {
         shared: shared.clone(),
-        group: group.clone(),
-        topic: topic.clone(),
-        subscription_id,
+        membership,
         armed: true,
     };
-    let (reply, accepted) = oneshot::channel();
-    let msg = QueueMsg::Subscribe {
-        consumer,
-        options,
-        reply,
-    };
-    let subscribed = match shared.groups.send(&group, topic.clone(), msg).await {
-        Ok(()) => accepted.await.unwrap_or(Err(Error::ShuttingDown)),
-        Err(e) => Err(e),
-    };
-    if let Err(e) = subscribed {
+    if let Err(e) = accepted.await {
         joined.leave(Vec::new()).await;
         return refuse(status::of_error(&e));
     }
+    let (group, topic) = (
+        joined.membership.group.clone(),
+        joined.membership.topic.clone(),
+    );
     // Wait for the first; then take what else is there already, up to the batch.
     let mut got = Vec::new();
     if let Ok(Some(frame)) = tokio::time::timeout(poll, rx.recv()).await {
@@ -299,11 +272,11 @@ async fn receive_from(
             };
             endpoint
                 .renewals
-                .hold(&group, &topic.name, lease, client, d.lease_deadline_ms);
+                .hold(&group, &topic.name, lease, who, d.lease_deadline_ms);
         }
         let mut message = outgoing(&m, kind(&m));
         if let Some(sys) = message.system_properties.as_mut() {
-            sys.receipt_handle = Some(handle(h.offset, h.lease_id));
+            sys.receipt_handle = Some(receipt(h.offset, h.lease_id));
             sys.delivery_attempt = Some(i32::try_from(d.attempt).unwrap_or(i32::MAX));
             sys.invisible_duration = Some(prost_types::Duration {
                 seconds: invisible.as_secs() as i64,
@@ -340,7 +313,11 @@ async fn receive_from(
 }
 
 /// Acks, each entry on its own (a stale handle fails that entry only).
-pub async fn ack(endpoint: &Endpoint, req: pb::AckMessageRequest) -> pb::AckMessageResponse {
+pub async fn ack(
+    endpoint: &Endpoint,
+    who: &Principal,
+    req: pb::AckMessageRequest,
+) -> pb::AckMessageResponse {
     let shared = match endpoint.shared() {
         Ok(s) => s,
         Err(s) => {
@@ -352,31 +329,21 @@ pub async fn ack(endpoint: &Endpoint, req: pb::AckMessageRequest) -> pb::AckMess
     };
     let group = name_of(req.group);
     let topic = name_of(req.topic);
-    let topic = shared.groups.existing_topic(&topic).ok();
     let mut entries = Vec::with_capacity(req.entries.len());
     for e in req.entries {
-        let outcome = match (&topic, lease_of(&e.receipt_handle)) {
-            (None, _) => status::of(pb::Code::TopicNotFound, "no such topic"),
-            (_, None) => status::of(
+        let outcome = match lease_of(&e.receipt_handle) {
+            None => status::of(
                 pb::Code::InvalidReceiptHandle,
                 "not a receipt handle of this broker",
             ),
-            (Some(topic), Some(lease)) => {
-                endpoint.renewals.release(&group, &topic.name, lease);
-                let (reply, rx) = oneshot::channel();
-                let msg = QueueMsg::Ack {
-                    leases: vec![lease],
-                    reply,
+            Some(lease) => {
+                endpoint.renewals.release(&group, &topic, lease);
+                let handle = Handle {
+                    group: group.clone(),
+                    topic: topic.clone(),
+                    lease,
                 };
-                let acked = match shared
-                    .groups
-                    .send_existing(&group, topic.clone(), msg)
-                    .await
-                {
-                    Ok(()) => rx.await.unwrap_or(Err(Error::ShuttingDown)),
-                    Err(e) => Err(e),
-                };
-                match acked {
+                match consume::ack(&shared, who, vec![handle]).await.await {
                     Ok(_) => status::ok(),
                     Err(e) => status::of_error(&e),
                 }
@@ -402,6 +369,7 @@ pub async fn ack(endpoint: &Endpoint, req: pb::AckMessageRequest) -> pb::AckMess
 /// Moves a delivery's invisible time (its lease's end) to `invisible_duration` from now.
 pub async fn change_invisible(
     endpoint: &Endpoint,
+    who: &Principal,
     req: pb::ChangeInvisibleDurationRequest,
 ) -> pb::ChangeInvisibleDurationResponse {
     let answer = |s, handle: String| pb::ChangeInvisibleDurationResponse {
@@ -435,25 +403,17 @@ pub async fn change_invisible(
             String::new(),
         );
     };
-    let topic = match shared.groups.existing_topic(&name_of(req.topic)) {
-        Ok(t) => t,
-        Err(e) => return answer(status::of_error(&e), String::new()),
-    };
-    let group = name_of(req.group);
-    // The client sets the time now (a push consumer's retry delay): no more renewals.
-    endpoint.renewals.release(&group, &topic.name, lease);
-    let (reply, rx) = oneshot::channel();
-    let msg = QueueMsg::Extend {
+    let handle = Handle {
+        group: name_of(req.group),
+        topic: name_of(req.topic),
         lease,
-        lease_for: invisible,
-        reply,
     };
-    let extended = match shared.groups.send_existing(&group, topic, msg).await {
-        Ok(()) => rx.await.unwrap_or(Err(Error::ShuttingDown)),
-        Err(e) => Err(e),
-    };
-    match extended {
-        Ok(_) => answer(status::ok(), handle(lease.offset, lease.lease_id)),
+    // The client sets the time now (a push consumer's retry delay): no more renewals.
+    endpoint
+        .renewals
+        .release(&handle.group, &handle.topic, lease);
+    match consume::extend(&shared, who, handle, invisible).await.await {
+        Ok(_) => answer(status::ok(), receipt(lease.offset, lease.lease_id)),
         Err(e) => answer(status::of_error(&e), String::new()),
     }
 }
@@ -462,6 +422,7 @@ pub async fn change_invisible(
 /// one that cannot go on): it goes to the group's dead letters now.
 pub async fn forward_to_dead_letters(
     endpoint: &Endpoint,
+    who: &Principal,
     req: pb::ForwardMessageToDeadLetterQueueRequest,
 ) -> pb::ForwardMessageToDeadLetterQueueResponse {
     let answer = |s| pb::ForwardMessageToDeadLetterQueueResponse { status: Some(s) };
@@ -475,27 +436,23 @@ pub async fn forward_to_dead_letters(
             "not a receipt handle of this broker",
         ));
     };
-    let topic = match shared.groups.existing_topic(&name_of(req.topic)) {
-        Ok(t) => t,
-        Err(e) => return answer(status::of_error(&e)),
-    };
-    let group = name_of(req.group);
-    endpoint.renewals.release(&group, &topic.name, lease);
-    let (reply, rx) = oneshot::channel();
-    let msg = QueueMsg::DeadLetter {
+    let handle = Handle {
+        group: name_of(req.group),
+        topic: name_of(req.topic),
         lease,
-        reason: format!(
-            "forwarded by the consumer on attempt {} of {}",
-            req.delivery_attempt, req.max_delivery_attempts
-        ),
-        reply,
     };
-    let done = match shared.groups.send_existing(&group, topic, msg).await {
-        Ok(()) => rx.await.unwrap_or(Err(Error::ShuttingDown)),
-        Err(e) => Err(e),
-    };
-    match done {
-        Ok(_) => answer(status::ok()),
+    endpoint
+        .renewals
+        .release(&handle.group, &handle.topic, lease);
+    let reason = format!(
+        "forwarded by the consumer on attempt {} of {}",
+        req.delivery_attempt, req.max_delivery_attempts
+    );
+    match consume::dead_letter(&shared, who, handle, reason)
+        .await
+        .await
+    {
+        Ok(()) => answer(status::ok()),
         Err(e) => answer(status::of_error(&e)),
     }
 }
@@ -506,7 +463,7 @@ mod tests {
 
     #[test]
     fn receipt_handles_round_trip_and_refuse_others() {
-        let h = handle(42, 7);
+        let h = receipt(42, 7);
         let l = lease_of(&h).unwrap();
         assert_eq!((l.offset, l.lease_id), (42, 7));
         for bad in [

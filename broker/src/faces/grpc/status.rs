@@ -43,6 +43,7 @@ pub fn code(e: &Error) -> pb::Code {
         // counts against it.
         Error::WrongProducerGroup(_) | Error::LimitReached(_) => pb::Code::Forbidden,
         Error::NotAuthenticated(_) => pb::Code::Unauthorized,
+        Error::PermissionDenied(_) => pb::Code::Forbidden,
         Error::LeaseNotFound(_) => pb::Code::InvalidReceiptHandle,
         Error::GroupNotFound(..) => pb::Code::ConsumerGroupNotFound,
         Error::MessageNotFound(_) | Error::ScheduledNotFound(_) => pb::Code::MessageNotFound,

@@ -1,0 +1,312 @@
+//! Users and rules (issue 26, items 2 and 3): the bootstrap super user, SCRAM on the
+//! native face, rules checked on every request (a revoke or a new secret takes effect
+//! on the open connection), the CLI's `user` and `acl`, and no secret on disk.
+
+use std::path::Path;
+use std::time::Duration;
+
+use txmq_client::{
+    Admin, Consumer, ConsumerOptions, ErrorCode, Message, Producer, ProducerOptions, RuleSpec, User,
+};
+use txmq_tests::{TestBroker, http_get, next};
+
+const ADMIN_SECRET: &str = "admin-s3cret-7Qx";
+const APP_SECRET: &str = "app-s3cret-9Lm";
+
+fn admin_user() -> User {
+    User::new("root", ADMIN_SECRET)
+}
+
+fn app_user() -> User {
+    User::new("app", APP_SECRET)
+}
+
+/// A broker whose first super user comes from a bootstrap file.
+fn broker(dir: &Path) -> TestBroker {
+    let file = dir.join("admin");
+    std::fs::write(&file, format!("root {ADMIN_SECRET}\n")).unwrap();
+    TestBroker::start(&[
+        "--bootstrap-admin-file",
+        file.to_str().unwrap(),
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ])
+}
+
+fn rule(resource: &str, actions: &str) -> RuleSpec {
+    RuleSpec {
+        user: "app".into(),
+        resource: resource.into(),
+        actions: actions.split(',').map(String::from).collect(),
+        ..Default::default()
+    }
+}
+
+async fn app_producer(b: &TestBroker, group: &str) -> Producer {
+    Producer::connect(
+        b.addr(),
+        ProducerOptions {
+            group: group.into(),
+            user: Some(app_user()),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("app connects")
+}
+
+/// Until the broker has made its bootstrap user.
+async fn root(b: &TestBroker) -> Admin {
+    txmq_tests::eventually(Duration::from_secs(10), || async {
+        Admin::connect_as(b.addr(), "", Some(&admin_user()))
+            .await
+            .ok()
+    })
+    .await
+    .expect("the bootstrap super user logs in")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_decide_every_request_and_changes_take_effect_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = broker(dir.path());
+    let root = root(&b).await;
+
+    // With a user stored, nobody else gets in.
+    let anonymous = Producer::connect(b.addr(), ProducerOptions::default())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        anonymous.code(),
+        Some(ErrorCode::NotAuthenticated),
+        "{anonymous}"
+    );
+    let wrong = Admin::connect_as(b.addr(), "", Some(&User::new("root", "not-the-secret")))
+        .await
+        .unwrap_err();
+    assert_eq!(wrong.code(), Some(ErrorCode::NotAuthenticated), "{wrong}");
+    let nobody = Admin::connect_as(b.addr(), "", Some(&User::new("nobody", "whatever-1")))
+        .await
+        .unwrap_err();
+    // An unknown user and a bad secret get the same answer.
+    assert_eq!(nobody.to_string(), wrong.to_string());
+
+    root.user_create("app", APP_SECRET, false).await.unwrap();
+    let p = app_producer(&b, "").await;
+    let denied = p.send(Message::new("orders", "o-1")).await.unwrap_err();
+    assert_eq!(denied.code(), Some(ErrorCode::PermissionDenied), "{denied}");
+    assert!(denied.to_string().contains("no rule allows it"), "{denied}");
+
+    let granted = root.acl_grant(&rule("topic:ord*", "pub")).await.unwrap();
+    p.send(Message::new("orders", "o-1")).await.unwrap();
+    let other = p.send(Message::new("billing", "b-1")).await.unwrap_err();
+    assert_eq!(other.code(), Some(ErrorCode::PermissionDenied), "{other}");
+
+    // A deny wins over the allow, on the connection already open.
+    let deny = RuleSpec {
+        deny: true,
+        ..rule("topic:orders", "pub")
+    };
+    let denying = root.acl_grant(&deny).await.unwrap();
+    let e = p.send(Message::new("orders", "o-2")).await.unwrap_err();
+    assert!(
+        e.to_string()
+            .contains(&format!("rule {} denies", denying.id)),
+        "{e}"
+    );
+    root.acl_revoke(&deny, None).await.unwrap();
+    p.send(Message::new("orders", "o-2")).await.unwrap();
+
+    // Consuming needs sub on the topic and on the group.
+    let options = ConsumerOptions {
+        user: Some(app_user()),
+        ..ConsumerOptions::new("points", "orders")
+    };
+    let e = Consumer::subscribe(b.addr(), options.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::PermissionDenied), "{e}");
+    root.acl_grant(&rule("topic:orders", "sub")).await.unwrap();
+    let e = Consumer::subscribe(b.addr(), options.clone())
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("group:points"), "{e}");
+    root.acl_grant(&rule("group:points", "sub")).await.unwrap();
+    let mut c = Consumer::subscribe(b.addr(), options).await.unwrap();
+    let d = next(&mut c, Duration::from_secs(10))
+        .await
+        .expect("a delivery");
+    assert_eq!(&d.message.body[..], b"o-1");
+    d.ack().await.unwrap();
+
+    // Transactions need txn on the producer group too.
+    let tp = app_producer(&b, "orders-svc").await;
+    let mut txn = tp.begin().unwrap();
+    let e = txn.send(Message::new("orders", "t-1")).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::PermissionDenied), "{e}");
+    root.acl_grant(&rule("producer-group:orders-svc", "txn"))
+        .await
+        .unwrap();
+    let mut txn = tp.begin().unwrap();
+    txn.send(Message::new("orders", "t-1")).await.unwrap();
+    txn.commit().await.unwrap();
+
+    // Operators' requests need their own permissions.
+    let as_app = Admin::connect_as(b.addr(), "", Some(&app_user()))
+        .await
+        .unwrap();
+    let e = as_app.topics().await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::PermissionDenied), "{e}");
+    let e = as_app.user_list().await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::PermissionDenied), "{e}");
+
+    // Revoking by id takes effect on the open connection.
+    root.acl_revoke(&RuleSpec::default(), Some(granted.id))
+        .await
+        .unwrap();
+    let e = p.send(Message::new("orders", "o-3")).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::PermissionDenied), "{e}");
+
+    // A new secret refuses the sessions of the old one; the new one gets in.
+    root.user_passwd("app", "app-new-s3cret-2").await.unwrap();
+    let e = tp
+        .begin()
+        .unwrap()
+        .send(Message::new("orders", "t-2"))
+        .await;
+    assert_eq!(
+        e.unwrap_err().code(),
+        Some(ErrorCode::NotAuthenticated),
+        "the old secret's session goes on"
+    );
+    let old = Admin::connect_as(b.addr(), "", Some(&app_user())).await;
+    assert_eq!(old.unwrap_err().code(), Some(ErrorCode::NotAuthenticated));
+    Admin::connect_as(b.addr(), "", Some(&User::new("app", "app-new-s3cret-2")))
+        .await
+        .unwrap();
+
+    // Failures are counted.
+    let (_, metrics) = http_get(b.metrics_addr(), "/metrics").await.unwrap();
+    let failures = metrics
+        .lines()
+        .find(|l| l.starts_with("txmq_auth_failures_total{face=\"native\"}"))
+        .and_then(|l| l.split_whitespace().last()?.parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(failures >= 3, "{metrics}");
+    assert!(metrics.contains("txmq_auth_denials_total{operation=\"send\"}"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_and_rules_are_kept_across_a_restart_and_no_secret_is_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut b = broker(dir.path());
+    let root = root(&b).await;
+    root.user_create("app", APP_SECRET, false).await.unwrap();
+    root.acl_grant(&rule("topic:*", "pub,read")).await.unwrap();
+    drop(root);
+    b.restart();
+    let p = app_producer(&b, "").await;
+    p.send(Message::new("kept", "k-1")).await.unwrap();
+    drop(p);
+    b.stop();
+    for secret in [ADMIN_SECRET, APP_SECRET] {
+        for entry in walk(b.data_dir()) {
+            let bytes = std::fs::read(&entry).unwrap();
+            assert!(
+                !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                "{} holds a secret in plain text",
+                entry.display()
+            );
+        }
+    }
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_manages_users_and_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = broker(dir.path());
+    root(&b).await;
+    let secret_file = dir.path().join("root-secret");
+    std::fs::write(&secret_file, format!("{ADMIN_SECRET}\n")).unwrap();
+    let app_file = dir.path().join("app-secret");
+    std::fs::write(&app_file, format!("{APP_SECRET}\n")).unwrap();
+    let as_root = |args: &[&str]| {
+        let mut all = vec![
+            "--user",
+            "root",
+            "--user-secret-file",
+            secret_file.to_str().unwrap(),
+        ];
+        all.extend_from_slice(args);
+        b.cli(&all)
+    };
+    let ok = |args: &[&str]| {
+        let out = as_root(args);
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    ok(&[
+        "user",
+        "create",
+        "app",
+        "--new-secret-file",
+        app_file.to_str().unwrap(),
+    ]);
+    let users = txmq_tests::json_lines(&ok(&["user", "list", "--json"]));
+    assert_eq!(users.len(), 2, "{users:?}");
+    assert!(
+        users
+            .iter()
+            .any(|u| u["name"] == "app" && u["super"] == false)
+    );
+    let granted = ok(&["acl", "grant", "app", "pub,sub", "topic:orders", "--json"]);
+    let granted = &txmq_tests::json_lines(&granted)[0];
+    assert_eq!(granted["decision"], "allow");
+    let id = granted["id"].as_u64().unwrap();
+    let check = ok(&["acl", "check", "app", "pub", "topic:orders"]);
+    assert_eq!(check.trim(), format!("allowed by rule {id}"));
+    let denied = as_root(&["acl", "check", "app", "pub", "topic:billing"]);
+    assert_eq!(denied.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&denied.stdout).contains("denied: no rule"));
+    let listed = txmq_tests::json_lines(&ok(&["acl", "list", "app", "--json"]));
+    assert_eq!(listed.len(), 1);
+    // The app's own CLI runs with its user from the environment.
+    let out = std::process::Command::new(txmq_tests::bin("txmq"))
+        .args([
+            "--broker",
+            b.addr(),
+            "produce",
+            "--topic",
+            "orders",
+            "--body",
+            "x",
+        ])
+        .env("TXMQ_USER", "app")
+        .env("TXMQ_USER_SECRET", APP_SECRET)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    // Without a user: one clear line.
+    let out = b.cli(&["topic", "list"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("this broker has users"), "{err}");
+    ok(&["acl", "revoke-id", &id.to_string()]);
+    assert!(ok(&["acl", "list", "app"]).trim().is_empty());
+    ok(&["user", "delete", "app"]);
+    let users = txmq_tests::json_lines(&ok(&["user", "list", "--json"]));
+    assert_eq!(users.len(), 1);
+}
