@@ -168,6 +168,14 @@ pub struct Config {
     pub bootstrap_admin: Option<(String, String)>,
     /// Every request needs an authenticated user, even while none is stored.
     pub require_auth: bool,
+    /// A single broker's key file: users' secrets are kept sealed under a key derived
+    /// from it (a group derives it from its cluster secret), so users can sign gRPC
+    /// requests. Without one, users authenticate on the native face only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub broker_key_file: Option<PathBuf>,
+    /// The key file's secret, read at start; never printed.
+    #[serde(skip)]
+    pub broker_key: Option<String>,
     /// The host clients reach this group node at (a name or an address), told to the
     /// others for their `NOT_LEADER` answers and gRPC routes; unset: the listen address,
     /// or for a wildcard one the host of this node's peer address.
@@ -237,6 +245,8 @@ impl Default for Config {
             bootstrap_admin_file: None,
             bootstrap_admin: None,
             require_auth: false,
+            broker_key_file: None,
+            broker_key: None,
             cluster_secret: None,
             snapshot_entries: 20_000,
         }
@@ -271,6 +281,10 @@ impl Config {
         };
         config.cluster_secret = match &config.cluster_secret_file {
             Some(path) => Some(read_secret(path, "cluster-secret-file")?),
+            None => None,
+        };
+        config.broker_key = match &config.broker_key_file {
+            Some(path) => Some(read_secret(path, "broker-key-file")?),
             None => None,
         };
         if let Some(path) = &config.bootstrap_admin_file {

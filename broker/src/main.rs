@@ -177,6 +177,11 @@ struct Flags {
     /// Every request needs an authenticated user, even before the first one exists.
     #[arg(long, env = "TXMQ_REQUIRE_AUTH")]
     require_auth: Option<bool>,
+    /// A single broker's key file (a random secret, kept apart from the data
+    /// directory): users' secrets are sealed under it so they can sign gRPC requests.
+    /// A group uses its cluster secret instead.
+    #[arg(long, env = "TXMQ_BROKER_KEY_FILE")]
+    broker_key_file: Option<PathBuf>,
     /// The host clients reach this group node at (a DNS name for TLS, or the address a
     /// NAT maps to): the others name it to clients they refuse, and gRPC routes name it
     /// [default: the listen address, or the peer host for a wildcard one].

@@ -310,3 +310,64 @@ async fn the_cli_manages_users_and_rules() {
     let users = txmq_tests::json_lines(&ok(&["user", "list", "--json"]));
     assert_eq!(users.len(), 1);
 }
+
+/// Users on the gRPC face (the official Python client): the access key is the user's
+/// name and the secret its own, kept sealed under the broker's key; the same rules
+/// decide as on the native face; a wrong secret or no signature is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_clients_sign_as_users_and_the_same_rules_decide() {
+    let dir = tempfile::tempdir().unwrap();
+    let admin_file = dir.path().join("admin");
+    std::fs::write(&admin_file, format!("root {ADMIN_SECRET}\n")).unwrap();
+    let key_file = dir.path().join("broker-key");
+    std::fs::write(&key_file, "a-long-random-broker-key-1234567890\n").unwrap();
+    let b = TestBroker::start(&[
+        "--bootstrap-admin-file",
+        admin_file.to_str().unwrap(),
+        "--broker-key-file",
+        key_file.to_str().unwrap(),
+        "--grpc-listen",
+        "127.0.0.1:0",
+    ]);
+    let root = root(&b).await;
+    root.user_create("app", APP_SECRET, false).await.unwrap();
+    root.acl_grant(&rule("topic:orders", "pub")).await.unwrap();
+    root.acl_grant(&rule("topic:orders", "sub")).await.unwrap();
+    root.acl_grant(&rule("group:points", "sub")).await.unwrap();
+    let grpc = b.grpc_addr().to_string();
+    let run = move |args: &'static [&'static str], sk: &'static str| {
+        let grpc = grpc.clone();
+        move || txmq_tests::grpc::run(&grpc, args, &[("TXMQ_AK", "app"), ("TXMQ_SK", sk)])
+    };
+    let allowed = tokio::task::spawn_blocking(run(&["produce", "orders", "1"], APP_SECRET))
+        .await
+        .unwrap();
+    assert!(allowed.0, "a permitted user was refused: {}", allowed.2);
+    let denied = tokio::task::spawn_blocking(run(&["produce", "billing", "1"], APP_SECRET))
+        .await
+        .unwrap();
+    assert!(
+        !denied.0,
+        "a send without pub on the topic was served: {}",
+        denied.1
+    );
+    let wrong = tokio::task::spawn_blocking(run(&["produce", "orders", "1"], "a-wrong-secret"))
+        .await
+        .unwrap();
+    assert!(!wrong.0, "a wrong secret was served");
+    let consumed = tokio::task::spawn_blocking(run(
+        &["simple", "points", "orders", "1", "--wait", "20"],
+        APP_SECRET,
+    ))
+    .await
+    .unwrap();
+    assert!(
+        consumed.0,
+        "a permitted consumer was refused: {}",
+        consumed.2
+    );
+    assert!(consumed.1.contains("py-0"), "{}", consumed.1);
+    // Nothing of the refused sends was stored.
+    let topics = root.topics().await.unwrap();
+    assert!(topics.iter().all(|t| t.name != "billing"), "{topics:?}");
+}

@@ -16,12 +16,14 @@
 //! Audit events go to the `tracing` target [`AUDIT`].
 
 pub mod rules;
+pub mod seal;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
 
 use rules::{Decision, Rule};
+use seal::SealKey;
 use txmq_protocol::scram::Credential;
 
 use crate::error::{Error, Result};
@@ -79,6 +81,8 @@ pub struct Auth {
     require: bool,
     /// Keys the decoy salts of unknown users.
     decoy: std::hash::RandomState,
+    /// What users' secrets are sealed under for the gRPC face (`None`: not kept).
+    seal: Option<SealKey>,
 }
 
 /// The longest user name.
@@ -127,7 +131,19 @@ fn credential(record: &UserRecord) -> Option<Credential> {
 }
 
 /// A new user record for `secret`.
+#[cfg(test)]
 fn user_record(secret: &str, superuser: bool, created_ms: u64, changed_ms: u64) -> UserRecord {
+    user_record_sealed(secret, superuser, created_ms, changed_ms, None)
+}
+
+/// A new user record for `secret` of `name`, its secret sealed under `seal` if any.
+fn user_record_sealed(
+    secret: &str,
+    superuser: bool,
+    created_ms: u64,
+    changed_ms: u64,
+    seal: Option<(&SealKey, &str)>,
+) -> UserRecord {
     let salt: [u8; 16] = rand::random();
     let c = Credential::new(
         secret.as_bytes(),
@@ -142,6 +158,9 @@ fn user_record(secret: &str, superuser: bool, created_ms: u64, changed_ms: u64) 
         server_key: c.server_key.to_vec(),
         created_ms,
         changed_ms,
+        sealed_secret: seal
+            .map(|(key, name)| key.seal(name, secret))
+            .unwrap_or_default(),
     }
 }
 
@@ -150,7 +169,7 @@ impl Auth {
     ///
     /// # Errors
     /// Storage failure, or a stored rule this version cannot read.
-    pub fn load(storage: &Storage, require: bool) -> Result<Self> {
+    pub fn load(storage: &Storage, require: bool, seal: Option<SealKey>) -> Result<Self> {
         let users = storage.users()?.into_iter().collect();
         let rules = storage
             .rules()?
@@ -162,6 +181,7 @@ impl Auth {
             changes: tokio::sync::Mutex::new(()),
             require,
             decoy: std::hash::RandomState::new(),
+            seal,
         })
     }
 
@@ -172,6 +192,7 @@ impl Auth {
             changes: tokio::sync::Mutex::new(()),
             require: false,
             decoy: std::hash::RandomState::new(),
+            seal: None,
         }
     }
 
@@ -212,6 +233,23 @@ impl Auth {
             stored_key: rand::random(),
             server_key: rand::random(),
         }
+    }
+
+    /// Seals users' secrets under `key` from now on (tests; a broker gets it at load).
+    #[must_use]
+    pub fn sealing(mut self, key: SealKey) -> Self {
+        self.seal = Some(key);
+        self
+    }
+
+    /// A user's secret for the gRPC face's signature, with its `changed_ms`: `None`
+    /// for no such user, or one whose secret the broker does not keep (no seal key
+    /// when it was set, or another key now).
+    pub fn grpc_secret(&self, user: &str) -> Option<(String, u64)> {
+        let key = self.seal.as_ref()?;
+        let state = self.state();
+        let record = state.users.get(user)?;
+        Some((key.open(user, &record.sealed_secret)?, record.changed_ms))
     }
 
     /// Whether `identity` may do `action` on `resource` from `peer`.
@@ -351,7 +389,8 @@ impl Auth {
             return Err(Error::Invalid(format!("user {name:?} exists")));
         }
         let now = txmq_protocol::now_ms();
-        let record = user_record(secret, superuser, now, now);
+        let seal = self.seal.as_ref().map(|k| (k, name));
+        let record = user_record_sealed(secret, superuser, now, now, seal);
         store.put_user(name, &record).await?;
         let stored = record.clone();
         self.set(|s| {
@@ -372,7 +411,8 @@ impl Auth {
         };
         // Strictly later, so a session of the old secret never matches.
         let changed = txmq_protocol::now_ms().max(old.changed_ms + 1);
-        let record = user_record(secret, old.superuser, old.created_ms, changed);
+        let seal = self.seal.as_ref().map(|k| (k, name));
+        let record = user_record_sealed(secret, old.superuser, old.created_ms, changed, seal);
         store.put_user(name, &record).await?;
         let stored = record.clone();
         self.set(|s| {

@@ -143,7 +143,12 @@ pub(super) async fn run_once(
     ));
     let auth = {
         let (storage, require) = (storage.clone(), config.require_auth);
-        tokio::task::spawn_blocking(move || crate::auth::Auth::load(&storage, require))
+        let seal = config
+            .cluster_secret
+            .as_deref()
+            .or(config.broker_key.as_deref())
+            .map(crate::auth::seal::SealKey::derive);
+        tokio::task::spawn_blocking(move || crate::auth::Auth::load(&storage, require, seal))
             .await
             .map_err(|e| Error::Internal(e.to_string()))??
     };

@@ -220,6 +220,10 @@ pub struct UserRecord {
     /// are refused).
     #[prost(uint64, tag = "7")]
     pub changed_ms: u64,
+    /// The secret sealed under the broker's seal key, for the gRPC face's HMAC (empty
+    /// when the broker had no key): see `auth::seal`.
+    #[prost(bytes = "vec", tag = "8")]
+    pub sealed_secret: Vec<u8>,
 }
 
 /// `meta` `rule/<id>`: one permission rule.

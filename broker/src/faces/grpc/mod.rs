@@ -136,12 +136,13 @@ pub async fn serve(
     let max = endpoint.config.max_frame_len;
     let credentials = Arc::new(endpoint.config.grpc_credentials.clone());
     let tls = endpoint.config.grpc_tls.clone();
+    let endpoint_live = endpoint.live.clone();
     let service = MessagingServiceServer::new(endpoint)
         .max_decoding_message_size(max)
         .max_encoding_message_size(max.saturating_mul(2));
     let service = tonic::service::interceptor::InterceptedService::new(
         service,
-        auth::interceptor(credentials),
+        auth::interceptor(credentials, endpoint_live),
     );
     tracing::info!(addr = ?addr, tls = tls.is_some(), "grpc endpoint");
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
@@ -212,16 +213,13 @@ impl Endpoint {
     }
 }
 
-/// Who asks: the identity the call's signature proved, its client id and its peer.
-/// A call that passed the `grpc-credentials-file` check holds the shared credentials'
-/// rights (as the native token does); without that file, calls are anonymous. (Users
-/// on this face come with the per-user HMAC.)
+/// Who asks: the identity the call's signature proved (`auth`), its client id and its
+/// peer.
 fn principal<T>(request: &Request<T>) -> Principal {
-    let identity = if request.extensions().get::<auth::Signed>().is_some() {
-        Identity::Token
-    } else {
-        Identity::Anonymous
-    };
+    let identity = request
+        .extensions()
+        .get::<auth::Signed>()
+        .map_or(Identity::Anonymous, |s| s.0.clone());
     Principal::grpc(identity, request.remote_addr(), client_id(request))
 }
 
