@@ -23,8 +23,8 @@ pub const MAX_ITERATIONS: u32 = 1_000_000;
 /// The header of a client-first message without channel binding.
 const GS2: &str = "n,,";
 
-/// What the broker stores of a user's secret.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What the broker stores of a user's secret. (Its `Debug` hides the keys.)
+#[derive(Clone, PartialEq, Eq)]
 pub struct Credential {
     /// The salt (16 random bytes for new credentials).
     pub salt: Vec<u8>,
@@ -34,6 +34,14 @@ pub struct Credential {
     pub stored_key: [u8; 32],
     /// `HMAC(SaltedPassword, "Server Key")`.
     pub server_key: [u8; 32],
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credential")
+            .field("iterations", &self.iterations)
+            .finish_non_exhaustive()
+    }
 }
 
 fn hmac(key: &[u8], data: &[u8]) -> [u8; 32] {
@@ -277,7 +285,9 @@ impl ClientExchange {
         let iterations: u32 = field(&fields, 'i')?
             .parse()
             .map_err(|_| ScramError::Malformed("the iteration count is not a number"))?;
-        if iterations == 0 || iterations > MAX_ITERATIONS {
+        // Fewer than the RFC's least would make an offline guess of the secret cheap
+        // for whoever sits between client and broker.
+        if !(ITERATIONS..=MAX_ITERATIONS).contains(&iterations) {
             return Err(ScramError::Malformed("an iteration count out of range"));
         }
         let salted = salted(secret, &salt, iterations);

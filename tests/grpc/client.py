@@ -35,6 +35,7 @@ object per line on stdout; the client's own logs go to stderr.
 """
 
 import json
+import os
 import sys
 import time
 
@@ -409,6 +410,78 @@ def hostile(endpoint):
     out(call="the same message id again", code=max(codes), offsets=offsets)
 
 
+def ops(endpoint, names):
+    """Each named gRPC operation once, raw, signed with TXMQ_AK/TXMQ_SK (unsigned when
+    TXMQ_AK is empty): a line per operation with its status code, or the gRPC error
+    code name when the call itself was refused (UNAUTHENTICATED)."""
+    import hashlib
+    import hmac as hmac_mod
+    import grpc
+    from google.protobuf.duration_pb2 import Duration
+    from rocketmq.grpc_protocol import definition_pb2 as d
+    from rocketmq.grpc_protocol import service_pb2 as s
+    from rocketmq.grpc_protocol.service_pb2_grpc import MessagingServiceStub
+    stub = MessagingServiceStub(grpc.insecure_channel(endpoint))
+    ak, sk = os.environ.get("TXMQ_AK", ""), os.environ.get("TXMQ_SK", "")
+
+    def meta():
+        m = [("x-mq-client-id", "permission-test")]
+        if ak:
+            # UTC here (Node.js's form); the others send local time.
+            date = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+            sig = hmac_mod.new(sk.encode(), date.encode(), hashlib.sha1).hexdigest()
+            m += [("x-mq-date-time", date),
+                  ("authorization", f"MQv2-HMAC-SHA1 Credential={ak}, "
+                                    f"SignedHeaders=x-mq-date-time, Signature={sig}")]
+        return m
+
+    def msg(kind=d.NORMAL, topic="t1"):
+        props = d.SystemProperties(message_id="p-0001", message_type=kind,
+                                   body_encoding=d.IDENTITY)
+        return d.Message(topic=d.Resource(name=topic), system_properties=props, body=b"x")
+
+    def first_status(stream):
+        for r in stream:
+            return r.status.code
+
+    g, t = d.Resource(name="g1"), d.Resource(name="t1")
+    calls = {
+        "Send": lambda: stub.SendMessage(
+            s.SendMessageRequest(messages=[msg()]), metadata=meta()).status.code,
+        "Prepare": lambda: stub.SendMessage(
+            s.SendMessageRequest(messages=[msg(d.TRANSACTION)]), metadata=meta()).status.code,
+        "EndTxn": lambda: stub.EndTransaction(s.EndTransactionRequest(
+            topic=t, transaction_id="0" * 28 + "abcd", resolution=d.ROLLBACK,
+            source=d.SOURCE_CLIENT), metadata=meta()).status.code,
+        "Recall": lambda: stub.RecallMessage(s.RecallMessageRequest(
+            topic=t, recall_handle="0" * 28 + "abcd"), metadata=meta()).status.code,
+        "Route": lambda: stub.QueryRoute(
+            s.QueryRouteRequest(topic=t), metadata=meta()).status.code,
+        "Subscribe": lambda: first_status(stub.ReceiveMessage(s.ReceiveMessageRequest(
+            group=g, message_queue=d.MessageQueue(topic=t), batch_size=1,
+            invisible_duration=Duration(seconds=10),
+            long_polling_timeout=Duration(seconds=1)), metadata=meta())),
+        "Ack": lambda: stub.AckMessage(s.AckMessageRequest(group=g, topic=t, entries=[
+            s.AckMessageEntry(message_id="1", receipt_handle="txmq1.0.1")]),
+            metadata=meta()).entries[0].status.code,
+        "Extend": lambda: stub.ChangeInvisibleDuration(s.ChangeInvisibleDurationRequest(
+            group=g, topic=t, receipt_handle="txmq1.0.1",
+            invisible_duration=Duration(seconds=10)), metadata=meta()).status.code,
+        "DeadLetter": lambda: stub.ForwardMessageToDeadLetterQueue(
+            s.ForwardMessageToDeadLetterQueueRequest(
+                group=g, topic=t, receipt_handle="txmq1.0.1", message_id="1",
+                delivery_attempt=1, max_delivery_attempts=1), metadata=meta()).status.code,
+    }
+    for name in names:
+        if name not in calls:
+            out(op=name, face="none")
+            continue
+        try:
+            out(op=name, code=calls[name]())
+        except grpc.RpcError as e:
+            out(op=name, rpc=e.code().name)
+
+
 def die_with_parent():
     """Dies with the thread that started it (a test that panics leaves no driver)."""
     import ctypes
@@ -549,6 +622,8 @@ def main():
         cancel_receive(endpoint, args[0], args[1])
     elif command == "push":
         push(endpoint, args[0], args[1], args[2], args[3:])
+    elif command == "ops":
+        ops(endpoint, args)
     elif command == "simple":
         simple(endpoint, args[0], args[1], args[2], args[3:])
     elif command == "short-polls":

@@ -92,6 +92,7 @@ async fn rules_decide_every_request_and_changes_take_effect_at_once() {
     assert_eq!(nobody.to_string(), wrong.to_string());
 
     root.user_create("app", APP_SECRET, false).await.unwrap();
+    root.create_topic("orders", false).await.unwrap();
     let p = app_producer(&b, "").await;
     let denied = p.send(Message::new("orders", "o-1")).await.unwrap_err();
     assert_eq!(denied.code(), Some(ErrorCode::PermissionDenied), "{denied}");
@@ -101,6 +102,12 @@ async fn rules_decide_every_request_and_changes_take_effect_at_once() {
     p.send(Message::new("orders", "o-1")).await.unwrap();
     let other = p.send(Message::new("billing", "b-1")).await.unwrap_err();
     assert_eq!(other.code(), Some(ErrorCode::PermissionDenied), "{other}");
+    // A topic made on demand needs `create` on it too.
+    let new = p.send(Message::new("ordinals", "n-1")).await.unwrap_err();
+    assert!(
+        new.to_string().contains("may not create on topic:ordinals"),
+        "{new}"
+    );
 
     // A deny wins over the allow, on the connection already open.
     let deny = RuleSpec {
@@ -138,6 +145,45 @@ async fn rules_decide_every_request_and_changes_take_effect_at_once() {
         .expect("a delivery");
     assert_eq!(&d.message.body[..], b"o-1");
     d.ack().await.unwrap();
+    let d = next(&mut c, Duration::from_secs(10))
+        .await
+        .expect("a delivery");
+    assert_eq!(&d.message.body[..], b"o-2");
+    d.ack().await.unwrap();
+
+    // Revoking `sub` on the group closes the subscribed connection: nothing more is
+    // pushed to a consumer that may no longer read.
+    root.acl_revoke(&rule("group:points", "sub"), None)
+        .await
+        .unwrap();
+    let closed = txmq_tests::eventually(Duration::from_secs(10), || async {
+        b.log_text()
+            .lines()
+            .any(|l| l.contains("closing connection") && l.contains("group:points"))
+            .then_some(())
+    })
+    .await;
+    assert!(closed.is_some(), "{}", b.log_text());
+    p.send(Message::new("orders", "o-after")).await.unwrap();
+    // The consumer hears why, then its stream ends; no message reaches it.
+    let heard = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut errors = Vec::new();
+        while let Some(item) = futures::StreamExt::next(&mut c).await {
+            match item {
+                Ok(d) => panic!("delivered after the revoke: {:?}", d.message.body),
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        errors
+    })
+    .await;
+    if let Ok(errors) = heard {
+        assert!(
+            errors.iter().all(|e| e.contains("permission denied")),
+            "{errors:?}"
+        );
+    }
+    root.acl_grant(&rule("group:points", "sub")).await.unwrap();
 
     // Transactions need txn on the producer group too.
     let tp = app_producer(&b, "orders-svc").await;
@@ -202,7 +248,9 @@ async fn users_and_rules_are_kept_across_a_restart_and_no_secret_is_on_disk() {
     let mut b = broker(dir.path());
     let root = root(&b).await;
     root.user_create("app", APP_SECRET, false).await.unwrap();
-    root.acl_grant(&rule("topic:*", "pub,read")).await.unwrap();
+    root.acl_grant(&rule("topic:*", "pub,read,create"))
+        .await
+        .unwrap();
     drop(root);
     b.restart();
     let p = app_producer(&b, "").await;
@@ -265,6 +313,7 @@ async fn the_cli_manages_users_and_rules() {
         "--new-secret-file",
         app_file.to_str().unwrap(),
     ]);
+    ok(&["topic", "create", "orders"]);
     let users = txmq_tests::json_lines(&ok(&["user", "list", "--json"]));
     assert_eq!(users.len(), 2, "{users:?}");
     assert!(
@@ -331,6 +380,7 @@ async fn grpc_clients_sign_as_users_and_the_same_rules_decide() {
     ]);
     let root = root(&b).await;
     root.user_create("app", APP_SECRET, false).await.unwrap();
+    root.create_topic("orders", false).await.unwrap();
     root.acl_grant(&rule("topic:orders", "pub")).await.unwrap();
     root.acl_grant(&rule("topic:orders", "sub")).await.unwrap();
     root.acl_grant(&rule("group:points", "sub")).await.unwrap();

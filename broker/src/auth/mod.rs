@@ -65,14 +65,14 @@ impl Identity {
 }
 
 /// Users and rules, as stored.
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct State {
     users: BTreeMap<String, UserRecord>,
     rules: BTreeMap<u64, Rule>,
 }
 
-/// The broker's users and rules, in memory.
-#[derive(Debug)]
+/// The broker's users and rules, in memory. (Its `Debug` shows counts only: the
+/// records hold SCRAM keys and sealed secrets.)
 pub struct Auth {
     state: RwLock<Arc<State>>,
     /// Held across a change's read, write and update: changes do not interleave.
@@ -83,6 +83,20 @@ pub struct Auth {
     decoy: std::hash::RandomState,
     /// What users' secrets are sealed under for the gRPC face (`None`: not kept).
     seal: Option<SealKey>,
+    /// Counts changes: open sessions watch it and check again what they hold.
+    generation: tokio::sync::watch::Sender<u64>,
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = self.state();
+        f.debug_struct("Auth")
+            .field("users", &state.users.len())
+            .field("rules", &state.rules.len())
+            .field("require", &self.require)
+            .field("sealing", &self.seal.is_some())
+            .finish()
+    }
 }
 
 /// The longest user name.
@@ -182,6 +196,7 @@ impl Auth {
             require,
             decoy: std::hash::RandomState::new(),
             seal,
+            generation: tokio::sync::watch::Sender::new(0),
         })
     }
 
@@ -193,6 +208,7 @@ impl Auth {
             require: false,
             decoy: std::hash::RandomState::new(),
             seal: None,
+            generation: tokio::sync::watch::Sender::new(0),
         }
     }
 
@@ -222,11 +238,14 @@ impl Auth {
     /// secret matches it.
     pub fn decoy(&self, user: &str) -> Credential {
         use std::hash::{BuildHasher, Hasher};
-        let mut h = self.decoy.build_hasher();
-        h.write(user.as_bytes());
-        let seed = h.finish().to_be_bytes();
-        let mut salt = seed.to_vec();
-        salt.extend_from_slice(&seed);
+        let part = |n: u8| {
+            let mut h = self.decoy.build_hasher();
+            h.write_u8(n);
+            h.write(user.as_bytes());
+            h.finish().to_be_bytes()
+        };
+        let mut salt = part(0).to_vec();
+        salt.extend_from_slice(&part(1));
         Credential {
             salt,
             iterations: txmq_protocol::scram::ITERATIONS,
@@ -360,15 +379,46 @@ impl Auth {
             .collect()
     }
 
-    /// Replaces the state after a durable change.
+    /// Replaces the state after a durable change, and tells the sessions.
     fn set(&self, change: impl FnOnce(&mut State)) {
-        let mut guard = self.state.write().expect("auth lock");
-        let mut next = State {
-            users: guard.users.clone(),
-            rules: guard.rules.clone(),
-        };
-        change(&mut next);
-        *guard = Arc::new(next);
+        {
+            let mut guard = self.state.write().expect("auth lock");
+            let mut next = State {
+                users: guard.users.clone(),
+                rules: guard.rules.clone(),
+            };
+            change(&mut next);
+            *guard = Arc::new(next);
+        }
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Changes as they happen: a session checks again what it holds (its identity,
+    /// its subscriptions, its producer registration) on each.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+
+    /// Whether `identity` is still who it authenticated as: a user not deleted, its
+    /// secret unchanged; nobody only while the broker is open.
+    ///
+    /// # Errors
+    /// [`Error::NotAuthenticated`] saying which.
+    pub fn check_identity(&self, identity: &Identity) -> Result<()> {
+        match identity {
+            Identity::Token => Ok(()),
+            Identity::Anonymous if !self.active() => Ok(()),
+            Identity::Anonymous => Err(Error::NotAuthenticated(
+                "this broker has users now: authenticate as one",
+            )),
+            Identity::User { name, since_ms } => match self.state().users.get(name) {
+                None => Err(Error::NotAuthenticated("the user was deleted")),
+                Some(u) if u.changed_ms != *since_ms => Err(Error::NotAuthenticated(
+                    "the user's secret changed: authenticate again",
+                )),
+                Some(_) => Ok(()),
+            },
+        }
     }
 
     /// Creates a user (a super user holds every permission).
@@ -422,8 +472,8 @@ impl Auth {
     }
 
     /// Deletes a user and its rules: its sessions are refused from now on. The last
-    /// super user is not deleted while other users remain (nobody could change users
-    /// any more).
+    /// super user is not deleted: nobody could change users any more, and a broker
+    /// that has had users does not fall back to open.
     ///
     /// # Errors
     /// No such user, the last super user, the write failed.
@@ -434,10 +484,10 @@ impl Auth {
             return Err(Error::Invalid(format!("no user {name:?}")));
         };
         let supers = state.users.values().filter(|u| u.superuser).count();
-        if user.superuser && supers == 1 && state.users.len() > 1 {
+        if user.superuser && supers == 1 {
             return Err(Error::Invalid(format!(
-                "{name:?} is the last super user: make another one first, or delete the \
-                 other users"
+                "{name:?} is the last super user: make another one first (a broker with \
+                 users never goes back to open)"
             )));
         }
         let rules: Vec<u64> = state

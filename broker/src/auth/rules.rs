@@ -91,6 +91,11 @@ impl Pattern {
                 ))
             })?;
         let stem = name.strip_suffix('*').unwrap_or(name);
+        // The gRPC face's transactions belong to the producer group `%GRPC%<topic>`.
+        let stem = match kind {
+            Kind::ProducerGroup => stem.strip_prefix("%GRPC%").unwrap_or(stem),
+            _ => stem,
+        };
         if !stem.is_empty() {
             let kind_name = match kind {
                 Kind::Topic => "topic",
@@ -265,8 +270,26 @@ pub fn decide<'a>(
     resource: &Resource<'_>,
     peer: Option<IpAddr>,
 ) -> Decision {
+    // A request that spans every resource of a kind (a listing) shows what a deny on
+    // part of them withholds: any deny of the kind and action refuses it.
+    let spanning = matches!(
+        resource,
+        Resource::Topic("") | Resource::Group("") | Resource::ProducerGroup("")
+    );
+    let from = |r: &Rule| match (r.source, peer) {
+        (None, _) => true,
+        (Some(net), Some(ip)) => net.contains(ip),
+        (Some(_), None) => false,
+    };
+    let withholds = |r: &Rule| {
+        spanning
+            && r.deny
+            && r.pattern.kind == resource.kind()
+            && r.actions.contains(&action)
+            && from(r)
+    };
     let mut allowed = None;
-    for rule in rules.filter(|r| r.matches(action, resource, peer)) {
+    for rule in rules.filter(|r| r.matches(action, resource, peer) || withholds(r)) {
         if rule.deny {
             return Decision::Denied(rule.id);
         }
@@ -304,6 +327,9 @@ mod tests {
         let prefix = Pattern::parse("group:billing-*").unwrap();
         assert!(prefix.covers(&Resource::Group("billing-eu")));
         assert!(!prefix.covers(&Resource::Group("billin")));
+        let grpc = Pattern::parse("producer-group:%GRPC%orders").unwrap();
+        assert!(grpc.covers(&Resource::ProducerGroup("%GRPC%orders")));
+        assert!(!grpc.covers(&Resource::ProducerGroup("orders")));
         let all = Pattern::parse("producer-group:*").unwrap();
         assert!(all.covers(&Resource::ProducerGroup("")));
         assert!(
@@ -328,6 +354,9 @@ mod tests {
         assert_eq!(d(Action::Pub, "secret-x"), Decision::Denied(2));
         assert_eq!(d(Action::Read, "secret-x"), Decision::Allowed(1));
         assert_eq!(d(Action::Sub, "orders"), Decision::NoRule);
+        // A listing of every topic is refused by a deny on some of them.
+        assert_eq!(d(Action::Pub, ""), Decision::Denied(2));
+        assert_eq!(d(Action::Read, ""), Decision::Allowed(1));
     }
 
     #[test]

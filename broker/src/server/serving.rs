@@ -142,7 +142,10 @@ pub(super) async fn run_once(
         cancel.clone(),
     ));
     let auth = {
-        let (storage, require) = (storage.clone(), config.require_auth);
+        // A broker told to make a first user is closed until it has (a failed bootstrap
+        // leaves it closed, never open).
+        let require = config.require_auth || config.bootstrap_admin.is_some();
+        let storage = storage.clone();
         let seal = config
             .cluster_secret
             .as_deref()
@@ -182,9 +185,10 @@ pub(super) async fn run_once(
         serving,
     });
     live.set(Some((storage.clone(), topics)));
+    // The first user before any face serves: no call is taken while it is made.
+    crate::service::users::bootstrap(&shared).await;
     faces.grpc.set(Some(shared.clone()));
     crate::service::delete::resume_cleanups(&shared).await;
-    crate::service::users::bootstrap(&shared).await;
 
     let stop = tokio::select! {
         () = accept(listener, &shared, &tracker, &cancel) => Stop::Shutdown,

@@ -124,7 +124,8 @@ operations! {
     AnswerChecks = "answer-checks": [(Txn, ProducerGroup)],
     /// Cancel one's own delayed message before its time (a gRPC recall).
     Recall = "recall": [(Pub, Topic)],
-    /// Find a topic's route (made on demand when topics are).
+    /// Find a topic's route (made on demand when topics are): `pub` here, or `sub` on
+    /// the topic instead (consumers ask for routes too).
     Route = "route": [(Pub, Topic)],
     /// Join a group's queue: subscribe, or one gRPC receive.
     Subscribe = "subscribe": [(Sub, Topic), (Sub, Group)],
@@ -148,8 +149,8 @@ operations! {
     ListGroups = "group-list": [(Read, Group)],
     /// Describe a group.
     DescribeGroup = "group-describe": [(Read, Group)],
-    /// List a group's dead letters.
-    ListDeadLetters = "dead-letter-list": [(Read, Group)],
+    /// List a group's dead letters (their bodies, of any of its topics).
+    ListDeadLetters = "dead-letter-list": [(Read, Group), (Read, Topic)],
     /// Put dead letters back.
     Redrive = "redrive": [(Admin, Group)],
     /// Move a group's position.
@@ -186,6 +187,23 @@ operations! {
     AclList = "acl-list": [(Admin, Cluster)],
     /// Check what a user may do.
     AclCheck = "acl-check": [(Admin, Cluster)],
+}
+
+/// Whether `who` may make topic `name` on demand (a send, a subscription or a route to
+/// a topic that does not exist, when the broker creates topics so): `create` on it.
+///
+/// # Errors
+/// Not permitted.
+pub fn may_create(shared: &Shared, who: &Principal, name: &str) -> Result<()> {
+    if shared.config.auto_create_topics && shared.topics.get(name).is_none() {
+        permit(
+            shared,
+            who,
+            Operation::CreateTopic,
+            &[Resource::Topic(name)],
+        )?;
+    }
+    Ok(())
 }
 
 /// Whether `who` may do `op` on `on` (one resource for each kind the operation needs,

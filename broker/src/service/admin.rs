@@ -7,7 +7,7 @@ use tokio::sync::oneshot;
 use txmq_protocol::pb;
 
 use super::Shared;
-use super::access::{Operation, Resource};
+use super::access::{Action, Operation, Resource};
 use super::{Answer, Principal, later, now};
 use crate::delivery::QueueMsg;
 use crate::error::{Error, Result};
@@ -33,7 +33,16 @@ fn topic_info(t: &Topic) -> pb::TopicInfo {
 /// # Errors
 /// No such topic (and none made on demand), the topic cap, a bad name.
 pub async fn route_topic(shared: &Arc<Shared>, who: &Principal, name: &str) -> Result<()> {
-    super::access::permit(shared, who, Operation::Route, &[Resource::Topic(name)])?;
+    // `sub` on the topic serves as well as the table's `pub`: consumers route too.
+    let peer = who.peer.map(|p| p.ip());
+    let subscribes = shared
+        .auth
+        .check(&who.identity, Action::Sub, &Resource::Topic(name), peer)
+        .is_ok();
+    if !subscribes {
+        super::access::permit(shared, who, Operation::Route, &[Resource::Topic(name)])?;
+    }
+    super::access::may_create(shared, who, name)?;
     super::name("topic", name)?;
     shared.groups.topic(name).await.map(|_| ())
 }
@@ -272,7 +281,7 @@ pub fn list_dead_letters(
         shared,
         who,
         Operation::ListDeadLetters,
-        &[Resource::Group(&req.group)],
+        &[Resource::Group(&req.group), Resource::Topic("")],
     ) {
         return now(Err(e));
     }

@@ -97,6 +97,7 @@ pub async fn join(
     super::name("topic", &join.topic)?;
     let on = [Resource::Topic(&join.topic), Resource::Group(&join.group)];
     permit(shared, who, Operation::Subscribe, &on)?;
+    super::access::may_create(shared, who, &join.topic)?;
     let lease = match join.lease {
         None => shared.config.lease,
         Some(d) => validate::lease_ms("lease", d.as_millis().try_into().unwrap_or(u64::MAX))?,

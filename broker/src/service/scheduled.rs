@@ -24,18 +24,21 @@ fn message_id(text: &str) -> Result<Id> {
 /// same `false` (unknown, another topic's, delivered), so the answer says nothing of
 /// an id that is not the asker's; a guess that names nothing costs a read, not a
 /// write.
-pub async fn recall(shared: &Arc<Shared>, who: &Principal, topic: String, id: Id) -> bool {
-    if super::access::permit(shared, who, Operation::Recall, &[Resource::Topic(&topic)]).is_err() {
-        return false;
-    }
+///
+/// # Errors
+/// Not permitted (`pub` on the topic): decided before the id is looked up, so it says
+/// nothing of the id either.
+pub async fn recall(shared: &Arc<Shared>, who: &Principal, topic: String, id: Id) -> Result<bool> {
+    super::access::permit(shared, who, Operation::Recall, &[Resource::Topic(&topic)])?;
     let waiting = super::blocking(&shared.storage, move |s| s.scheduled(id)).await;
     let ours = matches!(&waiting, Ok(Some(rec)) if rec.topic == topic
         && rec.state() == crate::storage::records::SchedState::Waiting);
-    ours && shared
-        .writer
-        .submit(Command::CancelScheduled { id })
-        .await
-        .is_ok()
+    Ok(ours
+        && shared
+            .writer
+            .submit(Command::CancelScheduled { id })
+            .await
+            .is_ok())
 }
 
 /// Cancels a scheduled message that is not yet due; again is a no-op success, and one

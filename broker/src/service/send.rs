@@ -55,6 +55,7 @@ pub(super) fn command(req: pb::SendRequest, who: &Principal, shared: &Shared) ->
     if !req.transactional {
         for topic in topics(&req.messages) {
             permit(shared, who, Operation::Send, &[Resource::Topic(topic)])?;
+            super::access::may_create(shared, who, topic)?;
         }
         if !req.txn_id.is_empty() {
             return Err(Error::Invalid(
@@ -88,6 +89,7 @@ pub(super) fn command(req: pb::SendRequest, who: &Principal, shared: &Shared) ->
             Operation::Prepare,
             &[Resource::Topic(topic), Resource::ProducerGroup(&group)],
         )?;
+        super::access::may_create(shared, who, topic)?;
     }
     let txn = if req.txn_id.is_empty() {
         None
@@ -124,8 +126,10 @@ pub fn store(
     messages: Vec<pb::Message>,
 ) -> Answer<Vec<pb::MessageReceipt>> {
     let permitted = check_messages(&messages, shared).and_then(|()| {
-        topics(&messages)
-            .try_for_each(|t| permit(shared, who, Operation::Send, &[Resource::Topic(t)]))
+        topics(&messages).try_for_each(|t| {
+            permit(shared, who, Operation::Send, &[Resource::Topic(t)])?;
+            super::access::may_create(shared, who, t)
+        })
     });
     if let Err(e) = permitted {
         return now(Err(e));
@@ -152,7 +156,8 @@ pub fn prepare_as(
     let permitted = check_messages(&messages, shared).and_then(|()| {
         topics(&messages).try_for_each(|t| {
             let on = [Resource::Topic(t), Resource::ProducerGroup(&group)];
-            permit(shared, who, Operation::Prepare, &on)
+            permit(shared, who, Operation::Prepare, &on)?;
+            super::access::may_create(shared, who, t)
         })
     });
     let cmd = match permitted.and_then(|()| prepare(None, group, messages, 0)) {

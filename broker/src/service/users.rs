@@ -265,12 +265,19 @@ pub fn acl(shared: &Arc<Shared>, who: &Principal, req: pb::AclRequest) -> Answer
 }
 
 /// A SCRAM exchange in progress on one connection.
-#[derive(Debug)]
 pub struct Scram {
     exchange: ServerExchange,
     /// The credential the challenge was made from (`None`: no such user; the exchange
     /// goes on so the answer does not say which part was wrong).
     credential: Option<(Credential, u64)>,
+}
+
+impl std::fmt::Debug for Scram {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scram")
+            .field("user", &self.exchange.user())
+            .finish_non_exhaustive()
+    }
 }
 
 /// Starts a SCRAM authentication: answers the challenge (server-first message).

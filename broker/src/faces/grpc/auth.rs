@@ -95,10 +95,11 @@ fn signs(secret: &str, date: &str, signature: &[u8]) -> bool {
 pub fn verify(
     pairs: &[(String, String)],
     auth: Option<&Auth>,
+    closed: bool,
     metadata: &MetadataMap,
     now_secs: i64,
 ) -> Result<Option<Identity>, Status> {
-    let users = auth.is_some_and(Auth::active);
+    let users = closed || auth.is_some_and(Auth::active);
     if pairs.is_empty() && !users {
         // Open: a header is not checked (the Python client sends one with empty keys).
         return Ok(None);
@@ -152,12 +153,13 @@ pub fn verify(
 pub fn interceptor(
     pairs: std::sync::Arc<Vec<(String, String)>>,
     live: std::sync::Arc<super::Live>,
+    closed: bool,
 ) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone {
     move |mut request: Request<()>| {
         let shared = live.get();
         let now = i64::try_from(txmq_protocol::now_ms() / 1000).unwrap_or(i64::MAX);
-        let auth = shared.as_ref().map(|s| s.auth.as_ref());
-        match verify(&pairs, auth, request.metadata(), now) {
+        let auth = live.auth();
+        match verify(&pairs, auth.as_deref(), closed, request.metadata(), now) {
             Ok(Some(identity)) => {
                 if let Some(s) = &shared {
                     s.metrics.auth_successes.with_label_values(&["grpc"]).inc();
@@ -223,7 +225,7 @@ mod tests {
     #[test]
     fn signatures_are_checked_against_the_keys_secret_and_the_date_window() {
         let pairs = vec![("ak".to_string(), "sk".to_string())];
-        let ok = |m: &MetadataMap| verify(&pairs, None, m, NOW);
+        let ok = |m: &MetadataMap| verify(&pairs, None, false, m, NOW);
         assert!(matches!(
             ok(&signed("ak", "sk", "20261130T070000Z")),
             Ok(Some(Identity::Token))
@@ -263,19 +265,29 @@ mod tests {
             }
         }
         let auth = Auth::open().sealing(SealKey::derive("cluster"));
+        // Told to be closed, with no users at hand (a node that has not served yet):
+        // unsigned calls are refused.
+        assert!(verify(&[], None, true, &MetadataMap::new(), NOW).is_err());
         // Open: unsigned calls are anonymous.
         assert!(matches!(
-            verify(&[], Some(&auth), &MetadataMap::new(), NOW),
+            verify(&[], Some(&auth), false, &MetadataMap::new(), NOW),
             Ok(None)
         ));
         auth.create_user(&Nowhere, "app", "s3cret-app", false)
             .await
             .unwrap();
         let date = "20261130T070000Z";
-        let who = verify(&[], Some(&auth), &signed("app", "s3cret-app", date), NOW).unwrap();
+        let who = verify(
+            &[],
+            Some(&auth),
+            false,
+            &signed("app", "s3cret-app", date),
+            NOW,
+        )
+        .unwrap();
         assert!(matches!(who, Some(Identity::User { ref name, .. }) if name == "app"));
-        assert!(verify(&[], Some(&auth), &signed("app", "guess", date), NOW).is_err());
-        assert!(verify(&[], Some(&auth), &MetadataMap::new(), NOW).is_err());
+        assert!(verify(&[], Some(&auth), false, &signed("app", "guess", date), NOW).is_err());
+        assert!(verify(&[], Some(&auth), false, &MetadataMap::new(), NOW).is_err());
         // Sealed under another key: not a secret this broker can use.
         let other = Auth::open().sealing(SealKey::derive("other"));
         other
@@ -291,6 +303,7 @@ mod tests {
             verify(
                 &[],
                 Some(&unsealed),
+                false,
                 &signed("app", "s3cret-app", date),
                 NOW
             )

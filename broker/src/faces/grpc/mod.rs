@@ -62,6 +62,9 @@ pub struct Live {
     sessions: Arc<telemetry::Sessions>,
     /// The broker group this node belongs to, if any: routes name its leader.
     group: std::sync::OnceLock<Arc<Node>>,
+    /// The users and rules of the last parts served: a node between terms (or a
+    /// follower that led before) still checks signatures with them.
+    last_auth: RwLock<Option<Arc<crate::auth::Auth>>>,
 }
 
 impl std::fmt::Debug for Live {
@@ -82,12 +85,23 @@ impl Live {
 
     /// Sets (or clears) the current parts.
     pub fn set(&self, shared: Option<Arc<Shared>>) {
+        if let Some(s) = &shared {
+            *self.last_auth.write().expect("live lock") = Some(s.auth.clone());
+        }
         *self.shared.write().expect("live lock") = shared.clone();
         self.sessions.attach_all(shared);
     }
 
     pub(crate) fn get(&self) -> Option<Arc<Shared>> {
         self.shared.read().expect("live lock").clone()
+    }
+
+    /// The users and rules to check a call's signature with: the serving parts', else
+    /// the last ones served.
+    pub(crate) fn auth(&self) -> Option<Arc<crate::auth::Auth>> {
+        self.get()
+            .map(|s| s.auth.clone())
+            .or_else(|| self.last_auth.read().expect("live lock").clone())
     }
 }
 
@@ -137,12 +151,15 @@ pub async fn serve(
     let credentials = Arc::new(endpoint.config.grpc_credentials.clone());
     let tls = endpoint.config.grpc_tls.clone();
     let endpoint_live = endpoint.live.clone();
+    // Told to have users (or to make the first): without users and rules at hand (a
+    // node that has not served yet), unsigned calls are refused, not taken.
+    let closed = endpoint.config.require_auth || endpoint.config.bootstrap_admin.is_some();
     let service = MessagingServiceServer::new(endpoint)
         .max_decoding_message_size(max)
         .max_encoding_message_size(max.saturating_mul(2));
     let service = tonic::service::interceptor::InterceptedService::new(
         service,
-        auth::interceptor(credentials, endpoint_live),
+        auth::interceptor(credentials, endpoint_live, closed),
     );
     tracing::info!(addr = ?addr, tls = tls.is_some(), "grpc endpoint");
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);

@@ -408,12 +408,13 @@ pub async fn change_invisible(
         topic: name_of(req.topic),
         lease,
     };
-    // The client sets the time now (a push consumer's retry delay): no more renewals.
-    endpoint
-        .renewals
-        .release(&handle.group, &handle.topic, lease);
+    let (group, topic) = (handle.group.clone(), handle.topic.clone());
     match consume::extend(&shared, who, handle, invisible).await.await {
-        Ok(_) => answer(status::ok(), receipt(lease.offset, lease.lease_id)),
+        Ok(_) => {
+            // The client set the time (a push consumer's retry delay): no more renewals.
+            endpoint.renewals.release(&group, &topic, lease);
+            answer(status::ok(), receipt(lease.offset, lease.lease_id))
+        }
         Err(e) => answer(status::of_error(&e), String::new()),
     }
 }
@@ -441,9 +442,7 @@ pub async fn forward_to_dead_letters(
         topic: name_of(req.topic),
         lease,
     };
-    endpoint
-        .renewals
-        .release(&handle.group, &handle.topic, lease);
+    let (group, topic) = (handle.group.clone(), handle.topic.clone());
     let reason = format!(
         "forwarded by the consumer on attempt {} of {}",
         req.delivery_attempt, req.max_delivery_attempts
@@ -452,7 +451,10 @@ pub async fn forward_to_dead_letters(
         .await
         .await
     {
-        Ok(()) => answer(status::ok()),
+        Ok(()) => {
+            endpoint.renewals.release(&group, &topic, lease);
+            answer(status::ok())
+        }
         Err(e) => answer(status::of_error(&e)),
     }
 }

@@ -42,8 +42,9 @@ struct Key {
 struct Held {
     lease_id: u64,
     client: String,
-    /// Who the client is: renewals are made as it.
+    /// Who the client is, and from where: renewals are made as it.
     identity: Identity,
+    peer: Option<std::net::SocketAddr>,
     deadline_ms: u64,
     /// No renewal past this (received + [`MAX_RENEWED`]).
     until_ms: u64,
@@ -110,6 +111,7 @@ impl Renewals {
                 lease_id: lease.lease_id,
                 client: who.client_id.clone(),
                 identity: who.identity.clone(),
+                peer: who.peer,
                 deadline_ms,
                 until_ms,
             },
@@ -213,7 +215,7 @@ pub async fn run(
                 continue;
             }
             // Renewed on the client's behalf, as it would extend the lease itself.
-            let who = Principal::grpc(held.identity.clone(), None, Some(held.client.clone()));
+            let who = Principal::grpc(held.identity.clone(), held.peer, Some(held.client.clone()));
             let handle = Handle {
                 group: key.group.clone(),
                 topic: key.topic.clone(),

@@ -350,9 +350,9 @@ pub async fn recall(
         return refused();
     };
     let topic = req.topic.map(|t| t.name).unwrap_or_default();
-    if scheduled::recall(&shared, who, topic, id).await {
-        reply(status::ok(), req.recall_handle)
-    } else {
-        refused()
+    match scheduled::recall(&shared, who, topic, id).await {
+        Ok(true) => reply(status::ok(), req.recall_handle),
+        Ok(false) => refused(),
+        Err(e) => reply(status::of_error(&e), String::new()),
     }
 }

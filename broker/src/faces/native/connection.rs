@@ -145,6 +145,7 @@ pub async fn serve(
     // One coarse timer per connection rather than one per frame (a timer armed and
     // dropped on every request showed in the e2e bench).
     let mut quiet_since = tokio::time::Instant::now();
+    let mut auth_changes = shared.auth.changes();
     let mut watch = tokio::time::interval(LIVENESS_TICK);
     watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -156,6 +157,16 @@ pub async fn serve(
         tokio::select! {
             biased;
             _ = cancel.cancelled() => break,
+            Ok(()) = auth_changes.changed() => {
+                // Users or rules changed: what this connection holds is checked again,
+                // and a connection that lost any of it is closed (a subscription would
+                // otherwise go on pushing messages its user may no longer read).
+                if let Err(e) = super::hello::still_allowed(&session, &shared) {
+                    tracing::info!(connection = id, %peer, "closing connection: {e}");
+                    let _ = outbound.try_send(super::error_response(0, &e));
+                    break;
+                }
+            }
             _ = watch.tick(), if pending.is_empty() => {
                 if quiet_since.elapsed() < allowed {
                     continue;

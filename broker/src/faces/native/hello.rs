@@ -139,6 +139,11 @@ pub async fn auth_finish(
     session: &mut Session,
     shared: &Shared,
 ) -> Result<pb::response::Result> {
+    if session.hello.is_some() || session.identity.is_some() {
+        return Err(Error::Invalid(
+            "authenticate before Hello, once a connection".into(),
+        ));
+    }
     let Some(scram) = session.scram.take() else {
         return Err(Error::Invalid("AuthFinish without AuthStart".into()));
     };
@@ -146,6 +151,32 @@ pub async fn auth_finish(
         users::scram_finish(shared, scram, &finish.client_final, Some(session.peer)).await?;
     session.identity = Some(identity);
     Ok(pb::response::Result::AuthOk(pb::AuthOk { server_final }))
+}
+
+/// Whether the connection may still hold what it holds after a change of users or
+/// rules: its identity, each subscription (`sub` on its topic and group), its
+/// registration for check-backs (`txn` on its producer group).
+///
+/// # Errors
+/// What it lost: the connection is then closed.
+pub fn still_allowed(session: &Session, shared: &Shared) -> Result<()> {
+    use crate::service::access::{Operation, Resource, permit};
+    let Some(who) = &session.who else {
+        return Ok(());
+    };
+    shared.auth.check_identity(&who.identity)?;
+    for m in session.subscriptions.values() {
+        let on = [Resource::Topic(&m.topic.name), Resource::Group(&m.group)];
+        permit(shared, who, Operation::Subscribe, &on)?;
+    }
+    let answers = session.hello.as_ref().is_some_and(|h| {
+        h.answers_checks && h.role == Role::Producer as i32 && !h.producer_group.is_empty()
+    });
+    if answers {
+        let on = [Resource::ProducerGroup(&who.producer_group)];
+        permit(shared, who, Operation::AnswerChecks, &on)?;
+    }
+    Ok(())
 }
 
 /// Whether two secrets are equal, in time that does not depend on where they differ.

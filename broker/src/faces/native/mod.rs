@@ -102,7 +102,14 @@ pub async fn dispatch(
         Body::Send(req) => answer(id, send::send(shared, who, req), R::Send),
         Body::EndTxn(req) => answer(id, txn::end(shared, who, req), R::EndTxn),
         Body::TxnBatch(req) => answer(id, txn::batch(shared, who, req), R::TxnBatch),
-        Body::Ping(_) => ready(id, Ok(R::Pong(pb::PongOk {}))),
+        // A ping proves the connection still belongs to a user that exists.
+        Body::Ping(_) => ready(
+            id,
+            shared
+                .auth
+                .check_identity(&who.identity)
+                .map(|()| R::Pong(pb::PongOk {})),
+        ),
         Body::ListTxns(req) => answer(id, txn::list(shared, who, req), R::Txns),
         Body::RearmTxn(req) => answer(id, txn::rearm(shared, who, req), R::Txn),
         Body::Subscribe(req) => subscribe(id, req, session, shared).await,
