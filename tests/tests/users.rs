@@ -251,11 +251,20 @@ async fn users_and_rules_are_kept_across_a_restart_and_no_secret_is_on_disk() {
     root.acl_grant(&rule("topic:*", "pub,read,create"))
         .await
         .unwrap();
+    let revoked = root.acl_grant(&rule("group:*", "sub")).await.unwrap();
+    root.acl_revoke(&RuleSpec::default(), Some(revoked.id))
+        .await
+        .unwrap();
     drop(root);
     b.restart();
     let p = app_producer(&b, "").await;
     p.send(Message::new("kept", "k-1")).await.unwrap();
     drop(p);
+    // Rule ids are never given twice, across a restart too.
+    let root = self::root(&b).await;
+    let again = root.acl_grant(&rule("group:x", "sub")).await.unwrap();
+    assert!(again.id > revoked.id, "{} after {}", again.id, revoked.id);
+    drop(root);
     b.stop();
     for secret in [ADMIN_SECRET, APP_SECRET] {
         for entry in walk(b.data_dir()) {

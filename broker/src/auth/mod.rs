@@ -69,6 +69,8 @@ impl Identity {
 struct State {
     users: BTreeMap<String, UserRecord>,
     rules: BTreeMap<u64, Rule>,
+    /// The next rule id (stored: ids are never given twice).
+    next_rule: u64,
 }
 
 /// The broker's users and rules, in memory. (Its `Debug` shows counts only: the
@@ -185,13 +187,18 @@ impl Auth {
     /// Storage failure, or a stored rule this version cannot read.
     pub fn load(storage: &Storage, require: bool, seal: Option<SealKey>) -> Result<Self> {
         let users = storage.users()?.into_iter().collect();
+        let next_rule = storage.next_rule_id()?;
         let rules = storage
             .rules()?
             .into_iter()
             .map(|(id, r)| Rule::from_record(id, r).map(|r| (id, r)))
             .collect::<Result<_>>()?;
         Ok(Self {
-            state: RwLock::new(Arc::new(State { users, rules })),
+            state: RwLock::new(Arc::new(State {
+                users,
+                rules,
+                next_rule,
+            })),
             changes: tokio::sync::Mutex::new(()),
             require,
             decoy: std::hash::RandomState::new(),
@@ -386,6 +393,7 @@ impl Auth {
             let mut next = State {
                 users: guard.users.clone(),
                 rules: guard.rules.clone(),
+                next_rule: guard.next_rule,
             };
             change(&mut next);
             *guard = Arc::new(next);
@@ -523,12 +531,14 @@ impl Auth {
                 "the broker holds {MAX_RULES} rules, its most; revoke some first"
             )));
         }
-        let id = state.rules.keys().next_back().map_or(1, |last| last + 1);
+        let last = state.rules.keys().next_back().map_or(0, |last| *last);
+        let id = state.next_rule.max(last + 1).max(1);
         let rule = Rule::from_record(id, record)?;
         store.put_rule(id, &rule.record).await?;
         let stored = rule.clone();
         self.set(|s| {
             s.rules.insert(id, stored);
+            s.next_rule = id + 1;
         });
         Ok(rule)
     }

@@ -120,6 +120,13 @@ async fn rules_decide_a_normal_user_and_a_revoke_takes_effect_at_once() {
     auth.revoke(&map, None, Some(rule("app", "topic:ord*", &["pub"], false)))
         .await
         .unwrap();
+    // Ids are never given twice, even after the highest is revoked.
+    let later = auth
+        .grant(&map, rule("app", "topic:x", &["read"], false))
+        .await
+        .unwrap();
+    assert!(later.id > deny.id, "{} after {}", later.id, deny.id);
+    auth.revoke(&map, Some(later.id), None).await.unwrap();
     assert!(auth.check(&app, Action::Pub, &orders, None).is_err());
     assert!(map.rules.lock().unwrap().is_empty());
     let (allowed, reason, _) = auth.explain("app", &[Action::Pub], &orders, None).unwrap();

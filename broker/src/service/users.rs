@@ -44,7 +44,16 @@ impl Store for Written<'_> {
             keys::rule(id),
             prost::Message::encode_to_vec(record),
         );
-        self.0.submit(Command::Raw(vec![put])).await.map(|_| ())
+        // With the rule, in the same write: no id is given twice.
+        let next = Op::Put(
+            Cf::Meta,
+            keys::NEXT_RULE_ID.to_vec(),
+            (id + 1).to_be_bytes().to_vec(),
+        );
+        self.0
+            .submit(Command::Raw(vec![put, next]))
+            .await
+            .map(|_| ())
     }
 
     async fn delete_rules(&self, ids: &[u64]) -> Result<()> {

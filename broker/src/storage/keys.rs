@@ -156,6 +156,10 @@ pub fn user(name: &str) -> Vec<u8> {
     k
 }
 
+/// `meta` key of the next rule id (ids are never reused: `txmq acl revoke-id` must not
+/// hit a later rule).
+pub const NEXT_RULE_ID: &[u8] = b"next-rule-id";
+
 /// Prefix of [`rule`] keys.
 pub const RULE: &[u8] = b"rule/";
 

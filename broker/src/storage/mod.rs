@@ -348,6 +348,18 @@ impl Storage {
         Ok(out)
     }
 
+    /// The next rule id: past every id ever given.
+    ///
+    /// # Errors
+    /// Storage failure.
+    pub fn next_rule_id(&self) -> Result<u64> {
+        Ok(self
+            .db
+            .get_cf(self.cf(Cf::Meta), keys::NEXT_RULE_ID)?
+            .and_then(|v| v.try_into().ok().map(u64::from_be_bytes))
+            .unwrap_or(1))
+    }
+
     /// Every permission rule, by id.
     ///
     /// # Errors
