@@ -87,6 +87,8 @@ pub struct Auth {
     seal: Option<SealKey>,
     /// Counts changes: open sessions watch it and check again what they hold.
     generation: tokio::sync::watch::Sender<u64>,
+    /// Whether any user is stored (read on every request: no lock).
+    has_users: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Auth {
@@ -186,7 +188,8 @@ impl Auth {
     /// # Errors
     /// Storage failure, or a stored rule this version cannot read.
     pub fn load(storage: &Storage, require: bool, seal: Option<SealKey>) -> Result<Self> {
-        let users = storage.users()?.into_iter().collect();
+        let users: BTreeMap<String, UserRecord> = storage.users()?.into_iter().collect();
+        let has_users = !users.is_empty();
         let next_rule = storage.next_rule_id()?;
         let rules = storage
             .rules()?
@@ -204,6 +207,7 @@ impl Auth {
             decoy: std::hash::RandomState::new(),
             seal,
             generation: tokio::sync::watch::Sender::new(0),
+            has_users: std::sync::atomic::AtomicBool::new(has_users),
         })
     }
 
@@ -216,6 +220,7 @@ impl Auth {
             decoy: std::hash::RandomState::new(),
             seal: None,
             generation: tokio::sync::watch::Sender::new(0),
+            has_users: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -225,7 +230,18 @@ impl Auth {
 
     /// Whether requests need an authenticated user (users exist, or it is required).
     pub fn active(&self) -> bool {
-        self.require || !self.state().users.is_empty()
+        self.require || self.has_users.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Whether `identity` holds every permission without a look at the rules: the
+    /// token, or anybody while the broker is open (the path every request of a broker
+    /// without users takes: no lock).
+    pub fn unrestricted(&self, identity: &Identity) -> bool {
+        match identity {
+            Identity::Token => true,
+            Identity::Anonymous => !self.active(),
+            Identity::User { .. } => false,
+        }
     }
 
     /// Whether any user is stored.
@@ -396,6 +412,8 @@ impl Auth {
                 next_rule: guard.next_rule,
             };
             change(&mut next);
+            self.has_users
+                .store(!next.users.is_empty(), std::sync::atomic::Ordering::Release);
             *guard = Arc::new(next);
         }
         self.generation.send_modify(|g| *g += 1);

@@ -195,6 +195,9 @@ operations! {
 /// # Errors
 /// Not permitted.
 pub fn may_create(shared: &Shared, who: &Principal, name: &str) -> Result<()> {
+    if shared.auth.unrestricted(&who.identity) {
+        return Ok(());
+    }
     if shared.config.auto_create_topics && shared.topics.get(name).is_none() {
         permit(
             shared,
@@ -221,6 +224,9 @@ pub fn permit(shared: &Shared, who: &Principal, op: Operation, on: &[Resource<'_
             "{} was asked with {on:?}; the table says {needs:?}",
             op.name()
         )));
+    }
+    if shared.auth.unrestricted(&who.identity) {
+        return Ok(());
     }
     let peer = who.peer.map(|p| p.ip());
     for ((action, _), resource) in needs.iter().zip(on) {

@@ -99,13 +99,17 @@ pub(super) fn command(req: pb::SendRequest, who: &Principal, shared: &Shared) ->
     prepare(txn, group, req.messages, req.check_delay_ms)
 }
 
-/// The distinct topics of `messages`, each once.
+/// The distinct topics of `messages`, each once (a request names one or a few: a
+/// short list, not a hash set, on the send path).
 fn topics(messages: &[pb::Message]) -> impl Iterator<Item = &str> {
-    let mut seen = std::collections::HashSet::new();
-    messages
-        .iter()
-        .map(|m| m.topic.as_str())
-        .filter(move |t| seen.insert(*t))
+    let mut seen: Vec<&str> = Vec::new();
+    messages.iter().map(|m| m.topic.as_str()).filter(move |t| {
+        let new = !seen.contains(t);
+        if new {
+            seen.push(t);
+        }
+        new
+    })
 }
 
 /// Where a principal's idempotency keys are unique: a native producer's across its

@@ -97,7 +97,7 @@ pub fn hello(
         )?;
     }
     tracing::debug!(connection = session.id, client = %hello.client_id, ?role, "hello");
-    session.who = Some(who);
+    session.who = Some(Arc::new(who));
     session.hello = Some(hello);
     Ok(pb::response::Result::Hello(pb::HelloOk {
         protocol_version: txmq_protocol::PROTOCOL_VERSION,

@@ -23,7 +23,7 @@ pub struct Session {
     /// Set once Hello succeeded.
     pub hello: Option<pb::Hello>,
     /// Who the client is, once Hello succeeded: what every service call takes.
-    pub who: Option<Principal>,
+    pub who: Option<Arc<Principal>>,
     /// The user a SCRAM authentication proved (before Hello).
     pub identity: Option<crate::auth::Identity>,
     /// A SCRAM authentication in progress.
