@@ -69,7 +69,16 @@ fn a_second_broker_on_the_same_directory_refuses_to_start() {
         line.starts_with("txmq-broker listening on 127.0.0.1:"),
         "{line}"
     );
-    // Storage opens right after the bind; give the lock a moment, boundedly.
+    // Storage opens right after the bind: wait (boundedly) until the first broker has
+    // it, or a second one started on a busy machine could win the lock and serve.
+    let current = dir.path().join("CURRENT");
+    for _ in 0..300 {
+        if current.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(200));
     let mut err = String::new();
     for _ in 0..50 {
         let out = broker(&[
