@@ -135,8 +135,36 @@ pub struct Config {
     /// The pairs themselves, read at start; never printed.
     #[serde(skip)]
     pub grpc_credentials: Vec<(String, String)>,
-    /// PEM certificate (chain) of the gRPC endpoint: with `grpc_tls_key`, it serves TLS
-    /// instead of plaintext h2c.
+    /// PEM certificate (chain) of every client face (native and gRPC): with `tls_key`,
+    /// they serve TLS instead of plaintext.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for `tls_cert`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<PathBuf>,
+    /// Both, read at start; the key is never printed.
+    #[serde(skip)]
+    pub tls: Option<crate::tls::Identity>,
+    /// A PEM certificate authority for the node port: with it (and `tls_cert`), nodes
+    /// speak mutual TLS to each other, each presenting its certificate and taking only
+    /// peers whose certificate this authority signed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_tls_ca: Option<PathBuf>,
+    /// The authority, read at start.
+    #[serde(skip)]
+    pub node_tls_ca_pem: Option<Vec<u8>>,
+    /// The node port's own certificate, over `tls_cert` (a group's nodes often hold
+    /// certificates of a private authority, and clients a public one's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_tls_cert: Option<PathBuf>,
+    /// PEM private key for `node_tls_cert`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_tls_key: Option<PathBuf>,
+    /// The node port's certificate and key, read at start (its own, or `tls`).
+    #[serde(skip)]
+    pub node_tls: Option<crate::tls::Identity>,
+    /// PEM certificate (chain) of the gRPC endpoint, over `tls_cert`: with
+    /// `grpc_tls_key`, it serves TLS instead of plaintext h2c.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grpc_tls_cert: Option<PathBuf>,
     /// PEM private key for `grpc_tls_cert`.
@@ -235,6 +263,14 @@ impl Default for Config {
             grpc_listen: "127.0.0.1:8081".into(),
             grpc_credentials_file: None,
             grpc_credentials: Vec::new(),
+            tls_cert: None,
+            tls_key: None,
+            tls: None,
+            node_tls_ca: None,
+            node_tls_ca_pem: None,
+            node_tls_cert: None,
+            node_tls_key: None,
+            node_tls: None,
             grpc_tls_cert: None,
             grpc_tls_key: None,
             grpc_tls: None,
@@ -293,14 +329,43 @@ impl Config {
         if let Some(path) = &config.grpc_credentials_file {
             config.grpc_credentials = read_credentials(path)?;
         }
-        config.grpc_tls = match (&config.grpc_tls_cert, &config.grpc_tls_key) {
+        config.tls = match (&config.tls_cert, &config.tls_key) {
             (None, None) => None,
+            (Some(cert), Some(key)) => Some(crate::tls::Identity {
+                cert: read_pem(cert, "tls-cert", "CERTIFICATE")?,
+                key: read_pem(key, "tls-key", "PRIVATE KEY")?,
+            }),
+            _ => return Err("tls-cert and tls-key go together".into()),
+        };
+        config.grpc_tls = match (&config.grpc_tls_cert, &config.grpc_tls_key) {
+            (None, None) => config.tls.as_ref().map(|t| (t.cert.clone(), t.key.clone())),
             (Some(cert), Some(key)) => Some((
                 read_pem(cert, "grpc-tls-cert", "CERTIFICATE")?,
                 read_pem(key, "grpc-tls-key", "PRIVATE KEY")?,
             )),
             _ => return Err("grpc-tls-cert and grpc-tls-key go together".into()),
         };
+        config.node_tls = match (&config.node_tls_cert, &config.node_tls_key) {
+            (None, None) => config.tls.clone(),
+            (Some(cert), Some(key)) => Some(crate::tls::Identity {
+                cert: read_pem(cert, "node-tls-cert", "CERTIFICATE")?,
+                key: read_pem(key, "node-tls-key", "PRIVATE KEY")?,
+            }),
+            _ => return Err("node-tls-cert and node-tls-key go together".into()),
+        };
+        if let Some(ca) = &config.node_tls_ca {
+            if config.node_tls.is_none() {
+                return Err("node-tls-ca needs a certificate for the node port \
+                            (node-tls-cert and node-tls-key, or tls-cert and tls-key): \
+                            each node presents its certificate to the others"
+                    .into());
+            }
+            config.node_tls_ca_pem = Some(read_pem(ca, "node-tls-ca", "CERTIFICATE")?);
+        } else if config.node_tls_cert.is_some() {
+            return Err("node-tls-cert needs node-tls-ca: the authority the nodes' \
+                        certificates are checked against"
+                .into());
+        }
         config.validate()?;
         Ok(config)
     }

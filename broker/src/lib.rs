@@ -56,6 +56,7 @@ pub mod server;
 pub mod service;
 pub mod storage;
 pub mod timer;
+pub mod tls;
 pub mod topics;
 pub mod txn;
 

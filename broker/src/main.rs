@@ -153,7 +153,26 @@ struct Flags {
     /// File of `ACCESS_KEY SECRET` lines the gRPC clients must sign their requests with.
     #[arg(long, env = "TXMQ_GRPC_CREDENTIALS_FILE")]
     grpc_credentials_file: Option<PathBuf>,
-    /// PEM certificate of the gRPC endpoint (with --grpc-tls-key: TLS, not plaintext).
+    /// PEM certificate of every client face, native and gRPC (with --tls-key: TLS, not
+    /// plaintext).
+    #[arg(long, env = "TXMQ_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "TXMQ_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// PEM certificate authority of a group's nodes: with --tls-cert/--tls-key, the
+    /// node port speaks mutual TLS (each node presents its certificate; peers must hold
+    /// one this authority signed, naming the host the others reach them at).
+    #[arg(long, env = "TXMQ_NODE_TLS_CA")]
+    node_tls_ca: Option<PathBuf>,
+    /// The node port's own PEM certificate, instead of --tls-cert (with --node-tls-key
+    /// and --node-tls-ca).
+    #[arg(long, env = "TXMQ_NODE_TLS_CERT")]
+    node_tls_cert: Option<PathBuf>,
+    /// PEM private key of --node-tls-cert.
+    #[arg(long, env = "TXMQ_NODE_TLS_KEY")]
+    node_tls_key: Option<PathBuf>,
+    /// PEM certificate of the gRPC endpoint, instead of --tls-cert (with --grpc-tls-key).
     #[arg(long, env = "TXMQ_GRPC_TLS_CERT")]
     grpc_tls_cert: Option<PathBuf>,
     /// PEM private key of the gRPC endpoint's certificate.

@@ -41,8 +41,22 @@ impl Admin {
         auth_token: &str,
         user: Option<&connection::User>,
     ) -> Result<Self> {
+        Self::connect_secure(addr, auth_token, user, None).await
+    }
+
+    /// [`Admin::connect_as`] over TLS with `tls`.
+    ///
+    /// # Errors
+    /// As [`Admin::connect_as`]; an untrusted or misnamed broker certificate.
+    pub async fn connect_secure(
+        addr: &str,
+        auth_token: &str,
+        user: Option<&connection::User>,
+        tls: Option<&crate::tls::Tls>,
+    ) -> Result<Self> {
         let hello = connection::hello(pb::Role::Admin, "", auth_token);
-        let (conn, _) = Connection::open_as(addr, hello, user, connection::CALL_TIMEOUT).await?;
+        let (conn, _) =
+            Connection::open_as(addr, hello, user, tls, connection::CALL_TIMEOUT).await?;
         Ok(Self { conn })
     }
 

@@ -18,6 +18,7 @@ use txmq_protocol::pb::{self, frame::Body};
 use txmq_protocol::{ErrorCode, Frame, FrameCodec};
 
 use crate::error::{Error, Result};
+use crate::tls::Tls;
 
 type Waiter = oneshot::Sender<Result<pb::Response>>;
 
@@ -108,11 +109,11 @@ impl Connection {
         hello: pb::Hello,
         call_timeout: Duration,
     ) -> Result<(Self, Pushes)> {
-        Self::open_as(addrs, hello, None, call_timeout).await
+        Self::open_as(addrs, hello, None, None, call_timeout).await
     }
 
     /// [`Connection::open_with`] as `user` (SCRAM-SHA-256 before the Hello: the secret
-    /// is not sent), or without one (`None`).
+    /// is not sent), or without one (`None`); over TLS with `tls`.
     ///
     /// # Errors
     /// As [`Connection::open_with`]; [`Error::Broker`] `NOT_AUTHENTICATED` for a bad
@@ -122,6 +123,7 @@ impl Connection {
         addrs: &str,
         hello: pb::Hello,
         user: Option<&User>,
+        tls: Option<&Tls>,
         call_timeout: Duration,
     ) -> Result<(Self, Pushes)> {
         let list: Vec<&str> = addrs
@@ -149,40 +151,45 @@ impl Connection {
             } else {
                 Duration::from_secs(10)
             };
-            let error =
-                match Self::open_one(&addr, hello.clone(), user, call_timeout, connect_timeout)
-                    .await
+            let error = match Self::open_one(
+                &addr,
+                hello.clone(),
+                (user, tls),
+                call_timeout,
+                connect_timeout,
+            )
+            .await
+            {
+                Ok(opened) => {
+                    if list.len() > 1 || followed {
+                        tracing::info!("connected to {addr}, the group's leader");
+                    }
+                    return Ok(opened);
+                }
+                Err(Error::NotLeader { leader, message }) => {
+                    match &leader {
+                        Some(l) => tracing::info!(
+                            "{addr} does not lead its group; following the leader at {l}"
+                        ),
+                        None => {
+                            tracing::info!("{addr} does not lead its group and knows no leader yet")
+                        }
+                    }
+                    hint = leader.filter(|l| *l != addr);
+                    Error::NotLeader {
+                        message,
+                        leader: None,
+                    }
+                }
+                // A leader a follower named may be gone already: back to the list.
+                Err(e @ (Error::Connect { .. } | Error::Disconnected(_) | Error::Timeout(_)))
+                    if list.len() > 1 || followed =>
                 {
-                    Ok(opened) => {
-                        if list.len() > 1 || followed {
-                            tracing::info!("connected to {addr}, the group's leader");
-                        }
-                        return Ok(opened);
-                    }
-                    Err(Error::NotLeader { leader, message }) => {
-                        match &leader {
-                            Some(l) => tracing::info!(
-                                "{addr} does not lead its group; following the leader at {l}"
-                            ),
-                            None => tracing::info!(
-                                "{addr} does not lead its group and knows no leader yet"
-                            ),
-                        }
-                        hint = leader.filter(|l| *l != addr);
-                        Error::NotLeader {
-                            message,
-                            leader: None,
-                        }
-                    }
-                    // A leader a follower named may be gone already: back to the list.
-                    Err(
-                        e @ (Error::Connect { .. } | Error::Disconnected(_) | Error::Timeout(_)),
-                    ) if list.len() > 1 || followed => {
-                        tracing::info!("broker {addr} not reachable: {e}");
-                        e
-                    }
-                    Err(e) => return Err(e),
-                };
+                    tracing::info!("broker {addr} not reachable: {e}");
+                    e
+                }
+                Err(e) => return Err(e),
+            };
             if tokio::time::Instant::now() >= deadline {
                 return Err(error);
             }
@@ -199,7 +206,7 @@ impl Connection {
     async fn open_one(
         addr: &str,
         hello: pb::Hello,
-        user: Option<&User>,
+        (user, tls): (Option<&User>, Option<&Tls>),
         call_timeout: Duration,
         connect_timeout: Duration,
     ) -> Result<(Self, Pushes)> {
@@ -215,7 +222,22 @@ impl Connection {
             })?;
         let _ = socket.set_nodelay(true);
         keepalive(&socket);
-        let (rd, wr) = socket.into_split();
+        let (rd, wr) = match tls {
+            None => crate::tls::plain(socket),
+            Some(tls) => tokio::time::timeout(connect_timeout, tls.connect(socket, addr))
+                .await
+                .map_err(|_| Error::Connect {
+                    addr: addr.to_string(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "no TLS handshake in time",
+                    ),
+                })?
+                .map_err(|source| Error::Connect {
+                    addr: addr.to_string(),
+                    source,
+                })?,
+        };
         let codec = FrameCodec::default();
         let (out, out_rx) = mpsc::channel(4096);
         let (dtx, deliveries) = mpsc::unbounded_channel();
@@ -421,7 +443,7 @@ impl WeakConnection {
 }
 
 async fn write_loop(
-    mut sink: FramedWrite<tokio::net::tcp::OwnedWriteHalf, FrameCodec>,
+    mut sink: FramedWrite<crate::tls::Writer, FrameCodec>,
     mut rx: mpsc::Receiver<Frame>,
     frame_limit: Arc<AtomicUsize>,
 ) {
@@ -440,7 +462,7 @@ async fn write_loop(
 /// Holds the connection only weakly: when the last [`Connection`] is dropped, the writer
 /// closes the socket, the broker closes its side, and this loop ends.
 async fn read_loop(
-    mut frames: FramedRead<tokio::net::tcp::OwnedReadHalf, FrameCodec>,
+    mut frames: FramedRead<crate::tls::Reader, FrameCodec>,
     inner: Weak<Inner>,
     frame_limit: Arc<AtomicUsize>,
     deliveries: mpsc::UnboundedSender<pb::Delivery>,

@@ -57,6 +57,8 @@ pub struct ConsumerOptions {
     pub auth_token: String,
     /// The user to authenticate as (a broker with users requires one).
     pub user: Option<crate::connection::User>,
+    /// TLS to the broker (`None`: plain TCP).
+    pub tls: Option<crate::tls::Tls>,
 }
 
 impl ConsumerOptions {
@@ -242,6 +244,7 @@ async fn open(addr: &str, o: &ConsumerOptions) -> Result<Subscribed> {
         addr,
         hello,
         o.user.as_ref(),
+        o.tls.as_ref(),
         crate::connection::CALL_TIMEOUT,
     )
     .await?;

@@ -52,6 +52,7 @@ pub mod connection;
 pub mod consumer;
 pub mod error;
 pub mod producer;
+pub mod tls;
 
 pub use access::RuleSpec;
 pub use admin::{Admin, ResetTo};
@@ -62,4 +63,5 @@ pub use producer::{
     CheckRequest, Limits, Message, Outcome, Producer, ProducerOptions, Receipt, Transaction,
     TransactionChecker,
 };
+pub use tls::Tls;
 pub use txmq_protocol::{CHECK_SCOPE_PROPERTY, ErrorCode, pb};

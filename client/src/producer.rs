@@ -225,6 +225,8 @@ pub struct ProducerOptions {
     pub auth_token: String,
     /// The user to authenticate as (a broker with users requires one).
     pub user: Option<connection::User>,
+    /// TLS to the broker (`None`: plain TCP).
+    pub tls: Option<crate::tls::Tls>,
     /// How long a call waits for the broker's answer (`None`: 30 s). A call that times
     /// out fails with [`Error::Timeout`] and the connection is dialled again.
     pub call_timeout: Option<std::time::Duration>,
@@ -247,6 +249,7 @@ impl ProducerOptions {
             checker: Some(Arc::new(checker)),
             auth_token: String::new(),
             user: None,
+            tls: None,
             call_timeout: None,
         }
     }
@@ -654,8 +657,14 @@ async fn open(
         .map(|c| c.scopes())
         .unwrap_or_default();
     let timeout = options.call_timeout.unwrap_or(connection::CALL_TIMEOUT);
-    let (conn, mut pushes) =
-        Connection::open_as(addr, hello, options.user.as_ref(), timeout).await?;
+    let (conn, mut pushes) = Connection::open_as(
+        addr,
+        hello,
+        options.user.as_ref(),
+        options.tls.as_ref(),
+        timeout,
+    )
+    .await?;
     if let Some(checker) = options.checker.clone() {
         // Weak: a dropped producer must close its connection, not keep answering.
         let weak = conn.downgrade();

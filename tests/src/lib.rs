@@ -3,6 +3,7 @@
 //! `txmq` CLI against it. Every process it starts is stopped when the harness is dropped,
 //! and the broker's log is printed when a test fails.
 
+pub mod certs;
 pub mod dispatch;
 pub mod group;
 pub mod grpc;

@@ -283,37 +283,78 @@ async fn the_node_port_refuses_a_large_frame_before_the_handshake() {
     );
 }
 
-/// The answer of the node port at `peer` to a handshake presenting `secret`: `Ok(())`
-/// when welcomed, else what came back. (The node network's first frame is postcard's
-/// `Rpc::Hello { token }`: variant 0, then the string; the reply's first byte is its
-/// variant: 0 is `Welcome`.)
-async fn node_handshake(peer: &str, secret: &str) -> Result<(), String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(peer)
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut body = vec![0u8];
-    let mut len = secret.len();
-    loop {
-        let byte = (len & 0x7f) as u8;
-        len >>= 7;
-        if len == 0 {
-            body.push(byte);
-            break;
-        }
-        body.push(byte | 0x80);
-    }
-    body.extend_from_slice(secret.as_bytes());
-    let mut frame = (body.len() as u32).to_be_bytes().to_vec();
-    frame.extend(body);
-    s.write_all(&frame).await.map_err(|e| e.to_string())?;
+/// One length-prefixed frame of the node port.
+async fn node_frame(s: &mut tokio::net::TcpStream) -> Result<Vec<u8>, String> {
+    use tokio::io::AsyncReadExt;
     let mut head = [0u8; 4];
     tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut head))
         .await
         .map_err(|_| "no answer".to_string())?
         .map_err(|e| format!("closed: {e}"))?;
-    let mut reply = vec![0u8; u32::from_be_bytes(head) as usize];
-    s.read_exact(&mut reply).await.map_err(|e| e.to_string())?;
+    let mut body = vec![0u8; u32::from_be_bytes(head) as usize];
+    s.read_exact(&mut body).await.map_err(|e| e.to_string())?;
+    Ok(body)
+}
+
+async fn send_node_frame(s: &mut tokio::net::TcpStream, body: &[u8]) -> Result<(), String> {
+    use tokio::io::AsyncWriteExt;
+    let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+    frame.extend_from_slice(body);
+    s.write_all(&frame).await.map_err(|e| e.to_string())
+}
+
+fn hmac(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+    use hmac::Mac;
+    let mut m = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(key).unwrap();
+    for p in parts {
+        m.update(p);
+    }
+    m.finalize().into_bytes().into()
+}
+
+/// The proof key of a group with `secret` (see `broker/src/replication/handshake.rs`).
+fn node_key(secret: &str) -> [u8; 32] {
+    hmac(secret.as_bytes(), &[b"txmq node handshake v1"])
+}
+
+/// The answer of the node port at `peer` to the handshake of a node holding `secret`:
+/// `Ok(())` when it is accepted and the node proved it holds the same secret, else
+/// what came back. (Postcard on the wire: the first byte is the variant. `Rpc::Knock`
+/// is 7, `Rpc::Prove { nonce, proof }` is 8 and two 32-byte arrays; the replies
+/// `Reply::Nonce` 7, `Reply::Proven` 0, `Reply::Failed` 6 with a string.)
+async fn node_handshake(peer: &str, secret: &str) -> Result<(), String> {
+    let mut s = tokio::net::TcpStream::connect(peer)
+        .await
+        .map_err(|e| e.to_string())?;
+    send_node_frame(&mut s, &[7]).await?;
+    let nonce = node_frame(&mut s).await?;
+    if nonce.len() != 33 || nonce[0] != 7 {
+        return Err(String::from_utf8_lossy(&nonce).into_owned());
+    }
+    let ns = &nonce[1..];
+    let nc = [9u8; 32];
+    let key = node_key(secret);
+    let mut prove = vec![8u8];
+    prove.extend_from_slice(&nc);
+    prove.extend_from_slice(&hmac(&key, &[b"client", ns, &nc]));
+    send_node_frame(&mut s, &prove).await?;
+    let reply = node_frame(&mut s).await?;
+    match reply.first() {
+        Some(0) if reply[1..] == hmac(&key, &[b"server", ns, &nc]) => Ok(()),
+        Some(0) => Err("welcomed by a node that does not hold the secret".into()),
+        _ => Err(String::from_utf8_lossy(&reply).into_owned()),
+    }
+}
+
+/// The old handshake: `Rpc::Hello { token }` (variant 0, then the string as it is).
+async fn legacy_node_handshake(peer: &str, secret: &str) -> Result<(), String> {
+    let mut s = tokio::net::TcpStream::connect(peer)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut body = vec![0u8, secret.len() as u8];
+    body.extend_from_slice(secret.as_bytes());
+    send_node_frame(&mut s, &body).await?;
+    let reply = node_frame(&mut s).await?;
     match reply.first() {
         Some(0) => Ok(()),
         _ => Err(String::from_utf8_lossy(&reply).into_owned()),
@@ -357,6 +398,15 @@ async fn the_node_port_takes_the_cluster_secret_and_no_client_credential() {
         nothing.is_err(),
         "an empty secret was taken on the node port"
     );
+    // The old handshake sent the secret as it is: refused now even with the right one,
+    // saying why.
+    let legacy = legacy_node_handshake(&peer, secret.trim()).await;
+    assert!(
+        legacy
+            .as_ref()
+            .is_err_and(|why| why.contains("newer node protocol")),
+        "the old plain-secret handshake: {legacy:?}"
+    );
 
     // No cluster secret: the node does not start.
     let data = tempfile::tempdir().unwrap();
@@ -388,4 +438,60 @@ async fn the_node_port_takes_the_cluster_secret_and_no_client_credential() {
         exited.is_some_and(|s| !s.success()) && err.contains("cluster-secret-file"),
         "a node without a cluster secret: {exited:?}, {err}"
     );
+}
+
+/// Issue 26, item 4: a node proves the group's secret without sending it. A node
+/// started with a peer address where the test listens dials it to form the group: the
+/// test answers its knock with a nonce, and what the node sends holds no byte string of
+/// the secret, only the proof the secret makes for the test's nonce; a reply proving a
+/// wrong secret makes the node drop the connection and look again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_proves_the_cluster_secret_without_sending_it() {
+    let fake = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let peers = format!(
+        "1=127.0.0.1:{},2={}",
+        txmq_tests::free_port(),
+        fake.local_addr().unwrap()
+    );
+    let mut node =
+        txmq_tests::TestBroker::start_on_fixed_port(&txmq_tests::group::node_args("1", &peers));
+    let secret = std::fs::read_to_string(txmq_tests::group::cluster_secret_file()).unwrap();
+    let secret = secret.trim();
+    let (mut s, _) = tokio::time::timeout(Duration::from_secs(30), fake.accept())
+        .await
+        .expect("the node never dialled its peer")
+        .unwrap();
+    let knock = node_frame(&mut s).await.unwrap();
+    assert_eq!(knock, vec![7], "the first frame is not the knock");
+    let ns = [5u8; 32];
+    let mut nonce = vec![7u8];
+    nonce.extend_from_slice(&ns);
+    send_node_frame(&mut s, &nonce).await.unwrap();
+    let prove = node_frame(&mut s).await.unwrap();
+    let mut seen = knock.clone();
+    seen.extend_from_slice(&prove);
+    assert!(
+        !seen.windows(secret.len()).any(|w| w == secret.as_bytes()),
+        "the secret crossed the wire"
+    );
+    assert_eq!(prove.len(), 65, "Prove is the variant, a nonce and a proof");
+    let key = node_key(secret);
+    assert_eq!(
+        prove[33..],
+        hmac(&key, &[b"client", &ns, &prove[1..33]]),
+        "the proof is not the secret's for this nonce"
+    );
+    // An impostor's proof: the node must not take this peer as a member.
+    let mut proven = vec![0u8];
+    proven.extend_from_slice(&[0u8; 32]);
+    send_node_frame(&mut s, &proven).await.unwrap();
+    let mut rest = Vec::new();
+    use tokio::io::AsyncReadExt;
+    let closed = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest)).await;
+    assert!(
+        matches!(closed, Ok(Ok(_))) && rest.is_empty(),
+        "the node went on with a peer that proved a wrong secret: {closed:?}, {} bytes",
+        rest.len()
+    );
+    node.stop();
 }

@@ -103,7 +103,7 @@ async fn connect(
 ) -> Result<Connection, txmq_client::Error> {
     let mut h = hello(role, group, "");
     h.answers_checks = answers_checks;
-    Connection::open_as(addr, h, user, Duration::from_secs(10))
+    Connection::open_as(addr, h, user, None, Duration::from_secs(10))
         .await
         .map(|(c, _)| c)
 }

@@ -12,7 +12,10 @@
 //!   once per group of appends, like the writer's syncer.
 //! - [`state_machine`]: applies a committed batch to the broker's storage with the log id
 //!   it came in, and makes snapshots (RocksDB checkpoints).
-//! - [`network`]: node-to-node RPCs over TCP, length-prefixed frames of postcard.
+//! - [`network`]: node-to-node RPCs over TCP (or mutual TLS), length-prefixed frames of
+//!   postcard.
+//! - [`handshake`]: how two nodes prove to each other that they hold the group's
+//!   secret, without sending it.
 //! - [`node`]: starts Raft on a node, forms the group the first time, and tells the
 //!   server when this node leads (serve clients) and when it stops leading.
 //! - [`lease`]: the group's timing in one place, and the leader's lease that every
@@ -26,6 +29,7 @@
 //! in earlier terms is applied.
 
 pub mod clock;
+pub mod handshake;
 pub mod lease;
 pub mod log_store;
 pub mod network;

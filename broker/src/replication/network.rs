@@ -27,8 +27,10 @@ use tokio_util::codec::{Framed, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
 
 use super::clock::Clocks;
+use super::handshake::{self, Bytes32, Credentials};
 use super::state_machine::{SnapshotDir, StorageSlot};
 use super::{Raft, TypeConfig, io_err};
+use crate::tls::{self, Stream};
 
 type Vote = openraft::type_config::alias::VoteOf<TypeConfig>;
 type SnapshotMeta = openraft::type_config::alias::SnapshotMetaOf<TypeConfig>;
@@ -36,7 +38,7 @@ type Snapshot = openraft::type_config::alias::SnapshotOf<TypeConfig, SnapshotDir
 
 /// Largest frame: an append carries at most `max_payload_entries` writer batches.
 const MAX_FRAME: usize = 1 << 30;
-/// Largest frame taken before the handshake is accepted (a `Hello` is a few bytes).
+/// Largest frame taken before the handshake is accepted (its frames are a few dozen bytes).
 const MAX_HELLO: usize = 4096;
 /// Node connections a node serves at once.
 const MAX_NODE_CONNECTIONS: usize = 256;
@@ -52,9 +54,9 @@ const CHUNK: usize = 1 << 20;
 /// What one node asks another.
 #[derive(Serialize, Deserialize)]
 enum Rpc {
-    /// The first frame of every connection: the group's own secret
-    /// (`--cluster-secret-file`; never a client's credential).
-    Hello {
+    /// The first frame of the old handshake, which sent the group's secret as it is:
+    /// refused, with a sentence the old node logs.
+    LegacyHello {
         token: String,
     },
     /// Entries (none: a heartbeat), with how far the receiver's wall clock is from the
@@ -73,13 +75,21 @@ enum Rpc {
     },
     TransferLeader(TransferLeaderRequest<TypeConfig>),
     Info,
+    /// The first frame of a connection: asks for the answering node's nonce (see
+    /// [`super::handshake`]).
+    Knock,
+    /// The dialling node's nonce and its proof of the group's secret.
+    Prove {
+        nonce: Bytes32,
+        proof: Bytes32,
+    },
 }
 
 /// The answer.
 #[derive(Serialize, Deserialize)]
 enum Reply {
-    /// The handshake was accepted.
-    Welcome,
+    /// The handshake was accepted: the answering node's proof of the group's secret.
+    Proven(Bytes32),
     /// The answer to an append, with when (on the answering node's wall clock) the
     /// request was read and the answer sent.
     Append {
@@ -93,6 +103,8 @@ enum Reply {
     Info(NodeInfo),
     /// The request could not be served (the node is shutting down, a bad snapshot).
     Failed(String),
+    /// The answering node's nonce for the handshake.
+    Nonce(Bytes32),
 }
 
 /// What a node tells about itself.
@@ -110,7 +122,7 @@ pub struct NodeInfo {
     pub leader: Option<u64>,
 }
 
-type Conn = Framed<TcpStream, LengthDelimitedCodec>;
+type Conn = Framed<Stream, LengthDelimitedCodec>;
 
 fn codec() -> LengthDelimitedCodec {
     LengthDelimitedCodec::builder()
@@ -118,20 +130,29 @@ fn codec() -> LengthDelimitedCodec {
         .new_codec()
 }
 
-/// Connects to the node at `addr` and presents the group's secret.
-async fn connect(addr: &str, token: &str) -> io::Result<Conn> {
+/// Connects to the node at `addr` (over mutual TLS when configured) and proves that
+/// this node holds the group's secret, and that it does (see [`super::handshake`]).
+async fn connect(addr: &str, creds: &Credentials) -> io::Result<Conn> {
     let socket = TcpStream::connect(addr).await?;
     socket.set_nodelay(true)?;
-    let mut conn = Framed::new(socket, codec());
-    send(
-        &mut conn,
-        &Rpc::Hello {
-            token: token.to_string(),
-        },
-    )
-    .await?;
+    let stream = tls::connect(socket, addr, creds.tls.as_ref().map(|t| &t.client)).await?;
+    let mut conn = Framed::new(stream, codec());
+    send(&mut conn, &Rpc::Knock).await?;
+    let ns = match recv(&mut conn).await? {
+        Reply::Nonce(ns) => ns,
+        Reply::Failed(why) => return Err(io_err(why)),
+        _ => return Err(io_err("unexpected reply to the handshake")),
+    };
+    let nc: Bytes32 = rand::random();
+    let proof = creds.client_proof(&ns, &nc);
+    send(&mut conn, &Rpc::Prove { nonce: nc, proof }).await?;
     match recv(&mut conn).await? {
-        Reply::Welcome => Ok(conn),
+        Reply::Proven(theirs) if handshake::same(&theirs, &creds.server_proof(&ns, &nc)) => {
+            Ok(conn)
+        }
+        Reply::Proven(_) => Err(io_err(format!(
+            "{addr} does not hold this group's cluster secret"
+        ))),
         Reply::Failed(why) => Err(io_err(why)),
         _ => Err(io_err("unexpected reply to the handshake")),
     }
@@ -157,9 +178,9 @@ async fn recv<T: for<'de> Deserialize<'de>>(conn: &mut Conn) -> io::Result<T> {
 ///
 /// # Errors
 /// The node cannot be reached or does not answer within `timeout`.
-pub async fn info(addr: &str, token: &str, timeout: Duration) -> io::Result<NodeInfo> {
+pub async fn info(addr: &str, creds: &Credentials, timeout: Duration) -> io::Result<NodeInfo> {
     let call = async {
-        let mut conn = connect(addr, token).await?;
+        let mut conn = connect(addr, creds).await?;
         send(&mut conn, &Rpc::Info).await?;
         match recv(&mut conn).await? {
             Reply::Info(info) => Ok(info),
@@ -175,8 +196,8 @@ pub async fn info(addr: &str, token: &str, timeout: Duration) -> io::Result<Node
 /// Makes a client per target node.
 #[derive(Clone, Default)]
 pub struct Network {
-    /// The group's secret.
-    pub token: String,
+    /// The group's secret and the node port's TLS.
+    pub creds: Credentials,
     /// What appends measure of the members' wall clocks.
     pub clocks: Arc<Clocks>,
 }
@@ -188,7 +209,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
         Peer {
             target,
             addr: node.addr.clone(),
-            token: self.token.clone(),
+            creds: self.creds.clone(),
             conn: None,
             clocks: self.clocks.clone(),
         }
@@ -199,7 +220,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 pub struct Peer {
     target: u64,
     addr: String,
-    token: String,
+    creds: Credentials,
     conn: Option<Conn>,
     clocks: Arc<Clocks>,
 }
@@ -209,7 +230,7 @@ impl Peer {
         let call = async {
             if self.conn.is_none() {
                 self.conn = Some(
-                    connect(&self.addr, &self.token)
+                    connect(&self.addr, &self.creds)
                         .await
                         .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?,
                 );
@@ -336,9 +357,9 @@ impl RaftNetworkV2<TypeConfig> for Peer {
         cancel: impl Future<Output = openraft::errors::ReplicationClosed> + Send + 'static,
         option: RPCOption,
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
-        let (addr, token) = (self.addr.clone(), self.token.clone());
+        let (addr, creds) = (self.addr.clone(), self.creds.clone());
         let send = async move {
-            let mut conn = connect(&addr, &token)
+            let mut conn = connect(&addr, &creds)
                 .await
                 .map_err(|e| StreamingError::Unreachable(Unreachable::new(&e)))?;
             send_snapshot(&mut conn, vote, snapshot)
@@ -418,11 +439,11 @@ pub async fn serve(
     raft: Raft,
     slot: Arc<StorageSlot>,
     info: Arc<dyn Fn() -> NodeInfo + Send + Sync>,
-    token: String,
+    creds: Credentials,
     clocks: Arc<Clocks>,
     cancel: CancellationToken,
 ) {
-    let token = Arc::new(token);
+    let creds = Arc::new(creds);
     let limit = Arc::new(tokio::sync::Semaphore::new(MAX_NODE_CONNECTIONS));
     loop {
         let (socket, peer) = tokio::select! {
@@ -441,20 +462,27 @@ pub async fn serve(
             continue;
         };
         let _ = socket.set_nodelay(true);
-        let (raft, slot, info, cancel, token, clocks) = (
+        let (raft, slot, info, cancel, creds, clocks) = (
             raft.clone(),
             slot.clone(),
             info.clone(),
             cancel.clone(),
-            token.clone(),
+            creds.clone(),
             clocks.clone(),
         );
         tokio::spawn(async move {
             let _permit = permit;
-            let mut conn = Framed::new(socket, codec());
+            let stream = match tls::accept(socket, creds.tls.as_ref().map(|t| &t.server)).await {
+                Ok(stream) => stream,
+                Err(e) => {
+                    tracing::warn!(%peer, "node connection refused: TLS: {e}");
+                    return;
+                }
+            };
+            let mut conn = Framed::new(stream, codec());
             tokio::select! {
                 () = cancel.cancelled() => {}
-                r = serve_conn(&mut conn, &raft, &slot, &*info, &token, &clocks) => if let Err(e) = r {
+                r = serve_conn(&mut conn, &raft, &slot, &*info, &creds, &clocks) => if let Err(e) = r {
                     tracing::debug!(%peer, "node connection closed: {e}");
                 },
             }
@@ -467,31 +495,43 @@ async fn serve_conn(
     raft: &Raft,
     slot: &StorageSlot,
     info: &(dyn Fn() -> NodeInfo + Send + Sync),
-    token: &str,
+    creds: &Credentials,
     clocks: &Clocks,
 ) -> io::Result<()> {
-    // The handshake: the group's secret, in a small frame, soon. Frames stay small
-    // until it is accepted: the codec reserves what a header announces before the
-    // frame arrives, and a stranger must not make it reserve a gigabyte.
+    // The handshake (see [`super::handshake`]), in small frames, soon. Frames stay
+    // small until it is accepted: the codec reserves what a header announces before
+    // the frame arrives, and a stranger must not make it reserve a gigabyte.
     conn.codec_mut().set_max_frame_length(MAX_HELLO);
-    let hello = tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.next())
+    let ns: Bytes32 = rand::random();
+    let handshake = async {
+        match recv(conn).await? {
+            Rpc::Knock => send(conn, &Reply::Nonce(ns)).await?,
+            Rpc::LegacyHello { .. } => {
+                return Ok(Err("this node speaks a newer node protocol: \
+                               upgrade every node of the group (stop the group once)"));
+            }
+            _ => return Ok(Err("not a member of this group (no handshake)")),
+        }
+        Ok::<_, io::Error>(match recv(conn).await? {
+            Rpc::Prove { nonce, proof }
+                if handshake::same(&proof, &creds.client_proof(&ns, &nonce)) =>
+            {
+                Ok(nonce)
+            }
+            _ => Err("not a member of this group (wrong secret)"),
+        })
+    };
+    let answer = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
         .await
-        .map_err(|_| io_err("no handshake"))?
-        .ok_or_else(|| io_err("closed before the handshake"))??;
-    // (No secret configured takes no one: the configuration requires one.)
-    let accepted = hello.len() <= MAX_HELLO
-        && !token.is_empty()
-        && matches!(postcard::from_bytes(&hello), Ok(Rpc::Hello { token: t })
-            if crate::faces::native::hello::same_secret(t.as_bytes(), token.as_bytes()));
-    if !accepted {
-        send(
-            conn,
-            &Reply::Failed("not a member of this group (wrong secret)".into()),
-        )
-        .await?;
-        return Err(io_err("a node connection without the group's secret"));
-    }
-    send(conn, &Reply::Welcome).await?;
+        .map_err(|_| io_err("no handshake"))??;
+    let nc = match answer {
+        Ok(nc) => nc,
+        Err(why) => {
+            send(conn, &Reply::Failed(why.into())).await?;
+            return Err(io_err(format!("a node connection refused: {why}")));
+        }
+    };
+    send(conn, &Reply::Proven(creds.server_proof(&ns, &nc))).await?;
     conn.codec_mut().set_max_frame_length(MAX_FRAME);
     loop {
         let rpc: Rpc = match tokio::time::timeout(IDLE_TIMEOUT, recv(conn)).await {
@@ -500,7 +540,9 @@ async fn serve_conn(
         };
         let received_ms = txmq_protocol::now_ms();
         let reply = match rpc {
-            Rpc::Hello { .. } => Reply::Welcome,
+            Rpc::LegacyHello { .. } | Rpc::Knock | Rpc::Prove { .. } => {
+                Reply::Failed("a handshake on a welcomed connection".into())
+            }
             Rpc::Append { req, your_skew_ms } => match raft.append_entries(req).await {
                 Ok(resp) => {
                     // Believed from the leader of this node's term only.

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use openraft::ServerState;
 use openraft::async_runtime::watch::WatchReceiver;
-use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
@@ -16,14 +15,14 @@ use super::serving::run_once;
 use super::{Faces, Stop};
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::faces::native::connection;
+use crate::faces::native::{Listener, connection};
 use crate::metrics::Metrics;
 use crate::replication::node::{Addresses, Leadership, Node};
 
 /// A node of a broker group: follows (answering clients `NOT_LEADER`) until it leads,
 /// serves while it leads, and follows again when its leadership ends.
 pub(super) async fn serve_group(
-    listener: &TcpListener,
+    listener: &Listener,
     peers: crate::replication::Peers,
     grpc_addr: Option<std::net::SocketAddr>,
     config: &Arc<Config>,
@@ -102,17 +101,20 @@ pub(super) async fn serve_group(
 
 /// Answers every connection `NOT_LEADER` (with the leader's address when known), until
 /// dropped.
-async fn refuse_followers(listener: &TcpListener, node: &Arc<Node>, limit: usize) {
+async fn refuse_followers(listener: &Listener, node: &Arc<Node>, limit: usize) {
     let open = Arc::new(Semaphore::new(limit));
     loop {
-        if let Ok((socket, peer)) = listener.accept().await {
+        if let Ok((incoming, peer)) = listener.accept().await {
             let Ok(permit) = open.clone().try_acquire_owned() else {
-                drop(socket);
+                drop(incoming);
                 continue;
             };
             let node = node.clone();
             tokio::spawn(async move {
                 let _permit = permit;
+                let Some(socket) = incoming.open().await else {
+                    return;
+                };
                 let leader = node.leader_address().await;
                 connection::refuse_not_leader(socket, peer, leader).await;
             });

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::faces::native::connection;
+use crate::faces::native::{Listener, connection};
 use crate::metrics::{self, Metrics};
 use crate::storage::{Owner, Storage};
 use group::serve_group;
@@ -82,6 +82,7 @@ pub async fn serve(
         metrics: metrics_listener,
         grpc: grpc_listener,
     } = listeners;
+    let listener = Listener::new(listener, &config).map_err(Error::Invalid)?;
     let config = Arc::new(config);
     let grpc_live = Arc::new(crate::faces::grpc::Live::default());
     let metrics = Arc::new(Metrics::new());
@@ -153,7 +154,7 @@ pub async fn serve(
 
 /// A single broker: serves its storage, and reopens it after a failure.
 async fn serve_single(
-    listener: &TcpListener,
+    listener: &Listener,
     config: &Arc<Config>,
     metrics: &Arc<Metrics>,
     faces: Faces<'_>,
@@ -205,7 +206,7 @@ enum Stop {
 /// Opens storage again after a failure, retrying with backoff; meanwhile every new
 /// connection is told why and closed. `None` when shutdown came first.
 async fn reopen(
-    listener: &TcpListener,
+    listener: &Listener,
     config: &Config,
     shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
     why: &str,
@@ -235,11 +236,15 @@ async fn reopen(
 }
 
 /// Answers every connection with the reason writes are refused, until dropped.
-async fn refuse_all(listener: &TcpListener, why: &str) {
+async fn refuse_all(listener: &Listener, why: &str) {
     loop {
-        if let Ok((socket, peer)) = listener.accept().await {
+        if let Ok((incoming, peer)) = listener.accept().await {
             let why = why.to_string();
-            tokio::spawn(async move { connection::refuse_recovering(socket, peer, &why).await });
+            tokio::spawn(async move {
+                if let Some(socket) = incoming.open().await {
+                    connection::refuse_recovering(socket, peer, &why).await;
+                }
+            });
         } else {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use crate::faces::native::Listener;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -35,7 +35,7 @@ use crate::txn::checker::Checker;
 use crate::txn::producers::Producers;
 
 pub(super) async fn run_once(
-    listener: &TcpListener,
+    listener: &Listener,
     storage: StorageHandle,
     config: &Arc<Config>,
     metrics: &Arc<Metrics>,
@@ -241,7 +241,7 @@ pub(super) async fn run_once(
 }
 
 async fn accept(
-    listener: &TcpListener,
+    listener: &Listener,
     shared: &Arc<Shared>,
     tracker: &TaskTracker,
     cancel: &CancellationToken,
@@ -249,7 +249,7 @@ async fn accept(
     let limit = Arc::new(Semaphore::new(shared.config.max_connections));
     let mut backoff = Duration::from_millis(5);
     loop {
-        let (socket, peer) = match listener.accept().await {
+        let (incoming, peer) = match listener.accept().await {
             Ok(pair) => {
                 backoff = Duration::from_millis(5);
                 pair
@@ -262,17 +262,13 @@ async fn accept(
                 continue;
             }
         };
-        let _ = socket.set_nodelay(true);
-        // Finds clients whose host vanished without a FIN, even while nothing is sent.
-        let ka = socket2::TcpKeepalive::new()
-            .with_time(Duration::from_secs(30))
-            .with_interval(Duration::from_secs(10))
-            .with_retries(3);
-        let _ = socket2::SockRef::from(&socket).set_tcp_keepalive(&ka);
         let permit = limit.clone().try_acquire_owned().ok();
         let shared = shared.clone();
         let cancel = cancel.clone();
         tracker.spawn(async move {
+            let Some(socket) = incoming.open().await else {
+                return;
+            };
             match permit {
                 Some(_permit) => {
                     shared.metrics.connections.inc();

@@ -20,7 +20,6 @@ use std::time::Duration;
 
 use futures::stream::FuturesUnordered;
 use futures::{SinkExt, StreamExt};
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
@@ -30,6 +29,7 @@ use super::{Pending, Session, dispatch, error_frame};
 use crate::service::Shared;
 use crate::service::consume::{self, Stall};
 use crate::service::txn;
+use crate::tls::{Stream, Writer};
 
 /// The frame codec, also telling each frame's length on the wire (what it holds of the
 /// byte budgets) without measuring the decoded request again.
@@ -100,13 +100,13 @@ const OUTBOUND: usize = 16 * 1024;
 
 /// Serves one connection until the client leaves, the stream breaks, or shutdown.
 pub async fn serve(
-    socket: TcpStream,
+    socket: Stream,
     peer: SocketAddr,
     shared: Arc<Shared>,
     cancel: CancellationToken,
 ) {
     let id = shared.connection_ids.fetch_add(1, Ordering::Relaxed);
-    let (rd, wr) = socket.into_split();
+    let (rd, wr) = socket.split();
     let codec = FrameCodec::new(shared.config.max_frame_len);
     let mut frames = FramedRead::new(rd, SizedCodec(codec.clone()));
     let (outbound, out_rx) = mpsc::channel(OUTBOUND);
@@ -278,7 +278,7 @@ async fn close(session: &mut Session, shared: &Shared) {
 /// Writes frames until the connection closes; then writes what is already queued (the
 /// last answers, a reason for closing) and stops.
 async fn write_frames(
-    mut sink: FramedWrite<tokio::net::tcp::OwnedWriteHalf, FrameCodec>,
+    mut sink: FramedWrite<Writer, FrameCodec>,
     mut rx: mpsc::Receiver<Frame>,
     closing: CancellationToken,
     stall: Arc<Stall>,
@@ -312,7 +312,7 @@ async fn write_frames(
 }
 
 /// Refuses a connection over the limit with a clear reason.
-pub async fn refuse_full(socket: TcpStream, peer: SocketAddr) {
+pub async fn refuse_full(socket: Stream, peer: SocketAddr) {
     tracing::warn!(%peer, "connection refused: too many connections");
     let mut sink = FramedWrite::new(socket, FrameCodec::default());
     let _ = sink
@@ -325,7 +325,7 @@ pub async fn refuse_full(socket: TcpStream, peer: SocketAddr) {
 }
 
 /// Refuses a connection while storage is being reopened after a failure, saying why.
-pub async fn refuse_recovering(socket: TcpStream, peer: SocketAddr, why: &str) {
+pub async fn refuse_recovering(socket: Stream, peer: SocketAddr, why: &str) {
     tracing::debug!(%peer, "connection refused: storage is being reopened");
     let mut sink = FramedWrite::new(socket, FrameCodec::default());
     let message =
@@ -337,7 +337,7 @@ pub async fn refuse_recovering(socket: TcpStream, peer: SocketAddr, why: &str) {
 
 /// Answers a connection to a follower of a broker group: its first request (the Hello)
 /// gets `NOT_LEADER` naming the leader's address when known, then the connection closes.
-pub async fn refuse_not_leader(socket: TcpStream, peer: SocketAddr, leader: Option<String>) {
+pub async fn refuse_not_leader(socket: Stream, peer: SocketAddr, leader: Option<String>) {
     tracing::debug!(%peer, ?leader, "connection refused: not the leader");
     let mut framed = tokio_util::codec::Framed::new(socket, FrameCodec::default());
     let id = match tokio::time::timeout(Duration::from_secs(5), framed.next()).await {

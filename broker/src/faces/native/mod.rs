@@ -5,6 +5,7 @@
 
 pub mod connection;
 pub mod hello;
+pub mod listener;
 mod session;
 
 use std::future::Future;
@@ -22,6 +23,7 @@ use crate::service::{
     validate,
 };
 
+pub use listener::{Incoming, Listener};
 pub use session::{Session, error_frame, error_response, response};
 
 /// A response on its way.

@@ -78,7 +78,7 @@ impl Node {
 
     /// What node `id` reached at `peer` tells about itself, asked now and remembered.
     async fn ask_info(&self, id: u64, peer: &str) -> Option<NodeInfo> {
-        match network::info(peer, &self.token, Duration::from_secs(1)).await {
+        match network::info(peer, &self.creds, Duration::from_secs(1)).await {
             Ok(info) => {
                 self.known
                     .lock()

@@ -12,11 +12,17 @@ use std::time::Duration;
 use openraft::BasicNode;
 use tokio_util::sync::CancellationToken;
 
+use crate::replication::handshake::Credentials;
 use crate::replication::network;
 use crate::replication::{Peers, Raft};
 
 /// Forms the group if this node has the lowest id and every peer is as new as it is.
-pub(super) async fn form_group(raft: Raft, peers: Peers, token: String, stop: CancellationToken) {
+pub(super) async fn form_group(
+    raft: Raft,
+    peers: Peers,
+    creds: Credentials,
+    stop: CancellationToken,
+) {
     let lowest = peers.nodes.keys().next().copied();
     loop {
         match raft.is_initialized().await {
@@ -26,7 +32,7 @@ pub(super) async fn form_group(raft: Raft, peers: Peers, token: String, stop: Ca
         if lowest == Some(peers.me) {
             let mut all_new = true;
             for (id, addr) in peers.nodes.iter().filter(|(id, _)| **id != peers.me) {
-                match network::info(addr, &token, Duration::from_secs(1)).await {
+                match network::info(addr, &creds, Duration::from_secs(1)).await {
                     Ok(info) if !info.initialized => {}
                     Ok(_) => {
                         tracing::info!(

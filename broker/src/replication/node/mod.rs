@@ -27,6 +27,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::clock::{self, Clocks};
+use super::handshake::Credentials;
 use super::log_store::LogStore;
 use super::network::{self, Network, NodeInfo};
 use super::state_machine::{StateMachine, StorageSlot};
@@ -51,8 +52,8 @@ pub struct Node {
     pub peers: Peers,
     /// Where clients reach this node.
     addresses: Addresses,
-    /// The group's secret on the node network (`--cluster-secret-file`).
-    token: String,
+    /// The group's secret on the node network (`--cluster-secret-file`), and its TLS.
+    creds: Credentials,
     /// The node's own address book: what each member said of itself, and when.
     known: Mutex<HashMap<u64, (NodeInfo, std::time::Instant)>>,
     /// Held while the leader is asked about itself; the leader that last did not
@@ -184,10 +185,10 @@ impl Node {
         .validate()
         .map_err(|e| Error::Invalid(format!("raft settings: {e}")))?;
         // The group's own secret (the config requires one with peers), never a client's.
-        let token = config.cluster_secret.clone().unwrap_or_default();
+        let creds = Credentials::of(config).map_err(Error::Invalid)?;
         let clocks = Arc::new(Clocks::default());
         let network = Network {
-            token: token.clone(),
+            creds: creds.clone(),
             clocks: clocks.clone(),
         };
         let raft = Raft::new(
@@ -210,7 +211,7 @@ impl Node {
             slot: slot.clone(),
             peers: peers.clone(),
             addresses: addresses.clone(),
-            token: token.clone(),
+            creds: creds.clone(),
             known: Mutex::new(HashMap::new()),
             asking: tokio::sync::Mutex::new(None),
             stop: CancellationToken::new(),
@@ -238,14 +239,14 @@ impl Node {
             raft.clone(),
             slot,
             info,
-            token.clone(),
+            creds.clone(),
             clocks,
             node.stop.clone(),
         ));
         node.tasks.spawn(forming::form_group(
             raft.clone(),
             peers,
-            token,
+            creds,
             node.stop.clone(),
         ));
         tracing::info!(

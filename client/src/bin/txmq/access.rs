@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 use anyhow::Context;
 use clap::Subcommand;
 use serde_json::json;
-use txmq_client::{Admin, RuleSpec, User, pb};
+use txmq_client::{Admin, RuleSpec, Tls, User, pb};
 
 /// Who every connection of this command authenticates as (set once, from the flags).
 static USER: OnceLock<Option<User>> = OnceLock::new();
@@ -58,9 +58,28 @@ pub fn user() -> Option<User> {
     USER.get().cloned().flatten()
 }
 
+/// How every connection of this command reaches the broker: TLS or plain.
+static TLS: OnceLock<Option<Tls>> = OnceLock::new();
+
+/// Sets TLS from `--tls` and `--ca FILE` (which implies it).
+pub fn secure(tls: bool, ca: Option<&Path>) -> anyhow::Result<()> {
+    let config = match ca {
+        Some(path) => Some(Tls::with_ca_file(path)?),
+        None if tls => Some(Tls::public_roots()?),
+        None => None,
+    };
+    let _ = TLS.set(config);
+    Ok(())
+}
+
+/// TLS for this command's connections, if asked for.
+pub fn tls() -> Option<Tls> {
+    TLS.get().cloned().flatten()
+}
+
 /// An operator's connection, as this command's user.
 pub async fn admin(addr: &str, token: &str) -> anyhow::Result<Admin> {
-    Ok(Admin::connect_as(addr, token, user().as_ref()).await?)
+    Ok(Admin::connect_secure(addr, token, user().as_ref(), tls().as_ref()).await?)
 }
 
 #[derive(Debug, Subcommand)]

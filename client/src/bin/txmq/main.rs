@@ -53,6 +53,13 @@ struct Cli {
     /// File whose first line is the user's secret (or TXMQ_USER_SECRET holds it).
     #[arg(long, global = true, env = "TXMQ_USER_SECRET_FILE")]
     user_secret_file: Option<std::path::PathBuf>,
+    /// Speak TLS to the broker, trusting the public web's authorities (or --ca's).
+    #[arg(long, global = true, env = "TXMQ_TLS")]
+    tls: bool,
+    /// PEM file of the authorities to trust for the broker's certificate (implies
+    /// --tls): a private authority, or the broker's self-signed certificate.
+    #[arg(long, global = true, env = "TXMQ_CA")]
+    ca: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -408,6 +415,7 @@ async fn main() {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     access::login(cli.user.clone(), cli.user_secret_file.clone())?;
+    access::secure(cli.tls, cli.ca.as_deref())?;
     let addr = cli.broker.as_str();
     let token = cli.auth_token.as_str();
     match cli.command {
@@ -553,6 +561,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 window: 1,
                 auth_token: token.to_string(),
                 user: crate::access::user(),
+                tls: crate::access::tls(),
                 ..ConsumerOptions::new(group.clone(), topic.clone()).ordered(ordered)
             };
             Consumer::subscribe(addr, options).await?.close().await?;
@@ -674,6 +683,7 @@ pub async fn plain_producer(addr: &str, token: &str) -> anyhow::Result<Producer>
     let options = ProducerOptions {
         auth_token: token.to_string(),
         user: crate::access::user(),
+        tls: crate::access::tls(),
         ..Default::default()
     };
     Ok(Producer::connect(addr, options).await?)
@@ -754,6 +764,7 @@ async fn produce_txn(addr: &str, token: &str, a: ProduceArgs) -> anyhow::Result<
     let mut options = ProducerOptions::transactional(group, checker);
     options.auth_token = token.to_string();
     options.user = access::user();
+    options.tls = access::tls();
     let producer = Producer::connect(addr, options).await?;
     for i in 0..a.count {
         let mut txn = producer.begin()?;
@@ -808,6 +819,7 @@ async fn consume(addr: &str, token: &str, a: ConsumeArgs) -> anyhow::Result<()> 
         ordered: a.ordered,
         auth_token: token.to_string(),
         user: crate::access::user(),
+        tls: crate::access::tls(),
     };
     let mut consumer = Consumer::subscribe(addr, options).await?;
     let idle = a.timeout.map(Duration::from_secs_f64);

@@ -134,6 +134,7 @@ pub async fn run(addr: &str, token: &str, a: WebhookArgs) -> anyhow::Result<()> 
         max_attempts: a.max_attempts,
         auth_token: token.to_string(),
         user: crate::access::user(),
+        tls: crate::access::tls(),
         ..ConsumerOptions::new(a.group.clone(), a.topic.clone())
     };
     let mut consumer = Consumer::subscribe(addr, options).await?;
