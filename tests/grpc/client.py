@@ -410,30 +410,76 @@ def hostile(endpoint):
     out(call="the same message id again", code=max(codes), offsets=offsets)
 
 
+def signed_meta(client_id):
+    """Call metadata for `client_id`, signed with TXMQ_AK/TXMQ_SK as the clients sign
+    (unsigned when TXMQ_AK is empty)."""
+    import hashlib
+    import hmac as hmac_mod
+    ak, sk = os.environ.get("TXMQ_AK", ""), os.environ.get("TXMQ_SK", "")
+    m = [("x-mq-client-id", client_id)]
+    if ak:
+        # UTC here (Node.js's form); the others send local time.
+        date = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        sig = hmac_mod.new(sk.encode(), date.encode(), hashlib.sha1).hexdigest()
+        m += [("x-mq-date-time", date),
+              ("authorization", f"MQv2-HMAC-SHA1 Credential={ak}, "
+                                f"SignedHeaders=x-mq-date-time, Signature={sig}")]
+    return m
+
+
+def telemetry_wait(endpoint, topic, seconds):
+    """Opens a raw Telemetry stream as a producer of `topic` (signed as `ops` signs),
+    prints `settled` once the broker answers its Settings, then how the stream ends
+    within `seconds`: closed by the broker (with the status it sent) or still open."""
+    import queue
+    import threading
+    import grpc
+    from rocketmq.grpc_protocol import definition_pb2 as d
+    from rocketmq.grpc_protocol import service_pb2 as s
+    from rocketmq.grpc_protocol.service_pb2_grpc import MessagingServiceStub
+    stub = MessagingServiceStub(grpc.insecure_channel(endpoint))
+    settings = d.Settings(client_type=d.PRODUCER, publishing=d.Publishing(
+        topics=[d.Resource(name=topic)]))
+    stop = threading.Event()
+
+    def commands():
+        yield s.TelemetryCommand(settings=settings)
+        stop.wait(float(seconds) + 5)
+
+    replies = queue.Queue()
+
+    def read():
+        try:
+            for r in stub.Telemetry(commands(), metadata=signed_meta("telemetry-wait")):
+                replies.put(("reply", r.status.code))
+            replies.put(("end", 0))
+        except grpc.RpcError as e:
+            replies.put(("error", e.code().name))
+    threading.Thread(target=read, daemon=True).start()
+    first = replies.get(timeout=30)
+    out(settled=first[0] == "reply", code=first[1])
+    sys.stdout.flush()
+    try:
+        kind, code = replies.get(timeout=float(seconds))
+        out(closed=True, kind=kind, code=code)
+    except queue.Empty:
+        out(closed=False)
+    stop.set()
+
+
 def ops(endpoint, names):
     """Each named gRPC operation once, raw, signed with TXMQ_AK/TXMQ_SK (unsigned when
     TXMQ_AK is empty): a line per operation with its status code, or the gRPC error
     code name when the call itself was refused (UNAUTHENTICATED)."""
-    import hashlib
-    import hmac as hmac_mod
     import grpc
     from google.protobuf.duration_pb2 import Duration
     from rocketmq.grpc_protocol import definition_pb2 as d
     from rocketmq.grpc_protocol import service_pb2 as s
     from rocketmq.grpc_protocol.service_pb2_grpc import MessagingServiceStub
     stub = MessagingServiceStub(grpc.insecure_channel(endpoint))
-    ak, sk = os.environ.get("TXMQ_AK", ""), os.environ.get("TXMQ_SK", "")
 
     def meta():
-        m = [("x-mq-client-id", "permission-test")]
-        if ak:
-            # UTC here (Node.js's form); the others send local time.
-            date = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-            sig = hmac_mod.new(sk.encode(), date.encode(), hashlib.sha1).hexdigest()
-            m += [("x-mq-date-time", date),
-                  ("authorization", f"MQv2-HMAC-SHA1 Credential={ak}, "
-                                    f"SignedHeaders=x-mq-date-time, Signature={sig}")]
-        return m
+        return signed_meta("permission-test")
 
     def msg(kind=d.NORMAL, topic="t1"):
         props = d.SystemProperties(message_id="p-0001", message_type=kind,
@@ -445,7 +491,20 @@ def ops(endpoint, names):
             return r.status.code
 
     g, t = d.Resource(name="g1"), d.Resource(name="t1")
+
+    def prepare_id():
+        r = stub.SendMessage(s.SendMessageRequest(messages=[msg(d.TRANSACTION)]),
+                             metadata=meta())
+        out(op="PrepareId", code=r.status.code, txn=r.entries[0].transaction_id)
+        return r.status.code
+
     calls = {
+        # Prepares a transaction on t1 and prints its id too.
+        "PrepareId": prepare_id,
+        # Commits the transaction TXMQ_TXN names, as this client's own end.
+        "CommitThat": lambda: stub.EndTransaction(s.EndTransactionRequest(
+            topic=t, transaction_id=os.environ["TXMQ_TXN"], resolution=d.COMMIT,
+            source=d.SOURCE_CLIENT), metadata=meta()).status.code,
         "Send": lambda: stub.SendMessage(
             s.SendMessageRequest(messages=[msg()]), metadata=meta()).status.code,
         "Prepare": lambda: stub.SendMessage(
@@ -622,6 +681,8 @@ def main():
         cancel_receive(endpoint, args[0], args[1])
     elif command == "push":
         push(endpoint, args[0], args[1], args[2], args[3:])
+    elif command == "telemetry-wait":
+        telemetry_wait(endpoint, args[0], args[1])
     elif command == "ops":
         ops(endpoint, args)
     elif command == "simple":

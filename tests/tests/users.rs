@@ -430,3 +430,146 @@ async fn grpc_clients_sign_as_users_and_the_same_rules_decide() {
     let topics = root.topics().await.unwrap();
     assert!(topics.iter().all(|t| t.name != "billing"), "{topics:?}");
 }
+
+/// Issue 26, item 5: a gRPC transaction belongs to the user that prepared it. Another
+/// user allowed to publish on the topic and to end its gRPC transactions cannot end it
+/// (refused, and the half message stays invisible); its own user commits it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_transaction_is_ended_only_by_the_user_that_prepared_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let admin_file = dir.path().join("admin");
+    std::fs::write(&admin_file, format!("root {ADMIN_SECRET}\n")).unwrap();
+    let key_file = dir.path().join("broker-key");
+    std::fs::write(&key_file, "a-long-random-broker-key-1234567890\n").unwrap();
+    let b = TestBroker::start(&[
+        "--bootstrap-admin-file",
+        admin_file.to_str().unwrap(),
+        "--broker-key-file",
+        key_file.to_str().unwrap(),
+        "--grpc-listen",
+        "127.0.0.1:0",
+    ]);
+    let root = root(&b).await;
+    root.create_topic("t1", false).await.unwrap();
+    for user in ["app", "other"] {
+        root.user_create(user, APP_SECRET, false).await.unwrap();
+        for (resource, actions) in [("topic:t1", "pub,sub"), ("producer-group:%GRPC%t1", "txn")] {
+            root.acl_grant(&RuleSpec {
+                user: user.into(),
+                ..rule(resource, actions)
+            })
+            .await
+            .unwrap();
+        }
+    }
+    root.acl_grant(&RuleSpec {
+        user: "app".into(),
+        ..rule("group:g", "sub")
+    })
+    .await
+    .unwrap();
+    let grpc = b.grpc_addr().to_string();
+    let ops = move |user: &'static str, op: &'static str, txn: String| {
+        let grpc = grpc.clone();
+        tokio::task::spawn_blocking(move || {
+            let (ok, out, err) = txmq_tests::grpc::run(
+                &grpc,
+                &["ops", op],
+                &[
+                    ("TXMQ_AK", user),
+                    ("TXMQ_SK", APP_SECRET),
+                    ("TXMQ_TXN", &txn),
+                ],
+            );
+            assert!(ok, "ops {op}: {err}");
+            txmq_tests::json_lines(&out).remove(0)
+        })
+    };
+    let prepared = ops("app", "PrepareId", String::new()).await.unwrap();
+    assert_eq!(prepared["code"], 20000, "{prepared}");
+    let txn = prepared["txn"].as_str().unwrap().to_string();
+    let stolen = ops("other", "CommitThat", txn.clone()).await.unwrap();
+    assert_ne!(
+        stolen["code"], 20000,
+        "another user ended the transaction: {stolen}"
+    );
+    let app = ConsumerOptions {
+        user: Some(app_user()),
+        ..ConsumerOptions::new("g", "t1")
+    };
+    let mut c = Consumer::subscribe(b.addr(), app).await.unwrap();
+    assert!(
+        next(&mut c, Duration::from_millis(500)).await.is_none(),
+        "the refused commit made the message visible"
+    );
+    let own = ops("app", "CommitThat", txn).await.unwrap();
+    assert_eq!(own["code"], 20000, "its own user could not commit: {own}");
+    let d = next(&mut c, Duration::from_secs(10))
+        .await
+        .expect("the committed message");
+    assert_eq!(d.body().as_ref(), b"x");
+}
+
+/// Issue 26: a gRPC producer's Telemetry stream takes its topics' check-backs; when its
+/// user loses `txn` on that group, the broker closes the stream (as it closes a native
+/// connection that lost what it holds), so no check-back goes to it any more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_producer_stream_is_closed_when_its_check_permission_is_revoked() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let admin_file = dir.path().join("admin");
+    std::fs::write(&admin_file, format!("root {ADMIN_SECRET}\n")).unwrap();
+    let key_file = dir.path().join("broker-key");
+    std::fs::write(&key_file, "a-long-random-broker-key-1234567890\n").unwrap();
+    let b = TestBroker::start(&[
+        "--bootstrap-admin-file",
+        admin_file.to_str().unwrap(),
+        "--broker-key-file",
+        key_file.to_str().unwrap(),
+        "--grpc-listen",
+        "127.0.0.1:0",
+    ]);
+    let root = root(&b).await;
+    root.user_create("app", APP_SECRET, false).await.unwrap();
+    root.acl_grant(&rule("topic:t1", "pub")).await.unwrap();
+    let txn_rule = rule("producer-group:%GRPC%t1", "txn");
+    root.acl_grant(&txn_rule).await.unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("grpc/client.py");
+    let mut child = std::process::Command::new(txmq_tests::grpc::python())
+        .arg(script)
+        .args([b.grpc_addr(), "telemetry-wait", "t1", "20"])
+        .envs([("TXMQ_AK", "app"), ("TXMQ_SK", APP_SECRET)])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let (lines_tx, lines_rx) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            let _ = lines_tx.send(line);
+        }
+    });
+    let line = |limit| {
+        lines_rx
+            .recv_timeout(limit)
+            .map(|l| serde_json::from_str::<serde_json::Value>(&l).unwrap())
+    };
+    let settled = line(Duration::from_secs(60)).expect("the stream never settled");
+    assert_eq!(settled["settled"], true, "{settled}");
+    // Registered as the group's producer before the revoke.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    root.acl_revoke(&txn_rule, None).await.unwrap();
+    let end = line(Duration::from_secs(40));
+    let _ = child.kill();
+    let _ = child.wait();
+    let end = end.expect("the script said nothing more");
+    assert_eq!(
+        end["closed"],
+        true,
+        "the stream outlived the revoke of its check permission: {end}\n{}",
+        b.log_text()
+    );
+    assert_ne!(end["code"], 20000, "{end}");
+}

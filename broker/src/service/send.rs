@@ -148,23 +148,24 @@ pub fn store(
     })
 }
 
-/// Stores half messages of a new transaction of producer group `group`, which a face
-/// names for its clients (gRPC's `%GRPC%<topic>`: no native client can claim it);
-/// answers the transaction's id and the receipts once durable.
+/// Stores half messages of a new transaction of `group`, which a face makes for its
+/// clients (gRPC's `%GRPC%<topic>`, bound to the principal: see
+/// [`super::txn::OwnGroup`]); answers the transaction's id and the receipts once
+/// durable.
 pub fn prepare_as(
     shared: &Arc<Shared>,
     who: &Principal,
-    group: String,
+    group: super::txn::OwnGroup,
     messages: Vec<pb::Message>,
 ) -> Answer<(crate::ids::Id, Vec<pb::MessageReceipt>)> {
     let permitted = check_messages(&messages, shared).and_then(|()| {
         topics(&messages).try_for_each(|t| {
-            let on = [Resource::Topic(t), Resource::ProducerGroup(&group)];
+            let on = [Resource::Topic(t), Resource::ProducerGroup(&group.name)];
             permit(shared, who, Operation::Prepare, &on)?;
             super::access::may_create(shared, who, t)
         })
     });
-    let cmd = match permitted.and_then(|()| prepare(None, group, messages, 0)) {
+    let cmd = match permitted.and_then(|()| prepare(None, group.bound, messages, 0)) {
         Ok(cmd) => cmd,
         Err(e) => return now(Err(e)),
     };

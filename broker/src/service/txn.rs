@@ -315,7 +315,7 @@ pub fn info(id: Id, r: TxnRecord) -> pb::TxnInfo {
 pub fn answer_checks(
     shared: &Shared,
     who: &Principal,
-    group: &str,
+    group: &OwnGroup,
     connection_id: u64,
     scopes: Vec<String>,
     sink: &super::consume::Sink,
@@ -324,10 +324,10 @@ pub fn answer_checks(
         shared,
         who,
         Operation::AnswerChecks,
-        &[Resource::ProducerGroup(group)],
+        &[Resource::ProducerGroup(&group.name)],
     )?;
     shared.producers.register_scoped(
-        group,
+        &group.bound,
         connection_id,
         sink.outbound.clone(),
         sink.stall.clone(),
@@ -336,26 +336,74 @@ pub fn answer_checks(
     Ok(())
 }
 
+/// Whether `who` may answer `group`'s checks (asked again when rules change).
+///
+/// # Errors
+/// Not permitted.
+pub fn may_answer_checks(shared: &Shared, who: &Principal, group: &OwnGroup) -> Result<()> {
+    permit(
+        shared,
+        who,
+        Operation::AnswerChecks,
+        &[Resource::ProducerGroup(&group.name)],
+    )
+}
+
 /// Connection `connection_id` answers no more checks (it closed).
 pub fn stop_answering(shared: &Shared, connection_id: u64) {
     shared.producers.unregister(connection_id);
 }
 
-/// Ends transaction `txn` of producer group `group` as its producer: commit or
-/// rollback, idempotent, a conflicting end refused (I2). The faces that bind a
-/// transaction to a group of their own making (gRPC's `%GRPC%<topic>`) name it here.
+/// A producer group a face makes for its clients (gRPC's `%GRPC%<topic>`: they declare
+/// none), as one principal's. Rules name it by `name`; its transactions are kept under
+/// `bound`, which adds a user's name, so that only that user's connections end them or
+/// are asked their checks: another publisher of the topic cannot (issue 26, item 5).
+/// Without users (anonymous, or the shared token) there is no one to bind to, and
+/// `bound` is `name`. `%` is in no name a client can give, so no one can claim a bound
+/// group by naming it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnGroup {
+    /// What rules name (`producer-group:%GRPC%orders`).
+    pub name: String,
+    /// What the transactions and check-back registrations are kept under.
+    pub bound: String,
+}
+
+impl OwnGroup {
+    /// The group `name` as `who`'s.
+    pub fn of(name: String, who: &Principal) -> Self {
+        let bound = match &who.identity {
+            crate::auth::Identity::User { name: user, .. } => format!("{name}%{user}"),
+            crate::auth::Identity::Anonymous | crate::auth::Identity::Token => name.clone(),
+        };
+        Self { name, bound }
+    }
+
+    /// A group a client named itself (a native producer's): shared by every
+    /// connection that declares it and may.
+    pub fn declared(name: &str) -> Self {
+        Self {
+            name: name.to_string(),
+            bound: name.to_string(),
+        }
+    }
+}
+
+/// Ends transaction `txn` of `group` as its producer: commit or rollback, idempotent, a
+/// conflicting end refused (I2). The faces that bind a transaction to a group of their
+/// own making (gRPC's `%GRPC%<topic>`) name it here.
 pub fn end_as(
     shared: &Arc<Shared>,
     who: &Principal,
     txn: Id,
     outcome: TxnOutcome,
-    group: String,
+    group: OwnGroup,
 ) -> Answer<()> {
     if let Err(e) = permit(
         shared,
         who,
         Operation::EndTxn,
-        &[Resource::ProducerGroup(&group)],
+        &[Resource::ProducerGroup(&group.name)],
     ) {
         return now(Err(e));
     }
@@ -370,7 +418,7 @@ pub fn end_as(
             .submit(Command::End {
                 txn,
                 outcome,
-                by: Resolver::Producer(group),
+                by: Resolver::Producer(group.bound),
             })
             .await
             .map(|_| ())
@@ -386,7 +434,7 @@ pub fn end_as(
 pub async fn answer_check(
     shared: &Shared,
     who: &Principal,
-    group: &str,
+    group: &OwnGroup,
     connection_id: u64,
     check_id: u64,
     reply: pb::CheckReply,
@@ -395,7 +443,7 @@ pub async fn answer_check(
         shared,
         who,
         Operation::AnswerChecks,
-        &[Resource::ProducerGroup(group)],
+        &[Resource::ProducerGroup(&group.name)],
     )?;
     let answer = CheckAnswer {
         connection_id,

@@ -34,8 +34,9 @@ const MAX_PENDING: usize = 4096;
 pub struct Link {
     /// Its connection id in the producers registry.
     pub connection_id: u64,
-    /// The checks sent to it and not answered: transaction → check id.
-    pending: Mutex<HashMap<Id, u64>>,
+    /// The checks sent to it and not answered: transaction → check id and the topic
+    /// whose group it was asked for.
+    pending: Mutex<HashMap<Id, (u64, String)>>,
     /// The registry it is in (the broker's parts at the time; not kept alive by it,
     /// so a stopping broker is not held up by an open stream).
     shared: Weak<Shared>,
@@ -59,11 +60,11 @@ impl Link {
             stall: Arc::new(Stall::default()),
         };
         for topic in topics {
-            let group = super::send::txn_group(topic);
+            let group = super::send::txn_group(topic, who);
             if let Err(e) =
                 txn::answer_checks(&shared, who, &group, connection_id, Vec::new(), &sink)
             {
-                tracing::warn!(client = %who.client_id, %group, "not asked for checks: {e}");
+                tracing::warn!(client = %who.client_id, group = %group.name, "not asked for checks: {e}");
             }
         }
         let stall = sink.stall;
@@ -93,7 +94,7 @@ impl Link {
                     if pending.len() >= MAX_PENDING {
                         pending.clear();
                     }
-                    pending.insert(txn, frame.id);
+                    pending.insert(txn, (frame.id, message.topic.clone()));
                 }
                 let command = pb::TelemetryCommand {
                     status: Some(super::status::ok()),
@@ -119,10 +120,27 @@ impl Link {
     }
 
     /// The client answered a check of `txn` (an EndTransaction from SERVER_CHECK): the
-    /// check's id, when one was sent on this stream (it is now answered).
-    pub fn answered(&self, txn: Id) -> Option<u64> {
+    /// check's id and its topic, when one was sent on this stream (it is now answered).
+    pub fn answered(&self, txn: Id) -> Option<(u64, String)> {
         self.pending.lock().expect("pending lock").remove(&txn)
     }
+}
+
+/// Whether `who` may still hold a stream that takes the check-backs of `topics`' groups
+/// after a change of users or rules: its identity, and `txn` on each group.
+///
+/// # Errors
+/// What it lost.
+pub fn still_allowed(
+    shared: &Shared,
+    who: &Principal,
+    topics: &[String],
+) -> crate::error::Result<()> {
+    shared.auth.check_identity(&who.identity)?;
+    for topic in topics {
+        txn::may_answer_checks(shared, who, &super::send::txn_group(topic, who))?;
+    }
+    Ok(())
 }
 
 impl Drop for Link {

@@ -18,9 +18,10 @@ use crate::service::{Principal, scheduled, send, txn};
 /// The property that keeps a gRPC client's own message id.
 pub const CLIENT_ID_PROPERTY: &str = "UNIQ_KEY";
 
-/// The producer group of gRPC transactions on `topic`.
-pub fn txn_group(topic: &str) -> String {
-    format!("%GRPC%{topic}")
+/// The producer group of `who`'s gRPC transactions on `topic`: `%GRPC%<topic>` as
+/// rules name it, bound to the user (see [`txn::OwnGroup`]).
+pub fn txn_group(topic: &str, who: &Principal) -> txn::OwnGroup {
+    txn::OwnGroup::of(format!("%GRPC%{topic}"), who)
 }
 
 /// A message as the client sent it, checked and converted.
@@ -206,7 +207,7 @@ pub async fn send_message(
     }
     if !txn.is_empty() {
         let (at, messages): (Vec<usize>, Vec<_>) = txn.into_iter().unzip();
-        let group = txn_group(&messages[0].topic);
+        let group = txn_group(&messages[0].topic, who);
         // A gRPC transaction belongs to its topic's group: one topic per transaction.
         let one_topic = messages.iter().all(|m| m.topic == messages[0].topic);
         let prepared = if one_topic {
@@ -290,15 +291,19 @@ pub async fn end_transaction(
     // one that can prove it) goes to the check-back scheduler, as a native producer's
     // does: it counts it, ends the transaction or (unknown) keeps its backoff, and stops
     // waiting for it. Unanswered, it once timed out there too.
-    let group = txn_group(&req.topic.map(|t| t.name).unwrap_or_default());
     if req.source == pb::TransactionSource::SourceServerCheck as i32
         && !who.client_id.is_empty()
-        && let Some((connection_id, check_id)) = endpoint
+        && let Some((connection_id, check_id, topic)) = endpoint
             .sessions
             .links_of(&who.client_id)
             .iter()
-            .find_map(|l| l.answered(txn).map(|check| (l.connection_id, check)))
+            .find_map(|l| {
+                l.answered(txn)
+                    .map(|(check, topic)| (l.connection_id, check, topic))
+            })
     {
+        // The group of the check that was sent, not of the topic the request names.
+        let group = txn_group(&topic, &who);
         let answer = native::CheckReply {
             txn_id: txn.to_string(),
             outcome: outcome as i32,
@@ -314,6 +319,7 @@ pub async fn end_transaction(
         return reply(status::ok());
     }
     // The producer's own end, for the transactions of its topic's group.
+    let group = txn_group(&req.topic.map(|t| t.name).unwrap_or_default(), &who);
     match txn::end_as(&shared, &who, txn, outcome, group).await {
         Ok(_) => reply(status::ok()),
         Err(e) => reply(status::of_error(&e)),

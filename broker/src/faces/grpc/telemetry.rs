@@ -119,6 +119,16 @@ impl Sessions {
             .retain(|_, s| s.client_id != client_id);
     }
 
+    /// The topics a stream publishes.
+    fn topics_of(&self, id: u64) -> Vec<String> {
+        self.open
+            .lock()
+            .expect("sessions lock")
+            .get(&id)
+            .map(|s| s.topics.clone())
+            .unwrap_or_default()
+    }
+
     /// The producer registrations of a client's streams.
     pub fn links_of(&self, client_id: &str) -> Vec<Arc<Link>> {
         self.open
@@ -148,6 +158,8 @@ pub fn open(
     let backoff = endpoint.config.nack_backoff.clone();
     let stop = endpoint.stop.clone();
     let live = endpoint.live.clone();
+    let mut auth_changes = live.get().map(|s| s.auth.changes());
+    let me = who.clone();
     let Some(id) = sessions.add(Session {
         client_id: client.clone(),
         who,
@@ -165,6 +177,29 @@ pub fn open(
             // The endpoint's stop ends every stream (the server waits for them).
             let command = tokio::select! {
                 () = stop.cancelled() => break,
+                changed = auth_changed(&mut auth_changes) => {
+                    if changed.is_err() {
+                        // Those parts are gone; the next ones register the stream anew,
+                        // asking its permissions then.
+                        auth_changes = None;
+                        continue;
+                    }
+                    // Users or rules changed: a stream that lost its user, or `txn` on a
+                    // topic's group it takes check-backs for, is closed, as a native
+                    // connection is.
+                    let topics = sessions.topics_of(id);
+                    if let Some(shared) = live.get()
+                        && let Err(e) = super::checks::still_allowed(&shared, &me, &topics)
+                    {
+                        tracing::info!(client = %client, "closing telemetry stream: {e}");
+                        let _ = tx.try_send(Ok(pb::TelemetryCommand {
+                            status: Some(status::of_error(&e)),
+                            command: None,
+                        }));
+                        break;
+                    }
+                    continue;
+                }
                 command = inbound.next() => command,
             };
             let Some(Ok(command)) = command else { break };
@@ -203,6 +238,17 @@ pub fn open(
         tracing::debug!(client = %client, "telemetry stream closed");
     });
     Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
+}
+
+/// Waits for a change of users or rules; `Err` when the parts that announce them are
+/// gone; never, without them.
+async fn auth_changed(
+    changes: &mut Option<tokio::sync::watch::Receiver<u64>>,
+) -> Result<(), tokio::sync::watch::error::RecvError> {
+    match changes {
+        Some(rx) => rx.changed().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Whether the group of a subscription is ordered on any of its topics.

@@ -90,7 +90,7 @@ pub fn hello(
         txn::answer_checks(
             shared,
             &who,
-            &hello.producer_group,
+            &txn::OwnGroup::declared(&hello.producer_group),
             session.id,
             hello.check_scopes.clone(),
             &sink,
