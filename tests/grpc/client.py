@@ -45,6 +45,11 @@ from rocketmq import (ClientConfiguration, ConsumeResult, Credentials,
                       TransactionResolution)
 
 
+# A receipt handle of txmq's form whose MAC is wrong: it names no lease, so a call with it
+# is decided by everything else the broker checks first (permissions, durations).
+FORGED = "txmq2.0.1." + "0" * 32
+
+
 def out(**fields):
     print(json.dumps(fields), flush=True)
 
@@ -379,7 +384,7 @@ def hostile(endpoint):
         entries=[s.AckMessageEntry(message_id="1", receipt_handle="forged")]), metadata=meta)
     out(call="ack forged handle", code=ack.entries[0].status.code)
     change = stub.ChangeInvisibleDuration(s.ChangeInvisibleDurationRequest(
-        group=d.Resource(name="g"), topic=d.Resource(name="h"), receipt_handle="txmq1.0.0",
+        group=d.Resource(name="g"), topic=d.Resource(name="h"), receipt_handle=FORGED,
         invisible_duration=Duration(seconds=13 * 3600)), metadata=meta)
     out(call="invisible 13 h", code=change.status.code)
 
@@ -467,6 +472,47 @@ def telemetry_wait(endpoint, topic, seconds):
     stop.set()
 
 
+def steal(endpoint, group, topic):
+    """Receives one message as client `owner`, then uses its receipt handle as client
+    `thief` (ack, change invisible), a neighbour's handle made from it (the next lease
+    id, the same MAC), and finally as `owner`: a line with each call's status code."""
+    import grpc
+    from google.protobuf.duration_pb2 import Duration
+    from rocketmq.grpc_protocol import definition_pb2 as d
+    from rocketmq.grpc_protocol import service_pb2 as s
+    from rocketmq.grpc_protocol.service_pb2_grpc import MessagingServiceStub
+    stub = MessagingServiceStub(grpc.insecure_channel(endpoint))
+    g, t = d.Resource(name=group), d.Resource(name=topic)
+    props = d.SystemProperties(message_id="steal-0001", message_type=d.NORMAL,
+                               body_encoding=d.IDENTITY)
+    stub.SendMessage(s.SendMessageRequest(messages=[d.Message(
+        topic=t, system_properties=props, body=b"mine")]), metadata=signed_meta("owner"))
+    handle = None
+    req = s.ReceiveMessageRequest(group=g, message_queue=d.MessageQueue(topic=t),
+                                  batch_size=1, invisible_duration=Duration(seconds=30),
+                                  long_polling_timeout=Duration(seconds=10))
+    for r in stub.ReceiveMessage(req, metadata=signed_meta("owner")):
+        if r.HasField("message"):
+            handle = r.message.system_properties.receipt_handle
+    out(received=handle is not None)
+
+    def ack(h, client):
+        r = stub.AckMessage(s.AckMessageRequest(group=g, topic=t, entries=[
+            s.AckMessageEntry(message_id="steal-0001", receipt_handle=h)]),
+            metadata=signed_meta(client))
+        return r.entries[0].status.code
+
+    out(call="thief ack", code=ack(handle, "thief"))
+    change = stub.ChangeInvisibleDuration(s.ChangeInvisibleDurationRequest(
+        group=g, topic=t, receipt_handle=handle, invisible_duration=Duration(seconds=43200)),
+        metadata=signed_meta("thief"))
+    out(call="thief change", code=change.status.code)
+    prefix, offset, lease, mac = handle.split(".")
+    neighbour = ".".join([prefix, offset, str(int(lease) + 1), mac])
+    out(call="neighbour ack", code=ack(neighbour, "owner"))
+    out(call="owner ack", code=ack(handle, "owner"))
+
+
 def ops(endpoint, names):
     """Each named gRPC operation once, raw, signed with TXMQ_AK/TXMQ_SK (unsigned when
     TXMQ_AK is empty): a line per operation with its status code, or the gRPC error
@@ -521,14 +567,14 @@ def ops(endpoint, names):
             invisible_duration=Duration(seconds=10),
             long_polling_timeout=Duration(seconds=1)), metadata=meta())),
         "Ack": lambda: stub.AckMessage(s.AckMessageRequest(group=g, topic=t, entries=[
-            s.AckMessageEntry(message_id="1", receipt_handle="txmq1.0.1")]),
+            s.AckMessageEntry(message_id="1", receipt_handle=FORGED)]),
             metadata=meta()).entries[0].status.code,
         "Extend": lambda: stub.ChangeInvisibleDuration(s.ChangeInvisibleDurationRequest(
-            group=g, topic=t, receipt_handle="txmq1.0.1",
+            group=g, topic=t, receipt_handle=FORGED,
             invisible_duration=Duration(seconds=10)), metadata=meta()).status.code,
         "DeadLetter": lambda: stub.ForwardMessageToDeadLetterQueue(
             s.ForwardMessageToDeadLetterQueueRequest(
-                group=g, topic=t, receipt_handle="txmq1.0.1", message_id="1",
+                group=g, topic=t, receipt_handle=FORGED, message_id="1",
                 delivery_attempt=1, max_delivery_attempts=1), metadata=meta()).status.code,
     }
     for name in names:
@@ -683,6 +729,8 @@ def main():
         push(endpoint, args[0], args[1], args[2], args[3:])
     elif command == "telemetry-wait":
         telemetry_wait(endpoint, args[0], args[1])
+    elif command == "steal":
+        steal(endpoint, args[0], args[1])
     elif command == "ops":
         ops(endpoint, args)
     elif command == "simple":

@@ -107,9 +107,9 @@ struct GroupLog {
     /// that was deposed meanwhile, on a connection cut off with it and read once the
     /// network healed; or to a consumer that held it in its buffer past its lease, while
     /// the message went out again to another consumer (the gRPC one, say) that acked
-    /// it. A queue's lease ids grow from its start time (and all nodes here share a
-    /// clock), so an older lease was handed out earlier. Counted apart; a delivery on a
-    /// newer lease is a violation.
+    /// it. Lease ids grow with the broker's boot number (which a new leader raises
+    /// through the group's log) and within a boot, so an older lease was handed out
+    /// earlier. Counted apart; a delivery on a newer lease is a violation.
     stale: u64,
     /// Bodies whose last ack lost its connection before the answer: it may have taken
     /// effect (then the message is never delivered again) or not (then it comes back).
@@ -450,7 +450,7 @@ fn grpc_consumer(world: Arc<World>, g: usize, command: &str) -> std::thread::Joi
         |w| w.stop_consumers.load(Ordering::Relaxed),
         move |w, v| {
             let mut log = w.groups[g].lock().unwrap();
-            // The receipt handle names the lease (`txmq1.<offset>.<lease id>`).
+            // The receipt handle names the lease (`txmq2.<offset>.<lease id>.<mac>`).
             let at = v["handle"].as_str().and_then(lease_of_handle);
             if let Some(body) = v["delivered"].as_str() {
                 let attempt = v["attempt"].as_u64().unwrap_or(0);
@@ -478,11 +478,12 @@ fn grpc_consumer(world: Arc<World>, g: usize, command: &str) -> std::thread::Joi
     )
 }
 
-/// The (offset, lease id) a gRPC receipt handle names.
+/// The (offset, lease id) a gRPC receipt handle names (`txmq2.<offset>.<lease id>.<mac>`).
 fn lease_of_handle(handle: &str) -> Option<(u64, u64)> {
-    let mut parts = handle.strip_prefix("txmq1.")?.split('.');
+    let mut parts = handle.strip_prefix("txmq2.")?.split('.');
     let offset = parts.next()?.parse().ok()?;
     let lease = parts.next()?.parse().ok()?;
+    let _mac = parts.next()?;
     parts.next().is_none().then_some((offset, lease))
 }
 
@@ -927,7 +928,7 @@ mod tests {
         let mut log = GroupLog::default();
         log.delivered("p0-928", Some((7, 100)), 1, "");
         log.delivered("p0-928", Some((7, 200)), 2, " over gRPC");
-        log.confirmed_ack("p0-928", lease_of_handle("txmq1.7.200"));
+        log.confirmed_ack("p0-928", lease_of_handle("txmq2.7.200.ab"));
         // The native consumer reads its buffered copy now.
         log.delivered("p0-928", Some((7, 100)), 1, "");
         assert_eq!(log.violations, Vec::<String>::new());
@@ -936,9 +937,9 @@ mod tests {
         log.delivered("p0-928", Some((7, 300)), 3, "");
         assert_eq!(log.violations.len(), 1, "{:?}", log.violations);
         // Over gRPC, the same rules.
-        log.delivered("p0-928", lease_of_handle("txmq1.7.150"), 2, " over gRPC");
+        log.delivered("p0-928", lease_of_handle("txmq2.7.150.ab"), 2, " over gRPC");
         assert_eq!((log.stale, log.violations.len()), (2, 1));
-        log.delivered("p0-928", lease_of_handle("txmq1.7.400"), 4, " over gRPC");
+        log.delivered("p0-928", lease_of_handle("txmq2.7.400.ab"), 4, " over gRPC");
         assert_eq!(log.violations.len(), 2);
     }
 
@@ -994,9 +995,9 @@ mod tests {
 
     #[test]
     fn receipt_handles_parse() {
-        assert_eq!(lease_of_handle("txmq1.7.200"), Some((7, 200)));
-        assert_eq!(lease_of_handle("txmq1.7"), None);
-        assert_eq!(lease_of_handle("txmq1.7.2.3"), None);
+        assert_eq!(lease_of_handle("txmq2.7.200.ab"), Some((7, 200)));
+        assert_eq!(lease_of_handle("txmq2.7.1"), None);
+        assert_eq!(lease_of_handle("txmq2.7.2.3.4"), None);
         assert_eq!(lease_of_handle("other"), None);
     }
 }

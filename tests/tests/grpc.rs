@@ -857,3 +857,35 @@ async fn short_grpc_polls_across_a_restart_lose_nothing() {
         acked.len()
     );
 }
+
+/// Issue 26, item 6: a receipt handle works only for the client it was handed to. The
+/// same handle from another client id is refused, for an ack and for a change of its
+/// invisible time (which could otherwise hide the message for 12 h); a neighbour's
+/// handle made from it (the next lease id) names nothing; its own client acks it, and
+/// it is not delivered again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receipt_handle_works_only_for_its_client() {
+    let b = TestBroker::start(&["--grpc-listen", "127.0.0.1:0"]);
+    let grpc = b.grpc_addr().to_string();
+    let lines = tokio::task::spawn_blocking(move || client(&grpc, &["steal", "g", "stolen"]))
+        .await
+        .unwrap();
+    assert_eq!(lines[0]["received"], true, "{lines:?}");
+    let code = |call: &str| {
+        lines
+            .iter()
+            .find(|l| l["call"] == call)
+            .map(|l| l["code"].as_i64().unwrap())
+            .unwrap_or_else(|| panic!("no {call} in {lines:?}"))
+    };
+    // RocketMQ's codes: 40013 INVALID_RECEIPT_HANDLE, 20000 OK.
+    let invalid = 40013;
+    assert_eq!(code("thief ack"), invalid, "{lines:?}");
+    assert_eq!(code("thief change"), invalid, "{lines:?}");
+    assert_eq!(code("neighbour ack"), invalid, "{lines:?}");
+    assert_eq!(code("owner ack"), 20000, "{lines:?}");
+    let mut c = Consumer::subscribe(b.addr(), ConsumerOptions::new("g", "stolen"))
+        .await
+        .unwrap();
+    assert!(next(&mut c, Duration::from_millis(500)).await.is_none());
+}

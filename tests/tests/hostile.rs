@@ -506,3 +506,52 @@ async fn a_neighbours_transaction_id_cannot_be_guessed() {
     theirs.commit().await.expect("the neighbour's own commit");
     own.rollback().await.unwrap();
 }
+
+/// Issue 26, item 6: a native lease answers only the connection it was given to.
+/// Another connection (of the same group and user) that names it, exactly as it was
+/// delivered, cannot ack, nack or extend it; the connection that holds it
+/// acks it, and it is not delivered again. (Any connection of the group could once ack
+/// or hide another member's message with a handle it read or guessed: lease ids run in
+/// sequence.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_answers_only_the_connection_it_was_given_to() {
+    let b = TestBroker::start(&[]);
+    let p = producer(&b).await;
+    p.send(Message::new("t", "mine")).await.unwrap();
+    let mut c = Consumer::subscribe(b.addr(), ConsumerOptions::new("g", "t"))
+        .await
+        .unwrap();
+    let d = next(&mut c, Duration::from_secs(10))
+        .await
+        .expect("the delivery");
+    let mut other = raw_hello(b.addr(), "").await;
+    let h = d.handle().clone();
+    let calls = [
+        Body::Ack(pb::AckRequest {
+            handles: vec![h.clone()],
+        }),
+        Body::Nack(pb::NackRequest {
+            handle: Some(h.clone()),
+            ..Default::default()
+        }),
+        Body::Extend(pb::ExtendRequest {
+            handle: Some(h.clone()),
+            lease_ms: 43_200_000,
+        }),
+    ];
+    for (i, call) in calls.into_iter().enumerate() {
+        let r = raw_call(&mut other, 2 + i as u64, call).await;
+        assert_eq!(
+            r.code,
+            ErrorCode::LeaseNotFound as i32,
+            "call {i} on another connection's lease: {r:?}"
+        );
+    }
+    d.ack().await.expect("its own connection acks it");
+    drop(c);
+    let again = drain(&b, "g", "t", Duration::from_millis(500)).await;
+    assert!(again.is_empty(), "delivered again: {again:?}");
+    let admin = Admin::connect(b.addr(), "").await.unwrap();
+    let dead = admin.dead_letters("g", 10).await.unwrap();
+    assert!(dead.is_empty(), "dead-lettered by another connection");
+}

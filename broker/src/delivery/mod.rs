@@ -85,6 +85,10 @@ pub struct ConsumerSpec {
     pub lease: Duration,
     /// Whether its connection takes what is written to it.
     pub stall: Arc<Stall>,
+    /// The native connection it came on (0: a face that binds its handles otherwise):
+    /// its leases are that connection's, and no other's acks, nacks or extends touch
+    /// them.
+    pub connection_id: u64,
 }
 
 /// What a subscription asks for beyond the consumer itself.
@@ -109,6 +113,41 @@ pub struct LeaseRef {
     pub offset: u64,
     /// Which lease of it.
     pub lease_id: u64,
+    /// The native connection that names it, which must be the one the lease was given
+    /// to (`None`: the face proved the handle otherwise, as gRPC's MAC does, or the
+    /// broker itself).
+    pub holder: Option<u64>,
+}
+
+impl LeaseRef {
+    /// The lease `lease_id` of the message at `offset`, named by no connection.
+    pub fn new(offset: u64, lease_id: u64) -> Self {
+        Self {
+            offset,
+            lease_id,
+            holder: None,
+        }
+    }
+}
+
+/// Lease ids of one boot: one broker-wide sequence from `boot × 2^40`. They never
+/// repeat across restarts and failovers (the boot number grows, through a group's log),
+/// nor across a queue's restarts within a boot, and a later lease has a larger id; they
+/// are not taken from the clock. They are not secret: a gRPC receipt handle carries a
+/// MAC, and a native lease answers only its own connection.
+#[derive(Debug)]
+pub struct LeaseIds(std::sync::atomic::AtomicU64);
+
+impl LeaseIds {
+    /// The sequence of boot `boot` (at most [`crate::ids::MAX_BOOT`], so it fits).
+    pub fn new(boot: u64) -> Self {
+        Self(std::sync::atomic::AtomicU64::new((boot << 40) | 1))
+    }
+
+    /// The next id.
+    pub fn next(&self) -> u64 {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 /// Requests to a queue.
@@ -220,6 +259,7 @@ pub struct Groups {
     tracker: TaskTracker,
     cancel: CancellationToken,
     serving: Serving,
+    lease_ids: Arc<LeaseIds>,
 }
 
 impl Groups {
@@ -234,6 +274,7 @@ impl Groups {
         cancel: CancellationToken,
     ) -> Self {
         Self {
+            lease_ids: Arc::new(LeaseIds::new(0)),
             storage,
             writer,
             topics,
@@ -250,6 +291,15 @@ impl Groups {
     #[must_use]
     pub fn serving(self, serving: Serving) -> Self {
         Self { serving, ..self }
+    }
+
+    /// Lease ids are of boot `boot` (see [`LeaseIds`]); a server always says which.
+    #[must_use]
+    pub fn boot(self, boot: u64) -> Self {
+        Self {
+            lease_ids: Arc::new(LeaseIds::new(boot)),
+            ..self
+        }
     }
 
     /// The topic of that name, created when auto-creation allows.
@@ -330,7 +380,8 @@ impl Groups {
             self.config.clone(),
             self.metrics.clone(),
         )
-        .serving(self.serving.clone());
+        .serving(self.serving.clone())
+        .lease_ids(self.lease_ids.clone());
         let cancel = self.cancel.clone();
         self.tracker.spawn(q.run(rx, cancel));
         queues.insert(key, tx.clone());

@@ -166,7 +166,8 @@ pub(super) async fn run_once(
             tracker.clone(),
             cancel.clone(),
         )
-        .serving(serving.clone()),
+        .serving(serving.clone())
+        .boot(boot),
         config: config.clone(),
         storage: storage.clone(),
         writer,

@@ -114,6 +114,7 @@ pub async fn join(
         },
         lease,
         stall: sink.stall,
+        connection_id: who.connection_id,
     };
     let (reply, rx) = oneshot::channel();
     let msg = QueueMsg::Subscribe {
@@ -203,7 +204,7 @@ pub async fn ack(shared: &Arc<Shared>, who: &Principal, handles: Vec<Handle>) ->
         by_queue
             .entry((h.group, h.topic))
             .or_default()
-            .push(h.lease);
+            .push(held(who, h.lease));
     }
     let mut replies = Vec::new();
     for ((group, topic), leases) in by_queue {
@@ -228,6 +229,14 @@ pub async fn ack(shared: &Arc<Shared>, who: &Principal, handles: Vec<Handle>) ->
         }
         Ok(count)
     })
+}
+
+/// `lease` as `who` names it: a native connection names only its own leases.
+fn held(who: &Principal, lease: LeaseRef) -> LeaseRef {
+    LeaseRef {
+        holder: (who.connection_id != 0).then_some(who.connection_id),
+        ..lease
+    }
 }
 
 /// Sends one message to a delivery's queue and answers with the queue's reply.
@@ -283,7 +292,7 @@ pub async fn nack(
             validate::MAX_NACK_DELAY.as_millis()
         ))));
     }
-    let lease = handle.lease;
+    let lease = held(who, handle.lease);
     let stored = to_queue(shared, who, Operation::Nack, &handle, |reply| {
         QueueMsg::Nack {
             lease,
@@ -310,7 +319,7 @@ pub async fn extend(
             validate::MAX_LEASE.as_millis()
         ))));
     }
-    let lease = handle.lease;
+    let lease = held(who, handle.lease);
     to_queue(shared, who, Operation::Extend, &handle, |reply| {
         QueueMsg::Extend {
             lease,
@@ -329,7 +338,7 @@ pub async fn dead_letter(
     handle: Handle,
     reason: String,
 ) -> Answer<()> {
-    let lease = handle.lease;
+    let lease = held(who, handle.lease);
     let stored = to_queue(shared, who, Operation::DeadLetter, &handle, |reply| {
         QueueMsg::DeadLetter {
             lease,

@@ -3,10 +3,18 @@
 
 use super::*;
 
+impl Lease {
+    /// Whether `r` names this lease: its id, and the connection it was given to when
+    /// `r` comes from a connection (another connection's handle names nothing).
+    fn named_by(&self, r: LeaseRef) -> bool {
+        self.lease_id == r.lease_id && r.holder.is_none_or(|h| h == self.holder)
+    }
+}
+
 impl Queue {
     pub(super) fn take_lease(&mut self, r: LeaseRef) -> Result<Lease> {
         match self.leases.get(&r.offset) {
-            Some(l) if l.lease_id == r.lease_id => {
+            Some(l) if l.named_by(r) => {
                 let l = *l;
                 self.leases.remove(&r.offset);
                 self.deadlines.remove(&(l.deadline_ms, r.offset));
@@ -26,7 +34,7 @@ impl Queue {
     /// the ack is written (and the lease released) only with the next batch of acks.
     pub(super) fn mark_acking(&mut self, r: LeaseRef) {
         let subscription_id = match self.leases.get_mut(&r.offset) {
-            Some(l) if l.lease_id == r.lease_id && !l.acking => {
+            Some(l) if l.named_by(r) && !l.acking => {
                 l.acking = true;
                 l.subscription_id
             }
@@ -62,10 +70,7 @@ impl Queue {
                 self.deadlines.pop_first();
                 continue;
             }
-            let taken = self.take_lease(LeaseRef {
-                offset,
-                lease_id: lease.lease_id,
-            });
+            let taken = self.take_lease(LeaseRef::new(offset, lease.lease_id));
             if let Ok(lease) = taken {
                 let stalled = self
                     .consumers
@@ -89,7 +94,7 @@ impl Queue {
         if self
             .leases
             .get(&r.offset)
-            .is_some_and(|l| l.lease_id == r.lease_id && l.acking)
+            .is_some_and(|l| l.named_by(r) && l.acking)
         {
             return Err(Error::LeaseNotFound(format!(
                 "{}/{} offset {} lease {} is being acked",

@@ -83,6 +83,8 @@ impl Loaded {
 struct Lease {
     lease_id: u64,
     subscription_id: u64,
+    /// The native connection it was given to (0: none; see [`ConsumerSpec`]).
+    holder: u64,
     deadline_ms: u64,
     attempt: u32,
     /// An ack for it arrived and waits for its write: the consumer already got its credit
@@ -126,7 +128,7 @@ pub struct Queue {
     retry_due: BTreeSet<(u64, u64)>,
     consumers: Vec<Consumer>,
     round_robin: usize,
-    next_lease_id: u64,
+    lease_ids: Arc<super::LeaseIds>,
     dead_letters: u64,
     /// Lease deadlines handled by expiry passes: the work counter behind I5's proof.
     expiry_visits: u64,
@@ -201,9 +203,9 @@ impl Queue {
             consumers: Vec::new(),
             round_robin: 0,
             // Lease ids must not repeat across restarts, or a handle kept from before one
-            // could ack the new lease of the same offset. Starting at the clock times 2^16
-            // keeps them apart unless a queue issued over 65,536 leases per millisecond.
-            next_lease_id: (now_ms() << 16) | 1,
+            // could ack the new lease of the same offset: the registry's sequence of this
+            // boot replaces this one (`Queue::lease_ids`).
+            lease_ids: Arc::new(super::LeaseIds::new(0)),
             dead_letters: loaded.dead_letters,
             expiry_visits: 0,
             pending_acks: Vec::new(),
@@ -229,6 +231,12 @@ impl Queue {
     #[must_use]
     pub fn serving(self, serving: crate::replication::lease::Serving) -> Self {
         Self { serving, ..self }
+    }
+
+    /// Takes lease ids from `ids` (the registry's, of this boot).
+    #[must_use]
+    pub fn lease_ids(self, lease_ids: Arc<super::LeaseIds>) -> Self {
+        Self { lease_ids, ..self }
     }
 
     fn floor(&self) -> u64 {

@@ -239,7 +239,7 @@ impl Queue {
             if c.in_flight >= c.spec.window || !c.takes_deliveries() {
                 continue;
             }
-            let lease_id = self.next_lease_id;
+            let lease_id = self.lease_ids.next();
             let deadline_ms = now_ms().saturating_add(c.spec.lease.as_millis() as u64);
             let frame = Frame {
                 id: 0,
@@ -262,7 +262,6 @@ impl Queue {
                 continue;
             }
             self.round_robin = (i + 1) % n;
-            self.next_lease_id += 1;
             self.metrics.deliveries.inc();
             if attempt > 1 {
                 self.metrics.redeliveries.inc();
@@ -270,6 +269,7 @@ impl Queue {
             let lease = Lease {
                 lease_id,
                 subscription_id: c.spec.subscription_id,
+                holder: c.spec.connection_id,
                 deadline_ms,
                 attempt,
                 acking: false,

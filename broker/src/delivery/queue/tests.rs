@@ -90,6 +90,7 @@ async fn lease_expiry_costs_what_is_due() {
             Lease {
                 lease_id: offset + 1,
                 subscription_id: 1,
+                holder: 0,
                 deadline_ms,
                 attempt: 1,
                 acking: false,
@@ -127,6 +128,7 @@ async fn a_closed_consumer_does_not_make_pump_spin_or_lose_messages() {
             window: 10,
             lease: Duration::from_secs(30),
             stall: Arc::default(),
+            connection_id: 0,
         },
         in_flight: 0,
     };
@@ -213,6 +215,7 @@ async fn an_ack_of_an_expired_lease_is_refused_unless_the_message_was_acked() {
     let lease = |id: u64, attempt: u32, deadline_ms: u64| Lease {
         lease_id: id,
         subscription_id: 1,
+        holder: 0,
         deadline_ms,
         attempt,
         acking: false,
@@ -253,7 +256,7 @@ async fn an_ack_of_an_expired_lease_is_refused_unless_the_message_was_acked() {
 async fn ack_one(q: &mut Queue, offset: u64, lease_id: u64) -> Result<Outcome> {
     let (reply, rx) = oneshot::channel();
     q.pending_acks
-        .push((vec![LeaseRef { offset, lease_id }], reply));
+        .push((vec![LeaseRef::new(offset, lease_id)], reply));
     q.start_acks().await;
     let written = (&mut q.ack_flight.as_mut().expect("a write").rx)
         .await
@@ -288,6 +291,7 @@ async fn the_floor_does_not_pass_a_redelivery_only_memory_knows() {
             window: 10,
             lease: Duration::from_secs(30),
             stall: Arc::default(),
+            connection_id: 0,
         },
         in_flight: 0,
     };

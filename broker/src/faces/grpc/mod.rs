@@ -23,6 +23,7 @@
 mod auth;
 mod checks;
 mod convert;
+mod receipts;
 mod receive;
 mod renew;
 mod route;
@@ -144,6 +145,7 @@ pub async fn serve(
         addr,
         config,
         stop: stop.clone(),
+        receipts: receipts::Receipts::default(),
     };
     // A request is at most what a native frame may be; a receive's answer is bounded by
     // its byte budget (`receive`), a message by max-message-bytes.
@@ -200,6 +202,8 @@ struct Endpoint {
     config: Arc<Config>,
     /// Ends the streams the endpoint holds open.
     stop: CancellationToken,
+    /// Makes and checks receipt handles.
+    receipts: receipts::Receipts,
 }
 
 impl Endpoint {

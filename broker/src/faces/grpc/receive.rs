@@ -7,8 +7,9 @@
 //! when the lease ends and is delivered anew with one more attempt), and anything pushed
 //! to it but not handed out goes back without counting an attempt.
 //!
-//! A receipt handle names the lease (`txmq1.<offset>.<lease id>`): a redelivery makes a
-//! new lease, so the handle of an earlier delivery is stale (INVALID_RECEIPT_HANDLE).
+//! A receipt handle names the lease and is bound to its client (see [`super::receipts`]):
+//! a redelivery makes a new lease, so the handle of an earlier delivery is stale
+//! (INVALID_RECEIPT_HANDLE).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,22 +32,6 @@ const MIN_INVISIBLE: Duration = Duration::from_secs(1);
 const MAX_INVISIBLE: Duration = Duration::from_secs(12 * 3600);
 /// Most messages one receive returns.
 const MAX_BATCH: i32 = 1024;
-
-/// A receipt handle for a lease.
-fn receipt(offset: u64, lease_id: u64) -> String {
-    format!("txmq1.{offset}.{lease_id}")
-}
-
-/// The lease a receipt handle names.
-fn lease_of(handle: &str) -> Option<LeaseRef> {
-    let mut parts = handle.strip_prefix("txmq1.")?.split('.');
-    let offset = parts.next()?.parse().ok()?;
-    let lease_id = parts.next()?.parse().ok()?;
-    parts
-        .next()
-        .is_none()
-        .then_some(LeaseRef { offset, lease_id })
-}
 
 fn duration_of(d: &prost_types::Duration) -> Option<Duration> {
     let secs = u64::try_from(d.seconds).ok()?;
@@ -266,17 +251,19 @@ async fn receive_from(
         }
         keep.push(h.offset);
         if auto_renew {
-            let lease = LeaseRef {
-                offset: h.offset,
-                lease_id: h.lease_id,
-            };
+            let lease = LeaseRef::new(h.offset, h.lease_id);
             endpoint
                 .renewals
                 .hold(&group, &topic.name, lease, who, d.lease_deadline_ms);
         }
         let mut message = outgoing(&m, kind(&m));
         if let Some(sys) = message.system_properties.as_mut() {
-            sys.receipt_handle = Some(receipt(h.offset, h.lease_id));
+            sys.receipt_handle = Some(endpoint.receipts.handle(
+                &group,
+                &topic.name,
+                LeaseRef::new(h.offset, h.lease_id),
+                who,
+            ));
             sys.delivery_attempt = Some(i32::try_from(d.attempt).unwrap_or(i32::MAX));
             sys.invisible_duration = Some(prost_types::Duration {
                 seconds: invisible.as_secs() as i64,
@@ -331,7 +318,10 @@ pub async fn ack(
     let topic = name_of(req.topic);
     let mut entries = Vec::with_capacity(req.entries.len());
     for e in req.entries {
-        let outcome = match lease_of(&e.receipt_handle) {
+        let outcome = match endpoint
+            .receipts
+            .lease(&e.receipt_handle, &group, &topic, who)
+        {
             None => status::of(
                 pb::Code::InvalidReceiptHandle,
                 "not a receipt handle of this broker",
@@ -380,7 +370,11 @@ pub async fn change_invisible(
         Ok(s) => s,
         Err(s) => return answer(s, String::new()),
     };
-    let Some(lease) = lease_of(&req.receipt_handle) else {
+    let (group, topic) = (name_of(req.group), name_of(req.topic));
+    let Some(lease) = endpoint
+        .receipts
+        .lease(&req.receipt_handle, &group, &topic, who)
+    else {
         return answer(
             status::of(
                 pb::Code::InvalidReceiptHandle,
@@ -404,16 +398,18 @@ pub async fn change_invisible(
         );
     };
     let handle = Handle {
-        group: name_of(req.group),
-        topic: name_of(req.topic),
+        group: group.clone(),
+        topic: topic.clone(),
         lease,
     };
-    let (group, topic) = (handle.group.clone(), handle.topic.clone());
     match consume::extend(&shared, who, handle, invisible).await.await {
         Ok(_) => {
             // The client set the time (a push consumer's retry delay): no more renewals.
             endpoint.renewals.release(&group, &topic, lease);
-            answer(status::ok(), receipt(lease.offset, lease.lease_id))
+            answer(
+                status::ok(),
+                endpoint.receipts.handle(&group, &topic, lease, who),
+            )
         }
         Err(e) => answer(status::of_error(&e), String::new()),
     }
@@ -431,18 +427,21 @@ pub async fn forward_to_dead_letters(
         Ok(s) => s,
         Err(s) => return answer(s),
     };
-    let Some(lease) = lease_of(&req.receipt_handle) else {
+    let (group, topic) = (name_of(req.group), name_of(req.topic));
+    let Some(lease) = endpoint
+        .receipts
+        .lease(&req.receipt_handle, &group, &topic, who)
+    else {
         return answer(status::of(
             pb::Code::InvalidReceiptHandle,
             "not a receipt handle of this broker",
         ));
     };
     let handle = Handle {
-        group: name_of(req.group),
-        topic: name_of(req.topic),
+        group: group.clone(),
+        topic: topic.clone(),
         lease,
     };
-    let (group, topic) = (handle.group.clone(), handle.topic.clone());
     let reason = format!(
         "forwarded by the consumer on attempt {} of {}",
         req.delivery_attempt, req.max_delivery_attempts
@@ -456,27 +455,5 @@ pub async fn forward_to_dead_letters(
             answer(status::ok())
         }
         Err(e) => answer(status::of_error(&e)),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn receipt_handles_round_trip_and_refuse_others() {
-        let h = receipt(42, 7);
-        let l = lease_of(&h).unwrap();
-        assert_eq!((l.offset, l.lease_id), (42, 7));
-        for bad in [
-            "",
-            "txmq1.",
-            "txmq1.1",
-            "txmq1.1.2.3",
-            "txmq2.1.2",
-            "txmq1.x.2",
-        ] {
-            assert!(lease_of(bad).is_none(), "{bad:?}");
-        }
     }
 }

@@ -219,10 +219,7 @@ pub async fn run(
             let handle = Handle {
                 group: key.group.clone(),
                 topic: key.topic.clone(),
-                lease: LeaseRef {
-                    offset: key.offset,
-                    lease_id: held.lease_id,
-                },
+                lease: LeaseRef::new(key.offset, held.lease_id),
             };
             let extended = consume::extend(&shared, &who, handle, lease).await.await;
             // A lease that is gone (acked, expired) is not renewed any more.
@@ -240,7 +237,7 @@ mod tests {
     }
 
     fn lease(offset: u64, lease_id: u64) -> LeaseRef {
-        LeaseRef { offset, lease_id }
+        LeaseRef::new(offset, lease_id)
     }
 
     /// What is due comes in deadline order and stops at the first not due; a release

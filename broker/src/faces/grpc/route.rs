@@ -212,8 +212,9 @@ pub fn terminate(
     request: Request<pb::NotifyClientTerminationRequest>,
 ) -> pb::NotifyClientTerminationResponse {
     if let Some(client) = client_id(&request) {
-        endpoint.sessions.remove_client(&client);
-        tracing::debug!(%client, "grpc client terminated");
+        let who = super::principal(&request);
+        let dropped = endpoint.sessions.remove_client(&client, &who);
+        tracing::debug!(%client, dropped, "grpc client terminated");
     }
     pb::NotifyClientTerminationResponse {
         status: Some(status::ok()),

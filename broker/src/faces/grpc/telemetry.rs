@@ -111,12 +111,19 @@ impl Sessions {
         self.open.lock().expect("sessions lock").remove(&id);
     }
 
-    /// Drops every stream of a client (it said it terminates).
-    pub fn remove_client(&self, client_id: &str) {
-        self.open
-            .lock()
-            .expect("sessions lock")
-            .retain(|_, s| s.client_id != client_id);
+    /// Drops the streams of the client that says it terminates: those with its client
+    /// id that it opened itself, on the same connection (peer address) as the same
+    /// principal. Another caller naming its client id drops nothing: it would otherwise
+    /// stop the client's check-backs. Answers how many went.
+    pub fn remove_client(&self, client_id: &str, caller: &Principal) -> usize {
+        let mut open = self.open.lock().expect("sessions lock");
+        let before = open.len();
+        open.retain(|_, s| {
+            !(s.client_id == client_id
+                && s.who.peer == caller.peer
+                && s.who.identity == caller.identity)
+        });
+        before - open.len()
     }
 
     /// The topics a stream publishes.
@@ -320,6 +327,37 @@ fn merge(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 26: a termination drops only the caller's own streams: another peer, or
+    /// another user on the same peer, that names the client's id drops nothing.
+    #[test]
+    fn a_termination_drops_only_the_callers_own_streams() {
+        use crate::service::principal::Identity;
+        let sessions = Sessions::default();
+        let (tx, _rx) = mpsc::channel(1);
+        let at = |port: u16| Some(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
+        let alice = |port| {
+            let identity = Identity::User {
+                name: "alice".into(),
+                since_ms: 1,
+            };
+            Principal::grpc(identity, at(port), Some("victim".into()))
+        };
+        sessions.add(Session {
+            client_id: "victim".into(),
+            who: alice(5000),
+            settings: pb::Settings::default(),
+            topics: Vec::new(),
+            outbound: tx,
+            link: None,
+        });
+        assert_eq!(sessions.remove_client("victim", &alice(6000)), 0);
+        let mallory = Principal::grpc(Identity::Anonymous, at(5000), Some("victim".into()));
+        assert_eq!(sessions.remove_client("victim", &mallory), 0);
+        assert!(sessions.has_client("victim"));
+        assert_eq!(sessions.remove_client("victim", &alice(5000)), 1);
+        assert!(!sessions.has_client("victim"));
+    }
 
     /// Issue 25, item 15: the cap is checked where the stream is added, so opens racing
     /// on several threads never pass it (the count and the insert were two steps).

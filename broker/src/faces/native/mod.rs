@@ -178,10 +178,7 @@ fn handle(h: pb::DeliveryHandle) -> Handle {
     Handle {
         group: h.group,
         topic: h.topic,
-        lease: LeaseRef {
-            offset: h.offset,
-            lease_id: h.lease_id,
-        },
+        lease: LeaseRef::new(h.offset, h.lease_id),
     }
 }
 
