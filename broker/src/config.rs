@@ -59,6 +59,14 @@ pub struct Config {
     /// Most subscriptions one native connection holds (each a queue consumer with its
     /// own window): one more is refused with `LIMIT_REACHED`.
     pub max_subscriptions_per_connection: usize,
+    /// Most calls (HTTP/2 streams) open at once on one gRPC connection.
+    pub max_streams_per_connection: usize,
+    /// Most consumer queues running, one per (group, topic) (each a task with its
+    /// memory and metric series): starting one more is refused with `LIMIT_REACHED`.
+    pub max_queues: usize,
+    /// Most consumer groups with a running queue: a new one is refused with
+    /// `LIMIT_REACHED`.
+    pub max_groups: usize,
     /// How long a new connection may take to say Hello before it is closed.
     #[serde(with = "duration")]
     pub handshake_timeout: Duration,
@@ -196,6 +204,9 @@ pub struct Config {
     pub bootstrap_admin: Option<(String, String)>,
     /// Every request needs an authenticated user, even while none is stored.
     pub require_auth: bool,
+    /// Serve anyone, without users, on a client listener off loopback. Without it such
+    /// a broker refuses to start: open to the network by accident is the worst default.
+    pub allow_anonymous: bool,
     /// A single broker's key file: users' secrets are kept sealed under a key derived
     /// from it (a group derives it from its cluster secret), so users can sign gRPC
     /// requests. Without one, users authenticate on the native face only.
@@ -231,6 +242,9 @@ impl Default for Config {
             max_connections: 10_000,
             max_topics: 10_000,
             max_subscriptions_per_connection: 1_000,
+            max_streams_per_connection: 256,
+            max_queues: 100_000,
+            max_groups: 10_000,
             handshake_timeout: s(10),
             idle_timeout: s(60),
             check_timeout: s(6),
@@ -281,6 +295,7 @@ impl Default for Config {
             bootstrap_admin_file: None,
             bootstrap_admin: None,
             require_auth: false,
+            allow_anonymous: false,
             broker_key_file: None,
             broker_key: None,
             cluster_secret: None,
@@ -498,6 +513,12 @@ impl Config {
         }
         if self.max_topics == 0 {
             return Err("max-topics must be at least 1".into());
+        }
+        if self.max_queues == 0 || self.max_groups == 0 {
+            return Err("max-queues and max-groups must be at least 1".into());
+        }
+        if !(1..=4096).contains(&self.max_streams_per_connection) {
+            return Err("max-streams-per-connection must be between 1 and 4096".into());
         }
         if self.max_subscriptions_per_connection == 0 {
             return Err("max-subscriptions-per-connection must be at least 1".into());

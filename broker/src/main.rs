@@ -122,6 +122,15 @@ struct Flags {
     /// [default: 1000].
     #[arg(long, env = "TXMQ_MAX_SUBSCRIPTIONS_PER_CONNECTION")]
     max_subscriptions_per_connection: Option<usize>,
+    /// Most calls (HTTP/2 streams) open at once on one gRPC connection [default: 256].
+    #[arg(long, env = "TXMQ_MAX_STREAMS_PER_CONNECTION")]
+    max_streams_per_connection: Option<usize>,
+    /// Most consumer queues running, one per (group, topic) [default: 100000].
+    #[arg(long, env = "TXMQ_MAX_QUEUES")]
+    max_queues: Option<usize>,
+    /// Most consumer groups with a running queue [default: 10000].
+    #[arg(long, env = "TXMQ_MAX_GROUPS")]
+    max_groups: Option<usize>,
     /// Time a new connection has to say Hello before it is closed [default: 10s].
     #[arg(long, env = "TXMQ_HANDSHAKE_TIMEOUT", value_parser = duration_text)]
     handshake_timeout: Option<String>,
@@ -194,8 +203,12 @@ struct Flags {
     #[arg(long, env = "TXMQ_BOOTSTRAP_ADMIN_FILE")]
     bootstrap_admin_file: Option<PathBuf>,
     /// Every request needs an authenticated user, even before the first one exists.
-    #[arg(long, env = "TXMQ_REQUIRE_AUTH")]
+    #[arg(long, env = "TXMQ_REQUIRE_AUTH", num_args = 0..=1, default_missing_value = "true")]
     require_auth: Option<bool>,
+    /// Serve anyone, with no users, on a client listener off loopback (native or gRPC);
+    /// without it such a broker refuses to start.
+    #[arg(long, env = "TXMQ_ALLOW_ANONYMOUS", num_args = 0..=1, default_missing_value = "true")]
+    allow_anonymous: Option<bool>,
     /// A single broker's key file (a random secret, kept apart from the data
     /// directory): users' secrets are sealed under it so they can sign gRPC requests.
     /// A group uses its cluster secret instead.

@@ -513,6 +513,37 @@ def steal(endpoint, group, topic):
     out(call="owner ack", code=ack(handle, "owner"))
 
 
+def flood(endpoint, topic, count, size):
+    """`count` SendMessage calls at once, each of a `size`-byte body (one shared bytes
+    object), on one channel: a line with how many ended with each status code (or gRPC
+    error)."""
+    import collections
+    import grpc
+    from rocketmq.grpc_protocol import definition_pb2 as d
+    from rocketmq.grpc_protocol import service_pb2 as s
+    from rocketmq.grpc_protocol.service_pb2_grpc import MessagingServiceStub
+    limit = int(size) + (1 << 20)
+    channel = grpc.insecure_channel(endpoint, options=[
+        ("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)])
+    stub = MessagingServiceStub(channel)
+    body = b"x" * int(size)
+    calls = []
+    for i in range(int(count)):
+        props = d.SystemProperties(message_id=f"flood-{i:04}", message_type=d.NORMAL,
+                                   body_encoding=d.IDENTITY)
+        m = d.Message(topic=d.Resource(name=topic), system_properties=props, body=body)
+        calls.append(stub.SendMessage.future(s.SendMessageRequest(messages=[m]),
+                                             metadata=[("x-mq-client-id", "flood")],
+                                             timeout=300))
+    codes = collections.Counter()
+    for c in calls:
+        try:
+            codes[str(c.result().status.code)] += 1
+        except grpc.RpcError as e:
+            codes[e.code().name] += 1
+    out(codes=dict(codes))
+
+
 def ops(endpoint, names):
     """Each named gRPC operation once, raw, signed with TXMQ_AK/TXMQ_SK (unsigned when
     TXMQ_AK is empty): a line per operation with its status code, or the gRPC error
@@ -731,6 +762,8 @@ def main():
         telemetry_wait(endpoint, args[0], args[1])
     elif command == "steal":
         steal(endpoint, args[0], args[1])
+    elif command == "flood":
+        flood(endpoint, args[0], args[1], args[2])
     elif command == "ops":
         ops(endpoint, args)
     elif command == "simple":

@@ -346,6 +346,8 @@ async fn a_leader_cut_off_stops_acknowledging_and_nothing_diverges() {
             let id = (i + 1).to_string();
             let mut args = txmq_tests::group::node_args(&id, &peers);
             args.extend_from_slice(FAST);
+            // Off loopback, with no users: said to be meant.
+            args.push("--allow-anonymous");
             TestBroker::start_in_netns(&net.ns(i), &format!("{}:7200", net.addr(i)), &args)
         })
         .collect();

@@ -875,3 +875,52 @@ async fn subscriptions_past_the_cap_are_refused() {
     let r = txmq_tests::raw_call(&mut raw, 15, subscribe(3)).await;
     assert_eq!(r.code, 0, "room again after an unsubscribe: {r:?}");
 }
+
+/// Issue 26, item 7: consumer queues and groups are capped (each runs a task with its
+/// memory and metric series): past `--max-groups` a new group's subscription, and past
+/// `--max-queues` a new (group, topic) queue, is refused with `LIMIT_REACHED` naming the
+/// setting, counted in `txmq_limit_refusals_total`; what runs keeps running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queues_and_groups_are_capped() {
+    let b = TestBroker::start(&[
+        "--max-groups",
+        "2",
+        "--max-queues",
+        "3",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ]);
+    let subscribe = |group: &str, topic: &str| {
+        Consumer::subscribe(b.addr(), ConsumerOptions::new(group, topic))
+    };
+    let mut held = vec![
+        subscribe("g1", "t1").await.unwrap(),
+        subscribe("g2", "t1").await.unwrap(),
+    ];
+    let err = subscribe("g3", "t1").await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::LimitReached), "{err}");
+    assert!(err.to_string().contains("max-groups"), "{err}");
+    held.push(subscribe("g1", "t2").await.unwrap());
+    let err = subscribe("g1", "t3").await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::LimitReached), "{err}");
+    assert!(err.to_string().contains("max-queues"), "{err}");
+    let (_, metrics) = txmq_tests::http_get(b.metrics_addr(), "/metrics")
+        .await
+        .unwrap();
+    for cap in ["groups", "queues"] {
+        assert!(
+            metrics.contains(&format!("txmq_limit_refusals_total{{limit=\"{cap}\"}} 1")),
+            "no refusal counted for {cap}:\n{metrics}"
+        );
+    }
+    // What runs still serves.
+    producer(&b)
+        .await
+        .send(Message::new("t1", "m"))
+        .await
+        .unwrap();
+    let d = next(&mut held[0], Duration::from_secs(10))
+        .await
+        .expect("a delivery");
+    assert_eq!(d.body().as_ref(), b"m");
+}

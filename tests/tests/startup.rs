@@ -44,3 +44,66 @@ async fn sigterm_right_after_start_is_a_clean_exit() {
     }
     b.stop();
 }
+
+/// Issue 26, item 2: a broker with no users serves anyone who reaches it, so off
+/// loopback it refuses to start unless told that this is meant (`--allow-anonymous`),
+/// and says how else to start it; with the flag, or with a first user to make, it serves.
+/// (In a network namespace of the test's own: no test listens off loopback elsewhere.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_without_users_refuses_to_serve_off_loopback() {
+    use std::io::Read;
+    let net = txmq_tests::netns::Net::create(1);
+    let listen = format!("{}:7300", net.addr(0));
+    let data = tempfile::tempdir().unwrap();
+    let broker = txmq_tests::bin("txmq-broker");
+    let mut child = net
+        .command(0, broker.to_str().unwrap())
+        .args(["--listen", &listen, "--grpc-listen", "none", "--data-dir"])
+        .arg(data.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let exited = txmq_tests::wait_timeout(&mut child, Duration::from_secs(30));
+    if exited.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let mut err = String::new();
+    let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+    assert!(
+        exited.is_some_and(|s| !s.success()) && err.contains("--allow-anonymous"),
+        "an open broker off loopback: {exited:?}\n{err}"
+    );
+
+    let mut open = TestBroker::start_in_netns(
+        &net.ns(0),
+        &listen,
+        &["--grpc-listen", "none", "--allow-anonymous"],
+    );
+    assert!(
+        txmq_tests::group::hello(open.addr()).await.is_ok(),
+        "--allow-anonymous did not serve\n{}",
+        open.log_text()
+    );
+    open.stop();
+
+    let admin = data.path().join("admin");
+    std::fs::write(&admin, "root a-long-enough-secret\n").unwrap();
+    let closed = TestBroker::start_in_netns(
+        &net.ns(0),
+        &listen,
+        &[
+            "--grpc-listen",
+            "none",
+            "--bootstrap-admin-file",
+            admin.to_str().unwrap(),
+        ],
+    );
+    let refused = txmq_tests::group::hello(closed.addr()).await;
+    assert!(
+        matches!(refused, Err((code, _)) if code == txmq_client::ErrorCode::NotAuthenticated as i32),
+        "a broker with a first user: {refused:?}\n{}",
+        closed.log_text()
+    );
+}

@@ -256,6 +256,9 @@ pub struct Groups {
     config: Arc<Config>,
     metrics: Arc<Metrics>,
     queues: Mutex<HashMap<(String, u32), mpsc::Sender<QueueMsg>>>,
+    /// Queues in `queues` of each group (closed ones too, until the caps prune them);
+    /// locked inside `queues`.
+    group_queues: Mutex<HashMap<String, usize>>,
     tracker: TaskTracker,
     cancel: CancellationToken,
     serving: Serving,
@@ -281,6 +284,7 @@ impl Groups {
             config,
             metrics,
             queues: Mutex::new(HashMap::new()),
+            group_queues: Mutex::new(HashMap::new()),
             serving: Serving::always(),
             tracker,
             cancel,
@@ -370,6 +374,7 @@ impl Groups {
             // Another caller started it while this one loaded.
             return Ok(q.clone());
         }
+        self.admit(&mut queues, &key)?;
         let (tx, rx) = mpsc::channel(1024);
         let q = queue::Queue::new(
             group.to_string(),
@@ -386,6 +391,50 @@ impl Groups {
         self.tracker.spawn(q.run(rx, cancel));
         queues.insert(key, tx.clone());
         Ok(tx)
+    }
+
+    /// Whether queue `key` may start: at most `max-queues` queues run, of at most
+    /// `max-groups` groups (each costs a task, memory and metric series). At a cap the
+    /// stopped queues are dropped from the count first; then one more is refused with
+    /// `LIMIT_REACHED`, counted.
+    fn admit(
+        &self,
+        queues: &mut HashMap<(String, u32), mpsc::Sender<QueueMsg>>,
+        key: &(String, u32),
+    ) -> Result<()> {
+        let mut groups = self.group_queues.lock().expect("group queues lock");
+        let over = |queues: &HashMap<_, _>, groups: &HashMap<String, usize>| {
+            if queues.len() >= self.config.max_queues && !queues.contains_key(key) {
+                Some("queues")
+            } else if groups.len() >= self.config.max_groups && !groups.contains_key(&key.0) {
+                Some("groups")
+            } else {
+                None
+            }
+        };
+        if over(queues, &groups).is_some() {
+            queues.retain(|_, q| !q.is_closed());
+            groups.clear();
+            for (group, _) in queues.keys() {
+                *groups.entry(group.clone()).or_default() += 1;
+            }
+        }
+        if let Some(cap) = over(queues, &groups) {
+            self.metrics.limit_refusals.with_label_values(&[cap]).inc();
+            let (running, setting, limit) = match cap {
+                "queues" => (queues.len(), "max-queues", self.config.max_queues),
+                _ => (groups.len(), "max-groups", self.config.max_groups),
+            };
+            return Err(Error::LimitReached(format!(
+                "group {:?} not served: the broker runs {running} {cap}, its {setting} \
+                 ({limit}); delete groups or raise the setting",
+                key.0
+            )));
+        }
+        if !queues.contains_key(key) {
+            *groups.entry(key.0.clone()).or_default() += 1;
+        }
+        Ok(())
     }
 
     /// Sends a message to a queue.

@@ -86,6 +86,11 @@ pub async fn serve(
     let config = Arc::new(config);
     let grpc_live = Arc::new(crate::faces::grpc::Live::default());
     let metrics = Arc::new(Metrics::new());
+    let limits = Arc::new(crate::service::limits::Limits::new(
+        config.max_in_flight_bytes,
+        config.max_connections,
+        metrics.clone(),
+    ));
     let live = Arc::new(metrics::Live::default());
     let endpoint_stop = CancellationToken::new();
     let endpoint = match metrics_listener {
@@ -108,6 +113,7 @@ pub async fn serve(
             listener,
             grpc_live.clone(),
             config.clone(),
+            limits.clone(),
             endpoint_stop.clone(),
         ))
     });
@@ -115,6 +121,7 @@ pub async fn serve(
     let faces = Faces {
         live: &live,
         grpc: &grpc_live,
+        limits: &limits,
     };
     let result = match config.group().map_err(Error::Invalid)? {
         Some(peers) => {
@@ -273,4 +280,6 @@ async fn open(config: &Config) -> Result<Owner> {
 struct Faces<'a> {
     live: &'a metrics::Live,
     grpc: &'a crate::faces::grpc::Live,
+    /// The connection cap and byte budget all faces share.
+    limits: &'a Arc<crate::service::limits::Limits>,
 }

@@ -11,7 +11,7 @@ use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use crate::faces::native::Listener;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -155,6 +155,7 @@ pub(super) async fn run_once(
             .await
             .map_err(|e| Error::Internal(e.to_string()))??
     };
+    refuse_anonymous_exposure(&auth, config, listener)?;
     let shared = Arc::new(Shared {
         auth: Arc::new(auth),
         groups: Groups::new(
@@ -178,9 +179,7 @@ pub(super) async fn run_once(
         subscription_ids: AtomicU64::new(1),
         metrics: metrics.clone(),
         tasks: tracker.clone(),
-        budget: Arc::new(Semaphore::new(
-            (config.max_in_flight_bytes / connection::BUDGET_UNIT).max(1),
-        )),
+        limits: faces.limits.clone(),
         node: leading.as_ref().map(|l| l.node.clone()),
         ids,
         serving,
@@ -241,13 +240,48 @@ pub(super) async fn run_once(
     Ok(stop)
 }
 
+/// A broker with no users (and no token or gRPC credentials) serves anyone who reaches
+/// it: fine on loopback, a hole on a network. Off loopback it takes
+/// `--allow-anonymous` to say so; otherwise it does not serve, and says why.
+///
+/// # Errors
+/// [`Error::Invalid`] naming the listener and the ways out.
+fn refuse_anonymous_exposure(
+    auth: &crate::auth::Auth,
+    config: &Config,
+    listener: &Listener,
+) -> Result<()> {
+    let open = !auth.active() && config.auth_token.is_none() && config.grpc_credentials.is_empty();
+    if !open || config.allow_anonymous {
+        return Ok(());
+    }
+    let native = listener.local_addr().ok();
+    let grpc = config.grpc_addr().ok().flatten();
+    let exposed: Vec<String> = [("listen", native), ("grpc-listen", grpc)]
+        .into_iter()
+        .filter_map(|(name, addr)| {
+            addr.filter(|a| !a.ip().is_loopback())
+                .map(|a| format!("{name} {a}"))
+        })
+        .collect();
+    if exposed.is_empty() {
+        return Ok(());
+    }
+    Err(Error::Invalid(format!(
+        "{} is off loopback and the broker has no users: anyone who reaches it could do \
+         anything. Make a first user (--bootstrap-admin-file FILE), require users \
+         (--require-auth), or say that anonymous access is meant (--allow-anonymous)",
+        exposed.join(" and ")
+    )))
+}
+
 async fn accept(
     listener: &Listener,
     shared: &Arc<Shared>,
     tracker: &TaskTracker,
     cancel: &CancellationToken,
 ) {
-    let limit = Arc::new(Semaphore::new(shared.config.max_connections));
+    let limit = shared.limits.connections.clone();
     let mut backoff = Duration::from_millis(5);
     loop {
         let (incoming, peer) = match listener.accept().await {
@@ -277,7 +311,7 @@ async fn accept(
                     shared.metrics.connections.dec();
                 }
                 None => {
-                    shared.metrics.connections_refused.inc();
+                    shared.limits.refused();
                     connection::refuse_full(socket, peer).await;
                 }
             }

@@ -11,6 +11,7 @@ pub mod admin;
 pub mod cluster;
 pub mod consume;
 pub mod delete;
+pub mod limits;
 pub mod messages;
 pub mod principal;
 pub mod scheduled;

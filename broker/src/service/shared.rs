@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
 
 use crate::config::Config;
 use crate::delivery::Groups;
@@ -40,9 +40,8 @@ pub struct Shared {
     /// Background work a request starts that must not end with its connection (a
     /// topic's cleanup after its deletion); waited for at shutdown.
     pub tasks: tokio_util::task::TaskTracker,
-    /// Bytes of requests in flight, broker-wide, in KiB units: a request takes its share
-    /// before it is read further, and gives it back when answered.
-    pub budget: Arc<Semaphore>,
+    /// The connection cap and the byte budget of requests in flight, broker-wide.
+    pub limits: Arc<super::limits::Limits>,
     /// The broker group's node this broker leads from (`None`: a single broker).
     pub node: Option<Arc<crate::replication::node::Node>>,
     /// The writer's id source (ids are ordered by creation: a mark taken from it

@@ -23,6 +23,7 @@
 mod auth;
 mod checks;
 mod convert;
+mod limits;
 mod receipts;
 mod receive;
 mod renew;
@@ -128,6 +129,7 @@ pub async fn serve(
     listener: TcpListener,
     live: Arc<Live>,
     config: Arc<Config>,
+    limits: Arc<crate::service::limits::Limits>,
     stop: CancellationToken,
 ) {
     let addr = listener.local_addr().ok();
@@ -150,6 +152,7 @@ pub async fn serve(
     // A request is at most what a native frame may be; a receive's answer is bounded by
     // its byte budget (`receive`), a message by max-message-bytes.
     let max = endpoint.config.max_frame_len;
+    let endpoint_config = endpoint.config.clone();
     let credentials = Arc::new(endpoint.config.grpc_credentials.clone());
     let tls = endpoint.config.grpc_tls.clone();
     let endpoint_live = endpoint.live.clone();
@@ -164,7 +167,13 @@ pub async fn serve(
         auth::interceptor(credentials, endpoint_live, closed),
     );
     tracing::info!(addr = ?addr, tls = tls.is_some(), "grpc endpoint");
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let incoming = limits::incoming(listener, limits.clone());
+    // A call waiting for the budget is not read: what its client sent meanwhile stays
+    // in its stream's window, and counts against the connection's. The connection's
+    // window holds every stream's, so that waiting calls never starve those that hold
+    // their share (they would wait for each other for ever).
+    let streams = u32::try_from(endpoint_config.max_streams_per_connection).unwrap_or(u32::MAX);
+    let connection_window = streams.saturating_mul(limits::STREAM_WINDOW);
     let mut builder = tonic::transport::Server::builder();
     if let Some((cert, key)) = &tls {
         let identity = tonic::transport::Identity::from_pem(cert, key);
@@ -182,6 +191,13 @@ pub async fn serve(
         .tcp_keepalive(Some(std::time::Duration::from_secs(60)))
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
+        .max_concurrent_streams(streams)
+        .initial_stream_window_size(limits::STREAM_WINDOW)
+        .initial_connection_window_size(connection_window)
+        .layer(limits::BudgetLayer {
+            limits,
+            max_message: max,
+        })
         .add_service(service)
         .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
         .await;

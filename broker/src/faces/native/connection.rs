@@ -72,14 +72,6 @@ struct Admitting {
     >,
 }
 
-/// The broker-wide budget counts KiB.
-pub const BUDGET_UNIT: usize = 1024;
-
-/// KiB of budget `bytes` take (at least one).
-fn budget_units(bytes: usize) -> u32 {
-    bytes.div_ceil(BUDGET_UNIT).max(1) as u32
-}
-
 /// The answer to an admitted request, releasing its share of the broker-wide budget when
 /// it is ready.
 fn admitted(answer: Pending, bytes: usize, permit: tokio::sync::OwnedSemaphorePermit) -> Admitted {
@@ -219,8 +211,8 @@ pub async fn serve(
                     if session.hello.is_some() {
                         quiet_since = tokio::time::Instant::now();
                     }
-                    let units = budget_units(bytes);
-                    match shared.budget.clone().try_acquire_many_owned(units) {
+                    let units = shared.limits.units_for(bytes as u64);
+                    match shared.limits.budget.clone().try_acquire_many_owned(units) {
                         Ok(permit) => {
                             if let Some(p) = dispatch(frame, &mut session, &shared).await {
                                 in_flight_bytes += bytes;
@@ -228,7 +220,7 @@ pub async fn serve(
                             }
                         }
                         Err(_) => {
-                            let permit = Box::pin(shared.budget.clone().acquire_many_owned(units));
+                            let permit = Box::pin(shared.limits.budget.clone().acquire_many_owned(units));
                             admitting = Some(Admitting { frame, bytes, permit });
                         }
                     }
