@@ -82,6 +82,23 @@ pub(super) async fn run_once(
     metrics.half_messages_pending.set(halves as i64);
     metrics.scheduled_pending.set(scheduled as i64);
 
+    let auth = {
+        // A broker told to make a first user is closed until it has (a failed bootstrap
+        // leaves it closed, never open).
+        let require = config.require_auth || config.bootstrap_admin.is_some();
+        let storage = storage.clone();
+        let seal = config
+            .cluster_secret
+            .as_deref()
+            .or(config.broker_key.as_deref())
+            .map(crate::auth::seal::SealKey::derive);
+        tokio::task::spawn_blocking(move || crate::auth::Auth::load(&storage, require, seal))
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))??
+    };
+    // Before anything starts: a broker that may not serve stops here, holding nothing.
+    refuse_anonymous_exposure(&auth, config, listener)?;
+
     let deposed = CancellationToken::new();
     let replicator = leading.as_ref().map(|l| Replicator {
         raft: l.node.raft.clone(),
@@ -141,21 +158,6 @@ pub(super) async fn run_once(
         metrics.clone(),
         cancel.clone(),
     ));
-    let auth = {
-        // A broker told to make a first user is closed until it has (a failed bootstrap
-        // leaves it closed, never open).
-        let require = config.require_auth || config.bootstrap_admin.is_some();
-        let storage = storage.clone();
-        let seal = config
-            .cluster_secret
-            .as_deref()
-            .or(config.broker_key.as_deref())
-            .map(crate::auth::seal::SealKey::derive);
-        tokio::task::spawn_blocking(move || crate::auth::Auth::load(&storage, require, seal))
-            .await
-            .map_err(|e| Error::Internal(e.to_string()))??
-    };
-    refuse_anonymous_exposure(&auth, config, listener)?;
     let shared = Arc::new(Shared {
         auth: Arc::new(auth),
         groups: Groups::new(
