@@ -77,6 +77,15 @@ pub async fn hello(addr: &str) -> Result<(), (i32, String)> {
         .unwrap_or_else(|_| Err((-1, "no answer".into())))
 }
 
+/// Whether the node at `addr` leads: it takes a handshake, or refuses an anonymous one
+/// only for want of a user (a follower refuses with `NOT_LEADER`).
+pub async fn leads(addr: &str) -> bool {
+    match hello(addr).await {
+        Ok(()) => true,
+        Err((code, _)) => code == txmq_protocol::ErrorCode::NotAuthenticated as i32,
+    }
+}
+
 impl TestGroup {
     /// Starts `n` nodes (ids 1 to `n`) on fresh data directories, each with `args`.
     pub fn start(n: usize, args: &[&str]) -> Self {
@@ -132,7 +141,7 @@ impl TestGroup {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
             for i in 0..self.nodes.len() {
-                if self.nodes[i].is_running() && hello(self.nodes[i].addr()).await.is_ok() {
+                if self.nodes[i].is_running() && leads(self.nodes[i].addr()).await {
                     return Some(i);
                 }
             }

@@ -495,3 +495,79 @@ async fn a_node_proves_the_cluster_secret_without_sending_it() {
     );
     node.stop();
 }
+
+/// Issue 26 and I10: users and rules are the group's state, replicated like every
+/// other: made on one leader, they hold on the next. After the leader is killed, the
+/// bootstrap super user and a user made at run time log in on the new leader, the
+/// user's rule still allows what it allowed and nothing more, and an anonymous client
+/// is still refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_and_rules_survive_a_failover() {
+    use txmq_client::{Admin, ErrorCode, RuleSpec, User};
+    let dir = tempfile::tempdir().unwrap();
+    let admin_file = dir.path().join("admin");
+    std::fs::write(&admin_file, "root root-s3cret-of-the-group\n").unwrap();
+    let mut args = FAST.to_vec();
+    args.extend(["--bootstrap-admin-file", admin_file.to_str().unwrap()]);
+    let mut group = TestGroup::start(3, &args);
+    let leader = group
+        .leader(Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|| panic!("no leader\n{}", group.logs()));
+    let root = User::new("root", "root-s3cret-of-the-group");
+    let app = User::new("app", "app-s3cret-of-the-group");
+    let addrs = group.addrs();
+    let admin = eventually(Duration::from_secs(20), || async {
+        Admin::connect_as(&addrs, "", Some(&root)).await.ok()
+    })
+    .await
+    .unwrap_or_else(|| panic!("root cannot log in\n{}", group.logs()));
+    admin.create_topic("orders", false).await.unwrap();
+    admin.user_create("app", &app.secret, false).await.unwrap();
+    admin
+        .acl_grant(&RuleSpec {
+            user: "app".into(),
+            resource: "topic:orders".into(),
+            actions: vec!["pub".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    drop(admin);
+
+    group.nodes[leader].kill9();
+    let next = group
+        .leader(Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|| panic!("no new leader\n{}", group.logs()));
+    assert_ne!(next, leader);
+    let options = |user: Option<User>| ProducerOptions {
+        user,
+        ..ProducerOptions::default()
+    };
+    let p = eventually(Duration::from_secs(20), || async {
+        Producer::connect(&addrs, options(Some(app.clone()))).await.ok()
+    })
+    .await
+    .unwrap_or_else(|| panic!("app cannot log in on the new leader\n{}", group.logs()));
+    p.send(Message::new("orders", "after the failover"))
+        .await
+        .unwrap_or_else(|e| panic!("app's permitted send: {e}"));
+    let denied = p.send(Message::new("billing", "not allowed")).await.unwrap_err();
+    assert_eq!(denied.code(), Some(ErrorCode::PermissionDenied), "{denied}");
+    let anonymous = Producer::connect(&addrs, options(None)).await.unwrap_err();
+    assert_eq!(
+        anonymous.code(),
+        Some(ErrorCode::NotAuthenticated),
+        "{anonymous}"
+    );
+    let admin = Admin::connect_as(&addrs, "", Some(&root)).await.unwrap();
+    let users: Vec<String> = admin
+        .user_list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|u| u.name)
+        .collect();
+    assert_eq!(users, ["app", "root"], "{users:?}");
+}

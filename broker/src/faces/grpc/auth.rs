@@ -173,8 +173,8 @@ pub fn interceptor(
                     s.metrics.auth_failures.with_label_values(&["grpc"]).inc();
                 }
                 tracing::warn!(target: AUDIT, face = "grpc", from = ?request.remote_addr(), "authentication failed: {}", status.message());
-                // Not slowed here: the interceptor is synchronous, and a sleep would hold
-                // one of the runtime's workers (the native face slows its failures).
+                // Slowed by the endpoint's outer layer (`limits::REFUSAL_DELAY`): a sleep
+                // here, in a synchronous interceptor, would hold a runtime worker.
                 Err(status)
             }
         }

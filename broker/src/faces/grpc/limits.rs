@@ -109,7 +109,21 @@ pub fn incoming(
     })
 }
 
-/// The tower layer that holds each request to the byte budget.
+/// How long an unauthenticated answer waits before it goes: guessing costs time, as on
+/// the native face.
+pub const REFUSAL_DELAY: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Whether an answer refuses the call as unauthenticated (gRPC status 16, as the
+/// interceptor answers a bad or missing signature).
+fn unauthenticated<B>(answer: &http::Response<B>) -> bool {
+    answer
+        .headers()
+        .get("grpc-status")
+        .is_some_and(|v| v.as_bytes() == b"16")
+}
+
+/// The tower layer that holds each request to the byte budget, and slows the answers
+/// that refuse it as unauthenticated ([`REFUSAL_DELAY`], asleep: no worker is held).
 #[derive(Clone)]
 pub struct BudgetLayer {
     pub limits: Arc<Limits>,
@@ -143,14 +157,16 @@ type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 /// A share of the budget on its way.
 type Acquiring = BoxFuture<Result<OwnedSemaphorePermit, AcquireError>>;
 
-impl<S, R> tower::Service<http::Request<Body>> for Budgeted<S>
+impl<S, B> tower::Service<http::Request<Body>> for Budgeted<S>
 where
-    S: tower::Service<http::Request<Body>, Response = R> + Send,
+    S: tower::Service<http::Request<Body>, Response = http::Response<B>> + Send,
     S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    B: Send + 'static,
 {
-    type Response = R;
+    type Response = http::Response<B>;
     type Error = S::Error;
-    type Future = BoxFuture<Result<R, S::Error>>;
+    type Future = BoxFuture<Result<http::Response<B>, S::Error>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
@@ -177,6 +193,9 @@ where
         Box::pin(async move {
             let answer = answer.await;
             drop(held);
+            if answer.as_ref().is_ok_and(unauthenticated) {
+                tokio::time::sleep(REFUSAL_DELAY).await;
+            }
             answer
         })
     }
@@ -321,6 +340,40 @@ mod tests {
         m.extend_from_slice(&len.to_be_bytes());
         m.extend(std::iter::repeat_n(7u8, len as usize));
         m
+    }
+
+    /// A refusal for want of a valid signature is answered only after the delay; any
+    /// other answer at once. (Tokio's clock is paused: no wall-clock timing.)
+    #[tokio::test(start_paused = true)]
+    async fn unauthenticated_answers_are_slowed_and_others_are_not() {
+        #[derive(Clone)]
+        struct Answers(&'static str);
+        impl tower::Service<http::Request<Body>> for Answers {
+            type Response = http::Response<()>;
+            type Error = std::convert::Infallible;
+            type Future = std::future::Ready<Result<http::Response<()>, Self::Error>>;
+            fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+                Poll::Ready(Ok(()))
+            }
+            fn call(&mut self, _: http::Request<Body>) -> Self::Future {
+                let answer = http::Response::builder()
+                    .header("grpc-status", self.0)
+                    .body(())
+                    .unwrap();
+                std::future::ready(Ok(answer))
+            }
+        }
+        let layer = BudgetLayer {
+            limits: Arc::new(Limits::new(1 << 20, 10, Arc::new(crate::metrics::Metrics::new()))),
+            max_message: 1 << 20,
+        };
+        for (status, slowed) in [("16", true), ("0", false), ("7", false)] {
+            let mut service = tower::Layer::layer(&layer, Answers(status));
+            let start = tokio::time::Instant::now();
+            let call = tower::Service::call(&mut service, http::Request::new(Body::empty()));
+            call.await.unwrap();
+            assert_eq!(start.elapsed() >= REFUSAL_DELAY, slowed, "status {status}");
+        }
     }
 
     #[test]
