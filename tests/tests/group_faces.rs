@@ -546,14 +546,19 @@ async fn users_and_rules_survive_a_failover() {
         ..ProducerOptions::default()
     };
     let p = eventually(Duration::from_secs(20), || async {
-        Producer::connect(&addrs, options(Some(app.clone()))).await.ok()
+        Producer::connect(&addrs, options(Some(app.clone())))
+            .await
+            .ok()
     })
     .await
     .unwrap_or_else(|| panic!("app cannot log in on the new leader\n{}", group.logs()));
     p.send(Message::new("orders", "after the failover"))
         .await
         .unwrap_or_else(|e| panic!("app's permitted send: {e}"));
-    let denied = p.send(Message::new("billing", "not allowed")).await.unwrap_err();
+    let denied = p
+        .send(Message::new("billing", "not allowed"))
+        .await
+        .unwrap_err();
     assert_eq!(denied.code(), Some(ErrorCode::PermissionDenied), "{denied}");
     let anonymous = Producer::connect(&addrs, options(None)).await.unwrap_err();
     assert_eq!(

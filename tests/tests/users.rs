@@ -573,3 +573,64 @@ async fn a_grpc_producer_stream_is_closed_when_its_check_permission_is_revoked()
     );
     assert_ne!(end["code"], 20000, "{end}");
 }
+
+/// Issue 26, item 2 (migration): with a key to seal secrets under, each key of
+/// `--grpc-credentials-file` becomes a super user of that name and secret at start:
+/// it logs in on the native face with SCRAM, its gRPC client still signs as before,
+/// and, users existing, an anonymous client is refused. A restart makes nothing twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_credentials_become_users() {
+    let dir = tempfile::tempdir().unwrap();
+    let credentials = dir.path().join("credentials");
+    std::fs::write(&credentials, "team-a team-a-s3cret-1\n").unwrap();
+    let key_file = dir.path().join("broker-key");
+    std::fs::write(&key_file, "a-long-random-broker-key-1234567890\n").unwrap();
+    let mut b = TestBroker::start(&[
+        "--grpc-listen",
+        "127.0.0.1:0",
+        "--grpc-credentials-file",
+        credentials.to_str().unwrap(),
+        "--broker-key-file",
+        key_file.to_str().unwrap(),
+    ]);
+    let team = User::new("team-a", "team-a-s3cret-1");
+    let admin = txmq_tests::eventually(Duration::from_secs(10), || async {
+        Admin::connect_as(b.addr(), "", Some(&team)).await.ok()
+    })
+    .await
+    .unwrap_or_else(|| panic!("the migrated user cannot log in\n{}", b.log_text()));
+    let users = admin.user_list().await.unwrap();
+    assert_eq!(users.len(), 1, "{users:?}");
+    assert!(users[0].name == "team-a" && users[0].superuser, "{users:?}");
+    drop(admin);
+    let anonymous = Producer::connect(b.addr(), ProducerOptions::default())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        anonymous.code(),
+        Some(ErrorCode::NotAuthenticated),
+        "{anonymous}"
+    );
+    let grpc = b.grpc_addr().to_string();
+    let signed = tokio::task::spawn_blocking(move || {
+        txmq_tests::grpc::run(
+            &grpc,
+            &["produce", "migrated", "1"],
+            &[("TXMQ_AK", "team-a"), ("TXMQ_SK", "team-a-s3cret-1")],
+        )
+    })
+    .await
+    .unwrap();
+    assert!(
+        signed.0,
+        "the migrated key's gRPC client was refused: {}",
+        signed.2
+    );
+    b.restart();
+    let admin = txmq_tests::eventually(Duration::from_secs(10), || async {
+        Admin::connect_as(b.addr(), "", Some(&team)).await.ok()
+    })
+    .await
+    .expect("the migrated user after a restart");
+    assert_eq!(admin.user_list().await.unwrap().len(), 1);
+}

@@ -249,6 +249,11 @@ impl Auth {
         !self.state().users.is_empty()
     }
 
+    /// Whether user `name` is stored.
+    pub fn has_user(&self, name: &str) -> bool {
+        self.state().users.contains_key(name)
+    }
+
     /// A user's credential and its `changed_ms`.
     pub fn credential(&self, user: &str) -> Option<(Credential, u64)> {
         let state = self.state();

@@ -189,6 +189,7 @@ pub(super) async fn run_once(
     live.set(Some((storage.clone(), topics)));
     // The first user before any face serves: no call is taken while it is made.
     crate::service::users::bootstrap(&shared).await;
+    crate::service::users::migrate_grpc_credentials(&shared).await;
     faces.grpc.set(Some(shared.clone()));
     crate::service::delete::resume_cleanups(&shared).await;
 

@@ -87,6 +87,48 @@ pub async fn bootstrap(shared: &Arc<Shared>) {
     }
 }
 
+/// Makes each key of `--grpc-credentials-file` a super user of that name and secret
+/// (the rights its key had), once: a key whose user exists is left alone. It needs
+/// the key users' secrets are sealed under (the cluster secret, or
+/// `--broker-key-file`): without one the keys stay shared credentials, as before.
+pub async fn migrate_grpc_credentials(shared: &Arc<Shared>) {
+    let pairs = &shared.config.grpc_credentials;
+    if pairs.is_empty() {
+        return;
+    }
+    if shared.config.cluster_secret.is_none() && shared.config.broker_key.is_none() {
+        tracing::warn!(
+            "the keys of --grpc-credentials-file stay shared credentials with every \
+             right: give --broker-key-file to make them users (that file is deprecated)"
+        );
+        return;
+    }
+    let mut made = 0;
+    for (key, secret) in pairs {
+        if shared.auth.has_user(key) {
+            continue;
+        }
+        match shared
+            .auth
+            .create_user(&Written(&shared.writer), key, secret, true)
+            .await
+        {
+            Ok(_) => {
+                made += 1;
+                tracing::info!(target: AUDIT, user = %key, "user made from --grpc-credentials-file");
+            }
+            Err(e) => {
+                tracing::error!("the --grpc-credentials-file key {key:?} was not made a user: {e}")
+            }
+        }
+    }
+    tracing::warn!(
+        made,
+        "--grpc-credentials-file is deprecated: its keys are users now (super users; \
+         narrow them with txmq acl), and the file can go"
+    );
+}
+
 fn info(name: String, r: &UserRecord) -> pb::UserInfo {
     pb::UserInfo {
         name,

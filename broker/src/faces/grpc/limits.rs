@@ -364,7 +364,11 @@ mod tests {
             }
         }
         let layer = BudgetLayer {
-            limits: Arc::new(Limits::new(1 << 20, 10, Arc::new(crate::metrics::Metrics::new()))),
+            limits: Arc::new(Limits::new(
+                1 << 20,
+                10,
+                Arc::new(crate::metrics::Metrics::new()),
+            )),
             max_message: 1 << 20,
         };
         for (status, slowed) in [("16", true), ("0", false), ("7", false)] {
