@@ -31,25 +31,24 @@ fn broker() -> &'static Broker {
             .build()
             .expect("runtime");
         let dir = tempfile::tempdir().expect("temp dir");
+        // A closed broker: the token, a super user and a normal user with rules, so
+        // that inputs run as each kind of principal (their first byte picks).
+        use txmq_tests::dispatch::{ROOT, TOKEN};
         let config = txmq_broker::Config {
             data_dir: dir.path().join("data"),
             auto_create_topics: false,
+            auth_token: Some(TOKEN.into()),
+            bootstrap_admin: Some((ROOT.0.into(), ROOT.1.into())),
+            grpc_listen: "none".into(),
             ..Default::default()
         };
         let addr = runtime.block_on(async {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
             let addr = listener.local_addr().expect("addr").to_string();
             tokio::spawn(txmq_broker::run(listener, config, std::future::pending()));
-            let admin = loop {
-                if let Ok(admin) = txmq_client::Admin::connect(&addr, "").await {
-                    break admin;
-                }
+            while txmq_tests::dispatch::prepare(&addr).await.is_err() {
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            };
-            admin
-                .create_topic(txmq_tests::dispatch::ALIVE_TOPIC, false)
-                .await
-                .expect("create the liveness topic");
+            }
             addr
         });
         Broker {
@@ -64,7 +63,7 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let b = broker();
     if let Err(e) = b
         .runtime
-        .block_on(txmq_tests::dispatch::drive(&b.addr, data))
+        .block_on(txmq_tests::dispatch::drive(&b.addr, data, true))
     {
         panic!("the broker stopped serving after this input: {e}");
     }

@@ -1,11 +1,15 @@
 //! Driving the broker's dispatch with arbitrary requests (issue 13, item 22): the property
 //! the `dispatch` fuzz target checks and `tests/tests/dispatch_corpus.rs` replays.
 //!
-//! An input is a sequence of chunks, each a little-endian `u16` length and that many
-//! bytes; every chunk that decodes as a protobuf `Frame` is sent, after a Hello as a
-//! producer. Whatever the frames, the broker must then still answer a Ping on a new
-//! connection and store a durable send: no request may crash it, stop its writer, or
-//! leave it unable to serve.
+//! An input is a byte that picks who sends (issue 26: anonymous, the shared token, a
+//! user with a few rules, a super user; see [`Who`]), then a sequence of chunks, each a
+//! little-endian `u16` length and that many bytes; every chunk that decodes as a
+//! protobuf `Frame` is sent, after a login and a Hello as a producer. Whatever the
+//! frames, the broker must then still answer a Ping on a new connection and store a
+//! durable send: no request may crash it, stop its writer, or leave it unable to serve.
+//!
+//! A *closed* broker ([`closed_args`], prepared by [`prepare`]) has the users and the
+//! token the principals need; on an open one every principal is anonymous.
 
 use std::time::Duration;
 
@@ -21,7 +25,100 @@ pub const ALIVE_TOPIC: &str = "fuzz-alive";
 /// Most frames taken from one input.
 const MAX_FRAMES: usize = 64;
 
-/// The frames an input stands for.
+/// The shared token of a closed broker.
+pub const TOKEN: &str = "fuzz-shared-token";
+/// Its super user, made from `--bootstrap-admin-file`.
+pub const ROOT: (&str, &str) = ("root", "fuzz-root-secret");
+/// Its normal user, with the rules [`prepare`] gives.
+pub const APP: (&str, &str) = ("app", "fuzz-app-secret");
+
+/// Who sends an input's frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Who {
+    /// No login, no token.
+    Anonymous,
+    /// The shared token (a super user's rights).
+    Token,
+    /// [`APP`]: `pub` and `sub` on `fuzz-*` topics, `sub` on every group, `txn` on the
+    /// `fuzz` producer group, and a deny on `topic:fuzz-secret`.
+    App,
+    /// [`ROOT`], a super user.
+    Root,
+}
+
+impl Who {
+    /// Each principal, as an input's first byte picks it.
+    pub const ALL: [Who; 4] = [Who::Anonymous, Who::Token, Who::App, Who::Root];
+
+    /// The principal byte `b` picks.
+    pub fn of(b: u8) -> Self {
+        Self::ALL[usize::from(b) % Self::ALL.len()]
+    }
+
+    /// The byte that picks it.
+    pub fn byte(self) -> u8 {
+        Self::ALL.iter().position(|w| *w == self).unwrap_or(0) as u8
+    }
+}
+
+/// The flags of a closed broker (with `args`' others): the token and the super user.
+/// Returns them and the directory holding their files (keep it while the broker runs).
+pub fn closed_args() -> (Vec<String>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let token = dir.path().join("token");
+    std::fs::write(&token, TOKEN).expect("write the token");
+    let admin = dir.path().join("admin");
+    std::fs::write(&admin, format!("{} {}\n", ROOT.0, ROOT.1)).expect("write the admin");
+    let args = vec![
+        "--auth-token-file".into(),
+        token.display().to_string(),
+        "--bootstrap-admin-file".into(),
+        admin.display().to_string(),
+    ];
+    (args, dir)
+}
+
+/// Makes a closed broker ready for inputs: the liveness topic, the normal user and its
+/// rules (as the super user); again, it changes nothing.
+///
+/// # Errors
+/// What the broker refused.
+pub async fn prepare(addr: &str) -> Result<(), String> {
+    let root = txmq_client::User::new(ROOT.0, ROOT.1);
+    let admin = txmq_client::Admin::connect_as(addr, "", Some(&root))
+        .await
+        .map_err(|e| format!("root login: {e}"))?;
+    admin
+        .create_topic(ALIVE_TOPIC, false)
+        .await
+        .map_err(|e| e.to_string())?;
+    let users = admin.user_list().await.map_err(|e| e.to_string())?;
+    if users.iter().any(|u| u.name == APP.0) {
+        return Ok(());
+    }
+    admin
+        .user_create(APP.0, APP.1, false)
+        .await
+        .map_err(|e| e.to_string())?;
+    let rule = |resource: &str, actions: &[&str], deny: bool| txmq_client::RuleSpec {
+        user: APP.0.into(),
+        resource: resource.into(),
+        actions: actions.iter().map(|a| a.to_string()).collect(),
+        deny,
+        ..Default::default()
+    };
+    for r in [
+        rule("topic:fuzz-*", &["pub", "sub"], false),
+        rule("group:*", &["sub"], false),
+        rule("producer-group:fuzz", &["txn"], false),
+        rule("topic:fuzz-secret", &["all"], true),
+    ] {
+        admin.acl_grant(&r).await.map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// The frames an input stands for (after its principal byte).
 pub fn frames(input: &[u8]) -> Vec<Frame> {
     let mut out = Vec::new();
     let mut rest = input;
@@ -48,15 +145,75 @@ pub fn input(frames: &[Frame]) -> Vec<u8> {
     out
 }
 
-async fn connect(addr: &str, group: &str) -> Result<Framed<TcpStream, FrameCodec>, String> {
+/// Logs in as `user` with SCRAM-SHA-256 on a raw connection.
+async fn login(
+    framed: &mut Framed<TcpStream, FrameCodec>,
+    (user, secret): (&str, &str),
+) -> Result<(), String> {
+    use txmq_protocol::scram::ClientExchange;
+    let (exchange, client_first) = ClientExchange::start(user, "fuzz-client-nonce-0123456789");
+    let start = Body::AuthStart(pb::AuthStart { client_first });
+    let server_first = match call(framed, 1, start).await? {
+        Some(pb::response::Result::AuthChallenge(c)) => c.server_first,
+        other => return Err(format!("{user}: no challenge: {other:?}")),
+    };
+    let answer = exchange
+        .answer(&server_first, secret.as_bytes())
+        .map_err(|e| format!("{user}: {e}"))?;
+    let finish = Body::AuthFinish(pb::AuthFinish {
+        client_final: answer.message.clone(),
+    });
+    match call(framed, 2, finish).await? {
+        Some(pb::response::Result::AuthOk(_)) => Ok(()),
+        other => Err(format!("{user}: not logged in: {other:?}")),
+    }
+}
+
+/// Sends request `id` and waits for its answer's result.
+async fn call(
+    framed: &mut Framed<TcpStream, FrameCodec>,
+    id: u64,
+    body: Body,
+) -> Result<Option<pb::response::Result>, String> {
+    framed
+        .send(Frame {
+            id,
+            body: Some(body),
+        })
+        .await
+        .map_err(|e| format!("send: {e}"))?;
+    match answer(framed, id).await? {
+        Some(r) if r.code == pb::ErrorCode::Ok as i32 => Ok(r.result),
+        Some(r) => Err(format!("refused: {r:?}")),
+        None => Err("the connection closed".into()),
+    }
+}
+
+async fn connect(
+    addr: &str,
+    group: &str,
+    who: Who,
+) -> Result<Framed<TcpStream, FrameCodec>, String> {
     let s = TcpStream::connect(addr)
         .await
         .map_err(|e| format!("connect: {e}"))?;
     let mut framed = Framed::new(s, FrameCodec::default());
+    // A user an earlier input deleted, or whose secret it changed, no longer logs
+    // in: its frames go anonymous then, and must be refused as such.
+    let _ = match who {
+        Who::App => login(&mut framed, APP).await,
+        Who::Root => login(&mut framed, ROOT).await,
+        Who::Anonymous | Who::Token => Ok(()),
+    };
     let hello = pb::Hello {
         protocol_version: txmq_protocol::PROTOCOL_VERSION,
         role: pb::Role::Producer as i32,
         producer_group: group.into(),
+        auth_token: if who == Who::Token {
+            TOKEN.into()
+        } else {
+            String::new()
+        },
         ..Default::default()
     };
     framed
@@ -89,13 +246,24 @@ async fn answer(
     }
 }
 
-/// Sends the input's frames to the broker at `addr`, then checks it still serves.
+/// Sends the input's frames to the broker at `addr` as the principal its first byte
+/// picks (on a `closed` broker; anonymous on an open one), then checks it still serves.
 ///
 /// # Errors
 /// What the broker failed to do afterwards.
-pub async fn drive(addr: &str, input: &[u8]) -> Result<(), String> {
-    let mut framed = connect(addr, "fuzz").await?;
-    for frame in frames(input) {
+pub async fn drive(addr: &str, input: &[u8], closed: bool) -> Result<(), String> {
+    let Some((&first, rest)) = input.split_first() else {
+        return Ok(());
+    };
+    let who = if closed {
+        Who::of(first)
+    } else {
+        Who::Anonymous
+    };
+    // A principal refused at its login or Hello (anonymous on a closed broker) still
+    // sends its frames: the broker must refuse them too.
+    let mut framed = connect(addr, "fuzz", who).await?;
+    for frame in frames(rest) {
         if framed.send(frame).await.is_err() {
             // Closed by the broker (a refusal): allowed.
             break;
@@ -114,7 +282,9 @@ pub async fn drive(addr: &str, input: &[u8]) -> Result<(), String> {
         answer(&mut framed, ping).await?;
     }
     drop(framed);
-    let mut fresh = connect(addr, "fuzz-check").await?;
+    // The token, which no input can take away (users can be deleted or changed).
+    let check = if closed { Who::Token } else { Who::Anonymous };
+    let mut fresh = connect(addr, "fuzz-check", check).await?;
     let send = Body::Send(pb::SendRequest {
         messages: vec![pb::Message {
             topic: ALIVE_TOPIC.into(),
@@ -333,5 +503,109 @@ pub fn seeds() -> Vec<Vec<u8>> {
             frame(4, Body::Hello(pb::Hello::default())),
             Frame { id: 5, body: None },
         ]),
+        // Authentication out of turn and malformed (issue 26): a finish with no start,
+        // starts that are not SCRAM, a second start, a huge name.
+        input(&[
+            frame(
+                2,
+                Body::AuthFinish(pb::AuthFinish {
+                    client_final: "c=biws,r=x,p=AAAA".into(),
+                }),
+            ),
+            frame(
+                3,
+                Body::AuthStart(pb::AuthStart {
+                    client_first: "p=tls-unique,,n=root,r=abc".into(),
+                }),
+            ),
+            frame(
+                4,
+                Body::AuthStart(pb::AuthStart {
+                    client_first: format!("n,,n={},r=abc", "x".repeat(60_000)),
+                }),
+            ),
+            frame(
+                5,
+                Body::AuthStart(pb::AuthStart {
+                    client_first: "n,,n=root,r=".into(),
+                }),
+            ),
+            frame(
+                6,
+                Body::AuthFinish(pb::AuthFinish {
+                    client_final: "\u{0}".repeat(1000),
+                }),
+            ),
+        ]),
+        // Users and rules: odd names, secrets and resources, a rule for nobody, the
+        // last super user's deletion, listings (refused without `admin`).
+        input(&[
+            frame(
+                2,
+                Body::User(pb::UserRequest {
+                    action: 1,
+                    name: "bad name\u{0}".into(),
+                    secret: "short".into(),
+                    superuser: true,
+                }),
+            ),
+            frame(
+                3,
+                Body::User(pb::UserRequest {
+                    action: 2,
+                    name: ROOT.0.into(),
+                    ..Default::default()
+                }),
+            ),
+            frame(
+                4,
+                Body::User(pb::UserRequest {
+                    action: 99,
+                    ..Default::default()
+                }),
+            ),
+            frame(
+                5,
+                Body::Acl(pb::AclRequest {
+                    action: 1,
+                    user: "nobody".into(),
+                    resource: "topic:**".into(),
+                    actions: vec!["pub".into(), "everything".into()],
+                    source: "10.0.0.0/99".into(),
+                    ..Default::default()
+                }),
+            ),
+            frame(
+                6,
+                Body::Acl(pb::AclRequest {
+                    action: 4,
+                    user: APP.0.into(),
+                    resource: "cluster".into(),
+                    actions: vec!["admin".into()],
+                    ..Default::default()
+                }),
+            ),
+            frame(
+                7,
+                Body::Acl(pb::AclRequest {
+                    action: 3,
+                    ..Default::default()
+                }),
+            ),
+        ]),
     ]
+}
+
+/// Every seed as every principal: the principal byte, then the seed's frames.
+pub fn seeds_as_everyone() -> Vec<Vec<u8>> {
+    seeds()
+        .into_iter()
+        .flat_map(|seed| {
+            Who::ALL.map(|who| {
+                let mut input = vec![who.byte()];
+                input.extend_from_slice(&seed);
+                input
+            })
+        })
+        .collect()
 }

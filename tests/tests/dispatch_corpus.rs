@@ -3,13 +3,15 @@
 //! input the broker must still answer and store a durable send. The seeds are the
 //! requests a code review found holes in: transactional sends to missing topics, acks for
 //! invented groups, durations that overflow the clock. `TXMQ_WRITE_DISPATCH_SEEDS=1`
-//! writes the seeds into the corpus directory for `cargo fuzz run dispatch`.
+//! writes the seeds into the corpus directory for `cargo fuzz run dispatch`. Each input
+//! runs on an open broker and on a closed one (users, rules and the token: issue 26),
+//! as the principal its first byte picks.
 
 use std::path::PathBuf;
 
 use txmq_client::Admin;
 use txmq_tests::TestBroker;
-use txmq_tests::dispatch::{ALIVE_TOPIC, drive, seeds};
+use txmq_tests::dispatch::{ALIVE_TOPIC, closed_args, drive, prepare, seeds_as_everyone};
 
 fn corpus_dir() -> PathBuf {
     let root = std::env::var("CARGO_MANIFEST_DIR").unwrap_or(env!("CARGO_MANIFEST_DIR").into());
@@ -25,7 +27,7 @@ async fn dispatch_seeds_and_corpus_leave_the_broker_serving() {
         .create_topic(ALIVE_TOPIC, false)
         .await
         .unwrap();
-    let mut inputs: Vec<(String, Vec<u8>)> = seeds()
+    let mut inputs: Vec<(String, Vec<u8>)> = seeds_as_everyone()
         .into_iter()
         .enumerate()
         .map(|(i, s)| (format!("seed {i}"), s))
@@ -43,9 +45,25 @@ async fn dispatch_seeds_and_corpus_leave_the_broker_serving() {
             inputs.push((path.display().to_string(), std::fs::read(&path).unwrap()));
         }
     }
-    for (name, data) in inputs {
-        if let Err(e) = drive(b.addr(), &data).await {
-            panic!("{name}: {e}\n{}", b.log_text());
+    // An open broker (every input anonymous), then a closed one (each input as the
+    // principal its first byte picks: anonymous, the token, a user, a super user).
+    for (name, data) in &inputs {
+        if let Err(e) = drive(b.addr(), data, false).await {
+            panic!("{name}, open broker: {e}\n{}", b.log_text());
+        }
+    }
+    let (mut args, _files) = closed_args();
+    args.extend(["--auto-create-topics".into(), "false".into()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let closed = TestBroker::start(&args);
+    let ready = txmq_tests::eventually(std::time::Duration::from_secs(10), || async {
+        prepare(closed.addr()).await.ok()
+    })
+    .await;
+    assert!(ready.is_some(), "{}", closed.log_text());
+    for (name, data) in &inputs {
+        if let Err(e) = drive(closed.addr(), data, true).await {
+            panic!("{name}, closed broker: {e}\n{}", closed.log_text());
         }
     }
 }
