@@ -4,6 +4,7 @@
 //! data directory unless `--broker` names one, runs one scenario, and prints a table or
 //! (with `--json`) one JSON line.
 
+mod access;
 mod broker;
 mod failover;
 mod retention;
@@ -116,6 +117,13 @@ pub struct Args {
     /// `failover`: how many times the leader is killed.
     #[arg(long, default_value_t = 3)]
     pub kills: usize,
+    /// The broker has users: the clients log in (SCRAM) as a normal user, and every
+    /// request is checked against its rules.
+    #[arg(long)]
+    pub users: bool,
+    /// The broker serves TLS (a self-signed certificate the clients trust).
+    #[arg(long)]
+    pub tls: bool,
 }
 
 /// What a scenario measured.
@@ -145,14 +153,26 @@ async fn main() -> anyhow::Result<()> {
         args.broker.is_none() || args.group <= 1,
         "--group starts its own brokers: not with --broker"
     );
+    anyhow::ensure!(
+        !(args.users || args.tls)
+            || (args.broker.is_none()
+                && args.group <= 1
+                && matches!(
+                    args.scenario,
+                    Scenario::Send | Scenario::Txn | Scenario::E2e
+                )),
+        "--users and --tls are for send, txn and e2e on the broker the bench starts"
+    );
+    let (access_args, _access_files) = access::broker_args(args.users, args.tls)?;
     let mut broker = match &args.broker {
         Some(addr) => broker::Broker::external(addr),
         None => {
-            let extra = if args.scenario == Scenario::Retention {
+            let mut extra = if args.scenario == Scenario::Retention {
                 retention::broker_args(&args)
             } else {
                 Vec::new()
             };
+            extra.extend(access_args);
             if args.group > 1 {
                 broker::Broker::start_group(args.group, args.flush, &extra).await?
             } else {
@@ -160,6 +180,7 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     };
+    access::setup(broker.addr(), args.users).await?;
     let cpu_before = broker.cpu_seconds();
     let probe = stalls::StallProbe::start();
     let report = if args.scenario == Scenario::Retention {

@@ -64,7 +64,7 @@ pub(crate) async fn send(
 ) -> anyhow::Result<Report> {
     let mut producers = Vec::new();
     for _ in 0..args.producers {
-        producers.push(Producer::connect(addr, ProducerOptions::default()).await?);
+        producers.push(Producer::connect(addr, crate::access::producer()).await?);
     }
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -130,7 +130,10 @@ async fn txn(args: &Args, addr: &str) -> anyhow::Result<Report> {
     for _ in 0..args.producers {
         // The checker is never needed here (every transaction is committed at once); it
         // answers Commit so a slow run cannot leave anything half-done.
-        let options = ProducerOptions::transactional("bench", |_| async { Outcome::Commit });
+        let options =
+            crate::access::transactional(ProducerOptions::transactional("bench", |_| async {
+                Outcome::Commit
+            }));
         producers.push(Producer::connect(addr, options).await?);
     }
     let started = Instant::now();
@@ -184,10 +187,10 @@ async fn e2e(args: &Args, addr: &str, ordered: bool) -> anyhow::Result<Report> {
     let received = Arc::new(AtomicU64::new(0));
     let mut consumers = Vec::new();
     for _ in 0..args.consumers {
-        let options = ConsumerOptions {
+        let options = crate::access::consumer(ConsumerOptions {
             window: args.window as u32,
             ..ConsumerOptions::new("bench", topic).ordered(ordered)
-        };
+        });
         consumers.push(Consumer::subscribe(addr, options).await?);
     }
     let total = args.messages;
