@@ -242,7 +242,7 @@ impl Default for Config {
             max_connections: 10_000,
             max_topics: 10_000,
             max_subscriptions_per_connection: 1_000,
-            max_streams_per_connection: 256,
+            max_streams_per_connection: 128,
             max_queues: 100_000,
             max_groups: 10_000,
             handshake_timeout: s(10),

@@ -122,7 +122,7 @@ struct Flags {
     /// [default: 1000].
     #[arg(long, env = "TXMQ_MAX_SUBSCRIPTIONS_PER_CONNECTION")]
     max_subscriptions_per_connection: Option<usize>,
-    /// Most calls (HTTP/2 streams) open at once on one gRPC connection [default: 256].
+    /// Most calls (HTTP/2 streams) open at once on one gRPC connection [default: 128].
     #[arg(long, env = "TXMQ_MAX_STREAMS_PER_CONNECTION")]
     max_streams_per_connection: Option<usize>,
     /// Most consumer queues running, one per (group, topic) [default: 100000].

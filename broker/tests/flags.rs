@@ -9,6 +9,27 @@ fn broker(args: &[&str]) -> std::process::Output {
         .expect("run txmq-broker")
 }
 
+/// Runs the broker with `args` for at most `limit`: its output, or `None` (it is killed)
+/// when it was still running then.
+fn broker_within(args: &[&str], limit: std::time::Duration) -> Option<std::process::Output> {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_txmq-broker"))
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run txmq-broker");
+    let deadline = std::time::Instant::now() + limit;
+    while child.try_wait().expect("wait").is_none() {
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    Some(child.wait_with_output().expect("its output"))
+}
+
 #[test]
 fn bad_durations_are_refused_clearly() {
     let out = broker(&[
@@ -81,14 +102,21 @@ fn a_second_broker_on_the_same_directory_refuses_to_start() {
     std::thread::sleep(std::time::Duration::from_millis(200));
     let mut err = String::new();
     for _ in 0..50 {
-        let out = broker(&[
-            "--listen",
-            "127.0.0.1:0",
-            "--grpc-listen",
-            "none",
-            "--data-dir",
-            data,
-        ]);
+        // Bounded: a second broker that won the directory would serve for ever.
+        let Some(out) = broker_within(
+            &[
+                "--listen",
+                "127.0.0.1:0",
+                "--grpc-listen",
+                "none",
+                "--data-dir",
+                data,
+            ],
+            std::time::Duration::from_secs(30),
+        ) else {
+            err = "a second broker on the same directory was still running after 30 s".into();
+            break;
+        };
         err = String::from_utf8_lossy(&out.stderr).into_owned();
         if !out.status.success() {
             break;

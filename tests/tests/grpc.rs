@@ -973,3 +973,40 @@ async fn grpc_connections_count_against_the_connection_cap() {
         served.2
     );
 }
+
+/// Issue 26, item 7: a gRPC connection that sends nothing does not keep a slot of the
+/// connection cap: closed after the handshake timeout, its slot serves the next client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_grpc_connection_gives_back_its_slot() {
+    let b = TestBroker::start(&[
+        "--grpc-listen",
+        "127.0.0.1:0",
+        "--max-connections",
+        "1",
+        "--handshake-timeout",
+        "1s",
+    ]);
+    let silent = tokio::net::TcpStream::connect(b.grpc_addr()).await.unwrap();
+    let grpc = b.grpc_addr().to_string();
+    let served = txmq_tests::eventually(Duration::from_secs(20), || {
+        let grpc = grpc.clone();
+        async move {
+            let (_, out, _) = tokio::task::spawn_blocking(move || {
+                txmq_tests::grpc::run(&grpc, &["ops", "Route"], &[])
+            })
+            .await
+            .unwrap();
+            txmq_tests::json_lines(&out)
+                .first()
+                .is_some_and(|l| l["code"].is_number())
+                .then_some(())
+        }
+    })
+    .await;
+    drop(silent);
+    assert!(
+        served.is_some(),
+        "a silent connection kept the only slot\n{}",
+        b.log_text()
+    );
+}

@@ -90,6 +90,30 @@ async fn a_broker_without_users_refuses_to_serve_off_loopback() {
 
     let admin = data.path().join("admin");
     std::fs::write(&admin, "root a-long-enough-secret\n").unwrap();
+    // With users, a gRPC endpoint off loopback needs TLS: its signature is a bearer
+    // token on h2c.
+    let grpc = format!("{}:7301", net.addr(0));
+    let mut child = net
+        .command(0, broker.to_str().unwrap())
+        .args(["--listen", &listen, "--grpc-listen", &grpc, "--data-dir"])
+        .arg(data.path())
+        .arg("--bootstrap-admin-file")
+        .arg(&admin)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let exited = txmq_tests::wait_timeout(&mut child, Duration::from_secs(30));
+    if exited.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let mut err = String::new();
+    let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+    assert!(
+        exited.is_some_and(|s| !s.success()) && err.contains("without TLS"),
+        "a signed gRPC endpoint off loopback without TLS: {exited:?}\n{err}"
+    );
     let closed = TestBroker::start_in_netns(
         &net.ns(0),
         &listen,

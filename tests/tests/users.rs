@@ -55,6 +55,23 @@ async fn app_producer(b: &TestBroker, group: &str) -> Producer {
     .expect("app connects")
 }
 
+/// A broker with a bootstrap super user, a key to seal secrets under (so users sign
+/// gRPC calls) and a gRPC endpoint; its files in `dir`.
+fn grpc_broker(dir: &Path) -> TestBroker {
+    let admin_file = dir.join("admin");
+    std::fs::write(&admin_file, format!("root {ADMIN_SECRET}\n")).unwrap();
+    let key_file = dir.join("broker-key");
+    std::fs::write(&key_file, "a-long-random-broker-key-1234567890\n").unwrap();
+    TestBroker::start(&[
+        "--bootstrap-admin-file",
+        admin_file.to_str().unwrap(),
+        "--broker-key-file",
+        key_file.to_str().unwrap(),
+        "--grpc-listen",
+        "127.0.0.1:0",
+    ])
+}
+
 /// Until the broker has made its bootstrap user.
 async fn root(b: &TestBroker) -> Admin {
     txmq_tests::eventually(Duration::from_secs(10), || async {
@@ -375,18 +392,7 @@ async fn the_cli_manages_users_and_rules() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_clients_sign_as_users_and_the_same_rules_decide() {
     let dir = tempfile::tempdir().unwrap();
-    let admin_file = dir.path().join("admin");
-    std::fs::write(&admin_file, format!("root {ADMIN_SECRET}\n")).unwrap();
-    let key_file = dir.path().join("broker-key");
-    std::fs::write(&key_file, "a-long-random-broker-key-1234567890\n").unwrap();
-    let b = TestBroker::start(&[
-        "--bootstrap-admin-file",
-        admin_file.to_str().unwrap(),
-        "--broker-key-file",
-        key_file.to_str().unwrap(),
-        "--grpc-listen",
-        "127.0.0.1:0",
-    ]);
+    let b = grpc_broker(dir.path());
     let root = root(&b).await;
     root.user_create("app", APP_SECRET, false).await.unwrap();
     root.create_topic("orders", false).await.unwrap();
@@ -437,18 +443,7 @@ async fn grpc_clients_sign_as_users_and_the_same_rules_decide() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grpc_transaction_is_ended_only_by_the_user_that_prepared_it() {
     let dir = tempfile::tempdir().unwrap();
-    let admin_file = dir.path().join("admin");
-    std::fs::write(&admin_file, format!("root {ADMIN_SECRET}\n")).unwrap();
-    let key_file = dir.path().join("broker-key");
-    std::fs::write(&key_file, "a-long-random-broker-key-1234567890\n").unwrap();
-    let b = TestBroker::start(&[
-        "--bootstrap-admin-file",
-        admin_file.to_str().unwrap(),
-        "--broker-key-file",
-        key_file.to_str().unwrap(),
-        "--grpc-listen",
-        "127.0.0.1:0",
-    ]);
+    let b = grpc_broker(dir.path());
     let root = root(&b).await;
     root.create_topic("t1", false).await.unwrap();
     for user in ["app", "other"] {
@@ -517,18 +512,7 @@ async fn a_grpc_transaction_is_ended_only_by_the_user_that_prepared_it() {
 async fn a_grpc_producer_stream_is_closed_when_its_check_permission_is_revoked() {
     use std::io::BufRead;
     let dir = tempfile::tempdir().unwrap();
-    let admin_file = dir.path().join("admin");
-    std::fs::write(&admin_file, format!("root {ADMIN_SECRET}\n")).unwrap();
-    let key_file = dir.path().join("broker-key");
-    std::fs::write(&key_file, "a-long-random-broker-key-1234567890\n").unwrap();
-    let b = TestBroker::start(&[
-        "--bootstrap-admin-file",
-        admin_file.to_str().unwrap(),
-        "--broker-key-file",
-        key_file.to_str().unwrap(),
-        "--grpc-listen",
-        "127.0.0.1:0",
-    ]);
+    let b = grpc_broker(dir.path());
     let root = root(&b).await;
     root.user_create("app", APP_SECRET, false).await.unwrap();
     root.acl_grant(&rule("topic:t1", "pub")).await.unwrap();

@@ -244,10 +244,17 @@ async fn reopen(
 
 /// Answers every connection with the reason writes are refused, until dropped.
 async fn refuse_all(listener: &Listener, why: &str) {
+    // Bounded, as the followers' refusals are: each may take a TLS handshake.
+    let open = Arc::new(tokio::sync::Semaphore::new(256));
     loop {
         if let Ok((incoming, peer)) = listener.accept().await {
+            let Ok(permit) = open.clone().try_acquire_owned() else {
+                drop(incoming);
+                continue;
+            };
             let why = why.to_string();
             tokio::spawn(async move {
+                let _permit = permit;
                 if let Some(socket) = incoming.open().await {
                     connection::refuse_recovering(socket, peer, &why).await;
                 }

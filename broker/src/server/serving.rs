@@ -243,9 +243,12 @@ pub(super) async fn run_once(
     Ok(stop)
 }
 
-/// A broker with no users (and no token or gRPC credentials) serves anyone who reaches
-/// it: fine on loopback, a hole on a network. Off loopback it takes
-/// `--allow-anonymous` to say so; otherwise it does not serve, and says why.
+/// A broker with no users serves anyone who reaches it: fine on loopback, a hole on a
+/// network. Each face is judged by what it takes: the native port is open without users
+/// or a token, the gRPC endpoint without users or credentials. An open face off
+/// loopback takes `--allow-anonymous` to say so; and a gRPC endpoint off loopback
+/// whose calls are signed needs TLS (the signature is a bearer token on h2c).
+/// Otherwise the broker does not serve, and says why.
 ///
 /// # Errors
 /// [`Error::Invalid`] naming the listener and the ways out.
@@ -254,26 +257,39 @@ fn refuse_anonymous_exposure(
     config: &Config,
     listener: &Listener,
 ) -> Result<()> {
-    let open = !auth.active() && config.auth_token.is_none() && config.grpc_credentials.is_empty();
-    if !open || config.allow_anonymous {
+    let off_loopback = |a: &std::net::SocketAddr| !a.ip().to_canonical().is_loopback();
+    let native = listener.local_addr().ok().filter(off_loopback);
+    let grpc = config.grpc_addr().ok().flatten().filter(off_loopback);
+    let users = auth.active();
+    let native_open = !users && config.auth_token.is_none();
+    let grpc_open = !users && config.grpc_credentials.is_empty();
+    if let Some(at) = grpc
+        && !grpc_open
+        && config.grpc_tls.is_none()
+    {
+        return Err(Error::Invalid(format!(
+            "grpc-listen {at} is off loopback without TLS, and its calls are signed: the \
+             signature covers only a date, so anyone who sees one call could replay it. \
+             Give --tls-cert and --tls-key (or --grpc-tls-*), or listen on loopback"
+        )));
+    }
+    if config.allow_anonymous {
         return Ok(());
     }
-    let native = listener.local_addr().ok();
-    let grpc = config.grpc_addr().ok().flatten();
-    let exposed: Vec<String> = [("listen", native), ("grpc-listen", grpc)]
-        .into_iter()
-        .filter_map(|(name, addr)| {
-            addr.filter(|a| !a.ip().is_loopback())
-                .map(|a| format!("{name} {a}"))
-        })
-        .collect();
+    let exposed: Vec<String> = [
+        ("listen", native.filter(|_| native_open)),
+        ("grpc-listen", grpc.filter(|_| grpc_open)),
+    ]
+    .into_iter()
+    .filter_map(|(name, addr)| addr.map(|a| format!("{name} {a}")))
+    .collect();
     if exposed.is_empty() {
         return Ok(());
     }
     Err(Error::Invalid(format!(
-        "{} is off loopback and the broker has no users: anyone who reaches it could do \
-         anything. Make a first user (--bootstrap-admin-file FILE), require users \
-         (--require-auth), or say that anonymous access is meant (--allow-anonymous)",
+        "{} is off loopback and takes anyone: whoever reaches it could do anything. Make \
+         a first user (--bootstrap-admin-file FILE), require users (--require-auth), or \
+         say that anonymous access is meant (--allow-anonymous)",
         exposed.join(" and ")
     )))
 }
@@ -301,6 +317,13 @@ async fn accept(
             }
         };
         let permit = limit.clone().try_acquire_owned().ok();
+        if permit.is_none() && listener.is_tls() {
+            // Over the cap, no TLS handshake is spent on it: closed at once, counted.
+            shared.limits.refused();
+            tracing::warn!(%peer, "connection refused: too many connections");
+            drop(incoming);
+            continue;
+        }
         let shared = shared.clone();
         let cancel = cancel.clone();
         tracker.spawn(async move {

@@ -88,7 +88,8 @@ pub async fn bootstrap(shared: &Arc<Shared>) {
 }
 
 /// Makes each key of `--grpc-credentials-file` a super user of that name and secret
-/// (the rights its key had), once: a key whose user exists is left alone. It needs
+/// (the rights its key had), at the first start with users, when none is stored yet
+/// (alone, or beside the bootstrap user): a user deleted later is not made again. It needs
 /// the key users' secrets are sealed under (the cluster secret, or
 /// `--broker-key-file`): without one the keys stay shared credentials, as before.
 pub async fn migrate_grpc_credentials(shared: &Arc<Shared>) {
@@ -101,6 +102,20 @@ pub async fn migrate_grpc_credentials(shared: &Arc<Shared>) {
             "the keys of --grpc-credentials-file stay shared credentials with every \
              right: give --broker-key-file to make them users (that file is deprecated)"
         );
+        return;
+    }
+    // Users other than the bootstrap one: the migration ran, or users came otherwise.
+    let bootstrap = shared
+        .config
+        .bootstrap_admin
+        .as_ref()
+        .map(|(n, _)| n.as_str());
+    if shared
+        .auth
+        .users()
+        .iter()
+        .any(|(name, _)| Some(name.as_str()) != bootstrap)
+    {
         return;
     }
     let mut made = 0;

@@ -132,18 +132,24 @@ pub fn verify(
     if !date_ok(date, now_secs) {
         return Err(refused());
     }
-    if let Some((_, secret)) = pairs.iter().find(|(k, _)| k == key) {
-        return if signs(secret, date, &given) {
-            Ok(Some(Identity::Token))
+    // A user of that name decides first: a key of the credentials file made a user
+    // (and maybe narrowed since, or given a new secret) is that user, not the file's key.
+    if let Some((secret, since_ms)) = auth.and_then(|a| a.grpc_secret(key)) {
+        return if signs(&secret, date, &given) {
+            Ok(Some(Identity::User {
+                name: key.to_string(),
+                since_ms,
+            }))
         } else {
             Err(refused())
         };
     }
-    match auth.and_then(|a| a.grpc_secret(key)) {
-        Some((secret, since_ms)) if signs(&secret, date, &given) => Ok(Some(Identity::User {
-            name: key.to_string(),
-            since_ms,
-        })),
+    if auth.is_some_and(|a| a.has_user(key)) {
+        // A user whose secret this broker cannot unseal: not the file's key either.
+        return Err(refused());
+    }
+    match pairs.iter().find(|(k, _)| k == key) {
+        Some((_, secret)) if signs(secret, date, &given) => Ok(Some(Identity::Token)),
         _ => Err(refused()),
     }
 }

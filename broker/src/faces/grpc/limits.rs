@@ -29,12 +29,20 @@ use crate::service::limits::Limits;
 
 /// Bytes a call's client may send ahead of what the broker has read (HTTP/2's
 /// per-stream window).
-pub const STREAM_WINDOW: u32 = 128 * 1024;
+pub const STREAM_WINDOW: u32 = 64 * 1024;
 
-/// A connection that holds a share of the connection cap while it is open.
+/// How long a message granted its share of the budget may take to arrive whole: a
+/// client that announced a large message and sends nothing more holds the share no
+/// longer than this.
+pub const MESSAGE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// A connection that holds a share of the connection cap while it is open. It must
+/// send its first bytes within the handshake timeout, or it is closed: a silent socket
+/// does not keep a slot of the cap.
 pub struct Capped {
     stream: TcpStream,
     _slot: OwnedSemaphorePermit,
+    first_bytes: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl Connected for Capped {
@@ -51,7 +59,24 @@ impl AsyncRead for Capped {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let read = Pin::new(&mut this.stream).poll_read(cx, buf);
+        match &read {
+            Poll::Ready(Ok(())) if buf.filled().len() > before => this.first_bytes = None,
+            Poll::Pending => {
+                if let Some(deadline) = this.first_bytes.as_mut()
+                    && deadline.as_mut().poll(cx).is_ready()
+                {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "no bytes within the handshake timeout",
+                    )));
+                }
+            }
+            _ => {}
+        }
+        read
     }
 }
 
@@ -78,8 +103,9 @@ impl AsyncWrite for Capped {
 pub fn incoming(
     listener: TcpListener,
     limits: Arc<Limits>,
+    handshake: std::time::Duration,
 ) -> impl futures::Stream<Item = io::Result<Capped>> {
-    futures::stream::unfold((listener, limits), |(listener, limits)| async move {
+    futures::stream::unfold((listener, limits), move |(listener, limits)| async move {
         let mut backoff = std::time::Duration::from_millis(5);
         loop {
             let (stream, peer) = match listener.accept().await {
@@ -94,9 +120,17 @@ pub fn incoming(
             match limits.connections.clone().try_acquire_owned() {
                 Ok(slot) => {
                     let _ = stream.set_nodelay(true);
+                    // Finds clients whose host vanished (tonic's own keepalive setting
+                    // does not reach sockets it did not accept).
+                    let ka = socket2::TcpKeepalive::new()
+                        .with_time(std::time::Duration::from_secs(30))
+                        .with_interval(std::time::Duration::from_secs(10))
+                        .with_retries(3);
+                    let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&ka);
                     let capped = Capped {
                         stream,
                         _slot: slot,
+                        first_bytes: Some(Box::pin(tokio::time::sleep(handshake))),
                     };
                     return Some((Ok(capped), (listener, limits)));
                 }
@@ -179,6 +213,7 @@ where
             prefix: Vec::with_capacity(5),
             remaining: 0,
             waiting: None,
+            deadline: None,
             limits: self.layer.limits.clone(),
             max_message: self.layer.max_message,
             held: held.clone(),
@@ -210,6 +245,8 @@ struct MeteredBody {
     remaining: u64,
     /// A frame held back until its messages' share is granted.
     waiting: Option<(Frame<Bytes>, Acquiring)>,
+    /// When the message holding a share must have arrived whole.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     limits: Arc<Limits>,
     max_message: usize,
     held: Held,
@@ -246,6 +283,16 @@ impl MeteredBody {
     }
 }
 
+impl MeteredBody {
+    /// Holds `permit` for the message that starts now (the last one's share goes), and
+    /// gives that message [`MESSAGE_DEADLINE`] to arrive when it is not whole yet.
+    fn grant(&mut self, permit: OwnedSemaphorePermit) {
+        *self.held.lock().expect("held lock") = Some(permit);
+        self.deadline =
+            (self.remaining > 0).then(|| Box::pin(tokio::time::sleep(MESSAGE_DEADLINE)));
+    }
+}
+
 impl HttpBody for MeteredBody {
     type Data = Bytes;
     type Error = tonic::Status;
@@ -260,13 +307,15 @@ impl HttpBody for MeteredBody {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Ok(permit)) => permit,
                 Poll::Ready(Err(_)) => {
+                    this.waiting = None;
+                    this.inner = None;
                     return Poll::Ready(Some(Err(tonic::Status::unavailable(
                         "the broker is stopping",
                     ))));
                 }
             };
             // The share of the message that starts now replaces the last one's.
-            *this.held.lock().expect("held lock") = Some(permit);
+            this.grant(permit);
             let (frame, _) = this.waiting.take().expect("waiting");
             return Poll::Ready(Some(Ok(frame)));
         }
@@ -275,12 +324,28 @@ impl HttpBody for MeteredBody {
         };
         let frame = match Pin::new(inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => frame,
+            Poll::Pending => {
+                if let Some(deadline) = this.deadline.as_mut()
+                    && deadline.as_mut().poll(cx).is_ready()
+                {
+                    this.inner = None;
+                    this.held.lock().expect("held lock").take();
+                    return Poll::Ready(Some(Err(tonic::Status::deadline_exceeded(
+                        "the message did not arrive within 60 s of its announcement",
+                    ))));
+                }
+                return Poll::Pending;
+            }
             other => return other,
         };
         let starting = match frame.data_ref() {
             Some(data) => this.starting_in(data),
             None => 0,
         };
+        if this.remaining == 0 {
+            // The messages begun so far are whole.
+            this.deadline = None;
+        }
         if starting == 0 {
             return Poll::Ready(Some(Ok(frame)));
         }
@@ -291,12 +356,15 @@ impl HttpBody for MeteredBody {
         let mut acquiring: BoxFuture<_> = Box::pin(budget.acquire_many_owned(units));
         match acquiring.as_mut().poll(cx) {
             Poll::Ready(Ok(permit)) => {
-                *this.held.lock().expect("held lock") = Some(permit);
+                this.grant(permit);
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Err(_)) => Poll::Ready(Some(Err(tonic::Status::unavailable(
-                "the broker is stopping",
-            )))),
+            Poll::Ready(Err(_)) => {
+                this.inner = None;
+                Poll::Ready(Some(Err(tonic::Status::unavailable(
+                    "the broker is stopping",
+                ))))
+            }
             Poll::Pending => {
                 this.waiting = Some((frame, acquiring));
                 Poll::Pending
@@ -325,6 +393,7 @@ mod tests {
             prefix: Vec::new(),
             remaining: 0,
             waiting: None,
+            deadline: None,
             limits: Arc::new(Limits::new(
                 1 << 20,
                 10,

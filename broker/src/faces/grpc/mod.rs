@@ -167,7 +167,7 @@ pub async fn serve(
         auth::interceptor(credentials, endpoint_live, closed),
     );
     tracing::info!(addr = ?addr, tls = tls.is_some(), "grpc endpoint");
-    let incoming = limits::incoming(listener, limits.clone());
+    let incoming = limits::incoming(listener, limits.clone(), endpoint_config.handshake_timeout);
     // A call waiting for the budget is not read: what its client sent meanwhile stays
     // in its stream's window, and counts against the connection's. The connection's
     // window holds every stream's, so that waiting calls never starve those that hold

@@ -295,7 +295,7 @@ pub async fn end_transaction(
         && !who.client_id.is_empty()
         && let Some((connection_id, check_id, topic)) = endpoint
             .sessions
-            .links_of(&who.client_id)
+            .links_of(&who.client_id, &who)
             .iter()
             .find_map(|l| {
                 l.answered(txn)
@@ -318,8 +318,16 @@ pub async fn end_transaction(
         // Still unknown: the check-back asks again later.
         return reply(status::ok());
     }
-    // The producer's own end, for the transactions of its topic's group.
-    let group = txn_group(&req.topic.map(|t| t.name).unwrap_or_default(), &who);
+    // The producer's own end, for the transactions of its topic's group. A topic that
+    // is no topic name (a `%` could make another user's bound group) ends nothing.
+    let topic = req.topic.map(|t| t.name).unwrap_or_default();
+    if crate::service::name("topic", &topic).is_err() {
+        return reply(status::of(
+            pb::Code::IllegalTopic,
+            format!("{topic:?} is not a topic name"),
+        ));
+    }
+    let group = txn_group(&topic, &who);
     match txn::end_as(&shared, &who, txn, outcome, group).await {
         Ok(_) => reply(status::ok()),
         Err(e) => reply(status::of_error(&e)),

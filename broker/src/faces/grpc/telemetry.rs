@@ -136,13 +136,14 @@ impl Sessions {
             .unwrap_or_default()
     }
 
-    /// The producer registrations of a client's streams.
-    pub fn links_of(&self, client_id: &str) -> Vec<Arc<Link>> {
+    /// The producer registrations of a client's streams opened by `caller`'s identity
+    /// (another principal naming the client's id gets none of them).
+    pub fn links_of(&self, client_id: &str, caller: &Principal) -> Vec<Arc<Link>> {
         self.open
             .lock()
             .expect("sessions lock")
             .values()
-            .filter(|s| s.client_id == client_id)
+            .filter(|s| s.client_id == client_id && s.who.identity == caller.identity)
             .filter_map(|s| s.link.clone())
             .collect()
     }
@@ -180,14 +181,32 @@ pub fn open(
         )));
     };
     tokio::spawn(async move {
+        // Without parts to watch (none yet, or they went with a reopen or a change of
+        // leader), look for the next ones once a second, and check the stream again
+        // against their users and rules.
+        let mut look = tokio::time::interval(Duration::from_secs(1));
+        look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             // The endpoint's stop ends every stream (the server waits for them).
             let command = tokio::select! {
                 () = stop.cancelled() => break,
+                _ = look.tick(), if auth_changes.is_none() => {
+                    let Some(shared) = live.get() else { continue };
+                    auth_changes = Some(shared.auth.changes());
+                    let topics = sessions.topics_of(id);
+                    if let Err(e) = super::checks::still_allowed(&shared, &me, &topics) {
+                        tracing::info!(client = %client, "closing telemetry stream: {e}");
+                        let _ = tx.try_send(Ok(pb::TelemetryCommand {
+                            status: Some(status::of_error(&e)),
+                            command: None,
+                        }));
+                        break;
+                    }
+                    continue;
+                }
                 changed = auth_changed(&mut auth_changes) => {
                     if changed.is_err() {
-                        // Those parts are gone; the next ones register the stream anew,
-                        // asking its permissions then.
+                        // Those parts are gone: watch the next ones (above).
                         auth_changes = None;
                         continue;
                     }
