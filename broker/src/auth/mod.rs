@@ -117,13 +117,19 @@ pub const MAX_RULES: usize = 10_000;
 /// # Errors
 /// What is wrong with it.
 pub fn check_user_name(name: &str) -> Result<()> {
+    // `%` separates a gRPC transaction's group from the user it is bound to; the names
+    // of the built-in identities would read as them in audit events and handles.
     if name.is_empty()
         || name.len() > MAX_USER_NAME
-        || name.chars().any(|c| c.is_control() || c.is_whitespace())
+        || name
+            .chars()
+            .any(|c| c.is_control() || c.is_whitespace() || c == '%')
+        || name == "anonymous"
+        || name == "token"
     {
         return Err(Error::Invalid(format!(
-            "{name:?} is not a user name: 1 to {MAX_USER_NAME} characters, no spaces or \
-             control characters"
+            "{name:?} is not a user name: 1 to {MAX_USER_NAME} characters, no spaces, \
+             control characters or %, and not anonymous or token"
         )));
     }
     Ok(())

@@ -190,11 +190,14 @@ async fn bad_names_secrets_and_duplicates_are_refused() {
             .await
             .is_err()
     );
-    assert!(
-        auth.create_user(&map, "", "s3cret-ok", false)
-            .await
-            .is_err()
-    );
+    for bad in ["", "a%b", "token", "anonymous"] {
+        assert!(
+            auth.create_user(&map, bad, "s3cret-ok", false)
+                .await
+                .is_err(),
+            "{bad:?}"
+        );
+    }
     assert!(
         auth.create_user(&map, "short", "1234567", false)
             .await

@@ -43,10 +43,16 @@ impl Default for Receipts {
 impl Receipts {
     fn mac(&self, group: &str, topic: &str, offset: u64, lease_id: u64, who: &Principal) -> String {
         let mut m = <Hmac<Sha256> as Mac>::new_from_slice(&self.key).expect("HMAC takes any key");
+        // A user as of its secret: a new secret (which closes its sessions) ends its
+        // handles too, as does its deletion and re-creation.
+        let identity = match &who.identity {
+            crate::auth::Identity::User { name, since_ms } => format!("user {name} {since_ms}"),
+            other => other.name().to_string(),
+        };
         for part in [
             group.as_bytes(),
             topic.as_bytes(),
-            who.identity.name().as_bytes(),
+            identity.as_bytes(),
             who.client_id.as_bytes(),
         ] {
             m.update(&(part.len() as u64).to_be_bytes());
