@@ -511,8 +511,31 @@ pub async fn raw_call(
     }
 }
 
-/// A TCP port free on loopback now (for a second listener such as metrics).
+/// A TCP port free on loopback now, for a listener started later (a group's node
+/// ports, a broker that keeps its port across restarts).
+///
+/// Taken below the kernel's ephemeral range (32768 and up by default), at a place that
+/// depends on the process and a count: the kernel never hands those ports to a `:0`
+/// bind or an outgoing connection, which, in the ephemeral range, took such a port
+/// between this check and the broker's bind often enough to fail a group test now and
+/// then ("Address already in use", under load).
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    let pid = std::process::id();
+    for _ in 0..1_000 {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = LOW
+            + (pid
+                .wrapping_mul(7_919)
+                .wrapping_add(n.wrapping_mul(104_729)))
+                % SPAN;
+        if std::net::TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
+            return port as u16;
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0")
         .expect("bind")
         .local_addr()
