@@ -511,6 +511,33 @@ pub async fn raw_call(
     }
 }
 
+/// Runs `command` (a broker expected to refuse to start) for at most `limit`, its
+/// stdout dropped: how it exited (`None`: still running then, and killed) and its
+/// stderr.
+pub fn run_refusal(
+    command: &mut Command,
+    limit: Duration,
+) -> (Option<std::process::ExitStatus>, String) {
+    use std::io::Read;
+    let mut child = command
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let exited = wait_timeout(&mut child, limit);
+    if exited.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let mut err = String::new();
+    let _ = child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut err);
+    (exited, err)
+}
+
 /// A TCP port free on loopback now, for a listener started later (a group's node
 /// ports, a broker that keeps its port across restarts).
 ///

@@ -411,29 +411,20 @@ async fn the_node_port_takes_the_cluster_secret_and_no_client_credential() {
     // No cluster secret: the node does not start.
     let data = tempfile::tempdir().unwrap();
     let peers = format!("1=127.0.0.1:{}", txmq_tests::free_port());
-    let mut child = std::process::Command::new(txmq_tests::bin("txmq-broker"))
-        .args([
-            "--node-id",
-            "1",
-            "--peers",
-            &peers,
-            "--listen",
-            "127.0.0.1:0",
-        ])
-        .args(["--grpc-listen", "none", "--data-dir"])
-        .arg(data.path())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let exited = txmq_tests::wait_timeout(&mut child, Duration::from_secs(20));
-    if exited.is_none() {
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-    let mut err = String::new();
-    use std::io::Read;
-    let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+    let (exited, err) = txmq_tests::run_refusal(
+        std::process::Command::new(txmq_tests::bin("txmq-broker"))
+            .args([
+                "--node-id",
+                "1",
+                "--peers",
+                &peers,
+                "--listen",
+                "127.0.0.1:0",
+            ])
+            .args(["--grpc-listen", "none", "--data-dir"])
+            .arg(data.path()),
+        Duration::from_secs(20),
+    );
     assert!(
         exited.is_some_and(|s| !s.success()) && err.contains("cluster-secret-file"),
         "a node without a cluster secret: {exited:?}, {err}"

@@ -51,26 +51,16 @@ async fn sigterm_right_after_start_is_a_clean_exit() {
 /// (In a network namespace of the test's own: no test listens off loopback elsewhere.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_without_users_refuses_to_serve_off_loopback() {
-    use std::io::Read;
     let net = txmq_tests::netns::Net::create(1);
     let listen = format!("{}:7300", net.addr(0));
     let data = tempfile::tempdir().unwrap();
     let broker = txmq_tests::bin("txmq-broker");
-    let mut child = net
-        .command(0, broker.to_str().unwrap())
-        .args(["--listen", &listen, "--grpc-listen", "none", "--data-dir"])
-        .arg(data.path())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let exited = txmq_tests::wait_timeout(&mut child, Duration::from_secs(30));
-    if exited.is_none() {
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-    let mut err = String::new();
-    let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+    let (exited, err) = txmq_tests::run_refusal(
+        net.command(0, broker.to_str().unwrap())
+            .args(["--listen", &listen, "--grpc-listen", "none", "--data-dir"])
+            .arg(data.path()),
+        Duration::from_secs(30),
+    );
     assert!(
         exited.is_some_and(|s| !s.success()) && err.contains("--allow-anonymous"),
         "an open broker off loopback: {exited:?}\n{err}"
@@ -93,23 +83,14 @@ async fn a_broker_without_users_refuses_to_serve_off_loopback() {
     // With users, a gRPC endpoint off loopback needs TLS: its signature is a bearer
     // token on h2c.
     let grpc = format!("{}:7301", net.addr(0));
-    let mut child = net
-        .command(0, broker.to_str().unwrap())
-        .args(["--listen", &listen, "--grpc-listen", &grpc, "--data-dir"])
-        .arg(data.path())
-        .arg("--bootstrap-admin-file")
-        .arg(&admin)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let exited = txmq_tests::wait_timeout(&mut child, Duration::from_secs(30));
-    if exited.is_none() {
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-    let mut err = String::new();
-    let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+    let (exited, err) = txmq_tests::run_refusal(
+        net.command(0, broker.to_str().unwrap())
+            .args(["--listen", &listen, "--grpc-listen", &grpc, "--data-dir"])
+            .arg(data.path())
+            .arg("--bootstrap-admin-file")
+            .arg(&admin),
+        Duration::from_secs(30),
+    );
     assert!(
         exited.is_some_and(|s| !s.success()) && err.contains("without TLS"),
         "a signed gRPC endpoint off loopback without TLS: {exited:?}\n{err}"

@@ -195,11 +195,7 @@ pub fn open(
                     auth_changes = Some(shared.auth.changes());
                     let topics = sessions.topics_of(id);
                     if let Err(e) = super::checks::still_allowed(&shared, &me, &topics) {
-                        tracing::info!(client = %client, "closing telemetry stream: {e}");
-                        let _ = tx.try_send(Ok(pb::TelemetryCommand {
-                            status: Some(status::of_error(&e)),
-                            command: None,
-                        }));
+                        close_for(&tx, &client, &e);
                         break;
                     }
                     continue;
@@ -217,11 +213,7 @@ pub fn open(
                     if let Some(shared) = live.get()
                         && let Err(e) = super::checks::still_allowed(&shared, &me, &topics)
                     {
-                        tracing::info!(client = %client, "closing telemetry stream: {e}");
-                        let _ = tx.try_send(Ok(pb::TelemetryCommand {
-                            status: Some(status::of_error(&e)),
-                            command: None,
-                        }));
+                        close_for(&tx, &client, &e);
                         break;
                     }
                     continue;
@@ -264,6 +256,19 @@ pub fn open(
         tracing::debug!(client = %client, "telemetry stream closed");
     });
     Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
+}
+
+/// Tells the client why its stream closes: it lost its user or a permission it holds.
+fn close_for(
+    tx: &mpsc::Sender<Result<pb::TelemetryCommand, Status>>,
+    client: &str,
+    e: &crate::error::Error,
+) {
+    tracing::info!(client = %client, "closing telemetry stream: {e}");
+    let _ = tx.try_send(Ok(pb::TelemetryCommand {
+        status: Some(status::of_error(e)),
+        command: None,
+    }));
 }
 
 /// Waits for a change of users or rules; `Err` when the parts that announce them are
