@@ -9,7 +9,7 @@ T=$(mktemp -d); chmod 755 $T; mkdir $T/pg; chown txmq-pg $T/pg
 PGB=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
 runuser -u txmq-pg -- $PGB/initdb -D $T/pg -U postgres --auth=trust -E UTF8 --no-sync >/dev/null
 runuser -u txmq-pg -- $PGB/pg_ctl -D $T/pg -l $T/pg/log -o "-p 25432 -k $T/pg -c listen_addresses=127.0.0.1" -w start >/dev/null
-$B/txmq-broker --listen 127.0.0.1:29876 --data-dir $T/broker --grpc-listen none 2>$T/broker.log &
+$B/txmq-broker --listen 127.0.0.1:29876 --data-dir $T/broker --grpc-listen none --remoting-listen none 2>$T/broker.log &
 BP=$!
 sleep 1
 URL="host=127.0.0.1 port=25432 user=postgres dbname=postgres"

@@ -20,3 +20,17 @@ if ! command -v cargo-nextest >/dev/null 2>&1 && ! cargo nextest --version >/dev
     echo "setup: installing cargo-nextest" >&2
     cargo install cargo-nextest --locked
 fi
+# The Remoting face's tests run the official RocketMQ Java client (tests/java, a Maven
+# project): a JDK and Maven, and its dependencies resolved here once, so the tests run
+# Maven offline.
+if ! command -v mvn >/dev/null 2>&1 || ! command -v java >/dev/null 2>&1; then
+    echo "setup: installing maven and a JDK" >&2
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq maven openjdk-17-jdk-headless >/dev/null
+fi
+echo "setup: resolving tests/java (RocketMQ Java client)" >&2
+java_build="$(mktemp -d)"
+mvn -B -q -f tests/java/pom.xml -Dtxmq.build="$java_build" -Dtest=NoSuchTest \
+    -Dsurefire.failIfNoSpecifiedTests=false test >&2
+rm -rf "$java_build"

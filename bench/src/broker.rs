@@ -86,9 +86,16 @@ fn common(flush: Flush) -> Vec<String> {
         Flush::Sync => "sync",
         Flush::Async => "async",
     };
-    ["--grpc-listen", "none", "--flush", flush]
-        .map(String::from)
-        .to_vec()
+    [
+        "--grpc-listen",
+        "none",
+        "--remoting-listen",
+        "none",
+        "--flush",
+        flush,
+    ]
+    .map(String::from)
+    .to_vec()
 }
 
 impl Broker {

@@ -135,6 +135,16 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// Where to serve the RocketMQ 5 gRPC endpoint (`none`: not served).
     pub grpc_listen: String,
+    /// Where to serve the RocketMQ Remoting face (name server and broker on one port,
+    /// for the classic Java and Go clients and mqadmin; `none`: not served).
+    pub remoting_listen: String,
+    /// The address Remoting routes and message ids name (unset: the bound address; a
+    /// wildcard one becomes loopback).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remoting_advertise: Option<SocketAddr>,
+    /// Queues each topic shows Remoting clients (readable and writable), so a group's
+    /// push consumers each take a share in their rebalance.
+    pub remoting_queues: usize,
     /// File of access key / secret pairs (one `KEY SECRET` a line, `#` comments) the
     /// gRPC clients sign their requests with (RocketMQ's HMAC-SHA1 `authorization`);
     /// unset: the endpoint takes unsigned requests.
@@ -275,6 +285,9 @@ impl Default for Config {
             auth_token: None,
             metrics_listen: None,
             grpc_listen: "127.0.0.1:8081".into(),
+            remoting_listen: "127.0.0.1:10911".into(),
+            remoting_advertise: None,
+            remoting_queues: 8,
             grpc_credentials_file: None,
             grpc_credentials: Vec::new(),
             tls_cert: None,
@@ -423,7 +436,26 @@ impl Config {
         }
     }
 
+    /// The address of the Remoting face, `None` when it is off.
+    ///
+    /// # Errors
+    /// Neither `none` nor an address.
+    pub fn remoting_addr(&self) -> Result<Option<SocketAddr>, String> {
+        match self.remoting_listen.trim() {
+            "none" | "" => Ok(None),
+            text => text.parse().map(Some).map_err(|e| {
+                format!("remoting-listen {text:?} is neither an address (HOST:PORT) nor none: {e}")
+            }),
+        }
+    }
+
     pub fn validate(&self) -> Result<(), String> {
+        if !(1..=64).contains(&self.remoting_queues) {
+            return Err(format!(
+                "remoting-queues is {}; it is 1 to 64",
+                self.remoting_queues
+            ));
+        }
         if self.group()?.is_some() {
             let Some(secret) = &self.cluster_secret else {
                 return Err(

@@ -159,6 +159,17 @@ struct Flags {
     /// clients) on this address, or `none` [default: 127.0.0.1:8081].
     #[arg(long, env = "TXMQ_GRPC_LISTEN")]
     grpc_listen: Option<String>,
+    /// Serve the RocketMQ Remoting face (classic Java and Go clients, Spring Boot,
+    /// mqadmin: name server and broker on one port) on this address, or `none`
+    /// [default: 127.0.0.1:10911].
+    #[arg(long, env = "TXMQ_REMOTING_LISTEN")]
+    remoting_listen: Option<String>,
+    /// The address Remoting routes name [default: the bound address].
+    #[arg(long, env = "TXMQ_REMOTING_ADVERTISE")]
+    remoting_advertise: Option<SocketAddr>,
+    /// Queues each topic shows Remoting clients [default: 8].
+    #[arg(long, env = "TXMQ_REMOTING_QUEUES")]
+    remoting_queues: Option<usize>,
     /// File of `ACCESS_KEY SECRET` lines the gRPC clients must sign their requests with.
     #[arg(long, env = "TXMQ_GRPC_CREDENTIALS_FILE")]
     grpc_credentials_file: Option<PathBuf>,
@@ -292,6 +303,15 @@ async fn serve(signals: Signals) -> anyhow::Result<()> {
         None => None,
     };
     let grpc_addr = grpc.as_ref().map(|l| l.local_addr()).transpose()?;
+    let remoting = match config.remoting_addr().map_err(anyhow::Error::msg)? {
+        Some(at) => Some(
+            tokio::net::TcpListener::bind(at)
+                .await
+                .with_context(|| format!("cannot listen on {at} (remoting-listen)"))?,
+        ),
+        None => None,
+    };
+    let remoting_addr = remoting.as_ref().map(|l| l.local_addr()).transpose()?;
     let metrics_addr = metrics.as_ref().map(|l| l.local_addr()).transpose()?;
     let data_dir = config.data_dir.clone();
     let flush = config.flush;
@@ -299,6 +319,7 @@ async fn serve(signals: Signals) -> anyhow::Result<()> {
         native: listener,
         metrics,
         grpc,
+        remoting,
     };
     let serve = txmq_broker::server::serve(listeners, config, signals.wait());
     // Printed once the socket is bound, which is when clients can connect; requests
@@ -306,6 +327,9 @@ async fn serve(signals: Signals) -> anyhow::Result<()> {
     println!("txmq-broker listening on {addr}");
     if let Some(at) = grpc_addr {
         println!("txmq-broker grpc listening on {at}");
+    }
+    if let Some(at) = remoting_addr {
+        println!("txmq-broker remoting listening on {at}");
     }
     if let Some(at) = metrics_addr {
         println!("txmq-broker metrics listening on {at}");

@@ -91,6 +91,9 @@ pub struct Metrics {
     pub auth_failures: IntCounterVec,
     /// Requests refused for want of a permission, by operation.
     pub auth_denials: IntCounterVec,
+    /// Remoting END_TRANSACTIONs that did nothing (one-way: the client never learns),
+    /// by reason.
+    pub remoting_ends_refused: IntCounterVec,
     /// A group node's wall clock minus the group's, in ms (set when scraped).
     clock_skew_ms: IntGauge,
     group_lag: IntGaugeVec,
@@ -287,6 +290,12 @@ impl Metrics {
                 "auth_failures_total",
                 "Authentications that failed (bad user, secret or signature), by face",
                 "face",
+            ),
+            remoting_ends_refused: counter_vec(
+                "remoting_ends_refused_total",
+                "Remoting END_TRANSACTIONs that did nothing (a conflicting or unknown \
+                 transaction, a bad outcome), by reason",
+                "reason",
             ),
             auth_denials: counter_vec(
                 "auth_denials_total",

@@ -11,6 +11,7 @@ pub mod lazyfs;
 pub mod netns;
 pub mod postgres;
 pub mod proxy;
+pub mod remoting;
 pub mod torture;
 
 use std::io::{BufRead, BufReader};
@@ -56,6 +57,7 @@ pub struct TestBroker {
     envs: Vec<(String, String)>,
     /// Where its gRPC endpoint listens, when a test asked for one.
     grpc_addr: Option<String>,
+    remoting_addr: Option<String>,
     /// Where its metrics and `/health` are served, when asked for.
     metrics_addr: Option<String>,
     /// Runs the broker inside this network namespace.
@@ -84,6 +86,7 @@ impl TestBroker {
             listen: "127.0.0.1:0".into(),
             envs: Vec::new(),
             grpc_addr: None,
+            remoting_addr: None,
             metrics_addr: None,
             netns: None,
         };
@@ -105,6 +108,7 @@ impl TestBroker {
             listen: listen.into(),
             envs: Vec::new(),
             grpc_addr: None,
+            remoting_addr: None,
             metrics_addr: None,
             netns: Some(netns.into()),
         };
@@ -121,14 +125,18 @@ impl TestBroker {
         b
     }
 
-    /// Keeps the gRPC endpoint's port across restarts too (when the test asked for one).
+    /// Keeps the gRPC endpoint's and the Remoting face's ports across restarts too
+    /// (when the test asked for them).
     fn fix_grpc_port(&mut self) {
-        if let (Some(addr), Some(at)) = (
-            self.grpc_addr.clone(),
-            self.args.iter().position(|a| a == "--grpc-listen"),
-        ) && let Some(value) = self.args.get_mut(at + 1)
-        {
-            *value = addr;
+        for (addr, flag) in [
+            (self.grpc_addr.clone(), "--grpc-listen"),
+            (self.remoting_addr.clone(), "--remoting-listen"),
+        ] {
+            if let (Some(addr), Some(at)) = (addr, self.args.iter().position(|a| a == flag))
+                && let Some(value) = self.args.get_mut(at + 1)
+            {
+                *value = addr;
+            }
         }
     }
 
@@ -154,6 +162,13 @@ impl TestBroker {
         self.grpc_addr
             .as_deref()
             .expect("started with --grpc-listen")
+    }
+
+    /// `HOST:PORT` its Remoting face listens on (started with `--remoting-listen`).
+    pub fn remoting_addr(&self) -> &str {
+        self.remoting_addr
+            .as_deref()
+            .expect("started with --remoting-listen")
     }
 
     /// `HOST:PORT` its metrics and `/health` are served on (started with
@@ -193,11 +208,15 @@ impl TestBroker {
             .expect("log file");
         // The gRPC endpoint's fixed default port would collide between tests running
         // at once: off unless a test names an address (port 0 picks a free one).
-        let grpc: Vec<String> = if self.args.iter().any(|a| a == "--grpc-listen") {
+        let mut grpc: Vec<String> = if self.args.iter().any(|a| a == "--grpc-listen") {
             Vec::new()
         } else {
             vec!["--grpc-listen".into(), "none".into()]
         };
+        // The same for the Remoting face's (10911).
+        if !self.args.iter().any(|a| a == "--remoting-listen") {
+            grpc.extend(["--remoting-listen".into(), "none".into()]);
+        }
         // `ip netns exec` execs the broker: the child's pid is the broker's.
         let mut command = match &self.netns {
             Some(ns) => {
@@ -224,6 +243,7 @@ impl TestBroker {
         let (tx, rx) = mpsc::channel();
         let (grpc_tx, grpc_rx) = mpsc::channel();
         let (metrics_tx, metrics_rx) = mpsc::channel();
+        let (remoting_tx, remoting_rx) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
@@ -232,6 +252,9 @@ impl TestBroker {
                 }
                 if let Some(addr) = line.strip_prefix("txmq-broker grpc listening on ") {
                     let _ = grpc_tx.send(addr.trim().to_string());
+                }
+                if let Some(addr) = line.strip_prefix("txmq-broker remoting listening on ") {
+                    let _ = remoting_tx.send(addr.trim().to_string());
                 }
                 if let Some(addr) = line.strip_prefix("txmq-broker metrics listening on ") {
                     let _ = metrics_tx.send(addr.trim().to_string());
@@ -243,6 +266,9 @@ impl TestBroker {
                 self.addr = addr;
                 if self.args.iter().any(|a| a == "--grpc-listen") {
                     self.grpc_addr = grpc_rx.recv_timeout(Duration::from_secs(5)).ok();
+                }
+                if self.args.iter().any(|a| a == "--remoting-listen") {
+                    self.remoting_addr = remoting_rx.recv_timeout(Duration::from_secs(5)).ok();
                 }
                 if self.args.iter().any(|a| a == "--metrics-listen") {
                     self.metrics_addr = metrics_rx.recv_timeout(Duration::from_secs(5)).ok();

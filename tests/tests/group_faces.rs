@@ -421,7 +421,13 @@ async fn the_node_port_takes_the_cluster_secret_and_no_client_credential() {
                 "--listen",
                 "127.0.0.1:0",
             ])
-            .args(["--grpc-listen", "none", "--data-dir"])
+            .args([
+                "--grpc-listen",
+                "none",
+                "--remoting-listen",
+                "none",
+                "--data-dir",
+            ])
             .arg(data.path()),
         Duration::from_secs(20),
     );

@@ -57,7 +57,15 @@ async fn a_broker_without_users_refuses_to_serve_off_loopback() {
     let broker = txmq_tests::bin("txmq-broker");
     let (exited, err) = txmq_tests::run_refusal(
         net.command(0, broker.to_str().unwrap())
-            .args(["--listen", &listen, "--grpc-listen", "none", "--data-dir"])
+            .args([
+                "--listen",
+                &listen,
+                "--grpc-listen",
+                "none",
+                "--remoting-listen",
+                "none",
+                "--data-dir",
+            ])
             .arg(data.path()),
         Duration::from_secs(30),
     );

@@ -3,9 +3,12 @@
 //!
 //! - [`native`]: txmq's framed, checksummed protocol (`txmq`, the Rust client).
 //! - [`grpc`]: RocketMQ 5's gRPC protocol (the official RocketMQ 5 clients).
+//! - [`remoting`]: RocketMQ's Remoting protocol (the classic Java and Go clients,
+//!   Spring Boot, mqadmin).
 
 pub mod grpc;
 pub mod native;
+pub mod remoting;
 
 #[cfg(test)]
 mod layering {

@@ -53,6 +53,7 @@ pub(super) async fn serve_group(
     };
     let node = Node::start(config, peers, addresses).await?;
     faces.grpc.join_group(node.clone());
+    faces.remoting.join_group(node.clone());
     faces.live.join_group(node.clone());
     let housekeeping_stop = CancellationToken::new();
     let housekeeping = tokio::spawn(keep_house(

@@ -43,10 +43,19 @@ pub async fn run(
         ),
         None => None,
     };
+    let remoting = match config.remoting_addr().map_err(Error::Invalid)? {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|e| Error::Internal(format!("cannot listen on {addr}: {e}")))?,
+        ),
+        None => None,
+    };
     let listeners = Listeners {
         native: listener,
         metrics,
         grpc,
+        remoting,
     };
     serve(listeners, config, shutdown).await
 }
@@ -60,6 +69,8 @@ pub struct Listeners {
     pub metrics: Option<TcpListener>,
     /// The RocketMQ 5 gRPC endpoint, if served.
     pub grpc: Option<TcpListener>,
+    /// The RocketMQ Remoting face, if served.
+    pub remoting: Option<TcpListener>,
 }
 
 /// [`run`] with the metrics listener already bound (so a caller can report both
@@ -81,10 +92,16 @@ pub async fn serve(
         native: listener,
         metrics: metrics_listener,
         grpc: grpc_listener,
+        remoting: remoting_listener,
     } = listeners;
     let listener = Listener::new(listener, &config).map_err(Error::Invalid)?;
+    let remoting_listener = remoting_listener
+        .map(|l| Listener::new(l, &config))
+        .transpose()
+        .map_err(Error::Invalid)?;
     let config = Arc::new(config);
     let grpc_live = Arc::new(crate::faces::grpc::Live::default());
+    let remoting_live = Arc::new(crate::faces::remoting::Live::default());
     let metrics = Arc::new(Metrics::new());
     let limits = Arc::new(crate::service::limits::Limits::new(
         config.max_in_flight_bytes,
@@ -117,10 +134,20 @@ pub async fn serve(
             endpoint_stop.clone(),
         ))
     });
+    let remoting = remoting_listener.map(|listener| {
+        tokio::spawn(crate::faces::remoting::serve(
+            listener,
+            remoting_live.clone(),
+            config.clone(),
+            limits.clone(),
+            endpoint_stop.clone(),
+        ))
+    });
     let mut shutdown = std::pin::pin!(shutdown);
     let faces = Faces {
         live: &live,
         grpc: &grpc_live,
+        remoting: &remoting_live,
         limits: &limits,
     };
     let result = match config.group().map_err(Error::Invalid)? {
@@ -141,6 +168,9 @@ pub async fn serve(
     endpoint_stop.cancel();
     if let Some(endpoint) = endpoint {
         let _ = endpoint.await;
+    }
+    if let Some(remoting) = remoting {
+        let _ = tokio::time::timeout(Duration::from_secs(10), remoting).await;
     }
     if let Some(mut grpc) = grpc {
         // Its graceful stop waits for open calls; a client that stopped reading would
@@ -287,6 +317,7 @@ async fn open(config: &Config) -> Result<Owner> {
 struct Faces<'a> {
     live: &'a metrics::Live,
     grpc: &'a crate::faces::grpc::Live,
+    remoting: &'a crate::faces::remoting::Live,
     /// The connection cap and byte budget all faces share.
     limits: &'a Arc<crate::service::limits::Limits>,
 }

@@ -191,6 +191,7 @@ pub(super) async fn run_once(
     crate::service::users::bootstrap(&shared).await;
     crate::service::users::migrate_grpc_credentials(&shared).await;
     faces.grpc.set(Some(shared.clone()));
+    faces.remoting.set(Some(shared.clone()));
     crate::service::delete::resume_cleanups(&shared).await;
 
     let stop = tokio::select! {
@@ -214,6 +215,7 @@ pub(super) async fn run_once(
     }
     live.set(None);
     faces.grpc.set(None);
+    faces.remoting.set(None);
     // A leader's write still waiting for a majority gives up (its clients get an
     // error: the write may or may not be committed later).
     deposed.cancel();
@@ -260,6 +262,7 @@ fn refuse_anonymous_exposure(
     let off_loopback = |a: &std::net::SocketAddr| !a.ip().to_canonical().is_loopback();
     let native = listener.local_addr().ok().filter(off_loopback);
     let grpc = config.grpc_addr().ok().flatten().filter(off_loopback);
+    let remoting = config.remoting_addr().ok().flatten().filter(off_loopback);
     let users = auth.active();
     let native_open = !users && config.auth_token.is_none();
     let grpc_open = !users && config.grpc_credentials.is_empty();
@@ -279,6 +282,8 @@ fn refuse_anonymous_exposure(
     let exposed: Vec<String> = [
         ("listen", native.filter(|_| native_open)),
         ("grpc-listen", grpc.filter(|_| grpc_open)),
+        // Signed by the same users, or the gRPC credentials' pairs.
+        ("remoting-listen", remoting.filter(|_| grpc_open)),
     ]
     .into_iter()
     .filter_map(|(name, addr)| addr.map(|a| format!("{name} {a}")))

@@ -47,6 +47,22 @@ pub async fn route_topic(shared: &Arc<Shared>, who: &Principal, name: &str) -> R
     shared.groups.topic(name).await.map(|_| ())
 }
 
+/// The storage id of topic `name`, if it exists (faces make message handles of it).
+pub fn topic_id(shared: &Shared, name: &str) -> Option<u32> {
+    shared.topics.get(name).map(|t| t.id)
+}
+
+/// The names of every topic, sorted (RocketMQ's topic list: no sizes).
+///
+/// # Errors
+/// Not permitted.
+pub fn topic_names(shared: &Arc<Shared>, who: &Principal) -> Result<Vec<String>> {
+    super::access::permit(shared, who, Operation::ListTopics, &[Resource::Topic("")])?;
+    let mut names: Vec<String> = shared.topics.all().iter().map(|t| t.name.clone()).collect();
+    names.sort_unstable();
+    Ok(names)
+}
+
 /// Creates a topic (or finds it, unless `fail_if_exists`).
 pub fn create_topic(
     shared: &Arc<Shared>,

@@ -12,6 +12,8 @@ pub enum Face {
     Native,
     /// RocketMQ 5's gRPC protocol.
     Grpc,
+    /// RocketMQ's Remoting protocol.
+    Remoting,
 }
 
 impl Face {
@@ -20,6 +22,7 @@ impl Face {
         match self {
             Face::Native => "native",
             Face::Grpc => "grpc",
+            Face::Remoting => "remoting",
         }
     }
 }
@@ -75,6 +78,19 @@ impl Principal {
             face: Face::Grpc,
             peer,
             client_id: client_id.unwrap_or_default(),
+            connection_id: 0,
+            producer_group: String::new(),
+            admin: false,
+        }
+    }
+
+    /// A Remoting client, for one request (`client_id`: its heartbeats').
+    pub fn remoting(identity: Identity, peer: Option<SocketAddr>, client_id: String) -> Self {
+        Self {
+            identity,
+            face: Face::Remoting,
+            peer,
+            client_id,
             connection_id: 0,
             producer_group: String::new(),
             admin: false,

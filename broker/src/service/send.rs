@@ -119,6 +119,10 @@ fn key_scope(who: &Principal) -> KeyScope {
     match who.face {
         super::Face::Native => KeyScope::Topic,
         super::Face::Grpc => KeyScope::GrpcClient(who.client_id.clone()),
+        // UNIQ_KEY is made by the client; its resends (a lost answer, a retry on
+        // another queue) come on new connections, before any heartbeat: one scope per
+        // producer group, and a different message under one id is stored.
+        super::Face::Remoting => KeyScope::GrpcClient(format!("%remoting%{}", who.producer_group)),
     }
 }
 

@@ -33,15 +33,48 @@ use crate::tls::{Stream, Writer};
 
 /// The frame codec, also telling each frame's length on the wire (what it holds of the
 /// byte budgets) without measuring the decoded request again.
-struct SizedCodec(FrameCodec);
+struct SizedCodec {
+    codec: FrameCodec,
+    /// Until the first frame: where the Remoting face listens, to name it to a
+    /// RocketMQ client that came here (`:9876` is RocketMQ's name-server port).
+    remoting: Option<String>,
+}
+
+/// Whether `buf` starts like a RocketMQ Remoting frame with a JSON header (what every
+/// RocketMQ client sends by default): a length, a header length under it with a zero
+/// top byte, and `{`. No native frame starts so: its body is a protobuf message, which
+/// never opens with byte 0x7B.
+fn looks_like_remoting(buf: &[u8]) -> bool {
+    if buf.len() < 9 {
+        return false;
+    }
+    let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
+    let word = u32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]]);
+    word >> 24 == 0 && (word & 0x00FF_FFFF) + 4 <= len && buf[8] == b'{'
+}
 
 impl tokio_util::codec::Decoder for SizedCodec {
     type Item = (Frame, usize);
     type Error = txmq_protocol::FrameError;
 
     fn decode(&mut self, src: &mut bytes::BytesMut) -> Result<Option<(Frame, usize)>, Self::Error> {
+        if src.len() >= 9
+            && let Some(remoting) = self.remoting.take()
+            && looks_like_remoting(src)
+        {
+            return Err(txmq_protocol::FrameError::Io(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "a RocketMQ Remoting client came to txmq's native port: point it \
+                     (namesrvAddr) at the Remoting face, {remoting}"
+                ),
+            )));
+        }
         let len = src.len();
-        Ok(self.0.decode(src)?.map(|frame| (frame, len - src.len())))
+        Ok(self
+            .codec
+            .decode(src)?
+            .map(|frame| (frame, len - src.len())))
     }
 
     fn decode_eof(
@@ -50,7 +83,7 @@ impl tokio_util::codec::Decoder for SizedCodec {
     ) -> Result<Option<(Frame, usize)>, Self::Error> {
         let len = src.len();
         Ok(self
-            .0
+            .codec
             .decode_eof(src)?
             .map(|frame| (frame, len - src.len())))
     }
@@ -100,7 +133,17 @@ pub async fn serve(
     let id = shared.connection_ids.fetch_add(1, Ordering::Relaxed);
     let (rd, wr) = socket.split();
     let codec = FrameCodec::new(shared.config.max_frame_len);
-    let mut frames = FramedRead::new(rd, SizedCodec(codec.clone()));
+    let remoting = match shared.config.remoting_addr() {
+        Ok(Some(at)) => format!("remoting-listen {at}"),
+        _ => "which is off on this broker (--remoting-listen)".to_string(),
+    };
+    let mut frames = FramedRead::new(
+        rd,
+        SizedCodec {
+            codec: codec.clone(),
+            remoting: Some(remoting),
+        },
+    );
     let (outbound, out_rx) = mpsc::channel(OUTBOUND);
     let closing = CancellationToken::new();
     let stall = Arc::new(Stall::default());
@@ -230,7 +273,9 @@ pub async fn serve(
                     }
                 }
                 Some(Err(e)) => {
-                    if matches!(e, txmq_protocol::FrameError::Io(_)) {
+                    if let txmq_protocol::FrameError::Io(io) = &e
+                        && io.kind() != std::io::ErrorKind::InvalidData
+                    {
                         // A peer that vanished: routine, not worth a warning.
                         tracing::debug!(connection = id, %peer, "connection lost: {e}");
                         break;

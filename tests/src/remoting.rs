@@ -1,0 +1,161 @@
+//! The Remoting face from the outside: the official RocketMQ Java client's scenarios
+//! (the Maven project `tests/java`, run in one JVM by [`java`]), and a raw frame
+//! client for what no well-behaved client sends.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+/// Runs the Java scenarios `tests` (a surefire `-Dtest` filter) against the Remoting
+/// face at `namesrv`, in one JVM, bounded by `limit`; asserts they passed and returns
+/// Maven's output. The dependencies were resolved by `scripts/setup.sh`: Maven runs
+/// offline.
+pub fn java(namesrv: &str, run: &str, tests: &str, limit: Duration) -> String {
+    let project = Path::new(env!("CARGO_MANIFEST_DIR")).join("java");
+    // Each caller's own build directory: tests in other processes run Maven at once.
+    let build = tempfile::tempdir().expect("temp dir");
+    let mut child = Command::new("timeout")
+        .arg(limit.as_secs().to_string())
+        .args(["mvn", "-B", "-o", "-q", "-f"])
+        .arg(project.join("pom.xml"))
+        .arg(format!("-Dtxmq.build={}", build.path().display()))
+        .arg(format!("-Dtxmq.namesrv={namesrv}"))
+        .arg(format!("-Dtxmq.run={run}"))
+        .arg(format!("-Dtest={tests}"))
+        .arg("test")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run mvn (scripts/setup.sh installs Maven and resolves tests/java)");
+    let mut out = String::new();
+    let mut err = String::new();
+    if let Some(mut s) = child.stdout.take() {
+        let _ = s.read_to_string(&mut out);
+    }
+    if let Some(mut s) = child.stderr.take() {
+        let _ = s.read_to_string(&mut err);
+    }
+    let status = child.wait().expect("wait for mvn");
+    assert!(
+        status.success(),
+        "the Java scenarios {tests} failed ({status}):\n{out}\n{err}"
+    );
+    out
+}
+
+/// An answer (or a request) read off a Remoting connection, JSON header only.
+#[derive(Debug, Clone, Default)]
+pub struct Reply {
+    pub code: i64,
+    pub opaque: i64,
+    pub flag: i64,
+    pub remark: String,
+    pub ext: HashMap<String, String>,
+    pub body: Vec<u8>,
+}
+
+/// A raw Remoting connection.
+pub struct Raw {
+    stream: TcpStream,
+}
+
+impl Raw {
+    /// Connects to `addr`.
+    pub fn connect(addr: &str) -> Self {
+        let stream = TcpStream::connect(addr).expect("connect to the Remoting face");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        Self { stream }
+    }
+
+    /// Sends bytes as they are.
+    pub fn write(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).expect("write");
+    }
+
+    /// Sends a request with a JSON header.
+    pub fn request(
+        &mut self,
+        code: i32,
+        opaque: i32,
+        flag: i32,
+        ext: &[(&str, &str)],
+        body: &[u8],
+    ) {
+        let ext: serde_json::Map<String, serde_json::Value> = ext
+            .iter()
+            .map(|(k, v)| {
+                (
+                    (*k).to_string(),
+                    serde_json::Value::String((*v).to_string()),
+                )
+            })
+            .collect();
+        let header = serde_json::json!({
+            "code": code, "extFields": ext, "flag": flag, "language": "JAVA",
+            "opaque": opaque, "serializeTypeCurrentRPC": "JSON", "version": 479,
+        });
+        let header = serde_json::to_vec(&header).expect("json");
+        let mut frame = Vec::new();
+        frame.extend_from_slice(&((4 + header.len() + body.len()) as u32).to_be_bytes());
+        frame.extend_from_slice(&(header.len() as u32).to_be_bytes());
+        frame.extend_from_slice(&header);
+        frame.extend_from_slice(body);
+        self.write(&frame);
+    }
+
+    /// The next frame, or `None` when the connection closed or nothing came in
+    /// `wait`.
+    pub fn read(&mut self, wait: Duration) -> Option<Reply> {
+        self.stream.set_read_timeout(Some(wait)).expect("timeout");
+        let mut len = [0u8; 4];
+        self.stream.read_exact(&mut len).ok()?;
+        let len = u32::from_be_bytes(len) as usize;
+        let mut frame = vec![0u8; len];
+        self.stream.read_exact(&mut frame).ok()?;
+        let word = u32::from_be_bytes(frame[..4].try_into().ok()?);
+        assert_eq!(word >> 24, 0, "the broker answers a JSON request in JSON");
+        let header_len = (word & 0xFF_FFFF) as usize;
+        let header: serde_json::Value =
+            serde_json::from_slice(&frame[4..4 + header_len]).expect("JSON header");
+        let ext = header["extFields"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| (k.clone(), v.as_str().expect("string fields").to_string()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Some(Reply {
+            code: header["code"].as_i64().unwrap_or(-1),
+            opaque: header["opaque"].as_i64().unwrap_or(-1),
+            flag: header["flag"].as_i64().unwrap_or(-1),
+            remark: header["remark"].as_str().unwrap_or_default().to_string(),
+            ext,
+            body: frame[4 + header_len..].to_vec(),
+        })
+    }
+
+    /// Whether the broker closed the connection within `wait` (what it wrote before
+    /// is read and dropped).
+    pub fn is_closed(&mut self, wait: Duration) -> bool {
+        let until = std::time::Instant::now() + wait;
+        let mut buf = [0u8; 4096];
+        loop {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            self.stream.set_read_timeout(Some(left)).expect("timeout");
+            match self.stream.read(&mut buf) {
+                Ok(0) => return true,
+                Ok(_) => {}
+                Err(e) => return e.kind() == std::io::ErrorKind::ConnectionReset,
+            }
+        }
+    }
+}

@@ -1,0 +1,181 @@
+//! The RocketMQ Remoting face (issue 27): the official Java client, unmodified, against
+//! txmq; what it stores read back by native consumers; bad input on the wire.
+
+use std::time::Duration;
+
+use txmq_tests::TestBroker;
+use txmq_tests::remoting::{Raw, java};
+
+fn broker() -> TestBroker {
+    TestBroker::start(&[
+        "--remoting-listen",
+        "127.0.0.1:0",
+        "--check-timeout",
+        "2s",
+        "--check-interval",
+        "500ms",
+    ])
+}
+
+/// Everything a new group reads from `topic` (`count` at most, waiting `secs`), as the
+/// CLI prints it.
+fn read(b: &TestBroker, topic: &str, count: usize, secs: u64) -> Vec<serde_json::Value> {
+    let out = b.cli_ok(&[
+        "consume",
+        "--topic",
+        topic,
+        "--group",
+        "native-reader",
+        "--count",
+        &count.to_string(),
+        "--timeout",
+        &secs.to_string(),
+        "--json",
+    ]);
+    txmq_tests::json_lines(&out)
+}
+
+fn kind_index(kind: &str) -> usize {
+    ["sync", "async", "oneway", "batch"]
+        .iter()
+        .position(|k| *k == kind)
+        .expect("a kind")
+}
+
+fn bodies(messages: &[serde_json::Value]) -> Vec<String> {
+    let mut b: Vec<String> = messages
+        .iter()
+        .map(|m| m["body"].as_str().unwrap_or_default().to_string())
+        .collect();
+    b.sort();
+    b
+}
+
+#[test]
+fn java_producers_and_transactions_reach_native_consumers() {
+    let b = broker();
+    java(
+        b.remoting_addr(),
+        "p",
+        "ProducerTest,TransactionTest",
+        Duration::from_secs(240),
+    );
+    let expect = |kind: &str| -> Vec<String> {
+        let mut v: Vec<String> = (0..10).map(|i| format!("{kind}-{i}")).collect();
+        v.sort();
+        v
+    };
+    for kind in ["sync", "async", "oneway", "batch"] {
+        let got = read(&b, &format!("java-{kind}-p"), 10, 10);
+        assert_eq!(bodies(&got), expect(kind), "java-{kind}");
+        for m in &got {
+            assert!(m["key"].as_str().unwrap().starts_with("key-"), "{m}");
+            assert_eq!(m["properties"]["face"], "remoting", "{m}");
+            assert!(
+                m["properties"]["UNIQ_KEY"]
+                    .as_str()
+                    .is_some_and(|u| u.len() >= 32),
+                "the client's message id is kept: {m}"
+            );
+            let tag = format!("Tag{}", &"ABCD"[kind_index(kind)..=kind_index(kind)]);
+            assert_eq!(m["tag"], tag.as_str(), "{m}");
+        }
+    }
+    // The body the client compressed arrives as it was written.
+    let big = read(&b, "java-big-p", 1, 5);
+    assert_eq!(big[0]["body"].as_str().unwrap(), "0123456789".repeat(1024));
+    // Delay level 2 is 5 s: it became visible no earlier.
+    let delayed = read(&b, "java-delay-p", 1, 15);
+    let (deliver, born) = (
+        delayed[0]["deliver_ms"].as_u64().unwrap(),
+        delayed[0]["store_ms"].as_u64().unwrap(),
+    );
+    assert!(deliver > 0 && born >= deliver, "{}", delayed[0]);
+    // Commit, and the unknown one the check-back committed; never the rollback.
+    let txn = read(&b, "java-txn-p", 3, 5);
+    assert_eq!(bodies(&txn), ["txn-commit", "txn-unknown"]);
+    let listed = b.cli_ok(&["txn", "list"]);
+    assert!(listed.contains("rolled_back"), "{listed}");
+    assert!(listed.contains("resolved by check-back"), "{listed}");
+}
+
+#[test]
+fn requests_are_answered_by_opaque_and_bad_frames_close_the_connection() {
+    let b = broker();
+    let at = b.remoting_addr().to_string();
+    let mut c = Raw::connect(&at);
+    // An unknown code: REQUEST_CODE_NOT_SUPPORTED, with the request's opaque.
+    c.request(9999, 41, 0, &[], b"");
+    let r = c.read(Duration::from_secs(5)).expect("an answer");
+    assert_eq!((r.code, r.opaque, r.flag & 1), (3, 41, 1), "{r:?}");
+    // A one-way request gets no answer; the connection goes on.
+    c.request(9999, 42, 2, &[], b"");
+    assert!(c.read(Duration::from_millis(700)).is_none());
+    let mut c = Raw::connect(&at);
+    // A route, created on demand, naming this broker as master (id 0).
+    c.request(105, 7, 0, &[("topic", "raw-topic")], b"");
+    let r = c.read(Duration::from_secs(5)).expect("a route");
+    assert_eq!((r.code, r.opaque), (0, 7), "{r:?}");
+    let route: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(route["brokerDatas"][0]["brokerAddrs"]["0"], at.as_str());
+    assert_eq!(route["queueDatas"][0]["writeQueueNums"], 8);
+    // A name txmq cannot take: TOPIC_NOT_EXIST, saying why.
+    c.request(105, 8, 0, &[("topic", "bad topic")], b"");
+    let r = c.read(Duration::from_secs(5)).unwrap();
+    assert_eq!(r.code, 17, "{r:?}");
+    assert!(r.remark.contains("character"), "{r:?}");
+    // A send without its topic: INVALID_PARAMETER, and nothing stored.
+    c.request(310, 9, 0, &[("a", "pg")], b"body");
+    let r = c.read(Duration::from_secs(5)).unwrap();
+    assert_eq!(r.code, 29, "{r:?}");
+    assert!(r.remark.contains("field b"), "{r:?}");
+    // A zlib flag on a body that is not zlib: MESSAGE_ILLEGAL.
+    c.request(
+        310,
+        10,
+        0,
+        &[("a", "pg"), ("b", "raw-topic"), ("f", "1")],
+        b"plain",
+    );
+    let r = c.read(Duration::from_secs(5)).unwrap();
+    assert_eq!(r.code, 13, "{r:?}");
+    // END_TRANSACTION naming no transaction of this broker: refused, counted.
+    c.request(
+        37,
+        11,
+        0,
+        &[
+            ("producerGroup", "pg"),
+            ("transactionId", "nope"),
+            ("commitOrRollback", "8"),
+        ],
+        b"",
+    );
+    assert_eq!(c.read(Duration::from_secs(5)).unwrap().code, 29);
+
+    // Frames that are not RemotingCommands close their connection, and only it.
+    for bad in [
+        &[0xFFu8, 0xFF, 0xFF, 0xFF][..],
+        &[0, 0, 0, 6, 0, 0, 0, 9, b'{', b'}'][..],
+        &[0, 0, 0, 6, 7, 0, 0, 2, b'{', b'}'][..],
+        &[0, 0, 0, 7, 0, 0, 0, 3, b'[', b'1', b']'][..],
+    ] {
+        let mut c = Raw::connect(&at);
+        c.write(bad);
+        assert!(c.is_closed(Duration::from_secs(5)), "{bad:?}");
+    }
+    let mut c = Raw::connect(&at);
+    c.request(105, 1, 0, &[("topic", "raw-topic")], b"");
+    assert_eq!(c.read(Duration::from_secs(5)).unwrap().code, 0);
+
+    // RocketMQ users type the name server's port out of habit: txmq's native port
+    // names the Remoting face and closes.
+    let mut native = Raw::connect(b.addr());
+    native.request(105, 1, 0, &[("topic", "raw-topic")], b"");
+    assert!(native.is_closed(Duration::from_secs(5)));
+    let log = b.log_text();
+    assert!(
+        log.contains("a RocketMQ Remoting client came to txmq's native port") && log.contains(&at),
+        "{log}"
+    );
+}
