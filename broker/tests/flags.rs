@@ -73,6 +73,8 @@ fn a_second_broker_on_the_same_directory_refuses_to_start() {
             "127.0.0.1:0",
             "--grpc-listen",
             "none",
+            "--remoting-listen",
+            "none",
             "--data-dir",
             data,
         ])
@@ -108,6 +110,8 @@ fn a_second_broker_on_the_same_directory_refuses_to_start() {
                 "--listen",
                 "127.0.0.1:0",
                 "--grpc-listen",
+                "none",
+                "--remoting-listen",
                 "none",
                 "--data-dir",
                 data,

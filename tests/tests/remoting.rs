@@ -179,3 +179,27 @@ fn requests_are_answered_by_opaque_and_bad_frames_close_the_connection() {
         "{log}"
     );
 }
+
+#[test]
+fn java_push_and_lite_pull_consumers_share_retry_and_dead_letter() {
+    let b = broker();
+    java(
+        b.remoting_addr(),
+        "c",
+        "ConsumerTest",
+        Duration::from_secs(300),
+    );
+    // The four push consumers acked everything (their committed offsets are acks).
+    let described = b.cli_ok(&["group", "describe", "java-push-group-c", "--json"]);
+    let g = &txmq_tests::json_lines(&described)[0];
+    assert_eq!(
+        (g["ack_floor"].as_u64(), g["in_flight"].as_u64()),
+        (Some(200), Some(0)),
+        "{g}"
+    );
+    // The message the listener kept failing is in the group's dead letters, after
+    // three deliveries (once, and maxReconsumeTimes = 2 more).
+    let dlq = b.cli_ok(&["dlq", "list", "--group", "java-retry-group-c"]);
+    assert!(dlq.contains("attempts=3"), "{dlq}");
+    assert_eq!(dlq.lines().count(), 1, "{dlq}");
+}

@@ -8,7 +8,9 @@
 
 pub mod grpc;
 pub mod native;
+mod poll;
 pub mod remoting;
+mod renew;
 
 #[cfg(test)]
 mod layering {

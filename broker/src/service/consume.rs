@@ -173,6 +173,20 @@ pub async fn is_ordered(shared: &Shared, group: &str, topic: &str) -> bool {
         .is_some_and(|c| c.ordered)
 }
 
+/// Whether (group, topic) has a stored cursor: the group has consumed the topic (a
+/// first join makes it, where the group starts).
+pub async fn has_cursor(shared: &Shared, group: &str, topic: &str) -> bool {
+    let Some(topic) = shared.topics.get(topic) else {
+        return false;
+    };
+    let (g, tid) = (group.to_string(), topic.id);
+    super::blocking(&shared.storage, move |s| s.cursor(&g, tid))
+        .await
+        .ok()
+        .flatten()
+        .is_some()
+}
+
 /// Most distinct (group, topic) queues one ack may name: a consumer acks its own
 /// subscriptions' deliveries, never hundreds of groups'.
 pub const MAX_QUEUES_PER_ACK: usize = 64;

@@ -12,7 +12,6 @@
 //! - `telemetry`: the Settings handshake on the Telemetry stream, and the sessions.
 //! - `send`: SendMessage (normal, FIFO, delayed, transactional) and EndTransaction.
 //! - `receive`: ReceiveMessage, AckMessage, ChangeInvisibleDuration (simple consumers).
-//! - `renew`: the broker renews push consumers' leases while they are connected.
 //! - `checks`: check-backs to gRPC producers, through the one check-back scheduler.
 //! - `convert`: stored messages in the gRPC form.
 //! - [`status`]: txmq's errors as the codes clients know.
@@ -26,7 +25,6 @@ mod convert;
 mod limits;
 mod receipts;
 mod receive;
-mod renew;
 mod route;
 mod send;
 pub mod status;
@@ -40,6 +38,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::config::Config;
+use crate::faces::renew::Renewals;
 use crate::replication::node::Node;
 use crate::service::principal::Identity;
 use crate::service::{Principal, Shared};
@@ -133,11 +132,12 @@ pub async fn serve(
     stop: CancellationToken,
 ) {
     let addr = listener.local_addr().ok();
-    let renewals = Arc::new(renew::Renewals::default());
-    tokio::spawn(renew::run(
-        live.clone(),
+    let renewals = Arc::new(Renewals::default());
+    let (from, sessions) = (live.clone(), live.sessions.clone());
+    tokio::spawn(crate::faces::renew::run(
+        move || from.get(),
         renewals.clone(),
-        live.sessions.clone(),
+        move |client| sessions.has_client(client),
         stop.clone(),
     ));
     let endpoint = Endpoint {
@@ -211,7 +211,7 @@ struct Endpoint {
     live: Arc<Live>,
     sessions: Arc<telemetry::Sessions>,
     /// Push consumers' leases the broker renews.
-    renewals: Arc<renew::Renewals>,
+    renewals: Arc<Renewals>,
     /// The address it listens on (routes name it when a client did not say which
     /// endpoint it dialed).
     addr: Option<SocketAddr>,

@@ -14,15 +14,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
 use tonic::{Request, Status};
 use txmq_protocol::pb as native;
 
 use super::convert::outgoing;
 use super::{BoxStream, Endpoint, pb, status};
-use crate::service::consume::{
-    self, Handle, Join, LeaseRef, Membership, Sink, Stall, SubscribeOptions,
-};
+use crate::service::consume::{self, Handle, Join, LeaseRef, SubscribeOptions};
 use crate::service::{Principal, Shared};
 
 /// Longest a receive waits for a message.
@@ -82,39 +79,6 @@ fn kind(m: &native::StoredMessage) -> pb::MessageType {
 
 fn name_of(r: Option<pb::Resource>) -> String {
     r.map(|r| r.name).unwrap_or_default()
-}
-
-/// A receive's place in its group's queue, taken out when it leaves, or when it is
-/// dropped unfinished (the client cancelled the call).
-struct Joined {
-    shared: Arc<Shared>,
-    membership: Membership,
-    armed: bool,
-}
-
-impl Joined {
-    /// Leaves: the leases at `keep` stay the client's, the rest go back uncounted.
-    /// Disarmed only once the queue has the message: dropped before that (the client
-    /// went away), the guard sends its own, keeping nothing.
-    async fn leave(mut self, keep: Vec<u64>) {
-        let _ = consume::leave(&self.shared, &self.membership, true, keep).await;
-        self.armed = false;
-    }
-}
-
-impl Drop for Joined {
-    fn drop(&mut self) {
-        if !self.armed {
-            return;
-        }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let (shared, membership) = (self.shared.clone(), self.membership.clone());
-        runtime.spawn(async move {
-            let _ = consume::leave(&shared, &membership, true, Vec::new()).await;
-        });
-    }
 }
 
 /// One receive: the status first (OK, or MESSAGE_NOT_FOUND when nothing came within
@@ -186,7 +150,6 @@ async fn receive_from(
     let auto_renew = req.auto_renew;
     // An ordered group stays ordered: gRPC clients learn it from the broker.
     let ordered = consume::is_ordered(shared, &group, &topic).await;
-    let (tx, mut rx) = mpsc::channel(batch as usize + 1);
     let join = Join {
         group,
         topic,
@@ -198,69 +161,37 @@ async fn receive_from(
             ..SubscribeOptions::default()
         },
     };
-    let sink = Sink {
-        outbound: tx,
-        stall: Arc::new(Stall::default()),
-    };
-    let (membership, accepted) = match consume::join(shared, who, join, sink).await {
-        Ok(joined) => joined,
-        Err(e) => return refuse(status::of_error(&e)),
-    };
-    // From here the receive is in the queue: if the client cancels it (the future is
-    // dropped), the guard takes it out, and what was pushed goes back uncounted.
-    let joined = Joined {
-        shared: shared.clone(),
-        membership,
-        armed: true,
-    };
-    if let Err(e) = accepted.await {
-        joined.leave(Vec::new()).await;
-        return refuse(status::of_error(&e));
-    }
-    let (group, topic) = (
-        joined.membership.group.clone(),
-        joined.membership.topic.clone(),
-    );
-    // Wait for the first; then take what else is there already, up to the batch.
-    let mut got = Vec::new();
-    if let Ok(Some(frame)) = tokio::time::timeout(poll, rx.recv()).await {
-        got.push(frame);
-        while got.len() < batch as usize {
-            match rx.try_recv() {
-                Ok(frame) => got.push(frame),
-                Err(_) => break,
-            }
-        }
-    }
-    let mut out = Vec::with_capacity(got.len() + 2);
-    let mut keep = Vec::with_capacity(got.len());
     // One answer holds at most about a frame's worth of bodies (and always one): the
     // rest goes back uncounted.
-    let budget = shared.config.max_frame_len;
-    let mut bytes = 0;
-    for frame in got {
-        let Some(native::frame::Body::Delivery(d)) = frame.body else {
-            continue;
-        };
+    let polled = match crate::faces::poll::poll(
+        shared,
+        who,
+        join,
+        poll,
+        shared.config.max_frame_len,
+    )
+    .await
+    {
+        Ok(p) => p,
+        Err(e) => return refuse(status::of_error(&e)),
+    };
+    let (group, topic) = (&polled.group, &polled.topic);
+    let mut out = Vec::with_capacity(polled.deliveries.len() + 2);
+    for d in polled.deliveries {
         let (Some(m), Some(h)) = (d.message, d.handle) else {
             continue;
         };
-        bytes += m.body.len() + 1024;
-        if bytes > budget && !keep.is_empty() {
-            break;
-        }
-        keep.push(h.offset);
         if auto_renew {
             let lease = LeaseRef::new(h.offset, h.lease_id);
             endpoint
                 .renewals
-                .hold(&group, &topic.name, lease, who, d.lease_deadline_ms);
+                .hold(group, topic, lease, who, d.lease_deadline_ms);
         }
         let mut message = outgoing(&m, kind(&m));
         if let Some(sys) = message.system_properties.as_mut() {
             sys.receipt_handle = Some(endpoint.receipts.handle(
-                &group,
-                &topic.name,
+                group,
+                topic,
                 LeaseRef::new(h.offset, h.lease_id),
                 who,
             ));
@@ -274,8 +205,6 @@ async fn receive_from(
             content: Some(Content::Message(message)),
         });
     }
-    // Leaves the queue; what it handed out stays leased to the client.
-    joined.leave(keep).await;
     let first = if out.is_empty() {
         status::of(pb::Code::MessageNotFound, "no new message")
     } else {

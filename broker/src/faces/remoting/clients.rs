@@ -33,17 +33,6 @@ pub enum Model {
     Broadcasting,
 }
 
-/// Where a new clustering group starts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum From {
-    /// At the end of the topic (RocketMQ's default, `CONSUME_FROM_LAST_OFFSET`).
-    Last,
-    /// At its beginning.
-    First,
-    /// At a time (`CONSUME_FROM_TIMESTAMP`).
-    Timestamp,
-}
-
 /// A member's subscription to one topic.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Subscription {
@@ -55,7 +44,6 @@ pub struct Subscription {
 
 /// A consumer group member.
 #[derive(Debug, Clone)]
-#[allow(dead_code)] // Its subscription is read by the pulls, which come next.
 pub struct Member {
     /// Its connection (the latest it sent a heartbeat on).
     pub conn: Weak<Conn>,
@@ -64,8 +52,9 @@ pub struct Member {
     /// Broker clock of its last heartbeat.
     pub seen_ms: u64,
     pub model: Model,
-    pub from: From,
-    /// `CONSUME_PASSIVELY` (push), `CONSUME_ACTIVELY` (pull) or `CONSUME_POP`.
+    /// `CONSUME_PASSIVELY` (push), `CONSUME_ACTIVELY` (pull) or `CONSUME_POP`
+    /// (shown to operators: mqadmin's consumerConnection).
+    #[allow(dead_code)]
     pub consume_type: String,
     /// Topic → subscription.
     pub subscriptions: BTreeMap<String, Subscription>,
@@ -170,11 +159,6 @@ pub fn parse(body: &[u8], conn: &Arc<Conn>, now_ms: u64) -> Result<Beat, String>
             } else {
                 Model::Clustering
             },
-            from: match text(c, "consumeFromWhere") {
-                "CONSUME_FROM_FIRST_OFFSET" | "CONSUME_FROM_MIN_OFFSET" => From::First,
-                "CONSUME_FROM_TIMESTAMP" => From::Timestamp,
-                _ => From::Last,
-            },
             consume_type: text(c, "consumeType").to_string(),
             subscriptions,
         };
@@ -247,7 +231,6 @@ impl Clients {
 
     /// A member's subscription to `topic` in `group`: what its heartbeat said (a pull
     /// without its own expression filters by it).
-    #[allow(dead_code)]
     pub fn subscription(&self, group: &str, topic: &str) -> Option<(Member, Subscription)> {
         let inner = self.inner.lock().expect("clients lock");
         inner
@@ -255,6 +238,16 @@ impl Clients {
             .get(group)?
             .values()
             .find_map(|m| m.subscriptions.get(topic).map(|s| (m.clone(), s.clone())))
+    }
+
+    /// Whether client `client_id` is a member of some group over an open connection.
+    pub fn is_connected(&self, client_id: &str) -> bool {
+        let inner = self.inner.lock().expect("clients lock");
+        inner.groups.values().any(|members| {
+            members
+                .get(client_id)
+                .is_some_and(|m| m.conn.upgrade().is_some())
+        })
     }
 
     /// Tells every member of `groups` that the group's members changed (one-way).

@@ -16,7 +16,7 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 
 use super::checks::Link;
 use super::frame::{Codec, Command, Encoding};
-use super::{Endpoint, auth, clients, codes, route, send};
+use super::{Endpoint, auth, clients, codes, pull, route, send};
 use crate::ids::Id;
 use crate::service::{Principal, Shared};
 
@@ -49,6 +49,9 @@ pub struct Conn {
     pub client_id: Mutex<String>,
     /// Its registration as a producer that answers check-backs.
     link: Mutex<Option<Arc<Link>>>,
+    /// Cancelled when it closes: its long polls end with it (what they would take
+    /// goes back to the group at once, rather than leased to no one).
+    closed: tokio_util::sync::CancellationToken,
 }
 
 impl Conn {
@@ -118,6 +121,7 @@ pub async fn serve(ep: Arc<Endpoint>, stream: crate::tls::Stream, peer: SocketAd
         opaque: AtomicI32::new(1),
         client_id: Mutex::new(String::new()),
         link: Mutex::new(None),
+        closed: tokio_util::sync::CancellationToken::new(),
     });
     let writing = tokio::spawn(async move {
         let mut sink = FramedWrite::new(writer, codec);
@@ -168,6 +172,7 @@ pub async fn serve(ep: Arc<Endpoint>, stream: crate::tls::Stream, peer: SocketAd
             }
         });
     }
+    conn.closed.cancel();
     // Its groups lose a member; its check-backs go elsewhere.
     let changed = ep.clients.closed(conn.id);
     ep.clients.notify(&changed);
@@ -204,6 +209,7 @@ async fn dispatch(ep: &Arc<Endpoint>, conn: &Arc<Conn>, req: &Command) -> Comman
         }
     };
     let client_id = conn.client_id.lock().expect("client lock").clone();
+    tracing::trace!(code = req.code, opaque = req.opaque, client = %client_id, fields = ?req.ext, "remoting request");
     let who = Principal::remoting(identity, Some(conn.peer), client_id);
     match req.code {
         GET_ROUTEINFO_BY_TOPIC => route::topic(ep, &who, req).await,
@@ -217,6 +223,17 @@ async fn dispatch(ep: &Arc<Endpoint>, conn: &Arc<Conn>, req: &Command) -> Comman
             send::send(ep, conn, &who, req).await
         }
         END_TRANSACTION => send::end(ep, conn, &who, req).await,
+        PULL_MESSAGE | LITE_PULL_MESSAGE => {
+            tokio::select! {
+                answer = pull::pull(ep, conn, &who, req) => answer,
+                () = conn.closed.cancelled() => Command::answer(req, SYSTEM_ERROR, None),
+            }
+        }
+        UPDATE_CONSUMER_OFFSET => pull::update_offset(ep, &who, req).await,
+        QUERY_CONSUMER_OFFSET => pull::query_offset(ep, req).await,
+        GET_MAX_OFFSET | GET_MIN_OFFSET | SEARCH_OFFSET_BY_TIMESTAMP => pull::offset_of(ep, req),
+        GET_EARLIEST_MSG_STORETIME => Command::answer(req, SUCCESS, None).with("timestamp", 0),
+        CONSUMER_SEND_MSG_BACK => pull::send_back(ep, &who, req).await,
         code => Command::answer(
             req,
             REQUEST_CODE_NOT_SUPPORTED,
@@ -228,6 +245,7 @@ async fn dispatch(ep: &Arc<Endpoint>, conn: &Arc<Conn>, req: &Command) -> Comman
 /// HEART_BEAT: the client's producer groups answer check-backs from this connection;
 /// its consumer groups gain (or keep) it as a member.
 fn heartbeat(ep: &Endpoint, conn: &Arc<Conn>, who: &Principal, req: &Command) -> Command {
+    tracing::trace!(body = %String::from_utf8_lossy(&req.body), "heartbeat");
     let beat = match clients::parse(&req.body, conn, txmq_protocol::now_ms()) {
         Ok(b) => b,
         Err(why) => return super::invalid(req, why),

@@ -19,6 +19,7 @@
 //! - `route`: the name-server part (routes, cluster info, topic lists).
 //! - `send`: sends (single, batch, delayed, half messages) and END_TRANSACTION.
 //! - `checks`: check-backs to Remoting producers, through the one scheduler.
+//! - `pull`: pulls, offsets and send-backs, on the groups' leases.
 //!
 //! What the clients expect, read from their sources, is in
 //! `../shared/rocketmq-remoting.md`.
@@ -33,6 +34,7 @@ mod clients;
 pub mod codes;
 mod connection;
 pub mod frame;
+mod pull;
 pub mod record;
 mod route;
 mod send;
@@ -91,6 +93,10 @@ struct Endpoint {
     advertised: SocketAddr,
     /// Who is connected.
     clients: clients::Clients,
+    /// What the consumers were handed, by lane.
+    pulls: pull::Pulls,
+    /// The leases of what they were handed, renewed while they are connected.
+    renewals: Arc<crate::faces::renew::Renewals>,
     /// Ends every connection.
     stop: CancellationToken,
 }
@@ -145,9 +151,18 @@ pub async fn serve(
         advertised: advertised(&config, bound),
         config,
         clients: clients::Clients::default(),
+        pulls: pull::Pulls::default(),
+        renewals: Arc::default(),
         stop: stop.clone(),
     });
     tokio::spawn(clients::expire(endpoint.clone()));
+    let (from, there) = (endpoint.clone(), endpoint.clone());
+    tokio::spawn(crate::faces::renew::run(
+        move || from.live.get(),
+        endpoint.renewals.clone(),
+        move |client| there.clients.is_connected(client),
+        stop.clone(),
+    ));
     tracing::info!(addr = %bound, tls = listener.is_tls(), "remoting endpoint");
     let tracker = tokio_util::task::TaskTracker::new();
     let mut backoff = Duration::from_millis(5);

@@ -1,7 +1,8 @@
-//! Push consumers ask the broker to keep what they received invisible while they work
-//! on it (ReceiveMessage with `auto_renew`): such a delivery's lease is the broker's
-//! (`lease`, 30 s by default), and a task renews it once half of it is gone, for as long
-//! as the client that holds it keeps a Telemetry stream open, until it is acked, its
+//! Leases the broker renews on a client's behalf while the client is there: a gRPC
+//! push consumer's (ReceiveMessage with `auto_renew`, while its Telemetry stream is
+//! open), a Remoting consumer's (what it pulled and has not committed, while its
+//! connection is open). Such a delivery's lease is the broker's (`lease`, 30 s by
+//! default), and a task renews it once half of it is gone, until it is acked, its
 //! invisible time changed, or it is sent to the dead letters — and for at most
 //! [`MAX_RENEWED`] in all (as RocketMQ's proxy), so a consumer that hangs or lost the
 //! message does not hide it for good (I6). A client that goes away stops the renewals:
@@ -15,11 +16,8 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use txmq_protocol::now_ms;
 
-use super::Live;
-use super::telemetry::Sessions;
-use crate::service::Principal;
 use crate::service::consume::{self, Handle, LeaseRef};
-use crate::service::principal::Identity;
+use crate::service::{Principal, Shared};
 
 /// Most leases renewed at once; beyond, a lease is not renewed (it ends, and the
 /// message comes again).
@@ -41,10 +39,8 @@ struct Key {
 #[derive(Debug, Clone)]
 struct Held {
     lease_id: u64,
-    client: String,
-    /// Who the client is, and from where: renewals are made as it.
-    identity: Identity,
-    peer: Option<std::net::SocketAddr>,
+    /// Who holds it (its `client_id` names the client): renewals are made as it.
+    who: Principal,
     deadline_ms: u64,
     /// No renewal past this (received + [`MAX_RENEWED`]).
     until_ms: u64,
@@ -109,9 +105,7 @@ impl Renewals {
             key,
             Held {
                 lease_id: lease.lease_id,
-                client: who.client_id.clone(),
-                identity: who.identity.clone(),
-                peer: who.peer,
+                who: who.clone(),
                 deadline_ms,
                 until_ms,
             },
@@ -182,11 +176,12 @@ impl Renewals {
 /// Most renewals one pass makes (the rest wait for the next tick).
 const PASS: usize = 4096;
 
-/// Renews what is due until `stop`.
+/// Renews what is due until `stop`, from the parts `shared` gives (while the broker
+/// serves), for the clients `connected` says are there.
 pub async fn run(
-    live: Arc<Live>,
+    shared: impl Fn() -> Option<Arc<Shared>>,
     renewals: Arc<Renewals>,
-    sessions: Arc<Sessions>,
+    connected: impl Fn(&str) -> bool,
     stop: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(TICK);
@@ -195,7 +190,7 @@ pub async fn run(
             () = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let Some(shared) = live.get().filter(|s| s.serving.holds()) else {
+        let Some(shared) = shared().filter(|s| s.serving.holds()) else {
             continue;
         };
         let lease = shared.config.lease;
@@ -203,19 +198,17 @@ pub async fn run(
         let by = now.saturating_add(lease.as_millis() as u64 / 2);
         let due = renewals.due(by, PASS);
         let clients: std::collections::HashSet<String> =
-            due.iter().map(|(_, h)| h.client.clone()).collect();
-        let connected: std::collections::HashSet<String> = clients
-            .into_iter()
-            .filter(|c| sessions.has_client(c))
-            .collect();
+            due.iter().map(|(_, h)| h.who.client_id.clone()).collect();
+        let there: std::collections::HashSet<String> =
+            clients.into_iter().filter(|c| connected(c)).collect();
         for (key, held) in due {
             // Gone, or kept long enough: the lease runs out, the message comes again.
-            if !connected.contains(&held.client) || now >= held.until_ms {
+            if !there.contains(&held.who.client_id) || now >= held.until_ms {
                 renewals.set(&key, held.lease_id, None);
                 continue;
             }
             // Renewed on the client's behalf, as it would extend the lease itself.
-            let who = Principal::grpc(held.identity.clone(), held.peer, Some(held.client.clone()));
+            let who = held.who.clone();
             let handle = Handle {
                 group: key.group.clone(),
                 topic: key.topic.clone(),
@@ -233,7 +226,7 @@ mod tests {
     use super::*;
 
     fn c() -> Principal {
-        Principal::grpc(Identity::Anonymous, None, Some("c".into()))
+        Principal::grpc(crate::auth::Identity::Anonymous, None, Some("c".into()))
     }
 
     fn lease(offset: u64, lease_id: u64) -> LeaseRef {
