@@ -350,9 +350,10 @@ def hostile(endpoint):
     stub = MessagingServiceStub(grpc.insecure_channel(endpoint))
     meta = [("x-mq-client-id", "hostile-test")]
 
-    def msg(topic="h", mid="0001", kind=d.NORMAL, body=b"x", group=None, at=None):
+    def msg(topic="h", mid="0001", kind=d.NORMAL, body=b"x", group=None, at=None,
+            encoding=d.IDENTITY):
         props = d.SystemProperties(message_id=mid, message_type=kind,
-                                   body_encoding=d.IDENTITY)
+                                   body_encoding=encoding)
         if group:
             props.message_group = group
         if at:
@@ -401,6 +402,12 @@ def hostile(endpoint):
     route = stub.QueryRoute(s.QueryRouteRequest(topic=d.Resource(name="")), metadata=meta)
     out(call="route without topic", code=route.status.code)
     out(call="a good send after all that", code=send(msg(mid="0002")))
+    import gzip
+    out(call="gzip body", code=send(msg(topic="hz", mid="0005",
+                                        body=gzip.compress(b"zipped" * 2000),
+                                        encoding=d.GZIP)))
+    out(call="bad gzip body", code=send(msg(topic="hz", mid="0006", body=b"not gzip",
+                                            encoding=d.GZIP)))
     # A client's retry keeps its message id and content: stored once, the first receipt
     # again. The same id with other content, or from another client (two containerised
     # producers make the same ids), is another message: stored.

@@ -561,6 +561,8 @@ async fn bad_grpc_input_gets_codes_clients_know() {
         ("receive sql filter", 50500),
         ("route without topic", 40002),
         ("a good send after all that", 20000),
+        ("gzip body", 20000),
+        ("bad gzip body", 40000),
     ];
     for (call, want) in expected {
         assert_eq!(code(call), want, "{call}");
@@ -580,6 +582,9 @@ async fn bad_grpc_input_gets_codes_clients_know() {
     );
     assert_ne!(o[3], o[0], "another client's message was dropped: {repeat}");
     assert_ne!(o[3], o[2], "{repeat}");
+    // A gzip body (issue 27, item 6) is stored as it was meant: every face reads it.
+    let bodies = txmq_tests::drain(&b, "gz", "hz", Duration::from_secs(2)).await;
+    assert_eq!(bodies, [b"zipped".repeat(2000)]);
     assert!(b.log_text().lines().all(|l| !l.contains("panicked")));
 }
 

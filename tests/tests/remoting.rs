@@ -10,6 +10,8 @@ fn broker() -> TestBroker {
     TestBroker::start(&[
         "--remoting-listen",
         "127.0.0.1:0",
+        "--grpc-listen",
+        "127.0.0.1:0",
         "--check-timeout",
         "2s",
         "--check-interval",
@@ -84,6 +86,9 @@ fn java_producers_and_transactions_reach_native_consumers() {
     // The body the client compressed arrives as it was written.
     let big = read(&b, "java-big-p", 1, 5);
     assert_eq!(big[0]["body"].as_str().unwrap(), "0123456789".repeat(1024));
+    // And by the official Python client, over gRPC.
+    let py = txmq_tests::grpc::client(b.grpc_addr(), &["simple", "py-reader", "java-big-p", "1"]);
+    assert_eq!(py[0]["body"].as_str().unwrap(), "0123456789".repeat(1024));
     // Delay level 2 is 5 s: it became visible no earlier.
     let delayed = read(&b, "java-delay-p", 1, 15);
     let (deliver, born) = (

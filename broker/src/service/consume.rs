@@ -173,6 +173,20 @@ pub async fn is_ordered(shared: &Shared, group: &str, topic: &str) -> bool {
         .is_some_and(|c| c.ordered)
 }
 
+/// Whether `who` may consume `topic` as a member of `group` (what a face asks before
+/// it counts a client as a member: a Remoting heartbeat, a queue lock).
+///
+/// # Errors
+/// Not permitted.
+pub fn may_consume(shared: &Shared, who: &Principal, group: &str, topic: &str) -> Result<()> {
+    permit(
+        shared,
+        who,
+        Operation::Subscribe,
+        &[Resource::Topic(topic), Resource::Group(group)],
+    )
+}
+
 /// Whether (group, topic) has a stored cursor: the group has consumed the topic (a
 /// first join makes it, where the group starts).
 pub async fn has_cursor(shared: &Shared, group: &str, topic: &str) -> bool {

@@ -43,9 +43,32 @@ fn millis(t: &prost_types::Timestamp) -> u64 {
     u64::try_from(ms).unwrap_or(0)
 }
 
+/// A gzip body inflated, to at most `max` bytes.
+fn gunzip(body: &[u8], max: usize) -> Result<Vec<u8>, pb::Status> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(body)
+        .take(max as u64 + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| {
+            status::of(
+                pb::Code::BadRequest,
+                format!("the gzip-compressed body does not inflate: {e}"),
+            )
+        })?;
+    if out.len() > max {
+        return Err(status::of(
+            pb::Code::MessageBodyTooLarge,
+            format!("the body inflates to more than the {max}-byte message limit"),
+        ));
+    }
+    Ok(out)
+}
+
 /// Checks what the gRPC form adds (types, encodings, the delivery time's range) and
-/// converts.
-fn incoming(m: pb::Message, latest_ms: u64) -> Result<Incoming, pb::Status> {
+/// converts; a gzip body is stored inflated (every
+/// face's consumer gets the body that was meant), to at most `max_body` bytes.
+fn incoming(m: pb::Message, latest_ms: u64, max_body: usize) -> Result<Incoming, pb::Status> {
     let topic = m
         .topic
         .map(|t| t.name)
@@ -58,13 +81,11 @@ fn incoming(m: pb::Message, latest_ms: u64) -> Result<Incoming, pb::Status> {
             "a message needs its message_id",
         ));
     }
-    if sys.body_encoding == pb::Encoding::Gzip as i32 {
-        return Err(status::of(
-            pb::Code::BadRequest,
-            "gzip-compressed bodies are not taken: send bodies uncompressed (they are \
-             compressed on disk)",
-        ));
-    }
+    let body = if sys.body_encoding == pb::Encoding::Gzip as i32 {
+        gunzip(&m.body, max_body)?
+    } else {
+        m.body
+    };
     let kind = pb::MessageType::try_from(sys.message_type).unwrap_or(pb::MessageType::Normal);
     let group = sys.message_group.clone().unwrap_or_default();
     let deliver_at_ms = sys.delivery_timestamp.as_ref().map_or(0, millis);
@@ -131,7 +152,7 @@ fn incoming(m: pb::Message, latest_ms: u64) -> Result<Incoming, pb::Status> {
     Ok(Incoming {
         message: native::Message {
             topic,
-            body: Bytes::from(m.body),
+            body: Bytes::from(body),
             key: sys.keys.join(" "),
             tag: sys.tag.unwrap_or_default(),
             properties,
@@ -177,7 +198,7 @@ pub async fn send_message(
     let mut plain = Vec::new();
     let mut txn = Vec::new();
     for (i, m) in req.messages.into_iter().enumerate() {
-        match incoming(m, latest_ms) {
+        match incoming(m, latest_ms, shared.config.max_message_bytes) {
             Ok(mut inc) => {
                 if shared.config.dedup_window.is_zero() || who.client_id.is_empty() {
                     // Not remembered here (dedup-window 0): a key would be refused.

@@ -18,7 +18,7 @@ use super::checks::Link;
 use super::frame::{Codec, Command, Encoding};
 use super::{Endpoint, auth, clients, codes, pull, route, send};
 use crate::ids::Id;
-use crate::service::{Principal, Shared};
+use crate::service::{Principal, Shared, consume};
 
 /// Answers and pushes queued for one connection's socket.
 const OUTBOUND: usize = 1024;
@@ -234,6 +234,13 @@ async fn dispatch(ep: &Arc<Endpoint>, conn: &Arc<Conn>, req: &Command) -> Comman
         GET_MAX_OFFSET | GET_MIN_OFFSET | SEARCH_OFFSET_BY_TIMESTAMP => pull::offset_of(ep, req),
         GET_EARLIEST_MSG_STORETIME => Command::answer(req, SUCCESS, None).with("timestamp", 0),
         CONSUMER_SEND_MSG_BACK => pull::send_back(ep, &who, req).await,
+        LOCK_BATCH_MQ => match ep.shared() {
+            Ok(shared) => ep.locks.lock(req, |group, topic| {
+                consume::may_consume(&shared, &who, group, topic).is_ok()
+            }),
+            Err(e) => super::refusal(req, &e),
+        },
+        UNLOCK_BATCH_MQ => ep.locks.unlock(req),
         code => Command::answer(
             req,
             REQUEST_CODE_NOT_SUPPORTED,
@@ -262,7 +269,23 @@ fn heartbeat(ep: &Endpoint, conn: &Arc<Conn>, who: &Principal, req: &Command) ->
             }
         }
     }
-    let changed = ep.clients.beat(&beat.client_id, beat.consumers);
+    // A member of a group only where it may consume the group's topics.
+    let mut consumers = beat.consumers;
+    if let Ok(shared) = ep.shared() {
+        consumers.retain(|g| {
+            let refused = g.member.subscriptions.keys().find_map(|topic| {
+                if super::route::group_topic(topic).is_some() {
+                    return None;
+                }
+                consume::may_consume(&shared, who, &g.group, topic).err()
+            });
+            if let Some(e) = &refused {
+                tracing::info!(client = %beat.client_id, group = %g.group, "not a member: {e}");
+            }
+            refused.is_none()
+        });
+    }
+    let changed = ep.clients.beat(&beat.client_id, consumers);
     ep.clients.notify(&changed);
     Command::answer(req, codes::SUCCESS, None)
 }

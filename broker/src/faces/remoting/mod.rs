@@ -20,6 +20,7 @@
 //! - `send`: sends (single, batch, delayed, half messages) and END_TRANSACTION.
 //! - `checks`: check-backs to Remoting producers, through the one scheduler.
 //! - `pull`: pulls, offsets and send-backs, on the groups' leases.
+//! - `locks`: the queue locks orderly consumers hold.
 //!
 //! What the clients expect, read from their sources, is in
 //! `../shared/rocketmq-remoting.md`.
@@ -34,6 +35,7 @@ mod clients;
 pub mod codes;
 mod connection;
 pub mod frame;
+mod locks;
 mod pull;
 pub mod record;
 mod route;
@@ -95,6 +97,8 @@ struct Endpoint {
     clients: clients::Clients,
     /// What the consumers were handed, by lane.
     pulls: pull::Pulls,
+    /// Orderly consumers' queue locks.
+    locks: locks::Locks,
     /// The leases of what they were handed, renewed while they are connected.
     renewals: Arc<crate::faces::renew::Renewals>,
     /// Ends every connection.
@@ -152,6 +156,7 @@ pub async fn serve(
         config,
         clients: clients::Clients::default(),
         pulls: pull::Pulls::default(),
+        locks: locks::Locks::default(),
         renewals: Arc::default(),
         stop: stop.clone(),
     });

@@ -15,8 +15,11 @@ import java.util.concurrent.atomic.AtomicInteger;
 import org.apache.rocketmq.client.consumer.DefaultLitePullConsumer;
 import org.apache.rocketmq.client.consumer.DefaultMQPushConsumer;
 import org.apache.rocketmq.client.consumer.listener.ConsumeConcurrentlyStatus;
+import org.apache.rocketmq.client.consumer.listener.ConsumeOrderlyStatus;
 import org.apache.rocketmq.client.consumer.listener.MessageListenerConcurrently;
+import org.apache.rocketmq.client.consumer.listener.MessageListenerOrderly;
 import org.apache.rocketmq.client.producer.DefaultMQProducer;
+import org.apache.rocketmq.client.producer.SendResult;
 import org.apache.rocketmq.client.producer.SendStatus;
 import org.apache.rocketmq.common.consumer.ConsumeFromWhere;
 import org.apache.rocketmq.common.message.Message;
@@ -125,6 +128,43 @@ class ConsumerTest {
             // Once, and twice again (maxReconsumeTimes): then the dead letters.
             Thread.sleep(4000);
             assertEquals(3, attempts.get());
+        } finally {
+            c.shutdown();
+        }
+    }
+
+    /** MessageListenerOrderly: it consumes only the queues the broker locked for it. */
+    @Test
+    void orderlyConsumerHoldsItsQueueLocks() throws Exception {
+        String run = Broker.run();
+        String topic = "java-orderly-" + run;
+        int n = 30;
+        Set<String> seen = ConcurrentHashMap.newKeySet();
+        CountDownLatch all = new CountDownLatch(n);
+        DefaultMQPushConsumer c = new DefaultMQPushConsumer("java-orderly-group-" + run);
+        c.setNamesrvAddr(Broker.namesrv());
+        c.setInstanceName("orderly");
+        c.setConsumeFromWhere(ConsumeFromWhere.CONSUME_FROM_FIRST_OFFSET);
+        c.subscribe(topic, "*");
+        c.registerMessageListener((MessageListenerOrderly) (msgs, ctx) -> {
+            for (MessageExt m : msgs) {
+                if (seen.add(body(m))) {
+                    all.countDown();
+                }
+            }
+            return ConsumeOrderlyStatus.SUCCESS;
+        });
+        c.start();
+        try {
+            DefaultMQProducer p = ProducerTest.producer("java-orderly-feed-" + run);
+            for (int i = 0; i < n; i++) {
+                Message m = ProducerTest.message(topic, "T", "order-" + (i % 3), "orderly-" + i);
+                // RocketMQ's ordering idiom: the order id picks the queue.
+                SendResult r = p.send(m, (mqs, msg, arg) -> mqs.get((Integer) arg % mqs.size()), i % 3);
+                assertEquals(SendStatus.SEND_OK, r.getSendStatus());
+            }
+            p.shutdown();
+            assertTrue(all.await(90, TimeUnit.SECONDS), () -> "received " + seen.size() + " of " + n);
         } finally {
             c.shutdown();
         }
