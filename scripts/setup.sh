@@ -32,5 +32,6 @@ fi
 echo "setup: resolving tests/java (RocketMQ Java client)" >&2
 java_build="$(mktemp -d)"
 mvn -B -q -f tests/java/pom.xml -Dtxmq.build="$java_build" -Dtest=NoSuchTest \
-    -Dsurefire.failIfNoSpecifiedTests=false test >&2
+    -Dsurefire.failIfNoSpecifiedTests=false test \
+    dependency:build-classpath -Dmdep.outputFile="$java_build/classpath" >&2
 rm -rf "$java_build"

@@ -140,6 +140,19 @@ impl Raw {
         })
     }
 
+    /// The answer to request `opaque` within `wait`, past the broker's own requests
+    /// (a rebalance notice, a check-back) that come before it.
+    pub fn answer(&mut self, opaque: i64, wait: Duration) -> Option<Reply> {
+        let until = std::time::Instant::now() + wait;
+        loop {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            let r = self.read(left.max(Duration::from_millis(1)))?;
+            if r.flag & 1 == 1 && r.opaque == opaque {
+                return Some(r);
+            }
+        }
+    }
+
     /// Whether the broker closed the connection within `wait` (what it wrote before
     /// is read and dropped).
     pub fn is_closed(&mut self, wait: Duration) -> bool {
@@ -158,4 +171,51 @@ impl Raw {
             }
         }
     }
+}
+
+/// The classpath of the Java scenarios and mqadmin (`rocketmq-tools`), resolved once
+/// (offline: `scripts/setup.sh` fetched it).
+fn classpath() -> &'static str {
+    static CLASSPATH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    CLASSPATH.get_or_init(|| {
+        let project = Path::new(env!("CARGO_MANIFEST_DIR")).join("java");
+        let build = tempfile::tempdir().expect("temp dir");
+        let file = build.path().join("classpath");
+        let out = Command::new("mvn")
+            .args(["-B", "-o", "-q", "-f"])
+            .arg(project.join("pom.xml"))
+            .arg(format!("-Dtxmq.build={}", build.path().display()))
+            .arg(format!("-Dmdep.outputFile={}", file.display()))
+            .arg("dependency:build-classpath")
+            .output()
+            .expect("run mvn (scripts/setup.sh installs Maven and resolves tests/java)");
+        assert!(
+            out.status.success(),
+            "mvn dependency:build-classpath failed:\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        std::fs::read_to_string(&file).expect("the classpath")
+    })
+}
+
+/// Runs `mqadmin ARGS -n NAMESRV` (RocketMQ's `MQAdminStartup`, bounded): whether it
+/// said nothing of a failure, and what it printed.
+pub fn mqadmin(namesrv: &str, args: &[&str]) -> (bool, String) {
+    let out = Command::new("timeout")
+        .arg("60")
+        .args(["java", "-cp", classpath()])
+        .arg("org.apache.rocketmq.tools.command.MQAdminStartup")
+        .args(args)
+        .args(["-n", namesrv])
+        .env("ROCKETMQ_HOME", std::env::temp_dir())
+        .output()
+        .expect("run java");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // mqadmin prints a failed command's exception and still exits 0.
+    let ok = out.status.success() && !text.contains("Exception");
+    (ok, text)
 }

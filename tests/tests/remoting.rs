@@ -208,3 +208,83 @@ fn java_push_and_lite_pull_consumers_share_retry_and_dead_letter() {
     assert!(dlq.contains("attempts=3"), "{dlq}");
     assert_eq!(dlq.lines().count(), 1, "{dlq}");
 }
+
+/// The mqadmin subset of item 8, against a single broker.
+#[test]
+fn mqadmin_commands() {
+    use txmq_tests::remoting::mqadmin;
+    let b = broker();
+    let at = b.remoting_addr().to_string();
+    let ok = |args: &[&str]| {
+        let (ok, out) = mqadmin(&at, args);
+        assert!(ok, "mqadmin {args:?}:\n{out}");
+        out
+    };
+    let clusters = ok(&["clusterList"]);
+    assert!(
+        clusters.contains("DefaultCluster") && clusters.contains(&at),
+        "{clusters}"
+    );
+    assert!(ok(&["updateTopic", "-c", "DefaultCluster", "-t", "adm"]).contains("success"));
+    assert!(ok(&["topicList"]).lines().any(|l| l.trim() == "adm"));
+    assert!(ok(&["topicRoute", "-t", "adm"]).contains(&at));
+    // Two messages with key k1, sent raw: the answers carry their offset message ids.
+    let mut raw = Raw::connect(&at);
+    let mut ids = Vec::new();
+    for i in 0..2 {
+        let props = "KEYS\u{1}k1\u{2}";
+        raw.request(
+            310,
+            i,
+            0,
+            &[("a", "pg"), ("b", "adm"), ("i", props)],
+            b"admin body",
+        );
+        let r = raw.read(Duration::from_secs(5)).unwrap();
+        assert_eq!(r.code, 0, "{r:?}");
+        ids.push(r.ext["msgId"].clone());
+    }
+    b.cli_ok(&[
+        "consume",
+        "--topic",
+        "adm",
+        "--group",
+        "g-adm",
+        "--count",
+        "1",
+        "--timeout",
+        "5",
+    ]);
+    let status = ok(&["topicStatus", "-t", "adm"]);
+    assert_eq!(
+        status.lines().filter(|l| l.starts_with("txmq")).count(),
+        8,
+        "{status}"
+    );
+    let progress = ok(&["consumerProgress", "-g", "g-adm"]);
+    assert!(progress.contains("Consume Diff Total: 1"), "{progress}");
+    // A Remoting member of a group, by its heartbeat.
+    let beat = serde_json::json!({
+        "clientID": "10.0.0.9@raw-member",
+        "consumerDataSet": [{"groupName": "g-raw", "consumeType": "CONSUME_PASSIVELY",
+            "messageModel": "CLUSTERING", "consumeFromWhere": "CONSUME_FROM_LAST_OFFSET",
+            "subscriptionDataSet": [{"topic": "adm", "subString": "*", "expressionType": "TAG"}]}],
+        "producerDataSet": [],
+    });
+    raw.request(34, 9, 0, &[], &serde_json::to_vec(&beat).unwrap());
+    assert_eq!(raw.answer(9, Duration::from_secs(5)).unwrap().code, 0);
+    let connection = ok(&["consumerConnection", "-g", "g-raw"]);
+    assert!(connection.contains("10.0.0.9@raw-member"), "{connection}");
+    let (online, out) = mqadmin(&at, &["consumerConnection", "-g", "g-nobody"]);
+    assert!(!online && out.contains("206"), "{out}");
+    assert!(ok(&["updateSubGroup", "-c", "DefaultCluster", "-g", "g-new"]).contains("success"));
+    let by_key = ok(&["queryMsgByKey", "-t", "adm", "-k", "k1"]);
+    assert_eq!(by_key.lines().count(), 3, "{by_key}");
+    let by_id = ok(&["queryMsgById", "-t", "adm", "-i", &ids[1]]);
+    assert!(
+        by_id.contains("Keys:                [k1]") && by_id.contains(&ids[1]),
+        "{by_id}"
+    );
+    assert!(ok(&["deleteTopic", "-c", "DefaultCluster", "-t", "adm"]).contains("success"));
+    assert!(!ok(&["topicList"]).lines().any(|l| l.trim() == "adm"));
+}

@@ -52,6 +52,11 @@ pub fn topic_id(shared: &Shared, name: &str) -> Option<u32> {
     shared.topics.get(name).map(|t| t.id)
 }
 
+/// The name of the topic with storage id `id`, if it exists.
+pub fn topic_name(shared: &Shared, id: u32) -> Option<String> {
+    shared.topics.by_id(id).map(|t| t.name.clone())
+}
+
 /// The offset topic `name`'s next message gets (0 for no such topic).
 pub fn topic_end(shared: &Shared, name: &str) -> u64 {
     shared.topics.get(name).map_or(0, |t| t.end())

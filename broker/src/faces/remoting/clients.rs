@@ -51,10 +51,15 @@ pub struct Member {
     pub conn_id: u64,
     /// Broker clock of its last heartbeat.
     pub seen_ms: u64,
+    /// Where it connects from, in its language and version (shown to operators).
+    pub addr: std::net::SocketAddr,
+    pub language: String,
+    pub version: i32,
+    /// Its `consumeFromWhere`, as it said it.
+    pub from_where: String,
     pub model: Model,
     /// `CONSUME_PASSIVELY` (push), `CONSUME_ACTIVELY` (pull) or `CONSUME_POP`
     /// (shown to operators: mqadmin's consumerConnection).
-    #[allow(dead_code)]
     pub consume_type: String,
     /// Topic → subscription.
     pub subscriptions: BTreeMap<String, Subscription>,
@@ -95,7 +100,8 @@ fn text<'a>(v: &'a serde_json::Value, name: &str) -> &'a str {
 ///
 /// # Errors
 /// A sentence for the client.
-pub fn parse(body: &[u8], conn: &Arc<Conn>, now_ms: u64) -> Result<Beat, String> {
+pub fn parse(req: &super::frame::Command, conn: &Arc<Conn>, now_ms: u64) -> Result<Beat, String> {
+    let body = &req.body;
     let v: serde_json::Value =
         serde_json::from_slice(body).map_err(|e| format!("heartbeat body does not parse: {e}"))?;
     let client_id = text(&v, "clientID").to_string();
@@ -154,6 +160,10 @@ pub fn parse(body: &[u8], conn: &Arc<Conn>, now_ms: u64) -> Result<Beat, String>
             conn: Arc::downgrade(conn),
             conn_id: conn.id,
             seen_ms: now_ms,
+            addr: conn.peer,
+            language: req.language.clone(),
+            version: req.version,
+            from_where: text(c, "consumeFromWhere").to_string(),
             model: if text(c, "messageModel") == "BROADCASTING" {
                 Model::Broadcasting
             } else {
@@ -238,6 +248,12 @@ impl Clients {
             .get(group)?
             .values()
             .find_map(|m| m.subscriptions.get(topic).map(|s| (m.clone(), s.clone())))
+    }
+
+    /// A group's members, by client id.
+    pub fn group(&self, group: &str) -> BTreeMap<String, Member> {
+        let inner = self.inner.lock().expect("clients lock");
+        inner.groups.get(group).cloned().unwrap_or_default()
     }
 
     /// Whether client `client_id` is a member of some group over an open connection.

@@ -9,7 +9,7 @@ pub const QUERY_MESSAGE: i32 = 12;
 pub const QUERY_CONSUMER_OFFSET: i32 = 14;
 pub const UPDATE_CONSUMER_OFFSET: i32 = 15;
 pub const UPDATE_AND_CREATE_TOPIC: i32 = 17;
-pub const GET_TOPIC_STATS_INFO_OLD: i32 = 202;
+pub const GET_TOPIC_STATS_INFO: i32 = 202;
 pub const GET_BROKER_RUNTIME_INFO: i32 = 28;
 pub const SEARCH_OFFSET_BY_TIMESTAMP: i32 = 29;
 pub const GET_MAX_OFFSET: i32 = 30;
@@ -39,6 +39,7 @@ pub const SEND_BATCH_MESSAGE: i32 = 320;
 pub const GET_TOPIC_CONFIG: i32 = 351;
 pub const LITE_PULL_MESSAGE: i32 = 361;
 pub const QUERY_ASSIGNMENT: i32 = 400;
+pub const QUERY_TOPIC_CONSUME_BY_WHO: i32 = 300;
 
 // Requests, broker to client (one-way).
 pub const CHECK_TRANSACTION_STATE: i32 = 39;

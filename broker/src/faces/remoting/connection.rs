@@ -16,7 +16,7 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 
 use super::checks::Link;
 use super::frame::{Codec, Command, Encoding};
-use super::{Endpoint, auth, clients, codes, pull, route, send};
+use super::{Endpoint, admin, auth, clients, codes, pull, route, send};
 use crate::ids::Id;
 use crate::service::{Principal, Shared, consume};
 
@@ -241,6 +241,18 @@ async fn dispatch(ep: &Arc<Endpoint>, conn: &Arc<Conn>, req: &Command) -> Comman
             Err(e) => super::refusal(req, &e),
         },
         UNLOCK_BATCH_MQ => ep.locks.unlock(req),
+        GET_BROKER_RUNTIME_INFO => admin::runtime_info(ep, &who, req),
+        UPDATE_AND_CREATE_TOPIC => admin::create_topic(ep, &who, req).await,
+        DELETE_TOPIC_IN_BROKER => admin::delete_topic(ep, &who, req).await,
+        DELETE_TOPIC_IN_NAMESRV | PUT_KV_CONFIG => Command::answer(req, SUCCESS, None),
+        GET_TOPIC_STATS_INFO => admin::topic_stats(ep, &who, req),
+        GET_TOPIC_CONFIG => admin::topic_config(ep, &who, req),
+        UPDATE_AND_CREATE_SUBSCRIPTIONGROUP => admin::update_group(req),
+        GET_CONSUME_STATS => admin::consume_stats(ep, &who, req).await,
+        GET_CONSUMER_CONNECTION_LIST => admin::connections(ep, &who, req),
+        VIEW_MESSAGE_BY_ID => admin::view_message(ep, &who, req).await,
+        QUERY_MESSAGE => admin::query_message(ep, &who, req).await,
+        QUERY_TOPIC_CONSUME_BY_WHO => admin::consumed_by(ep, &who, req).await,
         code => Command::answer(
             req,
             REQUEST_CODE_NOT_SUPPORTED,
@@ -253,7 +265,7 @@ async fn dispatch(ep: &Arc<Endpoint>, conn: &Arc<Conn>, req: &Command) -> Comman
 /// its consumer groups gain (or keep) it as a member.
 fn heartbeat(ep: &Endpoint, conn: &Arc<Conn>, who: &Principal, req: &Command) -> Command {
     tracing::trace!(body = %String::from_utf8_lossy(&req.body), "heartbeat");
-    let beat = match clients::parse(&req.body, conn, txmq_protocol::now_ms()) {
+    let beat = match clients::parse(req, conn, txmq_protocol::now_ms()) {
         Ok(b) => b,
         Err(why) => return super::invalid(req, why),
     };

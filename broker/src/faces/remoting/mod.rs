@@ -21,6 +21,7 @@
 //! - `checks`: check-backs to Remoting producers, through the one scheduler.
 //! - `pull`: pulls, offsets and send-backs, on the groups' leases.
 //! - `locks`: the queue locks orderly consumers hold.
+//! - `admin`: what mqadmin asks a broker.
 //!
 //! What the clients expect, read from their sources, is in
 //! `../shared/rocketmq-remoting.md`.
@@ -29,6 +30,7 @@
 // worth a box.
 #![allow(clippy::result_large_err)]
 
+mod admin;
 mod auth;
 mod checks;
 mod clients;
