@@ -10,10 +10,16 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 /// Runs the Java scenarios `tests` (a surefire `-Dtest` filter) against the Remoting
-/// face at `namesrv`, in one JVM, bounded by `limit`; asserts they passed and returns
-/// Maven's output. The dependencies were resolved by `scripts/setup.sh`: Maven runs
-/// offline.
-pub fn java(namesrv: &str, run: &str, tests: &str, limit: Duration) -> String {
+/// face at `namesrv`, with system properties `props`, in one JVM, bounded by `limit`;
+/// asserts they passed and returns Maven's output. The dependencies were resolved by
+/// `scripts/setup.sh`: Maven runs offline.
+pub fn java(
+    namesrv: &str,
+    run: &str,
+    tests: &str,
+    props: &[(&str, &str)],
+    limit: Duration,
+) -> String {
     let project = Path::new(env!("CARGO_MANIFEST_DIR")).join("java");
     // Each caller's own build directory: tests in other processes run Maven at once.
     let build = tempfile::tempdir().expect("temp dir");
@@ -25,6 +31,7 @@ pub fn java(namesrv: &str, run: &str, tests: &str, limit: Duration) -> String {
         .arg(format!("-Dtxmq.namesrv={namesrv}"))
         .arg(format!("-Dtxmq.run={run}"))
         .arg(format!("-Dtest={tests}"))
+        .args(props.iter().map(|(k, v)| format!("-D{k}={v}")))
         .arg("test")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -60,6 +60,7 @@ fn java_producers_and_transactions_reach_native_consumers() {
         b.remoting_addr(),
         "p",
         "ProducerTest,TransactionTest",
+        &[],
         Duration::from_secs(240),
     );
     let expect = |kind: &str| -> Vec<String> {
@@ -192,6 +193,7 @@ fn java_push_and_lite_pull_consumers_share_retry_and_dead_letter() {
         b.remoting_addr(),
         "c",
         "ConsumerTest",
+        &[],
         Duration::from_secs(300),
     );
     // The four push consumers acked everything (their committed offsets are acks).
@@ -287,4 +289,105 @@ fn mqadmin_commands() {
     );
     assert!(ok(&["deleteTopic", "-c", "DefaultCluster", "-t", "adm"]).contains("success"));
     assert!(!ok(&["topicList"]).lines().any(|l| l.trim() == "adm"));
+}
+
+/// Item 7: `AclClientRPCHook` signatures checked against txmq's users; the rules decide
+/// as on every face; an unsigned request is refused where users exist.
+#[test]
+fn signed_requests_as_users() {
+    let dir = tempfile::tempdir().unwrap();
+    let admin = dir.path().join("admin");
+    std::fs::write(&admin, "root root-secret-123\n").unwrap();
+    let key = dir.path().join("broker-key");
+    std::fs::write(&key, "a-long-random-broker-key-1234567890\n").unwrap();
+    let app = dir.path().join("app");
+    std::fs::write(&app, "app-secret-456\n").unwrap();
+    let root = dir.path().join("root");
+    std::fs::write(&root, "root-secret-123\n").unwrap();
+    let b = TestBroker::start(&[
+        "--remoting-listen",
+        "127.0.0.1:0",
+        "--bootstrap-admin-file",
+        admin.to_str().unwrap(),
+        "--broker-key-file",
+        key.to_str().unwrap(),
+    ]);
+    let as_root = |args: &[&str]| {
+        let mut all = vec![
+            "--user",
+            "root",
+            "--user-secret-file",
+            root.to_str().unwrap(),
+        ];
+        all.extend_from_slice(args);
+        b.cli_ok(&all)
+    };
+    // The bootstrap user is made as the broker starts serving.
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while b
+        .cli(&[
+            "--user",
+            "root",
+            "--user-secret-file",
+            root.to_str().unwrap(),
+            "user",
+            "list",
+        ])
+        .status
+        .code()
+        != Some(0)
+    {
+        assert!(
+            std::time::Instant::now() < until,
+            "the bootstrap user never came"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    as_root(&[
+        "user",
+        "create",
+        "app",
+        "--new-secret-file",
+        app.to_str().unwrap(),
+    ]);
+    as_root(&["topic", "create", "acl-ok"]);
+    as_root(&["topic", "create", "acl-other"]);
+    as_root(&["acl", "grant", "app", "pub,sub", "topic:acl-ok"]);
+    as_root(&["acl", "grant", "app", "sub", "group:acl-group"]);
+
+    let mut raw = Raw::connect(b.remoting_addr());
+    raw.request(105, 1, 0, &[("topic", "acl-ok")], b"");
+    let r = raw.read(Duration::from_secs(5)).unwrap();
+    assert_eq!(r.code, 16, "{r:?}");
+    assert!(r.remark.contains("signed"), "{r:?}");
+
+    java(
+        b.remoting_addr(),
+        "acl",
+        "AclTest",
+        &[("txmq.ak", "app"), ("txmq.sk", "app-secret-456")],
+        Duration::from_secs(180),
+    );
+    let bodies = read_as(&b, &root, "acl-ok");
+    assert_eq!(bodies, ["signed"]);
+}
+
+fn read_as(b: &TestBroker, secret: &std::path::Path, topic: &str) -> Vec<String> {
+    let out = b.cli_ok(&[
+        "--user",
+        "root",
+        "--user-secret-file",
+        secret.to_str().unwrap(),
+        "consume",
+        "--topic",
+        topic,
+        "--group",
+        "audit",
+        "--count",
+        "10",
+        "--timeout",
+        "3",
+        "--json",
+    ]);
+    bodies(&txmq_tests::json_lines(&out))
 }
