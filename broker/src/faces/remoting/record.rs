@@ -360,6 +360,17 @@ mod tests {
         assert!(batch(Bytes::from(body)).is_err());
     }
 
+    proptest::proptest! {
+        #[test]
+        fn no_body_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            let _ = batch(Bytes::from(bytes.clone()));
+            let text = String::from_utf8_lossy(&bytes);
+            let _ = properties(&text);
+            let _ = parse_message_id(&text);
+            let _ = inflate(&bytes, sys_flag::COMPRESSED, 1024);
+        }
+    }
+
     #[test]
     fn zlib_bodies_inflate_within_the_limit() {
         use std::io::Write;
