@@ -35,3 +35,13 @@ mvn -B -q -f tests/java/pom.xml -Dtxmq.build="$java_build" -Dtest=NoSuchTest \
     -Dsurefire.failIfNoSpecifiedTests=false test \
     dependency:build-classpath -Dmdep.outputFile="$java_build/classpath" >&2
 rm -rf "$java_build"
+# The Go clients' tests (tests/go: the Remoting client v2 and the 5.x gRPC client):
+# their modules, downloaded once; the tests build offline.
+if ! command -v go >/dev/null 2>&1; then
+    echo "setup: installing Go" >&2
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq golang-go >/dev/null
+fi
+echo "setup: downloading tests/go's modules (RocketMQ Go clients)" >&2
+(cd tests/go && go mod download && go vet ./... >&2)

@@ -226,3 +226,29 @@ pub fn mqadmin(namesrv: &str, args: &[&str]) -> (bool, String) {
     let ok = out.status.success() && !text.contains("Exception");
     (ok, text)
 }
+
+/// Runs the Go tests matching `pattern` (`go test -run`) in `tests/go` with `envs`,
+/// bounded by `limit`; asserts they passed. The modules were downloaded by
+/// `scripts/setup.sh`.
+pub fn go(pattern: &str, envs: &[(&str, &str)], limit: Duration) -> String {
+    let project = Path::new(env!("CARGO_MANIFEST_DIR")).join("go");
+    let out = Command::new("timeout")
+        .arg(limit.as_secs().to_string())
+        .args(["go", "test", "-count=1", "-run", pattern, "./..."])
+        .current_dir(&project)
+        .env("GOFLAGS", "-mod=mod")
+        .env("GOPROXY", "off")
+        .envs(envs.iter().copied())
+        .output()
+        .expect("run go (scripts/setup.sh downloads tests/go's modules)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "go test -run {pattern} failed:\n{text}"
+    );
+    text
+}

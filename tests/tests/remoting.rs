@@ -391,3 +391,139 @@ fn read_as(b: &TestBroker, secret: &std::path::Path, topic: &str) -> Vec<String>
     ]);
     bodies(&txmq_tests::json_lines(&out))
 }
+
+/// The Go client v2 on the Remoting face and the 5.x Go client on the gRPC face (which
+/// always dials TLS: the endpoint gets a certificate of its own): what they send is read
+/// back by a native consumer.
+#[test]
+fn go_clients_on_both_protocols() {
+    let pki = txmq_tests::certs::Pki::new();
+    let b = TestBroker::start(&[
+        "--remoting-listen",
+        "127.0.0.1:0",
+        "--grpc-listen",
+        "127.0.0.1:0",
+        "--grpc-tls-cert",
+        pki.cert.to_str().unwrap(),
+        "--grpc-tls-key",
+        pki.key.to_str().unwrap(),
+        "--check-timeout",
+        "2s",
+        "--check-interval",
+        "500ms",
+    ]);
+    txmq_tests::remoting::go(
+        "TestRemoting|TestGrpc",
+        &[
+            ("TXMQ_NAMESRV", b.remoting_addr()),
+            ("TXMQ_GRPC", b.grpc_addr()),
+            ("TXMQ_RUN", "go"),
+        ],
+        Duration::from_secs(400),
+    );
+    let mut expect: Vec<String> = (0..15).map(|i| format!("go-{i}")).collect();
+    expect.sort();
+    assert_eq!(bodies(&read(&b, "go-remoting-go", 20, 5)), expect);
+    assert_eq!(
+        bodies(&read(&b, "go-txn-go", 5, 5)),
+        ["go-txn-commit", "go-txn-unknown"]
+    );
+    let mut grpc: Vec<String> = (0..5).map(|i| format!("grpc-{i}")).collect();
+    grpc.push("grpc-txn".into());
+    grpc.sort();
+    assert_eq!(bodies(&read(&b, "go-grpc-go", 10, 5)), grpc);
+}
+
+/// A group with a native and a Remoting member at once: each message goes to one of
+/// them (one delivery per group), the Remoting member's committed offset acks what it
+/// was handed, and together they leave nothing behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_with_native_and_remoting_members_shares_one_delivery() {
+    let b = broker();
+    let p = txmq_tests::producer(&b).await;
+    for i in 0..20 {
+        p.send(txmq_client::Message::new("mixed", format!("m{i}")))
+            .await
+            .unwrap();
+    }
+    let mut options = txmq_client::ConsumerOptions::new("mixed-group", "mixed");
+    options.window = 5;
+    let mut native = txmq_client::Consumer::subscribe(b.addr(), options)
+        .await
+        .unwrap();
+    let mut held = Vec::new();
+    while held.len() < 5 {
+        let d = txmq_tests::next(&mut native, Duration::from_secs(10))
+            .await
+            .expect("the native member's share");
+        held.push(d);
+    }
+    let at = b.remoting_addr().to_string();
+    let pulled = tokio::task::spawn_blocking(move || {
+        let mut raw = Raw::connect(&at);
+        let beat = serde_json::json!({
+            "clientID": "10.0.0.9@mixed",
+            "consumerDataSet": [{"groupName": "mixed-group", "consumeType": "CONSUME_PASSIVELY",
+                "messageModel": "CLUSTERING", "consumeFromWhere": "CONSUME_FROM_FIRST_OFFSET",
+                "subscriptionDataSet": [{"topic": "mixed", "subString": "*", "expressionType": "TAG"}]}],
+            "producerDataSet": [],
+        });
+        raw.request(34, 1, 0, &[], &serde_json::to_vec(&beat).unwrap());
+        assert_eq!(raw.answer(1, Duration::from_secs(5)).unwrap().code, 0);
+        let pull = [
+            ("consumerGroup", "mixed-group"),
+            ("topic", "mixed"),
+            ("queueId", "3"),
+            ("queueOffset", "0"),
+            ("maxMsgNums", "32"),
+            ("sysFlag", "2"),
+            ("commitOffset", "0"),
+            ("suspendTimeoutMillis", "1000"),
+        ];
+        raw.request(11, 2, 0, &pull, b"");
+        let r = raw.answer(2, Duration::from_secs(10)).unwrap();
+        assert_eq!(r.code, 0, "{r:?}");
+        assert_eq!(r.ext["nextBeginOffset"], "15", "{r:?}");
+        // The records' bodies (a V1 record: the body follows 4+4+4+4+4+8+8+4+8+8+8+8+4+8
+        // bytes and its 4-byte length).
+        let mut bodies = Vec::new();
+        let mut rest = &r.body[..];
+        while rest.len() >= 4 {
+            let total = u32::from_be_bytes(rest[..4].try_into().unwrap()) as usize;
+            let record = &rest[..total];
+            let at = 4 + 4 + 4 + 4 + 4 + 8 + 8 + 4 + 8 + 8 + 8 + 8 + 4 + 8;
+            let len = u32::from_be_bytes(record[at..at + 4].try_into().unwrap()) as usize;
+            bodies.push(String::from_utf8(record[at + 4..at + 4 + len].to_vec()).unwrap());
+            rest = &rest[total..];
+        }
+        // Its committed offset acks them.
+        let commit = [
+            ("consumerGroup", "mixed-group"),
+            ("topic", "mixed"),
+            ("queueId", "3"),
+            ("commitOffset", "15"),
+        ];
+        raw.request(15, 3, 0, &commit, b"");
+        assert_eq!(raw.answer(3, Duration::from_secs(5)).unwrap().code, 0);
+        bodies
+    })
+    .await
+    .unwrap();
+    let mut all: Vec<String> = pulled.clone();
+    for d in held {
+        all.push(String::from_utf8(d.body().to_vec()).unwrap());
+        d.ack().await.unwrap();
+    }
+    assert_eq!(pulled.len(), 15, "{pulled:?}");
+    all.sort();
+    let mut expect: Vec<String> = (0..20).map(|i| format!("m{i}")).collect();
+    expect.sort();
+    assert_eq!(all, expect, "each message to exactly one member");
+    let described = b.cli_ok(&["group", "describe", "mixed-group", "--json"]);
+    let g = &txmq_tests::json_lines(&described)[0];
+    assert_eq!(
+        (g["ack_floor"].as_u64(), g["in_flight"].as_u64()),
+        (Some(20), Some(0)),
+        "{g}"
+    );
+}
