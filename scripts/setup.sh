@@ -34,6 +34,8 @@ java_build="$(mktemp -d)"
 mvn -B -q -f tests/java/pom.xml -Dtxmq.build="$java_build" -Dtest=NoSuchTest \
     -Dsurefire.failIfNoSpecifiedTests=false test \
     dependency:build-classpath -Dmdep.outputFile="$java_build/classpath" >&2
+mvn -B -q -f tests/java/pom.xml -Dtxmq.build="$java_build/49" -P client49 -Dtest=NoSuchTest \
+    -Dsurefire.failIfNoSpecifiedTests=false test >&2
 rm -rf "$java_build"
 # The Go clients' tests (tests/go: the Remoting client v2 and the 5.x gRPC client):
 # their modules, downloaded once; the tests build offline.

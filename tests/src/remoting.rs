@@ -20,6 +20,18 @@ pub fn java(
     props: &[(&str, &str)],
     limit: Duration,
 ) -> String {
+    java_client(None, namesrv, run, tests, props, limit)
+}
+
+/// [`java`] with the Java client of Maven profile `profile` (`client49`: the 4.9 line).
+pub fn java_client(
+    profile: Option<&str>,
+    namesrv: &str,
+    run: &str,
+    tests: &str,
+    props: &[(&str, &str)],
+    limit: Duration,
+) -> String {
     let project = Path::new(env!("CARGO_MANIFEST_DIR")).join("java");
     // Each caller's own build directory: tests in other processes run Maven at once.
     let build = tempfile::tempdir().expect("temp dir");
@@ -28,6 +40,7 @@ pub fn java(
         .args(["mvn", "-B", "-o", "-q", "-f"])
         .arg(project.join("pom.xml"))
         .arg(format!("-Dtxmq.build={}", build.path().display()))
+        .args(profile.map(|p| format!("-P{p}")))
         .arg(format!("-Dtxmq.namesrv={namesrv}"))
         .arg(format!("-Dtxmq.run={run}"))
         .arg(format!("-Dtest={tests}"))

@@ -527,3 +527,130 @@ async fn a_group_with_native_and_remoting_members_shares_one_delivery() {
         "{g}"
     );
 }
+
+/// A member's heartbeat as a raw client sends it.
+fn join(raw: &mut Raw, client: &str, group: &str, topic: &str, opaque: i32) {
+    let beat = serde_json::json!({
+        "clientID": client,
+        "consumerDataSet": [{"groupName": group, "consumeType": "CONSUME_PASSIVELY",
+            "messageModel": "CLUSTERING", "consumeFromWhere": "CONSUME_FROM_FIRST_OFFSET",
+            "subscriptionDataSet": [{"topic": topic, "subString": "*", "expressionType": "TAG"}]}],
+        "producerDataSet": [],
+    });
+    raw.request(34, opaque, 0, &[], &serde_json::to_vec(&beat).unwrap());
+    assert_eq!(
+        raw.answer(i64::from(opaque), Duration::from_secs(5))
+            .unwrap()
+            .code,
+        0
+    );
+}
+
+/// Pulls lane `queue` from `offset` (at most `max`): the bodies and the next offset.
+fn pull(
+    raw: &mut Raw,
+    group: &str,
+    topic: &str,
+    queue: u32,
+    offset: u64,
+    max: u32,
+    opaque: i32,
+) -> (Vec<String>, u64) {
+    let (queue, offset, max) = (queue.to_string(), offset.to_string(), max.to_string());
+    let fields = [
+        ("consumerGroup", group),
+        ("topic", topic),
+        ("queueId", &queue),
+        ("queueOffset", &offset),
+        ("maxMsgNums", &max),
+        ("sysFlag", "2"),
+        ("suspendTimeoutMillis", "3000"),
+    ];
+    raw.request(11, opaque, 0, &fields, b"");
+    let r = raw
+        .answer(i64::from(opaque), Duration::from_secs(10))
+        .unwrap();
+    let next = r.ext["nextBeginOffset"].parse().unwrap();
+    let mut bodies = Vec::new();
+    let mut rest = &r.body[..];
+    while rest.len() >= 4 {
+        let total = u32::from_be_bytes(rest[..4].try_into().unwrap()) as usize;
+        let at = 84;
+        let len = u32::from_be_bytes(rest[at..at + 4].try_into().unwrap()) as usize;
+        bodies.push(String::from_utf8(rest[at + 4..at + 4 + len].to_vec()).unwrap());
+        rest = &rest[total..];
+    }
+    (bodies, next)
+}
+
+/// A rebalance under load (found with the 4.9 Java client): when a queue moves from
+/// one member to another, the new owner's committed offset must not ack what the old
+/// owner was handed and never consumed; those messages come again once their leases
+/// end.
+#[test]
+fn a_moved_queue_acks_only_what_its_new_owner_consumed() {
+    let b = TestBroker::start(&["--remoting-listen", "127.0.0.1:0", "--lease", "2s"]);
+    for i in 0..4 {
+        b.cli_ok(&["produce", "--topic", "moved", "--body", &format!("m{i}")]);
+    }
+    let at = b.remoting_addr().to_string();
+    let mut a = Raw::connect(&at);
+    join(&mut a, "10.0.0.1@A", "moved-group", "moved", 1);
+    let (got_a, next) = pull(&mut a, "moved-group", "moved", 0, 0, 2, 2);
+    assert_eq!(
+        (got_a.as_slice(), next),
+        (&["m0".to_string(), "m1".to_string()][..], 2)
+    );
+    // The queue moves to B, which consumes and commits past A's numbers.
+    let mut bee = Raw::connect(&at);
+    join(&mut bee, "10.0.0.2@B", "moved-group", "moved", 1);
+    let (got_b, next) = pull(&mut bee, "moved-group", "moved", 0, next, 2, 2);
+    assert_eq!(got_b, ["m2", "m3"]);
+    let commit = [
+        ("consumerGroup", "moved-group"),
+        ("topic", "moved"),
+        ("queueId", "0"),
+        ("commitOffset", "4"),
+    ];
+    bee.request(15, 3, 0, &commit, b"");
+    assert_eq!(bee.answer(3, Duration::from_secs(5)).unwrap().code, 0);
+    let floor = || {
+        let out = b.cli_ok(&["group", "describe", "moved-group", "--json"]);
+        txmq_tests::json_lines(&out)[0]["ack_floor"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(floor(), 0, "B's commit acked what only A was handed");
+    // A never commits (its queue was taken); its two come again, to B.
+    let mut again = Vec::new();
+    let mut offset = next;
+    let until = std::time::Instant::now() + Duration::from_secs(20);
+    while again.len() < 2 && std::time::Instant::now() < until {
+        let (got, n) = pull(&mut bee, "moved-group", "moved", 0, offset, 2, 4);
+        again.extend(got);
+        offset = n;
+    }
+    again.sort();
+    assert_eq!(again, ["m0", "m1"]);
+}
+
+/// The 4.9 line of the Java client (4.9.8), the same producer, transaction and consumer
+/// scenarios as the 5.x client's.
+#[test]
+fn the_java_4_9_client() {
+    let b = broker();
+    txmq_tests::remoting::java_client(
+        Some("client49"),
+        b.remoting_addr(),
+        "v49",
+        "ProducerTest,TransactionTest,ConsumerTest",
+        &[],
+        Duration::from_secs(400),
+    );
+    let got = read(&b, "java-sync-v49", 10, 5);
+    assert_eq!(got.len(), 10);
+    let txn = read(&b, "java-txn-v49", 3, 5);
+    assert_eq!(bodies(&txn), ["txn-commit", "txn-unknown"]);
+    let dlq = b.cli_ok(&["dlq", "list", "--group", "java-retry-group-v49"]);
+    assert!(dlq.contains("attempts=3"), "{dlq}");
+}

@@ -79,8 +79,10 @@ pub struct Pulls {
 }
 
 impl Pulls {
-    /// The deliveries of lane `queue` below `upto` (the client consumed them), taken out.
-    fn below(&self, group: &str, topic: &str, queue: i32, upto: u64) -> Vec<Held> {
+    /// The deliveries lane `queue` handed `client` below `upto` (it consumed them),
+    /// taken out. A client that no longer owns the lane commits nothing: what it held
+    /// was let go when the lane moved, and what the lane holds now is another's.
+    fn below(&self, group: &str, topic: &str, queue: i32, upto: u64, client: &str) -> Vec<Held> {
         let mut inner = self.inner.lock().expect("pulls lock");
         let Some(lanes) = inner.get_mut(&(group.to_string(), topic.to_string())) else {
             return Vec::new();
@@ -88,6 +90,9 @@ impl Pulls {
         let Some(lane) = lanes.lanes.get_mut(&queue) else {
             return Vec::new();
         };
+        if lane.owner != client {
+            return Vec::new();
+        }
         let rest = lane.held.split_off(&upto);
         let done = std::mem::replace(&mut lane.held, rest);
         done.into_values()
@@ -124,7 +129,8 @@ impl Pulls {
 
     /// Numbers `deliveries` in lane `queue` from `from` (or the lane's next, if
     /// later), for `client`; answers each one's number, and the leases the previous
-    /// owner of the lane held (no longer renewed: a rebalance moved the lane).
+    /// owner of the lane held, taken out (a rebalance moved the lane: they are no longer
+    /// renewed, and come again once their leases end; no commit acks them).
     fn hand_out(
         &self,
         group: &str,
@@ -139,12 +145,16 @@ impl Pulls {
             .entry((group.to_string(), topic.to_string()))
             .or_default();
         let lane = lanes.lanes.entry(queue).or_default();
-        let moved = if lane.owner == client {
+        let moved: Vec<Held> = if lane.owner == client {
             Vec::new()
         } else {
             lane.owner = client.to_string();
-            lane.held.values().copied().collect()
+            std::mem::take(&mut lane.held).into_values().collect()
         };
+        for m in &moved {
+            lanes.by_offset.remove(&m.offset);
+        }
+        let lane = lanes.lanes.entry(queue).or_default();
         lane.next = lane.next.max(from);
         let mut numbers = Vec::with_capacity(deliveries.len());
         let mut placed = Vec::with_capacity(deliveries.len());
@@ -210,7 +220,7 @@ async fn commit(
     queue: i32,
     upto: u64,
 ) {
-    let done = ep.pulls.below(group, topic, queue, upto);
+    let done = ep.pulls.below(group, topic, queue, upto, &who.client_id);
     if done.is_empty() {
         return;
     }
@@ -626,18 +636,27 @@ mod tests {
         let (n, _) = p.hand_out("g", "t", 0, 0, "c1", &[delivery(12, 3)]);
         assert_eq!(n, [7]);
         assert_eq!(p.next("g", "t", 0), 8);
-        let done: Vec<u64> = p.below("g", "t", 0, 7).iter().map(|h| h.offset).collect();
+        assert!(p.below("g", "t", 0, 7, "c2").is_empty(), "not c2's lane");
+        let done: Vec<u64> = p
+            .below("g", "t", 0, 7, "c1")
+            .iter()
+            .map(|h| h.offset)
+            .collect();
         assert_eq!(done, [10, 11]);
-        assert!(p.below("g", "t", 0, 7).is_empty());
-        // Another client takes the lane: what the first held is handed back.
+        assert!(p.below("g", "t", 0, 7, "c1").is_empty());
+        // Another client takes the lane: what the first held is let go, and neither's
+        // commit acks it (a rebalance must not ack what no one consumed).
         let (_, moved) = p.hand_out("g", "t", 0, 8, "c2", &[delivery(13, 4)]);
         assert_eq!(moved.iter().map(|h| h.offset).collect::<Vec<_>>(), [12]);
+        assert!(p.below("g", "t", 0, 8, "c1").is_empty());
+        assert!(p.below("g", "t", 0, 8, "c2").is_empty());
         // A send-back finds its delivery by log offset, once.
         assert_eq!(p.take("g", "t", 13).map(|h| h.lease_id), Some(4));
         assert!(p.take("g", "t", 13).is_none());
         // A redelivery of a message another lane names replaces it there.
-        p.hand_out("g", "t", 1, 0, "c2", &[delivery(12, 9)]);
-        assert!(p.below("g", "t", 0, 100).is_empty());
-        assert_eq!(p.below("g", "t", 1, 100)[0].lease_id, 9);
+        p.hand_out("g", "t", 0, 9, "c2", &[delivery(14, 5)]);
+        p.hand_out("g", "t", 1, 0, "c2", &[delivery(14, 9)]);
+        assert!(p.below("g", "t", 0, 100, "c2").is_empty());
+        assert_eq!(p.below("g", "t", 1, 100, "c2")[0].lease_id, 9);
     }
 }
