@@ -20,7 +20,7 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         loop {
             match codec.decode(&mut buf) {
                 Ok(Some(command)) => {
-                    let _ = record::batch(command.body.clone());
+                    let _ = record::batch(command.body.clone(), 10_000);
                     let _ = record::properties(&String::from_utf8_lossy(&command.body));
                     for value in command.ext.values() {
                         let _ = record::parse_message_id(value);

@@ -654,3 +654,50 @@ fn the_java_4_9_client() {
     let dlq = b.cli_ok(&["dlq", "list", "--group", "java-retry-group-v49"]);
     assert!(dlq.contains("attempts=3"), "{dlq}");
 }
+
+/// The hostile review's loss through numbering: a client asks again from where it
+/// asked before (its answer was lost, or it dropped its buffer), so it never received
+/// what the lane handed out from there; its next commit must not ack those.
+#[test]
+fn a_pull_from_an_earlier_offset_lets_go_what_the_client_never_received() {
+    let b = TestBroker::start(&["--remoting-listen", "127.0.0.1:0", "--lease", "2s"]);
+    for i in 0..4 {
+        b.cli_ok(&["produce", "--topic", "again", "--body", &format!("m{i}")]);
+    }
+    let mut c = Raw::connect(b.remoting_addr());
+    join(&mut c, "10.0.0.1@C", "again-group", "again", 1);
+    let (lost, _) = pull(&mut c, "again-group", "again", 0, 0, 2, 2);
+    assert_eq!(lost, ["m0", "m1"]);
+    // The answer "was lost": the client asks from 0 again.
+    let (got, next) = pull(&mut c, "again-group", "again", 0, 0, 2, 3);
+    assert_eq!(
+        (got.as_slice(), next),
+        (&["m2".to_string(), "m3".to_string()][..], 4)
+    );
+    let commit = [
+        ("consumerGroup", "again-group"),
+        ("topic", "again"),
+        ("queueId", "0"),
+        ("commitOffset", "4"),
+    ];
+    c.request(15, 4, 0, &commit, b"");
+    assert_eq!(c.answer(4, Duration::from_secs(5)).unwrap().code, 0);
+    let out = b.cli_ok(&["group", "describe", "again-group", "--json"]);
+    let g = &txmq_tests::json_lines(&out)[0];
+    assert_eq!(
+        g["ack_floor"].as_u64(),
+        Some(0),
+        "acked what the client never had: {g}"
+    );
+    // They come again once their leases end.
+    let mut again = Vec::new();
+    let mut offset = 4;
+    let until = std::time::Instant::now() + Duration::from_secs(20);
+    while again.len() < 2 && std::time::Instant::now() < until {
+        let (got, n) = pull(&mut c, "again-group", "again", 0, offset, 2, 5);
+        again.extend(got);
+        offset = n;
+    }
+    again.sort();
+    assert_eq!(again, ["m0", "m1"]);
+}

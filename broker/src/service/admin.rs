@@ -27,6 +27,23 @@ fn topic_info(t: &Topic) -> pb::TopicInfo {
     }
 }
 
+/// Whether `who` may see where topic `name` is and how far it goes (a route, a
+/// queue's offsets): `pub`, or `sub` instead.
+///
+/// # Errors
+/// Not permitted.
+pub fn may_route(shared: &Shared, who: &Principal, name: &str) -> Result<()> {
+    let peer = who.peer.map(|p| p.ip());
+    if shared
+        .auth
+        .check(&who.identity, Action::Sub, &Resource::Topic(name), peer)
+        .is_ok()
+    {
+        return Ok(());
+    }
+    super::access::permit(shared, who, Operation::Route, &[Resource::Topic(name)])
+}
+
 /// The topic a client's route names: found, or created on demand when the broker
 /// creates topics so.
 ///

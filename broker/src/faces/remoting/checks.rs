@@ -28,6 +28,9 @@ use crate::service::{Principal, Shared, admin, txn};
 /// Checks on their way to one connection.
 const BRIDGE: usize = 64;
 
+/// Producer groups one connection answers for.
+const MAX_GROUPS: usize = 256;
+
 /// Unanswered checks one connection remembers.
 const MAX_PENDING: usize = 4096;
 
@@ -89,6 +92,11 @@ impl Link {
         let mut groups = self.groups.lock().expect("groups lock");
         if groups.iter().any(|g| g == group) {
             return Ok(());
+        }
+        if groups.len() >= MAX_GROUPS {
+            return Err(crate::error::Error::LimitReached(format!(
+                "a connection answers the check-backs of at most {MAX_GROUPS} producer groups"
+            )));
         }
         let own = txn::OwnGroup::declared(group);
         txn::answer_checks(

@@ -24,6 +24,13 @@ pub const EXPIRY: Duration = Duration::from_secs(120);
 /// Most consumer groups one heartbeat may name, and subscriptions per group.
 pub const MAX_GROUPS_PER_CLIENT: usize = 256;
 
+/// Longest subscription expression taken.
+pub const MAX_EXPRESSION: usize = 4096;
+
+/// Most group memberships the registry keeps, over every client (I9): beyond, a new
+/// member is not taken until others leave or expire.
+pub const MAX_MEMBERS: usize = 100_000;
+
 /// How a member consumes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Model {
@@ -69,6 +76,37 @@ pub struct Member {
 struct Inner {
     /// Group → client id → member.
     groups: HashMap<String, BTreeMap<String, Member>>,
+    /// Memberships over every group.
+    count: usize,
+    /// Warned that the registry was full (once until it has room again).
+    warned: bool,
+}
+
+impl Inner {
+    /// Drops the members of the groups `scope` picks that `gone` picks; answers the
+    /// groups that changed.
+    fn drop_where(
+        &mut self,
+        scope: impl Fn(&str) -> bool,
+        gone: impl Fn(&str, &Member) -> bool,
+    ) -> Vec<String> {
+        let mut changed = Vec::new();
+        let mut dropped = 0;
+        self.groups.retain(|name, members| {
+            if !scope(name) {
+                return true;
+            }
+            let before = members.len();
+            members.retain(|id, m| !gone(id, m));
+            if members.len() != before {
+                dropped += before - members.len();
+                changed.push(name.clone());
+            }
+            !members.is_empty()
+        });
+        self.count -= dropped;
+        changed
+    }
 }
 
 /// The registry.
@@ -129,6 +167,10 @@ pub fn parse(req: &super::frame::Command, conn: &Arc<Conn>, now_ms: u64) -> Resu
     let mut consumers = Vec::new();
     for c in &consumer_data {
         let group = text(c, "groupName").to_string();
+        if crate::service::name("group", &group).is_err() {
+            // RocketMQ takes names txmq does not (a namespace's `%`): not a member.
+            continue;
+        }
         let subs = c
             .get("subscriptionDataSet")
             .and_then(|s| s.as_array())
@@ -139,8 +181,14 @@ pub fn parse(req: &super::frame::Command, conn: &Arc<Conn>, now_ms: u64) -> Resu
                 "group {group:?} has more than {MAX_GROUPS_PER_CLIENT} subscriptions"
             ));
         }
-        let subscriptions = subs
+        let subscriptions: BTreeMap<String, Subscription> = subs
             .iter()
+            .filter(|s| {
+                let topic = text(s, "topic");
+                text(s, "subString").len() <= MAX_EXPRESSION
+                    && (crate::service::name("topic", topic).is_ok()
+                        || super::route::group_topic(topic).is_some_and(|(_, g)| g == group))
+            })
             .map(|s| {
                 let expression = match text(s, "subString") {
                     "" => "*".to_string(),
@@ -156,6 +204,14 @@ pub fn parse(req: &super::frame::Command, conn: &Arc<Conn>, now_ms: u64) -> Resu
                 )
             })
             .collect();
+        // A member consumes some topic of its own (not only its retry topic).
+        if subscriptions
+            .keys()
+            .all(|t| super::route::group_topic(t).is_some())
+        {
+            continue;
+        }
+        let short = |k: &str| text(c, k).chars().take(64).collect::<String>();
         let member = Member {
             conn: Arc::downgrade(conn),
             conn_id: conn.id,
@@ -163,13 +219,13 @@ pub fn parse(req: &super::frame::Command, conn: &Arc<Conn>, now_ms: u64) -> Resu
             addr: conn.peer,
             language: req.language.clone(),
             version: req.version,
-            from_where: text(c, "consumeFromWhere").to_string(),
+            from_where: short("consumeFromWhere"),
             model: if text(c, "messageModel") == "BROADCASTING" {
                 Model::Broadcasting
             } else {
                 Model::Clustering
             },
-            consume_type: text(c, "consumeType").to_string(),
+            consume_type: short("consumeType"),
             subscriptions,
         };
         consumers.push(GroupBeat { group, member });
@@ -182,51 +238,61 @@ pub fn parse(req: &super::frame::Command, conn: &Arc<Conn>, now_ms: u64) -> Resu
 }
 
 impl Clients {
-    /// Takes a heartbeat's consumer groups; answers the groups whose member list
-    /// changed (their members are to be told).
-    pub fn beat(&self, client_id: &str, consumers: Vec<GroupBeat>) -> Vec<String> {
+    /// Takes a heartbeat's consumer groups from connection `conn_id`; answers the
+    /// groups whose member list changed (their members are to be told). A connection
+    /// is one client: what it held under another client id, or in groups this heartbeat
+    /// no longer names, ends.
+    pub fn beat(&self, client_id: &str, conn_id: u64, consumers: Vec<GroupBeat>) -> Vec<String> {
         let mut inner = self.inner.lock().expect("clients lock");
-        let mut changed = Vec::new();
+        let named: std::collections::HashSet<String> =
+            consumers.iter().map(|g| g.group.clone()).collect();
+        let mut changed =
+            inner.drop_where(|_| true, |id, m| m.conn_id == conn_id && (id != client_id));
+        changed.extend(inner.drop_where(|g| !named.contains(g), |id, _| id == client_id));
         for GroupBeat { group, member } in consumers {
+            let present = inner
+                .groups
+                .get(&group)
+                .is_some_and(|m| m.contains_key(client_id));
+            if !present && inner.count >= MAX_MEMBERS {
+                if !inner.warned {
+                    inner.warned = true;
+                    tracing::warn!("{MAX_MEMBERS} Remoting group memberships held: new ones wait");
+                }
+                continue;
+            }
+            inner.warned = false;
             let members = inner.groups.entry(group.clone()).or_default();
-            let new = members.insert(client_id.to_string(), member).is_none();
-            if new {
+            if members.insert(client_id.to_string(), member).is_none() {
+                inner.count += 1;
                 changed.push(group);
             }
         }
+        changed.sort();
+        changed.dedup();
         changed
     }
 
-    /// The client left (UNREGISTER_CLIENT), from `group` or from every group.
-    pub fn leave(&self, client_id: &str, group: Option<&str>) -> Vec<String> {
+    /// Client `client_id`, on connection `conn_id`, left (UNREGISTER_CLIENT), from
+    /// `group` or from every group. Only its own connection can say so.
+    pub fn leave(&self, client_id: &str, conn_id: u64, group: Option<&str>) -> Vec<String> {
         let mut inner = self.inner.lock().expect("clients lock");
-        let mut changed = Vec::new();
-        inner.groups.retain(|name, members| {
-            if group.is_none_or(|g| g == name) && members.remove(client_id).is_some() {
-                changed.push(name.clone());
-            }
-            !members.is_empty()
-        });
-        changed
+        inner.drop_where(
+            |name| group.is_none_or(|g| g == name),
+            |id, m| id == client_id && m.conn_id == conn_id,
+        )
     }
 
     /// Connection `conn_id` closed: its members are gone.
     pub fn closed(&self, conn_id: u64) -> Vec<String> {
-        self.drop_where(|m| m.conn_id == conn_id)
+        let mut inner = self.inner.lock().expect("clients lock");
+        inner.drop_where(|_| true, |_, m| m.conn_id == conn_id)
     }
 
-    fn drop_where(&self, gone: impl Fn(&Member) -> bool) -> Vec<String> {
+    /// Members silent since before `horizon_ms` are gone.
+    fn expired(&self, horizon_ms: u64) -> Vec<String> {
         let mut inner = self.inner.lock().expect("clients lock");
-        let mut changed = Vec::new();
-        inner.groups.retain(|name, members| {
-            let before = members.len();
-            members.retain(|_, m| !gone(m));
-            if members.len() != before {
-                changed.push(name.clone());
-            }
-            !members.is_empty()
-        });
-        changed
+        inner.drop_where(|_| true, |_, m| m.seen_ms < horizon_ms)
     }
 
     /// A group's member ids, sorted.
@@ -239,13 +305,22 @@ impl Clients {
             .unwrap_or_default()
     }
 
-    /// A member's subscription to `topic` in `group`: what its heartbeat said (a pull
-    /// without its own expression filters by it).
-    pub fn subscription(&self, group: &str, topic: &str) -> Option<(Member, Subscription)> {
+    /// Client `client`'s subscription to `topic` in `group` (else another member's):
+    /// what its heartbeat said (a pull without its own expression filters by it).
+    pub fn subscription(
+        &self,
+        group: &str,
+        topic: &str,
+        client: &str,
+    ) -> Option<(Member, Subscription)> {
         let inner = self.inner.lock().expect("clients lock");
-        inner
-            .groups
-            .get(group)?
+        let members = inner.groups.get(group)?;
+        if let Some(m) = members.get(client)
+            && let Some(s) = m.subscriptions.get(topic)
+        {
+            return Some((m.clone(), s.clone()));
+        }
+        members
             .values()
             .find_map(|m| m.subscriptions.get(topic).map(|s| (m.clone(), s.clone())))
     }
@@ -295,7 +370,7 @@ pub async fn expire(endpoint: Arc<Endpoint>) {
         }
         let now = txmq_protocol::now_ms();
         let horizon = now.saturating_sub(EXPIRY.as_millis() as u64);
-        let changed = endpoint.clients.drop_where(|m| m.seen_ms < horizon);
+        let changed = endpoint.clients.expired(horizon);
         if !changed.is_empty() {
             endpoint.clients.notify(&changed);
         }

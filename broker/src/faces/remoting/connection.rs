@@ -62,6 +62,17 @@ impl Conn {
         self.outbound.try_send(command).is_ok()
     }
 
+    /// Who holds the queue locks this connection takes: its client (by its heartbeat's
+    /// id), or the connection itself before any heartbeat.
+    pub fn lock_owner(&self) -> String {
+        let client = self.client_id.lock().expect("client lock");
+        if client.is_empty() {
+            format!("%connection{}", self.id)
+        } else {
+            client.clone()
+        }
+    }
+
     /// The serialisation to speak to the client in.
     pub fn encoding(&self) -> Encoding {
         match self.encoding.load(Ordering::Relaxed) {
@@ -110,7 +121,7 @@ impl Conn {
 /// Serves one connection until it closes, misbehaves, idles or the face stops.
 pub async fn serve(ep: Arc<Endpoint>, stream: crate::tls::Stream, peer: SocketAddr) {
     let (reader, writer) = stream.split();
-    let codec = Codec::new(ep.config.max_frame_len.max(super::frame::MAX_FRAME));
+    let codec = Codec::new(ep.config.max_frame_len.min(super::frame::MAX_FRAME));
     let mut frames = FramedRead::new(reader, codec);
     let (tx, mut rx) = mpsc::channel::<Command>(OUTBOUND);
     let conn = Arc::new(Conn {
@@ -123,14 +134,18 @@ pub async fn serve(ep: Arc<Endpoint>, stream: crate::tls::Stream, peer: SocketAd
         link: Mutex::new(None),
         closed: tokio_util::sync::CancellationToken::new(),
     });
+    // A write that fails (the socket, or an answer too large to frame) closes the
+    // connection: the client would otherwise wait for answers that never come.
+    let broken = conn.closed.clone();
     let writing = tokio::spawn(async move {
         let mut sink = FramedWrite::new(writer, codec);
         while let Some(command) = rx.recv().await {
             if let Err(e) = sink.send(command).await {
-                tracing::debug!(%peer, "remoting write failed: {e}");
+                tracing::info!(%peer, "remoting connection closed: a write failed: {e}");
                 break;
             }
         }
+        broken.cancel();
     });
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let tasks = tokio_util::task::TaskTracker::new();
@@ -138,6 +153,7 @@ pub async fn serve(ep: Arc<Endpoint>, stream: crate::tls::Stream, peer: SocketAd
         let next = tokio::select! {
             n = tokio::time::timeout(IDLE, frames.next()) => n,
             () = ep.stop.cancelled() => break,
+            () = conn.closed.cancelled() => break,
         };
         let request = match next {
             Err(_) => {
@@ -159,12 +175,28 @@ pub async fn serve(ep: Arc<Endpoint>, stream: crate::tls::Stream, peer: SocketAd
             u8::from(request.encoding == Encoding::RocketMq),
             Ordering::Relaxed,
         );
-        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+        // A request takes one of the connection's slots and its share of the broker's
+        // byte budget before it is handled; meanwhile nothing more is read.
+        let units = ep.limits.units_for(request.body.len() as u64 + 1024);
+        let admitted = tokio::select! {
+            p = in_flight.clone().acquire_owned() => p.ok(),
+            () = ep.stop.cancelled() => None,
+            () = conn.closed.cancelled() => None,
+        };
+        let Some(permit) = admitted else {
+            break;
+        };
+        let budget = tokio::select! {
+            b = ep.limits.budget.clone().acquire_many_owned(units) => b.ok(),
+            () = ep.stop.cancelled() => None,
+            () = conn.closed.cancelled() => None,
+        };
+        let Some(budget) = budget else {
             break;
         };
         let (ep, conn, tx) = (ep.clone(), conn.clone(), tx.clone());
         tasks.spawn(async move {
-            let _permit = permit;
+            let _permit = (permit, budget);
             let oneway = request.is_oneway();
             let answer = dispatch(&ep, &conn, &request).await;
             if !oneway {
@@ -173,6 +205,7 @@ pub async fn serve(ep: Arc<Endpoint>, stream: crate::tls::Stream, peer: SocketAd
         });
     }
     conn.closed.cancel();
+    pull::closed(&ep, conn.id);
     // Its groups lose a member; its check-backs go elsewhere.
     let changed = ep.clients.closed(conn.id);
     ep.clients.notify(&changed);
@@ -216,8 +249,8 @@ async fn dispatch(ep: &Arc<Endpoint>, conn: &Arc<Conn>, req: &Command) -> Comman
         GET_BROKER_CLUSTER_INFO => route::cluster(ep, req),
         GET_ALL_TOPIC_LIST_FROM_NAMESERVER => route::topics(ep, &who, req),
         HEART_BEAT => heartbeat(ep, conn, &who, req),
-        UNREGISTER_CLIENT => unregister(ep, req),
-        GET_CONSUMER_LIST_BY_GROUP => consumers(ep, req),
+        UNREGISTER_CLIENT => unregister(ep, conn, req),
+        GET_CONSUMER_LIST_BY_GROUP => consumers(ep, conn, &who, req),
         CHECK_CLIENT_CONFIG => check_client_config(req),
         SEND_MESSAGE | SEND_MESSAGE_V2 | SEND_BATCH_MESSAGE => {
             send::send(ep, conn, &who, req).await
@@ -229,18 +262,26 @@ async fn dispatch(ep: &Arc<Endpoint>, conn: &Arc<Conn>, req: &Command) -> Comman
                 () = conn.closed.cancelled() => Command::answer(req, SYSTEM_ERROR, None),
             }
         }
-        UPDATE_CONSUMER_OFFSET => pull::update_offset(ep, &who, req).await,
-        QUERY_CONSUMER_OFFSET => pull::query_offset(ep, req).await,
-        GET_MAX_OFFSET | GET_MIN_OFFSET | SEARCH_OFFSET_BY_TIMESTAMP => pull::offset_of(ep, req),
+        UPDATE_CONSUMER_OFFSET => pull::update_offset(ep, conn, &who, req).await,
+        QUERY_CONSUMER_OFFSET => pull::query_offset(ep, conn, &who, req).await,
+        GET_MAX_OFFSET | GET_MIN_OFFSET | SEARCH_OFFSET_BY_TIMESTAMP => {
+            pull::offset_of(ep, &who, req)
+        }
         GET_EARLIEST_MSG_STORETIME => Command::answer(req, SUCCESS, None).with("timestamp", 0),
-        CONSUMER_SEND_MSG_BACK => pull::send_back(ep, &who, req).await,
+        CONSUMER_SEND_MSG_BACK => pull::send_back(ep, conn, &who, req).await,
         LOCK_BATCH_MQ => match ep.shared() {
-            Ok(shared) => ep.locks.lock(req, |group, topic| {
-                consume::may_consume(&shared, &who, group, topic).is_ok()
-            }),
+            Ok(shared) => {
+                let queues = ep.config.remoting_queues;
+                ep.locks
+                    .lock(req, &conn.lock_owner(), queues, |group, topic| {
+                        consume::may_consume(&shared, &who, group, topic).is_ok()
+                    })
+            }
             Err(e) => super::refusal(req, &e),
         },
-        UNLOCK_BATCH_MQ => ep.locks.unlock(req),
+        UNLOCK_BATCH_MQ => ep
+            .locks
+            .unlock(req, &conn.lock_owner(), ep.config.remoting_queues),
         GET_BROKER_RUNTIME_INFO => admin::runtime_info(ep, &who, req),
         UPDATE_AND_CREATE_TOPIC => admin::create_topic(ep, &who, req).await,
         DELETE_TOPIC_IN_BROKER => admin::delete_topic(ep, &who, req).await,
@@ -264,26 +305,28 @@ async fn dispatch(ep: &Arc<Endpoint>, conn: &Arc<Conn>, req: &Command) -> Comman
 /// HEART_BEAT: the client's producer groups answer check-backs from this connection;
 /// its consumer groups gain (or keep) it as a member.
 fn heartbeat(ep: &Endpoint, conn: &Arc<Conn>, who: &Principal, req: &Command) -> Command {
-    tracing::trace!(body = %String::from_utf8_lossy(&req.body), "heartbeat");
+    // Who is a member is decided with the serving parts' rules: none, none taken.
+    let shared = match ep.shared() {
+        Ok(s) => s,
+        Err(e) => return super::refusal(req, &e),
+    };
     let beat = match clients::parse(req, conn, txmq_protocol::now_ms()) {
         Ok(b) => b,
         Err(why) => return super::invalid(req, why),
     };
     *conn.client_id.lock().expect("client lock") = beat.client_id.clone();
-    if let Ok(shared) = ep.shared() {
-        for group in &beat.producer_groups {
-            // Every client instance declares this inner producer: it answers nothing.
-            if group == "CLIENT_INNER_PRODUCER" || crate::service::name("group", group).is_err() {
-                continue;
-            }
-            if let Err(e) = conn.answer_checks(ep, &shared, who, group) {
-                tracing::info!(client = %beat.client_id, group, "not asked for checks: {e}");
-            }
+    for group in &beat.producer_groups {
+        // Every client instance declares this inner producer: it answers nothing.
+        if group == "CLIENT_INNER_PRODUCER" || crate::service::name("group", group).is_err() {
+            continue;
+        }
+        if let Err(e) = conn.answer_checks(ep, &shared, who, group) {
+            tracing::info!(client = %beat.client_id, group, "not asked for checks: {e}");
         }
     }
     // A member of a group only where it may consume the group's topics.
     let mut consumers = beat.consumers;
-    if let Ok(shared) = ep.shared() {
+    {
         consumers.retain(|g| {
             let refused = g.member.subscriptions.keys().find_map(|topic| {
                 if super::route::group_topic(topic).is_some() {
@@ -297,27 +340,43 @@ fn heartbeat(ep: &Endpoint, conn: &Arc<Conn>, who: &Principal, req: &Command) ->
             refused.is_none()
         });
     }
-    let changed = ep.clients.beat(&beat.client_id, consumers);
+    let changed = ep.clients.beat(&beat.client_id, conn.id, consumers);
     ep.clients.notify(&changed);
     Command::answer(req, codes::SUCCESS, None)
 }
 
 /// UNREGISTER_CLIENT: a client leaves its consumer group (or all of them).
-fn unregister(ep: &Endpoint, req: &Command) -> Command {
+fn unregister(ep: &Endpoint, conn: &Conn, req: &Command) -> Command {
     let Some(client) = req.field("clientID") else {
         return super::invalid(req, "the header field clientID is missing");
     };
-    let changed = ep.clients.leave(client, req.field("consumerGroup"));
+    let changed = ep
+        .clients
+        .leave(client, conn.id, req.field("consumerGroup"));
     ep.clients.notify(&changed);
     Command::answer(req, codes::SUCCESS, None)
 }
 
-/// GET_CONSUMER_LIST_BY_GROUP: the exact ids of the group's members.
-fn consumers(ep: &Endpoint, req: &Command) -> Command {
+/// GET_CONSUMER_LIST_BY_GROUP: the exact ids of the group's members, to a member
+/// (or to whoever may describe the group).
+fn consumers(ep: &Endpoint, conn: &Conn, who: &Principal, req: &Command) -> Command {
     let Some(group) = req.field("consumerGroup") else {
         return super::invalid(req, "the header field consumerGroup is missing");
     };
     let ids = ep.clients.members(group);
+    let member = {
+        let me = conn.client_id.lock().expect("client lock");
+        !me.is_empty() && ids.contains(&*me)
+    };
+    if !member {
+        use crate::service::access::{Operation, Resource, permit};
+        if let Err(e) = ep
+            .shared()
+            .and_then(|s| permit(&s, who, Operation::DescribeGroup, &[Resource::Group(group)]))
+        {
+            return super::refusal(req, &e);
+        }
+    }
     if ids.is_empty() {
         return Command::answer(
             req,

@@ -19,6 +19,9 @@ use tokio_util::codec::{Decoder, Encoder};
 /// broker takes no larger either.
 pub const MAX_FRAME: usize = 16 << 20;
 
+/// Longest remark an answer carries, in bytes.
+pub const MAX_REMARK: usize = 4096;
+
 /// The `version` every answer carries (RocketMQ 5.3.3's ordinal): a Java client keeps
 /// its heartbeat answer's as the broker's version, and refuses SQL92 pulls below 232.
 pub const VERSION: i32 = 479;
@@ -81,8 +84,20 @@ impl Command {
         self.ext.get(name).map(String::as_str)
     }
 
-    /// The answer to `request`: its opaque, in its serialisation.
+    /// The answer to `request`: its opaque, in its serialisation. A remark is cut to
+    /// [`MAX_REMARK`] bytes (it may quote what the client sent).
     pub fn answer(request: &Command, code: i32, remark: Option<String>) -> Self {
+        let remark = remark.map(|mut r| {
+            if r.len() > MAX_REMARK {
+                let mut end = MAX_REMARK;
+                while !r.is_char_boundary(end) {
+                    end -= 1;
+                }
+                r.truncate(end);
+                r.push('…');
+            }
+            r
+        });
         Self {
             code,
             language: "JAVA".into(),
@@ -172,7 +187,8 @@ impl Decoder for Codec {
                 ))
             })?;
         if src.len() < 4 + len {
-            src.reserve(4 + len - src.len());
+            // Room as the bytes come, not all the length claims at once.
+            src.reserve((4 + len - src.len()).min(64 * 1024));
             return Ok(None);
         }
         src.advance(4);
@@ -243,7 +259,12 @@ fn json_header(header: &[u8]) -> Result<Command, FrameError> {
         return Err(malformed("JSON header is not an object"));
     };
     let language = match map.get("language") {
-        Some(serde_json::Value::String(s)) => s.clone(),
+        // One of the known names (a client's text is not kept).
+        Some(serde_json::Value::String(s)) => LANGUAGES
+            .iter()
+            .find(|l| **l == s.as_str())
+            .map_or("OTHER", |l| l)
+            .to_string(),
         Some(serde_json::Value::Number(n)) => n
             .as_u64()
             .and_then(|n| LANGUAGES.get(n as usize))

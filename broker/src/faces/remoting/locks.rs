@@ -44,7 +44,8 @@ struct Asked {
     queues: Vec<(String, String, i64)>,
 }
 
-fn asked(body: &[u8]) -> Result<Asked, String> {
+/// A lock request's body, its names and queue ids checked (nothing else is kept).
+fn asked(body: &[u8], queues: i64) -> Result<Asked, String> {
     let v: serde_json::Value =
         serde_json::from_slice(body).map_err(|e| format!("the body does not parse: {e}"))?;
     let text = |k: &str| {
@@ -53,46 +54,54 @@ fn asked(body: &[u8]) -> Result<Asked, String> {
             .unwrap_or_default()
             .to_string()
     };
-    let set = v
+    let all = v
         .get("mqSet")
         .and_then(|s| s.as_array())
         .ok_or("the body has no mqSet")?;
-    if set.len() > MAX_QUEUES {
+    if all.len() > MAX_QUEUES {
         return Err(format!("mqSet names more than {MAX_QUEUES} queues"));
     }
-    let queues = set
+    let group = text("consumerGroup");
+    crate::service::name("group", &group).map_err(|e| e.to_string())?;
+    let set = all
         .iter()
-        .map(|q| {
-            (
-                q.get("brokerName")
-                    .and_then(|b| b.as_str())
-                    .unwrap_or_default()
-                    .to_string(),
-                q.get("topic")
-                    .and_then(|t| t.as_str())
-                    .unwrap_or_default()
-                    .to_string(),
-                q.get("queueId")
-                    .and_then(serde_json::Value::as_i64)
-                    .unwrap_or(-1),
-            )
+        .filter_map(|q| {
+            let topic = q.get("topic").and_then(|t| t.as_str())?;
+            let queue = q.get("queueId").and_then(serde_json::Value::as_i64)?;
+            let known = crate::service::name("topic", topic).is_ok()
+                || super::route::group_topic(topic).is_some();
+            (known && (0..queues.max(1)).contains(&queue)).then(|| {
+                (
+                    super::route::BROKER_NAME.to_string(),
+                    topic.to_string(),
+                    queue,
+                )
+            })
         })
         .collect();
     Ok(Asked {
-        group: text("consumerGroup"),
+        group,
         client: text("clientId"),
-        queues,
+        queues: set,
     })
 }
 
 impl Locks {
-    /// LOCK_BATCH_MQ: the queues the client holds now, newly or already (of those it
-    /// `may` consume).
-    pub fn lock(&self, req: &Command, may: impl Fn(&str, &str) -> bool) -> Command {
-        let a = match asked(&req.body) {
+    /// LOCK_BATCH_MQ from `client` (its connection's, whatever the body says: a
+    /// client cannot take or free another's locks): the queues it holds now, newly or
+    /// already (of those it `may` consume).
+    pub fn lock(
+        &self,
+        req: &Command,
+        client: &str,
+        queues: usize,
+        may: impl Fn(&str, &str) -> bool,
+    ) -> Command {
+        let mut a = match asked(&req.body, queues as i64) {
             Ok(a) => a,
             Err(why) => return invalid(req, why),
         };
+        a.client = client.to_string();
         let now = txmq_protocol::now_ms();
         let until = now + LOCK_LIFE.as_millis() as u64;
         let mut held = self.held.lock().expect("locks lock");
@@ -122,12 +131,13 @@ impl Locks {
             .with_body(serde_json::to_vec(&json!({ "lockOKMQSet": granted })).unwrap_or_default())
     }
 
-    /// UNLOCK_BATCH_MQ: the client's locks on these queues end.
-    pub fn unlock(&self, req: &Command) -> Command {
-        let a = match asked(&req.body) {
+    /// UNLOCK_BATCH_MQ from `client`: its locks on these queues end.
+    pub fn unlock(&self, req: &Command, client: &str, queues: usize) -> Command {
+        let mut a = match asked(&req.body, queues as i64) {
             Ok(a) => a,
             Err(why) => return invalid(req, why),
         };
+        a.client = client.to_string();
         let mut held = self.held.lock().expect("locks lock");
         for (_, topic, queue) in a.queues {
             let key = Queue {
@@ -175,24 +185,32 @@ mod tests {
     #[test]
     fn a_queue_is_one_clients_until_it_lets_go() {
         let l = Locks::default();
-        assert_eq!(granted(&l.lock(&request("a", &[0, 1]), yes)), [0, 1]);
-        assert_eq!(granted(&l.lock(&request("b", &[1, 2]), yes)), [2]);
         assert_eq!(
-            granted(&l.lock(&request("a", &[0, 1]), yes)),
+            granted(&l.lock(&request("a", &[0, 1]), "a", 8, yes)),
+            [0, 1]
+        );
+        assert_eq!(granted(&l.lock(&request("b", &[1, 2]), "b", 8, yes)), [2]);
+        assert_eq!(
+            granted(&l.lock(&request("a", &[0, 1]), "a", 8, yes)),
             [0, 1],
             "renewed"
         );
-        l.unlock(&request("b", &[1]));
+        l.unlock(&request("b", &[1]), "b", 8);
         assert!(
-            granted(&l.lock(&request("b", &[1]), yes)).is_empty(),
+            granted(&l.lock(&request("b", &[1]), "b", 8, yes)).is_empty(),
             "not b's to free"
         );
-        l.unlock(&request("a", &[1]));
-        assert_eq!(granted(&l.lock(&request("b", &[1]), yes)), [1]);
+        l.unlock(&request("a", &[1]), "a", 8);
+        assert_eq!(granted(&l.lock(&request("b", &[1]), "b", 8, yes)), [1]);
         assert_eq!(
-            l.lock(&Command::default(), yes).code,
+            l.lock(&Command::default(), "a", 8, yes).code,
             codes::INVALID_PARAMETER
         );
-        assert!(granted(&l.lock(&request("c", &[7]), |_, _| false)).is_empty());
+        assert!(granted(&l.lock(&request("c", &[7]), "c", 8, |_, _| false)).is_empty());
+        // Queue ids outside the topic's queues are not locked.
+        assert!(granted(&l.lock(&request("c", &[8, -1]), "c", 8, yes)).is_empty());
+        // A body that names another client changes nothing: the connection's decides.
+        l.unlock(&request("a", &[0]), "b", 8);
+        assert!(granted(&l.lock(&request("a", &[0]), "b", 8, yes)).is_empty());
     }
 }

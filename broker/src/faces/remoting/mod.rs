@@ -105,6 +105,8 @@ struct Endpoint {
     renewals: Arc<crate::faces::renew::Renewals>,
     /// Ends every connection.
     stop: CancellationToken,
+    /// The byte budget of requests in flight, shared with every face.
+    limits: Arc<crate::service::limits::Limits>,
 }
 
 impl Endpoint {
@@ -161,6 +163,7 @@ pub async fn serve(
         locks: locks::Locks::default(),
         renewals: Arc::default(),
         stop: stop.clone(),
+        limits: limits.clone(),
     });
     tokio::spawn(clients::expire(endpoint.clone()));
     let (from, there) = (endpoint.clone(), endpoint.clone());

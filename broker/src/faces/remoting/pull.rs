@@ -41,9 +41,12 @@ const SUBSCRIPTION: i32 = 0x4;
 const MAX_SUSPEND: Duration = Duration::from_secs(20);
 /// Most messages one pull returns.
 const MAX_PULL: u32 = 1024;
-/// Most deliveries a (group, topic) may have handed out and not committed: beyond, a
-/// pull gets nothing until commits come (I9).
-pub const MAX_HELD: usize = 65_536;
+/// Most deliveries one connection may have been handed of a (group, topic) and not
+/// committed: beyond, its pulls get nothing until it commits (I9).
+pub const MAX_HELD: usize = 16_384;
+
+/// Largest offset a pull may ask from (2^53, what any client's numbers stay below).
+const MAX_OFFSET: u64 = 1 << 53;
 
 /// A handed-out delivery of a lane.
 #[derive(Debug, Clone, Copy)]
@@ -59,8 +62,9 @@ struct Held {
 struct Lane {
     /// The next sequence number to hand out.
     next: u64,
-    /// The client that pulled it last.
-    owner: String,
+    /// The connection that pulled it last (0: none). A connection, not a client id:
+    /// a client names itself, and another claiming its id must not commit its lanes.
+    owner: u64,
     /// Sequence number → what it names.
     held: BTreeMap<u64, Held>,
 }
@@ -79,10 +83,11 @@ pub struct Pulls {
 }
 
 impl Pulls {
-    /// The deliveries lane `queue` handed `client` below `upto` (it consumed them),
-    /// taken out. A client that no longer owns the lane commits nothing: what it held
-    /// was let go when the lane moved, and what the lane holds now is another's.
-    fn below(&self, group: &str, topic: &str, queue: i32, upto: u64, client: &str) -> Vec<Held> {
+    /// The deliveries lane `queue` handed connection `conn` below `upto` (its client
+    /// consumed them), taken out. A connection that no longer owns the lane commits
+    /// nothing: what it held was let go when the lane moved, and what the lane holds now
+    /// is another's.
+    fn below(&self, group: &str, topic: &str, queue: i32, upto: u64, conn: u64) -> Vec<Held> {
         let mut inner = self.inner.lock().expect("pulls lock");
         let Some(lanes) = inner.get_mut(&(group.to_string(), topic.to_string())) else {
             return Vec::new();
@@ -90,7 +95,7 @@ impl Pulls {
         let Some(lane) = lanes.lanes.get_mut(&queue) else {
             return Vec::new();
         };
-        if lane.owner != client {
+        if lane.owner != conn {
             return Vec::new();
         }
         let rest = lane.held.split_off(&upto);
@@ -102,12 +107,16 @@ impl Pulls {
             .collect()
     }
 
-    /// The delivery of `offset`, taken out (a send-back).
-    fn take(&self, group: &str, topic: &str, offset: u64) -> Option<Held> {
+    /// The delivery of `offset`, taken out, when connection `conn` holds it (a
+    /// send-back, or a record that cannot be written for it).
+    fn take(&self, group: &str, topic: &str, offset: u64, conn: u64) -> Option<Held> {
         let mut inner = self.inner.lock().expect("pulls lock");
         let lanes = inner.get_mut(&(group.to_string(), topic.to_string()))?;
-        let (queue, seq) = lanes.by_offset.remove(&offset)?;
-        lanes.lanes.get_mut(&queue)?.held.remove(&seq)
+        let (queue, seq) = *lanes.by_offset.get(&offset)?;
+        let lane = lanes.lanes.get_mut(&queue).filter(|l| l.owner == conn)?;
+        let held = lane.held.remove(&seq)?;
+        lanes.by_offset.remove(&offset);
+        Some(held)
     }
 
     /// Lane `queue`'s next number: where a client that asks continues.
@@ -119,16 +128,70 @@ impl Pulls {
             .map_or(0, |l| l.next)
     }
 
-    /// Whether (group, topic) may be handed more.
-    fn has_room(&self, group: &str, topic: &str) -> bool {
+    /// Whether connection `conn` may be handed more of (group, topic): one consumer
+    /// that never commits stops only itself.
+    fn has_room(&self, group: &str, topic: &str, conn: u64) -> bool {
         let inner = self.inner.lock().expect("pulls lock");
         inner
             .get(&(group.to_string(), topic.to_string()))
-            .is_none_or(|l| l.by_offset.len() < MAX_HELD)
+            .is_none_or(|l| {
+                let mine: usize = l
+                    .lanes
+                    .values()
+                    .filter(|lane| lane.owner == conn)
+                    .map(|lane| lane.held.len())
+                    .sum();
+                mine < MAX_HELD
+            })
+    }
+
+    /// What lane `queue` holds for connection `conn` from number `from` on, taken out:
+    /// the client asks again from there, so it never received those (an answer lost,
+    /// a buffer dropped, a seek back), and no commit may ack them. `from` `None`: all.
+    fn let_go(
+        &self,
+        group: &str,
+        topic: &str,
+        queue: i32,
+        conn: u64,
+        from: Option<u64>,
+    ) -> Vec<Held> {
+        let mut inner = self.inner.lock().expect("pulls lock");
+        let Some(lanes) = inner.get_mut(&(group.to_string(), topic.to_string())) else {
+            return Vec::new();
+        };
+        let Some(lane) = lanes.lanes.get_mut(&queue).filter(|l| l.owner == conn) else {
+            return Vec::new();
+        };
+        let gone = lane.held.split_off(&from.unwrap_or(0));
+        let gone: Vec<Held> = gone.into_values().collect();
+        for g in &gone {
+            lanes.by_offset.remove(&g.offset);
+        }
+        gone
+    }
+
+    /// Connection `conn` closed: what its lanes held is let go (its leases end and the
+    /// messages come again), and the lanes are no one's.
+    fn closed(&self, conn: u64) -> Vec<(String, String, Held)> {
+        let mut inner = self.inner.lock().expect("pulls lock");
+        let mut out = Vec::new();
+        for ((group, topic), lanes) in inner.iter_mut() {
+            for lane in lanes.lanes.values_mut().filter(|l| l.owner == conn) {
+                lane.owner = 0;
+                for h in std::mem::take(&mut lane.held).into_values() {
+                    lanes.by_offset.remove(&h.offset);
+                    out.push((group.clone(), topic.clone(), h));
+                }
+            }
+        }
+        inner
+            .retain(|_, l| !l.by_offset.is_empty() || l.lanes.values().any(|lane| lane.owner != 0));
+        out
     }
 
     /// Numbers `deliveries` in lane `queue` from `from` (or the lane's next, if
-    /// later), for `client`; answers each one's number, and the leases the previous
+    /// later), for connection `conn`; answers each one's number, and the leases the previous
     /// owner of the lane held, taken out (a rebalance moved the lane: they are no longer
     /// renewed, and come again once their leases end; no commit acks them).
     fn hand_out(
@@ -137,7 +200,7 @@ impl Pulls {
         topic: &str,
         queue: i32,
         from: u64,
-        client: &str,
+        conn: u64,
         deliveries: &[native::Delivery],
     ) -> (Vec<u64>, Vec<Held>) {
         let mut inner = self.inner.lock().expect("pulls lock");
@@ -145,10 +208,10 @@ impl Pulls {
             .entry((group.to_string(), topic.to_string()))
             .or_default();
         let lane = lanes.lanes.entry(queue).or_default();
-        let moved: Vec<Held> = if lane.owner == client {
+        let moved: Vec<Held> = if lane.owner == conn {
             Vec::new()
         } else {
-            lane.owner = client.to_string();
+            lane.owner = conn;
             std::mem::take(&mut lane.held).into_values().collect()
         };
         for m in &moved {
@@ -210,17 +273,20 @@ fn handles(group: &str, topic: &str, held: &[Held]) -> Vec<Handle> {
         .collect()
 }
 
-/// Commits lane `queue` of (group, topic) up to `upto`: acks what it handed out below.
+/// Commits lane `queue` of (group, topic) up to `upto` for connection `conn`: acks
+/// what the lane handed it below.
+#[allow(clippy::too_many_arguments)]
 async fn commit(
     ep: &Endpoint,
     shared: &Arc<Shared>,
     who: &Principal,
+    conn: u64,
     group: &str,
     topic: &str,
     queue: i32,
     upto: u64,
 ) {
-    let done = ep.pulls.below(group, topic, queue, upto, &who.client_id);
+    let done = ep.pulls.below(group, topic, queue, upto, conn);
     if done.is_empty() {
         return;
     }
@@ -308,11 +374,38 @@ pub async fn pull(ep: &Endpoint, conn: &Arc<Conn>, who: &Principal, req: &Comman
             format!("queueId {} is not one of 0..{queues}", h.queue),
         );
     }
+    if h.offset > MAX_OFFSET {
+        // Numbers are the lane's to give: one client cannot push them out of range for
+        // the group.
+        let next = ep.pulls.next(&h.group, &h.topic, h.queue);
+        return Command::answer(
+            req,
+            codes::PULL_OFFSET_MOVED,
+            Some("offset out of range".into()),
+        )
+        .with("suggestWhichBrokerId", 0)
+        .with("nextBeginOffset", next)
+        .with("minOffset", 0)
+        .with("maxOffset", next);
+    }
     if h.sys_flag & COMMIT_OFFSET != 0 && h.commit > 0 {
-        commit(ep, &shared, who, &h.group, &h.topic, h.queue, h.commit).await;
+        commit(
+            ep, &shared, who, conn.id, &h.group, &h.topic, h.queue, h.commit,
+        )
+        .await;
+    }
+    // What this lane handed the client from the asked offset on never reached it (or
+    // it would ask from past it): let go, never acked by a commit.
+    for g in ep
+        .pulls
+        .let_go(&h.group, &h.topic, h.queue, conn.id, Some(h.offset))
+    {
+        ep.renewals
+            .release(&h.group, &h.topic, LeaseRef::new(g.offset, g.lease_id));
     }
     // The expression the pull carries, else the one the member's heartbeat said.
-    let member = ep.clients.subscription(&h.group, &h.topic);
+    let me = conn.client_id.lock().expect("client lock").clone();
+    let member = ep.clients.subscription(&h.group, &h.topic, &me);
     let (expression, kind) = if h.sys_flag & SUBSCRIPTION != 0 {
         (
             req.field("subscription").unwrap_or("*").to_string(),
@@ -352,7 +445,7 @@ pub async fn pull(ep: &Endpoint, conn: &Arc<Conn>, who: &Principal, req: &Comman
     // message, at GET_MAX_OFFSET's answer (the topic's end) from the last.
     let from_latest = h.offset > 0 && !consume::has_cursor(&shared, &h.group, &h.topic).await;
     let next = ep.pulls.next(&h.group, &h.topic, h.queue);
-    if !ep.pulls.has_room(&h.group, &h.topic) {
+    if !ep.pulls.has_room(&h.group, &h.topic, conn.id) {
         tracing::warn!(group = %h.group, topic = %h.topic, "{MAX_HELD} deliveries not committed: pulls wait for commits");
         tokio::time::sleep(Duration::from_secs(1)).await;
         return not_found(req, h.offset, next);
@@ -389,13 +482,12 @@ pub async fn pull(ep: &Endpoint, conn: &Arc<Conn>, who: &Principal, req: &Comman
     if polled.deliveries.is_empty() {
         return not_found(req, h.offset, next);
     }
-    let client = conn.client_id.lock().expect("client lock").clone();
     let (numbers, moved) = ep.pulls.hand_out(
         &polled.group,
         &polled.topic,
         h.queue,
         h.offset,
-        &client,
+        conn.id,
         &polled.deliveries,
     );
     for m in &moved {
@@ -406,20 +498,18 @@ pub async fn pull(ep: &Endpoint, conn: &Arc<Conn>, who: &Principal, req: &Comman
             LeaseRef::new(m.offset, m.lease_id),
         );
     }
+    // Records up to what one frame carries; what does not fit stays numbered but is
+    // let go at the client's next pull (it asks from after the last record).
+    let room = super::frame::MAX_FRAME - 64 * 1024;
     let mut body = Vec::new();
+    let mut last = None;
     for (d, seq) in polled.deliveries.iter().zip(&numbers) {
         let (Some(m), Some(handle)) = (&d.message, &d.handle) else {
             continue;
         };
         let lease = LeaseRef::new(handle.offset, handle.lease_id);
-        ep.renewals.hold(
-            &polled.group,
-            &polled.topic,
-            lease,
-            who,
-            d.lease_deadline_ms,
-        );
         let props = send::outgoing_properties(m, &[]);
+        let mut one = Vec::new();
         let written = Record {
             queue_id: h.queue,
             flag: send::user_flag(m),
@@ -435,25 +525,33 @@ pub async fn pull(ep: &Endpoint, conn: &Arc<Conn>, who: &Principal, req: &Comman
             topic: &m.topic,
             properties: &props,
         }
-        .write(&mut body);
+        .write(&mut one);
         if let Err(e) = written {
-            // Nothing of this message can reach a RocketMQ client: a dead letter, with
-            // the reason, rather than a delivery that fails for ever.
-            let handle = Handle {
-                group: polled.group.clone(),
-                topic: polled.topic.clone(),
-                lease,
-            };
-            let _ = ep.pulls.take(&polled.group, &polled.topic, m.offset);
-            let _ = consume::dead_letter(&shared, who, handle, e.to_string())
-                .await
-                .await;
+            // Nothing of this message can reach a RocketMQ client: it goes back to the
+            // group (another face's member may take it; after the group's attempts, its
+            // dead letters), rather than being renewed for nobody.
+            tracing::warn!(group = %polled.group, topic = %polled.topic, offset = m.offset, "not delivered over Remoting: {e}");
+            let _ = ep
+                .pulls
+                .take(&polled.group, &polled.topic, m.offset, conn.id);
+            continue;
         }
+        if !body.is_empty() && body.len() + one.len() > room {
+            break;
+        }
+        body.extend_from_slice(&one);
+        ep.renewals.hold(
+            &polled.group,
+            &polled.topic,
+            lease,
+            who,
+            d.lease_deadline_ms,
+        );
+        last = Some(*seq);
     }
-    let last = numbers.last().copied().unwrap_or(h.offset);
-    if body.is_empty() {
-        return not_found(req, h.offset, last + 1);
-    }
+    let Some(last) = last else {
+        return not_found(req, h.offset, numbers.last().map_or(h.offset, |n| n + 1));
+    };
     Command::answer(req, codes::SUCCESS, None)
         .with("suggestWhichBrokerId", 0)
         .with("nextBeginOffset", last + 1)
@@ -463,7 +561,7 @@ pub async fn pull(ep: &Endpoint, conn: &Arc<Conn>, who: &Principal, req: &Comman
 }
 
 /// UPDATE_CONSUMER_OFFSET: the client consumed lane `queueId` below `commitOffset`.
-pub async fn update_offset(ep: &Endpoint, who: &Principal, req: &Command) -> Command {
+pub async fn update_offset(ep: &Endpoint, conn: &Conn, who: &Principal, req: &Command) -> Command {
     let shared = match ep.shared() {
         Ok(s) => s,
         Err(e) => return refusal(req, &e),
@@ -477,7 +575,7 @@ pub async fn update_offset(ep: &Endpoint, who: &Principal, req: &Command) -> Com
         (Err(a), _) | (_, Err(a)) => return a,
     };
     if route::group_topic(&topic).is_none() {
-        commit(ep, &shared, who, &group, &topic, queue, upto).await;
+        commit(ep, &shared, who, conn.id, &group, &topic, queue, upto).await;
     }
     Command::answer(req, codes::SUCCESS, None)
 }
@@ -486,7 +584,7 @@ pub async fn update_offset(ep: &Endpoint, who: &Principal, req: &Command) -> Com
 /// receives (its ack floor does), so a client that starts anywhere loses nothing. A
 /// group that has not consumed the topic yet has none (22): the client then resolves
 /// its `consumeFromWhere` (0, or GET_MAX_OFFSET) and its first pull says which.
-pub async fn query_offset(ep: &Endpoint, req: &Command) -> Command {
+pub async fn query_offset(ep: &Endpoint, conn: &Conn, who: &Principal, req: &Command) -> Command {
     let shared = match ep.shared() {
         Ok(s) => s,
         Err(e) => return refusal(req, &e),
@@ -499,6 +597,16 @@ pub async fn query_offset(ep: &Endpoint, req: &Command) -> Command {
         Ok(q) => q,
         Err(a) => return a,
     };
+    if route::group_topic(topic).is_none()
+        && let Err(e) = consume::may_consume(&shared, who, group, topic)
+    {
+        return refusal(req, &e);
+    }
+    // The client (re)starts this queue: whatever it was handed before, it no longer has.
+    for g in ep.pulls.let_go(group, topic, queue, conn.id, None) {
+        ep.renewals
+            .release(group, topic, LeaseRef::new(g.offset, g.lease_id));
+    }
     let next = ep.pulls.next(group, topic, queue);
     if next == 0
         && route::group_topic(topic).is_none()
@@ -516,7 +624,7 @@ pub async fn query_offset(ep: &Endpoint, req: &Command) -> Command {
 /// GET_MAX_OFFSET (the topic's end: where a new group that starts at the last message
 /// begins), GET_MIN_OFFSET and SEARCH_OFFSET_BY_TIMESTAMP (0: a new group from there
 /// starts at the beginning of what is kept).
-pub fn offset_of(ep: &Endpoint, req: &Command) -> Command {
+pub fn offset_of(ep: &Endpoint, who: &Principal, req: &Command) -> Command {
     let shared = match ep.shared() {
         Ok(s) => s,
         Err(e) => return refusal(req, &e),
@@ -525,6 +633,11 @@ pub fn offset_of(ep: &Endpoint, req: &Command) -> Command {
         Ok(t) => t,
         Err(a) => return a,
     };
+    if route::group_topic(topic).is_none()
+        && let Err(e) = crate::service::admin::may_route(&shared, who, topic)
+    {
+        return refusal(req, &e);
+    }
     let offset = if req.code == codes::GET_MAX_OFFSET && route::group_topic(topic).is_none() {
         crate::service::admin::topic_end(&shared, topic)
     } else {
@@ -535,8 +648,9 @@ pub fn offset_of(ep: &Endpoint, req: &Command) -> Command {
 
 /// CONSUMER_SEND_MSG_BACK: the client failed a message. A nack with the delay level's
 /// delay (level 0: 3 + its reconsume times, RocketMQ's schedule), or a dead letter
-/// once it was consumed `maxReconsumeTimes` times (or the level is negative).
-pub async fn send_back(ep: &Endpoint, who: &Principal, req: &Command) -> Command {
+/// once it was consumed `maxReconsumeTimes` times (or the level is negative). Only the
+/// connection the message was handed to sends it back.
+pub async fn send_back(ep: &Endpoint, conn: &Conn, who: &Principal, req: &Command) -> Command {
     let shared = match ep.shared() {
         Ok(s) => s,
         Err(e) => return refusal(req, &e),
@@ -571,7 +685,10 @@ pub async fn send_back(ep: &Endpoint, who: &Principal, req: &Command) -> Command
             format!("offset {handle} names no message of topic {topic} on this broker"),
         );
     }
-    let Some(held) = ep.pulls.take(&group, &topic, offset) else {
+    if let Err(e) = consume::may_consume(&shared, who, &group, &topic) {
+        return refusal(req, &e);
+    }
+    let Some(held) = ep.pulls.take(&group, &topic, offset, conn.id) else {
         // Its lease ended already: it is delivered again anyway.
         return Command::answer(req, codes::SUCCESS, None);
     };
@@ -598,6 +715,15 @@ pub async fn send_back(ep: &Endpoint, who: &Principal, req: &Command) -> Command
         // A lease that ended meanwhile: the message comes again anyway.
         Err(crate::error::Error::LeaseNotFound(_)) => Command::answer(req, codes::SUCCESS, None),
         Err(e) => refusal(req, &e),
+    }
+}
+
+/// Connection `conn` closed: what it was handed and did not commit is no longer renewed
+/// (it comes again once its leases end).
+pub fn closed(ep: &Endpoint, conn: u64) {
+    for (group, topic, h) in ep.pulls.closed(conn) {
+        ep.renewals
+            .release(&group, &topic, LeaseRef::new(h.offset, h.lease_id));
     }
 }
 
@@ -630,33 +756,34 @@ mod tests {
     #[test]
     fn lanes_number_and_commit() {
         let p = Pulls::default();
-        let (n, moved) = p.hand_out("g", "t", 0, 5, "c1", &[delivery(10, 1), delivery(11, 2)]);
+        let (n, moved) = p.hand_out("g", "t", 0, 5, 1, &[delivery(10, 1), delivery(11, 2)]);
         assert_eq!((n, moved.len()), (vec![5, 6], 0));
         // Asked from behind: numbering goes on.
-        let (n, _) = p.hand_out("g", "t", 0, 0, "c1", &[delivery(12, 3)]);
+        let (n, _) = p.hand_out("g", "t", 0, 0, 1, &[delivery(12, 3)]);
         assert_eq!(n, [7]);
         assert_eq!(p.next("g", "t", 0), 8);
-        assert!(p.below("g", "t", 0, 7, "c2").is_empty(), "not c2's lane");
+        assert!(p.below("g", "t", 0, 7, 2).is_empty(), "not c2's lane");
         let done: Vec<u64> = p
-            .below("g", "t", 0, 7, "c1")
+            .below("g", "t", 0, 7, 1)
             .iter()
             .map(|h| h.offset)
             .collect();
         assert_eq!(done, [10, 11]);
-        assert!(p.below("g", "t", 0, 7, "c1").is_empty());
+        assert!(p.below("g", "t", 0, 7, 1).is_empty());
         // Another client takes the lane: what the first held is let go, and neither's
         // commit acks it (a rebalance must not ack what no one consumed).
-        let (_, moved) = p.hand_out("g", "t", 0, 8, "c2", &[delivery(13, 4)]);
+        let (_, moved) = p.hand_out("g", "t", 0, 8, 2, &[delivery(13, 4)]);
         assert_eq!(moved.iter().map(|h| h.offset).collect::<Vec<_>>(), [12]);
-        assert!(p.below("g", "t", 0, 8, "c1").is_empty());
-        assert!(p.below("g", "t", 0, 8, "c2").is_empty());
+        assert!(p.below("g", "t", 0, 8, 1).is_empty());
+        assert!(p.below("g", "t", 0, 8, 2).is_empty());
         // A send-back finds its delivery by log offset, once.
-        assert_eq!(p.take("g", "t", 13).map(|h| h.lease_id), Some(4));
-        assert!(p.take("g", "t", 13).is_none());
+        assert!(p.take("g", "t", 13, 1).is_none(), "not 1's to send back");
+        assert_eq!(p.take("g", "t", 13, 2).map(|h| h.lease_id), Some(4));
+        assert!(p.take("g", "t", 13, 2).is_none());
         // A redelivery of a message another lane names replaces it there.
-        p.hand_out("g", "t", 0, 9, "c2", &[delivery(14, 5)]);
-        p.hand_out("g", "t", 1, 0, "c2", &[delivery(14, 9)]);
-        assert!(p.below("g", "t", 0, 100, "c2").is_empty());
-        assert_eq!(p.below("g", "t", 1, 100, "c2")[0].lease_id, 9);
+        p.hand_out("g", "t", 0, 9, 2, &[delivery(14, 5)]);
+        p.hand_out("g", "t", 1, 0, 2, &[delivery(14, 9)]);
+        assert!(p.below("g", "t", 0, 100, 2).is_empty());
+        assert_eq!(p.below("g", "t", 1, 100, 2)[0].lease_id, 9);
     }
 }

@@ -213,10 +213,14 @@ pub struct Batched {
     pub properties: String,
 }
 
-/// The messages of a batch body; `None` when it is not an exact concatenation of them.
-pub fn batch(mut body: Bytes) -> Result<Vec<Batched>, String> {
+/// The messages of a batch body (at most `max`); an error when it is not an exact
+/// concatenation of them, or holds more.
+pub fn batch(mut body: Bytes, max: usize) -> Result<Vec<Batched>, String> {
     let mut out = Vec::new();
     while body.has_remaining() {
+        if out.len() == max {
+            return Err(format!("the batch holds more than {max} messages"));
+        }
         if body.len() < 20 {
             return Err("a batch ends inside a message's fixed fields".into());
         }
@@ -351,19 +355,23 @@ mod tests {
             body.put_i16(props.len() as i16);
             body.put_slice(props.as_bytes());
         }
-        let got = batch(Bytes::from(body.clone())).unwrap();
+        assert!(
+            batch(Bytes::from(body.clone()), 1).is_err(),
+            "over the count"
+        );
+        let got = batch(Bytes::from(body.clone()), 2).unwrap();
         assert_eq!(got.len(), 2);
         assert_eq!((got[0].flag, &got[1].body[..]), (5, &b"two"[..]));
         body.push(0);
-        assert!(batch(Bytes::from(body.clone())).is_err());
+        assert!(batch(Bytes::from(body.clone()), 2).is_err());
         body[3] = 200;
-        assert!(batch(Bytes::from(body)).is_err());
+        assert!(batch(Bytes::from(body), 2).is_err());
     }
 
     proptest::proptest! {
         #[test]
         fn no_body_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
-            let _ = batch(Bytes::from(bytes.clone()));
+            let _ = batch(Bytes::from(bytes.clone()), 100);
             let text = String::from_utf8_lossy(&bytes);
             let _ = properties(&text);
             let _ = parse_message_id(&text);

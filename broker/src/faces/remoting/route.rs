@@ -93,6 +93,16 @@ pub async fn topic(ep: &Endpoint, who: &Principal, req: &Command) -> Command {
         }
         return ok(route(ep, ep.config.remoting_queues, PERM_INHERIT));
     }
+    if topic.len() > 127 {
+        return Command::answer(
+            req,
+            codes::TOPIC_NOT_EXIST,
+            Some(format!(
+                "a RocketMQ record carries topic names of at most 127 bytes; this one has {}",
+                topic.len()
+            )),
+        );
+    }
     match admin::route_topic(&shared, who, &topic).await {
         Ok(()) => ok(route(ep, ep.config.remoting_queues, PERM_RW)),
         Err(e @ (Error::TopicNotFound(_) | Error::InvalidName(_))) => {

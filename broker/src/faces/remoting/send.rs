@@ -263,7 +263,7 @@ fn messages(
         .map_err(bad)?;
         return Ok(vec![one]);
     }
-    let batch = record::batch(req.body.clone()).map_err(bad)?;
+    let batch = record::batch(req.body.clone(), send::MAX_BATCH).map_err(bad)?;
     if batch.is_empty() {
         return Err(bad("the batch holds no message".into()));
     }
@@ -338,12 +338,16 @@ pub async fn send(ep: &Endpoint, conn: &Arc<Conn>, who: &Principal, req: &Comman
     if h.topic.starts_with("%RETRY%") || h.topic.starts_with("%DLQ%") {
         return invalid(
             req,
-            format!(
-                "{}: retry and dead-letter topics are the broker's; a consumer sends a \
-                 message back with CONSUMER_SEND_MSG_BACK",
-                h.topic
-            ),
+            "retry and dead-letter topics are the broker's; a consumer sends a message back \
+             with CONSUMER_SEND_MSG_BACK",
         );
+    }
+    // The name before anything is made of it (a batch would copy it per message).
+    if let Err(e) = crate::service::name("topic", &h.topic) {
+        return refusal(req, &e);
+    }
+    if let Err(e) = crate::service::name("producer group", &h.group) {
+        return refusal(req, &e);
     }
     let dedup = !shared.config.dedup_window.is_zero();
     let converted = match messages(req, &h, shared.config.max_message_bytes, dedup) {
@@ -362,9 +366,6 @@ pub async fn send(ep: &Endpoint, conn: &Arc<Conn>, who: &Principal, req: &Comman
     let mut who = who.clone();
     who.producer_group = h.group.clone();
     if half {
-        if let Err(e) = crate::service::name("producer group", &h.group) {
-            return refusal(req, &e);
-        }
         // The connection that prepares answers the group's checks, even before its
         // first heartbeat (which can come 30 s after the producer starts).
         if let Err(e) = conn.answer_checks(ep, &shared, &who, &h.group) {
