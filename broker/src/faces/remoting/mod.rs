@@ -19,7 +19,8 @@
 //! - `route`: the name-server part (routes, cluster info, topic lists).
 //! - `send`: sends (single, batch, delayed, half messages) and END_TRANSACTION.
 //! - `checks`: check-backs to Remoting producers, through the one scheduler.
-//! - `pull`: pulls, offsets and send-backs, on the groups' leases.
+//! - `pull`: pulls, offsets and send-backs, on the groups' leases; `lanes`: what each
+//!   queue handed out, to which connection.
 //! - `locks`: the queue locks orderly consumers hold.
 //! - `admin`: what mqadmin asks a broker.
 //!
@@ -37,6 +38,7 @@ mod clients;
 pub mod codes;
 mod connection;
 pub mod frame;
+mod lanes;
 mod locks;
 mod pull;
 pub mod record;
@@ -98,7 +100,7 @@ struct Endpoint {
     /// Who is connected.
     clients: clients::Clients,
     /// What the consumers were handed, by lane.
-    pulls: pull::Pulls,
+    pulls: lanes::Pulls,
     /// Orderly consumers' queue locks.
     locks: locks::Locks,
     /// The leases of what they were handed, renewed while they are connected.
@@ -159,7 +161,7 @@ pub async fn serve(
         advertised: advertised(&config, bound),
         config,
         clients: clients::Clients::default(),
-        pulls: pull::Pulls::default(),
+        pulls: lanes::Pulls::default(),
         locks: locks::Locks::default(),
         renewals: Arc::default(),
         stop: stop.clone(),
