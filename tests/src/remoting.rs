@@ -32,7 +32,26 @@ pub fn java_client(
     props: &[(&str, &str)],
     limit: Duration,
 ) -> String {
-    let project = Path::new(env!("CARGO_MANIFEST_DIR")).join("java");
+    maven("java", profile, namesrv, run, tests, props, limit)
+}
+
+/// Runs the Spring Boot order service of `tests/spring` (its test `OrderPointsTest`)
+/// against the Remoting face at `namesrv`; asserts it passed and returns its output.
+pub fn spring(namesrv: &str, run: &str, limit: Duration) -> String {
+    maven("spring", None, namesrv, run, "OrderPointsTest", &[], limit)
+}
+
+/// Runs the tests `tests` of the Maven project `tests/<dir>` offline.
+fn maven(
+    dir: &str,
+    profile: Option<&str>,
+    namesrv: &str,
+    run: &str,
+    tests: &str,
+    props: &[(&str, &str)],
+    limit: Duration,
+) -> String {
+    let project = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
     // Each caller's own build directory: tests in other processes run Maven at once.
     let build = tempfile::tempdir().expect("temp dir");
     let mut child = Command::new("timeout")

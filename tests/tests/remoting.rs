@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use txmq_tests::TestBroker;
-use txmq_tests::remoting::{Raw, java};
+use txmq_tests::remoting::{Raw, java, spring};
 
 fn broker() -> TestBroker {
     TestBroker::start(&[
@@ -103,6 +103,55 @@ fn java_producers_and_transactions_reach_native_consumers() {
     let listed = b.cli_ok(&["txn", "list"]);
     assert!(listed.contains("rolled_back"), "{listed}");
     assert!(listed.contains("resolved by check-back"), "{listed}");
+}
+
+/// The "done when": an unmodified Spring Boot service (RocketMQTemplate
+/// transactions, a @RocketMQTransactionListener, a @RocketMQMessageListener) does its
+/// order → points flow against txmq. The topic holds exactly the committed orders: the
+/// refused ones and the one lost before its database commit were rolled back, the two
+/// that stopped after it were committed by check-back.
+#[test]
+fn a_spring_boot_service_with_rocketmq_transactions() {
+    let b = broker();
+    let out = spring(b.remoting_addr(), "sb", Duration::from_secs(240));
+    assert!(
+        out.contains("txmq-spring: 12 orders earned points"),
+        "{out}"
+    );
+    let mut expect: Vec<String> = (0..10)
+        .map(|i| format!("order-{i},customer-{},{}", i % 3, 10 + i))
+        .collect();
+    expect.push("order-crash-1,crash,7".into());
+    expect.push("order-crash-2,crash,8".into());
+    expect.sort();
+    assert_eq!(bodies(&read(&b, "orders-sb", 20, 5)), expect);
+    let listed = b.cli_ok(&["txn", "list", "--json"]);
+    let txns = txmq_tests::json_lines(&listed);
+    let count = |state: &str, note: &str| {
+        txns.iter()
+            .filter(|t| t["state"] == state && t["last_check_note"] == note)
+            .count()
+    };
+    assert_eq!(
+        count("committed", "resolved by the producer"),
+        10,
+        "{listed}"
+    );
+    assert_eq!(
+        count("rolled_back", "resolved by the producer"),
+        2,
+        "{listed}"
+    );
+    assert_eq!(count("committed", "resolved by check-back"), 2, "{listed}");
+    assert_eq!(
+        count("rolled_back", "resolved by check-back"),
+        1,
+        "{listed}"
+    );
+    assert!(
+        txns.iter().all(|t| t["group"] == "order-service-sb"),
+        "{listed}"
+    );
 }
 
 #[test]
@@ -470,6 +519,16 @@ async fn a_group_with_native_and_remoting_members_shares_one_delivery() {
         });
         raw.request(34, 1, 0, &[], &serde_json::to_vec(&beat).unwrap());
         assert_eq!(raw.answer(1, Duration::from_secs(5)).unwrap().code, 0);
+        // A new group on a young topic starts at its first message, as on Apache's
+        // broker (a LAST_OFFSET consumer started beside its producer misses nothing);
+        // on a topic with nothing yet the client chooses (22).
+        for (topic, code, offset) in [("mixed", 0, Some("0")), ("nothing-yet", 22, None)] {
+            let query = [("consumerGroup", "new-group"), ("topic", topic), ("queueId", "1")];
+            raw.request(14, 9, 0, &query, b"");
+            let r = raw.answer(9, Duration::from_secs(5)).unwrap();
+            assert_eq!(r.code, code, "{topic}: {r:?}");
+            assert_eq!(r.ext.get("offset").map(String::as_str), offset, "{topic}: {r:?}");
+        }
         let pull = [
             ("consumerGroup", "mixed-group"),
             ("topic", "mixed"),

@@ -79,6 +79,11 @@ pub fn topic_end(shared: &Shared, name: &str) -> u64 {
     shared.topics.get(name).map_or(0, |t| t.end())
 }
 
+/// A topic's first kept offset and its end (None: no such topic).
+pub fn topic_span(shared: &Shared, name: &str) -> Option<(u64, u64)> {
+    shared.topics.get(name).map(|t| (t.start(), t.end()))
+}
+
 /// The names of every topic, sorted (RocketMQ's topic list: no sizes).
 ///
 /// # Errors

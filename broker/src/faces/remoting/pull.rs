@@ -372,10 +372,23 @@ pub async fn update_offset(ep: &Endpoint, conn: &Conn, who: &Principal, req: &Co
     Command::answer(req, codes::SUCCESS, None)
 }
 
+/// A topic this young (messages, retention having dropped none) is read from its first
+/// message by a new group, whatever its `consumeFromWhere`: Apache RocketMQ's broker
+/// answers 0 while a queue's first message is still in memory, and applications that
+/// start their consumer beside their producer count on it.
+pub const YOUNG_TOPIC: u64 = 100_000;
+
+/// Whether a new group starts at the beginning of a topic that keeps offsets
+/// `start..end`.
+fn young(span: Option<(u64, u64)>) -> bool {
+    matches!(span, Some((0, end)) if end > 0 && end <= YOUNG_TOPIC)
+}
+
 /// QUERY_CONSUMER_OFFSET: where the lane continues. It never moves what the group
 /// receives (its ack floor does), so a client that starts anywhere loses nothing. A
-/// group that has not consumed the topic yet has none (22): the client then resolves
-/// its `consumeFromWhere` (0, or GET_MAX_OFFSET) and its first pull says which.
+/// group that has not consumed the topic yet has none: on a young topic ([`young`]) it
+/// starts at 0, otherwise the answer is 22 and the client resolves its
+/// `consumeFromWhere` (0, or GET_MAX_OFFSET) and its first pull says which.
 pub async fn query_offset(ep: &Endpoint, conn: &Conn, who: &Principal, req: &Command) -> Command {
     let shared = match ep.shared() {
         Ok(s) => s,
@@ -404,6 +417,9 @@ pub async fn query_offset(ep: &Endpoint, conn: &Conn, who: &Principal, req: &Com
         && route::group_topic(topic).is_none()
         && !consume::has_cursor(&shared, group, topic).await
     {
+        if young(crate::service::admin::topic_span(&shared, topic)) {
+            return Command::answer(req, codes::SUCCESS, None).with("offset", 0);
+        }
         return Command::answer(
             req,
             codes::QUERY_NOT_FOUND,
@@ -529,5 +545,21 @@ mod tests {
         assert_eq!(tag_filter(""), "");
         assert_eq!(tag_filter("TagA || TagB"), "TagA||TagB");
         assert_eq!(tag_filter(" a "), "a");
+    }
+
+    #[test]
+    fn a_new_group_starts_at_the_beginning_of_a_young_topic_only() {
+        assert!(young(Some((0, 1))));
+        assert!(young(Some((0, YOUNG_TOPIC))));
+        assert!(
+            !young(Some((0, YOUNG_TOPIC + 1))),
+            "an old topic: LAST is the end"
+        );
+        assert!(
+            !young(Some((5, 10))),
+            "retention dropped its first messages"
+        );
+        assert!(!young(Some((0, 0))), "empty: the client's choice");
+        assert!(!young(None));
     }
 }

@@ -1,0 +1,10 @@
+CREATE TABLE IF NOT EXISTS orders (
+    id VARCHAR(64) PRIMARY KEY,
+    customer VARCHAR(64) NOT NULL,
+    amount INT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS points (
+    order_id VARCHAR(64) PRIMARY KEY,
+    customer VARCHAR(64) NOT NULL,
+    points INT NOT NULL
+);
