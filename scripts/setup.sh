@@ -36,6 +36,9 @@ mvn -B -q -f tests/java/pom.xml -Dtxmq.build="$java_build" -Dtest=NoSuchTest \
     dependency:build-classpath -Dmdep.outputFile="$java_build/classpath" >&2
 mvn -B -q -f tests/java/pom.xml -Dtxmq.build="$java_build/49" -P client49 -Dtest=NoSuchTest \
     -Dsurefire.failIfNoSpecifiedTests=false test >&2
+echo "setup: resolving tests/java-grpc (RocketMQ 5 gRPC Java client)" >&2
+mvn -B -q -f tests/java-grpc/pom.xml -Dtxmq.build="$java_build/grpc" -Dtest=NoSuchTest \
+    -Dsurefire.failIfNoSpecifiedTests=false test >&2
 echo "setup: resolving tests/spring (a Spring Boot service with rocketmq-spring-boot-starter)" >&2
 mvn -B -q -f tests/spring/pom.xml -Dtxmq.build="$java_build/spring" -Dtest=OrderTest test >&2
 rm -rf "$java_build"

@@ -41,6 +41,20 @@ pub fn spring(namesrv: &str, run: &str, limit: Duration) -> String {
     maven("spring", None, namesrv, run, "OrderPointsTest", &[], limit)
 }
 
+/// Runs the RocketMQ 5 gRPC Java client's scenarios (`tests/java-grpc`) against the
+/// gRPC face at `grpc`; asserts they passed and returns Maven's output.
+pub fn java_grpc(grpc: &str, run: &str, limit: Duration) -> String {
+    maven(
+        "java-grpc",
+        None,
+        "",
+        run,
+        "GrpcClientTest",
+        &[("txmq.grpc", grpc)],
+        limit,
+    )
+}
+
 /// Runs the tests `tests` of the Maven project `tests/<dir>` offline.
 fn maven(
     dir: &str,

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use txmq_tests::TestBroker;
-use txmq_tests::remoting::{Raw, java, spring};
+use txmq_tests::remoting::{Raw, java, java_grpc, spring};
 
 fn broker() -> TestBroker {
     TestBroker::start(&[
@@ -150,6 +150,48 @@ fn a_spring_boot_service_with_rocketmq_transactions() {
     );
     assert!(
         txns.iter().all(|t| t["group"] == "order-service-sb"),
+        "{listed}"
+    );
+}
+
+/// The RocketMQ 5 gRPC Java client (rocketmq-client-java 5.0.8, `tests/java-grpc`) on
+/// the gRPC face: sync and async sends, a simple consumer whose unacked message comes
+/// again, a push consumer that fails one once, a delivery timestamp, a transactional
+/// producer whose checker commits the open one, FIFO message groups.
+#[test]
+fn the_java_grpc_client() {
+    let b = broker();
+    // FIFO: the group is ordered before the client joins it (its settings say so).
+    b.cli_ok(&[
+        "group",
+        "create",
+        "j5-fifo-j",
+        "--topic",
+        "j5-fifo-j",
+        "--ordered",
+    ]);
+    java_grpc(b.grpc_addr(), "j", Duration::from_secs(300));
+    let listed = b.cli_ok(&["txn", "list", "--json"]);
+    let txns = txmq_tests::json_lines(&listed);
+    let on_topic: Vec<_> = txns
+        .iter()
+        .filter(|t| t["topics"][0] == "j5-txn-j")
+        .map(|t| {
+            (
+                t["state"].as_str().unwrap().to_string(),
+                t["last_check_note"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let mut on_topic = on_topic;
+    on_topic.sort();
+    assert_eq!(
+        on_topic,
+        [
+            ("committed".into(), "resolved by check-back".into()),
+            ("committed".into(), "resolved by the producer".into()),
+            ("rolled_back".into(), "resolved by the producer".into()),
+        ],
         "{listed}"
     );
 }
