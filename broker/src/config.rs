@@ -450,7 +450,7 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), String> {
-        if !(1..=64).contains(&self.remoting_queues) {
+        if !(1..=crate::service::admin::MAX_QUEUES as usize).contains(&self.remoting_queues) {
             return Err(format!(
                 "remoting-queues is {}; it is 1 to 64",
                 self.remoting_queues

@@ -2,7 +2,7 @@
 //! writer moves after every durable append, so delivery wakes up without polling.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use tokio::sync::watch;
@@ -22,6 +22,8 @@ pub struct Topic {
     /// Retention overrides (0: the broker's): age in ms, size in bytes.
     retention_ms: AtomicU64,
     retention_bytes: AtomicU64,
+    /// The queues RocketMQ clients see (0: the broker's).
+    queues: AtomicU32,
     /// Deleted: whoever still holds it must not write for it.
     deleted: std::sync::atomic::AtomicBool,
 }
@@ -37,6 +39,7 @@ impl Topic {
             start: AtomicU64::new(0),
             retention_ms: AtomicU64::new(0),
             retention_bytes: AtomicU64::new(0),
+            queues: AtomicU32::new(0),
             deleted: std::sync::atomic::AtomicBool::new(false),
         }
     }
@@ -50,6 +53,7 @@ impl Topic {
         let t = Self::new(name, record.id, record.created_ms, end.max(record.start));
         t.start.store(record.start, Ordering::Relaxed);
         t.set_retention(record.retention_ms, record.retention_bytes);
+        t.set_queues(record.queues);
         t
     }
 
@@ -61,6 +65,7 @@ impl Topic {
             start: self.start(),
             retention_ms: self.retention_ms.load(Ordering::Relaxed),
             retention_bytes: self.retention_bytes.load(Ordering::Relaxed),
+            queues: self.queues(),
         }
     }
 
@@ -86,6 +91,16 @@ impl Topic {
     pub(crate) fn set_retention(&self, ms: u64, bytes: u64) {
         self.retention_ms.store(ms, Ordering::Relaxed);
         self.retention_bytes.store(bytes, Ordering::Relaxed);
+    }
+
+    /// The queues RocketMQ clients see (0: the broker's).
+    pub fn queues(&self) -> u32 {
+        self.queues.load(Ordering::Relaxed)
+    }
+
+    /// Sets the queues RocketMQ clients see (0: the broker's).
+    pub(crate) fn set_queues(&self, queues: u32) {
+        self.queues.store(queues, Ordering::Relaxed);
     }
 
     /// Whether it was deleted (a topic created later under its name is another one).

@@ -8,6 +8,17 @@ use crate::error::{Error, Result};
 /// Entries asked for per page of a listing (the broker's most).
 const PAGE: u32 = 1000;
 
+/// What to change of a topic's settings (`None`: it stays; 0: the broker's).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TopicChange {
+    /// Retention by age, ms.
+    pub retention_ms: Option<u64>,
+    /// Retention by size, bytes.
+    pub retention_bytes: Option<u64>,
+    /// The queues RocketMQ clients see (1 to 64).
+    pub queues: Option<u32>,
+}
+
 /// An operator's connection.
 #[derive(Debug, Clone)]
 pub struct Admin {
@@ -65,19 +76,21 @@ impl Admin {
     /// # Errors
     /// Bad name, or `TOPIC_EXISTS` with `fail_if_exists`.
     pub async fn create_topic(&self, topic: &str, fail_if_exists: bool) -> Result<pb::TopicInfo> {
-        self.create_topic_with(topic, fail_if_exists, (0, 0)).await
+        self.create_topic_with(topic, fail_if_exists, (0, 0), 0)
+            .await
     }
 
-    /// Creates a topic with its own retention: age in ms and size in bytes (0: the
-    /// broker's).
+    /// Creates a topic with its own settings: retention by age in ms and by size in
+    /// bytes, and the queues RocketMQ clients see (each 0: the broker's).
     ///
     /// # Errors
-    /// Bad name, or `TOPIC_EXISTS` with `fail_if_exists`.
+    /// Bad name, more than 64 queues, or `TOPIC_EXISTS` with `fail_if_exists`.
     pub async fn create_topic_with(
         &self,
         topic: &str,
         fail_if_exists: bool,
         (retention_ms, retention_bytes): (u64, u64),
+        queues: u32,
     ) -> Result<pb::TopicInfo> {
         let r = self
             .conn
@@ -86,26 +99,24 @@ impl Admin {
                 fail_if_exists,
                 retention_ms,
                 retention_bytes,
+                queues,
             }))
             .await?;
         expect!(r, Topic)
     }
 
-    /// Changes a topic's retention: age in ms and size in bytes (0: the broker's).
+    /// Changes what `change` sets of a topic's settings; the rest stays.
     ///
     /// # Errors
-    /// `TOPIC_NOT_FOUND`.
-    pub async fn alter_topic(
-        &self,
-        topic: &str,
-        (retention_ms, retention_bytes): (u64, u64),
-    ) -> Result<pb::TopicInfo> {
+    /// `TOPIC_NOT_FOUND`, more than 64 queues.
+    pub async fn alter_topic(&self, topic: &str, change: TopicChange) -> Result<pb::TopicInfo> {
         let r = self
             .conn
             .call(Body::AlterTopic(pb::AlterTopicRequest {
                 topic: topic.to_string(),
-                retention_ms,
-                retention_bytes,
+                retention_ms: change.retention_ms,
+                retention_bytes: change.retention_bytes,
+                queues: change.queues,
             }))
             .await?;
         expect!(r, Topic)

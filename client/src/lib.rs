@@ -55,7 +55,7 @@ pub mod producer;
 pub mod tls;
 
 pub use access::RuleSpec;
-pub use admin::{Admin, ResetTo};
+pub use admin::{Admin, ResetTo, TopicChange};
 pub use connection::User;
 pub use consumer::{Consumer, ConsumerOptions, Delivery, StartFrom};
 pub use error::{Error, Result};

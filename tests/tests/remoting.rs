@@ -318,7 +318,18 @@ fn mqadmin_commands() {
         clusters.contains("DefaultCluster") && clusters.contains(&at),
         "{clusters}"
     );
-    assert!(ok(&["updateTopic", "-c", "DefaultCluster", "-t", "adm"]).contains("success"));
+    let update = [
+        "updateTopic",
+        "-c",
+        "DefaultCluster",
+        "-t",
+        "adm",
+        "-r",
+        "3",
+        "-w",
+        "3",
+    ];
+    assert!(ok(&update).contains("success"));
     assert!(ok(&["topicList"]).lines().any(|l| l.trim() == "adm"));
     assert!(ok(&["topicRoute", "-t", "adm"]).contains(&at));
     // Two messages with key k1, sent raw: the answers carry their offset message ids.
@@ -351,8 +362,8 @@ fn mqadmin_commands() {
     let status = ok(&["topicStatus", "-t", "adm"]);
     assert_eq!(
         status.lines().filter(|l| l.starts_with("txmq")).count(),
-        8,
-        "{status}"
+        3,
+        "updateTopic -r 3: {status}"
     );
     let progress = ok(&["consumerProgress", "-g", "g-adm"]);
     assert!(progress.contains("Consume Diff Total: 1"), "{progress}");
@@ -801,4 +812,108 @@ fn a_pull_from_an_earlier_offset_lets_go_what_the_client_never_received() {
     }
     again.sort();
     assert_eq!(again, ["m0", "m1"]);
+}
+
+/// The queues a route names: what the Raw client's GET_ROUTEINFO_BY_TOPIC answers.
+fn route_queues(b: &TestBroker, topic: &str) -> (u64, u64) {
+    let mut raw = Raw::connect(b.remoting_addr());
+    raw.request(105, 1, 0, &[("topic", topic)], b"");
+    let r = raw.answer(1, Duration::from_secs(5)).unwrap();
+    assert_eq!(r.code, 0, "{topic}: {r:?}");
+    let route: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    let q = &route["queueDatas"][0];
+    (
+        q["readQueueNums"].as_u64().unwrap(),
+        q["writeQueueNums"].as_u64().unwrap(),
+    )
+}
+
+/// Item 5: a topic's queue count is its own (`txmq topic create/alter --queues`,
+/// `mqadmin updateTopic -r/-w`), stored, and what every route names; a count out of
+/// range is refused with a sentence.
+#[test]
+fn a_topic_keeps_its_queue_count() {
+    let mut b = broker();
+    let made = b.cli_ok(&[
+        "topic",
+        "create",
+        "four",
+        "--queues",
+        "4",
+        "--retention",
+        "1d",
+        "--json",
+    ]);
+    assert_eq!(txmq_tests::json_lines(&made)[0]["queues"], 4, "{made}");
+    assert_eq!(route_queues(&b, "four"), (4, 4));
+    // UPDATE_AND_CREATE_TOPIC, as mqadmin updateTopic sends it: an existing topic's
+    // count changes; a new topic is made with its count.
+    let mut raw = Raw::connect(b.remoting_addr());
+    let update = |raw: &mut Raw, topic: &str, read: &str, opaque: i32| {
+        let fields = [
+            ("topic", topic),
+            ("defaultTopic", "TBW102"),
+            ("readQueueNums", read),
+            ("writeQueueNums", read),
+            ("perm", "6"),
+            ("topicFilterType", "SINGLE_TAG"),
+        ];
+        raw.request(17, opaque, 0, &fields, b"");
+        raw.answer(i64::from(opaque), Duration::from_secs(5))
+            .unwrap()
+    };
+    assert_eq!(update(&mut raw, "four", "2", 1).code, 0);
+    assert_eq!(route_queues(&b, "four"), (2, 2));
+    assert_eq!(update(&mut raw, "sixteen", "16", 2).code, 0);
+    assert_eq!(route_queues(&b, "sixteen"), (16, 16));
+    let refused = update(&mut raw, "sixteen", "65", 3);
+    assert_ne!(refused.code, 0, "{refused:?}");
+    assert!(refused.remark.contains("1 to 64"), "{refused:?}");
+    let refused = update(&mut raw, "sixteen", "many", 4);
+    assert_ne!(refused.code, 0, "{refused:?}");
+    assert_eq!(route_queues(&b, "sixteen"), (16, 16), "nothing changed");
+    // The CLI's alter changes only what it is given: the retention stays.
+    let altered = b.cli_ok(&["topic", "alter", "four", "--queues", "3", "--json"]);
+    let altered = &txmq_tests::json_lines(&altered)[0];
+    assert_eq!(
+        (altered["queues"].as_u64(), altered["retention_ms"].as_u64()),
+        (Some(3), Some(86_400_000)),
+        "{altered}"
+    );
+    let nothing = b.cli(&["topic", "alter", "four"]);
+    assert!(!nothing.status.success());
+    assert!(String::from_utf8_lossy(&nothing.stderr).contains("nothing to change"));
+    assert!(
+        !b.cli(&["topic", "create", "x", "--queues", "65"])
+            .status
+            .success()
+    );
+    // A pull of a queue the topic no longer has is refused, not served.
+    let pull = [
+        ("consumerGroup", "g"),
+        ("topic", "four"),
+        ("queueId", "3"),
+        ("queueOffset", "0"),
+        ("maxMsgNums", "1"),
+        ("sysFlag", "0"),
+    ];
+    raw.request(11, 5, 0, &pull, b"");
+    let r = raw.answer(5, Duration::from_secs(5)).unwrap();
+    assert_ne!(r.code, 0, "{r:?}");
+    assert!(r.remark.contains("0..3"), "{r:?}");
+    // Stored: a restarted broker names the same counts; 0 is the broker's again.
+    drop(raw);
+    b.restart();
+    // Served once the storage is open (the native port answers from then on).
+    b.cli_ok(&["topic", "list"]);
+    assert_eq!(route_queues(&b, "four"), (3, 3));
+    assert_eq!(route_queues(&b, "sixteen"), (16, 16));
+    b.cli_ok(&["topic", "alter", "four", "--queues", "0"]);
+    assert_eq!(route_queues(&b, "four"), (8, 8));
+    let listed = b.cli_ok(&["topic", "list", "--json"]);
+    let sixteen = txmq_tests::json_lines(&listed)
+        .into_iter()
+        .find(|t| t["name"] == "sixteen")
+        .unwrap();
+    assert_eq!(sixteen["queues"], 16, "{listed}");
 }

@@ -321,6 +321,7 @@ impl Groups {
             .writer
             .submit(Command::CreateTopic {
                 retention: (0, 0),
+                queues: 0,
                 name: name.to_string(),
                 fail_if_exists: false,
             })

@@ -23,7 +23,28 @@ fn topic_info(t: &Topic) -> pb::TopicInfo {
         start_offset: t.start(),
         retention_ms,
         retention_bytes,
+        queues: t.queues(),
         ..Default::default()
+    }
+}
+
+/// The most queues a topic shows RocketMQ clients.
+pub const MAX_QUEUES: u32 = 64;
+
+fn valid_queues(queues: u32) -> Result<()> {
+    if queues > MAX_QUEUES {
+        return Err(Error::Invalid(format!(
+            "a topic has 1 to {MAX_QUEUES} queues (0: the broker's remoting-queues); not {queues}"
+        )));
+    }
+    Ok(())
+}
+
+/// The queues topic `name` shows RocketMQ clients: its own count, else `default`.
+pub fn topic_queues(shared: &Shared, name: &str, default: u32) -> u32 {
+    match shared.topics.get(name).map(|t| t.queues()) {
+        Some(q) if q > 0 => q,
+        _ => default,
     }
 }
 
@@ -109,7 +130,7 @@ pub fn create_topic(
     ) {
         return now(Err(e));
     }
-    if let Err(e) = super::name("topic", &req.topic) {
+    if let Err(e) = super::name("topic", &req.topic).and(valid_queues(req.queues)) {
         return now(Err(e));
     }
     let writer = shared.writer.clone();
@@ -119,6 +140,7 @@ pub fn create_topic(
                 name: req.topic,
                 fail_if_exists: req.fail_if_exists,
                 retention: (req.retention_ms, req.retention_bytes),
+                queues: req.queues,
             })
             .await?
         {
@@ -128,7 +150,7 @@ pub fn create_topic(
     })
 }
 
-/// Changes a topic's retention overrides.
+/// Changes what the request sets of a topic's retention overrides and queues.
 pub fn alter_topic(
     shared: &Arc<Shared>,
     who: &Principal,
@@ -142,15 +164,22 @@ pub fn alter_topic(
     ) {
         return now(Err(e));
     }
+    if let Err(e) = valid_queues(req.queues.unwrap_or(0)) {
+        return now(Err(e));
+    }
     let topic = match shared.topics.get(&req.topic) {
         Some(t) => t,
         None => return now(Err(Error::TopicNotFound(req.topic))),
     };
     let writer = shared.writer.clone();
     later(async move {
-        let retention = (req.retention_ms, req.retention_bytes);
         match writer
-            .submit(Command::SetRetention { topic, retention })
+            .submit(Command::AlterTopic {
+                topic,
+                retention_ms: req.retention_ms,
+                retention_bytes: req.retention_bytes,
+                queues: req.queues,
+            })
             .await?
         {
             Outcome::Topic(t) => Ok(topic_info(&t)),

@@ -19,6 +19,9 @@ pub struct TopicRecord {
     /// Retention by size for this topic, bytes (0: the broker's).
     #[prost(uint64, tag = "5")]
     pub retention_bytes: u64,
+    /// The queues RocketMQ clients see (0: the broker's `remoting-queues`).
+    #[prost(uint32, tag = "6")]
+    pub queues: u32,
 }
 
 /// `meta` `deleted-topic/<id>`: a topic that was deleted. Its id is never used again, and

@@ -34,6 +34,7 @@ async fn topic_with_three(writer: &WriterHandle) -> Arc<Topic> {
     let Outcome::Topic(topic) = writer
         .submit(Command::CreateTopic {
             retention: (0, 0),
+            queues: 0,
             name: "t".into(),
             fail_if_exists: true,
         })

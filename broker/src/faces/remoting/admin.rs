@@ -68,7 +68,10 @@ pub fn runtime_info(ep: &Endpoint, who: &Principal, req: &Command) -> Command {
         .with_body(serde_json::to_vec(&table).unwrap_or_default())
 }
 
-/// UPDATE_AND_CREATE_TOPIC: creates the topic (an existing one stays as it is).
+/// UPDATE_AND_CREATE_TOPIC (`mqadmin updateTopic -r/-w`): creates the topic with its
+/// queue count, or sets an existing one's. One count serves both: a queue is a lane of
+/// the group's one delivery, so only how many lanes consumers share means anything
+/// (the read count; the write count where it is missing).
 pub async fn create_topic(ep: &Endpoint, who: &Principal, req: &Command) -> Command {
     let shared = match ep.shared() {
         Ok(s) => s,
@@ -78,12 +81,32 @@ pub async fn create_topic(ep: &Endpoint, who: &Principal, req: &Command) -> Comm
         Ok(t) => t.to_string(),
         Err(a) => return a,
     };
-    let ask = native::CreateTopicRequest {
-        topic,
-        fail_if_exists: false,
-        ..Default::default()
+    let (read, write) = match (
+        number_or::<u32>(req, "readQueueNums", 0),
+        number_or::<u32>(req, "writeQueueNums", 0),
+    ) {
+        (Ok(r), Ok(w)) => (r, w),
+        (Err(a), _) | (_, Err(a)) => return a,
     };
-    match admin::create_topic(&shared, who, ask).await {
+    let queues = if read > 0 { read } else { write };
+    let exists = admin::topic_id(&shared, &topic).is_some();
+    let done = if exists {
+        let change = native::AlterTopicRequest {
+            topic,
+            queues: (queues > 0).then_some(queues),
+            ..Default::default()
+        };
+        admin::alter_topic(&shared, who, change).await
+    } else {
+        let ask = native::CreateTopicRequest {
+            topic,
+            fail_if_exists: false,
+            queues,
+            ..Default::default()
+        };
+        admin::create_topic(&shared, who, ask).await
+    };
+    match done {
         Ok(_) => Command::answer(req, codes::SUCCESS, None),
         Err(e) => refusal(req, &e),
     }
@@ -134,7 +157,7 @@ pub fn topic_stats(ep: &Endpoint, who: &Principal, req: &Command) -> Command {
         );
     }
     let end = admin::topic_end(&shared, topic);
-    let rows = (0..ep.config.remoting_queues).map(|q| {
+    let rows = (0..ep.queues(&shared, topic)).map(|q| {
         let max = if q == 0 { end } else { 0 };
         (
             queue_key(topic, q),
@@ -173,7 +196,7 @@ pub fn topic_config(ep: &Endpoint, who: &Principal, req: &Command) -> Command {
             Some(format!("topic {topic} does not exist")),
         );
     }
-    let n = ep.config.remoting_queues;
+    let n = ep.queues(&shared, topic);
     let body = json!({
         "topicName": topic, "readQueueNums": n, "writeQueueNums": n, "perm": 6,
         "topicFilterType": "SINGLE_TAG", "topicSysFlag": 0, "order": false, "attributes": {},
@@ -230,7 +253,7 @@ pub async fn consume_stats(ep: &Endpoint, who: &Principal, req: &Command) -> Com
         if only.as_ref().is_some_and(|o| *o != t.topic) {
             continue;
         }
-        for q in 0..ep.config.remoting_queues {
+        for q in 0..ep.queues(&shared, &t.topic) {
             let (broker, consumer) = if q == 0 {
                 (t.next_offset, t.ack_floor)
             } else {

@@ -270,18 +270,20 @@ async fn dispatch(ep: &Arc<Endpoint>, conn: &Arc<Conn>, req: &Command) -> Comman
         GET_EARLIEST_MSG_STORETIME => Command::answer(req, SUCCESS, None).with("timestamp", 0),
         CONSUMER_SEND_MSG_BACK => pull::send_back(ep, conn, &who, req).await,
         LOCK_BATCH_MQ => match ep.shared() {
-            Ok(shared) => {
-                let queues = ep.config.remoting_queues;
-                ep.locks
-                    .lock(req, &conn.lock_owner(), queues, |group, topic| {
-                        consume::may_consume(&shared, &who, group, topic).is_ok()
-                    })
-            }
+            Ok(shared) => ep.locks.lock(
+                req,
+                &conn.lock_owner(),
+                |topic| ep.queues(&shared, topic),
+                |group, topic| consume::may_consume(&shared, &who, group, topic).is_ok(),
+            ),
             Err(e) => super::refusal(req, &e),
         },
-        UNLOCK_BATCH_MQ => ep
-            .locks
-            .unlock(req, &conn.lock_owner(), ep.config.remoting_queues),
+        UNLOCK_BATCH_MQ => match ep.shared() {
+            Ok(shared) => ep
+                .locks
+                .unlock(req, &conn.lock_owner(), |topic| ep.queues(&shared, topic)),
+            Err(e) => super::refusal(req, &e),
+        },
         GET_BROKER_RUNTIME_INFO => admin::runtime_info(ep, &who, req),
         UPDATE_AND_CREATE_TOPIC => admin::create_topic(ep, &who, req).await,
         DELETE_TOPIC_IN_BROKER => admin::delete_topic(ep, &who, req).await,

@@ -134,6 +134,31 @@ impl Pulls {
         gone
     }
 
+    /// Topic `topic` shows `queues` queues now: what lanes beyond them held is let go
+    /// (no client pulls or commits them any more), and those lanes are gone.
+    pub fn shrunk(&self, topic: &str, queues: usize) -> Vec<(String, Held)> {
+        let queues = i32::try_from(queues).unwrap_or(i32::MAX);
+        let mut inner = self.inner.lock().expect("pulls lock");
+        let mut out = Vec::new();
+        for ((group, _), lanes) in inner.iter_mut().filter(|((_, t), _)| t == topic) {
+            let beyond: Vec<i32> = lanes
+                .lanes
+                .keys()
+                .copied()
+                .filter(|q| *q >= queues)
+                .collect();
+            for q in beyond {
+                if let Some(lane) = lanes.lanes.remove(&q) {
+                    for h in lane.held.into_values() {
+                        lanes.by_offset.remove(&h.offset);
+                        out.push((group.clone(), h));
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// Connection `conn` closed: what its lanes held is let go (its leases end and the
     /// messages come again), and the lanes are no one's.
     pub fn closed(&self, conn: u64) -> Vec<(String, String, Held)> {
@@ -227,6 +252,29 @@ mod tests {
             }),
             ..Default::default()
         }
+    }
+
+    /// A topic whose queue count shrank: the lanes beyond it give up what they held,
+    /// the others keep theirs.
+    #[test]
+    fn lanes_beyond_a_shrunk_count_let_go() {
+        let p = Pulls::default();
+        p.hand_out("g", "t", 0, 0, 1, &[delivery(10, 1)]);
+        p.hand_out("g", "t", 5, 0, 1, &[delivery(11, 2), delivery(12, 3)]);
+        p.hand_out("h", "t", 7, 0, 2, &[delivery(13, 4)]);
+        p.hand_out("g", "other", 6, 0, 1, &[delivery(14, 5)]);
+        let mut gone: Vec<(String, u64)> = p
+            .shrunk("t", 4)
+            .into_iter()
+            .map(|(g, h)| (g, h.offset))
+            .collect();
+        gone.sort();
+        assert_eq!(gone, [("g".into(), 11), ("g".into(), 12), ("h".into(), 13)]);
+        assert_eq!(p.next("g", "t", 5), 0, "the lane is gone");
+        assert!(p.take("g", "t", 11, 1).is_none());
+        assert!(p.take("g", "t", 10, 1).is_some(), "queue 0 stays");
+        assert!(p.take("g", "other", 14, 1).is_some(), "another topic stays");
+        assert!(p.shrunk("t", 4).is_empty());
     }
 
     /// A lane numbers what it hands out from where the client asked (or on), and a

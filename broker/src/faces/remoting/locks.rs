@@ -45,7 +45,7 @@ struct Asked {
 }
 
 /// A lock request's body, its names and queue ids checked (nothing else is kept).
-fn asked(body: &[u8], queues: i64) -> Result<Asked, String> {
+fn asked(body: &[u8], queues: &dyn Fn(&str) -> usize) -> Result<Asked, String> {
     let v: serde_json::Value =
         serde_json::from_slice(body).map_err(|e| format!("the body does not parse: {e}"))?;
     let text = |k: &str| {
@@ -70,7 +70,8 @@ fn asked(body: &[u8], queues: i64) -> Result<Asked, String> {
             let queue = q.get("queueId").and_then(serde_json::Value::as_i64)?;
             let known = crate::service::name("topic", topic).is_ok()
                 || super::route::group_topic(topic).is_some();
-            (known && (0..queues.max(1)).contains(&queue)).then(|| {
+            let count = i64::try_from(queues(topic)).unwrap_or(i64::MAX).max(1);
+            (known && (0..count).contains(&queue)).then(|| {
                 (
                     super::route::BROKER_NAME.to_string(),
                     topic.to_string(),
@@ -94,10 +95,10 @@ impl Locks {
         &self,
         req: &Command,
         client: &str,
-        queues: usize,
+        queues: impl Fn(&str) -> usize,
         may: impl Fn(&str, &str) -> bool,
     ) -> Command {
-        let mut a = match asked(&req.body, queues as i64) {
+        let mut a = match asked(&req.body, &queues) {
             Ok(a) => a,
             Err(why) => return invalid(req, why),
         };
@@ -132,8 +133,8 @@ impl Locks {
     }
 
     /// UNLOCK_BATCH_MQ from `client`: its locks on these queues end.
-    pub fn unlock(&self, req: &Command, client: &str, queues: usize) -> Command {
-        let mut a = match asked(&req.body, queues as i64) {
+    pub fn unlock(&self, req: &Command, client: &str, queues: impl Fn(&str) -> usize) -> Command {
+        let mut a = match asked(&req.body, &queues) {
             Ok(a) => a,
             Err(why) => return invalid(req, why),
         };
@@ -186,31 +187,34 @@ mod tests {
     fn a_queue_is_one_clients_until_it_lets_go() {
         let l = Locks::default();
         assert_eq!(
-            granted(&l.lock(&request("a", &[0, 1]), "a", 8, yes)),
+            granted(&l.lock(&request("a", &[0, 1]), "a", |_| 8, yes)),
             [0, 1]
         );
-        assert_eq!(granted(&l.lock(&request("b", &[1, 2]), "b", 8, yes)), [2]);
         assert_eq!(
-            granted(&l.lock(&request("a", &[0, 1]), "a", 8, yes)),
+            granted(&l.lock(&request("b", &[1, 2]), "b", |_| 8, yes)),
+            [2]
+        );
+        assert_eq!(
+            granted(&l.lock(&request("a", &[0, 1]), "a", |_| 8, yes)),
             [0, 1],
             "renewed"
         );
-        l.unlock(&request("b", &[1]), "b", 8);
+        l.unlock(&request("b", &[1]), "b", |_| 8);
         assert!(
-            granted(&l.lock(&request("b", &[1]), "b", 8, yes)).is_empty(),
+            granted(&l.lock(&request("b", &[1]), "b", |_| 8, yes)).is_empty(),
             "not b's to free"
         );
-        l.unlock(&request("a", &[1]), "a", 8);
-        assert_eq!(granted(&l.lock(&request("b", &[1]), "b", 8, yes)), [1]);
+        l.unlock(&request("a", &[1]), "a", |_| 8);
+        assert_eq!(granted(&l.lock(&request("b", &[1]), "b", |_| 8, yes)), [1]);
         assert_eq!(
-            l.lock(&Command::default(), "a", 8, yes).code,
+            l.lock(&Command::default(), "a", |_| 8, yes).code,
             codes::INVALID_PARAMETER
         );
-        assert!(granted(&l.lock(&request("c", &[7]), "c", 8, |_, _| false)).is_empty());
+        assert!(granted(&l.lock(&request("c", &[7]), "c", |_| 8, |_, _| false)).is_empty());
         // Queue ids outside the topic's queues are not locked.
-        assert!(granted(&l.lock(&request("c", &[8, -1]), "c", 8, yes)).is_empty());
+        assert!(granted(&l.lock(&request("c", &[8, -1]), "c", |_| 8, yes)).is_empty());
         // A body that names another client changes nothing: the connection's decides.
-        l.unlock(&request("a", &[0]), "b", 8);
-        assert!(granted(&l.lock(&request("a", &[0]), "b", 8, yes)).is_empty());
+        l.unlock(&request("a", &[0]), "b", |_| 8);
+        assert!(granted(&l.lock(&request("a", &[0]), "b", |_| 8, yes)).is_empty());
     }
 }

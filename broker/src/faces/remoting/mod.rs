@@ -112,6 +112,12 @@ struct Endpoint {
 }
 
 impl Endpoint {
+    /// The queues topic `topic` shows: its own count, else `--remoting-queues`.
+    fn queues(&self, shared: &Shared, topic: &str) -> usize {
+        let default = u32::try_from(self.config.remoting_queues).unwrap_or(u32::MAX);
+        crate::service::admin::topic_queues(shared, topic, default) as usize
+    }
+
     /// The broker's parts while it may serve from them (a group leader's lease holds).
     fn shared(&self) -> Result<Arc<Shared>, Error> {
         self.live

@@ -145,7 +145,7 @@ pub async fn pull(ep: &Endpoint, conn: &Arc<Conn>, who: &Principal, req: &Comman
     if let Err(e) = crate::service::name("group", &h.group) {
         return refusal(req, &e);
     }
-    let queues = i32::try_from(ep.config.remoting_queues).unwrap_or(i32::MAX);
+    let queues = i32::try_from(ep.queues(&shared, &h.topic)).unwrap_or(i32::MAX);
     let suspend = if h.sys_flag & SUSPEND != 0 {
         h.suspend.min(MAX_SUSPEND)
     } else {

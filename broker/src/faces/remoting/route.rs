@@ -16,6 +16,7 @@ use super::codes;
 use super::frame::Command;
 use super::{Endpoint, refusal, required};
 use crate::error::Error;
+use crate::service::consume::LeaseRef;
 use crate::service::{Principal, admin};
 
 /// The broker name every route and answer names.
@@ -104,7 +105,16 @@ pub async fn topic(ep: &Endpoint, who: &Principal, req: &Command) -> Command {
         );
     }
     match admin::route_topic(&shared, who, &topic).await {
-        Ok(()) => ok(route(ep, ep.config.remoting_queues, PERM_RW)),
+        Ok(()) => {
+            let queues = ep.queues(&shared, &topic);
+            // Its count may have shrunk since the clients last asked: what the queues
+            // beyond held is let go (they come again once their leases end).
+            for (group, h) in ep.pulls.shrunk(&topic, queues) {
+                ep.renewals
+                    .release(&group, &topic, LeaseRef::new(h.offset, h.lease_id));
+            }
+            ok(route(ep, queues, PERM_RW))
+        }
         Err(e @ (Error::TopicNotFound(_) | Error::InvalidName(_))) => {
             Command::answer(req, codes::TOPIC_NOT_EXIST, Some(e.to_string()))
         }

@@ -354,7 +354,7 @@ pub async fn send(ep: &Endpoint, conn: &Arc<Conn>, who: &Principal, req: &Comman
         Ok(m) => m,
         Err(answer) => return answer,
     };
-    let queues = i32::try_from(ep.config.remoting_queues).unwrap_or(i32::MAX);
+    let queues = i32::try_from(ep.queues(&shared, &h.topic)).unwrap_or(i32::MAX);
     let queue_id = if (0..queues).contains(&h.queue_id) {
         h.queue_id
     } else {

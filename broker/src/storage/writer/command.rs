@@ -109,13 +109,19 @@ pub enum Command {
         fail_if_exists: bool,
         /// Retention overrides (0: the broker's): age in ms, size in bytes.
         retention: (u64, u64),
+        /// Its queues (0: the broker's).
+        queues: u32,
     },
-    /// Change a topic's retention overrides (0: the broker's).
-    SetRetention {
+    /// Change what is given of a topic's settings (0: the broker's).
+    AlterTopic {
         /// The topic.
         topic: Arc<Topic>,
-        /// Age in ms, size in bytes.
-        retention: (u64, u64),
+        /// Retention by age, ms.
+        retention_ms: Option<u64>,
+        /// Retention by size, bytes.
+        retention_bytes: Option<u64>,
+        /// Its queues.
+        queues: Option<u32>,
     },
     /// Remove a topic's messages below `to` (retention): one range delete.
     Retain {

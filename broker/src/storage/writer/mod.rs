@@ -442,6 +442,7 @@ impl Writer {
                 name,
                 fail_if_exists,
                 retention,
+                queues,
             } => {
                 if let Some(t) = self.topic(&name, stage) {
                     return if fail_if_exists {
@@ -451,17 +452,27 @@ impl Writer {
                     };
                 }
                 let topic = self.create_topic_capped(name, stage)?;
-                if retention != (0, 0) {
+                if retention != (0, 0) || queues != 0 {
                     topic.set_retention(retention.0, retention.1);
+                    topic.set_queues(queues);
                     self.put_topic(&topic, topic.start(), stage);
                 }
                 Ok(Outcome::Topic(topic))
             }
-            Command::SetRetention { topic, retention } => {
+            Command::AlterTopic {
+                topic,
+                retention_ms,
+                retention_bytes,
+                queues,
+            } => {
                 Self::alive(&topic)?;
-                // Set now (a retention setting is not a message: nothing waits on it);
-                // stored with the batch.
-                topic.set_retention(retention.0, retention.1);
+                // Set now (a setting is not a message: nothing waits on it); stored
+                // with the batch.
+                let (ms, bytes) = topic.retention();
+                topic.set_retention(retention_ms.unwrap_or(ms), retention_bytes.unwrap_or(bytes));
+                if let Some(q) = queues {
+                    topic.set_queues(q);
+                }
                 self.put_topic(&topic, topic.start(), stage);
                 Ok(Outcome::Topic(topic))
             }

@@ -1,4 +1,4 @@
-//! `txmq topic`: create, alter (retention), list and delete topics.
+//! `txmq topic`: create, alter (retention, queues), list and delete topics.
 
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -15,16 +15,24 @@ pub enum TopicCmd {
         topic: String,
         #[command(flatten)]
         retention: Retention,
+        /// The queues RocketMQ clients see on the Remoting face (1 to 64; unset: the
+        /// broker's remoting-queues), as `mqadmin updateTopic -r` sets.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=64))]
+        queues: Option<u32>,
         /// JSON output.
         #[arg(long)]
         json: bool,
     },
-    /// Change a topic's retention (0 or unset: the broker's).
+    /// Change what is given of a topic's settings; the rest stays.
     Alter {
         /// Name.
         topic: String,
         #[command(flatten)]
         retention: Retention,
+        /// The queues RocketMQ clients see on the Remoting face (1 to 64; 0: the
+        /// broker's remoting-queues).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(0..=64))]
+        queues: Option<u32>,
         /// JSON output.
         #[arg(long)]
         json: bool,
@@ -53,11 +61,12 @@ pub enum TopicCmd {
 /// A topic's retention overrides.
 #[derive(Debug, clap::Args)]
 pub struct Retention {
-    /// Keep messages this long (`7d`, `12h`); unset: the broker's.
+    /// Keep messages this long (`7d`, `12h`; `0`: the broker's); unset: the broker's
+    /// when creating, unchanged when altering.
     #[arg(long, value_parser = parse_age)]
     retention: Option<Duration>,
-    /// Keep at most this much of the topic's log (`10GiB`, `500MB`, bytes); unset: the
-    /// broker's.
+    /// Keep at most this much of the topic's log (`10GiB`, `500MB`, bytes; `0`: the
+    /// broker's); unset: the broker's when creating, unchanged when altering.
     #[arg(long, value_parser = parse_bytes)]
     retention_bytes: Option<u64>,
 }
@@ -72,6 +81,9 @@ impl Retention {
 }
 
 fn parse_age(text: &str) -> Result<Duration, String> {
+    if text.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
     humantime::parse_duration(text.trim()).map_err(|e| format!("bad duration {text:?}: {e}"))
 }
 
@@ -137,15 +149,24 @@ fn print_one(t: &txmq_client::pb::TopicInfo, what: &str, json: bool) {
             "{}",
             json!({what: t.name, "created_ms": t.created_ms, "retention_ms": t.retention_ms,
                 "retention_bytes": t.retention_bytes, "start_offset": t.start_offset,
-                "next_offset": t.next_offset})
+                "next_offset": t.next_offset, "queues": t.queues})
         );
     } else {
         println!(
-            "{what} topic {} (retention {}, retention bytes {})",
+            "{what} topic {} (retention {}, retention bytes {}, queues {})",
             t.name,
             age(t.retention_ms),
-            bytes(t.retention_bytes)
+            bytes(t.retention_bytes),
+            queues(t.queues)
         );
+    }
+}
+
+fn queues(q: u32) -> String {
+    if q == 0 {
+        "default".into()
+    } else {
+        q.to_string()
     }
 }
 
@@ -155,19 +176,29 @@ pub async fn run(addr: &str, token: &str, cmd: TopicCmd) -> anyhow::Result<()> {
         TopicCmd::Create {
             topic,
             retention,
+            queues,
             json,
         } => {
             let t = admin
-                .create_topic_with(&topic, true, retention.ms_and_bytes())
+                .create_topic_with(&topic, true, retention.ms_and_bytes(), queues.unwrap_or(0))
                 .await?;
             print_one(&t, "created", json);
         }
         TopicCmd::Alter {
             topic,
             retention,
+            queues,
             json,
         } => {
-            let t = admin.alter_topic(&topic, retention.ms_and_bytes()).await?;
+            let change = txmq_client::TopicChange {
+                retention_ms: retention.retention.map(|d| d.as_millis() as u64),
+                retention_bytes: retention.retention_bytes,
+                queues,
+            };
+            if change == txmq_client::TopicChange::default() {
+                anyhow::bail!("nothing to change: give --retention, --retention-bytes or --queues");
+            }
+            let t = admin.alter_topic(&topic, change).await?;
             print_one(&t, "altered", json);
         }
         TopicCmd::Delete { topic, force, json } => {
@@ -198,6 +229,7 @@ pub async fn run(addr: &str, token: &str, cmd: TopicCmd) -> anyhow::Result<()> {
                     ("BYTES", 10),
                     ("OLDEST", 10),
                     ("RETENTION", 10),
+                    ("QUEUES", 7),
                     ("CREATED", 24),
                 ],
             );
@@ -211,11 +243,13 @@ pub async fn run(addr: &str, token: &str, cmd: TopicCmd) -> anyhow::Result<()> {
                         bytes(t.bytes),
                         oldest(t.oldest_ms),
                         age(t.retention_ms),
+                        queues(t.queues),
                         humantime::format_rfc3339_seconds(created).to_string(),
                     ],
                     json!({"name": t.name, "messages": t.next_offset - t.start_offset,
                         "start_offset": t.start_offset, "next_offset": t.next_offset,
                         "retention_ms": t.retention_ms, "retention_bytes": t.retention_bytes,
+                        "queues": t.queues,
                         "created_ms": t.created_ms, "bytes": t.bytes, "oldest_ms": t.oldest_ms}),
                 );
             }
