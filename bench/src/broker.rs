@@ -15,12 +15,22 @@ struct Node {
     /// Its flags (the same at a restart).
     args: Vec<String>,
     addr: String,
+    /// Its Remoting and gRPC faces' addresses, when they listen.
+    faces: Faces,
     dir: tempfile::TempDir,
+}
+
+/// The other faces' addresses.
+#[derive(Debug, Clone, Default)]
+pub struct Faces {
+    pub remoting: Option<String>,
+    pub grpc: Option<String>,
 }
 
 /// A broker (or a group) the bench talks to.
 pub struct Broker {
     addr: String,
+    faces: Faces,
     nodes: Vec<Node>,
     /// A group's secret file (`--cluster-secret-file`), kept while the nodes run.
     _secret: Option<tempfile::TempDir>,
@@ -55,13 +65,39 @@ impl Node {
             .spawn()
             .context("starting txmq-broker")?;
         let stdout = child.stdout.take().context("broker stdout")?;
+        let mut stdout = BufReader::new(stdout);
         let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line)?;
+        stdout.read_line(&mut line)?;
         self.addr = line
             .trim()
             .strip_prefix("txmq-broker listening on ")
             .with_context(|| format!("unexpected broker output {line:?}"))?
             .to_string();
+        let listens = |flag: &str| {
+            self.args
+                .iter()
+                .position(|a| a == flag)
+                .and_then(|i| self.args.get(i + 1))
+                .is_some_and(|v| v != "none")
+        };
+        let (want_remoting, want_grpc) = (listens("--remoting-listen"), listens("--grpc-listen"));
+        self.faces = Faces::default();
+        while (want_remoting && self.faces.remoting.is_none())
+            || (want_grpc && self.faces.grpc.is_none())
+        {
+            line.clear();
+            anyhow::ensure!(
+                stdout.read_line(&mut line)? > 0,
+                "the broker's output ended"
+            );
+            let line = line.trim();
+            if let Some(a) = line.strip_prefix("txmq-broker remoting listening on ") {
+                self.faces.remoting = Some(a.to_string());
+            }
+            if let Some(a) = line.strip_prefix("txmq-broker grpc listening on ") {
+                self.faces.grpc = Some(a.to_string());
+            }
+        }
         self.child = Some(child);
         Ok(())
     }
@@ -74,6 +110,7 @@ impl Node {
             child: None,
             args,
             addr: String::new(),
+            faces: Faces::default(),
             dir,
         };
         node.spawn()?;
@@ -81,21 +118,19 @@ impl Node {
     }
 }
 
-fn common(flush: Flush) -> Vec<String> {
+/// The flags every node gets: its flush mode, and the faces `extra` does not open off.
+fn common(flush: Flush, extra: &[String]) -> Vec<String> {
     let flush = match flush {
         Flush::Sync => "sync",
         Flush::Async => "async",
     };
-    [
-        "--grpc-listen",
-        "none",
-        "--remoting-listen",
-        "none",
-        "--flush",
-        flush,
-    ]
-    .map(String::from)
-    .to_vec()
+    let mut args = vec!["--flush".to_string(), flush.into()];
+    for face in ["--grpc-listen", "--remoting-listen"] {
+        if !extra.iter().any(|a| a == face) {
+            args.extend([face.to_string(), "none".into()]);
+        }
+    }
+    args
 }
 
 impl Broker {
@@ -103,19 +138,26 @@ impl Broker {
     pub fn external(addr: &str) -> Self {
         Self {
             addr: addr.to_string(),
+            faces: Faces::default(),
             nodes: Vec::new(),
             _secret: None,
         }
     }
 
+    /// Its Remoting and gRPC faces' addresses (those that listen).
+    pub fn faces(&self) -> Faces {
+        self.faces.clone()
+    }
+
     /// Starts `txmq-broker` (next to this binary) on a temporary directory.
     pub fn start(flush: Flush, extra: &[String]) -> anyhow::Result<Self> {
         let mut args = vec!["--listen".to_string(), "127.0.0.1:0".into()];
-        args.extend(common(flush));
+        args.extend(common(flush, extra));
         args.extend_from_slice(extra);
         let node = Node::start(args)?;
         Ok(Self {
             addr: node.addr.clone(),
+            faces: node.faces.clone(),
             nodes: vec![node],
             _secret: None,
         })
@@ -145,7 +187,7 @@ impl Broker {
                 "--cluster-secret-file".into(),
                 secret_file.display().to_string(),
             ];
-            args.extend(common(flush));
+            args.extend(common(flush, extra));
             args.extend_from_slice(extra);
             nodes.push(Node::start(args)?);
         }
@@ -156,6 +198,7 @@ impl Broker {
             .join(",");
         let broker = Self {
             addr,
+            faces: Faces::default(),
             nodes,
             _secret: Some(secret),
         };

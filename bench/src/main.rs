@@ -7,6 +7,8 @@
 mod access;
 mod broker;
 mod failover;
+mod grpc;
+mod remoting;
 mod retention;
 mod scenarios;
 mod schedule;
@@ -14,6 +16,7 @@ mod stalls;
 
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::{Parser, ValueEnum};
 
 // The bench shares the two cores with the broker: the same allocator as the broker keeps
@@ -44,6 +47,17 @@ pub enum Scenario {
     /// Paced sends (`--rate`, 20,000 a second when 0) to a broker with a short retention
     /// (`--retention-secs`), sampling its data directory's disk use every second.
     Retention,
+}
+
+/// Which face of the broker the clients speak to (`send`, `txn`, `e2e`).
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum Protocol {
+    /// txmq's own protocol and client library.
+    Native,
+    /// RocketMQ's Remoting protocol, as the classic Java and Go clients speak it.
+    Remoting,
+    /// RocketMQ 5's gRPC protocol, as the 5.x clients speak it.
+    Grpc,
 }
 
 /// Flush mode passed to a broker the bench starts.
@@ -124,6 +138,10 @@ pub struct Args {
     /// The broker serves TLS (a self-signed certificate the clients trust).
     #[arg(long)]
     pub tls: bool,
+    /// The face the clients speak to (`send`, `txn`, `e2e` on the broker the bench
+    /// starts): the same broker, storage and delivery under each.
+    #[arg(long, value_enum, default_value = "native")]
+    pub protocol: Protocol,
 }
 
 /// What a scenario measured.
@@ -163,7 +181,27 @@ async fn main() -> anyhow::Result<()> {
                 )),
         "--users and --tls are for send, txn and e2e on the broker the bench starts"
     );
-    let (access_args, _access_files) = access::broker_args(args.users, args.tls)?;
+    anyhow::ensure!(
+        args.protocol == Protocol::Native
+            || (args.broker.is_none()
+                && args.group <= 1
+                && !args.users
+                && !args.tls
+                && matches!(
+                    args.scenario,
+                    Scenario::Send | Scenario::Txn | Scenario::E2e
+                )),
+        "--protocol remoting and grpc are for send, txn and e2e on a single broker the bench \
+         starts, without --users or --tls"
+    );
+    let (mut access_args, _access_files) = access::broker_args(args.users, args.tls)?;
+    match args.protocol {
+        Protocol::Native => {}
+        Protocol::Remoting => {
+            access_args.extend(["--remoting-listen".into(), "127.0.0.1:0".into()])
+        }
+        Protocol::Grpc => access_args.extend(["--grpc-listen".into(), "127.0.0.1:0".into()]),
+    }
     let mut broker = match &args.broker {
         Some(addr) => broker::Broker::external(addr),
         None => {
@@ -181,6 +219,14 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     access::setup(broker.addr(), args.users).await?;
+    if args.protocol != Protocol::Native {
+        // The other faces answer "opening its storage" until it is open; the native
+        // port takes its first request only then.
+        txmq_client::Admin::connect(broker.addr(), "")
+            .await?
+            .topics()
+            .await?;
+    }
     let cpu_before = broker.cpu_seconds();
     let probe = stalls::StallProbe::start();
     let report = if args.scenario == Scenario::Retention {
@@ -188,7 +234,31 @@ async fn main() -> anyhow::Result<()> {
     } else if args.scenario == Scenario::Failover {
         failover::failover(&args, &mut broker).await?
     } else {
-        scenarios::run(&args, broker.addr()).await?
+        match args.protocol {
+            Protocol::Native => scenarios::run(&args, broker.addr()).await?,
+            Protocol::Remoting => {
+                let at = broker
+                    .faces()
+                    .remoting
+                    .context("the Remoting face did not listen")?;
+                match args.scenario {
+                    Scenario::Send => remoting::send(&args, &at, "bench-send", false).await?,
+                    Scenario::Txn => remoting::txn(&args, &at).await?,
+                    _ => remoting::e2e(&args, &at).await?,
+                }
+            }
+            Protocol::Grpc => {
+                let at = broker
+                    .faces()
+                    .grpc
+                    .context("the gRPC face did not listen")?;
+                match args.scenario {
+                    Scenario::Send => grpc::send(&args, &at, "bench-send", false).await?,
+                    Scenario::Txn => grpc::txn(&args, &at).await?,
+                    _ => grpc::e2e(&args, &at).await?,
+                }
+            }
+        }
     };
     let stalls = probe.finish();
     let cpu = broker.cpu_seconds().zip(cpu_before).map(|(a, b)| a - b);
@@ -205,7 +275,8 @@ fn print(args: &Args, r: &Report, stalls: stalls::Stalls, cpu: Option<f64>, rss:
     let scenario = format!("{:?}", args.scenario).to_lowercase();
     if args.json {
         let mut line = serde_json::json!({
-                "scenario": scenario, "messages": r.done, "size": args.size,
+                "scenario": scenario, "protocol": format!("{:?}", args.protocol).to_lowercase(),
+                "messages": r.done, "size": args.size,
                 "producers": args.producers, "consumers": args.consumers, "window": args.window,
                 "flush": format!("{:?}", args.flush).to_lowercase(), "group": args.group.max(1),
                 "secs": secs, "msgs_per_sec": rate, "mb_per_sec": mb,
@@ -221,8 +292,8 @@ fn print(args: &Args, r: &Report, stalls: stalls::Stalls, cpu: Option<f64>, rss:
         println!("{line}");
     } else {
         println!(
-            "scenario      {scenario} ({} producer(s), {} consumer(s), window {}, flush {:?})",
-            args.producers, args.consumers, args.window, args.flush
+            "scenario      {scenario} over {:?} ({} producer(s), {} consumer(s), window {}, flush {:?})",
+            args.protocol, args.producers, args.consumers, args.window, args.flush
         );
         println!("done          {} in {secs:.2} s", r.done);
         println!("throughput    {rate:.0} msg/s, {mb:.1} MB/s");

@@ -33,7 +33,7 @@ pub(crate) fn payload(size: usize, stamp: bool) -> Bytes {
 }
 
 /// Splits `total` over `parts` as evenly as possible.
-fn share(total: u64, parts: usize, i: usize) -> u64 {
+pub(crate) fn share(total: u64, parts: usize, i: usize) -> u64 {
     let parts = parts as u64;
     total / parts + u64::from((i as u64) < total % parts)
 }
@@ -316,7 +316,7 @@ where
 }
 
 /// The latencies of every producer or consumer task, in one histogram.
-async fn merged(
+pub(crate) async fn merged(
     tasks: Vec<tokio::task::JoinHandle<anyhow::Result<Histogram<u64>>>>,
 ) -> anyhow::Result<Histogram<u64>> {
     let mut latency = histogram();

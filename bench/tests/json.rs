@@ -73,3 +73,38 @@ fn every_scenario_reports_its_figures() {
         "arrival at a consumer minus the scheduled time"
     );
 }
+
+/// `--protocol remoting` and `--protocol grpc`: the same scenarios through the RocketMQ
+/// faces, each run ending only once every message was sent (and, for e2e, received).
+#[test]
+fn the_rocketmq_faces_are_measured_too() {
+    for protocol in ["remoting", "grpc"] {
+        for scenario in ["send", "txn", "e2e"] {
+            let r = bench(&[
+                scenario,
+                "--protocol",
+                protocol,
+                "--messages",
+                "300",
+                "--size",
+                "100",
+                "--consumers",
+                "2",
+            ]);
+            assert_eq!(
+                (r["scenario"].as_str(), r["protocol"].as_str()),
+                (Some(scenario), Some(protocol)),
+                "{r}"
+            );
+            assert_eq!(r["messages"], 300, "{r}");
+            assert!(r["p99_us"].as_u64().is_some_and(|p| p > 0), "{r}");
+        }
+    }
+    // Not for what the faces do not take.
+    let out = Command::new(env!("CARGO_BIN_EXE_txmq-bench"))
+        .args(["fifo", "--protocol", "remoting", "--messages", "10"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--protocol remoting and grpc"));
+}

@@ -44,6 +44,9 @@ pub enum Error {
     /// The broker is stopping.
     #[error("the broker is shutting down")]
     ShuttingDown,
+    /// The broker has not opened its storage yet (or is reopening it).
+    #[error("the broker is opening its storage; retry in a moment")]
+    Opening,
     /// A request before the handshake.
     #[error("send Hello first")]
     HandshakeRequired,
@@ -131,7 +134,7 @@ impl Error {
             Error::TxnRolledBack(_) => ErrorCode::TxnAlreadyRolledBack,
             Error::TxnNotRearmable(..) => ErrorCode::TxnNotRearmable,
             Error::LeaseNotFound(_) => ErrorCode::LeaseNotFound,
-            Error::Storage(_) | Error::StorageFailed(_) => ErrorCode::StorageError,
+            Error::Storage(_) | Error::StorageFailed(_) | Error::Opening => ErrorCode::StorageError,
             Error::ShuttingDown => ErrorCode::ShuttingDown,
             Error::HandshakeRequired => ErrorCode::HandshakeRequired,
             Error::NotAuthenticated(_) => ErrorCode::NotAuthenticated,

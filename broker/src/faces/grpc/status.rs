@@ -51,7 +51,7 @@ pub fn code(e: &Error) -> pb::Code {
         // Back-pressure: clients back off and retry.
         Error::DiskFull(_) => pb::Code::TooManyRequests,
         // A broker group's follower, or a leader that just lost its leadership.
-        Error::NotLeader(_) => pb::Code::HaNotAvailable,
+        Error::NotLeader(_) | Error::Opening => pb::Code::HaNotAvailable,
         Error::Storage(_)
         | Error::StorageFailed(_)
         | Error::ShuttingDown

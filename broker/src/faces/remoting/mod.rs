@@ -127,7 +127,7 @@ impl Endpoint {
                 if self.config.peers.is_some() {
                     Error::NotLeader(None)
                 } else {
-                    Error::Invalid("the broker is opening its storage; retry in a moment".into())
+                    Error::Opening
                 }
             })
     }
@@ -227,7 +227,8 @@ fn code_of(e: &Error) -> i32 {
         Error::TopicNotFound(_) => TOPIC_NOT_EXIST,
         Error::PermissionDenied(_) | Error::NotAuthenticated(_) => NO_PERMISSION,
         Error::TooLarge(_) | Error::InvalidName(_) | Error::ScheduleTooFar(_) => MESSAGE_ILLEGAL,
-        Error::NotLeader(_) | Error::ShuttingDown | Error::StorageFailed(_) => {
+        // SERVICE_NOT_AVAILABLE: the Java producer tries again (another broker) on it.
+        Error::NotLeader(_) | Error::ShuttingDown | Error::StorageFailed(_) | Error::Opening => {
             SERVICE_NOT_AVAILABLE
         }
         Error::DiskFull(_) | Error::LimitReached(_) => SYSTEM_BUSY,
