@@ -116,6 +116,16 @@ pub struct Raw {
 }
 
 impl Raw {
+    /// Connects to `addr`, or `None` when nothing listens there (a node that died).
+    pub fn try_connect(addr: &str) -> Option<Self> {
+        let addr: std::net::SocketAddr = addr.parse().ok()?;
+        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .ok()?;
+        Some(Self { stream })
+    }
+
     /// Connects to `addr`.
     pub fn connect(addr: &str) -> Self {
         let stream = TcpStream::connect(addr).expect("connect to the Remoting face");

@@ -144,6 +144,8 @@ pub struct World {
     addr: String,
     /// The gRPC endpoint, when the gRPC clients take part.
     grpc: Option<String>,
+    /// A Remoting endpoint (any node's), when the Remoting producer takes part.
+    remoting: Option<String>,
     ledger: Mutex<Ledger>,
     groups: [Mutex<GroupLog>; 3],
     /// Orders what the consumers saw and did: each delivery and ack tried takes the next.
@@ -156,6 +158,8 @@ pub struct World {
     grpc_acks: [AtomicU64; 3],
     /// Sends the gRPC producer had acknowledged.
     grpc_sends: AtomicU64,
+    /// Sends the Remoting producer had acknowledged.
+    remoting_sends: AtomicU64,
 }
 
 impl World {
@@ -171,6 +175,11 @@ impl World {
     /// Sends the gRPC producer has had acknowledged so far.
     pub fn grpc_sends(&self) -> u64 {
         self.grpc_sends.load(Ordering::Relaxed)
+    }
+
+    /// Sends the Remoting producer has had acknowledged so far.
+    pub fn remoting_sends(&self) -> u64 {
+        self.remoting_sends.load(Ordering::Relaxed)
     }
 }
 
@@ -440,6 +449,63 @@ fn grpc_producer(world: Arc<World>) -> std::thread::JoinHandle<()> {
     )
 }
 
+/// The broker a Remoting route from the node at `access` names (in a group: the
+/// leader), as a RocketMQ client finds it.
+fn remoting_route(access: &str, topic: &str) -> Option<String> {
+    let mut raw = crate::remoting::Raw::try_connect(access)?;
+    raw.request(105, 1, 0, &[("topic", topic)], b"");
+    let r = raw.answer(1, Duration::from_secs(5))?;
+    let route: serde_json::Value = serde_json::from_slice(&r.body).ok()?;
+    route["brokerDatas"][0]["brokerAddrs"]["0"]
+        .as_str()
+        .map(str::to_string)
+}
+
+/// The Remoting producer: a raw client sending as the Java client does (SEND_MESSAGE_V2,
+/// its own `UNIQ_KEY`), to the broker its route names, routing again after any refusal
+/// or lost connection. What the face acknowledged joins the plain sends' ledger: every
+/// group must receive it, across kills and failovers (fsync before every OK, I1/I3).
+fn remoting_producer(world: Arc<World>) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let access = world.remoting.clone().expect("a Remoting endpoint");
+        let mut conn = None;
+        let mut n = 0u64;
+        while !world.stop_producers.load(Ordering::Relaxed) {
+            let Some(raw) = conn.as_mut() else {
+                conn = remoting_route(&access, TOPIC)
+                    .and_then(|at| crate::remoting::Raw::try_connect(&at));
+                if conn.is_none() {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                continue;
+            };
+            let body = format!("r{n}");
+            let props = format!("UNIQ_KEY\u{1}{body}\u{2}WAIT\u{1}true\u{2}");
+            let opaque = i32::try_from(n % (i32::MAX as u64)).unwrap_or(0) + 1;
+            n += 1;
+            let fields = [
+                ("a", "torture-remoting"),
+                ("b", TOPIC),
+                ("e", "0"),
+                ("i", &props),
+            ];
+            raw.request(310, opaque, 0, &fields, body.as_bytes());
+            match raw.answer(i64::from(opaque), Duration::from_secs(10)) {
+                Some(r) if r.code == 0 => {
+                    world.remoting_sends.fetch_add(1, Ordering::Relaxed);
+                    world.ledger.lock().unwrap().plain_acked.insert(body);
+                }
+                // Refused (a follower, a full queue) or no answer: it may or may not be
+                // stored, and is not required; route again.
+                _ => {
+                    conn = None;
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+    })
+}
+
 /// A gRPC consumer (`client.py` running `command`), one more of group `g`: acks
 /// everything it receives but poison.
 fn grpc_consumer(world: Arc<World>, g: usize, command: &str) -> std::thread::JoinHandle<()> {
@@ -693,6 +759,7 @@ pub struct Torture {
     consumers: Vec<tokio::task::JoinHandle<()>>,
     grpc_producer: Option<std::thread::JoinHandle<()>>,
     grpc_consumers: Vec<std::thread::JoinHandle<()>>,
+    remoting_producer: Option<std::thread::JoinHandle<()>>,
 }
 
 /// What a torture run found.
@@ -708,6 +775,8 @@ pub struct Report {
     pub grpc_sent: usize,
     /// Messages the gRPC consumer acked.
     pub grpc_acked: usize,
+    /// Messages the Remoting producer had stored.
+    pub remoting_sent: usize,
     /// Every group's dead-letter queue holds a message (a poison one at least).
     pub dead_lettered: bool,
     /// Deliveries again of a message not acked (leases lost or expired, nacks): the
@@ -720,9 +789,16 @@ impl Torture {
     /// two groups against `addr` (one broker, or a group's addresses separated by
     /// commas), and a gRPC producer and consumer against `grpc` when given.
     pub fn start(addr: &str, grpc: Option<&str>) -> Self {
+        Self::start_with(addr, grpc, None)
+    }
+
+    /// [`Torture::start`], and a Remoting producer against `remoting` (any node's
+    /// Remoting endpoint) when given.
+    pub fn start_with(addr: &str, grpc: Option<&str>, remoting: Option<&str>) -> Self {
         let world = Arc::new(World {
             addr: addr.to_string(),
             grpc: grpc.map(str::to_string),
+            remoting: remoting.map(str::to_string),
             ledger: Mutex::default(),
             groups: Default::default(),
             counts: Counts::default(),
@@ -731,6 +807,7 @@ impl Torture {
             stop_consumers: AtomicBool::new(false),
             grpc_acks: Default::default(),
             grpc_sends: AtomicU64::new(0),
+            remoting_sends: AtomicU64::new(0),
             events: AtomicU64::new(0),
         });
         let mut producers = Vec::new();
@@ -754,12 +831,14 @@ impl Torture {
             ),
             None => (None, Vec::new()),
         };
+        let remoting_producer = remoting.map(|_| remoting_producer(world.clone()));
         Self {
             world,
             producers,
             consumers,
             grpc_producer,
             grpc_consumers,
+            remoting_producer,
         }
     }
 
@@ -782,6 +861,9 @@ impl Torture {
         }
         if let Some(p) = self.grpc_producer {
             p.join().expect("the gRPC producer's driver");
+        }
+        if let Some(p) = self.remoting_producer {
+            p.join().expect("the Remoting producer");
         }
         world.settle.store(true, Ordering::Relaxed);
         // The transactional producers are gone; one stays connected to answer check-backs.
@@ -854,6 +936,14 @@ fn report(world: &World, cli: impl Fn(&[&str]) -> String) -> Report {
     if world.grpc.is_some() {
         summary += &format!(" grpc_sent={grpc_sent} grpc_acked={grpc_acked}");
     }
+    let remoting_sent = ledger
+        .plain_acked
+        .iter()
+        .filter(|b| b.starts_with('r'))
+        .count();
+    if world.remoting.is_some() {
+        summary += &format!(" remoting_sent={remoting_sent}");
+    }
     let mut redeliveries = 0;
     let mut dead_lettered = true;
     for (i, (name, g)) in GROUPS.iter().zip(&world.groups).enumerate() {
@@ -909,6 +999,7 @@ fn report(world: &World, cli: impl Fn(&[&str]) -> String) -> Report {
         required: required.len(),
         grpc_sent,
         grpc_acked,
+        remoting_sent,
         dead_lettered,
         redeliveries,
     }

@@ -21,8 +21,9 @@ async fn health(group: &TestGroup, i: usize) -> Option<(u16, serde_json::Value)>
 /// The Python client, pointed at a follower's gRPC endpoint, sends through the leader
 /// (its route names the leader's endpoint). The gRPC producer and consumer of the
 /// torture workload, pointed there too, go on after the leader is killed (their next
-/// route names the new leader), and the torture checker's rules hold across the
-/// failover. `/health` says `ok` on the leader and `following` on the others, naming
+/// route names the new leader), and so does a Remoting producer whose name server is
+/// that follower (its routes name the leader); the torture checker's rules hold across
+/// the failover, for what each of them had acknowledged. `/health` says `ok` on the leader and `following` on the others, naming
 /// the leader.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_clients_are_routed_to_the_leader_and_follow_a_failover() {
@@ -31,6 +32,8 @@ async fn grpc_clients_are_routed_to_the_leader_and_follow_a_failover() {
         "--grpc-listen",
         "127.0.0.1:0",
         "--metrics-listen",
+        "127.0.0.1:0",
+        "--remoting-listen",
         "127.0.0.1:0",
     ]);
     let mut group = TestGroup::start(3, &args);
@@ -80,11 +83,15 @@ async fn grpc_clients_are_routed_to_the_leader_and_follow_a_failover() {
     // and consumer; the leader dies. (One address: a list `a;b;c` makes the Python
     // client send the list as the HTTP/2 authority, which hyper refuses. A name that
     // resolves to every node serves where nodes share a port.)
+    // The Remoting producer's name server is that follower too (its routes name the
+    // leader).
     let access = group.nodes[follower].grpc_addr().to_string();
-    let torture = Torture::start(&group.addrs(), Some(&access));
+    let remoting = group.nodes[follower].remoting_addr().to_string();
+    let torture = Torture::start_with(&group.addrs(), Some(&access), Some(&remoting));
     let world = torture.world.clone();
     let started = eventually(Duration::from_secs(60), || async {
-        (world.grpc_sends() > 20 && world.grpc_acks(0) > 20).then_some(())
+        (world.grpc_sends() > 20 && world.grpc_acks(0) > 20 && world.remoting_sends() > 20)
+            .then_some(())
     })
     .await;
     assert!(
@@ -94,7 +101,11 @@ async fn grpc_clients_are_routed_to_the_leader_and_follow_a_failover() {
     );
     group.nodes[leader].kill9();
     let killed = Instant::now();
-    let (sends, acks) = (world.grpc_sends(), world.grpc_acks(0));
+    let (sends, acks, remoting_sends) = (
+        world.grpc_sends(),
+        world.grpc_acks(0),
+        world.remoting_sends(),
+    );
     let next = group
         .leader(Duration::from_secs(30))
         .await
@@ -102,19 +113,21 @@ async fn grpc_clients_are_routed_to_the_leader_and_follow_a_failover() {
     // Clients ask for routes again every 30 s (their own schedule): they find the new
     // leader then, at the latest.
     let resumed = eventually(Duration::from_secs(90), || async {
-        (world.grpc_sends() > sends + 20 && world.grpc_acks(0) > acks + 20)
+        (world.grpc_sends() > sends + 20
+            && world.grpc_acks(0) > acks + 20
+            && world.remoting_sends() > remoting_sends + 20)
             .then(|| killed.elapsed())
     })
     .await
     .unwrap_or_else(|| {
         panic!(
-            "the gRPC clients did not follow the new leader (node {})\n{}",
+            "the gRPC clients or the Remoting producer did not follow the new leader (node {})\n{}",
             next + 1,
             group.logs()
         )
     });
     println!(
-        "node {} killed; node {} leads; the gRPC producer and consumer went on after {resumed:?}",
+        "node {} killed; node {} leads; the gRPC producer and consumer and the Remoting producer went on after {resumed:?}",
         leader + 1,
         next + 1
     );

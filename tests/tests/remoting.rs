@@ -917,3 +917,98 @@ fn a_topic_keeps_its_queue_count() {
         .unwrap();
     assert_eq!(sixteen["queues"], 16, "{listed}");
 }
+
+/// The route a node's Remoting port answers for `topic`: the broker address it names
+/// and its read queue count (or the answer's code when it is no route).
+fn routed(at: &str, topic: &str) -> Result<(String, u64), i64> {
+    let mut raw = Raw::connect(at);
+    raw.request(105, 1, 0, &[("topic", topic)], b"");
+    let r = raw.answer(1, Duration::from_secs(10)).unwrap();
+    if r.code != 0 {
+        return Err(r.code);
+    }
+    let route: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    Ok((
+        route["brokerDatas"][0]["brokerAddrs"]["0"]
+            .as_str()
+            .unwrap()
+            .to_string(),
+        route["queueDatas"][0]["readQueueNums"].as_u64().unwrap(),
+    ))
+}
+
+/// Item 2 in a broker group: every node's Remoting port answers routes naming the
+/// leader's Remoting address (a follower reads the topic and its queue count from its
+/// replicated state), a follower answers a send with SERVICE_NOT_AVAILABLE (14: the
+/// Java producer tries again after refreshing its route), mqadmin pointed at a follower
+/// finds the leader, and after the leader dies the survivors' routes name the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_groups_routes_name_its_leader() {
+    use txmq_tests::group::TestGroup;
+    let mut args = txmq_tests::torture::FAST.to_vec();
+    args.extend(["--remoting-listen", "127.0.0.1:0"]);
+    let mut group = TestGroup::start(3, &args);
+    let leader = group
+        .leader(Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|| panic!("no leader elected\n{}", group.logs()));
+    let follower = (leader + 1) % 3;
+    let created = group.cli(&["topic", "create", "grp", "--queues", "4"]);
+    assert!(created.contains("created"), "{created}\n{}", group.logs());
+    let leader_at = group.nodes[leader].remoting_addr().to_string();
+    let follower_at = group.nodes[follower].remoting_addr().to_string();
+    // The follower's state may trail the create by a moment.
+    let (f, l) = (follower_at.clone(), leader_at.clone());
+    let route = txmq_tests::eventually(Duration::from_secs(10), || {
+        let f = f.clone();
+        async move {
+            tokio::task::spawn_blocking(move || routed(&f, "grp").ok())
+                .await
+                .unwrap()
+        }
+    })
+    .await;
+    assert_eq!(route, Some((l.clone(), 4)), "{}", group.logs());
+    let (f, l2) = (follower_at.clone(), leader_at.clone());
+    tokio::task::spawn_blocking(move || {
+        assert_eq!(routed(&l2, "grp"), Ok((l2.clone(), 4)));
+        assert_eq!(
+            routed(&f, "nothing-yet").map(|r| r.0),
+            Ok(l2.clone()),
+            "made on demand"
+        );
+        let send = |at: &str| {
+            let mut raw = Raw::connect(at);
+            let fields = [("a", "pg"), ("b", "grp"), ("e", "0"), ("i", "")];
+            raw.request(310, 2, 0, &fields, b"through the group");
+            raw.answer(2, Duration::from_secs(10)).unwrap()
+        };
+        let refused = send(&f);
+        assert_eq!(refused.code, 14, "{refused:?}");
+        let stored = send(&l2);
+        assert_eq!(stored.code, 0, "{stored:?}");
+        // mqadmin, its name server a follower: the cluster's broker is the leader.
+        let (ok, out) = txmq_tests::remoting::mqadmin(&f, &["clusterList"]);
+        assert!(ok && out.contains(&l2), "{out}");
+    })
+    .await
+    .unwrap();
+    group.nodes[leader].kill9();
+    let next = group
+        .leader(Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|| panic!("no new leader\n{}", group.logs()));
+    let next_at = group.nodes[next].remoting_addr().to_string();
+    let other = (0..3).find(|i| *i != leader && *i != next).unwrap();
+    let other_at = group.nodes[other].remoting_addr().to_string();
+    let route = txmq_tests::eventually(Duration::from_secs(20), || {
+        let o = other_at.clone();
+        async move {
+            tokio::task::spawn_blocking(move || routed(&o, "grp").ok())
+                .await
+                .unwrap()
+        }
+    })
+    .await;
+    assert_eq!(route, Some((next_at, 4)), "{}", group.logs());
+}

@@ -120,6 +120,8 @@ pub struct NodeInfo {
     pub initialized: bool,
     /// The leader it knows of.
     pub leader: Option<u64>,
+    /// Its Remoting endpoint (RocketMQ's classic clients), if it serves one.
+    pub remoting_addr: Option<String>,
 }
 
 type Conn = Framed<Stream, LengthDelimitedCodec>;

@@ -24,7 +24,7 @@ use crate::replication::node::{Addresses, Leadership, Node};
 pub(super) async fn serve_group(
     listener: &Listener,
     peers: crate::replication::Peers,
-    grpc_addr: Option<std::net::SocketAddr>,
+    bound: super::Bound,
     config: &Arc<Config>,
     metrics: &Arc<Metrics>,
     faces: Faces<'_>,
@@ -49,7 +49,12 @@ pub(super) async fn serve_group(
                 .local_addr()
                 .map_err(|e| Error::Internal(e.to_string()))?,
         ),
-        grpc: grpc_addr.map(advertise),
+        grpc: bound.grpc.map(advertise),
+        remoting: bound.remoting.map(|a| {
+            config
+                .remoting_advertise
+                .map_or_else(|| advertise(a), |at| at.to_string())
+        }),
     };
     let node = Node::start(config, peers, addresses).await?;
     faces.grpc.join_group(node.clone());

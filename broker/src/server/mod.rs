@@ -124,7 +124,10 @@ pub async fn serve(
     };
     // Where the gRPC endpoint really listens (a port 0 in the configuration is chosen
     // at bind): a broker group's routes name it.
-    let grpc_bound = grpc_listener.as_ref().and_then(|l| l.local_addr().ok());
+    let bound = Bound {
+        grpc: grpc_listener.as_ref().and_then(|l| l.local_addr().ok()),
+        remoting: remoting_listener.as_ref().and_then(|l| l.local_addr().ok()),
+    };
     let grpc = grpc_listener.map(|listener| {
         tokio::spawn(crate::faces::grpc::serve(
             listener,
@@ -155,7 +158,7 @@ pub async fn serve(
             serve_group(
                 &listener,
                 peers,
-                grpc_bound,
+                bound,
                 &config,
                 &metrics,
                 faces,
@@ -311,6 +314,14 @@ async fn open(config: &Config) -> Result<Owner> {
 
 /// Serves one opened storage until shutdown or until it fails; then stops every task,
 /// joins the writer and closes the database.
+/// Where the gRPC and Remoting endpoints really listen (a port 0 in the configuration
+/// is chosen at bind): a broker group's routes name them.
+#[derive(Debug, Clone, Copy)]
+struct Bound {
+    grpc: Option<std::net::SocketAddr>,
+    remoting: Option<std::net::SocketAddr>,
+}
+
 /// What outside the accept loop shows the broker's current parts: `/health` and the
 /// gRPC endpoint (set while a storage is open, cleared while it is reopened).
 #[derive(Clone, Copy)]

@@ -71,6 +71,22 @@ pub fn change(
     })
 }
 
+/// The queues topic `name` shows RocketMQ clients as a follower's replicated state has
+/// it (0: the broker's; `Ok(None)`: no such topic; `None`: the node holds no state now),
+/// for a route it points to the leader.
+pub async fn follower_topic_queues(
+    node: &Node,
+    name: String,
+) -> Option<crate::error::Result<Option<u32>>> {
+    let slot = node.slot.clone();
+    tokio::task::spawn_blocking(move || {
+        slot.get()
+            .map(|storage| Ok(storage.topic_record(&name)?.map(|r| r.queues)))
+    })
+    .await
+    .unwrap_or_else(|e| Some(Err(crate::error::Error::Internal(e.to_string()))))
+}
+
 /// Whether a follower's replicated state holds topic `name`, for a route it points to
 /// the leader (`None`: the node holds no state now).
 pub async fn follower_has_topic(node: &Node, name: String) -> Option<crate::error::Result<bool>> {

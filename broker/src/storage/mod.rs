@@ -299,6 +299,17 @@ impl Storage {
             .is_some())
     }
 
+    /// Topic `name`'s stored record, if it exists.
+    ///
+    /// # Errors
+    /// Storage failure, a record that does not decode.
+    pub fn topic_record(&self, name: &str) -> Result<Option<TopicRecord>> {
+        self.db
+            .get_pinned_cf(self.cf(Cf::Meta), keys::topic(name))?
+            .map(|v| decode::<TopicRecord>(&v))
+            .transpose()
+    }
+
     /// Increments and returns the durable boot counter: ids made in this boot are unique.
     ///
     /// # Errors

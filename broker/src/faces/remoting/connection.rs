@@ -246,7 +246,7 @@ async fn dispatch(ep: &Arc<Endpoint>, conn: &Arc<Conn>, req: &Command) -> Comman
     let who = Principal::remoting(identity, Some(conn.peer), client_id);
     match req.code {
         GET_ROUTEINFO_BY_TOPIC => route::topic(ep, &who, req).await,
-        GET_BROKER_CLUSTER_INFO => route::cluster(ep, req),
+        GET_BROKER_CLUSTER_INFO => route::cluster(ep, req).await,
         GET_ALL_TOPIC_LIST_FROM_NAMESERVER => route::topics(ep, &who, req),
         HEART_BEAT => heartbeat(ep, conn, &who, req),
         UNREGISTER_CLIENT => unregister(ep, conn, req),

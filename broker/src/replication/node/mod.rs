@@ -113,6 +113,8 @@ pub struct Addresses {
     pub client: String,
     /// The gRPC endpoint's, if served.
     pub grpc: Option<String>,
+    /// The Remoting endpoint's, if served.
+    pub remoting: Option<String>,
 }
 
 impl Node {
@@ -231,6 +233,7 @@ impl Node {
                     grpc_addr: addresses.grpc.clone(),
                     initialized: m.last_log_index.is_some(),
                     leader: m.current_leader,
+                    remoting_addr: addresses.remoting.clone(),
                 }
             })
         };
