@@ -447,6 +447,21 @@ where
     }
 }
 
+/// [`eventually`] for a test without a runtime: polls `f` (blocking) until it returns
+/// `Some`, for at most `limit`.
+pub fn eventually_blocking<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if std::time::Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// A plain producer connected to `b`.
 pub async fn producer(b: &TestBroker) -> txmq_client::Producer {
     txmq_client::Producer::connect(b.addr(), txmq_client::ProducerOptions::default())

@@ -249,6 +249,45 @@ fn requests_are_answered_by_opaque_and_bad_frames_close_the_connection() {
         b"",
     );
     assert_eq!(c.read(Duration::from_secs(5)).unwrap().code, 29);
+    // A commit, then a rollback of the same transaction: the rollback is refused, and
+    // since END_TRANSACTION is one-way for the clients, the refusal is on the
+    // transaction's listing for operators (the one-way one too).
+    let half = [
+        ("a", "raw-pg"),
+        ("b", "raw-txn"),
+        ("f", "4"),
+        ("i", "TRAN_MSG\u{1}true\u{2}PGROUP\u{1}raw-pg\u{2}"),
+    ];
+    c.request(310, 12, 0, &half, b"half");
+    let r = c.read(Duration::from_secs(5)).unwrap();
+    assert_eq!(r.code, 0, "{r:?}");
+    let txn = r.ext["transactionId"].clone();
+    let end = |outcome: &'static str| {
+        [
+            ("producerGroup", "raw-pg"),
+            ("transactionId", txn.as_str()),
+            ("commitOrRollback", outcome),
+            ("fromTransactionCheck", "false"),
+        ]
+    };
+    c.request(37, 13, 0, &end("8"), b"");
+    assert_eq!(c.read(Duration::from_secs(5)).unwrap().code, 0);
+    c.request(37, 14, 0, &end("12"), b"");
+    assert_ne!(c.read(Duration::from_secs(5)).unwrap().code, 0);
+    c.request(37, 15, 2, &end("12"), b"");
+    let listed = txmq_tests::eventually_blocking(Duration::from_secs(10), || {
+        let out = b.cli_ok(&["txn", "list", "--json"]);
+        txmq_tests::json_lines(&out)
+            .into_iter()
+            .find(|t| t["id"] == txn.as_str() && t["refused_ends"] == 2)
+    })
+    .unwrap_or_else(|| panic!("{}", b.cli_ok(&["txn", "list"])));
+    assert_eq!(listed["state"], "committed", "{listed}");
+    let note = listed["refused_note"].as_str().unwrap();
+    assert!(
+        note.contains("one-way rollback") && note.contains("committed"),
+        "{listed}"
+    );
 
     // Frames that are not RemotingCommands close their connection, and only it.
     for bad in [

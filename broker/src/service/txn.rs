@@ -303,6 +303,26 @@ pub fn info(id: Id, r: TxnRecord) -> pb::TxnInfo {
         last_check_note: r.last_note,
         next_check_ms: r.next_check_ms,
         resolved_ms: r.resolved_ms,
+        refused_ends: r.refused_ends,
+        refused_note: r.refused_note,
+    }
+}
+
+/// Records on transaction `txn` an end that was refused with no client told (a
+/// one-way END_TRANSACTION), so operators see it in its listing. Only a conflict with
+/// how it ended is recorded: anything else (an unknown id, another group) names no
+/// transaction of the sender's.
+pub async fn note_refused_end(shared: &Arc<Shared>, txn: Id, refused: &Error, what: String) {
+    if !matches!(refused, Error::TxnCommitted(_) | Error::TxnRolledBack(_)) {
+        return;
+    }
+    let note = format!("{what} refused: {refused}");
+    if let Err(e) = shared
+        .writer
+        .submit(Command::NoteRefusedEnd { txn, note })
+        .await
+    {
+        tracing::warn!(%txn, "a refused end was not recorded: {e}");
     }
 }
 

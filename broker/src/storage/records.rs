@@ -92,6 +92,13 @@ pub struct TxnRecord {
     /// Older records (false) may be checked by any, as before.
     #[prost(bool, tag = "13")]
     pub scoped_checks: bool,
+    /// Ends it refused that no client was told of (a one-way END_TRANSACTION that
+    /// conflicts with how it ended).
+    #[prost(uint32, tag = "14")]
+    pub refused_ends: u32,
+    /// The last of those, for operators.
+    #[prost(string, tag = "15")]
+    pub refused_note: String,
 }
 
 /// `cursor`: a consumer group's progress on one topic.

@@ -428,6 +428,8 @@ pub async fn end(ep: &Endpoint, conn: &Arc<Conn>, who: &Principal, req: &Command
             Err(e) => {
                 ended(&shared, "check answer refused");
                 tracing::warn!(%txn, "a check answer was not taken: {e}");
+                let what = format!("a one-way check answer from {}", conn.peer);
+                txn::note_refused_end(&shared, txn, &e, what).await;
                 refusal(req, &e)
             }
         };
@@ -442,6 +444,16 @@ pub async fn end(ep: &Endpoint, conn: &Arc<Conn>, who: &Principal, req: &Command
         Err(e) => {
             ended(&shared, "end refused");
             tracing::warn!(%txn, group = %group, ?outcome, "END_TRANSACTION not done: {e}");
+            let what = format!(
+                "a one-way {} (Remoting END_TRANSACTION) from {}",
+                if outcome == native::TxnOutcome::Commit {
+                    "commit"
+                } else {
+                    "rollback"
+                },
+                conn.peer
+            );
+            txn::note_refused_end(&shared, txn, &e, what).await;
             refusal(req, &e)
         }
     }

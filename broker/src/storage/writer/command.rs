@@ -57,6 +57,13 @@ pub enum Command {
         /// When to check next (`None`: leave the schedule as it is).
         next_check_ms: Option<u64>,
     },
+    /// Record an end refused without the client knowing (one-way), for operators.
+    NoteRefusedEnd {
+        /// Which transaction.
+        txn: Id,
+        /// What was refused and why.
+        note: String,
+    },
     /// Give up on a transaction after `check-max` attempts; it stays listed.
     Discard {
         /// Which transaction.

@@ -426,6 +426,14 @@ impl Writer {
                 note,
                 next_check_ms,
             } => self.record_check(txn, counted, result, note, next_check_ms, stage),
+            Command::NoteRefusedEnd { txn, note } => {
+                if let Some(mut rec) = self.txn_record(txn, stage)? {
+                    rec.refused_ends = rec.refused_ends.saturating_add(1);
+                    rec.refused_note = note;
+                    self.put_txn(txn, rec, stage);
+                }
+                Ok(Outcome::Done)
+            }
             Command::Discard { txn } => self.discard(txn, stage),
             Command::Deliver { id, due_ms } => self.deliver(id, due_ms, stage),
             Command::CancelScheduled { id } => self.cancel_scheduled(id, stage),

@@ -75,11 +75,17 @@ pub fn print_txn(t: &pb::TxnInfo, now_ms: u64, json: bool) {
             json!({"id": t.txn_id, "group": t.producer_group, "state": state_name(t.state),
                 "topics": t.topics, "messages": t.message_count, "age_s": age_s,
                 "check_count": t.check_count, "last_check_result": outcome_name(t.last_check_result),
-                "last_check_note": t.last_check_note, "next_check_ms": t.next_check_ms})
+                "last_check_note": t.last_check_note, "next_check_ms": t.next_check_ms,
+                "refused_ends": t.refused_ends, "refused_note": t.refused_note})
         );
     } else {
+        let refused = if t.refused_ends > 0 {
+            format!(" refused_ends={} ({})", t.refused_ends, t.refused_note)
+        } else {
+            String::new()
+        };
         println!(
-            "{} {:<10} group={} topics={} age={:.1}s checks={} last={} {}",
+            "{} {:<10} group={} topics={} age={:.1}s checks={} last={} {}{refused}",
             t.txn_id,
             state_name(t.state),
             t.producer_group,
