@@ -432,3 +432,139 @@ async fn every_operation_on_the_grpc_face_asks_for_its_permissions() {
         );
     }
 }
+
+/// Drives operation `variant` on the Remoting face, signed as `(ak, sk)` (`None`:
+/// unsigned): the answer's code, or `Err` when the face has no such request.
+fn remoting(at: &str, signer: Option<(&str, &str)>, variant: &str) -> Result<i64, ()> {
+    const HALF: &str = "TRAN_MSG\u{1}true\u{2}PGROUP\u{1}pg\u{2}";
+    let (code, fields, body): (i32, Vec<(&str, &str)>, &[u8]) = match variant {
+        "Send" => (310, vec![("a", "pg"), ("b", "t1"), ("i", "")], b"x"),
+        "Prepare" => (
+            310,
+            vec![("a", "pg"), ("b", "t1"), ("f", "4"), ("i", HALF)],
+            b"x",
+        ),
+        "EndTxn" => (
+            37,
+            vec![
+                ("producerGroup", "pg"),
+                ("transactionId", NOBODY),
+                ("commitOrRollback", "8"),
+            ],
+            b"",
+        ),
+        "Route" => (105, vec![("topic", "t1")], b""),
+        "Subscribe" => (
+            11,
+            vec![
+                ("consumerGroup", "g1"),
+                ("topic", "t1"),
+                ("queueId", "0"),
+                ("queueOffset", "0"),
+                ("maxMsgNums", "1"),
+                ("sysFlag", "0"),
+            ],
+            b"",
+        ),
+        "CreateTopic" => (17, vec![("topic", "t-new")], b""),
+        "AlterTopic" => (17, vec![("topic", "t1"), ("readQueueNums", "4")], b""),
+        "DeleteTopic" => (215, vec![("topic", "t-del")], b""),
+        "ListTopics" => (206, vec![], b""),
+        "DescribeGroup" => (208, vec![("consumerGroup", "g1")], b""),
+        "FindMessages" => (
+            12,
+            vec![("topic", "t1"), ("key", "k"), ("maxNum", "1")],
+            b"",
+        ),
+        "Stats" => (28, vec![], b""),
+        _ => return Err(()),
+    };
+    let mut raw = txmq_tests::remoting::Raw::connect(at);
+    match signer {
+        Some(s) => raw.signed(code, 1, &fields, body, s),
+        None => raw.request(code, 1, 0, &fields, body),
+    }
+    Ok(raw
+        .answer(1, Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("{variant}: no answer"))
+        .code)
+}
+
+/// The operations of the list the Remoting face has, driven by raw requests signed as
+/// `AclClientRPCHook` signs them: unsigned (refused), as a user without rules
+/// (NO_PERMISSION), with every permission the table names but one (NO_PERMISSION, for
+/// each one left out), and with all of them (past the check).
+#[test]
+fn every_operation_on_the_remoting_face_asks_for_its_permissions() {
+    const NO_PERMISSION: i64 = 16;
+    let dir = tempfile::tempdir().unwrap();
+    let admin_file = dir.path().join("admin");
+    std::fs::write(&admin_file, format!("root {ROOT_SECRET}\n")).unwrap();
+    let key_file = dir.path().join("key");
+    std::fs::write(&key_file, "permission-test-broker-key-0123456789\n").unwrap();
+    let b = TestBroker::start(&[
+        "--bootstrap-admin-file",
+        admin_file.to_str().unwrap(),
+        "--broker-key-file",
+        key_file.to_str().unwrap(),
+        "--remoting-listen",
+        "127.0.0.1:0",
+    ]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let root_user = User::new("root", ROOT_SECRET);
+    let root = rt
+        .block_on(txmq_tests::eventually(Duration::from_secs(10), || async {
+            Admin::connect_as(b.addr(), "", Some(&root_user)).await.ok()
+        }))
+        .expect("root logs in");
+    rt.block_on(async {
+        root.create_topic("t1", false).await.unwrap();
+        root.create_topic("t-del", false).await.unwrap();
+        root.user_create("u", USER_SECRET, false).await.unwrap();
+    });
+    let revoke_all = || {
+        rt.block_on(async {
+            for r in root.acl_list("u").await.unwrap() {
+                root.acl_revoke(&RuleSpec::default(), Some(r.id))
+                    .await
+                    .unwrap();
+            }
+        });
+    };
+    let at = b.remoting_addr().to_string();
+    let user = Some(("u", USER_SECRET));
+    let mut checked = Vec::new();
+    for row in table() {
+        let Ok(unsigned) = remoting(&at, None, &row.variant) else {
+            continue;
+        };
+        assert_eq!(unsigned, NO_PERMISSION, "{} unsigned", row.name);
+        let none = remoting(&at, user, &row.variant).unwrap();
+        assert_eq!(none, NO_PERMISSION, "{} without permissions", row.name);
+        if row.needs.len() > 1 {
+            for left_out in 0..row.needs.len() {
+                for (i, (action, kind)) in row.needs.iter().enumerate() {
+                    if i != left_out {
+                        rt.block_on(root.acl_grant(&grant(action, kind))).unwrap();
+                    }
+                }
+                let got = remoting(&at, user, &row.variant).unwrap();
+                assert_eq!(
+                    got, NO_PERMISSION,
+                    "{} without {:?}",
+                    row.name, row.needs[left_out]
+                );
+                revoke_all();
+            }
+        }
+        for (action, kind) in &row.needs {
+            rt.block_on(root.acl_grant(&grant(action, kind))).unwrap();
+        }
+        let all = remoting(&at, user, &row.variant).unwrap();
+        assert_ne!(all, NO_PERMISSION, "{} with {:?}", row.name, row.needs);
+        revoke_all();
+        checked.push(row.name);
+    }
+    assert!(checked.len() >= 12, "{checked:?}");
+    println!("checked on the Remoting face: {checked:?}");
+}
