@@ -1029,6 +1029,26 @@ async fn a_broker_groups_routes_name_its_leader() {
         // mqadmin, its name server a follower: the cluster's broker is the leader.
         let (ok, out) = txmq_tests::remoting::mqadmin(&f, &["clusterList"]);
         assert!(ok && out.contains(&l2), "{out}");
+        // updateTopic sends to the broker the cluster names (the leader), and the
+        // route a follower then answers has the new count.
+        let update = [
+            "updateTopic",
+            "-c",
+            "DefaultCluster",
+            "-t",
+            "grp2",
+            "-r",
+            "2",
+            "-w",
+            "2",
+        ];
+        let (ok, out) = txmq_tests::remoting::mqadmin(&f, &update);
+        assert!(ok && out.contains("success"), "{out}");
+        let (ok, out) = txmq_tests::remoting::mqadmin(&f, &["topicRoute", "-t", "grp2"]);
+        assert!(
+            ok && out.contains(&l2) && out.contains("\"readQueueNums\":2"),
+            "{out}"
+        );
     })
     .await
     .unwrap();
