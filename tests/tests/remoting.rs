@@ -322,9 +322,17 @@ fn java_push_and_lite_pull_consumers_share_retry_and_dead_letter() {
     java(
         b.remoting_addr(),
         "c",
-        "ConsumerTest",
+        "ConsumerTest,BroadcastTest",
         &[],
         Duration::from_secs(300),
+    );
+    // The broadcasting consumers read the log: the group has no delivery of its own.
+    let groups = b.cli_ok(&["group", "list", "--json"]);
+    assert!(
+        txmq_tests::json_lines(&groups)
+            .iter()
+            .all(|g| g["group"] != "java-bc-group-c"),
+        "{groups}"
     );
     // The four push consumers acked everything (their committed offsets are acks).
     let described = b.cli_ok(&["group", "describe", "java-push-group-c", "--json"]);

@@ -187,6 +187,81 @@ pub fn may_consume(shared: &Shared, who: &Principal, group: &str, topic: &str) -
     )
 }
 
+/// What a read of a topic's log found: messages in offset order, and where the next
+/// read goes on.
+#[derive(Debug, Default)]
+pub struct Read {
+    /// Matching messages (tag filter), at most what was asked.
+    pub messages: Vec<txmq_protocol::pb::StoredMessage>,
+    /// The offset after the last one looked at (the filter may have passed some by).
+    pub next: u64,
+    /// The topic's end when read.
+    pub end: u64,
+}
+
+/// Reads topic `topic`'s log from `from` on, as a member of `group` that keeps its own
+/// position (RocketMQ's BROADCASTING consumers): no lease, no ack, nothing of the
+/// group's delivery. Up to `max` messages matching `tag_filter` and `budget` bytes of
+/// bodies; waits up to `wait` for one when there is nothing yet. What retention
+/// removed is passed over: the read starts at the topic's first kept offset.
+///
+/// # Errors
+/// Not permitted, no such topic, storage failure.
+pub async fn read_log(
+    shared: &Shared,
+    who: &Principal,
+    (group, topic): (&str, &str),
+    from: u64,
+    (max, budget, tag_filter): (usize, usize, &str),
+    wait: Duration,
+) -> Result<Read> {
+    may_consume(shared, who, group, topic)?;
+    let Some(t) = shared.topics.get(topic) else {
+        return Err(Error::TopicNotFound(topic.to_string()));
+    };
+    let mut end = t.watch_end();
+    if *end.borrow() <= from {
+        // Nothing yet: wait for the end to pass `from` (or the wait to run out).
+        let _ = tokio::time::timeout(wait, end.wait_for(|e| *e > from)).await;
+    }
+    let mut at = from.max(t.start());
+    let stop = t.end();
+    let mut out = Read {
+        next: at,
+        end: stop,
+        ..Read::default()
+    };
+    let mut bytes = 0usize;
+    // Reads in chunks: a filter may pass over many.
+    const CHUNK: usize = 256;
+    while at < stop && out.messages.len() < max {
+        let (id, chunk_from) = (t.id, at);
+        let chunk = super::blocking(&shared.storage, move |s| {
+            s.read_log(id, chunk_from, stop, CHUNK)
+        })
+        .await?;
+        if chunk.is_empty() {
+            at = stop;
+            break;
+        }
+        for m in chunk {
+            if out.messages.len() >= max
+                || (!out.messages.is_empty() && bytes + m.body.len() > budget)
+            {
+                out.next = at;
+                return Ok(out);
+            }
+            at = m.offset + 1;
+            if crate::delivery::queue::tag_matches(tag_filter, &m.tag) {
+                bytes += m.body.len();
+                out.messages.push(m);
+            }
+        }
+    }
+    out.next = at;
+    Ok(out)
+}
+
 /// Whether (group, topic) has a stored cursor: the group has consumed the topic (a
 /// first join makes it, where the group starts).
 pub async fn has_cursor(shared: &Shared, group: &str, topic: &str) -> bool {

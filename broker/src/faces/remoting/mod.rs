@@ -33,6 +33,7 @@
 
 mod admin;
 mod auth;
+mod broadcast;
 mod checks;
 mod clients;
 pub mod codes;

@@ -218,19 +218,30 @@ pub async fn pull(ep: &Endpoint, conn: &Arc<Conn>, who: &Principal, req: &Comman
             )),
         );
     }
+    // A frame of at most 16 MiB, and what the client asked.
+    let mut budget = shared
+        .config
+        .max_frame_len
+        .min(super::frame::MAX_FRAME - 64 * 1024);
+    if h.max_bytes > 0 {
+        budget = budget.min(h.max_bytes);
+    }
     if member
         .as_ref()
         .is_some_and(|(m, _)| m.model == Model::Broadcasting)
     {
-        return Command::answer(
-            req,
-            codes::SYSTEM_ERROR,
-            Some(
-                "BROADCASTING consumers are not served by txmq's Remoting face yet: consume \
-                 in CLUSTERING mode (a group per consumer receives every message)"
-                    .into(),
-            ),
-        );
+        let filter = tag_filter(&expression);
+        let ask = super::broadcast::Ask {
+            group: &h.group,
+            topic: &h.topic,
+            queue: h.queue,
+            offset: h.offset,
+            max: h.max,
+            filter: &filter,
+            budget,
+            suspend,
+        };
+        return super::broadcast::pull(ep, &shared, who, req, ask).await;
     }
     // A new group starts where its client resolved its start (RocketMQ clients do it
     // themselves, after QUERY_CONSUMER_OFFSET said "none"): at 0 from the first
@@ -255,14 +266,6 @@ pub async fn pull(ep: &Endpoint, conn: &Arc<Conn>, who: &Principal, req: &Comman
             ..SubscribeOptions::default()
         },
     };
-    // A frame of at most 16 MiB, and what the client asked.
-    let mut budget = shared
-        .config
-        .max_frame_len
-        .min(super::frame::MAX_FRAME - 64 * 1024);
-    if h.max_bytes > 0 {
-        budget = budget.min(h.max_bytes);
-    }
     let polled = tokio::select! {
         p = poll::poll(&shared, who, join, suspend, budget) => p,
         () = ep.stop.cancelled() => return not_found(req, h.offset, next),
