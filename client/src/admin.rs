@@ -112,7 +112,7 @@ impl Admin {
     pub async fn alter_topic(&self, topic: &str, change: TopicChange) -> Result<pb::TopicInfo> {
         let r = self
             .conn
-            .call(Body::AlterTopic(pb::AlterTopicRequest {
+            .call(Body::ChangeTopic(pb::ChangeTopicRequest {
                 topic: topic.to_string(),
                 retention_ms: change.retention_ms,
                 retention_bytes: change.retention_bytes,

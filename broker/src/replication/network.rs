@@ -83,6 +83,9 @@ enum Rpc {
         nonce: Bytes32,
         proof: Bytes32,
     },
+    /// [`Rpc::Info`] with what older nodes do not tell (added last: an older node
+    /// cannot read it and closes the connection, and the asker falls back to `Info`).
+    InfoWithFaces,
 }
 
 /// The answer.
@@ -105,6 +108,11 @@ enum Reply {
     Failed(String),
     /// The answering node's nonce for the handshake.
     Nonce(Bytes32),
+    /// The answer to [`Rpc::InfoWithFaces`].
+    InfoWithFaces {
+        info: NodeInfo,
+        remoting_addr: Option<String>,
+    },
 }
 
 /// What a node tells about itself.
@@ -120,7 +128,10 @@ pub struct NodeInfo {
     pub initialized: bool,
     /// The leader it knows of.
     pub leader: Option<u64>,
-    /// Its Remoting endpoint (RocketMQ's classic clients), if it serves one.
+    /// Its Remoting endpoint (RocketMQ's classic clients), if it serves one. Not in
+    /// [`Reply::Info`]'s encoding, which older nodes read and write: it travels in
+    /// [`Reply::InfoWithFaces`].
+    #[serde(skip)]
     pub remoting_addr: Option<String>,
 }
 
@@ -182,6 +193,24 @@ async fn recv<T: for<'de> Deserialize<'de>>(conn: &mut Conn) -> io::Result<T> {
 /// The node cannot be reached or does not answer within `timeout`.
 pub async fn info(addr: &str, creds: &Credentials, timeout: Duration) -> io::Result<NodeInfo> {
     let call = async {
+        let mut conn = connect(addr, creds).await?;
+        send(&mut conn, &Rpc::InfoWithFaces).await?;
+        match recv(&mut conn).await {
+            Ok(Reply::InfoWithFaces {
+                info,
+                remoting_addr,
+            }) => {
+                return Ok(NodeInfo {
+                    remoting_addr,
+                    ..info
+                });
+            }
+            Ok(Reply::Failed(why)) => return Err(io_err(why)),
+            Ok(_) => return Err(io_err("unexpected reply to Info")),
+            // A node of an older version does not know the question (it closed the
+            // connection): ask it what it knows.
+            Err(_) => {}
+        }
         let mut conn = connect(addr, creds).await?;
         send(&mut conn, &Rpc::Info).await?;
         match recv(&mut conn).await? {
@@ -577,6 +606,14 @@ async fn serve_conn(
                 .map(Reply::TransferLeader)
                 .unwrap_or_else(|e| Reply::Failed(e.to_string())),
             Rpc::Info => Reply::Info(info()),
+            Rpc::InfoWithFaces => {
+                let info = info();
+                let remoting_addr = info.remoting_addr.clone();
+                Reply::InfoWithFaces {
+                    info,
+                    remoting_addr,
+                }
+            }
             Rpc::Snapshot { vote, meta, files } => {
                 if slot.in_use() {
                     // The parts of a leadership that just ended still hold the storage:
@@ -640,4 +677,60 @@ async fn receive_files(conn: &mut Conn, dir: &Path, files: &[(String, u64)]) -> 
     }
     std::fs::File::open(dir)?.sync_all()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `NodeInfo` as nodes before the Remoting face encoded it.
+    #[derive(Serialize, Deserialize, Debug, PartialEq)]
+    struct OldNodeInfo {
+        id: u64,
+        client_addr: String,
+        grpc_addr: Option<String>,
+        initialized: bool,
+        leader: Option<u64>,
+    }
+
+    /// Older nodes read and write `Reply::Info` as before (the Remoting address is not
+    /// in it), and `InfoWithFaces` carries it.
+    #[test]
+    fn node_info_stays_readable_by_older_nodes() {
+        let info = NodeInfo {
+            id: 2,
+            client_addr: "10.0.0.2:9876".into(),
+            grpc_addr: Some("10.0.0.2:8081".into()),
+            initialized: true,
+            leader: Some(1),
+            remoting_addr: Some("10.0.0.2:10911".into()),
+        };
+        let old = OldNodeInfo {
+            id: 2,
+            client_addr: "10.0.0.2:9876".into(),
+            grpc_addr: Some("10.0.0.2:8081".into()),
+            initialized: true,
+            leader: Some(1),
+        };
+        let new_bytes = postcard::to_allocvec(&info).unwrap();
+        assert_eq!(new_bytes, postcard::to_allocvec(&old).unwrap());
+        let read: NodeInfo = postcard::from_bytes(&postcard::to_allocvec(&old).unwrap()).unwrap();
+        assert_eq!(read.remoting_addr, None);
+        assert_eq!(read.client_addr, old.client_addr);
+        let with = postcard::to_allocvec(&Reply::InfoWithFaces {
+            info: info.clone(),
+            remoting_addr: info.remoting_addr.clone(),
+        })
+        .unwrap();
+        match postcard::from_bytes::<Reply>(&with).unwrap() {
+            Reply::InfoWithFaces {
+                info: got,
+                remoting_addr,
+            } => {
+                assert_eq!(remoting_addr.as_deref(), Some("10.0.0.2:10911"));
+                assert_eq!(got.client_addr, info.client_addr);
+            }
+            _ => panic!("another reply"),
+        }
+    }
 }

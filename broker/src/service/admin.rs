@@ -154,7 +154,7 @@ pub fn create_topic(
 pub fn alter_topic(
     shared: &Arc<Shared>,
     who: &Principal,
-    req: pb::AlterTopicRequest,
+    req: pb::ChangeTopicRequest,
 ) -> Answer<pb::TopicInfo> {
     if let Err(e) = super::access::permit(
         shared,

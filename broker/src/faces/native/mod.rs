@@ -124,7 +124,17 @@ pub async fn dispatch(
         Body::Nack(req) => nack(id, req, who, shared).await,
         Body::Extend(req) => extend(id, req, who, shared).await,
         Body::CreateTopic(req) => answer(id, admin::create_topic(shared, who, req), R::Topic),
-        Body::AlterTopic(req) => answer(id, admin::alter_topic(shared, who, req), R::Topic),
+        Body::AlterTopic(req) => {
+            // An older client's: both retention values, the queue count untouched.
+            let change = pb::ChangeTopicRequest {
+                topic: req.topic,
+                retention_ms: Some(req.retention_ms),
+                retention_bytes: Some(req.retention_bytes),
+                queues: None,
+            };
+            answer(id, admin::alter_topic(shared, who, change), R::Topic)
+        }
+        Body::ChangeTopic(req) => answer(id, admin::alter_topic(shared, who, req), R::Topic),
         Body::ListTopics(req) => answer(id, admin::list_topics(shared, who, req), R::Topics),
         Body::DescribeGroup(req) => answer(id, admin::describe_group(shared, who, req), R::Group),
         Body::ListDeadLetters(req) => answer(

@@ -71,7 +71,9 @@ pub fn runtime_info(ep: &Endpoint, who: &Principal, req: &Command) -> Command {
 /// UPDATE_AND_CREATE_TOPIC (`mqadmin updateTopic -r/-w`): creates the topic with its
 /// queue count, or sets an existing one's. One count serves both: a queue is a lane of
 /// the group's one delivery, so only how many lanes consumers share means anything
-/// (the read count; the write count where it is missing).
+/// (the read count; the write count where it is missing). Creating, or asking for the
+/// count a topic has, needs `create`; changing an existing topic's count, `alter`. A
+/// refusal says the same either way: it does not tell whether the topic exists.
 pub async fn create_topic(ep: &Endpoint, who: &Principal, req: &Command) -> Command {
     let shared = match ep.shared() {
         Ok(s) => s,
@@ -89,9 +91,12 @@ pub async fn create_topic(ep: &Endpoint, who: &Principal, req: &Command) -> Comm
         (Err(a), _) | (_, Err(a)) => return a,
     };
     let queues = if read > 0 { read } else { write };
-    let exists = admin::topic_id(&shared, &topic).is_some();
-    let done = if exists {
-        let change = native::AlterTopicRequest {
+    let default = u32::try_from(ep.config.remoting_queues).unwrap_or(u32::MAX);
+    let changes = admin::topic_id(&shared, &topic).is_some()
+        && queues > 0
+        && queues != admin::topic_queues(&shared, &topic, default);
+    let done = if changes {
+        let change = native::ChangeTopicRequest {
             topic,
             queues: (queues > 0).then_some(queues),
             ..Default::default()
@@ -108,6 +113,14 @@ pub async fn create_topic(ep: &Endpoint, who: &Principal, req: &Command) -> Comm
     };
     match done {
         Ok(_) => Command::answer(req, codes::SUCCESS, None),
+        Err(crate::error::Error::PermissionDenied(_)) => Command::answer(
+            req,
+            codes::NO_PERMISSION,
+            Some(format!(
+                "may not create or change topic {}",
+                req.field("topic").unwrap_or_default()
+            )),
+        ),
         Err(e) => refusal(req, &e),
     }
 }

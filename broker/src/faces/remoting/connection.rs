@@ -221,6 +221,23 @@ pub async fn serve(ep: Arc<Endpoint>, stream: crate::tls::Stream, peer: SocketAd
 async fn dispatch(ep: &Arc<Endpoint>, conn: &Arc<Conn>, req: &Command) -> Command {
     use codes::*;
     let shared = ep.live.get();
+    // A broker group's follower, as a name server, tells anyone where the leader is (it
+    // holds no users to check a signature against; the leader checks every request that
+    // reads or writes anything, and a route from here says nothing of what exists).
+    let following =
+        ep.live.group.get().is_some() && !shared.as_ref().is_some_and(|s| s.serving.holds());
+    if following && matches!(req.code, GET_ROUTEINFO_BY_TOPIC | GET_BROKER_CLUSTER_INFO) {
+        let anyone = Principal::remoting(
+            crate::auth::Identity::Anonymous,
+            Some(conn.peer),
+            String::new(),
+        );
+        return if req.code == GET_ROUTEINFO_BY_TOPIC {
+            route::topic(ep, &anyone, req).await
+        } else {
+            route::cluster(ep, req).await
+        };
+    }
     let closed = ep.config.require_auth || ep.config.bootstrap_admin.is_some();
     let identity = match auth::identify(
         req,

@@ -43,6 +43,9 @@ struct Lanes {
 #[derive(Debug, Default)]
 pub struct Pulls {
     inner: Mutex<HashMap<(String, String), Lanes>>,
+    /// Each topic's queue count when last looked at (one entry per topic pulled or
+    /// routed): a shrink is looked for only when it changes.
+    counts: Mutex<HashMap<String, usize>>,
 }
 
 impl Pulls {
@@ -137,6 +140,21 @@ impl Pulls {
     /// Topic `topic` shows `queues` queues now: what lanes beyond them held is let go
     /// (no client pulls or commits them any more), and those lanes are gone.
     pub fn shrunk(&self, topic: &str, queues: usize) -> Vec<(String, Held)> {
+        {
+            let mut counts = self.counts.lock().expect("counts lock");
+            match counts.get_mut(topic) {
+                Some(c) if *c == queues => return Vec::new(),
+                Some(c) => *c = queues,
+                None => {
+                    // Topics that exist only (the callers check), but deleted ones
+                    // stay: start again past a bound.
+                    if counts.len() >= 100_000 {
+                        counts.clear();
+                    }
+                    counts.insert(topic.to_string(), queues);
+                }
+            }
+        }
         let queues = i32::try_from(queues).unwrap_or(i32::MAX);
         let mut inner = self.inner.lock().expect("pulls lock");
         let mut out = Vec::new();

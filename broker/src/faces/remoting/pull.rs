@@ -145,7 +145,16 @@ pub async fn pull(ep: &Endpoint, conn: &Arc<Conn>, who: &Principal, req: &Comman
     if let Err(e) = crate::service::name("group", &h.group) {
         return refusal(req, &e);
     }
-    let queues = i32::try_from(ep.queues(&shared, &h.topic)).unwrap_or(i32::MAX);
+    let queue_count = ep.queues(&shared, &h.topic);
+    if crate::service::admin::topic_id(&shared, &h.topic).is_some() {
+        // The topic's count may have shrunk (clients whose name server is a group's
+        // follower never route here): what the dropped queues held is let go.
+        for (group, g) in ep.pulls.shrunk(&h.topic, queue_count) {
+            ep.renewals
+                .release(&group, &h.topic, LeaseRef::new(g.offset, g.lease_id));
+        }
+    }
+    let queues = i32::try_from(queue_count).unwrap_or(i32::MAX);
     let suspend = if h.sys_flag & SUSPEND != 0 {
         h.suspend.min(MAX_SUSPEND)
     } else {

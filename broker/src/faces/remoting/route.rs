@@ -96,7 +96,9 @@ pub fn group_topic(topic: &str) -> Option<(&'static str, &str)> {
 }
 
 /// GET_ROUTEINFO_BY_TOPIC. In a broker group any node answers, naming the leader: a
-/// follower reads whether the topic exists (and its queues) from its replicated state.
+/// follower answers anyone (it cannot check users) and so says nothing of whether the
+/// topic exists: the leader refuses what may not be done or names no topic. It reads
+/// the topic's queue count from its replicated state, where there is one.
 pub async fn topic(ep: &Endpoint, who: &Principal, req: &Command) -> Command {
     let topic = match required(req, "topic") {
         Ok(t) => t.to_string(),
@@ -157,15 +159,9 @@ pub async fn topic(ep: &Endpoint, who: &Principal, req: &Command) -> Command {
                 return not_found(e);
             }
             match cluster::follower_topic_queues(node, topic.clone()).await {
-                Some(Ok(Some(q))) => {
-                    let queues = if q > 0 { q as usize } else { default_queues };
-                    ok(route(&at, queues, PERM_RW))
-                }
-                // The leader creates it on the first send, where topics are made so.
-                Some(Ok(None)) if ep.config.auto_create_topics => {
-                    ok(route(&at, default_queues, PERM_RW))
-                }
-                Some(Ok(None)) => not_found(Error::TopicNotFound(topic)),
+                Some(Ok(Some(q))) if q > 0 => ok(route(&at, q as usize, PERM_RW)),
+                // No such topic, or the broker's count: the same answer.
+                Some(Ok(_)) => ok(route(&at, default_queues, PERM_RW)),
                 Some(Err(e)) => refusal(req, &e),
                 None => refusal(req, &Error::NotLeader(None)),
             }

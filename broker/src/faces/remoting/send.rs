@@ -428,8 +428,6 @@ pub async fn end(ep: &Endpoint, conn: &Arc<Conn>, who: &Principal, req: &Command
             Err(e) => {
                 ended(&shared, "check answer refused");
                 tracing::warn!(%txn, "a check answer was not taken: {e}");
-                let what = format!("a one-way check answer from {}", conn.peer);
-                txn::note_refused_end(&shared, txn, &e, what).await;
                 refusal(req, &e)
             }
         };

@@ -550,6 +550,9 @@ struct Staged {
 struct Stage {
     batch: WriteBatch,
     txns: FxHashMap<Id, TxnRecord>,
+    /// Transaction records this batch deletes: no later command of the batch may read
+    /// them back from the database (and write them again).
+    purged: rustc_hash::FxHashSet<Id>,
     halves: FxHashMap<Id, Vec<(u32, pb::StoredMessage)>>,
     /// Scheduled-message records staged (`None`: removed).
     sched: FxHashMap<Id, Option<SchedRecord>>,

@@ -699,3 +699,39 @@ async fn a_new_writer_gives_no_time_before_the_latest_stored() {
 async fn stop_storage(storage: StorageHandle) {
     assert!(storage.give_back_all(Duration::ZERO).await);
 }
+
+/// A command after a purge in the same batch does not read the purged record back from
+/// the database and write it again (it would stay, its purge entry gone, forever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purged_transaction_stays_purged_within_its_batch() {
+    use crate::txn::state::Resolver;
+    let (_dir, storage, thread, w) = writer(FlushMode::Sync);
+    let txn = prepare_big(&w, 1).await[0];
+    w.submit(Command::End {
+        txn,
+        outcome: TxnOutcome::Commit,
+        by: Resolver::Producer("g".into()),
+    })
+    .await
+    .unwrap();
+    let purge_ms = storage
+        .txn(txn)
+        .unwrap()
+        .expect("resolved, kept a while")
+        .purge_ms;
+    assert!(purge_ms > 0);
+    w.submit(Command::Many(vec![
+        Command::Purge {
+            txn,
+            due_ms: purge_ms,
+        },
+        Command::NoteRefusedEnd {
+            txn,
+            note: "a one-way rollback refused".into(),
+        },
+    ]))
+    .await
+    .unwrap();
+    assert!(storage.txn(txn).unwrap().is_none(), "the record came back");
+    stop(w, thread, storage).await;
+}

@@ -14,6 +14,9 @@ use crate::txn::state::{self, Resolution, Resolver};
 
 impl Writer {
     pub(super) fn txn_record(&self, txn: Id, stage: &Stage) -> Result<Option<TxnRecord>> {
+        if stage.purged.contains(&txn) {
+            return Ok(None);
+        }
         match stage
             .txns
             .get(&txn)
@@ -362,6 +365,7 @@ impl Writer {
             .batch
             .delete_cf(self.storage.cf(Cf::Txn), txn.to_bytes());
         stage.txns.remove(&txn);
+        stage.purged.insert(txn);
         Ok(Outcome::Done)
     }
 }
