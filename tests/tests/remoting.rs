@@ -322,9 +322,17 @@ fn java_push_and_lite_pull_consumers_share_retry_and_dead_letter() {
     java(
         b.remoting_addr(),
         "c",
-        "ConsumerTest,BroadcastTest",
+        "ConsumerTest,BroadcastTest,PopTest",
         &[],
         Duration::from_secs(300),
+    );
+    // The POP consumers acked everything they popped, one ACK_MESSAGE each.
+    let described = b.cli_ok(&["group", "describe", "java-pop-group-c", "--json"]);
+    let g = &txmq_tests::json_lines(&described)[0];
+    assert_eq!(
+        (g["ack_floor"].as_u64(), g["in_flight"].as_u64()),
+        (Some(30), Some(0)),
+        "{g}"
     );
     // The broadcasting consumers read the log: the group has no delivery of its own.
     let groups = b.cli_ok(&["group", "list", "--json"]);

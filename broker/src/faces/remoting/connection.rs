@@ -264,6 +264,12 @@ async fn dispatch(ep: &Arc<Endpoint>, conn: &Arc<Conn>, req: &Command) -> Comman
     match req.code {
         GET_ROUTEINFO_BY_TOPIC => route::topic(ep, &who, req).await,
         GET_BROKER_CLUSTER_INFO => route::cluster(ep, req).await,
+        QUERY_ASSIGNMENT => super::pop::assignment(ep, &who, req),
+        super::pop::POP_MESSAGE => super::pop::pop(ep, conn, &who, req).await,
+        super::pop::ACK_MESSAGE => super::pop::ack(ep, conn, &who, req).await,
+        super::pop::CHANGE_MESSAGE_INVISIBLETIME => {
+            super::pop::change_invisible(ep, conn, &who, req).await
+        }
         GET_ALL_TOPIC_LIST_FROM_NAMESERVER => route::topics(ep, &who, req),
         HEART_BEAT => heartbeat(ep, conn, &who, req),
         UNREGISTER_CLIENT => unregister(ep, conn, req),

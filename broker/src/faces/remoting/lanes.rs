@@ -85,6 +85,24 @@ impl Pulls {
         Some(held)
     }
 
+    /// The delivery numbered `seq` in lane `queue`, taken out, when connection `conn`
+    /// holds it (a POP consumer's ack or change of invisible time).
+    pub fn take_seq(
+        &self,
+        group: &str,
+        topic: &str,
+        queue: i32,
+        seq: u64,
+        conn: u64,
+    ) -> Option<Held> {
+        let mut inner = self.inner.lock().expect("pulls lock");
+        let lanes = inner.get_mut(&(group.to_string(), topic.to_string()))?;
+        let lane = lanes.lanes.get_mut(&queue).filter(|l| l.owner == conn)?;
+        let held = lane.held.remove(&seq)?;
+        lanes.by_offset.remove(&held.offset);
+        Some(held)
+    }
+
     /// Lane `queue`'s next number: where a client that asks continues.
     pub fn next(&self, group: &str, topic: &str, queue: i32) -> u64 {
         let inner = self.inner.lock().expect("pulls lock");

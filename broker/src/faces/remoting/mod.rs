@@ -41,6 +41,7 @@ mod connection;
 pub mod frame;
 mod lanes;
 mod locks;
+mod pop;
 mod pull;
 pub mod record;
 mod route;

@@ -43,7 +43,7 @@ const MAX_PULL: u32 = 1024;
 const MAX_OFFSET: u64 = 1 << 53;
 
 /// The tag filter of a RocketMQ subscription expression (`*`, `""`, `a || b`).
-fn tag_filter(expression: &str) -> String {
+pub(super) fn tag_filter(expression: &str) -> String {
     let tags: Vec<&str> = expression
         .split("||")
         .map(str::trim)
@@ -55,7 +55,7 @@ fn tag_filter(expression: &str) -> String {
     tags.join("||")
 }
 
-fn handles(group: &str, topic: &str, held: &[Held]) -> Vec<Handle> {
+pub(super) fn handles(group: &str, topic: &str, held: &[Held]) -> Vec<Handle> {
     held.iter()
         .map(|h| Handle {
             group: group.to_string(),
