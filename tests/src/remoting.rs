@@ -9,6 +9,21 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+/// A broker with the Remoting and gRPC faces on free ports, and check-backs quick
+/// enough for tests (2 s after a half message, every 500 ms).
+pub fn broker() -> crate::TestBroker {
+    crate::TestBroker::start(&[
+        "--remoting-listen",
+        "127.0.0.1:0",
+        "--grpc-listen",
+        "127.0.0.1:0",
+        "--check-timeout",
+        "2s",
+        "--check-interval",
+        "500ms",
+    ])
+}
+
 /// Runs the Java scenarios `tests` (a surefire `-Dtest` filter) against the Remoting
 /// face at `namesrv`, with system properties `props`, in one JVM, bounded by `limit`;
 /// asserts they passed and returns Maven's output. The dependencies were resolved by
