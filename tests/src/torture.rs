@@ -506,6 +506,167 @@ fn remoting_producer(world: Arc<World>) -> std::thread::JoinHandle<()> {
     })
 }
 
+/// A Remoting consumer's records: each one's body, delivery attempt and handle (a V1
+/// record: the commit-log offset, txmq's handle, at byte 28, the reconsume times at 72,
+/// the body's length at 84).
+fn remoting_records(mut body: &[u8]) -> Vec<(String, u64, u64)> {
+    let mut out = Vec::new();
+    while body.len() >= 88 {
+        let total = u32::from_be_bytes(body[..4].try_into().unwrap()) as usize;
+        if total < 88 || total > body.len() {
+            break;
+        }
+        let handle = u64::from_be_bytes(body[28..36].try_into().unwrap());
+        let reconsume = u32::from_be_bytes(body[72..76].try_into().unwrap());
+        let len = u32::from_be_bytes(body[84..88].try_into().unwrap()) as usize;
+        if 88 + len <= total {
+            let text = String::from_utf8_lossy(&body[88..88 + len]).into_owned();
+            out.push((text, u64::from(reconsume) + 1, handle));
+        }
+        body = &body[total..];
+    }
+    out
+}
+
+/// A Remoting consumer of group `g` (a raw client pulling as the Java push consumer
+/// does, every queue of the topic, committing what it consumed with its next pull):
+/// poison goes back (CONSUMER_SEND_MSG_BACK, to the dead letters after two more
+/// deliveries); the rest is committed. A commit acks what the lane handed this
+/// connection below it only while the connection still holds the lane, which the
+/// client cannot know: its acks are unsure (done if the message never comes back).
+fn remoting_consumer(world: Arc<World>, g: usize) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let access = world.remoting.clone().expect("a Remoting endpoint");
+        let group = GROUPS[g];
+        let mut opaque = 0i32;
+        while !world.stop_consumers.load(Ordering::Relaxed) {
+            let Some(mut raw) = remoting_route(&access, TOPIC)
+                .and_then(|at| crate::remoting::Raw::try_connect(&at))
+            else {
+                std::thread::sleep(Duration::from_millis(200));
+                continue;
+            };
+            let beat = serde_json::json!({
+                "clientID": format!("127.0.0.1@torture-remoting-{g}"),
+                "consumerDataSet": [{"groupName": group, "consumeType": "CONSUME_PASSIVELY",
+                    "messageModel": "CLUSTERING", "consumeFromWhere": "CONSUME_FROM_FIRST_OFFSET",
+                    "subscriptionDataSet": [{"topic": TOPIC, "subString": "*", "expressionType": "TAG"}]}],
+                "producerDataSet": [],
+            });
+            opaque += 1;
+            raw.request(34, opaque, 0, &[], &serde_json::to_vec(&beat).unwrap());
+            if raw
+                .answer(i64::from(opaque), Duration::from_secs(5))
+                .map(|r| r.code)
+                != Some(0)
+            {
+                std::thread::sleep(Duration::from_millis(200));
+                continue;
+            }
+            // Per queue: where to pull next, and what the next pull's commit covers.
+            let mut next = [0u64; 8];
+            let mut pending: [Vec<String>; 8] = Default::default();
+            'connected: while !world.stop_consumers.load(Ordering::Relaxed) {
+                let mut got_any = false;
+                for q in 0..8 {
+                    let (queue, offset) = (q.to_string(), next[q].to_string());
+                    let fields = [
+                        ("consumerGroup", group),
+                        ("topic", TOPIC),
+                        ("queueId", queue.as_str()),
+                        ("queueOffset", offset.as_str()),
+                        ("maxMsgNums", "16"),
+                        ("sysFlag", "1"),
+                        ("commitOffset", offset.as_str()),
+                    ];
+                    opaque += 1;
+                    raw.request(11, opaque, 0, &fields, b"");
+                    let answer = raw.answer(i64::from(opaque), Duration::from_secs(10));
+                    // The commit went with this pull: answered or not, it may have acked
+                    // (a commit acks only while the connection holds the lane, which the
+                    // client cannot know either way).
+                    {
+                        let answered = answer
+                            .as_ref()
+                            .is_some_and(|r| r.code == 0 || r.code == 19 || r.code == 20);
+                        let note = if answered {
+                            "committed over Remoting"
+                        } else {
+                            "commit unanswered over Remoting"
+                        };
+                        let mut log = world.groups[g].lock().unwrap();
+                        for body in pending[q].drain(..) {
+                            log.ack_unsure.insert(body.clone());
+                            log.history.entry(body).or_default().push(note.into());
+                        }
+                    }
+                    let Some(r) = answer else {
+                        break 'connected;
+                    };
+                    if !matches!(r.code, 0 | 19 | 20) {
+                        break 'connected;
+                    }
+                    if r.code != 0 {
+                        continue;
+                    }
+                    got_any = true;
+                    let records = remoting_records(&r.body);
+                    if let Some(n) = r.ext.get("nextBeginOffset").and_then(|n| n.parse().ok()) {
+                        next[q] = n;
+                    }
+                    for (body, attempt, handle) in records {
+                        {
+                            let mut log = world.groups[g].lock().unwrap();
+                            log.delivered(&body, None, attempt, " over Remoting");
+                            if body.starts_with('t') {
+                                let decision =
+                                    world.ledger.lock().unwrap().decisions.get(&body).copied();
+                                if decision != Some(Decision::Commit) {
+                                    log.violations.push(format!(
+                                        "{body} delivered over Remoting but its transaction: {decision:?}"
+                                    ));
+                                }
+                            }
+                        }
+                        if body.ends_with("-poison") {
+                            // Back to the group (a commit must not ack it), to the dead
+                            // letters after two more deliveries.
+                            world.counts.nacks.fetch_add(1, Ordering::Relaxed);
+                            let handle = handle.to_string();
+                            let back = [
+                                ("group", group),
+                                ("offset", handle.as_str()),
+                                ("delayLevel", "1"),
+                                ("originTopic", TOPIC),
+                                ("maxReconsumeTimes", "2"),
+                            ];
+                            opaque += 1;
+                            raw.request(36, opaque, 0, &back, b"");
+                            if raw
+                                .answer(i64::from(opaque), Duration::from_secs(10))
+                                .is_none()
+                            {
+                                break 'connected;
+                            }
+                            continue;
+                        }
+                        world.groups[g]
+                            .lock()
+                            .unwrap()
+                            .ack_tried
+                            .entry(body.clone())
+                            .or_insert(world.event());
+                        pending[q].push(body);
+                    }
+                }
+                if !got_any {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+    })
+}
+
 /// A gRPC consumer (`client.py` running `command`), one more of group `g`: acks
 /// everything it receives but poison.
 fn grpc_consumer(world: Arc<World>, g: usize, command: &str) -> std::thread::JoinHandle<()> {
@@ -760,6 +921,7 @@ pub struct Torture {
     grpc_producer: Option<std::thread::JoinHandle<()>>,
     grpc_consumers: Vec<std::thread::JoinHandle<()>>,
     remoting_producer: Option<std::thread::JoinHandle<()>>,
+    remoting_consumer: Option<std::thread::JoinHandle<()>>,
 }
 
 /// What a torture run found.
@@ -777,6 +939,8 @@ pub struct Report {
     pub grpc_acked: usize,
     /// Messages the Remoting producer had stored.
     pub remoting_sent: usize,
+    /// Messages the Remoting consumer committed (its commit answered).
+    pub remoting_committed: usize,
     /// Every group's dead-letter queue holds a message (a poison one at least).
     pub dead_lettered: bool,
     /// Deliveries again of a message not acked (leases lost or expired, nacks): the
@@ -832,6 +996,8 @@ impl Torture {
             None => (None, Vec::new()),
         };
         let remoting_producer = remoting.map(|_| remoting_producer(world.clone()));
+        // One more member of group gb.
+        let remoting_consumer = remoting.map(|_| remoting_consumer(world.clone(), 1));
         Self {
             world,
             producers,
@@ -839,6 +1005,7 @@ impl Torture {
             grpc_producer,
             grpc_consumers,
             remoting_producer,
+            remoting_consumer,
         }
     }
 
@@ -892,6 +1059,9 @@ impl Torture {
         for c in self.grpc_consumers {
             c.join().expect("a gRPC consumer's driver");
         }
+        if let Some(c) = self.remoting_consumer {
+            c.join().expect("the Remoting consumer");
+        }
         drop(answering);
         report(&world, cli)
     }
@@ -941,8 +1111,21 @@ fn report(world: &World, cli: impl Fn(&[&str]) -> String) -> Report {
         .iter()
         .filter(|b| b.starts_with('r'))
         .count();
+    let remoting_committed = world
+        .groups
+        .iter()
+        .map(|g| {
+            g.lock()
+                .unwrap()
+                .history
+                .values()
+                .filter(|h| h.iter().any(|e| e == "committed over Remoting"))
+                .count()
+        })
+        .sum();
     if world.remoting.is_some() {
-        summary += &format!(" remoting_sent={remoting_sent}");
+        summary +=
+            &format!(" remoting_sent={remoting_sent} remoting_committed={remoting_committed}");
     }
     let mut redeliveries = 0;
     let mut dead_lettered = true;
@@ -1000,6 +1183,7 @@ fn report(world: &World, cli: impl Fn(&[&str]) -> String) -> Report {
         grpc_sent,
         grpc_acked,
         remoting_sent,
+        remoting_committed,
         dead_lettered,
         redeliveries,
     }

@@ -21,8 +21,8 @@ async fn health(group: &TestGroup, i: usize) -> Option<(u16, serde_json::Value)>
 /// The Python client, pointed at a follower's gRPC endpoint, sends through the leader
 /// (its route names the leader's endpoint). The gRPC producer and consumer of the
 /// torture workload, pointed there too, go on after the leader is killed (their next
-/// route names the new leader), and so does a Remoting producer whose name server is
-/// that follower (its routes name the leader); the torture checker's rules hold across
+/// route names the new leader), and so do a Remoting producer and consumer whose name
+/// server is that follower (its routes name the leader); the torture checker's rules hold across
 /// the failover, for what each of them had acknowledged. `/health` says `ok` on the leader and `following` on the others, naming
 /// the leader.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

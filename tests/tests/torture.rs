@@ -63,6 +63,10 @@ async fn kill_9_torture() {
         "the gRPC consumer acked nothing: {summary}"
     );
     assert!(
+        report.remoting_committed > 0,
+        "the Remoting consumer committed nothing: {summary}"
+    );
+    assert!(
         report.remoting_sent > 0 && remoting_resumed,
         "the Remoting producer got nothing stored (or nothing after the last restart): {summary}"
     );
