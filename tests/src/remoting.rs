@@ -155,15 +155,16 @@ impl Raw {
         self.stream.write_all(bytes).expect("write");
     }
 
-    /// Sends a request with a JSON header.
-    pub fn request(
+    /// Sends a request with a JSON header; `false` when the connection is gone (a
+    /// client of a broker that may be killed).
+    pub fn try_request(
         &mut self,
         code: i32,
         opaque: i32,
         flag: i32,
         ext: &[(&str, &str)],
         body: &[u8],
-    ) {
+    ) -> bool {
         let ext: serde_json::Map<String, serde_json::Value> = ext
             .iter()
             .map(|(k, v)| {
@@ -183,7 +184,19 @@ impl Raw {
         frame.extend_from_slice(&(header.len() as u32).to_be_bytes());
         frame.extend_from_slice(&header);
         frame.extend_from_slice(body);
-        self.write(&frame);
+        self.stream.write_all(&frame).is_ok()
+    }
+
+    /// Sends a request with a JSON header.
+    pub fn request(
+        &mut self,
+        code: i32,
+        opaque: i32,
+        flag: i32,
+        ext: &[(&str, &str)],
+        body: &[u8],
+    ) {
+        assert!(self.try_request(code, opaque, flag, ext, body), "write");
     }
 
     /// Sends a request signed as RocketMQ's `AclClientRPCHook` signs it: the fields

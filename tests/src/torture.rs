@@ -453,7 +453,9 @@ fn grpc_producer(world: Arc<World>) -> std::thread::JoinHandle<()> {
 /// leader), as a RocketMQ client finds it.
 fn remoting_route(access: &str, topic: &str) -> Option<String> {
     let mut raw = crate::remoting::Raw::try_connect(access)?;
-    raw.request(105, 1, 0, &[("topic", topic)], b"");
+    if !raw.try_request(105, 1, 0, &[("topic", topic)], b"") {
+        return None;
+    }
     let r = raw.answer(1, Duration::from_secs(5))?;
     let route: serde_json::Value = serde_json::from_slice(&r.body).ok()?;
     route["brokerDatas"][0]["brokerAddrs"]["0"]
@@ -489,7 +491,7 @@ fn remoting_producer(world: Arc<World>) -> std::thread::JoinHandle<()> {
                 ("e", "0"),
                 ("i", &props),
             ];
-            raw.request(310, opaque, 0, &fields, body.as_bytes());
+            let _ = raw.try_request(310, opaque, 0, &fields, body.as_bytes());
             match raw.answer(i64::from(opaque), Duration::from_secs(10)) {
                 Some(r) if r.code == 0 => {
                     world.remoting_sends.fetch_add(1, Ordering::Relaxed);
@@ -554,7 +556,7 @@ fn remoting_consumer(world: Arc<World>, g: usize) -> std::thread::JoinHandle<()>
                 "producerDataSet": [],
             });
             opaque += 1;
-            raw.request(34, opaque, 0, &[], &serde_json::to_vec(&beat).unwrap());
+            let _ = raw.try_request(34, opaque, 0, &[], &serde_json::to_vec(&beat).unwrap());
             if raw
                 .answer(i64::from(opaque), Duration::from_secs(5))
                 .map(|r| r.code)
@@ -580,7 +582,7 @@ fn remoting_consumer(world: Arc<World>, g: usize) -> std::thread::JoinHandle<()>
                         ("commitOffset", offset.as_str()),
                     ];
                     opaque += 1;
-                    raw.request(11, opaque, 0, &fields, b"");
+                    let _ = raw.try_request(11, opaque, 0, &fields, b"");
                     let answer = raw.answer(i64::from(opaque), Duration::from_secs(10));
                     // The commit went with this pull: answered or not, it may have acked
                     // (a commit acks only while the connection holds the lane, which the
@@ -641,7 +643,7 @@ fn remoting_consumer(world: Arc<World>, g: usize) -> std::thread::JoinHandle<()>
                                 ("maxReconsumeTimes", "2"),
                             ];
                             opaque += 1;
-                            raw.request(36, opaque, 0, &back, b"");
+                            let _ = raw.try_request(36, opaque, 0, &back, b"");
                             if raw
                                 .answer(i64::from(opaque), Duration::from_secs(10))
                                 .is_none()
@@ -953,12 +955,18 @@ impl Torture {
     /// two groups against `addr` (one broker, or a group's addresses separated by
     /// commas), and a gRPC producer and consumer against `grpc` when given.
     pub fn start(addr: &str, grpc: Option<&str>) -> Self {
-        Self::start_with(addr, grpc, None)
+        Self::start_with(addr, grpc, None, false)
     }
 
     /// [`Torture::start`], and a Remoting producer against `remoting` (any node's
-    /// Remoting endpoint) when given.
-    pub fn start_with(addr: &str, grpc: Option<&str>, remoting: Option<&str>) -> Self {
+    /// Remoting endpoint) when given, and a Remoting consumer too with
+    /// `remoting_consumer`.
+    pub fn start_with(
+        addr: &str,
+        grpc: Option<&str>,
+        remoting: Option<&str>,
+        remoting_consumer: bool,
+    ) -> Self {
         let world = Arc::new(World {
             addr: addr.to_string(),
             grpc: grpc.map(str::to_string),
@@ -996,8 +1004,11 @@ impl Torture {
             None => (None, Vec::new()),
         };
         let remoting_producer = remoting.map(|_| remoting_producer(world.clone()));
-        // One more member of group gb.
-        let remoting_consumer = remoting.map(|_| remoting_consumer(world.clone(), 1));
+        // One more member of group gb, beside its native consumers and (with gRPC) the
+        // gRPC short-poll consumer: a group with members on every face.
+        let remoting_consumer = remoting
+            .filter(|_| remoting_consumer)
+            .map(|_| self::remoting_consumer(world.clone(), 1));
         Self {
             world,
             producers,

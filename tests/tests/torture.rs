@@ -25,7 +25,7 @@ async fn kill_9_torture() {
         "127.0.0.1:0",
     ]);
     let mut b = TestBroker::start_on_fixed_port(&args);
-    let torture = Torture::start_with(b.addr(), Some(b.grpc_addr()), Some(b.remoting_addr()));
+    let torture = Torture::start_with(b.addr(), Some(b.grpc_addr()), Some(b.remoting_addr()), true);
     for _ in 0..kills {
         let (up, down) = {
             let mut rng = rand::rng();

@@ -83,7 +83,7 @@ enum Rpc {
         nonce: Bytes32,
         proof: Bytes32,
     },
-    /// [`Rpc::Info`] with what older nodes do not tell (added last: an older node
+    /// `Info` with what older nodes do not tell (added last: an older node
     /// cannot read it and closes the connection, and the asker falls back to `Info`).
     InfoWithFaces,
 }
@@ -108,7 +108,7 @@ enum Reply {
     Failed(String),
     /// The answering node's nonce for the handshake.
     Nonce(Bytes32),
-    /// The answer to [`Rpc::InfoWithFaces`].
+    /// The answer to `InfoWithFaces`.
     InfoWithFaces {
         info: NodeInfo,
         remoting_addr: Option<String>,
@@ -129,8 +129,8 @@ pub struct NodeInfo {
     /// The leader it knows of.
     pub leader: Option<u64>,
     /// Its Remoting endpoint (RocketMQ's classic clients), if it serves one. Not in
-    /// [`Reply::Info`]'s encoding, which older nodes read and write: it travels in
-    /// [`Reply::InfoWithFaces`].
+    /// the encoding of the `Info` reply, which older nodes read and write: it travels
+    /// in the `InfoWithFaces` reply.
     #[serde(skip)]
     pub remoting_addr: Option<String>,
 }

@@ -187,7 +187,10 @@ pub fn parse(req: &super::frame::Command, conn: &Arc<Conn>, now_ms: u64) -> Resu
                 let topic = text(s, "topic");
                 text(s, "subString").len() <= MAX_EXPRESSION
                     && (crate::service::name("topic", topic).is_ok()
-                        || super::route::group_topic(topic).is_some_and(|(_, g)| g == group))
+                        // Its own retry topic; any group's dead letters (an operator's
+                        // reader; what it may read is checked when it pulls).
+                        || super::route::group_topic(topic)
+                            .is_some_and(|(kind, g)| g == group || kind == "%DLQ%"))
             })
             .map(|s| {
                 let expression = match text(s, "subString") {
@@ -207,7 +210,7 @@ pub fn parse(req: &super::frame::Command, conn: &Arc<Conn>, now_ms: u64) -> Resu
         // A member consumes some topic of its own (not only its retry topic).
         if subscriptions
             .keys()
-            .all(|t| super::route::group_topic(t).is_some())
+            .all(|t| matches!(super::route::group_topic(t), Some(("%RETRY%", _))))
         {
             continue;
         }

@@ -38,6 +38,7 @@ mod checks;
 mod clients;
 pub mod codes;
 mod connection;
+mod dlq;
 pub mod frame;
 mod lanes;
 mod locks;

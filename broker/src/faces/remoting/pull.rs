@@ -160,6 +160,24 @@ pub async fn pull(ep: &Endpoint, conn: &Arc<Conn>, who: &Principal, req: &Comman
     } else {
         Duration::ZERO
     };
+    if let Some(("%DLQ%", dead_of)) = route::group_topic(&h.topic) {
+        let budget = shared
+            .config
+            .max_frame_len
+            .min(super::frame::MAX_FRAME - 64 * 1024);
+        let dead_of = dead_of.to_string();
+        return super::dlq::pull(
+            ep,
+            &shared,
+            who,
+            req,
+            &h.topic,
+            &dead_of,
+            (h.offset, h.max, budget),
+            suspend,
+        )
+        .await;
+    }
     if route::group_topic(&h.topic).is_some() {
         // Redeliveries come again on the topic they were sent to (the group's queue
         // keeps them): the retry topic push consumers also pull has nothing of its own.

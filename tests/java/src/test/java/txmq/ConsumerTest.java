@@ -131,6 +131,24 @@ class ConsumerTest {
         } finally {
             c.shutdown();
         }
+        // An operator reads the group's dead letters as the topic %DLQ%<group>.
+        Set<String> dead = ConcurrentHashMap.newKeySet();
+        DefaultMQPushConsumer reader = push("java-dlq-reader-" + run, "%DLQ%java-retry-group-" + run, "dlq",
+                (msgs, ctx) -> {
+                    for (MessageExt m : msgs) {
+                        dead.add(body(m) + " from " + m.getProperty("RETRY_TOPIC"));
+                    }
+                    return ConsumeConcurrentlyStatus.CONSUME_SUCCESS;
+                });
+        try {
+            long until = System.currentTimeMillis() + 60_000;
+            while (dead.isEmpty() && System.currentTimeMillis() < until) {
+                Thread.sleep(200);
+            }
+            assertEquals(Set.of("fail from " + topic), dead);
+        } finally {
+            reader.shutdown();
+        }
     }
 
     /** MessageListenerOrderly: it consumes only the queues the broker locked for it. */
