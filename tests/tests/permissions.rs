@@ -567,4 +567,19 @@ fn every_operation_on_the_remoting_face_asks_for_its_permissions() {
     }
     assert!(checked.len() >= 12, "{checked:?}");
     println!("checked on the Remoting face: {checked:?}");
+    // A heartbeat does not make a user without rules a member of a group, not even
+    // through a subscription to dead letters: the group's members stay hidden from it.
+    let mut raw = txmq_tests::remoting::Raw::connect(&at);
+    let beat = serde_json::json!({
+        "clientID": "10.0.0.7@intruder",
+        "consumerDataSet": [{"groupName": "victim", "consumeType": "CONSUME_PASSIVELY",
+            "messageModel": "CLUSTERING", "consumeFromWhere": "CONSUME_FROM_LAST_OFFSET",
+            "subscriptionDataSet": [{"topic": "%DLQ%x", "subString": "*", "expressionType": "TAG"}]}],
+        "producerDataSet": [],
+    });
+    raw.signed(34, 1, &[], &serde_json::to_vec(&beat).unwrap(), ("u", USER_SECRET));
+    assert_eq!(raw.answer(1, Duration::from_secs(5)).unwrap().code, 0);
+    raw.signed(38, 2, &[("consumerGroup", "victim")], b"", ("u", USER_SECRET));
+    let members = raw.answer(2, Duration::from_secs(5)).unwrap();
+    assert_eq!(members.code, NO_PERMISSION, "{members:?}");
 }

@@ -232,9 +232,13 @@ pub async fn read_log(
         ..Read::default()
     };
     let mut bytes = 0usize;
-    // Reads in chunks: a filter may pass over many.
+    // Reads in chunks: a filter may pass over many, but one call looks at no more than
+    // MAX_CHUNKS of them (the caller asks again from `next`).
     const CHUNK: usize = 256;
-    while at < stop && out.messages.len() < max {
+    const MAX_CHUNKS: usize = 16;
+    let mut chunks = 0;
+    while at < stop && out.messages.len() < max && chunks < MAX_CHUNKS {
+        chunks += 1;
         let (id, chunk_from) = (t.id, at);
         let chunk = super::blocking(&shared.storage, move |s| {
             s.read_log(id, chunk_from, stop, CHUNK)

@@ -354,10 +354,25 @@ fn heartbeat(ep: &Endpoint, conn: &Arc<Conn>, who: &Principal, req: &Command) ->
     {
         consumers.retain(|g| {
             let refused = g.member.subscriptions.keys().find_map(|topic| {
-                if super::route::group_topic(topic).is_some() {
-                    return None;
+                match super::route::group_topic(topic) {
+                    // Another group's dead letters: an operator's reader, a member of
+                    // its own group that may list them.
+                    Some(("%DLQ%", dead_of)) => {
+                        use crate::service::access::{Operation, Resource, permit};
+                        consume::may_consume(&shared, who, &g.group, topic)
+                            .and_then(|()| {
+                                permit(
+                                    &shared,
+                                    who,
+                                    Operation::ListDeadLetters,
+                                    &[Resource::Group(dead_of), Resource::Topic("")],
+                                )
+                            })
+                            .err()
+                    }
+                    Some(_) => None,
+                    None => consume::may_consume(&shared, who, &g.group, topic).err(),
                 }
-                consume::may_consume(&shared, who, &g.group, topic).err()
             });
             if let Some(e) = &refused {
                 tracing::info!(client = %beat.client_id, group = %g.group, "not a member: {e}");

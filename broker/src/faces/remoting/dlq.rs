@@ -27,15 +27,18 @@ fn empty(req: &Command, offset: u64) -> Command {
         .with("maxOffset", offset)
 }
 
-/// The group's dead letters from handle `from` on (at most `max`), in handle order,
-/// with their handles.
+/// The group's dead letters from handle `from` on, in handle order, with their
+/// handles: the first `max` of them within `budget` bytes of bodies.
 async fn after(
     shared: &Arc<Shared>,
     who: &Principal,
     group: &str,
     from: u64,
+    (max, budget): (usize, usize),
 ) -> crate::error::Result<Vec<(u64, native::DeadLetter)>> {
-    let mut found = Vec::new();
+    // The first `max` by handle, within `budget` bytes of bodies: pruned after each page,
+    // so a large dead-letter queue never sits in memory.
+    let mut found: std::collections::BTreeMap<u64, native::DeadLetter> = Default::default();
     let mut req = native::ListDeadLettersRequest {
         group: group.to_string(),
         limit: 1000,
@@ -55,8 +58,21 @@ async fn after(
             };
             let handle = record::handle(id, d.offset) as u64;
             if handle >= from {
-                found.push((handle, d));
+                found.insert(handle, d);
             }
+        }
+        let mut bytes = 0usize;
+        let mut keep = 0usize;
+        for d in found.values() {
+            let size = d.message.as_ref().map_or(0, |m| m.body.len());
+            if keep >= max || (keep > 0 && bytes + size > budget) {
+                break;
+            }
+            bytes += size;
+            keep += 1;
+        }
+        if let Some(&cut) = found.keys().nth(keep) {
+            found.split_off(&cut);
         }
         match last {
             Some((topic, offset)) if page.more && scanned < MAX_SCANNED => {
@@ -66,8 +82,7 @@ async fn after(
             _ => break,
         }
     }
-    found.sort_by_key(|(h, _)| *h);
-    Ok(found)
+    Ok(found.into_iter().collect())
 }
 
 /// A pull of `%DLQ%<group>`: its dead letters from `offset` (a handle) on.
@@ -82,7 +97,7 @@ pub async fn pull(
     (offset, max, budget): (u64, u32, usize),
     suspend: Duration,
 ) -> Command {
-    let found = match after(shared, who, group, offset).await {
+    let found = match after(shared, who, group, offset, (max as usize, budget)).await {
         Ok(f) => f,
         Err(e) => return refusal(req, &e),
     };
