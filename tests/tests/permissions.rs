@@ -577,9 +577,21 @@ fn every_operation_on_the_remoting_face_asks_for_its_permissions() {
             "subscriptionDataSet": [{"topic": "%DLQ%x", "subString": "*", "expressionType": "TAG"}]}],
         "producerDataSet": [],
     });
-    raw.signed(34, 1, &[], &serde_json::to_vec(&beat).unwrap(), ("u", USER_SECRET));
+    raw.signed(
+        34,
+        1,
+        &[],
+        &serde_json::to_vec(&beat).unwrap(),
+        ("u", USER_SECRET),
+    );
     assert_eq!(raw.answer(1, Duration::from_secs(5)).unwrap().code, 0);
-    raw.signed(38, 2, &[("consumerGroup", "victim")], b"", ("u", USER_SECRET));
+    raw.signed(
+        38,
+        2,
+        &[("consumerGroup", "victim")],
+        b"",
+        ("u", USER_SECRET),
+    );
     let members = raw.answer(2, Duration::from_secs(5)).unwrap();
     assert_eq!(members.code, NO_PERMISSION, "{members:?}");
 }

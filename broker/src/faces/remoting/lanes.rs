@@ -208,6 +208,8 @@ impl Pulls {
                     out.push((group.clone(), topic.clone(), h));
                 }
             }
+            // A connection's own lanes (POP: negative ids) go with it.
+            lanes.lanes.retain(|q, l| *q >= 0 || l.owner != 0);
         }
         inner
             .retain(|_, l| !l.by_offset.is_empty() || l.lanes.values().any(|lane| lane.owner != 0));
@@ -288,6 +290,26 @@ mod tests {
             }),
             ..Default::default()
         }
+    }
+
+    /// A POP connection's own lane goes when it closes (each connection has one).
+    #[test]
+    fn a_closed_connections_pop_lane_is_gone() {
+        let p = Pulls::default();
+        p.hand_out("g", "t", -5, 0, 5, &[delivery(10, 1)]);
+        p.hand_out("g", "t", 0, 0, 6, &[delivery(11, 2)]);
+        assert_eq!(p.closed(5).len(), 1);
+        assert!(
+            p.inner.lock().unwrap()[&("g".into(), "t".into())]
+                .lanes
+                .contains_key(&-5)
+                .eq(&false)
+        );
+        assert_eq!(
+            p.next("g", "t", 0),
+            1,
+            "another connection's queue lane stays"
+        );
     }
 
     /// A topic whose queue count shrank: the lanes beyond it give up what they held,
